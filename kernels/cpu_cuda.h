@@ -1,0 +1,119 @@
+// Just enough of CUDA to run the kernels in kernels/*.cu on a CPU, unchanged.
+//
+// A launch runs the grid's blocks one after another. Each block's threads are real CPU threads
+// (one std::thread per CUDA thread), so __syncthreads() is a real barrier: a missing barrier shows
+// up here as a wrong answer, as it would on a GPU. Shared memory is one buffer that the blocks take
+// in turn; it is filled with NaN before each block, so reading a word that nobody wrote poisons the
+// result instead of silently reusing the previous block's data. This is an emulation for checking
+// and reading along, not for speed.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <condition_variable>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __shared__  // `extern __shared__ float smem[];` then names the buffer below
+
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned x = 1, unsigned y = 1, unsigned z = 1) : x(x), y(y), z(z) {}
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+inline float __expf(float x) { return std::exp(x); }
+
+// The opt-in limit of an H100/H200 (227 KB). As on a GPU, a kernel gets more than 48 KB of dynamic
+// shared memory only after cudaFuncSetAttribute raises its limit.
+constexpr size_t kMaxSharedBytes = 227 * 1024, kDefaultSharedBytes = 48 * 1024;
+alignas(16) inline float smem[kMaxSharedBytes / sizeof(float)];
+
+enum cudaError_t { cudaSuccess, cudaErrorInvalidValue, cudaErrorInvalidConfiguration };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+inline cudaError_t cpu_last_error = cudaSuccess;
+inline std::map<const void*, size_t> cpu_shared_limit;  // per kernel, set by cudaFuncSetAttribute
+
+inline cudaError_t cudaGetLastError() {
+    cudaError_t err = cpu_last_error;
+    cpu_last_error = cudaSuccess;
+    return err;
+}
+inline const char* cudaGetErrorString(cudaError_t err) {
+    return err == cudaSuccess                 ? "no error"
+           : err == cudaErrorInvalidValue     ? "invalid argument"
+                                              : "invalid configuration argument";
+}
+template <class Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute, int bytes) {
+    if (bytes < 0 || size_t(bytes) > kMaxSharedBytes) return cpu_last_error = cudaErrorInvalidValue;
+    cpu_shared_limit[(const void*)kernel] = bytes;
+    return cudaSuccess;
+}
+inline size_t max_shared_bytes() { return kMaxSharedBytes; }
+
+// A barrier for the threads of one block: the last to arrive releases the others.
+class BlockBarrier {
+    std::mutex mutex_;
+    std::condition_variable released_;
+    unsigned threads_ = 0, arrived_ = 0, generation_ = 0;
+
+  public:
+    void reset(unsigned threads) { threads_ = threads, arrived_ = 0; }
+    void wait() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        const unsigned generation = generation_;
+        if (++arrived_ == threads_) {
+            arrived_ = 0, ++generation_;
+            released_.notify_all();
+        } else {
+            released_.wait(lock, [&] { return generation != generation_; });
+        }
+    }
+};
+inline BlockBarrier block_barrier;
+inline void __syncthreads() { block_barrier.wait(); }
+
+// LAUNCH(kernel, grid, block, shared_bytes)(args...) stands for kernel<<<grid, block, shared_bytes>>>(args...).
+template <class Kernel>
+struct CpuLaunch {
+    Kernel* kernel;
+    dim3 grid, block;
+    size_t shared_bytes;
+
+    template <class... Args>
+    void operator()(Args... args) const {
+        const unsigned threads = block.x * block.y * block.z;
+        auto limit = cpu_shared_limit.find((const void*)kernel);
+        if (threads == 0 || threads > 1024 || grid.x * grid.y * grid.z == 0 ||
+            shared_bytes > (limit == cpu_shared_limit.end() ? kDefaultSharedBytes : limit->second)) {
+            cpu_last_error = cudaErrorInvalidConfiguration;  // what the GPU reports for these
+            return;
+        }
+        gridDim = grid, blockDim = block;
+        block_barrier.reset(threads);
+        std::vector<std::thread> pool;
+        for (unsigned t = 0; t < threads; ++t)
+            pool.emplace_back([&, t] {
+                threadIdx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
+                for (unsigned b = 0; b < grid.x * grid.y * grid.z; ++b) {
+                    if (t == 0)
+                        std::fill_n(smem, shared_bytes / sizeof(float),
+                                    std::numeric_limits<float>::quiet_NaN());
+                    block_barrier.wait();  // poisoned before any thread of block b starts
+                    blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
+                    kernel(args...);
+                    block_barrier.wait();  // block b is finished before thread 0 poisons again
+                }
+            });
+        for (auto& thread : pool) thread.join();
+    }
+};
+#define LAUNCH(kernel, grid, block, shared_bytes) \
+    CpuLaunch<decltype(kernel)>{kernel, grid, block, shared_bytes}

@@ -1,0 +1,168 @@
+"""Minimal FlashAttention: the Python face of kernels/*.cu.
+
+    flash_attention(q, k, v, causal=False, softmax_scale=None)   the kernels, on GPU or CPU
+    manual_attention(q, k, v, causal=False, softmax_scale=None)  plain attention, the reference
+    mirror_forward(q, k, v, ...)                                  Algorithm 1 tile by tile in PyTorch
+
+Tensors are (B, H, N, d), the layout of torch.nn.functional.scaled_dot_product_attention.
+CUDA tensors run the CUDA build of kernels/; CPU tensors run the very same source compiled as C++
+against kernels/cpu_cuda.h, an emulation of the CUDA runtime (see the README).
+
+Block sizes Br, Bc are compile-time constants of the kernels. Choose them per call
+(flash_attention(..., Br=64, Bc=16)) or for the process with the environment variables
+MINIMAL_FLASH_BR and MINIMAL_FLASH_BC; each configuration is compiled once and cached.
+"""
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.utils.cpp_extension
+
+KERNELS = Path(__file__).resolve().parent / "kernels"
+_loaded = {}  # (device type, Br, Bc) -> extension module
+
+
+def block_sizes(Br=None, Bc=None):
+    """The (Br, Bc) to use: the arguments, else MINIMAL_FLASH_BR / _BC, else 32 and 32."""
+    Br = int(Br if Br is not None else os.environ.get("MINIMAL_FLASH_BR", 32))
+    Bc = int(Bc if Bc is not None else os.environ.get("MINIMAL_FLASH_BC", 32))
+    # One thread per row of Q_i: Br threads per block, at most 1024 on any CUDA GPU.
+    if not 1 <= Br <= 1024:
+        raise ValueError(f"Br = {Br}: it is the number of threads per block, so 1 <= Br <= 1024")
+    # A thread keeps its row of S_ij (Bc floats) in registers; far beyond 128 they spill.
+    if not 1 <= Bc <= 256:
+        raise ValueError(f"Bc = {Bc}: each thread holds Bc scores in registers, so 1 <= Bc <= 256")
+    return Br, Bc
+
+
+def load_kernels(device_type="cuda", Br=None, Bc=None):
+    """Compile (first time only) and load the kernels for 'cuda' or 'cpu' with block sizes Br, Bc."""
+    Br, Bc = block_sizes(Br, Bc)
+    key = (device_type, Br, Bc)
+    if key not in _loaded:
+        name = f"minimal_flash_{device_type}_br{Br}_bc{Bc}"
+        build_dir = (Path(torch.utils.cpp_extension.get_default_build_root())
+                     / f"minimal_flash-torch{torch.__version__}" / name)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        defines = [f"-DBR={Br}", f"-DBC={Bc}"]
+        if device_type == "cuda":
+            source, flags = KERNELS / "bindings.cu", {"extra_cuda_cflags": ["-O3", "-lineinfo"] + defines}
+        else:
+            source, flags = KERNELS / "cpu.cpp", {"extra_cflags": ["-O3", "-Wno-unknown-pragmas"] + defines}
+        if not (build_dir / f"{name}.so").exists():
+            print(f"minimal_flash: compiling {source.relative_to(KERNELS.parent)} for {device_type} "
+                  f"with Br={Br}, Bc={Bc}; the first build takes a minute or so", file=sys.stderr, flush=True)
+        _loaded[key] = torch.utils.cpp_extension.load(
+            name=name, sources=[str(source)], build_directory=str(build_dir), **flags)
+    return _loaded[key]
+
+
+def _check_inputs(q, k, v):
+    """Raise a clear error for anything the kernels cannot take; return (q, k, v) contiguous."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} has dtype {t.dtype}; the kernels are float32 only (use .float())")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, d), got shape {tuple(t.shape)}")
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"q, k, v are on {q.device}; the kernels run on CUDA or on the CPU")
+    if q.shape[-1] == 0:
+        raise ValueError("head dim d is 0: there is nothing to attend with")
+    # The kernels index rows with a fixed stride; a view (a transpose, a slice) is copied first.
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def forward(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None):
+    """Run kernels/flash.cu. Returns (O, L): the attention output and the row log-sum-exp
+    L = m + log(l) that the backward pass needs. `out=(O, L)` writes into given tensors (the tests
+    fill them with NaN first, so an element the kernel fails to write shows)."""
+    q, k, v = _check_inputs(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1]))
+    if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
+        load_kernels(q.device.type, Br, Bc).forward(q, k, v, O, L, bool(causal), scale)
+    return O, L
+
+
+def flash_attention(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None):
+    """softmax(q k^T * softmax_scale [+ causal mask]) v, computed by the FlashAttention kernels.
+    softmax_scale defaults to 1/sqrt(d). Br, Bc default to MINIMAL_FLASH_BR/_BC, else 32."""
+    return forward(q, k, v, causal, softmax_scale, Br=Br, Bc=Bc)[0]
+
+
+def manual_attention(q, k, v, causal=False, softmax_scale=None):
+    """Plain attention: builds the whole N x N score matrix S. The reference for every check."""
+    N, d = q.shape[-2:]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    S = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        S = S.masked_fill(_above_diagonal(N, N, 0, 0, q.device), float("-inf"))
+    return torch.softmax(S, dim=-1) @ v
+
+
+def _above_diagonal(rows, cols, row0, col0, device):
+    """Mask of the (query, key) pairs a causal model hides: key index > query index."""
+    r = torch.arange(row0, row0 + rows, device=device)[:, None]
+    c = torch.arange(col0, col0 + cols, device=device)[None, :]
+    return c > r
+
+
+@dataclass
+class Step:
+    """What one (j, i) step of Algorithm 1 computed, for the notebooks to inspect."""
+    j: int
+    i: int
+    rows: range  # the query rows of Q_i
+    cols: range  # the key rows of K_j, V_j
+    S_ij: torch.Tensor
+    P_ij: torch.Tensor  # exp(S_ij - m_tilde), unnormalised
+    m: torch.Tensor  # running row max of Q_i's rows after this step
+    l: torch.Tensor  # running row sum
+    O_i: torch.Tensor  # running (normalised) output rows
+
+
+def mirror_forward(q, k, v, causal=False, softmax_scale=None, *, Br=32, Bc=32, on_step=None):
+    """Algorithm 1 in plain PyTorch, with the loop order and names of kernels/flash.cu.
+    A tile here is a slice of all (B, H) slices at once; the kernel gives each its own block.
+    Calls on_step(Step) after every (j, i) step. Returns (O, L) like forward()."""
+    N, d = q.shape[-2:]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    O = torch.zeros_like(q)  # Algorithm 1, line 2
+    l = q.new_zeros(q.shape[:-1])
+    m = q.new_full(q.shape[:-1], float("-inf"))
+    Tr, Tc = math.ceil(N / Br), math.ceil(N / Bc)
+    for j in range(Tc):
+        cols = range(j * Bc, min(N, (j + 1) * Bc))
+        K_j, V_j = k[..., cols.start:cols.stop, :], v[..., cols.start:cols.stop, :]
+        for i in range(j * Bc // Br if causal else 0, Tr):  # causal: tiles above the diagonal skipped
+            rows = range(i * Br, min(N, (i + 1) * Br))
+            r = slice(rows.start, rows.stop)
+            S_ij = scale * q[..., r, :] @ K_j.transpose(-2, -1)
+            if causal:
+                S_ij = S_ij.masked_fill(_above_diagonal(len(rows), len(cols), rows.start, cols.start, q.device),
+                                        float("-inf"))
+            m_tilde = S_ij.amax(dim=-1)
+            # A row that sees no key of this tile has m_tilde = -inf; it gets P = 0, as in the kernel.
+            P_ij = torch.where(S_ij == float("-inf"), 0.0, torch.exp(S_ij - m_tilde[..., None]))
+            l_tilde = P_ij.sum(dim=-1)
+            m_new = torch.maximum(m[..., r], m_tilde)
+            alpha = l[..., r] * torch.exp(m[..., r] - m_new)
+            beta = torch.exp(m_tilde - m_new)
+            l_new = alpha + beta * l_tilde
+            O[..., r, :] = (alpha[..., None] * O[..., r, :] + beta[..., None] * (P_ij @ V_j)) / l_new[..., None]
+            m[..., r], l[..., r] = m_new, l_new
+            if on_step is not None:
+                on_step(Step(j, i, rows, cols, S_ij, P_ij, m[..., r].clone(), l[..., r].clone(),
+                             O[..., r, :].clone()))
+    return O, m + torch.log(l)

@@ -1,0 +1,65 @@
+"""The forward kernel (kernels/flash.cu) against float64 plain attention, on the CPU emulation and,
+where there is one, on the GPU."""
+import pytest
+import torch
+
+import minimal_flash as mf
+from conftest import DEVICES
+from helpers import poisoned_outputs, random_qkv, reference, rel_err
+
+# fp32 kernels against a float64 reference: seen ~3e-7 on the CPU. A wrong mask, a row read past
+# the end or a missing rescale gives errors of order 1e-2 to 1.
+TOL = 1e-5
+
+# With the default Br = Bc = 32: N of one row, below, equal to, a multiple of and not a multiple of
+# the block size; d from 1 to 200 (odd ones too; 128 and 200 need the >48 KB shared-memory opt-in).
+SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (2, 3, 32, 64), (2, 3, 64, 64), (2, 3, 100, 64),
+          (1, 2, 77, 1), (1, 2, 77, 3), (2, 1, 50, 16), (1, 2, 65, 128), (1, 1, 40, 200)]
+
+
+def check_forward(device, shape, causal, generator, scale=None, **block_sizes):
+    q, k, v = random_qkv(*shape, device, generator)
+    O, L = poisoned_outputs(q)
+    mf.forward(q, k, v, causal, scale, out=(O, L), **block_sizes)
+    O_ref, L_ref = reference(q, k, v, causal, scale)
+    assert torch.isfinite(O).all() and torch.isfinite(L).all(), "an output element was not written"
+    assert rel_err(O, O_ref) < TOL
+    assert rel_err(L, L_ref) < TOL
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_matches_float64(device, shape, causal, generator):
+    check_forward(device, shape, causal, generator)
+
+
+# Other block sizes, Br > Bc and Br < Bc: a causal row can then see no key of a tile at all.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("N", [1, 15, 16, 64, 100])
+@pytest.mark.parametrize("Br,Bc", [(16, 64), (64, 16)])
+def test_other_block_sizes(device, Br, Bc, N, causal, generator):
+    check_forward(device, (2, 2, N, 32), causal, generator, Br=Br, Bc=Bc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softmax_scale(device, generator):
+    check_forward(device, (1, 2, 45, 32), True, generator, scale=0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_slices_do_not_bleed(device, generator):
+    """Each (batch, head) slice is computed from its own rows only: a huge neighbour changes nothing."""
+    q, k, v = random_qkv(2, 2, 45, 16, device, generator)
+    alone = mf.flash_attention(q[:1, :1], k[:1, :1], v[:1, :1])
+    k[0, 1] *= 1e4
+    v[1, 0] += 1e4
+    together = mf.flash_attention(q, k, v)
+    assert torch.equal(together[0, 0], alone[0, 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attention_returns_O(device, generator):
+    q, k, v = random_qkv(2, 2, 33, 16, device, generator)
+    assert rel_err(mf.flash_attention(q, k, v, causal=True), reference(q, k, v, True)[0]) < TOL
