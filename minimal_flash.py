@@ -91,8 +91,24 @@ def forward(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1]))
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
-        load_kernels(q.device.type, Br, Bc).forward(q, k, v, O, L, bool(causal), scale)
+        kernels = load_kernels(q.device.type, Br, Bc)
+        _check_shared_memory(kernels, kernels.forward_shared_bytes(q.shape[-1]), q)
+        _raise_if(kernels.forward(q, k, v, O, L, bool(causal), scale))
     return O, L
+
+
+def _raise_if(error):
+    """The extension returns an error message instead of throwing (see kernels/bindings.cu)."""
+    if error:
+        raise RuntimeError(f"minimal_flash: {error}")
+
+
+def _check_shared_memory(kernels, needed, q):
+    available = kernels.device_shared_bytes(q)
+    if needed > available:
+        raise ValueError(f"head dim d = {q.shape[-1]} needs {needed} bytes of shared memory per block "
+                         f"with Br = {kernels.Br}, Bc = {kernels.Bc}, more than the {available} this "
+                         "device allows: use a smaller d or smaller block sizes")
 
 
 def flash_attention(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None):

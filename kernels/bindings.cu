@@ -14,53 +14,67 @@ static size_t max_shared_bytes() {
 #endif
 #include "flash.cu"
 
-// A kernel gets more than 48 KB of dynamic shared memory only if it opts in; past the device's
-// limit there is nothing to opt into, and the caller gets an error that says what to change.
+// Errors go back to Python as a message ("" means success) that minimal_flash.py raises. We throw
+// no C++ exceptions across into Python: with torch 2.11 on our H200 machine, one crashed the process.
+
+// A kernel gets more than 48 KB of dynamic shared memory only if it opts in. (minimal_flash.py has
+// already checked the device's limit, with forward_shared_bytes and device_shared_bytes.)
 template <class Kernel>
-static void reserve_shared(Kernel* kernel, size_t bytes, int64_t d) {
-    TORCH_CHECK_VALUE(bytes <= max_shared_bytes(), "head dim d = ", d, " needs ", bytes,
-                      " bytes of shared memory per block with Br = ", Br, ", Bc = ", Bc,
-                      ", more than the ", max_shared_bytes(),
-                      " this device allows: use a smaller d or smaller block sizes");
+static std::string reserve_shared(Kernel* kernel, size_t bytes) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-    TORCH_CHECK(err == cudaSuccess, "cannot reserve shared memory: ", cudaGetErrorString(err));
+    if (err == cudaSuccess) return "";
+    cudaGetLastError();  // reported here: clear it, or the next launch check would report it again
+    return "cannot reserve shared memory: " + std::string(cudaGetErrorString(err));
 }
 
 // Every launch is checked: a bad configuration or a fault becomes a Python exception.
-static void check_launch(const char* kernel) {
+static std::string launch_error(const char* kernel) {
     const cudaError_t err = cudaGetLastError();
-    TORCH_CHECK(err == cudaSuccess, kernel, " failed: ", cudaGetErrorString(err));
+    return err == cudaSuccess ? "" : kernel + std::string(" failed: ") + cudaGetErrorString(err);
 }
 
 // The kernels index raw pointers, so a wrong layout here would read out of bounds. minimal_flash.py
 // rejects bad inputs with a precise message; this is the last line of defence.
-static void check_layout(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& q) {
-    TORCH_CHECK(t.sizes() == shape && t.is_contiguous() && t.scalar_type() == at::kFloat &&
-                    t.device() == q.device(),
-                "internal error: expected a contiguous float32 tensor of shape ", shape, " on ",
-                q.device(), ", got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+static bool bad_layout(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& q) {
+    return t.sizes() != shape || !t.is_contiguous() || t.scalar_type() != at::kFloat ||
+           t.device() != q.device();
+}
+
+static size_t forward_shared_bytes(int64_t d, int G) { return forward_shared_floats(d, G) * sizeof(float); }
+
+static size_t device_shared_bytes(const at::Tensor& on) {
+    const at::OptionalDeviceGuard guard(at::device_of(on));
+    return max_shared_bytes();
 }
 
 // O = softmax(scale * Q K^T) V and L = rowwise log-sum-exp, written into O and L.
-void forward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, at::Tensor& O,
-             at::Tensor& L, bool causal, double scale) {
-    for (const at::Tensor& t : {Q, K, V, O}) check_layout(t, Q.sizes(), Q);
-    check_layout(L, Q.sizes().slice(0, 3), Q);
+std::string forward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, at::Tensor& O,
+                    at::Tensor& L, bool causal, double scale) {
+    for (const at::Tensor& t : {Q, K, V, O})
+        if (bad_layout(t, Q.sizes(), Q)) return "internal error: q, k, v, O differ in layout";
+    if (bad_layout(L, Q.sizes().slice(0, 3), Q)) return "internal error: L has the wrong layout";
     const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
     const at::OptionalDeviceGuard guard(at::device_of(Q));
     at::Tensor l = at::empty_like(L), m = at::empty_like(L);  // Algorithm 1's running l and m
-    const size_t bytes = forward_shared_floats(d) * sizeof(float);
-    reserve_shared(flash_forward, bytes, d);
-    LAUNCH(flash_forward, dim3(BH), dim3(Br), bytes)(
+    // G groups of Br threads run steps of the inner loop side by side: one per Q tile, as far as
+    // 1024 threads per block and the device's shared memory allow.
+    int G = std::min<int64_t>((N + Br - 1) / Br, 1024 / Br);
+    while (G > 1 && forward_shared_bytes(d, G) > max_shared_bytes()) --G;
+    const size_t bytes = forward_shared_bytes(d, G);
+    if (std::string err = reserve_shared(flash_forward, bytes); !err.empty()) return err;
+    LAUNCH(flash_forward, dim3(BH), dim3(G * Br), bytes)(
         Q.data_ptr<float>(), K.data_ptr<float>(), V.data_ptr<float>(), int(N), int(d),
         float(scale), causal, O.data_ptr<float>(), l.data_ptr<float>(), m.data_ptr<float>(),
         L.data_ptr<float>());
-    check_launch("flash_forward");
+    return launch_error("flash_forward");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.def("forward", &forward, "FlashAttention forward (Algorithm 1) into O and L");
+    module.def("forward_shared_bytes", [](int64_t d) { return forward_shared_bytes(d, 1); },
+               "the least shared memory a block needs for head dim d (one thread group)");
+    module.def("device_shared_bytes", &device_shared_bytes, "the most a block may have on this tensor's device");
     module.attr("Br") = Br;
     module.attr("Bc") = Bc;
 }

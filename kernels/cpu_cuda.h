@@ -20,6 +20,7 @@
 #define __device__
 #define __host__
 #define __shared__  // `extern __shared__ float smem[];` then names the buffer below
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
     unsigned x, y, z;

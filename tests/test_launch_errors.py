@@ -1,0 +1,23 @@
+"""Errors inside the extension come back as Python exceptions, never crashes or silent results.
+These call the extension directly, past minimal_flash's input checks, to reach its own."""
+import pytest
+import torch
+
+import minimal_flash as mf
+from conftest import DEVICES
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_internal_layout_check_raises(device):
+    q = torch.randn(1, 1, 8, 4, device=device)
+    with pytest.raises(RuntimeError, match="L has the wrong layout"):
+        mf._raise_if(mf.load_kernels(device).forward(q, q, q, torch.empty_like(q), q, False, 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_refused_shared_memory_raises(device):
+    """d = 1000 needs ~520 KB of shared memory; the device (and the emulation) refuse it."""
+    q = torch.randn(1, 1, 4, 1000, device=device)
+    O, L = torch.empty_like(q), q.new_empty(q.shape[:-1])
+    with pytest.raises(RuntimeError, match="cannot reserve shared memory"):
+        mf._raise_if(mf.load_kernels(device).forward(q, q, q, O, L, False, 1.0))
