@@ -88,7 +88,7 @@ def forward(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=
     L = m + log(l) that the backward pass needs. `out=(O, L)` writes into given tensors (the tests
     fill them with NaN first, so an element the kernel fails to write shows)."""
     q, k, v = _check_inputs(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = _scale(q, softmax_scale)
     O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1]))
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
         kernels = load_kernels(q.device.type, Br, Bc)
@@ -119,12 +119,16 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=No
 
 def manual_attention(q, k, v, causal=False, softmax_scale=None):
     """Plain attention: builds the whole N x N score matrix S. The reference for every check."""
-    N, d = q.shape[-2:]
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
-    S = (q @ k.transpose(-2, -1)) * scale
+    N = q.shape[-2]
+    S = (q @ k.transpose(-2, -1)) * _scale(q, softmax_scale)
     if causal:
         S = S.masked_fill(_above_diagonal(N, N, 0, 0, q.device), float("-inf"))
     return torch.softmax(S, dim=-1) @ v
+
+
+def _scale(q, softmax_scale):
+    """The factor on Q K^T: 1/sqrt(d) unless given."""
+    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
 
 
 def _above_diagonal(rows, cols, row0, col0, device):
@@ -152,8 +156,8 @@ def mirror_forward(q, k, v, causal=False, softmax_scale=None, *, Br=32, Bc=32, o
     """Algorithm 1 in plain PyTorch, with the loop order and names of kernels/flash.cu.
     A tile here is a slice of all (B, H) slices at once; the kernel gives each its own block.
     Calls on_step(Step) after every (j, i) step. Returns (O, L) like forward()."""
-    N, d = q.shape[-2:]
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    N = q.shape[-2]
+    scale = _scale(q, softmax_scale)
     O = torch.zeros_like(q)  # Algorithm 1, line 2
     l = q.new_zeros(q.shape[:-1])
     m = q.new_full(q.shape[:-1], float("-inf"))
