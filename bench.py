@@ -4,12 +4,14 @@
     python bench.py --seq-len 64 128 512 1024 --no-profile
     python bench.py --br 64 --bc 16      # other block sizes: compiled once, then cached
 
-First the values are checked: both methods against float64 attention on the same inputs. Then a
-torch.profiler table for each method (after a warm-up), as the reference project prints. Then the
-timing that counts: on a GPU, CUDA events around each call, warm, median of many calls, fp32 with
-TF32 off, inputs rotated through more memory than the L2 cache holds so that no call finds its
-inputs already cached by the previous one. Without a GPU the same code runs on the CPU emulation
-of the kernels; those times say nothing about GPU speed.
+First the values are checked: both methods' O and dQ, dK, dV (for a random output gradient dO)
+against float64 attention on the same inputs. Then a torch.profiler table for each method's forward
+and backward pass (after a warm-up), as the reference project prints. Then the timing that counts:
+on a GPU, CUDA events around each call, warm, median of many calls, fp32 with TF32 off, inputs
+rotated through more memory than the L2 cache holds so that no call finds its inputs already cached
+by the previous one. The backward is timed alone: the forward graph is built once and kept.
+Without a GPU the same code runs on the CPU emulation of the kernels; those times say nothing about
+GPU speed.
 """
 
 import argparse
@@ -41,42 +43,65 @@ def parse_args():
 
 
 def random_inputs(shape, device, sets):
-    return [[torch.randn(shape, device=device) for _ in range(3)] for _ in range(sets)]
+    """`sets` sets of fresh q, k, v and an output gradient dO, all standard normal."""
+    return [[torch.randn(shape, device=device) for _ in range(4)] for _ in range(sets)]
 
 
-def check(methods, q, k, v, causal):
-    """Relative error of each method against float64 manual attention, printed and returned."""
-    ref = mf.manual_attention(q.double(), k.double(), v.double(), causal)
-    errors = {name: ((fn(q, k, v, causal) - ref).norm() / ref.norm()).item() for name, fn in methods.items()}
-    print("  relative error vs float64: " + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()))
-    assert all(e < 1e-4 for e in errors.values()), "the methods disagree with float64 attention"
+def gradients(fn, q, k, v, dO, causal):
+    """Runs fn forward with autograd on and returns a function that runs its backward pass alone:
+    dQ, dK, dV of sum(O * dO). The graph is kept, so the backward can be run again and again."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    O = fn(q, k, v, causal)
+    return lambda: torch.autograd.grad(O, (q, k, v), dO, retain_graph=True)
+
+
+def check(methods, q, k, v, dO, causal):
+    """Relative errors of each method's O and dQ, dK, dV against float64 manual attention, printed;
+    returns {method: (O error, worst gradient error)}."""
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    ref_O = mf.manual_attention(q64, k64, v64, causal)
+    ref_grads = gradients(mf.manual_attention, q64, k64, v64, dO.double(), causal)()
+    errors = {}
+    for name, fn in methods.items():
+        err_O = rel((fn(q, k, v, causal)), ref_O)
+        err_grads = [rel(g, r) for g, r in zip(gradients(fn, q, k, v, dO, causal)(), ref_grads)]
+        print(f"  {name}: relative error vs float64: O {err_O:.1e}, dQ {err_grads[0]:.1e}, "
+              f"dK {err_grads[1]:.1e}, dV {err_grads[2]:.1e}")
+        errors[name] = (err_O, max(err_grads))
+    assert all(max(e) < 1e-4 for e in errors.values()), "the methods disagree with float64 attention"
     return errors
 
 
-def profile_table(name, fn, q, k, v, causal, device):
+def rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def profile_table(title, call, device):
+    """The torch.profiler table of 5 calls of call(), after the warm-up that check() did."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(5):
-            with record_function(name):  # one row for the whole call, our extension included
-                fn(q, k, v, causal)
+            with record_function(title):  # one row for the whole call, our extension included
+                call()
         if device == "cuda":
             torch.cuda.synchronize()
-    print(f"\n=== {name} (5 calls) ===")
+    print(f"\n=== {title} (5 calls) ===")
     sort = "device_time_total" if device == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=8))
 
 
-def median_ms(fn, inputs, causal, warmup, repeats, device):
-    """Median time of one call in milliseconds, after `warmup` untimed calls."""
+def median_ms(calls, warmup, repeats, device):
+    """Median time of one call in milliseconds, after `warmup` untimed calls. Each call takes the
+    next function of `calls`, round and round: each works on its own inputs."""
     for n in range(warmup):
-        fn(*inputs[n % len(inputs)], causal)
+        calls[n % len(calls)]()
     if device == "cuda":
         torch.cuda.synchronize()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(repeats)]
         for n, (start, end) in enumerate(events):
             start.record()
-            fn(*inputs[n % len(inputs)], causal)
+            calls[n % len(calls)]()
             end.record()
         torch.cuda.synchronize()
         times = [start.elapsed_time(end) for start, end in events]
@@ -84,7 +109,7 @@ def median_ms(fn, inputs, causal, warmup, repeats, device):
         times = []
         for n in range(repeats):
             start = time.perf_counter()
-            fn(*inputs[n % len(inputs)], causal)
+            calls[n % len(calls)]()
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -107,23 +132,38 @@ def main():
     rows = []
     for N in args.seq_len:
         shape = (args.batch, args.heads, N, args.head_dim)
-        set_bytes = 3 * math.prod(shape) * 4
+        set_bytes = 4 * math.prod(shape) * 4
         sets = min(64, math.ceil(2 * props.L2_cache_size / set_bytes)) if device == "cuda" else 1
         inputs = random_inputs(shape, device, sets)
-        print(f"\nN={N}: {sets} input set(s) of {set_bytes / 2**20:.1f} MiB")
+        print(f"\nN={N}: {sets} set(s) of q, k, v, dO, {set_bytes / 2**20:.1f} MiB each")
         errors = check(methods, *inputs[0], args.causal)  # also compiles the kernels, untimed
+        forward_calls = {name: [lambda fn=fn, q=q, k=k, v=v: fn(q, k, v, args.causal) for q, k, v, _ in inputs]
+                         for name, fn in methods.items()}
+        backward_calls = {name: [gradients(fn, *qkv_dO, args.causal) for qkv_dO in inputs]
+                          for name, fn in methods.items()}
         if not args.no_profile and N == args.seq_len[0]:
-            for name, fn in methods.items():
-                profile_table(name, fn, *inputs[0], args.causal, device)
-        times = {name: median_ms(fn, inputs, args.causal, args.warmup, args.repeats, device)
-                 for name, fn in methods.items()}
-        rows.append((N, times["manual"], times["flash"], errors["flash"]))
+            for name in methods:
+                profile_table(name, forward_calls[name][0], device)
+                profile_table(f"{name} backward", backward_calls[name][0], device)
+        times = {(name, pass_): median_ms(calls[name], args.warmup, args.repeats, device)
+                 for pass_, calls in (("forward", forward_calls), ("backward", backward_calls))
+                 for name in methods}
+        rows.append((N, times, errors["flash"]))
+        del backward_calls  # frees the saved graphs before the next N
 
     clock = "CUDA events" if device == "cuda" else "CPU clock, emulation"
-    print(f"\nMedian of {args.repeats} warm calls ({clock}); speed-up = manual time / flash time")
-    print(f"{'N':>6} {'manual ms':>10} {'flash ms':>10} {'speed-up':>9} {'flash err':>10}")
-    for N, manual, flash, err in rows:
-        print(f"{N:>6} {manual:>10.4f} {flash:>10.4f} {manual / flash:>8.2f}x {err:>10.1e}")
+    print(f"\nMedian of {args.repeats} warm calls ({clock}), in ms; speed-up = manual time / flash time."
+          "\nBackward: the backward pass alone, through autograd. err: flash against float64, "
+          "O and the worst of dQ, dK, dV.")
+    print(f"{'N':>6} | {'manual':>8} {'flash':>8} {'speed-up':>8} | {'manual':>8} {'flash':>8} "
+          f"{'speed-up':>8} | {'err O':>7} {'err dQKV':>8}")
+    print(f"{'':>6} | {'forward':^26} | {'backward':^26} |")
+    for N, t, (err_O, err_grads) in rows:
+        line = f"{N:>6}"
+        for pass_ in ("forward", "backward"):
+            manual, flash = t["manual", pass_], t["flash", pass_]
+            line += f" | {manual:>8.4f} {flash:>8.4f} {manual / flash:>7.2f}x"
+        print(f"{line} | {err_O:>7.1e} {err_grads:>8.1e}")
 
 
 if __name__ == "__main__":

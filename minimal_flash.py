@@ -1,8 +1,9 @@
 """Minimal FlashAttention: the Python face of kernels/*.cu.
 
-    flash_attention(q, k, v, causal=False, softmax_scale=None)   the kernels, on GPU or CPU
+    flash_attention(q, k, v, causal=False, softmax_scale=None)   the kernels, on GPU or CPU, with autograd
     manual_attention(q, k, v, causal=False, softmax_scale=None)  plain attention, the reference
-    mirror_forward(q, k, v, ...)                                  Algorithm 1 tile by tile in PyTorch
+    forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)       the two kernels, called directly
+    mirror_forward(q, k, v, ...), mirror_backward(...)            Algorithms 1 and 4 tile by tile in PyTorch
 
 Tensors are (B, H, N, d), the layout of torch.nn.functional.scaled_dot_product_attention.
 CUDA tensors run the CUDA build of kernels/; CPU tensors run the very same source compiled as C++
@@ -92,9 +93,38 @@ def forward(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=
     O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1]))
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
         kernels = load_kernels(q.device.type, Br, Bc)
-        _check_shared_memory(kernels, kernels.forward_shared_bytes(q.shape[-1]), q)
+        _check_shared_memory(kernels, kernels.forward_shared_bytes(q.shape[-1]), q, "forward")
         _raise_if(kernels.forward(q, k, v, O, L, bool(causal), scale))
     return O, L
+
+
+def backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None):
+    """Run kernels/flash_backward.cu: the gradients (dQ, dK, dV) of a loss whose gradient with
+    respect to the output O = forward(q, k, v)[0] is dO. O and L are what forward() returned for
+    these q, k, v, causal, scale and block sizes. `out=(dQ, dK, dV)` writes into given tensors."""
+    q, k, v = _check_inputs(q, k, v)
+    dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
+    L = _check_like("L", L, q[..., 0])
+    scale = _scale(q, softmax_scale)
+    dQ, dK, dV = out if out is not None else (torch.empty_like(q) for _ in range(3))
+    if q.numel() > 0:
+        kernels = load_kernels(q.device.type, Br, Bc)
+        _check_shared_memory(kernels, kernels.backward_shared_bytes(q.shape[-1]), q, "backward")
+        _raise_if(kernels.backward(q, k, v, O, dO, L, dQ, dK, dV, bool(causal), scale))
+    return dQ, dK, dV
+
+
+def _check_like(name, t, like):
+    """The backward's other inputs must match q in shape (L: q's without d), dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} has dtype {t.dtype}; the kernels are float32 only")
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device}, q on {like.device}: they must be on one device")
+    return t.contiguous()
 
 
 def _raise_if(error):
@@ -103,18 +133,42 @@ def _raise_if(error):
         raise RuntimeError(f"minimal_flash: {error}")
 
 
-def _check_shared_memory(kernels, needed, q):
+def _check_shared_memory(kernels, needed, q, kernel):
     available = kernels.device_shared_bytes(q)
     if needed > available:
         raise ValueError(f"head dim d = {q.shape[-1]} needs {needed} bytes of shared memory per block "
-                         f"with Br = {kernels.Br}, Bc = {kernels.Bc}, more than the {available} this "
-                         "device allows: use a smaller d or smaller block sizes")
+                         f"in the {kernel} kernel with Br = {kernels.Br}, Bc = {kernels.Bc}, more than "
+                         f"the {available} this device allows: use a smaller d or smaller block sizes")
+
+
+class FlashAttention(torch.autograd.Function):
+    """flash_attention with gradients. The forward saves q, k, v, O and the row log-sum-exp L: O(N d)
+    memory. The N x N matrix P is never stored; the backward kernel recomputes it tile by tile."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, Br, Bc):
+        q, k, v = _check_inputs(q, k, v)
+        if any(ctx.needs_input_grad[:3]) and q.numel() > 0:
+            # Fail now, not after the forward has run, if the backward will not fit.
+            kernels = load_kernels(q.device.type, Br, Bc)
+            _check_shared_memory(kernels, kernels.backward_shared_bytes(q.shape[-1]), q, "backward")
+        O, L = forward(q, k, v, causal, softmax_scale, Br=Br, Bc=Bc)
+        ctx.save_for_backward(q, k, v, O, L)
+        ctx.options = dict(causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc)
+        return O
+
+    @staticmethod
+    def backward(ctx, dO):
+        dQ, dK, dV = backward(dO, *ctx.saved_tensors, **ctx.options)
+        return dQ, dK, dV, None, None, None, None
 
 
 def flash_attention(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None):
-    """softmax(q k^T * softmax_scale [+ causal mask]) v, computed by the FlashAttention kernels.
-    softmax_scale defaults to 1/sqrt(d). Br, Bc default to MINIMAL_FLASH_BR/_BC, else 32."""
-    return forward(q, k, v, causal, softmax_scale, Br=Br, Bc=Bc)[0]
+    """softmax(q k^T * softmax_scale [+ causal mask]) v, computed by the FlashAttention kernels,
+    differentiable (loss.backward() runs kernels/flash_backward.cu). softmax_scale defaults to
+    1/sqrt(d). Br, Bc default to MINIMAL_FLASH_BR/_BC, else 32."""
+    Br, Bc = block_sizes(Br, Bc)  # fixed now: the backward must use the forward's
+    return FlashAttention.apply(q, k, v, causal, softmax_scale, Br, Bc)
 
 
 def manual_attention(q, k, v, causal=False, softmax_scale=None):
@@ -186,3 +240,51 @@ def mirror_forward(q, k, v, causal=False, softmax_scale=None, *, Br=32, Bc=32, o
                 on_step(Step(j, i, rows, cols, S_ij, P_ij, m[..., r].clone(), l[..., r].clone(),
                              O[..., r, :].clone()))
     return O, m + torch.log(l)
+
+
+@dataclass
+class BackwardStep:
+    """What one (j, i) step of Algorithm 4 computed, for the notebooks to inspect."""
+    j: int
+    i: int
+    rows: range
+    cols: range
+    P_ij: torch.Tensor  # exp(S_ij - L_i): the forward's softmax probabilities, recomputed
+    dP_ij: torch.Tensor  # dO_i V_j^T
+    dS_ij: torch.Tensor  # P_ij * (dP_ij - D_i)
+    dK_j: torch.Tensor  # running sums over the Q tiles seen so far
+    dV_j: torch.Tensor
+
+
+def mirror_backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=32, Bc=32, on_step=None):
+    """Algorithm 4 in plain PyTorch, with the loop order and names of kernels/flash_backward.cu.
+    O and L are the forward's outputs. Calls on_step(BackwardStep) after every (j, i) step.
+    Returns (dQ, dK, dV) like backward()."""
+    N = q.shape[-2]
+    scale = _scale(q, softmax_scale)
+    D = (dO * O).sum(dim=-1)  # D_i = rowsum(dO_i * O_i), once per row
+    dQ, dK, dV = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    Tr, Tc = math.ceil(N / Br), math.ceil(N / Bc)
+    for j in range(Tc):
+        cols = range(j * Bc, min(N, (j + 1) * Bc))
+        c = slice(cols.start, cols.stop)
+        K_j, V_j = k[..., c, :], v[..., c, :]
+        dK_j, dV_j = torch.zeros_like(K_j), torch.zeros_like(V_j)
+        for i in range(j * Bc // Br if causal else 0, Tr):
+            rows = range(i * Br, min(N, (i + 1) * Br))
+            r = slice(rows.start, rows.stop)
+            Q_i, dO_i = q[..., r, :], dO[..., r, :]
+            S_ij = scale * Q_i @ K_j.transpose(-2, -1)
+            if causal:
+                S_ij = S_ij.masked_fill(_above_diagonal(len(rows), len(cols), rows.start, cols.start, q.device),
+                                        float("-inf"))
+            P_ij = torch.exp(S_ij - L[..., r, None])  # masked scores give exp(-inf) = 0
+            dV_j += P_ij.transpose(-2, -1) @ dO_i
+            dP_ij = dO_i @ V_j.transpose(-2, -1)
+            dS_ij = P_ij * (dP_ij - D[..., r, None])
+            dQ[..., r, :] += scale * dS_ij @ K_j
+            dK_j += scale * dS_ij.transpose(-2, -1) @ Q_i
+            if on_step is not None:
+                on_step(BackwardStep(j, i, rows, cols, P_ij, dP_ij, dS_ij, dK_j.clone(), dV_j.clone()))
+        dK[..., c, :], dV[..., c, :] = dK_j, dV_j
+    return dQ, dK, dV

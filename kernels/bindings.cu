@@ -13,6 +13,7 @@ static size_t max_shared_bytes() {
 #include "cpu_cuda.h"
 #endif
 #include "flash.cu"
+#include "flash_backward.cu"
 
 // Errors go back to Python as a message ("" means success) that minimal_flash.py raises. We throw
 // no C++ exceptions across into Python: with torch 2.11 on our H200 machine, one crashed the process.
@@ -42,10 +43,23 @@ static bool bad_layout(const at::Tensor& t, at::IntArrayRef shape, const at::Ten
 }
 
 static size_t forward_shared_bytes(int64_t d, int G) { return forward_shared_floats(d, G) * sizeof(float); }
+static size_t backward_shared_bytes(int64_t d, int G) { return backward_shared_floats(d, G) * sizeof(float); }
 
 static size_t device_shared_bytes(const at::Tensor& on) {
     const at::OptionalDeviceGuard guard(at::device_of(on));
     return max_shared_bytes();
+}
+
+// How many groups of Br threads a block gets, each working on its own Q tile: one per Q tile, as
+// far as the device's shared memory and the kernel's registers allow (a kernel that uses many
+// registers per thread can only be launched with fewer threads per block).
+template <class Kernel, class SharedBytes>
+static int thread_groups(Kernel* kernel, int64_t N, SharedBytes shared_bytes) {
+    cudaFuncAttributes attributes{};
+    cudaFuncGetAttributes(&attributes, kernel);  // on failure the launch check reports it
+    int G = std::min<int64_t>((N + Br - 1) / Br, attributes.maxThreadsPerBlock / Br);
+    while (G > 1 && shared_bytes(G) > max_shared_bytes()) --G;
+    return std::max(G, 1);
 }
 
 // O = softmax(scale * Q K^T) V and L = rowwise log-sum-exp, written into O and L.
@@ -57,10 +71,7 @@ std::string forward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& 
     const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
     const at::OptionalDeviceGuard guard(at::device_of(Q));
     at::Tensor l = at::empty_like(L), m = at::empty_like(L);  // Algorithm 1's running l and m
-    // G groups of Br threads run steps of the inner loop side by side: one per Q tile, as far as
-    // 1024 threads per block and the device's shared memory allow.
-    int G = std::min<int64_t>((N + Br - 1) / Br, 1024 / Br);
-    while (G > 1 && forward_shared_bytes(d, G) > max_shared_bytes()) --G;
+    const int G = thread_groups(flash_forward, N, [&](int G) { return forward_shared_bytes(d, G); });
     const size_t bytes = forward_shared_bytes(d, G);
     if (std::string err = reserve_shared(flash_forward, bytes); !err.empty()) return err;
     LAUNCH(flash_forward, dim3(BH), dim3(G * Br), bytes)(
@@ -70,10 +81,33 @@ std::string forward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& 
     return launch_error("flash_forward");
 }
 
+// dQ, dK, dV of the loss, given dO and the forward's O and L, written into dQ, dK, dV.
+std::string backward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+                     const at::Tensor& O, const at::Tensor& dO, const at::Tensor& L, at::Tensor& dQ,
+                     at::Tensor& dK, at::Tensor& dV, bool causal, double scale) {
+    for (const at::Tensor& t : {Q, K, V, O, dO, dQ, dK, dV})
+        if (bad_layout(t, Q.sizes(), Q)) return "internal error: q, k, v, O, dO, dQ, dK, dV differ in layout";
+    if (bad_layout(L, Q.sizes().slice(0, 3), Q)) return "internal error: L has the wrong layout";
+    const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
+    const at::OptionalDeviceGuard guard(at::device_of(Q));
+    at::Tensor D = at::empty_like(L);  // D_i = rowsum(dO_i * O_i), filled by the kernel
+    const int G = thread_groups(flash_backward, N, [&](int G) { return backward_shared_bytes(d, G); });
+    const size_t bytes = backward_shared_bytes(d, G);
+    if (std::string err = reserve_shared(flash_backward, bytes); !err.empty()) return err;
+    LAUNCH(flash_backward, dim3(BH), dim3(G * Br), bytes)(
+        Q.data_ptr<float>(), K.data_ptr<float>(), V.data_ptr<float>(), O.data_ptr<float>(),
+        dO.data_ptr<float>(), L.data_ptr<float>(), int(N), int(d), float(scale), causal,
+        D.data_ptr<float>(), dQ.data_ptr<float>(), dK.data_ptr<float>(), dV.data_ptr<float>());
+    return launch_error("flash_backward");
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.def("forward", &forward, "FlashAttention forward (Algorithm 1) into O and L");
+    module.def("backward", &backward, "FlashAttention backward (Algorithm 4) into dQ, dK, dV");
     module.def("forward_shared_bytes", [](int64_t d) { return forward_shared_bytes(d, 1); },
-               "the least shared memory a block needs for head dim d (one thread group)");
+               "the least shared memory a forward block needs for head dim d (one thread group)");
+    module.def("backward_shared_bytes", [](int64_t d) { return backward_shared_bytes(d, 1); },
+               "the least shared memory a backward block needs for head dim d (one thread group)");
     module.def("device_shared_bytes", &device_shared_bytes, "the most a block may have on this tensor's device");
     module.attr("Br") = Br;
     module.attr("Bc") = Bc;

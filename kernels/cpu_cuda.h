@@ -30,6 +30,7 @@ inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
 inline float __expf(float x) { return std::exp(x); }
+inline int min(int a, int b) { return std::min(a, b); }  // CUDA's integer min, for device code
 
 // The opt-in limit of an H100/H200 (227 KB). As on a GPU, a kernel gets more than 48 KB of dynamic
 // shared memory only after cudaFuncSetAttribute raises its limit.
@@ -58,6 +59,17 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute, int bytes) {
     return cudaSuccess;
 }
 inline size_t max_shared_bytes() { return kMaxSharedBytes; }
+
+// On a GPU, the registers a kernel uses per thread limit the threads a block may have; on the CPU,
+// any kernel may have the 1024 that every CUDA GPU allows.
+struct cudaFuncAttributes {
+    int maxThreadsPerBlock;
+};
+template <class Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*) {
+    attributes->maxThreadsPerBlock = 1024;
+    return cudaSuccess;
+}
 
 // A barrier for the threads of one block: the last to arrive releases the others.
 class BlockBarrier {

@@ -27,3 +27,15 @@ def reference(q, k, v, causal, scale=None):
 def poisoned_outputs(q):
     """O and L filled with NaN, so that an element the kernel never writes fails the check."""
     return torch.full_like(q, float("nan")), q.new_full(q.shape[:-1], float("nan"))
+
+
+def reference_grads(q, k, v, dO, causal, scale=None):
+    """dQ, dK, dV of sum(O * dO), O = plain attention, by float64 autograd."""
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    return torch.autograd.grad(mf.manual_attention(q, k, v, causal, scale), (q, k, v), dO.double())
+
+
+def random_dO(q, generator):
+    """A fresh random output gradient: with dO = ones, a dV that uses the wrong row of dO still
+    comes out right."""
+    return torch.randn(q.shape, generator=generator, dtype=q.dtype).to(q.device)

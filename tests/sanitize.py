@@ -1,4 +1,4 @@
-"""Runs the CUDA kernels at partial-tile sizes, causal and not, for compute-sanitizer:
+"""Runs the CUDA kernels, forward and backward, at partial-tile sizes, causal and not, for compute-sanitizer:
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tests/sanitize.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python tests/sanitize.py
@@ -11,7 +11,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import minimal_flash as mf  # noqa: E402  (conftest-free: this file is run as a script)
-from helpers import poisoned_outputs, reference, rel_err  # noqa: E402
+from helpers import poisoned_outputs, reference, reference_grads, rel_err  # noqa: E402
 
 generator = torch.Generator().manual_seed(0)
 for Br, Bc in [(32, 32), (64, 16)]:
@@ -23,3 +23,10 @@ for Br, Bc in [(32, 32), (64, 16)]:
             err = rel_err(O, reference(q, k, v, causal)[0])
             print(f"forward Br={Br} Bc={Bc} N={N} d={d} causal={causal}: rel err {err:.1e}")
             assert err < 1e-5
+            dO = torch.randn(q.shape, generator=generator).cuda()
+            grads = [torch.full_like(q, float("nan")) for _ in range(3)]
+            mf.backward(dO, q, k, v, O, L, causal, out=grads, Br=Br, Bc=Bc)
+            errs = [rel_err(g, r) for g, r in zip(grads, reference_grads(q, k, v, dO, causal))]
+            print(f"backward Br={Br} Bc={Bc} N={N} d={d} causal={causal}: rel err dQ, dK, dV "
+                  + ", ".join(f"{e:.1e}" for e in errs))
+            assert max(errs) < 1e-5

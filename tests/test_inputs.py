@@ -75,3 +75,54 @@ def test_non_contiguous_input_is_copied(generator):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # a (B, H, N, d) view, not contiguous
     assert not q.is_contiguous()
     assert rel_err(mf.flash_attention(q, k, v), reference(q, k, v, False)[0]) < 1e-5
+
+
+def test_gradients_need_a_backward_that_fits_in_shared_memory():
+    """d = 300 fits the forward's shared memory but not the backward's (it holds four tiles, the
+    forward two): with gradients wanted, the forward refuses at once; without, it runs."""
+    q, k, v = qkv(N=4, d=300)
+    assert mf.flash_attention(q, k, v).shape == q.shape
+    with pytest.raises(ValueError, match=r"d = 300 needs \d+ bytes of shared memory .* backward kernel"):
+        mf.flash_attention(q.requires_grad_(), k, v)
+
+
+def backward_inputs():
+    q, k, v = qkv()
+    O, L = mf.forward(q, k, v)
+    return torch.randn_like(q), q, k, v, O, L
+
+
+def test_backward_rejects_dO_of_another_dtype():
+    dO, *rest = backward_inputs()
+    with pytest.raises(TypeError, match=r"dO has dtype torch.float64; the kernels are float32 only"):
+        mf.backward(dO.double(), *rest)
+
+
+def test_backward_rejects_dO_of_another_shape():
+    dO, *rest = backward_inputs()
+    with pytest.raises(ValueError, match=r"dO must have shape \(1, 2, 20, 16\), got \(1, 2, 19, 16\)"):
+        mf.backward(dO[:, :, 1:], *rest)
+
+
+def test_backward_rejects_L_of_another_shape():
+    dO, q, k, v, O, L = backward_inputs()
+    with pytest.raises(ValueError, match=r"L must have shape \(1, 2, 20\)"):
+        mf.backward(dO, q, k, v, O, L[..., None])
+
+
+def test_backward_rejects_dO_on_another_device():
+    dO, *rest = backward_inputs()
+    with pytest.raises(ValueError, match="dO is on meta, q on cpu"):
+        mf.backward(dO.to("meta"), *rest)
+
+
+def test_backward_checks_q_k_v_like_the_forward():
+    dO, q, k, v, O, L = backward_inputs()
+    with pytest.raises(TypeError, match="v has dtype torch.float16"):
+        mf.backward(dO, q, k, v.half(), O, L)
+
+
+def test_empty_sizes_give_empty_gradients():
+    q, k, v = (torch.randn(1, 2, 0, 16, requires_grad=True) for _ in range(3))
+    mf.flash_attention(q, k, v).sum().backward()
+    assert q.grad.shape == k.grad.shape == v.grad.shape == (1, 2, 0, 16)

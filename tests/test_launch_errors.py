@@ -21,3 +21,21 @@ def test_refused_shared_memory_raises(device):
     O, L = torch.empty_like(q), q.new_empty(q.shape[:-1])
     with pytest.raises(RuntimeError, match="cannot reserve shared memory"):
         mf._raise_if(mf.load_kernels(device).forward(q, q, q, O, L, False, 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_layout_check_raises(device):
+    q = torch.randn(1, 1, 8, 4, device=device)
+    grads = [torch.empty_like(q) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="L has the wrong layout"):
+        mf._raise_if(mf.load_kernels(device).backward(q, q, q, q, q, q, *grads, False, 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_refused_shared_memory_raises(device):
+    """d = 300 needs ~260 KB of shared memory in the backward; the device (and the emulation) refuse it."""
+    q = torch.randn(1, 1, 4, 300, device=device)
+    L = q.new_zeros(q.shape[:-1])
+    grads = [torch.empty_like(q) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="cannot reserve shared memory"):
+        mf._raise_if(mf.load_kernels(device).backward(q, q, q, q, q, L, *grads, False, 1.0))
