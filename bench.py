@@ -3,48 +3,92 @@
     python bench.py                      # B=16, H=12, N=64, d=64 on a GPU; smaller on the CPU
     python bench.py --seq-len 64 128 512 1024 --no-profile
     python bench.py --br 64 --bc 16      # other block sizes: compiled once, then cached
+    python bench.py --sweep --out results   # N = 64 .. 16384: table, CSV and plots, with SDPA too
+    python bench.py --replot results/sweep.csv   # redraw the plots from a sweep's CSV
 
-First the values are checked: both methods' O and dQ, dK, dV (for a random output gradient dO)
-against float64 attention on the same inputs. Then a torch.profiler table for each method's forward
-and backward pass (after a warm-up), as the reference project prints. Then the timing that counts:
-on a GPU, CUDA events around each call, warm, median of many calls, fp32 with TF32 off, inputs
-rotated through more memory than the L2 cache holds so that no call finds its inputs already cached
-by the previous one. The backward is timed alone: the forward graph is built once and kept.
-Without a GPU the same code runs on the CPU emulation of the kernels; those times say nothing about
-GPU speed.
+The default run first checks the values: both methods' O and dQ, dK, dV (for a random output
+gradient dO) against float64 attention on the same inputs. Then a torch.profiler table for each
+method's forward and backward pass (after a warm-up), as the reference project prints. Then the
+timing that counts: on a GPU, CUDA events around each call, warm, median of many calls, fp32 with
+TF32 off, inputs rotated through more memory than the L2 cache holds so that no call finds its
+inputs already cached by the previous one. The backward is timed alone: the forward graph is built
+once and kept.
+
+The sweep does the same timing over sequence lengths, for manual attention, our kernels and
+torch.nn.functional.scaled_dot_product_attention (SDPA) pinned to the backend it picks for fp32.
+For each point: median time, TFLOP/s, extra peak memory, the ratio to manual, and the error
+against manual attention on the same inputs. It writes a table, sweep.csv and two plots.
+
+Without a GPU the same code runs on the CPU emulation of the kernels at small sizes; those times
+say nothing about GPU speed.
 """
 
 import argparse
+import csv
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import minimal_flash as mf
 
+# The sweep's (B, H) at each N: enough (batch, head) slices that every point does real work, and,
+# where there is one, the shape at which the reference project was measured, so that its numbers
+# describe the same work as ours. On the CPU, small sizes: the emulation is slow.
+SWEEP_GPU = {64: (16, 12), 128: (16, 12), 256: (16, 12), 512: (8, 16), 1024: (8, 12), 2048: (4, 16),
+             4096: (4, 16), 8192: (2, 16), 16384: (1, 16)}
+SWEEP_CPU = {16: (1, 2), 33: (1, 2), 64: (1, 2), 128: (1, 2)}
+PASSES = ("forward", "backward")
 
-def parse_args():
-    gpu = torch.cuda.is_available()
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-B", "--batch", type=int, default=16 if gpu else 2)
-    p.add_argument("-H", "--heads", type=int, default=12 if gpu else 4)
-    p.add_argument("-N", "--seq-len", type=int, nargs="+", default=[64], help="one or more sequence lengths")
-    p.add_argument("-d", "--head-dim", type=int, default=64 if gpu else 32)
+    p.add_argument("-B", "--batch", type=int, default=None, help="batch size (default: per mode)")
+    p.add_argument("-H", "--heads", type=int, default=None, help="heads (default: per mode)")
+    p.add_argument("-N", "--seq-len", type=int, nargs="+", default=None, help="one or more sequence lengths")
+    p.add_argument("-d", "--head-dim", type=int, default=None, help="head dim (default 64 on a GPU, 32 on the CPU)")
     p.add_argument("--br", type=int, default=None, help="query rows per block, Br (default 32)")
     p.add_argument("--bc", type=int, default=None, help="key rows per tile, Bc (default 32)")
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--warmup", type=int, default=10 if gpu else 2)
-    p.add_argument("--repeats", type=int, default=200 if gpu else 10, help="timed calls per method")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10 on a GPU, 2 on the CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per method, at most (default 200 / 10)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
     p.add_argument("--cpu", action="store_true", help="use the CPU emulation even if there is a GPU")
-    return p.parse_args()
+    p.add_argument("--sweep", action="store_true", help="sweep N, with SDPA too; write a table, CSV and plots")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="where --sweep writes (default bench-results)")
+    p.add_argument("--seconds", type=float, default=2.0,
+                   help="--sweep: timed seconds per method and pass, at most; fewer repeats for slow ones")
+    p.add_argument("--min-repeats", type=int, default=5, help="--sweep: timed calls per method, at least")
+    p.add_argument("--replot", type=Path, metavar="CSV",
+                   help="only redraw the plots of a sweep.csv (GPU or CPU, as the file says), beside it")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 in manual attention's and SDPA's matmuls "
+                   "(our kernels are plain fp32 either way)")
+    args = p.parse_args(argv)
+    args.device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    gpu = args.device == "cuda"
+    args.head_dim = args.head_dim or (64 if gpu else 32)
+    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
+    args.repeats = args.repeats or (200 if gpu else 10)
+    return args
 
 
 def random_inputs(shape, device, sets):
     """`sets` sets of fresh q, k, v and an output gradient dO, all standard normal."""
     return [[torch.randn(shape, device=device) for _ in range(4)] for _ in range(sets)]
+
+
+def input_sets(shape, device):
+    """How many input sets to rotate through: on a GPU, enough to overflow the L2 cache twice."""
+    if device != "cuda":
+        return 1
+    set_bytes = 4 * math.prod(shape) * 4
+    return min(64, math.ceil(2 * torch.cuda.get_device_properties(device).L2_cache_size / set_bytes))
 
 
 def gradients(fn, q, k, v, dO, causal):
@@ -55,25 +99,30 @@ def gradients(fn, q, k, v, dO, causal):
     return lambda: torch.autograd.grad(O, (q, k, v), dO, retain_graph=True)
 
 
+def rel(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def grads_err(grads, refs):
+    """Relative error of dQ, dK, dV taken together: ||(dQ, dK, dV) - ref|| / ||ref||. Taken one by
+    one, dQ and dK at N = 1 have no relative error: there they are exactly zero."""
+    return rel(torch.cat([g.flatten() for g in grads]), torch.cat([r.flatten() for r in refs]))
+
+
 def check(methods, q, k, v, dO, causal):
     """Relative errors of each method's O and dQ, dK, dV against float64 manual attention, printed;
-    returns {method: (O error, worst gradient error)}."""
+    returns {method: (O error, gradients' error)}."""
     q64, k64, v64 = (t.double() for t in (q, k, v))
     ref_O = mf.manual_attention(q64, k64, v64, causal)
     ref_grads = gradients(mf.manual_attention, q64, k64, v64, dO.double(), causal)()
     errors = {}
     for name, fn in methods.items():
         err_O = rel((fn(q, k, v, causal)), ref_O)
-        err_grads = [rel(g, r) for g, r in zip(gradients(fn, q, k, v, dO, causal)(), ref_grads)]
-        print(f"  {name}: relative error vs float64: O {err_O:.1e}, dQ {err_grads[0]:.1e}, "
-              f"dK {err_grads[1]:.1e}, dV {err_grads[2]:.1e}")
-        errors[name] = (err_O, max(err_grads))
+        err_grads = grads_err(gradients(fn, q, k, v, dO, causal)(), ref_grads)
+        print(f"  {name}: relative error vs float64: O {err_O:.1e}, dQ, dK, dV {err_grads:.1e}")
+        errors[name] = (err_O, err_grads)
     assert all(max(e) < 1e-4 for e in errors.values()), "the methods disagree with float64 attention"
     return errors
-
-
-def rel(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
 
 
 def profile_table(title, call, device):
@@ -90,80 +139,349 @@ def profile_table(title, call, device):
     print(prof.key_averages().table(sort_by=sort, row_limit=8))
 
 
-def median_ms(calls, warmup, repeats, device):
-    """Median time of one call in milliseconds, after `warmup` untimed calls. Each call takes the
-    next function of `calls`, round and round: each works on its own inputs."""
-    for n in range(warmup):
-        calls[n % len(calls)]()
+def time_calls(calls, n, device):
+    """Times n calls, each the next function of `calls`, round and round (each works on its own
+    inputs); returns the n times in ms. On a GPU, CUDA events: the GPU's own clock, start to end."""
     if device == "cuda":
         torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
-        for n, (start, end) in enumerate(events):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for i, (start, end) in enumerate(events):
             start.record()
-            calls[n % len(calls)]()
+            calls[i % len(calls)]()
             end.record()
         torch.cuda.synchronize()
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        times = []
-        for n in range(repeats):
-            start = time.perf_counter()
-            calls[n % len(calls)]()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        return [start.elapsed_time(end) for start, end in events]
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        calls[i % len(calls)]()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
-def main():
-    args = parse_args()
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 comparison: no TF32 in manual's matmuls
+def median_ms(calls, warmup, repeats, device, seconds=None, min_repeats=1, warm_seconds=0.2):
+    """Median time of one call in ms, and how many calls were timed. Untimed warm-up calls first:
+    the first pays for compilation, caches, the allocator; then at least `warmup` calls and at least
+    `warm_seconds` of them, because a GPU that was idle starts at a low clock and needs a moment of
+    work to reach its full one (seen here: 0.081 ms instead of 0.049 after 10 short calls). With
+    `seconds`, a slow method gets only as many calls as fit in that time, but at least min_repeats."""
+    time_calls(calls, 1, device)
+    if seconds is not None:
+        fit = int(seconds * 1e3 / max(time_calls(calls, 1, device)[0], 1e-3))
+        warmup, repeats = min(warmup, fit), max(min_repeats, min(repeats, fit))
+    warm_until, n = time.perf_counter() + warm_seconds, 0
+    while n < warmup or time.perf_counter() < warm_until:
+        time_calls([calls[n % len(calls)]], 1, device)  # synchronised: the clock counts finished work
+        n += 1
+    return statistics.median(time_calls(calls, repeats, device)), repeats
+
+
+def run_profile(args):
+    """The default run: value check, timing, profiler tables (first N only), then the timing table."""
+    device = args.device
     Br, Bc = mf.block_sizes(args.br, args.bc)
+    B, H = args.batch or (16 if device == "cuda" else 2), args.heads or (12 if device == "cuda" else 4)
     methods = {"manual": mf.manual_attention,
                "flash": lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc)}
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        print(f"GPU: {props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}; fp32, TF32 off")
-    else:
-        print(f"No GPU: CPU emulation of the kernels, torch {torch.__version__}. These times say "
-              "nothing about GPU speed; run on a GPU for real numbers.")
-    print(f"B={args.batch} H={args.heads} d={args.head_dim} Br={Br} Bc={Bc} causal={args.causal}")
-
+    print(f"B={B} H={H} d={args.head_dim} Br={Br} Bc={Bc} causal={args.causal}")
     rows = []
-    for N in args.seq_len:
-        shape = (args.batch, args.heads, N, args.head_dim)
-        set_bytes = 4 * math.prod(shape) * 4
-        sets = min(64, math.ceil(2 * props.L2_cache_size / set_bytes)) if device == "cuda" else 1
-        inputs = random_inputs(shape, device, sets)
-        print(f"\nN={N}: {sets} set(s) of q, k, v, dO, {set_bytes / 2**20:.1f} MiB each")
+    seq_lens = args.seq_len or [64]
+    for N in seq_lens:
+        shape = (B, H, N, args.head_dim)
+        inputs = random_inputs(shape, device, input_sets(shape, device))
+        print(f"\nN={N}: {len(inputs)} set(s) of q, k, v, dO, {4 * math.prod(shape) * 4 / 2**20:.1f} MiB each")
         errors = check(methods, *inputs[0], args.causal)  # also compiles the kernels, untimed
         forward_calls = {name: [lambda fn=fn, q=q, k=k, v=v: fn(q, k, v, args.causal) for q, k, v, _ in inputs]
                          for name, fn in methods.items()}
         backward_calls = {name: [gradients(fn, *qkv_dO, args.causal) for qkv_dO in inputs]
                           for name, fn in methods.items()}
-        if not args.no_profile and N == args.seq_len[0]:
+        times = {(name, pass_): median_ms(calls[name], args.warmup, args.repeats, device)[0]
+                 for pass_, calls in zip(PASSES, (forward_calls, backward_calls)) for name in methods}
+        # Profiled after the timing, so that the profiler, which hooks into every launch, cannot
+        # touch the timed calls.
+        if not args.no_profile and N == seq_lens[0]:
             for name in methods:
                 profile_table(name, forward_calls[name][0], device)
                 profile_table(f"{name} backward", backward_calls[name][0], device)
-        times = {(name, pass_): median_ms(calls[name], args.warmup, args.repeats, device)
-                 for pass_, calls in (("forward", forward_calls), ("backward", backward_calls))
-                 for name in methods}
         rows.append((N, times, errors["flash"]))
         del backward_calls  # frees the saved graphs before the next N
 
     clock = "CUDA events" if device == "cuda" else "CPU clock, emulation"
     print(f"\nMedian of {args.repeats} warm calls ({clock}), in ms; speed-up = manual time / flash time."
           "\nBackward: the backward pass alone, through autograd. err: flash against float64, "
-          "O and the worst of dQ, dK, dV.")
+          "O and dQ, dK, dV taken together.")
     print(f"{'N':>6} | {'manual':>8} {'flash':>8} {'speed-up':>8} | {'manual':>8} {'flash':>8} "
           f"{'speed-up':>8} | {'err O':>7} {'err dQKV':>8}")
     print(f"{'':>6} | {'forward':^26} | {'backward':^26} |")
     for N, t, (err_O, err_grads) in rows:
         line = f"{N:>6}"
-        for pass_ in ("forward", "backward"):
+        for pass_ in PASSES:
             manual, flash = t["manual", pass_], t["flash", pass_]
             line += f" | {manual:>8.4f} {flash:>8.4f} {manual / flash:>7.2f}x"
         print(f"{line} | {err_O:>7.1e} {err_grads:>8.1e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+def sdpa_backend(device, causal):
+    """The backend SDPA picks for fp32 here, found by allowing one at a time in its default order.
+    The sweep then pins it, so the name we print is certainly what ran."""
+    q = torch.randn(1, 1, 8, 8, device=device)
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, q, q, is_causal=causal)
+            return backend
+        except RuntimeError:  # "No viable backend": this one does not take fp32 (or this device)
+            continue
+    raise RuntimeError("no SDPA backend runs fp32 here")
+
+
+def sweep_methods(args):
+    """{name: fn(q, k, v, causal)}: manual attention, our kernels, SDPA on its fp32 backend."""
+    Br, Bc = mf.block_sizes(args.br, args.bc)
+    backend = sdpa_backend(args.device, args.causal)
+
+    def sdpa(q, k, v, causal):
+        with sdpa_kernel(backend):  # the backward runs the same backend: the graph records it
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return {"manual": mf.manual_attention,
+            "minimal-flash": lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc),
+            f"sdpa-{backend.name.lower().replace('_attention', '')}": sdpa}
+
+
+def flops(B, H, N, d, causal, pass_):
+    """The floating-point work the problem needs. Forward: S = Q K^T and P V, 2 N^2 d each. Backward:
+    dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q, 2 N^2 d each (our kernel also recomputes S,
+    a fifth product, which is not counted: it is the kernel's choice, not the problem's). Causal:
+    only the N (N + 1) / 2 visible (query, key) pairs count."""
+    pairs = N * (N + 1) / 2 if causal else N * N
+    return B * H * pairs * d * (4 if pass_ == "forward" else 8)
+
+
+def manual_fits(shape, device):
+    """Manual attention's backward holds about five N x N fp32 matrices per (batch, head) (S, P and
+    their gradients, and a temporary); on a GPU it must fit in the free memory."""
+    if device != "cuda":
+        return True
+    B, H, N, _ = shape
+    return 5 * B * H * N * N * 4 < torch.cuda.mem_get_info(device)[0]
+
+
+def extra_peak_mib(call, device):
+    """Peak memory call() allocates beyond what is already allocated, in MiB; None on the CPU,
+    where torch keeps no such count."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = call()
+    torch.cuda.synchronize()
+    del result
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def training_step(fn, q, k, v, dO, causal):
+    """Forward with autograd, then backward from fresh inputs: what a training step holds at once."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    return torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dO)
+
+
+def measure_method(fn, inputs, args):
+    """Times one method's forward and backward on the input sets; returns {pass: (ms, repeats)},
+    its outputs on set 0 (O and the gradients, for the check) and {pass: extra peak MiB}."""
+    causal, timing = args.causal, dict(seconds=args.seconds, min_repeats=args.min_repeats)
+    forward_calls = [lambda q=q, k=k, v=v: fn(q, k, v, causal) for q, k, v, _ in inputs]
+    times = {"forward": median_ms(forward_calls, args.warmup, args.repeats, args.device, **timing)}
+    backward_calls = [gradients(fn, *qkv_dO, causal) for qkv_dO in inputs]
+    times["backward"] = median_ms(backward_calls, args.warmup, args.repeats, args.device, **timing)
+    q, k, v, dO = inputs[0]
+    outputs = (fn(q, k, v, causal), *backward_calls[0]())
+    del backward_calls  # their saved graphs would count in the memory below
+    # Measured warm, so that one-time allocations (library workspaces) do not count as extra.
+    memory = {"forward": extra_peak_mib(lambda: fn(q, k, v, causal), args.device),
+              "backward": extra_peak_mib(lambda: training_step(fn, q, k, v, dO, causal), args.device)}
+    return times, outputs, memory
+
+
+def sweep_point(N, B, H, methods, args, progress):
+    """All methods at one N. Returns a list of rows (dicts), one per (method, pass)."""
+    shape = (B, H, N, args.head_dim)
+    inputs = random_inputs(shape, args.device, input_sets(shape, args.device))
+    rows, reference = [], None
+    for name, fn in methods.items():
+        base = dict(N=N, B=B, H=H, d=args.head_dim, causal=args.causal, method=name)
+        if name == "manual" and not manual_fits(shape, args.device):
+            note = "skipped: its N x N matrices would not fit in GPU memory"
+            rows += [dict(base, **{"pass": p, "note": note}) for p in PASSES]
+            progress(f"N={N}: manual {note}")
+            continue
+        try:
+            times, outputs, memory = measure_method(fn, inputs, args)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows += [dict(base, **{"pass": p, "note": "skipped: out of GPU memory"}) for p in PASSES]
+            progress(f"N={N}: {name} ran out of GPU memory, skipped")
+            continue
+        # The check: each method against manual attention on the same inputs (or, where manual was
+        # skipped, against the first method that ran): O for the forward, dQ, dK, dV for the backward.
+        if reference is None:
+            reference, check = (name, outputs), {}
+        else:
+            check = dict(zip(PASSES, (rel(outputs[0], reference[1][0]), grads_err(outputs[1:], reference[1][1:]))))
+        for pass_ in PASSES:
+            ms, repeats = times[pass_]
+            row = dict(base, **{"pass": pass_}, ms=ms, repeats=repeats,
+                       tflops=flops(B, H, N, args.head_dim, args.causal, pass_) / ms / 1e9,
+                       extra_mib=memory[pass_])
+            if check:
+                row.update(checked_against=reference[0], rel_err=check[pass_])
+            rows.append(row)
+            progress(f"N={N} B={B} H={H}: {name} {pass_} {ms:.4f} ms (median of {repeats})"
+                     + (f", err vs {reference[0]} {check[pass_]:.1e}" if check else ""))
+    for row in rows:  # the ratio to manual: its time over this method's
+        manual = next((r for r in rows if r["method"] == "manual" and r["pass"] == row["pass"]), {})
+        if "ms" in row and "ms" in manual:
+            row["x_manual"] = manual["ms"] / row["ms"]
+    return rows
+
+
+CSV_FIELDS = ["N", "B", "H", "d", "causal", "method", "pass", "ms", "repeats", "tflops", "x_manual",
+              "extra_mib", "checked_against", "rel_err", "note"]
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+
+
+def read_csv(path):
+    """The rows of a sweep.csv, as the sweep made them (numbers as numbers, empty cells left out)."""
+    types = dict(N=int, B=int, H=int, d=int, repeats=int, ms=float, tflops=float, x_manual=float,
+                 extra_mib=float, rel_err=float, causal=lambda s: s == "True")
+    with open(path, newline="") as f:
+        return [{k: types.get(k, str)(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def format_table(rows):
+    """One line per (N, method): forward and backward side by side."""
+    def cell(row, key, fmt, width):
+        value = row.get(key)
+        return f"{'-':>{width}}" if value is None else f"{value:{fmt}}".rjust(width)
+
+    lines = [f"{'N':>6} {'B*H':>4}  {'method':<15}|{'ms':>9} {'TFLOP/s':>8} {'x manual':>8} {'MiB':>8}  "
+             f"|{'ms':>9} {'TFLOP/s':>8} {'x manual':>8} {'MiB':>8}  | {'err':>7}",
+             f"{'':>28}|{'forward (MiB: extra peak)':^37}|{'backward (MiB: whole step)':^37}|"]
+    by_method = {}
+    for row in rows:
+        by_method.setdefault((row["N"], row["method"]), {})[row["pass"]] = row
+    for (N, method), passes in by_method.items():
+        fwd, bwd = passes["forward"], passes["backward"]
+        line = f"{N:>6} {fwd['B'] * fwd['H']:>4}  {method:<15}"
+        for row in (fwd, bwd):
+            line += (f"|{cell(row, 'ms', '.4f', 9)} {cell(row, 'tflops', '.2f', 8)} "
+                     f"{cell(row, 'x_manual', '.2f', 7)}x {cell(row, 'extra_mib', '.1f', 8)}  ")
+        errors = [r["rel_err"] for r in (fwd, bwd) if "rel_err" in r]
+        line += f"| {max(errors):>7.1e}" if errors else f"| {fwd.get('note', 'ref')}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(rows, path, key, ylabel, titles, title):
+    """Log-log plot of `key` against N, forward and backward side by side, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window: also on machines without a display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    Ns = sorted({r["N"] for r in rows})
+    for ax, pass_, label in zip(axes, PASSES, titles):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = [(r["N"], r[key]) for r in rows
+                      if r["method"] == method and r["pass"] == pass_ and r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set(yscale="log", xticks=Ns, xticklabels=[str(N) for N in Ns], xlabel="sequence length N",
+               ylabel=ylabel, title=label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(rows, out, gpu):
+    """sweep_time.png, and on a GPU sweep_memory.png, in the folder `out`; returns their names."""
+    shapes = "B*H shrinks as N grows: see the table"
+    where = "" if gpu else "; CPU emulation: these times say nothing about GPU speed"
+    plot(rows, out / "sweep_time.png", "ms", "median ms", PASSES,
+         f"Attention time vs N, d = {rows[0]['d']} ({shapes}{where})")
+    if not gpu:
+        print("No GPU: extra memory is measured on a GPU only (torch.cuda.max_memory_allocated); "
+              "no memory plot.")
+        return ["sweep_time.png"]
+    plot(rows, out / "sweep_memory.png", "extra_mib", "extra peak MiB",
+         ("forward", "forward + backward (a training step)"),
+         f"Extra peak GPU memory vs N, d = {rows[0]['d']} ({shapes})")
+    return ["sweep_time.png", "sweep_memory.png"]
+
+
+def run_sweep(args):
+    sweep = SWEEP_GPU if args.device == "cuda" else SWEEP_CPU
+    points = [(N, *(sweep.get(N) or (1, 16))) for N in (args.seq_len or sweep)]
+    points = [(N, args.batch or B, args.heads or H) for N, B, H in points]
+    methods = sweep_methods(args)
+    print(f"Sweep: d={args.head_dim}, causal={args.causal}, methods: {', '.join(methods)}; "
+          f"at most {args.seconds:g} s of timed calls per method and pass, at least {args.min_repeats} calls")
+    rows = []
+    for i, (N, B, H) in enumerate(points):
+        progress = lambda line, i=i: print(f"[{i + 1}/{len(points)}] {line}", file=sys.stderr, flush=True)
+        progress(f"N={N}, B={B}, H={H} (B*H = {B * H})")
+        rows += sweep_point(N, B, H, methods, args, progress)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()  # the next point's memory count starts from a clean slate
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, args.out / "sweep.csv")
+    clock = "CUDA events" if args.device == "cuda" else "CPU clock, emulation"
+    print(f"\nMedian ms ({clock}); TFLOP/s of the work counted in flops(); x manual = manual's time over "
+          "this method's; err = the larger relative error, of O and of dQ, dK, dV, against manual attention "
+          "(ref) on the same inputs, or, where manual was skipped, against the first method that ran")
+    print(format_table(rows))
+    written = plot_sweep(rows, args.out, gpu=args.device == "cuda")
+    print(f"Wrote {', '.join(str(args.out / name) for name in ['sweep.csv', *written])}")
+    bad = [r for r in rows if not r.get("rel_err", 0) <= (1e-2 if args.tf32 else 1e-4)]  # NaN fails too
+    if bad:
+        sys.exit(f"bench: {len(bad)} results disagree with {bad[0]['checked_against']}, e.g. "
+                 f"{bad[0]['method']} {bad[0]['pass']} at N={bad[0]['N']}: rel err {bad[0]['rel_err']:.1e}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.replot:
+        rows = read_csv(args.replot)
+        print(f"Wrote {', '.join(plot_sweep(rows, args.replot.parent, gpu=any('extra_mib' in r for r in rows)))}")
+        return
+    # An fp32 comparison: no TF32 in manual's and SDPA's matmuls unless asked for.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    if args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        print(f"GPU: {props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}; fp32, "
+              f"TF32 {'on for manual and SDPA' if args.tf32 else 'off'}")
+    else:
+        print(f"No GPU: CPU emulation of the kernels, torch {torch.__version__}. These times say "
+              "nothing about GPU speed; run on a GPU for real numbers.")
+    run_sweep(args) if args.sweep else run_profile(args)
 
 
 if __name__ == "__main__":
