@@ -29,6 +29,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -232,7 +233,8 @@ def sdpa_backend(device, causal):
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                     SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
         try:
-            with sdpa_kernel(backend):
+            with sdpa_kernel(backend), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch explains why each other backend was not used
                 F.scaled_dot_product_attention(q, q, q, is_causal=causal)
             return backend
         except RuntimeError:  # "No viable backend": this one does not take fp32 (or this device)
