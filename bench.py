@@ -316,8 +316,9 @@ def sweep_point(N, B, H, methods, args, progress):
     shape = (B, H, N, args.head_dim)
     inputs = random_inputs(shape, args.device, input_sets(shape, args.device))
     rows, reference = [], None
+    Br, Bc = mf.block_sizes(args.br, args.bc)  # our kernels' block sizes, recorded on every row
     for name, fn in methods.items():
-        base = dict(N=N, B=B, H=H, d=args.head_dim, causal=args.causal, method=name)
+        base = dict(N=N, B=B, H=H, d=args.head_dim, Br=Br, Bc=Bc, causal=args.causal, method=name)
         if name == "manual" and not manual_fits(shape, args.device):
             note = "skipped: its N x N matrices would not fit in GPU memory"
             rows += [dict(base, **{"pass": p, "note": note}) for p in PASSES]
@@ -353,7 +354,7 @@ def sweep_point(N, B, H, methods, args, progress):
     return rows
 
 
-CSV_FIELDS = ["N", "B", "H", "d", "causal", "method", "pass", "ms", "repeats", "tflops", "x_manual",
+CSV_FIELDS = ["N", "B", "H", "d", "Br", "Bc", "causal", "method", "pass", "ms", "repeats", "tflops", "x_manual",
               "extra_mib", "checked_against", "rel_err", "note"]
 
 
@@ -367,7 +368,7 @@ def write_csv(rows, path):
 
 def read_csv(path):
     """The rows of a sweep.csv, as the sweep made them (numbers as numbers, empty cells left out)."""
-    types = dict(N=int, B=int, H=int, d=int, repeats=int, ms=float, tflops=float, x_manual=float,
+    types = dict(N=int, B=int, H=int, d=int, Br=int, Bc=int, repeats=int, ms=float, tflops=float, x_manual=float,
                  extra_mib=float, rel_err=float, causal=lambda s: s == "True")
     with open(path, newline="") as f:
         return [{k: types.get(k, str)(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]

@@ -54,9 +54,12 @@ def load_kernels(device_type="cuda", Br=None, Bc=None):
             source, flags = KERNELS / "bindings.cu", {"extra_cuda_cflags": ["-O3", "-lineinfo"] + defines}
         else:
             source, flags = KERNELS / "cpu.cpp", {"extra_cflags": ["-O3", "-Wno-unknown-pragmas"] + defines}
-        if not (build_dir / f"{name}.so").exists():
+        # torch rebuilds, silently, when a source changed since the last build (you edited a .cu
+        # file): say so, or the minute it takes looks like a hang.
+        built = build_dir / f"{name}.so"
+        if not built.exists() or built.stat().st_mtime < max(f.stat().st_mtime for f in KERNELS.iterdir()):
             print(f"minimal_flash: compiling {source.relative_to(KERNELS.parent)} for {device_type} "
-                  f"with Br={Br}, Bc={Bc}; the first build takes a minute or so", file=sys.stderr, flush=True)
+                  f"with Br={Br}, Bc={Bc}; a build takes a minute or so", file=sys.stderr, flush=True)
         _loaded[key] = torch.utils.cpp_extension.load(
             name=name, sources=[str(source)], build_directory=str(build_dir), **flags)
     return _loaded[key]

@@ -1,0 +1,54 @@
+"""The notebooks run top to bottom on this machine (in CI: the CPU emulation), and every check they
+make is an assert, so a kernel that goes wrong fails here. They are committed with their outputs,
+show the kernels by reading kernels/*.cu rather than pasting them, and the README links each one."""
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def images(nb):
+    return [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+            if "image/png" in out.get("data", {})]
+
+
+def test_the_four_notebooks_are_there():
+    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_top_to_bottom(path):
+    nb = nbformat.read(path, as_version=4)
+    # Raises CellExecutionError, with the cell and its traceback, if any cell fails.
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    assert images(nb), "each notebook draws at least one figure"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_executed(path):
+    """A reader on the web sees every output: each code cell ran, in order, without an error."""
+    nb = nbformat.read(path, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    assert not [out for cell in code for out in cell.outputs if out.output_type == "error"]
+    assert images(nb)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_kernel_code_is_pasted(path):
+    """Kernel code lives in kernels/*.cu only; a notebook displays it by reading the file."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not any(word in cell.source for word in ("__global__", "__syncthreads", "__shared__"))
+
+
+def test_readme_links_every_notebook():
+    readme = (ROOT / "README.md").read_text()
+    for path in NOTEBOOKS:
+        assert f"](notebooks/{path.name})" in readme, path.name
