@@ -54,15 +54,28 @@ def load_kernels(device_type="cuda", Br=None, Bc=None):
             source, flags = KERNELS / "bindings.cu", {"extra_cuda_cflags": ["-O3", "-lineinfo"] + defines}
         else:
             source, flags = KERNELS / "cpu.cpp", {"extra_cflags": ["-O3", "-Wno-unknown-pragmas"] + defines}
-        # torch rebuilds, silently, when a source changed since the last build (you edited a .cu
-        # file): say so, or the minute it takes looks like a hang.
-        built = build_dir / f"{name}.so"
-        if not built.exists() or built.stat().st_mtime < max(f.stat().st_mtime for f in KERNELS.iterdir()):
-            print(f"minimal_flash: compiling {source.relative_to(KERNELS.parent)} for {device_type} "
-                  f"with Br={Br}, Bc={Bc}; a build takes a minute or so", file=sys.stderr, flush=True)
+        _use_this_pythons_ninja()
+        _say_if_building(build_dir / f"{name}.so", f"{source.relative_to(KERNELS.parent)} for {device_type} "
+                         f"with Br={Br}, Bc={Bc}")
         _loaded[key] = torch.utils.cpp_extension.load(
             name=name, sources=[str(source)], build_directory=str(build_dir), **flags)
     return _loaded[key]
+
+
+def _use_this_pythons_ninja():
+    """torch builds with the first `ninja` on PATH. Put the one that requirements.txt installed beside
+    this Python first: a process started without activating the environment (a Jupyter kernel, say)
+    would otherwise find another ninja, or none, and two ninja versions rebuild each other's builds."""
+    interpreter_bin, path = str(Path(sys.executable).parent), os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != interpreter_bin:
+        os.environ["PATH"] = interpreter_bin + os.pathsep + path
+
+
+def _say_if_building(built, what):
+    """torch rebuilds, silently, when a source changed since the last build (you edited a .cu file):
+    say so, or the minute it takes looks like a hang."""
+    if not built.exists() or built.stat().st_mtime < max(f.stat().st_mtime for f in KERNELS.iterdir()):
+        print(f"minimal_flash: compiling {what}; a build takes a minute or so", file=sys.stderr, flush=True)
 
 
 def _check_inputs(q, k, v):
