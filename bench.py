@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--br", type=int, default=None, help="query rows per block, Br (default 32)")
     p.add_argument("--bc", type=int, default=None, help="key rows per tile, Bc (default 32)")
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--version", type=int, default=1, choices=(1, 2),
+                   help="our forward in the default run: 1 = Algorithm 1 (flash.cu), 2 = FlashAttention-2 (flash2.cu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10 on a GPU, 2 on the CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method, at most (default 200 / 10)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
@@ -183,8 +185,9 @@ def run_profile(args):
     Br, Bc = mf.block_sizes(args.br, args.bc)
     B, H = args.batch or (16 if device == "cuda" else 2), args.heads or (12 if device == "cuda" else 4)
     methods = {"manual": mf.manual_attention,
-               "flash": lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc)}
-    print(f"B={B} H={H} d={args.head_dim} Br={Br} Bc={Bc} causal={args.causal}")
+               "flash": lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc,
+                                                                    version=args.version)}
+    print(f"B={B} H={H} d={args.head_dim} Br={Br} Bc={Bc} causal={args.causal} version={args.version}")
     rows = []
     seq_lens = args.seq_len or [64]
     for N in seq_lens:
@@ -243,7 +246,8 @@ def sdpa_backend(device, causal):
 
 
 def sweep_methods(args):
-    """{name: fn(q, k, v, causal)}: manual attention, our kernels, SDPA on its fp32 backend."""
+    """{name: fn(q, k, v, causal)}: manual attention, our kernels (both forwards; until the
+    FlashAttention-2 backward lands, both use the Algorithm 4 backward), SDPA on its fp32 backend."""
     Br, Bc = mf.block_sizes(args.br, args.bc)
     backend = sdpa_backend(args.device, args.causal)
 
@@ -253,6 +257,7 @@ def sweep_methods(args):
 
     return {"manual": mf.manual_attention,
             "minimal-flash": lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc),
+            "minimal-flash2": lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc, version=2),
             f"sdpa-{backend.name.lower().replace('_attention', '')}": sdpa}
 
 

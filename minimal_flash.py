@@ -1,6 +1,7 @@
 """Minimal FlashAttention: the Python face of kernels/*.cu.
 
     flash_attention(q, k, v, causal=False, softmax_scale=None)   the kernels, on GPU or CPU, with autograd
+                                                                  (version=2: the FlashAttention-2 forward)
     manual_attention(q, k, v, causal=False, softmax_scale=None)  plain attention, the reference
     forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)       the two kernels, called directly
     mirror_forward(q, k, v, ...), mirror_backward(...)            Algorithms 1 and 4 tile by tile in PyTorch
@@ -100,18 +101,27 @@ def _check_inputs(q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def forward(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None):
-    """Run kernels/flash.cu. Returns (O, L): the attention output and the row log-sum-exp
+def forward(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=1):
+    """Run kernels/flash.cu (version 1, Algorithm 1) or kernels/flash2.cu (version 2, the
+    FlashAttention-2 loop order). Returns (O, L): the attention output and the row log-sum-exp
     L = m + log(l) that the backward pass needs. `out=(O, L)` writes into given tensors (the tests
     fill them with NaN first, so an element the kernel fails to write shows)."""
     q, k, v = _check_inputs(q, k, v)
+    _check_version(version)
     scale = _scale(q, softmax_scale)
     O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1]))
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
         kernels = load_kernels(q.device.type, Br, Bc)
-        _check_shared_memory(kernels, kernels.forward_shared_bytes(q.shape[-1]), q, "forward")
-        _raise_if(kernels.forward(q, k, v, O, L, bool(causal), scale))
+        needed = (kernels.forward_shared_bytes if version == 1 else kernels.flash2_shared_bytes)(q.shape[-1])
+        _check_shared_memory(kernels, needed, q, "forward" if version == 1 else "FlashAttention-2 forward")
+        _raise_if(kernels.forward(q, k, v, O, L, bool(causal), scale, version))
     return O, L
+
+
+def _check_version(version):
+    if version not in (1, 2):
+        raise ValueError(f"version = {version!r}: 1 (Algorithm 1, kernels/flash.cu) or 2 "
+                         "(FlashAttention-2, kernels/flash2.cu)")
 
 
 def backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None):
@@ -162,29 +172,33 @@ class FlashAttention(torch.autograd.Function):
     memory. The N x N matrix P is never stored; the backward kernel recomputes it tile by tile."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, Br, Bc):
+    def forward(ctx, q, k, v, causal, softmax_scale, Br, Bc, version):
         q, k, v = _check_inputs(q, k, v)
         if any(ctx.needs_input_grad[:3]) and q.numel() > 0:
             # Fail now, not after the forward has run, if the backward will not fit.
             kernels = load_kernels(q.device.type, Br, Bc)
             _check_shared_memory(kernels, kernels.backward_shared_bytes(q.shape[-1]), q, "backward")
-        O, L = forward(q, k, v, causal, softmax_scale, Br=Br, Bc=Bc)
+        O, L = forward(q, k, v, causal, softmax_scale, Br=Br, Bc=Bc, version=version)
         ctx.save_for_backward(q, k, v, O, L)
         ctx.options = dict(causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc)
         return O
 
     @staticmethod
     def backward(ctx, dO):
+        # Both forwards give the same O and L, which is all Algorithm 4 needs: version 2 uses this
+        # backward too until the FlashAttention-2 backward lands.
         dQ, dK, dV = backward(dO, *ctx.saved_tensors, **ctx.options)
-        return dQ, dK, dV, None, None, None, None
+        return dQ, dK, dV, None, None, None, None, None
 
 
-def flash_attention(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None):
+def flash_attention(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, version=1):
     """softmax(q k^T * softmax_scale [+ causal mask]) v, computed by the FlashAttention kernels,
     differentiable (loss.backward() runs kernels/flash_backward.cu). softmax_scale defaults to
-    1/sqrt(d). Br, Bc default to MINIMAL_FLASH_BR/_BC, else 32."""
+    1/sqrt(d). Br, Bc default to MINIMAL_FLASH_BR/_BC, else 32. version=1 runs the forward in
+    Algorithm 1's loop order (kernels/flash.cu), version=2 in FlashAttention-2's (kernels/flash2.cu)."""
     Br, Bc = block_sizes(Br, Bc)  # fixed now: the backward must use the forward's
-    return FlashAttention.apply(q, k, v, causal, softmax_scale, Br, Bc)
+    _check_version(version)
+    return FlashAttention.apply(q, k, v, causal, softmax_scale, Br, Bc, version)
 
 
 def manual_attention(q, k, v, causal=False, softmax_scale=None):

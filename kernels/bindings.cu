@@ -13,6 +13,7 @@ static size_t max_shared_bytes() {
 #include "cpu_cuda.h"
 #endif
 #include "flash.cu"
+#include "flash2.cu"
 #include "flash_backward.cu"
 
 // Errors go back to Python as a message ("" means success) that minimal_flash.py raises. We throw
@@ -43,6 +44,7 @@ static bool bad_layout(const at::Tensor& t, at::IntArrayRef shape, const at::Ten
 }
 
 static size_t forward_shared_bytes(int64_t d, int G) { return forward_shared_floats(d, G) * sizeof(float); }
+static size_t flash2_shared_bytes(int64_t d, int G) { return flash2_shared_floats(d, G * Br) * sizeof(float); }
 static size_t backward_shared_bytes(int64_t d, int G) { return backward_shared_floats(d, G) * sizeof(float); }
 
 static size_t device_shared_bytes(const at::Tensor& on) {
@@ -50,26 +52,44 @@ static size_t device_shared_bytes(const at::Tensor& on) {
     return max_shared_bytes();
 }
 
-// How many groups of Br threads a block gets, each working on its own Q tile: one per Q tile, as
-// far as the device's shared memory and the kernel's registers allow (a kernel that uses many
-// registers per thread can only be launched with fewer threads per block).
+// How many groups of Br threads a block gets, each working on its own Q tile: one per Q tile, up
+// to max_threads, as far as the device's shared memory and the kernel's registers allow (a kernel
+// that uses many registers per thread can only be launched with fewer threads per block).
 template <class Kernel, class SharedBytes>
-static int thread_groups(Kernel* kernel, int64_t N, SharedBytes shared_bytes) {
+static int thread_groups(Kernel* kernel, int64_t N, SharedBytes shared_bytes, int max_threads = 1024) {
     cudaFuncAttributes attributes{};
     cudaFuncGetAttributes(&attributes, kernel);  // on failure the launch check reports it
-    int G = std::min<int64_t>((N + Br - 1) / Br, attributes.maxThreadsPerBlock / Br);
+    int G = std::min<int64_t>((N + Br - 1) / Br, std::min(attributes.maxThreadsPerBlock, max_threads) / Br);
     while (G > 1 && shared_bytes(G) > max_shared_bytes()) --G;
     return std::max(G, 1);
 }
 
-// O = softmax(scale * Q K^T) V and L = rowwise log-sum-exp, written into O and L.
+// FlashAttention-2's loop order: one block per (batch, head, tile of G * Br query rows). Blocks
+// are independent, so the grid has plenty; 4 warps per block give each multiprocessor's schedulers
+// warps to switch between while one waits for memory.
+static std::string forward2(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+                            at::Tensor& O, at::Tensor& L, bool causal, double scale) {
+    const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
+    if (BH > 65535) return "B * H = " + std::to_string(BH) + " is more than the 65535 blocks a grid column may have";
+    const int G = thread_groups(flash2_forward, N, [&](int G) { return flash2_shared_bytes(d, G); }, 128);
+    const size_t bytes = flash2_shared_bytes(d, G);
+    if (std::string err = reserve_shared(flash2_forward, bytes); !err.empty()) return err;
+    LAUNCH(flash2_forward, dim3((N + G * Br - 1) / (G * Br), BH), dim3(G * Br), bytes)(
+        Q.data_ptr<float>(), K.data_ptr<float>(), V.data_ptr<float>(), int(N), int(d), float(scale),
+        causal, O.data_ptr<float>(), L.data_ptr<float>());
+    return launch_error("flash2_forward");
+}
+
+// O = softmax(scale * Q K^T) V and L = rowwise log-sum-exp, written into O and L, by flash.cu
+// (version 1, Algorithm 1) or flash2.cu (version 2, FlashAttention-2's loop order).
 std::string forward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, at::Tensor& O,
-                    at::Tensor& L, bool causal, double scale) {
+                    at::Tensor& L, bool causal, double scale, int version) {
     for (const at::Tensor& t : {Q, K, V, O})
         if (bad_layout(t, Q.sizes(), Q)) return "internal error: q, k, v, O differ in layout";
     if (bad_layout(L, Q.sizes().slice(0, 3), Q)) return "internal error: L has the wrong layout";
     const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
     const at::OptionalDeviceGuard guard(at::device_of(Q));
+    if (version == 2) return forward2(Q, K, V, O, L, causal, scale);
     at::Tensor l = at::empty_like(L), m = at::empty_like(L);  // Algorithm 1's running l and m
     const int G = thread_groups(flash_forward, N, [&](int G) { return forward_shared_bytes(d, G); });
     const size_t bytes = forward_shared_bytes(d, G);
@@ -102,10 +122,12 @@ std::string backward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor&
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-    module.def("forward", &forward, "FlashAttention forward (Algorithm 1) into O and L");
+    module.def("forward", &forward, "FlashAttention forward into O and L: version 1 (Algorithm 1) or 2 (FlashAttention-2)");
     module.def("backward", &backward, "FlashAttention backward (Algorithm 4) into dQ, dK, dV");
     module.def("forward_shared_bytes", [](int64_t d) { return forward_shared_bytes(d, 1); },
                "the least shared memory a forward block needs for head dim d (one thread group)");
+    module.def("flash2_shared_bytes", [](int64_t d) { return flash2_shared_bytes(d, 1); },
+               "the least shared memory a FlashAttention-2 forward block needs for head dim d (one thread group)");
     module.def("backward_shared_bytes", [](int64_t d) { return backward_shared_bytes(d, 1); },
                "the least shared memory a backward block needs for head dim d (one thread group)");
     module.def("device_shared_bytes", &device_shared_bytes, "the most a block may have on this tensor's device");

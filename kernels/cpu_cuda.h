@@ -30,7 +30,8 @@ inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
 inline float __expf(float x) { return std::exp(x); }
-inline int min(int a, int b) { return std::min(a, b); }  // CUDA's integer min, for device code
+inline int min(int a, int b) { return std::min(a, b); }  // CUDA's integer min and max, for device code
+inline int max(int a, int b) { return std::max(a, b); }
 
 // The opt-in limit of an H100/H200 (227 KB). As on a GPU, a kernel gets more than 48 KB of dynamic
 // shared memory only after cudaFuncSetAttribute raises its limit.

@@ -1,4 +1,4 @@
-"""Runs the CUDA kernels, forward and backward, at partial-tile sizes, causal and not, for compute-sanitizer:
+"""Runs the CUDA kernels, both forwards and the backward, at partial-tile sizes, causal and not, for compute-sanitizer:
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tests/sanitize.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python tests/sanitize.py
@@ -15,14 +15,16 @@ from helpers import poisoned_outputs, reference, reference_grads, rel_err  # noq
 
 generator = torch.Generator().manual_seed(0)
 for Br, Bc in [(32, 32), (64, 16)]:
-    for N, d in [(100, 64), (17, 128)]:  # partial last tiles; d = 128 uses the >48 KB opt-in
+    # Partial last tiles; d = 128 uses the >48 KB opt-in; N = 300 spans several version-2 blocks.
+    for N, d in [(100, 64), (17, 128), (300, 32)]:
         for causal in (False, True):
             q, k, v = [torch.randn(2, 3, N, d, generator=generator).cuda() for _ in range(3)]
-            O, L = poisoned_outputs(q)
-            mf.forward(q, k, v, causal, out=(O, L), Br=Br, Bc=Bc)
-            err = rel_err(O, reference(q, k, v, causal)[0])
-            print(f"forward Br={Br} Bc={Bc} N={N} d={d} causal={causal}: rel err {err:.1e}")
-            assert err < 1e-5
+            for version in (2, 1):  # version 1's O and L feed the backward below
+                O, L = poisoned_outputs(q)
+                mf.forward(q, k, v, causal, out=(O, L), Br=Br, Bc=Bc, version=version)
+                err = rel_err(O, reference(q, k, v, causal)[0])
+                print(f"forward v{version} Br={Br} Bc={Bc} N={N} d={d} causal={causal}: rel err {err:.1e}")
+                assert err < 1e-5
             dO = torch.randn(q.shape, generator=generator).cuda()
             grads = [torch.full_like(q, float("nan")) for _ in range(3)]
             mf.backward(dO, q, k, v, O, L, causal, out=grads, Br=Br, Bc=Bc)

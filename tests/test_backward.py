@@ -74,13 +74,14 @@ def test_slices_do_not_bleed(device, generator):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_loss_backward_reaches_q_k_v(device, causal, generator):
+def test_loss_backward_reaches_q_k_v(device, causal, version, generator):
     """A loss built on flash_attention: .backward() fills q.grad, k.grad, v.grad, through the
     kernels, with what float64 autograd of plain attention gives."""
     q, k, v = (t.requires_grad_() for t in random_qkv(2, 3, 50, 32, device, generator))
     weights = random_dO(q, generator)
-    loss = (mf.flash_attention(q, k, v, causal) * weights).sum() + 1.0
+    loss = (mf.flash_attention(q, k, v, causal, version=version) * weights).sum() + 1.0
     loss.backward()
     refs = reference_grads(q.detach(), k.detach(), v.detach(), weights, causal)
     for name, grad, ref in zip(("q", "k", "v"), (q.grad, k.grad, v.grad), refs):

@@ -27,7 +27,7 @@ def sweep(tmp_path_factory):
 def test_sweep_csv_has_every_method_pass_and_size(sweep):
     rows = list(csv.DictReader(open(sweep / "sweep.csv")))
     methods = {r["method"] for r in rows}
-    assert {"manual", "minimal-flash"} < methods and any(m.startswith("sdpa-") for m in methods)
+    assert {"manual", "minimal-flash", "minimal-flash2"} < methods and any(m.startswith("sdpa-") for m in methods)
     assert len(rows) == 3 * len(methods) * 2  # 3 sizes x methods x (forward, backward)
     for r in rows:
         assert r["N"] in ("1", "17", "40") and r["pass"] in ("forward", "backward") and r["causal"] == "True"
@@ -43,7 +43,7 @@ def test_sweep_prints_one_table_line_per_size_and_method(sweep, capsys):
     out = capsys.readouterr().out
     assert "CPU emulation" in out
     lines = [line.split() for line in out.splitlines() if line.split()[:1] == ["9"]]
-    assert [line[2] for line in lines] == ["manual", "minimal-flash", lines[2][2]]
+    assert [line[2] for line in lines] == ["manual", "minimal-flash", "minimal-flash2", lines[3][2]]
     assert lines[0][-1] == "ref" and all(float(line[-1]) < 1e-5 for line in lines[1:])
 
 

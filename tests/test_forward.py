@@ -17,45 +17,61 @@ SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (2, 3, 32, 64), (2, 3, 64, 64), (2, 3, 
           (1, 2, 77, 1), (1, 2, 77, 3), (2, 1, 50, 16), (1, 2, 65, 128), (1, 1, 40, 200)]
 
 
-def check_forward(device, shape, causal, generator, scale=None, **block_sizes):
+def check_forward(device, shape, causal, generator, scale=None, **options):
     q, k, v = random_qkv(*shape, device, generator)
     O, L = poisoned_outputs(q)
-    mf.forward(q, k, v, causal, scale, out=(O, L), **block_sizes)
+    mf.forward(q, k, v, causal, scale, out=(O, L), **options)
     O_ref, L_ref = reference(q, k, v, causal, scale)
     assert torch.isfinite(O).all() and torch.isfinite(L).all(), "an output element was not written"
     assert rel_err(O, O_ref) < TOL
     assert rel_err(L, L_ref) < TOL
 
 
+# version 1: kernels/flash.cu (Algorithm 1); version 2: kernels/flash2.cu (FlashAttention-2 order).
+VERSIONS = pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@VERSIONS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_forward_matches_float64(device, shape, causal, generator):
-    check_forward(device, shape, causal, generator)
+def test_forward_matches_float64(device, shape, causal, version, generator):
+    check_forward(device, shape, causal, generator, version=version)
 
 
 # Other block sizes, Br > Bc and Br < Bc: a causal row can then see no key of a tile at all.
 @pytest.mark.parametrize("device", DEVICES)
+@VERSIONS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("N", [1, 15, 16, 64, 100])
 @pytest.mark.parametrize("Br,Bc", [(16, 64), (64, 16)])
-def test_other_block_sizes(device, Br, Bc, N, causal, generator):
-    check_forward(device, (2, 2, N, 32), causal, generator, Br=Br, Bc=Bc)
+def test_other_block_sizes(device, Br, Bc, N, causal, version, generator):
+    check_forward(device, (2, 2, N, 32), causal, generator, Br=Br, Bc=Bc, version=version)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_softmax_scale(device, generator):
-    check_forward(device, (1, 2, 45, 32), True, generator, scale=0.3)
+@pytest.mark.parametrize("N", [127, 128, 129, 300])
+def test_version_2_across_query_tiles(device, N, generator):
+    """Version 2 gives each block G * Br query rows (128 by default): N just below, at and past
+    one block's rows, and several blocks, causal (later blocks see more key tiles)."""
+    check_forward(device, (1, 2, N, 16), True, generator, version=2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_slices_do_not_bleed(device, generator):
+@VERSIONS
+def test_softmax_scale(device, version, generator):
+    check_forward(device, (1, 2, 45, 32), True, generator, scale=0.3, version=version)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@VERSIONS
+def test_slices_do_not_bleed(device, version, generator):
     """Each (batch, head) slice is computed from its own rows only: a huge neighbour changes nothing."""
     q, k, v = random_qkv(2, 2, 45, 16, device, generator)
-    alone = mf.flash_attention(q[:1, :1], k[:1, :1], v[:1, :1])
+    alone = mf.flash_attention(q[:1, :1], k[:1, :1], v[:1, :1], version=version)
     k[0, 1] *= 1e4
     v[1, 0] += 1e4
-    together = mf.flash_attention(q, k, v)
+    together = mf.flash_attention(q, k, v, version=version)
     assert torch.equal(together[0, 0], alone[0, 0])
 
 

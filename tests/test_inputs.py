@@ -63,6 +63,12 @@ def test_rejects_bad_block_sizes(Br, Bc):
         mf.flash_attention(*qkv(), Br=Br, Bc=Bc)
 
 
+@pytest.mark.parametrize("version", [0, 3, "2"])
+def test_rejects_unknown_versions(version):
+    with pytest.raises(ValueError, match="version = .*: 1 .* or 2"):
+        mf.flash_attention(*qkv(), version=version)
+
+
 @pytest.mark.parametrize("shape", [(1, 2, 0, 16), (0, 2, 5, 16), (2, 0, 5, 16)])
 def test_empty_sizes_give_empty_results(shape):
     q, k, v = [torch.randn(shape) for _ in range(3)]
