@@ -82,10 +82,7 @@ def _say_if_building(built, what):
 def _check_inputs(q, k, v):
     """Raise a clear error for anything the kernels cannot take; return (q, k, v) contiguous."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} has dtype {t.dtype}; the kernels are float32 only (use .float())")
+        _check_float32_tensor(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (B, H, N, d), got shape {tuple(t.shape)}")
     if not q.shape == k.shape == v.shape:
@@ -140,12 +137,16 @@ def backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=None, Bc
     return dQ, dK, dV
 
 
-def _check_like(name, t, like):
-    """The backward's other inputs must match q in shape (L: q's without d), dtype and device."""
+def _check_float32_tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.float32:
-        raise TypeError(f"{name} has dtype {t.dtype}; the kernels are float32 only")
+        raise TypeError(f"{name} has dtype {t.dtype}; the kernels are float32 only (use .float())")
+
+
+def _check_like(name, t, like):
+    """The backward's other inputs must match q in shape (L: q's without d), dtype and device."""
+    _check_float32_tensor(name, t)
     if t.shape != like.shape:
         raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(t.shape)}")
     if t.device != like.device:

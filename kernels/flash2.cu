@@ -4,43 +4,24 @@
 // while the K/V tiles stream through shared memory. Compared with flash.cu (Algorithm 1): O, l and m
 // never go through global memory, there are B * H * Tr blocks instead of B * H, and O is divided by
 // l once, at the end. Same names as the paper: Q_i, K_j, V_j, S_ij, m, l, O.
-#include "flash.cu"  // Br, Bc
+#include "flash.cu"  // Br, Bc, LD and load_tile
 
 // Output columns a thread accumulates in registers per pass. A row with d > DC columns takes
 // ceil(d / DC) passes over K and V, recomputing S in each, so that registers stay bounded (no spills).
 constexpr int DC = 64;
-constexpr int LK = (Bc + 3) / 4 * 4;  // K_j^T row stride, a multiple of 4: 4 keys per 16-byte read
 __host__ __device__ inline int flash2_V_stride(int d) { return (d + DC - 1) / DC * DC; }
-// Shared memory, in floats, for a block of R query rows: K_j^T (d x LK), V_j (Bc x LV), Q_i (R x (d+1)).
+// Shared memory, in floats, for a block of R query rows: K_j^T (d x LD, as in flash.cu), V_j
+// (Bc x LV), Q_i (R x (d + 1)).
 __host__ __device__ inline int flash2_shared_floats(int d, int R) {
-    return d * LK + Bc * flash2_V_stride(d) + R * (d + 1);
-}
-
-// Copies rows [row0, row0 + R) of an N x d matrix into shared memory, element (r, x) going to
-// tile[r * rs + x * xs]; rows at or past `valid` become zeros. Those rows are contiguous in global
-// memory, so all threads of the block walk them as one array: consecutive threads, consecutive
-// addresses (coalesced). Each thread issues 4 loads before it stores any, so their latencies overlap.
-__device__ void load_rows(float* tile, int rs, int xs, const float* src, int row0, int R, int valid, int d) {
-    const int n = R * d, have = max(0, min(R, valid - row0)) * d;
-    src += (size_t)row0 * d;
-    for (int e0 = threadIdx.x; e0 < n; e0 += 4 * blockDim.x) {
-        float v[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) v[k] = e0 + k * blockDim.x < have ? src[e0 + k * blockDim.x] : 0.0f;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const int e = e0 + k * blockDim.x;
-            if (e < n) tile[e / d * rs + e % d * xs] = v[k];
-        }
-    }
+    return d * LD + Bc * flash2_V_stride(d) + R * (d + 1);
 }
 
 __global__ void flash2_forward(const float* Q, const float* K, const float* V, int N, int d,
                                float scale, bool causal, float* O, float* L) {
     const int R = blockDim.x, t = threadIdx.x, LV = flash2_V_stride(d);
     extern __shared__ __align__(16) float smem[];
-    float* K_jT = smem;           // d x LK, K_j transposed: thread t reads K_j[y][x] for all y at once
-    float* V_j = K_jT + d * LK;   // Bc x LV, row-major: row y of V_j is read 4 columns at a time
+    float* K_jT = smem;           // d x LD, K_j transposed: thread t reads K_j[y][x] for all y at once
+    float* V_j = K_jT + d * LD;   // Bc x LV, row-major: row y of V_j is read 4 columns at a time
     float* Q_i = V_j + Bc * LV;   // R x (d + 1): the odd row stride puts the R rows in R different banks
 
     const size_t bh = blockIdx.y;  // this block's (batch, head) slice
@@ -55,21 +36,22 @@ __global__ void flash2_forward(const float* Q, const float* K, const float* V, i
 
     // V_j's columns d .. LV-1 are read (a pass covers DC columns) but never loaded: zero them once.
     for (int e = t; e < Bc * (LV - d); e += R) V_j[e / (LV - d) * LV + d + e % (LV - d)] = 0.0f;
-    load_rows(Q_i, d + 1, 1, Q, row0, R, N, d);
+    // Each group of Br threads loads its own Br rows of Q_i, as in flash.cu.
+    load_tile<Br>(Q_i + t / Br * Br * (d + 1), d + 1, 1, Q, row0 + t / Br * Br, N, d, t % Br, Br);
 
     for (int c0 = 0; c0 < d; c0 += DC) {  // one pass per DC columns of O
         float o[DC] = {}, m = -INFINITY, l = 0.0f;  // this row's O (unnormalised), m and l
         for (int j = 0; j < j_end; ++j) {
             __syncthreads();  // all threads are done reading the previous K_j, V_j (and Q_i, the zeros are written)
-            load_rows(K_jT, 1, LK, K, j * Bc, Bc, N, d);
-            load_rows(V_j, LV, 1, V, j * Bc, Bc, N, d);
+            load_tile<Bc>(K_jT, 1, LD, K, j * Bc, N, d, t, R);
+            load_tile<Bc>(V_j, LV, 1, V, j * Bc, N, d, t, R);
             __syncthreads();  // K_j, V_j are complete before anyone reads them
 
             float S[Bc] = {};  // row t of S_ij = scale * Q_i K_j^T, in registers
             for (int x = 0; x < d; ++x) {
                 const float q = Q_i[t * (d + 1) + x];
 #pragma unroll
-                for (int y = 0; y < Bc; ++y) S[y] += q * K_jT[x * LK + y];
+                for (int y = 0; y < Bc; ++y) S[y] += q * K_jT[x * LD + y];
             }
             float m_new = m;
 #pragma unroll
