@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--bc", type=int, default=None, help="key rows per tile, Bc (default 32)")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--version", type=int, default=1, choices=(1, 2),
-                   help="our forward in the default run: 1 = Algorithm 1 (flash.cu), 2 = FlashAttention-2 (flash2.cu)")
+                   help="our kernels in the default run: 1 = Algorithms 1 and 4 (flash.cu, flash_backward.cu), "
+                        "2 = FlashAttention-2 (flash2.cu, flash2_backward.cu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10 on a GPU, 2 on the CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method, at most (default 200 / 10)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
@@ -246,8 +247,8 @@ def sdpa_backend(device, causal):
 
 
 def sweep_methods(args):
-    """{name: fn(q, k, v, causal)}: manual attention, our kernels (both forwards; until the
-    FlashAttention-2 backward lands, both use the Algorithm 4 backward), SDPA on its fp32 backend."""
+    """{name: fn(q, k, v, causal)}: manual attention, our kernels in both versions (the paper's loop
+    order and FlashAttention-2's, forward and backward), SDPA on its fp32 backend."""
     Br, Bc = mf.block_sizes(args.br, args.bc)
     backend = sdpa_backend(args.device, args.causal)
 

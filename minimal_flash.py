@@ -1,7 +1,7 @@
 """Minimal FlashAttention: the Python face of kernels/*.cu.
 
     flash_attention(q, k, v, causal=False, softmax_scale=None)   the kernels, on GPU or CPU, with autograd
-                                                                  (version=2: the FlashAttention-2 forward)
+                                                                  (version=2: the FlashAttention-2 kernels)
     manual_attention(q, k, v, causal=False, softmax_scale=None)  plain attention, the reference
     forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)       the two kernels, called directly
     mirror_forward(q, k, v, ...), mirror_backward(...)            Algorithms 1 and 4 tile by tile in PyTorch
@@ -121,20 +121,31 @@ def _check_version(version):
                          "(FlashAttention-2, kernels/flash2.cu)")
 
 
-def backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None):
-    """Run kernels/flash_backward.cu: the gradients (dQ, dK, dV) of a loss whose gradient with
+def backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=1):
+    """Run kernels/flash_backward.cu (version 1, Algorithm 4) or kernels/flash2_backward.cu (version 2,
+    the FlashAttention-2 loop order): the gradients (dQ, dK, dV) of a loss whose gradient with
     respect to the output O = forward(q, k, v)[0] is dO. O and L are what forward() returned for
-    these q, k, v, causal, scale and block sizes. `out=(dQ, dK, dV)` writes into given tensors."""
+    these q, k, v, causal, scale and block sizes (either version's: both give the same O and L).
+    `out=(dQ, dK, dV)` writes into given tensors."""
     q, k, v = _check_inputs(q, k, v)
     dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
     L = _check_like("L", L, q[..., 0])
+    _check_version(version)
     scale = _scale(q, softmax_scale)
     dQ, dK, dV = out if out is not None else (torch.empty_like(q) for _ in range(3))
     if q.numel() > 0:
         kernels = load_kernels(q.device.type, Br, Bc)
-        _check_shared_memory(kernels, kernels.backward_shared_bytes(q.shape[-1]), q, "backward")
-        _raise_if(kernels.backward(q, k, v, O, dO, L, dQ, dK, dV, bool(causal), scale))
+        _check_backward_shared_memory(kernels, q, version)
+        _raise_if(kernels.backward(q, k, v, O, dO, L, dQ, dK, dV, bool(causal), scale, version))
     return dQ, dK, dV
+
+
+def _check_backward_shared_memory(kernels, q, version):
+    if version == 1:
+        _check_shared_memory(kernels, kernels.backward_shared_bytes(q.shape[-1]), q, "backward")
+    else:
+        _check_shared_memory(kernels, kernels.flash2_backward_shared_bytes(q.shape[-1]), q,
+                             "FlashAttention-2 backward")
 
 
 def _check_float32_tensor(name, t):
@@ -178,25 +189,24 @@ class FlashAttention(torch.autograd.Function):
         if any(ctx.needs_input_grad[:3]) and q.numel() > 0:
             # Fail now, not after the forward has run, if the backward will not fit.
             kernels = load_kernels(q.device.type, Br, Bc)
-            _check_shared_memory(kernels, kernels.backward_shared_bytes(q.shape[-1]), q, "backward")
+            _check_backward_shared_memory(kernels, q, version)
         O, L = forward(q, k, v, causal, softmax_scale, Br=Br, Bc=Bc, version=version)
         ctx.save_for_backward(q, k, v, O, L)
-        ctx.options = dict(causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc)
+        ctx.options = dict(causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc, version=version)
         return O
 
     @staticmethod
     def backward(ctx, dO):
-        # Both forwards give the same O and L, which is all Algorithm 4 needs: version 2 uses this
-        # backward too until the FlashAttention-2 backward lands.
         dQ, dK, dV = backward(dO, *ctx.saved_tensors, **ctx.options)
         return dQ, dK, dV, None, None, None, None, None
 
 
 def flash_attention(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, version=1):
     """softmax(q k^T * softmax_scale [+ causal mask]) v, computed by the FlashAttention kernels,
-    differentiable (loss.backward() runs kernels/flash_backward.cu). softmax_scale defaults to
-    1/sqrt(d). Br, Bc default to MINIMAL_FLASH_BR/_BC, else 32. version=1 runs the forward in
-    Algorithm 1's loop order (kernels/flash.cu), version=2 in FlashAttention-2's (kernels/flash2.cu)."""
+    differentiable. softmax_scale defaults to 1/sqrt(d). Br, Bc default to MINIMAL_FLASH_BR/_BC,
+    else 32. version=1 runs the FlashAttention paper's loop order (forward kernels/flash.cu,
+    backward kernels/flash_backward.cu), version=2 FlashAttention-2's (kernels/flash2.cu,
+    kernels/flash2_backward.cu)."""
     Br, Bc = block_sizes(Br, Bc)  # fixed now: the backward must use the forward's
     _check_version(version)
     return FlashAttention.apply(q, k, v, causal, softmax_scale, Br, Bc, version)

@@ -15,6 +15,7 @@ static size_t max_shared_bytes() {
 #include "flash.cu"
 #include "flash2.cu"
 #include "flash_backward.cu"
+#include "flash2_backward.cu"
 
 // Errors go back to Python as a message ("" means success) that minimal_flash.py raises. We throw
 // no C++ exceptions across into Python: with torch 2.11 on our H200 machine, one crashed the process.
@@ -46,20 +47,24 @@ static bool bad_layout(const at::Tensor& t, at::IntArrayRef shape, const at::Ten
 static size_t forward_shared_bytes(int64_t d, int G) { return forward_shared_floats(d, G) * sizeof(float); }
 static size_t flash2_shared_bytes(int64_t d, int G) { return flash2_shared_floats(d, G * Br) * sizeof(float); }
 static size_t backward_shared_bytes(int64_t d, int G) { return backward_shared_floats(d, G) * sizeof(float); }
+static size_t flash2_backward_shared_bytes(int64_t d, int G) {
+    return flash2_backward_shared_floats(d, G * Bc) * sizeof(float);
+}
 
 static size_t device_shared_bytes(const at::Tensor& on) {
     const at::OptionalDeviceGuard guard(at::device_of(on));
     return max_shared_bytes();
 }
 
-// How many groups of Br threads a block gets, each working on its own Q tile: one per Q tile, up
-// to max_threads, as far as the device's shared memory and the kernel's registers allow (a kernel
-// that uses many registers per thread can only be launched with fewer threads per block).
+// How many groups of `rows` threads (Br for a Q tile, Bc for a K tile) a block gets, each working on
+// its own tile: one per tile, up to max_threads, as far as the device's shared memory and the
+// kernel's registers allow (a kernel that uses many registers per thread can only be launched with
+// fewer threads per block).
 template <class Kernel, class SharedBytes>
-static int thread_groups(Kernel* kernel, int64_t N, SharedBytes shared_bytes, int max_threads = 1024) {
+static int thread_groups(Kernel* kernel, int64_t N, int rows, SharedBytes shared_bytes, int max_threads = 1024) {
     cudaFuncAttributes attributes{};
     cudaFuncGetAttributes(&attributes, kernel);  // on failure the launch check reports it
-    int G = std::min<int64_t>((N + Br - 1) / Br, std::min(attributes.maxThreadsPerBlock, max_threads) / Br);
+    int G = std::min<int64_t>((N + rows - 1) / rows, std::min(attributes.maxThreadsPerBlock, max_threads) / rows);
     while (G > 1 && shared_bytes(G) > max_shared_bytes()) --G;
     return std::max(G, 1);
 }
@@ -71,7 +76,7 @@ static std::string forward2(const at::Tensor& Q, const at::Tensor& K, const at::
                             at::Tensor& O, at::Tensor& L, bool causal, double scale) {
     const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
     if (BH > 65535) return "B * H = " + std::to_string(BH) + " is more than the 65535 blocks a grid column may have";
-    const int G = thread_groups(flash2_forward, N, [&](int G) { return flash2_shared_bytes(d, G); }, 128);
+    const int G = thread_groups(flash2_forward, N, Br, [&](int G) { return flash2_shared_bytes(d, G); }, 128);
     const size_t bytes = flash2_shared_bytes(d, G);
     if (std::string err = reserve_shared(flash2_forward, bytes); !err.empty()) return err;
     LAUNCH(flash2_forward, dim3((N + G * Br - 1) / (G * Br), BH), dim3(G * Br), bytes)(
@@ -91,7 +96,7 @@ std::string forward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& 
     const at::OptionalDeviceGuard guard(at::device_of(Q));
     if (version == 2) return forward2(Q, K, V, O, L, causal, scale);
     at::Tensor l = at::empty_like(L), m = at::empty_like(L);  // Algorithm 1's running l and m
-    const int G = thread_groups(flash_forward, N, [&](int G) { return forward_shared_bytes(d, G); });
+    const int G = thread_groups(flash_forward, N, Br, [&](int G) { return forward_shared_bytes(d, G); });
     const size_t bytes = forward_shared_bytes(d, G);
     if (std::string err = reserve_shared(flash_forward, bytes); !err.empty()) return err;
     LAUNCH(flash_forward, dim3(BH), dim3(G * Br), bytes)(
@@ -101,17 +106,42 @@ std::string forward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& 
     return launch_error("flash_forward");
 }
 
-// dQ, dK, dV of the loss, given dO and the forward's O and L, written into dQ, dK, dV.
+// FlashAttention-2's backward: D first (one thread per row), then one block per (batch, head, tile
+// of G * Bc keys), 4 warps as in the forward. The blocks add into dQ, so it starts at 0.
+static std::string backward2(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+                             const at::Tensor& O, const at::Tensor& dO, const at::Tensor& L,
+                             at::Tensor& dQ, at::Tensor& dK, at::Tensor& dV, bool causal, double scale) {
+    const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
+    if (BH > 65535) return "B * H = " + std::to_string(BH) + " is more than the 65535 blocks a grid column may have";
+    at::Tensor D = at::empty_like(L);
+    const int threads = 256;
+    LAUNCH(flash2_backward_D, dim3((BH * N + threads - 1) / threads), dim3(threads), 0)(
+        O.data_ptr<float>(), dO.data_ptr<float>(), size_t(BH * N), int(d), D.data_ptr<float>());
+    if (std::string err = launch_error("flash2_backward_D"); !err.empty()) return err;
+    dQ.zero_();
+    const int G = thread_groups(flash2_backward, N, Bc, [&](int G) { return flash2_backward_shared_bytes(d, G); }, 128);
+    const size_t bytes = flash2_backward_shared_bytes(d, G);
+    if (std::string err = reserve_shared(flash2_backward, bytes); !err.empty()) return err;
+    LAUNCH(flash2_backward, dim3((N + G * Bc - 1) / (G * Bc), BH), dim3(G * Bc), bytes)(
+        Q.data_ptr<float>(), K.data_ptr<float>(), V.data_ptr<float>(), dO.data_ptr<float>(),
+        L.data_ptr<float>(), D.data_ptr<float>(), int(N), int(d), float(scale), causal,
+        dQ.data_ptr<float>(), dK.data_ptr<float>(), dV.data_ptr<float>());
+    return launch_error("flash2_backward");
+}
+
+// dQ, dK, dV of the loss, given dO and the forward's O and L, written into dQ, dK, dV, by
+// flash_backward.cu (version 1, Algorithm 4) or flash2_backward.cu (version 2, FlashAttention-2).
 std::string backward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
                      const at::Tensor& O, const at::Tensor& dO, const at::Tensor& L, at::Tensor& dQ,
-                     at::Tensor& dK, at::Tensor& dV, bool causal, double scale) {
+                     at::Tensor& dK, at::Tensor& dV, bool causal, double scale, int version) {
     for (const at::Tensor& t : {Q, K, V, O, dO, dQ, dK, dV})
         if (bad_layout(t, Q.sizes(), Q)) return "internal error: q, k, v, O, dO, dQ, dK, dV differ in layout";
     if (bad_layout(L, Q.sizes().slice(0, 3), Q)) return "internal error: L has the wrong layout";
     const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
     const at::OptionalDeviceGuard guard(at::device_of(Q));
+    if (version == 2) return backward2(Q, K, V, O, dO, L, dQ, dK, dV, causal, scale);
     at::Tensor D = at::empty_like(L);  // D_i = rowsum(dO_i * O_i), filled by the kernel
-    const int G = thread_groups(flash_backward, N, [&](int G) { return backward_shared_bytes(d, G); });
+    const int G = thread_groups(flash_backward, N, Br, [&](int G) { return backward_shared_bytes(d, G); });
     const size_t bytes = backward_shared_bytes(d, G);
     if (std::string err = reserve_shared(flash_backward, bytes); !err.empty()) return err;
     LAUNCH(flash_backward, dim3(BH), dim3(G * Br), bytes)(
@@ -123,13 +153,15 @@ std::string backward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor&
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.def("forward", &forward, "FlashAttention forward into O and L: version 1 (Algorithm 1) or 2 (FlashAttention-2)");
-    module.def("backward", &backward, "FlashAttention backward (Algorithm 4) into dQ, dK, dV");
+    module.def("backward", &backward, "FlashAttention backward into dQ, dK, dV: version 1 (Algorithm 4) or 2 (FlashAttention-2)");
     module.def("forward_shared_bytes", [](int64_t d) { return forward_shared_bytes(d, 1); },
                "the least shared memory a forward block needs for head dim d (one thread group)");
     module.def("flash2_shared_bytes", [](int64_t d) { return flash2_shared_bytes(d, 1); },
                "the least shared memory a FlashAttention-2 forward block needs for head dim d (one thread group)");
     module.def("backward_shared_bytes", [](int64_t d) { return backward_shared_bytes(d, 1); },
                "the least shared memory a backward block needs for head dim d (one thread group)");
+    module.def("flash2_backward_shared_bytes", [](int64_t d) { return flash2_backward_shared_bytes(d, 1); },
+               "the least shared memory a FlashAttention-2 backward block needs for head dim d (one thread group)");
     module.def("device_shared_bytes", &device_shared_bytes, "the most a block may have on this tensor's device");
     module.attr("Br") = Br;
     module.attr("Bc") = Bc;

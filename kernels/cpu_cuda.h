@@ -30,6 +30,14 @@ inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
 inline float __expf(float x) { return std::exp(x); }
+// The threads of a block run at the same time here too, so atomicAdd must really be atomic.
+inline std::mutex atomic_add_mutex;
+inline float atomicAdd(float* address, float value) {
+    std::lock_guard<std::mutex> lock(atomic_add_mutex);
+    const float old = *address;
+    *address = old + value;
+    return old;
+}
 inline int min(int a, int b) { return std::min(a, b); }  // CUDA's integer min and max, for device code
 inline int max(int a, int b) { return std::max(a, b); }
 

@@ -2,7 +2,7 @@
 // One block per (batch, head) walks the K/V tiles j (outer loop) and, for each, the Q tiles i
 // (inner loop); one thread per row of Q_i. O, l and m live in global memory between steps, as in
 // the paper. Names follow the paper: Q_i, K_j, V_j, S_ij, m, l, O (m~ and P~ written m_tilde, P).
-#pragma once  // flash_backward.cu includes it too
+#pragma once  // the other kernels include it
 
 // Block sizes are compile-time constants so that a thread's row of S_ij can live in registers.
 // minimal_flash.py passes -DBR=.. -DBC=.. to recompile with other sizes.

@@ -4,6 +4,7 @@
 // while the K/V tiles stream through shared memory. Compared with flash.cu (Algorithm 1): O, l and m
 // never go through global memory, there are B * H * Tr blocks instead of B * H, and O is divided by
 // l once, at the end. Same names as the paper: Q_i, K_j, V_j, S_ij, m, l, O.
+#pragma once  // flash2_backward.cu includes it too
 #include "flash.cu"  // Br, Bc, LD and load_tile
 
 // Output columns a thread accumulates in registers per pass. A row with d > DC columns takes

@@ -5,6 +5,7 @@
 // shared memory over the inner loop; dQ_i accumulates in global memory over the outer loop, as in
 // the paper. No atomics: at any moment each element of dQ, dK and dV has exactly one thread that
 // adds to it. Names follow the paper: S_ij, P_ij, dP_ij, dS_ij, D_i, dQ_i, dK_j, dV_j.
+#pragma once  // flash2_backward.cu includes it too
 #include "flash.cu"  // Br, Bc, LD and load_tile
 
 // Shared memory, in floats. K_j and V_j are transposed (d x LD), as in flash.cu: a thread walking

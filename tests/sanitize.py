@@ -1,4 +1,4 @@
-"""Runs the CUDA kernels, both forwards and the backward, at partial-tile sizes, causal and not, for compute-sanitizer:
+"""Runs the CUDA kernels, both versions' forward and backward, at partial-tile sizes, causal and not, for compute-sanitizer:
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tests/sanitize.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python tests/sanitize.py
@@ -19,16 +19,18 @@ for Br, Bc in [(32, 32), (64, 16)]:
     for N, d in [(100, 64), (17, 128), (300, 32)]:
         for causal in (False, True):
             q, k, v = [torch.randn(2, 3, N, d, generator=generator).cuda() for _ in range(3)]
-            for version in (2, 1):  # version 1's O and L feed the backward below
+            for version in (2, 1):  # version 1's O and L feed both backwards below
                 O, L = poisoned_outputs(q)
                 mf.forward(q, k, v, causal, out=(O, L), Br=Br, Bc=Bc, version=version)
                 err = rel_err(O, reference(q, k, v, causal)[0])
                 print(f"forward v{version} Br={Br} Bc={Bc} N={N} d={d} causal={causal}: rel err {err:.1e}")
                 assert err < 1e-5
             dO = torch.randn(q.shape, generator=generator).cuda()
-            grads = [torch.full_like(q, float("nan")) for _ in range(3)]
-            mf.backward(dO, q, k, v, O, L, causal, out=grads, Br=Br, Bc=Bc)
-            errs = [rel_err(g, r) for g, r in zip(grads, reference_grads(q, k, v, dO, causal))]
-            print(f"backward Br={Br} Bc={Bc} N={N} d={d} causal={causal}: rel err dQ, dK, dV "
-                  + ", ".join(f"{e:.1e}" for e in errs))
-            assert max(errs) < 1e-5
+            refs = reference_grads(q, k, v, dO, causal)
+            for version in (1, 2):
+                grads = [torch.full_like(q, float("nan")) for _ in range(3)]
+                mf.backward(dO, q, k, v, O, L, causal, out=grads, Br=Br, Bc=Bc, version=version)
+                errs = [rel_err(g, r) for g, r in zip(grads, refs)]
+                print(f"backward v{version} Br={Br} Bc={Bc} N={N} d={d} causal={causal}: rel err dQ, dK, dV "
+                      + ", ".join(f"{e:.1e}" for e in errs))
+                assert max(errs) < 1e-5

@@ -83,13 +83,14 @@ def test_non_contiguous_input_is_copied(generator):
     assert rel_err(mf.flash_attention(q, k, v), reference(q, k, v, False)[0]) < 1e-5
 
 
-def test_gradients_need_a_backward_that_fits_in_shared_memory():
-    """d = 300 fits the forward's shared memory but not the backward's (it holds four tiles, the
-    forward two): with gradients wanted, the forward refuses at once; without, it runs."""
-    q, k, v = qkv(N=4, d=300)
-    assert mf.flash_attention(q, k, v).shape == q.shape
-    with pytest.raises(ValueError, match=r"d = 300 needs \d+ bytes of shared memory .* backward kernel"):
-        mf.flash_attention(q.requires_grad_(), k, v)
+@pytest.mark.parametrize("version,d,kernel", [(1, 300, "backward"), (2, 500, "FlashAttention-2 backward")])
+def test_gradients_need_a_backward_that_fits_in_shared_memory(version, d, kernel):
+    """These d fit the forward's shared memory but not the backward's (it holds more tiles): with
+    gradients wanted, the forward refuses at once; without, it runs."""
+    q, k, v = qkv(N=4, d=d)
+    assert mf.flash_attention(q, k, v, version=version).shape == q.shape
+    with pytest.raises(ValueError, match=rf"d = {d} needs \d+ bytes of shared memory per block in the {kernel} kernel"):
+        mf.flash_attention(q.requires_grad_(), k, v, version=version)
 
 
 def backward_inputs():
@@ -128,7 +129,8 @@ def test_backward_checks_q_k_v_like_the_forward():
         mf.backward(dO, q, k, v.half(), O, L)
 
 
-def test_empty_sizes_give_empty_gradients():
+@pytest.mark.parametrize("version", [1, 2])
+def test_empty_sizes_give_empty_gradients(version):
     q, k, v = (torch.randn(1, 2, 0, 16, requires_grad=True) for _ in range(3))
-    mf.flash_attention(q, k, v).sum().backward()
+    mf.flash_attention(q, k, v, version=version).sum().backward()
     assert q.grad.shape == k.grad.shape == v.grad.shape == (1, 2, 0, 16)

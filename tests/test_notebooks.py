@@ -20,8 +20,8 @@ def images(nb):
             if "image/png" in out.get("data", {})]
 
 
-def test_the_four_notebooks_are_there():
-    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_"]
+def test_the_five_notebooks_are_there():
+    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
