@@ -4,6 +4,7 @@
     python bench.py --seq-len 64 128 512 1024 --no-profile
     python bench.py --br 64 --bc 16      # other block sizes: compiled once, then cached
     python bench.py --sweep --out results   # N = 64 .. 16384: table, CSV and plots, with SDPA too
+    python bench.py --sweep --methods manual minimal-flash2 --seq-len 1024 4096   # a part of it
     python bench.py --replot results/sweep.csv   # redraw the plots from a sweep's CSV
 
 The default run first checks the values: both methods' O and dQ, dK, dV (for a random output
@@ -69,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=2.0,
                    help="--sweep: timed seconds per method and pass, at most; fewer repeats for slow ones")
     p.add_argument("--min-repeats", type=int, default=5, help="--sweep: timed calls per method, at least")
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help="--sweep: only these of manual, minimal-flash, minimal-flash2, sdpa (default: all)")
     p.add_argument("--replot", type=Path, metavar="CSV",
                    help="only redraw the plots of a sweep.csv (GPU or CPU, as the file says), beside it")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in manual attention's and SDPA's matmuls "
@@ -262,6 +265,16 @@ def sweep_methods(args):
             f"sdpa-{backend.name.lower().replace('_attention', '')}": sdpa}
 
 
+def chosen_methods(methods, names):
+    """The methods named in --methods ("sdpa" names whichever SDPA backend runs), all if none is."""
+    if not names:
+        return methods
+    unknown = [n for n in names if not any(m == n or m.startswith(n + "-") for m in methods)]
+    if unknown:
+        sys.exit(f"bench: unknown method {unknown[0]!r}; choose from manual, minimal-flash, minimal-flash2, sdpa")
+    return {m: fn for m, fn in methods.items() if any(m == n or m.startswith(n + "-") for n in names)}
+
+
 def flops(B, H, N, d, causal, pass_):
     """The floating-point work the problem needs. Forward: S = Q K^T and P V, 2 N^2 d each. Backward:
     dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q, 2 N^2 d each (our kernel also recomputes S,
@@ -449,7 +462,7 @@ def run_sweep(args):
     sweep = SWEEP_GPU if args.device == "cuda" else SWEEP_CPU
     points = [(N, *(sweep.get(N) or (1, 16))) for N in (args.seq_len or sweep)]
     points = [(N, args.batch or B, args.heads or H) for N, B, H in points]
-    methods = sweep_methods(args)
+    methods = chosen_methods(sweep_methods(args), args.methods)
     print(f"Sweep: d={args.head_dim}, causal={args.causal}, methods: {', '.join(methods)}; "
           f"at most {args.seconds:g} s of timed calls per method and pass, at least {args.min_repeats} calls")
     rows = []

@@ -18,5 +18,6 @@ for tool in memcheck racecheck; do
         | tee "$logs/sanitizer-$tool.txt" | grep -E "SUMMARY|rel err|rror" || failed=1
 done
 python3 bench.py --seq-len 64 128 512 1024 2>&1 | tee "$logs/bench.txt"
+python3 bench.py --version 2 --no-profile --seq-len 64 128 512 1024 2>&1 | tee "$logs/bench-version2.txt"
 echo "gpu_check: $([ $failed = 0 ] && echo PASSED || echo FAILED)"
 exit $failed

@@ -101,3 +101,11 @@ def test_csv_round_trip_and_replot(tmp_path):
     bench.main(["--replot", str(tmp_path / "sweep.csv")])
     for name in ("sweep_time.png", "sweep_memory.png"):
         assert read_png(tmp_path / name).shape[0] > 200
+
+
+def test_sweep_runs_only_the_methods_asked_for(tmp_path):
+    bench.main(["--sweep", "--seq-len", "17", "--methods", "manual", "sdpa", "--out", str(tmp_path), *TINY])
+    methods = {r["method"] for r in csv.DictReader(open(tmp_path / "sweep.csv"))}
+    assert "manual" in methods and len(methods) == 2 and any(m.startswith("sdpa-") for m in methods)
+    with pytest.raises(SystemExit, match="unknown method 'flash3'"):
+        bench.main(["--sweep", "--seq-len", "17", "--methods", "flash3", "--out", str(tmp_path), *TINY])
