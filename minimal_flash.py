@@ -3,7 +3,7 @@
     flash_attention(q, k, v, causal=False, softmax_scale=None)   the kernels, on GPU or CPU, with autograd
                                                                   (version=2: the FlashAttention-2 kernels)
     manual_attention(q, k, v, causal=False, softmax_scale=None)  plain attention, the reference
-    forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)       the two kernels, called directly
+    forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)       the kernels (version=1 or 2), called directly
     mirror_forward(q, k, v, ...), mirror_backward(...)            Algorithms 1 and 4 tile by tile in PyTorch
 
 Tensors are (B, H, N, d), the layout of torch.nn.functional.scaled_dot_product_attention.
