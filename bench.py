@@ -269,10 +269,11 @@ def chosen_methods(methods, names):
     """The methods named in --methods ("sdpa" names whichever SDPA backend runs), all if none is."""
     if not names:
         return methods
-    unknown = [n for n in names if not any(m == n or m.startswith(n + "-") for m in methods)]
+    named = lambda method, name: method == name or method.startswith(name + "-")  # noqa: E731
+    unknown = [n for n in names if not any(named(m, n) for m in methods)]
     if unknown:
         sys.exit(f"bench: unknown method {unknown[0]!r}; choose from manual, minimal-flash, minimal-flash2, sdpa")
-    return {m: fn for m, fn in methods.items() if any(m == n or m.startswith(n + "-") for n in names)}
+    return {m: fn for m, fn in methods.items() if any(named(m, n) for n in names)}
 
 
 def flops(B, H, N, d, causal, pass_):

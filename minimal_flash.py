@@ -109,8 +109,7 @@ def forward(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=
     O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1]))
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
         kernels = load_kernels(q.device.type, Br, Bc)
-        needed = (kernels.forward_shared_bytes if version == 1 else kernels.flash2_shared_bytes)(q.shape[-1])
-        _check_shared_memory(kernels, needed, q, "forward" if version == 1 else "FlashAttention-2 forward")
+        _check_shared_memory(kernels, q, "forward", version)
         _raise_if(kernels.forward(q, k, v, O, L, bool(causal), scale, version))
     return O, L
 
@@ -135,17 +134,9 @@ def backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=None, Bc
     dQ, dK, dV = out if out is not None else (torch.empty_like(q) for _ in range(3))
     if q.numel() > 0:
         kernels = load_kernels(q.device.type, Br, Bc)
-        _check_backward_shared_memory(kernels, q, version)
+        _check_shared_memory(kernels, q, "backward", version)
         _raise_if(kernels.backward(q, k, v, O, dO, L, dQ, dK, dV, bool(causal), scale, version))
     return dQ, dK, dV
-
-
-def _check_backward_shared_memory(kernels, q, version):
-    if version == 1:
-        _check_shared_memory(kernels, kernels.backward_shared_bytes(q.shape[-1]), q, "backward")
-    else:
-        _check_shared_memory(kernels, kernels.flash2_backward_shared_bytes(q.shape[-1]), q,
-                             "FlashAttention-2 backward")
 
 
 def _check_float32_tensor(name, t):
@@ -171,7 +162,17 @@ def _raise_if(error):
         raise RuntimeError(f"minimal_flash: {error}")
 
 
-def _check_shared_memory(kernels, needed, q, kernel):
+# Per (pass, version): the extension's function that gives a block's least shared memory for head
+# dim d, and the kernel's name in the error message.
+_SHARED_BYTES = {("forward", 1): ("forward_shared_bytes", "forward"),
+                 ("forward", 2): ("flash2_shared_bytes", "FlashAttention-2 forward"),
+                 ("backward", 1): ("backward_shared_bytes", "backward"),
+                 ("backward", 2): ("flash2_backward_shared_bytes", "FlashAttention-2 backward")}
+
+
+def _check_shared_memory(kernels, q, pass_, version):
+    shared_bytes, kernel = _SHARED_BYTES[pass_, version]
+    needed = getattr(kernels, shared_bytes)(q.shape[-1])
     available = kernels.device_shared_bytes(q)
     if needed > available:
         raise ValueError(f"head dim d = {q.shape[-1]} needs {needed} bytes of shared memory per block "
@@ -189,7 +190,7 @@ class FlashAttention(torch.autograd.Function):
         if any(ctx.needs_input_grad[:3]) and q.numel() > 0:
             # Fail now, not after the forward has run, if the backward will not fit.
             kernels = load_kernels(q.device.type, Br, Bc)
-            _check_backward_shared_memory(kernels, q, version)
+            _check_shared_memory(kernels, q, "backward", version)
         O, L = forward(q, k, v, causal, softmax_scale, Br=Br, Bc=Bc, version=version)
         ctx.save_for_backward(q, k, v, O, L)
         ctx.options = dict(causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc, version=version)

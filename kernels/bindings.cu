@@ -69,13 +69,19 @@ static int thread_groups(Kernel* kernel, int64_t N, int rows, SharedBytes shared
     return std::max(G, 1);
 }
 
+// Version 2's grids have one column of blocks per (batch, head) slice: grid.y, at most 65535.
+static std::string grid_column_error(int64_t BH) {
+    if (BH <= 65535) return "";
+    return "B * H = " + std::to_string(BH) + " is more than the 65535 blocks a grid column may have";
+}
+
 // FlashAttention-2's loop order: one block per (batch, head, tile of G * Br query rows). Blocks
 // are independent, so the grid has plenty; 4 warps per block give each multiprocessor's schedulers
 // warps to switch between while one waits for memory.
 static std::string forward2(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
                             at::Tensor& O, at::Tensor& L, bool causal, double scale) {
     const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
-    if (BH > 65535) return "B * H = " + std::to_string(BH) + " is more than the 65535 blocks a grid column may have";
+    if (std::string err = grid_column_error(BH); !err.empty()) return err;
     const int G = thread_groups(flash2_forward, N, Br, [&](int G) { return flash2_shared_bytes(d, G); }, 128);
     const size_t bytes = flash2_shared_bytes(d, G);
     if (std::string err = reserve_shared(flash2_forward, bytes); !err.empty()) return err;
@@ -112,7 +118,7 @@ static std::string backward2(const at::Tensor& Q, const at::Tensor& K, const at:
                              const at::Tensor& O, const at::Tensor& dO, const at::Tensor& L,
                              at::Tensor& dQ, at::Tensor& dK, at::Tensor& dV, bool causal, double scale) {
     const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
-    if (BH > 65535) return "B * H = " + std::to_string(BH) + " is more than the 65535 blocks a grid column may have";
+    if (std::string err = grid_column_error(BH); !err.empty()) return err;
     at::Tensor D = at::empty_like(L);
     const int threads = 256;
     LAUNCH(flash2_backward_D, dim3((BH * N + threads - 1) / threads), dim3(threads), 0)(

@@ -9,7 +9,6 @@
 // that owns the query rows and recomputes S and dP, would redo 2 of the 5 matrix products. The
 // price of atomics: dQ must start at 0, and the order of the additions, so dQ's last bits, varies
 // from run to run. Same names as the paper: S_ij, P_ij, dP_ij, dS_ij, D_i, dQ_i, dK_j, dV_j.
-#pragma once
 #include "flash2.cu"          // Br, Bc, load_tile; DC and flash2_V_stride
 #include "flash_backward.cu"  // LR: Br padded so that rows of a transposed tile stay 16-byte aligned
 

@@ -7,7 +7,7 @@ import torch
 import minimal_flash as mf
 from conftest import DEVICES
 from helpers import random_dO, random_qkv, reference_grads, rel_err
-from test_forward import SHAPES, TOL, VERSIONS
+from test_forward import CAUSAL, OTHER_BLOCK_SIZES, OTHER_N, SHAPES, TOL, VERSIONS
 
 
 def cancelled_scale(q, k, v, dO, scale):
@@ -39,7 +39,7 @@ def check_backward(device, shape, causal, generator, scale=None, version=1, **bl
 
 @pytest.mark.parametrize("device", DEVICES)
 @VERSIONS
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@CAUSAL
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_backward_matches_float64(device, shape, causal, version, generator):
     check_backward(device, shape, causal, generator, version=version)
@@ -49,9 +49,9 @@ def test_backward_matches_float64(device, shape, causal, version, generator):
 # a tile; with Br < Bc a block has fewer threads than a K tile has rows.
 @pytest.mark.parametrize("device", DEVICES)
 @VERSIONS
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("N", [1, 15, 16, 64, 100])
-@pytest.mark.parametrize("Br,Bc", [(16, 64), (64, 16)])
+@CAUSAL
+@OTHER_N
+@OTHER_BLOCK_SIZES
 def test_other_block_sizes(device, Br, Bc, N, causal, version, generator):
     check_backward(device, (2, 2, N, 32), causal, generator, Br=Br, Bc=Bc, version=version)
 
@@ -92,8 +92,8 @@ def test_slices_do_not_bleed(device, version, generator):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@VERSIONS
+@CAUSAL
 def test_loss_backward_reaches_q_k_v(device, causal, version, generator):
     """A loss built on flash_attention: .backward() fills q.grad, k.grad, v.grad, through the
     kernels, with what float64 autograd of plain attention gives."""

@@ -27,24 +27,28 @@ def check_forward(device, shape, causal, generator, scale=None, **options):
     assert rel_err(L, L_ref) < TOL
 
 
-# version 1: kernels/flash.cu (Algorithm 1); version 2: kernels/flash2.cu (FlashAttention-2 order).
+# The test matrix, shared with test_backward.py. Version 1: the paper's loop order (flash.cu,
+# flash_backward.cu); version 2: FlashAttention-2's (flash2.cu, flash2_backward.cu).
 VERSIONS = pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+CAUSAL = pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+# Other block sizes, Br > Bc and Br < Bc: a causal row can then see no key of a tile at all.
+OTHER_N = pytest.mark.parametrize("N", [1, 15, 16, 64, 100])
+OTHER_BLOCK_SIZES = pytest.mark.parametrize("Br,Bc", [(16, 64), (64, 16)])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @VERSIONS
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@CAUSAL
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_matches_float64(device, shape, causal, version, generator):
     check_forward(device, shape, causal, generator, version=version)
 
 
-# Other block sizes, Br > Bc and Br < Bc: a causal row can then see no key of a tile at all.
 @pytest.mark.parametrize("device", DEVICES)
 @VERSIONS
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("N", [1, 15, 16, 64, 100])
-@pytest.mark.parametrize("Br,Bc", [(16, 64), (64, 16)])
+@CAUSAL
+@OTHER_N
+@OTHER_BLOCK_SIZES
 def test_other_block_sizes(device, Br, Bc, N, causal, version, generator):
     check_forward(device, (2, 2, N, 32), causal, generator, Br=Br, Bc=Bc, version=version)
 
