@@ -58,9 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--br", type=int, default=None, help="query rows per block, Br (default 32)")
     p.add_argument("--bc", type=int, default=None, help="key rows per tile, Bc (default 32)")
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--version", type=int, default=1, choices=(1, 2),
-                   help="our kernels in the default run: 1 = Algorithms 1 and 4 (flash.cu, flash_backward.cu), "
-                        "2 = FlashAttention-2 (flash2.cu, flash2_backward.cu)")
+    p.add_argument("--version", type=int, default=1, choices=list(mf.VERSIONS),
+                   help="our kernels in the default run: " + ", ".join(
+                       f"{v} = {name} ({fwd}, {bwd})" for v, (name, fwd, bwd) in mf.VERSIONS.items()))
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10 on a GPU, 2 on the CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method, at most (default 200 / 10)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
@@ -71,7 +71,7 @@ def parse_args(argv=None):
                    help="--sweep: timed seconds per method and pass, at most; fewer repeats for slow ones")
     p.add_argument("--min-repeats", type=int, default=5, help="--sweep: timed calls per method, at least")
     p.add_argument("--methods", nargs="+", metavar="NAME",
-                   help="--sweep: only these of manual, minimal-flash, minimal-flash2, sdpa (default: all)")
+                   help=f"--sweep: only these of manual, {', '.join(map(method_name, mf.VERSIONS))}, sdpa (default: all)")
     p.add_argument("--replot", type=Path, metavar="CSV",
                    help="only redraw the plots of a sweep.csv (GPU or CPU, as the file says), beside it")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in manual attention's and SDPA's matmuls "
@@ -106,14 +106,10 @@ def gradients(fn, q, k, v, dO, causal):
     return lambda: torch.autograd.grad(O, (q, k, v), dO, retain_graph=True)
 
 
-def rel(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
 def grads_err(grads, refs):
     """Relative error of dQ, dK, dV taken together: ||(dQ, dK, dV) - ref|| / ||ref||. Taken one by
     one, dQ and dK at N = 1 have no relative error: there they are exactly zero."""
-    return rel(torch.cat([g.flatten() for g in grads]), torch.cat([r.flatten() for r in refs]))
+    return mf.relative_error(torch.cat([g.flatten() for g in grads]), torch.cat([r.flatten() for r in refs]))
 
 
 def check(methods, q, k, v, dO, causal):
@@ -124,7 +120,7 @@ def check(methods, q, k, v, dO, causal):
     ref_grads = gradients(mf.manual_attention, q64, k64, v64, dO.double(), causal)()
     errors = {}
     for name, fn in methods.items():
-        err_O = rel((fn(q, k, v, causal)), ref_O)
+        err_O = mf.relative_error(fn(q, k, v, causal), ref_O)
         err_grads = grads_err(gradients(fn, q, k, v, dO, causal)(), ref_grads)
         print(f"  {name}: relative error vs float64: O {err_O:.1e}, dQ, dK, dV {err_grads:.1e}")
         errors[name] = (err_O, err_grads)
@@ -249,9 +245,14 @@ def sdpa_backend(device, causal):
     raise RuntimeError("no SDPA backend runs fp32 here")
 
 
+def method_name(version):
+    """Our kernels' name in tables and CSVs: minimal-flash (version 1), minimal-flash2, ..."""
+    return "minimal-flash" + ("" if version == 1 else str(version))
+
+
 def sweep_methods(args):
-    """{name: fn(q, k, v, causal)}: manual attention, our kernels in both versions (the paper's loop
-    order and FlashAttention-2's, forward and backward), SDPA on its fp32 backend."""
+    """{name: fn(q, k, v, causal)}: manual attention, our kernels in every version of mf.VERSIONS
+    (the paper's loop order, FlashAttention-2's, ...; forward and backward), SDPA on its fp32 backend."""
     Br, Bc = mf.block_sizes(args.br, args.bc)
     backend = sdpa_backend(args.device, args.causal)
 
@@ -259,9 +260,10 @@ def sweep_methods(args):
         with sdpa_kernel(backend):  # the backward runs the same backend: the graph records it
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    return {"manual": mf.manual_attention,
-            "minimal-flash": lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc),
-            "minimal-flash2": lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc, version=2),
+    def ours(version):
+        return lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc, version=version)
+
+    return {"manual": mf.manual_attention, **{method_name(v): ours(v) for v in mf.VERSIONS},
             f"sdpa-{backend.name.lower().replace('_attention', '')}": sdpa}
 
 
@@ -272,7 +274,8 @@ def chosen_methods(methods, names):
     named = lambda method, name: method == name or method.startswith(name + "-")  # noqa: E731
     unknown = [n for n in names if not any(named(m, n) for m in methods)]
     if unknown:
-        sys.exit(f"bench: unknown method {unknown[0]!r}; choose from manual, minimal-flash, minimal-flash2, sdpa")
+        sys.exit(f"bench: unknown method {unknown[0]!r}; choose from manual, "
+                 f"{', '.join(map(method_name, mf.VERSIONS))}, sdpa")
     return {m: fn for m, fn in methods.items() if any(named(m, n) for n in names)}
 
 
@@ -356,7 +359,8 @@ def sweep_point(N, B, H, methods, args, progress):
         if reference is None:
             reference, check = (name, outputs), {}
         else:
-            check = dict(zip(PASSES, (rel(outputs[0], reference[1][0]), grads_err(outputs[1:], reference[1][1:]))))
+            check = dict(zip(PASSES, (mf.relative_error(outputs[0], reference[1][0]),
+                                      grads_err(outputs[1:], reference[1][1:]))))
         for pass_ in PASSES:
             ms, repeats = times[pass_]
             row = dict(base, **{"pass": pass_}, ms=ms, repeats=repeats,
@@ -394,14 +398,21 @@ def read_csv(path):
         return [{k: types.get(k, str)(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
+def flop_unit(rows):
+    """TFLOP/s for a GPU's rates; GFLOP/s where every rate is below 1 TFLOP/s (the CPU emulation)."""
+    return ("TFLOP/s", 1) if max((r.get("tflops", 0) for r in rows), default=0) >= 1 else ("GFLOP/s", 1e3)
+
+
 def format_table(rows):
     """One line per (N, method): forward and backward side by side."""
-    def cell(row, key, fmt, width):
-        value = row.get(key)
-        return f"{'-':>{width}}" if value is None else f"{value:{fmt}}".rjust(width)
+    unit, per_tflop = flop_unit(rows)
 
-    lines = [f"{'N':>6} {'B*H':>4}  {'method':<15}|{'ms':>9} {'TFLOP/s':>8} {'x manual':>8} {'MiB':>8}  "
-             f"|{'ms':>9} {'TFLOP/s':>8} {'x manual':>8} {'MiB':>8}  | {'err':>7}",
+    def cell(row, key, fmt, width, factor=1):
+        value = row.get(key)
+        return f"{'-':>{width}}" if value is None else f"{value * factor:{fmt}}".rjust(width)
+
+    lines = [f"{'N':>6} {'B*H':>4}  {'method':<15}|{'ms':>9} {unit:>8} {'x manual':>8} {'MiB':>8}  "
+             f"|{'ms':>9} {unit:>8} {'x manual':>8} {'MiB':>8}  | {'err':>7}",
              f"{'':>28}|{'forward (MiB: extra peak)':^37}|{'backward (MiB: whole step)':^37}|"]
     by_method = {}
     for row in rows:
@@ -410,7 +421,7 @@ def format_table(rows):
         fwd, bwd = passes["forward"], passes["backward"]
         line = f"{N:>6} {fwd['B'] * fwd['H']:>4}  {method:<15}"
         for row in (fwd, bwd):
-            line += (f"|{cell(row, 'ms', '.4f', 9)} {cell(row, 'tflops', '.2f', 8)} "
+            line += (f"|{cell(row, 'ms', '.4f', 9)} {cell(row, 'tflops', '.2f', 8, per_tflop)} "
                      f"{cell(row, 'x_manual', '.2f', 7)}x {cell(row, 'extra_mib', '.1f', 8)}  ")
         errors = [r["rel_err"] for r in (fwd, bwd) if "rel_err" in r]
         line += f"| {max(errors):>7.1e}" if errors else f"| {fwd.get('note', 'ref')}"
@@ -445,7 +456,8 @@ def plot(rows, path, key, ylabel, titles, title):
 
 def plot_sweep(rows, out, gpu):
     """sweep_time.png, and on a GPU sweep_memory.png, in the folder `out`; returns their names."""
-    shapes = "B*H shrinks as N grows: see the table"
+    slices = sorted({r["B"] * r["H"] for r in rows})
+    shapes = f"B*H = {slices[0]}" if len(slices) == 1 else f"B*H from {slices[-1]} to {slices[0]}: see the table"
     where = "" if gpu else "; CPU emulation: these times say nothing about GPU speed"
     plot(rows, out / "sweep_time.png", "ms", "median ms", PASSES,
          f"Attention time vs N, d = {rows[0]['d']} ({shapes}{where})")
@@ -477,9 +489,10 @@ def run_sweep(args):
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "sweep.csv")
     clock = "CUDA events" if args.device == "cuda" else "CPU clock, emulation"
-    print(f"\nMedian ms ({clock}); TFLOP/s of the work counted in flops(); x manual = manual's time over "
-          "this method's; err = the larger relative error, of O and of dQ, dK, dV, against manual attention "
-          "(ref) on the same inputs, or, where manual was skipped, against the first method that ran")
+    print(f"\nMedian ms ({clock}); {flop_unit(rows)[0]} of the work counted in flops(); "
+          "x manual = manual's time over this method's; err = the larger relative error, of O and of dQ, dK, "
+          "dV, against manual attention (ref) on the same inputs, or, where manual was skipped, against the "
+          "first method that ran")
     print(format_table(rows))
     written = plot_sweep(rows, args.out, gpu=args.device == "cuda")
     print(f"Wrote {', '.join(str(args.out / name) for name in ['sweep.csv', *written])}")

@@ -2,6 +2,8 @@
 
     flash_attention(q, k, v, causal=False, softmax_scale=None)   the kernels, on GPU or CPU, with autograd
                                                                   (version=2: the FlashAttention-2 kernels)
+    flash_attn_func(q, k, v, ...), flash_attn_qkvpacked_func(qkv, ...)   the official flash-attn package's
+                                                                  entry points, (B, N, H, d) layout
     manual_attention(q, k, v, causal=False, softmax_scale=None)  plain attention, the reference
     forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)       the kernels (version=1 or 2), called directly
     mirror_forward(q, k, v, ...), mirror_backward(...)            Algorithms 1 and 4 tile by tile in PyTorch
@@ -12,12 +14,17 @@ against kernels/cpu_cuda.h, an emulation of the CUDA runtime (see the README).
 
 Block sizes Br, Bc are compile-time constants of the kernels. Choose them per call
 (flash_attention(..., Br=64, Bc=16)) or for the process with the environment variables
-MINIMAL_FLASH_BR and MINIMAL_FLASH_BC; each configuration is compiled once and cached.
+MINIMAL_FLASH_BR and MINIMAL_FLASH_BC. Each configuration is compiled once (a few seconds) and
+cached; an edited kernel is noticed on the next call, recompiled and loaded.
 """
 
+import ctypes
+import hashlib
 import math
 import os
+import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +32,144 @@ import torch
 import torch.utils.cpp_extension
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
-_loaded = {}  # (device type, Br, Bc) -> extension module
+
+# The kernel versions, as in the table of kernels/bindings.cu: version -> (name, forward kernel file,
+# backward kernel file).
+VERSIONS = {1: ("Algorithm 1", "flash.cu", "flash_backward.cu"),
+            2: ("FlashAttention-2", "flash2.cu", "flash2_backward.cu")}
+PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def flash_attention(q, k, v, causal=False, softmax_scale=None, *, is_causal=None, scale=None, Br=None,
+                    Bc=None, version=1):
+    """softmax(q k^T * softmax_scale [+ causal mask]) v, computed by the FlashAttention kernels,
+    differentiable. softmax_scale defaults to 1/sqrt(d). is_causal and scale are the same options
+    under torch.nn.functional.scaled_dot_product_attention's names. Br, Bc default to
+    MINIMAL_FLASH_BR/_BC, else 32. version=1 runs the FlashAttention paper's loop order (forward
+    kernels/flash.cu, backward kernels/flash_backward.cu), version=2 FlashAttention-2's
+    (kernels/flash2.cu, kernels/flash2_backward.cu)."""
+    causal = _either("causal", causal, False, "is_causal", is_causal)
+    softmax_scale = _either("softmax_scale", softmax_scale, None, "scale", scale)
+    Br, Bc = block_sizes(Br, Bc)  # fixed now: the backward must use the forward's
+    _check_version(version)
+    q, k, v = _check_inputs(q, k, v)  # outside the Function: its .contiguous() passes gradients back
+    return FlashAttention.apply(q, k, v, bool(causal), softmax_scale, Br, Bc, version)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **options):
+    """The flash-attn package's flash_attn_func on our kernels: q, k, v are (B, N, H, d), batch,
+    sequence, heads, head dim, and so is the result. `options` go to flash_attention (Br, Bc, version)."""
+    _check_no_dropout(dropout_p)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # views: gradients reach the caller's tensors
+    return flash_attention(q, k, v, causal, softmax_scale, **options).transpose(1, 2)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, **options):
+    """The flash-attn package's flash_attn_qkvpacked_func: qkv is (B, N, 3, H, d); returns (B, N, H, d)."""
+    return flash_attn_func(*qkv.unbind(dim=2), dropout_p, softmax_scale, causal, **options)
+
+
+def manual_attention(q, k, v, causal=False, softmax_scale=None):
+    """Plain attention: builds the whole N x N score matrix S. The reference for every check."""
+    N = q.shape[-2]
+    S = (q @ k.transpose(-2, -1)) * _scale(q, softmax_scale)
+    if causal:
+        S = S.masked_fill(_above_diagonal(N, N, 0, 0, q.device), float("-inf"))
+    return torch.softmax(S, dim=-1) @ v
+
+
+def relative_error(x, ref):
+    """||x - ref|| / ||ref||, in float64, on x's device: the error measure of the notebooks and bench.py."""
+    x, ref = x.detach().double(), ref.detach().double().to(x.device)
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def forward(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=1):
+    """Run kernels/flash.cu (version 1, Algorithm 1) or kernels/flash2.cu (version 2, the
+    FlashAttention-2 loop order). Returns (O, L): the attention output and the row log-sum-exp
+    L = m + log(l) that the backward pass needs. `out=(O, L)` writes into given tensors (the tests
+    fill them with NaN first, so an element the kernel fails to write shows)."""
+    q, k, v = _check_inputs(q, k, v)
+    _check_version(version)
+    if out is not None:
+        out = _check_out("O", out[0], q), _check_out("L", out[1], q[..., 0])
+    return _forward(q, k, v, causal, softmax_scale, Br, Bc, version, out)
+
+
+def _forward(q, k, v, causal, softmax_scale, Br, Bc, version, out=None):
+    """forward() on inputs already checked: what every call pays for, and no more."""
+    O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1]))
+    if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
+        kernels = load_kernels(q.device.type, Br, Bc)
+        _check_shared_memory(kernels, q, "forward", version)
+        _raise_if(kernels.run("forward", version, (q, k, v, O, L), bool(causal), _scale(q, softmax_scale)))
+    return O, L
+
+
+def backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=1):
+    """Run kernels/flash_backward.cu (version 1, Algorithm 4) or kernels/flash2_backward.cu (version 2,
+    the FlashAttention-2 loop order): the gradients (dQ, dK, dV) of a loss whose gradient with
+    respect to the output O = forward(q, k, v)[0] is dO. O and L are what forward() returned for
+    these q, k, v, causal, scale and block sizes (either version's: both give the same O and L).
+    `out=(dQ, dK, dV)` writes into given tensors."""
+    q, k, v = _check_inputs(q, k, v)
+    dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
+    L = _check_like("L", L, q[..., 0])
+    _check_version(version)
+    if out is not None:
+        out = tuple(_check_out(name, t, q) for name, t in zip(("dQ", "dK", "dV"), out))
+    return _backward(dO, q, k, v, O, L, causal, softmax_scale, Br, Bc, version, out)
+
+
+def _backward(dO, q, k, v, O, L, causal, softmax_scale, Br, Bc, version, out=None):
+    """backward() on inputs already checked."""
+    dQ, dK, dV = out if out is not None else (torch.empty_like(q) for _ in range(3))
+    if q.numel() > 0:
+        kernels = load_kernels(q.device.type, Br, Bc)
+        _check_shared_memory(kernels, q, "backward", version)
+        tensors = (q, k, v, O, dO, L, dQ, dK, dV)
+        _raise_if(kernels.run("backward", version, tensors, bool(causal), _scale(q, softmax_scale)))
+    return dQ, dK, dV
+
+
+class FlashAttention(torch.autograd.Function):
+    """flash_attention with gradients. The forward saves q, k, v, O and the row log-sum-exp L: O(N d)
+    memory. The N x N matrix P is never stored; the backward kernel recomputes it tile by tile."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, Br, Bc, version):  # flash_attention checked them
+        if any(ctx.needs_input_grad[:3]) and q.numel() > 0:
+            # Fail now, not after the forward has run, if the backward will not fit.
+            _check_shared_memory(load_kernels(q.device.type, Br, Bc), q, "backward", version)
+        O, L = _forward(q, k, v, causal, softmax_scale, Br, Bc, version)
+        ctx.save_for_backward(q, k, v, O, L)
+        ctx.options = causal, softmax_scale, Br, Bc, version
+        return O
+
+    @staticmethod
+    def backward(ctx, dO):
+        dQ, dK, dV = _backward(dO.contiguous(), *ctx.saved_tensors, *ctx.options)
+        return dQ, dK, dV, None, None, None, None, None
+
+
+def _scale(q, softmax_scale):
+    """The factor on Q K^T: 1/sqrt(d) unless given."""
+    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+
+
+def _above_diagonal(rows, cols, row0, col0, device):
+    """Mask of the (query, key) pairs a causal model hides: key index > query index."""
+    r = torch.arange(row0, row0 + rows, device=device)[:, None]
+    c = torch.arange(col0, col0 + cols, device=device)[None, :]
+    return c > r
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and loading the kernels
 
 
 def block_sizes(Br=None, Bc=None):
@@ -41,26 +185,98 @@ def block_sizes(Br=None, Bc=None):
     return Br, Bc
 
 
+_loaded = {}  # (device type, Br, Bc) -> Kernels
+
+
 def load_kernels(device_type="cuda", Br=None, Bc=None):
-    """Compile (first time only) and load the kernels for 'cuda' or 'cpu' with block sizes Br, Bc."""
+    """The kernels for 'cuda' or 'cpu' with block sizes Br, Bc: compiled the first time, and again
+    whenever a file in kernels/ has changed since they were loaded (this process goes on with the
+    new build)."""
     Br, Bc = block_sizes(Br, Bc)
-    key = (device_type, Br, Bc)
-    if key not in _loaded:
-        name = f"minimal_flash_{device_type}_br{Br}_bc{Bc}"
-        build_dir = (Path(torch.utils.cpp_extension.get_default_build_root())
-                     / f"minimal_flash-torch{torch.__version__}" / name)
-        build_dir.mkdir(parents=True, exist_ok=True)
-        defines = [f"-DBR={Br}", f"-DBC={Bc}"]
-        if device_type == "cuda":
-            source, flags = KERNELS / "bindings.cu", {"extra_cuda_cflags": ["-O3", "-lineinfo"] + defines}
-        else:
-            source, flags = KERNELS / "cpu.cpp", {"extra_cflags": ["-O3", "-Wno-unknown-pragmas"] + defines}
-        _use_this_pythons_ninja()
-        _say_if_building(build_dir / f"{name}.so", f"{source.relative_to(KERNELS.parent)} for {device_type} "
-                         f"with Br={Br}, Bc={Bc}")
-        _loaded[key] = torch.utils.cpp_extension.load(
-            name=name, sources=[str(source)], build_directory=str(build_dir), **flags)
-    return _loaded[key]
+    sources = _sources.current()
+    kernels = _loaded.get((device_type, Br, Bc))
+    if kernels is None or kernels.sources != sources:
+        changed = _sources.changed_since(kernels.sources) if kernels else None
+        kernels = _loaded[device_type, Br, Bc] = Kernels(_build(device_type, Br, Bc, sources, changed), sources)
+    return kernels
+
+
+class _Sources:
+    """What the build is made from: each file of kernels/ by its content. Every call asks
+    (load_kernels runs on every call), so the files are looked at no more than once a second and
+    re-read only when their modification times change."""
+
+    def __init__(self):
+        self.checked, self.mtimes, self.digests = -math.inf, None, None
+
+    def current(self):
+        """(the kernels/ folder, ((file name, content digest), ...))"""
+        if time.monotonic() - self.checked > 1.0:
+            files = sorted(p for p in KERNELS.iterdir() if p.is_file())
+            mtimes = {p: p.stat().st_mtime_ns for p in files}
+            if mtimes != self.mtimes:
+                self.mtimes = mtimes
+                self.digests = str(KERNELS), tuple((p.name, hashlib.sha1(p.read_bytes()).hexdigest()) for p in files)
+            self.checked = time.monotonic()
+        return self.digests
+
+    def changed_since(self, old):
+        return sorted({name for name, _ in set(self.digests[1]) ^ set(old[1])})
+
+
+_sources = _Sources()
+
+
+def build_directory(device_type, Br, Bc, sources=None):
+    """Where a build lives: $TORCH_EXTENSIONS_DIR, else torch's default (~/.cache/torch_extensions),
+    then minimal_flash/, then a folder named by everything the build is made from: device, block
+    sizes, torch version, the kernel files' content and this checkout's path (the build files name
+    the sources by path, so two checkouts must not share a folder)."""
+    key = repr((sources or _sources.current(), torch.__version__, torch.version.cuda))
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or torch.utils.cpp_extension.get_default_build_root())
+    return root / "minimal_flash" / f"{device_type}_br{Br}_bc{Bc}_{digest}"
+
+
+def _build(device_type, Br, Bc, sources, changed):
+    """Compile (unless this exact build exists) and return the shared library's path."""
+    folder = build_directory(device_type, Br, Bc, sources)
+    name = folder.name
+    defines = [f"-DBR={Br}", f"-DBC={Bc}"]
+    if device_type == "cuda":
+        source, flags = KERNELS / "bindings.cu", {"extra_cuda_cflags": ["-O3", "-lineinfo"] + defines}
+    else:
+        source, flags = KERNELS / "cpu.cpp", {"extra_cflags": ["-O3", "-Wno-unknown-pragmas"] + defines}
+    library = folder / f"{name}.so"
+    if library.exists():
+        return library
+    why = f"{', '.join(changed)} changed" if changed else "no build of these sources yet"
+    what = f"{source.relative_to(KERNELS.parent)} for {device_type} with Br={Br}, Bc={Bc}"
+    _say(f"compiling {what} ({why}) in {str(folder).replace(str(Path.home()), '~', 1)}")
+    start = time.monotonic()
+    folder.mkdir(parents=True, exist_ok=True)
+    _use_this_pythons_ninja()
+    try:
+        path = torch.utils.cpp_extension.load(name=name, sources=[str(source)], build_directory=str(folder),
+                                              is_python_module=False, **flags)
+    except RuntimeError as error:
+        raise RuntimeError(_compile_error(what, str(error), folder / "build-error.log")) from None
+    _say(f"compiled in {time.monotonic() - start:.1f} s")
+    return Path(path)
+
+
+def _compile_error(what, log, log_path):
+    """The compiler's first error lines (file:line: message), not its whole output; that goes to a file."""
+    log_path.write_text(log)
+    errors = [line.replace(str(KERNELS.parent) + os.sep, "") for line in log.splitlines()
+              if re.search(r"(:\d+:\d+: (fatal )?error|\(\d+\): error)", line)]
+    shown = "\n".join(f"  {line}" for line in errors[:3]) or "  (no file:line error found: see the log)"
+    return f"minimal_flash: compiling {what} failed:\n{shown}\nthe whole compiler output: {log_path}"
+
+
+def _say(message):
+    """Build messages go to stderr, at once (tests/conftest.py routes them past pytest's capture)."""
+    print(f"minimal_flash: {message}", file=sys.stderr, flush=True)
 
 
 def _use_this_pythons_ninja():
@@ -72,11 +288,73 @@ def _use_this_pythons_ninja():
         os.environ["PATH"] = interpreter_bin + os.pathsep + path
 
 
-def _say_if_building(built, what):
-    """torch rebuilds, silently, when a source changed since the last build (you edited a .cu file):
-    say so, or the minute it takes looks like a hang."""
-    if not built.exists() or built.stat().st_mtime < max(f.stat().st_mtime for f in KERNELS.iterdir()):
-        print(f"minimal_flash: compiling {what}; a build takes a minute or so", file=sys.stderr, flush=True)
+class Kernels:
+    """One build of the kernels, for one device type and (Br, Bc): the C functions of
+    kernels/bindings.cu, called with tensors. forward() and backward() return an error message,
+    "" on success (_raise_if raises it)."""
+
+    def __init__(self, library, sources):
+        P, i, i64, f, b = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float, ctypes.c_bool
+        c = self._c = ctypes.CDLL(str(library))
+        for function, result, arguments in [
+                (c.mf_versions, i, []), (c.mf_block_size, i, [i]), (c.mf_device_shared_bytes, i64, [i]),
+                (c.mf_shared_bytes, i64, [i, i, i]), (c.mf_scratch_floats, i64, [i, i, i64]),
+                (c.mf_forward, ctypes.c_char_p, [i] + [P] * 6 + [i64, i, i, f, b, i, P]),
+                (c.mf_backward, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, f, b, i, P])]:
+            function.restype, function.argtypes = result, arguments
+        self.library, self.sources = library, sources
+        self.Br, self.Bc, self.versions = c.mf_block_size(0), c.mf_block_size(1), c.mf_versions()
+        self._asked = {}  # answers that never change, kept: each ctypes call costs host time
+
+    def _ask(self, function, *arguments):
+        if (function, arguments) not in self._asked:
+            self._asked[function, arguments] = getattr(self._c, function)(*arguments)
+        return self._asked[function, arguments]
+
+    def shared_bytes(self, pass_, version, d):
+        """The least shared memory a block of this pass and version needs for head dim d (-1: no such
+        kernel)."""
+        return self._ask("mf_shared_bytes", PASSES.index(pass_), version, d)
+
+    def device_shared_bytes(self, device):
+        """The most shared memory a block may have on this device (on the CPU, the emulation's)."""
+        return self._ask("mf_device_shared_bytes", torch.device(device).index or 0)
+
+    def forward(self, q, k, v, O, L, causal, scale, version):
+        """O, L = attention of q, k, v; returns an error message, "" on success."""
+        return _bad_layout((q, k, v, O), L, q) or self.run("forward", version, (q, k, v, O, L), causal, scale)
+
+    def backward(self, q, k, v, O, dO, L, dQ, dK, dV, causal, scale, version):
+        """dQ, dK, dV from dO and the forward's O, L; returns an error message, "" on success."""
+        tensors = (q, k, v, O, dO, L, dQ, dK, dV)
+        return _bad_layout(tensors[:5] + tensors[6:], L, q) or self.run("backward", version, tensors, causal, scale)
+
+    def run(self, pass_, version, tensors, causal, scale):
+        """forward() or backward() on tensors already checked: (q, k, v, O, L) or (q, k, v, O, dO, L,
+        dQ, dK, dV). The launch goes to the current stream of q's device, as torch's own do."""
+        q, (B, H, N, d) = tensors[0], tensors[0].shape
+        per_row = self._ask("mf_scratch_floats", PASSES.index(pass_), version, 1)
+        scratch = q.new_empty(B * H * N * max(per_row, 0))  # held here until the launch is queued
+        device = q.device.index if q.is_cuda else 0
+        stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address
+        launch = self._c.mf_forward if pass_ == "forward" else self._c.mf_backward
+        return launch(version, *(t.data_ptr() for t in (*tensors, scratch)), B * H, N, d, scale, causal, device,
+                      stream).decode()
+
+
+def _bad_layout(tensors, L, q):
+    """The kernels index raw addresses, so a wrong layout would read out of bounds. The functions
+    above have checked their inputs; this is the last line of defence, for any caller."""
+    def bad(t, shape):
+        return t.shape != shape or not t.is_contiguous() or t.dtype != torch.float32 or t.device != q.device
+
+    if any(bad(t, q.shape) for t in tensors):
+        return "internal error: the (B, H, N, d) tensors differ in shape, layout, dtype or device"
+    return "internal error: L has the wrong layout" if bad(L, q.shape[:-1]) else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
 
 
 def _check_inputs(q, k, v):
@@ -98,52 +376,20 @@ def _check_inputs(q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def forward(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=1):
-    """Run kernels/flash.cu (version 1, Algorithm 1) or kernels/flash2.cu (version 2, the
-    FlashAttention-2 loop order). Returns (O, L): the attention output and the row log-sum-exp
-    L = m + log(l) that the backward pass needs. `out=(O, L)` writes into given tensors (the tests
-    fill them with NaN first, so an element the kernel fails to write shows)."""
-    q, k, v = _check_inputs(q, k, v)
-    _check_version(version)
-    scale = _scale(q, softmax_scale)
-    O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1]))
-    if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
-        kernels = load_kernels(q.device.type, Br, Bc)
-        _check_shared_memory(kernels, q, "forward", version)
-        _raise_if(kernels.forward(q, k, v, O, L, bool(causal), scale, version))
-    return O, L
-
-
-def _check_version(version):
-    if version not in (1, 2):
-        raise ValueError(f"version = {version!r}: 1 (Algorithm 1, kernels/flash.cu) or 2 "
-                         "(FlashAttention-2, kernels/flash2.cu)")
-
-
-def backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=1):
-    """Run kernels/flash_backward.cu (version 1, Algorithm 4) or kernels/flash2_backward.cu (version 2,
-    the FlashAttention-2 loop order): the gradients (dQ, dK, dV) of a loss whose gradient with
-    respect to the output O = forward(q, k, v)[0] is dO. O and L are what forward() returned for
-    these q, k, v, causal, scale and block sizes (either version's: both give the same O and L).
-    `out=(dQ, dK, dV)` writes into given tensors."""
-    q, k, v = _check_inputs(q, k, v)
-    dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
-    L = _check_like("L", L, q[..., 0])
-    _check_version(version)
-    scale = _scale(q, softmax_scale)
-    dQ, dK, dV = out if out is not None else (torch.empty_like(q) for _ in range(3))
-    if q.numel() > 0:
-        kernels = load_kernels(q.device.type, Br, Bc)
-        _check_shared_memory(kernels, q, "backward", version)
-        _raise_if(kernels.backward(q, k, v, O, dO, L, dQ, dK, dV, bool(causal), scale, version))
-    return dQ, dK, dV
-
-
 def _check_float32_tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.float32:
         raise TypeError(f"{name} has dtype {t.dtype}; the kernels are float32 only (use .float())")
+
+
+def _check_out(name, t, like):
+    """A tensor given with out=: like q (L: like q without d), and contiguous, because the kernel
+    writes into it."""
+    _check_like(name, t, like)
+    if not t.is_contiguous():
+        raise ValueError(f"{name} (out=) must be contiguous: the kernel writes into it")
+    return t
 
 
 def _check_like(name, t, like):
@@ -156,82 +402,46 @@ def _check_like(name, t, like):
     return t.contiguous()
 
 
+def _check_version(version):
+    if version not in VERSIONS or isinstance(version, bool):
+        choices = " or ".join(f"{n} ({name}: kernels/{fwd}, kernels/{bwd})" for n, (name, fwd, bwd) in VERSIONS.items())
+        raise ValueError(f"version = {version!r}: {choices}")
+
+
+def _check_shared_memory(kernels, q, pass_, version):
+    d, file = q.shape[-1], VERSIONS[version][1 + PASSES.index(pass_)]
+    needed = kernels.shared_bytes(pass_, version, d)
+    available = kernels.device_shared_bytes(q.device)
+    if needed > available:
+        where = ("this GPU allows" if q.is_cuda else
+                 "the CPU emulation allows (it copies the limit of an H100 or H200, kernels/cpu_cuda.h)")
+        raise ValueError(f"head dim d = {d} needs {needed} bytes of shared memory per block in the {pass_} "
+                         f"kernel of version {version} (kernels/{file}) with Br = {kernels.Br}, Bc = {kernels.Bc}, "
+                         f"more than the {available} {where}: use a smaller d or smaller block sizes")
+
+
+def _check_no_dropout(dropout_p):
+    if dropout_p != 0:
+        raise ValueError(f"dropout_p = {dropout_p}: these kernels have no dropout; use dropout_p=0.0")
+
+
+def _either(name, value, default, alias, alias_value):
+    """An option given under our name (flash-attn's) or under scaled_dot_product_attention's."""
+    if alias_value is None:
+        return value
+    if value is not default and value != alias_value:
+        raise ValueError(f"{name} = {value!r} and {alias} = {alias_value!r}: give one of them")
+    return alias_value
+
+
 def _raise_if(error):
     """The extension returns an error message instead of throwing (see kernels/bindings.cu)."""
     if error:
         raise RuntimeError(f"minimal_flash: {error}")
 
 
-# Per (pass, version): the extension's function that gives a block's least shared memory for head
-# dim d, and the kernel's name in the error message.
-_SHARED_BYTES = {("forward", 1): ("forward_shared_bytes", "forward"),
-                 ("forward", 2): ("flash2_shared_bytes", "FlashAttention-2 forward"),
-                 ("backward", 1): ("backward_shared_bytes", "backward"),
-                 ("backward", 2): ("flash2_backward_shared_bytes", "FlashAttention-2 backward")}
-
-
-def _check_shared_memory(kernels, q, pass_, version):
-    shared_bytes, kernel = _SHARED_BYTES[pass_, version]
-    needed = getattr(kernels, shared_bytes)(q.shape[-1])
-    available = kernels.device_shared_bytes(q)
-    if needed > available:
-        raise ValueError(f"head dim d = {q.shape[-1]} needs {needed} bytes of shared memory per block "
-                         f"in the {kernel} kernel with Br = {kernels.Br}, Bc = {kernels.Bc}, more than "
-                         f"the {available} this device allows: use a smaller d or smaller block sizes")
-
-
-class FlashAttention(torch.autograd.Function):
-    """flash_attention with gradients. The forward saves q, k, v, O and the row log-sum-exp L: O(N d)
-    memory. The N x N matrix P is never stored; the backward kernel recomputes it tile by tile."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, Br, Bc, version):
-        q, k, v = _check_inputs(q, k, v)
-        if any(ctx.needs_input_grad[:3]) and q.numel() > 0:
-            # Fail now, not after the forward has run, if the backward will not fit.
-            kernels = load_kernels(q.device.type, Br, Bc)
-            _check_shared_memory(kernels, q, "backward", version)
-        O, L = forward(q, k, v, causal, softmax_scale, Br=Br, Bc=Bc, version=version)
-        ctx.save_for_backward(q, k, v, O, L)
-        ctx.options = dict(causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc, version=version)
-        return O
-
-    @staticmethod
-    def backward(ctx, dO):
-        dQ, dK, dV = backward(dO, *ctx.saved_tensors, **ctx.options)
-        return dQ, dK, dV, None, None, None, None, None
-
-
-def flash_attention(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, version=1):
-    """softmax(q k^T * softmax_scale [+ causal mask]) v, computed by the FlashAttention kernels,
-    differentiable. softmax_scale defaults to 1/sqrt(d). Br, Bc default to MINIMAL_FLASH_BR/_BC,
-    else 32. version=1 runs the FlashAttention paper's loop order (forward kernels/flash.cu,
-    backward kernels/flash_backward.cu), version=2 FlashAttention-2's (kernels/flash2.cu,
-    kernels/flash2_backward.cu)."""
-    Br, Bc = block_sizes(Br, Bc)  # fixed now: the backward must use the forward's
-    _check_version(version)
-    return FlashAttention.apply(q, k, v, causal, softmax_scale, Br, Bc, version)
-
-
-def manual_attention(q, k, v, causal=False, softmax_scale=None):
-    """Plain attention: builds the whole N x N score matrix S. The reference for every check."""
-    N = q.shape[-2]
-    S = (q @ k.transpose(-2, -1)) * _scale(q, softmax_scale)
-    if causal:
-        S = S.masked_fill(_above_diagonal(N, N, 0, 0, q.device), float("-inf"))
-    return torch.softmax(S, dim=-1) @ v
-
-
-def _scale(q, softmax_scale):
-    """The factor on Q K^T: 1/sqrt(d) unless given."""
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-
-
-def _above_diagonal(rows, cols, row0, col0, device):
-    """Mask of the (query, key) pairs a causal model hides: key index > query index."""
-    r = torch.arange(row0, row0 + rows, device=device)[:, None]
-    c = torch.arange(col0, col0 + cols, device=device)[None, :]
-    return c > r
+# ---------------------------------------------------------------------------------------------
+# The mirrors: Algorithms 1 and 4 tile by tile in PyTorch
 
 
 @dataclass

@@ -1,13 +1,30 @@
-// Host side of the kernels: shared-memory opt-in, scratch buffers, launch, error check.
-// nvcc compiles this file for the GPU; kernels/cpu.cpp includes it so that g++ builds the very
-// same kernels for the CPU emulation of cpu_cuda.h. minimal_flash.py validates the inputs first.
-#include <torch/extension.h>
+// Host side of the kernels: the table of versions, one launcher per (pass, version), and the C
+// functions that minimal_flash.py calls through ctypes.
+//
+//   version 1  flash.cu, flash_backward.cu: the FlashAttention paper's Algorithms 1 and 4, one block
+//              per (batch, head). Chapter 1: the algorithm as written, to read and step through.
+//   version 2  flash2.cu, flash2_backward.cu: FlashAttention-2's loop order, one block per (batch,
+//              head, 128 query rows) forward, per 128 keys backward. Chapter 2: the whole GPU busy.
+//
+// Adding a version: its kernel file, its two launchers, one row in `versions` below, one entry in
+// minimal_flash.VERSIONS.
+//
+// No torch header is included, so a build takes seconds: Python passes the tensors' addresses after
+// checking them (minimal_flash.py), and the stream to launch on. nvcc compiles this file for the GPU;
+// kernels/cpu.cpp includes it so that g++ builds the very same kernels for the CPU emulation of
+// cpu_cuda.h. Errors come back as a message ("" means success), never as a C++ exception.
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
 #ifdef __CUDACC__
-#include <ATen/cuda/CUDAContext.h>
-#define LAUNCH(kernel, grid, block, shared_bytes) \
-    kernel<<<grid, block, shared_bytes, at::cuda::getCurrentCUDAStream()>>>
-static size_t max_shared_bytes() {
-    return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+#include <cuda_runtime.h>
+#define LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
+static size_t max_shared_bytes(int device) {  // the most shared memory a block may opt into
+    int bytes = 0;
+    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    return bytes;
 }
 #else
 #include "cpu_cuda.h"
@@ -17,158 +34,192 @@ static size_t max_shared_bytes() {
 #include "flash_backward.cu"
 #include "flash2_backward.cu"
 
-// Errors go back to Python as a message ("" means success) that minimal_flash.py raises. We throw
-// no C++ exceptions across into Python: with torch 2.11 on our H200 machine, one crashed the process.
+// One call of a pass: the tensors' addresses (those the pass does not use are null), their sizes,
+// and the stream. O and L are written by the forward, read by the backward.
+struct Call {
+    const float *Q, *K, *V, *dO;
+    float *O, *L, *dQ, *dK, *dV;
+    float* scratch;  // what the version's `scratch` asks for, below
+    long long BH;    // B * H (batch, head) slices of N rows and d columns each
+    int N, d;
+    float scale;
+    bool causal;
+    int device;  // the GPU the tensors are on
+    cudaStream_t stream;
+};
 
-// A kernel gets more than 48 KB of dynamic shared memory only if it opts in. (minimal_flash.py has
-// already checked the device's limit, with forward_shared_bytes and device_shared_bytes.)
+// What the CUDA runtime says about a kernel on a device, asked once: each question costs a few
+// microseconds of host time, which at small sizes is as long as the kernel itself runs.
+struct KernelInfo {
+    int max_threads = 0;  // per block: the more registers a thread uses, the fewer
+    size_t reserved = 0;  // dynamic shared memory the kernel has opted into
+};
+static std::mutex infos_mutex;  // Python threads may launch at the same time
+static std::map<std::pair<const void*, int>, KernelInfo> infos;
+
 template <class Kernel>
-static std::string reserve_shared(Kernel* kernel, size_t bytes) {
+static int max_threads(Kernel* kernel, int device) {
+    std::lock_guard<std::mutex> lock(infos_mutex);
+    KernelInfo& info = infos[{(const void*)kernel, device}];
+    cudaFuncAttributes attributes{};
+    if (info.max_threads == 0 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess)
+        info.max_threads = attributes.maxThreadsPerBlock;  // on failure the launch check reports it
+    return info.max_threads;
+}
+
+// A kernel gets more than 48 KB of dynamic shared memory only if it opts in.
+template <class Kernel>
+static std::string reserve_shared(Kernel* kernel, int device, size_t bytes) {
+    std::lock_guard<std::mutex> lock(infos_mutex);
+    KernelInfo& info = infos[{(const void*)kernel, device}];
+    if (bytes <= info.reserved) return "";
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-    if (err == cudaSuccess) return "";
+    if (err == cudaSuccess) return info.reserved = bytes, "";
     cudaGetLastError();  // reported here: clear it, or the next launch check would report it again
     return "cannot reserve shared memory: " + std::string(cudaGetErrorString(err));
 }
 
 // Every launch is checked: a bad configuration or a fault becomes a Python exception.
-static std::string launch_error(const char* kernel) {
+template <class... Params, class... Args>
+static std::string launch(const char* name, void (*kernel)(Params...), dim3 grid, int threads,
+                          size_t shared_bytes, const Call& c, Args... args) {
+    if (std::string err = reserve_shared(kernel, c.device, shared_bytes); !err.empty()) return err;
+    LAUNCH(kernel, grid, dim3(threads), shared_bytes, c.stream)(args...);
     const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? "" : kernel + std::string(" failed: ") + cudaGetErrorString(err);
+    return err == cudaSuccess ? "" : name + std::string(" failed: ") + cudaGetErrorString(err);
 }
 
-// The kernels index raw pointers, so a wrong layout here would read out of bounds. minimal_flash.py
-// rejects bad inputs with a precise message; this is the last line of defence.
-static bool bad_layout(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& q) {
-    return t.sizes() != shape || !t.is_contiguous() || t.scalar_type() != at::kFloat ||
-           t.device() != q.device();
+// Shared memory of a block of G thread groups, in bytes, from each kernel's own layout.
+static size_t forward1_bytes(int d, int G) { return sizeof(float) * forward_shared_floats(d, G); }
+static size_t backward1_bytes(int d, int G) { return sizeof(float) * backward_shared_floats(d, G); }
+static size_t forward2_bytes(int d, int G) { return sizeof(float) * flash2_shared_floats(d, G * Br); }
+static size_t backward2_bytes(int d, int G) {
+    return sizeof(float) * flash2_backward_shared_floats(d, G * Bc);
 }
 
-static size_t forward_shared_bytes(int64_t d, int G) { return forward_shared_floats(d, G) * sizeof(float); }
-static size_t flash2_shared_bytes(int64_t d, int G) { return flash2_shared_floats(d, G * Br) * sizeof(float); }
-static size_t backward_shared_bytes(int64_t d, int G) { return backward_shared_floats(d, G) * sizeof(float); }
-static size_t flash2_backward_shared_bytes(int64_t d, int G) {
-    return flash2_backward_shared_floats(d, G * Bc) * sizeof(float);
-}
-
-static size_t device_shared_bytes(const at::Tensor& on) {
-    const at::OptionalDeviceGuard guard(at::device_of(on));
-    return max_shared_bytes();
-}
-
-// How many groups of `rows` threads (Br for a Q tile, Bc for a K tile) a block gets, each working on
-// its own tile: one per tile, up to max_threads, as far as the device's shared memory and the
+// How many groups of `rows` threads (Br for a Q tile, Bc for a K tile) a block gets, each working
+// on its own tile: one per tile, up to max_threads, as far as the device's shared memory and the
 // kernel's registers allow (a kernel that uses many registers per thread can only be launched with
 // fewer threads per block).
-template <class Kernel, class SharedBytes>
-static int thread_groups(Kernel* kernel, int64_t N, int rows, SharedBytes shared_bytes, int max_threads = 1024) {
-    cudaFuncAttributes attributes{};
-    cudaFuncGetAttributes(&attributes, kernel);  // on failure the launch check reports it
-    int G = std::min<int64_t>((N + rows - 1) / rows, std::min(attributes.maxThreadsPerBlock, max_threads) / rows);
-    while (G > 1 && shared_bytes(G) > max_shared_bytes()) --G;
+template <class Kernel>
+static int thread_groups(Kernel* kernel, const Call& c, int rows, size_t (*bytes)(int, int), int threads) {
+    int G = std::min(ceil_div(c.N, rows), std::min(max_threads(kernel, c.device), threads) / rows);
+    while (G > 1 && bytes(c.d, G) > max_shared_bytes(c.device)) --G;
     return std::max(G, 1);
 }
 
-// Version 2's grids have one column of blocks per (batch, head) slice: grid.y, at most 65535.
-static std::string grid_column_error(int64_t BH) {
+// Version 1: one block per (batch, head); its G thread groups take G query tiles of the inner loop
+// at once. Scratch: Algorithm 1's running l and m (forward), D = rowsum(dO * O) (backward).
+static std::string forward1(const Call& c) {
+    const int G = thread_groups(flash_forward, c, Br, forward1_bytes, 1024);
+    float *l = c.scratch, *m = c.scratch + c.BH * c.N;
+    return launch("flash_forward", flash_forward, dim3(c.BH), G * Br, forward1_bytes(c.d, G), c,
+                  c.Q, c.K, c.V, c.N, c.d, c.scale, c.causal, c.O, l, m, c.L);
+}
+
+static std::string backward1(const Call& c) {
+    const int G = thread_groups(flash_backward, c, Br, backward1_bytes, 1024);
+    return launch("flash_backward", flash_backward, dim3(c.BH), G * Br, backward1_bytes(c.d, G), c,
+                  c.Q, c.K, c.V, c.O, c.dO, c.L, c.N, c.d, c.scale, c.causal, c.scratch,
+                  c.dQ, c.dK, c.dV);
+}
+
+// Version 2: one column of blocks per (batch, head) slice, grid.y, at most 65535 of them.
+static std::string grid_column_error(long long BH) {
     if (BH <= 65535) return "";
     return "B * H = " + std::to_string(BH) + " is more than the 65535 blocks a grid column may have";
 }
 
-// FlashAttention-2's loop order: one block per (batch, head, tile of G * Br query rows). Blocks
-// are independent, so the grid has plenty; 4 warps per block give each multiprocessor's schedulers
-// warps to switch between while one waits for memory.
-static std::string forward2(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
-                            at::Tensor& O, at::Tensor& L, bool causal, double scale) {
-    const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
-    if (std::string err = grid_column_error(BH); !err.empty()) return err;
-    const int G = thread_groups(flash2_forward, N, Br, [&](int G) { return flash2_shared_bytes(d, G); }, 128);
-    const size_t bytes = flash2_shared_bytes(d, G);
-    if (std::string err = reserve_shared(flash2_forward, bytes); !err.empty()) return err;
-    LAUNCH(flash2_forward, dim3((N + G * Br - 1) / (G * Br), BH), dim3(G * Br), bytes)(
-        Q.data_ptr<float>(), K.data_ptr<float>(), V.data_ptr<float>(), int(N), int(d), float(scale),
-        causal, O.data_ptr<float>(), L.data_ptr<float>());
-    return launch_error("flash2_forward");
+// One block per (batch, head, tile of G * Br query rows). Blocks are independent, so the grid has
+// plenty; 4 warps per block give each multiprocessor's schedulers warps to switch between while
+// one waits for memory.
+static std::string forward2(const Call& c) {
+    if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
+    const int G = thread_groups(flash2_forward, c, Br, forward2_bytes, 128);
+    return launch("flash2_forward", flash2_forward, dim3(ceil_div(c.N, G * Br), c.BH), G * Br,
+                  forward2_bytes(c.d, G), c, c.Q, c.K, c.V, c.N, c.d, c.scale, c.causal, c.O, c.L);
 }
 
-// O = softmax(scale * Q K^T) V and L = rowwise log-sum-exp, written into O and L, by flash.cu
-// (version 1, Algorithm 1) or flash2.cu (version 2, FlashAttention-2's loop order).
-std::string forward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, at::Tensor& O,
-                    at::Tensor& L, bool causal, double scale, int version) {
-    for (const at::Tensor& t : {Q, K, V, O})
-        if (bad_layout(t, Q.sizes(), Q)) return "internal error: q, k, v, O differ in layout";
-    if (bad_layout(L, Q.sizes().slice(0, 3), Q)) return "internal error: L has the wrong layout";
-    const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
-    const at::OptionalDeviceGuard guard(at::device_of(Q));
-    if (version == 2) return forward2(Q, K, V, O, L, causal, scale);
-    at::Tensor l = at::empty_like(L), m = at::empty_like(L);  // Algorithm 1's running l and m
-    const int G = thread_groups(flash_forward, N, Br, [&](int G) { return forward_shared_bytes(d, G); });
-    const size_t bytes = forward_shared_bytes(d, G);
-    if (std::string err = reserve_shared(flash_forward, bytes); !err.empty()) return err;
-    LAUNCH(flash_forward, dim3(BH), dim3(G * Br), bytes)(
-        Q.data_ptr<float>(), K.data_ptr<float>(), V.data_ptr<float>(), int(N), int(d),
-        float(scale), causal, O.data_ptr<float>(), l.data_ptr<float>(), m.data_ptr<float>(),
-        L.data_ptr<float>());
-    return launch_error("flash_forward");
+// D first (one thread per row, into the scratch), then one block per (batch, head, tile of G * Bc
+// keys), 4 warps as in the forward. The blocks add into dQ, so it starts at 0.
+static std::string backward2(const Call& c) {
+    if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
+    const long long rows = c.BH * c.N;
+    std::string err = launch("flash2_backward_D", flash2_backward_D, dim3((rows + 255) / 256), 256, 0, c,
+                             c.O, c.dO, size_t(rows), c.d, c.scratch);
+    if (!err.empty()) return err;
+    if (cudaMemsetAsync(c.dQ, 0, sizeof(float) * rows * c.d, c.stream) != cudaSuccess)
+        return "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
+    const int G = thread_groups(flash2_backward, c, Bc, backward2_bytes, 128);
+    return launch("flash2_backward", flash2_backward, dim3(ceil_div(c.N, G * Bc), c.BH), G * Bc,
+                  backward2_bytes(c.d, G), c, c.Q, c.K, c.V, c.dO, c.L, c.scratch, c.N, c.d,
+                  c.scale, c.causal, c.dQ, c.dK, c.dV);
 }
 
-// FlashAttention-2's backward: D first (one thread per row), then one block per (batch, head, tile
-// of G * Bc keys), 4 warps as in the forward. The blocks add into dQ, so it starts at 0.
-static std::string backward2(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
-                             const at::Tensor& O, const at::Tensor& dO, const at::Tensor& L,
-                             at::Tensor& dQ, at::Tensor& dK, at::Tensor& dV, bool causal, double scale) {
-    const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
-    if (std::string err = grid_column_error(BH); !err.empty()) return err;
-    at::Tensor D = at::empty_like(L);
-    const int threads = 256;
-    LAUNCH(flash2_backward_D, dim3((BH * N + threads - 1) / threads), dim3(threads), 0)(
-        O.data_ptr<float>(), dO.data_ptr<float>(), size_t(BH * N), int(d), D.data_ptr<float>());
-    if (std::string err = launch_error("flash2_backward_D"); !err.empty()) return err;
-    dQ.zero_();
-    const int G = thread_groups(flash2_backward, N, Bc, [&](int G) { return flash2_backward_shared_bytes(d, G); }, 128);
-    const size_t bytes = flash2_backward_shared_bytes(d, G);
-    if (std::string err = reserve_shared(flash2_backward, bytes); !err.empty()) return err;
-    LAUNCH(flash2_backward, dim3((N + G * Bc - 1) / (G * Bc), BH), dim3(G * Bc), bytes)(
-        Q.data_ptr<float>(), K.data_ptr<float>(), V.data_ptr<float>(), dO.data_ptr<float>(),
-        L.data_ptr<float>(), D.data_ptr<float>(), int(N), int(d), float(scale), causal,
-        dQ.data_ptr<float>(), dK.data_ptr<float>(), dV.data_ptr<float>());
-    return launch_error("flash2_backward");
+// The table: per version and pass, the launcher, the shared memory of a block of G groups, and the
+// scratch floats per row of the B * H * N that the launcher is given.
+struct Kernel {
+    std::string (*launch)(const Call&);
+    size_t (*shared_bytes)(int d, int G);
+    int scratch;
+};
+enum Pass { FORWARD, BACKWARD };
+static const Kernel versions[][2] = {
+    {{forward1, forward1_bytes, 2}, {backward1, backward1_bytes, 1}},  // version 1
+    {{forward2, forward2_bytes, 0}, {backward2, backward2_bytes, 1}},  // version 2
+};
+constexpr int VERSIONS = sizeof(versions) / sizeof(versions[0]);
+static const Kernel* find(int pass, int version) {
+    const bool known = (pass == FORWARD || pass == BACKWARD) && 1 <= version && version <= VERSIONS;
+    return known ? &versions[version - 1][pass] : nullptr;
 }
 
-// dQ, dK, dV of the loss, given dO and the forward's O and L, written into dQ, dK, dV, by
-// flash_backward.cu (version 1, Algorithm 4) or flash2_backward.cu (version 2, FlashAttention-2).
-std::string backward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
-                     const at::Tensor& O, const at::Tensor& dO, const at::Tensor& L, at::Tensor& dQ,
-                     at::Tensor& dK, at::Tensor& dV, bool causal, double scale, int version) {
-    for (const at::Tensor& t : {Q, K, V, O, dO, dQ, dK, dV})
-        if (bad_layout(t, Q.sizes(), Q)) return "internal error: q, k, v, O, dO, dQ, dK, dV differ in layout";
-    if (bad_layout(L, Q.sizes().slice(0, 3), Q)) return "internal error: L has the wrong layout";
-    const int64_t BH = Q.size(0) * Q.size(1), N = Q.size(2), d = Q.size(3);
-    const at::OptionalDeviceGuard guard(at::device_of(Q));
-    if (version == 2) return backward2(Q, K, V, O, dO, L, dQ, dK, dV, causal, scale);
-    at::Tensor D = at::empty_like(L);  // D_i = rowsum(dO_i * O_i), filled by the kernel
-    const int G = thread_groups(flash_backward, N, Br, [&](int G) { return backward_shared_bytes(d, G); });
-    const size_t bytes = backward_shared_bytes(d, G);
-    if (std::string err = reserve_shared(flash_backward, bytes); !err.empty()) return err;
-    LAUNCH(flash_backward, dim3(BH), dim3(G * Br), bytes)(
-        Q.data_ptr<float>(), K.data_ptr<float>(), V.data_ptr<float>(), O.data_ptr<float>(),
-        dO.data_ptr<float>(), L.data_ptr<float>(), int(N), int(d), float(scale), causal,
-        D.data_ptr<float>(), dQ.data_ptr<float>(), dK.data_ptr<float>(), dV.data_ptr<float>());
-    return launch_error("flash_backward");
+// Launches go to the current device: switch to the tensors' one for this call, then back.
+static const char* run(int pass, int version, const Call& call) {
+    static thread_local std::string message;  // lives until the next call from this thread
+    const Kernel* kernel = find(pass, version);
+    int current = call.device;
+    cudaGetDevice(&current);
+    if (current != call.device) cudaSetDevice(call.device);
+    message = kernel ? kernel->launch(call) : "no kernel for pass " + std::to_string(pass) +
+                                                  ", version " + std::to_string(version);
+    if (current != call.device) cudaSetDevice(current);
+    return message.c_str();
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-    module.def("forward", &forward, "FlashAttention forward into O and L: version 1 (Algorithm 1) or 2 (FlashAttention-2)");
-    module.def("backward", &backward, "FlashAttention backward into dQ, dK, dV: version 1 (Algorithm 4) or 2 (FlashAttention-2)");
-    module.def("forward_shared_bytes", [](int64_t d) { return forward_shared_bytes(d, 1); },
-               "the least shared memory a forward block needs for head dim d (one thread group)");
-    module.def("flash2_shared_bytes", [](int64_t d) { return flash2_shared_bytes(d, 1); },
-               "the least shared memory a FlashAttention-2 forward block needs for head dim d (one thread group)");
-    module.def("backward_shared_bytes", [](int64_t d) { return backward_shared_bytes(d, 1); },
-               "the least shared memory a backward block needs for head dim d (one thread group)");
-    module.def("flash2_backward_shared_bytes", [](int64_t d) { return flash2_backward_shared_bytes(d, 1); },
-               "the least shared memory a FlashAttention-2 backward block needs for head dim d (one thread group)");
-    module.def("device_shared_bytes", &device_shared_bytes, "the most a block may have on this tensor's device");
-    module.attr("Br") = Br;
-    module.attr("Bc") = Bc;
+extern "C" {
+int mf_versions() { return VERSIONS; }
+int mf_block_size(int which) { return which == 0 ? Br : Bc; }  // 0: Br, 1: Bc
+long long mf_device_shared_bytes(int device) { return max_shared_bytes(device); }
+
+// The least shared memory a block of this pass and version needs (one thread group), and the
+// scratch floats it needs per row; -1 for a pass or version that does not exist.
+long long mf_shared_bytes(int pass, int version, int d) {
+    const Kernel* kernel = find(pass, version);
+    return kernel ? (long long)kernel->shared_bytes(d, 1) : -1;
+}
+long long mf_scratch_floats(int pass, int version, long long rows) {
+    const Kernel* kernel = find(pass, version);
+    return kernel ? kernel->scratch * rows : -1;
+}
+
+// O = softmax(scale * Q K^T) V and L = the rows' log-sum-exp, into O and L.
+// `device` and `stream`: where the tensors are and the stream to launch on (both 0 on the CPU).
+const char* mf_forward(int version, const float* Q, const float* K, const float* V, float* O, float* L,
+                       float* scratch, long long BH, int N, int d, float scale, bool causal, int device,
+                       void* stream) {
+    const Call call{Q, K, V, nullptr, O, L, nullptr, nullptr, nullptr, scratch, BH, N, d, scale, causal,
+                    device, cudaStream_t(stream)};
+    return run(FORWARD, version, call);
+}
+
+// dQ, dK, dV of the loss, given dO and the forward's O and L, into dQ, dK, dV.
+const char* mf_backward(int version, const float* Q, const float* K, const float* V, float* O,
+                        const float* dO, float* L, float* dQ, float* dK, float* dV, float* scratch,
+                        long long BH, int N, int d, float scale, bool causal, int device, void* stream) {
+    const Call call{Q, K, V, dO, O, L, dQ, dK, dV, scratch, BH, N, d, scale, causal, device,
+                    cudaStream_t(stream)};
+    return run(BACKWARD, version, call);
+}
 }

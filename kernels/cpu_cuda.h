@@ -10,10 +10,12 @@
 #include <algorithm>
 #include <cmath>
 #include <condition_variable>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -51,6 +53,12 @@ enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 inline cudaError_t cpu_last_error = cudaSuccess;
 inline std::map<const void*, size_t> cpu_shared_limit;  // per kernel, set by cudaFuncSetAttribute
 
+using cudaStream_t = void*;  // launches run at once, in order: one stream is all there is
+inline cudaError_t cudaMemsetAsync(void* address, int value, size_t bytes, cudaStream_t) {
+    std::memset(address, value, bytes);
+    return cudaSuccess;
+}
+
 inline cudaError_t cudaGetLastError() {
     cudaError_t err = cpu_last_error;
     cpu_last_error = cudaSuccess;
@@ -67,7 +75,9 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute, int bytes) {
     cpu_shared_limit[(const void*)kernel] = bytes;
     return cudaSuccess;
 }
-inline size_t max_shared_bytes() { return kMaxSharedBytes; }
+inline size_t max_shared_bytes(int) { return kMaxSharedBytes; }
+inline cudaError_t cudaGetDevice(int* device) { return *device = 0, cudaSuccess; }  // one "device"
+inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 
 // On a GPU, the registers a kernel uses per thread limit the threads a block may have; on the CPU,
 // any kernel may have the 1024 that every CUDA GPU allows.
@@ -102,7 +112,8 @@ class BlockBarrier {
 inline BlockBarrier block_barrier;
 inline void __syncthreads() { block_barrier.wait(); }
 
-// LAUNCH(kernel, grid, block, shared_bytes)(args...) stands for kernel<<<grid, block, shared_bytes>>>(args...).
+// LAUNCH(kernel, grid, block, shared_bytes, stream)(args...) stands for
+// kernel<<<grid, block, shared_bytes, stream>>>(args...).
 template <class Kernel>
 struct CpuLaunch {
     Kernel* kernel;
@@ -137,5 +148,5 @@ struct CpuLaunch {
         for (auto& thread : pool) thread.join();
     }
 };
-#define LAUNCH(kernel, grid, block, shared_bytes) \
-    CpuLaunch<decltype(kernel)>{kernel, grid, block, shared_bytes}
+#define LAUNCH(kernel, grid, block, shared_bytes, stream) \
+    CpuLaunch<std::remove_pointer_t<decltype(kernel)>>{kernel, grid, block, shared_bytes}

@@ -8,9 +8,9 @@
 // adds its share into dQ with atomicAdd, as FlashAttention-2 does. The alternative, a second kernel
 // that owns the query rows and recomputes S and dP, would redo 2 of the 5 matrix products. The
 // price of atomics: dQ must start at 0, and the order of the additions, so dQ's last bits, varies
-// from run to run. Same names as the paper: S_ij, P_ij, dP_ij, dS_ij, D_i, dQ_i, dK_j, dV_j.
-#include "flash2.cu"          // Br, Bc, load_tile; DC and flash2_V_stride
-#include "flash_backward.cu"  // LR: Br padded so that rows of a transposed tile stay 16-byte aligned
+// from run to run. Same names as the paper: S_ij, P_ij, dP_ij, dS_ij, D_i, dQ_i, dK_j, dV_j;
+// "Alg. 2, line n" marks each phase.
+#include "tiles.cuh"  // Br, Bc, LR, DC, flash2_V_stride, ceil_div, visible, load_tile
 
 // Queries a thread takes at a time: their S and dP (2 x YB floats) live in registers beside dK and
 // dV (2 x DC). Why not 16: the unrolled loop over c below then grows so long that nvcc (13.0) stops
@@ -27,8 +27,8 @@ __host__ __device__ inline int flash2_backward_shared_floats(int d, int R) {
     return (2 * flash2_V_stride(d) + R) * LR + 2 * R * (d + 1) + 2 * Br;
 }
 
-// D = rowsum(dO * O), one thread per row. Every key block needs D_i for every query tile: computing
-// it once, before the main kernel, costs one read of O.
+// Alg. 2, line 4: D = rowsum(dO * O), one thread per row. Every key block needs D_i for every
+// query tile: computing it once, before the main kernel, costs one read of O.
 __global__ void flash2_backward_D(const float* O, const float* dO, size_t rows, int d, float* D) {
     const size_t row = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= rows) return;
@@ -53,20 +53,20 @@ __global__ void flash2_backward(const float* Q, const float* K, const float* V, 
     const size_t bh = blockIdx.y;  // this block's (batch, head) slice
     Q += bh * N * d, K += bh * N * d, V += bh * N * d, dO += bh * N * d;
     dQ += bh * N * d, dK += bh * N * d, dV += bh * N * d, L += bh * N, D += bh * N;
-    const int col0 = blockIdx.x * R, col = col0 + t, keys = min(R, N - col0), Tr = (N + Br - 1) / Br;
+    const int col0 = blockIdx.x * R, col = col0 + t, keys = min(R, N - col0), Tr = ceil_div(N, Br);
     // Causal: query tiles wholly before the block's first key are skipped. Block 0 has the most
     // work, and blocks run roughly in launch order: the heaviest start first.
     const int i0 = causal ? col0 / Br : 0;
 
     for (int e = t; e < (DV - d) * LR; e += R) Q_iT[d * LR + e] = dO_iT[d * LR + e] = 0.0f;
-    // Groups of KG threads load KG rows each of the block's keys, as in flash.cu.
+    // Alg. 2, line 6: groups of KG threads load KG rows each of the block's keys, as in flash.cu.
     const int g0 = t / KG * KG;
     load_tile<KG>(K_j + g0 * (d + 1), d + 1, 1, K, col0 + g0, N, d, t % KG, KG);
     load_tile<KG>(V_j + g0 * (d + 1), d + 1, 1, V, col0 + g0, N, d, t % KG, KG);
 
     for (int c0 = 0; c0 < d; c0 += DC) {  // one pass per DC columns of dK and dV
-        float dK_row[DC] = {}, dV_row[DC] = {};
-        for (int i = i0; i < Tr; ++i) {
+        float dK_row[DC] = {}, dV_row[DC] = {};  // Alg. 2, line 7
+        for (int i = i0; i < Tr; ++i) {  // Alg. 2, lines 8-9: load Q_i, dO_i, L_i, D_i
             __syncthreads();  // all are done with the previous Q_i, dO_i, dS_T (and K_j, V_j are loaded)
             load_tile<Br>(Q_iT, 1, LR, Q, i * Br, N, d, t, R);
             load_tile<Br>(dO_iT, 1, LR, dO, i * Br, N, d, t, R);
@@ -78,7 +78,7 @@ __global__ void flash2_backward(const float* Q, const float* K, const float* V, 
 
             for (int y0 = 0; y0 < Br; y0 += YB) {
                 float P[YB] = {}, dS[YB] = {};  // S_ij then P_ij; dP_ij then dS_ij, of this key
-                for (int x = 0; x < d; ++x) {
+                for (int x = 0; x < d; ++x) {  // Alg. 2, lines 10 and 13
                     const float k = K_j[t * (d + 1) + x], v = V_j[t * (d + 1) + x];
 #pragma unroll
                     for (int y = 0; y < YB; ++y) {
@@ -87,13 +87,12 @@ __global__ void flash2_backward(const float* Q, const float* K, const float* V, 
                     }
                 }
 #pragma unroll
-                for (int y = 0; y < YB; ++y) {
-                    const int row = i * Br + y0 + y;
-                    P[y] = col < N && !(causal && col > row) ? __expf(scale * P[y] - L_i[y0 + y]) : 0.0f;
+                for (int y = 0; y < YB; ++y) {  // Alg. 2, lines 11 and 14
+                    P[y] = visible(i * Br + y0 + y, col, N, causal) ? __expf(scale * P[y] - L_i[y0 + y]) : 0.0f;
                     dS[y] = P[y] * (dS[y] - D_i[y0 + y]);  // dS_ij = P_ij * (dP_ij - D_i)
                 }
 #pragma unroll
-                for (int c = 0; c < DC; ++c) {  // dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i
+                for (int c = 0; c < DC; ++c) {  // Alg. 2, lines 12, 16: dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i
 #pragma unroll
                     for (int y = 0; y < YB; ++y) {
                         dV_row[c] += P[y] * dO_iT[(c0 + c) * LR + y0 + y];
@@ -106,9 +105,9 @@ __global__ void flash2_backward(const float* Q, const float* K, const float* V, 
             }
             if (c0 == 0) {
                 __syncthreads();  // every key's row of dS_ij^T is complete
-                // dQ_i += scale * dS_ij K_j over this block's keys. Thread e takes YB rows of dQ_i at
-                // column x; consecutive threads take consecutive x, so they read one row of K_j
-                // (consecutive words) and the same values of dS_T (a broadcast).
+                // Alg. 2, line 15: dQ_i += scale * dS_ij K_j over this block's keys. Thread e takes YB
+                // rows of dQ_i at column x; consecutive threads take consecutive x, so they read one
+                // row of K_j (consecutive words) and the same values of dS_T (a broadcast).
                 for (int e = t; e < Br / YB * d; e += R) {
                     const int x = e % d, y0 = e / d * YB;
                     float dq[YB] = {};
@@ -123,7 +122,7 @@ __global__ void flash2_backward(const float* Q, const float* K, const float* V, 
                 }
             }
         }
-        if (col < N)
+        if (col < N)  // Alg. 2, line 18
 #pragma unroll
             for (int c = 0; c < DC; ++c)  // a constant index keeps dK_row, dV_row in registers
                 if (c0 + c < d) {

@@ -4,17 +4,16 @@
 // the forward made it, instead of being stored: P_ij = exp(S_ij - L_i). dK_j and dV_j accumulate in
 // shared memory over the inner loop; dQ_i accumulates in global memory over the outer loop, as in
 // the paper. No atomics: at any moment each element of dQ, dK and dV has exactly one thread that
-// adds to it. Names follow the paper: S_ij, P_ij, dP_ij, dS_ij, D_i, dQ_i, dK_j, dV_j.
-#pragma once  // flash2_backward.cu includes it too
-#include "flash.cu"  // Br, Bc, LD and load_tile
+// adds to it. Names follow the paper: S_ij, P_ij, dP_ij, dS_ij, D_i, dQ_i, dK_j, dV_j;
+// "Alg. 4, line n" marks each phase (the paper's lines for dropout have no counterpart here).
+#include "tiles.cuh"  // Br, Bc, LD, LR, ceil_div, visible, load_tile
 
 // Shared memory, in floats. K_j and V_j are transposed (d x LD), as in flash.cu: a thread walking
 // its row of Q_i reads K_j[y][x] for all y at once, as 16-byte broadcasts. Each of the G thread
-// groups has its own Q_i, dO_i (d x LR) and P_ij, dS_ij (Bc x LR), all transposed too, with
-// LR = Br padded like LD: step A writes them one row per thread, conflict-free, and step B reads
-// them along that row 4 floats at a time. dK_j and dV_j (Bc x d) come last, in global memory's
-// order; their size need not be a multiple of 4, and everything before them stays 16-byte aligned.
-constexpr int LR = (Br + 3) / 4 * 4 + 4;
+// groups has its own Q_i, dO_i (d x LR) and P_ij, dS_ij (Bc x LR), all transposed too: step A
+// writes them one row per thread, conflict-free, and step B reads them along that row 4 floats at
+// a time. dK_j and dV_j (Bc x d) come last, in global memory's order; their size need not be a
+// multiple of 4, and everything before them stays 16-byte aligned.
 constexpr int Y = Bc % 4 == 0 ? 4 : 1;  // rows of dK_j, dV_j per thread in step B (must divide Bc)
 __host__ __device__ inline int backward_group_floats(int d) { return 2 * (d + Bc) * LR; }
 __host__ __device__ inline int backward_shared_floats(int d, int G) {
@@ -40,21 +39,21 @@ __global__ void flash_backward(const float* Q, const float* K, const float* V, c
     const size_t bh = blockIdx.x;  // this block's (batch, head) slice
     Q += bh * N * d, K += bh * N * d, V += bh * N * d, O += bh * N * d, dO += bh * N * d;
     dQ += bh * N * d, dK += bh * N * d, dV += bh * N * d, L += bh * N, D += bh * N;
-    const int Tr = (N + Br - 1) / Br, Tc = (N + Bc - 1) / Bc;
+    const int Tr = ceil_div(N, Br), Tc = ceil_div(N, Bc);
 
-    // D_i = rowsum(dO_i * O_i). The paper computes it inside the loops; it depends on the row only,
-    // so we compute it once, up front.
+    // Alg. 4, line 19: D_i = rowsum(dO_i * O_i). The paper computes it inside the loops; it depends
+    // on the row only, so we compute it once, up front.
     for (int row = threadIdx.x; row < N; row += blockDim.x) {
         float D_row = 0.0f;
         for (int x = 0; x < d; ++x) D_row += dO[(size_t)row * d + x] * O[(size_t)row * d + x];
         D[row] = D_row;
     }
 
-    for (int j = 0; j < Tc; ++j) {
+    for (int j = 0; j < Tc; ++j) {  // Alg. 4, lines 6-8: load K_j, V_j (dK_j, dV_j start at 0 below)
         load_tile<Bc>(K_jT, 1, LD, K, j * Bc, N, d, threadIdx.x, blockDim.x);
         load_tile<Bc>(V_jT, 1, LD, V, j * Bc, N, d, threadIdx.x, blockDim.x);
         const int i0 = causal ? j * Bc / Br : 0;  // tiles above the diagonal are skipped
-        for (int ib = i0; ib < Tr; ib += G) {     // one pass: group g takes tile i = ib + g
+        for (int ib = i0; ib < Tr; ib += G) {     // Alg. 4, lines 9-10; group g takes tile i = ib + g
             const int i = ib + g, row = i * Br + tx, busy = min(G, Tr - ib);
             load_tile<Br>(Q_iT, 1, LR, Q, i * Br, N, d, tx, Br);
             load_tile<Br>(dO_iT, 1, LR, dO, i * Br, N, d, tx, Br);
@@ -67,7 +66,7 @@ __global__ void flash_backward(const float* Q, const float* K, const float* V, c
             float P[Bc], dS[Bc];  // S_ij then P_ij; dP_ij then dS_ij
 #pragma unroll
             for (int y = 0; y < Bc; ++y) P[y] = dS[y] = 0.0f;
-            for (int x = 0; x < d; ++x) {
+            for (int x = 0; x < d; ++x) {  // Alg. 4, lines 11 and 17
                 const float q = Q_iT[x * LR + tx], dout = dO_iT[x * LR + tx];
 #pragma unroll
                 for (int y = 0; y < Bc; ++y) {
@@ -76,17 +75,16 @@ __global__ void flash_backward(const float* Q, const float* K, const float* V, c
                 }
             }
 #pragma unroll
-            for (int y = 0; y < Bc; ++y) {
-                const int col = j * Bc + y;
-                P[y] = col < N && !(causal && col > row) ? __expf(scale * P[y] - L_i) : 0.0f;
+            for (int y = 0; y < Bc; ++y) {  // Alg. 4, lines 12-13 and 20
+                P[y] = visible(row, j * Bc + y, N, causal) ? __expf(scale * P[y] - L_i) : 0.0f;
                 dS[y] = P[y] * (dS[y] - D_i);  // dS_ij = P_ij * (dP_ij - D_i)
                 P_ijT[y * LR + tx] = P[y];
                 dS_ijT[y * LR + tx] = dS[y];
             }
-            // dQ_i += scale dS_ij K_j, 8 columns at a time: the 8 reads of dQ are issued together
-            // (one at a time, each would wait for memory) and the 8 sums over y run side by side.
-            // Tile i is first visited at j = 0 (also when causal): there dQ starts from 0 instead of
-            // being read, so it needs no initialisation.
+            // Alg. 4, line 21: dQ_i += scale dS_ij K_j, 8 columns at a time: the 8 reads of dQ are
+            // issued together (one at a time, each would wait for memory) and the 8 sums over y run
+            // side by side. Tile i is first visited at j = 0 (also when causal): there dQ starts
+            // from 0 instead of being read, so it needs no initialisation.
             for (int x0 = 0; x0 < d && row < N; x0 += 8) {
                 float* dQ_row = dQ + (size_t)row * d + x0;
                 const int n = min(8, d - x0);
@@ -103,8 +101,9 @@ __global__ void flash_backward(const float* Q, const float* K, const float* V, c
             }
             __syncthreads();  // every group's P_ij and dS_ij are complete before step B reads them.
 
-            // Step B, all threads: dV_j += P_ij^T dO_i and dK_j += dS_ij^T Q_i, summed over the
-            // busy groups' tiles. Thread e takes rows y0 .. y0 + Y - 1 of both, at one column x.
+            // Step B, all threads (Alg. 4, lines 16 and 22; line 24 after the last pass): dV_j +=
+            // P_ij^T dO_i and dK_j += dS_ij^T Q_i, summed over the busy groups' tiles. Thread e
+            // takes rows y0 .. y0 + Y - 1 of both, at one column x.
             // Consecutive threads take consecutive x: they read the same rows of P_ij^T, dS_ij^T (a
             // broadcast, one memory transaction for the warp) and each its own row of dO_i^T, Q_i^T
             // (4 transactions for 16-byte reads): each thread reuses those for all Y rows.

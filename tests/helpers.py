@@ -1,7 +1,30 @@
-"""Shared by the tests: fresh random inputs, the float64 reference, the error measure."""
+"""Shared by the tests: the devices, the test matrix, fresh random inputs, the float64 reference and
+the error measure."""
+import pytest
 import torch
 
 import minimal_flash as mf
+
+# Every kernel test runs on the CPU emulation; on a machine with a GPU it runs on CUDA too.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU on this machine"))]
+
+# fp32 kernels against a float64 reference: seen ~3e-7 on the CPU. A wrong mask, a row read past
+# the end or a missing rescale gives errors of order 1e-2 to 1.
+TOL = 1e-5
+
+# With the default Br = Bc = 32: N of one row, below, equal to, a multiple of and not a multiple of
+# the block size; d from 1 to 200 (odd ones too; 128 and 200 need the >48 KB shared-memory opt-in).
+SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (2, 3, 32, 64), (2, 3, 64, 64), (2, 3, 100, 64),
+          (1, 2, 77, 1), (1, 2, 77, 3), (2, 1, 50, 16), (1, 2, 65, 128), (1, 1, 40, 200)]
+
+# Version 1: the paper's loop order (flash.cu, flash_backward.cu); version 2: FlashAttention-2's
+# (flash2.cu, flash2_backward.cu).
+VERSIONS = pytest.mark.parametrize("version", list(mf.VERSIONS), ids=[f"v{v}" for v in mf.VERSIONS])
+CAUSAL = pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+# Other block sizes, Br > Bc and Br < Bc: a causal row can then see no key of a tile at all.
+OTHER_N = pytest.mark.parametrize("N", [1, 15, 16, 64, 100])
+OTHER_BLOCK_SIZES = pytest.mark.parametrize("Br,Bc", [(16, 64), (64, 16)])
 
 
 def rel_err(x, ref):

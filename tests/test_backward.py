@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from conftest import DEVICES
-from helpers import random_dO, random_qkv, reference_grads, rel_err
-from test_forward import CAUSAL, OTHER_BLOCK_SIZES, OTHER_N, SHAPES, TOL, VERSIONS
+from helpers import (CAUSAL, DEVICES, OTHER_BLOCK_SIZES, OTHER_N, SHAPES, TOL, VERSIONS, random_dO, random_qkv,
+                     reference_grads, rel_err)
 
 
 def cancelled_scale(q, k, v, dO, scale):

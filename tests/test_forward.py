@@ -1,20 +1,11 @@
-"""The forward kernel (kernels/flash.cu) against float64 plain attention, on the CPU emulation and,
-where there is one, on the GPU."""
+"""The forward kernels (kernels/flash.cu, version 1; kernels/flash2.cu, version 2) against float64
+plain attention, on the CPU emulation and, where there is one, on the GPU."""
 import pytest
 import torch
 
 import minimal_flash as mf
-from conftest import DEVICES
-from helpers import poisoned_outputs, random_qkv, reference, rel_err
-
-# fp32 kernels against a float64 reference: seen ~3e-7 on the CPU. A wrong mask, a row read past
-# the end or a missing rescale gives errors of order 1e-2 to 1.
-TOL = 1e-5
-
-# With the default Br = Bc = 32: N of one row, below, equal to, a multiple of and not a multiple of
-# the block size; d from 1 to 200 (odd ones too; 128 and 200 need the >48 KB shared-memory opt-in).
-SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (2, 3, 32, 64), (2, 3, 64, 64), (2, 3, 100, 64),
-          (1, 2, 77, 1), (1, 2, 77, 3), (2, 1, 50, 16), (1, 2, 65, 128), (1, 1, 40, 200)]
+from helpers import (CAUSAL, DEVICES, OTHER_BLOCK_SIZES, OTHER_N, SHAPES, TOL, VERSIONS, poisoned_outputs,
+                     random_qkv, reference, rel_err)
 
 
 def check_forward(device, shape, causal, generator, scale=None, **options):
@@ -25,15 +16,6 @@ def check_forward(device, shape, causal, generator, scale=None, **options):
     assert torch.isfinite(O).all() and torch.isfinite(L).all(), "an output element was not written"
     assert rel_err(O, O_ref) < TOL
     assert rel_err(L, L_ref) < TOL
-
-
-# The test matrix, shared with test_backward.py. Version 1: the paper's loop order (flash.cu,
-# flash_backward.cu); version 2: FlashAttention-2's (flash2.cu, flash2_backward.cu).
-VERSIONS = pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
-CAUSAL = pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-# Other block sizes, Br > Bc and Br < Bc: a causal row can then see no key of a tile at all.
-OTHER_N = pytest.mark.parametrize("N", [1, 15, 16, 64, 100])
-OTHER_BLOCK_SIZES = pytest.mark.parametrize("Br,Bc", [(16, 64), (64, 16)])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -83,13 +83,14 @@ def test_non_contiguous_input_is_copied(generator):
     assert rel_err(mf.flash_attention(q, k, v), reference(q, k, v, False)[0]) < 1e-5
 
 
-@pytest.mark.parametrize("version,d,kernel", [(1, 300, "backward"), (2, 500, "FlashAttention-2 backward")])
+@pytest.mark.parametrize("version,d,kernel", [(1, 300, "flash_backward.cu"), (2, 500, "flash2_backward.cu")])
 def test_gradients_need_a_backward_that_fits_in_shared_memory(version, d, kernel):
     """These d fit the forward's shared memory but not the backward's (it holds more tiles): with
     gradients wanted, the forward refuses at once; without, it runs."""
     q, k, v = qkv(N=4, d=d)
     assert mf.flash_attention(q, k, v, version=version).shape == q.shape
-    with pytest.raises(ValueError, match=rf"d = {d} needs \d+ bytes of shared memory per block in the {kernel} kernel"):
+    message = rf"d = {d} needs \d+ bytes of shared memory per block in the backward kernel of version {version} "
+    with pytest.raises(ValueError, match=message + rf"\(kernels/{kernel}\)"):
         mf.flash_attention(q.requires_grad_(), k, v, version=version)
 
 
@@ -134,3 +135,17 @@ def test_empty_sizes_give_empty_gradients(version):
     q, k, v = (torch.randn(1, 2, 0, 16, requires_grad=True) for _ in range(3))
     mf.flash_attention(q, k, v, version=version).sum().backward()
     assert q.grad.shape == k.grad.shape == v.grad.shape == (1, 2, 0, 16)
+
+
+def test_out_tensors_are_checked():
+    """The kernel writes into out= tensors in place: they must be float32, shaped like q (L: without
+    d) and contiguous."""
+    q, k, v = qkv()
+    L = q.new_empty(1, 2, 20)
+    with pytest.raises(ValueError, match=r"O \(out=\) must be contiguous"):
+        mf.forward(q, k, v, out=(torch.empty(1, 2, 16, 20).transpose(2, 3), L))
+    with pytest.raises(TypeError, match="L has dtype torch.float64"):
+        mf.forward(q, k, v, out=(torch.empty_like(q), L.double()))
+    with pytest.raises(ValueError, match=r"dK must have shape \(1, 2, 20, 16\)"):
+        O, L = mf.forward(q, k, v)
+        mf.backward(torch.randn_like(q), q, k, v, O, L, out=(q.clone(), q[:, :1].clone(), q.clone()))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from conftest import DEVICES
+from helpers import DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)

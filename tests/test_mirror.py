@@ -3,10 +3,10 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import random_dO, random_qkv, reference, reference_grads, rel_err
+from helpers import CAUSAL, random_dO, random_qkv, reference, reference_grads, rel_err
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@CAUSAL
 @pytest.mark.parametrize("N,Br,Bc", [(1, 32, 32), (50, 32, 32), (64, 32, 32), (45, 8, 16), (45, 16, 8)])
 def test_mirror_matches_float64(N, Br, Bc, causal, generator):
     q, k, v = (t.double() for t in random_qkv(2, 3, N, 16, "cpu", generator))
@@ -15,7 +15,7 @@ def test_mirror_matches_float64(N, Br, Bc, causal, generator):
     assert rel_err(O, O_ref) < 1e-12 and rel_err(L, L_ref) < 1e-12
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@CAUSAL
 def test_every_step_is_attention_over_the_keys_seen_so_far(causal, generator):
     """After step (j, i), rows of Q_i hold exact attention over keys 0 .. (j+1)*Bc - 1: m is their
     row max, l the sum of exp(S - m), O the softmax-weighted average of their values."""
@@ -39,7 +39,7 @@ def test_every_step_is_attention_over_the_keys_seen_so_far(causal, generator):
         assert torch.allclose(step.O_i, torch.softmax(S, dim=-1) @ v[..., :seen, :])
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@CAUSAL
 @pytest.mark.parametrize("N,Br,Bc", [(1, 32, 32), (50, 32, 32), (64, 32, 32), (45, 8, 16), (45, 16, 8)])
 def test_mirror_backward_matches_float64(N, Br, Bc, causal, generator):
     q, k, v = (t.double() for t in random_qkv(2, 3, N, 16, "cpu", generator))
@@ -50,7 +50,7 @@ def test_mirror_backward_matches_float64(N, Br, Bc, causal, generator):
         assert (grad - ref).norm() <= 1e-12 * max(ref.norm(), 1.0)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@CAUSAL
 def test_backward_steps_recompute_the_softmax_and_sum_to_the_gradients(causal, generator):
     """Every P_ij recomputed from L is the forward's softmax, tile (i, j) of it; the running dV_j
     after the last step of column j is that tile's row of dV."""

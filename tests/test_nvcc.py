@@ -1,13 +1,10 @@
-"""Each kernels/*.cu compiles with nvcc for the H100/H200 (sm_90), wherever nvcc is installed,
-so a CUDA mistake fails CI even though CI has no GPU."""
+"""Each kernels/*.cu compiles with nvcc for the H100/H200 (sm_90), wherever nvcc is installed, so a
+CUDA mistake fails CI even though CI has no GPU. bindings.cu, which includes every kernel, includes
+no torch header, so it compiles here too."""
 import shutil
 import subprocess
-import sysconfig
-from pathlib import Path
 
 import pytest
-import torch
-import torch.utils.cpp_extension
 
 import minimal_flash as mf
 
@@ -17,14 +14,8 @@ SOURCES = sorted(mf.KERNELS.glob("*.cu"))
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_compiles_for_sm90(source, tmp_path):
-    flags = []
-    if source.name == "bindings.cu":  # the host glue includes torch's CUDA headers
-        if torch.version.cuda is None:
-            pytest.skip("bindings.cu needs a CUDA build of torch; the CUDA tests build it")
-        flags = [f"-I{p}" for p in torch.utils.cpp_extension.include_paths()]
-        flags += [f"-I{sysconfig.get_paths()['include']}", "-std=c++17"]
     result = subprocess.run(["nvcc", "-arch=sm_90", "-O3", "-Xptxas", "-v", "-c", str(source),
-                             "-o", str(tmp_path / "out.o"), *flags], capture_output=True, text=True)
+                             "-o", str(tmp_path / "out.o")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     # A thread's row of S_ij is meant to live in registers: a stack frame would mean it spilled.
     frames = [line for line in result.stderr.splitlines() if "stack frame" in line]

@@ -1,0 +1,83 @@
+"""Building the kernels: each build lives in a folder named by what it is built from, so two
+checkouts never rebuild each other's; every compile says what and why; an edited kernel is noticed
+by the running process, recompiled and loaded; a compile error shows the compiler's first error
+line and keeps the whole output in a file. On copies of kernels/, in a temporary build folder."""
+import shutil
+import time
+
+import pytest
+import torch
+
+import minimal_flash as mf
+
+
+@pytest.fixture
+def checkouts(tmp_path, monkeypatch):
+    """Two copies of kernels/ (two checkouts), a fresh build folder, and the build messages."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "builds"))
+    monkeypatch.setattr(mf, "_loaded", {})
+    messages = []
+    monkeypatch.setattr(mf, "_say", messages.append)
+    copies = [tmp_path / name / "kernels" for name in ("a", "b")]
+    for copy in copies:
+        shutil.copytree(mf.KERNELS, copy)
+
+    def use(kernels):  # as if minimal_flash.py had been imported from that checkout
+        monkeypatch.setattr(mf, "KERNELS", kernels)
+        monkeypatch.setattr(mf, "_sources", mf._Sources())
+        return mf.load_kernels("cpu", 8, 8)
+
+    return copies, use, messages
+
+
+def attention(kernels):
+    q = torch.arange(2 * 5 * 4, dtype=torch.float32).reshape(1, 2, 5, 4).sin()
+    O, L = torch.empty_like(q), q.new_empty(q.shape[:-1])
+    assert kernels.forward(q, q, q, O, L, False, 0.5, 1) == ""
+    return O
+
+
+def test_build_folders_are_named_by_what_is_built(checkouts, monkeypatch):
+    (a, b), _, _ = checkouts
+    folders = set()
+    for kernels in (a, b):
+        monkeypatch.setattr(mf, "KERNELS", kernels)
+        monkeypatch.setattr(mf, "_sources", mf._Sources())
+        folders |= {mf.build_directory(device, Br, 8) for device in ("cpu", "cuda") for Br in (8, 16)}
+    assert len(folders) == 8
+    assert mf.build_directory("cpu", 8, 8) == mf.build_directory("cpu", 8, 8)  # and stable
+
+
+def test_checkouts_do_not_rebuild_each_other_and_an_edit_is_picked_up(checkouts):
+    (a, b), use, messages = checkouts
+    first = use(a)
+    assert len(messages) == 2 and "compiling kernels/cpu.cpp for cpu with Br=8, Bc=8" in messages[0]
+    assert "no build of these sources yet" in messages[0] and messages[1].startswith("compiled in")
+    use(b)
+    assert len(messages) == 4  # the second checkout builds its own
+    again = use(a)
+    assert len(messages) == 4 and again.library == first.library  # the first's build is still there
+    O = attention(again)
+
+    flash = a / "flash.cu"
+    flash.write_text(flash.read_text().replace("o = (alpha * o + beta * pv) * inv_l;",
+                                               "o = 2.0f * (alpha * o + beta * pv) * inv_l;"))
+    time.sleep(1.1)  # kernels/ is looked at once a second at most
+    edited = mf.load_kernels("cpu", 8, 8)
+    assert "flash.cu changed" in messages[4] and edited.library != first.library
+    assert not torch.allclose(attention(edited), O)  # this process now runs the edited kernel
+
+
+def test_a_compile_error_shows_its_line_and_keeps_the_log(checkouts):
+    (a, _), use, _ = checkouts
+    lines = (a / "flash.cu").read_text().splitlines()
+    number = next(n for n, line in enumerate(lines, 1) if "const int Tr = ceil_div" in line)
+    lines[number - 1] = lines[number - 1].replace("ceil_div", "ceil_dvi", 1)  # a misspelt name
+    (a / "flash.cu").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RuntimeError) as error:
+        use(a)
+    message = str(error.value)
+    assert message.splitlines()[1].startswith(f"  kernels/flash.cu:{number}:") and "ceil_dvi" in message
+    assert len(message.splitlines()) <= 5
+    log = message.split("the whole compiler output: ")[1].strip()
+    assert "error" in open(log).read()
