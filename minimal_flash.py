@@ -246,7 +246,8 @@ def _build(device_type, Br, Bc, sources, changed):
     if device_type == "cuda":
         source, flags = KERNELS / "bindings.cu", {"extra_cuda_cflags": ["-O3", "-lineinfo"] + defines}
     else:
-        source, flags = KERNELS / "cpu.cpp", {"extra_cflags": ["-O3", "-Wno-unknown-pragmas"] + defines}
+        source, flags = KERNELS / "cpu.cpp", {"extra_cflags": ["-O3", "-fno-strict-aliasing",
+                                                                    "-Wno-unknown-pragmas"] + defines}
     library = folder / f"{name}.so"
     if library.exists():
         return library

@@ -98,13 +98,14 @@ static size_t backward2_bytes(int d, int G) {
     return sizeof(float) * flash2_backward_shared_floats(d, G * Bc);
 }
 
-// How many groups of `rows` threads (Br for a Q tile, Bc for a K tile) a block gets, each working
-// on its own tile: one per tile, up to max_threads, as far as the device's shared memory and the
-// kernel's registers allow (a kernel that uses many registers per thread can only be launched with
-// fewer threads per block).
+// How many thread groups a block gets, each of `group` threads working on its own tile of `rows`
+// (a Q tile of Br rows, or a K tile of Bc): one per tile, up to `threads` threads, as far as the
+// device's shared memory and the kernel's registers allow (a kernel that uses many registers per
+// thread can only be launched with fewer threads per block).
 template <class Kernel>
-static int thread_groups(Kernel* kernel, const Call& c, int rows, size_t (*bytes)(int, int), int threads) {
-    int G = std::min(ceil_div(c.N, rows), std::min(max_threads(kernel, c.device), threads) / rows);
+static int thread_groups(Kernel* kernel, const Call& c, int rows, int group, size_t (*bytes)(int, int),
+                         int threads) {
+    int G = std::min(ceil_div(c.N, rows), std::min(max_threads(kernel, c.device), threads) / group);
     while (G > 1 && bytes(c.d, G) > max_shared_bytes(c.device)) --G;
     return std::max(G, 1);
 }
@@ -112,14 +113,14 @@ static int thread_groups(Kernel* kernel, const Call& c, int rows, size_t (*bytes
 // Version 1: one block per (batch, head); its G thread groups take G query tiles of the inner loop
 // at once. Scratch: Algorithm 1's running l and m (forward), D = rowsum(dO * O) (backward).
 static std::string forward1(const Call& c) {
-    const int G = thread_groups(flash_forward, c, Br, forward1_bytes, 1024);
+    const int G = thread_groups(flash_forward, c, Br, Br, forward1_bytes, 1024);
     float *l = c.scratch, *m = c.scratch + c.BH * c.N;
     return launch("flash_forward", flash_forward, dim3(c.BH), G * Br, forward1_bytes(c.d, G), c,
                   c.Q, c.K, c.V, c.N, c.d, c.scale, c.causal, c.O, l, m, c.L);
 }
 
 static std::string backward1(const Call& c) {
-    const int G = thread_groups(flash_backward, c, Br, backward1_bytes, 1024);
+    const int G = thread_groups(flash_backward, c, Br, Br, backward1_bytes, 1024);
     return launch("flash_backward", flash_backward, dim3(c.BH), G * Br, backward1_bytes(c.d, G), c,
                   c.Q, c.K, c.V, c.O, c.dO, c.L, c.N, c.d, c.scale, c.causal, c.scratch,
                   c.dQ, c.dK, c.dV);
@@ -131,14 +132,20 @@ static std::string grid_column_error(long long BH) {
     return "B * H = " + std::to_string(BH) + " is more than the 65535 blocks a grid column may have";
 }
 
-// One block per (batch, head, tile of G * Br query rows). Blocks are independent, so the grid has
-// plenty; 4 warps per block give each multiprocessor's schedulers warps to switch between while
-// one waits for memory.
+// One block per (batch, head, G tiles of Br query rows), flash2_tile_threads threads per tile.
+// Blocks are independent, so the grid has plenty; up to 4 warps per block give each
+// multiprocessor's schedulers warps to switch between while one waits for memory. Whole warps
+// only: the kernel's shuffles take all 32 lanes.
 static std::string forward2(const Call& c) {
     if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
-    const int G = thread_groups(flash2_forward, c, Br, forward2_bytes, 128);
-    return launch("flash2_forward", flash2_forward, dim3(ceil_div(c.N, G * Br), c.BH), G * Br,
-                  forward2_bytes(c.d, G), c, c.Q, c.K, c.V, c.N, c.d, c.scale, c.causal, c.O, c.L);
+    if (!flash2_takes_block_sizes)
+        return "version 2 takes Br a multiple of 4 and Bc = 16, 32 or 64; these kernels have Br = " +
+               std::to_string(Br) + ", Bc = " + std::to_string(Bc);
+    int G = thread_groups(flash2_forward, c, Br, flash2_tile_threads, forward2_bytes, 128);
+    while (G * flash2_tile_threads % 32 != 0) ++G;
+    return launch("flash2_forward", flash2_forward, dim3(ceil_div(c.N, G * Br), c.BH),
+                  G * flash2_tile_threads, forward2_bytes(c.d, G), c, c.Q, c.K, c.V, c.N, c.d, c.scale,
+                  c.causal, c.O, c.L);
 }
 
 // D first (one thread per row, into the scratch), then one block per (batch, head, tile of G * Bc
@@ -151,7 +158,7 @@ static std::string backward2(const Call& c) {
     if (!err.empty()) return err;
     if (cudaMemsetAsync(c.dQ, 0, sizeof(float) * rows * c.d, c.stream) != cudaSuccess)
         return "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
-    const int G = thread_groups(flash2_backward, c, Bc, backward2_bytes, 128);
+    const int G = thread_groups(flash2_backward, c, Bc, Bc, backward2_bytes, 128);
     return launch("flash2_backward", flash2_backward, dim3(ceil_div(c.N, G * Bc), c.BH), G * Bc,
                   backward2_bytes(c.d, G), c, c.Q, c.K, c.V, c.dO, c.L, c.scratch, c.N, c.d,
                   c.scale, c.causal, c.dQ, c.dK, c.dV);

@@ -8,11 +8,13 @@
 // and reading along, not for speed.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <type_traits>
@@ -32,6 +34,9 @@ inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
 inline float __expf(float x) { return std::exp(x); }
+struct alignas(16) float4 {  // read as one 16-byte load on a GPU (the build sets -fno-strict-aliasing)
+    float x, y, z, w;
+};
 // The threads of a block run at the same time here too, so atomicAdd must really be atomic.
 inline std::mutex atomic_add_mutex;
 inline float atomicAdd(float* address, float value) {
@@ -112,6 +117,31 @@ class BlockBarrier {
 inline BlockBarrier block_barrier;
 inline void __syncthreads() { block_barrier.wait(); }
 
+// Warp-collective operations. The 32 threads of a warp exchange values through a buffer of their
+// own and meet at a barrier of their own before and after, as the lanes of a warp execute a shuffle
+// together on a GPU: a lane that reads the wrong partner gets the wrong value here too. Only whole
+// warps with the full mask, which is all the kernels use; anything else fails the launch.
+struct Warp {
+    BlockBarrier barrier;
+    float value[32];
+};
+inline std::unique_ptr<Warp[]> warps;
+inline std::atomic<bool> bad_warp_call{false};
+inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
+    const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    const unsigned lane = t % 32, partner = lane ^ unsigned(lane_mask);
+    if (mask != 0xffffffffu || blockDim.x * blockDim.y * blockDim.z % 32 != 0 || partner >= 32) {
+        bad_warp_call = true;
+        return value;
+    }
+    Warp& warp = warps[t / 32];
+    warp.value[lane] = value;
+    warp.barrier.wait();  // every lane has written its value
+    const float other = warp.value[partner];
+    warp.barrier.wait();  // every lane has read, before the next shuffle writes again
+    return other;
+}
+
 // LAUNCH(kernel, grid, block, shared_bytes, stream)(args...) stands for
 // kernel<<<grid, block, shared_bytes, stream>>>(args...).
 template <class Kernel>
@@ -131,6 +161,9 @@ struct CpuLaunch {
         }
         gridDim = grid, blockDim = block;
         block_barrier.reset(threads);
+        warps.reset(new Warp[(threads + 31) / 32]);
+        for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps[w].barrier.reset(std::min(32u, threads - 32 * w));
+        bad_warp_call = false;
         std::vector<std::thread> pool;
         for (unsigned t = 0; t < threads; ++t)
             pool.emplace_back([&, t] {
@@ -146,6 +179,7 @@ struct CpuLaunch {
                 }
             });
         for (auto& thread : pool) thread.join();
+        if (bad_warp_call) cpu_last_error = cudaErrorInvalidValue;  // a shuffle the emulation cannot run
     }
 };
 #define LAUNCH(kernel, grid, block, shared_bytes, stream) \

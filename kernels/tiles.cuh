@@ -31,6 +31,13 @@ __device__ inline bool visible(int row, int col, int N, bool causal) {
     return col < N && !(causal && col > row);
 }
 
+// Four consecutive floats at a 16-byte-aligned address, read as one 16-byte load: a quarter of the
+// load instructions of four single reads.
+__device__ inline void load4(float* to, const float* from) {
+    const float4 v = *reinterpret_cast<const float4*>(from);
+    to[0] = v.x, to[1] = v.y, to[2] = v.z, to[3] = v.w;
+}
+
 // Copies rows [row0, row0 + ROWS) of an N x d matrix into shared memory, element (r, x) going to
 // tile[r * rs + x * xs], using threads lane = 0 .. lanes-1. Consecutive lanes take consecutive x,
 // so the global reads coalesce. A thread issues all its loads before it stores any: one at a time,

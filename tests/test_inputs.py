@@ -149,3 +149,13 @@ def test_out_tensors_are_checked():
     with pytest.raises(ValueError, match=r"dK must have shape \(1, 2, 20, 16\)"):
         O, L = mf.forward(q, k, v)
         mf.backward(torch.randn_like(q), q, k, v, O, L, out=(q.clone(), q[:, :1].clone(), q.clone()))
+
+
+def test_version_2_names_the_block_sizes_it_takes():
+    """Version 2's forward gives each thread 4 rows by 4 keys and the Bc / 4 threads of a row
+    consecutive lanes of one warp: it takes Br a multiple of 4 and Bc = 16, 32 or 64."""
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match="version 2 takes Br a multiple of 4 and Bc = 16, 32 or 64; "
+                                           "these kernels have Br = 32, Bc = 48"):
+        mf.forward(q, k, v, Br=32, Bc=48, version=2)
+    assert mf.forward(q, k, v, Br=32, Bc=48)[0].shape == q.shape  # version 1 takes any
