@@ -8,16 +8,16 @@
 // the FlashAttention-2 paper's Algorithm 1.
 //
 // Register tiling: a thread computes a TM x TN block of S_ij (4 query rows by 4 keys) and a TM x OC
-// block of O, as the matrix-product kernels 5-6 of siboehm/SGEMM_CUDA do. Every float it reads from
-// shared memory then feeds 4 multiply-adds: with one row per thread (flash.cu), every read fed one,
-// and shared memory, not arithmetic, set the pace. The TPR = Bc / TN threads of a row (consecutive
+// block of O, as the matrix-product kernels 5-6 of siboehm/SGEMM_CUDA do. Each float it reads from
+// shared memory then feeds 4 multiply-adds, half a float per multiply-add; with one row per thread
+// (flash.cu), each float of K_j and V_j fed one, and shared memory, not arithmetic, set the pace. The TPR = Bc / TN threads of a row (consecutive
 // lanes of a warp) agree on its max by warp shuffles, and P_ij goes through shared memory to the
 // threads that multiply it by V_j. On an H200 this took the forward from 24.5 to 28.6 TFLOP/s at
 // N = 16384. Shared memory still sets the pace: a 16-byte read is served a quarter-warp at a time,
 // and the 4 x 4 block reads 2 bytes per multiply-add where the SM delivers about 1.
 #include "tiles.cuh"  // Br, Bc, LD, DC, flash2_V_stride, ceil_div, visible, load_tile, load4
 
-constexpr int TM = 4, TN = 4;  // a thread's rows and keys of S_ij
+constexpr int TM = 4, TN = 4;  // a thread's rows and keys of S_ij (multiples of 4: whole float4s)
 // Version 2 takes Br a multiple of TM and Bc = 16, 32 or 64: then TPR is a power of two that fits in
 // a warp, and OC, the thread's columns of O in a pass of DC = 64, is 16, 8 or 4 (a whole number of
 // 16-byte loads, and few enough registers). The launcher refuses other sizes.
@@ -35,10 +35,10 @@ __global__ void flash2_forward(const float* Q, const float* K, const float* V, i
     const int R = blockDim.x / flash2_tile_threads * Br;  // the block's rows: G tiles of Br
     const int LQ = R + 4, LV = flash2_V_stride(d);        // LQ: R padded, as LD pads Bc
     extern __shared__ __align__(16) float smem[];
-    float* Q_iT = smem;           // d x LQ: Q_i transposed, a thread's 4 rows at x are one float4
-    float* K_jT = Q_iT + d * LQ;  // d x LD: K_j transposed, a thread's 4 keys at x are one float4
+    float* Q_iT = smem;           // d x LQ: Q_i transposed, a thread's TM rows at x are TM / 4 float4s
+    float* K_jT = Q_iT + d * LQ;  // d x LD: K_j transposed, a thread's TN keys at x are TN / 4 float4s
     float* V_j = K_jT + d * LD;   // Bc x LV: a thread's OC columns of row y are OC / 4 float4s
-    float* P_ijT = V_j + Bc * LV; // Bc x LQ: P_ij transposed, a thread's 4 rows at key y are one float4
+    float* P_ijT = V_j + Bc * LV; // Bc x LQ: P_ij transposed, a thread's TM rows at key y: TM / 4 float4s
 
     const size_t bh = blockIdx.y;  // this block's (batch, head) slice
     Q += bh * N * d, K += bh * N * d, V += bh * N * d, O += bh * N * d, L += bh * N;
@@ -66,13 +66,15 @@ __global__ void flash2_forward(const float* Q, const float* K, const float* V, i
             load_tile<Bc>(V_j, LV, 1, V, j * Bc, N, d, t, blockDim.x);
             __syncthreads();  // K_j, V_j are complete before anyone reads them
 
-            float s[TM][TN] = {};  // Alg. 1, line 8: S_ij = Q_i K_j^T, the thread's 4 x 4 block
+            float s[TM][TN] = {};  // Alg. 1, line 8: S_ij = Q_i K_j^T, the thread's TM x TN block
             // Unrolled 4 times, so that the compiler issues the next x's loads before this x's sums.
 #pragma unroll 4
             for (int x = 0; x < d; ++x) {
-                float q[TM], k[TN];  // 2 loads, 16 multiply-adds
-                load4(q, &Q_iT[x * LQ + r0]);
-                load4(k, &K_jT[x * LD + k0]);
+                float q[TM], k[TN];  // (TM + TN) / 4 loads, TM * TN multiply-adds
+#pragma unroll
+                for (int i = 0; i < TM; i += 4) load4(&q[i], &Q_iT[x * LQ + r0 + i]);
+#pragma unroll
+                for (int y = 0; y < TN; y += 4) load4(&k[y], &K_jT[x * LD + k0 + y]);
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -105,8 +107,9 @@ __global__ void flash2_forward(const float* Q, const float* K, const float* V, i
             }
             __syncthreads();  // P_ij is complete before anyone reads it
             for (int y = 0; y < Bc; ++y) {  // Alg. 1, line 10: O += P_ij V_j, row y of V_j at a time
-                float p[TM], v[OC];  // 1 + OC / 4 loads, TM * OC multiply-adds
-                load4(p, &P_ijT[y * LQ + r0]);
+                float p[TM], v[OC];  // (TM + OC) / 4 loads, TM * OC multiply-adds
+#pragma unroll
+                for (int i = 0; i < TM; i += 4) load4(&p[i], &P_ijT[y * LQ + r0 + i]);
 #pragma unroll
                 for (int c = 0; c < OC; c += 4) load4(&v[c], &V_j[y * LV + c0 + 4 * kg + TPR * c]);
 #pragma unroll

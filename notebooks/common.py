@@ -7,7 +7,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import minimal_flash as mf  # noqa: E402, F401  (the notebooks import it from here)
+import minimal_flash as mf  # noqa: E402
+
+__all__ = ["device", "mf"]  # what a notebook imports from here
 
 torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"
