@@ -37,6 +37,55 @@ inline float __expf(float x) { return std::exp(x); }
 struct alignas(16) float4 {  // read as one 16-byte load on a GPU (the build sets -fno-strict-aliasing)
     float x, y, z, w;
 };
+
+// bf16 and fp16, as bits, with CUDA's conversions: from float, rounded to the nearest value, ties to
+// even, as __float2bfloat16 and __float2half do (tests/test_fragments.py checks them against torch).
+struct __nv_bfloat16 {
+    unsigned short bits;
+};
+struct __half {
+    unsigned short bits;
+};
+inline unsigned float_bits(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float bits_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {  // bf16 is a float's upper 16 bits, rounded
+    const unsigned u = float_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {(unsigned short)(u >> 16 | 0x40)};  // NaN stays NaN
+    return {(unsigned short)((u + 0x7fffu + (u >> 16 & 1)) >> 16)};
+}
+inline float __bfloat162float(__nv_bfloat16 h) { return bits_float(unsigned(h.bits) << 16); }
+inline __half __float2half(float f) {  // 5 exponent bits (bias 15) and 10 mantissa bits
+    const unsigned u = float_bits(f), sign = u >> 16 & 0x8000u, a = u & 0x7fffffffu;
+    auto rounded = [](unsigned h, unsigned rest, unsigned halfway) {  // ties to even
+        return h + (rest > halfway || (rest == halfway && (h & 1)));
+    };
+    if (a > 0x7f800000u) return {(unsigned short)(sign | 0x7e00u)};  // NaN
+    if (a >= 0x477ff000u) return {(unsigned short)(sign | 0x7c00u)};  // 65520 and up round to inf
+    if (a >= 0x38800000u)  // a normal half: rebias the exponent from 127 to 15, keep 10 mantissa bits
+        return {(unsigned short)(sign | rounded((a - 0x38000000u) >> 13, a & 0x1fffu, 0x1000u))};
+    const int e = a >> 23;  // below 2^-14: a subnormal half, in units of 2^-24
+    if (e < 102) return {(unsigned short)sign};  // below 2^-25: rounds to 0
+    const unsigned m = (a & 0x7fffffu) | 0x800000u, shift = 126 - e;
+    return {(unsigned short)(sign | rounded(m >> shift, m & ((1u << shift) - 1), 1u << (shift - 1)))};
+}
+inline float __half2float(__half h) {
+    const unsigned sign = unsigned(h.bits & 0x8000u) << 16, e = h.bits >> 10 & 0x1fu, m = h.bits & 0x3ffu;
+    if (e == 31) return bits_float(sign | 0x7f800000u | m << 13);                // inf, NaN
+    if (e == 0) return (sign ? -1.0f : 1.0f) * std::ldexp(float(m), -24);       // 0, subnormal
+    return bits_float(sign | (e + 112) << 23 | m << 13);
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { return {bits}; }
+inline __half __ushort_as_half(unsigned short bits) { return {bits}; }
 // The threads of a block run at the same time here too, so atomicAdd must really be atomic.
 inline std::mutex atomic_add_mutex;
 inline float atomicAdd(float* address, float value) {
@@ -123,7 +172,9 @@ inline void __syncthreads() { block_barrier.wait(); }
 // warps with the full mask, which is all the kernels use; anything else fails the launch.
 struct Warp {
     BlockBarrier barrier;
-    float value[32];
+    float value[32];                // a shuffle's values
+    unsigned a[32][4], b[32][2];    // an mma's fragments
+    const unsigned short* row[32];  // an ldmatrix's row addresses
 };
 inline std::unique_ptr<Warp[]> warps;
 inline std::atomic<bool> bad_warp_call{false};
@@ -141,6 +192,62 @@ inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
     warp.barrier.wait();  // every lane has read, before the next shuffle writes again
     return other;
 }
+
+// The calling lane's warp and lane number, for the collectives below; a block of whole warps only.
+inline Warp* warp_of_caller(unsigned& lane) {
+    const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    if (blockDim.x * blockDim.y * blockDim.z % 32 != 0) return bad_warp_call = true, nullptr;
+    lane = t % 32;
+    return &warps[t / 32];
+}
+
+// mma.sync m16n8k16, a warp-collective: the 32 lanes put their fragments together, then each lane
+// computes its 4 elements of d = A B + c from the whole tiles, in the layouts of kernels/mma.cuh.
+template <class Half, float (*to_float)(Half)>
+inline void mma_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+    unsigned lane;
+    Warp* warp = warp_of_caller(lane);
+    if (!warp) return;
+    std::copy(a, a + 4, warp->a[lane]), std::copy(b, b + 2, warp->b[lane]);
+    warp->barrier.wait();  // every lane's fragments are in
+    auto half = [](unsigned reg, int high) { return to_float(Half{(unsigned short)(high ? reg >> 16 : reg)}); };
+    auto A = [&](int r, int k) { return half(warp->a[r % 8 * 4 + k % 8 / 2][r / 8 + k / 8 * 2], k % 2); };
+    auto B = [&](int k, int n) { return half(warp->b[n * 4 + k % 8 / 2][k / 8], k % 2); };
+    const unsigned g = lane / 4, q = lane % 4;
+    float result[4];
+    for (int i = 0; i < 4; ++i) {
+        const int r = g + 8 * (i / 2), n = 2 * q + i % 2;
+        result[i] = c[i];
+        for (int k = 0; k < 16; ++k) result[i] += A(r, k) * B(k, n);
+    }
+    warp->barrier.wait();  // every lane has read the tiles before the next collective writes again
+    std::copy(result, result + 4, d);
+}
+inline void mma_bf16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+    mma_m16n8k16<__nv_bfloat16, __bfloat162float>(d, a, b, c);
+}
+inline void mma_f16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+    mma_m16n8k16<__half, __half2float>(d, a, b, c);
+}
+
+// ldmatrix .x4, a warp-collective: lane 8i + j gives the address of row j of tile i; lane l gets
+// row g, columns 2q, 2q+1 of each tile (transposed: rows 2q, 2q+1 of column g).
+inline void ldmatrix(unsigned (&r)[4], const void* row, bool transposed) {
+    unsigned lane;
+    Warp* warp = warp_of_caller(lane);
+    if (!warp) return;
+    warp->row[lane] = static_cast<const unsigned short*>(row);
+    warp->barrier.wait();  // every lane's address is in
+    const unsigned g = lane / 4, q = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        const unsigned short* const* rows = warp->row + 8 * i;
+        r[i] = transposed ? rows[2 * q][g] | unsigned(rows[2 * q + 1][g]) << 16
+                          : rows[g][2 * q] | unsigned(rows[g][2 * q + 1]) << 16;
+    }
+    warp->barrier.wait();  // every lane has read the addresses before the next collective writes
+}
+inline void ldmatrix_x4(unsigned (&r)[4], const void* row) { ldmatrix(r, row, false); }
+inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) { ldmatrix(r, row, true); }
 
 // LAUNCH(kernel, grid, block, shared_bytes, stream)(args...) stands for
 // kernel<<<grid, block, shared_bytes, stream>>>(args...).

@@ -1,0 +1,61 @@
+// Tensor cores, one warp at a time (chapter 3): ldmatrix loads 8 x 8 tiles of 16-bit values from
+// shared memory into the registers of a warp's 32 lanes, and mma.sync m16n8k16 multiplies a 16 x 16
+// tile A by a 16 x 8 tile B, bf16 or fp16 in, fp32 accumulated. On the GPU each is one PTX
+// instruction; on the CPU, kernels/cpu_cuda.h emulates them with the same lane layouts, so a kernel
+// that takes the wrong register gets a wrong answer there too. The layouts (PTX ISA, "Matrix
+// fragments for mma.m16n8k16"), for lane l, g = l / 4, q = l % 4, two 16-bit values per register
+// (the lower column or row index in the low half):
+//   a[0]: A[g][2q, 2q+1]   a[1]: A[g+8][2q, 2q+1]   a[2]: A[g][2q+8, 2q+9]   a[3]: A[g+8][2q+8, 2q+9]
+//   b[0]: B[2q, 2q+1][g]   b[1]: B[2q+8, 2q+9][g]
+//   c[0], c[1]: C[g][2q, 2q+1]   c[2], c[3]: C[g+8][2q, 2q+1]   (and d, the result, likewise)
+#pragma once
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+// Two floats rounded to bf16 (or fp16) and packed into one register, the first in the low half.
+__device__ inline unsigned pack_bf16(float lo, float hi) {
+    return __bfloat16_as_ushort(__float2bfloat16(lo)) | unsigned(__bfloat16_as_ushort(__float2bfloat16(hi))) << 16;
+}
+__device__ inline unsigned pack_f16(float lo, float hi) {
+    return __half_as_ushort(__float2half(lo)) | unsigned(__half_as_ushort(__float2half(hi))) << 16;
+}
+
+#ifdef __CUDACC__  // on the CPU, cpu_cuda.h defines the same functions
+// d = A b + c for one 16 x 8 tile of fp32, A and b in bf16 (or fp16), in the layouts above.
+__device__ inline void mma_bf16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                                         const float (&c)[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%10, %11, %12, %13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+          "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+__device__ inline void mma_f16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                                        const float (&c)[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%10, %11, %12, %13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+          "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+// Four 8 x 8 tiles of 16-bit values from shared memory: lanes 8i .. 8i+7 give the addresses of the
+// 8 rows (16 bytes each) of tile i, and lane l receives in r[i] row g, columns 2q and 2q+1 of tile
+// i. With .trans, tile i transposed: row 2q and 2q+1, column g.
+__device__ inline void ldmatrix_x4(unsigned (&r)[4], const void* row) {
+    const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+__device__ inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) {
+    const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+#endif

@@ -1,0 +1,69 @@
+// A fragment-level program for tests/test_fragments.py. One warp loads A, K and V (16 x 16 each,
+// bf16 or fp16) into shared memory; with ldmatrix and mma.sync (kernels/mma.cuh) it computes
+// S = A K^T and O = A V in fp32, each as two 16 x 8 tiles, and with shuffles each row's max of S,
+// the steps of attention on tensor cores. nvcc builds it for the GPU, g++ against kernels/cpu_cuda.h
+// for the CPU: the test runs both on the same inputs and compares them, lane layouts included.
+#include "mma.cuh"
+#ifdef __CUDACC__
+#define LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
+#endif
+
+template <bool BF16>
+__global__ void fragments(const unsigned short* A, const unsigned short* K, const unsigned short* V,
+                          float* S, float* O, float* row_max) {
+    extern __shared__ __align__(16) float smem[];
+    unsigned short *a = reinterpret_cast<unsigned short*>(smem), *k = a + 256, *v = k + 256;
+    const int l = threadIdx.x, g = l / 4, q = l % 4;
+    for (int e = l; e < 256; e += 32) a[e] = A[e], k[e] = K[e], v[e] = V[e];
+    __syncthreads();
+    // A: tiles (rows 0-7, columns 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15): a[0] .. a[3].
+    // K: B = K^T, so b is row g of K: tiles (keys 0-7, 0-7), (0-7, 8-15) for keys 0-7, then 8-15.
+    // V: B = V, columns of V: the same tiles as A's, transposed.
+    unsigned af[4], kf[4], vf[4];
+    ldmatrix_x4(af, &a[l % 16 * 16 + l / 16 * 8]);
+    ldmatrix_x4(kf, &k[(l % 8 + l / 16 * 8) * 16 + l / 8 % 2 * 8]);
+    ldmatrix_x4_trans(vf, &v[l % 16 * 16 + l / 16 * 8]);
+    float m[2] = {-INFINITY, -INFINITY};  // rows g and g + 8
+    for (int n = 0; n < 2; ++n) {        // columns 8n .. 8n + 7 of S and O
+        float s[4], o[4];
+        const float zero[4] = {};
+        if constexpr (BF16) {
+            mma_bf16_m16n8k16(s, af, {kf[2 * n], kf[2 * n + 1]}, zero);
+            mma_bf16_m16n8k16(o, af, {vf[2 * n], vf[2 * n + 1]}, zero);
+        } else {
+            mma_f16_m16n8k16(s, af, {kf[2 * n], kf[2 * n + 1]}, zero);
+            mma_f16_m16n8k16(o, af, {vf[2 * n], vf[2 * n + 1]}, zero);
+        }
+        for (int i = 0; i < 4; ++i) {
+            const int row = g + 8 * (i / 2), col = 8 * n + 2 * q + i % 2;
+            S[row * 16 + col] = s[i], O[row * 16 + col] = o[i];
+            m[i / 2] = fmaxf(m[i / 2], s[i]);
+        }
+    }
+    for (int i = 0; i < 2; ++i) {  // a row's 16 values are with its 4 lanes q = 0 .. 3
+        m[i] = fmaxf(m[i], __shfl_xor_sync(0xffffffffu, m[i], 1));
+        m[i] = fmaxf(m[i], __shfl_xor_sync(0xffffffffu, m[i], 2));
+        if (q == 0) row_max[g + 8 * i] = m[i];
+    }
+}
+
+extern "C" {
+// Runs the program on one warp; "" on success.
+const char* run_fragments(int bf16, const unsigned short* A, const unsigned short* K, const unsigned short* V,
+                          float* S, float* O, float* row_max) {
+    if (bf16)
+        LAUNCH(fragments<true>, dim3(1), dim3(32), 3 * 256 * 2, 0)(A, K, V, S, O, row_max);
+    else
+        LAUNCH(fragments<false>, dim3(1), dim3(32), 3 * 256 * 2, 0)(A, K, V, S, O, row_max);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? "" : cudaGetErrorString(err);
+}
+
+// Rounds n floats to bf16 (or fp16) bits with this build's conversions, and back.
+void round_to_half(int bf16, const float* in, unsigned short* bits, float* back, long n) {
+    for (long i = 0; i < n; ++i) {
+        bits[i] = bf16 ? __bfloat16_as_ushort(__float2bfloat16(in[i])) : __half_as_ushort(__float2half(in[i]));
+        back[i] = bf16 ? __bfloat162float(__ushort_as_bfloat16(bits[i])) : __half2float(__ushort_as_half(bits[i]));
+    }
+}
+}

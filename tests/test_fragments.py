@@ -1,0 +1,106 @@
+"""The CPU emulation of the tensor-core building blocks (kernels/cpu_cuda.h, used through
+kernels/mma.cuh): bf16 and fp16 rounding against torch's, and one fragment-level program
+(tests/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles) against float64 and, on a GPU,
+against the hardware running the same source."""
+import ctypes
+
+import pytest
+import torch
+import torch.utils.cpp_extension
+
+import minimal_flash as mf
+from helpers import DEVICES
+
+TESTS = mf.KERNELS.parent / "tests"
+HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """The fragment program built for a device type (once per module), as a ctypes library."""
+    libraries = {}
+
+    def build_for(device):
+        if device not in libraries:
+            folder = tmp_path_factory.mktemp(f"fragments_{device}")
+            source, flags = ((TESTS / "fragments.cu", {"extra_cuda_cflags": ["-O3"]}) if device == "cuda" else
+                             (TESTS / "fragments_cpu.cpp", {"extra_cflags": ["-O2", "-fno-strict-aliasing"]}))
+            mf._use_this_pythons_ninja()
+            path = torch.utils.cpp_extension.load(
+                name=f"fragments_{device}", sources=[str(source)], build_directory=str(folder),
+                extra_include_paths=[str(mf.KERNELS), str(TESTS)], is_python_module=False, **flags)
+            library = ctypes.CDLL(path)
+            library.run_fragments.restype = ctypes.c_char_p
+            library.run_fragments.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6
+            library.round_to_half.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long]
+            libraries[device] = library
+        return libraries[device]
+
+    return build_for
+
+
+def edge_values():
+    """Floats where rounding to 16 bits is hard: ties (even and odd), the largest values, the
+    subnormal range of fp16 and its boundaries, zeros, infinities, NaN; then random ones."""
+    bits = [0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x477FEFFF, 0x477FF000, 0x477FF001,
+            0x33000000, 0x33000001, 0x33800000, 0x387FE000, 0x387FF000, 0x38800000, 0x387FFFFF,
+            0x80000000, 0x00000000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x00000001, 0x007FFFFF,
+            0x7FC00000, 0xFFC00001, 0x7F800001]
+    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    values = torch.tensor([65504.0, -65519.0, 65520.0, 1e5, 6e-8, 3e-8, 2.98e-8, 1 / 3, -2.5e-6, 1e-40])
+    generator = torch.Generator().manual_seed(0)
+    scales = 10.0 ** torch.randint(-9, 6, (4000,), generator=generator)
+    return torch.cat([special, values, torch.randn(4000, generator=generator) * scales])
+
+
+@HALVES
+def test_rounding_matches_torch(build, dtype):
+    """__float2bfloat16 / __float2half round to nearest, ties to even, as torch's .to() does, and
+    convert back exactly; NaN stays NaN."""
+    x = edge_values()
+    bits, back = torch.empty(len(x), dtype=torch.int16), torch.empty_like(x)
+    build("cpu").round_to_half(int(dtype == torch.bfloat16), x.data_ptr(), bits.data_ptr(), back.data_ptr(), len(x))
+    expected = x.to(dtype)
+    nan = torch.isnan(x)
+    assert torch.equal(bits[~nan], expected.view(torch.int16)[~nan])
+    assert torch.equal(back[~nan], expected.float()[~nan])
+    assert torch.isnan(back[nan]).all() and nan.any()
+
+
+def run_program(build, device, dtype, A, K, V):
+    S, O, row_max = (torch.full(shape, float("nan"), device=device) for shape in ((16, 16), (16, 16), (16,)))
+    inputs = [t.to(device=device, dtype=dtype).contiguous() for t in (A, K, V)]
+    error = build(device).run_fragments(int(dtype == torch.bfloat16), *(t.data_ptr() for t in (*inputs, S, O, row_max)))
+    assert error == b"", error
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return S.cpu(), O.cpu(), row_max.cpu()
+
+
+def random_tiles(seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 16, generator=generator) for _ in range(3)]
+
+
+@HALVES
+def test_program_computes_attentions_steps(build, dtype):
+    """On the emulation: S = A K^T and O = A V, against float64 products of the same 16-bit
+    values (their products are exact in fp32, so only the fp32 sums round), and each row's max of
+    S, found by shuffles across the row's 4 lanes."""
+    A, K, V = (t.to(dtype).double() for t in random_tiles(1))
+    S, O, row_max = run_program(build, "cpu", dtype, A, K, V)
+    assert torch.allclose(S.double(), A @ K.T, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(O.double(), A @ V, rtol=1e-6, atol=1e-5)
+    assert torch.equal(row_max, S.amax(dim=1))
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if getattr(d, "values", [d])[0] == "cuda"])
+@HALVES
+def test_emulation_gives_the_hardwares_answer(build, device, dtype):
+    """The same source, the same inputs, on the GPU and in the emulation: if the emulation's lane
+    layouts of ldmatrix, mma or the shuffles differed from the hardware's, the tiles would differ."""
+    for seed in range(5):
+        A, K, V = random_tiles(seed)
+        on_gpu, emulated = run_program(build, device, dtype, A, K, V), run_program(build, "cpu", dtype, A, K, V)
+        for name, x, y in zip(("S", "O", "row max"), on_gpu, emulated):
+            assert torch.allclose(x, y, rtol=1e-6, atol=1e-5), name
