@@ -40,6 +40,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import minimal_flash as mf
 
+FP32_VERSIONS = [v for v, (*_, dtypes) in mf.VERSIONS.items() if torch.float32 in dtypes]  # this benchmark's
+
 # The sweep's (B, H) at each N: enough (batch, head) slices that every point does real work, and,
 # where there is one, the shape at which the reference project was measured, so that its numbers
 # describe the same work as ours. On the CPU, small sizes: the emulation is slow.
@@ -58,9 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--br", type=int, default=None, help="query rows per block, Br (default 32)")
     p.add_argument("--bc", type=int, default=None, help="key rows per tile, Bc (default 32)")
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--version", type=int, default=1, choices=list(mf.VERSIONS),
+    p.add_argument("--version", type=int, default=1, choices=FP32_VERSIONS,
                    help="our kernels in the default run: " + ", ".join(
-                       f"{v} = {name} ({fwd}, {bwd})" for v, (name, fwd, bwd) in mf.VERSIONS.items()))
+                       f"{v} = {mf.VERSIONS[v][0]} ({mf.VERSIONS[v][1]}, {mf.VERSIONS[v][2]})" for v in FP32_VERSIONS))
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10 on a GPU, 2 on the CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method, at most (default 200 / 10)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
@@ -71,7 +73,7 @@ def parse_args(argv=None):
                    help="--sweep: timed seconds per method and pass, at most; fewer repeats for slow ones")
     p.add_argument("--min-repeats", type=int, default=5, help="--sweep: timed calls per method, at least")
     p.add_argument("--methods", nargs="+", metavar="NAME",
-                   help=f"--sweep: only these of manual, {', '.join(map(method_name, mf.VERSIONS))}, sdpa (default: all)")
+                   help=f"--sweep: only these of manual, {', '.join(map(method_name, FP32_VERSIONS))}, sdpa (default: all)")
     p.add_argument("--replot", type=Path, metavar="CSV",
                    help="only redraw the plots of a sweep.csv (GPU or CPU, as the file says), beside it")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in manual attention's and SDPA's matmuls "
@@ -251,8 +253,8 @@ def method_name(version):
 
 
 def sweep_methods(args):
-    """{name: fn(q, k, v, causal)}: manual attention, our kernels in every version of mf.VERSIONS
-    (the paper's loop order, FlashAttention-2's, ...; forward and backward), SDPA on its fp32 backend."""
+    """{name: fn(q, k, v, causal)}: manual attention, our kernels in every float32 version (the paper's
+    loop order, FlashAttention-2's, ...; forward and backward), SDPA on its fp32 backend."""
     Br, Bc = mf.block_sizes(args.br, args.bc)
     backend = sdpa_backend(args.device, args.causal)
 
@@ -263,7 +265,7 @@ def sweep_methods(args):
     def ours(version):
         return lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc, version=version)
 
-    return {"manual": mf.manual_attention, **{method_name(v): ours(v) for v in mf.VERSIONS},
+    return {"manual": mf.manual_attention, **{method_name(v): ours(v) for v in FP32_VERSIONS},
             f"sdpa-{backend.name.lower().replace('_attention', '')}": sdpa}
 
 
@@ -275,7 +277,7 @@ def chosen_methods(methods, names):
     unknown = [n for n in names if not any(named(m, n) for m in methods)]
     if unknown:
         sys.exit(f"bench: unknown method {unknown[0]!r}; choose from manual, "
-                 f"{', '.join(map(method_name, mf.VERSIONS))}, sdpa")
+                 f"{', '.join(map(method_name, FP32_VERSIONS))}, sdpa")
     return {m: fn for m, fn in methods.items() if any(named(m, n) for n in names)}
 
 

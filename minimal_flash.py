@@ -1,11 +1,12 @@
 """Minimal FlashAttention: the Python face of kernels/*.cu.
 
     flash_attention(q, k, v, causal=False, softmax_scale=None)   the kernels, on GPU or CPU, with autograd
-                                                                  (version=2: the FlashAttention-2 kernels)
+                                                                  (version=2: the FlashAttention-2 kernels;
+                                                                  bf16/fp16: version 3, tensor cores)
     flash_attn_func(q, k, v, ...), flash_attn_qkvpacked_func(qkv, ...)   the official flash-attn package's
                                                                   entry points, (B, N, H, d) layout
     manual_attention(q, k, v, causal=False, softmax_scale=None)  plain attention, the reference
-    forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)       the kernels (version=1 or 2), called directly
+    forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)       the kernels (version=1, 2 or 3), called directly
     mirror_forward(q, k, v, ...), mirror_backward(...)            Algorithms 1 and 4 tile by tile in PyTorch
 
 Tensors are (B, H, N, d), the layout of torch.nn.functional.scaled_dot_product_attention.
@@ -34,10 +35,12 @@ import torch.utils.cpp_extension
 KERNELS = Path(__file__).resolve().parent / "kernels"
 
 # The kernel versions, as in the table of kernels/bindings.cu: version -> (name, forward kernel file,
-# backward kernel file).
-VERSIONS = {1: ("Algorithm 1", "flash.cu", "flash_backward.cu"),
-            2: ("FlashAttention-2", "flash2.cu", "flash2_backward.cu")}
+# backward kernel file or None, the dtypes it takes).
+VERSIONS = {1: ("Algorithm 1", "flash.cu", "flash_backward.cu", (torch.float32,)),
+            2: ("FlashAttention-2", "flash2.cu", "flash2_backward.cu", (torch.float32,)),
+            3: ("FlashAttention-2 on tensor cores", "flash3.cu", None, (torch.bfloat16, torch.float16))}
 PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the order of kernels/bindings.cu's DType
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,18 +48,25 @@ PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
 
 
 def flash_attention(q, k, v, causal=False, softmax_scale=None, *, is_causal=None, scale=None, Br=None,
-                    Bc=None, version=1):
+                    Bc=None, version=None):
     """softmax(q k^T * softmax_scale [+ causal mask]) v, computed by the FlashAttention kernels,
     differentiable. softmax_scale defaults to 1/sqrt(d). is_causal and scale are the same options
     under torch.nn.functional.scaled_dot_product_attention's names. Br, Bc default to
     MINIMAL_FLASH_BR/_BC, else 32. version=1 runs the FlashAttention paper's loop order (forward
     kernels/flash.cu, backward kernels/flash_backward.cu), version=2 FlashAttention-2's
-    (kernels/flash2.cu, kernels/flash2_backward.cu)."""
+    (kernels/flash2.cu, kernels/flash2_backward.cu), both in float32; version=3 FlashAttention-2's
+    on tensor cores in bfloat16 or float16 (kernels/flash3.cu; forward only so far). The default:
+    version 1 for float32 inputs, version 3 for bfloat16 and float16 ones."""
     causal = _either("causal", causal, False, "is_causal", is_causal)
     softmax_scale = _either("softmax_scale", softmax_scale, None, "scale", scale)
     Br, Bc = block_sizes(Br, Bc)  # fixed now: the backward must use the forward's
-    _check_version(version)
-    q, k, v = _check_inputs(q, k, v)  # outside the Function: its .contiguous() passes gradients back
+    version = _check_version(version, q)
+    q, k, v = _check_inputs(q, k, v, version)  # outside the Function: its .contiguous() passes gradients back
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # Fail now, not after the forward has run, if there is no backward or it will not fit.
+        _check_backward_exists(version)
+        if q.numel() > 0:
+            _check_shared_memory(load_kernels(q.device.type, Br, Bc), q, "backward", version)
     return FlashAttention.apply(q, k, v, bool(causal), softmax_scale, Br, Bc, version)
 
 
@@ -88,21 +98,21 @@ def relative_error(x, ref):
     return ((x - ref).norm() / ref.norm()).item()
 
 
-def forward(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=1):
+def forward(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=None):
     """Run kernels/flash.cu (version 1, Algorithm 1) or kernels/flash2.cu (version 2, the
     FlashAttention-2 loop order). Returns (O, L): the attention output and the row log-sum-exp
     L = m + log(l) that the backward pass needs. `out=(O, L)` writes into given tensors (the tests
     fill them with NaN first, so an element the kernel fails to write shows)."""
-    q, k, v = _check_inputs(q, k, v)
-    _check_version(version)
+    version = _check_version(version, q)
+    q, k, v = _check_inputs(q, k, v, version)
     if out is not None:
-        out = _check_out("O", out[0], q), _check_out("L", out[1], q[..., 0])
+        out = _check_out("O", out[0], q), _check_out("L", out[1], q[..., 0].float())
     return _forward(q, k, v, causal, softmax_scale, Br, Bc, version, out)
 
 
 def _forward(q, k, v, causal, softmax_scale, Br, Bc, version, out=None):
     """forward() on inputs already checked: what every call pays for, and no more."""
-    O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1]))
+    O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32))
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
         kernels = load_kernels(q.device.type, Br, Bc)
         _check_shared_memory(kernels, q, "forward", version)
@@ -110,16 +120,17 @@ def _forward(q, k, v, causal, softmax_scale, Br, Bc, version, out=None):
     return O, L
 
 
-def backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=1):
+def backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=None):
     """Run kernels/flash_backward.cu (version 1, Algorithm 4) or kernels/flash2_backward.cu (version 2,
     the FlashAttention-2 loop order): the gradients (dQ, dK, dV) of a loss whose gradient with
     respect to the output O = forward(q, k, v)[0] is dO. O and L are what forward() returned for
     these q, k, v, causal, scale and block sizes (either version's: both give the same O and L).
     `out=(dQ, dK, dV)` writes into given tensors."""
-    q, k, v = _check_inputs(q, k, v)
+    version = _check_version(version, q)
+    _check_backward_exists(version)
+    q, k, v = _check_inputs(q, k, v, version)
     dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
     L = _check_like("L", L, q[..., 0])
-    _check_version(version)
     if out is not None:
         out = tuple(_check_out(name, t, q) for name, t in zip(("dQ", "dK", "dV"), out))
     return _backward(dO, q, k, v, O, L, causal, softmax_scale, Br, Bc, version, out)
@@ -142,9 +153,6 @@ class FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, Br, Bc, version):  # flash_attention checked them
-        if any(ctx.needs_input_grad[:3]) and q.numel() > 0:
-            # Fail now, not after the forward has run, if the backward will not fit.
-            _check_shared_memory(load_kernels(q.device.type, Br, Bc), q, "backward", version)
         O, L = _forward(q, k, v, causal, softmax_scale, Br, Bc, version)
         ctx.save_for_backward(q, k, v, O, L)
         ctx.options = causal, softmax_scale, Br, Bc, version
@@ -300,8 +308,8 @@ class Kernels:
         for function, result, arguments in [
                 (c.mf_versions, i, []), (c.mf_block_size, i, [i]), (c.mf_device_shared_bytes, i64, [i]),
                 (c.mf_shared_bytes, i64, [i, i, i]), (c.mf_scratch_floats, i64, [i, i, i64]),
-                (c.mf_forward, ctypes.c_char_p, [i] + [P] * 6 + [i64, i, i, f, b, i, P]),
-                (c.mf_backward, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, f, b, i, P])]:
+                (c.mf_forward, ctypes.c_char_p, [i] + [P] * 6 + [i64, i, i, f, b, i, i, P]),
+                (c.mf_backward, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, f, b, i, i, P])]:
             function.restype, function.argtypes = result, arguments
         self.library, self.sources = library, sources
         self.Br, self.Bc, self.versions = c.mf_block_size(0), c.mf_block_size(1), c.mf_versions()
@@ -339,29 +347,29 @@ class Kernels:
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address
         launch = self._c.mf_forward if pass_ == "forward" else self._c.mf_backward
-        return launch(version, *(t.data_ptr() for t in (*tensors, scratch)), B * H, N, d, scale, causal, device,
-                      stream).decode()
+        return launch(version, *(t.data_ptr() for t in (*tensors, scratch)), B * H, N, d, scale, causal,
+                      DTYPES.index(q.dtype), device, stream).decode()
 
 
 def _bad_layout(tensors, L, q):
     """The kernels index raw addresses, so a wrong layout would read out of bounds. The functions
     above have checked their inputs; this is the last line of defence, for any caller."""
-    def bad(t, shape):
-        return t.shape != shape or not t.is_contiguous() or t.dtype != torch.float32 or t.device != q.device
+    def bad(t, shape, dtype):
+        return t.shape != shape or not t.is_contiguous() or t.dtype != dtype or t.device != q.device
 
-    if any(bad(t, q.shape) for t in tensors):
+    if q.dtype not in DTYPES or any(bad(t, q.shape, q.dtype) for t in tensors):
         return "internal error: the (B, H, N, d) tensors differ in shape, layout, dtype or device"
-    return "internal error: L has the wrong layout" if bad(L, q.shape[:-1]) else ""
+    return "internal error: L has the wrong layout" if bad(L, q.shape[:-1], torch.float32) else ""
 
 
 # ---------------------------------------------------------------------------------------------
 # Input checks
 
 
-def _check_inputs(q, k, v):
-    """Raise a clear error for anything the kernels cannot take; return (q, k, v) contiguous."""
+def _check_inputs(q, k, v, version):
+    """Raise a clear error for anything this version's kernels cannot take; return (q, k, v) contiguous."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float32_tensor(name, t)
+        _check_tensor(name, t, version)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (B, H, N, d), got shape {tuple(t.shape)}")
     if not q.shape == k.shape == v.shape:
@@ -377,11 +385,15 @@ def _check_inputs(q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _check_float32_tensor(name, t):
+def _check_tensor(name, t, version):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} has dtype {t.dtype}; the kernels are float32 only (use .float())")
+    if t.dtype not in VERSIONS[version][3]:
+        takes = "float32 only" if version < 3 else "bfloat16 and float16 only"
+        other = ("bfloat16 and float16 run version 3 (tensor cores)" if t.dtype in VERSIONS[3][3] else
+                 "float32 runs version 1 or 2" if t.dtype == torch.float32 else
+                 "the kernels take float32 (versions 1, 2), bfloat16 and float16 (version 3)")
+        raise TypeError(f"{name} has dtype {t.dtype}; version {version}'s kernels are {takes}: {other}")
 
 
 def _check_out(name, t, like):
@@ -395,7 +407,10 @@ def _check_out(name, t, like):
 
 def _check_like(name, t, like):
     """The backward's other inputs must match q in shape (L: q's without d), dtype and device."""
-    _check_float32_tensor(name, t)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}; it must be {like.dtype}, as q (L: float32)")
     if t.shape != like.shape:
         raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(t.shape)}")
     if t.device != like.device:
@@ -403,10 +418,20 @@ def _check_like(name, t, like):
     return t.contiguous()
 
 
-def _check_version(version):
+def _check_version(version, q):
+    """The version to run: the one asked for, else 3 for bfloat16 and float16 inputs and 1 otherwise."""
+    if version is None:
+        return 3 if isinstance(q, torch.Tensor) and q.dtype in VERSIONS[3][3] else 1
     if version not in VERSIONS or isinstance(version, bool):
-        choices = " or ".join(f"{n} ({name}: kernels/{fwd}, kernels/{bwd})" for n, (name, fwd, bwd) in VERSIONS.items())
+        choices = " or ".join(f"{n} ({name}: kernels/{fwd})" for n, (name, fwd, *_) in VERSIONS.items())
         raise ValueError(f"version = {version!r}: {choices}")
+    return version
+
+
+def _check_backward_exists(version):
+    if VERSIONS[version][2] is None:
+        raise ValueError(f"version {version} has no backward pass yet: call it without gradients (inputs "
+                         "that do not require grad, or torch.no_grad()), or use version 1 or 2 in float32")
 
 
 def _check_shared_memory(kernels, q, pass_, version):

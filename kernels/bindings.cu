@@ -5,6 +5,8 @@
 //              per (batch, head). Chapter 1: the algorithm as written, to read and step through.
 //   version 2  flash2.cu, flash2_backward.cu: FlashAttention-2's loop order, one block per (batch,
 //              head, 128 query rows) forward, per 128 keys backward. Chapter 2: the whole GPU busy.
+//   version 3  flash3.cu: FlashAttention-2's loop order on tensor cores, bf16 and fp16, forward only
+//              so far. Chapter 3.
 //
 // Adding a version: its kernel file, its two launchers, one row in `versions` below, one entry in
 // minimal_flash.VERSIONS.
@@ -33,9 +35,12 @@ static size_t max_shared_bytes(int device) {  // the most shared memory a block 
 #include "flash2.cu"
 #include "flash_backward.cu"
 #include "flash2_backward.cu"
+#include "flash3.cu"
 
 // One call of a pass: the tensors' addresses (those the pass does not use are null), their sizes,
-// and the stream. O and L are written by the forward, read by the backward.
+// and the stream. O and L are written by the forward, read by the backward. The addresses are typed
+// float, the type of versions 1 and 2; version 3 reads them as 16-bit values (L stays float).
+enum DType { FLOAT32, BFLOAT16, FLOAT16 };
 struct Call {
     const float *Q, *K, *V, *dO;
     float *O, *L, *dQ, *dK, *dV;
@@ -44,6 +49,7 @@ struct Call {
     int N, d;
     float scale;
     bool causal;
+    int dtype;   // of Q, K, V, O, dO, dQ, dK, dV: a DType
     int device;  // the GPU the tensors are on
     cudaStream_t stream;
 };
@@ -164,6 +170,28 @@ static std::string backward2(const Call& c) {
                   c.scale, c.causal, c.dQ, c.dK, c.dV);
 }
 
+// Version 3: one block per (batch, head, BR3 = 64 query rows), 4 warps of 16 rows; compiled for
+// bf16 and fp16 and for d = 64 and 128 (a warp's fragments of Q and O are arrays of d / 16 and d / 8).
+template <class T, int D>
+static std::string forward3_for(const Call& c) {
+    auto bits = [](const float* p) { return reinterpret_cast<const unsigned short*>(p); };
+    return launch("flash3_forward", flash3_forward<T, D>, dim3(ceil_div(c.N, BR3), c.BH), 32 * WARPS3,
+                  flash3_shared_bytes(D), c, bits(c.Q), bits(c.K), bits(c.V), c.N, c.scale, c.causal,
+                  reinterpret_cast<unsigned short*>(c.O), c.L);
+}
+
+static std::string forward3(const Call& c) {
+    if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
+    if (c.dtype == FLOAT32) return "version 3 takes bfloat16 or float16 tensors, not float32";
+    if (c.d != 64 && c.d != 128) return "version 3 takes head dim d = 64 or 128, not " + std::to_string(c.d);
+    if (c.dtype == BFLOAT16)
+        return c.d == 64 ? forward3_for<__nv_bfloat16, 64>(c) : forward3_for<__nv_bfloat16, 128>(c);
+    return c.d == 64 ? forward3_for<__half, 64>(c) : forward3_for<__half, 128>(c);
+}
+static size_t forward3_bytes(int d, int) { return flash3_shared_bytes(d); }
+static std::string backward3(const Call&) { return "version 3 has no backward pass yet"; }
+static size_t no_bytes(int, int) { return 0; }
+
 // The table: per version and pass, the launcher, the shared memory of a block of G groups, and the
 // scratch floats per row of the B * H * N that the launcher is given.
 struct Kernel {
@@ -175,6 +203,7 @@ enum Pass { FORWARD, BACKWARD };
 static const Kernel versions[][2] = {
     {{forward1, forward1_bytes, 2}, {backward1, backward1_bytes, 1}},  // version 1
     {{forward2, forward2_bytes, 0}, {backward2, backward2_bytes, 1}},  // version 2
+    {{forward3, forward3_bytes, 0}, {backward3, no_bytes, 0}},         // version 3
 };
 constexpr int VERSIONS = sizeof(versions) / sizeof(versions[0]);
 static const Kernel* find(int pass, int version) {
@@ -212,20 +241,22 @@ long long mf_scratch_floats(int pass, int version, long long rows) {
 }
 
 // O = softmax(scale * Q K^T) V and L = the rows' log-sum-exp, into O and L.
-// `device` and `stream`: where the tensors are and the stream to launch on (both 0 on the CPU).
+// `dtype`: a DType; `device` and `stream`: where the tensors are and the stream to launch on (both 0
+// on the CPU).
 const char* mf_forward(int version, const float* Q, const float* K, const float* V, float* O, float* L,
-                       float* scratch, long long BH, int N, int d, float scale, bool causal, int device,
-                       void* stream) {
+                       float* scratch, long long BH, int N, int d, float scale, bool causal, int dtype,
+                       int device, void* stream) {
     const Call call{Q, K, V, nullptr, O, L, nullptr, nullptr, nullptr, scratch, BH, N, d, scale, causal,
-                    device, cudaStream_t(stream)};
+                    dtype, device, cudaStream_t(stream)};
     return run(FORWARD, version, call);
 }
 
 // dQ, dK, dV of the loss, given dO and the forward's O and L, into dQ, dK, dV.
 const char* mf_backward(int version, const float* Q, const float* K, const float* V, float* O,
                         const float* dO, float* L, float* dQ, float* dK, float* dV, float* scratch,
-                        long long BH, int N, int d, float scale, bool causal, int device, void* stream) {
-    const Call call{Q, K, V, dO, O, L, dQ, dK, dV, scratch, BH, N, d, scale, causal, device,
+                        long long BH, int N, int d, float scale, bool causal, int dtype, int device,
+                        void* stream) {
+    const Call call{Q, K, V, dO, O, L, dQ, dK, dV, scratch, BH, N, d, scale, causal, dtype, device,
                     cudaStream_t(stream)};
     return run(BACKWARD, version, call);
 }

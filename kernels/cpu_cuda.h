@@ -25,6 +25,7 @@
 #define __host__
 #define __shared__  // `extern __shared__ float smem[];` then names the buffer below
 #define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)  // a hint to nvcc's register allocation
 
 struct dim3 {
     unsigned x, y, z;

@@ -1,4 +1,5 @@
-"""Runs the CUDA kernels, both versions' forward and backward, at partial-tile sizes, causal and not, for compute-sanitizer:
+"""Runs the CUDA kernels (versions 1 and 2 forward and backward, version 3 forward) at partial-tile
+sizes, causal and not, for compute-sanitizer:
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tests/sanitize.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python tests/sanitize.py
@@ -34,3 +35,16 @@ for Br, Bc in [(32, 32), (64, 16)]:
                 print(f"backward v{version} Br={Br} Bc={Bc} N={N} d={d} causal={causal}: rel err dQ, dK, dV "
                       + ", ".join(f"{e:.1e}" for e in errs))
                 assert max(errs) < 1e-5
+
+# Version 3 (tensor cores, forward only so far): bf16 and fp16, partial tiles of 64 rows and keys,
+# d = 64 and 128; the official FlashAttention tests' bound against float64.
+for dtype in (torch.bfloat16, torch.float16):
+    for N, d in [(100, 64), (17, 128), (130, 64)]:
+        for causal in (False, True):
+            q, k, v = [torch.randn(2, 3, N, d, generator=generator).to("cuda", dtype) for _ in range(3)]
+            O, L = torch.full_like(q, float("nan")), q.new_full(q.shape[:-1], float("nan"), dtype=torch.float32)
+            mf.forward(q, k, v, causal, out=(O, L), version=3)
+            O_ref = reference(q, k, v, causal)[0]
+            err, plain_err = ((x.double() - O_ref).abs().max().item() for x in (O, mf.manual_attention(q, k, v, causal)))
+            print(f"forward v3 {dtype} N={N} d={d} causal={causal}: max error {err:.1e}, plain attention's {plain_err:.1e}")
+            assert err <= 2 * plain_err and torch.isfinite(L).all()

@@ -10,11 +10,30 @@ def qkv(B=1, H=2, N=20, d=16, **kw):
     return [torch.randn(B, H, N, d, **kw) for _ in range(3)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.int32])
-def test_rejects_other_dtypes(dtype):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_rejects_dtypes_no_version_takes(dtype):
     q, k, v = qkv()
-    with pytest.raises(TypeError, match=r"q has dtype .*float32 only"):
+    with pytest.raises(TypeError, match=r"q has dtype .*; version 1's kernels are float32 only: the kernels "
+                                        r"take float32 \(versions 1, 2\), bfloat16 and float16 \(version 3\)"):
         mf.flash_attention(q.to(dtype), k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("version", [1, 2])
+def test_half_precision_needs_version_3(dtype, version):
+    q, k, v = (t.to(dtype) for t in qkv())
+    with pytest.raises(TypeError, match=rf"q has dtype {dtype}; version {version}'s kernels are float32 only: "
+                                        r"bfloat16 and float16 run version 3"):
+        mf.flash_attention(q, k, v, version=version)
+
+
+def test_version_3_takes_half_precision_only():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"q has dtype torch.float32; version 3's kernels are bfloat16 and "
+                                        r"float16 only: float32 runs version 1 or 2"):
+        mf.flash_attention(q, k, v, version=3)
+    with pytest.raises(TypeError, match=r"k has dtype torch.float32; version 3"):
+        mf.flash_attention(q.bfloat16(), k, v)  # q picks version 3, so k must be bfloat16 too
 
 
 def test_rejects_non_tensors():
@@ -63,9 +82,9 @@ def test_rejects_bad_block_sizes(Br, Bc):
         mf.flash_attention(*qkv(), Br=Br, Bc=Bc)
 
 
-@pytest.mark.parametrize("version", [0, 3, "2"])
+@pytest.mark.parametrize("version", [0, 4, "2"])
 def test_rejects_unknown_versions(version):
-    with pytest.raises(ValueError, match="version = .*: 1 .* or 2"):
+    with pytest.raises(ValueError, match="version = .*: 1 .* or 2 .* or 3"):
         mf.flash_attention(*qkv(), version=version)
 
 
@@ -102,7 +121,7 @@ def backward_inputs():
 
 def test_backward_rejects_dO_of_another_dtype():
     dO, *rest = backward_inputs()
-    with pytest.raises(TypeError, match=r"dO has dtype torch.float64; the kernels are float32 only"):
+    with pytest.raises(TypeError, match=r"dO has dtype torch.float64; it must be torch.float32, as q"):
         mf.backward(dO.double(), *rest)
 
 

@@ -19,5 +19,7 @@ def test_compiles_for_sm90(source, tmp_path):
                              "-o", str(tmp_path / "out.o")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     # A thread's row of S_ij is meant to live in registers: a stack frame would mean it spilled.
+    # bindings.cu instantiates every kernel (flash3.cu alone holds only templates, so no report).
     frames = [line for line in result.stderr.splitlines() if "stack frame" in line]
-    assert frames and all(line.strip().startswith("0 bytes stack frame") for line in frames), result.stderr
+    assert frames or source.name != "bindings.cu", result.stderr
+    assert all(line.strip().startswith("0 bytes stack frame") for line in frames), result.stderr
