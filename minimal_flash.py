@@ -40,6 +40,7 @@ VERSIONS = {1: ("Algorithm 1", "flash.cu", "flash_backward.cu", (torch.float32,)
             2: ("FlashAttention-2", "flash2.cu", "flash2_backward.cu", (torch.float32,)),
             3: ("FlashAttention-2 on tensor cores", "flash3.cu", None, (torch.bfloat16, torch.float16))}
 PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
+FP32_VERSIONS = [v for v, (*_, dtypes) in VERSIONS.items() if torch.float32 in dtypes]  # 1, 2
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the order of kernels/bindings.cu's DType
 
 
@@ -385,9 +386,13 @@ def _check_inputs(q, k, v, version):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _check_tensor(name, t, version):
+def _check_is_tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_tensor(name, t, version):
+    _check_is_tensor(name, t)
     if t.dtype not in VERSIONS[version][3]:
         takes = "float32 only" if version < 3 else "bfloat16 and float16 only"
         other = ("bfloat16 and float16 run version 3 (tensor cores)" if t.dtype in VERSIONS[3][3] else
@@ -407,8 +412,7 @@ def _check_out(name, t, like):
 
 def _check_like(name, t, like):
     """The backward's other inputs must match q in shape (L: q's without d), dtype and device."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_is_tensor(name, t)
     if t.dtype != like.dtype:
         raise TypeError(f"{name} has dtype {t.dtype}; it must be {like.dtype}, as q (L: float32)")
     if t.shape != like.shape:

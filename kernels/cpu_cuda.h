@@ -179,21 +179,6 @@ struct Warp {
 };
 inline std::unique_ptr<Warp[]> warps;
 inline std::atomic<bool> bad_warp_call{false};
-inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
-    const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-    const unsigned lane = t % 32, partner = lane ^ unsigned(lane_mask);
-    if (mask != 0xffffffffu || blockDim.x * blockDim.y * blockDim.z % 32 != 0 || partner >= 32) {
-        bad_warp_call = true;
-        return value;
-    }
-    Warp& warp = warps[t / 32];
-    warp.value[lane] = value;
-    warp.barrier.wait();  // every lane has written its value
-    const float other = warp.value[partner];
-    warp.barrier.wait();  // every lane has read, before the next shuffle writes again
-    return other;
-}
-
 // The calling lane's warp and lane number, for the collectives below; a block of whole warps only.
 inline Warp* warp_of_caller(unsigned& lane) {
     const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
@@ -201,6 +186,19 @@ inline Warp* warp_of_caller(unsigned& lane) {
     lane = t % 32;
     return &warps[t / 32];
 }
+
+inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
+    unsigned lane;
+    Warp* warp = warp_of_caller(lane);
+    const unsigned partner = lane ^ unsigned(lane_mask);
+    if (!warp || mask != 0xffffffffu || partner >= 32) return bad_warp_call = true, value;
+    warp->value[lane] = value;
+    warp->barrier.wait();  // every lane has written its value
+    const float other = warp->value[partner];
+    warp->barrier.wait();  // every lane has read, before the next shuffle writes again
+    return other;
+}
+
 
 // mma.sync m16n8k16, a warp-collective: the 32 lanes put their fragments together, then each lane
 // computes its 4 elements of d = A B + c from the whole tiles, in the layouts of kernels/mma.cuh.

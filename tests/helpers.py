@@ -20,8 +20,7 @@ SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (2, 3, 32, 64), (2, 3, 64, 64), (2, 3, 
 
 # The float32 versions: 1, the paper's loop order (flash.cu, flash_backward.cu); 2, FlashAttention-2's
 # (flash2.cu, flash2_backward.cu). Version 3 (bf16, fp16) has its own tests, test_flash3.py.
-FP32_VERSIONS = [v for v, (*_, dtypes) in mf.VERSIONS.items() if torch.float32 in dtypes]
-VERSIONS = pytest.mark.parametrize("version", FP32_VERSIONS, ids=[f"v{v}" for v in FP32_VERSIONS])
+VERSIONS = pytest.mark.parametrize("version", mf.FP32_VERSIONS, ids=[f"v{v}" for v in mf.FP32_VERSIONS])
 CAUSAL = pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 # Other block sizes, Br > Bc and Br < Bc: a causal row can then see no key of a tile at all.
 OTHER_N = pytest.mark.parametrize("N", [1, 15, 16, 64, 100])
