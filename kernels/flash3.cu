@@ -7,44 +7,16 @@
 // over the 4 lanes that hold it, by shuffles), and O += P_ij V_j, with P_ij taken straight from
 // the accumulators of S_ij into the A operand: no round trip through shared memory.
 // Names as in the paper; "Alg. 1, line n" marks each phase of the FlashAttention-2 paper's Algorithm 1.
-#include <type_traits>
-#include "tiles.cuh"  // ceil_div, visible
-#include "mma.cuh"    // ldmatrix_x4, ldmatrix_x4_trans, mma_*_m16n8k16, pack_*
+#include "tiles.cuh"  // ceil_div, visible, stride16, load_tile16
+#include "mma.cuh"    // ldmatrix_x4, ldmatrix_x4_trans, mma16816<T>, pack<T>
 
 constexpr int BR3 = 64, BC3 = 64, WARPS3 = BR3 / 16;  // rows per block, keys per tile, warps per block
-
-// A row of a shared tile holds d 16-bit values and 8 more: the 8 rows that one ldmatrix reads then
-// start 16 bytes apart in the banks, not all in the same ones.
-__host__ __device__ constexpr int flash3_stride(int d) { return d + 8; }
-__host__ __device__ inline int flash3_shared_bytes(int d) { return (BR3 + 2 * BC3) * flash3_stride(d) * 2; }
-
-template <class T>
-__device__ inline void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) mma_bf16_m16n8k16(d, a, {b0, b1}, d);
-    else mma_f16_m16n8k16(d, a, {b0, b1}, d);
-}
-template <class T>
-__device__ inline unsigned pack(float lo, float hi) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) return pack_bf16(lo, hi);
-    else return pack_f16(lo, hi);
-}
-
-// Rows [row0, row0 + rows) of an N x D matrix of 16-bit values into a shared tile, 16 bytes (8
-// values) per thread and step; rows past N are zero-filled.
-template <int D>
-__device__ void load_tile16(unsigned short* tile, const unsigned short* src, int row0, int rows, int N) {
-    for (int e = threadIdx.x; e < rows * D / 8; e += blockDim.x) {
-        const int r = e / (D / 8), x = e % (D / 8) * 8;
-        float4 v = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (row0 + r < N) v = *reinterpret_cast<const float4*>(src + (size_t)(row0 + r) * D + x);
-        *reinterpret_cast<float4*>(tile + r * flash3_stride(D) + x) = v;
-    }
-}
+__host__ __device__ inline int flash3_shared_bytes(int d) { return (BR3 + 2 * BC3) * stride16(d) * 2; }
 
 template <class T, int D>
 __global__ void __launch_bounds__(32 * WARPS3) flash3_forward(const unsigned short* Q, const unsigned short* K, const unsigned short* V,
                                int N, float scale, bool causal, unsigned short* O, float* L) {
-    constexpr int LS = flash3_stride(D);
+    constexpr int LS = stride16(D);
     extern __shared__ __align__(16) float smem[];
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // BR3 x LS
     unsigned short* K_j = Q_i + BR3 * LS;                            // BC3 x LS

@@ -9,6 +9,7 @@
 //   b[0]: B[2q, 2q+1][g]   b[1]: B[2q+8, 2q+9][g]
 //   c[0], c[1]: C[g][2q, 2q+1]   c[2], c[3]: C[g+8][2q, 2q+1]   (and d, the result, likewise)
 #pragma once
+#include <type_traits>
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -59,3 +60,15 @@ __device__ inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) {
                  : "r"(address));
 }
 #endif
+
+// The same, for a kernel templated on its 16-bit type T (__nv_bfloat16 or __half): d += A b.
+template <class T>
+__device__ inline void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) mma_bf16_m16n8k16(d, a, {b0, b1}, d);
+    else mma_f16_m16n8k16(d, a, {b0, b1}, d);
+}
+template <class T>
+__device__ inline unsigned pack(float lo, float hi) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) return pack_bf16(lo, hi);
+    else return pack_f16(lo, hi);
+}
