@@ -184,6 +184,8 @@ static std::string forward3(const Call& c) {
     if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
     if (c.dtype == FLOAT32) return "version 3 takes bfloat16 or float16 tensors, not float32";
     if (c.d != 64 && c.d != 128) return "version 3 takes head dim d = 64 or 128, not " + std::to_string(c.d);
+    if (c.scale < 0)  // the kernel takes the running max of unscaled scores: right only for scale >= 0
+        return "version 3 takes softmax_scale >= 0, not " + std::to_string(c.scale);
     if (c.dtype == BFLOAT16)
         return c.d == 64 ? forward3_for<__nv_bfloat16, 64>(c) : forward3_for<__nv_bfloat16, 128>(c);
     return c.d == 64 ? forward3_for<__half, 64>(c) : forward3_for<__half, 128>(c);

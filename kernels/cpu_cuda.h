@@ -248,6 +248,28 @@ inline void ldmatrix(unsigned (&r)[4], const void* row, bool transposed) {
 inline void ldmatrix_x4(unsigned (&r)[4], const void* row) { ldmatrix(r, row, false); }
 inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) { ldmatrix(r, row, true); }
 
+// cp.async: a thread's copies land when it waits for their group, not before, so a kernel that reads
+// a tile before cp_async_wait (or without the __syncthreads after it) reads stale values here as it
+// may on a GPU. Copies never waited for fail the launch.
+struct AsyncCopy {
+    void* to;
+    unsigned char bytes[16];  // the source, read at issue: kernels copy from inputs nobody writes
+};
+inline thread_local std::vector<AsyncCopy> copies_issued;  // not yet committed to a group
+inline thread_local std::vector<std::vector<AsyncCopy>> copy_groups;
+inline std::atomic<bool> copies_left{false};
+inline void cp_async16(void* to, const void* from, bool valid) {
+    AsyncCopy copy{to, {}};
+    if (valid) std::memcpy(copy.bytes, from, 16);
+    copies_issued.push_back(copy);
+}
+inline void cp_async_commit() { copy_groups.push_back(std::move(copies_issued)), copies_issued.clear(); }
+template <int n>
+inline void cp_async_wait() {
+    for (; copy_groups.size() > size_t(n); copy_groups.erase(copy_groups.begin()))
+        for (const AsyncCopy& copy : copy_groups.front()) std::memcpy(copy.to, copy.bytes, 16);
+}
+
 // LAUNCH(kernel, grid, block, shared_bytes, stream)(args...) stands for
 // kernel<<<grid, block, shared_bytes, stream>>>(args...).
 template <class Kernel>
@@ -269,7 +291,7 @@ struct CpuLaunch {
         block_barrier.reset(threads);
         warps.reset(new Warp[(threads + 31) / 32]);
         for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps[w].barrier.reset(std::min(32u, threads - 32 * w));
-        bad_warp_call = false;
+        bad_warp_call = false, copies_left = false;
         std::vector<std::thread> pool;
         for (unsigned t = 0; t < threads; ++t)
             pool.emplace_back([&, t] {
@@ -281,11 +303,14 @@ struct CpuLaunch {
                     block_barrier.wait();  // poisoned before any thread of block b starts
                     blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
                     kernel(args...);
+                    for (const auto& group : copy_groups) copies_left = copies_left || !group.empty();
+                    copies_left = copies_left || !copies_issued.empty();
+                    copies_issued.clear(), copy_groups.clear();
                     block_barrier.wait();  // block b is finished before thread 0 poisons again
                 }
             });
         for (auto& thread : pool) thread.join();
-        if (bad_warp_call) cpu_last_error = cudaErrorInvalidValue;  // a shuffle the emulation cannot run
+        if (bad_warp_call || copies_left) cpu_last_error = cudaErrorInvalidValue;  // what the emulation cannot run
     }
 };
 #define LAUNCH(kernel, grid, block, shared_bytes, stream) \

@@ -59,6 +59,22 @@ __device__ inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(address));
 }
+
+// cp.async (sm_80 and later): a 16-byte copy from global to shared memory that the thread issues and
+// does not wait for, so the next tile's loads fly while this tile's products run, and the data
+// goes to shared memory without passing through registers. A thread groups its copies with
+// cp_async_commit; cp_async_wait<n> returns once all but its newest n groups have landed. Only the
+// issuing thread is waited for: a __syncthreads after the wait makes the tile complete for all.
+// With valid false, 16 zero bytes are written and nothing is read.
+__device__ inline void cp_async16(void* to, const void* from, bool valid) {
+    const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(from), "r"(valid ? 16 : 0));
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int n>
+__device__ inline void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(n));
+}
 #endif
 
 // The same, for a kernel templated on its 16-bit type T (__nv_bfloat16 or __half): d += A b.

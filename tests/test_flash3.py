@@ -52,6 +52,12 @@ def test_head_dims_other_than_64_and_128_are_refused():
         mf.forward(q, q, q)
 
 
+def test_negative_softmax_scale_is_refused():
+    q = torch.randn(1, 1, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="version 3 takes softmax_scale >= 0, not -0.5"):
+        mf.forward(q, q, q, softmax_scale=-0.5)
+
+
 def test_gradients_are_refused_before_the_forward_runs():
     q = torch.randn(1, 1, 8, 64, dtype=torch.bfloat16, requires_grad=True)
     with pytest.raises(ValueError, match="version 3 has no backward pass yet"):
