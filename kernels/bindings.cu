@@ -170,7 +170,7 @@ static std::string backward2(const Call& c) {
                   c.scale, c.causal, c.dQ, c.dK, c.dV);
 }
 
-// Version 3: one block per (batch, head, BR3 = 64 query rows), 4 warps of 16 rows; compiled for
+// Version 3: one block per (batch, head, BR3 = 128 query rows), 4 warps of 32 rows; compiled for
 // bf16 and fp16 and for d = 64 and 128 (a warp's fragments of Q and O are arrays of d / 16 and d / 8).
 template <class T, int D>
 static std::string forward3_for(const Call& c) {

@@ -35,6 +35,7 @@ inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
 inline float __expf(float x) { return std::exp(x); }
+inline float fast_exp2(float x) { return std::exp2(x); }  // kernels/mma.cuh
 struct alignas(16) float4 {  // read as one 16-byte load on a GPU (the build sets -fno-strict-aliasing)
     float x, y, z, w;
 };

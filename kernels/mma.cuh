@@ -70,6 +70,14 @@ __device__ inline void cp_async16(void* to, const void* from, bool valid) {
     const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(from), "r"(valid ? 16 : 0));
 }
+// 2^x by the special-function unit's single instruction. exp2f does more: it scales inputs whose
+// result would be subnormal (below 2^-126) into range and back, two extra multiplies per call,
+// for values that round to 0 as probabilities anyway.
+__device__ inline float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int n>
 __device__ inline void cp_async_wait() {
