@@ -6,6 +6,7 @@
     python bench.py --sweep --out results   # N = 64 .. 16384: table, CSV and plots, with SDPA too
     python bench.py --sweep --methods manual minimal-flash2 --seq-len 1024 4096   # a part of it
     python bench.py --replot results/sweep.csv   # redraw the plots from a sweep's CSV
+    python bench.py --sweep --dtype bf16 -d 128   # chapter 3: tensor cores, against SDPA's FlashAttention-2
 
 The default run first checks the values: both methods' O and dQ, dK, dV (for a random output
 gradient dO) against float64 attention on the same inputs. Then a torch.profiler table for each
@@ -16,7 +17,9 @@ inputs already cached by the previous one. The backward is timed alone: the forw
 once and kept.
 
 The sweep does the same timing over sequence lengths, for manual attention, our kernels and
-torch.nn.functional.scaled_dot_product_attention (SDPA) pinned to the backend it picks for fp32.
+torch.nn.functional.scaled_dot_product_attention (SDPA) pinned to the backend it picks for the
+dtype: its memory-efficient kernel for fp32, FlashAttention-2 for bf16 and fp16 (--dtype). Manual
+attention and SDPA run in the same dtype as our kernels.
 For each point: median time, TFLOP/s, extra peak memory, the ratio to manual, and the error
 against manual attention on the same inputs. It writes a table, sweep.csv and two plots.
 
@@ -40,7 +43,15 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import minimal_flash as mf
 
-FP32_VERSIONS = mf.FP32_VERSIONS  # this benchmark is float32
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# How far a method may be from manual attention in the same dtype (relative error) before the
+# sweep calls it wrong: fp32 agrees to rounding; bf16 keeps 8 bits of mantissa, fp16 11.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def versions_for(dtype):
+    """Our kernel versions that take this dtype: 1 and 2 for fp32, 3 for bf16 and fp16."""
+    return [v for v, (*_, dtypes) in mf.VERSIONS.items() if dtype in dtypes]
 
 # The sweep's (B, H) at each N: enough (batch, head) slices that every point does real work, and,
 # where there is one, the shape at which the reference project was measured, so that its numbers
@@ -60,9 +71,11 @@ def parse_args(argv=None):
     p.add_argument("--br", type=int, default=None, help="query rows per block, Br (default 32)")
     p.add_argument("--bc", type=int, default=None, help="key rows per tile, Bc (default 32)")
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--version", type=int, default=1, choices=FP32_VERSIONS,
-                   help="our kernels in the default run: " + ", ".join(
-                       f"{v} = {mf.VERSIONS[v][0]} ({mf.VERSIONS[v][1]}, {mf.VERSIONS[v][2]})" for v in FP32_VERSIONS))
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="fp32 (versions 1 and 2), or bf16 / fp16 (version 3, tensor cores); default fp32")
+    p.add_argument("--version", type=int, default=None, choices=list(mf.VERSIONS),
+                   help="our kernels in the default run (default: what flash_attention picks for the dtype): " + ", ".join(
+                       f"{v} = {mf.VERSIONS[v][0]} ({mf.VERSIONS[v][1]}, {mf.VERSIONS[v][2]})" for v in mf.VERSIONS))
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10 on a GPU, 2 on the CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method, at most (default 200 / 10)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
@@ -73,12 +86,18 @@ def parse_args(argv=None):
                    help="--sweep: timed seconds per method and pass, at most; fewer repeats for slow ones")
     p.add_argument("--min-repeats", type=int, default=5, help="--sweep: timed calls per method, at least")
     p.add_argument("--methods", nargs="+", metavar="NAME",
-                   help=f"--sweep: only these of manual, {', '.join(map(method_name, FP32_VERSIONS))}, sdpa (default: all)")
+                   help="--sweep: only these of manual, minimal-flash (version 1), minimal-flash2, ... (the versions "
+                        "for the dtype), sdpa (default: all)")
     p.add_argument("--replot", type=Path, metavar="CSV",
                    help="only redraw the plots of a sweep.csv (GPU or CPU, as the file says), beside it")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in manual attention's and SDPA's matmuls "
                    "(our kernels are plain fp32 either way)")
     args = p.parse_args(argv)
+    args.dtype = DTYPES[args.dtype]
+    if args.version is None:
+        args.version = mf.default_version(args.dtype)
+    elif args.version not in versions_for(args.dtype):
+        p.error(f"version {args.version} does not take {args.dtype}: versions {versions_for(args.dtype)} do")
     args.device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     gpu = args.device == "cuda"
     args.head_dim = args.head_dim or (64 if gpu else 32)
@@ -87,16 +106,16 @@ def parse_args(argv=None):
     return args
 
 
-def random_inputs(shape, device, sets):
+def random_inputs(shape, device, sets, dtype=torch.float32):
     """`sets` sets of fresh q, k, v and an output gradient dO, all standard normal."""
-    return [[torch.randn(shape, device=device) for _ in range(4)] for _ in range(sets)]
+    return [[torch.randn(shape, device=device, dtype=dtype) for _ in range(4)] for _ in range(sets)]
 
 
-def input_sets(shape, device):
+def input_sets(shape, device, dtype=torch.float32):
     """How many input sets to rotate through: on a GPU, enough to overflow the L2 cache twice."""
     if device != "cuda":
         return 1
-    set_bytes = 4 * math.prod(shape) * 4
+    set_bytes = 4 * math.prod(shape) * dtype.itemsize
     return min(64, math.ceil(2 * torch.cuda.get_device_properties(device).L2_cache_size / set_bytes))
 
 
@@ -116,7 +135,8 @@ def grads_err(grads, refs):
 
 def check(methods, q, k, v, dO, causal):
     """Relative errors of each method's O and dQ, dK, dV against float64 manual attention, printed;
-    returns {method: (O error, gradients' error)}."""
+    returns {method: (O error, gradients' error)}. In bf16 or fp16 a method may be off by up to twice
+    what manual attention in the same dtype is (the official FlashAttention tests' rule)."""
     q64, k64, v64 = (t.double() for t in (q, k, v))
     ref_O = mf.manual_attention(q64, k64, v64, causal)
     ref_grads = gradients(mf.manual_attention, q64, k64, v64, dO.double(), causal)()
@@ -126,7 +146,8 @@ def check(methods, q, k, v, dO, causal):
         err_grads = grads_err(gradients(fn, q, k, v, dO, causal)(), ref_grads)
         print(f"  {name}: relative error vs float64: O {err_O:.1e}, dQ, dK, dV {err_grads:.1e}")
         errors[name] = (err_O, err_grads)
-    assert all(max(e) < 1e-4 for e in errors.values()), "the methods disagree with float64 attention"
+    limit = 1e-4 if q.dtype == torch.float32 else 2 * max(errors["manual"])
+    assert all(max(e) <= limit for e in errors.values()), "the methods disagree with float64 attention"
     return errors
 
 
@@ -189,13 +210,15 @@ def run_profile(args):
     methods = {"manual": mf.manual_attention,
                "flash": lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc,
                                                                     version=args.version)}
-    print(f"B={B} H={H} d={args.head_dim} Br={Br} Bc={Bc} causal={args.causal} version={args.version}")
+    print(f"B={B} H={H} d={args.head_dim} Br={Br} Bc={Bc} causal={args.causal} version={args.version} "
+          f"dtype={str(args.dtype).removeprefix('torch.')}")
     rows = []
     seq_lens = args.seq_len or [64]
     for N in seq_lens:
         shape = (B, H, N, args.head_dim)
-        inputs = random_inputs(shape, device, input_sets(shape, device))
-        print(f"\nN={N}: {len(inputs)} set(s) of q, k, v, dO, {4 * math.prod(shape) * 4 / 2**20:.1f} MiB each")
+        inputs = random_inputs(shape, device, input_sets(shape, device, args.dtype), args.dtype)
+        print(f"\nN={N}: {len(inputs)} set(s) of q, k, v, dO, "
+              f"{4 * math.prod(shape) * args.dtype.itemsize / 2**20:.1f} MiB each")
         errors = check(methods, *inputs[0], args.causal)  # also compiles the kernels, untimed
         forward_calls = {name: [lambda fn=fn, q=q, k=k, v=v: fn(q, k, v, args.causal) for q, k, v, _ in inputs]
                          for name, fn in methods.items()}
@@ -231,10 +254,10 @@ def run_profile(args):
 # The sweep
 
 
-def sdpa_backend(device, causal):
-    """The backend SDPA picks for fp32 here, found by allowing one at a time in its default order.
-    The sweep then pins it, so the name we print is certainly what ran."""
-    q = torch.randn(1, 1, 8, 8, device=device)
+def sdpa_backend(device, causal, dtype=torch.float32):
+    """The backend SDPA picks for this dtype here, found by allowing one at a time in its default
+    order. The sweep then pins it, so the name we print is certainly what ran."""
+    q = torch.randn(1, 1, 8, 8, device=device, dtype=dtype)
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                     SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
         try:
@@ -242,9 +265,9 @@ def sdpa_backend(device, causal):
                 warnings.simplefilter("ignore")  # torch explains why each other backend was not used
                 F.scaled_dot_product_attention(q, q, q, is_causal=causal)
             return backend
-        except RuntimeError:  # "No viable backend": this one does not take fp32 (or this device)
+        except RuntimeError:  # "No viable backend": this one does not take the dtype (or this device)
             continue
-    raise RuntimeError("no SDPA backend runs fp32 here")
+    raise RuntimeError(f"no SDPA backend runs {dtype} here")
 
 
 def method_name(version):
@@ -253,10 +276,10 @@ def method_name(version):
 
 
 def sweep_methods(args):
-    """{name: fn(q, k, v, causal)}: manual attention, our kernels in every float32 version (the paper's
-    loop order, FlashAttention-2's, ...; forward and backward), SDPA on its fp32 backend."""
+    """{name: fn(q, k, v, causal)}: manual attention, our kernels in every version for the dtype (the
+    paper's loop order, FlashAttention-2's, ...; forward and backward), SDPA on its backend for it."""
     Br, Bc = mf.block_sizes(args.br, args.bc)
-    backend = sdpa_backend(args.device, args.causal)
+    backend = sdpa_backend(args.device, args.causal, args.dtype)
 
     def sdpa(q, k, v, causal):
         with sdpa_kernel(backend):  # the backward runs the same backend: the graph records it
@@ -265,7 +288,7 @@ def sweep_methods(args):
     def ours(version):
         return lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc, version=version)
 
-    return {"manual": mf.manual_attention, **{method_name(v): ours(v) for v in FP32_VERSIONS},
+    return {"manual": mf.manual_attention, **{method_name(v): ours(v) for v in versions_for(args.dtype)},
             f"sdpa-{backend.name.lower().replace('_attention', '')}": sdpa}
 
 
@@ -276,8 +299,8 @@ def chosen_methods(methods, names):
     named = lambda method, name: method == name or method.startswith(name + "-")  # noqa: E731
     unknown = [n for n in names if not any(named(m, n) for m in methods)]
     if unknown:
-        sys.exit(f"bench: unknown method {unknown[0]!r}; choose from manual, "
-                 f"{', '.join(map(method_name, FP32_VERSIONS))}, sdpa")
+        choices = ", ".join("sdpa" if m.startswith("sdpa") else m for m in methods)
+        sys.exit(f"bench: unknown method {unknown[0]!r}; choose from {choices}")
     return {m: fn for m, fn in methods.items() if any(named(m, n) for n in names)}
 
 
@@ -339,11 +362,12 @@ def measure_method(fn, inputs, args):
 def sweep_point(N, B, H, methods, args, progress):
     """All methods at one N. Returns a list of rows (dicts), one per (method, pass)."""
     shape = (B, H, N, args.head_dim)
-    inputs = random_inputs(shape, args.device, input_sets(shape, args.device))
+    inputs = random_inputs(shape, args.device, input_sets(shape, args.device, args.dtype), args.dtype)
     rows, reference = [], None
     Br, Bc = mf.block_sizes(args.br, args.bc)  # our kernels' block sizes, recorded on every row
     for name, fn in methods.items():
-        base = dict(N=N, B=B, H=H, d=args.head_dim, Br=Br, Bc=Bc, causal=args.causal, method=name)
+        base = dict(N=N, B=B, H=H, d=args.head_dim, Br=Br, Bc=Bc, causal=args.causal,
+                    dtype=str(args.dtype).removeprefix("torch."), method=name)
         if name == "manual" and not manual_fits(shape, args.device):
             note = "skipped: its N x N matrices would not fit in GPU memory"
             rows += [dict(base, **{"pass": p, "note": note}) for p in PASSES]
@@ -380,7 +404,7 @@ def sweep_point(N, B, H, methods, args, progress):
     return rows
 
 
-CSV_FIELDS = ["N", "B", "H", "d", "Br", "Bc", "causal", "method", "pass", "ms", "repeats", "tflops", "x_manual",
+CSV_FIELDS = ["N", "B", "H", "d", "Br", "Bc", "causal", "dtype", "method", "pass", "ms", "repeats", "tflops", "x_manual",
               "extra_mib", "checked_against", "rel_err", "note"]
 
 
@@ -461,15 +485,15 @@ def plot_sweep(rows, out, gpu):
     slices = sorted({r["B"] * r["H"] for r in rows})
     shapes = f"B*H = {slices[0]}" if len(slices) == 1 else f"B*H from {slices[-1]} to {slices[0]}: see the table"
     where = "" if gpu else "; CPU emulation: these times say nothing about GPU speed"
-    plot(rows, out / "sweep_time.png", "ms", "median ms", PASSES,
-         f"Attention time vs N, d = {rows[0]['d']} ({shapes}{where})")
+    what = f"d = {rows[0]['d']}, {rows[0].get('dtype', 'float32')}"
+    plot(rows, out / "sweep_time.png", "ms", "median ms", PASSES, f"Attention time vs N, {what} ({shapes}{where})")
     if not gpu:
         print("No GPU: extra memory is measured on a GPU only (torch.cuda.max_memory_allocated); "
               "no memory plot.")
         return ["sweep_time.png"]
     plot(rows, out / "sweep_memory.png", "extra_mib", "extra peak MiB",
          ("forward", "forward + backward (a training step)"),
-         f"Extra peak GPU memory vs N, d = {rows[0]['d']} ({shapes})")
+         f"Extra peak GPU memory vs N, {what} ({shapes})")
     return ["sweep_time.png", "sweep_memory.png"]
 
 
@@ -498,7 +522,8 @@ def run_sweep(args):
     print(format_table(rows))
     written = plot_sweep(rows, args.out, gpu=args.device == "cuda")
     print(f"Wrote {', '.join(str(args.out / name) for name in ['sweep.csv', *written])}")
-    bad = [r for r in rows if not r.get("rel_err", 0) <= (1e-2 if args.tf32 else 1e-4)]  # NaN fails too
+    tolerance = 1e-2 if args.tf32 and args.dtype == torch.float32 else TOLERANCE[args.dtype]
+    bad = [r for r in rows if not r.get("rel_err", 0) <= tolerance]  # NaN fails too
     if bad:
         sys.exit(f"bench: {len(bad)} results disagree with {bad[0]['checked_against']}, e.g. "
                  f"{bad[0]['method']} {bad[0]['pass']} at N={bad[0]['N']}: rel err {bad[0]['rel_err']:.1e}")
@@ -514,8 +539,9 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        print(f"GPU: {props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}; fp32, "
-              f"TF32 {'on for manual and SDPA' if args.tf32 else 'off'}")
+        precision = (f"fp32, TF32 {'on for manual and SDPA' if args.tf32 else 'off'}" if args.dtype == torch.float32
+                     else str(args.dtype).removeprefix("torch."))
+        print(f"GPU: {props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}; {precision}")
     else:
         print(f"No GPU: CPU emulation of the kernels, torch {torch.__version__}. These times say "
               "nothing about GPU speed; run on a GPU for real numbers.")

@@ -422,10 +422,15 @@ def _check_like(name, t, like):
     return t.contiguous()
 
 
+def default_version(dtype):
+    """The version flash_attention runs for inputs of this dtype when none is asked for."""
+    return 3 if dtype in VERSIONS[3][3] else 1
+
+
 def _check_version(version, q):
-    """The version to run: the one asked for, else 3 for bfloat16 and float16 inputs and 1 otherwise."""
+    """The version to run: the one asked for, else default_version of q's dtype."""
     if version is None:
-        return 3 if isinstance(q, torch.Tensor) and q.dtype in VERSIONS[3][3] else 1
+        return default_version(q.dtype if isinstance(q, torch.Tensor) else torch.float32)
     if version not in VERSIONS or isinstance(version, bool):
         choices = " or ".join(f"{n} ({name}: kernels/{fwd})" for n, (name, fwd, *_) in VERSIONS.items())
         raise ValueError(f"version = {version!r}: {choices}")
