@@ -63,11 +63,14 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None, *, is_causal=None
     Br, Bc = block_sizes(Br, Bc)  # fixed now: the backward must use the forward's
     version = _check_version(version, q)
     q, k, v = _check_inputs(q, k, v, version)  # outside the Function: its .contiguous() passes gradients back
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) \
+            and not torch.compiler.is_compiling():  # the build's limits are not traceable: checked at run time
         # Fail now, not after the forward has run, if there is no backward or it will not fit.
         _check_backward_exists(version)
         if q.numel() > 0:
             _check_shared_memory(load_kernels(q.device.type, Br, Bc), q, "backward", version)
+    if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
+        return torch.ops.minimal_flash.forward(q, k, v, bool(causal), _scale(q, softmax_scale), Br, Bc, version)[0]
     return FlashAttention.apply(q, k, v, bool(causal), softmax_scale, Br, Bc, version)
 
 
@@ -163,6 +166,46 @@ class FlashAttention(torch.autograd.Function):
     def backward(ctx, dO):
         dQ, dK, dV = _backward(dO.contiguous(), *ctx.saved_tensors, *ctx.options)
         return dQ, dK, dV, None, None, None, None, None
+
+
+# The same two passes as PyTorch custom operators, minimal_flash::forward and minimal_flash::backward,
+# for torch.compile: it cannot look inside a ctypes call, but it can treat a registered operator as
+# one opaque node, given the shapes of what it returns (register_fake) and its derivative
+# (register_autograd). Eager calls keep FlashAttention above: an operator's dispatch costs more host
+# time per call (measured: tens of microseconds on a CPU), as long as a small attention kernel runs.
+@torch.library.custom_op("minimal_flash::forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, Br: int, Bc: int,
+                version: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, causal, scale, Br, Bc, version)
+
+
+@_forward_op.register_fake
+def _(q, k, v, causal, scale, Br, Bc, version):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("minimal_flash::backward", mutates_args=())
+def _backward_op(dO: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, O: torch.Tensor,
+                 L: torch.Tensor, causal: bool, scale: float, Br: int, Bc: int,
+                 version: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dO.contiguous(), q, k, v, O, L, causal, scale, Br, Bc, version)
+
+
+@_backward_op.register_fake
+def _(dO, q, k, v, O, L, causal, scale, Br, Bc, version):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _forward_op_save(ctx, inputs, output):
+    q, k, v, *ctx.options = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _forward_op_grad(ctx, dO, dL):  # L is a by-product: nothing flows back through it
+    return *_backward_op(dO, *ctx.saved_tensors, *ctx.options), None, None, None, None, None
+
+
+_forward_op.register_autograd(_forward_op_grad, setup_context=_forward_op_save)
 
 
 def _scale(q, softmax_scale):
