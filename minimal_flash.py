@@ -35,10 +35,10 @@ import torch.utils.cpp_extension
 KERNELS = Path(__file__).resolve().parent / "kernels"
 
 # The kernel versions, as in the table of kernels/bindings.cu: version -> (name, forward kernel file,
-# backward kernel file or None, the dtypes it takes).
+# backward kernel file, the dtypes it takes).
 VERSIONS = {1: ("Algorithm 1", "flash.cu", "flash_backward.cu", (torch.float32,)),
             2: ("FlashAttention-2", "flash2.cu", "flash2_backward.cu", (torch.float32,)),
-            3: ("FlashAttention-2 on tensor cores", "flash3.cu", None, (torch.bfloat16, torch.float16))}
+            3: ("FlashAttention-2 on tensor cores", "flash3.cu", "flash3_backward.cu", (torch.bfloat16, torch.float16))}
 PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
 FP32_VERSIONS = [v for v, (*_, dtypes) in VERSIONS.items() if torch.float32 in dtypes]  # 1, 2
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the order of kernels/bindings.cu's DType
@@ -56,7 +56,7 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None, *, is_causal=None
     MINIMAL_FLASH_BR/_BC, else 32. version=1 runs the FlashAttention paper's loop order (forward
     kernels/flash.cu, backward kernels/flash_backward.cu), version=2 FlashAttention-2's
     (kernels/flash2.cu, kernels/flash2_backward.cu), both in float32; version=3 FlashAttention-2's
-    on tensor cores in bfloat16 or float16 (kernels/flash3.cu; forward only so far). The default:
+    on tensor cores in bfloat16 or float16 (kernels/flash3.cu, kernels/flash3_backward.cu). The default:
     version 1 for float32 inputs, version 3 for bfloat16 and float16 ones."""
     causal = _either("causal", causal, False, "is_causal", is_causal)
     softmax_scale = _either("softmax_scale", softmax_scale, None, "scale", scale)
@@ -65,8 +65,7 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None, *, is_causal=None
     q, k, v = _check_inputs(q, k, v, version)  # outside the Function: its .contiguous() passes gradients back
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) \
             and not torch.compiler.is_compiling():  # the build's limits are not traceable: checked at run time
-        # Fail now, not after the forward has run, if there is no backward or it will not fit.
-        _check_backward_exists(version)
+        # Fail now, not after the forward has run, if the backward will not fit.
         if q.numel() > 0:
             _check_shared_memory(load_kernels(q.device.type, Br, Bc), q, "backward", version)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
@@ -125,16 +124,16 @@ def _forward(q, k, v, causal, softmax_scale, Br, Bc, version, out=None):
 
 
 def backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=None):
-    """Run kernels/flash_backward.cu (version 1, Algorithm 4) or kernels/flash2_backward.cu (version 2,
-    the FlashAttention-2 loop order): the gradients (dQ, dK, dV) of a loss whose gradient with
-    respect to the output O = forward(q, k, v)[0] is dO. O and L are what forward() returned for
-    these q, k, v, causal, scale and block sizes (either version's: both give the same O and L).
+    """Run kernels/flash_backward.cu (version 1, Algorithm 4), kernels/flash2_backward.cu (version 2,
+    the FlashAttention-2 loop order) or kernels/flash3_backward.cu (version 3, the same on tensor
+    cores, bfloat16 or float16): the gradients (dQ, dK, dV) of a loss whose gradient with respect to
+    the output O = forward(q, k, v)[0] is dO. O and L are what forward() returned for these q, k, v,
+    causal, scale and block sizes (versions 1 and 2 give the same O and L; L is float32 always).
     `out=(dQ, dK, dV)` writes into given tensors."""
     version = _check_version(version, q)
-    _check_backward_exists(version)
     q, k, v = _check_inputs(q, k, v, version)
     dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
-    L = _check_like("L", L, q[..., 0])
+    L = _check_like("L", L, q[..., 0].float())
     if out is not None:
         out = tuple(_check_out(name, t, q) for name, t in zip(("dQ", "dK", "dV"), out))
     return _backward(dO, q, k, v, O, L, causal, softmax_scale, Br, Bc, version, out)
@@ -351,7 +350,7 @@ class Kernels:
         c = self._c = ctypes.CDLL(str(library))
         for function, result, arguments in [
                 (c.mf_versions, i, []), (c.mf_block_size, i, [i]), (c.mf_device_shared_bytes, i64, [i]),
-                (c.mf_shared_bytes, i64, [i, i, i]), (c.mf_scratch_floats, i64, [i, i, i64]),
+                (c.mf_shared_bytes, i64, [i, i, i]), (c.mf_scratch_floats, i64, [i, i, i64, i]),
                 (c.mf_forward, ctypes.c_char_p, [i] + [P] * 6 + [i64, i, i, f, b, i, i, P]),
                 (c.mf_backward, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, f, b, i, i, P])]:
             function.restype, function.argtypes = result, arguments
@@ -386,8 +385,9 @@ class Kernels:
         """forward() or backward() on tensors already checked: (q, k, v, O, L) or (q, k, v, O, dO, L,
         dQ, dK, dV). The launch goes to the current stream of q's device, as torch's own do."""
         q, (B, H, N, d) = tensors[0], tensors[0].shape
-        per_row = self._ask("mf_scratch_floats", PASSES.index(pass_), version, 1)
-        scratch = q.new_empty(B * H * N * max(per_row, 0))  # held here until the launch is queued
+        per_row = self._ask("mf_scratch_floats", PASSES.index(pass_), version, 1, d)
+        # fp32 whatever q's dtype; held here until the launch is queued
+        scratch = q.new_empty(B * H * N * max(per_row, 0), dtype=torch.float32)
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address
         launch = self._c.mf_forward if pass_ == "forward" else self._c.mf_backward
@@ -478,12 +478,6 @@ def _check_version(version, q):
         choices = " or ".join(f"{n} ({name}: kernels/{fwd})" for n, (name, fwd, *_) in VERSIONS.items())
         raise ValueError(f"version = {version!r}: {choices}")
     return version
-
-
-def _check_backward_exists(version):
-    if VERSIONS[version][2] is None:
-        raise ValueError(f"version {version} has no backward pass yet: call it without gradients (inputs "
-                         "that do not require grad, or torch.no_grad()), or use version 1 or 2 in float32")
 
 
 def _check_shared_memory(kernels, q, pass_, version):

@@ -5,8 +5,8 @@
 //              per (batch, head). Chapter 1: the algorithm as written, to read and step through.
 //   version 2  flash2.cu, flash2_backward.cu: FlashAttention-2's loop order, one block per (batch,
 //              head, 128 query rows) forward, per 128 keys backward. Chapter 2: the whole GPU busy.
-//   version 3  flash3.cu: FlashAttention-2's loop order on tensor cores, bf16 and fp16, forward only
-//              so far. Chapter 3.
+//   version 3  flash3.cu, flash3_backward.cu: FlashAttention-2's loop order on tensor cores, bf16
+//              and fp16, fp32 accumulation. Chapter 3.
 //
 // Adding a version: its kernel file, its two launchers, one row in `versions` below, one entry in
 // minimal_flash.VERSIONS.
@@ -36,6 +36,7 @@ static size_t max_shared_bytes(int device) {  // the most shared memory a block 
 #include "flash_backward.cu"
 #include "flash2_backward.cu"
 #include "flash3.cu"
+#include "flash3_backward.cu"
 
 // One call of a pass: the tensors' addresses (those the pass does not use are null), their sizes,
 // and the stream. O and L are written by the forward, read by the backward. The addresses are typed
@@ -132,6 +133,12 @@ static std::string backward1(const Call& c) {
                   c.dQ, c.dK, c.dV);
 }
 
+// dQ's sums start at 0: the blocks of versions 2 and 3 add into them.
+static std::string zero(float* p, long long floats, const Call& c) {
+    if (cudaMemsetAsync(p, 0, sizeof(float) * floats, c.stream) == cudaSuccess) return "";
+    return "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
+}
+
 // Version 2: one column of blocks per (batch, head) slice, grid.y, at most 65535 of them.
 static std::string grid_column_error(long long BH) {
     if (BH <= 65535) return "";
@@ -161,51 +168,83 @@ static std::string backward2(const Call& c) {
     const long long rows = c.BH * c.N;
     std::string err = launch("flash2_backward_D", flash2_backward_D, dim3((rows + 255) / 256), 256, 0, c,
                              c.O, c.dO, size_t(rows), c.d, c.scratch);
+    if (err.empty()) err = zero(c.dQ, rows * c.d, c);
     if (!err.empty()) return err;
-    if (cudaMemsetAsync(c.dQ, 0, sizeof(float) * rows * c.d, c.stream) != cudaSuccess)
-        return "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
     const int G = thread_groups(flash2_backward, c, Bc, Bc, backward2_bytes, 128);
     return launch("flash2_backward", flash2_backward, dim3(ceil_div(c.N, G * Bc), c.BH), G * Bc,
                   backward2_bytes(c.d, G), c, c.Q, c.K, c.V, c.dO, c.L, c.scratch, c.N, c.d,
                   c.scale, c.causal, c.dQ, c.dK, c.dV);
 }
 
-// Version 3: one block per (batch, head, BR3 = 128 query rows), 4 warps of 32 rows; compiled for
-// bf16 and fp16 and for d = 64 and 128 (a warp's fragments of Q and O are arrays of d / 16 and d / 8).
-template <class T, int D>
-static std::string forward3_for(const Call& c) {
-    auto bits = [](const float* p) { return reinterpret_cast<const unsigned short*>(p); };
-    return launch("flash3_forward", flash3_forward<T, D>, dim3(ceil_div(c.N, BR3), c.BH), 32 * WARPS3,
-                  flash3_shared_bytes(D), c, bits(c.Q), bits(c.K), bits(c.V), c.N, c.scale, c.causal,
-                  reinterpret_cast<unsigned short*>(c.O), c.L);
-}
+// Version 3: bf16 and fp16 travel as their raw 16 bits; compiled for d = 64 and 128 (a warp's
+// fragments are arrays of d / 16 and d / 8).
+static const unsigned short* bits(const float* p) { return reinterpret_cast<const unsigned short*>(p); }
+static unsigned short* bits(float* p) { return reinterpret_cast<unsigned short*>(p); }
 
-static std::string forward3(const Call& c) {
+static std::string version3_error(const Call& c) {
     if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
     if (c.dtype == FLOAT32) return "version 3 takes bfloat16 or float16 tensors, not float32";
     if (c.d != 64 && c.d != 128) return "version 3 takes head dim d = 64 or 128, not " + std::to_string(c.d);
     if (c.scale < 0)  // the kernel takes the running max of unscaled scores: right only for scale >= 0
         return "version 3 takes softmax_scale >= 0, not " + std::to_string(c.scale);
-    if (c.dtype == BFLOAT16)
-        return c.d == 64 ? forward3_for<__nv_bfloat16, 64>(c) : forward3_for<__nv_bfloat16, 128>(c);
-    return c.d == 64 ? forward3_for<__half, 64>(c) : forward3_for<__half, 128>(c);
+    return "";
 }
+
+// One launcher per (T, D): calls `launcher<T, D>` for the call's dtype and d.
+template <template <class, int> class Launcher>
+static std::string version3(const Call& c) {
+    if (std::string err = version3_error(c); !err.empty()) return err;
+    if (c.dtype == BFLOAT16)
+        return c.d == 64 ? Launcher<__nv_bfloat16, 64>::run(c) : Launcher<__nv_bfloat16, 128>::run(c);
+    return c.d == 64 ? Launcher<__half, 64>::run(c) : Launcher<__half, 128>::run(c);
+}
+
+// Forward: one block per (batch, head, BR3 = 128 query rows), 4 warps of 32 rows.
+template <class T, int D>
+struct Forward3 {
+    static std::string run(const Call& c) {
+        return launch("flash3_forward", flash3_forward<T, D>, dim3(ceil_div(c.N, BR3), c.BH), 32 * WARPS3,
+                      flash3_shared_bytes(D), c, bits(c.Q), bits(c.K), bits(c.V), c.N, c.scale, c.causal,
+                      bits(c.O), c.L);
+    }
+};
+
+// Backward: D (one thread per row) and zeroed fp32 sums of dQ, in the scratch; one block per
+// (batch, head, BC3B = 64 keys), 4 warps of 16 keys; then dQ's sums converted to T.
+template <class T, int D>
+struct Backward3 {
+    static std::string run(const Call& c) {
+        const long long rows = c.BH * c.N;
+        float *dQ_sum = c.scratch, *Dsum = c.scratch + rows * D;
+        std::string err = launch("flash3_backward_D", flash3_backward_D<T, D>, dim3((rows + 255) / 256), 256, 0,
+                                 c, bits(c.O), bits(c.dO), size_t(rows), Dsum);
+        if (err.empty()) err = zero(dQ_sum, rows * D, c);
+        if (err.empty())
+            err = launch("flash3_backward", flash3_backward<T, D>, dim3(ceil_div(c.N, BC3B), c.BH), 32 * WARPS3B,
+                         flash3_backward_shared_bytes(D), c, bits(c.Q), bits(c.K), bits(c.V), bits(c.dO), c.L,
+                         Dsum, c.N, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV));
+        const size_t pairs = rows * D / 2;
+        if (err.empty())
+            err = launch("flash3_backward_dQ", flash3_backward_dQ<T>, dim3((pairs + 255) / 256), 256, 0, c,
+                         dQ_sum, pairs, c.scale, bits(c.dQ));
+        return err;
+    }
+};
 static size_t forward3_bytes(int d, int) { return flash3_shared_bytes(d); }
-static std::string backward3(const Call&) { return "version 3 has no backward pass yet"; }
-static size_t no_bytes(int, int) { return 0; }
+static size_t backward3_bytes(int d, int) { return flash3_backward_shared_bytes(d); }
 
 // The table: per version and pass, the launcher, the shared memory of a block of G groups, and the
-// scratch floats per row of the B * H * N that the launcher is given.
+// scratch floats per row of the B * H * N that the launcher is given: scratch + scratch_per_d * d.
 struct Kernel {
     std::string (*launch)(const Call&);
     size_t (*shared_bytes)(int d, int G);
-    int scratch;
+    int scratch, scratch_per_d;
 };
 enum Pass { FORWARD, BACKWARD };
 static const Kernel versions[][2] = {
-    {{forward1, forward1_bytes, 2}, {backward1, backward1_bytes, 1}},  // version 1
-    {{forward2, forward2_bytes, 0}, {backward2, backward2_bytes, 1}},  // version 2
-    {{forward3, forward3_bytes, 0}, {backward3, no_bytes, 0}},         // version 3
+    {{forward1, forward1_bytes, 2, 0}, {backward1, backward1_bytes, 1, 0}},                  // version 1
+    {{forward2, forward2_bytes, 0, 0}, {backward2, backward2_bytes, 1, 0}},                  // version 2
+    {{version3<Forward3>, forward3_bytes, 0, 0}, {version3<Backward3>, backward3_bytes, 1, 1}},  // version 3
 };
 constexpr int VERSIONS = sizeof(versions) / sizeof(versions[0]);
 static const Kernel* find(int pass, int version) {
@@ -232,14 +271,14 @@ int mf_block_size(int which) { return which == 0 ? Br : Bc; }  // 0: Br, 1: Bc
 long long mf_device_shared_bytes(int device) { return max_shared_bytes(device); }
 
 // The least shared memory a block of this pass and version needs (one thread group), and the
-// scratch floats it needs per row; -1 for a pass or version that does not exist.
+// scratch floats it needs per row at head dim d; -1 for a pass or version that does not exist.
 long long mf_shared_bytes(int pass, int version, int d) {
     const Kernel* kernel = find(pass, version);
     return kernel ? (long long)kernel->shared_bytes(d, 1) : -1;
 }
-long long mf_scratch_floats(int pass, int version, long long rows) {
+long long mf_scratch_floats(int pass, int version, long long rows, int d) {
     const Kernel* kernel = find(pass, version);
-    return kernel ? kernel->scratch * rows : -1;
+    return kernel ? (kernel->scratch + kernel->scratch_per_d * (long long)d) * rows : -1;
 }
 
 // O = softmax(scale * Q K^T) V and L = the rows' log-sum-exp, into O and L.

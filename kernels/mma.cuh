@@ -96,3 +96,57 @@ __device__ inline unsigned pack(float lo, float hi) {
     if constexpr (std::is_same_v<T, __nv_bfloat16>) return pack_bf16(lo, hi);
     else return pack_f16(lo, hi);
 }
+
+// A 16-bit value of type T (raw bits) as a float.
+template <class T>
+__device__ inline float to_float(unsigned short bits) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(__ushort_as_bfloat16(bits));
+    else return __half2float(__ushort_as_half(bits));
+}
+
+// A warp's products of 16-bit tiles in shared memory (row stride ld, in values) into C, 16 x N, held
+// as N / 8 accumulator tiles (the layout above). C += A B^T: A's 16 rows at `a`, B^T's N columns the
+// N rows at `b`, K values each, as in S = Q K^T.
+template <class T, int K, int N>
+__device__ void mma_ABt(float (&c)[N / 8][4], const unsigned short* a, const unsigned short* b, int ld) {
+    const int l = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        unsigned af[4];  // rows 0-7 and 8-15, columns 16 kk .. 16 kk + 7, then 16 kk + 8 .. 16 kk + 15
+        ldmatrix_x4(af, &a[l % 16 * ld + kk * 16 + l / 16 * 8]);
+#pragma unroll
+        for (int nb = 0; nb < N / 16; ++nb) {
+            unsigned bf[4];  // B's columns 16 nb .. 16 nb + 15 are b's rows: no transpose
+            ldmatrix_x4(bf, &b[(nb * 16 + l % 8 + l / 16 * 8) * ld + kk * 16 + l / 8 % 2 * 8]);
+            mma16816<T>(c[2 * nb], af, bf[0], bf[1]);
+            mma16816<T>(c[2 * nb + 1], af, bf[2], bf[3]);
+        }
+    }
+}
+
+// The accumulators of a product C (16 x K), rounded to T, as the A operands of the next product:
+// tiles 2 kb and 2 kb + 1 are, in the same lanes, the A operand of columns 16 kb .. 16 kb + 15.
+template <class T, int K>
+__device__ void a_operands(unsigned (&a)[K / 16][4], const float (&c)[K / 8][4]) {
+#pragma unroll
+    for (int kb = 0; kb < K / 16; ++kb) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r)  // r: rows g, g + 8, g, g + 8 of tiles 2 kb, 2 kb, 2 kb + 1, 2 kb + 1
+            a[kb][r] = pack<T>(c[2 * kb + r / 2][r % 2 * 2], c[2 * kb + r / 2][r % 2 * 2 + 1]);
+    }
+}
+
+// C += A B: A (16 x K) as A operands in registers, B's K rows at `b`, N values each, as in O += P V.
+template <class T, int K, int N>
+__device__ void mma_AB(float (&c)[N / 8][4], const unsigned (&a)[K / 16][4], const unsigned short* b, int ld) {
+    const int l = threadIdx.x % 32;
+#pragma unroll
+    for (int kb = 0; kb < K / 16; ++kb)
+#pragma unroll
+        for (int nb = 0; nb < N / 16; ++nb) {
+            unsigned bf[4];  // rows 16 kb .. 16 kb + 15, columns 16 nb .. 16 nb + 15, transposed
+            ldmatrix_x4_trans(bf, &b[(kb * 16 + l % 16) * ld + nb * 16 + l / 16 * 8]);
+            mma16816<T>(c[2 * nb], a[kb], bf[0], bf[1]);
+            mma16816<T>(c[2 * nb + 1], a[kb], bf[2], bf[3]);
+        }
+}

@@ -58,7 +58,22 @@ def reference_grads(q, k, v, dO, causal, scale=None):
     return torch.autograd.grad(mf.manual_attention(q, k, v, causal, scale), (q, k, v), dO.double())
 
 
+def half_precision_grads(q, k, v, dO, causal, scale=None):
+    """dQ, dK, dV of sum(O * dO), O = plain attention, by autograd in q's own precision (version 3's
+    tests: the gradients whose error the official FlashAttention rule takes as its yardstick)."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    return torch.autograd.grad(mf.manual_attention(q, k, v, causal, scale), (q, k, v), dO)
+
+
 def random_dO(q, generator):
     """A fresh random output gradient: with dO = ones, a dV that uses the wrong row of dO still
     comes out right."""
     return torch.randn(q.shape, generator=generator, dtype=q.dtype).to(q.device)
+
+
+def cancelled_scale(q, k, v, dO, scale):
+    """At N = 1 there is one key, P = 1 and O = V, so dS = dP - D = dO.v - dO.O is exactly 0 and so
+    are dQ and dK: computed, they are rounding noise of the terms that cancel. This is the size of
+    those terms in dQ (scale * dP * k) and dK (scale * dP * q), to judge the noise against."""
+    dP = (dO.double() * v.double()).sum(dim=-1, keepdim=True)
+    return scale * dP * k.double(), scale * dP * q.double()

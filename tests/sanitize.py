@@ -1,5 +1,5 @@
-"""Runs the CUDA kernels (versions 1 and 2 forward and backward, version 3 forward) at partial-tile
-sizes, causal and not, for compute-sanitizer:
+"""Runs the CUDA kernels (versions 1, 2 and 3, forward and backward) at partial-tile sizes, causal
+and not, for compute-sanitizer:
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tests/sanitize.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python tests/sanitize.py
@@ -12,7 +12,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import minimal_flash as mf  # noqa: E402  (conftest-free: this file is run as a script)
-from helpers import poisoned_outputs, reference, reference_grads, rel_err  # noqa: E402
+from helpers import half_precision_grads, poisoned_outputs, reference, reference_grads, rel_err  # noqa: E402
 
 generator = torch.Generator().manual_seed(0)
 for Br, Bc in [(32, 32), (64, 16)]:
@@ -36,8 +36,8 @@ for Br, Bc in [(32, 32), (64, 16)]:
                       + ", ".join(f"{e:.1e}" for e in errs))
                 assert max(errs) < 1e-5
 
-# Version 3 (tensor cores, forward only so far): bf16 and fp16, partial tiles of 64 rows and keys,
-# d = 64 and 128; the official FlashAttention tests' bound against float64.
+# Version 3 (tensor cores): bf16 and fp16, partial tiles of 64 rows and keys, d = 64 and 128; the
+# official FlashAttention tests' bound against float64, for O and for each of dQ, dK, dV.
 for dtype in (torch.bfloat16, torch.float16):
     for N, d in [(100, 64), (17, 128), (130, 64)]:
         for causal in (False, True):
@@ -48,3 +48,12 @@ for dtype in (torch.bfloat16, torch.float16):
             err, plain_err = ((x.double() - O_ref).abs().max().item() for x in (O, mf.manual_attention(q, k, v, causal)))
             print(f"forward v3 {dtype} N={N} d={d} causal={causal}: max error {err:.1e}, plain attention's {plain_err:.1e}")
             assert err <= 2 * plain_err and torch.isfinite(L).all()
+            dO = torch.randn(q.shape, generator=generator).to("cuda", dtype)
+            grads = [torch.full_like(q, float("nan")) for _ in range(3)]
+            mf.backward(dO, q, k, v, O, L, causal, out=grads, version=3)
+            refs, plains = reference_grads(q, k, v, dO, causal), half_precision_grads(q, k, v, dO, causal)
+            errs = [((g.double() - r).abs().max().item(), (p.double() - r).abs().max().item())
+                    for g, p, r in zip(grads, plains, refs)]
+            print(f"backward v3 {dtype} N={N} d={d} causal={causal}: max error, plain attention's: dQ, dK, dV "
+                  + ", ".join(f"{e:.1e} {p:.1e}" for e, p in errs))
+            assert all(e <= 2 * p for e, p in errs)

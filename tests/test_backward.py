@@ -5,16 +5,8 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import (CAUSAL, DEVICES, OTHER_BLOCK_SIZES, OTHER_N, SHAPES, TOL, VERSIONS, random_dO, random_qkv,
-                     reference_grads, rel_err)
-
-
-def cancelled_scale(q, k, v, dO, scale):
-    """At N = 1 there is one key, P = 1 and O = V, so dS = dP - D = dO.v - dO.O is exactly 0 and so
-    are dQ and dK: computed, they are rounding noise of the terms that cancel. This is the size of
-    those terms in dQ (scale * dP * k) and dK (scale * dP * q), to judge the noise against."""
-    dP = (dO.double() * v.double()).sum(dim=-1, keepdim=True)
-    return scale * dP * k.double(), scale * dP * q.double()
+from helpers import (CAUSAL, DEVICES, OTHER_BLOCK_SIZES, OTHER_N, SHAPES, TOL, VERSIONS, cancelled_scale, random_dO,
+                     random_qkv, reference_grads, rel_err)
 
 
 def check_backward(device, shape, causal, generator, scale=None, version=1, **block_sizes):

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import CAUSAL, DEVICES, VERSIONS, random_dO, random_qkv, reference_grads, rel_err, reference, TOL
+from helpers import CAUSAL, DEVICES, TOL, random_dO, random_qkv, reference, reference_grads, rel_err
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@VERSIONS
+@pytest.mark.parametrize("version,dtype,d", [(1, torch.float32, 16), (2, torch.float32, 16), (3, torch.bfloat16, 64)],
+                         ids=["v1", "v2", "v3-bf16"])
 @CAUSAL
-def test_opcheck(device, version, causal, generator):
-    q, k, v = random_qkv(2, 2, 37, 16, device, generator)
+def test_opcheck(device, version, dtype, d, causal, generator):
+    q, k, v = (t.to(dtype) for t in random_qkv(2, 2, 37, d, device, generator))
     options = (causal, 0.3, 32, 32, version)
     torch.library.opcheck(torch.ops.minimal_flash.forward.default, (q, k, v, *options))
     O, L = torch.ops.minimal_flash.forward(q, k, v, *options)

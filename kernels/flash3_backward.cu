@@ -1,0 +1,151 @@
+// FlashAttention-2 backward pass on tensor cores (chapter 3): bf16 or fp16 in, fp32 accumulation,
+// dQ, dK, dV in the input's type. The loop order of flash2_backward.cu (Algorithm 2 of the
+// FlashAttention-2 paper) with the arithmetic of flash3.cu: mma.sync, 16 x 8 x 16 per warp
+// (kernels/mma.cuh). One block per (batch, head, 64 keys): 4 warps, each owning 16 keys, walk the
+// query tiles i of 64 rows. The products are taken transposed, S_ij^T = K_j Q_i^T and dP_ij^T =
+// V_j dO_i^T, so that the warp's keys are the rows of its accumulators: a lane turns them into
+// P_ij^T and dS_ij^T in registers, and those accumulators are straight away the A operands of
+// dV_j += P_ij^T dO_i and dK_j += dS_ij^T Q_i, whose rows are the same keys. dK_j and dV_j stay in
+// the registers of the lanes that own them until the end.
+//
+// dQ_i += dS_ij K_j sums over keys, which the other warps and blocks hold. dS_ij^T goes through
+// shared memory, each warp takes 16 query rows of it, and adds its product into an fp32 copy of dQ
+// with atomicAdd, as flash2_backward.cu does (the price: the order of the additions varies, so do
+// dQ's last bits). Two small kernels go around it: D = rowsum(dO * O) before, and dQ's conversion to
+// T after. Names as in the paper; "Alg. 2, line n" marks each phase, numbered as in flash2_backward.cu.
+#include "tiles.cuh"  // ceil_div, visible, stride16, load_tile16
+#include "mma.cuh"    // ldmatrix_x4_trans, mma_ABt, a_operands, mma_AB, pack<T>, to_float<T>
+
+constexpr int BC3B = 64, BR3B = 64, WARPS3B = BC3B / 16;  // keys per block, queries per tile, warps
+
+// Shared memory: L_i and D_i (fp32), then 16-bit tiles Q_i, dO_i (BR3B rows each), K_j, V_j (BC3B
+// rows each) and dS_ij^T (BC3B rows of BR3B queries). Why K_j, V_j stay here, not in registers as
+// the forward keeps Q_i: a warp's fragments of both would take d / 2 registers per lane, on top of
+// d for dK_j and dV_j and 64 for S_ij^T and dP_ij^T; at d = 128 that is more than the 255 a thread
+// may have. Each product re-reads them from shared memory with ldmatrix instead.
+__host__ __device__ inline int flash3_backward_shared_bytes(int d) {
+    return 2 * BR3B * 4 + ((2 * BR3B + 2 * BC3B) * stride16(d) + BC3B * stride16(BR3B)) * 2;
+}
+
+// Alg. 2, line 4: D = rowsum(dO * O) in fp32 (Dsum: D is the head dim here), one thread per row,
+// before the main kernel: every block needs D_i for every query tile, and this costs one read of O.
+template <class T, int D>
+__global__ void flash3_backward_D(const unsigned short* O, const unsigned short* dO, size_t rows, float* Dsum) {
+    const size_t row = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= rows) return;
+    float sum = 0.0f;
+    for (int x = 0; x < D; ++x) sum += to_float<T>(dO[row * D + x]) * to_float<T>(O[row * D + x]);
+    Dsum[row] = sum;
+}
+
+// After the main kernel: dQ from its fp32 sums, times the scale left out there, rounded to T; a
+// thread takes 2 values (d is even), one 4-byte store.
+template <class T>
+__global__ void flash3_backward_dQ(const float* dQ_sum, size_t pairs, float scale, unsigned short* dQ) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < pairs)
+        *reinterpret_cast<unsigned*>(&dQ[2 * e]) = pack<T>(scale * dQ_sum[2 * e], scale * dQ_sum[2 * e + 1]);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(32 * WARPS3B)
+    flash3_backward(const unsigned short* Q, const unsigned short* K, const unsigned short* V,
+                    const unsigned short* dO, const float* L, const float* Dsum, int N, float scale,
+                    bool causal, float* dQ_sum, unsigned short* dK, unsigned short* dV) {
+    constexpr int LS = stride16(D), LP = stride16(BR3B);
+    extern __shared__ __align__(16) float smem[];
+    float* L_i = smem;                                                     // BR3B
+    float* D_i = L_i + BR3B;                                               // BR3B
+    unsigned short* Q_i = reinterpret_cast<unsigned short*>(D_i + BR3B);  // BR3B x LS
+    unsigned short* dO_i = Q_i + BR3B * LS;                               // BR3B x LS
+    unsigned short* K_j = dO_i + BR3B * LS;                               // BC3B x LS
+    unsigned short* V_j = K_j + BC3B * LS;                                // BC3B x LS
+    unsigned short* dS_T = V_j + BC3B * LS;                               // BC3B x LP: dS_ij^T
+    // Lane l of warp w holds, of the warp's 16 keys, keys g and g + 8, and of each 8 columns of an
+    // accumulator, columns 2q and 2q + 1 (kernels/mma.cuh).
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32, g = l / 4, q = l % 4;
+
+    const size_t bh = blockIdx.y;  // this block's (batch, head) slice
+    Q += bh * N * D, K += bh * N * D, V += bh * N * D, dO += bh * N * D, dK += bh * N * D, dV += bh * N * D;
+    dQ_sum += bh * N * D, L += bh * N, Dsum += bh * N;
+    // Causal: query tiles wholly before the block's first key see none of its keys, and are skipped.
+    // Block 0 has the most work, and blocks start roughly in launch order: the heaviest first.
+    const int key0 = blockIdx.x * BC3B, i0 = causal ? key0 / BR3B : 0, Tr = ceil_div(N, BR3B);
+
+    load_tile16<D>(K_j, K, key0, BC3B, N);  // Alg. 2, line 6
+    load_tile16<D>(V_j, V, key0, BC3B, N);
+    const unsigned short *K_w = K_j + w * 16 * LS, *V_w = V_j + w * 16 * LS;  // the warp's 16 keys
+    float dK_j[D / 8][4] = {}, dV_j[D / 8][4] = {};  // Alg. 2, line 7
+
+    for (int i = i0; i < Tr; ++i) {  // Alg. 2, lines 8-9: load Q_i, dO_i, L_i, D_i
+        const int row0 = i * BR3B;
+        __syncthreads();  // every warp is done with the previous Q_i, dO_i, dS_T (and K_j, V_j are in)
+        load_tile16<D>(Q_i, Q, row0, BR3B, N);
+        load_tile16<D>(dO_i, dO, row0, BR3B, N);
+        for (int y = threadIdx.x; y < BR3B; y += blockDim.x) {  // a row past N gets L = +inf: P = 0
+            L_i[y] = row0 + y < N ? L[row0 + y] : INFINITY;
+            D_i[y] = row0 + y < N ? Dsum[row0 + y] : 0.0f;
+        }
+        __syncthreads();  // Q_i, dO_i, L_i, D_i are complete
+
+        float s[BR3B / 8][4] = {}, dp[BR3B / 8][4] = {};  // Alg. 2, lines 10 and 13
+        mma_ABt<T, D, BR3B>(s, K_w, Q_i, LS);    // S_ij^T = K_j Q_i^T
+        mma_ABt<T, D, BR3B>(dp, V_w, dO_i, LS);  // dP_ij^T = V_j dO_i^T
+        // Alg. 2, lines 11 and 14: element e of tile n is key g + 8 (e / 2), query 8n + 2q + e % 2.
+#pragma unroll
+        for (int n = 0; n < BR3B / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = key0 + w * 16 + g + 8 * (e / 2), y = 8 * n + 2 * q + e % 2;
+                s[n][e] = visible(row0 + y, key, N, causal) ? __expf(scale * s[n][e] - L_i[y]) : 0.0f;  // P_ij^T
+                dp[n][e] = s[n][e] * (dp[n][e] - D_i[y]);  // dS_ij^T = P_ij^T * (dP_ij^T - D_i)
+            }
+        unsigned pf[BR3B / 16][4], dsf[BR3B / 16][4];  // P_ij^T, dS_ij^T as A operands, in T
+        a_operands<T, BR3B>(pf, s);
+        a_operands<T, BR3B>(dsf, dp);
+        mma_AB<T, BR3B, D>(dV_j, pf, dO_i, LS);  // Alg. 2, line 12: dV_j += P_ij^T dO_i
+        mma_AB<T, BR3B, D>(dK_j, dsf, Q_i, LS);  // Alg. 2, line 16: dK_j += dS_ij^T Q_i (scale at the end)
+
+        // Alg. 2, line 15: dQ_i += dS_ij K_j. dsf[kb][e] holds key g + 8 (e % 2), queries 16 kb +
+        // 8 (e / 2) + 2q and the next: one 4-byte store each into dS_ij^T's rows.
+#pragma unroll
+        for (int kb = 0; kb < BR3B / 16; ++kb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = w * 16 + g + 8 * (e % 2), y = 16 * kb + 8 * (e / 2) + 2 * q;
+                *reinterpret_cast<unsigned*>(&dS_T[key * LP + y]) = dsf[kb][e];
+            }
+        __syncthreads();  // dS_ij^T is complete
+        // Warp w takes query rows 16w .. 16w + 15 over all the block's keys. Those rows of dS_ij are
+        // columns of dS_T: their A operands come transposed. 16 columns of dQ_i at a time keep 8
+        // accumulators per lane, not d / 2.
+        unsigned ds[BC3B / 16][4];
+#pragma unroll
+        for (int kb = 0; kb < BC3B / 16; ++kb)
+            ldmatrix_x4_trans(ds[kb], &dS_T[(kb * 16 + l % 8 + l / 16 * 8) * LP + w * 16 + l / 8 % 2 * 8]);
+#pragma unroll
+        for (int dn = 0; dn < D / 16; ++dn) {
+            float dq[2][4] = {};
+            mma_AB<T, BC3B, 16>(dq, ds, K_j + dn * 16, LS);
+#pragma unroll
+            for (int t = 0; t < 2; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = row0 + w * 16 + g + 8 * (e / 2), x = dn * 16 + 8 * t + 2 * q + e % 2;
+                    if (row < N) atomicAdd(&dQ_sum[(size_t)row * D + x], dq[t][e]);
+                }
+        }
+    }
+    // Alg. 2, line 18: the warp's keys g and g + 8 of dK_j (times the scale left out above), dV_j.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = key0 + w * 16 + g + 8 * r;
+        if (key >= N) continue;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {  // columns 8n + 2q, 8n + 2q + 1: one 4-byte store each
+            const size_t at = (size_t)key * D + 8 * n + 2 * q;
+            *reinterpret_cast<unsigned*>(&dK[at]) = pack<T>(scale * dK_j[n][2 * r], scale * dK_j[n][2 * r + 1]);
+            *reinterpret_cast<unsigned*>(&dV[at]) = pack<T>(dV_j[n][2 * r], dV_j[n][2 * r + 1]);
+        }
+    }
+}
