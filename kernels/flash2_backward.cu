@@ -18,12 +18,12 @@
 //   dV_j += P_ij^T dO_i (warps 0-1), or
 //   dK_j += dS_ij^T Q_i (warps 2-3)                8 keys x 8 columns, over the 32 queries
 //   dQ_i += scale dS_ij K_j                        4 queries x 4 columns, over the 64 keys
-// and P_ij, dS_ij go through shared memory from the first threads to the others. A thread reads
-// 1/2 float per multiply-add in the 4 x 4 blocks and 1/4 in the 8 x 8 ones. dV and dK go to
-// different warps: one 8 x 8 block per thread, where both would be two 4 x 8 blocks in the same 64
-// registers, reading 3/8. At d = 64 a block takes 168 registers per thread and 68 KB of shared
-// memory: 3 blocks, 12 warps, fit on a multiprocessor, where one key per thread (232 registers) left
-// room for 8 warps.
+// and P_ij, dS_ij go through shared memory, from the threads that compute them to those that
+// multiply them. A thread reads 1/2 float per multiply-add in the 4 x 4 blocks and 1/4 in the 8 x 8
+// ones. dV and dK go to different warps: one 8 x 8 block per thread, where both would be two 4 x 8
+// blocks in the same 64 registers, reading 3/8. At d = 64 a block takes 168 registers per thread
+// and 68 KB of shared memory: 3 blocks, 12 warps, fit on a multiprocessor, where one key per thread
+// (232 registers) left room for 8 warps.
 #include "tiles.cuh"  // DC, flash2_V_stride, ceil_div, visible, load_tile, load4
 
 // Queries per tile, keys per block, threads. Tiles of 64 queries would need 103 KB of shared memory
@@ -66,14 +66,14 @@ __device__ void load_rows(float* tile, int ls, const float* src, int row0, int N
     load_tile<8>(tile + r * ls, ls, 1, src, row0 + r, N, d, threadIdx.x % lanes, lanes);
 }
 
-// acc[i][j] += a[i] . b[j], 4 terms each: a 4 x 4 block of a matrix product, 4 steps of its sums.
+// acc[r][c] += a[r] . b[c], 4 terms each: a 4 x 4 block of a matrix product, 4 steps of its sums.
 __device__ inline void dot4x4(float (&acc)[4][4], const float (&a)[4][4], const float (&b)[4][4]) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int c = 0; c < 4; ++c)
 #pragma unroll
-            for (int u = 0; u < 4; ++u) acc[i][j] += a[i][u] * b[j][u];
+            for (int u = 0; u < 4; ++u) acc[r][c] += a[r][u] * b[c][u];
 }
 
 // acc[a][b] += A_a . B_b over the d columns, for rows A_a = A + 16 a ls (keys) and B_b = B + 8 b ls
@@ -83,7 +83,7 @@ __device__ void rows_times_rows(float (&acc)[4][4], const float* A, const float*
     for (int x = 0; x < d; x += 4) {  // columns d .. DV-1 are zeros
         float a[4][4], b[4][4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) load4(a[i], A + 16 * i * ls + x), load4(b[i], B + 8 * i * ls + x);
+        for (int r = 0; r < 4; ++r) load4(a[r], A + 16 * r * ls + x), load4(b[r], B + 8 * r * ls + x);
         dot4x4(acc, a, b);
     }
 }
