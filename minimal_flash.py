@@ -487,9 +487,11 @@ def _check_shared_memory(kernels, q, pass_, version):
     if needed > available:
         where = ("this GPU allows" if q.is_cuda else
                  "the CPU emulation allows (it copies the limit of an H100 or H200, kernels/cpu_cuda.h)")
+        largest = next((x for x in range(d - 1, 0, -1) if kernels.shared_bytes(pass_, version, x) <= available), 0)
         raise ValueError(f"head dim d = {d} needs {needed} bytes of shared memory per block in the {pass_} "
                          f"kernel of version {version} (kernels/{file}) with Br = {kernels.Br}, Bc = {kernels.Bc}, "
-                         f"more than the {available} {where}: use a smaller d or smaller block sizes")
+                         f"more than the {available} {where}: it takes d up to {largest} with these block "
+                         "sizes (smaller block sizes leave room for more in the kernels whose tiles follow them)")
 
 
 def _check_no_dropout(dropout_p):

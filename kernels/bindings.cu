@@ -4,7 +4,7 @@
 //   version 1  flash.cu, flash_backward.cu: the FlashAttention paper's Algorithms 1 and 4, one block
 //              per (batch, head). Chapter 1: the algorithm as written, to read and step through.
 //   version 2  flash2.cu, flash2_backward.cu: FlashAttention-2's loop order, one block per (batch,
-//              head, 128 query rows) forward, per 128 keys backward. Chapter 2: the whole GPU busy.
+//              head, 128 query rows) forward, per 64 keys backward. Chapter 2: the whole GPU busy.
 //   version 3  flash3.cu, flash3_backward.cu: FlashAttention-2's loop order on tensor cores, bf16
 //              and fp16, fp32 accumulation. Chapter 3.
 //
@@ -97,16 +97,15 @@ static std::string launch(const char* name, void (*kernel)(Params...), dim3 grid
     return err == cudaSuccess ? "" : name + std::string(" failed: ") + cudaGetErrorString(err);
 }
 
-// Shared memory of a block of G thread groups, in bytes, from each kernel's own layout.
+// Shared memory of a block of G thread groups, in bytes, from each kernel's own layout. Version 2's
+// backward has one block shape, whatever G.
 static size_t forward1_bytes(int d, int G) { return sizeof(float) * forward_shared_floats(d, G); }
 static size_t backward1_bytes(int d, int G) { return sizeof(float) * backward_shared_floats(d, G); }
 static size_t forward2_bytes(int d, int G) { return sizeof(float) * flash2_shared_floats(d, G * Br); }
-static size_t backward2_bytes(int d, int G) {
-    return sizeof(float) * flash2_backward_shared_floats(d, G * Bc);
-}
+static size_t backward2_bytes(int d, int) { return sizeof(float) * flash2_backward_shared_floats(d); }
 
 // How many thread groups a block gets, each of `group` threads working on its own tile of `rows`
-// (a Q tile of Br rows, or a K tile of Bc): one per tile, up to `threads` threads, as far as the
+// (a Q tile of Br rows): one per tile, up to `threads` threads, as far as the
 // device's shared memory and the kernel's registers allow (a kernel that uses many registers per
 // thread can only be launched with fewer threads per block).
 template <class Kernel>
@@ -161,8 +160,9 @@ static std::string forward2(const Call& c) {
                   c.causal, c.O, c.L);
 }
 
-// D first (one thread per row, into the scratch), then one block per (batch, head, tile of G * Bc
-// keys), 4 warps as in the forward. The blocks add into dQ, so it starts at 0.
+// D first (one thread per row, into the scratch), then one block of THREADS2 = 128 threads per
+// (batch, head, tile of BC2 = 64 keys); its tile sizes are its own, whatever Br and Bc. The blocks
+// add into dQ, so it starts at 0.
 static std::string backward2(const Call& c) {
     if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
     const long long rows = c.BH * c.N;
@@ -170,9 +170,8 @@ static std::string backward2(const Call& c) {
                              c.O, c.dO, size_t(rows), c.d, c.scratch);
     if (err.empty()) err = zero(c.dQ, rows * c.d, c);
     if (!err.empty()) return err;
-    const int G = thread_groups(flash2_backward, c, Bc, Bc, backward2_bytes, 128);
-    return launch("flash2_backward", flash2_backward, dim3(ceil_div(c.N, G * Bc), c.BH), G * Bc,
-                  backward2_bytes(c.d, G), c, c.Q, c.K, c.V, c.dO, c.L, c.scratch, c.N, c.d,
+    return launch("flash2_backward", flash2_backward, dim3(ceil_div(c.N, BC2), c.BH), THREADS2,
+                  backward2_bytes(c.d, 1), c, c.Q, c.K, c.V, c.dO, c.L, c.scratch, c.N, c.d,
                   c.scale, c.causal, c.dQ, c.dK, c.dV);
 }
 

@@ -7,19 +7,21 @@
 // Names as in the paper: Q_i, K_j, V_j, S_ij, P_ij, m, l, O; "Alg. 1, line n" marks each phase of
 // the FlashAttention-2 paper's Algorithm 1.
 //
-// Register tiling: a thread computes a TM x TN block of S_ij (4 query rows by 4 keys) and a TM x OC
-// block of O, as the matrix-product kernels 5-6 of siboehm/SGEMM_CUDA do. Each float it reads from
-// shared memory then feeds 4 multiply-adds, half a float per multiply-add; with one row per thread
-// (flash.cu), each float of K_j and V_j fed one, and shared memory, not arithmetic, set the pace. The TPR = Bc / TN threads of a row (consecutive
-// lanes of a warp) agree on its max by warp shuffles, and P_ij goes through shared memory to the
-// threads that multiply it by V_j. On an H200 this took the forward from 24.5 to 28.6 TFLOP/s at
-// N = 16384. Shared memory still sets the pace: a 16-byte read is served a quarter-warp at a time,
-// and the 4 x 4 block reads 2 bytes per multiply-add where the SM delivers about 1.
+// Register tiling: a thread computes a TM x TN block of S_ij (4 query rows by 8 keys) and a TM x OC
+// block of O, as the matrix-product kernels 5-6 of siboehm/SGEMM_CUDA do. The 12 floats it reads
+// from shared memory for one column x of S_ij then feed 32 multiply-adds; with one row per thread
+// (flash.cu), each float of K_j and V_j fed one, and shared memory, not arithmetic, set the pace.
+// The TPR = Bc / TN threads of a row (consecutive lanes of a warp) agree on its max by warp
+// shuffles, and P_ij goes through shared memory to the threads that multiply it by V_j. On an H200
+// this took the forward from 24.5 TFLOP/s at N = 16384 to 28.6 with 4 x 4 blocks and to 31.9 with
+// 4 x 8 (notebooks/results/h200/flash2_forward_steps.txt). Shared memory still sets the pace: a
+// 16-byte read is served a quarter-warp at a time, and the block reads 1.5 bytes per multiply-add
+// where the SM delivers about 1.
 #include "tiles.cuh"  // Br, Bc, LD, DC, flash2_V_stride, ceil_div, visible, load_tile, load4
 
-constexpr int TM = 4, TN = 4;  // a thread's rows and keys of S_ij (multiples of 4: whole float4s)
+constexpr int TM = 4, TN = 8;  // a thread's rows and keys of S_ij (multiples of 4: whole float4s)
 // Version 2 takes Br a multiple of TM and Bc = 16, 32 or 64: then TPR is a power of two that fits in
-// a warp, and OC, the thread's columns of O in a pass of DC = 64, is 16, 8 or 4 (a whole number of
+// a warp, and OC, the thread's columns of O in a pass of DC = 64, is 32, 16 or 8 (a whole number of
 // 16-byte loads, and few enough registers). The launcher refuses other sizes.
 constexpr bool flash2_takes_block_sizes = Br % TM == 0 && (Bc == 16 || Bc == 32 || Bc == 64);
 constexpr int TPR = flash2_takes_block_sizes ? Bc / TN : 1, OC = DC / TPR;

@@ -1,8 +1,8 @@
 // FlashAttention-2 backward pass (Dao, "FlashAttention-2", 2023, Algorithm 2), in fp32: the forward's
-// loop order turned around. One block per (batch, head, tile of R keys). Each thread owns one key
-// row and keeps that row's dK and dV in registers for the whole pass, while the query tiles Q_i,
-// dO_i stream through shared memory. Compared with flash_backward.cu (Algorithm 4): dK_j and dV_j
-// leave the chip once, final, and there are B * H * ceil(N / R) blocks instead of B * H.
+// loop order turned around. One block per (batch, head, tile of BC2 = 64 keys): K_j and V_j stay in
+// shared memory and dK_j, dV_j in registers for the whole pass, while the query tiles Q_i, dO_i of
+// BR2 = 32 rows stream through shared memory. Compared with flash_backward.cu (Algorithm 4): dK_j
+// and dV_j leave the chip once, final, and there are B * H * ceil(N / 64) blocks instead of B * H.
 //
 // dQ_i = scale * sum_j dS_ij K_j sums over key tiles that now belong to different blocks. Each block
 // adds its share into dQ with atomicAdd, as FlashAttention-2 does. The alternative, a second kernel
@@ -10,21 +10,40 @@
 // price of atomics: dQ must start at 0, and the order of the additions, so dQ's last bits, varies
 // from run to run. Same names as the paper: S_ij, P_ij, dP_ij, dS_ij, D_i, dQ_i, dK_j, dV_j;
 // "Alg. 2, line n" marks each phase.
-#include "tiles.cuh"  // Br, Bc, LR, DC, flash2_V_stride, ceil_div, visible, load_tile
+//
+// Register tiling, as in flash2.cu: in each of the five matrix products of a step (i, j) a thread
+// computes a block of outputs, so that each float it reads from shared memory feeds several
+// multiply-adds, not one (shared memory, not arithmetic, would set the pace). The 128 threads take
+//   S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T    4 keys x 4 queries each, over the d columns
+//   dV_j += P_ij^T dO_i (warps 0-1), or
+//   dK_j += dS_ij^T Q_i (warps 2-3)                8 keys x 8 columns, over the 32 queries
+//   dQ_i += scale dS_ij K_j                        4 queries x 4 columns, over the 64 keys
+// and P_ij, dS_ij go through shared memory, from the threads that compute them to those that
+// multiply them. A thread reads 1/2 float per multiply-add in the 4 x 4 blocks and 1/4 in the 8 x 8
+// ones. dV and dK go to different warps: one 8 x 8 block per thread, where both would be two 4 x 8
+// blocks in the same 64 registers, reading 3/8. At d = 64 a block takes 168 registers per thread
+// and 68 KB of shared memory: 3 blocks, 12 warps, fit on a multiprocessor, where one key per thread
+// (232 registers) left room for 8 warps.
+#include "tiles.cuh"  // DC, flash2_V_stride, ceil_div, visible, load_tile, load4
 
-// Queries a thread takes at a time: their S and dP (2 x YB floats) live in registers beside dK and
-// dV (2 x DC). Why not 16: the unrolled loop over c below then grows so long that nvcc (13.0) stops
-// merging its reads of 4 consecutive floats into one 16-byte load, and reads them one at a time.
-constexpr int YB = Br % 8 == 0 ? 8 : Br;
-// Rows of K_j, V_j per loading group (a block has G * Bc keys). load_tile keeps one load per row in
-// flight: 64 or more would spill registers.
-constexpr int KG = Bc % 16 == 0 ? 16 : Bc;
+// Queries per tile, keys per block, threads. Tiles of 64 queries would need 103 KB of shared memory
+// at d = 64 (2 blocks per multiprocessor, not 3) and more than a block may have at d = 200.
+constexpr int BR2 = 32, BC2 = 64, THREADS2 = 128;
+// Row stride of P_ij and dS_ij (BR2 queries x BC2 keys): BC2 + 4 puts the 32 values that a warp
+// stores at once, for 8 queries and 4 keys, in 32 different banks.
+constexpr int LK = BC2 + 4;
 
-// Shared memory, in floats, for a block of R keys: Q_i^T and dO_i^T (DV x LR each, rows d .. DV-1
-// zero: a pass reads DC of them), dS_ij^T (R x LR), K_j and V_j (R x (d + 1): the odd stride puts
-// the R rows a thread each walks in different banks), L_i and D_i (Br each).
-__host__ __device__ inline int flash2_backward_shared_floats(int d, int R) {
-    return (2 * flash2_V_stride(d) + R) * LR + 2 * R * (d + 1) + 2 * Br;
+// Q_i, dO_i, K_j and V_j are stored by rows, as in global memory, so a thread reads 4 consecutive
+// columns of a row as one 16-byte load, in each product. A row holds DV = d rounded up to DC
+// (columns d .. DV-1 are zeros: a pass of dK, dV reads DC columns), plus 4: a stride of an odd
+// number of 16-byte groups sends the 8 rows that a quarter-warp reads at the same column to 8
+// different groups of 4 banks.
+__host__ __device__ inline int flash2_backward_stride(int d) { return flash2_V_stride(d) + 4; }
+
+// Shared memory, in floats: K_j, V_j (BC2 rows each), Q_i, dO_i (BR2 rows each), P_ij, dS_ij
+// (BR2 x LK each), L_i and D_i (BR2 each).
+__host__ __device__ inline int flash2_backward_shared_floats(int d) {
+    return 2 * (BC2 + BR2) * flash2_backward_stride(d) + 2 * BR2 * LK + 2 * BR2;
 }
 
 // Alg. 2, line 4: D = rowsum(dO * O), one thread per row. Every key block needs D_i for every
@@ -37,97 +56,147 @@ __global__ void flash2_backward_D(const float* O, const float* dO, size_t rows, 
     D[row] = D_row;
 }
 
-__global__ void flash2_backward(const float* Q, const float* K, const float* V, const float* dO,
-                                const float* L, const float* D, int N, int d, float scale,
-                                bool causal, float* dQ, float* dK, float* dV) {
-    const int R = blockDim.x, t = threadIdx.x, DV = flash2_V_stride(d);
+// Rows [row0, row0 + ROWS) of an N x d matrix into a tile stored by rows, stride ls: the block's
+// threads in ROWS / 8 groups of 8 rows each, lanes on columns. 8 loads in flight per thread: with
+// 16, the loads of Q_i and dO_i beside dK_j, dV_j took the kernel from 168 registers to 228.
+template <int ROWS>
+__device__ void load_rows(float* tile, int ls, const float* src, int row0, int N, int d) {
+    constexpr int lanes = THREADS2 * 8 / ROWS;
+    const int r = threadIdx.x / lanes * 8;
+    load_tile<8>(tile + r * ls, ls, 1, src, row0 + r, N, d, threadIdx.x % lanes, lanes);
+}
+
+// acc[r][c] += a[r] . b[c], 4 terms each: a 4 x 4 block of a matrix product, 4 steps of its sums.
+__device__ inline void dot4x4(float (&acc)[4][4], const float (&a)[4][4], const float (&b)[4][4]) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+#pragma unroll
+            for (int u = 0; u < 4; ++u) acc[r][c] += a[r][u] * b[c][u];
+}
+
+// acc[a][b] += A_a . B_b over the d columns, for rows A_a = A + 16 a ls (keys) and B_b = B + 8 b ls
+// (queries): 4 columns at a time, 8 16-byte loads for 64 multiply-adds. The 8 threads of a
+// quarter-warp read 4 consecutive rows of B and 2 of A (lanes as in the kernel): no bank conflicts.
+__device__ void rows_times_rows(float (&acc)[4][4], const float* A, const float* B, int ls, int d) {
+    for (int x = 0; x < d; x += 4) {  // columns d .. DV-1 are zeros
+        float a[4][4], b[4][4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) load4(a[r], A + 16 * r * ls + x), load4(b[r], B + 8 * r * ls + x);
+        dot4x4(acc, a, b);
+    }
+}
+
+// 3 blocks per multiprocessor: nvcc then keeps to 168 registers (65536 / (3 * 128), down to a multiple of 8).
+__global__ void __launch_bounds__(THREADS2, 3)
+flash2_backward(const float* Q, const float* K, const float* V, const float* dO, const float* L,
+                const float* D, int N, int d, float scale, bool causal, float* dQ, float* dK, float* dV) {
+    const int t = threadIdx.x, DV = flash2_V_stride(d), ls = flash2_backward_stride(d);
     extern __shared__ __align__(16) float smem[];
-    float* Q_iT = smem;             // DV x LR: thread t reads Q_i[y][x] for 4 y at once, a broadcast
-    float* dO_iT = Q_iT + DV * LR;  // DV x LR
-    float* dS_T = dO_iT + DV * LR;  // R x LR: row t is thread t's row of dS_ij^T
-    float* K_j = dS_T + R * LR;     // R x (d + 1): row t is thread t's key
-    float* V_j = K_j + R * (d + 1);
-    float* L_i = V_j + R * (d + 1);
-    float* D_i = L_i + Br;
+    float* K_j = smem;               // BC2 x ls
+    float* V_j = K_j + BC2 * ls;     // BC2 x ls
+    float* Q_i = V_j + BC2 * ls;     // BR2 x ls
+    float* dO_i = Q_i + BR2 * ls;    // BR2 x ls
+    float* P_ij = dO_i + BR2 * ls;   // BR2 x LK
+    float* dS_ij = P_ij + BR2 * LK;  // BR2 x LK
+    float* L_i = dS_ij + BR2 * LK;   // BR2
+    float* D_i = L_i + BR2;          // BR2
 
     const size_t bh = blockIdx.y;  // this block's (batch, head) slice
     Q += bh * N * d, K += bh * N * d, V += bh * N * d, dO += bh * N * d;
     dQ += bh * N * d, dK += bh * N * d, dV += bh * N * d, L += bh * N, D += bh * N;
-    const int col0 = blockIdx.x * R, col = col0 + t, keys = min(R, N - col0), Tr = ceil_div(N, Br);
+    const int col0 = blockIdx.x * BC2, Tr = ceil_div(N, BR2);
     // Causal: query tiles wholly before the block's first key are skipped. Block 0 has the most
     // work, and blocks run roughly in launch order: the heaviest start first.
-    const int i0 = causal ? col0 / Br : 0;
+    const int i0 = causal ? col0 / BR2 : 0;
 
-    for (int e = t; e < (DV - d) * LR; e += R) Q_iT[d * LR + e] = dO_iT[d * LR + e] = 0.0f;
-    // Alg. 2, line 6: groups of KG threads load KG rows each of the block's keys, as in flash.cu.
-    const int g0 = t / KG * KG;
-    load_tile<KG>(K_j + g0 * (d + 1), d + 1, 1, K, col0 + g0, N, d, t % KG, KG);
-    load_tile<KG>(V_j + g0 * (d + 1), d + 1, 1, V, col0 + g0, N, d, t % KG, KG);
+    // Thread t's share of S_ij^T and dP_ij^T: keys kg + 16a, queries qg + 8b (a, b < 4). Bit 0 of
+    // the lane goes to qg and bit 1 to kg, so lanes n and n ^ 1 read the same rows of K_j, V_j and
+    // lanes n and n ^ 2 the same rows of Q_i, dO_i. A 16-byte load takes 4 passes of shared memory
+    // (one 32-bit register per lane per pass), but 2 when such pairs of lanes read the same address
+    // (NVIDIA's rule for Volta and Turing; an H100 counts the same): half the passes of qg = t % 8.
+    const int l = t % 32, qg = l % 2 + l / 4 % 4 * 2, kg = l / 2 % 2 + l / 16 * 2 + t / 32 * 4;
+    // dV_j or dK_j, by the same lanes: keys 8kb .. 8kb+7 by columns 8cg .. 8cg+7 of a pass's DC.
+    const int kb = kg % 8, cg = qg;
+    const bool dK_warp = t >= THREADS2 / 2;
+    const float* PdS = dK_warp ? dS_ij : P_ij;  // dK_j += dS_ij^T Q_i, dV_j += P_ij^T dO_i
+    const float* QdO = dK_warp ? Q_i : dO_i;
+    float* out = dK_warp ? dK : dV;
+    // dQ_i: queries q4 .. q4+3, columns cq + 16v (v < 4): a warp's atomicAdd then covers 16
+    // consecutive floats of a row, 2 sectors of L2, where 4 adjacent columns would spread it over 8.
+    const int q4 = t / 16 * 4, cq = t % 16;
+
+    // Columns d .. DV-1 of K_j, V_j, Q_i, dO_i (adjacent, 2 (BC2 + BR2) rows) are read but never
+    // loaded: zero them once.
+    for (int e = t; e < 2 * (BC2 + BR2) * (DV - d); e += THREADS2) smem[e / (DV - d) * ls + d + e % (DV - d)] = 0.0f;
+    load_rows<BC2>(K_j, ls, K, col0, N, d);  // Alg. 2, line 6
+    load_rows<BC2>(V_j, ls, V, col0, N, d);
 
     for (int c0 = 0; c0 < d; c0 += DC) {  // one pass per DC columns of dK and dV
-        float dK_row[DC] = {}, dV_row[DC] = {};  // Alg. 2, line 7
+        float acc[8][8] = {};  // Alg. 2, line 7: the thread's 8 x 8 block of dV_j or dK_j
         for (int i = i0; i < Tr; ++i) {  // Alg. 2, lines 8-9: load Q_i, dO_i, L_i, D_i
-            __syncthreads();  // all are done with the previous Q_i, dO_i, dS_T (and K_j, V_j are loaded)
-            load_tile<Br>(Q_iT, 1, LR, Q, i * Br, N, d, t, R);
-            load_tile<Br>(dO_iT, 1, LR, dO, i * Br, N, d, t, R);
-            for (int y = t; y < Br; y += R) {  // a row past N gets L = +inf, so P = 0 and dS = 0
-                L_i[y] = i * Br + y < N ? L[i * Br + y] : INFINITY;
-                D_i[y] = i * Br + y < N ? D[i * Br + y] : 0.0f;
+            __syncthreads();  // all are done with the previous Q_i, dO_i, P_ij, dS_ij (K_j, V_j, zeros are written)
+            load_rows<BR2>(Q_i, ls, Q, i * BR2, N, d);
+            load_rows<BR2>(dO_i, ls, dO, i * BR2, N, d);
+            if (t < BR2) {  // a row past N gets L = +inf, so P = 0 and dS = 0
+                L_i[t] = i * BR2 + t < N ? L[i * BR2 + t] : INFINITY;
+                D_i[t] = i * BR2 + t < N ? D[i * BR2 + t] : 0.0f;
             }
             __syncthreads();  // Q_i, dO_i, L_i, D_i are complete before anyone reads them
 
-            for (int y0 = 0; y0 < Br; y0 += YB) {
-                float P[YB] = {}, dS[YB] = {};  // S_ij then P_ij; dP_ij then dS_ij, of this key
-                for (int x = 0; x < d; ++x) {  // Alg. 2, lines 10 and 13
-                    const float k = K_j[t * (d + 1) + x], v = V_j[t * (d + 1) + x];
+            float S[4][4] = {}, dP[4][4] = {};
+            rows_times_rows(S, K_j + kg * ls, Q_i + qg * ls, ls, d);    // Alg. 2, line 10: S_ij^T
+            rows_times_rows(dP, V_j + kg * ls, dO_i + qg * ls, ls, d);  // Alg. 2, line 13: dP_ij^T
 #pragma unroll
-                    for (int y = 0; y < YB; ++y) {
-                        P[y] += k * Q_iT[x * LR + y0 + y];    // S_ij = Q_i K_j^T
-                        dS[y] += v * dO_iT[x * LR + y0 + y];  // dP_ij = dO_i V_j^T
-                    }
+            for (int a = 0; a < 4; ++a)
+#pragma unroll
+                for (int b = 0; b < 4; ++b) {  // Alg. 2, lines 11 and 14
+                    const int q = qg + 8 * b, k = kg + 16 * a;
+                    const float p = visible(i * BR2 + q, col0 + k, N, causal) ? __expf(scale * S[a][b] - L_i[q]) : 0.0f;
+                    P_ij[q * LK + k] = p;
+                    dS_ij[q * LK + k] = p * (dP[a][b] - D_i[q]);  // dS_ij = P_ij * (dP_ij - D_i)
                 }
+            __syncthreads();  // P_ij, dS_ij are complete before anyone reads them
+
+            for (int q = 0; q < BR2; ++q) {  // Alg. 2, line 12 (dV_j) or 16 (dK_j), query q at a time
+                float p[8], x[8];  // 4 16-byte loads, 64 multiply-adds
+                load4(&p[0], &PdS[q * LK + 8 * kb]), load4(&p[4], &PdS[q * LK + 8 * kb + 4]);
+                load4(&x[0], &QdO[q * ls + c0 + 8 * cg]), load4(&x[4], &QdO[q * ls + c0 + 8 * cg + 4]);
 #pragma unroll
-                for (int y = 0; y < YB; ++y) {  // Alg. 2, lines 11 and 14
-                    P[y] = visible(i * Br + y0 + y, col, N, causal) ? __expf(scale * P[y] - L_i[y0 + y]) : 0.0f;
-                    dS[y] = P[y] * (dS[y] - D_i[y0 + y]);  // dS_ij = P_ij * (dP_ij - D_i)
-                }
+                for (int r = 0; r < 8; ++r)
 #pragma unroll
-                for (int c = 0; c < DC; ++c) {  // Alg. 2, lines 12, 16: dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i
-#pragma unroll
-                    for (int y = 0; y < YB; ++y) {
-                        dV_row[c] += P[y] * dO_iT[(c0 + c) * LR + y0 + y];
-                        dK_row[c] += dS[y] * Q_iT[(c0 + c) * LR + y0 + y];
-                    }
-                }
-                if (c0 == 0)  // dS is the same in every pass: the first one adds it into dQ
-#pragma unroll
-                    for (int y = 0; y < YB; ++y) dS_T[t * LR + y0 + y] = dS[y];
+                    for (int c = 0; c < 8; ++c) acc[r][c] += p[r] * x[c];
             }
-            if (c0 == 0) {
-                __syncthreads();  // every key's row of dS_ij^T is complete
-                // Alg. 2, line 15: dQ_i += scale * dS_ij K_j over this block's keys. Thread e takes YB
-                // rows of dQ_i at column x; consecutive threads take consecutive x, so they read one
-                // row of K_j (consecutive words) and the same values of dS_T (a broadcast).
-                for (int e = t; e < Br / YB * d; e += R) {
-                    const int x = e % d, y0 = e / d * YB;
-                    float dq[YB] = {};
-                    for (int k = 0; k < keys; ++k) {
-                        const float K_kx = K_j[k * (d + 1) + x];
+            // Alg. 2, line 15: dQ_i += scale * dS_ij K_j, in the first pass only (dS is the same in
+            // every pass), DC columns at a time; keys 4 at a time, one 16-byte load of dS per query.
+            for (int cc = 0; c0 == 0 && cc < d; cc += DC) {
+                float dq[4][4] = {};
+                for (int k = 0; k < BC2; k += 4) {
+                    float s[4][4], kT[4][4];  // dS of 4 queries, K_j^T of 4 columns, at keys k .. k+3
 #pragma unroll
-                        for (int y = 0; y < YB; ++y) dq[y] += dS_T[k * LR + y0 + y] * K_kx;
-                    }
+                    for (int b = 0; b < 4; ++b) load4(s[b], &dS_ij[(q4 + b) * LK + k]);
 #pragma unroll
-                    for (int y = 0; y < YB; ++y)
-                        if (i * Br + y0 + y < N) atomicAdd(&dQ[(size_t)(i * Br + y0 + y) * d + x], scale * dq[y]);
+                    for (int v = 0; v < 4; ++v)
+#pragma unroll
+                        for (int u = 0; u < 4; ++u) kT[v][u] = K_j[(k + u) * ls + cc + cq + 16 * v];
+                    dot4x4(dq, s, kT);
                 }
+#pragma unroll
+                for (int b = 0; b < 4; ++b)
+#pragma unroll
+                    for (int v = 0; v < 4; ++v) {
+                        const int row = i * BR2 + q4 + b, col = cc + cq + 16 * v;
+                        if (row < N && col < d) atomicAdd(&dQ[(size_t)row * d + col], scale * dq[b][v]);
+                    }
             }
         }
-        if (col < N)  // Alg. 2, line 18
 #pragma unroll
-            for (int c = 0; c < DC; ++c)  // a constant index keeps dK_row, dV_row in registers
-                if (c0 + c < d) {
-                    dK[(size_t)col * d + c0 + c] = scale * dK_row[c];  // the scale left out above
-                    dV[(size_t)col * d + c0 + c] = dV_row[c];
-                }
+        for (int r = 0; r < 8; ++r)  // Alg. 2, line 18; a constant index keeps acc in registers
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+                const int key = col0 + 8 * kb + r, col = c0 + 8 * cg + c;
+                if (key < N && col < d) out[(size_t)key * d + col] = dK_warp ? scale * acc[r][c] : acc[r][c];
+            }
     }
 }

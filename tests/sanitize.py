@@ -16,8 +16,9 @@ from helpers import half_precision_grads, poisoned_outputs, reference, reference
 
 generator = torch.Generator().manual_seed(0)
 for Br, Bc in [(32, 32), (64, 16)]:
-    # Partial last tiles; d = 128 uses the >48 KB opt-in; N = 300 spans several version-2 blocks.
-    for N, d in [(100, 64), (17, 128), (300, 32)]:
+    # Partial last tiles; d = 128 uses the >48 KB opt-in; N = 300 spans several version-2 blocks;
+    # d = 3 leaves most of a row of version 2's backward tiles to its zero padding.
+    for N, d in [(100, 64), (17, 128), (300, 32), (77, 3)]:
         for causal in (False, True):
             q, k, v = [torch.randn(2, 3, N, d, generator=generator).cuda() for _ in range(3)]
             for version in (2, 1):  # version 1's O and L feed both backwards below
