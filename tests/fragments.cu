@@ -1,8 +1,10 @@
 // A fragment-level program for tests/test_fragments.py. One warp loads A, K and V (16 x 16 each,
 // bf16 or fp16) into shared memory; with ldmatrix and mma.sync (kernels/mma.cuh) it computes
 // S = A K^T and O = A V in fp32, each as two 16 x 8 tiles, and with shuffles each row's max of S,
-// the steps of attention on tensor cores. nvcc builds it for the GPU, g++ against kernels/cpu_cuda.h
-// for the CPU: the test runs both on the same inputs and compares them, lane layouts included.
+// the steps of attention on tensor cores. It also writes out what each lane holds: its registers
+// after the ldmatrix calls and its accumulators of S, so that tests/test_fragments.py and notebook 6
+// can read the lane layouts directly. nvcc builds it for the GPU, g++ against kernels/cpu_cuda.h for
+// the CPU: the test runs both on the same inputs and compares them, lane layouts included.
 #include "mma.cuh"
 #ifdef __CUDACC__
 #define LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
@@ -10,7 +12,7 @@
 
 template <bool BF16>
 __global__ void fragments(const unsigned short* A, const unsigned short* K, const unsigned short* V,
-                          float* S, float* O, float* row_max) {
+                          float* S, float* O, float* row_max, unsigned* registers, float* accumulators) {
     extern __shared__ __align__(16) float smem[];
     unsigned short *a = reinterpret_cast<unsigned short*>(smem), *k = a + 256, *v = k + 256;
     const int l = threadIdx.x, g = l / 4, q = l % 4;
@@ -23,6 +25,8 @@ __global__ void fragments(const unsigned short* A, const unsigned short* K, cons
     ldmatrix_x4(af, &a[l % 16 * 16 + l / 16 * 8]);
     ldmatrix_x4(kf, &k[(l % 8 + l / 16 * 8) * 16 + l / 8 % 2 * 8]);
     ldmatrix_x4_trans(vf, &v[l % 16 * 16 + l / 16 * 8]);
+    for (int i = 0; i < 4; ++i)  // lane l's 12 registers: af, kf, vf
+        registers[l * 12 + i] = af[i], registers[l * 12 + 4 + i] = kf[i], registers[l * 12 + 8 + i] = vf[i];
     float m[2] = {-INFINITY, -INFINITY};  // rows g and g + 8
     for (int n = 0; n < 2; ++n) {        // columns 8n .. 8n + 7 of S and O
         float s[4], o[4];
@@ -37,6 +41,7 @@ __global__ void fragments(const unsigned short* A, const unsigned short* K, cons
         for (int i = 0; i < 4; ++i) {
             const int row = g + 8 * (i / 2), col = 8 * n + 2 * q + i % 2;
             S[row * 16 + col] = s[i], O[row * 16 + col] = o[i];
+            accumulators[(l * 2 + n) * 4 + i] = s[i];  // lane l's s[i] of S's columns 8n .. 8n + 7
             m[i / 2] = fmaxf(m[i / 2], s[i]);
         }
     }
@@ -50,11 +55,11 @@ __global__ void fragments(const unsigned short* A, const unsigned short* K, cons
 extern "C" {
 // Runs the program on one warp; "" on success.
 const char* run_fragments(int bf16, const unsigned short* A, const unsigned short* K, const unsigned short* V,
-                          float* S, float* O, float* row_max) {
+                          float* S, float* O, float* row_max, unsigned* registers, float* accumulators) {
     if (bf16)
-        LAUNCH(fragments<true>, dim3(1), dim3(32), 3 * 256 * 2, 0)(A, K, V, S, O, row_max);
+        LAUNCH(fragments<true>, dim3(1), dim3(32), 3 * 256 * 2, 0)(A, K, V, S, O, row_max, registers, accumulators);
     else
-        LAUNCH(fragments<false>, dim3(1), dim3(32), 3 * 256 * 2, 0)(A, K, V, S, O, row_max);
+        LAUNCH(fragments<false>, dim3(1), dim3(32), 3 * 256 * 2, 0)(A, K, V, S, O, row_max, registers, accumulators);
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }

@@ -15,25 +15,30 @@ TESTS = mf.KERNELS.parent / "tests"
 HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 
 
+def build_fragments(device, folder):
+    """The fragment program built for a device type in `folder`, as a ctypes library (notebook 6
+    builds it this way too)."""
+    source, flags = ((TESTS / "fragments.cu", {"extra_cuda_cflags": ["-O3"]}) if device == "cuda" else
+                     (TESTS / "fragments_cpu.cpp", {"extra_cflags": ["-O2", "-fno-strict-aliasing"]}))
+    mf._use_this_pythons_ninja()
+    path = torch.utils.cpp_extension.load(
+        name=f"fragments_{device}", sources=[str(source)], build_directory=str(folder),
+        extra_include_paths=[str(mf.KERNELS), str(TESTS)], is_python_module=False, **flags)
+    library = ctypes.CDLL(path)
+    library.run_fragments.restype = ctypes.c_char_p
+    library.run_fragments.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8
+    library.round_to_half.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long]
+    return library
+
+
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    """The fragment program built for a device type (once per module), as a ctypes library."""
+    """build(device): the fragment program for that device type, built once per module."""
     libraries = {}
 
     def build_for(device):
         if device not in libraries:
-            folder = tmp_path_factory.mktemp(f"fragments_{device}")
-            source, flags = ((TESTS / "fragments.cu", {"extra_cuda_cflags": ["-O3"]}) if device == "cuda" else
-                             (TESTS / "fragments_cpu.cpp", {"extra_cflags": ["-O2", "-fno-strict-aliasing"]}))
-            mf._use_this_pythons_ninja()
-            path = torch.utils.cpp_extension.load(
-                name=f"fragments_{device}", sources=[str(source)], build_directory=str(folder),
-                extra_include_paths=[str(mf.KERNELS), str(TESTS)], is_python_module=False, **flags)
-            library = ctypes.CDLL(path)
-            library.run_fragments.restype = ctypes.c_char_p
-            library.run_fragments.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6
-            library.round_to_half.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long]
-            libraries[device] = library
+            libraries[device] = build_fragments(device, tmp_path_factory.mktemp(f"fragments_{device}"))
         return libraries[device]
 
     return build_for
@@ -67,14 +72,19 @@ def test_rounding_matches_torch(build, dtype):
     assert torch.isnan(back[nan]).all() and nan.any()
 
 
-def run_program(build, device, dtype, A, K, V):
-    S, O, row_max = (torch.full(shape, float("nan"), device=device) for shape in ((16, 16), (16, 16), (16,)))
+def run_program(library, device, dtype, A, K, V):
+    """S, O and each row's max of S (as tiles), and what each lane held: its 12 registers after the
+    ldmatrix calls (af, kf, vf; int32, two 16-bit values each) and its accumulators of S, [lane][n][i]."""
+    S, O, row_max, accumulators = (torch.full(shape, float("nan"), device=device)
+                                   for shape in ((16, 16), (16, 16), (16,), (32, 2, 4)))
+    registers = torch.zeros(32, 12, dtype=torch.int32, device=device)
     inputs = [t.to(device=device, dtype=dtype).contiguous() for t in (A, K, V)]
-    error = build(device).run_fragments(int(dtype == torch.bfloat16), *(t.data_ptr() for t in (*inputs, S, O, row_max)))
+    outputs = (S, O, row_max, registers, accumulators)
+    error = library.run_fragments(int(dtype == torch.bfloat16), *(t.data_ptr() for t in (*inputs, *outputs)))
     assert error == b"", error
     if device == "cuda":
         torch.cuda.synchronize()
-    return S.cpu(), O.cpu(), row_max.cpu()
+    return [t.cpu() for t in outputs]
 
 
 def random_tiles(seed):
@@ -88,7 +98,7 @@ def test_program_computes_attentions_steps(build, dtype):
     values (their products are exact in fp32, so only the fp32 sums round), and each row's max of
     S, found by shuffles across the row's 4 lanes."""
     A, K, V = (t.to(dtype).double() for t in random_tiles(1))
-    S, O, row_max = run_program(build, "cpu", dtype, A, K, V)
+    S, O, row_max, _, _ = run_program(build("cpu"), "cpu", dtype, A, K, V)
     assert torch.allclose(S.double(), A @ K.T, rtol=1e-6, atol=1e-5)
     assert torch.allclose(O.double(), A @ V, rtol=1e-6, atol=1e-5)
     assert torch.equal(row_max, S.amax(dim=1))
@@ -98,9 +108,10 @@ def test_program_computes_attentions_steps(build, dtype):
 @HALVES
 def test_emulation_gives_the_hardwares_answer(build, device, dtype):
     """The same source, the same inputs, on the GPU and in the emulation: if the emulation's lane
-    layouts of ldmatrix, mma or the shuffles differed from the hardware's, the tiles would differ."""
+    layouts of ldmatrix, mma or the shuffles differed from the hardware's, the tiles would differ,
+    and so would the registers and accumulators that each lane wrote out."""
     for seed in range(5):
         A, K, V = random_tiles(seed)
-        on_gpu, emulated = run_program(build, device, dtype, A, K, V), run_program(build, "cpu", dtype, A, K, V)
-        for name, x, y in zip(("S", "O", "row max"), on_gpu, emulated):
-            assert torch.allclose(x, y, rtol=1e-6, atol=1e-5), name
+        on_gpu, emulated = (run_program(build(d), d, dtype, A, K, V) for d in (device, "cpu"))
+        for name, x, y in zip(("S", "O", "row max", "registers", "accumulators"), on_gpu, emulated):
+            assert torch.allclose(x, y, rtol=1e-6, atol=1e-5) if x.is_floating_point() else torch.equal(x, y), name

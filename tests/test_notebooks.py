@@ -21,8 +21,8 @@ def images(nb):
 
 
 def test_the_notebooks_are_there():
-    """Chapters 1 and 2 (01-05) and the trained model (07); 06, tensor cores, comes with chapter 3."""
-    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_", "07_"]
+    """Chapters 1 and 2 (01-05), chapter 3's tensor cores (06) and the trained model (07): 01-07."""
+    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_", "06_", "07_"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
