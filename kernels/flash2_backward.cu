@@ -117,14 +117,16 @@ flash2_backward(const float* Q, const float* K, const float* V, const float* dO,
     // (one 32-bit register per lane per pass), but 2 when such pairs of lanes read the same address
     // (NVIDIA's rule for Volta and Turing; an H100 counts the same): half the passes of qg = t % 8.
     const int l = t % 32, qg = l % 2 + l / 4 % 4 * 2, kg = l / 2 % 2 + l / 16 * 2 + t / 32 * 4;
-    // dV_j or dK_j, by the same lanes: keys 8kb .. 8kb+7 by columns 8cg .. 8cg+7 of a pass's DC.
+    // dV_j or dK_j, by the same lanes: keys 8kb .. 8kb+7 by columns 4cg .. 4cg+3 and 32+4cg .. 32+4cg+3
+    // of a pass's DC. The 8 lanes of a quarter-warp then read 128 consecutive bytes of a row of Q_i
+    // or dO_i, all 32 banks once; columns 8cg .. 8cg+7 sent lanes cg and cg + 4 to the same banks.
     const int kb = kg % 8, cg = qg;
     const bool dK_warp = t >= THREADS2 / 2;
     const float* PdS = dK_warp ? dS_ij : P_ij;  // dK_j += dS_ij^T Q_i, dV_j += P_ij^T dO_i
     const float* QdO = dK_warp ? Q_i : dO_i;
     float* out = dK_warp ? dK : dV;
-    // dQ_i: queries q4 .. q4+3, columns cq + 16v (v < 4): a warp's atomicAdd then covers 16
-    // consecutive floats of a row, 2 sectors of L2, where 4 adjacent columns would spread it over 8.
+    // dQ_i: queries q4 .. q4+3, columns 4 cq .. 4 cq + 3 of a pass: each of K_j's rows is one 16-byte
+    // load, and each query's 4 sums one vector atomicAdd (tiles.cuh's atomic_add4).
     const int q4 = t / 16 * 4, cq = t % 16;
 
     // Columns d .. DV-1 of K_j, V_j, Q_i, dO_i (adjacent, 2 (BC2 + BR2) rows) are read but never
@@ -162,40 +164,49 @@ flash2_backward(const float* Q, const float* K, const float* V, const float* dO,
             for (int q = 0; q < BR2; ++q) {  // Alg. 2, line 12 (dV_j) or 16 (dK_j), query q at a time
                 float p[8], x[8];  // 4 16-byte loads, 64 multiply-adds
                 load4(&p[0], &PdS[q * LK + 8 * kb]), load4(&p[4], &PdS[q * LK + 8 * kb + 4]);
-                load4(&x[0], &QdO[q * ls + c0 + 8 * cg]), load4(&x[4], &QdO[q * ls + c0 + 8 * cg + 4]);
+                load4(&x[0], &QdO[q * ls + c0 + 4 * cg]), load4(&x[4], &QdO[q * ls + c0 + 32 + 4 * cg]);
 #pragma unroll
                 for (int r = 0; r < 8; ++r)
 #pragma unroll
                     for (int c = 0; c < 8; ++c) acc[r][c] += p[r] * x[c];
             }
             // Alg. 2, line 15: dQ_i += scale * dS_ij K_j, in the first pass only (dS is the same in
-            // every pass), DC columns at a time; keys 4 at a time, one 16-byte load of dS per query.
+            // every pass), DC columns at a time; keys 4 at a time, one 16-byte load each of dS for a
+            // query and of K_j for a key.
             for (int cc = 0; c0 == 0 && cc < d; cc += DC) {
                 float dq[4][4] = {};
                 for (int k = 0; k < BC2; k += 4) {
-                    float s[4][4], kT[4][4];  // dS of 4 queries, K_j^T of 4 columns, at keys k .. k+3
+                    float s[4][4], k4[4][4];  // dS of 4 queries, K_j's 4 columns, at keys k .. k+3
 #pragma unroll
                     for (int b = 0; b < 4; ++b) load4(s[b], &dS_ij[(q4 + b) * LK + k]);
 #pragma unroll
-                    for (int v = 0; v < 4; ++v)
+                    for (int u = 0; u < 4; ++u) load4(k4[u], &K_j[(k + u) * ls + cc + 4 * cq]);
 #pragma unroll
-                        for (int u = 0; u < 4; ++u) kT[v][u] = K_j[(k + u) * ls + cc + cq + 16 * v];
-                    dot4x4(dq, s, kT);
+                    for (int b = 0; b < 4; ++b)
+#pragma unroll
+                        for (int v = 0; v < 4; ++v)
+#pragma unroll
+                            for (int u = 0; u < 4; ++u) dq[b][v] += s[b][u] * k4[u][v];
                 }
+                const int col = cc + 4 * cq;
 #pragma unroll
-                for (int b = 0; b < 4; ++b)
+                for (int b = 0; b < 4; ++b) {
+                    float* to = &dQ[(size_t)(i * BR2 + q4 + b) * d + col];
+                    if (i * BR2 + q4 + b >= N || col >= d) continue;
+                    if (d % 4 == 0)  // then col + 3 < d too, and the 4 floats are 16-byte aligned
+                        atomic_add4(to, scale * dq[b][0], scale * dq[b][1], scale * dq[b][2], scale * dq[b][3]);
+                    else
 #pragma unroll
-                    for (int v = 0; v < 4; ++v) {
-                        const int row = i * BR2 + q4 + b, col = cc + cq + 16 * v;
-                        if (row < N && col < d) atomicAdd(&dQ[(size_t)row * d + col], scale * dq[b][v]);
-                    }
+                        for (int v = 0; v < 4; ++v)
+                            if (col + v < d) atomicAdd(to + v, scale * dq[b][v]);
+                }
             }
         }
 #pragma unroll
         for (int r = 0; r < 8; ++r)  // Alg. 2, line 18; a constant index keeps acc in registers
 #pragma unroll
             for (int c = 0; c < 8; ++c) {
-                const int key = col0 + 8 * kb + r, col = c0 + 8 * cg + c;
+                const int key = col0 + 8 * kb + r, col = c0 + 4 * cg + c % 4 + 32 * (c / 4);
                 if (key < N && col < d) out[(size_t)key * d + col] = dK_warp ? scale * acc[r][c] : acc[r][c];
             }
     }
