@@ -12,7 +12,8 @@
 // dQ_i += dS_ij K_j sums over keys, which the other warps and blocks hold. dS_ij^T goes through
 // shared memory, each warp takes 16 query rows of it, and adds its product into an fp32 copy of dQ
 // with atomicAdd, as flash2_backward.cu does (the price: the order of the additions varies, so do
-// dQ's last bits). Two small kernels go around it: D = rowsum(dO * O) before, and dQ's conversion to
+// dQ's last bits). P_ij^T comes from one exp2 per element, the scale folded into its exponent as
+// in flash3.cu. Two small kernels go around it: D = rowsum(dO * O) before, and dQ's conversion to
 // T after. Names as in the paper; "Alg. 2, line n" marks each phase, numbered as in flash2_backward.cu.
 #include "tiles.cuh"  // ceil_div, visible, stride16
 #include "mma.cuh"    // ldmatrix_x4_trans, mma_ABt, a_operands, mma_AB, pack<T>, to_float<T>, load_tile16_async
@@ -21,10 +22,10 @@ constexpr int BC3B = 64, BR3B = 64, WARPS3B = BC3B / 16;  // keys per block, que
 
 // Shared memory: two buffers each (tile i in buffer i % 2) of L_i and D_i (fp32) and of the 16-bit
 // tiles Q_i, dO_i (BR3B rows), then K_j, V_j (BC3B rows each) and dS_ij^T (BC3B rows of BR3B
-// queries). Why K_j, V_j stay here, not in registers as
-// the forward keeps Q_i: a warp's fragments of both would take d / 2 registers per lane, on top of
-// d for dK_j and dV_j and 64 for S_ij^T and dP_ij^T; at d = 128 that is more than the 255 a thread
-// may have. Each product re-reads them from shared memory with ldmatrix instead.
+// queries). Why K_j, V_j stay here, not in registers as the forward keeps Q_i: a warp's fragments
+// of both would take d / 2 registers per lane, on top of d for dK_j and dV_j and 64 for S_ij^T and
+// dP_ij^T; at d = 128 that is more than the 255 a thread may have. Each product re-reads them from
+// shared memory with ldmatrix instead.
 __host__ __device__ inline int flash3_backward_shared_bytes(int d) {
     return 2 * 2 * BR3B * 4 + ((2 * 2 * BR3B + 2 * BC3B) * stride16(d) + BC3B * stride16(BR3B)) * 2;
 }
@@ -74,12 +75,13 @@ __global__ void __launch_bounds__(32 * WARPS3B)
     const int key0 = blockIdx.x * BC3B, i0 = causal ? key0 / BR3B : 0, Tr = ceil_div(N, BR3B);
 
     // Alg. 2, lines 8-9 for query tile i: Q_i, dO_i, L_i, D_i into buffer i % 2 by cp.async, not
-    // waited for here. L_i and D_i go 4 bytes a thread, one row each: the slice of L (and of D) of
-    // (batch, head) bh starts at bh N floats, 16-byte aligned only when 4 divides N, and a 16-byte
-    // copy needs a 16-byte aligned source. Rows past N land as zeros, L_i = D_i = 0 included: their
-    // P is exp(0 - 0) = 1 on visible keys, not 0, and still nothing they add is wrong. Their dO rows
-    // are zero, so dP = 0 and dS = P (dP - D) = 0: dK += dS^T Q and dV += P^T dO add zero. (Keys
-    // past N still get P = 0 from the mask, and dQ's rows past N are never stored.)
+    // waited for here. L_i and D_i go 4 bytes a thread, thread y < BR3B copying L's row y and thread
+    // BR3B + y D's: the slice of L (and of D) of (batch, head) bh starts at bh N floats, 16-byte
+    // aligned only when 4 divides N, and a 16-byte copy needs a 16-byte aligned source. Rows past N
+    // land as zeros, L_i = D_i = 0 included: their P is exp(0 - 0) = 1 on visible keys, not 0, and
+    // still nothing they add is wrong. Their dO rows are zero, so dP = 0 and dS = P (dP - D) = 0:
+    // dK += dS^T Q and dV += P^T dO add zero. (Keys past N still get P = 0 from the mask, and dQ's
+    // rows past N are never stored.)
     static_assert(32 * WARPS3B == 2 * BR3B, "one thread per row of L_i and of D_i");
     auto load_query_tile = [&](int i) {
         const int row0 = i * BR3B, b = i % 2, y = threadIdx.x % BR3B;
@@ -94,6 +96,8 @@ __global__ void __launch_bounds__(32 * WARPS3B)
     cp_async_commit();
     const unsigned short *K_w = K_j + w * 16 * LS, *V_w = V_j + w * 16 * LS;  // the warp's 16 keys
     float dK_j[D / 8][4] = {}, dV_j[D / 8][4] = {};  // Alg. 2, line 7
+    constexpr float log2e = 1.44269504f;
+    const float c = scale * log2e;
 
     for (int i = i0; i < Tr; ++i) {
         // Double buffering: tile i + 1's copies fly (into the buffers tile i - 1 used) while tile i
@@ -105,21 +109,26 @@ __global__ void __launch_bounds__(32 * WARPS3B)
         } else {
             cp_async_wait<0>();
         }
+        // L_i lands as L: thread y, which copied row y, turns it into L log2(e) for P's exponent,
+        // once per tile, before the barrier (only the issuing thread is sure its copy has landed).
+        float *L_t = LD_i + i % 2 * 2 * BR3B, *D_t = L_t + BR3B;
+        if (threadIdx.x < BR3B) L_t[threadIdx.x] *= log2e;
         __syncthreads();  // ... for every thread's share of it
         const int row0 = i * BR3B;
         const unsigned short *Q_t = Q_i + i % 2 * BR3B * LS, *dO_t = dO_i + i % 2 * BR3B * LS;
-        const float *L_t = LD_i + i % 2 * 2 * BR3B, *D_t = L_t + BR3B;
 
         float s[BR3B / 8][4] = {}, dp[BR3B / 8][4] = {};  // Alg. 2, lines 10 and 13
         mma_ABt<T, D, BR3B>(s, K_w, Q_t, LS);    // S_ij^T = K_j Q_i^T
         mma_ABt<T, D, BR3B>(dp, V_w, dO_t, LS);  // dP_ij^T = V_j dO_i^T
         // Alg. 2, lines 11 and 14: element e of tile n is key g + 8 (e / 2), query 8n + 2q + e % 2.
+        // P = exp(scale S - L) = exp2(S c - L log2(e)) with c = scale log2(e): one fused multiply-add
+        // and one exp2 (kernels/mma.cuh's fast_exp2, a single instruction) per element.
 #pragma unroll
         for (int n = 0; n < BR3B / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = key0 + w * 16 + g + 8 * (e / 2), y = 8 * n + 2 * q + e % 2;
-                s[n][e] = visible(row0 + y, key, N, causal) ? __expf(scale * s[n][e] - L_t[y]) : 0.0f;  // P_ij^T
+                s[n][e] = visible(row0 + y, key, N, causal) ? fast_exp2(fmaf(s[n][e], c, -L_t[y])) : 0.0f;  // P_ij^T
                 dp[n][e] = s[n][e] * (dp[n][e] - D_t[y]);  // dS_ij^T = P_ij^T * (dP_ij^T - D_i)
             }
         unsigned pf[BR3B / 16][4], dsf[BR3B / 16][4];  // P_ij^T, dS_ij^T as A operands, in T
