@@ -13,7 +13,8 @@
 // shared memory, each warp takes 16 query rows of it, and adds its product into an fp32 copy of dQ
 // with atomicAdd, as flash2_backward.cu does (the price: the order of the additions varies, so do
 // dQ's last bits). P_ij^T comes from one exp2 per element, the scale folded into its exponent as
-// in flash3.cu. Two small kernels go around it: D = rowsum(dO * O) before, and dQ's conversion to
+// in flash3.cu, and only tiles at the end of the sequence or on the causal diagonal are masked.
+// Two small kernels go around it: D = rowsum(dO * O) before, and dQ's conversion to
 // T after. Names as in the paper; "Alg. 2, line n" marks each phase, numbered as in flash2_backward.cu.
 #include "tiles.cuh"  // ceil_div, visible, stride16
 #include "mma.cuh"    // ldmatrix_x4_trans, mma_ABt, a_operands, mma_AB, pack<T>, to_float<T>, load_tile16_async
@@ -48,6 +49,18 @@ __global__ void flash3_backward_dQ(const float* dQ_sum, size_t pairs, float scal
     const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e < pairs)
         *reinterpret_cast<unsigned*>(&dQ[2 * e]) = pack<T>(scale * dQ_sum[2 * e], scale * dQ_sum[2 * e + 1]);
+}
+
+// P_ij^T = 0 where a query may not see a key (tiles.cuh's visible). Lane (g, q) holds of each 8
+// queries n, in p[n][e], key `key` + 8 (e / 2) and query `row` + 8n + e % 2, where key is the
+// warp's key g and row the tile's query 2q, both counted from the start of the sequence.
+template <int NT>
+__device__ inline void mask_T(float (&p)[NT][4], int key, int row, int N, bool causal) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (!visible(row + 8 * n + e % 2, key + 8 * (e / 2), N, causal)) p[n][e] = 0.0f;
 }
 
 template <class T, int D>
@@ -126,11 +139,17 @@ __global__ void __launch_bounds__(32 * WARPS3B)
 #pragma unroll
         for (int n = 0; n < BR3B / 8; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = key0 + w * 16 + g + 8 * (e / 2), y = 8 * n + 2 * q + e % 2;
-                s[n][e] = visible(row0 + y, key, N, causal) ? fast_exp2(fmaf(s[n][e], c, -L_t[y])) : 0.0f;  // P_ij^T
-                dp[n][e] = s[n][e] * (dp[n][e] - D_t[y]);  // dS_ij^T = P_ij^T * (dP_ij^T - D_i)
-            }
+            for (int e = 0; e < 4; ++e) s[n][e] = fast_exp2(fmaf(s[n][e], c, -L_t[8 * n + 2 * q + e % 2]));  // P_ij^T
+        // Only a tile where one of the warp's keys is past the end of the sequence or, causal, later
+        // than the tile's first query needs the mask: the others skip its index arithmetic on every
+        // element. (A query row past N needs none: its dO row is zero, see load_query_tile.)
+        const int last_key = key0 + w * 16 + 15;
+        if (last_key >= N || (causal && last_key > row0)) mask_T(s, key0 + w * 16 + g, row0 + 2 * q, N, causal);
+#pragma unroll
+        for (int n = 0; n < BR3B / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)  // dS_ij^T = P_ij^T * (dP_ij^T - D_i)
+                dp[n][e] = s[n][e] * (dp[n][e] - D_t[8 * n + 2 * q + e % 2]);
         unsigned pf[BR3B / 16][4], dsf[BR3B / 16][4];  // P_ij^T, dS_ij^T as A operands, in T
         a_operands<T, BR3B>(pf, s);
         a_operands<T, BR3B>(dsf, dp);
