@@ -254,21 +254,25 @@ inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) { ldmatrix(r, r
 // may on a GPU. Copies never waited for fail the launch.
 struct AsyncCopy {
     void* to;
+    size_t size;              // 16 or 4 bytes
     unsigned char bytes[16];  // the source, read at issue: kernels copy from inputs nobody writes
 };
 inline thread_local std::vector<AsyncCopy> copies_issued;  // not yet committed to a group
 inline thread_local std::vector<std::vector<AsyncCopy>> copy_groups;
 inline std::atomic<bool> copies_left{false};
-inline void cp_async16(void* to, const void* from, bool valid) {
-    AsyncCopy copy{to, {}};
-    if (valid) std::memcpy(copy.bytes, from, 16);
+template <size_t size>
+inline void cp_async(void* to, const void* from, bool valid) {  // with valid false, zeros land
+    AsyncCopy copy{to, size, {}};
+    if (valid) std::memcpy(copy.bytes, from, size);
     copies_issued.push_back(copy);
 }
+inline void cp_async16(void* to, const void* from, bool valid) { cp_async<16>(to, from, valid); }
+inline void cp_async4(void* to, const void* from, bool valid) { cp_async<4>(to, from, valid); }
 inline void cp_async_commit() { copy_groups.push_back(std::move(copies_issued)), copies_issued.clear(); }
 template <int n>
 inline void cp_async_wait() {
     for (; copy_groups.size() > size_t(n); copy_groups.erase(copy_groups.begin()))
-        for (const AsyncCopy& copy : copy_groups.front()) std::memcpy(copy.to, copy.bytes, 16);
+        for (const AsyncCopy& copy : copy_groups.front()) std::memcpy(copy.to, copy.bytes, copy.size);
 }
 
 // LAUNCH(kernel, grid, block, shared_bytes, stream)(args...) stands for

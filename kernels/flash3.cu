@@ -8,7 +8,7 @@
 // accumulators of S_ij into the A operand: no round trip through shared memory.
 // Names as in the paper; "Alg. 1, line n" marks each phase of the FlashAttention-2 paper's Algorithm 1.
 #include "tiles.cuh"  // ceil_div, visible, stride16
-#include "mma.cuh"    // ldmatrix_x4, ldmatrix_x4_trans, mma16816<T>, pack<T>, cp_async16
+#include "mma.cuh"    // ldmatrix_x4, ldmatrix_x4_trans, mma16816<T>, pack<T>, load_tile16_async
 
 // A warp owns MT3 = 2 tiles of 16 query rows: each fragment of K_j or V_j it reads from shared
 // memory then feeds two mma instead of one, which halves the shared-memory traffic per product.
@@ -19,17 +19,6 @@ __host__ __device__ constexpr int flash3_keys(int d) { return d > 64 ? 32 : 64; 
 // Shared memory: Q_i, and two buffers each of K_j and V_j, in 16-bit values.
 __host__ __device__ inline int flash3_shared_bytes(int d) {
     return (BR3 + 4 * flash3_keys(d)) * stride16(d) * 2;
-}
-
-// Rows [row0, row0 + rows) of an N x D matrix of 16-bit values into a shared tile by cp.async, 16
-// bytes per thread and step, not waited for here; rows past N are zero-filled.
-template <int D>
-__device__ void load_tile16_async(unsigned short* tile, const unsigned short* src, int row0, int rows, int N) {
-    for (int e = threadIdx.x; e < rows * D / 8; e += blockDim.x) {
-        const int r = e / (D / 8), x = e % (D / 8) * 8;
-        const bool valid = row0 + r < N;
-        cp_async16(tile + r * stride16(D) + x, src + (size_t)(valid ? row0 + r : 0) * D + x, valid);
-    }
 }
 
 // A 16-row tile of S_ij as accumulators: lane (g, q) holds of each 8 keys n, in s[n][0..3], rows

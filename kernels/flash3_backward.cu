@@ -6,25 +6,29 @@
 // V_j dO_i^T, so that the warp's keys are the rows of its accumulators: a lane turns them into
 // P_ij^T and dS_ij^T in registers, and those accumulators are straight away the A operands of
 // dV_j += P_ij^T dO_i and dK_j += dS_ij^T Q_i, whose rows are the same keys. dK_j and dV_j stay in
-// the registers of the lanes that own them until the end.
+// the registers of the lanes that own them until the end. The query tiles are double-buffered, as
+// flash3.cu does K_j and V_j: tile i + 1's copies (cp.async) fly while tile i is multiplied.
 //
 // dQ_i += dS_ij K_j sums over keys, which the other warps and blocks hold. dS_ij^T goes through
 // shared memory, each warp takes 16 query rows of it, and adds its product into an fp32 copy of dQ
 // with atomicAdd, as flash2_backward.cu does (the price: the order of the additions varies, so do
-// dQ's last bits). Two small kernels go around it: D = rowsum(dO * O) before, and dQ's conversion to
+// dQ's last bits). P_ij^T comes from one exp2 per element, the scale folded into its exponent as
+// in flash3.cu, and only tiles at the end of the sequence or on the causal diagonal are masked.
+// Two small kernels go around it: D = rowsum(dO * O) before, and dQ's conversion to
 // T after. Names as in the paper; "Alg. 2, line n" marks each phase, numbered as in flash2_backward.cu.
-#include "tiles.cuh"  // ceil_div, visible, stride16, load_tile16
-#include "mma.cuh"    // ldmatrix_x4_trans, mma_ABt, a_operands, mma_AB, pack<T>, to_float<T>
+#include "tiles.cuh"  // ceil_div, visible, stride16
+#include "mma.cuh"    // ldmatrix_x4_trans, mma_ABt, a_operands, mma_AB, pack<T>, to_float<T>, load_tile16_async
 
 constexpr int BC3B = 64, BR3B = 64, WARPS3B = BC3B / 16;  // keys per block, queries per tile, warps
 
-// Shared memory: L_i and D_i (fp32), then 16-bit tiles Q_i, dO_i (BR3B rows each), K_j, V_j (BC3B
-// rows each) and dS_ij^T (BC3B rows of BR3B queries). Why K_j, V_j stay here, not in registers as
-// the forward keeps Q_i: a warp's fragments of both would take d / 2 registers per lane, on top of
-// d for dK_j and dV_j and 64 for S_ij^T and dP_ij^T; at d = 128 that is more than the 255 a thread
-// may have. Each product re-reads them from shared memory with ldmatrix instead.
+// Shared memory: two buffers each (tile i in buffer i % 2) of L_i and D_i (fp32) and of the 16-bit
+// tiles Q_i, dO_i (BR3B rows), then K_j, V_j (BC3B rows each) and dS_ij^T (BC3B rows of BR3B
+// queries). Why K_j, V_j stay here, not in registers as the forward keeps Q_i: a warp's fragments
+// of both would take d / 2 registers per lane, on top of d for dK_j and dV_j and 64 for S_ij^T and
+// dP_ij^T; at d = 128 that is more than the 255 a thread may have. Each product re-reads them from
+// shared memory with ldmatrix instead.
 __host__ __device__ inline int flash3_backward_shared_bytes(int d) {
-    return 2 * BR3B * 4 + ((2 * BR3B + 2 * BC3B) * stride16(d) + BC3B * stride16(BR3B)) * 2;
+    return 2 * 2 * BR3B * 4 + ((2 * 2 * BR3B + 2 * BC3B) * stride16(d) + BC3B * stride16(BR3B)) * 2;
 }
 
 // Alg. 2, line 4: D = rowsum(dO * O) in fp32 (Dsum: D is the head dim here), one thread per row,
@@ -47,6 +51,18 @@ __global__ void flash3_backward_dQ(const float* dQ_sum, size_t pairs, float scal
         *reinterpret_cast<unsigned*>(&dQ[2 * e]) = pack<T>(scale * dQ_sum[2 * e], scale * dQ_sum[2 * e + 1]);
 }
 
+// P_ij^T = 0 where a query may not see a key (tiles.cuh's visible). Lane (g, q) holds of each 8
+// queries n, in p[n][e], key `key` + 8 (e / 2) and query `row` + 8n + e % 2, where key is the
+// warp's key g and row the tile's query 2q, both counted from the start of the sequence.
+template <int NT>
+__device__ inline void mask_T(float (&p)[NT][4], int key, int row, int N, bool causal) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (!visible(row + 8 * n + e % 2, key + 8 * (e / 2), N, causal)) p[n][e] = 0.0f;
+}
+
 template <class T, int D>
 __global__ void __launch_bounds__(32 * WARPS3B)
     flash3_backward(const unsigned short* Q, const unsigned short* K, const unsigned short* V,
@@ -54,13 +70,12 @@ __global__ void __launch_bounds__(32 * WARPS3B)
                     bool causal, float* dQ_sum, unsigned short* dK, unsigned short* dV) {
     constexpr int LS = stride16(D), LP = stride16(BR3B);
     extern __shared__ __align__(16) float smem[];
-    float* L_i = smem;                                                     // BR3B
-    float* D_i = L_i + BR3B;                                               // BR3B
-    unsigned short* Q_i = reinterpret_cast<unsigned short*>(D_i + BR3B);  // BR3B x LS
-    unsigned short* dO_i = Q_i + BR3B * LS;                               // BR3B x LS
-    unsigned short* K_j = dO_i + BR3B * LS;                               // BC3B x LS
-    unsigned short* V_j = K_j + BC3B * LS;                                // BC3B x LS
-    unsigned short* dS_T = V_j + BC3B * LS;                               // BC3B x LP: dS_ij^T
+    float* LD_i = smem;                                                             // two of L_i, D_i: 2 x BR3B
+    unsigned short* Q_i = reinterpret_cast<unsigned short*>(LD_i + 2 * 2 * BR3B);  // two of BR3B x LS
+    unsigned short* dO_i = Q_i + 2 * BR3B * LS;                                    // two of BR3B x LS
+    unsigned short* K_j = dO_i + 2 * BR3B * LS;                                    // BC3B x LS
+    unsigned short* V_j = K_j + BC3B * LS;                                         // BC3B x LS
+    unsigned short* dS_T = V_j + BC3B * LS;                                        // BC3B x LP: dS_ij^T
     // Lane l of warp w holds, of the warp's 16 keys, keys g and g + 8, and of each 8 columns of an
     // accumulator, columns 2q and 2q + 1 (kernels/mma.cuh).
     const int w = threadIdx.x / 32, l = threadIdx.x % 32, g = l / 4, q = l % 4;
@@ -72,39 +87,74 @@ __global__ void __launch_bounds__(32 * WARPS3B)
     // Block 0 has the most work, and blocks start roughly in launch order: the heaviest first.
     const int key0 = blockIdx.x * BC3B, i0 = causal ? key0 / BR3B : 0, Tr = ceil_div(N, BR3B);
 
-    load_tile16<D>(K_j, K, key0, BC3B, N);  // Alg. 2, line 6
-    load_tile16<D>(V_j, V, key0, BC3B, N);
+    // Alg. 2, lines 8-9 for query tile i: Q_i, dO_i, L_i, D_i into buffer i % 2 by cp.async, not
+    // waited for here. L_i and D_i go 4 bytes a thread, thread y < BR3B copying L's row y and thread
+    // BR3B + y D's: the slice of L (and of D) of (batch, head) bh starts at bh N floats, 16-byte
+    // aligned only when 4 divides N, and a 16-byte copy needs a 16-byte aligned source. Rows past N
+    // land as zeros, L_i = D_i = 0 included: their P is exp(0 - 0) = 1 on visible keys, not 0, and
+    // still nothing they add is wrong. Their dO rows are zero, so dP = 0 and dS = P (dP - D) = 0:
+    // dK += dS^T Q and dV += P^T dO add zero. (Keys past N still get P = 0 from the mask, and dQ's
+    // rows past N are never stored.)
+    static_assert(32 * WARPS3B == 2 * BR3B, "one thread per row of L_i and of D_i");
+    auto load_query_tile = [&](int i) {
+        const int row0 = i * BR3B, b = i % 2, y = threadIdx.x % BR3B;
+        load_tile16_async<D>(Q_i + b * BR3B * LS, Q, row0, BR3B, N);
+        load_tile16_async<D>(dO_i + b * BR3B * LS, dO, row0, BR3B, N);
+        const bool valid = row0 + y < N;
+        cp_async4(LD_i + b * 2 * BR3B + threadIdx.x, (threadIdx.x < BR3B ? L : Dsum) + (valid ? row0 + y : 0), valid);
+    };
+    load_tile16_async<D>(K_j, K, key0, BC3B, N);  // Alg. 2, line 6
+    load_tile16_async<D>(V_j, V, key0, BC3B, N);
+    load_query_tile(i0);
+    cp_async_commit();
     const unsigned short *K_w = K_j + w * 16 * LS, *V_w = V_j + w * 16 * LS;  // the warp's 16 keys
     float dK_j[D / 8][4] = {}, dV_j[D / 8][4] = {};  // Alg. 2, line 7
+    constexpr float log2e = 1.44269504f;
+    const float c = scale * log2e;
 
-    for (int i = i0; i < Tr; ++i) {  // Alg. 2, lines 8-9: load Q_i, dO_i, L_i, D_i
-        const int row0 = i * BR3B;
-        __syncthreads();  // every warp is done with the previous Q_i, dO_i, dS_T (and K_j, V_j are in)
-        load_tile16<D>(Q_i, Q, row0, BR3B, N);
-        load_tile16<D>(dO_i, dO, row0, BR3B, N);
-        for (int y = threadIdx.x; y < BR3B; y += blockDim.x) {  // a row past N gets L = +inf: P = 0
-            L_i[y] = row0 + y < N ? L[row0 + y] : INFINITY;
-            D_i[y] = row0 + y < N ? Dsum[row0 + y] : 0.0f;
+    for (int i = i0; i < Tr; ++i) {
+        // Double buffering: tile i + 1's copies fly (into the buffers tile i - 1 used) while tile i
+        // is multiplied, so the wait for memory overlaps the tensor cores' work.
+        if (i + 1 < Tr) {
+            load_query_tile(i + 1);
+            cp_async_commit();
+            cp_async_wait<1>();  // tile i (and K_j, V_j) has landed
+        } else {
+            cp_async_wait<0>();
         }
-        __syncthreads();  // Q_i, dO_i, L_i, D_i are complete
+        // L_i lands as L: thread y, which copied row y, turns it into L log2(e) for P's exponent,
+        // once per tile, before the barrier (only the issuing thread is sure its copy has landed).
+        float *L_t = LD_i + i % 2 * 2 * BR3B, *D_t = L_t + BR3B;
+        if (threadIdx.x < BR3B) L_t[threadIdx.x] *= log2e;
+        __syncthreads();  // ... for every thread's share of it
+        const int row0 = i * BR3B;
+        const unsigned short *Q_t = Q_i + i % 2 * BR3B * LS, *dO_t = dO_i + i % 2 * BR3B * LS;
 
         float s[BR3B / 8][4] = {}, dp[BR3B / 8][4] = {};  // Alg. 2, lines 10 and 13
-        mma_ABt<T, D, BR3B>(s, K_w, Q_i, LS);    // S_ij^T = K_j Q_i^T
-        mma_ABt<T, D, BR3B>(dp, V_w, dO_i, LS);  // dP_ij^T = V_j dO_i^T
+        mma_ABt<T, D, BR3B>(s, K_w, Q_t, LS);    // S_ij^T = K_j Q_i^T
+        mma_ABt<T, D, BR3B>(dp, V_w, dO_t, LS);  // dP_ij^T = V_j dO_i^T
         // Alg. 2, lines 11 and 14: element e of tile n is key g + 8 (e / 2), query 8n + 2q + e % 2.
+        // P = exp(scale S - L) = exp2(S c - L log2(e)) with c = scale log2(e): one fused multiply-add
+        // and one exp2 (kernels/mma.cuh's fast_exp2, a single instruction) per element.
 #pragma unroll
         for (int n = 0; n < BR3B / 8; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = key0 + w * 16 + g + 8 * (e / 2), y = 8 * n + 2 * q + e % 2;
-                s[n][e] = visible(row0 + y, key, N, causal) ? __expf(scale * s[n][e] - L_i[y]) : 0.0f;  // P_ij^T
-                dp[n][e] = s[n][e] * (dp[n][e] - D_i[y]);  // dS_ij^T = P_ij^T * (dP_ij^T - D_i)
-            }
+            for (int e = 0; e < 4; ++e) s[n][e] = fast_exp2(fmaf(s[n][e], c, -L_t[8 * n + 2 * q + e % 2]));  // P_ij^T
+        // Only a tile where one of the warp's keys is past the end of the sequence or, causal, later
+        // than the tile's first query needs the mask: the others skip its index arithmetic on every
+        // element. (A query row past N needs none: its dO row is zero, see load_query_tile.)
+        const int last_key = key0 + w * 16 + 15;
+        if (last_key >= N || (causal && last_key > row0)) mask_T(s, key0 + w * 16 + g, row0 + 2 * q, N, causal);
+#pragma unroll
+        for (int n = 0; n < BR3B / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)  // dS_ij^T = P_ij^T * (dP_ij^T - D_i)
+                dp[n][e] = s[n][e] * (dp[n][e] - D_t[8 * n + 2 * q + e % 2]);
         unsigned pf[BR3B / 16][4], dsf[BR3B / 16][4];  // P_ij^T, dS_ij^T as A operands, in T
         a_operands<T, BR3B>(pf, s);
         a_operands<T, BR3B>(dsf, dp);
-        mma_AB<T, BR3B, D>(dV_j, pf, dO_i, LS);  // Alg. 2, line 12: dV_j += P_ij^T dO_i
-        mma_AB<T, BR3B, D>(dK_j, dsf, Q_i, LS);  // Alg. 2, line 16: dK_j += dS_ij^T Q_i (scale at the end)
+        mma_AB<T, BR3B, D>(dV_j, pf, dO_t, LS);  // Alg. 2, line 12: dV_j += P_ij^T dO_i
+        mma_AB<T, BR3B, D>(dK_j, dsf, Q_t, LS);  // Alg. 2, line 16: dK_j += dS_ij^T Q_i (scale at the end)
 
         // Alg. 2, line 15: dQ_i += dS_ij K_j. dsf[kb][e] holds key g + 8 (e % 2), queries 16 kb +
         // 8 (e / 2) + 2q and the next: one 4-byte store each into dS_ij^T's rows.
@@ -135,6 +185,7 @@ __global__ void __launch_bounds__(32 * WARPS3B)
                     if (row < N) atomicAdd(&dQ_sum[(size_t)row * D + x], dq[t][e]);
                 }
         }
+        __syncthreads();  // every warp is done with tile i's buffers before tile i + 2's copies fill them
     }
     // Alg. 2, line 18: the warp's keys g and g + 8 of dK_j (times the scale left out above), dV_j.
 #pragma unroll

@@ -10,6 +10,7 @@
 //   c[0], c[1]: C[g][2q, 2q+1]   c[2], c[3]: C[g+8][2q, 2q+1]   (and d, the result, likewise)
 #pragma once
 #include <type_traits>
+#include "tiles.cuh"  // stride16
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -69,6 +70,12 @@ __device__ inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) {
 __device__ inline void cp_async16(void* to, const void* from, bool valid) {
     const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(from), "r"(valid ? 16 : 0));
+}
+// The same for 4 bytes, one float, whose source need only be 4-byte aligned (a copy's addresses must
+// be multiples of its size). .ca: .cg, which skips the L1 cache, takes only 16-byte copies.
+__device__ inline void cp_async4(void* to, const void* from, bool valid) {
+    const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(address), "l"(from), "r"(valid ? 4 : 0));
 }
 // 2^x by the special-function unit's single instruction. exp2f does more: it scales inputs whose
 // result would be subnormal (below 2^-126) into range and back, two extra multiplies per call,
@@ -149,4 +156,15 @@ __device__ void mma_AB(float (&c)[N / 8][4], const unsigned (&a)[K / 16][4], con
             mma16816<T>(c[2 * nb], a[kb], bf[0], bf[1]);
             mma16816<T>(c[2 * nb + 1], a[kb], bf[2], bf[3]);
         }
+}
+
+// Rows [row0, row0 + rows) of an N x D matrix of 16-bit values into a shared tile by cp.async, 16
+// bytes per thread and step, not waited for here; rows past N are zero-filled.
+template <int D>
+__device__ void load_tile16_async(unsigned short* tile, const unsigned short* src, int row0, int rows, int N) {
+    for (int e = threadIdx.x; e < rows * D / 8; e += blockDim.x) {
+        const int r = e / (D / 8), x = e % (D / 8) * 8;
+        const bool valid = row0 + r < N;
+        cp_async16(tile + r * stride16(D) + x, src + (size_t)(valid ? row0 + r : 0) * D + x, valid);
+    }
 }

@@ -70,15 +70,3 @@ __device__ void load_tile(float* tile, int rs, int xs, const float* src, int row
 // holds d values and 8 more: the 8 rows that one ldmatrix reads then start 16 bytes apart in the
 // banks, not all in the same ones.
 __host__ __device__ constexpr int stride16(int d) { return d + 8; }
-
-// Rows [row0, row0 + rows) of an N x D matrix of 16-bit values into a shared tile, 16 bytes (8
-// values) per thread and step; rows past N are zero-filled.
-template <int D>
-__device__ void load_tile16(unsigned short* tile, const unsigned short* src, int row0, int rows, int N) {
-    for (int e = threadIdx.x; e < rows * D / 8; e += blockDim.x) {
-        const int r = e / (D / 8), x = e % (D / 8) * 8;
-        float4 v = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (row0 + r < N) v = *reinterpret_cast<const float4*>(src + (size_t)(row0 + r) * D + x);
-        *reinterpret_cast<float4*>(tile + r * stride16(D) + x) = v;
-    }
-}
