@@ -184,8 +184,9 @@ static std::string version3_error(const Call& c) {
     if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
     if (c.dtype == FLOAT32) return "version 3 takes bfloat16 or float16 tensors, not float32";
     if (c.d != 64 && c.d != 128) return "version 3 takes head dim d = 64 or 128, not " + std::to_string(c.d);
-    if (c.scale < 0)  // the kernel takes the running max of unscaled scores: right only for scale >= 0
-        return "version 3 takes softmax_scale >= 0, not " + std::to_string(c.scale);
+    // The kernel takes the running max of unscaled scores, right only for scale >= 0; and at scale 0
+    // a masked score's exponent would be -inf * 0 = NaN.
+    if (c.scale <= 0) return "version 3 takes softmax_scale > 0, not " + std::to_string(c.scale);
     return "";
 }
 
@@ -209,7 +210,7 @@ struct Forward3 {
 };
 
 // Backward: D (one thread per row) and zeroed fp32 sums of dQ, in the scratch; one block per
-// (batch, head, BC3B = 64 keys), 4 warps of 16 keys; then dQ's sums converted to T.
+// (batch, head, BC3B = 128 keys), 8 warps of 16 keys; then dQ's sums converted to T.
 template <class T, int D>
 struct Backward3 {
     static std::string run(const Call& c) {

@@ -1,7 +1,7 @@
 // FlashAttention-2 backward pass on tensor cores (chapter 3): bf16 or fp16 in, fp32 accumulation,
 // dQ, dK, dV in the input's type. The loop order of flash2_backward.cu (Algorithm 2 of the
 // FlashAttention-2 paper) with the arithmetic of flash3.cu: mma.sync, 16 x 8 x 16 per warp
-// (kernels/mma.cuh). One block per (batch, head, 64 keys): 4 warps, each owning 16 keys, walk the
+// (kernels/mma.cuh). One block per (batch, head, 128 keys): 8 warps, each owning 16 keys, walk the
 // query tiles i of 64 rows. The products are taken transposed, S_ij^T = K_j Q_i^T and dP_ij^T =
 // V_j dO_i^T, so that the warp's keys are the rows of its accumulators: a lane turns them into
 // P_ij^T and dS_ij^T in registers, and those accumulators are straight away the A operands of
@@ -10,16 +10,18 @@
 // flash3.cu does K_j and V_j: tile i + 1's copies (cp.async) fly while tile i is multiplied.
 //
 // dQ_i += dS_ij K_j sums over keys, which the other warps and blocks hold. dS_ij^T goes through
-// shared memory, each warp takes 16 query rows of it, and adds its product into an fp32 copy of dQ
-// with atomicAdd, as flash2_backward.cu does (the price: the order of the additions varies, so do
-// dQ's last bits). P_ij^T comes from one exp2 per element, the scale folded into its exponent as
+// shared memory, each warp takes 16 query rows and half the columns of dQ_i, and adds its product
+// into an fp32 copy of dQ with atomics, two floats at a time, as flash2_backward.cu does (the
+// price: the order of the additions varies, so do dQ's last bits). P_ij^T comes from one exp2 per element, the scale folded into its exponent as
 // in flash3.cu, and only tiles at the end of the sequence or on the causal diagonal are masked.
 // Two small kernels go around it: D = rowsum(dO * O) before, and dQ's conversion to
 // T after. Names as in the paper; "Alg. 2, line n" marks each phase, numbered as in flash2_backward.cu.
 #include "tiles.cuh"  // ceil_div, visible, stride16
 #include "mma.cuh"    // ldmatrix_x4_trans, mma_ABt, a_operands, mma_AB, pack<T>, to_float<T>, load_tile16_async
 
-constexpr int BC3B = 64, BR3B = 64, WARPS3B = BC3B / 16;  // keys per block, queries per tile, warps
+// 128 keys per block, 8 warps: each query tile that a block loads, and each row of dQ_i that it adds
+// into by atomics, then serves 128 keys, not 64: half the global traffic and half the atomics.
+constexpr int BC3B = 128, BR3B = 64, WARPS3B = BC3B / 16;  // keys per block, queries per tile, warps
 
 // Shared memory: two buffers each (tile i in buffer i % 2) of L_i and D_i (fp32) and of the 16-bit
 // tiles Q_i, dO_i (BR3B rows), then K_j, V_j (BC3B rows each) and dS_ij^T (BC3B rows of BR3B
@@ -95,13 +97,14 @@ __global__ void __launch_bounds__(32 * WARPS3B)
     // still nothing they add is wrong. Their dO rows are zero, so dP = 0 and dS = P (dP - D) = 0:
     // dK += dS^T Q and dV += P^T dO add zero. (Keys past N still get P = 0 from the mask, and dQ's
     // rows past N are never stored.)
-    static_assert(32 * WARPS3B == 2 * BR3B, "one thread per row of L_i and of D_i");
+    static_assert(32 * WARPS3B >= 2 * BR3B, "a thread per row of L_i and of D_i");
     auto load_query_tile = [&](int i) {
         const int row0 = i * BR3B, b = i % 2, y = threadIdx.x % BR3B;
         load_tile16_async<D>(Q_i + b * BR3B * LS, Q, row0, BR3B, N);
         load_tile16_async<D>(dO_i + b * BR3B * LS, dO, row0, BR3B, N);
         const bool valid = row0 + y < N;
-        cp_async4(LD_i + b * 2 * BR3B + threadIdx.x, (threadIdx.x < BR3B ? L : Dsum) + (valid ? row0 + y : 0), valid);
+        if (threadIdx.x < 2 * BR3B)
+            cp_async4(LD_i + b * 2 * BR3B + threadIdx.x, (threadIdx.x < BR3B ? L : Dsum) + (valid ? row0 + y : 0), valid);
     };
     load_tile16_async<D>(K_j, K, key0, BC3B, N);  // Alg. 2, line 6
     load_tile16_async<D>(V_j, V, key0, BC3B, N);
@@ -165,27 +168,31 @@ __global__ void __launch_bounds__(32 * WARPS3B)
                 const int key = w * 16 + g + 8 * (e % 2), y = 16 * kb + 8 * (e / 2) + 2 * q;
                 *reinterpret_cast<unsigned*>(&dS_T[key * LP + y]) = dsf[kb][e];
             }
-        __syncthreads();  // dS_ij^T is complete
-        // Warp w takes query rows 16w .. 16w + 15 over all the block's keys. Those rows of dS_ij are
-        // columns of dS_T: their A operands come transposed. 16 columns of dQ_i at a time keep 8
-        // accumulators per lane, not d / 2.
+        // dS_ij^T is complete, and every warp is done with tile i's buffers: the next tile's copies
+        // may fill them (and the next dS_ij^T is written only after the next tile's barrier, when
+        // every warp is done reading this one).
+        __syncthreads();
+        // Warp w takes query rows 16 (w % 4) .. 16 (w % 4) + 15 over all the block's keys, and half of
+        // dQ_i's columns (w / 4). Those rows of dS_ij are columns of dS_T: their A operands come
+        // transposed. 16 columns of dQ_i at a time keep 8 accumulators per lane, not d / 2.
+        constexpr int ROW_TILES = BR3B / 16, COLS = D / (WARPS3B / ROW_TILES);  // a warp's columns of dQ_i
+        const int y0 = w % ROW_TILES * 16, x0 = w / ROW_TILES * COLS;
         unsigned ds[BC3B / 16][4];
 #pragma unroll
         for (int kb = 0; kb < BC3B / 16; ++kb)
-            ldmatrix_x4_trans(ds[kb], &dS_T[(kb * 16 + l % 8 + l / 16 * 8) * LP + w * 16 + l / 8 % 2 * 8]);
+            ldmatrix_x4_trans(ds[kb], &dS_T[(kb * 16 + l % 8 + l / 16 * 8) * LP + y0 + l / 8 % 2 * 8]);
 #pragma unroll
-        for (int dn = 0; dn < D / 16; ++dn) {
+        for (int x = x0; x < x0 + COLS; x += 16) {
             float dq[2][4] = {};
-            mma_AB<T, BC3B, 16>(dq, ds, K_j + dn * 16, LS);
+            mma_AB<T, BC3B, 16>(dq, ds, K_j + x, LS);
 #pragma unroll
             for (int t = 0; t < 2; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int row = row0 + w * 16 + g + 8 * (e / 2), x = dn * 16 + 8 * t + 2 * q + e % 2;
-                    if (row < N) atomicAdd(&dQ_sum[(size_t)row * D + x], dq[t][e]);
+                for (int r = 0; r < 2; ++r) {  // rows g, g + 8; columns 2q, 2q + 1: one 2-float atomic
+                    const int row = row0 + y0 + g + 8 * r;
+                    if (row < N) atomic_add2(&dQ_sum[(size_t)row * D + x + 8 * t + 2 * q], dq[t][2 * r], dq[t][2 * r + 1]);
                 }
         }
-        __syncthreads();  // every warp is done with tile i's buffers before tile i + 2's copies fill them
     }
     // Alg. 2, line 18: the warp's keys g and g + 8 of dK_j (times the scale left out above), dV_j.
 #pragma unroll

@@ -12,9 +12,11 @@ from helpers import (CAUSAL, DEVICES, cancelled_scale, half_precision_grads, ran
                      reference_grads, rel_err)
 
 HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-# N of one row, below, equal to, past and a multiple of the block's 64 rows and the tile's 64 keys;
-# d = 64 and 128; B * H > 1.
-SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (1, 2, 64, 64), (2, 2, 100, 64), (1, 1, 130, 128), (2, 1, 64, 128)]
+# N of one row, below, equal to, past and a multiple of the tiles' 64 rows or keys and the backward
+# block's 128 keys (255: a warp's last key at N - 1, the edge-tile test's boundary); d = 64 and 128;
+# B * H > 1.
+SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (1, 2, 64, 64), (2, 2, 100, 64), (1, 1, 130, 128), (2, 1, 64, 128),
+          (1, 1, 255, 64)]
 
 
 def check_forward(device, shape, causal, dtype, generator, scale=None):
@@ -43,10 +45,11 @@ def test_head_dims_other_than_64_and_128_are_refused():
         mf.backward(q, q, q, q, q, q[..., 0].float())
 
 
-def test_negative_softmax_scale_is_refused():
+@pytest.mark.parametrize("scale", [-0.5, 0.0])
+def test_softmax_scale_not_above_0_is_refused(scale):
     q = torch.randn(1, 1, 8, 64, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="version 3 takes softmax_scale >= 0, not -0.5"):
-        mf.forward(q, q, q, softmax_scale=-0.5)
+    with pytest.raises(RuntimeError, match=f"version 3 takes softmax_scale > 0, not {scale}"):
+        mf.forward(q, q, q, softmax_scale=scale)
 
 
 def test_backward_grid_limit_is_refused():
