@@ -183,23 +183,22 @@ flash2_backward(const float* Q, const float* K, const float* V, const float* dO,
             for (int cc = 0; c0 == 0 && cc < d; cc += DC) {
                 float dq[4][4] = {};
                 for (int k = 0; k < BC2; k += 4) {
-                    float s[4][4], k4[4][4];  // dS of 4 queries, K_j's 4 columns, at keys k .. k+3
+                    float s[4][4], k4[4][4], kT[4][4];  // dS of 4 queries, K_j's 4 columns, at keys k .. k+3
 #pragma unroll
                     for (int b = 0; b < 4; ++b) load4(s[b], &dS_ij[(q4 + b) * LK + k]);
 #pragma unroll
                     for (int u = 0; u < 4; ++u) load4(k4[u], &K_j[(k + u) * ls + cc + 4 * cq]);
 #pragma unroll
-                    for (int b = 0; b < 4; ++b)
+                    for (int v = 0; v < 4; ++v)
 #pragma unroll
-                        for (int v = 0; v < 4; ++v)
-#pragma unroll
-                            for (int u = 0; u < 4; ++u) dq[b][v] += s[b][u] * k4[u][v];
+                        for (int u = 0; u < 4; ++u) kT[v][u] = k4[u][v];  // registers renamed, no moves
+                    dot4x4(dq, s, kT);
                 }
                 const int col = cc + 4 * cq;
 #pragma unroll
                 for (int b = 0; b < 4; ++b) {
-                    float* to = &dQ[(size_t)(i * BR2 + q4 + b) * d + col];
                     if (i * BR2 + q4 + b >= N || col >= d) continue;
+                    float* to = &dQ[(size_t)(i * BR2 + q4 + b) * d + col];
                     if (d % 4 == 0)  // then col + 3 < d too, and the 4 floats are 16-byte aligned
                         atomic_add4(to, scale * dq[b][0], scale * dq[b][1], scale * dq[b][2], scale * dq[b][3]);
                     else

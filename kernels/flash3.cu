@@ -7,8 +7,8 @@
 // lanes that hold it, by shuffles), and O += P_ij V_j, with P_ij taken straight from the
 // accumulators of S_ij into the A operand: no round trip through shared memory.
 // Names as in the paper; "Alg. 1, line n" marks each phase of the FlashAttention-2 paper's Algorithm 1.
-#include "tiles.cuh"  // ceil_div, visible, stride16
-#include "mma.cuh"    // ldmatrix_x4, ldmatrix_x4_trans, mma16816<T>, pack<T>, load_tile16_async
+#include "tiles.cuh"  // ceil_div, stride16
+#include "mma.cuh"    // ldmatrix_x4, ldmatrix_x4_trans, mma16816<T>, pack<T>, load_tile16_async, mask_fragment
 
 // A warp owns MT3 = 2 tiles of 16 query rows: each fragment of K_j or V_j it reads from shared
 // memory then feeds two mma instead of one, which halves the shared-memory traffic per product.
@@ -19,18 +19,6 @@ constexpr int WARPS3 = 4, MT3 = 2, BR3 = WARPS3 * MT3 * 16;  // warps, row tiles
 constexpr int KEYS3 = 64;
 // Shared memory: Q_i, and two buffers each of K_j and V_j, in 16-bit values.
 __host__ __device__ inline int flash3_shared_bytes(int d) { return (BR3 + 4 * KEYS3) * stride16(d) * 2; }
-
-// A 16-row tile of S_ij as accumulators: lane (g, q) holds of each 8 keys n, in s[n][0..3], rows
-// `row` (= g) and row + 8, keys `col` + 8n and col + 8n + 1 (kernels/mma.cuh). S = -inf where a
-// query may not see a key (tiles.cuh's visible).
-template <int NT>
-__device__ inline void mask(float (&s)[NT][4], int row, int col, int N, bool causal) {
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            if (!visible(row + 8 * (i / 2), col + 8 * n + i % 2, N, causal)) s[n][i] = -INFINITY;
-}
 
 // Alg. 1, line 9 on one such tile: the new running max m of the lane's two rows (their 4 lanes
 // agree by shuffles), O and l rescaled to it, S turned into P_ij and added to the lane's share of l.
@@ -90,7 +78,7 @@ __global__ void __launch_bounds__(32 * WARPS3) flash3_forward(const unsigned sho
     float o[MT3][D / 8][4] = {}, m[MT3][2], l_part[MT3][2] = {};  // Alg. 1, line 5
 #pragma unroll
     for (int t = 0; t < MT3; ++t) m[t][0] = m[t][1] = -INFINITY;
-    const float c = scale * 1.44269504f;  // log2(e)
+    const float c = scale * LOG2E;
     for (int j = 0; j < j_end; ++j) {
         // Double buffering: tile j + 1's copies fly (into the buffers tile j - 1 used) while tile j
         // is multiplied, so the wait for memory overlaps the tensor cores' work.
@@ -130,7 +118,7 @@ __global__ void __launch_bounds__(32 * WARPS3) flash3_forward(const unsigned sho
 #pragma unroll
         for (int t = 0; t < MT3; ++t) {
             const int row = row0 + (w * MT3 + t) * 16 + g;
-            if ((j + 1) * KEYS > N || (causal && (j + 1) * KEYS > row - g + 1)) mask(s[t], row, j * KEYS + 2 * q, N, causal);
+            if ((j + 1) * KEYS > N || (causal && (j + 1) * KEYS > row - g + 1)) mask_fragment<false>(s[t], row, j * KEYS + 2 * q, N, causal, -INFINITY);
             online_softmax(s[t], m[t], l_part[t], o[t], c);
         }
         // Alg. 1, line 10: O += P_ij V_j. The accumulators of S's tiles 2 kb and 2 kb + 1 are, in the

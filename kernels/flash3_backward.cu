@@ -16,8 +16,8 @@
 // in flash3.cu, and only tiles at the end of the sequence or on the causal diagonal are masked.
 // Two small kernels go around it: D = rowsum(dO * O) before, and dQ's conversion to
 // T after. Names as in the paper; "Alg. 2, line n" marks each phase, numbered as in flash2_backward.cu.
-#include "tiles.cuh"  // ceil_div, visible, stride16
-#include "mma.cuh"    // ldmatrix_x4_trans, mma_ABt, a_operands, mma_AB, pack<T>, to_float<T>, load_tile16_async
+#include "tiles.cuh"  // ceil_div, stride16
+#include "mma.cuh"    // ldmatrix_x4_trans, mma_ABt, a_operands, mma_AB, pack<T>, to_float<T>, load_tile16_async, mask_fragment
 
 // 128 keys per block, 8 warps: each query tile that a block loads, and each row of dQ_i that it adds
 // into by atomics, then serves 128 keys, not 64: half the global traffic and half the atomics.
@@ -51,18 +51,6 @@ __global__ void flash3_backward_dQ(const float* dQ_sum, size_t pairs, float scal
     const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e < pairs)
         *reinterpret_cast<unsigned*>(&dQ[2 * e]) = pack<T>(scale * dQ_sum[2 * e], scale * dQ_sum[2 * e + 1]);
-}
-
-// P_ij^T = 0 where a query may not see a key (tiles.cuh's visible). Lane (g, q) holds of each 8
-// queries n, in p[n][e], key `key` + 8 (e / 2) and query `row` + 8n + e % 2, where key is the
-// warp's key g and row the tile's query 2q, both counted from the start of the sequence.
-template <int NT>
-__device__ inline void mask_T(float (&p)[NT][4], int key, int row, int N, bool causal) {
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-            if (!visible(row + 8 * n + e % 2, key + 8 * (e / 2), N, causal)) p[n][e] = 0.0f;
 }
 
 template <class T, int D>
@@ -112,8 +100,7 @@ __global__ void __launch_bounds__(32 * WARPS3B)
     cp_async_commit();
     const unsigned short *K_w = K_j + w * 16 * LS, *V_w = V_j + w * 16 * LS;  // the warp's 16 keys
     float dK_j[D / 8][4] = {}, dV_j[D / 8][4] = {};  // Alg. 2, line 7
-    constexpr float log2e = 1.44269504f;
-    const float c = scale * log2e;
+    const float c = scale * LOG2E;
 
     for (int i = i0; i < Tr; ++i) {
         // Double buffering: tile i + 1's copies fly (into the buffers tile i - 1 used) while tile i
@@ -128,7 +115,7 @@ __global__ void __launch_bounds__(32 * WARPS3B)
         // L_i lands as L: thread y, which copied row y, turns it into L log2(e) for P's exponent,
         // once per tile, before the barrier (only the issuing thread is sure its copy has landed).
         float *L_t = LD_i + i % 2 * 2 * BR3B, *D_t = L_t + BR3B;
-        if (threadIdx.x < BR3B) L_t[threadIdx.x] *= log2e;
+        if (threadIdx.x < BR3B) L_t[threadIdx.x] *= LOG2E;
         __syncthreads();  // ... for every thread's share of it
         const int row0 = i * BR3B;
         const unsigned short *Q_t = Q_i + i % 2 * BR3B * LS, *dO_t = dO_i + i % 2 * BR3B * LS;
@@ -147,7 +134,7 @@ __global__ void __launch_bounds__(32 * WARPS3B)
         // than the tile's first query needs the mask: the others skip its index arithmetic on every
         // element. (A query row past N needs none: its dO row is zero, see load_query_tile.)
         const int last_key = key0 + w * 16 + 15;
-        if (last_key >= N || (causal && last_key > row0)) mask_T(s, key0 + w * 16 + g, row0 + 2 * q, N, causal);
+        if (last_key >= N || (causal && last_key > row0)) mask_fragment<true>(s, key0 + w * 16 + g, row0 + 2 * q, N, causal, 0.0f);
 #pragma unroll
         for (int n = 0; n < BR3B / 8; ++n)
 #pragma unroll

@@ -10,11 +10,13 @@
 //   c[0], c[1]: C[g][2q, 2q+1]   c[2], c[3]: C[g+8][2q, 2q+1]   (and d, the result, likewise)
 #pragma once
 #include <type_traits>
-#include "tiles.cuh"  // stride16
+#include "tiles.cuh"  // stride16, visible
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #endif
+
+constexpr float LOG2E = 1.44269504f;  // log2(e): exp(x) = exp2(x LOG2E)
 
 // Two floats rounded to bf16 (or fp16) and packed into one register, the first in the low half.
 __device__ inline unsigned pack_bf16(float lo, float hi) {
@@ -77,7 +79,7 @@ __device__ inline void cp_async4(void* to, const void* from, bool valid) {
     const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(address), "l"(from), "r"(valid ? 4 : 0));
 }
-// 2^x by the special-function unit's single instruction. exp2f does more: it scales inputs whose
+// 2^x by the special-function unit's single instruction (exp(x) = 2^(x log2(e)), LOG2E below). exp2f does more: it scales inputs whose
 // result would be subnormal (below 2^-126) into range and back, two extra multiplies per call,
 // for values that round to 0 as probabilities anyway.
 __device__ inline float fast_exp2(float x) {
@@ -155,6 +157,22 @@ __device__ void mma_AB(float (&c)[N / 8][4], const unsigned (&a)[K / 16][4], con
             ldmatrix_x4_trans(bf, &b[(kb * 16 + l % 16) * ld + nb * 16 + l / 16 * 8]);
             mma16816<T>(c[2 * nb], a[kb], bf[0], bf[1]);
             mma16816<T>(c[2 * nb + 1], a[kb], bf[2], bf[3]);
+        }
+}
+
+// An accumulator tile's elements set to `fill` where a query may not see a key (tiles.cuh's visible):
+// lane (g, q) holds of each 8 columns n, in c[n][0..3], rows `row` and row + 8 and columns `col` + 8n
+// and col + 8n + 1, where row is its g and col its 2q, both counted from the start of the sequence
+// (the layout above). The rows are queries and the columns keys, as in S = Q K^T; with KEYS_ARE_ROWS,
+// the other way round, as in S^T = K Q^T.
+template <bool KEYS_ARE_ROWS, int NT>
+__device__ inline void mask_fragment(float (&c)[NT][4], int row, int col, int N, bool causal, float fill) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = row + 8 * (e / 2), k = col + 8 * n + e % 2;
+            if (!(KEYS_ARE_ROWS ? visible(k, r, N, causal) : visible(r, k, N, causal))) c[n][e] = fill;
         }
 }
 
