@@ -119,6 +119,7 @@ def _forward(q, k, v, causal, softmax_scale, Br, Bc, version, out=None):
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
         kernels = load_kernels(q.device.type, Br, Bc)
         _check_shared_memory(kernels, q, "forward", version)
+        q, k, v = (_aligned(t) for t in (q, k, v))
         _raise_if(kernels.run("forward", version, (q, k, v, O, L), bool(causal), _scale(q, softmax_scale)))
     return O, L
 
@@ -145,7 +146,7 @@ def _backward(dO, q, k, v, O, L, causal, softmax_scale, Br, Bc, version, out=Non
     if q.numel() > 0:
         kernels = load_kernels(q.device.type, Br, Bc)
         _check_shared_memory(kernels, q, "backward", version)
-        tensors = (q, k, v, O, dO, L, dQ, dK, dV)
+        tensors = (*(_aligned(t) for t in (q, k, v, O, dO)), L, dQ, dK, dV)
         _raise_if(kernels.run("backward", version, tensors, bool(causal), _scale(q, softmax_scale)))
     return dQ, dK, dV
 
@@ -401,8 +402,9 @@ def _bad_layout(tensors, L, q):
     def bad(t, shape, dtype):
         return t.shape != shape or not t.is_contiguous() or t.dtype != dtype or t.device != q.device
 
-    if q.dtype not in DTYPES or any(bad(t, q.shape, q.dtype) for t in tensors):
-        return "internal error: the (B, H, N, d) tensors differ in shape, layout, dtype or device"
+    if q.dtype not in DTYPES or any(bad(t, q.shape, q.dtype) or t.data_ptr() % 16 for t in tensors):
+        return ("internal error: the (B, H, N, d) tensors differ in shape, layout, dtype or device, or one "
+                "is not 16-byte aligned")
     return "internal error: L has the wrong layout" if bad(L, q.shape[:-1], torch.float32) else ""
 
 
@@ -429,6 +431,14 @@ def _check_inputs(q, k, v, version):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
+def _aligned(t):
+    """The kernels move (B, H, N, d) tensors 16 bytes at a time (float4 loads, cp.async, vector
+    atomics), so each must start at a 16-byte-aligned address. A fresh tensor does; a contiguous view
+    that starts inside another tensor's storage may not, and is copied. (At the launch, not with the
+    input checks: torch.compile cannot trace an address, but the custom operators' bodies run eagerly.)"""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _check_is_tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -450,6 +460,9 @@ def _check_out(name, t, like):
     _check_like(name, t, like)
     if not t.is_contiguous():
         raise ValueError(f"{name} (out=) must be contiguous: the kernel writes into it")
+    if t.dim() == 4 and t.data_ptr() % 16 != 0:
+        raise ValueError(f"{name} (out=) must start at a 16-byte-aligned address: the kernels write it "
+                         "16 bytes at a time")
     return t
 
 

@@ -132,7 +132,7 @@ static std::string backward1(const Call& c) {
                   c.dQ, c.dK, c.dV);
 }
 
-// dQ's sums start at 0: the blocks of versions 2 and 3 add into them.
+// Version 3's dQ sums start at 0: its blocks add into them.
 static std::string zero(float* p, long long floats, const Call& c) {
     if (cudaMemsetAsync(p, 0, sizeof(float) * floats, c.stream) == cudaSuccess) return "";
     return "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
@@ -160,15 +160,14 @@ static std::string forward2(const Call& c) {
                   c.causal, c.O, c.L);
 }
 
-// D first (one thread per row, into the scratch), then one block of THREADS2 = 128 threads per
-// (batch, head, tile of BC2 = 64 keys); its tile sizes are its own, whatever Br and Bc. The blocks
-// add into dQ, so it starts at 0.
+// D first (a warp per row, into the scratch; the same kernel zeroes dQ, into which the blocks add),
+// then one block of THREADS2 = 128 threads per (batch, head, tile of BC2 = 64 keys); its tile sizes
+// are its own, whatever Br and Bc.
 static std::string backward2(const Call& c) {
     if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
     const long long rows = c.BH * c.N;
-    std::string err = launch("flash2_backward_D", flash2_backward_D, dim3((rows + 255) / 256), 256, 0, c,
-                             c.O, c.dO, size_t(rows), c.d, c.scratch);
-    if (err.empty()) err = zero(c.dQ, rows * c.d, c);
+    std::string err = launch("flash2_backward_D", flash2_backward_D, dim3((rows + 7) / 8), 256, 0, c,
+                             c.O, c.dO, size_t(rows), c.d, c.scratch, c.dQ);
     if (!err.empty()) return err;
     return launch("flash2_backward", flash2_backward, dim3(ceil_div(c.N, BC2), c.BH), THREADS2,
                   backward2_bytes(c.d, 1), c, c.Q, c.K, c.V, c.dO, c.L, c.scratch, c.N, c.d,

@@ -104,7 +104,7 @@ inline int max(int a, int b) { return std::max(a, b); }
 constexpr size_t kMaxSharedBytes = 227 * 1024, kDefaultSharedBytes = 48 * 1024;
 alignas(16) inline float smem[kMaxSharedBytes / sizeof(float)];
 
-enum cudaError_t { cudaSuccess, cudaErrorInvalidValue, cudaErrorInvalidConfiguration };
+enum cudaError_t { cudaSuccess, cudaErrorInvalidValue, cudaErrorInvalidConfiguration, cudaErrorMisalignedAddress };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 inline cudaError_t cpu_last_error = cudaSuccess;
 inline std::map<const void*, size_t> cpu_shared_limit;  // per kernel, set by cudaFuncSetAttribute
@@ -123,6 +123,7 @@ inline cudaError_t cudaGetLastError() {
 inline const char* cudaGetErrorString(cudaError_t err) {
     return err == cudaSuccess                 ? "no error"
            : err == cudaErrorInvalidValue     ? "invalid argument"
+           : err == cudaErrorMisalignedAddress ? "misaligned address"
                                               : "invalid configuration argument";
 }
 template <class Kernel>
@@ -251,7 +252,8 @@ inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) { ldmatrix(r, r
 
 // cp.async: a thread's copies land when it waits for their group, not before, so a kernel that reads
 // a tile before cp_async_wait (or without the __syncthreads after it) reads stale values here as it
-// may on a GPU. Copies never waited for fail the launch.
+// may on a GPU. Copies never waited for fail the launch, and so does a copy whose addresses are
+// not multiples of its size, as on a GPU.
 struct AsyncCopy {
     void* to;
     size_t size;              // 16 or 4 bytes
@@ -259,10 +261,11 @@ struct AsyncCopy {
 };
 inline thread_local std::vector<AsyncCopy> copies_issued;  // not yet committed to a group
 inline thread_local std::vector<std::vector<AsyncCopy>> copy_groups;
-inline std::atomic<bool> copies_left{false};
+inline std::atomic<bool> copies_left{false}, copy_misaligned{false};
 template <size_t size>
 inline void cp_async(void* to, const void* from, bool valid) {  // with valid false, zeros land
     AsyncCopy copy{to, size, {}};
+    if (reinterpret_cast<uintptr_t>(to) % size || reinterpret_cast<uintptr_t>(from) % size) copy_misaligned = true;
     if (valid) std::memcpy(copy.bytes, from, size);
     copies_issued.push_back(copy);
 }
@@ -296,7 +299,7 @@ struct CpuLaunch {
         block_barrier.reset(threads);
         warps.reset(new Warp[(threads + 31) / 32]);
         for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps[w].barrier.reset(std::min(32u, threads - 32 * w));
-        bad_warp_call = false, copies_left = false;
+        bad_warp_call = false, copies_left = false, copy_misaligned = false;
         std::vector<std::thread> pool;
         for (unsigned t = 0; t < threads; ++t)
             pool.emplace_back([&, t] {
@@ -316,6 +319,7 @@ struct CpuLaunch {
             });
         for (auto& thread : pool) thread.join();
         if (bad_warp_call || copies_left) cpu_last_error = cudaErrorInvalidValue;  // what the emulation cannot run
+        if (copy_misaligned) cpu_last_error = cudaErrorMisalignedAddress;
     }
 };
 #define LAUNCH(kernel, grid, block, shared_bytes, stream) \

@@ -3,6 +3,9 @@
 // shared memory and dK_j, dV_j in registers for the whole pass, while the query tiles Q_i, dO_i of
 // BR2 = 32 rows stream through shared memory. Compared with flash_backward.cu (Algorithm 4): dK_j
 // and dV_j leave the chip once, final, and there are B * H * ceil(N / 64) blocks instead of B * H.
+// The tiles arrive by cp.async, tile i + 1's copies in flight while dQ_i is computed. On an H200
+// that, and D by a warp per row, took the backward at (16, 12, 256, 64) from 0.314 ms to 0.270 and
+// at (8, 12, 1024, 128) from 9.14 to 7.53 (notebooks/results/h200/flash2_backward_steps.txt).
 //
 // dQ_i = scale * sum_j dS_ij K_j sums over key tiles that now belong to different blocks. Each block
 // adds its share into dQ with atomicAdd, as FlashAttention-2 does. The alternative, a second kernel
@@ -24,7 +27,7 @@
 // blocks in the same 64 registers, reading 3/8. At d = 64 a block takes 168 registers per thread
 // and 68 KB of shared memory: 3 blocks, 12 warps, fit on a multiprocessor, where one key per thread
 // (232 registers) left room for 8 warps.
-#include "tiles.cuh"  // DC, flash2_V_stride, ceil_div, visible, load_tile, load4
+#include "tiles.cuh"  // DC, flash2_V_stride, ceil_div, visible, load4, cp_async16, cp_async4
 
 // Queries per tile, keys per block, threads. Tiles of 64 queries would need 103 KB of shared memory
 // at d = 64 (2 blocks per multiprocessor, not 3) and more than a block may have at d = 200.
@@ -46,24 +49,34 @@ __host__ __device__ inline int flash2_backward_shared_floats(int d) {
     return 2 * (BC2 + BR2) * flash2_backward_stride(d) + 2 * BR2 * LK + 2 * BR2;
 }
 
-// Alg. 2, line 4: D = rowsum(dO * O), one thread per row. Every key block needs D_i for every
-// query tile: computing it once, before the main kernel, costs one read of O.
-__global__ void flash2_backward_D(const float* O, const float* dO, size_t rows, int d, float* D) {
-    const size_t row = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= rows) return;
-    float D_row = 0.0f;
-    for (int x = 0; x < d; ++x) D_row += dO[row * d + x] * O[row * d + x];
-    D[row] = D_row;
+// Alg. 2, line 4: D = rowsum(dO * O), a warp per row: lanes on columns, so the reads coalesce, and
+// the row's sum by shuffles. The same pass zeroes the row of dQ, into which the main kernel adds.
+__global__ void flash2_backward_D(const float* O, const float* dO, size_t rows, int d, float* D, float* dQ) {
+    const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;  // the warp's 32 lanes together: the shuffles below take them all
+    float sum = 0.0f;
+    for (int x = lane; x < d; x += 32) sum += dO[row * d + x] * O[row * d + x], dQ[row * d + x] = 0.0f;
+    for (int lanes = 16; lanes > 0; lanes /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, lanes);
+    if (lane == 0) D[row] = sum;
 }
 
-// Rows [row0, row0 + ROWS) of an N x d matrix into a tile stored by rows, stride ls: the block's
-// threads in ROWS / 8 groups of 8 rows each, lanes on columns. 8 loads in flight per thread: with
-// 16, the loads of Q_i and dO_i beside dK_j, dV_j took the kernel from 168 registers to 228.
+// Rows [row0, row0 + ROWS) of an N x d matrix into a tile stored by rows, stride ls, by cp.async
+// (tiles.cuh), not waited for here: all of a tile's copies fly at once, and none passes through
+// registers (loads staged in registers waited a round trip to memory for every 8 rows). 16 lanes
+// to a row, each copying 16 bytes where 4 divides d (minimal_flash.py passes 16-byte-aligned
+// tensors, so every row starts aligned), else 4. Rows past N land as zeros.
 template <int ROWS>
-__device__ void load_rows(float* tile, int ls, const float* src, int row0, int N, int d) {
-    constexpr int lanes = THREADS2 * 8 / ROWS;
-    const int r = threadIdx.x / lanes * 8;
-    load_tile<8>(tile + r * ls, ls, 1, src, row0 + r, N, d, threadIdx.x % lanes, lanes);
+__device__ void load_rows_async(float* tile, int ls, const float* src, int row0, int N, int d) {
+    constexpr int lanes = 16;
+    const int width = d % 4 == 0 ? 4 : 1;
+    for (int r = threadIdx.x / lanes; r < ROWS; r += THREADS2 / lanes) {
+        const bool valid = row0 + r < N;
+        const float* from = src + (size_t)(valid ? row0 + r : 0) * d;
+        for (int x = threadIdx.x % lanes * width; x < d; x += lanes * width)
+            if (width == 4) cp_async16(tile + r * ls + x, from + x, valid);
+            else cp_async4(tile + r * ls + x, from + x, valid);
+    }
 }
 
 // acc[r][c] += a[r] . b[c], 4 terms each: a 4 x 4 block of a matrix product, 4 steps of its sums.
@@ -134,23 +147,30 @@ flash2_backward(const float* Q, const float* K, const float* V, const float* dO,
     // load, and each query's 4 sums one vector atomicAdd (tiles.cuh's atomic_add4).
     const int q4 = t / 16 * 4, cq = t % 16;
 
+    // Alg. 2, lines 8-9 for query tile i: Q_i, dO_i, L_i, D_i by cp.async, one group, not waited
+    // for here; L_i and D_i (adjacent) a float a thread. Rows past N land as zeros, L_i = D_i = 0
+    // included: their P is exp(0 - 0) = 1 on visible keys, not 0, and still nothing they add is
+    // wrong. Their dO rows are zero, so dP = 0 and dS = P (dP - D) = 0: dK += dS^T Q and
+    // dV += P^T dO add zero, and dQ's rows past N are never stored.
+    auto load_query_tile = [&](int i) {
+        load_rows_async<BR2>(Q_i, ls, Q, i * BR2, N, d);
+        load_rows_async<BR2>(dO_i, ls, dO, i * BR2, N, d);
+        const int row = i * BR2 + t % BR2;
+        if (t < 2 * BR2) cp_async4(L_i + t, (t < BR2 ? L : D) + (row < N ? row : 0), row < N);
+        cp_async_commit();
+    };
     // Columns d .. DV-1 of K_j, V_j, Q_i, dO_i (adjacent, 2 (BC2 + BR2) rows) are read but never
     // loaded: zero them once.
     for (int e = t; e < 2 * (BC2 + BR2) * (DV - d); e += THREADS2) smem[e / (DV - d) * ls + d + e % (DV - d)] = 0.0f;
-    load_rows<BC2>(K_j, ls, K, col0, N, d);  // Alg. 2, line 6
-    load_rows<BC2>(V_j, ls, V, col0, N, d);
+    load_rows_async<BC2>(K_j, ls, K, col0, N, d);  // Alg. 2, line 6
+    load_rows_async<BC2>(V_j, ls, V, col0, N, d);
+    load_query_tile(i0);  // the same group as K_j and V_j
 
     for (int c0 = 0; c0 < d; c0 += DC) {  // one pass per DC columns of dK and dV
         float acc[8][8] = {};  // Alg. 2, line 7: the thread's 8 x 8 block of dV_j or dK_j
-        for (int i = i0; i < Tr; ++i) {  // Alg. 2, lines 8-9: load Q_i, dO_i, L_i, D_i
-            __syncthreads();  // all are done with the previous Q_i, dO_i, P_ij, dS_ij (K_j, V_j, zeros are written)
-            load_rows<BR2>(Q_i, ls, Q, i * BR2, N, d);
-            load_rows<BR2>(dO_i, ls, dO, i * BR2, N, d);
-            if (t < BR2) {  // a row past N gets L = +inf, so P = 0 and dS = 0
-                L_i[t] = i * BR2 + t < N ? L[i * BR2 + t] : INFINITY;
-                D_i[t] = i * BR2 + t < N ? D[i * BR2 + t] : 0.0f;
-            }
-            __syncthreads();  // Q_i, dO_i, L_i, D_i are complete before anyone reads them
+        for (int i = i0; i < Tr; ++i) {
+            cp_async_wait<0>();  // this thread's copies of tile i have landed ...
+            __syncthreads();     // ... everyone's, and all are done with the previous P_ij, dS_ij
 
             float S[4][4] = {}, dP[4][4] = {};
             rows_times_rows(S, K_j + kg * ls, Q_i + qg * ls, ls, d);    // Alg. 2, line 10: S_ij^T
@@ -177,6 +197,12 @@ flash2_backward(const float* Q, const float* K, const float* V, const float* dO,
 #pragma unroll
                     for (int c = 0; c < 8; ++c) acc[r][c] += p[r] * x[c];
             }
+            __syncthreads();  // all are done with Q_i, dO_i, L_i, D_i: the next tile may land there
+            // The next tile's copies fly while dQ_i is computed: the wait for memory overlaps
+            // arithmetic. (After the last tile of a pass, the next pass starts again at tile i0.)
+            if (i + 1 < Tr) load_query_tile(i + 1);
+            else if (c0 + DC < d) load_query_tile(i0);
+
             // Alg. 2, line 15: dQ_i += scale * dS_ij K_j, in the first pass only (dS is the same in
             // every pass), DC columns at a time; keys 4 at a time, one 16-byte load each of dS for a
             // query and of K_j for a key.

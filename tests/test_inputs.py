@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import random_qkv, reference, rel_err
+from helpers import DEVICES, VERSIONS, random_dO, random_qkv, reference, reference_grads, rel_err
 
 
 def qkv(B=1, H=2, N=20, d=16, **kw):
@@ -102,6 +102,28 @@ def test_non_contiguous_input_is_copied(generator):
     assert rel_err(mf.flash_attention(q, k, v), reference(q, k, v, False)[0]) < 1e-5
 
 
+def off_16_bytes(t):
+    """t's values in a contiguous tensor that starts one element into its storage, as a slice of a
+    flat buffer can: not at a 16-byte-aligned address."""
+    view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    return view.copy_(t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@VERSIONS
+def test_input_off_a_16_byte_boundary_is_copied(device, version, generator):
+    """The kernels move rows 16 bytes at a time (float4 loads, cp.async, vector atomics): on a GPU a
+    misaligned one is a fault. Such inputs are copied first; the gradients reach the caller's views."""
+    q, k, v = random_qkv(2, 3, 70, 64, device, generator)
+    dO = random_dO(q, generator)
+    views = [off_16_bytes(t).requires_grad_() for t in (q, k, v)]
+    assert all(t.is_contiguous() and t.data_ptr() % 16 for t in views)
+    O = mf.flash_attention(*views, version=version)
+    assert rel_err(O, reference(q, k, v, False)[0]) < 1e-5
+    for grad, ref in zip(torch.autograd.grad(O, views, off_16_bytes(dO)), reference_grads(q, k, v, dO, False)):
+        assert rel_err(grad, ref) < 1e-5
+
+
 @pytest.mark.parametrize("version,d,kernel,largest", [(1, 300, "flash_backward.cu", 268),
                                                        (2, 300, "flash2_backward.cu", 256)])
 def test_gradients_need_a_backward_that_fits_in_shared_memory(version, d, kernel, largest):
@@ -160,7 +182,7 @@ def test_empty_sizes_give_empty_gradients(version):
 
 def test_out_tensors_are_checked():
     """The kernel writes into out= tensors in place: they must be float32, shaped like q (L: without
-    d) and contiguous."""
+    d), contiguous and, but for L, 16-byte aligned."""
     q, k, v = qkv()
     L = q.new_empty(1, 2, 20)
     with pytest.raises(ValueError, match=r"O \(out=\) must be contiguous"):
@@ -170,6 +192,8 @@ def test_out_tensors_are_checked():
     with pytest.raises(ValueError, match=r"dK must have shape \(1, 2, 20, 16\)"):
         O, L = mf.forward(q, k, v)
         mf.backward(torch.randn_like(q), q, k, v, O, L, out=(q.clone(), q[:, :1].clone(), q.clone()))
+    with pytest.raises(ValueError, match=r"dQ \(out=\) must start at a 16-byte-aligned address"):
+        mf.backward(torch.randn_like(q), q, k, v, O, L, out=(off_16_bytes(q), q.clone(), q.clone()))
 
 
 def test_version_2_names_the_block_sizes_it_takes():
