@@ -63,13 +63,12 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None, *, is_causal=None
     Br, Bc = block_sizes(Br, Bc)  # fixed now: the backward must use the forward's
     version = _check_version(version, q)
     q, k, v = _check_inputs(q, k, v, version)  # outside the Function: its .contiguous() passes gradients back
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) \
-            and not torch.compiler.is_compiling():  # the build's limits are not traceable: checked at run time
-        # Fail now, not after the forward has run, if the backward will not fit.
-        if q.numel() > 0:
-            _check_shared_memory(load_kernels(q.device.type, Br, Bc), q, "backward", version)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
         return torch.ops.minimal_flash.forward(q, k, v, bool(causal), _scale(q, softmax_scale), Br, Bc, version)[0]
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _forward(q, k, v, bool(causal), softmax_scale, Br, Bc, version)[0]  # no autograd bookkeeping
+    if q.numel() > 0:  # fail now, not after the forward has run, if the backward will not fit
+        _check_shared_memory(load_kernels(q.device.type, Br, Bc), q, "backward", version)
     return FlashAttention.apply(q, k, v, bool(causal), softmax_scale, Br, Bc, version)
 
 
@@ -243,11 +242,14 @@ _loaded = {}  # (device type, Br, Bc) -> Kernels
 def load_kernels(device_type="cuda", Br=None, Bc=None):
     """The kernels for 'cuda' or 'cpu' with block sizes Br, Bc: compiled the first time, and again
     whenever a file in kernels/ has changed since they were loaded (this process goes on with the
-    new build)."""
-    Br, Bc = block_sizes(Br, Bc)
+    new build). Every call of the kernels asks: the loaded build is found first, and the block sizes
+    are resolved and checked only when it is not there."""
+    key = (device_type, Br, Bc) if Br is not None and Bc is not None else (device_type, *block_sizes(Br, Bc))
     sources = _sources.current()
-    kernels = _loaded.get((device_type, Br, Bc))
+    kernels = _loaded.get(key)
     if kernels is None or kernels.sources != sources:
+        Br, Bc = block_sizes(*key[1:])
+        kernels = _loaded.get((device_type, Br, Bc))
         changed = _sources.changed_since(kernels.sources) if kernels else None
         kernels = _loaded[device_type, Br, Bc] = Kernels(_build(device_type, Br, Bc, sources, changed), sources)
     return kernels
@@ -387,13 +389,13 @@ class Kernels:
         dQ, dK, dV). The launch goes to the current stream of q's device, as torch's own do."""
         q, (B, H, N, d) = tensors[0], tensors[0].shape
         per_row = self._ask("mf_scratch_floats", PASSES.index(pass_), version, 1, d)
-        # fp32 whatever q's dtype; held here until the launch is queued
-        scratch = q.new_empty(B * H * N * max(per_row, 0), dtype=torch.float32)
+        # fp32 whatever q's dtype; held here until the launch is queued (none where the pass needs none)
+        scratch = q.new_empty(B * H * N * per_row, dtype=torch.float32) if per_row > 0 else None
+        addresses = [t.data_ptr() for t in tensors] + [scratch.data_ptr() if scratch is not None else None]
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address
         launch = self._c.mf_forward if pass_ == "forward" else self._c.mf_backward
-        return launch(version, *(t.data_ptr() for t in (*tensors, scratch)), B * H, N, d, scale, causal,
-                      DTYPES.index(q.dtype), device, stream).decode()
+        return launch(version, *addresses, B * H, N, d, scale, causal, DTYPES.index(q.dtype), device, stream).decode()
 
 
 def _bad_layout(tensors, L, q):
@@ -493,7 +495,12 @@ def _check_version(version, q):
     return version
 
 
+_fits = set()  # (kernels, device, pass, version, d) that passed the check below: asked on every call
+
+
 def _check_shared_memory(kernels, q, pass_, version):
+    if (kernels, q.device, pass_, version, q.shape[-1]) in _fits:
+        return
     d, file = q.shape[-1], VERSIONS[version][1 + PASSES.index(pass_)]
     needed = kernels.shared_bytes(pass_, version, d)
     available = kernels.device_shared_bytes(q.device)
@@ -505,6 +512,7 @@ def _check_shared_memory(kernels, q, pass_, version):
                          f"kernel of version {version} (kernels/{file}) with Br = {kernels.Br}, Bc = {kernels.Bc}, "
                          f"more than the {available} {where}: it takes d up to {largest} with these block "
                          "sizes (smaller block sizes leave room for more in the kernels whose tiles follow them)")
+    _fits.add((kernels, q.device, pass_, version, d))
 
 
 def _check_no_dropout(dropout_p):
