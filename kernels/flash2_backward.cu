@@ -27,7 +27,8 @@
 // blocks in the same 64 registers, reading 3/8. At d = 64 a block takes 168 registers per thread
 // and 68 KB of shared memory: 3 blocks, 12 warps, fit on a multiprocessor, where one key per thread
 // (232 registers) left room for 8 warps.
-#include "tiles.cuh"  // DC, flash2_V_stride, ceil_div, visible, load4, cp_async16, cp_async4
+#include "tiles.cuh"     // DC, flash2_V_stride, ceil_div, visible, load4, atomic_add4
+#include "cp_async.cuh"  // cp_async16, cp_async4, cp_async_commit, cp_async_wait
 
 // Queries per tile, keys per block, threads. Tiles of 64 queries would need 103 KB of shared memory
 // at d = 64 (2 blocks per multiprocessor, not 3) and more than a block may have at d = 200.
@@ -62,7 +63,7 @@ __global__ void flash2_backward_D(const float* O, const float* dO, size_t rows, 
 }
 
 // Rows [row0, row0 + ROWS) of an N x d matrix into a tile stored by rows, stride ls, by cp.async
-// (tiles.cuh), not waited for here: all of a tile's copies fly at once, and none passes through
+// (cp_async.cuh), not waited for here: all of a tile's copies fly at once, and none passes through
 // registers (loads staged in registers waited a round trip to memory for every 8 rows). 16 lanes
 // to a row, each copying 16 bytes where 4 divides d (minimal_flash.py passes 16-byte-aligned
 // tensors, so every row starts aligned), else 4. Rows past N land as zeros.

@@ -11,6 +11,7 @@
 #pragma once
 #include <type_traits>
 #include "tiles.cuh"  // stride16, visible
+#include "cp_async.cuh"  // cp_async16, cp_async4, cp_async_commit, cp_async_wait
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
