@@ -249,9 +249,8 @@ def load_kernels(device_type="cuda", Br=None, Bc=None):
     kernels = _loaded.get(key)
     if kernels is None or kernels.sources != sources:
         Br, Bc = block_sizes(*key[1:])
-        kernels = _loaded.get((device_type, Br, Bc))
         changed = _sources.changed_since(kernels.sources) if kernels else None
-        kernels = _loaded[device_type, Br, Bc] = Kernels(_build(device_type, Br, Bc, sources, changed), sources)
+        kernels = _loaded[key] = Kernels(_build(device_type, Br, Bc, sources, changed), sources)
     return kernels
 
 
