@@ -51,7 +51,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 def versions_for(dtype):
     """Our kernel versions that take this dtype: 1 and 2 for fp32, 3 for bf16 and fp16."""
-    return [v for v, (*_, dtypes) in mf.VERSIONS.items() if dtype in dtypes]
+    return [n for n, v in mf.VERSIONS.items() if dtype in v.dtypes]
 
 # The sweep's (B, H) at each N: enough (batch, head) slices that every point does real work, and,
 # where there is one, the shape at which the reference project was measured, so that its numbers
@@ -68,14 +68,14 @@ def parse_args(argv=None):
     p.add_argument("-H", "--heads", type=int, default=None, help="heads (default: per mode)")
     p.add_argument("-N", "--seq-len", type=int, nargs="+", default=None, help="one or more sequence lengths")
     p.add_argument("-d", "--head-dim", type=int, default=None, help="head dim (default 64 on a GPU, 32 on the CPU)")
-    p.add_argument("--br", type=int, default=None, help="query rows per block, Br (default 32)")
-    p.add_argument("--bc", type=int, default=None, help="key rows per tile, Bc (default 32)")
+    p.add_argument("--br", type=int, default=None, help="query rows per tile, Br, of versions 1 and 2 (default 32)")
+    p.add_argument("--bc", type=int, default=None, help="keys per tile, Bc, of versions 1 and 2 (default 32)")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", choices=DTYPES, default="fp32",
                    help="fp32 (versions 1 and 2), or bf16 / fp16 (version 3, tensor cores); default fp32")
     p.add_argument("--version", type=int, default=None, choices=list(mf.VERSIONS),
                    help="our kernels in the default run (default: what flash_attention picks for the dtype): " + ", ".join(
-                       f"{v} = {mf.VERSIONS[v][0]} ({mf.VERSIONS[v][1]}, {mf.VERSIONS[v][2]})" for v in mf.VERSIONS))
+                       f"{n} = {v.name} ({', '.join(v.kernels)})" for n, v in mf.VERSIONS.items()))
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10 on a GPU, 2 on the CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method, at most (default 200 / 10)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
@@ -98,6 +98,11 @@ def parse_args(argv=None):
         args.version = mf.default_version(args.dtype)
     elif args.version not in versions_for(args.dtype):
         p.error(f"version {args.version} does not take {args.dtype}: versions {versions_for(args.dtype)} do")
+    try:  # the block sizes of each version that runs, checked with its own rule, and kept
+        versions = versions_for(args.dtype) if args.sweep else [args.version]
+        args.block_sizes = {v: mf.block_sizes(v, args.br, args.bc) for v in versions}
+    except ValueError as error:
+        p.error(str(error))
     args.device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     gpu = args.device == "cuda"
     args.head_dim = args.head_dim or (64 if gpu else 32)
@@ -138,8 +143,8 @@ def check(methods, q, k, v, dO, causal):
     returns {method: (O error, gradients' error)}. In bf16 or fp16 a method may be off by up to twice
     what manual attention in the same dtype is (the official FlashAttention tests' rule)."""
     q64, k64, v64 = (t.double() for t in (q, k, v))
-    ref_O = mf.manual_attention(q64, k64, v64, causal)
-    ref_grads = gradients(mf.manual_attention, q64, k64, v64, dO.double(), causal)()
+    ref_O = mf.manual_attention(q64, k64, v64, causal=causal)
+    ref_grads = gradients(plain_attention, q64, k64, v64, dO.double(), causal)()
     errors = {}
     for name, fn in methods.items():
         err_O = mf.relative_error(fn(q, k, v, causal), ref_O)
@@ -205,12 +210,13 @@ def median_ms(calls, warmup, repeats, device, seconds=None, min_repeats=1, warm_
 def run_profile(args):
     """The default run: value check, timing, profiler tables (first N only), then the timing table."""
     device = args.device
-    Br, Bc = mf.block_sizes(args.br, args.bc)
+    Br, Bc = args.block_sizes[args.version]
     B, H = args.batch or (16 if device == "cuda" else 2), args.heads or (12 if device == "cuda" else 4)
-    methods = {"manual": mf.manual_attention,
-               "flash": lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc,
+    methods = {"manual": plain_attention,
+               "flash": lambda q, k, v, causal: mf.flash_attention(q, k, v, causal=causal, Br=Br, Bc=Bc,
                                                                     version=args.version)}
-    print(f"B={B} H={H} d={args.head_dim} Br={Br} Bc={Bc} causal={args.causal} version={args.version} "
+    sizes = f" Br={Br} Bc={Bc}" if Br is not None else ""
+    print(f"B={B} H={H} d={args.head_dim}{sizes} causal={args.causal} version={args.version} "
           f"dtype={str(args.dtype).removeprefix('torch.')}")
     rows = []
     seq_lens = args.seq_len or [64]
@@ -270,6 +276,11 @@ def sdpa_backend(device, causal, dtype=torch.float32):
     raise RuntimeError(f"no SDPA backend runs {dtype} here")
 
 
+def plain_attention(q, k, v, causal):
+    """Plain attention, called as every method is: fn(q, k, v, causal)."""
+    return mf.manual_attention(q, k, v, causal=causal)
+
+
 def method_name(version):
     """Our kernels' name in tables and CSVs: minimal-flash (version 1), minimal-flash2, ..."""
     return "minimal-flash" + ("" if version == 1 else str(version))
@@ -278,7 +289,6 @@ def method_name(version):
 def sweep_methods(args):
     """{name: fn(q, k, v, causal)}: manual attention, our kernels in every version for the dtype (the
     paper's loop order, FlashAttention-2's, ...; forward and backward), SDPA on its backend for it."""
-    Br, Bc = mf.block_sizes(args.br, args.bc)
     backend = sdpa_backend(args.device, args.causal, args.dtype)
 
     def sdpa(q, k, v, causal):
@@ -286,9 +296,10 @@ def sweep_methods(args):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     def ours(version):
-        return lambda q, k, v, causal: mf.flash_attention(q, k, v, causal, Br=Br, Bc=Bc, version=version)
+        Br, Bc = args.block_sizes[version]
+        return lambda q, k, v, causal: mf.flash_attention(q, k, v, causal=causal, Br=Br, Bc=Bc, version=version)
 
-    return {"manual": mf.manual_attention, **{method_name(v): ours(v) for v in versions_for(args.dtype)},
+    return {"manual": plain_attention, **{method_name(v): ours(v) for v in versions_for(args.dtype)},
             f"sdpa-{backend.name.lower().replace('_attention', '')}": sdpa}
 
 
@@ -364,8 +375,9 @@ def sweep_point(N, B, H, methods, args, progress):
     shape = (B, H, N, args.head_dim)
     inputs = random_inputs(shape, args.device, input_sets(shape, args.device, args.dtype), args.dtype)
     rows, reference = [], None
-    Br, Bc = mf.block_sizes(args.br, args.bc)  # our kernels' block sizes, recorded on every row
+    ours = {method_name(v): v for v in args.block_sizes}
     for name, fn in methods.items():
+        Br, Bc = args.block_sizes[ours[name]] if name in ours else (None, None)  # where block sizes apply
         base = dict(N=N, B=B, H=H, d=args.head_dim, Br=Br, Bc=Bc, causal=args.causal,
                     dtype=str(args.dtype).removeprefix("torch."), method=name)
         if name == "manual" and not manual_fits(shape, args.device):

@@ -1,22 +1,21 @@
 """Minimal FlashAttention: the Python face of kernels/*.cu.
 
-    flash_attention(q, k, v, causal=False, softmax_scale=None)   the kernels, on GPU or CPU, with autograd
-                                                                  (version=2: the FlashAttention-2 kernels;
-                                                                  bf16/fp16: version 3, tensor cores)
-    flash_attn_func(q, k, v, ...), flash_attn_qkvpacked_func(qkv, ...)   the official flash-attn package's
-                                                                  entry points, (B, N, H, d) layout
-    manual_attention(q, k, v, causal=False, softmax_scale=None)  plain attention, the reference
-    forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)       the kernels (version=1, 2 or 3), called directly
-    mirror_forward(q, k, v, ...), mirror_backward(...)            Algorithms 1 and 4 tile by tile in PyTorch
+    flash_attention(q, k, v, *, causal=False, softmax_scale=None)   the kernels, on GPU or CPU, with autograd
+    flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, ...)  the official flash-attn package's entry
+    flash_attn_qkvpacked_func(qkv, ...)                              points, (B, N, H, d) layout
+    manual_attention(q, k, v, *, causal=False, softmax_scale=None)  plain attention, the reference
+    forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)          one pass of the kernels, called directly
+    mirror_forward(q, k, v, ...), mirror_backward(...)               Algorithms 1 and 4 tile by tile in PyTorch
+    VERSIONS                                                         the kernel versions: one row each
 
-Tensors are (B, H, N, d), the layout of torch.nn.functional.scaled_dot_product_attention.
+Tensors are (B, H, N, d), the layout of torch.nn.functional.scaled_dot_product_attention. Options
+come by keyword: SDPA and the official package put different things in the fourth position.
 CUDA tensors run the CUDA build of kernels/; CPU tensors run the very same source compiled as C++
 against kernels/cpu_cuda.h, an emulation of the CUDA runtime (see the README).
 
-Block sizes Br, Bc are compile-time constants of the kernels. Choose them per call
-(flash_attention(..., Br=64, Bc=16)) or for the process with the environment variables
-MINIMAL_FLASH_BR and MINIMAL_FLASH_BC. Each configuration is compiled once (a few seconds) and
-cached; an edited kernel is noticed on the next call, recompiled and loaded.
+Each version is built on its own, once (a few seconds), and cached; an edited kernel is noticed on the
+next call, recompiled and loaded. The versions that block sizes shape (1 and 2) take Br, Bc per call
+(flash_attention(..., Br=64, Bc=16)) or for the process from MINIMAL_FLASH_BR and MINIMAL_FLASH_BC.
 """
 
 import ctypes
@@ -28,64 +27,134 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.utils.cpp_extension
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
 
-# The kernel versions, as in the table of kernels/bindings.cu: version -> (name, forward kernel file,
-# backward kernel file, the dtypes it takes).
-VERSIONS = {1: ("Algorithm 1", "flash.cu", "flash_backward.cu", (torch.float32,)),
-            2: ("FlashAttention-2", "flash2.cu", "flash2_backward.cu", (torch.float32,)),
-            3: ("FlashAttention-2 on tensor cores", "flash3.cu", "flash3_backward.cu", (torch.bfloat16, torch.float16))}
+
+# ---------------------------------------------------------------------------------------------
+# The versions: everything Python, bench.py and the tests know of each, in one place
+
+
+def _version1_block_sizes(Br, Bc):
+    # One thread per row of Q_i: Br threads per group, at most 1024 on any CUDA GPU.
+    if not 1 <= Br <= 1024:
+        return f"Br = {Br}: version 1 gives each row of Q_i a thread, so 1 <= Br <= 1024"
+    # A thread keeps its row of S_ij (Bc floats) in registers; far beyond 128 they spill.
+    if not 1 <= Bc <= 256:
+        return f"Bc = {Bc}: version 1 holds a row of Bc scores in each thread's registers, so 1 <= Bc <= 256"
+    return ""
+
+
+def _version2_block_sizes(Br, Bc):
+    # A thread holds 4 rows by 8 keys of S_ij, and the Bc / 8 threads of a row are lanes of one warp.
+    if Br % 4 or not 4 <= Br <= 1024 or Bc not in (16, 32, 64):
+        return (f"Br = {Br}, Bc = {Bc}: version 2 gives each thread 4 rows by 8 keys of S_ij, so it takes "
+                "Br a multiple of 4 (4 to 1024) and Bc = 16, 32 or 64")
+    return ""
+
+
+@dataclass(frozen=True)
+class Version:
+    """One version of the kernels. Adding one: its kernel files, its kernels/versionN.cuh (launchers,
+    shared memory, scratch), and a row in VERSIONS below."""
+    number: int
+    name: str            # what it teaches
+    chapter: int         # of the README and the notebooks
+    kernels: tuple       # the forward and the backward kernel file, in kernels/
+    home: str            # kernels/versionN.cuh: what bindings.cu includes to build this version
+    dtypes: tuple        # of q, k, v (and O, dO, dQ, dK, dV); L is float32 always
+    head_dims: Optional[tuple] = None  # None: any d whose tiles fit in shared memory
+    block_sizes: Optional[Callable] = None  # the rule for (Br, Bc): an error message or ""; None: not used
+    deterministic: bool = False  # the backward gives the same bits run to run (no atomics)
+    positive_scale: bool = False  # takes softmax_scale > 0 only
+
+    def kernel_file(self, pass_):
+        return self.kernels[PASSES.index(pass_)]
+
+
+VERSIONS = {v.number: v for v in (
+    Version(1, "Algorithms 1 and 4 (FlashAttention)", 1, ("flash.cu", "flash_backward.cu"), "version1.cuh",
+            (torch.float32,), block_sizes=_version1_block_sizes, deterministic=True),
+    Version(2, "FlashAttention-2 loop order", 2, ("flash2.cu", "flash2_backward.cu"), "version2.cuh",
+            (torch.float32,), block_sizes=_version2_block_sizes),
+    Version(3, "FlashAttention-2 on tensor cores", 3, ("flash2_mma.cu", "flash2_mma_backward.cu"), "version3.cuh",
+            (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True),
+)}
 PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
-FP32_VERSIONS = [v for v, (*_, dtypes) in VERSIONS.items() if torch.float32 in dtypes]  # 1, 2
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the order of kernels/bindings.cu's DType
+
+
+def default_version(dtype):
+    """The version flash_attention runs for inputs of this dtype when none is asked for: the fastest
+    that takes it. In float32 that is version 2, faster than plain attention at every length measured
+    (README, "The chapters"); version 1 is chapter 1's kernel to read, and the
+    notebooks that read it name it."""
+    return 3 if dtype in VERSIONS[3].dtypes else 2
 
 
 # ---------------------------------------------------------------------------------------------
 # Attention
 
 
-def flash_attention(q, k, v, causal=False, softmax_scale=None, *, is_causal=None, scale=None, Br=None,
-                    Bc=None, version=None):
+def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None, scale=None, attn_mask=None,
+                    dropout_p=0.0, Br=None, Bc=None, version=None):
     """softmax(q k^T * softmax_scale [+ causal mask]) v, computed by the FlashAttention kernels,
     differentiable. softmax_scale defaults to 1/sqrt(d). is_causal and scale are the same options
-    under torch.nn.functional.scaled_dot_product_attention's names. Br, Bc default to
-    MINIMAL_FLASH_BR/_BC, else 32. version=1 runs the FlashAttention paper's loop order (forward
-    kernels/flash.cu, backward kernels/flash_backward.cu), version=2 FlashAttention-2's
-    (kernels/flash2.cu, kernels/flash2_backward.cu), both in float32; version=3 FlashAttention-2's
-    on tensor cores in bfloat16 or float16 (kernels/flash3.cu, kernels/flash3_backward.cu). The default:
-    version 2 for float32 inputs, version 3 for bfloat16 and float16 ones."""
-    causal = _either("causal", causal, False, "is_causal", is_causal)
-    softmax_scale = _either("softmax_scale", softmax_scale, None, "scale", scale)
-    Br, Bc = block_sizes(Br, Bc)  # fixed now: the backward must use the forward's
+    under torch.nn.functional.scaled_dot_product_attention's names; its attn_mask and dropout_p are
+    refused unless left at their defaults. version: one of VERSIONS (default: version 2 for float32
+    inputs, version 3 for bfloat16 and float16 ones). Br, Bc: the block sizes of the versions they
+    shape (default MINIMAL_FLASH_BR / _BC, else 32)."""
+    causal = _check_causal(_either("causal", causal, False, "is_causal", is_causal))
+    _check_sdpa_only(attn_mask, dropout_p)
     version = _check_version(version, q)
     q, k, v = _check_inputs(q, k, v, version)  # outside the Function: its .contiguous() passes gradients back
+    scale = _check_scale(_either("softmax_scale", softmax_scale, None, "scale", scale), q, version)
+    Br, Bc = block_sizes(version, Br, Bc)  # fixed now: the backward must use the forward's
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
-        return torch.ops.minimal_flash.forward(q, k, v, bool(causal), _scale(q, softmax_scale), Br, Bc, version)[0]
+        return torch.ops.minimal_flash.attention(q, k, v, causal, scale, Br, Bc, version)[0]
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        return _forward(q, k, v, bool(causal), softmax_scale, Br, Bc, version)[0]  # no autograd bookkeeping
+        return _attention(q, k, v, causal, scale, Br, Bc, version)[0]  # no autograd bookkeeping
     if q.numel() > 0:  # fail now, not after the forward has run, if the backward will not fit
-        _check_shared_memory(load_kernels(q.device.type, Br, Bc), q, "backward", version)
-    return FlashAttention.apply(q, k, v, bool(causal), softmax_scale, Br, Bc, version)
+        _check_shared_memory(load_kernels(q.device.type, version, Br, Bc), q, "backward", version)
+    return FlashAttention.apply(q, k, v, causal, scale, Br, Bc, version)
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **options):
-    """The flash-attn package's flash_attn_func on our kernels: q, k, v are (B, N, H, d), batch,
-    sequence, heads, head dim, and so is the result. `options` go to flash_attention (Br, Bc, version)."""
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, Br=None, Bc=None,
+                    version=None):
+    """The flash-attn package's flash_attn_func, with its positional order, on our kernels: q, k, v are
+    (B, N, H, d), batch, sequence, heads, head dim, and so is the result. Its options that these
+    kernels do not have are refused unless left at their defaults; deterministic=True needs a version
+    whose backward is deterministic (version 1). Br, Bc, version: as for flash_attention."""
     _check_no_dropout(dropout_p)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # views: gradients reach the caller's tensors
-    return flash_attention(q, k, v, causal, softmax_scale, **options).transpose(1, 2)
+    _check_official_defaults(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                             return_attn_probs=return_attn_probs)
+    if deterministic:
+        v_ = _check_version(version, q)
+        if not VERSIONS[v_].deterministic:
+            takes = [n for n, x in VERSIONS.items() if x.deterministic]
+            raise ValueError(f"deterministic=True: version {v_}'s backward adds into dQ with atomics, whose order "
+                             f"varies from run to run; version {' or '.join(map(str, takes))} is deterministic")
+    q, k, v = (_transposed(name, t) for name, t in (("q", q), ("k", k), ("v", v)))  # views: gradients reach the caller
+    out = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc, version=version)
+    return out.transpose(1, 2)
 
 
-def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, **options):
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, **options):
     """The flash-attn package's flash_attn_qkvpacked_func: qkv is (B, N, 3, H, d); returns (B, N, H, d)."""
-    return flash_attn_func(*qkv.unbind(dim=2), dropout_p, softmax_scale, causal, **options)
+    _check_is_tensor("qkv", qkv)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be 5-D (B, N, 3, H, d), got shape {tuple(qkv.shape)}")
+    return flash_attn_func(*qkv.unbind(dim=2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, **options)
 
 
-def manual_attention(q, k, v, causal=False, softmax_scale=None):
+def manual_attention(q, k, v, *, causal=False, softmax_scale=None):
     """Plain attention: builds the whole N x N score matrix S. The reference for every check."""
     N = q.shape[-2]
     S = (q @ k.transpose(-2, -1)) * _scale(q, softmax_scale)
@@ -100,53 +169,57 @@ def relative_error(x, ref):
     return ((x - ref).norm() / ref.norm()).item()
 
 
-def forward(q, k, v, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=None):
-    """Run kernels/flash.cu (version 1, Algorithm 1) or kernels/flash2.cu (version 2, the
-    FlashAttention-2 loop order). Returns (O, L): the attention output and the row log-sum-exp
-    L = m + log(l) that the backward pass needs. `out=(O, L)` writes into given tensors (the tests
-    fill them with NaN first, so an element the kernel fails to write shows)."""
+def forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, out=None, version=None):
+    """One forward pass of a version's kernels (default: default_version of q's dtype). Returns (O, L):
+    the attention output and the row log-sum-exp L = m + log(l), float32, that the backward pass
+    needs. `out=(O, L)` writes into given tensors (the tests fill them with NaN first, so an element
+    the kernel fails to write shows)."""
+    causal = _check_causal(causal)
     version = _check_version(version, q)
     q, k, v = _check_inputs(q, k, v, version)
+    scale = _check_scale(softmax_scale, q, version)
+    Br, Bc = block_sizes(version, Br, Bc)
     if out is not None:
-        out = _check_out("O", out[0], q), _check_out("L", out[1], q[..., 0].float())
-    return _forward(q, k, v, causal, softmax_scale, Br, Bc, version, out)
+        out = _check_outputs(("O", "L"), out, (q, q[..., 0].float()), (q, k, v))
+    return _attention(q, k, v, causal, scale, Br, Bc, version, out)
 
 
-def _forward(q, k, v, causal, softmax_scale, Br, Bc, version, out=None):
-    """forward() on inputs already checked: what every call pays for, and no more."""
-    O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32))
-    if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
-        kernels = load_kernels(q.device.type, Br, Bc)
-        _check_shared_memory(kernels, q, "forward", version)
-        q, k, v = (_aligned(t) for t in (q, k, v))
-        _raise_if(kernels.run("forward", version, (q, k, v, O, L), bool(causal), _scale(q, softmax_scale)))
-    return O, L
-
-
-def backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=None, Bc=None, out=None, version=None):
-    """Run kernels/flash_backward.cu (version 1, Algorithm 4), kernels/flash2_backward.cu (version 2,
-    the FlashAttention-2 loop order) or kernels/flash3_backward.cu (version 3, the same on tensor
-    cores, bfloat16 or float16): the gradients (dQ, dK, dV) of a loss whose gradient with respect to
-    the output O = forward(q, k, v)[0] is dO. O and L are what forward() returned for these q, k, v,
-    causal, scale and block sizes (versions 1 and 2 give the same O and L; L is float32 always).
-    `out=(dQ, dK, dV)` writes into given tensors."""
+def backward(dO, q, k, v, O, L, *, causal=False, softmax_scale=None, Br=None, Bc=None, out=None, version=None):
+    """One backward pass of a version's kernels: the gradients (dQ, dK, dV) of a loss whose gradient
+    with respect to the output O = forward(q, k, v)[0] is dO. O and L are what forward() returned for
+    these q, k, v, options and block sizes (versions 1 and 2 give the same O and L). `out=(dQ, dK, dV)`
+    writes into given tensors."""
+    causal = _check_causal(causal)
     version = _check_version(version, q)
     q, k, v = _check_inputs(q, k, v, version)
+    scale = _check_scale(softmax_scale, q, version)
+    Br, Bc = block_sizes(version, Br, Bc)
     dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
     L = _check_like("L", L, q[..., 0].float())
     if out is not None:
-        out = tuple(_check_out(name, t, q) for name, t in zip(("dQ", "dK", "dV"), out))
-    return _backward(dO, q, k, v, O, L, causal, softmax_scale, Br, Bc, version, out)
+        out = _check_outputs(("dQ", "dK", "dV"), out, (q, q, q), (q, k, v, O, dO, L))
+    return _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, out)
 
 
-def _backward(dO, q, k, v, O, L, causal, softmax_scale, Br, Bc, version, out=None):
+def _attention(q, k, v, causal, scale, Br, Bc, version, out=None):
+    """forward() on inputs already checked: what every call pays for, and no more."""
+    O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32))
+    if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
+        kernels = load_kernels(q.device.type, version, Br, Bc)
+        _check_shared_memory(kernels, q, "forward", version)
+        q, k, v = (_aligned(t) for t in (q, k, v))
+        _raise_if(kernels.call("forward", causal, scale, q, k, v, O, L))
+    return O, L
+
+
+def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, out=None):
     """backward() on inputs already checked."""
     dQ, dK, dV = out if out is not None else (torch.empty_like(q) for _ in range(3))
     if q.numel() > 0:
-        kernels = load_kernels(q.device.type, Br, Bc)
+        kernels = load_kernels(q.device.type, version, Br, Bc)
         _check_shared_memory(kernels, q, "backward", version)
-        tensors = (*(_aligned(t) for t in (q, k, v, O, dO)), L, dQ, dK, dV)
-        _raise_if(kernels.run("backward", version, tensors, bool(causal), _scale(q, softmax_scale)))
+        q, k, v, O, dO = (_aligned(t) for t in (q, k, v, O, dO))
+        _raise_if(kernels.call("backward", causal, scale, q, k, v, O, L, dO, dQ, dK, dV))
     return dQ, dK, dV
 
 
@@ -155,56 +228,57 @@ class FlashAttention(torch.autograd.Function):
     memory. The N x N matrix P is never stored; the backward kernel recomputes it tile by tile."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, Br, Bc, version):  # flash_attention checked them
-        O, L = _forward(q, k, v, causal, softmax_scale, Br, Bc, version)
+    def forward(ctx, q, k, v, causal, scale, Br, Bc, version):  # flash_attention checked them
+        O, L = _attention(q, k, v, causal, scale, Br, Bc, version)
         ctx.save_for_backward(q, k, v, O, L)
-        ctx.options = causal, softmax_scale, Br, Bc, version
+        ctx.options = causal, scale, Br, Bc, version
         return O
 
     @staticmethod
     def backward(ctx, dO):
-        dQ, dK, dV = _backward(dO.contiguous(), *ctx.saved_tensors, *ctx.options)
+        dQ, dK, dV = _attention_grads(dO.contiguous(), *ctx.saved_tensors, *ctx.options)
         return dQ, dK, dV, None, None, None, None, None
 
 
-# The same two passes as PyTorch custom operators, minimal_flash::forward and minimal_flash::backward,
-# for torch.compile: it cannot look inside a ctypes call, but it can treat a registered operator as
-# one opaque node, given the shapes of what it returns (register_fake) and its derivative
-# (register_autograd). Eager calls keep FlashAttention above: an operator's dispatch costs more host
-# time per call (measured: tens of microseconds on a CPU), as long as a small attention kernel runs.
-@torch.library.custom_op("minimal_flash::forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, Br: int, Bc: int,
-                version: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, causal, scale, Br, Bc, version)
+# The same two passes as PyTorch custom operators, minimal_flash::attention and
+# minimal_flash::attention_grads, for torch.compile: it cannot look inside a ctypes call, but it can
+# treat a registered operator as one opaque node, given the shapes of what it returns (register_fake)
+# and its derivative (register_autograd). Eager calls keep FlashAttention above: an operator's
+# dispatch costs more host time per call (measured: tens of microseconds on a CPU), as long as a
+# small attention kernel runs.
+@torch.library.custom_op("minimal_flash::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                  Br: Optional[int], Bc: Optional[int], version: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention(q, k, v, causal, scale, Br, Bc, version)
 
 
-@_forward_op.register_fake
+@_attention_op.register_fake
 def _(q, k, v, causal, scale, Br, Bc, version):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("minimal_flash::backward", mutates_args=())
-def _backward_op(dO: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, O: torch.Tensor,
-                 L: torch.Tensor, causal: bool, scale: float, Br: int, Bc: int,
-                 version: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dO.contiguous(), q, k, v, O, L, causal, scale, Br, Bc, version)
+@torch.library.custom_op("minimal_flash::attention_grads", mutates_args=())
+def _attention_grads_op(dO: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, O: torch.Tensor,
+                        L: torch.Tensor, causal: bool, scale: float, Br: Optional[int], Bc: Optional[int],
+                        version: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_grads(dO.contiguous(), q, k, v, O, L, causal, scale, Br, Bc, version)
 
 
-@_backward_op.register_fake
+@_attention_grads_op.register_fake
 def _(dO, q, k, v, O, L, causal, scale, Br, Bc, version):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _forward_op_save(ctx, inputs, output):
+def _attention_op_save(ctx, inputs, output):
     q, k, v, *ctx.options = inputs
     ctx.save_for_backward(q, k, v, *output)
 
 
-def _forward_op_grad(ctx, dO, dL):  # L is a by-product: nothing flows back through it
-    return *_backward_op(dO, *ctx.saved_tensors, *ctx.options), None, None, None, None, None
+def _attention_op_grad(ctx, dO, dL):  # L is a by-product: nothing flows back through it
+    return *_attention_grads_op(dO, *ctx.saved_tensors, *ctx.options), None, None, None, None, None
 
 
-_forward_op.register_autograd(_forward_op_grad, setup_context=_forward_op_save)
+_attention_op.register_autograd(_attention_op_grad, setup_context=_attention_op_save)
 
 
 def _scale(q, softmax_scale):
@@ -223,89 +297,127 @@ def _above_diagonal(rows, cols, row0, col0, device):
 # Building and loading the kernels
 
 
-def block_sizes(Br=None, Bc=None):
-    """The (Br, Bc) to use: the arguments, else MINIMAL_FLASH_BR / _BC, else 32 and 32."""
-    Br = int(Br if Br is not None else os.environ.get("MINIMAL_FLASH_BR", 32))
-    Bc = int(Bc if Bc is not None else os.environ.get("MINIMAL_FLASH_BC", 32))
-    # One thread per row of Q_i: Br threads per block, at most 1024 on any CUDA GPU.
-    if not 1 <= Br <= 1024:
-        raise ValueError(f"Br = {Br}: it is the number of threads per block, so 1 <= Br <= 1024")
-    # A thread keeps its row of S_ij (Bc floats) in registers; far beyond 128 they spill.
-    if not 1 <= Bc <= 256:
-        raise ValueError(f"Bc = {Bc}: each thread holds Bc scores in registers, so 1 <= Bc <= 256")
+def block_sizes(version, Br=None, Bc=None):
+    """The (Br, Bc) a version's build uses: the arguments, else MINIMAL_FLASH_BR / _BC, else 32 and 32,
+    checked with the version's rule; (None, None) for a version whose tiles are its own."""
+    rule = VERSIONS[version].block_sizes
+    if rule is None:
+        if Br is not None or Bc is not None:
+            raise ValueError(f"Br = {Br}, Bc = {Bc}: version {version} ({VERSIONS[version].name}) has tiles of its "
+                             "own; block sizes apply to versions "
+                             + " and ".join(str(n) for n, x in VERSIONS.items() if x.block_sizes))
+        return None, None
+    Br = _block_size("Br", Br, "MINIMAL_FLASH_BR")
+    Bc = _block_size("Bc", Bc, "MINIMAL_FLASH_BC")
+    error = rule(Br, Bc)
+    if error:
+        raise ValueError(error)
     return Br, Bc
 
 
-_loaded = {}  # (device type, Br, Bc) -> Kernels
+def _block_size(name, value, variable):
+    if value is None:
+        value = os.environ.get(variable, "32")
+        where = f" (from {variable})"
+    else:
+        where = ""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+        raise TypeError(f"{name} = {value!r}{where}: a block size is a whole number")
+    return int(value)
 
 
-def load_kernels(device_type="cuda", Br=None, Bc=None):
-    """The kernels for 'cuda' or 'cpu' with block sizes Br, Bc: compiled the first time, and again
-    whenever a file in kernels/ has changed since they were loaded (this process goes on with the
-    new build). Every call of the kernels asks: the loaded build is found first, and the block sizes
-    are resolved and checked only when it is not there."""
-    key = (device_type, Br, Bc) if Br is not None and Bc is not None else (device_type, *block_sizes(Br, Bc))
-    sources = _sources.current()
+_loaded = {}  # (device type, version, Br, Bc) -> Kernels
+
+
+def load_kernels(device_type="cuda", version=None, Br=None, Bc=None):
+    """The kernels of one version (default: version 2) for 'cuda' or 'cpu', with block sizes Br, Bc
+    where the version takes them: compiled the first time, and again whenever a file the build
+    includes has changed since it was loaded (this process goes on with the new build). Every call of
+    the kernels asks: the loaded build is found first, and the block sizes are resolved and checked
+    only when it is not there."""
+    version = 2 if version is None else version
+    key = (device_type, version, Br, Bc)
+    folder = _sources.current()
     kernels = _loaded.get(key)
+    if kernels is not None and kernels.folder is folder:  # nothing in kernels/ changed since
+        return kernels
+    _check_version(version, None)
+    sources = _build_sources(folder, device_type, version)
     if kernels is None or kernels.sources != sources:
-        Br, Bc = block_sizes(*key[1:])
-        changed = _sources.changed_since(kernels.sources) if kernels else None
-        kernels = _loaded[key] = Kernels(_build(device_type, Br, Bc, sources, changed), sources)
+        Br, Bc = block_sizes(version, Br, Bc)
+        changed = sorted({name for name, _ in set(sources[1]) ^ set(kernels.sources[1])}) if kernels else None
+        kernels = _loaded[key] = Kernels(_build(device_type, version, Br, Bc, sources, changed), sources, version)
+    kernels.folder = folder
     return kernels
 
 
 class _Sources:
-    """What the build is made from: each file of kernels/ by its content. Every call asks
-    (load_kernels runs on every call), so the files are looked at no more than once a second and
-    re-read only when their modification times change."""
+    """The files of kernels/ by their content. Every call asks (load_kernels runs on every call), so
+    the folder is looked at no more than once a second and the files re-read only when their
+    modification times change; what current() returns is the same object until then."""
 
     def __init__(self):
         self.checked, self.mtimes, self.digests = -math.inf, None, None
 
     def current(self):
-        """(the kernels/ folder, ((file name, content digest), ...))"""
+        """{file name: content digest} of kernels/."""
         if time.monotonic() - self.checked > 1.0:
             files = sorted(p for p in KERNELS.iterdir() if p.is_file())
             mtimes = {p: p.stat().st_mtime_ns for p in files}
             if mtimes != self.mtimes:
                 self.mtimes = mtimes
-                self.digests = str(KERNELS), tuple((p.name, hashlib.sha1(p.read_bytes()).hexdigest()) for p in files)
+                self.digests = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in files}
             self.checked = time.monotonic()
         return self.digests
-
-    def changed_since(self, old):
-        return sorted({name for name, _ in set(self.digests[1]) ^ set(old[1])})
 
 
 _sources = _Sources()
 
 
-def build_directory(device_type, Br, Bc, sources=None):
+def _build_sources(digests, device_type, version):
+    """What one build is made from: this checkout's kernels/ folder (the build files name the sources
+    by path, so two checkouts must not share a build), and the file compiled, the version's home and
+    every kernels/ file they include ("#include" followed), each with its content digest. A change
+    elsewhere in kernels/ leaves this build as it is."""
+    todo = ["bindings.cu" if device_type == "cuda" else "cpu.cpp", VERSIONS[version].home]
+    seen = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in digests:
+            continue
+        seen.add(name)
+        todo += re.findall(r'^\s*#include "([^"]+)"', (KERNELS / name).read_text(), re.M)
+    return str(KERNELS), tuple((name, digests[name]) for name in sorted(seen))
+
+
+def build_directory(device_type, version, Br, Bc, sources):
     """Where a build lives: $TORCH_EXTENSIONS_DIR, else torch's default (~/.cache/torch_extensions),
-    then minimal_flash/, then a folder named by everything the build is made from: device, block
-    sizes, torch version, the kernel files' content and this checkout's path (the build files name
-    the sources by path, so two checkouts must not share a folder)."""
-    key = repr((sources or _sources.current(), torch.__version__, torch.version.cuda))
+    then minimal_flash/, then a folder named by everything the build is made from: device, version,
+    block sizes, torch version, and its sources (this checkout's path and the content of the files the
+    build includes)."""
+    key = repr((sources, torch.__version__, torch.version.cuda))
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or torch.utils.cpp_extension.get_default_build_root())
-    return root / "minimal_flash" / f"{device_type}_br{Br}_bc{Bc}_{digest}"
+    sizes = f"_br{Br}_bc{Bc}" if Br is not None else ""
+    return root / "minimal_flash" / f"{device_type}_v{version}{sizes}_{digest}"
 
 
-def _build(device_type, Br, Bc, sources, changed):
+def _build(device_type, version, Br, Bc, sources, changed):
     """Compile (unless this exact build exists) and return the shared library's path."""
-    folder = build_directory(device_type, Br, Bc, sources)
+    folder = build_directory(device_type, version, Br, Bc, sources)
     name = folder.name
-    defines = [f"-DBR={Br}", f"-DBC={Bc}"]
+    defines = [f"-DVERSION_FILE={VERSIONS[version].home}"] + ([f"-DBR={Br}", f"-DBC={Bc}"] if Br is not None else [])
     if device_type == "cuda":
         source, flags = KERNELS / "bindings.cu", {"extra_cuda_cflags": ["-O3", "-lineinfo"] + defines}
     else:
         source, flags = KERNELS / "cpu.cpp", {"extra_cflags": ["-O3", "-fno-strict-aliasing",
                                                                     "-Wno-unknown-pragmas"] + defines}
-    library = folder / f"{name}.so"
-    if library.exists():
+    library, built = folder / f"{name}.so", folder / "built"
+    if built.exists():  # not the library itself: another process may be writing it right now
         return library
     why = f"{', '.join(changed)} changed" if changed else "no build of these sources yet"
-    what = f"{source.relative_to(KERNELS.parent)} for {device_type} with Br={Br}, Bc={Bc}"
+    sizes = f" with Br={Br}, Bc={Bc}" if Br is not None else ""
+    what = f"version {version} ({source.relative_to(KERNELS.parent)}) for {device_type}{sizes}"
     _say(f"compiling {what} ({why}) in {str(folder).replace(str(Path.home()), '~', 1)}")
     start = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)
@@ -315,6 +427,7 @@ def _build(device_type, Br, Bc, sources, changed):
                                               is_python_module=False, **flags)
     except RuntimeError as error:
         raise RuntimeError(_compile_error(what, str(error), folder / "build-error.log")) from None
+    built.touch()  # torch's load waits for a build another process has started, then returns it whole
     _say(f"compiled in {time.monotonic() - start:.1f} s")
     return Path(path)
 
@@ -343,21 +456,20 @@ def _use_this_pythons_ninja():
 
 
 class Kernels:
-    """One build of the kernels, for one device type and (Br, Bc): the C functions of
-    kernels/bindings.cu, called with tensors. forward() and backward() return an error message,
-    "" on success (_raise_if raises it)."""
+    """One build: one version's kernels for one device type (and block sizes, where the version takes
+    them), the C functions of kernels/bindings.cu called with tensors."""
 
-    def __init__(self, library, sources):
+    def __init__(self, library, sources, version):
         P, i, i64, f, b = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float, ctypes.c_bool
         c = self._c = ctypes.CDLL(str(library))
         for function, result, arguments in [
-                (c.mf_versions, i, []), (c.mf_block_size, i, [i]), (c.mf_device_shared_bytes, i64, [i]),
-                (c.mf_shared_bytes, i64, [i, i, i]), (c.mf_scratch_floats, i64, [i, i, i64, i]),
-                (c.mf_forward, ctypes.c_char_p, [i] + [P] * 6 + [i64, i, i, f, b, i, i, P]),
-                (c.mf_backward, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, f, b, i, i, P])]:
+                (c.mf_block_size, i, [i]), (c.mf_device_shared_bytes, i64, [i]),
+                (c.mf_shared_bytes, i64, [i, i]), (c.mf_scratch_floats, i64, [i, i]),
+                (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, f, b, i, i, P])]:
             function.restype, function.argtypes = result, arguments
-        self.library, self.sources = library, sources
-        self.Br, self.Bc, self.versions = c.mf_block_size(0), c.mf_block_size(1), c.mf_versions()
+        self.library, self.sources, self.version, self.folder = library, sources, version, None
+        takes = VERSIONS[version].block_sizes is not None
+        self.Br, self.Bc = (c.mf_block_size(0), c.mf_block_size(1)) if takes else (None, None)
         self._asked = {}  # answers that never change, kept: each ctypes call costs host time
 
     def _ask(self, function, *arguments):
@@ -365,52 +477,49 @@ class Kernels:
             self._asked[function, arguments] = getattr(self._c, function)(*arguments)
         return self._asked[function, arguments]
 
-    def shared_bytes(self, pass_, version, d):
-        """The least shared memory a block of this pass and version needs for head dim d (-1: no such
-        kernel)."""
-        return self._ask("mf_shared_bytes", PASSES.index(pass_), version, d)
+    def shared_bytes(self, pass_, d):
+        """The least shared memory a block of this pass needs for head dim d."""
+        return self._ask("mf_shared_bytes", PASSES.index(pass_), d)
 
     def device_shared_bytes(self, device):
         """The most shared memory a block may have on this device (on the CPU, the emulation's)."""
         return self._ask("mf_device_shared_bytes", torch.device(device).index or 0)
 
-    def forward(self, q, k, v, O, L, causal, scale, version):
-        """O, L = attention of q, k, v; returns an error message, "" on success."""
-        return _bad_layout((q, k, v, O), L, q) or self.run("forward", version, (q, k, v, O, L), causal, scale)
+    def run(self, pass_, causal, scale, q, k, v, O, L, dO=None, dQ=None, dK=None, dV=None):
+        """A pass on any tensors: the kernels index raw addresses, so this checks their layout first,
+        the last line of defence for any caller (minimal_flash's functions have checked their inputs,
+        and use `call`). Returns an error message, "" on success."""
+        grads = (dO, dQ, dK, dV)
+        if (pass_ == "forward") != all(t is None for t in grads) or pass_ not in PASSES:
+            return f"internal error: pass {pass_!r} with{'out' if pass_ == 'backward' else ''} dO, dQ, dK, dV"
+        tensors = [t for t in (q, k, v, O, *grads) if t is not None]
 
-    def backward(self, q, k, v, O, dO, L, dQ, dK, dV, causal, scale, version):
-        """dQ, dK, dV from dO and the forward's O, L; returns an error message, "" on success."""
-        tensors = (q, k, v, O, dO, L, dQ, dK, dV)
-        return _bad_layout(tensors[:5] + tensors[6:], L, q) or self.run("backward", version, tensors, causal, scale)
+        def bad(t, shape, dtype):
+            return t.shape != shape or not t.is_contiguous() or t.dtype != dtype or t.device != q.device
 
-    def run(self, pass_, version, tensors, causal, scale):
-        """forward() or backward() on tensors already checked: (q, k, v, O, L) or (q, k, v, O, dO, L,
-        dQ, dK, dV). The launch goes to the current stream of q's device, as torch's own do."""
-        q, (B, H, N, d) = tensors[0], tensors[0].shape
-        per_row = self._ask("mf_scratch_floats", PASSES.index(pass_), version, 1, d)
+        if q.dtype not in DTYPES or any(bad(t, q.shape, q.dtype) or t.data_ptr() % 16 for t in tensors):
+            return ("internal error: the (B, H, N, d) tensors differ in shape, layout, dtype or device, or one "
+                    "is not 16-byte aligned")
+        if bad(L, q.shape[:-1], torch.float32):
+            return "internal error: L has the wrong layout"
+        return self.call(pass_, causal, scale, q, k, v, O, L, *grads)
+
+    def call(self, pass_, causal, scale, q, k, v, O, L, dO=None, dQ=None, dK=None, dV=None):
+        """A pass on tensors already checked. The launch goes to the current stream of q's device, as
+        torch's own do. Returns an error message, "" on success."""
+        (B, H, N, d), p = q.shape, PASSES.index(pass_)
+        per_row = self._ask("mf_scratch_floats", p, d)
         # fp32 whatever q's dtype; held here until the launch is queued (none where the pass needs none)
         scratch = q.new_empty(B * H * N * per_row, dtype=torch.float32) if per_row > 0 else None
-        addresses = [t.data_ptr() for t in tensors] + [scratch.data_ptr() if scratch is not None else None]
+        addresses = [t.data_ptr() if t is not None else None for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch)]
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address
-        launch = self._c.mf_forward if pass_ == "forward" else self._c.mf_backward
-        return launch(version, *addresses, B * H, N, d, scale, causal, DTYPES.index(q.dtype), device, stream).decode()
-
-
-def _bad_layout(tensors, L, q):
-    """The kernels index raw addresses, so a wrong layout would read out of bounds. The functions
-    above have checked their inputs; this is the last line of defence, for any caller."""
-    def bad(t, shape, dtype):
-        return t.shape != shape or not t.is_contiguous() or t.dtype != dtype or t.device != q.device
-
-    if q.dtype not in DTYPES or any(bad(t, q.shape, q.dtype) or t.data_ptr() % 16 for t in tensors):
-        return ("internal error: the (B, H, N, d) tensors differ in shape, layout, dtype or device, or one "
-                "is not 16-byte aligned")
-    return "internal error: L has the wrong layout" if bad(L, q.shape[:-1], torch.float32) else ""
+        return self._c.mf_run(p, *addresses, B * H, N, d, scale, causal, DTYPES.index(q.dtype), device,
+                              stream).decode()
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checks
+# Input checks: every input either gets the right answer or a clear error that names the problem
 
 
 def _check_inputs(q, k, v, version):
@@ -419,6 +528,8 @@ def _check_inputs(q, k, v, version):
         _check_tensor(name, t, version)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (B, H, N, d), got shape {tuple(t.shape)}")
+    if not q.dtype == k.dtype == v.dtype:  # the kernels would read k and v as q's dtype
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.shape == k.shape == v.shape:
         raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -426,8 +537,12 @@ def _check_inputs(q, k, v, version):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.device.type not in ("cuda", "cpu"):
         raise ValueError(f"q, k, v are on {q.device}; the kernels run on CUDA or on the CPU")
-    if q.shape[-1] == 0:
+    d, head_dims = q.shape[-1], VERSIONS[version].head_dims
+    if d == 0:
         raise ValueError("head dim d is 0: there is nothing to attend with")
+    if head_dims is not None and d not in head_dims:
+        raise ValueError(f"head dim d = {d}: version {version} is compiled for d = "
+                         + " and ".join(map(str, head_dims)))
     # The kernels index rows with a fixed stride; a view (a transpose, a slice) is copied first.
     return q.contiguous(), k.contiguous(), v.contiguous()
 
@@ -445,26 +560,60 @@ def _check_is_tensor(name, t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def _dtype_names(dtypes):
+    return " and ".join(str(x).replace("torch.", "") for x in dtypes)
+
+
 def _check_tensor(name, t, version):
     _check_is_tensor(name, t)
-    if t.dtype not in VERSIONS[version][3]:
-        takes = "float32 only" if version < 3 else "bfloat16 and float16 only"
-        other = ("bfloat16 and float16 run version 3 (tensor cores)" if t.dtype in VERSIONS[3][3] else
-                 "float32 runs version 1 or 2" if t.dtype == torch.float32 else
-                 "the kernels take float32 (versions 1, 2), bfloat16 and float16 (version 3)")
-        raise TypeError(f"{name} has dtype {t.dtype}; version {version}'s kernels are {takes}: {other}")
+    if t.dtype not in VERSIONS[version].dtypes:
+        runs = [n for n, x in VERSIONS.items() if t.dtype in x.dtypes]
+        by_dtypes = {}  # versions grouped by the dtypes they take
+        for n, x in VERSIONS.items():
+            by_dtypes.setdefault(x.dtypes, []).append(str(n))
+        other = (f"{_dtype_names([t.dtype])} runs version {' or '.join(map(str, runs))}" if runs else
+                 "the kernels take " + ", ".join(f"{_dtype_names(dtypes)} (version{'s' * (len(ns) > 1)} {', '.join(ns)})"
+                                                 for dtypes, ns in by_dtypes.items()))
+        raise TypeError(f"{name} has dtype {t.dtype}; version {version}'s kernels take "
+                        f"{_dtype_names(VERSIONS[version].dtypes)} only: {other}")
 
 
-def _check_out(name, t, like):
-    """A tensor given with out=: like q (L: like q without d), and contiguous, because the kernel
-    writes into it."""
-    _check_like(name, t, like)
-    if not t.is_contiguous():
-        raise ValueError(f"{name} (out=) must be contiguous: the kernel writes into it")
-    if t.dim() == 4 and t.data_ptr() % 16 != 0:
-        raise ValueError(f"{name} (out=) must start at a 16-byte-aligned address: the kernels write it "
-                         "16 bytes at a time")
-    return t
+def _transposed(name, t):
+    """(B, N, H, d) -> a (B, H, N, d) view, for flash_attn_func."""
+    _check_is_tensor(name, t)
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, N, H, d), got shape {tuple(t.shape)}")
+    return t.transpose(1, 2)
+
+
+def _check_outputs(names, tensors, likes, inputs):
+    """Tensors given with out=: each like its model (L: like q without d), contiguous and, but L,
+    16-byte aligned, because the kernel writes into them; none overlapping another or an input, which
+    the kernel would read while it writes."""
+    if not isinstance(tensors, (tuple, list)) or len(tensors) != len(names):
+        raise TypeError(f"out= must be a tuple ({', '.join(names)}), got {tensors!r:.80}")
+    for name, t, like in zip(names, tensors, likes):
+        _check_like(name, t, like)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} (out=) must be contiguous: the kernel writes into it")
+        if t.dim() == 4 and t.data_ptr() % 16 != 0:
+            raise ValueError(f"{name} (out=) must start at a 16-byte-aligned address: the kernels write it "
+                             "16 bytes at a time")
+    named = list(zip(names, tensors))
+    for i, (name, t) in enumerate(named):
+        for other, u in named[i + 1:] + [(None, u) for u in inputs]:
+            if _overlap(t, u):
+                raise ValueError(f"{name} (out=) shares memory with " + (f"{other} (out=)" if other else "an input")
+                                 + ": the kernel would read or write it twice at once")
+    return tuple(tensors)
+
+
+def _overlap(a, b):
+    """Do two contiguous tensors' bytes overlap? (Each spans exactly [start, start + bytes).)"""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def _check_like(name, t, like):
@@ -479,47 +628,95 @@ def _check_like(name, t, like):
     return t.contiguous()
 
 
-def default_version(dtype):
-    """The version flash_attention runs for inputs of this dtype when none is asked for: the fastest
-    that takes it. In float32 that is version 2, faster than plain attention at every length measured
-    (README, "Which version runs by default"); version 1 is chapter 1's kernel to read, and the
-    notebooks that read it name it."""
-    return 3 if dtype in VERSIONS[3][3] else 2
-
-
 def _check_version(version, q):
     """The version to run: the one asked for, else default_version of q's dtype."""
     if version is None:
         return default_version(q.dtype if isinstance(q, torch.Tensor) else torch.float32)
-    if version not in VERSIONS or isinstance(version, bool):
-        choices = " or ".join(f"{n} ({name}: kernels/{fwd})" for n, (name, fwd, *_) in VERSIONS.items())
+    if isinstance(version, bool) or version not in VERSIONS:
+        choices = " or ".join(f"{n} ({v.name}: kernels/{v.kernels[0]})" for n, v in VERSIONS.items())
         raise ValueError(f"version = {version!r}: {choices}")
     return version
 
 
-_fits = set()  # (kernels, device, pass, version, d) that passed the check below: asked on every call
+def _check_causal(causal):
+    """True or False (1 or 0 too); anything else is a mistake, such as SDPA's attn_mask in its place."""
+    if isinstance(causal, bool) or (isinstance(causal, int) and causal in (0, 1)):
+        return bool(causal)
+    raise TypeError(f"causal = {_short(causal)}: it must be True or False")
+
+
+def _check_scale(softmax_scale, q, version):
+    """The factor on Q K^T as a float: 1/sqrt(d) unless given; a finite number, and > 0 for the
+    versions that need it."""
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
+        raise TypeError(f"softmax_scale = {_short(softmax_scale)}: it must be a number (or None for 1/sqrt(d))")
+    scale = _scale(q, softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale = {softmax_scale!r}: it must be finite")
+    if VERSIONS[version].positive_scale and scale <= 0:
+        # The kernel keeps the running max of unscaled scores, right only for scale > 0 (and at 0 a
+        # masked score's exponent would be -inf * 0 = NaN).
+        raise ValueError(f"softmax_scale = {softmax_scale!r}: version {version} takes softmax_scale > 0")
+    return scale
+
+
+_fits = set()  # (kernels, device, pass, d) that passed the check below: asked on every call
 
 
 def _check_shared_memory(kernels, q, pass_, version):
-    if (kernels, q.device, pass_, version, q.shape[-1]) in _fits:
+    if (kernels, q.device, pass_, q.shape[-1]) in _fits:
         return
-    d, file = q.shape[-1], VERSIONS[version][1 + PASSES.index(pass_)]
-    needed = kernels.shared_bytes(pass_, version, d)
+    d, file = q.shape[-1], VERSIONS[version].kernel_file(pass_)
+    needed = kernels.shared_bytes(pass_, d)
     available = kernels.device_shared_bytes(q.device)
     if needed > available:
         where = ("this GPU allows" if q.is_cuda else
                  "the CPU emulation allows (it copies the limit of an H100 or H200, kernels/cpu_cuda.h)")
-        largest = next((x for x in range(d - 1, 0, -1) if kernels.shared_bytes(pass_, version, x) <= available), 0)
+        largest = next((x for x in range(d - 1, 0, -1) if kernels.shared_bytes(pass_, x) <= available), 0)
+        sizes = f" with Br = {kernels.Br}, Bc = {kernels.Bc}" if kernels.Br is not None else ""
         raise ValueError(f"head dim d = {d} needs {needed} bytes of shared memory per block in the {pass_} "
-                         f"kernel of version {version} (kernels/{file}) with Br = {kernels.Br}, Bc = {kernels.Bc}, "
-                         f"more than the {available} {where}: it takes d up to {largest} with these block "
-                         "sizes (smaller block sizes leave room for more in the kernels whose tiles follow them)")
-    _fits.add((kernels, q.device, pass_, version, d))
+                         f"kernel of version {version} (kernels/{file}){sizes}, more than the {available} {where}: "
+                         f"it takes d up to {largest}"
+                         + (" with these block sizes (smaller block sizes leave room for more in the kernels "
+                            "whose tiles follow them)" if sizes else ""))
+    _fits.add((kernels, q.device, pass_, d))
+
+
+def _check_sdpa_only(attn_mask, dropout_p):
+    """scaled_dot_product_attention's options that these kernels do not have."""
+    if attn_mask is not None:
+        raise ValueError("attn_mask: these kernels take no mask tensor; causal=True (or is_causal=True) "
+                         "gives the causal mask")
+    _check_no_dropout(dropout_p)
 
 
 def _check_no_dropout(dropout_p):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p = {_short(dropout_p)}: it must be a number (these kernels take only 0.0)")
     if dropout_p != 0:
         raise ValueError(f"dropout_p = {dropout_p}: these kernels have no dropout; use dropout_p=0.0")
+
+
+_OFFICIAL_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, return_attn_probs=False)
+
+
+def _check_official_defaults(**given):
+    """flash_attn_func's options that these kernels do not have: each at the official default, or refused."""
+    for name, value in given.items():
+        default = _OFFICIAL_DEFAULTS[name]
+        same = (value is None if default is None else
+                isinstance(value, (tuple, list)) and tuple(value) == default if name == "window_size" else
+                value == default)
+        if not same:
+            raise ValueError(f"{name} = {_short(value)}: these kernels do not have it; leave it at its default {default!r}")
+
+
+def _short(value):
+    """A value for an error message: a tensor by its shape, anything else by a repr of one line."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _either(name, value, default, alias, alias_value):
@@ -555,7 +752,7 @@ class Step:
     O_i: torch.Tensor  # running (normalised) output rows
 
 
-def mirror_forward(q, k, v, causal=False, softmax_scale=None, *, Br=32, Bc=32, on_step=None):
+def mirror_forward(q, k, v, *, causal=False, softmax_scale=None, Br=32, Bc=32, on_step=None):
     """Algorithm 1 in plain PyTorch, with the loop order and names of kernels/flash.cu.
     A tile here is a slice of all (B, H) slices at once; the kernel gives each its own block.
     Calls on_step(Step) after every (j, i) step. Returns (O, L) like forward()."""
@@ -605,7 +802,7 @@ class BackwardStep:
     dV_j: torch.Tensor
 
 
-def mirror_backward(dO, q, k, v, O, L, causal=False, softmax_scale=None, *, Br=32, Bc=32, on_step=None):
+def mirror_backward(dO, q, k, v, O, L, *, causal=False, softmax_scale=None, Br=32, Bc=32, on_step=None):
     """Algorithm 4 in plain PyTorch, with the loop order and names of kernels/flash_backward.cu.
     O and L are the forward's outputs. Calls on_step(BackwardStep) after every (j, i) step.
     Returns (dQ, dK, dV) like backward()."""

@@ -1,5 +1,5 @@
-// cp.async, for the kernels of chapters 2 and 3: flash2_backward.cu, and flash3.cu and
-// flash3_backward.cu through mma.cuh.
+// cp.async, for the kernels of chapters 2 and 3: flash2_backward.cu, and flash2_mma.cu and
+// flash2_mma_backward.cu through mma.cuh.
 #pragma once
 
 #ifdef __CUDACC__  // on the CPU, cpu_cuda.h defines the same functions, with the same semantics
@@ -11,13 +11,15 @@
 // With valid false, 16 zero bytes are written and nothing is read.
 __device__ inline void cp_async16(void* to, const void* from, bool valid) {
     const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(from), "r"(valid ? 16 : 0));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(from),
+                 "r"(valid ? 16 : 0));
 }
 // The same for 4 bytes, one float, whose source need only be 4-byte aligned (a copy's addresses must
 // be multiples of its size). .ca: .cg, which skips the L1 cache, takes only 16-byte copies.
 __device__ inline void cp_async4(void* to, const void* from, bool valid) {
     const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(address), "l"(from), "r"(valid ? 4 : 0));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(address), "l"(from),
+                 "r"(valid ? 4 : 0));
 }
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int n>

@@ -5,19 +5,19 @@
 // "Alg. 1, line n" marks each phase.
 #include "tiles.cuh"  // Br, Bc, LD, ceil_div, visible, load_tile
 
-__global__ void flash_forward(const float* Q, const float* K, const float* V, int N, int d,
-                              float scale, bool causal, float* O, float* l, float* m, float* L) {
+__global__ void flash_forward(const float* Q, const float* K, const float* V, int N, int d, float scale,
+                              bool causal, float* O, float* l, float* m, float* L) {
     // Step (j, i) changes only the rows of tile i, so the steps of the inner loop are independent:
     // the block's G groups of Br threads take G of them at once. Thread tx of group g owns row tx.
     const int G = blockDim.x / Br, g = threadIdx.x / Br, tx = threadIdx.x % Br;
     extern __shared__ __align__(16) float smem[];
     // K_j and V_j transposed: all threads read the same word at once (a broadcast), 4 keys at a time.
-    float* K_jT = smem;                                   // d x LD
-    float* V_jT = K_jT + d * LD;                          // d x LD
+    float* K_jT = smem;           // d x LD
+    float* V_jT = K_jT + d * LD;  // d x LD
     // Q_i and O_i, this group's: thread tx walks row tx, and the odd stride d + 1 puts the 32 rows
     // a warp reads at once in 32 different banks (with stride d = 64 they would all hit one).
-    float* Q_i = V_jT + d * LD + g * 2 * Br * (d + 1);    // Br x (d + 1)
-    float* O_i = Q_i + Br * (d + 1);                      // Br x (d + 1)
+    float* Q_i = V_jT + d * LD + g * 2 * Br * (d + 1);  // Br x (d + 1)
+    float* O_i = Q_i + Br * (d + 1);                    // Br x (d + 1)
 
     const size_t bh = blockIdx.x;  // this block's (batch, head) slice
     Q += bh * N * d, K += bh * N * d, V += bh * N * d, O += bh * N * d;
@@ -69,7 +69,7 @@ __global__ void flash_forward(const float* Q, const float* K, const float* V, in
                 const float beta = __expf(m_tilde - m_new);         // weight of P_ij V_j
                 const float l_new = alpha + beta * l_tilde, inv_l = 1.0f / l_new;
                 for (int x = 0; x < d; ++x) {  // Alg. 1, line 12: O_i = (alpha O_i + beta P~ V_j) / l_new
-                    float pv = 0.0f;  // (P_ij V_j)[tx][x]
+                    float pv = 0.0f;           // (P_ij V_j)[tx][x]
 #pragma unroll
                     for (int y = 0; y < Bc; ++y) pv += S[y] * V_jT[x * LD + y];
                     float& o = O_i[tx * (d + 1) + x];

@@ -7,40 +7,53 @@
 // Names as in the paper: Q_i, K_j, V_j, S_ij, P_ij, m, l, O; "Alg. 1, line n" marks each phase of
 // the FlashAttention-2 paper's Algorithm 1.
 //
-// Register tiling: a thread computes a TM x TN block of S_ij (4 query rows by 8 keys) and a TM x OC
-// block of O, as the matrix-product kernels 5-6 of siboehm/SGEMM_CUDA do. The 12 floats it reads
-// from shared memory for one column x of S_ij then feed 32 multiply-adds; with one row per thread
-// (flash.cu), each float of K_j and V_j fed one, and shared memory, not arithmetic, set the pace.
-// The TPR = Bc / TN threads of a row (consecutive lanes of a warp) agree on its max by warp
-// shuffles, and P_ij goes through shared memory to the threads that multiply it by V_j. On an H200
-// this took the forward from 24.5 TFLOP/s at N = 16384 to 28.6 with 4 x 4 blocks and to 31.9 with
-// 4 x 8 (notebooks/results/h200/flash2_forward_steps.txt). Shared memory still sets the pace: a
-// 16-byte read is served a quarter-warp at a time, and the block reads 1.5 bytes per multiply-add
-// where the SM delivers about 1.
-#include "tiles.cuh"  // Br, Bc, LD, DC, flash2_V_stride, ceil_div, visible, load_tile, load4
+// Register tiling, as the matrix-product kernels 5-6 of siboehm/SGEMM_CUDA do: a thread computes a
+// TM x TN block of S_ij and a TM x OC block of O. The 12 floats it reads from shared memory for one
+// column x of S_ij then feed 32 multiply-adds; with one row per thread (flash.cu), each float of K_j
+// and V_j fed one, and shared memory, not arithmetic, set the pace. Who owns what, Br = Bc = 32
+// (TPR = Bc / TN = 4 threads per row group, consecutive lanes of one warp):
+//
+//                 S_ij = Q_i K_j^T (Br x Bc)              O (Br x d), a pass of DC = 64 columns
+//               keys 0-7   8-15  16-23  24-31             col 0-3  4-7  8-11 12-15  16-19 ...
+//   rows  0- 3 [  t0    |  t1  |  t2  |  t3  ]            [  t0  |  t1  |  t2  |  t3  |  t0  | ...
+//   rows  4- 7 [  t4    |  t5  |  t6  |  t7  ]            [  t4  |  t5  |  t6  |  t7  |  t4  | ...
+//   ...                                                   ...
+//   rows 28-31 [ t28    | t29  | t30  | t31  ]            (a thread's OC = 16 columns: 4 groups of
+//                                                          4, TPR groups apart)
+// The TPR threads of a row agree on its max by warp shuffles, and P_ij goes through shared memory
+// (transposed) to the threads that multiply it by V_j. A block holds G such tiles (R = G Br rows).
+#include "tiles.cuh"    // Br, Bc, LD, ceil_div, visible, load_tile
+#include "vectors.cuh"  // load4
+
+namespace flash2 {
 
 constexpr int TM = 4, TN = 8;  // a thread's rows and keys of S_ij (multiples of 4: whole float4s)
+// Output columns a thread accumulates in registers per pass. A row with d > DC columns takes
+// ceil(d / DC) passes, so that registers stay bounded (no spills).
+constexpr int DC = 64;
 // Version 2 takes Br a multiple of TM and Bc = 16, 32 or 64: then TPR is a power of two that fits in
-// a warp, and OC, the thread's columns of O in a pass of DC = 64, is 32, 16 or 8 (a whole number of
-// 16-byte loads, and few enough registers). The launcher refuses other sizes.
-constexpr bool flash2_takes_block_sizes = Br % TM == 0 && (Bc == 16 || Bc == 32 || Bc == 64);
-constexpr int TPR = flash2_takes_block_sizes ? Bc / TN : 1, OC = DC / TPR;
-constexpr int flash2_tile_threads = Br / TM * TPR;  // threads per tile of Br query rows
+// a warp, and OC, the thread's columns of O in a pass of DC, is 32, 16 or 8 (a whole number of
+// 16-byte loads, and few enough registers). minimal_flash.py refuses other sizes; so does the launcher.
+constexpr bool takes_block_sizes = Br % TM == 0 && (Bc == 16 || Bc == 32 || Bc == 64);
+constexpr int TPR = takes_block_sizes ? Bc / TN : 1, OC = DC / TPR;
+constexpr int TILE_THREADS = Br / TM * TPR;  // threads per tile of Br query rows
+// V_j's row stride: d rounded up to whole passes of DC columns (the padding is zeros).
+__host__ __device__ inline int V_stride(int d) { return ceil_div(d, DC) * DC; }
 
-__global__ void flash2_forward(const float* Q, const float* K, const float* V, int N, int d,
-                               float scale, bool causal, float* O, float* L) {
+__global__ void forward(const float* Q, const float* K, const float* V, int N, int d, float scale,
+                        bool causal, float* O, float* L) {
     // Thread t owns rows r0 .. r0 + TM - 1 of the block's R and keys k0 .. k0 + TN - 1 of K_j. Of
     // each pass of DC columns of O it owns the groups of 4 columns kg, kg + TPR, kg + 2 TPR, ...: so
     // the TPR threads of a row read TPR adjacent groups of a row of V_j at once, 16 * TPR bytes in a
-    // row, free of bank conflicts (OC adjacent columns each were 2-way conflicted, and 6% slower).
+    // row, free of bank conflicts (OC adjacent columns each would be 2-way conflicted).
     const int t = threadIdx.x, kg = t % TPR, r0 = t / TPR * TM, k0 = kg * TN;
-    const int R = blockDim.x / flash2_tile_threads * Br;  // the block's rows: G tiles of Br
-    const int LQ = R + 4, LV = flash2_V_stride(d);        // LQ: R padded, as LD pads Bc
-    extern __shared__ __align__(16) float smem[];
-    float* Q_iT = smem;           // d x LQ: Q_i transposed, a thread's TM rows at x are TM / 4 float4s
-    float* K_jT = Q_iT + d * LQ;  // d x LD: K_j transposed, a thread's TN keys at x are TN / 4 float4s
-    float* V_j = K_jT + d * LD;   // Bc x LV: a thread's OC columns of row y are OC / 4 float4s
-    float* P_ijT = V_j + Bc * LV; // Bc x LQ: P_ij transposed, a thread's TM rows at key y: TM / 4 float4s
+    const int R = blockDim.x / TILE_THREADS * Br;  // the block's rows: G tiles of Br
+    const int LQ = R + 4, LV = V_stride(d);        // LQ: R padded, as LD pads Bc
+    // smem: the block's shared memory, declared in tiles.cuh
+    float* Q_iT = smem;            // d x LQ: Q_i transposed, a thread's TM rows at x are TM / 4 float4s
+    float* K_jT = Q_iT + d * LQ;   // d x LD: K_j transposed, a thread's TN keys at x are TN / 4 float4s
+    float* V_j = K_jT + d * LD;    // Bc x LV: a thread's OC columns of row y are OC / 4 float4s
+    float* P_ijT = V_j + Bc * LV;  // Bc x LQ: P_ij transposed, a thread's TM rows at key y: TM / 4 float4s
 
     const size_t bh = blockIdx.y;  // this block's (batch, head) slice
     Q += bh * N * d, K += bh * N * d, V += bh * N * d, O += bh * N * d, L += bh * N;
@@ -107,9 +120,9 @@ __global__ void flash2_forward(const float* Q, const float* K, const float* V, i
                     P_ijT[(k0 + y) * LQ + r0 + i] = p;
                 }
             }
-            __syncthreads();  // P_ij is complete before anyone reads it
+            __syncthreads();                // P_ij is complete before anyone reads it
             for (int y = 0; y < Bc; ++y) {  // Alg. 1, line 10: O += P_ij V_j, row y of V_j at a time
-                float p[TM], v[OC];  // (TM + OC) / 4 loads, TM * OC multiply-adds
+                float p[TM], v[OC];         // (TM + OC) / 4 loads, TM * OC multiply-adds
 #pragma unroll
                 for (int i = 0; i < TM; i += 4) load4(&p[i], &P_ijT[y * LQ + r0 + i]);
 #pragma unroll
@@ -127,7 +140,7 @@ __global__ void flash2_forward(const float* Q, const float* K, const float* V, i
             const int row = row0 + r0 + i;
             if (row >= N) continue;
 #pragma unroll
-            for (int c = 0; c < OC; ++c)  // a constant index keeps o[][] in registers
+            for (int c = 0; c < OC; ++c)                         // a constant index keeps o[][] in registers
                 if (c0 + 4 * kg + TPR * (c & ~3) + (c & 3) < d)  // o[i][c]'s column, as read from V_j
                     O[(size_t)row * d + c0 + 4 * kg + TPR * (c & ~3) + (c & 3)] = o[i][c] / l[i];
             if (c0 == 0 && kg == 0) L[row] = m[i] + logf(l[i]);  // every pass finds the same m and l
@@ -137,6 +150,8 @@ __global__ void flash2_forward(const float* Q, const float* K, const float* V, i
 
 // Shared memory, in floats, for a block of R query rows: Q_i^T (d x LQ), K_j^T (d x LD), V_j
 // (Bc x LV), P_ij^T (Bc x LQ).
-__host__ __device__ inline int flash2_shared_floats(int d, int R) {
-    return (d + Bc) * (R + 4) + d * LD + Bc * flash2_V_stride(d);
+__host__ __device__ inline int shared_floats(int d, int R) {
+    return (d + Bc) * (R + 4) + d * LD + Bc * V_stride(d);
 }
+
+}  // namespace flash2

@@ -1,11 +1,9 @@
 // FlashAttention-2 backward pass (Dao, "FlashAttention-2", 2023, Algorithm 2), in fp32: the forward's
-// loop order turned around. One block per (batch, head, tile of BC2 = 64 keys): K_j and V_j stay in
+// loop order turned around. One block per (batch, head, tile of Bc = 64 keys): K_j and V_j stay in
 // shared memory and dK_j, dV_j in registers for the whole pass, while the query tiles Q_i, dO_i of
-// BR2 = 32 rows stream through shared memory. Compared with flash_backward.cu (Algorithm 4): dK_j
+// Br = 32 rows stream through shared memory. Compared with flash_backward.cu (Algorithm 4): dK_j
 // and dV_j leave the chip once, final, and there are B * H * ceil(N / 64) blocks instead of B * H.
-// The tiles arrive by cp.async, tile i + 1's copies in flight while dQ_i is computed. On an H200
-// that, and D by a warp per row, took the backward at (16, 12, 256, 64) from 0.314 ms to 0.270 and
-// at (8, 12, 1024, 128) from 9.14 to 7.53 (notebooks/results/h200/flash2_backward_steps.txt).
+// The tiles arrive by cp.async, tile i + 1's copies in flight while dQ_i is computed.
 //
 // dQ_i = scale * sum_j dS_ij K_j sums over key tiles that now belong to different blocks. Each block
 // adds its share into dQ with atomicAdd, as FlashAttention-2 does. The alternative, a second kernel
@@ -27,32 +25,39 @@
 // blocks in the same 64 registers, reading 3/8. At d = 64 a block takes 168 registers per thread
 // and 68 KB of shared memory: 3 blocks, 12 warps, fit on a multiprocessor, where one key per thread
 // (232 registers) left room for 8 warps.
-#include "tiles.cuh"     // DC, flash2_V_stride, ceil_div, visible, load4, atomic_add4
+#include "tiles.cuh"     // ceil_div, visible
+#include "vectors.cuh"   // load4, atomic_add4
 #include "cp_async.cuh"  // cp_async16, cp_async4, cp_async_commit, cp_async_wait
 
-// Queries per tile, keys per block, threads. Tiles of 64 queries would need 103 KB of shared memory
-// at d = 64 (2 blocks per multiprocessor, not 3) and more than a block may have at d = 200.
-constexpr int BR2 = 32, BC2 = 64, THREADS2 = 128;
-// Row stride of P_ij and dS_ij (BR2 queries x BC2 keys): BC2 + 4 puts the 32 values that a warp
+namespace flash2_backward {
+
+// Its own tile sizes, whatever the Br and Bc of the forward: queries per tile, keys per block, and
+// threads. Tiles of 64 queries would need 103 KB of shared memory at d = 64 (2 blocks per
+// multiprocessor, not 3) and more than a block may have at d = 200.
+constexpr int Br = 32, Bc = 64, THREADS = 128;
+// Columns of dK_j and dV_j a thread accumulates in registers per pass, as in flash2.cu.
+constexpr int DC = 64;
+// Row stride of P_ij and dS_ij (Br queries x Bc keys): Bc + 4 puts the 32 values that a warp
 // stores at once, for 8 queries and 4 keys, in 32 different banks.
-constexpr int LK = BC2 + 4;
+constexpr int LK = Bc + 4;
 
 // Q_i, dO_i, K_j and V_j are stored by rows, as in global memory, so a thread reads 4 consecutive
 // columns of a row as one 16-byte load, in each product. A row holds DV = d rounded up to DC
 // (columns d .. DV-1 are zeros: a pass of dK, dV reads DC columns), plus 4: a stride of an odd
 // number of 16-byte groups sends the 8 rows that a quarter-warp reads at the same column to 8
 // different groups of 4 banks.
-__host__ __device__ inline int flash2_backward_stride(int d) { return flash2_V_stride(d) + 4; }
+__host__ __device__ inline int padded_columns(int d) { return ceil_div(d, DC) * DC; }  // DV
+__host__ __device__ inline int stride(int d) { return padded_columns(d) + 4; }
 
-// Shared memory, in floats: K_j, V_j (BC2 rows each), Q_i, dO_i (BR2 rows each), P_ij, dS_ij
-// (BR2 x LK each), L_i and D_i (BR2 each).
-__host__ __device__ inline int flash2_backward_shared_floats(int d) {
-    return 2 * (BC2 + BR2) * flash2_backward_stride(d) + 2 * BR2 * LK + 2 * BR2;
+// Shared memory, in floats: K_j, V_j (Bc rows each), Q_i, dO_i (Br rows each), P_ij, dS_ij
+// (Br x LK each), L_i and D_i (Br each).
+__host__ __device__ inline int shared_floats(int d) {
+    return 2 * (Bc + Br) * stride(d) + 2 * Br * LK + 2 * Br;
 }
 
 // Alg. 2, line 4: D = rowsum(dO * O), a warp per row: lanes on columns, so the reads coalesce, and
 // the row's sum by shuffles. The same pass zeroes the row of dQ, into which the main kernel adds.
-__global__ void flash2_backward_D(const float* O, const float* dO, size_t rows, int d, float* D, float* dQ) {
+__global__ void rowsum_D(const float* O, const float* dO, size_t rows, int d, float* D, float* dQ) {
     const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (row >= rows) return;  // the warp's 32 lanes together: the shuffles below take them all
@@ -71,12 +76,14 @@ template <int ROWS>
 __device__ void load_rows_async(float* tile, int ls, const float* src, int row0, int N, int d) {
     constexpr int lanes = 16;
     const int width = d % 4 == 0 ? 4 : 1;
-    for (int r = threadIdx.x / lanes; r < ROWS; r += THREADS2 / lanes) {
+    for (int r = threadIdx.x / lanes; r < ROWS; r += THREADS / lanes) {
         const bool valid = row0 + r < N;
         const float* from = src + (size_t)(valid ? row0 + r : 0) * d;
         for (int x = threadIdx.x % lanes * width; x < d; x += lanes * width)
-            if (width == 4) cp_async16(tile + r * ls + x, from + x, valid);
-            else cp_async4(tile + r * ls + x, from + x, valid);
+            if (width == 4)
+                cp_async16(tile + r * ls + x, from + x, valid);
+            else
+                cp_async4(tile + r * ls + x, from + x, valid);
     }
 }
 
@@ -93,59 +100,59 @@ __device__ inline void dot4x4(float (&acc)[4][4], const float (&a)[4][4], const 
 // acc[a][b] += A_a . B_b over the d columns, for rows A_a = A + 16 a ls (keys) and B_b = B + 8 b ls
 // (queries): 4 columns at a time, 8 16-byte loads for 64 multiply-adds. The 8 threads of a
 // quarter-warp read 4 consecutive rows of B and 2 of A (lanes as in the kernel): no bank conflicts.
-// The kernel is bound by the instructions it issues (Nsight Compute: issue slots 69% busy, the FMA pipe
-// 57%), so the column loop goes in whole passes of DC columns, each unrolled: every load's address is
-// then a constant offset from the pass's start, with no arithmetic of its own.
+// The kernel is bound by the instructions it issues (Nsight Compute, notebooks/results/README.md), so
+// the column loop goes in whole passes of DC columns, each unrolled: every load's address is then a
+// constant offset from the pass's start, with no arithmetic of its own.
 __device__ void rows_times_rows(float (&acc)[4][4], const float* A, const float* B, int ls, int d) {
     for (int x0 = 0; x0 < d; x0 += DC)  // columns d .. DV-1 are zeros
 #pragma unroll
-    for (int x = x0; x < x0 + DC; x += 4) {
-        float a[4][4], b[4][4];
+        for (int x = x0; x < x0 + DC; x += 4) {
+            float a[4][4], b[4][4];
 #pragma unroll
-        for (int r = 0; r < 4; ++r) load4(a[r], A + 16 * r * ls + x), load4(b[r], B + 8 * r * ls + x);
-        dot4x4(acc, a, b);
-    }
+            for (int r = 0; r < 4; ++r) load4(a[r], A + 16 * r * ls + x), load4(b[r], B + 8 * r * ls + x);
+            dot4x4(acc, a, b);
+        }
 }
 
 // 3 blocks per multiprocessor: nvcc then keeps to 168 registers (65536 / (3 * 128), down to a multiple of 8).
-__global__ void __launch_bounds__(THREADS2, 3)
-flash2_backward(const float* Q, const float* K, const float* V, const float* dO, const float* L,
-                const float* D, int N, int d, float scale, bool causal, float* dQ, float* dK, float* dV) {
-    const int t = threadIdx.x, DV = flash2_V_stride(d), ls = flash2_backward_stride(d);
-    extern __shared__ __align__(16) float smem[];
-    float* K_j = smem;               // BC2 x ls
-    float* V_j = K_j + BC2 * ls;     // BC2 x ls
-    float* Q_i = V_j + BC2 * ls;     // BR2 x ls
-    float* dO_i = Q_i + BR2 * ls;    // BR2 x ls
-    float* P_ij = dO_i + BR2 * ls;   // BR2 x LK
-    float* dS_ij = P_ij + BR2 * LK;  // BR2 x LK
-    float* L_i = dS_ij + BR2 * LK;   // BR2
-    float* D_i = L_i + BR2;          // BR2
+__global__ void __launch_bounds__(THREADS, 3)
+    backward(const float* Q, const float* K, const float* V, const float* dO, const float* L, const float* D,
+             int N, int d, float scale, bool causal, float* dQ, float* dK, float* dV) {
+    const int t = threadIdx.x, DV = padded_columns(d), ls = stride(d);
+    // smem: the block's shared memory, declared in tiles.cuh
+    float* K_j = smem;              // Bc x ls
+    float* V_j = K_j + Bc * ls;     // Bc x ls
+    float* Q_i = V_j + Bc * ls;     // Br x ls
+    float* dO_i = Q_i + Br * ls;    // Br x ls
+    float* P_ij = dO_i + Br * ls;   // Br x LK
+    float* dS_ij = P_ij + Br * LK;  // Br x LK
+    float* L_i = dS_ij + Br * LK;   // Br
+    float* D_i = L_i + Br;          // Br
 
     const size_t bh = blockIdx.y;  // this block's (batch, head) slice
     Q += bh * N * d, K += bh * N * d, V += bh * N * d, dO += bh * N * d;
     dQ += bh * N * d, dK += bh * N * d, dV += bh * N * d, L += bh * N, D += bh * N;
-    const int col0 = blockIdx.x * BC2, Tr = ceil_div(N, BR2);
+    const int col0 = blockIdx.x * Bc, Tr = ceil_div(N, Br);
     // Causal: query tiles wholly before the block's first key are skipped. Block 0 has the most
     // work, and blocks run roughly in launch order: the heaviest start first.
-    const int i0 = causal ? col0 / BR2 : 0;
+    const int i0 = causal ? col0 / Br : 0;
 
     // Thread t's share of S_ij^T and dP_ij^T: keys kg + 16a, queries qg + 8b (a, b < 4). Bit 0 of
     // the lane goes to qg and bit 1 to kg, so lanes n and n ^ 1 read the same rows of K_j, V_j and
     // lanes n and n ^ 2 the same rows of Q_i, dO_i. A 16-byte load takes 4 passes of shared memory
     // (one 32-bit register per lane per pass), but 2 when such pairs of lanes read the same address
     // (NVIDIA's rule for Volta and Turing; an H100 counts the same): half the passes of qg = t % 8.
-    const int l = t % 32, qg = l % 2 + l / 4 % 4 * 2, kg = l / 2 % 2 + l / 16 * 2 + t / 32 * 4;
+    const int lane = t % 32, qg = lane % 2 + lane / 4 % 4 * 2, kg = lane / 2 % 2 + lane / 16 * 2 + t / 32 * 4;
     // dV_j or dK_j, by the same lanes: keys 8kb .. 8kb+7 by columns 4cg .. 4cg+3 and 32+4cg .. 32+4cg+3
     // of a pass's DC. The 8 lanes of a quarter-warp then read 128 consecutive bytes of a row of Q_i
     // or dO_i, all 32 banks once; columns 8cg .. 8cg+7 sent lanes cg and cg + 4 to the same banks.
     const int kb = kg % 8, cg = qg;
-    const bool dK_warp = t >= THREADS2 / 2;
+    const bool dK_warp = t >= THREADS / 2;
     const float* PdS = dK_warp ? dS_ij : P_ij;  // dK_j += dS_ij^T Q_i, dV_j += P_ij^T dO_i
     const float* QdO = dK_warp ? Q_i : dO_i;
     float* out = dK_warp ? dK : dV;
     // dQ_i: queries q4 .. q4+3, columns 4 cq .. 4 cq + 3 of a pass: each of K_j's rows is one 16-byte
-    // load, and each query's 4 sums one vector atomicAdd (tiles.cuh's atomic_add4).
+    // load, and each query's 4 sums one vector atomicAdd (vectors.cuh's atomic_add4).
     const int q4 = t / 16 * 4, cq = t % 16;
 
     // Alg. 2, lines 8-9 for query tile i: Q_i, dO_i, L_i, D_i by cp.async, one group, not waited
@@ -154,21 +161,22 @@ flash2_backward(const float* Q, const float* K, const float* V, const float* dO,
     // wrong. Their dO rows are zero, so dP = 0 and dS = P (dP - D) = 0: dK += dS^T Q and
     // dV += P^T dO add zero, and dQ's rows past N are never stored.
     auto load_query_tile = [&](int i) {
-        load_rows_async<BR2>(Q_i, ls, Q, i * BR2, N, d);
-        load_rows_async<BR2>(dO_i, ls, dO, i * BR2, N, d);
-        const int row = i * BR2 + t % BR2;
-        if (t < 2 * BR2) cp_async4(L_i + t, (t < BR2 ? L : D) + (row < N ? row : 0), row < N);
+        load_rows_async<Br>(Q_i, ls, Q, i * Br, N, d);
+        load_rows_async<Br>(dO_i, ls, dO, i * Br, N, d);
+        const int row = i * Br + t % Br;
+        if (t < 2 * Br) cp_async4(L_i + t, (t < Br ? L : D) + (row < N ? row : 0), row < N);
         cp_async_commit();
     };
-    // Columns d .. DV-1 of K_j, V_j, Q_i, dO_i (adjacent, 2 (BC2 + BR2) rows) are read but never
+    // Columns d .. DV-1 of K_j, V_j, Q_i, dO_i (adjacent, 2 (Bc + Br) rows) are read but never
     // loaded: zero them once.
-    for (int e = t; e < 2 * (BC2 + BR2) * (DV - d); e += THREADS2) smem[e / (DV - d) * ls + d + e % (DV - d)] = 0.0f;
-    load_rows_async<BC2>(K_j, ls, K, col0, N, d);  // Alg. 2, line 6
-    load_rows_async<BC2>(V_j, ls, V, col0, N, d);
+    for (int e = t; e < 2 * (Bc + Br) * (DV - d); e += THREADS)
+        smem[e / (DV - d) * ls + d + e % (DV - d)] = 0.0f;
+    load_rows_async<Bc>(K_j, ls, K, col0, N, d);  // Alg. 2, line 6
+    load_rows_async<Bc>(V_j, ls, V, col0, N, d);
     load_query_tile(i0);  // the same group as K_j and V_j
 
     for (int c0 = 0; c0 < d; c0 += DC) {  // one pass per DC columns of dK and dV
-        float acc[8][8] = {};  // Alg. 2, line 7: the thread's 8 x 8 block of dV_j or dK_j
+        float acc[8][8] = {};             // Alg. 2, line 7: the thread's 8 x 8 block of dV_j or dK_j
         for (int i = i0; i < Tr; ++i) {
             cp_async_wait<0>();  // this thread's copies of tile i have landed ...
             __syncthreads();     // ... everyone's, and all are done with the previous P_ij, dS_ij
@@ -181,7 +189,8 @@ flash2_backward(const float* Q, const float* K, const float* V, const float* dO,
 #pragma unroll
                 for (int b = 0; b < 4; ++b) {  // Alg. 2, lines 11 and 14
                     const int q = qg + 8 * b, k = kg + 16 * a;
-                    const float p = visible(i * BR2 + q, col0 + k, N, causal) ? __expf(scale * S[a][b] - L_i[q]) : 0.0f;
+                    const float p =
+                        visible(i * Br + q, col0 + k, N, causal) ? __expf(scale * S[a][b] - L_i[q]) : 0.0f;
                     P_ij[q * LK + k] = p;
                     dS_ij[q * LK + k] = p * (dP[a][b] - D_i[q]);  // dS_ij = P_ij * (dP_ij - D_i)
                 }
@@ -189,7 +198,7 @@ flash2_backward(const float* Q, const float* K, const float* V, const float* dO,
 
             // Alg. 2, line 12 (dV_j) or 16 (dK_j), query q at a time; unrolled by 4, for the same reason.
 #pragma unroll 4
-            for (int q = 0; q < BR2; ++q) {
+            for (int q = 0; q < Br; ++q) {
                 float p[8], x[8];  // 4 16-byte loads, 64 multiply-adds
                 load4(&p[0], &PdS[q * LK + 8 * kb]), load4(&p[4], &PdS[q * LK + 8 * kb + 4]);
                 load4(&x[0], &QdO[q * ls + c0 + 4 * cg]), load4(&x[4], &QdO[q * ls + c0 + 32 + 4 * cg]);
@@ -201,15 +210,17 @@ flash2_backward(const float* Q, const float* K, const float* V, const float* dO,
             __syncthreads();  // all are done with Q_i, dO_i, L_i, D_i: the next tile may land there
             // The next tile's copies fly while dQ_i is computed: the wait for memory overlaps
             // arithmetic. (After the last tile of a pass, the next pass starts again at tile i0.)
-            if (i + 1 < Tr) load_query_tile(i + 1);
-            else if (c0 + DC < d) load_query_tile(i0);
+            if (i + 1 < Tr)
+                load_query_tile(i + 1);
+            else if (c0 + DC < d)
+                load_query_tile(i0);
 
             // Alg. 2, line 15: dQ_i += scale * dS_ij K_j, in the first pass only (dS is the same in
             // every pass), DC columns at a time; keys 4 at a time, one 16-byte load each of dS for a
             // query and of K_j for a key.
             for (int cc = 0; c0 == 0 && cc < d; cc += DC) {
                 float dq[4][4] = {};
-                for (int k = 0; k < BC2; k += 4) {
+                for (int k = 0; k < Bc; k += 4) {
                     float s[4][4], k4[4][4], kT[4][4];  // dS of 4 queries, K_j's 4 columns, at keys k .. k+3
 #pragma unroll
                     for (int b = 0; b < 4; ++b) load4(s[b], &dS_ij[(q4 + b) * LK + k]);
@@ -224,10 +235,11 @@ flash2_backward(const float* Q, const float* K, const float* V, const float* dO,
                 const int col = cc + 4 * cq;
 #pragma unroll
                 for (int b = 0; b < 4; ++b) {
-                    if (i * BR2 + q4 + b >= N || col >= d) continue;
-                    float* to = &dQ[(size_t)(i * BR2 + q4 + b) * d + col];
+                    if (i * Br + q4 + b >= N || col >= d) continue;
+                    float* to = &dQ[(size_t)(i * Br + q4 + b) * d + col];
                     if (d % 4 == 0)  // then col + 3 < d too, and the 4 floats are 16-byte aligned
-                        atomic_add4(to, scale * dq[b][0], scale * dq[b][1], scale * dq[b][2], scale * dq[b][3]);
+                        atomic_add4(to, scale * dq[b][0], scale * dq[b][1], scale * dq[b][2],
+                                    scale * dq[b][3]);
                     else
 #pragma unroll
                         for (int v = 0; v < 4; ++v)
@@ -244,3 +256,5 @@ flash2_backward(const float* Q, const float* K, const float* V, const float* dO,
             }
     }
 }
+
+}  // namespace flash2_backward

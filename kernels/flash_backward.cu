@@ -14,27 +14,27 @@
 // writes them one row per thread, conflict-free, and step B reads them along that row 4 floats at
 // a time. dK_j and dV_j (Bc x d) come last, in global memory's order; their size need not be a
 // multiple of 4, and everything before them stays 16-byte aligned.
-constexpr int Y = Bc % 4 == 0 ? 4 : 1;  // rows of dK_j, dV_j per thread in step B (must divide Bc)
+constexpr int ROWS_B = Bc % 4 == 0 ? 4 : 1;  // rows of dK_j, dV_j per thread in step B (must divide Bc)
 __host__ __device__ inline int backward_group_floats(int d) { return 2 * (d + Bc) * LR; }
 __host__ __device__ inline int backward_shared_floats(int d, int G) {
     return 2 * d * LD + G * backward_group_floats(d) + 2 * Bc * d;
 }
 
 __global__ void flash_backward(const float* Q, const float* K, const float* V, const float* O,
-                               const float* dO, const float* L, int N, int d, float scale,
-                               bool causal, float* D, float* dQ, float* dK, float* dV) {
+                               const float* dO, const float* L, int N, int d, float scale, bool causal,
+                               float* D, float* dQ, float* dK, float* dV) {
     // As in the forward, G groups of Br threads take G tiles of the inner loop at once.
     const int G = blockDim.x / Br, g = threadIdx.x / Br, tx = threadIdx.x % Br;
     extern __shared__ __align__(16) float smem[];
-    float* K_jT = smem;                                        // d x LD
-    float* V_jT = K_jT + d * LD;                               // d x LD
-    float* groups = V_jT + d * LD;                             // G x (Q_i, dO_i, P_ij, dS_ij)
-    float* Q_iT = groups + g * backward_group_floats(d);       // d x LR, this group's
-    float* dO_iT = Q_iT + d * LR;                              // d x LR
-    float* P_ijT = dO_iT + d * LR;                             // Bc x LR
-    float* dS_ijT = P_ijT + Bc * LR;                           // Bc x LR
-    float* dK_j = groups + G * backward_group_floats(d);       // Bc x d
-    float* dV_j = dK_j + Bc * d;                               // Bc x d
+    float* K_jT = smem;                                   // d x LD
+    float* V_jT = K_jT + d * LD;                          // d x LD
+    float* groups = V_jT + d * LD;                        // G x (Q_i, dO_i, P_ij, dS_ij)
+    float* Q_iT = groups + g * backward_group_floats(d);  // d x LR, this group's
+    float* dO_iT = Q_iT + d * LR;                         // d x LR
+    float* P_ijT = dO_iT + d * LR;                        // Bc x LR
+    float* dS_ijT = P_ijT + Bc * LR;                      // Bc x LR
+    float* dK_j = groups + G * backward_group_floats(d);  // Bc x d
+    float* dV_j = dK_j + Bc * d;                          // Bc x d
 
     const size_t bh = blockIdx.x;  // this block's (batch, head) slice
     Q += bh * N * d, K += bh * N * d, V += bh * N * d, O += bh * N * d, dO += bh * N * d;
@@ -103,13 +103,13 @@ __global__ void flash_backward(const float* Q, const float* K, const float* V, c
 
             // Step B, all threads (Alg. 4, lines 16 and 22; line 24 after the last pass): dV_j +=
             // P_ij^T dO_i and dK_j += dS_ij^T Q_i, summed over the busy groups' tiles. Thread e
-            // takes rows y0 .. y0 + Y - 1 of both, at one column x.
+            // takes rows y0 .. y0 + ROWS_B - 1 of both, at one column x.
             // Consecutive threads take consecutive x: they read the same rows of P_ij^T, dS_ij^T (a
             // broadcast, one memory transaction for the warp) and each its own row of dO_i^T, Q_i^T
-            // (4 transactions for 16-byte reads): each thread reuses those for all Y rows.
-            for (int e = threadIdx.x; e < Bc / Y * d; e += blockDim.x) {
-                const int y0 = e / d * Y, x = e % d;
-                float dv[Y] = {}, dk[Y] = {};
+            // (4 transactions for 16-byte reads): each thread reuses those for all ROWS_B rows.
+            for (int e = threadIdx.x; e < Bc / ROWS_B * d; e += blockDim.x) {
+                const int y0 = e / d * ROWS_B, x = e % d;
+                float dv[ROWS_B] = {}, dk[ROWS_B] = {};
                 for (int h = 0; h < busy; ++h) {
                     const float* Q_hT = groups + h * backward_group_floats(d);  // group h's tiles
                     const float *dO_hT = Q_hT + d * LR, *P_hT = dO_hT + d * LR, *dS_hT = P_hT + Bc * LR;
@@ -117,7 +117,7 @@ __global__ void flash_backward(const float* Q, const float* K, const float* V, c
                     for (int r = 0; r < Br; ++r) {
                         const float dout = dO_hT[x * LR + r], q = Q_hT[x * LR + r];
 #pragma unroll
-                        for (int k = 0; k < Y; ++k) {
+                        for (int k = 0; k < ROWS_B; ++k) {
                             dv[k] += P_hT[(y0 + k) * LR + r] * dout;
                             dk[k] += dS_hT[(y0 + k) * LR + r] * q;
                         }
@@ -128,13 +128,14 @@ __global__ void flash_backward(const float* Q, const float* K, const float* V, c
                 // dK_j += scale dS_ij^T Q_i leaves out above. Between passes they stay in shared
                 // memory, each element always with this same thread: no barrier needed for them.
 #pragma unroll
-                for (int k = 0; k < Y; ++k) {
+                for (int k = 0; k < ROWS_B; ++k) {
                     const int y = y0 + k;
                     dv[k] += ib == i0 ? 0.0f : dV_j[y * d + x], dk[k] += ib == i0 ? 0.0f : dK_j[y * d + x];
                     if (ib + G < Tr) {
                         dV_j[y * d + x] = dv[k], dK_j[y * d + x] = dk[k];
                     } else if (j * Bc + y < N) {
-                        dV[(size_t)(j * Bc + y) * d + x] = dv[k], dK[(size_t)(j * Bc + y) * d + x] = scale * dk[k];
+                        dV[(size_t)(j * Bc + y) * d + x] = dv[k],
+                                                      dK[(size_t)(j * Bc + y) * d + x] = scale * dk[k];
                     }
                 }
             }

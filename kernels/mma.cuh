@@ -3,14 +3,14 @@
 // tile A by a 16 x 8 tile B, bf16 or fp16 in, fp32 accumulated. On the GPU each is one PTX
 // instruction; on the CPU, kernels/cpu_cuda.h emulates them with the same lane layouts, so a kernel
 // that takes the wrong register gets a wrong answer there too. The layouts (PTX ISA, "Matrix
-// fragments for mma.m16n8k16"), for lane l, g = l / 4, q = l % 4, two 16-bit values per register
+// fragments for mma.m16n8k16"), for a lane, g = lane / 4, q = lane % 4, two 16-bit values per register
 // (the lower column or row index in the low half):
 //   a[0]: A[g][2q, 2q+1]   a[1]: A[g+8][2q, 2q+1]   a[2]: A[g][2q+8, 2q+9]   a[3]: A[g+8][2q+8, 2q+9]
 //   b[0]: B[2q, 2q+1][g]   b[1]: B[2q+8, 2q+9][g]
 //   c[0], c[1]: C[g][2q, 2q+1]   c[2], c[3]: C[g+8][2q, 2q+1]   (and d, the result, likewise)
 #pragma once
 #include <type_traits>
-#include "tiles.cuh"  // stride16, visible
+#include "tiles.cuh"     // visible
 #include "cp_async.cuh"  // cp_async16, cp_async4, cp_async_commit, cp_async_wait
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
@@ -19,9 +19,15 @@
 
 constexpr float LOG2E = 1.44269504f;  // log2(e): exp(x) = exp2(x LOG2E)
 
+// Chapter 3's tiles hold 16-bit values (bf16 or fp16, moved as raw bits). A row of a shared tile
+// holds d values and 8 more: the 8 rows that one ldmatrix reads then start 16 bytes apart in the
+// banks, not all in the same ones.
+__host__ __device__ constexpr int stride16(int d) { return d + 8; }
+
 // Two floats rounded to bf16 (or fp16) and packed into one register, the first in the low half.
 __device__ inline unsigned pack_bf16(float lo, float hi) {
-    return __bfloat16_as_ushort(__float2bfloat16(lo)) | unsigned(__bfloat16_as_ushort(__float2bfloat16(hi))) << 16;
+    return __bfloat16_as_ushort(__float2bfloat16(lo)) | unsigned(__bfloat16_as_ushort(__float2bfloat16(hi)))
+                                                            << 16;
 }
 __device__ inline unsigned pack_f16(float lo, float hi) {
     return __half_as_ushort(__float2half(lo)) | unsigned(__half_as_ushort(__float2half(hi))) << 16;
@@ -35,8 +41,8 @@ __device__ inline void mma_bf16_m16n8k16(float (&d)[4], const unsigned (&a)[4], 
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
         "{%8, %9}, {%10, %11, %12, %13};"
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
-          "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
 }
 __device__ inline void mma_f16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
                                         const float (&c)[4]) {
@@ -44,12 +50,12 @@ __device__ inline void mma_f16_m16n8k16(float (&d)[4], const unsigned (&a)[4], c
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
         "{%8, %9}, {%10, %11, %12, %13};"
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
-          "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
 }
 
 // Four 8 x 8 tiles of 16-bit values from shared memory: lanes 8i .. 8i+7 give the addresses of the
-// 8 rows (16 bytes each) of tile i, and lane l receives in r[i] row g, columns 2q and 2q+1 of tile
+// 8 rows (16 bytes each) of tile i, and each lane receives in r[i] row g, columns 2q and 2q+1 of tile
 // i. With .trans, tile i transposed: row 2q and 2q+1, column g.
 __device__ inline void ldmatrix_x4(unsigned (&r)[4], const void* row) {
     const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
@@ -64,9 +70,9 @@ __device__ inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) {
                  : "r"(address));
 }
 
-// 2^x by the special-function unit's single instruction (exp(x) = 2^(x log2(e)), LOG2E below). exp2f does more: it scales inputs whose
-// result would be subnormal (below 2^-126) into range and back, two extra multiplies per call,
-// for values that round to 0 as probabilities anyway.
+// 2^x by the special-function unit's single instruction (exp(x) = 2^(x LOG2E), LOG2E above).
+// exp2f does more: it scales inputs whose result would be subnormal (below 2^-126) into range and
+// back, two extra multiplies per call, for values that round to 0 as probabilities anyway.
 __device__ inline float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -77,20 +83,26 @@ __device__ inline float fast_exp2(float x) {
 // The same, for a kernel templated on its 16-bit type T (__nv_bfloat16 or __half): d += A b.
 template <class T>
 __device__ inline void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) mma_bf16_m16n8k16(d, a, {b0, b1}, d);
-    else mma_f16_m16n8k16(d, a, {b0, b1}, d);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)
+        mma_bf16_m16n8k16(d, a, {b0, b1}, d);
+    else
+        mma_f16_m16n8k16(d, a, {b0, b1}, d);
 }
 template <class T>
 __device__ inline unsigned pack(float lo, float hi) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) return pack_bf16(lo, hi);
-    else return pack_f16(lo, hi);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)
+        return pack_bf16(lo, hi);
+    else
+        return pack_f16(lo, hi);
 }
 
 // A 16-bit value of type T (raw bits) as a float.
 template <class T>
 __device__ inline float to_float(unsigned short bits) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(__ushort_as_bfloat16(bits));
-    else return __half2float(__ushort_as_half(bits));
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)
+        return __bfloat162float(__ushort_as_bfloat16(bits));
+    else
+        return __half2float(__ushort_as_half(bits));
 }
 
 // A warp's products of 16-bit tiles in shared memory (row stride ld, in values) into C, 16 x N, held
@@ -98,15 +110,15 @@ __device__ inline float to_float(unsigned short bits) {
 // N rows at `b`, K values each, as in S = Q K^T.
 template <class T, int K, int N>
 __device__ void mma_ABt(float (&c)[N / 8][4], const unsigned short* a, const unsigned short* b, int ld) {
-    const int l = threadIdx.x % 32;
+    const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
         unsigned af[4];  // rows 0-7 and 8-15, columns 16 kk .. 16 kk + 7, then 16 kk + 8 .. 16 kk + 15
-        ldmatrix_x4(af, &a[l % 16 * ld + kk * 16 + l / 16 * 8]);
+        ldmatrix_x4(af, &a[lane % 16 * ld + kk * 16 + lane / 16 * 8]);
 #pragma unroll
         for (int nb = 0; nb < N / 16; ++nb) {
             unsigned bf[4];  // B's columns 16 nb .. 16 nb + 15 are b's rows: no transpose
-            ldmatrix_x4(bf, &b[(nb * 16 + l % 8 + l / 16 * 8) * ld + kk * 16 + l / 8 % 2 * 8]);
+            ldmatrix_x4(bf, &b[(nb * 16 + lane % 8 + lane / 16 * 8) * ld + kk * 16 + lane / 8 % 2 * 8]);
             mma16816<T>(c[2 * nb], af, bf[0], bf[1]);
             mma16816<T>(c[2 * nb + 1], af, bf[2], bf[3]);
         }
@@ -127,14 +139,15 @@ __device__ void a_operands(unsigned (&a)[K / 16][4], const float (&c)[K / 8][4])
 
 // C += A B: A (16 x K) as A operands in registers, B's K rows at `b`, N values each, as in O += P V.
 template <class T, int K, int N>
-__device__ void mma_AB(float (&c)[N / 8][4], const unsigned (&a)[K / 16][4], const unsigned short* b, int ld) {
-    const int l = threadIdx.x % 32;
+__device__ void mma_AB(float (&c)[N / 8][4], const unsigned (&a)[K / 16][4], const unsigned short* b,
+                       int ld) {
+    const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int kb = 0; kb < K / 16; ++kb)
 #pragma unroll
         for (int nb = 0; nb < N / 16; ++nb) {
             unsigned bf[4];  // rows 16 kb .. 16 kb + 15, columns 16 nb .. 16 nb + 15, transposed
-            ldmatrix_x4_trans(bf, &b[(kb * 16 + l % 16) * ld + nb * 16 + l / 16 * 8]);
+            ldmatrix_x4_trans(bf, &b[(kb * 16 + lane % 16) * ld + nb * 16 + lane / 16 * 8]);
             mma16816<T>(c[2 * nb], a[kb], bf[0], bf[1]);
             mma16816<T>(c[2 * nb + 1], a[kb], bf[2], bf[3]);
         }
@@ -159,7 +172,8 @@ __device__ inline void mask_fragment(float (&c)[NT][4], int row, int col, int N,
 // Rows [row0, row0 + rows) of an N x D matrix of 16-bit values into a shared tile by cp.async, 16
 // bytes per thread and step, not waited for here; rows past N are zero-filled.
 template <int D>
-__device__ void load_tile16_async(unsigned short* tile, const unsigned short* src, int row0, int rows, int N) {
+__device__ void load_tile16_async(unsigned short* tile, const unsigned short* src, int row0, int rows,
+                                  int N) {
     for (int e = threadIdx.x; e < rows * D / 8; e += blockDim.x) {
         const int r = e / (D / 8), x = e % (D / 8) * 8;
         const bool valid = row0 + r < N;

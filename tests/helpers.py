@@ -1,5 +1,5 @@
-"""Shared by the tests: the devices, the test matrix, fresh random inputs, the float64 reference and
-the error measure."""
+"""Shared by the tests: the devices, the test matrix over (version, dtype), fresh random inputs, the
+float64 reference and the error measures."""
 import pytest
 import torch
 
@@ -9,18 +9,41 @@ import minimal_flash as mf
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU on this machine"))]
 
+# The matrix: every (version, dtype) that the kernels take, from minimal_flash.VERSIONS. A new
+# version's row there puts it under every test that takes CASES.
+CASES = [(n, dtype) for n, v in mf.VERSIONS.items() for dtype in v.dtypes]
+CASE_IDS = [f"v{n}-{str(dtype).replace('torch.', '')}" for n, dtype in CASES]
+MATRIX = pytest.mark.parametrize("version,dtype", CASES, ids=CASE_IDS)
+# The versions whose tiles the block sizes Br, Bc shape (1 and 2).
+SIZED = [n for n, v in mf.VERSIONS.items() if v.block_sizes is not None]
+
 # fp32 kernels against a float64 reference: seen ~3e-7 on the CPU. A wrong mask, a row read past
-# the end or a missing rescale gives errors of order 1e-2 to 1.
+# the end or a missing rescale gives errors of order 1e-2 to 1. Half precision: the official
+# FlashAttention tests' rule, at most twice the error of plain attention in the same precision.
 TOL = 1e-5
 
 # With the default Br = Bc = 32: N of one row, below, equal to, a multiple of and not a multiple of
 # the block size; d from 1 to 200 (odd ones too; 128 and 200 need the >48 KB shared-memory opt-in).
-SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (2, 3, 32, 64), (2, 3, 64, 64), (2, 3, 100, 64),
-          (1, 2, 77, 1), (1, 2, 77, 3), (2, 1, 50, 16), (1, 2, 65, 128), (1, 1, 40, 200)]
+FP32_SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (2, 3, 32, 64), (2, 3, 64, 64), (2, 3, 100, 64),
+               (1, 2, 77, 1), (1, 2, 77, 3), (2, 1, 50, 16), (1, 2, 65, 128), (1, 1, 40, 200)]
+# Version 3 (d = 64 and 128 only): N of one row, below, equal to, past and a multiple of the tiles'
+# 64 rows or keys and the backward block's 128 keys (255: a warp's last key at N - 1, the edge-tile
+# test's boundary); B * H > 1.
+HALF_SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (1, 2, 64, 64), (2, 2, 100, 64), (1, 1, 130, 128), (2, 1, 64, 128),
+               (1, 1, 255, 64)]
 
-# The float32 versions: 1, the paper's loop order (flash.cu, flash_backward.cu); 2, FlashAttention-2's
-# (flash2.cu, flash2_backward.cu). Version 3 (bf16, fp16) has its own tests, test_flash3.py.
-VERSIONS = pytest.mark.parametrize("version", mf.FP32_VERSIONS, ids=[f"v{v}" for v in mf.FP32_VERSIONS])
+
+def shapes(version):
+    """The shapes a version is tested at: any d for the fp32 versions, its own for the others."""
+    return FP32_SHAPES if mf.VERSIONS[version].head_dims is None else HALF_SHAPES
+
+
+def head_dim(version, d=32):
+    """d if the version takes it, else its smallest head dim: for tests whose d does not matter."""
+    head_dims = mf.VERSIONS[version].head_dims
+    return d if head_dims is None or d in head_dims else head_dims[0]
+
+
 CAUSAL = pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 # Other block sizes, Br > Bc and Br < Bc: a causal row can then see no key of a tile at all.
 OTHER_N = pytest.mark.parametrize("N", [1, 15, 16, 64, 100])
@@ -32,9 +55,9 @@ def rel_err(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
 
 
-def random_qkv(B, H, N, d, device, generator):
+def random_qkv(B, H, N, d, device, generator, dtype=torch.float32):
     """Fresh standard-normal q, k, v: never zeros or ones, which hide indexing mistakes."""
-    return [torch.randn(B, H, N, d, generator=generator).to(device) for _ in range(3)]
+    return [torch.randn(B, H, N, d, generator=generator).to(device, dtype) for _ in range(3)]
 
 
 def reference(q, k, v, causal, scale=None):
@@ -44,25 +67,25 @@ def reference(q, k, v, causal, scale=None):
     S = (q @ k.transpose(-2, -1)) * (d ** -0.5 if scale is None else scale)
     if causal:
         S = S.masked_fill(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return mf.manual_attention(q, k, v, causal, scale), S.logsumexp(dim=-1)
+    return mf.manual_attention(q, k, v, causal=causal, softmax_scale=scale), S.logsumexp(dim=-1)
 
 
 def poisoned_outputs(q):
     """O and L filled with NaN, so that an element the kernel never writes fails the check."""
-    return torch.full_like(q, float("nan")), q.new_full(q.shape[:-1], float("nan"))
+    return torch.full_like(q, float("nan")), q.new_full(q.shape[:-1], float("nan"), dtype=torch.float32)
 
 
 def reference_grads(q, k, v, dO, causal, scale=None):
     """dQ, dK, dV of sum(O * dO), O = plain attention, by float64 autograd."""
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
-    return torch.autograd.grad(mf.manual_attention(q, k, v, causal, scale), (q, k, v), dO.double())
+    return torch.autograd.grad(mf.manual_attention(q, k, v, causal=causal, softmax_scale=scale), (q, k, v), dO.double())
 
 
 def half_precision_grads(q, k, v, dO, causal, scale=None):
     """dQ, dK, dV of sum(O * dO), O = plain attention, by autograd in q's own precision (version 3's
     tests: the gradients whose error the official FlashAttention rule takes as its yardstick)."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    return torch.autograd.grad(mf.manual_attention(q, k, v, causal, scale), (q, k, v), dO)
+    return torch.autograd.grad(mf.manual_attention(q, k, v, causal=causal, softmax_scale=scale), (q, k, v), dO)
 
 
 def random_dO(q, generator):
@@ -77,3 +100,32 @@ def cancelled_scale(q, k, v, dO, scale):
     those terms in dQ (scale * dP * k) and dK (scale * dP * q), to judge the noise against."""
     dP = (dO.double() * v.double()).sum(dim=-1, keepdim=True)
     return scale * dP * k.double(), scale * dP * q.double()
+
+
+def assert_close(name, x, ref, plain=None):
+    """x against its float64 reference: fp32 within TOL (relative); half precision (plain given: the
+    same computed by plain attention in x's precision) with a largest error at most twice plain's.
+    NaN anywhere in x (an element never written) fails either."""
+    assert torch.isfinite(x).all(), f"{name}: an element was not written"
+    if x.dtype == torch.float32:
+        assert rel_err(x, ref) < TOL, (name, rel_err(x, ref))
+    else:
+        error, plain_error = ((t.double() - ref).abs().max().item() for t in (x, plain))
+        assert error <= 2 * plain_error, (name, error, plain_error)
+
+
+def assert_gradients(grads, q, k, v, dO, causal, scale=None):
+    """dQ, dK, dV against float64 autograd of plain attention (half precision: the 2x rule against
+    plain attention's own gradients in that precision). At N = 1, dQ and dK are exactly 0 (one key: P
+    = 1, dS = dP - D = 0); ours are the rounding noise of terms that cancel, judged against their size."""
+    refs = reference_grads(q, k, v, dO, causal, scale)
+    plains = half_precision_grads(q, k, v, dO, causal, scale) if q.dtype != torch.float32 else (None,) * 3
+    assert all(g.dtype == q.dtype for g in grads)
+    if q.shape[2] == 1:
+        bound = TOL if q.dtype == torch.float32 else 1e-4
+        for name, grad, size in zip(("dQ", "dK"), grads, cancelled_scale(q, k, v, dO, mf._scale(q, scale))):
+            assert torch.isfinite(grad).all(), f"{name}: an element was not written"
+            assert (grad.double() - 0).norm() / size.norm() < bound, name
+        grads, refs, plains = grads[2:], refs[2:], plains[2:]
+    for name, grad, ref, plain in zip(("dQ", "dK", "dV")[-len(grads):], grads, refs, plains):
+        assert_close(name, grad, ref, plain)

@@ -1,7 +1,9 @@
-"""Building the kernels: each build lives in a folder named by what it is built from, so two
-checkouts never rebuild each other's; every compile says what and why; an edited kernel is noticed
-by the running process, recompiled and loaded; a compile error shows the compiler's first error
-line and keeps the whole output in a file. On copies of kernels/, in a temporary build folder."""
+"""Building the kernels: a build holds one version (and the block sizes, where they shape it), lives
+in a folder named by what it is built from, so two checkouts never rebuild each other's, and is made
+of the files it includes only, so an edit elsewhere leaves it alone; every compile says what and why;
+an edited kernel is noticed by the running process, recompiled and loaded; a compile error shows the
+compiler's first error line and keeps the whole output in a file. On copies of kernels/, in a
+temporary build folder."""
 import shutil
 import time
 
@@ -25,7 +27,7 @@ def checkouts(tmp_path, monkeypatch):
     def use(kernels):  # as if minimal_flash.py had been imported from that checkout
         monkeypatch.setattr(mf, "KERNELS", kernels)
         monkeypatch.setattr(mf, "_sources", mf._Sources())
-        return mf.load_kernels("cpu", 8, 8)
+        return mf.load_kernels("cpu", 1, 8, 8)
 
     return copies, use, messages
 
@@ -33,7 +35,7 @@ def checkouts(tmp_path, monkeypatch):
 def attention(kernels):
     q = torch.arange(2 * 5 * 4, dtype=torch.float32).reshape(1, 2, 5, 4).sin()
     O, L = torch.empty_like(q), q.new_empty(q.shape[:-1])
-    assert kernels.forward(q, q, q, O, L, False, 0.5, 1) == ""
+    assert kernels.run("forward", False, 0.5, q, q, q, O, L) == ""
     return O
 
 
@@ -42,16 +44,35 @@ def test_build_folders_are_named_by_what_is_built(checkouts, monkeypatch):
     folders = set()
     for kernels in (a, b):
         monkeypatch.setattr(mf, "KERNELS", kernels)
-        monkeypatch.setattr(mf, "_sources", mf._Sources())
-        folders |= {mf.build_directory(device, Br, 8) for device in ("cpu", "cuda") for Br in (8, 16)}
-    assert len(folders) == 8
-    assert mf.build_directory("cpu", 8, 8) == mf.build_directory("cpu", 8, 8)  # and stable
+        sources = mf._Sources().current()
+        folders |= {mf.build_directory(device, 1, Br, 8, mf._build_sources(sources, device, 1))
+                    for device in ("cpu", "cuda") for Br in (8, 16)}
+        folders |= {mf.build_directory(device, 3, None, None, mf._build_sources(sources, device, 3))
+                    for device in ("cpu", "cuda")}
+    assert len(folders) == 12
+    assert str(sorted(folders)[0].name).startswith("cpu_v1_br16_bc8_")
+
+
+def test_a_build_is_made_of_the_files_it_includes_only(checkouts, monkeypatch):
+    """Editing version 2's kernel changes version 2's build, not version 1's or 3's: they do not
+    include it. Editing a header they share changes each."""
+    (a, _), _, _ = checkouts
+    monkeypatch.setattr(mf, "KERNELS", a)
+    builds = lambda: {v: mf._build_sources(mf._Sources().current(), "cpu", v) for v in mf.VERSIONS}  # noqa: E731
+    before = builds()
+    assert {"flash2.cu", "flash2_backward.cu", "version2.cuh", "tiles.cuh", "cpu_cuda.h"} <= {n for n, _ in before[2][1]}
+    assert "flash2.cu" not in {n for n, _ in before[1][1] + before[3][1]}
+    (a / "flash2.cu").write_text((a / "flash2.cu").read_text() + "\n// an edit\n")
+    after = builds()
+    assert after[2] != before[2] and after[1] == before[1] and after[3] == before[3]
+    (a / "tiles.cuh").write_text((a / "tiles.cuh").read_text() + "\n// an edit\n")
+    assert all(builds()[v] != after[v] for v in mf.VERSIONS)
 
 
 def test_checkouts_do_not_rebuild_each_other_and_an_edit_is_picked_up(checkouts):
     (a, b), use, messages = checkouts
     first = use(a)
-    assert len(messages) == 2 and "compiling kernels/cpu.cpp for cpu with Br=8, Bc=8" in messages[0]
+    assert len(messages) == 2 and "compiling version 1 (kernels/cpu.cpp) for cpu with Br=8, Bc=8" in messages[0]
     assert "no build of these sources yet" in messages[0] and messages[1].startswith("compiled in")
     use(b)
     assert len(messages) == 4  # the second checkout builds its own
@@ -63,7 +84,7 @@ def test_checkouts_do_not_rebuild_each_other_and_an_edit_is_picked_up(checkouts)
     flash.write_text(flash.read_text().replace("o = (alpha * o + beta * pv) * inv_l;",
                                                "o = 2.0f * (alpha * o + beta * pv) * inv_l;"))
     time.sleep(1.1)  # kernels/ is looked at once a second at most
-    edited = mf.load_kernels("cpu", 8, 8)
+    edited = mf.load_kernels("cpu", 1, 8, 8)
     assert "flash.cu changed" in messages[4] and edited.library != first.library
     assert not torch.allclose(attention(edited), O)  # this process now runs the edited kernel
 

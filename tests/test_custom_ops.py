@@ -1,4 +1,4 @@
-"""The kernels as PyTorch custom operators (minimal_flash::forward, minimal_flash::backward), which
+"""The kernels as PyTorch custom operators (minimal_flash::attention, minimal_flash::attention_grads), which
 flash_attention uses under torch.compile: torch.library.opcheck on both (schema, fake shapes, autograd
 registration, dispatch), and a compiled function with no graph break against the eager one and
 against float64."""
@@ -6,19 +6,19 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import CAUSAL, DEVICES, TOL, random_dO, random_qkv, reference, reference_grads, rel_err
+from helpers import CAUSAL, DEVICES, MATRIX, TOL, head_dim, random_dO, random_qkv, reference, reference_grads, rel_err
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("version,dtype,d", [(1, torch.float32, 16), (2, torch.float32, 16), (3, torch.bfloat16, 64)],
-                         ids=["v1", "v2", "v3-bf16"])
+@MATRIX
 @CAUSAL
-def test_opcheck(device, version, dtype, d, causal, generator):
-    q, k, v = (t.to(dtype) for t in random_qkv(2, 2, 37, d, device, generator))
-    options = (causal, 0.3, 32, 32, version)
-    torch.library.opcheck(torch.ops.minimal_flash.forward.default, (q, k, v, *options))
-    O, L = torch.ops.minimal_flash.forward(q, k, v, *options)
-    torch.library.opcheck(torch.ops.minimal_flash.backward.default, (random_dO(q, generator), q, k, v, O, L, *options))
+def test_opcheck(device, version, dtype, causal, generator):
+    q, k, v = random_qkv(2, 2, 37, head_dim(version, 16), device, generator, dtype)
+    options = (causal, 0.3, *mf.block_sizes(version), version)
+    torch.library.opcheck(torch.ops.minimal_flash.attention.default, (q, k, v, *options))
+    O, L = torch.ops.minimal_flash.attention(q, k, v, *options)
+    torch.library.opcheck(torch.ops.minimal_flash.attention_grads.default,
+                          (random_dO(q, generator), q, k, v, O, L, *options))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -26,7 +26,7 @@ def test_opcheck(device, version, dtype, d, causal, generator):
 def test_compiled_matches_eager_and_float64(device, causal, generator):
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 3, 45, 32, device, generator))
     dO = random_dO(q, generator)
-    attention = lambda q, k, v: mf.flash_attention(q, k, v, causal, version=2)  # noqa: E731
+    attention = lambda q, k, v: mf.flash_attention(q, k, v, causal=causal, version=2)  # noqa: E731
     compiled = torch.compile(attention, fullgraph=True)  # fullgraph: a graph break is an error
     results = []
     for fn in (attention, compiled):

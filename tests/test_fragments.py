@@ -1,34 +1,21 @@
 """The CPU emulation of the tensor-core building blocks (kernels/cpu_cuda.h, used through
 kernels/mma.cuh): bf16 and fp16 rounding against torch's, and one fragment-level program
-(tests/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles) against float64 and, on a GPU,
-against the hardware running the same source."""
-import ctypes
+(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles) against float64 and, on a GPU,
+against the hardware running the same source. tools/fragments.py builds and runs the program
+(notebook 6 uses it too)."""
+import sys
 
 import pytest
 import torch
-import torch.utils.cpp_extension
 
 import minimal_flash as mf
-from helpers import DEVICES
 
-TESTS = mf.KERNELS.parent / "tests"
+sys.path.insert(0, str(mf.KERNELS.parent / "tools"))
+from fragments import build_fragments, run_program  # noqa: E402
+
 HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-
-
-def build_fragments(device, folder):
-    """The fragment program built for a device type in `folder`, as a ctypes library (notebook 6
-    builds it this way too)."""
-    source, flags = ((TESTS / "fragments.cu", {"extra_cuda_cflags": ["-O3"]}) if device == "cuda" else
-                     (TESTS / "fragments_cpu.cpp", {"extra_cflags": ["-O2", "-fno-strict-aliasing"]}))
-    mf._use_this_pythons_ninja()
-    path = torch.utils.cpp_extension.load(
-        name=f"fragments_{device}", sources=[str(source)], build_directory=str(folder),
-        extra_include_paths=[str(mf.KERNELS), str(TESTS)], is_python_module=False, **flags)
-    library = ctypes.CDLL(path)
-    library.run_fragments.restype = ctypes.c_char_p
-    library.run_fragments.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8
-    library.round_to_half.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long]
-    return library
+CUDA = pytest.param("cuda", 
+                    marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine"))
 
 
 @pytest.fixture(scope="module")
@@ -72,21 +59,6 @@ def test_rounding_matches_torch(build, dtype):
     assert torch.isnan(back[nan]).all() and nan.any()
 
 
-def run_program(library, device, dtype, A, K, V):
-    """S, O and each row's max of S (as tiles), and what each lane held: its 12 registers after the
-    ldmatrix calls (af, kf, vf; int32, two 16-bit values each) and its accumulators of S, [lane][n][i]."""
-    S, O, row_max, accumulators = (torch.full(shape, float("nan"), device=device)
-                                   for shape in ((16, 16), (16, 16), (16,), (32, 2, 4)))
-    registers = torch.zeros(32, 12, dtype=torch.int32, device=device)
-    inputs = [t.to(device=device, dtype=dtype).contiguous() for t in (A, K, V)]
-    outputs = (S, O, row_max, registers, accumulators)
-    error = library.run_fragments(int(dtype == torch.bfloat16), *(t.data_ptr() for t in (*inputs, *outputs)))
-    assert error == b"", error
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return [t.cpu() for t in outputs]
-
-
 def random_tiles(seed):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(16, 16, generator=generator) for _ in range(3)]
@@ -104,7 +76,7 @@ def test_program_computes_attentions_steps(build, dtype):
     assert torch.equal(row_max, S.amax(dim=1))
 
 
-@pytest.mark.parametrize("device", [d for d in DEVICES if getattr(d, "values", [d])[0] == "cuda"])
+@pytest.mark.parametrize("device", [CUDA])
 @HALVES
 def test_emulation_gives_the_hardwares_answer(build, device, dtype):
     """The same source, the same inputs, on the GPU and in the emulation: if the emulation's lane

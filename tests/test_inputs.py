@@ -1,19 +1,87 @@
-"""Bad input gets a clear error that names the problem; odd-but-valid input gets the right answer."""
+"""Bad input gets a clear error that names the problem; odd-but-valid input gets the right answer.
+Every pair of inputs that must agree (dtype, shape, device, the layout of out=) is checked, and
+every option in the wrong place is refused rather than read as another."""
 import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, VERSIONS, random_dO, random_qkv, reference, reference_grads, rel_err
+from helpers import DEVICES, MATRIX, SIZED, TOL, assert_gradients, head_dim, random_dO, random_qkv, reference, rel_err
 
 
 def qkv(B=1, H=2, N=20, d=16, **kw):
     return [torch.randn(B, H, N, d, **kw) for _ in range(3)]
 
 
+# --- The two silent wrong answers this file once missed, and their siblings
+
+
+def test_q_k_v_of_different_half_precisions_are_refused():
+    """bf16 q with fp16 k: each dtype alone is one version 3 takes, but the kernel would read k's
+    fp16 bits as bf16 (a relative error of ~3.6, silently)."""
+    q, k, v = qkv(d=64)
+    with pytest.raises(TypeError, match=r"q, k, v must have one dtype, got torch.bfloat16, torch.float16, "
+                                        r"torch.bfloat16"):
+        mf.flash_attention(q.bfloat16(), k.half(), v.bfloat16())
+    with pytest.raises(TypeError, match="q, k, v must have one dtype"):
+        mf.forward(q.half(), k.half(), v.bfloat16())
+
+
+def test_options_are_keyword_only():
+    """scaled_dot_product_attention's positional order is (attn_mask, dropout_p); flash_attention's
+    options once came positionally as (causal, softmax_scale), so SDPA's None, 0.0 became a causal of
+    None and a scale of 0 (an error of 0.78, silently). No positional order is safe: options come by
+    name."""
+    q, k, v = qkv()
+    for call in (lambda: mf.flash_attention(q, k, v, None, 0.0), lambda: mf.flash_attention(q, k, v, True),
+                 lambda: mf.forward(q, k, v, True), lambda: mf.manual_attention(q, k, v, True)):
+        with pytest.raises(TypeError, match="positional argument"):
+            call()
+    O, L = mf.forward(q, k, v)
+    with pytest.raises(TypeError, match="positional argument"):
+        mf.backward(torch.randn_like(q), q, k, v, O, L, True)
+
+
+def test_sdpa_options_these_kernels_lack_are_refused():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="attn_mask: these kernels take no mask tensor"):
+        mf.flash_attention(q, k, v, attn_mask=torch.ones(20, 20, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dropout_p = 0.1: these kernels have no dropout"):
+        mf.flash_attention(q, k, v, dropout_p=0.1)
+    assert torch.equal(mf.flash_attention(q, k, v, attn_mask=None, dropout_p=0.0), mf.flash_attention(q, k, v))
+
+
+@pytest.mark.parametrize("causal", [None, "yes", 2, torch.ones(20, 20)])
+def test_causal_must_be_true_or_false(causal):
+    with pytest.raises(TypeError, match="causal = .*: it must be True or False"):
+        mf.flash_attention(*qkv(), causal=causal)
+
+
+@pytest.mark.parametrize("scale,error,message", [
+    ("0.3", TypeError, "it must be a number"), (torch.tensor(0.3), TypeError, "it must be a number"),
+    (True, TypeError, "it must be a number"), (float("nan"), ValueError, "it must be finite"),
+    (float("inf"), ValueError, "it must be finite")])
+def test_softmax_scale_must_be_a_finite_number(scale, error, message):
+    with pytest.raises(error, match=f"softmax_scale = .*: {message}"):
+        mf.flash_attention(*qkv(), softmax_scale=scale)
+
+
+@pytest.mark.parametrize("scale", [-0.5, 0.0])
+def test_version_3_takes_softmax_scale_above_0(scale):
+    """Version 3 keeps the running max of unscaled scores, right only for scale > 0 (at 0 a masked
+    score's exponent would be -inf * 0 = NaN). The fp32 versions take any finite scale."""
+    q, k, v = qkv(N=8, d=64)
+    with pytest.raises(ValueError, match=f"softmax_scale = {scale}: version 3 takes softmax_scale > 0"):
+        mf.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), softmax_scale=scale)
+    assert rel_err(mf.flash_attention(q, k, v, softmax_scale=scale), reference(q, k, v, False, scale)[0]) < TOL
+
+
+# --- dtypes, shapes, devices
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
 def test_rejects_dtypes_no_version_takes(dtype):
     q, k, v = qkv()
-    with pytest.raises(TypeError, match=r"q has dtype .*; version 2's kernels are float32 only: the kernels "
+    with pytest.raises(TypeError, match=r"q has dtype .*; version 2's kernels take float32 only: the kernels "
                                         r"take float32 \(versions 1, 2\), bfloat16 and float16 \(version 3\)"):
         mf.flash_attention(q.to(dtype), k, v)
 
@@ -22,18 +90,26 @@ def test_rejects_dtypes_no_version_takes(dtype):
 @pytest.mark.parametrize("version", [1, 2])
 def test_half_precision_needs_version_3(dtype, version):
     q, k, v = (t.to(dtype) for t in qkv())
-    with pytest.raises(TypeError, match=rf"q has dtype {dtype}; version {version}'s kernels are float32 only: "
-                                        r"bfloat16 and float16 run version 3"):
+    with pytest.raises(TypeError, match=rf"q has dtype {dtype}; version {version}'s kernels take float32 only: "
+                                        rf"{str(dtype)[6:]} runs version 3"):
         mf.flash_attention(q, k, v, version=version)
 
 
 def test_version_3_takes_half_precision_only():
-    q, k, v = qkv()
-    with pytest.raises(TypeError, match=r"q has dtype torch.float32; version 3's kernels are bfloat16 and "
+    q, k, v = qkv(d=64)
+    with pytest.raises(TypeError, match=r"q has dtype torch.float32; version 3's kernels take bfloat16 and "
                                         r"float16 only: float32 runs version 1 or 2"):
         mf.flash_attention(q, k, v, version=3)
     with pytest.raises(TypeError, match=r"k has dtype torch.float32; version 3"):
         mf.flash_attention(q.bfloat16(), k, v)  # q picks version 3, so k must be bfloat16 too
+
+
+def test_version_3_takes_its_head_dims_only():
+    q = torch.randn(1, 1, 8, 32, dtype=torch.float16)
+    with pytest.raises(ValueError, match="head dim d = 32: version 3 is compiled for d = 64 and 128"):
+        mf.forward(q, q, q)
+    with pytest.raises(ValueError, match="head dim d = 32: version 3 is compiled for d = 64 and 128"):
+        mf.backward(q, q, q, q, q, q[..., 0].float())
 
 
 def test_rejects_non_tensors():
@@ -76,16 +152,62 @@ def test_rejects_head_dim_too_large_for_shared_memory():
         mf.flash_attention(*qkv(N=4, d=1000))
 
 
-@pytest.mark.parametrize("Br,Bc", [(0, 32), (2048, 32), (32, 0), (32, 1000)])
-def test_rejects_bad_block_sizes(Br, Bc):
-    with pytest.raises(ValueError, match="B[rc] = "):
-        mf.flash_attention(*qkv(), Br=Br, Bc=Bc)
+# --- versions and block sizes
 
 
-@pytest.mark.parametrize("version", [0, 4, "2"])
+@pytest.mark.parametrize("Br,Bc,message", [
+    (0, 32, "Br = 0: version 1 gives each row of Q_i a thread, so 1 <= Br <= 1024"),
+    (2048, 32, "Br = 2048: version 1"), (32, 0, "Bc = 0: version 1 holds a row of Bc scores"),
+    (32, 1000, "Bc = 1000: version 1")])
+def test_version_1_names_the_block_sizes_it_takes(Br, Bc, message):
+    with pytest.raises(ValueError, match=message):
+        mf.flash_attention(*qkv(), Br=Br, Bc=Bc, version=1)
+
+
+@pytest.mark.parametrize("Br,Bc", [(32, 48), (30, 32), (32, 8)])
+def test_version_2_names_the_block_sizes_it_takes(Br, Bc):
+    """Version 2's forward gives each thread 4 rows by 8 keys and the Bc / 8 threads of a row
+    consecutive lanes of one warp: it takes Br a multiple of 4 and Bc = 16, 32 or 64. Checked before
+    anything is built."""
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=f"Br = {Br}, Bc = {Bc}: version 2 gives each thread 4 rows by 8 keys"):
+        mf.forward(q, k, v, Br=Br, Bc=Bc, version=2)
+
+
+def test_version_1_takes_block_sizes_version_2_refuses():
+    q, k, v = qkv()
+    assert rel_err(mf.forward(q, k, v, Br=32, Bc=48, version=1)[0], reference(q, k, v, False)[0]) < TOL
+
+
+def test_block_sizes_are_refused_where_they_do_not_apply():
+    """Version 3's tiles are its own: a Br or Bc given with it is a mistake, not an option to ignore.
+    The environment's MINIMAL_FLASH_BR / _BC, a default for the versions they shape, leave it alone."""
+    q = torch.randn(1, 1, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"Br = 64, Bc = None: version 3 .* has tiles of its own; block sizes "
+                                         r"apply to versions 1 and 2"):
+        mf.flash_attention(q, q, q, Br=64)
+    assert mf.block_sizes(3) == (None, None)
+
+
+def test_block_sizes_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MINIMAL_FLASH_BR", "16")
+    monkeypatch.setenv("MINIMAL_FLASH_BC", "64")
+    assert mf.block_sizes(1) == (16, 64) and mf.block_sizes(2, Bc=16) == (16, 16)
+    monkeypatch.setenv("MINIMAL_FLASH_BC", "48")
+    with pytest.raises(ValueError, match="Br = 16, Bc = 48: version 2"):
+        mf.block_sizes(2)
+    monkeypatch.setenv("MINIMAL_FLASH_BC", "many")
+    with pytest.raises(TypeError, match=r"Bc = 'many' \(from MINIMAL_FLASH_BC\): a block size is a whole number"):
+        mf.block_sizes(1)
+
+
+@pytest.mark.parametrize("version", [0, 4, "2", True])
 def test_rejects_unknown_versions(version):
     with pytest.raises(ValueError, match="version = .*: 1 .* or 2 .* or 3"):
         mf.flash_attention(*qkv(), version=version)
+
+
+# --- empty, non-contiguous and misaligned inputs
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 0, 16), (0, 2, 5, 16), (2, 0, 5, 16)])
@@ -95,11 +217,18 @@ def test_empty_sizes_give_empty_results(shape):
     assert O.shape == shape and L.shape == shape[:3]
 
 
+@MATRIX
+def test_empty_sizes_give_empty_gradients(version, dtype):
+    q, k, v = (torch.randn(1, 2, 0, head_dim(version, 16), dtype=dtype, requires_grad=True) for _ in range(3))
+    mf.flash_attention(q, k, v, version=version).sum().backward()
+    assert q.grad.shape == k.grad.shape == v.grad.shape == q.shape
+
+
 def test_non_contiguous_input_is_copied(generator):
     q, k, v = random_qkv(1, 20, 3, 16, "cpu", generator)  # (B, N, H, d), as many models hold it
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # a (B, H, N, d) view, not contiguous
     assert not q.is_contiguous()
-    assert rel_err(mf.flash_attention(q, k, v), reference(q, k, v, False)[0]) < 1e-5
+    assert rel_err(mf.flash_attention(q, k, v), reference(q, k, v, False)[0]) < TOL
 
 
 def off_16_bytes(t):
@@ -110,18 +239,21 @@ def off_16_bytes(t):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@VERSIONS
-def test_input_off_a_16_byte_boundary_is_copied(device, version, generator):
+@MATRIX
+def test_input_off_a_16_byte_boundary_is_copied(device, version, dtype, generator):
     """The kernels move rows 16 bytes at a time (float4 loads, cp.async, vector atomics): on a GPU a
     misaligned one is a fault. Such inputs are copied first; the gradients reach the caller's views."""
-    q, k, v = random_qkv(2, 3, 70, 64, device, generator)
+    q, k, v = random_qkv(2, 3, 70, 64, device, generator, dtype)
     dO = random_dO(q, generator)
     views = [off_16_bytes(t).requires_grad_() for t in (q, k, v)]
     assert all(t.is_contiguous() and t.data_ptr() % 16 for t in views)
     O = mf.flash_attention(*views, version=version)
-    assert rel_err(O, reference(q, k, v, False)[0]) < 1e-5
-    for grad, ref in zip(torch.autograd.grad(O, views, off_16_bytes(dO)), reference_grads(q, k, v, dO, False)):
-        assert rel_err(grad, ref) < 1e-5
+    plain = mf.manual_attention(q, k, v) if dtype != torch.float32 else None
+    if plain is None:
+        assert rel_err(O, reference(q, k, v, False)[0]) < TOL
+    else:
+        assert (O.double() - reference(q, k, v, False)[0]).abs().max() <= 2 * (plain.double() - reference(q, k, v, False)[0]).abs().max()
+    assert_gradients(torch.autograd.grad(O, views, off_16_bytes(dO)), q, k, v, dO, False)
 
 
 @pytest.mark.parametrize("version,d,kernel,largest", [(1, 300, "flash_backward.cu", 268),
@@ -133,8 +265,11 @@ def test_gradients_need_a_backward_that_fits_in_shared_memory(version, d, kernel
     q, k, v = qkv(N=4, d=d)
     assert mf.flash_attention(q, k, v, version=version).shape == q.shape
     message = rf"d = {d} needs \d+ bytes of shared memory per block in the backward kernel of version {version} "
-    with pytest.raises(ValueError, match=message + rf"\(kernels/{kernel}\).* it takes d up to {largest} "):
+    with pytest.raises(ValueError, match=message + rf"\(kernels/{kernel}\).* it takes d up to {largest}"):
         mf.flash_attention(q.requires_grad_(), k, v, version=version)
+
+
+# --- backward()'s other inputs and out=
 
 
 def backward_inputs():
@@ -155,10 +290,12 @@ def test_backward_rejects_dO_of_another_shape():
         mf.backward(dO[:, :, 1:], *rest)
 
 
-def test_backward_rejects_L_of_another_shape():
+def test_backward_rejects_L_of_another_shape_or_dtype():
     dO, q, k, v, O, L = backward_inputs()
     with pytest.raises(ValueError, match=r"L must have shape \(1, 2, 20\)"):
         mf.backward(dO, q, k, v, O, L[..., None])
+    with pytest.raises(TypeError, match=r"L has dtype torch.float64; it must be torch.float32"):
+        mf.backward(dO, q, k, v, O, L.double())
 
 
 def test_backward_rejects_dO_on_another_device():
@@ -173,13 +310,6 @@ def test_backward_checks_q_k_v_like_the_forward():
         mf.backward(dO, q, k, v.half(), O, L)
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_empty_sizes_give_empty_gradients(version):
-    q, k, v = (torch.randn(1, 2, 0, 16, requires_grad=True) for _ in range(3))
-    mf.flash_attention(q, k, v, version=version).sum().backward()
-    assert q.grad.shape == k.grad.shape == v.grad.shape == (1, 2, 0, 16)
-
-
 def test_out_tensors_are_checked():
     """The kernel writes into out= tensors in place: they must be float32, shaped like q (L: without
     d), contiguous and, but for L, 16-byte aligned."""
@@ -189,18 +319,75 @@ def test_out_tensors_are_checked():
         mf.forward(q, k, v, out=(torch.empty(1, 2, 16, 20).transpose(2, 3), L))
     with pytest.raises(TypeError, match="L has dtype torch.float64"):
         mf.forward(q, k, v, out=(torch.empty_like(q), L.double()))
+    with pytest.raises(TypeError, match=r"out= must be a tuple \(O, L\)"):
+        mf.forward(q, k, v, out=torch.empty_like(q))
+    O, L = mf.forward(q, k, v)
     with pytest.raises(ValueError, match=r"dK must have shape \(1, 2, 20, 16\)"):
-        O, L = mf.forward(q, k, v)
         mf.backward(torch.randn_like(q), q, k, v, O, L, out=(q.clone(), q[:, :1].clone(), q.clone()))
     with pytest.raises(ValueError, match=r"dQ \(out=\) must start at a 16-byte-aligned address"):
         mf.backward(torch.randn_like(q), q, k, v, O, L, out=(off_16_bytes(q), q.clone(), q.clone()))
 
 
-def test_version_2_names_the_block_sizes_it_takes():
-    """Version 2's forward gives each thread 4 rows by 8 keys and the Bc / 8 threads of a row
-    consecutive lanes of one warp: it takes Br a multiple of 4 and Bc = 16, 32 or 64."""
+def test_out_tensors_must_not_share_memory_with_inputs_or_each_other():
+    """An out= tensor that is an input (or part of one, or another out=) would be written while the
+    kernel still reads it: refused, where it would otherwise be a wrong answer."""
     q, k, v = qkv()
-    with pytest.raises(RuntimeError, match="version 2 takes Br a multiple of 4 and Bc = 16, 32 or 64; "
-                                           "these kernels have Br = 32, Bc = 48"):
-        mf.forward(q, k, v, Br=32, Bc=48, version=2)
-    assert mf.forward(q, k, v, Br=32, Bc=48, version=1)[0].shape == q.shape  # version 1 takes any
+    L = q.new_empty(1, 2, 20)
+    with pytest.raises(ValueError, match=r"O \(out=\) shares memory with an input"):
+        mf.forward(q, k, v, out=(v, L))
+    O, L = mf.forward(q, k, v)
+    dO, grads = torch.randn_like(q), [torch.empty_like(q) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"dQ \(out=\) shares memory with dV \(out=\)"):
+        mf.backward(dO, q, k, v, O, L, out=(grads[0], grads[1], grads[0]))
+    with pytest.raises(ValueError, match=r"dK \(out=\) shares memory with an input"):
+        mf.backward(dO, q, k, v, O, L, out=(grads[0], dO, grads[2]))
+    both = torch.empty(2, *q.shape[1:])  # two (1, H, N, d) halves of one buffer: apart, so fine
+    assert rel_err(mf.forward(q, k, v, out=(both[:1], L.clone()))[0], reference(q, k, v, False)[0]) < TOL
+
+
+# --- the official package's entry points: its positional order, its options
+
+
+def test_flash_attn_func_keeps_the_official_positional_order(generator):
+    """flash_attn_func(q, k, v, dropout_p, softmax_scale, causal): snippets written for the flash-attn
+    package run unchanged."""
+    q, k, v = random_qkv(2, 37, 3, 16, "cpu", generator)  # (B, N, H, d)
+    out = mf.flash_attn_func(q, k, v, 0.0, 0.2, True)
+    views = [t.transpose(1, 2) for t in (q, k, v)]
+    assert torch.equal(out.transpose(1, 2), mf.flash_attention(*views, causal=True, softmax_scale=0.2))
+
+
+@pytest.mark.parametrize("option,value", [("window_size", (128, 0)), ("softcap", 30.0),
+                                          ("alibi_slopes", torch.ones(3)), ("return_attn_probs", True)])
+def test_flash_attn_func_refuses_the_options_it_lacks(option, value):
+    q = torch.randn(1, 8, 3, 16)
+    with pytest.raises(ValueError, match=f"{option} = .*: these kernels do not have it; leave it at its default"):
+        mf.flash_attn_func(q, q, q, **{option: value})
+    assert mf.flash_attn_func(q, q, q, window_size=[-1, -1], softcap=0.0).shape == q.shape  # the defaults
+
+
+@pytest.mark.parametrize("dropout_p,error,message", [
+    (0.1, ValueError, "dropout_p = 0.1: these kernels have no dropout"),
+    (None, TypeError, "dropout_p = None: it must be a number"), ("0", TypeError, "dropout_p = '0': it must be a number")])
+def test_dropout_is_refused_clearly(dropout_p, error, message):
+    """Positionally too: flash_attn_func(q, k, v, None, 0.0), SDPA's order, fails on its None."""
+    q = torch.randn(1, 4, 1, 8)
+    with pytest.raises(error, match=message):
+        mf.flash_attn_func(q, q, q, dropout_p)
+
+
+def test_deterministic_needs_a_deterministic_backward(generator):
+    """deterministic=True (the official option): version 1's backward has no atomics, so its dQ is the
+    same bit for bit run to run; versions 2 and 3 add into dQ with atomics, and refuse it."""
+    q = torch.randn(1, 8, 3, 16)
+    with pytest.raises(ValueError, match="deterministic=True: version 2's backward adds into dQ with atomics"):
+        mf.flash_attn_func(q, q, q, deterministic=True)
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 40, 2, 16, "cpu", generator))
+    grads = [torch.autograd.grad(mf.flash_attn_func(q, k, v, causal=True, deterministic=True, version=1).sum(),
+                                 (q, k, v)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_qkvpacked_needs_three_on_dim_2():
+    with pytest.raises(ValueError, match=r"qkv must be 5-D \(B, N, 3, H, d\)"):
+        mf.flash_attn_qkvpacked_func(torch.randn(1, 8, 2, 3, 16))

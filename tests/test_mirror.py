@@ -10,7 +10,7 @@ from helpers import CAUSAL, random_dO, random_qkv, reference, reference_grads, r
 @pytest.mark.parametrize("N,Br,Bc", [(1, 32, 32), (50, 32, 32), (64, 32, 32), (45, 8, 16), (45, 16, 8)])
 def test_mirror_matches_float64(N, Br, Bc, causal, generator):
     q, k, v = (t.double() for t in random_qkv(2, 3, N, 16, "cpu", generator))
-    O, L = mf.mirror_forward(q, k, v, causal, Br=Br, Bc=Bc)
+    O, L = mf.mirror_forward(q, k, v, causal=causal, Br=Br, Bc=Bc)
     O_ref, L_ref = reference(q, k, v, causal)
     assert rel_err(O, O_ref) < 1e-12 and rel_err(L, L_ref) < 1e-12
 
@@ -22,7 +22,7 @@ def test_every_step_is_attention_over_the_keys_seen_so_far(causal, generator):
     Br, Bc = 8, 16
     q, k, v = (t.double() for t in random_qkv(1, 2, 40, 8, "cpu", generator))
     steps = []
-    mf.mirror_forward(q, k, v, causal, Br=Br, Bc=Bc, on_step=steps.append)
+    mf.mirror_forward(q, k, v, causal=causal, Br=Br, Bc=Bc, on_step=steps.append)
     Tr, Tc = 5, 3
     skipped = sum(1 for j in range(Tc) for i in range(Tr) if causal and i * Br + Br - 1 < j * Bc)
     assert len(steps) == Tr * Tc - skipped and (skipped > 0) == causal
@@ -45,7 +45,7 @@ def test_mirror_backward_matches_float64(N, Br, Bc, causal, generator):
     q, k, v = (t.double() for t in random_qkv(2, 3, N, 16, "cpu", generator))
     dO = random_dO(q, generator)
     O, L = reference(q, k, v, causal)
-    grads = mf.mirror_backward(dO, q, k, v, O, L, causal, Br=Br, Bc=Bc)
+    grads = mf.mirror_backward(dO, q, k, v, O, L, causal=causal, Br=Br, Bc=Bc)
     for grad, ref in zip(grads, reference_grads(q, k, v, dO, causal)):
         assert (grad - ref).norm() <= 1e-12 * max(ref.norm(), 1.0)
 
@@ -63,7 +63,7 @@ def test_backward_steps_recompute_the_softmax_and_sum_to_the_gradients(causal, g
         S = S.masked_fill(mf._above_diagonal(40, 40, 0, 0, "cpu"), float("-inf"))
     P = torch.softmax(S, dim=-1)
     steps = []
-    dQ, dK, dV = mf.mirror_backward(dO, q, k, v, O, L, causal, Br=Br, Bc=Bc, on_step=steps.append)
+    dQ, dK, dV = mf.mirror_backward(dO, q, k, v, O, L, causal=causal, Br=Br, Bc=Bc, on_step=steps.append)
     for step in steps:
         rows, cols = slice(step.rows.start, step.rows.stop), slice(step.cols.start, step.cols.stop)
         assert torch.allclose(step.P_ij, P[..., rows, cols])

@@ -1,6 +1,7 @@
 """The notebooks run top to bottom on this machine (in CI: the CPU emulation), and every check they
 make is an assert, so a kernel that goes wrong fails here. They are committed with their outputs,
 show the kernels by reading kernels/*.cu rather than pasting them, and the README links each one."""
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,21 @@ def test_no_kernel_code_is_pasted(path):
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert not any(word in cell.source for word in ("__global__", "__syncthreads", "__shared__"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_needs_no_tests_and_no_working_directory(path):
+    """A notebook imports nothing from tests/ (what it shares with a test lives in tools/, on the path
+    that notebooks/common.py sets), finds the committed results through common.RESULTS, not relative
+    to the directory it was started in, and names no lab build (lab/...) of a measurement, in its
+    cells or its outputs."""
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
+    assert not re.search(r"""["'/]tests["'/]|\b(from|import)\s+(test_\w+|helpers|conftest)\b""", code)
+    assert not re.search(r"""\b(Path|open|read_csv)\(\s*f?["']results""", code)
+    outputs = [out.get("text", "") + str(out.get("data", {}).get("text/plain", ""))
+               for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+    assert not [text for text in [cell.source for cell in nb.cells] + outputs if "lab/" in text]
 
 
 def test_readme_links_every_notebook():

@@ -1,10 +1,11 @@
-// A fragment-level program for tests/test_fragments.py. One warp loads A, K and V (16 x 16 each,
-// bf16 or fp16) into shared memory; with ldmatrix and mma.sync (kernels/mma.cuh) it computes
-// S = A K^T and O = A V in fp32, each as two 16 x 8 tiles, and with shuffles each row's max of S,
-// the steps of attention on tensor cores. It also writes out what each lane holds: its registers
-// after the ldmatrix calls and its accumulators of S, so that tests/test_fragments.py and notebook 6
-// can read the lane layouts directly. nvcc builds it for the GPU, g++ against kernels/cpu_cuda.h for
-// the CPU: the test runs both on the same inputs and compares them, lane layouts included.
+// A fragment-level program: one warp loads A, K and V (16 x 16 each, bf16 or fp16) into shared
+// memory; with ldmatrix and mma.sync (kernels/mma.cuh) it computes S = A K^T and O = A V in fp32,
+// each as two 16 x 8 tiles, and with shuffles each row's max of S, the steps of attention on tensor
+// cores. It also writes out what each lane holds: its registers after the ldmatrix calls and its
+// accumulators of S, so that the lane layouts can be read directly (notebook 6 does). nvcc builds it
+// for the GPU, g++ against kernels/cpu_cuda.h for the CPU (tools/fragments_cpu.cpp); tools/fragments.py
+// builds and runs either, and tests/test_fragments.py runs both on the same inputs and compares them,
+// lane layouts included.
 #include "mma.cuh"
 #ifdef __CUDACC__
 #define LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
@@ -13,20 +14,20 @@
 template <bool BF16>
 __global__ void fragments(const unsigned short* A, const unsigned short* K, const unsigned short* V,
                           float* S, float* O, float* row_max, unsigned* registers, float* accumulators) {
-    extern __shared__ __align__(16) float smem[];
+    // smem: the block's shared memory, declared in tiles.cuh (through mma.cuh)
     unsigned short *a = reinterpret_cast<unsigned short*>(smem), *k = a + 256, *v = k + 256;
-    const int l = threadIdx.x, g = l / 4, q = l % 4;
-    for (int e = l; e < 256; e += 32) a[e] = A[e], k[e] = K[e], v[e] = V[e];
+    const int lane = threadIdx.x, g = lane / 4, q = lane % 4;
+    for (int e = lane; e < 256; e += 32) a[e] = A[e], k[e] = K[e], v[e] = V[e];
     __syncthreads();
     // A: tiles (rows 0-7, columns 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15): a[0] .. a[3].
     // K: B = K^T, so b is row g of K: tiles (keys 0-7, 0-7), (0-7, 8-15) for keys 0-7, then 8-15.
     // V: B = V, columns of V: the same tiles as A's, transposed.
     unsigned af[4], kf[4], vf[4];
-    ldmatrix_x4(af, &a[l % 16 * 16 + l / 16 * 8]);
-    ldmatrix_x4(kf, &k[(l % 8 + l / 16 * 8) * 16 + l / 8 % 2 * 8]);
-    ldmatrix_x4_trans(vf, &v[l % 16 * 16 + l / 16 * 8]);
-    for (int i = 0; i < 4; ++i)  // lane l's 12 registers: af, kf, vf
-        registers[l * 12 + i] = af[i], registers[l * 12 + 4 + i] = kf[i], registers[l * 12 + 8 + i] = vf[i];
+    ldmatrix_x4(af, &a[lane % 16 * 16 + lane / 16 * 8]);
+    ldmatrix_x4(kf, &k[(lane % 8 + lane / 16 * 8) * 16 + lane / 8 % 2 * 8]);
+    ldmatrix_x4_trans(vf, &v[lane % 16 * 16 + lane / 16 * 8]);
+    for (int i = 0; i < 4; ++i)  // the lane's 12 registers: af, kf, vf
+        registers[lane * 12 + i] = af[i], registers[lane * 12 + 4 + i] = kf[i], registers[lane * 12 + 8 + i] = vf[i];
     float m[2] = {-INFINITY, -INFINITY};  // rows g and g + 8
     for (int n = 0; n < 2; ++n) {        // columns 8n .. 8n + 7 of S and O
         float s[4], o[4];
@@ -41,7 +42,7 @@ __global__ void fragments(const unsigned short* A, const unsigned short* K, cons
         for (int i = 0; i < 4; ++i) {
             const int row = g + 8 * (i / 2), col = 8 * n + 2 * q + i % 2;
             S[row * 16 + col] = s[i], O[row * 16 + col] = o[i];
-            accumulators[(l * 2 + n) * 4 + i] = s[i];  // lane l's s[i] of S's columns 8n .. 8n + 7
+            accumulators[(lane * 2 + n) * 4 + i] = s[i];  // the lane's s[i] of S's columns 8n .. 8n + 7
             m[i / 2] = fmaxf(m[i / 2], s[i]);
         }
     }

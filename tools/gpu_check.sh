@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # What a kernel change must pass on a GPU machine before it lands (CI has no GPU):
 #   tests      the CUDA tests (the CPU ones run in CI)                        about 4 minutes on an H200
-#   memcheck   compute-sanitizer memcheck on tests/sanitize.py, 0 errors      about 1 minute
-#   racecheck  compute-sanitizer racecheck on tests/sanitize.py, 0 hazards    about 5 minutes
+#   memcheck   compute-sanitizer memcheck on tools/sanitize.py, 0 errors      about 1 minute
+#   racecheck  compute-sanitizer racecheck on tools/sanitize.py, 0 hazards    about 5 minutes
 #   bench      bench.py's default run for both versions, for the README's numbers
-# Usage: bash tests/gpu_check.sh STEP... [--logs FOLDER] (default steps: all four; logs: $OUT or
-# gpu-logs). Each step's log is FOLDER/STEP.txt. Exits non-zero if a test or a sanitizer fails.
+# Usage: bash tools/gpu_check.sh STEP... [--logs FOLDER] [--versions "1 2"] (default steps: all four;
+# logs: $OUT or gpu-logs; versions, for the sanitizers: all). Each step's log is FOLDER/STEP.txt.
+# Exits non-zero if a test or a sanitizer fails.
 # One call of a lent device machine may run 10 minutes: give it the steps that fit, e.g. "tests
 # memcheck" in one call and "racecheck" in the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-steps=() logs=${OUT:-gpu-logs}
+steps=() logs=${OUT:-gpu-logs} versions=""
 while [ $# -gt 0 ]; do
-    case $1 in --logs) logs=$2; shift 2 ;; *) steps+=("$1"); shift ;; esac
+    case $1 in --logs) logs=$2; shift 2 ;; --versions) versions=$2; shift 2 ;; *) steps+=("$1"); shift ;; esac
 done
 [ ${#steps[@]} -gt 0 ] || steps=(tests memcheck racecheck bench)
 mkdir -p "$logs"
@@ -24,8 +25,8 @@ for step in "${steps[@]}"; do
     case $step in
     tests) python3 -m pytest -q -n 8 -k cuda tests 2>&1 | tee -a "$logs/$step.txt" || failed=1 ;;
     memcheck | racecheck)
-        compute-sanitizer --tool "$step" --error-exitcode 1 python3 tests/sanitize.py 2>&1 \
-            | tee -a "$logs/$step.txt" | grep -E "SUMMARY|rel err|rror" || failed=1 ;;
+        compute-sanitizer --tool "$step" --error-exitcode 1 python3 tools/sanitize.py $versions 2>&1 \
+            | tee -a "$logs/$step.txt" | grep -E "SUMMARY|rror" || failed=1 ;;
     bench)
         python3 bench.py 2>&1 | tee -a "$logs/$step.txt"
         python3 bench.py --version 2 --no-profile 2>&1 | tee -a "$logs/$step.txt" ;;

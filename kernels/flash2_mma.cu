@@ -1,0 +1,181 @@
+// FlashAttention-2 forward pass on tensor cores (chapter 3): bf16 or fp16 in, fp32 accumulation,
+// O in the input's type, L in fp32. The loop order of flash2.cu; the arithmetic moves from one
+// multiply-add per thread per instruction to mma.sync, a 16 x 8 x 16 matrix product per warp
+// (kernels/mma.cuh has the instructions and their lane layouts). For each key tile j a warp computes
+// its rows of S_ij, the online softmax on those fragments in registers (a row's max and sum over the
+// 4 lanes that hold it, by shuffles), and O += P_ij V_j, with P_ij taken straight from the
+// accumulators of S_ij into the A operand: no round trip through shared memory.
+// Names as in the paper; "Alg. 1, line n" marks each phase of the FlashAttention-2 paper's Algorithm 1.
+//
+// Who owns what: one block per (batch, head, Br = 128 query rows), 4 warps; K_j, V_j (Bc = 64 keys)
+// in shared memory, read by every warp; S_ij, P_ij and O in the registers of the warp that owns the rows.
+//
+//            S_ij = Q_i K_j^T (128 x 64)                      O (128 x d)
+//   rows   0- 31 [ warp 0: 2 tiles of 16 rows x 64 keys ]     [ warp 0 ]
+//   rows  32- 63 [ warp 1                               ]     [ warp 1 ]
+//   rows  64- 95 [ warp 2                               ]     [ warp 2 ]
+//   rows  96-127 [ warp 3                               ]     [ warp 3 ]
+//   within a 16-row tile, lane (g, q) = (lane / 4, lane % 4) holds rows g and g + 8 and, of every 8
+//   columns, columns 2q and 2q + 1 (mma.cuh's accumulator layout).
+#include "tiles.cuh"  // ceil_div
+#include "mma.cuh"    // stride16, ldmatrix_x4(_trans), mma16816<T>, pack<T>, load_tile16_async, mask_fragment
+
+namespace flash2_mma {
+
+// A warp owns TILES = 2 tiles of 16 query rows: each fragment of K_j or V_j it reads from shared
+// memory then feeds two mma instead of one, which halves the shared-memory traffic per product.
+constexpr int WARPS = 4, TILES = 2, Br = WARPS * TILES * 16;  // warps, row tiles per warp, rows per block
+// Keys per tile. At d = 128 a lane's share of O (2 x 16 x 4 floats) and of a 64-key S (2 x 8 x 4)
+// fill 254 of its 255 registers, none spilled; tiles of 32 keys there, with room to spare, measured
+// slower (every K_j and V_j fragment serves half as many rows of S).
+constexpr int Bc = 64;
+// Shared memory: Q_i, and two buffers each of K_j and V_j, in 16-bit values.
+__host__ __device__ inline int shared_bytes(int d) { return (Br + 4 * Bc) * stride16(d) * 2; }
+
+// Alg. 1, line 9 on one such tile: the new running max m of the lane's two rows (their 4 lanes
+// agree by shuffles), O and l rescaled to it, S turned into P_ij and added to the lane's share of l.
+// m and S stay unscaled: exp(scale (S - m)) = exp2(S c - m c) with c = scale log2(e), one fused
+// multiply-add and one exp2 (kernels/mma.cuh's fast_exp2, a single instruction) per element.
+template <int NT, int NO>
+__device__ inline void online_softmax(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&o)[NO][4],
+                                      float c) {
+    float m_new[2] = {m[0], m[1]}, mc[2];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) m_new[i / 2] = fmaxf(m_new[i / 2], s[n][i]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 1));
+        m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 2));
+        // A row that has seen only masked keys keeps m = -inf: its P is exp2(-inf) = 0, no NaN.
+        const float alpha = m_new[r] == -INFINITY ? 1.0f : fast_exp2((m[r] - m_new[r]) * c);
+        mc[r] = m_new[r] == -INFINITY ? 0.0f : m_new[r] * c;
+        m[r] = m_new[r], l[r] *= alpha;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) o[n][2 * r] *= alpha, o[n][2 * r + 1] *= alpha;
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            s[n][i] = fast_exp2(fmaf(s[n][i], c, -mc[i / 2]));
+            l[i / 2] += s[n][i];
+        }
+}
+
+template <class T, int d>
+__global__ void __launch_bounds__(32 * WARPS)
+    forward(const unsigned short* Q, const unsigned short* K, const unsigned short* V, int N, float scale,
+            bool causal, unsigned short* O, float* L) {
+    constexpr int LS = stride16(d);
+    // smem: the block's shared memory, declared in tiles.cuh
+    unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // Br x LS
+    unsigned short* K_j = Q_i + Br * LS;  // two buffers of Bc x LS: tile j in buffer j % 2
+    unsigned short* V_j = K_j + 2 * Bc * LS;
+    // Lane (g, q) of warp w holds, of each of its tiles of 16 rows, rows g and g + 8, and of each 8 columns
+    // of an accumulator, columns 2q and 2q + 1 (kernels/mma.cuh).
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+
+    const size_t bh = blockIdx.y;  // this block's (batch, head) slice
+    Q += bh * N * d, K += bh * N * d, V += bh * N * d, O += bh * N * d, L += bh * N;
+    const int tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // heaviest first, as in flash2.cu
+    const int row0 = tile * Br, Tc = ceil_div(N, Bc);
+    const int j_end = causal ? min(Tc, (min(row0 + Br, N) - 1) / Bc + 1) : Tc;
+
+    load_tile16_async<d>(Q_i, Q, row0, Br, N);  // Alg. 1, line 4
+    load_tile16_async<d>(K_j, K, 0, Bc, N);     // Alg. 1, lines 6-7 for j = 0
+    load_tile16_async<d>(V_j, V, 0, Bc, N);
+    cp_async_commit();
+
+    float o[TILES][d / 8][4] = {}, m[TILES][2], l[TILES][2] = {};  // Alg. 1, line 5
+#pragma unroll
+    for (int t = 0; t < TILES; ++t) m[t][0] = m[t][1] = -INFINITY;
+    const float c = scale * LOG2E;
+    for (int j = 0; j < j_end; ++j) {
+        // Double buffering: tile j + 1's copies fly (into the buffers tile j - 1 used) while tile j
+        // is multiplied, so the wait for memory overlaps the tensor cores' work.
+        if (j + 1 < j_end) {  // Alg. 1, lines 6-7 for tile j + 1
+            load_tile16_async<d>(K_j + (j + 1) % 2 * Bc * LS, K, (j + 1) * Bc, Bc, N);
+            load_tile16_async<d>(V_j + (j + 1) % 2 * Bc * LS, V, (j + 1) * Bc, Bc, N);
+            cp_async_commit();
+            cp_async_wait<1>();  // tile j (and Q_i) has landed
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // ... for every thread's share of it
+        const unsigned short *K_t = K_j + j % 2 * Bc * LS, *V_t = V_j + j % 2 * Bc * LS;
+
+        // Alg. 1, line 8: S_ij = Q_i K_j^T, per row tile Bc / 8 accumulators of 16 x 8. A fragment of
+        // Q_i (rows, 16 columns) serves all keys; one of K_j, read as its rows (B = K_j^T), both row tiles.
+        float s[TILES][Bc / 8][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < d / 16; ++kk) {
+            unsigned qf[TILES][4];
+#pragma unroll
+            for (int t = 0; t < TILES; ++t)
+                ldmatrix_x4(qf[t], &Q_i[((w * TILES + t) * 16 + lane % 16) * LS + kk * 16 + lane / 16 * 8]);
+#pragma unroll
+            for (int kb = 0; kb < Bc / 16; ++kb) {
+                unsigned kf[4];  // keys 16 kb .. 16 kb + 15, columns 16 kk .. 16 kk + 15
+                ldmatrix_x4(kf, &K_t[(kb * 16 + lane % 8 + lane / 16 * 8) * LS + kk * 16 + lane / 8 % 2 * 8]);
+#pragma unroll
+                for (int t = 0; t < TILES; ++t) {
+                    mma16816<T>(s[t][2 * kb], qf[t], kf[0], kf[1]);
+                    mma16816<T>(s[t][2 * kb + 1], qf[t], kf[2], kf[3]);
+                }
+            }
+        }
+        // Alg. 1, line 9. Only a tile that crosses the end of the sequence or, causal, the diagonal
+        // needs the mask: the others skip its index arithmetic on every element.
+#pragma unroll
+        for (int t = 0; t < TILES; ++t) {
+            const int row = row0 + (w * TILES + t) * 16 + g;
+            if ((j + 1) * Bc > N || (causal && (j + 1) * Bc > row - g + 1))
+                mask_fragment<false>(s[t], row, j * Bc + 2 * q, N, causal, -INFINITY);
+            online_softmax(s[t], m[t], l[t], o[t], c);
+        }
+        // Alg. 1, line 10: O += P_ij V_j. The accumulators of S's tiles 2 kb and 2 kb + 1 are, in the
+        // same lanes, the A operand for keys 16 kb .. 16 kb + 15; V_j's columns come transposed.
+#pragma unroll
+        for (int kb = 0; kb < Bc / 16; ++kb) {
+            unsigned pf[TILES][4];
+#pragma unroll
+            for (int t = 0; t < TILES; ++t)
+                pf[t][0] = pack<T>(s[t][2 * kb][0], s[t][2 * kb][1]),
+                pf[t][1] = pack<T>(s[t][2 * kb][2], s[t][2 * kb][3]),
+                pf[t][2] = pack<T>(s[t][2 * kb + 1][0], s[t][2 * kb + 1][1]),
+                pf[t][3] = pack<T>(s[t][2 * kb + 1][2], s[t][2 * kb + 1][3]);
+#pragma unroll
+            for (int dn = 0; dn < d / 16; ++dn) {
+                unsigned vf[4];  // keys 16 kb .. 16 kb + 15, columns 16 dn .. 16 dn + 15
+                ldmatrix_x4_trans(vf, &V_t[(kb * 16 + lane % 16) * LS + dn * 16 + lane / 16 * 8]);
+#pragma unroll
+                for (int t = 0; t < TILES; ++t) {
+                    mma16816<T>(o[t][2 * dn], pf[t], vf[0], vf[1]);
+                    mma16816<T>(o[t][2 * dn + 1], pf[t], vf[2], vf[3]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with tile j's buffers before tile j + 2's copies fill them
+    }
+    // Alg. 1, lines 12-15: a row's l is its 4 lanes' shares added up; O = O / l, L = m + log(l).
+#pragma unroll
+    for (int t = 0; t < TILES; ++t)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l_row = l[t][r];
+            l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
+            l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
+            const int row = row0 + (w * TILES + t) * 16 + g + 8 * r;
+            if (row >= N) continue;
+            const float inv_l = 1.0f / l_row;
+#pragma unroll
+            for (int n = 0; n < d / 8; ++n)  // columns 8n + 2q, 8n + 2q + 1: one 4-byte store
+                *reinterpret_cast<unsigned*>(&O[(size_t)row * d + 8 * n + 2 * q]) =
+                    pack<T>(o[t][n][2 * r] * inv_l, o[t][n][2 * r + 1] * inv_l);
+            if (q == 0) L[row] = m[t][r] * scale + logf(l_row);
+        }
+}
+
+}  // namespace flash2_mma

@@ -1,0 +1,215 @@
+// FlashAttention-2 backward pass on tensor cores (chapter 3): bf16 or fp16 in, fp32 accumulation,
+// dQ, dK, dV in the input's type. The loop order of flash2_backward.cu (Algorithm 2 of the
+// FlashAttention-2 paper) with the arithmetic of flash2_mma.cu: mma.sync, 16 x 8 x 16 per warp
+// (kernels/mma.cuh). The products are taken transposed, S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T,
+// so that the warp's keys are the rows of its accumulators: a lane turns them into P_ij^T and
+// dS_ij^T in registers, and those accumulators are straight away the A operands of dV_j += P_ij^T
+// dO_i and dK_j += dS_ij^T Q_i, whose rows are the same keys. The query tiles are double-buffered,
+// as flash2_mma.cu does K_j and V_j: tile i + 1's copies (cp.async) fly while tile i is multiplied.
+// P_ij^T comes from one exp2 per element, the scale folded into its exponent as in flash2_mma.cu,
+// and only tiles at the end of the sequence or on the causal diagonal are masked.
+//
+// Who owns what: one block per (batch, head, Bc = 128 keys), 8 warps, walking the query tiles i of
+// Br = 64 rows:
+//
+//            S_ij^T, dP_ij^T (128 x 64), dK_j, dV_j (128 x d)          dQ_i += dS_ij K_j (64 x d)
+//   keys   0- 15 [ warp 0 ]  in registers, the whole pass               cols 0 .. d/2-1   d/2 .. d-1
+//   keys  16- 31 [ warp 1 ]                                rows  0-15 [ warp 0        | warp 4       ]
+//   ...                                                    rows 16-31 [ warp 1        | warp 5       ]
+//   keys 112-127 [ warp 7 ]                                rows 32-63 [ warps 2, 3    | warps 6, 7   ]
+//
+// dQ_i sums over keys, which the other warps and blocks hold: dS_ij^T goes through shared memory,
+// and each warp adds its product into an fp32 copy of dQ with atomics, two floats at a time, as
+// flash2_backward.cu does (the price: the order of the additions varies, so do dQ's last bits).
+// Two small kernels go around it: D = rowsum(dO * O) before, and dQ's conversion to T after.
+// Names as in the paper; "Alg. 2, line n" marks each phase, numbered as in flash2_backward.cu.
+#include "tiles.cuh"    // ceil_div
+#include "vectors.cuh"  // atomic_add2
+#include "mma.cuh"      // stride16, ldmatrix_x4_trans, mma_ABt, mma_AB, a_operands, pack<T>, to_float<T>, ...
+
+namespace flash2_mma_backward {
+
+// 128 keys per block, 8 warps: each query tile that a block loads, and each row of dQ_i that it adds
+// into by atomics, then serves 128 keys, not 64: half the global traffic and half the atomics.
+constexpr int Bc = 128, Br = 64, WARPS = Bc / 16;  // keys per block, queries per tile, warps
+
+// Shared memory: two buffers each (tile i in buffer i % 2) of L_i and D_i (fp32) and of the 16-bit
+// tiles Q_i, dO_i (Br rows), then K_j, V_j (Bc rows each) and dS_ij^T (Bc rows of Br
+// queries). Why K_j, V_j stay here, not in registers as the forward keeps Q_i: a warp's fragments
+// of both would take d / 2 registers per lane, on top of d for dK_j and dV_j and 64 for S_ij^T and
+// dP_ij^T; at d = 128 that is more than the 255 a thread may have. Each product re-reads them from
+// shared memory with ldmatrix instead.
+__host__ __device__ inline int shared_bytes(int d) {
+    return 2 * 2 * Br * 4 + ((2 * 2 * Br + 2 * Bc) * stride16(d) + Bc * stride16(Br)) * 2;
+}
+
+// Alg. 2, line 4: D = rowsum(dO * O) in fp32, one thread per row,
+// before the main kernel: every block needs D_i for every query tile, and this costs one read of O.
+template <class T, int d>
+__global__ void rowsum_D(const unsigned short* O, const unsigned short* dO, size_t rows, float* D) {
+    const size_t row = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= rows) return;
+    float sum = 0.0f;
+    for (int x = 0; x < d; ++x) sum += to_float<T>(dO[row * d + x]) * to_float<T>(O[row * d + x]);
+    D[row] = sum;
+}
+
+// After the main kernel: dQ from its fp32 sums, times the scale left out there, rounded to T; a
+// thread takes 2 values (d is even), one 4-byte store.
+template <class T>
+__global__ void convert_dQ(const float* dQ_sum, size_t pairs, float scale, unsigned short* dQ) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < pairs)
+        *reinterpret_cast<unsigned*>(&dQ[2 * e]) = pack<T>(scale * dQ_sum[2 * e], scale * dQ_sum[2 * e + 1]);
+}
+
+template <class T, int d>
+__global__ void __launch_bounds__(32 * WARPS)
+    backward(const unsigned short* Q, const unsigned short* K, const unsigned short* V,
+             const unsigned short* dO, const float* L, const float* D, int N, float scale, bool causal,
+             float* dQ_sum, unsigned short* dK, unsigned short* dV) {
+    constexpr int LS = stride16(d), LP = stride16(Br);
+    // smem: the block's shared memory, declared in tiles.cuh
+    float* stats_i = smem;                                                          // two of L_i, D_i: 2 x Br
+    unsigned short* Q_i = reinterpret_cast<unsigned short*>(stats_i + 2 * 2 * Br);  // two of Br x LS
+    unsigned short* dO_i = Q_i + 2 * Br * LS;                                       // two of Br x LS
+    unsigned short* K_j = dO_i + 2 * Br * LS;                                       // Bc x LS
+    unsigned short* V_j = K_j + Bc * LS;                                            // Bc x LS
+    unsigned short* dS_T = V_j + Bc * LS;                                           // Bc x LP: dS_ij^T
+    // Lane (g, q) of warp w holds, of the warp's 16 keys, keys g and g + 8, and of each 8 columns of an
+    // accumulator, columns 2q and 2q + 1 (kernels/mma.cuh).
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+
+    const size_t bh = blockIdx.y;  // this block's (batch, head) slice
+    Q += bh * N * d, K += bh * N * d, V += bh * N * d, dO += bh * N * d, dK += bh * N * d, dV += bh * N * d;
+    dQ_sum += bh * N * d, L += bh * N, D += bh * N;
+    // Causal: query tiles wholly before the block's first key see none of its keys, and are skipped.
+    // Block 0 has the most work, and blocks start roughly in launch order: the heaviest first.
+    const int key0 = blockIdx.x * Bc, i0 = causal ? key0 / Br : 0, Tr = ceil_div(N, Br);
+
+    // Alg. 2, lines 8-9 for query tile i: Q_i, dO_i, L_i, D_i into buffer i % 2 by cp.async, not
+    // waited for here. L_i and D_i go 4 bytes a thread, thread y < Br copying L's row y and thread
+    // Br + y d's: the slice of L (and of d) of (batch, head) bh starts at bh N floats, 16-byte
+    // aligned only when 4 divides N, and a 16-byte copy needs a 16-byte aligned source. Rows past N
+    // land as zeros, L_i = D_i = 0 included: their P is exp(0 - 0) = 1 on visible keys, not 0, and
+    // still nothing they add is wrong. Their dO rows are zero, so dP = 0 and dS = P (dP - d) = 0:
+    // dK += dS^T Q and dV += P^T dO add zero. (Keys past N still get P = 0 from the mask, and dQ's
+    // rows past N are never stored.)
+    static_assert(32 * WARPS >= 2 * Br, "a thread per row of L_i and of D_i");
+    auto load_query_tile = [&](int i) {
+        const int row0 = i * Br, b = i % 2, y = threadIdx.x % Br;
+        load_tile16_async<d>(Q_i + b * Br * LS, Q, row0, Br, N);
+        load_tile16_async<d>(dO_i + b * Br * LS, dO, row0, Br, N);
+        const bool valid = row0 + y < N;
+        if (threadIdx.x < 2 * Br)
+            cp_async4(stats_i + b * 2 * Br + threadIdx.x, (threadIdx.x < Br ? L : D) + (valid ? row0 + y : 0),
+                      valid);
+    };
+    load_tile16_async<d>(K_j, K, key0, Bc, N);  // Alg. 2, line 6
+    load_tile16_async<d>(V_j, V, key0, Bc, N);
+    load_query_tile(i0);
+    cp_async_commit();
+    const unsigned short *K_w = K_j + w * 16 * LS, *V_w = V_j + w * 16 * LS;  // the warp's 16 keys
+    float dK_j[d / 8][4] = {}, dV_j[d / 8][4] = {};                           // Alg. 2, line 7
+    const float c = scale * LOG2E;
+
+    for (int i = i0; i < Tr; ++i) {
+        // Double buffering: tile i + 1's copies fly (into the buffers tile i - 1 used) while tile i
+        // is multiplied, so the wait for memory overlaps the tensor cores' work.
+        if (i + 1 < Tr) {
+            load_query_tile(i + 1);
+            cp_async_commit();
+            cp_async_wait<1>();  // tile i (and K_j, V_j) has landed
+        } else {
+            cp_async_wait<0>();
+        }
+        // L_i lands as L: thread y, which copied row y, turns it into L log2(e) for P's exponent,
+        // once per tile, before the barrier (only the issuing thread is sure its copy has landed).
+        float *L_t = stats_i + i % 2 * 2 * Br, *D_t = L_t + Br;
+        if (threadIdx.x < Br) L_t[threadIdx.x] *= LOG2E;
+        __syncthreads();  // ... for every thread's share of it
+        const int row0 = i * Br;
+        const unsigned short *Q_t = Q_i + i % 2 * Br * LS, *dO_t = dO_i + i % 2 * Br * LS;
+
+        float s[Br / 8][4] = {}, dp[Br / 8][4] = {};  // Alg. 2, lines 10 and 13
+        mma_ABt<T, d, Br>(s, K_w, Q_t, LS);           // S_ij^T = K_j Q_i^T
+        mma_ABt<T, d, Br>(dp, V_w, dO_t, LS);         // dP_ij^T = V_j dO_i^T
+        // Alg. 2, lines 11 and 14: element e of tile n is key g + 8 (e / 2), query 8n + 2q + e % 2.
+        // P = exp(scale S - L) = exp2(S c - L log2(e)) with c = scale log2(e): one fused multiply-add
+        // and one exp2 (kernels/mma.cuh's fast_exp2, a single instruction) per element.
+#pragma unroll
+        for (int n = 0; n < Br / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                s[n][e] = fast_exp2(fmaf(s[n][e], c, -L_t[8 * n + 2 * q + e % 2]));  // P_ij^T
+        // Only a tile where one of the warp's keys is past the end of the sequence or, causal, later
+        // than the tile's first query needs the mask: the others skip its index arithmetic on every
+        // element. (A query row past N needs none: its dO row is zero, see load_query_tile.)
+        const int last_key = key0 + w * 16 + 15;
+        if (last_key >= N || (causal && last_key > row0))
+            mask_fragment<true>(s, key0 + w * 16 + g, row0 + 2 * q, N, causal, 0.0f);
+#pragma unroll
+        for (int n = 0; n < Br / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)  // dS_ij^T = P_ij^T * (dP_ij^T - D_i)
+                dp[n][e] = s[n][e] * (dp[n][e] - D_t[8 * n + 2 * q + e % 2]);
+        unsigned pf[Br / 16][4], dsf[Br / 16][4];  // P_ij^T, dS_ij^T as A operands, in T
+        a_operands<T, Br>(pf, s);
+        a_operands<T, Br>(dsf, dp);
+        mma_AB<T, Br, d>(dV_j, pf, dO_t, LS);  // Alg. 2, line 12: dV_j += P_ij^T dO_i
+        mma_AB<T, Br, d>(dK_j, dsf, Q_t, LS);  // Alg. 2, line 16: dK_j += dS_ij^T Q_i (scale at the end)
+
+        // Alg. 2, line 15: dQ_i += dS_ij K_j. dsf[kb][e] holds key g + 8 (e % 2), queries 16 kb +
+        // 8 (e / 2) + 2q and the next: one 4-byte store each into dS_ij^T's rows.
+#pragma unroll
+        for (int kb = 0; kb < Br / 16; ++kb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = w * 16 + g + 8 * (e % 2), y = 16 * kb + 8 * (e / 2) + 2 * q;
+                *reinterpret_cast<unsigned*>(&dS_T[key * LP + y]) = dsf[kb][e];
+            }
+        // dS_ij^T is complete, and every warp is done with tile i's buffers: the next tile's copies
+        // may fill them (and the next dS_ij^T is written only after the next tile's barrier, when
+        // every warp is done reading this one).
+        __syncthreads();
+        // Warp w takes query rows 16 (w % 4) .. 16 (w % 4) + 15 over all the block's keys, and half of
+        // dQ_i's columns (w / 4). Those rows of dS_ij are columns of dS_T: their A operands come
+        // transposed. 16 columns of dQ_i at a time keep 8 accumulators per lane, not d / 2.
+        constexpr int ROW_TILES = Br / 16, COLS = d / (WARPS / ROW_TILES);  // a warp's columns of dQ_i
+        const int y0 = w % ROW_TILES * 16, x0 = w / ROW_TILES * COLS;
+        unsigned ds[Bc / 16][4];
+#pragma unroll
+        for (int kb = 0; kb < Bc / 16; ++kb)
+            ldmatrix_x4_trans(ds[kb],
+                              &dS_T[(kb * 16 + lane % 8 + lane / 16 * 8) * LP + y0 + lane / 8 % 2 * 8]);
+#pragma unroll
+        for (int x = x0; x < x0 + COLS; x += 16) {
+            float dq[2][4] = {};
+            mma_AB<T, Bc, 16>(dq, ds, K_j + x, LS);
+#pragma unroll
+            for (int t = 0; t < 2; ++t)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {  // rows g, g + 8; columns 2q, 2q + 1: one 2-float atomic
+                    const int row = row0 + y0 + g + 8 * r;
+                    if (row < N)
+                        atomic_add2(&dQ_sum[(size_t)row * d + x + 8 * t + 2 * q], dq[t][2 * r],
+                                    dq[t][2 * r + 1]);
+                }
+        }
+    }
+    // Alg. 2, line 18: the warp's keys g and g + 8 of dK_j (times the scale left out above), dV_j.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = key0 + w * 16 + g + 8 * r;
+        if (key >= N) continue;
+#pragma unroll
+        for (int n = 0; n < d / 8; ++n) {  // columns 8n + 2q, 8n + 2q + 1: one 4-byte store each
+            const size_t at = (size_t)key * d + 8 * n + 2 * q;
+            *reinterpret_cast<unsigned*>(&dK[at]) =
+                pack<T>(scale * dK_j[n][2 * r], scale * dK_j[n][2 * r + 1]);
+            *reinterpret_cast<unsigned*>(&dV[at]) = pack<T>(dV_j[n][2 * r], dV_j[n][2 * r + 1]);
+        }
+    }
+}
+
+}  // namespace flash2_mma_backward

@@ -1,0 +1,83 @@
+// Version 3, chapter 3: FlashAttention-2's loop order on tensor cores (mma.sync), bf16 and fp16 with
+// fp32 accumulation.
+//
+//   forward   flash2_mma.cu            one block per (batch, head, 128 query rows), 4 warps of 32 rows
+//   backward  flash2_mma_backward.cu   D = rowsum(dO * O) (a thread per row) and fp32 sums of dQ set
+//                                      to 0; one block per (batch, head, 128 keys), 8 warps of 16
+//                                      keys, adding into the sums by atomics; dQ converted to T
+//
+// Block sizes: its own (Br and Bc do not apply). Head dims d = 64 and 128 (a warp's fragments are
+// arrays of d / 16 and d / 8, so each d is compiled). softmax_scale > 0.
+// Scratch (fp32, per row): none (forward), dQ's sums (d) and D (1) (backward).
+// bindings.cu includes this file in its middle: Call and launch are defined there.
+#include "flash2_mma.cu"
+#include "flash2_mma_backward.cu"
+
+// bf16 and fp16 travel as their raw 16 bits.
+static const unsigned short* bits(const float* p) { return reinterpret_cast<const unsigned short*>(p); }
+static unsigned short* bits(float* p) { return reinterpret_cast<unsigned short*>(p); }
+
+struct Version {
+    static size_t shared_bytes(Pass pass, int d) {
+        return pass == FORWARD ? flash2_mma::shared_bytes(d) : flash2_mma_backward::shared_bytes(d);
+    }
+    static int scratch_floats(Pass pass, int d) { return pass == FORWARD ? 0 : d + 1; }
+
+    static std::string forward(const Call& c) { return dispatch<Forward>(c); }
+    static std::string backward(const Call& c) { return dispatch<Backward>(c); }
+
+    // What the kernels cannot take (minimal_flash.py checks these first, with the same words).
+    static std::string error(const Call& c) {
+        if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
+        if (c.dtype == FLOAT32) return "version 3 takes bfloat16 or float16 tensors, not float32";
+        if (c.d != 64 && c.d != 128)
+            return "version 3 takes head dim d = 64 or 128, not " + std::to_string(c.d);
+        // The kernel takes the running max of unscaled scores, right only for scale >= 0; and at scale 0
+        // a masked score's exponent would be -inf * 0 = NaN.
+        if (c.scale <= 0) return "version 3 takes softmax_scale > 0, not " + std::to_string(c.scale);
+        return "";
+    }
+
+    // Launcher<T, d>::run for the call's dtype and d.
+    template <template <class, int> class Launcher>
+    static std::string dispatch(const Call& c) {
+        if (std::string err = error(c); !err.empty()) return err;
+        if (c.dtype == BFLOAT16)
+            return c.d == 64 ? Launcher<__nv_bfloat16, 64>::run(c) : Launcher<__nv_bfloat16, 128>::run(c);
+        return c.d == 64 ? Launcher<__half, 64>::run(c) : Launcher<__half, 128>::run(c);
+    }
+
+    template <class T, int d>
+    struct Forward {
+        static std::string run(const Call& c) {
+            namespace fw = flash2_mma;
+            return launch("flash2_mma::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH),
+                          32 * fw::WARPS, fw::shared_bytes(d), c, bits(c.Q), bits(c.K), bits(c.V), c.N,
+                          c.scale, c.causal, bits(c.O), c.L);
+        }
+    };
+
+    template <class T, int d>
+    struct Backward {
+        static std::string run(const Call& c) {
+            namespace bw = flash2_mma_backward;
+            const long long rows = c.BH * c.N;
+            float *dQ_sum = c.scratch, *D = c.scratch + rows * d;
+            std::string err =
+                launch("flash2_mma_backward::rowsum_D", bw::rowsum_D<T, d>, dim3((rows + 255) / 256), 256, 0,
+                       c, bits(c.O), bits(c.dO), size_t(rows), D);
+            if (err.empty() && cudaMemsetAsync(dQ_sum, 0, sizeof(float) * rows * d, c.stream) != cudaSuccess)
+                err = "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
+            if (err.empty())
+                err = launch("flash2_mma_backward::backward", bw::backward<T, d>,
+                             dim3(ceil_div(c.N, bw::Bc), c.BH), 32 * bw::WARPS, bw::shared_bytes(d), c,
+                             bits(c.Q), bits(c.K), bits(c.V), bits(c.dO), c.L, D, c.N, c.scale, c.causal,
+                             dQ_sum, bits(c.dK), bits(c.dV));
+            const size_t pairs = rows * d / 2;
+            if (err.empty())
+                err = launch("flash2_mma_backward::convert_dQ", bw::convert_dQ<T>, dim3((pairs + 255) / 256),
+                             256, 0, c, dQ_sum, pairs, c.scale, bits(c.dQ));
+            return err;
+        }
+    };
+};

@@ -1,3 +1,0 @@
-// The CPU build of tests/fragments.cu: the same source against the emulation.
-#include "cpu_cuda.h"
-#include "fragments.cu"

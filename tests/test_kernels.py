@@ -1,0 +1,124 @@
+"""Every version's kernels, forward and backward, against float64 plain attention, on the CPU
+emulation and, where there is one, on the GPU: one matrix over (version, dtype) from
+minimal_flash.VERSIONS, at each version's shapes, causal and not, into NaN-poisoned outputs, with a
+random dO. fp32 within 1e-5 (relative); bf16 and fp16 within the official FlashAttention tests' rule
+(largest error at most twice plain attention's in the same precision). A test runs the forward once
+and feeds its O and L to the backward: the emulation's time goes to cases, not to repeats."""
+import pytest
+import torch
+
+import minimal_flash as mf
+from helpers import (CASE_IDS, CASES, CAUSAL, DEVICES, MATRIX, OTHER_BLOCK_SIZES, OTHER_N, SIZED, assert_close,
+                     assert_gradients, head_dim, poisoned_outputs, random_dO, random_qkv, reference, rel_err, shapes)
+
+
+def check_passes(device, shape, causal, version, dtype, generator, scale=None, **block_sizes):
+    """forward() into poisoned O, L, checked; then backward() from them into poisoned dQ, dK, dV, checked."""
+    q, k, v = random_qkv(*shape, device, generator, dtype)
+    O, L = poisoned_outputs(q)
+    mf.forward(q, k, v, causal=causal, softmax_scale=scale, out=(O, L), version=version, **block_sizes)
+    O_ref, L_ref = reference(q, k, v, causal, scale)  # float64, of the same (rounded) inputs
+    plain = mf.manual_attention(q, k, v, causal=causal, softmax_scale=scale) if dtype != torch.float32 else None
+    assert_close("O", O, O_ref, plain)
+    assert_close("L", L, L_ref)  # fp32 always: S and its log-sum-exp are fp32 sums of exact products
+    dO = random_dO(q, generator)
+    grads = tuple(torch.full_like(q, float("nan")) for _ in range(3))
+    mf.backward(dO, q, k, v, O, L, causal=causal, softmax_scale=scale, out=grads, version=version, **block_sizes)
+    assert_gradients(grads, q, k, v, dO, causal, scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version,dtype,shape", [(n, dt, s) for n, dt in CASES for s in shapes(n)],
+                         ids=[f"{case}-{s}" for (n, _), case in zip(CASES, CASE_IDS) for s in shapes(n)])
+@CAUSAL
+def test_matches_float64(device, shape, causal, version, dtype, generator):
+    check_passes(device, shape, causal, version, dtype, generator)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@MATRIX
+def test_softmax_scale(device, version, dtype, generator):
+    check_passes(device, (1, 2, 45, head_dim(version)), True, version, dtype, generator, scale=0.3)
+
+
+# Br != Bc, for the versions they shape: the Q tiles and K tiles then have different strides and a
+# causal row can see no key of a tile; with Br < Bc a block has fewer threads than a K tile has rows.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version", SIZED, ids=[f"v{n}" for n in SIZED])
+@CAUSAL
+@OTHER_N
+@OTHER_BLOCK_SIZES
+def test_other_block_sizes(device, Br, Bc, N, causal, version, generator):
+    check_passes(device, (2, 2, N, 32), causal, version, torch.float32, generator, Br=Br, Bc=Bc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("N", [63, 64, 65, 127, 128, 129, 300])
+def test_version_2_across_its_blocks(device, N, generator):
+    """Version 2 gives each forward block G * Br query rows (128 by default) and each backward block
+    64 keys, adding every block's share of dQ into it: N just below, at and past one block, and
+    several blocks, causal (later blocks see more tiles)."""
+    check_passes(device, (1, 2, N, 16), True, 2, torch.float32, generator)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@MATRIX
+def test_slices_do_not_bleed(device, version, dtype, generator):
+    """Each (batch, head) slice is computed from its own rows only: huge neighbours change nothing."""
+    q, k, v = random_qkv(2, 2, 45, head_dim(version, 16), device, generator, dtype)
+    dO = random_dO(q, generator)
+    O, L = mf.forward(q[:1, :1], k[:1, :1], v[:1, :1], version=version)
+    alone = (O, *mf.backward(dO[:1, :1], q[:1, :1], k[:1, :1], v[:1, :1], O, L, version=version))
+    k[0, 1] *= 100
+    v[1, 0] += 100
+    dO[1, 0] += 100
+    O, L = mf.forward(q, k, v, version=version)
+    together = (O, *mf.backward(dO, q, k, v, O, L, version=version))
+    for name, a, t in zip(("O", "dQ", "dK", "dV"), alone, together):
+        if name == "dQ" and not mf.VERSIONS[version].deterministic:
+            # Added into with atomics, in an order that changes from run to run: equal up to
+            # rounding. A bleed of the 100-sized neighbours would be far larger.
+            assert rel_err(t[0, 0], a[0, 0].double()) < (1e-6 if dtype == torch.float32 else 1e-2), name
+        else:
+            assert torch.equal(t[0, 0], a[0, 0]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@MATRIX
+@CAUSAL
+def test_loss_backward_reaches_q_k_v(device, causal, version, dtype, generator):
+    """A loss built on flash_attention: .backward() fills q.grad, k.grad, v.grad, through the
+    kernels, with what float64 autograd of plain attention gives."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(2, 3, 50, head_dim(version), device, generator, dtype))
+    weights = random_dO(q, generator)
+    loss = (mf.flash_attention(q, k, v, causal=causal, version=version) * weights).sum() + 1.0
+    loss.backward()
+    assert all(t.grad is not None for t in (q, k, v))
+    assert_gradients((q.grad, k.grad, v.grad), q.detach(), k.detach(), v.detach(), weights, causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,version", [(torch.float32, 2), (torch.bfloat16, 3), (torch.float16, 3)])
+def test_flash_attention_picks_the_default_version(device, dtype, version, generator):
+    """Version 2 for float32 (the fastest fp32 kernels), version 3 for bfloat16 and float16."""
+    q, k, v = random_qkv(2, 2, 33, 64, device, generator, dtype)
+    O = mf.flash_attention(q, k, v, causal=True)
+    assert O.dtype == dtype and torch.equal(O, mf.forward(q, k, v, causal=True, version=version)[0])
+    assert_close("O", O, reference(q, k, v, True)[0], mf.manual_attention(q, k, v, causal=True))
+
+
+def test_non_contiguous_inputs_get_gradients(generator):
+    """(B, N, H, d) tensors viewed as (B, H, N, d): the gradients reach the original tensors."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 20, 3, 16, "cpu", generator))
+    views = [t.transpose(1, 2) for t in (q, k, v)]
+    weights = random_dO(views[0], generator)
+    (mf.flash_attention(*views) * weights).sum().backward()
+    assert_gradients(tuple(t.grad.transpose(1, 2) for t in (q, k, v)), *(t.detach() for t in views), weights, False)
+
+
+def test_only_what_the_backward_needs_is_saved():
+    """The autograd graph keeps q, k, v, O and L: O(N d) memory, never the N x N matrix P."""
+    q, k, v = (torch.randn(1, 2, 40, 8, requires_grad=True) for _ in range(3))
+    O = mf.flash_attention(q, k, v)
+    saved = O.grad_fn.saved_tensors
+    assert [tuple(t.shape) for t in saved] == [(1, 2, 40, 8)] * 4 + [(1, 2, 40)]
