@@ -134,11 +134,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     _check_official_defaults(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                              return_attn_probs=return_attn_probs)
     if deterministic:
-        v_ = _check_version(version, q)
-        if not VERSIONS[v_].deterministic:
+        chosen = _check_version(version, q)
+        if not VERSIONS[chosen].deterministic:
             takes = [n for n, x in VERSIONS.items() if x.deterministic]
-            raise ValueError(f"deterministic=True: version {v_}'s backward adds into dQ with atomics, whose order "
-                             f"varies from run to run; version {' or '.join(map(str, takes))} is deterministic")
+            raise ValueError(f"deterministic=True: version {chosen}'s backward adds into dQ with atomics, whose "
+                             f"order varies from run to run; version {' or '.join(map(str, takes))} is deterministic")
     q, k, v = (_transposed(name, t) for name, t in (("q", q), ("k", k), ("v", v)))  # views: gradients reach the caller
     out = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc, version=version)
     return out.transpose(1, 2)

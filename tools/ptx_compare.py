@@ -25,7 +25,7 @@ def kernels(path):
         end = text.find("\n}\n", start)
         body = text[start:end]
         body = body.replace(name, "KERNEL")
-        body = re.sub(r"\$L__\w+?(\d+)_(\d+)", r"$L_\2", body)       # labels carry the function's index
+        body = re.sub(r"\$L__\w+?(\d+)_(\d+)", r"$L_\2", body)  # labels carry the function's index
         body = "\n".join(line for line in body.splitlines()
                          if not line.strip().startswith((".loc", ".file", "//")) and line.strip())
         found[demangle(name)] = body
@@ -36,7 +36,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("old")
     p.add_argument("new", nargs="+")
-    p.add_argument("--rename", nargs="*", default=[], help="OLD=NEW: a regular expression in the old demangled names and its replacement")
+    p.add_argument("--rename", nargs="*", default=[],
+                   help="OLD=NEW: a regular expression in the old demangled names and its replacement")
     args = p.parse_args()
     old = kernels(args.old)
     new = {}
