@@ -566,7 +566,9 @@ inline std::string ranges(const std::vector<unsigned>& ids) {
 void fiber_main();
 
 // A worker: runs blocks, one at a time, their threads as fibers on its OS thread.
-struct Worker {
+// Aligned to a cache line: workers run on different cores, and the fields one of them changes at
+// every switch must not share a line with another's.
+struct alignas(64) Worker {
     std::vector<std::unique_ptr<Fiber>> fibers;  // as many as the largest block so far
     Context home;                                // the worker's own: where a block starts and ends
     Fiber* current = nullptr;
