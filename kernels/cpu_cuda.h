@@ -18,7 +18,8 @@
 //     each lane takes its own result from the whole warp's values, in the PTX ISA's lane layouts.
 //   - Shared memory is the worker's own buffer, filled with NaN before each block, so a read of a
 //     word nobody wrote poisons the result instead of silently reusing the previous block's data.
-//   - cp.async copies land when their thread waits for them, not before.
+//   - cp.async copies land when their thread waits for them, not before; until then their
+//     destination holds NaN (on a GPU it holds the old data or the new, or part of each).
 //   - atomicAdd is atomic, across blocks that run on different cores too.
 //   - Launch errors as a GPU reports them: too many threads, too much shared memory.
 // And what a GPU does not have: Ctrl-C (SIGINT) stops a launch within a moment, and a launch that
@@ -156,15 +157,19 @@ inline int max(int a, int b) { return std::max(a, b); }
 // The opt-in limit of an H100/H200 (227 KB). As on a GPU, a kernel gets more than 48 KB of dynamic
 // shared memory only after cudaFuncSetAttribute raises its limit.
 constexpr size_t kMaxSharedBytes = 227 * 1024, kDefaultSharedBytes = 48 * 1024;
+// What shared memory holds before a block writes it, and a cp.async's destination until the copy
+// lands: every byte 0xff, which reads as NaN whether a kernel reads floats, bf16 or fp16 (a float's
+// usual NaN, 0x7fc00000, would read as two 16-bit values of which one is 0.0).
+constexpr int kPoison = 0xff;
 // A worker's shared memory. Its initialiser is dynamic on purpose (a volatile read, which no
 // compiler can fold into a constant): in a kernel template, g++ 12 compiles the block-scope
 // `extern thread_local` declaration as a call to the variable's thread-local initialiser, which
 // exists only for a dynamically initialised variable; without one the kernel calls address 0.
-inline float shared_memory_poison() {
-    volatile float nan = std::numeric_limits<float>::quiet_NaN();
-    return nan;
+inline float dynamic_zero() {
+    volatile float zero = 0.0f;
+    return zero;
 }
-alignas(16) inline thread_local float smem[kMaxSharedBytes / sizeof(float)] = {shared_memory_poison()};
+alignas(16) inline thread_local float smem[kMaxSharedBytes / sizeof(float)] = {dynamic_zero()};
 
 // The CUDA runtime's errors that a launch here can report, and two of the emulation's own: a
 // barrier that can never complete, and a launch stopped by Ctrl-C.
@@ -182,6 +187,11 @@ enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 // that says more than the error's name; cudaGetErrorString returns it for that error.
 static thread_local cudaError_t cpu_last_error = cudaSuccess, cpu_detailed_error = cudaSuccess;
 static thread_local std::string cpu_error_message;
+inline cudaError_t cpu_set_error(cudaError_t err, const std::string& message = "") {
+    cpu_detailed_error = message.empty() ? cudaSuccess : err;
+    cpu_error_message = message;
+    return cpu_last_error = err;
+}
 static std::map<const void*, size_t> cpu_shared_limit;  // per kernel, set by cudaFuncSetAttribute
 
 using cudaStream_t = void*;  // launches run at once, in order: one stream is all there is
@@ -209,7 +219,7 @@ inline const char* cudaGetErrorString(cudaError_t err) {
 }
 template <class Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute, int bytes) {
-    if (bytes < 0 || size_t(bytes) > kMaxSharedBytes) return cpu_last_error = cudaErrorInvalidValue;
+    if (bytes < 0 || size_t(bytes) > kMaxSharedBytes) return cpu_set_error(cudaErrorInvalidValue);
     cpu_shared_limit[(const void*)kernel] = bytes;
     return cudaSuccess;
 }
@@ -251,7 +261,7 @@ extern "C" __attribute__((visibility("hidden"))) void cpu_cuda_switch(void** fro
 #endif
 #if defined(__x86_64__)
 // System V and macOS: rbx, rbp, r12-r15, and the control words of the SSE and x87 units (rounding
-// modes: callee-saved too). 64 bytes, plus the return address the call pushed.
+// modes: callee-saved too). 56 bytes, below the return address that the call pushed.
 asm(CPU_CUDA_SWITCH_BEGIN(4)
     "    pushq %rbp\n"
     "    pushq %rbx\n"
@@ -320,8 +330,9 @@ struct Context {
     void start(char* low, size_t bytes, void (*entry)()) {
         const uintptr_t top = (uintptr_t(low) + bytes) & ~uintptr_t(15);
 #if defined(__x86_64__)
-        // The control words, 7 registers' worth of saved slots, `entry`, and a null return address
-        // for entry itself: it starts with the stack pointer 8 below a multiple of 16, as after a call.
+        // From the stack pointer up: the control words, the 6 registers (zero), `entry` (where
+        // cpu_cuda_switch returns to) and a null return address for entry itself, which so starts
+        // with the stack pointer 8 below a multiple of 16, as after a call.
         void** frame = reinterpret_cast<void**>(top - 9 * sizeof(void*));
         std::memset(frame, 0, 9 * sizeof(void*));
         unsigned mxcsr;
@@ -378,10 +389,12 @@ inline std::string short_path(const char* file) {
 }
 inline std::string where(const Site& site) { return short_path(site.file) + ":" + std::to_string(site.line); }
 
-// cp.async: a thread's copies land when it waits for their group, not before, so a kernel that reads
-// a tile before cp_async_wait (or without the __syncthreads after it) reads stale values here as it
-// may on a GPU. Copies never waited for fail the launch, and so does a copy whose addresses are
-// not multiples of its size, as on a GPU.
+// cp.async: a thread's copies land when it waits for their group, not before. On a GPU a copy lands
+// at any moment between the two, so here its destination holds NaN in the meantime: a kernel that
+// reads a tile before cp_async_wait (or without the __syncthreads after it) reads NaN, and so does
+// one that starts a copy into a buffer that another thread has still to read (a missing
+// __syncthreads before the copy). Copies never waited for fail the launch, and so does a copy
+// whose addresses are not multiples of its size, as on a GPU.
 struct AsyncCopy {
     void* to;
     size_t size;              // 16 or 4 bytes
@@ -474,7 +487,7 @@ struct Launch {
     std::mutex mutex;  // guards the first failure's error and message
     cudaError_t error = cudaSuccess;
     std::string message;
-    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+    std::chrono::steady_clock::time_point start;
     std::atomic<bool> announced{false};
 
     void fail(cudaError_t err, const std::string& why) {
@@ -580,13 +593,22 @@ struct alignas(64) Worker {
     std::vector<Warp> warps;
     Launch* launch = nullptr;
 
+    // How a thread waits, for anything: it notes where in its `waiting`, and calls switch_away();
+    // whoever completes what it waits for (the last thread at a barrier, the last lane of a warp
+    // collective; an mbarrier's arrivals, one day) calls make_ready on it. The deadlock message
+    // below names the barrier or warp collective that waits; a new kind of wait adds its case there.
     bool stop_requested() const {
         return interrupt_requested.load(std::memory_order_relaxed) || launch->failed.load(std::memory_order_relaxed);
     }
-    void make_ready(Fiber* f) {
+    void make_ready(Fiber* f) {  // to run after those ready now
         f->waiting.what = nullptr;
         unsigned slot = ready_head + ready_count++;
         ready[slot < threads ? slot : slot - threads] = f;
+    }
+    void make_ready_first(Fiber* f) {  // to run before those ready now
+        f->waiting.what = nullptr;
+        ready_head = ready_head == 0 ? threads - 1 : ready_head - 1, ++ready_count;
+        ready[ready_head] = f;
     }
     Fiber* next_ready() {
         if (ready_count == 0) return nullptr;
@@ -629,9 +651,22 @@ struct alignas(64) Worker {
             switch_away();
             return;
         }
-        barrier.arrived = 0;  // all are here: the others may go on, in thread order, after this one
-        for (unsigned t = 0; t < threads; ++t)
-            if (fibers[t].get() != self) make_ready(fibers[t].get());
+        barrier.arrived = 0;  // all are here: this one goes on, and the others after it, in turn
+        ascending = !ascending;
+        make_block_ready(self);
+    }
+
+    // The block's threads (but `running`, which goes on) ready to run, in thread order or reversed.
+    // The order turns at every barrier (the last to arrive goes on first) and at every block's
+    // start. So a missing barrier shows whichever way the data flows: a thread that reads a word
+    // that a later thread writes reads it too early in one order, and one that reads what an
+    // earlier thread writes, in the other.
+    bool ascending = true;
+    void make_block_ready(const Fiber* running) {
+        for (unsigned i = 0; i < threads; ++i) {
+            Fiber* f = fibers[ascending ? i : threads - 1 - i].get();
+            if (f != running) make_ready(f);
+        }
     }
 
     // The calling lane's warp; warp collectives only in blocks of whole warps.
@@ -649,7 +684,10 @@ struct alignas(64) Worker {
 
     // A warp collective: the lane has put its values into half generation % 2 of the warp's
     // buffers. The last of the 32 lanes to arrive runs `complete` (what the warp computes together)
-    // and releases the others; each then reads its result from the same half.
+    // and releases the others; each then reads its result from the same half. The released lanes
+    // run next, before other warps: a warp goes on as far as it can, to the next __syncthreads,
+    // before the next warp starts. So warps drift as far apart as a GPU lets them, and a missing
+    // barrier between warps (one warp overwriting what another has still to read) shows.
     template <class Complete>
     void sync_warp(Warp& warp, const Site& site, Complete&& complete) {
         Fiber* self = current;
@@ -663,8 +701,8 @@ struct alignas(64) Worker {
         warp.arrived = 0, ++warp.generation;
         complete();
         const unsigned first = self->id / 32 * 32;
-        for (unsigned l = first; l < first + 32; ++l)
-            if (fibers[l].get() != self) make_ready(fibers[l].get());
+        for (unsigned l = first + 32; l-- > first;)  // so that they run in lane order
+            if (fibers[l].get() != self) make_ready_first(fibers[l].get());
     }
 
     [[noreturn]] void thread_exits() {
@@ -738,15 +776,16 @@ struct alignas(64) Worker {
     void run_block(unsigned long long b) {
         const dim3 g = launch->grid;
         blockIdx = dim3(unsigned(b % g.x), unsigned(b / g.x % g.y), unsigned(b / (g.x * (unsigned long long)g.y)));
-        std::fill_n(smem, (launch->shared_bytes + sizeof(float) - 1) / sizeof(float), std::numeric_limits<float>::quiet_NaN());
+        std::memset(smem, kPoison, launch->shared_bytes);
         exited = 0, barrier = BlockBarrier{}, ready_head = 0, ready_count = 0;
         for (Warp& warp : warps) warp.arrived = 0, warp.generation = 0, warp.diverged = false;
         for (unsigned t = 0; t < threads; ++t) {
             Fiber& f = *fibers[t];
             f.exited = false, f.copies.clear();
             f.context.start(f.stack(), kStackBytes, fiber_main);
-            make_ready(&f);
         }
+        ascending = !ascending;
+        make_block_ready(nullptr);
         current = next_ready();
         threadIdx = current->index;
         switch_context(home, current->context);
@@ -827,6 +866,7 @@ inline void cpu_set_workers(unsigned n) { workers_wanted = n; }
 inline void run_launch(Launch& l) {
     std::lock_guard<std::mutex> lock(launch_mutex);
     l.kernel = kernel_name(l.kernel_address, l.kernel_text);
+    l.start = std::chrono::steady_clock::now();
     SigintHandler sigint;
     const unsigned cores = std::max(1u, workers_wanted ? workers_wanted : std::thread::hardware_concurrency());
     const unsigned n = unsigned(std::min<unsigned long long>(cores, l.blocks));
@@ -958,6 +998,7 @@ inline void cp_async(void* to, const void* from, bool valid, const char* file, i
     }
     cpu_cuda::AsyncCopy copy{to, size, {}};
     if (valid) std::memcpy(copy.bytes, from, size);
+    std::memset(to, kPoison, size);  // in flight: neither the old data nor the new
     worker.current->copies.copies.push_back(copy);
 }
 inline void cp_async16(void* to, const void* from, bool valid, const char* file = __builtin_FILE(),
@@ -990,7 +1031,7 @@ struct CpuLaunch {
         auto limit = cpu_shared_limit.find((const void*)kernel);
         if (threads == 0 || threads > 1024 || blocks == 0 ||
             shared_bytes > (limit == cpu_shared_limit.end() ? kDefaultSharedBytes : limit->second)) {
-            cpu_last_error = cudaErrorInvalidConfiguration;  // what the GPU reports for these
+            cpu_set_error(cudaErrorInvalidConfiguration);  // what the GPU reports for these
             return;
         }
         gridDim = grid, blockDim = block;
@@ -1002,10 +1043,7 @@ struct CpuLaunch {
         launch.body = [](const void* f) { (*static_cast<const decltype(body)*>(f))(); };
         launch.arguments = &body;
         cpu_cuda::run_launch(launch);
-        if (launch.error != cudaSuccess) {
-            cpu_last_error = cpu_detailed_error = launch.error;
-            cpu_error_message = launch.message;
-        }
+        if (launch.error != cudaSuccess) cpu_set_error(launch.error, launch.message);
     }
 };
 #define LAUNCH(kernel, grid, block, shared_bytes, stream) \

@@ -32,14 +32,14 @@ __global__ void shuffle_or_barrier(float* out) {
 
 // ---- Barriers that block, shared memory
 
-// Thread t reads the word thread t + 1 wrote: right only if the barrier makes every thread wait
-// until all have written (without it, thread t runs ahead and reads the NaN poison).
-__global__ void neighbour(float* out, bool barrier) {
+// Thread t reads the word thread t + step wrote: right only if the barrier makes every thread wait
+// until all have written (without it, a thread runs ahead and may read the NaN poison).
+__global__ void neighbour(float* out, bool barrier, int step) {
     extern __shared__ __align__(16) float smem[];
     const unsigned t = threadIdx.x, n = blockDim.x;
     smem[t] = float(t);
     if (barrier) __syncthreads();
-    out[blockIdx.x * n + t] = smem[(t + 1) % n];
+    out[blockIdx.x * n + t] = smem[(t + n + step) % n];
 }
 
 // Each block fills its shared memory with its number, then checks, between barriers (where the
@@ -57,6 +57,23 @@ __global__ void own_shared_memory(float* out, int words) {
     }
     atomicAdd(&out[blockIdx.x], changed);
     atomicAdd(&out[gridDim.x + blockIdx.x], not_poisoned);
+}
+
+// Each thread reads a word of the other warp, then overwrites its own word with no barrier in
+// between: right only if every warp has read before any overwrites. A warp goes on as far as it can
+// (past the shuffle, where it waits for its own lanes only) before the other warp starts, so here
+// the second warp reads what the first has overwritten. out[t]: what thread t read.
+__global__ void read_then_overwrite(float* out, bool barrier) {
+    extern __shared__ __align__(16) float smem[];
+    const unsigned t = threadIdx.x, n = blockDim.x;
+    smem[t] = float(t);
+    __syncthreads();
+    float x = smem[(t + 32) % n];
+    x = __shfl_xor_sync(0xffffffffu, x, 1);
+    x = __shfl_xor_sync(0xffffffffu, x, 1);  // back to this lane's own value
+    if (barrier) __syncthreads();
+    smem[t] = -1.0f;
+    out[blockIdx.x * n + t] = x;
 }
 
 // ---- Indices, atomics
@@ -85,11 +102,12 @@ __global__ void count(float* out, int adds) {
 
 // ---- cp.async
 
-// Thread t copies 4 floats from `from` to shared memory and reads them before the wait (the NaN
-// poison: nothing has landed) and after (the copy), into out[8t ..].
+// Thread t writes 4 floats of shared memory, copies 4 others from `from` over them and reads them
+// before the wait (NaN: neither the old values nor the new) and after (the copy), into out[8t ..].
 __global__ void copy_then_wait(const float* from, float* out) {
     extern __shared__ __align__(16) float smem[];
     const unsigned t = threadIdx.x;
+    for (int i = 0; i < 4; ++i) smem[4 * t + i] = -1.0f;
     cp_async16(smem + 4 * t, from + 4 * t, true);
     cp_async_commit();
     for (int i = 0; i < 4; ++i) out[8 * t + i] = smem[4 * t + i];
@@ -134,8 +152,12 @@ const char* run_case(const char* name, float* out, const float* in, int n) {
     else if (c == "two_barriers") LAUNCH(two_barriers, dim3(1), dim3(128), 0, 0)(out);
     else if (c == "shuffle_after_exit") LAUNCH(shuffle_after_exit, dim3(1), dim3(64), 0, 0)(out);
     else if (c == "shuffle_or_barrier") LAUNCH(shuffle_or_barrier, dim3(1), dim3(32), 0, 0)(out);
-    else if (c == "neighbour") LAUNCH(neighbour, dim3(n), dim3(64), 64 * sizeof(float), 0)(out, true);
-    else if (c == "neighbour_without_barrier") LAUNCH(neighbour, dim3(n), dim3(64), 64 * sizeof(float), 0)(out, false);
+    else if (c == "neighbour") LAUNCH(neighbour, dim3(n), dim3(64), 64 * sizeof(float), 0)(out, true, 1);
+    else if (c == "next_without_barrier") LAUNCH(neighbour, dim3(n), dim3(64), 64 * sizeof(float), 0)(out, false, 1);
+    else if (c == "previous_without_barrier") LAUNCH(neighbour, dim3(n), dim3(64), 64 * sizeof(float), 0)(out, false, -1);
+    else if (c == "read_then_overwrite") LAUNCH(read_then_overwrite, dim3(n), dim3(64), 64 * sizeof(float), 0)(out, true);
+    else if (c == "read_then_overwrite_without_barrier")
+        LAUNCH(read_then_overwrite, dim3(n), dim3(64), 64 * sizeof(float), 0)(out, false);
     else if (c == "own_shared_memory") LAUNCH(own_shared_memory, dim3(n), dim3(64), 4096 * sizeof(float), 0)(out, 4096);
     else if (c == "indices") LAUNCH(indices, dim3(3, 2, 2), dim3(4, 4, 2), 0, 0)(out);
     else if (c == "count") LAUNCH(count, dim3(64), dim3(128), 0, 0)(out, n);

@@ -94,14 +94,33 @@ def test_deadlock_reaches_python_as_runtime_error():
 # ---- Barriers that block; shared memory per block
 
 
-def test_missing_barrier_gives_a_wrong_answer(cases):
-    """A thread runs ahead to the next barrier, as far as it can: without one it reads its
-    neighbour's word before the neighbour wrote it, and gets the NaN poison."""
-    out = torch.zeros(64 * 2)
-    assert cases("neighbour_without_barrier", n=2, out=out) == ""
-    assert out.isnan().sum() >= 2 * 62
+@pytest.mark.parametrize("case", ["next_without_barrier", "previous_without_barrier"])
+def test_missing_barrier_gives_a_wrong_answer(cases, case):
+    """A thread runs ahead to the next barrier, as far as it can: without one, it reads its
+    neighbour's word before the neighbour wrote it, and gets the NaN poison. The threads take turns
+    in one order in one block and in the other in the next, so this shows in full whichever
+    neighbour a thread reads."""
+    cases.library.set_workers(1)  # the blocks in turn on one worker, so in both orders
+    try:
+        out = torch.zeros(64 * 2)
+        assert cases(case, n=2, out=out) == ""
+    finally:
+        cases.library.set_workers(0)
+    # In one block 63 of the 64 threads read too early; in the other, only the one whose neighbour
+    # (across the ends of the block) takes its turn after it.
+    assert sorted(out.view(2, 64).isnan().sum(dim=1).tolist()) == [1, 63], out
     assert cases("neighbour", n=2, out=out) == ""
     assert torch.equal(out, ((torch.arange(64) + 1) % 64).float().repeat(2))
+
+
+def test_missing_barrier_between_warps_gives_a_wrong_answer(cases):
+    """A warp runs on to its next __syncthreads before the next warp starts: without the barrier,
+    the first warp overwrites the words that the second has still to read."""
+    out = torch.zeros(64 * 2)
+    assert cases("read_then_overwrite_without_barrier", n=2, out=out) == ""
+    assert (out == -1).any(), out
+    assert cases("read_then_overwrite", n=2, out=out) == ""
+    assert torch.equal(out, ((torch.arange(64) + 32) % 64).float().repeat(2))
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
@@ -146,6 +165,8 @@ def test_atomic_add_is_atomic_across_blocks(cases, workers):
 
 
 def test_cp_async_lands_at_the_wait(cases):
+    """Before the wait the destination holds NaN: neither what the thread wrote there before the
+    copy, nor the copy."""
     source = torch.arange(32 * 4, dtype=torch.float32)
     out = torch.zeros(32 * 8)
     assert cases("copy_then_wait", out=out, inp=source) == ""
