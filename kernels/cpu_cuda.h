@@ -193,6 +193,7 @@ inline cudaError_t cpu_set_error(cudaError_t err, const std::string& message = "
     return cpu_last_error = err;
 }
 static std::map<const void*, size_t> cpu_shared_limit;  // per kernel, set by cudaFuncSetAttribute
+static std::mutex cpu_shared_limit_mutex;               // host threads may set and launch at once
 
 using cudaStream_t = void*;  // launches run at once, in order: one stream is all there is
 inline cudaError_t cudaMemsetAsync(void* address, int value, size_t bytes, cudaStream_t) {
@@ -220,6 +221,7 @@ inline const char* cudaGetErrorString(cudaError_t err) {
 template <class Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute, int bytes) {
     if (bytes < 0 || size_t(bytes) > kMaxSharedBytes) return cpu_set_error(cudaErrorInvalidValue);
+    std::lock_guard<std::mutex> lock(cpu_shared_limit_mutex);
     cpu_shared_limit[(const void*)kernel] = bytes;
     return cudaSuccess;
 }
@@ -867,6 +869,7 @@ inline void run_launch(Launch& l) {
     std::lock_guard<std::mutex> lock(launch_mutex);
     l.kernel = kernel_name(l.kernel_address, l.kernel_text);
     l.start = std::chrono::steady_clock::now();
+    gridDim = l.grid, blockDim = l.block;
     SigintHandler sigint;
     const unsigned cores = std::max(1u, workers_wanted ? workers_wanted : std::thread::hardware_concurrency());
     const unsigned n = unsigned(std::min<unsigned long long>(cores, l.blocks));
@@ -1028,13 +1031,16 @@ struct CpuLaunch {
     void operator()(Args... args) const {
         const unsigned threads = block.x * block.y * block.z;
         const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
-        auto limit = cpu_shared_limit.find((const void*)kernel);
-        if (threads == 0 || threads > 1024 || blocks == 0 ||
-            shared_bytes > (limit == cpu_shared_limit.end() ? kDefaultSharedBytes : limit->second)) {
+        size_t limit = kDefaultSharedBytes;
+        {
+            std::lock_guard<std::mutex> lock(cpu_shared_limit_mutex);
+            auto opted = cpu_shared_limit.find((const void*)kernel);
+            if (opted != cpu_shared_limit.end()) limit = opted->second;
+        }
+        if (threads == 0 || threads > 1024 || blocks == 0 || shared_bytes > limit) {
             cpu_set_error(cudaErrorInvalidConfiguration);  // what the GPU reports for these
             return;
         }
-        gridDim = grid, blockDim = block;
         auto body = [&] { kernel(args...); };  // each thread calls the kernel with its own copies
         cpu_cuda::Launch launch;
         launch.kernel_address = reinterpret_cast<const void*>(kernel), launch.kernel_text = text;
