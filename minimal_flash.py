@@ -730,6 +730,8 @@ def _either(name, value, default, alias, alias_value):
 
 def _raise_if(error):
     """The extension returns an error message instead of throwing (see kernels/bindings.cu)."""
+    if error.endswith(" failed: interrupted"):  # Ctrl-C stopped a CPU launch (kernels/cpu_cuda.h)
+        raise KeyboardInterrupt(f"minimal_flash: {error}")
     if error:
         raise RuntimeError(f"minimal_flash: {error}")
 

@@ -1,38 +1,77 @@
 // Just enough of CUDA to run the kernels in kernels/*.cu on a CPU, unchanged.
 //
-// A launch runs the grid's blocks one after another. Each block's threads are real CPU threads
-// (one std::thread per CUDA thread), so __syncthreads() is a real barrier: a missing barrier shows
-// up here as a wrong answer, as it would on a GPU. Shared memory is one buffer that the blocks take
-// in turn; it is filled with NaN before each block, so reading a word that nobody wrote poisons the
-// result instead of silently reusing the previous block's data. This is an emulation for checking
-// and reading along, not for speed.
+// How a launch runs. The grid's blocks are spread over the machine's cores: one worker per core
+// (the calling thread and hardware_concurrency - 1 more OS threads), each taking the next block
+// from a shared counter. A worker runs a block's threads as fibers: each CUDA thread has a stack
+// of its own, but all of them run on the worker's one OS thread, one at a time, and a thread runs
+// until it has to wait (at __syncthreads, at a warp-collective operation, or at its end); then the
+// worker switches to the next thread that can run. Switching is a handful of instructions
+// (cpu_cuda_switch below), where an OS thread per CUDA thread cost two system calls per wait.
+//
+// What stays as on a GPU, because the kernels' correctness is checked here:
+//   - __syncthreads() really blocks: a thread waits there until every thread of its block has
+//     arrived, so a missing barrier gives a wrong answer here too (a thread runs ahead of the
+//     others as far as it can). A barrier that can never complete (threads that exited, or wait
+//     at another barrier) fails the launch with a message that names the kernel and the line.
+//   - Warp-collective operations (__shfl_xor_sync, mma.sync m16n8k16, ldmatrix) meet all 32 lanes
+//     of the warp: each lane hands in its values, the last to arrive completes the operation, and
+//     each lane takes its own result from the whole warp's values, in the PTX ISA's lane layouts.
+//   - Shared memory is the worker's own buffer, filled with NaN before each block, so a read of a
+//     word nobody wrote poisons the result instead of silently reusing the previous block's data.
+//   - cp.async copies land when their thread waits for them, not before; until then their
+//     destination holds NaN (on a GPU it holds the old data or the new, or part of each).
+//   - atomicAdd is atomic, across blocks that run on different cores too.
+//   - Launch errors as a GPU reports them: too many threads, too much shared memory.
+// And what a GPU does not have: Ctrl-C (SIGINT) stops a launch within a moment, and a launch that
+// runs for more than a few seconds says so on stderr, with an estimate of the time left.
+//
+// This is an emulation for checking and reading along: kernels run correctly, not fast.
 #pragma once
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
-#include <condition_variable>
+#include <csignal>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <vector>
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+// A hand-written context switch on x86-64 and AArch64; elsewhere (or with -DCPU_CUDA_UCONTEXT)
+// the C library's swapcontext, which also saves the signal mask: a system call per switch.
+#if (defined(__x86_64__) || defined(__aarch64__)) && !defined(CPU_CUDA_UCONTEXT)
+#define CPU_CUDA_ASM_SWITCH 1
+#else
+#define CPU_CUDA_ASM_SWITCH 0
+#include <ucontext.h>
+#endif
 
 #define __global__
 #define __device__
 #define __host__
-#define __shared__  // `extern __shared__ float smem[];` then names the buffer below
+// `extern __shared__ float smem[];` in a kernel then declares the worker's own buffer, `smem`
+// below: blocks run in parallel on several workers, each with its own shared memory.
+#define __shared__ thread_local
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)  // a hint to nvcc's register allocation
 
 struct dim3 {
     unsigned x, y, z;
-    dim3(unsigned x = 1, unsigned y = 1, unsigned z = 1) : x(x), y(y), z(z) {}
+    constexpr dim3(unsigned x = 1, unsigned y = 1, unsigned z = 1) : x(x), y(y), z(z) {}
 };
-inline thread_local dim3 threadIdx, blockIdx;
-inline dim3 blockDim, gridDim;
 
 inline float __expf(float x) { return std::exp(x); }
 inline float fast_exp2(float x) { return std::exp2(x); }  // kernels/mma.cuh
@@ -48,6 +87,18 @@ struct __nv_bfloat16 {
 struct __half {
     unsigned short bits;
 };
+
+// Everything from here on is hidden in the library that includes this header, and each library has
+// its own emulation: a process may load two builds (minimal_flash loads an edited kernel's new
+// build next to the old one), and were these functions and variables visible, the second would
+// use the first one's. The types above stay visible, so that kernels templated on them
+// (flash3_forward<__nv_bfloat16, 64>) are visible too, with names that a message can give.
+#pragma GCC visibility push(hidden)
+
+// threadIdx is the running fiber's: the worker sets it at every switch. The switch is a call the
+// compiler cannot see into, so a kernel reads threadIdx anew after every wait.
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;  // set before a launch's workers start, the same for all
 inline unsigned float_bits(float f) {
     unsigned u;
     std::memcpy(&u, &f, 4);
@@ -88,13 +139,17 @@ inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
 inline unsigned short __half_as_ushort(__half h) { return h.bits; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { return {bits}; }
 inline __half __ushort_as_half(unsigned short bits) { return {bits}; }
-// The threads of a block run at the same time here too, so atomicAdd must really be atomic.
-inline std::mutex atomic_add_mutex;
+
+// Blocks run at the same time on several cores, so atomicAdd must really be atomic: a
+// compare-and-swap loop on the float's bits. (The threads of one block take turns on one core and
+// never switch inside it.)
 inline float atomicAdd(float* address, float value) {
-    std::lock_guard<std::mutex> lock(atomic_add_mutex);
-    const float old = *address;
-    *address = old + value;
-    return old;
+    unsigned* bits = reinterpret_cast<unsigned*>(address);
+    unsigned old = __atomic_load_n(bits, __ATOMIC_RELAXED);
+    while (!__atomic_compare_exchange_n(bits, &old, float_bits(bits_float(old) + value), true, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+    }
+    return bits_float(old);
 }
 inline int min(int a, int b) { return std::min(a, b); }  // CUDA's integer min and max, for device code
 inline int max(int a, int b) { return std::max(a, b); }
@@ -102,12 +157,43 @@ inline int max(int a, int b) { return std::max(a, b); }
 // The opt-in limit of an H100/H200 (227 KB). As on a GPU, a kernel gets more than 48 KB of dynamic
 // shared memory only after cudaFuncSetAttribute raises its limit.
 constexpr size_t kMaxSharedBytes = 227 * 1024, kDefaultSharedBytes = 48 * 1024;
-alignas(16) inline float smem[kMaxSharedBytes / sizeof(float)];
+// What shared memory holds before a block writes it, and a cp.async's destination until the copy
+// lands: every byte 0xff, which reads as NaN whether a kernel reads floats, bf16 or fp16 (a float's
+// usual NaN, 0x7fc00000, would read as two 16-bit values of which one is 0.0).
+constexpr int kPoison = 0xff;
+// A worker's shared memory. Its initialiser is dynamic on purpose (a volatile read, which no
+// compiler can fold into a constant): in a kernel template, g++ 12 compiles the block-scope
+// `extern thread_local` declaration as a call to the variable's thread-local initialiser, which
+// exists only for a dynamically initialised variable; without one the kernel calls address 0.
+inline float dynamic_zero() {
+    volatile float zero = 0.0f;
+    return zero;
+}
+alignas(16) inline thread_local float smem[kMaxSharedBytes / sizeof(float)] = {dynamic_zero()};
 
-enum cudaError_t { cudaSuccess, cudaErrorInvalidValue, cudaErrorInvalidConfiguration, cudaErrorMisalignedAddress };
+// The CUDA runtime's errors that a launch here can report, and two of the emulation's own: a
+// barrier that can never complete, and a launch stopped by Ctrl-C.
+enum cudaError_t {
+    cudaSuccess,
+    cudaErrorInvalidValue,
+    cudaErrorInvalidConfiguration,
+    cudaErrorMisalignedAddress,
+    cudaErrorMemoryAllocation,
+    cudaErrorCpuDeadlock,
+    cudaErrorCpuInterrupted,
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
-inline cudaError_t cpu_last_error = cudaSuccess;
-inline std::map<const void*, size_t> cpu_shared_limit;  // per kernel, set by cudaFuncSetAttribute
+// As in CUDA, the last error is the calling host thread's. A launch's error may come with a message
+// that says more than the error's name; cudaGetErrorString returns it for that error.
+static thread_local cudaError_t cpu_last_error = cudaSuccess, cpu_detailed_error = cudaSuccess;
+static thread_local std::string cpu_error_message;
+inline cudaError_t cpu_set_error(cudaError_t err, const std::string& message = "") {
+    cpu_detailed_error = message.empty() ? cudaSuccess : err;
+    cpu_error_message = message;
+    return cpu_last_error = err;
+}
+static std::map<const void*, size_t> cpu_shared_limit;  // per kernel, set by cudaFuncSetAttribute
+static std::mutex cpu_shared_limit_mutex;               // host threads may set and launch at once
 
 using cudaStream_t = void*;  // launches run at once, in order: one stream is all there is
 inline cudaError_t cudaMemsetAsync(void* address, int value, size_t bytes, cudaStream_t) {
@@ -121,14 +207,21 @@ inline cudaError_t cudaGetLastError() {
     return err;
 }
 inline const char* cudaGetErrorString(cudaError_t err) {
-    return err == cudaSuccess                 ? "no error"
-           : err == cudaErrorInvalidValue     ? "invalid argument"
-           : err == cudaErrorMisalignedAddress ? "misaligned address"
-                                              : "invalid configuration argument";
+    if (err != cudaSuccess && err == cpu_detailed_error) return cpu_error_message.c_str();
+    switch (err) {
+        case cudaSuccess: return "no error";
+        case cudaErrorInvalidValue: return "invalid argument";
+        case cudaErrorMisalignedAddress: return "misaligned address";
+        case cudaErrorMemoryAllocation: return "out of memory";
+        case cudaErrorCpuDeadlock: return "barrier deadlock";
+        case cudaErrorCpuInterrupted: return "interrupted";
+        default: return "invalid configuration argument";
+    }
 }
 template <class Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute, int bytes) {
-    if (bytes < 0 || size_t(bytes) > kMaxSharedBytes) return cpu_last_error = cudaErrorInvalidValue;
+    if (bytes < 0 || size_t(bytes) > kMaxSharedBytes) return cpu_set_error(cudaErrorInvalidValue);
+    std::lock_guard<std::mutex> lock(cpu_shared_limit_mutex);
     cpu_shared_limit[(const void*)kernel] = bytes;
     return cudaSuccess;
 }
@@ -147,135 +240,782 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*) {
     return cudaSuccess;
 }
 
-// A barrier for the threads of one block: the last to arrive releases the others.
-class BlockBarrier {
-    std::mutex mutex_;
-    std::condition_variable released_;
-    unsigned threads_ = 0, arrived_ = 0, generation_ = 0;
+// ------------------------------------------------------------------------------------------------
+// Fibers: switching from one CUDA thread to another on one OS thread.
 
-  public:
-    void reset(unsigned threads) { threads_ = threads, arrived_ = 0; }
-    void wait() {
-        std::unique_lock<std::mutex> lock(mutex_);
-        const unsigned generation = generation_;
-        if (++arrived_ == threads_) {
-            arrived_ = 0, ++generation_;
-            released_.notify_all();
-        } else {
-            released_.wait(lock, [&] { return generation != generation_; });
-        }
+#if CPU_CUDA_ASM_SWITCH
+// cpu_cuda_switch(&from, to): saves the registers that a function call must preserve (the
+// callee-saved ones of the platform's ABI) on the current stack, stores the stack pointer in
+// *from, loads `to` as the stack pointer and restores what was saved there, then returns, on the
+// other stack, to wherever that fiber last called cpu_cuda_switch. A weak symbol, so that two
+// files that include this header may be linked together; hidden, so that each library keeps its own.
+extern "C" __attribute__((visibility("hidden"))) void cpu_cuda_switch(void** from, void* to);
+#if defined(__APPLE__)
+#define CPU_CUDA_SWITCH_BEGIN(align) \
+    ".text\n.p2align " #align "\n.globl _cpu_cuda_switch\n.weak_definition _cpu_cuda_switch\n" \
+    ".private_extern _cpu_cuda_switch\n_cpu_cuda_switch:\n"
+#define CPU_CUDA_SWITCH_END ""
+#else
+#define CPU_CUDA_SWITCH_BEGIN(align) \
+    ".pushsection .text\n.p2align " #align "\n.weak cpu_cuda_switch\n.hidden cpu_cuda_switch\n" \
+    ".type cpu_cuda_switch, %function\ncpu_cuda_switch:\n"
+#define CPU_CUDA_SWITCH_END ".size cpu_cuda_switch, .-cpu_cuda_switch\n.popsection\n"
+#endif
+#if defined(__x86_64__)
+// System V and macOS: rbx, rbp, r12-r15, and the control words of the SSE and x87 units (rounding
+// modes: callee-saved too). 56 bytes, below the return address that the call pushed.
+asm(CPU_CUDA_SWITCH_BEGIN(4)
+    "    pushq %rbp\n"
+    "    pushq %rbx\n"
+    "    pushq %r12\n"
+    "    pushq %r13\n"
+    "    pushq %r14\n"
+    "    pushq %r15\n"
+    "    subq $8, %rsp\n"
+    "    stmxcsr (%rsp)\n"
+    "    fnstcw 4(%rsp)\n"
+    "    movq %rsp, (%rdi)\n"
+    "    movq %rsi, %rsp\n"
+    "    ldmxcsr (%rsp)\n"
+    "    fldcw 4(%rsp)\n"
+    "    addq $8, %rsp\n"
+    "    popq %r15\n"
+    "    popq %r14\n"
+    "    popq %r13\n"
+    "    popq %r12\n"
+    "    popq %rbx\n"
+    "    popq %rbp\n"
+    "    ret\n" CPU_CUDA_SWITCH_END);
+#else
+// AAPCS64 (Linux and macOS): x19-x28, the frame pointer x29, the link register x30 (where `ret`
+// returns to), and the low halves of v8-v15 (d8-d15). 160 bytes. x18 is the platform's: untouched.
+asm(CPU_CUDA_SWITCH_BEGIN(2)
+    "    sub sp, sp, #160\n"
+    "    stp x19, x20, [sp, #0]\n"
+    "    stp x21, x22, [sp, #16]\n"
+    "    stp x23, x24, [sp, #32]\n"
+    "    stp x25, x26, [sp, #48]\n"
+    "    stp x27, x28, [sp, #64]\n"
+    "    stp x29, x30, [sp, #80]\n"
+    "    stp d8, d9, [sp, #96]\n"
+    "    stp d10, d11, [sp, #112]\n"
+    "    stp d12, d13, [sp, #128]\n"
+    "    stp d14, d15, [sp, #144]\n"
+    "    mov x9, sp\n"
+    "    str x9, [x0]\n"
+    "    mov sp, x1\n"
+    "    ldp x19, x20, [sp, #0]\n"
+    "    ldp x21, x22, [sp, #16]\n"
+    "    ldp x23, x24, [sp, #32]\n"
+    "    ldp x25, x26, [sp, #48]\n"
+    "    ldp x27, x28, [sp, #64]\n"
+    "    ldp x29, x30, [sp, #80]\n"
+    "    ldp d8, d9, [sp, #96]\n"
+    "    ldp d10, d11, [sp, #112]\n"
+    "    ldp d12, d13, [sp, #128]\n"
+    "    ldp d14, d15, [sp, #144]\n"
+    "    add sp, sp, #160\n"
+    "    ret\n" CPU_CUDA_SWITCH_END);
+#endif
+#endif
+
+namespace cpu_cuda {
+namespace {
+
+// A place to resume: a fiber's, or a worker's own (the OS thread's stack).
+struct Context {
+#if CPU_CUDA_ASM_SWITCH
+    void* sp = nullptr;  // the stack pointer, with the saved registers on top
+
+    // A context that starts `entry` (which must never return) on the stack [low, low + bytes): the
+    // frame that cpu_cuda_switch restores, with `entry` as the address it returns to.
+    void start(char* low, size_t bytes, void (*entry)()) {
+        const uintptr_t top = (uintptr_t(low) + bytes) & ~uintptr_t(15);
+#if defined(__x86_64__)
+        // From the stack pointer up: the control words, the 6 registers (zero), `entry` (where
+        // cpu_cuda_switch returns to) and a null return address for entry itself, which so starts
+        // with the stack pointer 8 below a multiple of 16, as after a call.
+        void** frame = reinterpret_cast<void**>(top - 9 * sizeof(void*));
+        std::memset(frame, 0, 9 * sizeof(void*));
+        unsigned mxcsr;
+        unsigned short x87;
+        asm volatile("stmxcsr %0" : "=m"(mxcsr));
+        asm volatile("fnstcw %0" : "=m"(x87));
+        std::memcpy(frame, &mxcsr, 4), std::memcpy(reinterpret_cast<char*>(frame) + 4, &x87, 2);
+        frame[7] = reinterpret_cast<void*>(entry);
+#else
+        // x19-x30 and d8-d15; x29 = 0 ends the chain of frame records, x30 = entry.
+        void** frame = reinterpret_cast<void**>(top - 160);
+        std::memset(frame, 0, 160);
+        frame[11] = reinterpret_cast<void*>(entry);
+#endif
+        sp = frame;
     }
+#else
+    ucontext_t context;
+
+    void start(char* low, size_t bytes, void (*entry)()) {
+        getcontext(&context);
+        context.uc_stack.ss_sp = low, context.uc_stack.ss_size = bytes, context.uc_link = nullptr;
+        makecontext(&context, entry, 0);
+    }
+#endif
 };
-inline BlockBarrier block_barrier;
-inline void __syncthreads() { block_barrier.wait(); }
 
-// Warp-collective operations. The 32 threads of a warp exchange values through a buffer of their
-// own and meet at a barrier of their own before and after, as the lanes of a warp execute a shuffle
-// together on a GPU: a lane that reads the wrong partner gets the wrong value here too. Only whole
-// warps with the full mask, which is all the kernels use; anything else fails the launch.
-struct Warp {
-    BlockBarrier barrier;
-    float value[32];                // a shuffle's values
-    unsigned a[32][4], b[32][2];    // an mma's fragments
-    const unsigned short* row[32];  // an ldmatrix's row addresses
+inline void switch_context(Context& from, Context& to) {
+#if CPU_CUDA_ASM_SWITCH
+    cpu_cuda_switch(&from.sp, to.sp);
+#else
+    swapcontext(&from.context, &to.context);
+#endif
+}
+
+// Where a thread waits: the operation, and the file and line of its call (default arguments
+// __builtin_FILE() and __builtin_LINE() give the caller's).
+struct Site {
+    const char* what = nullptr;  // null: not waiting
+    const char* file = "";
+    int line = 0;
 };
-inline std::unique_ptr<Warp[]> warps;
-inline std::atomic<bool> bad_warp_call{false};
-// The calling lane's warp and lane number, for the collectives below; a block of whole warps only.
-inline Warp* warp_of_caller(unsigned& lane) {
-    const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-    if (blockDim.x * blockDim.y * blockDim.z % 32 != 0) return bad_warp_call = true, nullptr;
-    lane = t % 32;
-    return &warps[t / 32];
+inline bool same_site(const Site& a, const Site& b) {
+    return a.line == b.line && (a.what == b.what || std::strcmp(a.what, b.what) == 0) &&
+           (a.file == b.file || std::strcmp(a.file, b.file) == 0);
 }
+// A source file as the messages name it: relative to the repository (the folder above this header's).
+inline std::string short_path(const char* file) {
+    const std::string here = __FILE__, path = file;
+    const size_t slash = here.find_last_of('/');
+    const size_t root = slash == std::string::npos || slash == 0 ? std::string::npos : here.find_last_of('/', slash - 1);
+    if (root != std::string::npos && path.compare(0, root + 1, here, 0, root + 1) == 0) return path.substr(root + 1);
+    return path;
+}
+inline std::string where(const Site& site) { return short_path(site.file) + ":" + std::to_string(site.line); }
 
-inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
-    unsigned lane;
-    Warp* warp = warp_of_caller(lane);
-    const unsigned partner = lane ^ unsigned(lane_mask);
-    if (!warp || mask != 0xffffffffu || partner >= 32) return bad_warp_call = true, value;
-    warp->value[lane] = value;
-    warp->barrier.wait();  // every lane has written its value
-    const float other = warp->value[partner];
-    warp->barrier.wait();  // every lane has read, before the next shuffle writes again
-    return other;
-}
-
-
-// mma.sync m16n8k16, a warp-collective: the 32 lanes put their fragments together, then each lane
-// computes its 4 elements of d = A B + c from the whole tiles, in the layouts of kernels/mma.cuh.
-template <class Half, float (*to_float)(Half)>
-inline void mma_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
-    unsigned lane;
-    Warp* warp = warp_of_caller(lane);
-    if (!warp) return;
-    std::copy(a, a + 4, warp->a[lane]), std::copy(b, b + 2, warp->b[lane]);
-    warp->barrier.wait();  // every lane's fragments are in
-    auto half = [](unsigned reg, int high) { return to_float(Half{(unsigned short)(high ? reg >> 16 : reg)}); };
-    auto A = [&](int r, int k) { return half(warp->a[r % 8 * 4 + k % 8 / 2][r / 8 + k / 8 * 2], k % 2); };
-    auto B = [&](int k, int n) { return half(warp->b[n * 4 + k % 8 / 2][k / 8], k % 2); };
-    const unsigned g = lane / 4, q = lane % 4;
-    float result[4];
-    for (int i = 0; i < 4; ++i) {
-        const int r = g + 8 * (i / 2), n = 2 * q + i % 2;
-        result[i] = c[i];
-        for (int k = 0; k < 16; ++k) result[i] += A(r, k) * B(k, n);
-    }
-    warp->barrier.wait();  // every lane has read the tiles before the next collective writes again
-    std::copy(result, result + 4, d);
-}
-inline void mma_bf16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
-    mma_m16n8k16<__nv_bfloat16, __bfloat162float>(d, a, b, c);
-}
-inline void mma_f16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
-    mma_m16n8k16<__half, __half2float>(d, a, b, c);
-}
-
-// ldmatrix .x4, a warp-collective: lane 8i + j gives the address of row j of tile i; lane l gets
-// row g, columns 2q, 2q+1 of each tile (transposed: rows 2q, 2q+1 of column g).
-inline void ldmatrix(unsigned (&r)[4], const void* row, bool transposed) {
-    unsigned lane;
-    Warp* warp = warp_of_caller(lane);
-    if (!warp) return;
-    warp->row[lane] = static_cast<const unsigned short*>(row);
-    warp->barrier.wait();  // every lane's address is in
-    const unsigned g = lane / 4, q = lane % 4;
-    for (int i = 0; i < 4; ++i) {
-        const unsigned short* const* rows = warp->row + 8 * i;
-        r[i] = transposed ? rows[2 * q][g] | unsigned(rows[2 * q + 1][g]) << 16
-                          : rows[g][2 * q] | unsigned(rows[g][2 * q + 1]) << 16;
-    }
-    warp->barrier.wait();  // every lane has read the addresses before the next collective writes
-}
-inline void ldmatrix_x4(unsigned (&r)[4], const void* row) { ldmatrix(r, row, false); }
-inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) { ldmatrix(r, row, true); }
-
-// cp.async: a thread's copies land when it waits for their group, not before, so a kernel that reads
-// a tile before cp_async_wait (or without the __syncthreads after it) reads stale values here as it
-// may on a GPU. Copies never waited for fail the launch, and so does a copy whose addresses are
-// not multiples of its size, as on a GPU.
+// cp.async: a thread's copies land when it waits for their group, not before. On a GPU a copy lands
+// at any moment between the two, so here its destination holds NaN in the meantime: a kernel that
+// reads a tile before cp_async_wait (or without the __syncthreads after it) reads NaN, and so does
+// one that starts a copy into a buffer that another thread has still to read (a missing
+// __syncthreads before the copy). Copies never waited for fail the launch, and so does a copy
+// whose addresses are not multiples of its size, as on a GPU.
 struct AsyncCopy {
     void* to;
     size_t size;              // 16 or 4 bytes
     unsigned char bytes[16];  // the source, read at issue: kernels copy from inputs nobody writes
 };
-inline thread_local std::vector<AsyncCopy> copies_issued;  // not yet committed to a group
-inline thread_local std::vector<std::vector<AsyncCopy>> copy_groups;
-inline std::atomic<bool> copies_left{false}, copy_misaligned{false};
-template <size_t size>
-inline void cp_async(void* to, const void* from, bool valid) {  // with valid false, zeros land
-    AsyncCopy copy{to, size, {}};
-    if (reinterpret_cast<uintptr_t>(to) % size || reinterpret_cast<uintptr_t>(from) % size) copy_misaligned = true;
-    if (valid) std::memcpy(copy.bytes, from, size);
-    copies_issued.push_back(copy);
+struct AsyncCopies {
+    std::vector<AsyncCopy> copies;   // issued and not landed, oldest first
+    std::vector<size_t> group_ends;  // per committed group, oldest first: the end of its copies
+
+    void commit() { group_ends.push_back(copies.size()); }
+    void wait(size_t newest_left) {  // all groups but the newest `newest_left` land
+        if (group_ends.size() <= newest_left) return;
+        const size_t groups = group_ends.size() - newest_left, end = group_ends[groups - 1];
+        for (size_t i = 0; i < end; ++i) std::memcpy(copies[i].to, copies[i].bytes, copies[i].size);
+        copies.erase(copies.begin(), copies.begin() + end);
+        group_ends.erase(group_ends.begin(), group_ends.begin() + groups);
+        for (size_t& e : group_ends) e -= end;
+    }
+    void clear() { copies.clear(), group_ends.clear(); }
+};
+
+// One CUDA thread: a stack of its own (kept for the next block and the next launch), and what it
+// is doing.
+constexpr size_t kStackBytes = 128 * 1024;  // a kernel's locals take a few KB
+struct Fiber {
+    Context context;
+    char* mapping = nullptr;  // the stack, and a guard page below it that faults on an overflow
+    size_t mapped = 0;
+    dim3 index;          // its threadIdx
+    unsigned id = 0;     // threadIdx as one number, x fastest: lanes 32w .. 32w + 31 are warp w
+    bool exited = false;
+    Site waiting;        // where it waits: what is null while it runs or is ready to
+    AsyncCopies copies;  // its cp.async copies in flight
+
+    bool allocate() {
+        const size_t page = size_t(sysconf(_SC_PAGESIZE));
+        mapped = kStackBytes + page;
+        void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANON, -1, 0);
+        if (p == MAP_FAILED) return mapping = nullptr, false;
+        mapping = static_cast<char*>(p);
+        mprotect(mapping, page, PROT_NONE);
+        return true;
+    }
+    char* stack() const { return mapping + (mapped - kStackBytes); }
+    ~Fiber() {
+        if (mapping) munmap(mapping, mapped);
+    }
+};
+
+// The block's barrier, __syncthreads: it completes when every thread of the block has arrived at
+// the same one (the same call site). A thread arriving elsewhere, or one that exited, means it
+// can never complete: the worker finds that no thread can run, and reports the barrier.
+struct BlockBarrier {
+    unsigned arrived = 0;
+    Site site;  // where the first thread arrived
+    bool diverged = false;
+};
+
+// A warp's meeting point for its collectives, and their values. Each buffer is double: the lanes of
+// collective k + 1 write the other half while slow lanes still read collective k's results, and
+// none can reach k + 2 before all have read k's (all must arrive at k + 1 first).
+struct Warp {
+    unsigned arrived = 0, generation = 0;  // generation % 2: the half of the buffers in use
+    Site site;
+    bool diverged = false;
+    float value[2][32];  // a shuffle's values
+    struct Mma {
+        unsigned a[32][4], b[32][2];  // the lanes' fragments
+        float c[32][4];
+        float d[16][8];  // the result tile, computed once by the last lane to arrive
+    } mma[2];
+    const unsigned short* rows[2][32];  // an ldmatrix's row addresses
+};
+
+constexpr double kAnnounceAfterSeconds = 2.0;
+
+// One launch: what the workers share.
+struct Launch {
+    const void* kernel_address;
+    const char* kernel_text;  // the kernel as LAUNCH was given it
+    std::string kernel;       // its name, for the messages
+    dim3 grid, block;
+    unsigned threads = 0;
+    unsigned long long blocks = 0;
+    size_t shared_bytes = 0;
+    void (*body)(const void*) = nullptr;  // runs the kernel with the launch's arguments, as the
+    const void* arguments = nullptr;      // thread whose threadIdx is set
+    std::atomic<unsigned long long> next_block{0}, blocks_done{0};
+    std::atomic<bool> failed{false};
+    std::mutex mutex;  // guards the first failure's error and message
+    cudaError_t error = cudaSuccess;
+    std::string message;
+    std::chrono::steady_clock::time_point start;
+    std::atomic<bool> announced{false};
+
+    void fail(cudaError_t err, const std::string& why) {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (error == cudaSuccess) error = err, message = why;
+        failed = true;
+    }
+    std::string block_name(const dim3& b) const {
+        return kernel + ", block (" + std::to_string(b.x) + ", " + std::to_string(b.y) + ", " + std::to_string(b.z) + ")";
+    }
+
+    // After a few seconds, one line on stderr: what runs, and for about how long still, from the
+    // blocks done so far. Called by the workers between blocks and every so many switches.
+    void tick() {
+        if (announced.load(std::memory_order_relaxed)) return;
+        const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (elapsed < kAnnounceAfterSeconds || announced.exchange(true)) return;
+        const unsigned long long done = blocks_done.load();
+        char estimate[64];
+        if (done == 0) {
+            std::snprintf(estimate, sizeof estimate, "no block done after %.0f s", elapsed);
+        } else {
+            const double left = elapsed * double(blocks - done) / double(done);
+            if (left < 1.0) return;  // nearly done: nothing worth saying
+            if (left < 120) std::snprintf(estimate, sizeof estimate, "about %.0f s left", left);
+            else std::snprintf(estimate, sizeof estimate, "about %.0f min left", left / 60);
+        }
+        std::fprintf(stderr, "minimal_flash: CPU emulation of %s, %llu block%s of %u threads: %s (Ctrl-C stops it)\n",
+                     kernel.c_str(), blocks, blocks == 1 ? "" : "s", threads, estimate);
+        std::fflush(stderr);
+    }
+};
+
+// Ctrl-C: during a launch, SIGINT sets this flag (and still reaches the handler there was, Python's,
+// which raises KeyboardInterrupt once the call returns). Fibers look at it whenever they switch,
+// workers between blocks: the launch then abandons its blocks and fails with "interrupted".
+std::atomic<bool> interrupt_requested{false};
+struct sigaction previous_sigint;
+
+void on_sigint(int signal, siginfo_t* info, void* context) {
+    interrupt_requested.store(true, std::memory_order_relaxed);
+    if (previous_sigint.sa_flags & SA_SIGINFO) {
+        if (previous_sigint.sa_sigaction) previous_sigint.sa_sigaction(signal, info, context);
+    } else if (previous_sigint.sa_handler != SIG_DFL && previous_sigint.sa_handler != SIG_IGN) {
+        previous_sigint.sa_handler(signal);
+    }
 }
-inline void cp_async16(void* to, const void* from, bool valid) { cp_async<16>(to, from, valid); }
-inline void cp_async4(void* to, const void* from, bool valid) { cp_async<4>(to, from, valid); }
-inline void cp_async_commit() { copy_groups.push_back(std::move(copies_issued)), copies_issued.clear(); }
+
+// For the duration of a launch: our SIGINT handler in front of the previous one. Where SIGINT is
+// ignored it stays ignored; where it had its default action (no Python), that action follows once
+// the launch has stopped.
+class SigintHandler {
+    bool installed_ = false;
+
+  public:
+    SigintHandler() {
+        interrupt_requested = false;
+        struct sigaction current;
+        if (sigaction(SIGINT, nullptr, &current) != 0) return;
+        if (!(current.sa_flags & SA_SIGINFO) && current.sa_handler == SIG_IGN) return;
+        previous_sigint = current;
+        struct sigaction ours;
+        std::memset(&ours, 0, sizeof ours);
+        ours.sa_sigaction = on_sigint;
+        ours.sa_flags = SA_SIGINFO | (current.sa_flags & SA_ONSTACK);
+        sigemptyset(&ours.sa_mask);
+        installed_ = sigaction(SIGINT, &ours, nullptr) == 0;
+    }
+    ~SigintHandler() {
+        if (!installed_) return;
+        sigaction(SIGINT, &previous_sigint, nullptr);
+        if (interrupt_requested && !(previous_sigint.sa_flags & SA_SIGINFO) && previous_sigint.sa_handler == SIG_DFL)
+            raise(SIGINT);
+    }
+};
+
+// Threads as ranges: "0-63, 96-127".
+inline std::string ranges(const std::vector<unsigned>& ids) {
+    std::string text;
+    for (size_t i = 0; i < ids.size();) {
+        size_t j = i;
+        while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
+        text += (text.empty() ? "" : ", ") + std::to_string(ids[i]) + (j > i ? "-" + std::to_string(ids[j]) : "");
+        i = j + 1;
+    }
+    return text;
+}
+
+void fiber_main();
+
+// A worker: runs blocks, one at a time, their threads as fibers on its OS thread.
+// Aligned to a cache line: workers run on different cores, and the fields one of them changes at
+// every switch must not share a line with another's.
+struct alignas(64) Worker {
+    std::vector<std::unique_ptr<Fiber>> fibers;  // as many as the largest block so far
+    Context home;                                // the worker's own: where a block starts and ends
+    Fiber* current = nullptr;
+    std::vector<Fiber*> ready;  // a ring of the fibers that may run, in the order they will
+    unsigned ready_head = 0, ready_count = 0;
+    unsigned threads = 0, exited = 0;
+    unsigned switches_until_tick = 0;
+    BlockBarrier barrier;
+    std::vector<Warp> warps;
+    Launch* launch = nullptr;
+
+    // How a thread waits, for anything: it notes where in its `waiting`, and calls switch_away();
+    // whoever completes what it waits for (the last thread at a barrier, the last lane of a warp
+    // collective; an mbarrier's arrivals, one day) calls make_ready on it. The deadlock message
+    // below names the barrier or warp collective that waits; a new kind of wait adds its case there.
+    bool stop_requested() const {
+        return interrupt_requested.load(std::memory_order_relaxed) || launch->failed.load(std::memory_order_relaxed);
+    }
+    void make_ready(Fiber* f) {  // to run after those ready now
+        f->waiting.what = nullptr;
+        unsigned slot = ready_head + ready_count++;
+        ready[slot < threads ? slot : slot - threads] = f;
+    }
+    void make_ready_first(Fiber* f) {  // to run before those ready now
+        f->waiting.what = nullptr;
+        ready_head = ready_head == 0 ? threads - 1 : ready_head - 1, ++ready_count;
+        ready[ready_head] = f;
+    }
+    Fiber* next_ready() {
+        if (ready_count == 0) return nullptr;
+        Fiber* f = ready[ready_head];
+        if (++ready_head == threads) ready_head = 0;
+        --ready_count;
+        return f;
+    }
+
+    // The current fiber cannot go on (it waits, or has exited): run the next one that can. Returns
+    // when another fiber has made this one ready again and switched back to it. With none ready,
+    // the block is over (every thread exited, or none can ever go on) and control goes home; so it
+    // does when the launch is stopped. A fiber left that way is never resumed: the next block
+    // starts every fiber afresh.
+    void switch_away() {
+        Fiber* self = current;
+        if (--switches_until_tick == 0) switches_until_tick = 4096, launch->tick();
+        Fiber* next = stop_requested() ? nullptr : next_ready();
+        if (!next) {
+            switch_context(self->context, home);
+            std::abort();  // not reached: home never resumes a fiber it has left
+        }
+        current = next;
+        threadIdx = next->index;
+        switch_context(self->context, next->context);
+    }
+
+    // The launch fails here: the block is abandoned at once.
+    [[noreturn]] void abandon_block() {
+        switch_context(current->context, home);
+        std::abort();
+    }
+
+    void sync_threads(const Site& site) {
+        Fiber* self = current;
+        if (barrier.arrived == 0) barrier.site = site, barrier.diverged = false;
+        else if (!same_site(site, barrier.site)) barrier.diverged = true;
+        if (++barrier.arrived < threads || barrier.diverged) {
+            self->waiting = site;
+            switch_away();
+            return;
+        }
+        barrier.arrived = 0;  // all are here: this one goes on, and the others after it, in turn
+        ascending = !ascending;
+        make_block_ready(self);
+    }
+
+    // The block's threads (but `running`, which goes on) ready to run, in thread order or reversed.
+    // The order turns at every barrier (the last to arrive goes on first) and at every block's
+    // start. So a missing barrier shows whichever way the data flows: a thread that reads a word
+    // that a later thread writes reads it too early in one order, and one that reads what an
+    // earlier thread writes, in the other.
+    bool ascending = true;
+    void make_block_ready(const Fiber* running) {
+        for (unsigned i = 0; i < threads; ++i) {
+            Fiber* f = fibers[ascending ? i : threads - 1 - i].get();
+            if (f != running) make_ready(f);
+        }
+    }
+
+    // The calling lane's warp; warp collectives only in blocks of whole warps.
+    Warp& warp_of_current(unsigned& lane, const Site& site) {
+        if (threads % 32 != 0) {
+            launch->fail(cudaErrorInvalidValue,
+                         "invalid argument: " + std::string(site.what) + " at " + where(site) + " in " +
+                             launch->kernel + ", a block of " + std::to_string(threads) +
+                             " threads: the emulation runs warp-collective operations in whole warps only");
+            abandon_block();
+        }
+        lane = current->id % 32;
+        return warps[current->id / 32];
+    }
+
+    // A warp collective: the lane has put its values into half generation % 2 of the warp's
+    // buffers. The last of the 32 lanes to arrive runs `complete` (what the warp computes together)
+    // and releases the others; each then reads its result from the same half. The released lanes
+    // run next, before other warps: a warp goes on as far as it can, to the next __syncthreads,
+    // before the next warp starts. So warps drift as far apart as a GPU lets them, and a missing
+    // barrier between warps (one warp overwriting what another has still to read) shows.
+    template <class Complete>
+    void sync_warp(Warp& warp, const Site& site, Complete&& complete) {
+        Fiber* self = current;
+        if (warp.arrived == 0) warp.site = site, warp.diverged = false;
+        else if (!same_site(site, warp.site)) warp.diverged = true;
+        if (++warp.arrived < 32 || warp.diverged) {
+            self->waiting = site;
+            switch_away();
+            return;
+        }
+        warp.arrived = 0, ++warp.generation;
+        complete();
+        const unsigned first = self->id / 32 * 32;
+        for (unsigned l = first + 32; l-- > first;)  // so that they run in lane order
+            if (fibers[l].get() != self) make_ready_first(fibers[l].get());
+    }
+
+    [[noreturn]] void thread_exits() {
+        Fiber* self = current;
+        if (!self->copies.copies.empty()) {
+            launch->fail(cudaErrorInvalidValue,
+                         "invalid argument: " + launch->block_name(blockIdx) + ", thread " + std::to_string(self->id) +
+                             ": cp.async copies never waited for (a cp_async_commit and cp_async_wait must follow "
+                             "the last cp_async)");
+            abandon_block();
+        }
+        self->exited = true, ++exited;
+        switch_away();
+        std::abort();  // not reached: nobody makes an exited fiber ready
+    }
+
+    // Why no thread of the block can go on: the barrier (or the warp collective) that waits, and
+    // where each of the threads concerned is, e.g. "the __syncthreads() at kernels/x.cu:12 can
+    // never complete: threads 0-63 wait there, threads 64-127 have exited".
+    std::string deadlock_message() const {
+        const bool block_waits = barrier.arrived > 0;
+        unsigned first = 0, count = threads;  // the threads concerned: the block's, or one warp's
+        if (!block_waits) {
+            while (first + 32 < threads && warps[first / 32].arrived == 0) first += 32;
+            count = 32;
+        }
+        const Site& waited = block_waits ? barrier.site : warps[first / 32].site;
+        const std::string subject = block_waits ? "the __syncthreads() at " + where(waited)
+                                                : "warp " + std::to_string(first / 32) + "'s " + waited.what + " at " + where(waited);
+        const char* rule = block_waits ? "every thread of a block must reach the same __syncthreads()"
+                                       : "all 32 lanes of a warp must reach the same warp-collective operation";
+        // The threads by where they are, in the order first seen: {(where, plural), threads}.
+        std::vector<std::pair<std::pair<std::string, bool>, std::vector<unsigned>>> groups;
+        auto state = [&](const Fiber& f) -> std::pair<std::string, bool> {
+            if (f.exited) return {"exited", false};
+            if (same_site(f.waiting, waited)) return {"there", true};
+            if (f.waiting.what) return {"at the " + std::string(f.waiting.what) + " at " + where(f.waiting), true};
+            return {"running", false};  // not expected: then some thread could go on
+        };
+        for (unsigned t = first; t < first + count; ++t) {
+            const auto key = state(*fibers[t]);
+            auto group = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == key; });
+            if (group == groups.end()) group = groups.insert(groups.end(), {key, {}});
+            group->second.push_back(t);
+        }
+        std::string who;
+        for (const auto& [key, ids] : groups) {
+            const bool one = ids.size() == 1;
+            const std::string verb = key.second ? (one ? "waits " : "wait ") : key.first == "exited" ? (one ? "has " : "have ") : (one ? "is " : "are ");
+            who += (who.empty() ? "" : ", ") + std::string(one ? "thread " : "threads ") + ranges(ids) + " " + verb + key.first;
+        }
+        return "barrier deadlock in " + launch->block_name(blockIdx) + ": " + subject + " can never complete: " + who +
+               " (" + rule + ")";
+    }
+
+    // Fibers, their stacks and the warps' buffers for blocks of `threads` threads.
+    bool prepare(unsigned block_threads) {
+        while (fibers.size() < block_threads) {
+            fibers.push_back(std::make_unique<Fiber>());
+            if (!fibers.back()->allocate()) return fibers.pop_back(), false;
+        }
+        threads = block_threads;
+        ready.resize(std::max<size_t>(ready.size(), threads));
+        warps.resize(std::max<size_t>(warps.size(), (threads + 31) / 32));
+        const dim3 b = launch->block;
+        for (unsigned t = 0; t < threads; ++t)
+            fibers[t]->id = t, fibers[t]->index = dim3(t % b.x, t / b.x % b.y, t / (b.x * b.y));
+        return true;
+    }
+
+    void run_block(unsigned long long b) {
+        const dim3 g = launch->grid;
+        blockIdx = dim3(unsigned(b % g.x), unsigned(b / g.x % g.y), unsigned(b / (g.x * (unsigned long long)g.y)));
+        std::memset(smem, kPoison, launch->shared_bytes);
+        exited = 0, barrier = BlockBarrier{}, ready_head = 0, ready_count = 0;
+        for (Warp& warp : warps) warp.arrived = 0, warp.generation = 0, warp.diverged = false;
+        for (unsigned t = 0; t < threads; ++t) {
+            Fiber& f = *fibers[t];
+            f.exited = false, f.copies.clear();
+            f.context.start(f.stack(), kStackBytes, fiber_main);
+        }
+        ascending = !ascending;
+        make_block_ready(nullptr);
+        current = next_ready();
+        threadIdx = current->index;
+        switch_context(home, current->context);
+        // Back home: the block is done, or none of its threads can go on, or the launch stops.
+        if (exited == threads) {
+            launch->blocks_done.fetch_add(1);
+            launch->tick();
+        } else if (!stop_requested()) {
+            launch->fail(cudaErrorCpuDeadlock, deadlock_message());
+        }
+    }
+
+    void run(Launch& l) {
+        launch = &l;
+        switches_until_tick = 4096;
+        if (!prepare(l.threads)) {
+            l.fail(cudaErrorMemoryAllocation, "out of memory: no stacks for the " + std::to_string(l.threads) +
+                                                  " threads of a block of " + l.kernel);
+            return;
+        }
+        for (;;) {
+            if (stop_requested()) break;
+            const unsigned long long b = l.next_block.fetch_add(1);
+            if (b >= l.blocks) break;
+            run_block(b);
+        }
+    }
+};
+
+// The workers, kept with their fibers' stacks from launch to launch. Launches take turns: Python
+// threads may launch at the same time (ctypes releases the GIL), and a launch uses every core.
+std::mutex launch_mutex;
+std::vector<std::unique_ptr<Worker>> workers;
+thread_local Worker* this_worker = nullptr;  // the worker on this OS thread, during a launch
+unsigned workers_wanted = 0;                 // 0: one per core (cpu_set_workers changes it)
+
+// Where every fiber starts: the kernel, as the thread that the worker has made current.
+void fiber_main() {
+    Worker& worker = *this_worker;
+    worker.launch->body(worker.launch->arguments);
+    worker.thread_exits();
+}
+
+// The kernel's name, for the messages: its symbol (demangled, without its parameters) where the
+// dynamic linker knows it, else the text that LAUNCH was given.
+std::string symbol_name(const void* kernel, const char* text) {
+    Dl_info info;
+    if (dladdr(kernel, &info) && info.dli_sname && info.dli_saddr == kernel) {
+        int status = 0;
+        char* demangled = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+        std::string name = status == 0 && demangled ? demangled : info.dli_sname;
+        std::free(demangled);
+        if (name.compare(0, 5, "void ") == 0) name.erase(0, 5);  // a template's return type
+        int depth = 0;  // cut the parameter list: the first '(' outside template arguments
+        for (size_t i = 0; i < name.size(); ++i) {
+            depth += name[i] == '<' ? 1 : name[i] == '>' ? -1 : 0;
+            if (name[i] == '(' && depth == 0) return name.substr(0, i);
+        }
+        return name;
+    }
+    return text;
+}
+
+std::map<const void*, std::string> kernel_names;  // looked up once per kernel: dladdr searches
+
+std::string kernel_name(const void* kernel, const char* text) {
+    auto known = kernel_names.find(kernel);
+    if (known != kernel_names.end()) return known->second;
+    return kernel_names[kernel] = symbol_name(kernel, text);
+}
+
+}  // namespace
+
+// How many workers (OS threads) a launch may use: 0, the default, is one per core. For tests.
+inline void cpu_set_workers(unsigned n) { workers_wanted = n; }
+
+// Runs a launch: its blocks spread over the workers, the calling thread one of them.
+inline void run_launch(Launch& l) {
+    std::lock_guard<std::mutex> lock(launch_mutex);
+    l.kernel = kernel_name(l.kernel_address, l.kernel_text);
+    l.start = std::chrono::steady_clock::now();
+    gridDim = l.grid, blockDim = l.block;
+    SigintHandler sigint;
+    const unsigned cores = std::max(1u, workers_wanted ? workers_wanted : std::thread::hardware_concurrency());
+    const unsigned n = unsigned(std::min<unsigned long long>(cores, l.blocks));
+    while (workers.size() < n) workers.push_back(std::make_unique<Worker>());
+    std::vector<std::thread> helpers;
+    for (unsigned w = 1; w < n; ++w) {
+        try {
+            helpers.emplace_back([&l, w] { this_worker = workers[w].get(), this_worker->run(l), this_worker = nullptr; });
+        } catch (const std::system_error&) {
+            break;  // no more threads: fewer workers do the same work
+        }
+    }
+    this_worker = workers[0].get();
+    this_worker->run(l);
+    this_worker = nullptr;
+    for (std::thread& helper : helpers) helper.join();
+    // A Ctrl-C that came late still stops the caller: Python raises KeyboardInterrupt anyway.
+    if (interrupt_requested) l.fail(cudaErrorCpuInterrupted, "interrupted");
+}
+
+}  // namespace cpu_cuda
+
+// ------------------------------------------------------------------------------------------------
+// What kernels call.
+
+// __syncthreads(): the block's barrier (file and line name it in a deadlock's message).
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    cpu_cuda::this_worker->sync_threads({"__syncthreads()", file, line});
+}
+
+// Warp-collective operations. Only whole warps with the full mask, which is all the kernels use;
+// anything else fails the launch.
+inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask, const char* file = __builtin_FILE(),
+                             int line = __builtin_LINE()) {
+    const cpu_cuda::Site site{"__shfl_xor_sync()", file, line};
+    cpu_cuda::Worker& worker = *cpu_cuda::this_worker;
+    unsigned lane;
+    cpu_cuda::Warp& warp = worker.warp_of_current(lane, site);
+    const unsigned partner = lane ^ unsigned(lane_mask);
+    if (mask != 0xffffffffu || partner >= 32) {
+        worker.launch->fail(cudaErrorInvalidValue, "invalid argument: __shfl_xor_sync at " + cpu_cuda::where(site) +
+                                                       ": the emulation takes the full mask and lane masks below 32");
+        worker.abandon_block();
+    }
+    const unsigned half = warp.generation % 2;
+    warp.value[half][lane] = value;
+    worker.sync_warp(warp, site, [] {});
+    return warp.value[half][partner];
+}
+
+// mma.sync m16n8k16, a warp-collective: the 32 lanes put their fragments together; the last to
+// arrive computes the 16 x 8 tile d = A B + c, in the layouts of kernels/mma.cuh, and each lane
+// takes its 4 elements. Each element is summed as c + A[r][0] B[0][n] + A[r][1] B[1][n] + ..., in
+// that order.
+template <class Half, float (*to_float)(Half)>
+inline void mma_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4],
+                         const cpu_cuda::Site& site) {
+    cpu_cuda::Worker& worker = *cpu_cuda::this_worker;
+    unsigned lane;
+    cpu_cuda::Warp& warp = worker.warp_of_current(lane, site);
+    cpu_cuda::Warp::Mma& m = warp.mma[warp.generation % 2];
+    std::copy(a, a + 4, m.a[lane]), std::copy(b, b + 2, m.b[lane]), std::copy(c, c + 4, m.c[lane]);
+    worker.sync_warp(warp, site, [&m] {
+        auto lo = [](unsigned reg) { return to_float(Half{(unsigned short)reg}); };
+        auto hi = [](unsigned reg) { return to_float(Half{(unsigned short)(reg >> 16)}); };
+        float A[16][16], B[16][8];
+        for (unsigned l = 0; l < 32; ++l) {  // lane l = (g, q) holds, per the layouts of mma.cuh:
+            const unsigned g = l / 4, q = l % 4;
+            for (unsigned j = 0; j < 4; ++j) {  // a[j]: A[g + 8 (j % 2)][2q + 8 (j / 2), + 1]
+                const unsigned r = g + 8 * (j % 2), k = 2 * q + 8 * (j / 2);
+                A[r][k] = lo(m.a[l][j]), A[r][k + 1] = hi(m.a[l][j]);
+            }
+            for (unsigned j = 0; j < 2; ++j)  // b[j]: B[2q + 8j, + 1][g]
+                B[2 * q + 8 * j][g] = lo(m.b[l][j]), B[2 * q + 8 * j + 1][g] = hi(m.b[l][j]);
+            for (unsigned j = 0; j < 4; ++j) m.d[g + 8 * (j / 2)][2 * q + j % 2] = m.c[l][j];  // c, as d
+        }
+        for (int r = 0; r < 16; ++r)
+            for (int k = 0; k < 16; ++k)
+                for (int n = 0; n < 8; ++n) m.d[r][n] += A[r][k] * B[k][n];
+    });
+    const unsigned g = lane / 4, q = lane % 4;
+    for (unsigned j = 0; j < 4; ++j) d[j] = m.d[g + 8 * (j / 2)][2 * q + j % 2];
+}
+inline void mma_bf16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4],
+                              const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    mma_m16n8k16<__nv_bfloat16, __bfloat162float>(d, a, b, c, {"mma.sync (bf16)", file, line});
+}
+inline void mma_f16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4],
+                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    mma_m16n8k16<__half, __half2float>(d, a, b, c, {"mma.sync (fp16)", file, line});
+}
+
+// ldmatrix .x4, a warp-collective: lane 8i + j gives the address of row j of tile i; lane l gets
+// row g, columns 2q, 2q+1 of each tile (transposed: rows 2q, 2q+1 of column g).
+inline void ldmatrix(unsigned (&r)[4], const void* row, bool transposed, const cpu_cuda::Site& site) {
+    cpu_cuda::Worker& worker = *cpu_cuda::this_worker;
+    unsigned lane;
+    cpu_cuda::Warp& warp = worker.warp_of_current(lane, site);
+    const unsigned short* const* rows = warp.rows[warp.generation % 2];
+    warp.rows[warp.generation % 2][lane] = static_cast<const unsigned short*>(row);
+    worker.sync_warp(warp, site, [] {});
+    const unsigned g = lane / 4, q = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        const unsigned short* const* tile = rows + 8 * i;
+        r[i] = transposed ? tile[2 * q][g] | unsigned(tile[2 * q + 1][g]) << 16
+                          : tile[g][2 * q] | unsigned(tile[g][2 * q + 1]) << 16;
+    }
+}
+inline void ldmatrix_x4(unsigned (&r)[4], const void* row, const char* file = __builtin_FILE(),
+                        int line = __builtin_LINE()) {
+    ldmatrix(r, row, false, {"ldmatrix", file, line});
+}
+inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+    ldmatrix(r, row, true, {"ldmatrix .trans", file, line});
+}
+
+// cp.async (see AsyncCopies above): the copy is the issuing thread's until it waits for it.
+template <size_t size>
+inline void cp_async(void* to, const void* from, bool valid, const char* file, int line) {  // valid false: zeros land
+    cpu_cuda::Worker& worker = *cpu_cuda::this_worker;
+    if (reinterpret_cast<uintptr_t>(to) % size || reinterpret_cast<uintptr_t>(from) % size) {
+        char addresses[96];
+        std::snprintf(addresses, sizeof addresses, "%p to %p", from, to);
+        worker.launch->fail(cudaErrorMisalignedAddress,
+                            "misaligned address: a cp.async of " + std::to_string(size) + " bytes from " + addresses +
+                                " at " + cpu_cuda::where({"", file, line}) + " in " + worker.launch->block_name(blockIdx));
+        worker.abandon_block();
+    }
+    cpu_cuda::AsyncCopy copy{to, size, {}};
+    if (valid) std::memcpy(copy.bytes, from, size);
+    std::memset(to, kPoison, size);  // in flight: neither the old data nor the new
+    worker.current->copies.copies.push_back(copy);
+}
+inline void cp_async16(void* to, const void* from, bool valid, const char* file = __builtin_FILE(),
+                       int line = __builtin_LINE()) {
+    cp_async<16>(to, from, valid, file, line);
+}
+inline void cp_async4(void* to, const void* from, bool valid, const char* file = __builtin_FILE(),
+                      int line = __builtin_LINE()) {
+    cp_async<4>(to, from, valid, file, line);
+}
+inline void cp_async_commit() { cpu_cuda::this_worker->current->copies.commit(); }
 template <int n>
 inline void cp_async_wait() {
-    for (; copy_groups.size() > size_t(n); copy_groups.erase(copy_groups.begin()))
-        for (const AsyncCopy& copy : copy_groups.front()) std::memcpy(copy.to, copy.bytes, copy.size);
+    cpu_cuda::this_worker->current->copies.wait(n);
 }
 
 // LAUNCH(kernel, grid, block, shared_bytes, stream)(args...) stands for
@@ -285,42 +1025,34 @@ struct CpuLaunch {
     Kernel* kernel;
     dim3 grid, block;
     size_t shared_bytes;
+    const char* text;  // the kernel as LAUNCH was given it
 
     template <class... Args>
     void operator()(Args... args) const {
         const unsigned threads = block.x * block.y * block.z;
-        auto limit = cpu_shared_limit.find((const void*)kernel);
-        if (threads == 0 || threads > 1024 || grid.x * grid.y * grid.z == 0 ||
-            shared_bytes > (limit == cpu_shared_limit.end() ? kDefaultSharedBytes : limit->second)) {
-            cpu_last_error = cudaErrorInvalidConfiguration;  // what the GPU reports for these
+        const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+        size_t limit = kDefaultSharedBytes;
+        {
+            std::lock_guard<std::mutex> lock(cpu_shared_limit_mutex);
+            auto opted = cpu_shared_limit.find((const void*)kernel);
+            if (opted != cpu_shared_limit.end()) limit = opted->second;
+        }
+        if (threads == 0 || threads > 1024 || blocks == 0 || shared_bytes > limit) {
+            cpu_set_error(cudaErrorInvalidConfiguration);  // what the GPU reports for these
             return;
         }
-        gridDim = grid, blockDim = block;
-        block_barrier.reset(threads);
-        warps.reset(new Warp[(threads + 31) / 32]);
-        for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps[w].barrier.reset(std::min(32u, threads - 32 * w));
-        bad_warp_call = false, copies_left = false, copy_misaligned = false;
-        std::vector<std::thread> pool;
-        for (unsigned t = 0; t < threads; ++t)
-            pool.emplace_back([&, t] {
-                threadIdx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
-                for (unsigned b = 0; b < grid.x * grid.y * grid.z; ++b) {
-                    if (t == 0)
-                        std::fill_n(smem, shared_bytes / sizeof(float),
-                                    std::numeric_limits<float>::quiet_NaN());
-                    block_barrier.wait();  // poisoned before any thread of block b starts
-                    blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
-                    kernel(args...);
-                    for (const auto& group : copy_groups) copies_left = copies_left || !group.empty();
-                    copies_left = copies_left || !copies_issued.empty();
-                    copies_issued.clear(), copy_groups.clear();
-                    block_barrier.wait();  // block b is finished before thread 0 poisons again
-                }
-            });
-        for (auto& thread : pool) thread.join();
-        if (bad_warp_call || copies_left) cpu_last_error = cudaErrorInvalidValue;  // what the emulation cannot run
-        if (copy_misaligned) cpu_last_error = cudaErrorMisalignedAddress;
+        auto body = [&] { kernel(args...); };  // each thread calls the kernel with its own copies
+        cpu_cuda::Launch launch;
+        launch.kernel_address = reinterpret_cast<const void*>(kernel), launch.kernel_text = text;
+        launch.grid = grid, launch.block = block, launch.threads = threads, launch.blocks = blocks;
+        launch.shared_bytes = shared_bytes;
+        launch.body = [](const void* f) { (*static_cast<const decltype(body)*>(f))(); };
+        launch.arguments = &body;
+        cpu_cuda::run_launch(launch);
+        if (launch.error != cudaSuccess) cpu_set_error(launch.error, launch.message);
     }
 };
 #define LAUNCH(kernel, grid, block, shared_bytes, stream) \
-    CpuLaunch<std::remove_pointer_t<decltype(kernel)>>{kernel, grid, block, shared_bytes}
+    CpuLaunch<std::remove_pointer_t<decltype(kernel)>>{kernel, grid, block, shared_bytes, #kernel}
+
+#pragma GCC visibility pop

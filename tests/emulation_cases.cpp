@@ -1,0 +1,183 @@
+// Small kernels that check the CPU emulation itself (kernels/cpu_cuda.h), one behaviour each;
+// tests/test_emulation.py builds this file and calls run_case. Lines marked "// line: NAME" are
+// the ones the tests expect in messages: they find them by the marker, so edits may move them.
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "cpu_cuda.h"
+
+// ---- Barriers that can never complete
+
+__global__ void barrier_in_branch(float*) {
+    if (threadIdx.x < 64) __syncthreads();  // line: barrier_in_branch
+}
+
+__global__ void two_barriers(float*) {
+    if (threadIdx.x < 32)
+        __syncthreads();  // line: two_barriers_first
+    else
+        __syncthreads();  // line: two_barriers_second
+}
+
+__global__ void shuffle_after_exit(float* out) {
+    if (threadIdx.x % 32 >= 16) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);  // line: shuffle_after_exit
+}
+
+__global__ void shuffle_or_barrier(float* out) {
+    if (threadIdx.x < 16) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);  // line: shuffle_or_barrier_shuffle
+    else __syncthreads();  // line: shuffle_or_barrier_barrier
+}
+
+// ---- Barriers that block, shared memory
+
+// Thread t reads the word thread t + step wrote: right only if the barrier makes every thread wait
+// until all have written (without it, a thread runs ahead and may read the NaN poison).
+__global__ void neighbour(float* out, bool barrier, int step) {
+    extern __shared__ __align__(16) float smem[];
+    const unsigned t = threadIdx.x, n = blockDim.x;
+    smem[t] = float(t);
+    if (barrier) __syncthreads();
+    out[blockIdx.x * n + t] = smem[(t + n + step) % n];
+}
+
+// Each block fills its shared memory with its number, then checks, between barriers (where the
+// worker switches threads and other blocks run on other cores), that it still holds that number.
+// out[block]: words found changed; out[blocks + block]: words that were not NaN before the fill.
+__global__ void own_shared_memory(float* out, int words) {
+    extern __shared__ __align__(16) float smem[];
+    float changed = 0, not_poisoned = 0;
+    for (int i = threadIdx.x; i < words; i += blockDim.x) not_poisoned += !std::isnan(smem[i]);
+    __syncthreads();
+    for (int i = threadIdx.x; i < words; i += blockDim.x) smem[i] = float(blockIdx.x);
+    for (int round = 0; round < 20; ++round) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < words; i += blockDim.x) changed += smem[i] != float(blockIdx.x);
+    }
+    atomicAdd(&out[blockIdx.x], changed);
+    atomicAdd(&out[gridDim.x + blockIdx.x], not_poisoned);
+}
+
+// Each thread reads a word of the other warp, then overwrites its own word with no barrier in
+// between: right only if every warp has read before any overwrites. A warp goes on as far as it can
+// (past the shuffle, where it waits for its own lanes only) before the other warp starts, so here
+// the second warp reads what the first has overwritten. out[t]: what thread t read.
+__global__ void read_then_overwrite(float* out, bool barrier) {
+    extern __shared__ __align__(16) float smem[];
+    const unsigned t = threadIdx.x, n = blockDim.x;
+    smem[t] = float(t);
+    __syncthreads();
+    float x = smem[(t + 32) % n];
+    x = __shfl_xor_sync(0xffffffffu, x, 1);
+    x = __shfl_xor_sync(0xffffffffu, x, 1);  // back to this lane's own value
+    if (barrier) __syncthreads();
+    smem[t] = -1.0f;
+    out[blockIdx.x * n + t] = x;
+}
+
+// ---- Indices, atomics
+
+// Each thread writes what it sees of threadIdx, blockIdx, blockDim and gridDim, after a barrier and
+// a shuffle (where the worker has switched to other threads and back): 12 values at its place.
+__global__ void indices(float* out) {
+    __syncthreads();
+    const float lane_sum = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+    const unsigned block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const unsigned thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    float* at = out + 12 * (block * blockDim.x * blockDim.y * blockDim.z + thread);
+    const unsigned values[12] = {threadIdx.x, threadIdx.y, threadIdx.z, blockIdx.x, blockIdx.y, blockIdx.z,
+                                 blockDim.x,  blockDim.y,  blockDim.z,  gridDim.x,  gridDim.y,  gridDim.z};
+    for (int i = 0; i < 12; ++i) at[i] = float(values[i]) * (lane_sum == 1.0f ? 1.0f : -1.0f);
+}
+
+// Every thread of every block adds 1 to out[0] `adds` times, and to out[1 + its lane] once.
+__global__ void count(float* out, int adds) {
+    for (int i = 0; i < adds; ++i) {
+        atomicAdd(out, 1.0f);
+        if (i % 8 == 0) __syncthreads();  // other threads of the block interleave here
+    }
+    atomicAdd(out + 1 + threadIdx.x % 32, 1.0f);
+}
+
+// ---- cp.async
+
+// Thread t writes 4 floats of shared memory, copies 4 others from `from` over them and reads them
+// before the wait (NaN: neither the old values nor the new) and after (the copy), into out[8t ..].
+__global__ void copy_then_wait(const float* from, float* out) {
+    extern __shared__ __align__(16) float smem[];
+    const unsigned t = threadIdx.x;
+    for (int i = 0; i < 4; ++i) smem[4 * t + i] = -1.0f;
+    cp_async16(smem + 4 * t, from + 4 * t, true);
+    cp_async_commit();
+    for (int i = 0; i < 4; ++i) out[8 * t + i] = smem[4 * t + i];
+    cp_async_wait<0>();
+    for (int i = 0; i < 4; ++i) out[8 * t + 4 + i] = smem[4 * t + i];
+}
+
+__global__ void copy_misaligned(const float* from, float*) {
+    extern __shared__ __align__(16) float smem[];
+    cp_async16(smem + 1, from, true);  // line: copy_misaligned
+    cp_async_commit();
+    cp_async_wait<0>();
+}
+
+__global__ void copy_never_waited(const float* from, float*) {
+    extern __shared__ __align__(16) float smem[];
+    cp_async16(smem + 4 * threadIdx.x, from, true);
+    cp_async_commit();
+}
+
+// ---- What the emulation refuses
+
+__global__ void shuffle_in_part_of_a_warp(float* out) {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+
+__global__ void nothing(float*) {}
+
+// A long launch: `rounds` barriers per thread, in blocks of 128 threads.
+__global__ void barriers(float* out, int rounds) {
+    for (int i = 0; i < rounds; ++i) __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(out, 1.0f);
+}
+
+extern "C" {
+
+// Runs one case by name with `n` as its size parameter; returns "" or the launch's error message.
+const char* run_case(const char* name, float* out, const float* in, int n) {
+    static std::string message;
+    const std::string c = name;
+    if (c == "barrier_in_branch") LAUNCH(barrier_in_branch, dim3(n), dim3(128), 0, 0)(out);
+    else if (c == "two_barriers") LAUNCH(two_barriers, dim3(1), dim3(128), 0, 0)(out);
+    else if (c == "shuffle_after_exit") LAUNCH(shuffle_after_exit, dim3(1), dim3(64), 0, 0)(out);
+    else if (c == "shuffle_or_barrier") LAUNCH(shuffle_or_barrier, dim3(1), dim3(32), 0, 0)(out);
+    else if (c == "neighbour") LAUNCH(neighbour, dim3(n), dim3(64), 64 * sizeof(float), 0)(out, true, 1);
+    else if (c == "next_without_barrier") LAUNCH(neighbour, dim3(n), dim3(64), 64 * sizeof(float), 0)(out, false, 1);
+    else if (c == "previous_without_barrier") LAUNCH(neighbour, dim3(n), dim3(64), 64 * sizeof(float), 0)(out, false, -1);
+    else if (c == "read_then_overwrite") LAUNCH(read_then_overwrite, dim3(n), dim3(64), 64 * sizeof(float), 0)(out, true);
+    else if (c == "read_then_overwrite_without_barrier")
+        LAUNCH(read_then_overwrite, dim3(n), dim3(64), 64 * sizeof(float), 0)(out, false);
+    else if (c == "own_shared_memory") LAUNCH(own_shared_memory, dim3(n), dim3(64), 4096 * sizeof(float), 0)(out, 4096);
+    else if (c == "indices") LAUNCH(indices, dim3(3, 2, 2), dim3(4, 4, 2), 0, 0)(out);
+    else if (c == "count") LAUNCH(count, dim3(64), dim3(128), 0, 0)(out, n);
+    else if (c == "copy_then_wait") LAUNCH(copy_then_wait, dim3(1), dim3(32), 32 * 4 * sizeof(float), 0)(in, out);
+    else if (c == "copy_misaligned") LAUNCH(copy_misaligned, dim3(1), dim3(32), 1024, 0)(in, out);
+    else if (c == "copy_never_waited") LAUNCH(copy_never_waited, dim3(1), dim3(32), 1024, 0)(in, out);
+    else if (c == "shuffle_in_part_of_a_warp") LAUNCH(shuffle_in_part_of_a_warp, dim3(1), dim3(48), 0, 0)(out);
+    else if (c == "too_many_threads") LAUNCH(nothing, dim3(1), dim3(1025), 0, 0)(out);
+    else if (c == "no_blocks") LAUNCH(nothing, dim3(0), dim3(32), 0, 0)(out);
+    else if (c == "shared_without_opt_in") LAUNCH(nothing, dim3(1), dim3(32), 48 * 1024 + 16, 0)(out);
+    else if (c == "shared_with_opt_in") {
+        cudaFuncSetAttribute(barriers, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024);
+        LAUNCH(barriers, dim3(1), dim3(32), 100 * 1024, 0)(out, 1);
+    } else if (c == "barriers") LAUNCH(barriers, dim3(64), dim3(128), 0, 0)(out, n);
+    else return "no such case";
+    const cudaError_t err = cudaGetLastError();
+    message = err == cudaSuccess ? "" : cudaGetErrorString(err);
+    return message.c_str();
+}
+
+// How many OS threads a launch may use (0: one per core).
+void set_workers(int n) { cpu_cuda::cpu_set_workers(unsigned(n)); }
+}

@@ -1,0 +1,333 @@
+"""The CPU emulation itself (kernels/cpu_cuda.h): barriers that block, barriers that can never
+complete, warp collectives, shared memory per block, atomics across cores, cp.async, launch
+errors, and Ctrl-C. The small kernels are in tests/emulation_cases.cpp; the Ctrl-C tests run
+minimal_flash in a subprocess (and in a Jupyter kernel) and interrupt it."""
+import ctypes
+import queue
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+import torch.utils.cpp_extension
+
+import minimal_flash as mf
+
+ROOT = mf.KERNELS.parent
+CASES = ROOT / "tests" / "emulation_cases.cpp"
+
+
+def line_of(marker):
+    """The line of tests/emulation_cases.cpp that carries `// line: marker`."""
+    for number, text in enumerate(CASES.read_text().splitlines(), start=1):
+        if text.rstrip().endswith(f"// line: {marker}"):
+            return f"tests/emulation_cases.cpp:{number}"
+    raise AssertionError(f"no line marked {marker}")
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """run(name, n=1, out=None, inp=None) -> the launch's error message ("" on success)."""
+    mf._use_this_pythons_ninja()
+    path = torch.utils.cpp_extension.load(
+        name="emulation_cases", sources=[str(CASES)], build_directory=str(tmp_path_factory.mktemp("emulation")),
+        extra_include_paths=[str(mf.KERNELS)], extra_cflags=["-O2", "-fno-strict-aliasing"], is_python_module=False)
+    library = ctypes.CDLL(path)
+    library.run_case.restype = ctypes.c_char_p
+    library.run_case.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    library.set_workers.argtypes = [ctypes.c_int]
+
+    def run(name, n=1, out=None, inp=None):
+        out = out if out is not None else torch.zeros(1)
+        inp = inp if inp is not None else torch.zeros(4)
+        return library.run_case(name.encode(), out.data_ptr(), inp.data_ptr(), n).decode()
+
+    run.library = library
+    return run
+
+
+# ---- Barriers that can never complete: an error that names the kernel and the line, not a hang
+
+
+def test_barrier_that_some_threads_skip_fails_with_its_line(cases):
+    error = cases("barrier_in_branch", n=8)  # the first block to fail, of those running at once, reports
+    expected = (f"barrier deadlock in barrier_in_branch, block (BLOCK, 0, 0): the __syncthreads() at "
+                f"{line_of('barrier_in_branch')} can never complete: threads 0-63 wait there, threads 64-127 "
+                "have exited (every thread of a block must reach the same __syncthreads())")
+    assert re.fullmatch(re.escape(expected).replace("BLOCK", "[0-7]"), error), error
+    # The process goes on: the next launch runs, and runs right.
+    out = torch.full((64 * 3,), float("nan"))
+    assert cases("neighbour", n=3, out=out) == ""
+    assert torch.equal(out, ((torch.arange(64) + 1) % 64).float().repeat(3))
+
+
+def test_threads_at_two_different_barriers_fail(cases):
+    error = cases("two_barriers")
+    assert (f"the __syncthreads() at {line_of('two_barriers_first')} can never complete: threads 0-31 wait there, "
+            f"threads 32-127 wait at the __syncthreads() at {line_of('two_barriers_second')}") in error
+
+
+def test_shuffle_waiting_for_lanes_that_exited_fails(cases):
+    error = cases("shuffle_after_exit", out=torch.zeros(64))
+    assert error.startswith("barrier deadlock in shuffle_after_exit, block (0, 0, 0): warp 0's __shfl_xor_sync() at "
+                            f"{line_of('shuffle_after_exit')} can never complete: threads 0-15 wait there, "
+                            "threads 16-31 have exited (all 32 lanes of a warp")
+
+
+def test_shuffle_and_barrier_waiting_for_each_other_fail(cases):
+    error = cases("shuffle_or_barrier", out=torch.zeros(32))
+    assert (f"the __syncthreads() at {line_of('shuffle_or_barrier_barrier')} can never complete: threads 0-15 wait "
+            f"at the __shfl_xor_sync() at {line_of('shuffle_or_barrier_shuffle')}, threads 16-31 wait there") in error
+
+
+def test_deadlock_reaches_python_as_runtime_error():
+    """Through minimal_flash's path: bindings.cu turns the launch's error into the message that
+    _raise_if raises. (A kernel of this repository has no deadlock, so the message is built here.)"""
+    with pytest.raises(RuntimeError, match="barrier deadlock in flash2_forward"):
+        mf._raise_if("flash2_forward failed: barrier deadlock in flash2_forward, block (0, 0, 0): ...")
+
+
+# ---- Barriers that block; shared memory per block
+
+
+@pytest.mark.parametrize("case", ["next_without_barrier", "previous_without_barrier"])
+def test_missing_barrier_gives_a_wrong_answer(cases, case):
+    """A thread runs ahead to the next barrier, as far as it can: without one, it reads its
+    neighbour's word before the neighbour wrote it, and gets the NaN poison. The threads take turns
+    in one order in one block and in the other in the next, so this shows in full whichever
+    neighbour a thread reads."""
+    cases.library.set_workers(1)  # the blocks in turn on one worker, so in both orders
+    try:
+        out = torch.zeros(64 * 2)
+        assert cases(case, n=2, out=out) == ""
+    finally:
+        cases.library.set_workers(0)
+    # In one block 63 of the 64 threads read too early; in the other, only the one whose neighbour
+    # (across the ends of the block) takes its turn after it.
+    assert sorted(out.view(2, 64).isnan().sum(dim=1).tolist()) == [1, 63], out
+    assert cases("neighbour", n=2, out=out) == ""
+    assert torch.equal(out, ((torch.arange(64) + 1) % 64).float().repeat(2))
+
+
+def test_missing_barrier_between_warps_gives_a_wrong_answer(cases):
+    """A warp runs on to its next __syncthreads before the next warp starts: without the barrier,
+    the first warp overwrites the words that the second has still to read."""
+    out = torch.zeros(64 * 2)
+    assert cases("read_then_overwrite_without_barrier", n=2, out=out) == ""
+    assert (out == -1).any(), out
+    assert cases("read_then_overwrite", n=2, out=out) == ""
+    assert torch.equal(out, ((torch.arange(64) + 32) % 64).float().repeat(2))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_each_block_has_its_own_poisoned_shared_memory(cases, workers):
+    """Blocks run at the same time on several OS threads, each with its own shared memory, filled
+    with NaN before every block."""
+    blocks = 24
+    cases.library.set_workers(workers)
+    try:
+        out = torch.zeros(2 * blocks)
+        assert cases("own_shared_memory", n=blocks, out=out) == ""
+    finally:
+        cases.library.set_workers(0)
+    assert torch.equal(out, torch.zeros(2 * blocks)), out
+
+
+def test_indices_are_cudas_after_every_switch(cases):
+    grid, block = (3, 2, 2), (4, 4, 2)
+    out = torch.full((12 * 12 * 32,), float("nan"))
+    assert cases("indices", out=out) == ""
+    expected = [[tx, ty, tz, bx, by, bz, *block, *grid]
+                for bz in range(2) for by in range(2) for bx in range(3)
+                for tz in range(2) for ty in range(4) for tx in range(4)]
+    assert torch.equal(out.view(-1, 12), torch.tensor(expected, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_atomic_add_is_atomic_across_blocks(cases, workers):
+    """64 blocks of 128 threads, on several OS threads: every one of 64 * 128 * 200 additions counts
+    (integers below 2^24 are exact in float32)."""
+    cases.library.set_workers(workers)
+    try:
+        out = torch.zeros(33)
+        assert cases("count", n=200, out=out) == ""
+    finally:
+        cases.library.set_workers(0)
+    assert out[0].item() == 64 * 128 * 200
+    assert torch.equal(out[1:], torch.full((32,), 64 * 4.0))
+
+
+# ---- cp.async
+
+
+def test_cp_async_lands_at_the_wait(cases):
+    """Before the wait the destination holds NaN: neither what the thread wrote there before the
+    copy, nor the copy."""
+    source = torch.arange(32 * 4, dtype=torch.float32)
+    out = torch.zeros(32 * 8)
+    assert cases("copy_then_wait", out=out, inp=source) == ""
+    before, after = out.view(32, 2, 4).unbind(1)
+    assert before.isnan().all()
+    assert torch.equal(after.reshape(-1), source)
+
+
+def test_misaligned_cp_async_fails(cases):
+    error = cases("copy_misaligned", inp=torch.zeros(64))
+    assert error.startswith("misaligned address: a cp.async of 16 bytes from ")
+    assert f"at {line_of('copy_misaligned')} in copy_misaligned, block (0, 0, 0)" in error
+
+
+def test_cp_async_never_waited_for_fails(cases):
+    assert "cp.async copies never waited for" in cases("copy_never_waited", inp=torch.zeros(64))
+
+
+# ---- Launch errors, as a GPU reports them, and what the emulation refuses
+
+
+@pytest.mark.parametrize("case", ["too_many_threads", "no_blocks", "shared_without_opt_in"])
+def test_bad_launch_configuration(cases, case):
+    assert cases(case) == "invalid configuration argument"
+
+
+def test_more_than_48_kb_after_opt_in(cases):
+    out = torch.zeros(1)
+    assert cases("shared_with_opt_in", out=out) == ""
+    assert out.item() == 1
+
+
+def test_warp_collective_needs_whole_warps(cases):
+    error = cases("shuffle_in_part_of_a_warp", out=torch.zeros(48))
+    assert "a block of 48 threads: the emulation runs warp-collective operations in whole warps only" in error
+
+
+# ---- Ctrl-C and the progress line, through minimal_flash, as a user meets them
+
+LONG_CALL = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    import torch
+    import minimal_flash as mf
+    q = torch.randn(1, 1, 64, 64)
+    mf.flash_attention(q, q, q)  # builds or loads the kernels
+    big = torch.randn(1, 8, 16384, 64)
+    print("start", flush=True)
+    try:
+        mf.flash_attention(big, big, big)
+        print("finished", flush=True)
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt", flush=True)
+    q, k, v = (torch.randn(1, 2, 100, 64) for _ in range(3))
+    error = (mf.flash_attention(q, k, v) - mf.manual_attention(q, k, v)).abs().max().item()
+    print("after", error, flush=True)
+""")
+
+
+def lines_of(stream):
+    """The stream's lines, as they come, on a queue (None at the end)."""
+    lines = queue.Queue()
+
+    def read():
+        for line in stream:
+            lines.put((time.monotonic(), line.rstrip("\n")))
+        lines.put((time.monotonic(), None))
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def next_line(lines, timeout, what):
+    try:
+        when, line = lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"no {what} within {timeout} s") from None
+    assert line is not None, f"the process ended before {what}"
+    return when, line
+
+
+def test_ctrl_c_stops_a_long_cpu_call(tmp_path):
+    """Version 2 at (1, 8, 16384, 64) runs for half a minute on 2 cores (seconds on many). After 2 s
+    it says so on stderr, with its estimate; SIGINT then raises KeyboardInterrupt within 3 s, and the
+    next call is right."""
+    child = subprocess.Popen([sys.executable, "-c", LONG_CALL.format(root=str(ROOT))], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = lines_of(child.stdout), lines_of(child.stderr)
+        started, line = next_line(out, 600, '"start"')  # a first build can take a minute
+        assert line == "start"
+        while True:  # the build's messages, then the progress line
+            said, line = next_line(err, 15, "progress line on stderr")
+            if "CPU emulation of" in line:
+                break
+        assert re.fullmatch(r"minimal_flash: CPU emulation of flash2_forward, \d+ blocks of \d+ threads: "
+                            r"about \d+ (s|min) left \(Ctrl-C stops it\)", line), line
+        assert 1.5 < said - started < 6, said - started
+        child.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        stopped, line = next_line(out, 10, "KeyboardInterrupt")
+        assert line == "KeyboardInterrupt"
+        assert stopped - sent < 3, stopped - sent
+        _, line = next_line(out, 120, "the next call's result")
+        assert line.startswith("after ") and float(line.split()[1]) < 1e-5, line
+        assert child.wait(timeout=60) == 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_jupyter_interrupt_stops_a_long_cpu_call():
+    """The interrupt button of a Jupyter kernel sends it SIGINT: the cell ends with
+    KeyboardInterrupt, and the kernel goes on."""
+    manager_module = pytest.importorskip("jupyter_client.manager", reason="jupyter is not installed")
+    manager, client = manager_module.start_new_kernel(kernel_name="python3")
+    try:
+        def execute(code, timeout):
+            """The cell's reply and what it printed or raised."""
+            message_id = client.execute(code)
+            outputs = []
+            deadline = time.monotonic() + timeout
+            while True:
+                message = client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+                if message["parent_header"].get("msg_id") != message_id:
+                    continue
+                kind, content = message["msg_type"], message["content"]
+                if kind == "stream":
+                    outputs.append(content["text"])
+                elif kind == "error":
+                    outputs.append(content["ename"])
+                elif kind == "status" and content["execution_state"] == "idle":
+                    return "".join(outputs)
+
+        setup = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\nimport torch, minimal_flash as mf\n"
+                 "q = torch.randn(1, 1, 64, 64); mf.flash_attention(q, q, q); print('ready')")
+        assert "ready" in execute(setup, 600)
+        # stop_on_error=False: the kernel would otherwise drop the cells sent soon after this one fails.
+        message_id = client.execute("big = torch.randn(1, 8, 16384, 64); mf.flash_attention(big, big, big)",
+                                    stop_on_error=False)
+        time.sleep(3)
+        manager.interrupt_kernel()
+        sent = time.monotonic()
+        while True:
+            message = client.get_iopub_msg(timeout=10)
+            if message["parent_header"].get("msg_id") == message_id and message["msg_type"] == "error":
+                break
+        assert message["content"]["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - sent < 3
+        check = ("q, k, v = (torch.randn(1, 2, 100, 64) for _ in range(3))\n"
+                 "print((mf.flash_attention(q, k, v) - mf.manual_attention(q, k, v)).abs().max().item())")
+        printed = execute(check, 120)
+        assert float(printed.split()[-1]) < 1e-5, printed
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+
+
+def test_interrupted_launch_raises_keyboard_interrupt():
+    """What bindings.cu returns for a launch that Ctrl-C stopped becomes KeyboardInterrupt, even
+    where Python's own handler did not raise it (another SIGINT handler was installed)."""
+    with pytest.raises(KeyboardInterrupt, match="flash2_forward failed: interrupted"):
+        mf._raise_if("flash2_forward failed: interrupted")
