@@ -67,9 +67,14 @@ def test_barrier_that_some_threads_skip_fails_with_its_line(cases):
 
 
 def test_threads_at_two_different_barriers_fail(cases):
+    """Either barrier may be the one reported (the order in which threads take turns varies with the
+    machine's cores); the message names both, and which threads wait at each."""
     error = cases("two_barriers")
-    assert (f"the __syncthreads() at {line_of('two_barriers_first')} can never complete: threads 0-31 wait there, "
-            f"threads 32-127 wait at the __syncthreads() at {line_of('two_barriers_second')}") in error
+    first, second = line_of("two_barriers_first"), line_of("two_barriers_second")
+    assert (f"the __syncthreads() at {first} can never complete: threads 0-31 wait there, "
+            f"threads 32-127 wait at the __syncthreads() at {second}") in error or (
+            f"the __syncthreads() at {second} can never complete: threads 0-31 wait at the __syncthreads() at "
+            f"{first}, threads 32-127 wait there") in error, error
 
 
 def test_shuffle_waiting_for_lanes_that_exited_fails(cases):
@@ -263,7 +268,7 @@ def test_ctrl_c_stops_a_long_cpu_call(tmp_path):
             said, line = next_line(err, 15, "progress line on stderr")
             if "CPU emulation of" in line:
                 break
-        assert re.fullmatch(r"minimal_flash: CPU emulation of flash2_forward, \d+ blocks of \d+ threads: "
+        assert re.fullmatch(r"minimal_flash: CPU emulation of flash2::forward, \d+ blocks of \d+ threads: "
                             r"about \d+ (s|min) left \(Ctrl-C stops it\)", line), line
         assert 1.5 < said - started < 6, said - started
         child.send_signal(signal.SIGINT)
