@@ -736,7 +736,13 @@ struct alignas(64) Worker {
             while (first + 32 < threads && warps[first / 32].arrived == 0) first += 32;
             count = 32;
         }
-        const Site& waited = block_waits ? barrier.site : warps[first / 32].site;
+        // The one that cannot complete: where the lowest-numbered thread concerned waits (at a
+        // __syncthreads, if the block waits), whichever thread arrived first.
+        Site waited;
+        for (unsigned t = first; t < first + count && !waited.what; ++t) {
+            const Site& site = fibers[t]->waiting;
+            if (site.what && (!block_waits || std::strcmp(site.what, "__syncthreads()") == 0)) waited = site;
+        }
         const std::string subject = block_waits ? "the __syncthreads() at " + where(waited)
                                                 : "warp " + std::to_string(first / 32) + "'s " + waited.what + " at " + where(waited);
         const char* rule = block_waits ? "every thread of a block must reach the same __syncthreads()"
