@@ -67,14 +67,15 @@ def test_barrier_that_some_threads_skip_fails_with_its_line(cases):
 
 
 def test_threads_at_two_different_barriers_fail(cases):
-    """Either barrier may be the one reported (the order in which threads take turns varies with the
-    machine's cores); the message names both, and which threads wait at each."""
-    error = cases("two_barriers")
-    first, second = line_of("two_barriers_first"), line_of("two_barriers_second")
-    assert (f"the __syncthreads() at {first} can never complete: threads 0-31 wait there, "
-            f"threads 32-127 wait at the __syncthreads() at {second}") in error or (
-            f"the __syncthreads() at {second} can never complete: threads 0-31 wait at the __syncthreads() at "
-            f"{first}, threads 32-127 wait there") in error, error
+    """The same message whichever thread arrived first: the launches below run in the two orders."""
+    cases.library.set_workers(1)
+    try:
+        error, again = cases("two_barriers"), cases("two_barriers")
+    finally:
+        cases.library.set_workers(0)
+    assert error == again
+    assert (f"the __syncthreads() at {line_of('two_barriers_first')} can never complete: threads 0-31 wait there, "
+            f"threads 32-127 wait at the __syncthreads() at {line_of('two_barriers_second')}") in error
 
 
 def test_shuffle_waiting_for_lanes_that_exited_fails(cases):
