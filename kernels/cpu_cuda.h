@@ -125,19 +125,19 @@ inline __half __float2half(float f) {  // 5 exponent bits (bias 15) and 10 manti
     auto rounded = [](unsigned h, unsigned rest, unsigned halfway) {  // ties to even
         return h + (rest > halfway || (rest == halfway && (h & 1)));
     };
-    if (a > 0x7f800000u) return {(unsigned short)(sign | 0x7e00u)};  // NaN
+    if (a > 0x7f800000u) return {(unsigned short)(sign | 0x7e00u)};   // NaN
     if (a >= 0x477ff000u) return {(unsigned short)(sign | 0x7c00u)};  // 65520 and up round to inf
     if (a >= 0x38800000u)  // a normal half: rebias the exponent from 127 to 15, keep 10 mantissa bits
         return {(unsigned short)(sign | rounded((a - 0x38000000u) >> 13, a & 0x1fffu, 0x1000u))};
-    const int e = a >> 23;  // below 2^-14: a subnormal half, in units of 2^-24
+    const int e = a >> 23;                       // below 2^-14: a subnormal half, in units of 2^-24
     if (e < 102) return {(unsigned short)sign};  // below 2^-25: rounds to 0
     const unsigned m = (a & 0x7fffffu) | 0x800000u, shift = 126 - e;
     return {(unsigned short)(sign | rounded(m >> shift, m & ((1u << shift) - 1), 1u << (shift - 1)))};
 }
 inline float __half2float(__half h) {
     const unsigned sign = unsigned(h.bits & 0x8000u) << 16, e = h.bits >> 10 & 0x1fu, m = h.bits & 0x3ffu;
-    if (e == 31) return bits_float(sign | 0x7f800000u | m << 13);                // inf, NaN
-    if (e == 0) return (sign ? -1.0f : 1.0f) * std::ldexp(float(m), -24);       // 0, subnormal
+    if (e == 31) return bits_float(sign | 0x7f800000u | m << 13);          // inf, NaN
+    if (e == 0) return (sign ? -1.0f : 1.0f) * std::ldexp(float(m), -24);  // 0, subnormal
     return bits_float(sign | (e + 112) << 23 | m << 13);
 }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
@@ -151,8 +151,8 @@ inline __half __ushort_as_half(unsigned short bits) { return {bits}; }
 inline float atomicAdd(float* address, float value) {
     unsigned* bits = reinterpret_cast<unsigned*>(address);
     unsigned old = __atomic_load_n(bits, __ATOMIC_RELAXED);
-    while (!__atomic_compare_exchange_n(bits, &old, float_bits(bits_float(old) + value), true, __ATOMIC_RELAXED,
-                                        __ATOMIC_RELAXED)) {
+    while (!__atomic_compare_exchange_n(bits, &old, float_bits(bits_float(old) + value), true,
+                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }
     return bits_float(old);
 }
@@ -214,13 +214,20 @@ inline cudaError_t cudaGetLastError() {
 inline const char* cudaGetErrorString(cudaError_t err) {
     if (err != cudaSuccess && err == cpu_detailed_error) return cpu_error_message.c_str();
     switch (err) {
-        case cudaSuccess: return "no error";
-        case cudaErrorInvalidValue: return "invalid argument";
-        case cudaErrorMisalignedAddress: return "misaligned address";
-        case cudaErrorMemoryAllocation: return "out of memory";
-        case cudaErrorCpuDeadlock: return "barrier deadlock";
-        case cudaErrorCpuInterrupted: return "interrupted";
-        default: return "invalid configuration argument";
+        case cudaSuccess:
+            return "no error";
+        case cudaErrorInvalidValue:
+            return "invalid argument";
+        case cudaErrorMisalignedAddress:
+            return "misaligned address";
+        case cudaErrorMemoryAllocation:
+            return "out of memory";
+        case cudaErrorCpuDeadlock:
+            return "barrier deadlock";
+        case cudaErrorCpuInterrupted:
+            return "interrupted";
+        default:
+            return "invalid configuration argument";
     }
 }
 template <class Kernel>
@@ -256,19 +263,22 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*) {
 // files that include this header may be linked together; hidden, so that each library keeps its own.
 extern "C" __attribute__((visibility("hidden"))) void cpu_cuda_switch(void** from, void* to);
 #if defined(__APPLE__)
-#define CPU_CUDA_SWITCH_BEGIN(align) \
-    ".text\n.p2align " #align "\n.globl _cpu_cuda_switch\n.weak_definition _cpu_cuda_switch\n" \
+#define CPU_CUDA_SWITCH_BEGIN(align)                                 \
+    ".text\n.p2align " #align                                        \
+    "\n.globl _cpu_cuda_switch\n.weak_definition _cpu_cuda_switch\n" \
     ".private_extern _cpu_cuda_switch\n_cpu_cuda_switch:\n"
 #define CPU_CUDA_SWITCH_END ""
 #else
-#define CPU_CUDA_SWITCH_BEGIN(align) \
-    ".pushsection .text\n.p2align " #align "\n.weak cpu_cuda_switch\n.hidden cpu_cuda_switch\n" \
+#define CPU_CUDA_SWITCH_BEGIN(align)                     \
+    ".pushsection .text\n.p2align " #align               \
+    "\n.weak cpu_cuda_switch\n.hidden cpu_cuda_switch\n" \
     ".type cpu_cuda_switch, %function\ncpu_cuda_switch:\n"
 #define CPU_CUDA_SWITCH_END ".size cpu_cuda_switch, .-cpu_cuda_switch\n.popsection\n"
 #endif
 #if defined(__x86_64__)
 // System V and macOS: rbx, rbp, r12-r15, and the control words of the SSE and x87 units (rounding
 // modes: callee-saved too). 56 bytes, below the return address that the call pushed.
+// clang-format off
 asm(CPU_CUDA_SWITCH_BEGIN(4)
     "    pushq %rbp\n"
     "    pushq %rbx\n"
@@ -291,9 +301,11 @@ asm(CPU_CUDA_SWITCH_BEGIN(4)
     "    popq %rbx\n"
     "    popq %rbp\n"
     "    ret\n" CPU_CUDA_SWITCH_END);
+// clang-format on
 #else
 // AAPCS64 (Linux and macOS): x19-x28, the frame pointer x29, the link register x30 (where `ret`
 // returns to), and the low halves of v8-v15 (d8-d15). 160 bytes. x18 is the platform's: untouched.
+// clang-format off
 asm(CPU_CUDA_SWITCH_BEGIN(2)
     "    sub sp, sp, #160\n"
     "    stp x19, x20, [sp, #0]\n"
@@ -321,6 +333,7 @@ asm(CPU_CUDA_SWITCH_BEGIN(2)
     "    ldp d14, d15, [sp, #144]\n"
     "    add sp, sp, #160\n"
     "    ret\n" CPU_CUDA_SWITCH_END);
+// clang-format on
 #endif
 #endif
 
@@ -390,8 +403,10 @@ inline bool same_site(const Site& a, const Site& b) {
 inline std::string short_path(const char* file) {
     const std::string here = __FILE__, path = file;
     const size_t slash = here.find_last_of('/');
-    const size_t root = slash == std::string::npos || slash == 0 ? std::string::npos : here.find_last_of('/', slash - 1);
-    if (root != std::string::npos && path.compare(0, root + 1, here, 0, root + 1) == 0) return path.substr(root + 1);
+    const size_t root =
+        slash == std::string::npos || slash == 0 ? std::string::npos : here.find_last_of('/', slash - 1);
+    if (root != std::string::npos && path.compare(0, root + 1, here, 0, root + 1) == 0)
+        return path.substr(root + 1);
     return path;
 }
 inline std::string where(const Site& site) { return short_path(site.file) + ":" + std::to_string(site.line); }
@@ -430,8 +445,8 @@ struct Fiber {
     Context context;
     char* mapping = nullptr;  // the stack, and a guard page below it that faults on an overflow
     size_t mapped = 0;
-    dim3 index;          // its threadIdx
-    unsigned id = 0;     // threadIdx as one number, x fastest: lanes 32w .. 32w + 31 are warp w
+    dim3 index;       // its threadIdx
+    unsigned id = 0;  // threadIdx as one number, x fastest: lanes 32w .. 32w + 31 are warp w
     bool exited = false;
     Site waiting;        // where it waits: what is null while it runs or is ready to
     AsyncCopies copies;  // its cp.async copies in flight
@@ -503,14 +518,16 @@ struct Launch {
         failed = true;
     }
     std::string block_name(const dim3& b) const {
-        return kernel + ", block (" + std::to_string(b.x) + ", " + std::to_string(b.y) + ", " + std::to_string(b.z) + ")";
+        return kernel + ", block (" + std::to_string(b.x) + ", " + std::to_string(b.y) + ", " +
+               std::to_string(b.z) + ")";
     }
 
     // After a few seconds, one line on stderr: what runs, and for about how long still, from the
     // blocks done so far. Called by the workers between blocks and every so many switches.
     void tick() {
         if (announced.load(std::memory_order_relaxed)) return;
-        const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        const double elapsed =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         if (elapsed < kAnnounceAfterSeconds || announced.exchange(true)) return;
         const unsigned long long done = blocks_done.load();
         char estimate[64];
@@ -519,10 +536,13 @@ struct Launch {
         } else {
             const double left = elapsed * double(blocks - done) / double(done);
             if (left < 1.0) return;  // nearly done: nothing worth saying
-            if (left < 120) std::snprintf(estimate, sizeof estimate, "about %.0f s left", left);
-            else std::snprintf(estimate, sizeof estimate, "about %.0f min left", left / 60);
+            if (left < 120)
+                std::snprintf(estimate, sizeof estimate, "about %.0f s left", left);
+            else
+                std::snprintf(estimate, sizeof estimate, "about %.0f min left", left / 60);
         }
-        std::fprintf(stderr, "minimal_flash: CPU emulation of %s, %llu block%s of %u threads: %s (Ctrl-C stops it)\n",
+        std::fprintf(stderr,
+                     "minimal_flash: CPU emulation of %s, %llu block%s of %u threads: %s (Ctrl-C stops it)\n",
                      kernel.c_str(), blocks, blocks == 1 ? "" : "s", threads, estimate);
         std::fflush(stderr);
     }
@@ -566,7 +586,8 @@ class SigintHandler {
     ~SigintHandler() {
         if (!installed_) return;
         sigaction(SIGINT, &previous_sigint, nullptr);
-        if (interrupt_requested && !(previous_sigint.sa_flags & SA_SIGINFO) && previous_sigint.sa_handler == SIG_DFL)
+        if (interrupt_requested && !(previous_sigint.sa_flags & SA_SIGINFO) &&
+            previous_sigint.sa_handler == SIG_DFL)
             raise(SIGINT);
     }
 };
@@ -577,7 +598,8 @@ inline std::string ranges(const std::vector<unsigned>& ids) {
     for (size_t i = 0; i < ids.size();) {
         size_t j = i;
         while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
-        text += (text.empty() ? "" : ", ") + std::to_string(ids[i]) + (j > i ? "-" + std::to_string(ids[j]) : "");
+        text +=
+            (text.empty() ? "" : ", ") + std::to_string(ids[i]) + (j > i ? "-" + std::to_string(ids[j]) : "");
         i = j + 1;
     }
     return text;
@@ -605,7 +627,8 @@ struct alignas(64) Worker {
     // collective; an mbarrier's arrivals, one day) calls make_ready on it. The deadlock message
     // below names the barrier or warp collective that waits; a new kind of wait adds its case there.
     bool stop_requested() const {
-        return interrupt_requested.load(std::memory_order_relaxed) || launch->failed.load(std::memory_order_relaxed);
+        return interrupt_requested.load(std::memory_order_relaxed) ||
+               launch->failed.load(std::memory_order_relaxed);
     }
     void make_ready(Fiber* f) {  // to run after those ready now
         f->waiting.what = nullptr;
@@ -651,8 +674,10 @@ struct alignas(64) Worker {
 
     void sync_threads(const Site& site) {
         Fiber* self = current;
-        if (barrier.arrived == 0) barrier.site = site, barrier.diverged = false;
-        else if (!same_site(site, barrier.site)) barrier.diverged = true;
+        if (barrier.arrived == 0)
+            barrier.site = site, barrier.diverged = false;
+        else if (!same_site(site, barrier.site))
+            barrier.diverged = true;
         if (++barrier.arrived < threads || barrier.diverged) {
             self->waiting = site;
             switch_away();
@@ -698,8 +723,10 @@ struct alignas(64) Worker {
     template <class Complete>
     void sync_warp(Warp& warp, const Site& site, Complete&& complete) {
         Fiber* self = current;
-        if (warp.arrived == 0) warp.site = site, warp.diverged = false;
-        else if (!same_site(site, warp.site)) warp.diverged = true;
+        if (warp.arrived == 0)
+            warp.site = site, warp.diverged = false;
+        else if (!same_site(site, warp.site))
+            warp.diverged = true;
         if (++warp.arrived < 32 || warp.diverged) {
             self->waiting = site;
             switch_away();
@@ -715,10 +742,11 @@ struct alignas(64) Worker {
     [[noreturn]] void thread_exits() {
         Fiber* self = current;
         if (!self->copies.copies.empty()) {
-            launch->fail(cudaErrorInvalidValue,
-                         "invalid argument: " + launch->block_name(blockIdx) + ", thread " + std::to_string(self->id) +
-                             ": cp.async copies never waited for (a cp_async_commit and cp_async_wait must follow "
-                             "the last cp_async)");
+            launch->fail(
+                cudaErrorInvalidValue,
+                "invalid argument: " + launch->block_name(blockIdx) + ", thread " + std::to_string(self->id) +
+                    ": cp.async copies never waited for (a cp_async_commit and cp_async_wait must follow "
+                    "the last cp_async)");
             abandon_block();
         }
         self->exited = true, ++exited;
@@ -743,32 +771,39 @@ struct alignas(64) Worker {
             const Site& site = fibers[t]->waiting;
             if (site.what && (!block_waits || std::strcmp(site.what, "__syncthreads()") == 0)) waited = site;
         }
-        const std::string subject = block_waits ? "the __syncthreads() at " + where(waited)
-                                                : "warp " + std::to_string(first / 32) + "'s " + waited.what + " at " + where(waited);
-        const char* rule = block_waits ? "every thread of a block must reach the same __syncthreads()"
-                                       : "all 32 lanes of a warp must reach the same warp-collective operation";
+        const std::string subject =
+            block_waits ? "the __syncthreads() at " + where(waited)
+                        : "warp " + std::to_string(first / 32) + "'s " + waited.what + " at " + where(waited);
+        const char* rule = block_waits
+                               ? "every thread of a block must reach the same __syncthreads()"
+                               : "all 32 lanes of a warp must reach the same warp-collective operation";
         // The threads by where they are, in the order first seen: {(where, plural), threads}.
         std::vector<std::pair<std::pair<std::string, bool>, std::vector<unsigned>>> groups;
         auto state = [&](const Fiber& f) -> std::pair<std::string, bool> {
             if (f.exited) return {"exited", false};
             if (same_site(f.waiting, waited)) return {"there", true};
-            if (f.waiting.what) return {"at the " + std::string(f.waiting.what) + " at " + where(f.waiting), true};
+            if (f.waiting.what)
+                return {"at the " + std::string(f.waiting.what) + " at " + where(f.waiting), true};
             return {"running", false};  // not expected: then some thread could go on
         };
         for (unsigned t = first; t < first + count; ++t) {
             const auto key = state(*fibers[t]);
-            auto group = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == key; });
+            auto group =
+                std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == key; });
             if (group == groups.end()) group = groups.insert(groups.end(), {key, {}});
             group->second.push_back(t);
         }
         std::string who;
         for (const auto& [key, ids] : groups) {
             const bool one = ids.size() == 1;
-            const std::string verb = key.second ? (one ? "waits " : "wait ") : key.first == "exited" ? (one ? "has " : "have ") : (one ? "is " : "are ");
-            who += (who.empty() ? "" : ", ") + std::string(one ? "thread " : "threads ") + ranges(ids) + " " + verb + key.first;
+            const std::string verb = key.second              ? (one ? "waits " : "wait ")
+                                     : key.first == "exited" ? (one ? "has " : "have ")
+                                                             : (one ? "is " : "are ");
+            who += (who.empty() ? "" : ", ") + std::string(one ? "thread " : "threads ") + ranges(ids) + " " +
+                   verb + key.first;
         }
-        return "barrier deadlock in " + launch->block_name(blockIdx) + ": " + subject + " can never complete: " + who +
-               " (" + rule + ")";
+        return "barrier deadlock in " + launch->block_name(blockIdx) + ": " + subject +
+               " can never complete: " + who + " (" + rule + ")";
     }
 
     // Fibers, their stacks and the warps' buffers for blocks of `threads` threads.
@@ -788,7 +823,8 @@ struct alignas(64) Worker {
 
     void run_block(unsigned long long b) {
         const dim3 g = launch->grid;
-        blockIdx = dim3(unsigned(b % g.x), unsigned(b / g.x % g.y), unsigned(b / (g.x * (unsigned long long)g.y)));
+        blockIdx =
+            dim3(unsigned(b % g.x), unsigned(b / g.x % g.y), unsigned(b / (g.x * (unsigned long long)g.y)));
         std::memset(smem, kPoison, launch->shared_bytes);
         exited = 0, barrier = BlockBarrier{}, ready_head = 0, ready_count = 0;
         for (Warp& warp : warps) warp.arrived = 0, warp.generation = 0, warp.diverged = false;
@@ -815,8 +851,9 @@ struct alignas(64) Worker {
         launch = &l;
         switches_until_tick = 4096;
         if (!prepare(l.threads)) {
-            l.fail(cudaErrorMemoryAllocation, "out of memory: no stacks for the " + std::to_string(l.threads) +
-                                                  " threads of a block of " + l.kernel);
+            l.fail(cudaErrorMemoryAllocation, "out of memory: no stacks for the " +
+                                                  std::to_string(l.threads) + " threads of a block of " +
+                                                  l.kernel);
             return;
         }
         for (;;) {
@@ -882,13 +919,15 @@ inline void run_launch(Launch& l) {
     l.start = std::chrono::steady_clock::now();
     gridDim = l.grid, blockDim = l.block;
     SigintHandler sigint;
-    const unsigned cores = std::max(1u, workers_wanted ? workers_wanted : std::thread::hardware_concurrency());
+    const unsigned cores =
+        std::max(1u, workers_wanted ? workers_wanted : std::thread::hardware_concurrency());
     const unsigned n = unsigned(std::min<unsigned long long>(cores, l.blocks));
     while (workers.size() < n) workers.push_back(std::make_unique<Worker>());
     std::vector<std::thread> helpers;
     for (unsigned w = 1; w < n; ++w) {
         try {
-            helpers.emplace_back([&l, w] { this_worker = workers[w].get(), this_worker->run(l), this_worker = nullptr; });
+            helpers.emplace_back(
+                [&l, w] { this_worker = workers[w].get(), this_worker->run(l), this_worker = nullptr; });
         } catch (const std::system_error&) {
             break;  // no more threads: fewer workers do the same work
         }
@@ -921,8 +960,9 @@ inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask, const ch
     cpu_cuda::Warp& warp = worker.warp_of_current(lane, site);
     const unsigned partner = lane ^ unsigned(lane_mask);
     if (mask != 0xffffffffu || partner >= 32) {
-        worker.launch->fail(cudaErrorInvalidValue, "invalid argument: __shfl_xor_sync at " + cpu_cuda::where(site) +
-                                                       ": the emulation takes the full mask and lane masks below 32");
+        worker.launch->fail(cudaErrorInvalidValue,
+                            "invalid argument: __shfl_xor_sync at " + cpu_cuda::where(site) +
+                                ": the emulation takes the full mask and lane masks below 32");
         worker.abandon_block();
     }
     const unsigned half = warp.generation % 2;
@@ -964,12 +1004,14 @@ inline void mma_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (
     const unsigned g = lane / 4, q = lane % 4;
     for (unsigned j = 0; j < 4; ++j) d[j] = m.d[g + 8 * (j / 2)][2 * q + j % 2];
 }
-inline void mma_bf16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4],
-                              const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+inline void mma_bf16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                              const float (&c)[4], const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
     mma_m16n8k16<__nv_bfloat16, __bfloat162float>(d, a, b, c, {"mma.sync (bf16)", file, line});
 }
-inline void mma_f16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4],
-                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+inline void mma_f16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                             const float (&c)[4], const char* file = __builtin_FILE(),
+                             int line = __builtin_LINE()) {
     mma_m16n8k16<__half, __half2float>(d, a, b, c, {"mma.sync (fp16)", file, line});
 }
 
@@ -1000,14 +1042,16 @@ inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row, const char* fil
 
 // cp.async (see AsyncCopies above): the copy is the issuing thread's until it waits for it.
 template <size_t size>
-inline void cp_async(void* to, const void* from, bool valid, const char* file, int line) {  // valid false: zeros land
+inline void cp_async(void* to, const void* from, bool valid, const char* file,
+                     int line) {  // valid false: zeros land
     cpu_cuda::Worker& worker = *cpu_cuda::this_worker;
     if (reinterpret_cast<uintptr_t>(to) % size || reinterpret_cast<uintptr_t>(from) % size) {
         char addresses[96];
         std::snprintf(addresses, sizeof addresses, "%p to %p", from, to);
         worker.launch->fail(cudaErrorMisalignedAddress,
-                            "misaligned address: a cp.async of " + std::to_string(size) + " bytes from " + addresses +
-                                " at " + cpu_cuda::where({"", file, line}) + " in " + worker.launch->block_name(blockIdx));
+                            "misaligned address: a cp.async of " + std::to_string(size) + " bytes from " +
+                                addresses + " at " + cpu_cuda::where({"", file, line}) + " in " +
+                                worker.launch->block_name(blockIdx));
         worker.abandon_block();
     }
     cpu_cuda::AsyncCopy copy{to, size, {}};
@@ -1064,6 +1108,6 @@ struct CpuLaunch {
     }
 };
 #define LAUNCH(kernel, grid, block, shared_bytes, stream) \
-    CpuLaunch<std::remove_pointer_t<decltype(kernel)>>{kernel, grid, block, shared_bytes, #kernel}
+    CpuLaunch<std::remove_pointer_t<decltype(kernel)>> { kernel, grid, block, shared_bytes, #kernel }
 
 #pragma GCC visibility pop
