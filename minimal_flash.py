@@ -108,12 +108,12 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     refused unless left at their defaults. version: one of VERSIONS (default: version 2 for float32
     inputs, version 3 for bfloat16 and float16 ones). Br, Bc: the block sizes of the versions they
     shape (default MINIMAL_FLASH_BR / _BC, else 32)."""
-    causal = _check_causal(_either("causal", causal, False, "is_causal", is_causal))
+    causal = _either("causal", causal, False, "is_causal", is_causal)
+    softmax_scale = _either("softmax_scale", softmax_scale, None, "scale", scale)
     _check_sdpa_only(attn_mask, dropout_p)
-    version = _check_version(version, q)
-    q, k, v = _check_inputs(q, k, v, version)  # outside the Function: its .contiguous() passes gradients back
-    scale = _check_scale(_either("softmax_scale", softmax_scale, None, "scale", scale), q, version)
-    Br, Bc = block_sizes(version, Br, Bc)  # fixed now: the backward must use the forward's
+    # Outside the Function: the .contiguous() of q, k, v passes gradients back. The block sizes are
+    # fixed now: the backward must use the forward's.
+    q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
         return torch.ops.minimal_flash.attention(q, k, v, causal, scale, Br, Bc, version)[0]
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
@@ -174,11 +174,7 @@ def forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, out=
     the attention output and the row log-sum-exp L = m + log(l), float32, that the backward pass
     needs. `out=(O, L)` writes into given tensors (the tests fill them with NaN first, so an element
     the kernel fails to write shows)."""
-    causal = _check_causal(causal)
-    version = _check_version(version, q)
-    q, k, v = _check_inputs(q, k, v, version)
-    scale = _check_scale(softmax_scale, q, version)
-    Br, Bc = block_sizes(version, Br, Bc)
+    q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
     if out is not None:
         out = _check_outputs(("O", "L"), out, (q, q[..., 0].float()), (q, k, v))
     return _attention(q, k, v, causal, scale, Br, Bc, version, out)
@@ -189,11 +185,7 @@ def backward(dO, q, k, v, O, L, *, causal=False, softmax_scale=None, Br=None, Bc
     with respect to the output O = forward(q, k, v)[0] is dO. O and L are what forward() returned for
     these q, k, v, options and block sizes (versions 1 and 2 give the same O and L). `out=(dQ, dK, dV)`
     writes into given tensors."""
-    causal = _check_causal(causal)
-    version = _check_version(version, q)
-    q, k, v = _check_inputs(q, k, v, version)
-    scale = _check_scale(softmax_scale, q, version)
-    Br, Bc = block_sizes(version, Br, Bc)
+    q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
     dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
     L = _check_like("L", L, q[..., 0].float())
     if out is not None:
@@ -520,6 +512,18 @@ class Kernels:
 
 # ---------------------------------------------------------------------------------------------
 # Input checks: every input either gets the right answer or a clear error that names the problem
+
+
+def _check_call(q, k, v, causal, softmax_scale, Br, Bc, version):
+    """What every entry point checks, in one order: the options, the version (default: q's dtype's),
+    q, k, v for it, the scale and the block sizes by its rules. Returns them ready for the kernels:
+    (q, k, v contiguous, causal, scale as a float, Br, Bc, version)."""
+    causal = _check_causal(causal)
+    version = _check_version(version, q)
+    q, k, v = _check_inputs(q, k, v, version)
+    scale = _check_scale(softmax_scale, q, version)
+    Br, Bc = block_sizes(version, Br, Bc)
+    return q, k, v, causal, scale, Br, Bc, version
 
 
 def _check_inputs(q, k, v, version):
