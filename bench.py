@@ -6,7 +6,7 @@
     python bench.py --sweep --out results   # N = 64 .. 16384: table, CSV and plots, with SDPA too
     python bench.py --sweep --methods manual minimal-flash2 --seq-len 1024 4096   # a part of it
     python bench.py --replot results/sweep.csv   # redraw the plots from a sweep's CSV
-    python bench.py --sweep --dtype bf16 -d 128   # chapter 3: tensor cores, against SDPA's FlashAttention-2
+    python bench.py --sweep --dtype bf16 -d 128   # tensor cores, against SDPA's FlashAttention-2 and cuDNN
 
 The default run first checks the values: both methods' O and dQ, dK, dV (for a random output
 gradient dO) against float64 attention on the same inputs. Then a torch.profiler table for each
@@ -18,8 +18,10 @@ once and kept.
 
 The sweep does the same timing over sequence lengths, for manual attention, our kernels and
 torch.nn.functional.scaled_dot_product_attention (SDPA) pinned to the backend it picks for the
-dtype: its memory-efficient kernel for fp32, FlashAttention-2 for bf16 and fp16 (--dtype). Manual
-attention and SDPA run in the same dtype as our kernels.
+dtype: its memory-efficient kernel for fp32; for bf16 and fp16 (--dtype) on a GPU, two of them side
+by side, FlashAttention-2 (sdpa-flash) and cuDNN's (sdpa-cudnn), each where it runs. Manual
+attention and SDPA run in the same dtype as our kernels. A version of ours that cannot run on this
+device (one for a newer GPU) is left out with a line saying why.
 For each point: median time, TFLOP/s, extra peak memory, the ratio to manual, and the error
 against manual attention on the same inputs. It writes a table, sweep.csv and two plots.
 
@@ -87,7 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--min-repeats", type=int, default=5, help="--sweep: timed calls per method, at least")
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help="--sweep: only these of manual, minimal-flash (version 1), minimal-flash2, ... (the versions "
-                        "for the dtype), sdpa (default: all)")
+                        "for the dtype), sdpa (every SDPA backend timed) or one of them, e.g. sdpa-cudnn "
+                        "(default: all)")
     p.add_argument("--replot", type=Path, metavar="CSV",
                    help="only redraw the plots of a sweep.csv (GPU or CPU, as the file says), beside it")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in manual attention's and SDPA's matmuls "
@@ -104,6 +107,9 @@ def parse_args(argv=None):
     except ValueError as error:
         p.error(str(error))
     args.device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    refusal = None if args.sweep else version_refusal(args.version, args.device)
+    if refusal:  # the sweep leaves such a version out instead, and says so
+        p.error(f"version {args.version}: {refusal}")
     gpu = args.device == "cuda"
     args.head_dim = args.head_dim or (64 if gpu else 32)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
@@ -260,20 +266,72 @@ def run_profile(args):
 # The sweep
 
 
-def sdpa_backend(device, causal, dtype=torch.float32):
-    """The backend SDPA picks for this dtype here, found by allowing one at a time in its default
-    order. The sweep then pins it, so the name we print is certainly what ran."""
-    q = torch.randn(1, 1, 8, 8, device=device, dtype=dtype)
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                    SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+# SDPA's backends in the order it tries them itself.
+SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
+# In bf16 and fp16 on a GPU the sweep times two of them side by side: FlashAttention-2, what chapter 3
+# set out to reach, and cuDNN's, which on Hopper uses the instructions chapter 4 teaches.
+SDPA_HALF = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION)
+
+
+def sdpa_name(backend):
+    """The method's name in tables and CSVs: sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math."""
+    return "sdpa-" + backend.name.lower().removesuffix("_attention")
+
+
+def sdpa_refusal(backend, device, causal, dtype, head_dim):
+    """Why SDPA pinned to `backend` does not run this attention here, forward and backward; None if it
+    does. Tried on a small problem of the same kind; torch gives its reasons as warnings."""
+    q = torch.randn(1, 1, 64, head_dim, device=device, dtype=dtype, requires_grad=True)
+    with warnings.catch_warnings(record=True) as reasons:
+        warnings.simplefilter("always")
         try:
-            with sdpa_kernel(backend), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch explains why each other backend was not used
-                F.scaled_dot_product_attention(q, q, q, is_causal=causal)
-            return backend
-        except RuntimeError:  # "No viable backend": this one does not take the dtype (or this device)
-            continue
-    raise RuntimeError(f"no SDPA backend runs {dtype} here")
+            with sdpa_kernel(backend):
+                O = F.scaled_dot_product_attention(q, q, q, is_causal=causal)
+            # Outside the pin, as the sweep runs it: the graph holds this backend's own backward.
+            torch.autograd.grad(O.sum(), q)
+            return None
+        except RuntimeError as error:  # "No viable backend": this one does not take this problem here
+            why = [str(w.message).split(" (Triggered internally")[0] for w in reasons] or [str(error)]
+            return " ".join(why)
+
+
+def sdpa_backend(device, causal, dtype, head_dim):
+    """The backend SDPA picks for this problem here: the first, in its own order, that runs it. The
+    sweep then pins it, so the name we print is certainly what ran."""
+    backend = next((b for b in SDPA_ORDER if sdpa_refusal(b, device, causal, dtype, head_dim) is None), None)
+    if backend is None:
+        raise RuntimeError(f"no SDPA backend runs {dtype} here")
+    return backend
+
+
+def sdpa_backends(device, causal, dtype, head_dim):
+    """The SDPA backends the sweep times. In half precision on a GPU, FlashAttention-2's and cuDNN's,
+    each where it runs (one that does not is left out, with a line saying why: never another in its
+    place, unless neither runs); elsewhere the one SDPA picks, as ever."""
+    if device == "cpu" or dtype == torch.float32:
+        return [sdpa_backend(device, causal, dtype, head_dim)]
+    backends = []
+    for backend in SDPA_HALF:
+        refusal = sdpa_refusal(backend, device, causal, dtype, head_dim)
+        if refusal:
+            print(f"{sdpa_name(backend)} left out: SDPA's {backend.name} does not run "
+                  f"{str(dtype).removeprefix('torch.')}, causal={causal}, "
+                  f"d={head_dim} on this GPU: {refusal}")
+        else:
+            backends.append(backend)
+    if not backends:
+        backend = sdpa_backend(device, causal, dtype, head_dim)
+        print(f"{sdpa_name(backend)} instead: the backend SDPA picks for this problem here")
+        backends.append(backend)
+    return backends
+
+
+def sdpa_pinned(backend):
+    """SDPA, called as every method is, on `backend` alone: no other in its place."""
+    def sdpa(q, k, v, causal):
+        with sdpa_kernel(backend):  # the backward runs the same backend: the graph records it
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return sdpa
 
 
 def plain_attention(q, k, v, causal):
@@ -286,31 +344,47 @@ def method_name(version):
     return "minimal-flash" + ("" if version == 1 else str(version))
 
 
+def version_refusal(version, device):
+    """Why our kernels' `version` cannot run on this device ("cuda" or "cpu"), or None: what
+    minimal_flash.version_unavailable says, where it has one (a version for one GPU architecture)."""
+    unavailable = getattr(mf, "version_unavailable", None)
+    return unavailable(version, device) if unavailable else None
+
+
+def sweep_versions(args):
+    """Our versions for the dtype that run on this device; each other one left out with a line saying why."""
+    versions = []
+    for version in versions_for(args.dtype):
+        refusal = version_refusal(version, args.device)
+        if refusal:
+            print(f"{method_name(version)} left out: {refusal}")
+        else:
+            versions.append(version)
+    return versions
+
+
 def sweep_methods(args):
-    """{name: fn(q, k, v, causal)}: manual attention, our kernels in every version for the dtype (the
-    paper's loop order, FlashAttention-2's, ...; forward and backward), SDPA on its backend for it."""
-    backend = sdpa_backend(args.device, args.causal, args.dtype)
-
-    def sdpa(q, k, v, causal):
-        with sdpa_kernel(backend):  # the backward runs the same backend: the graph records it
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
+    """{name: fn(q, k, v, causal)}: manual attention, our kernels in every version for the dtype that
+    runs here (the paper's loop order, FlashAttention-2's, ...; forward and backward), SDPA on each
+    backend sdpa_backends gives, pinned."""
     def ours(version):
         Br, Bc = args.block_sizes[version]
         return lambda q, k, v, causal: mf.flash_attention(q, k, v, causal=causal, Br=Br, Bc=Bc, version=version)
 
-    return {"manual": plain_attention, **{method_name(v): ours(v) for v in versions_for(args.dtype)},
-            f"sdpa-{backend.name.lower().replace('_attention', '')}": sdpa}
+    backends = sdpa_backends(args.device, args.causal, args.dtype, args.head_dim)
+    return {"manual": plain_attention, **{method_name(v): ours(v) for v in sweep_versions(args)},
+            **{sdpa_name(b): sdpa_pinned(b) for b in backends}}
 
 
 def chosen_methods(methods, names):
-    """The methods named in --methods ("sdpa" names whichever SDPA backend runs), all if none is."""
+    """The methods named in --methods ("sdpa" names every SDPA backend timed), all if none is."""
     if not names:
         return methods
     named = lambda method, name: method == name or method.startswith(name + "-")  # noqa: E731
     unknown = [n for n in names if not any(named(m, n) for m in methods)]
     if unknown:
-        choices = ", ".join("sdpa" if m.startswith("sdpa") else m for m in methods)
+        sdpa = [m for m in methods if m.startswith("sdpa-")]
+        choices = ", ".join([m for m in methods if m not in sdpa] + [f"sdpa ({', '.join(sdpa)})"])
         sys.exit(f"bench: unknown method {unknown[0]!r}; choose from {choices}")
     return {m: fn for m, fn in methods.items() if any(named(m, n) for n in names)}
 

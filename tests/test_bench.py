@@ -1,10 +1,15 @@
 """bench.py's functions on the CPU at tiny sizes: the sweep's table, CSV and plots are produced and
 well formed, and its FLOP count and memory guard are right. No timing is asserted: CPU emulation
 times say nothing about GPU speed."""
+import contextlib
 import csv
 
 import matplotlib.image
+import matplotlib.pyplot as plt
 import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 import bench
 
@@ -109,3 +114,128 @@ def test_sweep_runs_only_the_methods_asked_for(tmp_path):
     assert "manual" in methods and len(methods) == 2 and any(m.startswith("sdpa-") for m in methods)
     with pytest.raises(SystemExit, match="unknown method 'flash3'"):
         bench.main(["--sweep", "--seq-len", "17", "--methods", "flash3", "--out", str(tmp_path), *TINY])
+
+
+def gpu_args(*argv):
+    """The sweep's arguments as on a GPU (the methods are chosen, not run: no GPU is needed)."""
+    args = bench.parse_args(["--sweep", *TINY, *argv])
+    args.device = "cuda"
+    return args
+
+
+def refusing(refused, calls=None):
+    """A stand-in for the probe sdpa_refusal: `refused` {backend: why} does not run, the others do."""
+    def refusal(backend, device, causal, dtype, head_dim):
+        if calls is not None:
+            calls.append((backend, device, causal, dtype, head_dim))
+        return refused.get(backend)
+    return refusal
+
+
+@pytest.fixture
+def pins(monkeypatch):
+    """The backends SDPA was pinned to, in order; the pin itself does nothing (this CPU has no cuDNN)."""
+    pinned = []
+    monkeypatch.setattr(bench, "sdpa_kernel", lambda backend: pinned.append(backend) or contextlib.nullcontext())
+    return pinned
+
+
+def test_half_precision_on_a_gpu_times_flash_and_cudnn_each_pinned(monkeypatch, pins):
+    calls = []
+    monkeypatch.setattr(bench, "sdpa_refusal", refusing({}, calls))
+    methods = bench.sweep_methods(gpu_args("--dtype", "bf16", "-d", "64", "--causal"))
+    assert list(methods) == ["manual", "minimal-flash3", "sdpa-flash", "sdpa-cudnn"]
+    # each probed for this very problem: on the GPU, in bf16, causal, at d = 64
+    assert calls == [(b, "cuda", True, torch.bfloat16, 64) for b in (SDPBackend.FLASH_ATTENTION,
+                                                                       SDPBackend.CUDNN_ATTENTION)]
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.bfloat16) for _ in range(3))
+    for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+        pins.clear()
+        O = methods[name](q, k, v, True)
+        assert pins == [backend]  # pinned to its own backend, alone
+        assert torch.equal(O, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_a_backend_that_does_not_run_is_left_out_saying_why(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "sdpa_refusal", refusing({SDPBackend.CUDNN_ATTENTION: "cuDNN needs d <= 128"}))
+    methods = bench.sweep_methods(gpu_args("--dtype", "fp16"))
+    assert [m for m in methods if m.startswith("sdpa")] == ["sdpa-flash"]  # no other in cuDNN's place
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if "sdpa" in line] == [
+        "sdpa-cudnn left out: SDPA's CUDNN_ATTENTION does not run float16, causal=False, d=8 on this GPU: "
+        "cuDNN needs d <= 128"]
+
+
+def test_where_neither_runs_the_backend_sdpa_picks_is_timed_and_named(monkeypatch, capsys):
+    refused = {b: "not on this GPU" for b in bench.SDPA_ORDER if b != SDPBackend.EFFICIENT_ATTENTION}
+    monkeypatch.setattr(bench, "sdpa_refusal", refusing(refused))
+    methods = bench.sweep_methods(gpu_args("--dtype", "bf16"))
+    assert [m for m in methods if m.startswith("sdpa")] == ["sdpa-efficient"]
+    out = capsys.readouterr().out
+    assert "sdpa-flash left out" in out and "sdpa-cudnn left out" in out and "sdpa-efficient instead" in out
+
+
+def test_fp32_on_a_gpu_times_the_one_backend_sdpa_picks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "sdpa_refusal", refusing({SDPBackend.FLASH_ATTENTION: "no fp32"}, calls))
+    methods = bench.sweep_methods(gpu_args())
+    assert list(methods) == ["manual", "minimal-flash", "minimal-flash2", "sdpa-efficient"]
+    assert [c[0] for c in calls] == [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
+def test_the_probe_on_this_cpu():
+    """The real probe: the CPU runs SDPA's FlashAttention backend (forward and backward) and not cuDNN's,
+    so bf16 on the CPU times sdpa-flash, as before."""
+    assert bench.sdpa_refusal(SDPBackend.FLASH_ATTENTION, "cpu", True, torch.bfloat16, 8) is None
+    assert bench.sdpa_refusal(SDPBackend.CUDNN_ATTENTION, "cpu", True, torch.bfloat16, 8)  # a reason, not empty
+    methods = bench.sweep_methods(bench.parse_args(["--sweep", "--dtype", "bf16", *TINY]))
+    assert [m for m in methods if m.startswith("sdpa")] == ["sdpa-flash"]
+
+
+def test_a_version_that_cannot_run_here_is_left_out_saying_why(tmp_path, monkeypatch, capsys):
+    asked = []
+
+    def version_unavailable(version, device):  # as minimal_flash may say of a version for one GPU
+        asked.append((version, device))
+        return "needs an sm_90 GPU" if version == 2 else None
+    monkeypatch.setattr(bench.mf, "version_unavailable", version_unavailable, raising=False)
+    bench.main(["--sweep", "--seq-len", "17", "--out", str(tmp_path), *TINY])
+    methods = {r["method"] for r in csv.DictReader(open(tmp_path / "sweep.csv"))}
+    assert "minimal-flash" in methods and "minimal-flash2" not in methods
+    assert asked == [(1, "cpu"), (2, "cpu")]
+    assert "minimal-flash2 left out: needs an sm_90 GPU" in capsys.readouterr().out.splitlines()
+    with pytest.raises(SystemExit):  # the default run, asked for that version, says why and stops
+        bench.main(["--version", "2", *TINY])
+    assert "version 2: needs an sm_90 GPU" in capsys.readouterr().err
+
+
+def test_sweep_csv_table_and_plot_hold_sdpa_cudnn(tmp_path, monkeypatch, pins, capsys):
+    """bf16 as on a GPU with both SDPA backends: each has its forward and backward rows, checked
+    against manual, its table lines and its line in both panels of the plot."""
+    monkeypatch.setattr(bench, "sdpa_backends", lambda *problem: [SDPBackend.FLASH_ATTENTION,
+                                                                  SDPBackend.CUDNN_ATTENTION])
+    legends, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: legends.append(
+        [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]) or close(fig))
+    bench.main(["--sweep", "--dtype", "bf16", "--seq-len", "9", "17", "--methods", "manual", "sdpa",
+                "--out", str(tmp_path), *TINY])
+    rows = bench.read_csv(tmp_path / "sweep.csv")
+    cudnn = [r for r in rows if r["method"] == "sdpa-cudnn"]
+    assert [(r["N"], r["pass"]) for r in cudnn] == [(N, p) for N in (9, 17) for p in bench.PASSES]
+    assert all(r["dtype"] == "bfloat16" and r["ms"] > 0 and r["checked_against"] == "manual"
+               and r["rel_err"] < 2e-2 for r in cudnn)
+    assert pins.count(SDPBackend.CUDNN_ATTENTION) > 0 and pins.count(SDPBackend.FLASH_ATTENTION) > 0
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["9"], ["17"])]
+    assert [line[2] for line in table] == ["manual", "sdpa-flash", "sdpa-cudnn"] * 2
+    assert legends == [[["manual", "sdpa-flash", "sdpa-cudnn"]] * 2]  # the time plot: forward, backward
+
+
+def test_unknown_method_lists_the_sdpa_backends(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "sdpa_backends", lambda *problem: [SDPBackend.FLASH_ATTENTION,
+                                                                  SDPBackend.CUDNN_ATTENTION])
+    methods = bench.sweep_methods(bench.parse_args(["--sweep", *TINY]))
+    assert list(bench.chosen_methods(methods, ["sdpa-cudnn"])) == ["sdpa-cudnn"]
+    assert list(bench.chosen_methods(methods, ["sdpa"])) == ["sdpa-flash", "sdpa-cudnn"]
+    with pytest.raises(SystemExit, match=r"choose from manual, minimal-flash, minimal-flash2, "
+                                         r"sdpa \(sdpa-flash, sdpa-cudnn\)"):
+        bench.chosen_methods(methods, ["flash3"])
