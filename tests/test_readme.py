@@ -39,3 +39,22 @@ def test_summary_has_a_row_per_version():
     rows = [line for line in summary.summary().splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(row.split("|")[1]) for row in rows] == list(mf.VERSIONS)
     assert "not measured" not in "".join(rows)
+
+
+def test_bf16_table_adds_cudnn_beside_flashattention2_where_the_csv_has_it(tmp_path, monkeypatch):
+    """A sweep with SDPA's cuDNN backend (from a GPU that runs it) gets its two columns in each pass;
+    a point where it was left out shows "-". Without it the table stays as committed (test above)."""
+    import bench
+    summary = load_summary()
+    ms = {"manual": 4.0, "minimal-flash3": 1.0, "sdpa-flash": 0.8, "sdpa-cudnn": 0.5}
+    rows = [dict(N=N, B=1, H=16, d=128, causal=False, dtype="bfloat16", method=m, **{"pass": p}, ms=ms[m] * N,
+                 repeats=5, tflops=100 / ms[m], x_manual=4.0 / ms[m])
+            for N in (1024, 2048) for m in ms for p in bench.PASSES if (N, m) != (2048, "sdpa-cudnn")]
+    bench.write_csv(rows, tmp_path / "sweep_bf16.csv")
+    monkeypatch.setattr(summary, "RESULTS", tmp_path)
+    header, rule, *lines = summary.bf16_table().splitlines()
+    assert header == ("| d | causal | N | forward: ours TFLOP/s | SDPA-FA2 | ours / SDPA | SDPA-cuDNN | ours / cuDNN "
+                      "| ours x manual | backward: ours TFLOP/s | SDPA-FA2 | ours / SDPA | SDPA-cuDNN | ours / cuDNN |")
+    assert rule.count("---") == 14
+    assert lines == ["| 128 | no | 1024 | 100 | 125 | 0.80 | 200 | 0.50 | 4.00x | 100 | 125 | 0.80 | 200 | 0.50 |",
+                     "| 128 | no | 2048 | 100 | 125 | 0.80 | - | - | 4.00x | 100 | 125 | 0.80 | - | - |"]

@@ -13,7 +13,8 @@ and this script owns what is between them:
                                                  anchor (ANCHORS) from N = 1024 on
     notebooks/results/README.md   sweep          bench.py's table of sweep.csv (fp32)
                                   sweep_causal   the same of sweep_causal.csv
-                                  sweep_bf16     version 3 against SDPA's FlashAttention-2 (sweep_bf16.csv)
+                                  sweep_bf16     version 3 against SDPA's FlashAttention-2 (sweep_bf16.csv),
+                                                 and its cuDNN backend where the CSV has it
 
 tests/test_readme.py checks that they are up to date, so a number in them is always the CSVs'.
 """
@@ -33,10 +34,14 @@ RESULTS = ROOT / "notebooks" / "results" / "h200"
 SWEEPS = ("sweep.csv", "sweep_causal.csv", "sweep_bf16.csv")  # the present sweeps: a new chapter adds its own
 # What each version is measured against: chapter 1 against plain attention, which it set out to beat;
 # chapters 2 and 3 against what PyTorch itself runs for their dtype (SDPA's backend for fp32, and its
-# FlashAttention-2 for bf16). A version not named here is measured against SDPA's backend in its CSV.
-ANCHORS = {1: "manual", 2: "sdpa-efficient", 3: "sdpa-flash"}
+# FlashAttention-2 for bf16); chapter 4, Hopper's instructions, against SDPA's backend that uses them,
+# cuDNN's. A version not named here is measured against the first SDPA backend in its CSV.
+ANCHORS = {1: "manual", 2: "sdpa-efficient", 3: "sdpa-flash", 4: "sdpa-cudnn"}
 ANCHOR_NAMES = {"manual": "plain attention", "sdpa-efficient": "SDPA's fp32 (memory-efficient) kernel",
-                "sdpa-flash": "SDPA's FlashAttention-2"}
+                "sdpa-flash": "SDPA's FlashAttention-2", "sdpa-cudnn": "SDPA's cuDNN backend"}
+# The bf16 table's two columns, in each pass, for each SDPA backend in the CSV: its TFLOP/s and its time
+# over ours (FlashAttention-2's headings as the committed table has them).
+BF16_COLUMNS = {"sdpa-flash": ("SDPA-FA2", "ours / SDPA"), "sdpa-cudnn": ("SDPA-cuDNN", "ours / cuDNN")}
 FROM_N = 1024  # the ratios' range starts here: below, a call is mostly launch overhead and moves run to run
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -102,17 +107,23 @@ def sweep_table(name):
 
 
 def bf16_table(name="sweep_bf16.csv", from_N=512):
-    """Version 3 against SDPA's FlashAttention-2 and plain bf16 attention, by d, causal and N."""
+    """Version 3 against SDPA's FlashAttention-2 (and its cuDNN backend, where the CSV has it) and
+    plain bf16 attention, by d, causal and N. A backend not measured at a point shows "-"."""
     by = {(r["d"], r["causal"], r["N"], r["method"], r["pass"]): r for r in rows([name])}
-    lines = ["| d | causal | N | forward: ours TFLOP/s | SDPA-FA2 | ours / SDPA | ours x manual "
-             "| backward: ours TFLOP/s | SDPA-FA2 | ours / SDPA |", "|---" * 10 + "|"]
+    sdpa = [m for m in BF16_COLUMNS if any(key[3] == m for key in by)]
+    labels = [label for m in sdpa for label in BF16_COLUMNS[m]]
+    header = ["d", "causal", "N", "forward: ours TFLOP/s", *labels, "ours x manual", "backward: ours TFLOP/s", *labels]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for d, causal, N, method, pass_ in sorted(by):
         if method != bench.method_name(3) or pass_ != "forward" or N < from_N:
             continue
         cells = [str(d), "yes" if causal else "no", str(N)]
         for pass_ in bench.PASSES:
-            ours, sdpa = by[d, causal, N, method, pass_], by[d, causal, N, "sdpa-flash", pass_]
-            cells += [f"{ours['tflops']:.0f}", f"{sdpa['tflops']:.0f}", f"{sdpa['ms'] / ours['ms']:.2f}"]
+            ours = by[d, causal, N, method, pass_]
+            cells.append(f"{ours['tflops']:.0f}")
+            for m in sdpa:
+                other = by.get((d, causal, N, m, pass_), {})
+                cells += [f"{other['tflops']:.0f}", f"{other['ms'] / ours['ms']:.2f}"] if "ms" in other else ["-", "-"]
             if pass_ == "forward":
                 cells.append(f"{ours['x_manual']:.2f}x" if "x_manual" in ours else "-")
         lines.append("| " + " | ".join(cells) + " |")
