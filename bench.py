@@ -291,8 +291,10 @@ def sdpa_refusal(backend, device, causal, dtype, head_dim):
             torch.autograd.grad(O.sum(), q)
             return None
         except RuntimeError as error:  # "No viable backend": this one does not take this problem here
-            why = [str(w.message).split(" (Triggered internally")[0] for w in reasons] or [str(error)]
-            return " ".join(why)
+            said = [str(w.message).split(" (Triggered internally")[0] for w in reasons]
+            # torch speaks of every backend: the others, off under the pin, and a heading per backend
+            why = [m for m in said if not m.endswith(("has been runtime disabled.", "not used because:"))]
+            return " ".join(why or said or [str(error)])
 
 
 def sdpa_backend(device, causal, dtype, head_dim):

@@ -1,8 +1,9 @@
 """bench.py's functions on the CPU at tiny sizes: the sweep's table, CSV and plots are produced and
-well formed, and its FLOP count and memory guard are right. No timing is asserted: CPU emulation
-times say nothing about GPU speed."""
+well formed, and its FLOP count and memory guard are right; the methods a GPU sweep times, with its
+probes stood in for. No timing is asserted: CPU emulation times say nothing about GPU speed."""
 import contextlib
 import csv
+import warnings
 
 import matplotlib.image
 import matplotlib.pyplot as plt
@@ -239,3 +240,22 @@ def test_unknown_method_lists_the_sdpa_backends(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"choose from manual, minimal-flash, minimal-flash2, "
                                          r"sdpa \(sdpa-flash, sdpa-cudnn\)"):
         bench.chosen_methods(methods, ["flash3"])
+
+
+def test_the_probe_gives_torchs_reason_for_the_backend_alone(monkeypatch):
+    """On a GPU torch warns about every backend when the pinned one refuses (these are its words on
+    the H200 for cuDNN in fp32); the reason kept is the pinned backend's own."""
+    said = ["Memory efficient kernel not used because:", "Memory Efficient attention has been runtime disabled.",
+            "Flash attention kernel not used because:", "Flash attention has been runtime disabled.",
+            "cuDNN attention kernel not used because:",
+            "Expected query, key and value to all be of dtype: {Half, BFloat16}. Got Query dtype: float, Key "
+            "dtype: float, and Value dtype: float instead. (Triggered internally at sdp_utils_cpp.h:123.)"]
+
+    def refusing_sdpa(*args, **kwargs):
+        for message in said:
+            warnings.warn(message)
+        raise RuntimeError("No available kernel. Aborting execution.")
+    monkeypatch.setattr(bench.F, "scaled_dot_product_attention", refusing_sdpa)
+    assert bench.sdpa_refusal(SDPBackend.CUDNN_ATTENTION, "cpu", False, torch.float32, 8) == (
+        "Expected query, key and value to all be of dtype: {Half, BFloat16}. Got Query dtype: float, Key dtype: "
+        "float, and Value dtype: float instead.")
