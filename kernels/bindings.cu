@@ -92,6 +92,10 @@ static std::string launch(const char* name, void (*kernel)(Params...), dim3 grid
     return err == cudaSuccess ? "" : name + std::string(" failed: ") + cudaGetErrorString(err);
 }
 
+// Versions 3 and 4: bf16 and fp16 travel as their raw 16 bits.
+static const unsigned short* bits(const float* p) { return reinterpret_cast<const unsigned short*>(p); }
+static unsigned short* bits(float* p) { return reinterpret_cast<unsigned short*>(p); }
+
 // How many thread groups a block gets, each of `group` threads working on its own tile of `rows`
 // (a Q tile of Br rows): one per tile, up to `threads` threads, as far as the
 // device's shared memory and the kernel's registers allow (a kernel that uses many registers per
@@ -110,7 +114,8 @@ static int thread_groups(Kernel* kernel, const Call& c, int rows, int group, siz
     return "B * H = " + std::to_string(BH) + " is more than the 65535 blocks a grid column may have";
 }
 
-// The version this build holds.
+// The version this build holds (its kernel files may add launchers of their own when they see this).
+#define MINIMAL_FLASH_BINDINGS
 #define MF_QUOTE(file) #file
 #define MF_FILE(file) MF_QUOTE(file)
 #include MF_FILE(VERSION_FILE)

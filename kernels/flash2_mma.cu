@@ -18,7 +18,8 @@
 //   within a 16-row tile, lane (g, q) = (lane / 4, lane % 4) holds rows g and g + 8 and, of every 8
 //   columns, columns 2q and 2q + 1 (mma.cuh's accumulator layout).
 #include "tiles.cuh"  // ceil_div
-#include "mma.cuh"    // stride16, ldmatrix_x4(_trans), mma16816<T>, pack<T>, load_tile16_async, mask_fragment
+#include "mma.cuh"    // stride16, ldmatrix_x4(_trans), mma16816<T>, pack<T>, load_tile16_async, mask_fragment,
+                      // online_softmax
 
 namespace flash2_mma {
 
@@ -31,38 +32,6 @@ constexpr int WARPS = 4, TILES = 2, Br = WARPS * TILES * 16;  // warps, row tile
 constexpr int Bc = 64;
 // Shared memory: Q_i, and two buffers each of K_j and V_j, in 16-bit values.
 __host__ __device__ inline int shared_bytes(int d) { return (Br + 4 * Bc) * stride16(d) * 2; }
-
-// Alg. 1, line 9 on one such tile: the new running max m of the lane's two rows (their 4 lanes
-// agree by shuffles), O and l rescaled to it, S turned into P_ij and added to the lane's share of l.
-// m and S stay unscaled: exp(scale (S - m)) = exp2(S c - m c) with c = scale log2(e), one fused
-// multiply-add and one exp2 (kernels/mma.cuh's fast_exp2, a single instruction) per element.
-template <int NT, int NO>
-__device__ inline void online_softmax(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&o)[NO][4],
-                                      float c) {
-    float m_new[2] = {m[0], m[1]}, mc[2];
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) m_new[i / 2] = fmaxf(m_new[i / 2], s[n][i]);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 1));
-        m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 2));
-        // A row that has seen only masked keys keeps m = -inf: its P is exp2(-inf) = 0, no NaN.
-        const float alpha = m_new[r] == -INFINITY ? 1.0f : fast_exp2((m[r] - m_new[r]) * c);
-        mc[r] = m_new[r] == -INFINITY ? 0.0f : m_new[r] * c;
-        m[r] = m_new[r], l[r] *= alpha;
-#pragma unroll
-        for (int n = 0; n < NO; ++n) o[n][2 * r] *= alpha, o[n][2 * r + 1] *= alpha;
-    }
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            s[n][i] = fast_exp2(fmaf(s[n][i], c, -mc[i / 2]));
-            l[i / 2] += s[n][i];
-        }
-}
 
 template <class T, int d>
 __global__ void __launch_bounds__(32 * WARPS)
@@ -133,7 +102,8 @@ __global__ void __launch_bounds__(32 * WARPS)
             const int row = row0 + (w * TILES + t) * 16 + g;
             if ((j + 1) * Bc > N || (causal && (j + 1) * Bc > row - g + 1))
                 mask_fragment<false>(s[t], row, j * Bc + 2 * q, N, causal, -INFINITY);
-            online_softmax(s[t], m[t], l[t], o[t], c);
+            float alpha[2];
+            online_softmax<true>(s[t], m[t], l[t], o[t], alpha, c);
         }
         // Alg. 1, line 10: O += P_ij V_j. The accumulators of S's tiles 2 kb and 2 kb + 1 are, in the
         // same lanes, the A operand for keys 16 kb .. 16 kb + 15; V_j's columns come transposed.

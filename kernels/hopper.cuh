@@ -191,3 +191,12 @@ __device__ inline void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], ui
 #undef MF_WGMMA_RS
 
 #endif  // __CUDACC__
+
+// wait<n>, then the accumulators it completes fenced (fence_operands): the compiler sees them as
+// written by the wgmma that was issued, so without the fence it could read them before the wait.
+template <int n, class... Accumulators>
+__device__ inline void wgmma_wait(Accumulators&... accumulators) {
+    wgmma_wait<n>();
+    (fence_operands(accumulators), ...);
+}
+

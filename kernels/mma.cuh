@@ -169,6 +169,48 @@ __device__ inline void mask_fragment(float (&c)[NT][4], int row, int col, int N,
         }
 }
 
+// Alg. 1, line 9 on one accumulator tile of 16 rows (S_ij, NT tiles of 8 keys): the new running max
+// m of the lane's two rows (their 4 lanes agree by shuffles), l rescaled to it by alpha =
+// exp(m_old - m_new), and S turned into P_ij and added to the lane's share of l. O must be rescaled
+// by alpha too: here at once (RESCALE_O, chapter 3), or later, by rescale below, while a product
+// runs (chapter 4, flash3_hopper.cu).
+// m and S stay unscaled: exp(scale (S - m)) = exp2(S c - m c) with c = scale log2(e), one fused
+// multiply-add and one exp2 (fast_exp2, a single instruction) per element.
+template <bool RESCALE_O, int NT, int NO>
+__device__ inline void online_softmax(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&o)[NO][4],
+                                      float (&alpha)[2], float c) {
+    float m_new[2] = {m[0], m[1]}, mc[2];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) m_new[i / 2] = fmaxf(m_new[i / 2], s[n][i]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 1));
+        m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 2));
+        // A row that has seen only masked keys keeps m = -inf: its P is exp2(-inf) = 0, no NaN.
+        alpha[r] = m_new[r] == -INFINITY ? 1.0f : fast_exp2((m[r] - m_new[r]) * c);
+        mc[r] = m_new[r] == -INFINITY ? 0.0f : m_new[r] * c;
+        m[r] = m_new[r], l[r] *= alpha[r];
+        if constexpr (RESCALE_O)
+#pragma unroll
+            for (int n = 0; n < NO; ++n) o[n][2 * r] *= alpha[r], o[n][2 * r + 1] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            s[n][i] = fast_exp2(fmaf(s[n][i], c, -mc[i / 2]));
+            l[i / 2] += s[n][i];
+        }
+}
+// O's rows (the lane's two, in NO tiles of 8 columns) times their alpha.
+template <int NO>
+__device__ inline void rescale(float (&o)[NO][4], const float (&alpha)[2]) {
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+}
+
 // Rows [row0, row0 + rows) of an N x D matrix of 16-bit values into a shared tile by cp.async, 16
 // bytes per thread and step, not waited for here; rows past N are zero-filled.
 template <int D>

@@ -13,10 +13,6 @@
 #include "flash2_mma.cu"
 #include "flash2_mma_backward.cu"
 
-// bf16 and fp16 travel as their raw 16 bits.
-static const unsigned short* bits(const float* p) { return reinterpret_cast<const unsigned short*>(p); }
-static unsigned short* bits(float* p) { return reinterpret_cast<unsigned short*>(p); }
-
 struct Version {
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash2_mma::shared_bytes(d) : flash2_mma_backward::shared_bytes(d);
@@ -59,25 +55,6 @@ struct Version {
 
     template <class T, int d>
     struct Backward {
-        static std::string run(const Call& c) {
-            namespace bw = flash2_mma_backward;
-            const long long rows = c.BH * c.N;
-            float *dQ_sum = c.scratch, *D = c.scratch + rows * d;
-            std::string err =
-                launch("flash2_mma_backward::rowsum_D", bw::rowsum_D<T, d>, dim3((rows + 255) / 256), 256, 0,
-                       c, bits(c.O), bits(c.dO), size_t(rows), D);
-            if (err.empty() && cudaMemsetAsync(dQ_sum, 0, sizeof(float) * rows * d, c.stream) != cudaSuccess)
-                err = "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
-            if (err.empty())
-                err = launch("flash2_mma_backward::backward", bw::backward<T, d>,
-                             dim3(ceil_div(c.N, bw::Bc), c.BH), 32 * bw::WARPS, bw::shared_bytes(d), c,
-                             bits(c.Q), bits(c.K), bits(c.V), bits(c.dO), c.L, D, c.N, c.scale, c.causal,
-                             dQ_sum, bits(c.dK), bits(c.dV));
-            const size_t pairs = rows * d / 2;
-            if (err.empty())
-                err = launch("flash2_mma_backward::convert_dQ", bw::convert_dQ<T>, dim3((pairs + 255) / 256),
-                             256, 0, c, dQ_sum, pairs, c.scale, bits(c.dQ));
-            return err;
-        }
+        static std::string run(const Call& c) { return flash2_mma_backward::run<T, d>(c); }
     };
 };

@@ -1,0 +1,290 @@
+// FlashAttention-3's forward pass on Hopper (chapter 4): bf16 or fp16 in, fp32 accumulation, O in the
+// input's type, L in fp32. The loop of chapter 3 (flash2_mma.cu), with each of its parts moved onto the
+// hardware Hopper added for it (kernels/hopper.cuh has the instructions and their layouts):
+//   - the loads of K_j and V_j: one thread asks the copy engine (TMA) for a whole tile, which lands in
+//     shared memory already swizzled, counted on an mbarrier; tiles wait in a ring of STAGES buffers;
+//   - the products: wgmma, 64 rows x 128 keys per instruction for a warpgroup of 128 threads, Q_i and
+//     K_j read straight from shared memory, P_ij from registers (no ldmatrix);
+//   - the schedule: a producer warpgroup only loads, two consumer warpgroups only compute
+//     (warp specialization, registers moved to them by setmaxnreg); the consumers take turns on the
+//     tensor cores (ping-pong), and each overlaps its own softmax with its next products.
+// Names as in the paper; "Alg. 1, line n" marks the FlashAttention-2 paper's Algorithm 1, as in chapter 3.
+//
+// Who owns what: one block per (batch, head, Br = 128 query rows), 3 warpgroups of 128 threads.
+//
+//   warpgroup 0, producer   thread 0 issues every copy: Q_i once, then K_j, V_j into stage j % STAGES
+//                           as soon as the consumers have released that stage; the rest idle
+//   warpgroup 1, consumer   query rows  0- 63: S = Q K_j^T (64 x 128) and O (64 x d) in registers
+//   warpgroup 2, consumer   query rows 64-127: the same, half a step behind warpgroup 1
+//
+//   shared memory (1024-byte aligned; every tile in sub-tiles of 64 columns, 128-byte swizzled)
+//     Q_i            Br x d                       written once by TMA, read by both consumers' wgmma
+//     K_j, V_j       STAGES x (Bc x d) each       the ring: TMA writes, wgmma reads
+//     mbarriers      Q_full, K_full[s], V_full[s] (the copy's bytes have landed), K_empty[s],
+//                    V_empty[s] (every consumer warp is done with the tile: the stage may be refilled)
+//
+//   within a consumer, warp w (of 4) holds rows 16w .. 16w + 15 of its 64, and lane (g, q) rows g and
+//   g + 8 and, of every 8 columns, columns 2q and 2q + 1: mma.sync's layout, so chapter 3's softmax
+//   on fragments (kernels/mma.cuh) applies unchanged.
+#include "tiles.cuh"   // ceil_div
+#include "mma.cuh"     // pack<T>, a_operands, mask_fragment, online_softmax, rescale, LOG2E
+#include "hopper.cuh"  // tma_load, mbarrier_*, wgmma_*, setmaxnreg_*, named_barrier_*
+
+// The steps of chapter 4, each its own build (-DHOPPER_STEP=n; notebooks/results/h200/
+// flash3_hopper_forward_steps.txt measures them):
+//   1  TMA, the mbarrier ring and wgmma; both warpgroups compute, and thread 0 also issues the copies
+//   2  + warp specialization: a producer warpgroup issues the copies, setmaxnreg
+//   3  + ping-pong: the consumers take turns issuing their products
+//   4  + intra-warpgroup overlap: S_{j+1} = Q K_{j+1}^T and O += P_j V_j run under the softmax
+#ifndef HOPPER_STEP
+#define HOPPER_STEP 4
+#endif
+
+namespace flash3_hopper {
+
+constexpr bool SPECIALIZED = HOPPER_STEP >= 2, PINGPONG = HOPPER_STEP >= 3, OVERLAP = HOPPER_STEP >= 4;
+constexpr int CONSUMERS = 2;                            // warpgroups that compute, 64 query rows each
+constexpr int THREADS = 128 * (CONSUMERS + SPECIALIZED);  // (step 1: no producer warpgroup)
+constexpr int Br = 64 * CONSUMERS, Bc = 128;            // query rows per block, keys per tile
+constexpr int STAGES = 2;                               // K_j, V_j buffers in the ring
+constexpr int SUB = 64;                                 // columns of a swizzled sub-tile: 128 bytes
+
+// Shared memory, in bytes from the 1024-aligned start: Q_i, the ring of K_j and V_j, the barriers.
+template <int d>
+struct Shared {
+    static constexpr int Q = 0, K = Q + Br * d * 2, V = K + STAGES * Bc * d * 2, BARRIERS = V + STAGES * Bc * d * 2;
+    static constexpr int bytes = BARRIERS + (1 + 4 * STAGES) * 8 + 1024;  // + room to align the start
+};
+inline size_t shared_bytes(int d) { return d == 64 ? Shared<64>::bytes : Shared<128>::bytes; }
+
+// The block's tiles and barriers.
+template <int d>
+struct Tiles {
+    unsigned short *Q, *K, *V;  // sub-tile c of K's stage s: K + (s * d / SUB + c) * Bc * SUB
+    uint64_t *Q_full, *K_full, *V_full, *K_empty, *V_empty;
+
+    __device__ explicit Tiles(char* base) {
+        Q = reinterpret_cast<unsigned short*>(base + Shared<d>::Q);
+        K = reinterpret_cast<unsigned short*>(base + Shared<d>::K);
+        V = reinterpret_cast<unsigned short*>(base + Shared<d>::V);
+        Q_full = reinterpret_cast<uint64_t*>(base + Shared<d>::BARRIERS);
+        K_full = Q_full + 1, V_full = K_full + STAGES, K_empty = V_full + STAGES, V_empty = K_empty + STAGES;
+    }
+    __device__ unsigned short* K_stage(int s) const { return K + s * Bc * d; }
+    __device__ unsigned short* V_stage(int s) const { return V + s * Bc * d; }
+};
+
+// ---- the producer's part ---------------------------------------------------------------------------
+// Alg. 1, line 4: Q_i, d / 64 boxes of Br rows x 64 columns (rows past N arrive as zeros).
+template <int d>
+__device__ void load_Q(const Tiles<d>& t, const CUtensorMap* tmQ, int row0, int bh) {
+    mbarrier_arrive_expect_tx(t.Q_full, Br * d * 2);
+    for (int c = 0; c < d / SUB; ++c) tma_load(t.Q + c * Br * SUB, tmQ, c * SUB, row0, bh, t.Q_full);
+}
+// Alg. 1, lines 6-7: K_j and V_j into stage s = j % STAGES, each once every consumer warp has
+// released what it held before (tile j - STAGES): K_j as soon as the products S = Q K^T of that tile
+// are done, V_j when its O += P V are. The stage's uses alternate the barriers' phases: use
+// u = j / STAGES waits for the end of use u - 1 (parity (u - 1) % 2; the first passes at once).
+template <int d>
+__device__ void load_KV(const Tiles<d>& t, const CUtensorMap* tmK, const CUtensorMap* tmV, int j, int bh) {
+    const int s = j % STAGES, parity = (j / STAGES + 1) % 2;
+    mbarrier_wait(&t.K_empty[s], parity);
+    mbarrier_arrive_expect_tx(&t.K_full[s], Bc * d * 2);
+    for (int c = 0; c < d / SUB; ++c) tma_load(t.K_stage(s) + c * Bc * SUB, tmK, c * SUB, j * Bc, bh, &t.K_full[s]);
+    mbarrier_wait(&t.V_empty[s], parity);
+    mbarrier_arrive_expect_tx(&t.V_full[s], Bc * d * 2);
+    for (int c = 0; c < d / SUB; ++c) tma_load(t.V_stage(s) + c * Bc * SUB, tmV, c * SUB, j * Bc, bh, &t.V_full[s]);
+}
+
+// ---- the consumers' products -------------------------------------------------------------------------
+// Descriptor of the 16 columns 16 kk .. 16 kk + 15 of a K-major tile of `rows` rows (Q_i, K_j):
+// sub-tile kk / 4, then 32 bytes per step of 16 columns within its 128-byte rows.
+__device__ inline uint64_t k_major(const unsigned short* tile, int rows, int kk) {
+    return smem_descriptor(shared_address(tile + kk / 4 * rows * SUB + kk % 4 * 16), 16, 1024);
+}
+// Alg. 1, line 8: S = Q K_j^T for the warpgroup's 64 rows (q: its rows of Q_i), d / 16 wgmma of
+// 64 x 128 x 16, the first one overwriting S. Issued, not waited for.
+template <class T, int d>
+__device__ void issue_S(float (&s)[Bc / 8][4], const unsigned short* q, const unsigned short* K_t) {
+#pragma unroll
+    for (int kk = 0; kk < d / 16; ++kk) wgmma_ss<T, Bc>(s, k_major(q, Br, kk), k_major(K_t, Bc, kk), kk > 0);
+}
+// Alg. 1, line 10: O += P V_j, Bc / 16 wgmma of 64 x d x 16: P from registers (p[kb]: keys 16 kb ..
+// 16 kb + 15), V_j as B read MN-major: 16 rows of keys (SBO: 1024 bytes from 8 rows to the next 8),
+// d columns (LBO: from one 64-column sub-tile to the next).
+template <class T, int d>
+__device__ void issue_PV(float (&o)[d / 8][4], const unsigned (&p)[Bc / 16][4], const unsigned short* V_t) {
+#pragma unroll
+    for (int kb = 0; kb < Bc / 16; ++kb)
+        wgmma_rs<T, d>(o, p[kb], smem_descriptor(shared_address(V_t + kb * 16 * SUB), Bc * SUB * 2, 1024), true);
+}
+
+// Ping-pong: consumer k issues its products only after the other has issued its own (named barrier
+// 1 + k, met by its 128 threads and the other's 128 arrivals), and lets the other go once it has:
+// one's softmax then runs while the other's products occupy the tensor cores. Consumer 1 lets
+// consumer 0 go first, and does not let it go after its own last products (consumer 0 has no more
+// turns to wait for), so every barrier's arrivals are all met.
+__device__ inline void turn_begin(int consumer) {
+    if (PINGPONG) named_barrier_sync(1 + consumer, 256);
+}
+__device__ inline void turn_end(int consumer, bool last) {
+    if (PINGPONG && !(consumer == 1 && last)) named_barrier_arrive(2 - consumer, 256);
+}
+
+template <class T, int d>
+__global__ void __launch_bounds__(THREADS, 1)
+    forward(const __grid_constant__ CUtensorMap tmQ, const __grid_constant__ CUtensorMap tmK,
+            const __grid_constant__ CUtensorMap tmV, int N, float scale, bool causal, unsigned short* O, float* L) {
+    // smem: the block's shared memory (tiles.cuh); its start rounded up to 1024 bytes for the swizzle
+    char* base = reinterpret_cast<char*>(smem);
+    base += (1024 - shared_address(base) % 1024) % 1024;
+    const Tiles<d> t(base);
+
+    const int bh = blockIdx.y;
+    const int tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // heaviest first, as in chapter 3
+    const int row0 = tile * Br, Tc = ceil_div(N, Bc);
+    const int n = causal ? min(Tc, (min(row0 + Br, N) - 1) / Bc + 1) : Tc;  // key tiles to visit
+
+    if (threadIdx.x == 0) {
+        mbarrier_init(t.Q_full, 1);
+        for (int s = 0; s < STAGES; ++s) {  // full: the producer's expect_tx and the bytes; empty: one
+            mbarrier_init(&t.K_full[s], 1), mbarrier_init(&t.V_full[s], 1);  // arrival per consumer warp
+            mbarrier_init(&t.K_empty[s], CONSUMERS * 4), mbarrier_init(&t.V_empty[s], CONSUMERS * 4);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();  // the barriers are ready for all; from here on, only mbarriers and named barriers
+
+    if (SPECIALIZED && threadIdx.x < 128) {  // the producer warpgroup
+        setmaxnreg_dec<24>();                // keeps few registers: the consumers get them
+        if (threadIdx.x == 0) {
+            load_Q(t, &tmQ, row0, bh);
+            for (int j = 0; j < n; ++j) load_KV(t, &tmK, &tmV, j, bh);
+        }
+        return;
+    }
+    if (SPECIALIZED) setmaxnreg_inc<240>();
+    if (!SPECIALIZED && threadIdx.x == 0) {  // step 1: thread 0 issues the first STAGES tiles now,
+        load_Q(t, &tmQ, row0, bh);           // the others as its own loop frees their stages
+        for (int j = 0; j < min(n, STAGES); ++j) load_KV(t, &tmK, &tmV, j, bh);
+    }
+
+    const int consumer = threadIdx.x / 128 - SPECIALIZED, w = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, q = lane % 4;
+    const int warp_row = row0 + 64 * consumer + 16 * w, row = warp_row + g;  // the lane's rows: row, row + 8
+    const unsigned short* Q_c = t.Q + 64 * consumer * SUB;                   // the consumer's rows of Q_i
+    const float c = scale * LOG2E;
+
+    float o[d / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // Alg. 1, line 5
+    unsigned p[Bc / 16][4];  // P_ij as the A operand of O += P V_j
+    if (PINGPONG && consumer == 1) named_barrier_arrive(1, 256);  // consumer 0 goes first
+    mbarrier_wait(t.Q_full, 0);
+
+    // S_ij masked where the tile crosses the end of the sequence or, causal, the diagonal (Alg. 1,
+    // line 9's mask), then its softmax: P_ij, and alpha, what O must be rescaled by.
+    auto softmax = [&](float(&s)[Bc / 8][4], int j, float(&alpha)[2]) {
+        if ((j + 1) * Bc > N || (causal && (j + 1) * Bc > warp_row + 1))
+            mask_fragment<false>(s, row, j * Bc + 2 * q, N, causal, -INFINITY);
+        online_softmax<false>(s, m, l, o, alpha, c);  // O is rescaled later, by rescale
+    };
+    // K_j, V_j may be overwritten once this warp's products that read them are done. (Step 1: thread 0
+    // then refills the stage itself, waiting for the other warps' releases too.)
+    auto release_K = [&](int j) {
+        if (lane == 0) mbarrier_arrive(&t.K_empty[j % STAGES]);
+    };
+    auto release_V = [&](int j) {
+        if (lane == 0) mbarrier_arrive(&t.V_empty[j % STAGES]);
+        if (!SPECIALIZED && threadIdx.x == 0 && j + STAGES < n) load_KV(t, &tmK, &tmV, j + STAGES, bh);
+    };
+
+    if (!OVERLAP) {  // steps 1-3: S_ij, its softmax, O += P_ij V_j, one after the other
+        for (int j = 0; j < n; ++j) {
+            const int s_j = j % STAGES, parity = j / STAGES % 2;
+            float s[Bc / 8][4], alpha[2];
+            mbarrier_wait(&t.K_full[s_j], parity);  // K_j has landed
+            turn_begin(consumer);
+            wgmma_fence();  // S's registers were last written by ordinary instructions
+            issue_S<T, d>(s, Q_c, t.K_stage(s_j));
+            wgmma_commit();
+            turn_end(consumer, false);
+            wgmma_wait<0>(s);
+            release_K(j);
+            softmax(s, j, alpha);
+            rescale(o, alpha);
+            a_operands<T, Bc>(p, s);
+            mbarrier_wait(&t.V_full[s_j], parity);
+            turn_begin(consumer);
+            wgmma_fence();  // O and P were written by ordinary instructions
+            issue_PV<T, d>(o, p, t.V_stage(s_j));
+            wgmma_commit();
+            turn_end(consumer, j == n - 1);
+            wgmma_wait<0>(o);
+            release_V(j);
+        }
+    } else {  // step 4 (FlashAttention-3's Algorithm 2): S_i,j+1 = Q K_j+1^T is issued with O += P_ij V_j,
+              // and the softmax of S_i,j+1 runs while the tensor cores compute that product into O
+        float alpha[2];  // what O must be rescaled by before P_ij V_j is added: exp(m_i,j-1 - m_ij)
+        {
+            float s[Bc / 8][4];
+            mbarrier_wait(&t.K_full[0], 0);
+            turn_begin(consumer);
+            wgmma_fence();
+            issue_S<T, d>(s, Q_c, t.K_stage(0));
+            wgmma_commit();
+            turn_end(consumer, false);
+            wgmma_wait<0>(s);
+            release_K(0);
+            softmax(s, 0, alpha);
+            a_operands<T, Bc>(p, s);
+        }
+        for (int j = 1; j < n; ++j) {  // the loop's S_ij is the tile after the P in p
+            const int s_j = j % STAGES, s_prev = (j - 1) % STAGES;
+            float s[Bc / 8][4];
+            mbarrier_wait(&t.K_full[s_j], j / STAGES % 2);
+            turn_begin(consumer);
+            wgmma_fence();
+            issue_S<T, d>(s, Q_c, t.K_stage(s_j));  // group 1: S_ij
+            wgmma_commit();
+            rescale(o, alpha);  // while S_ij runs
+            mbarrier_wait(&t.V_full[s_prev], (j - 1) / STAGES % 2);
+            wgmma_fence();                            // O was just rescaled
+            issue_PV<T, d>(o, p, t.V_stage(s_prev));  // group 2: O += P V of the previous tile
+            wgmma_commit();
+            turn_end(consumer, false);
+            wgmma_wait<1>(s);  // S_ij is in; the product into O may still run
+            release_K(j);
+            softmax(s, j, alpha);
+            wgmma_wait<0>(o);  // O is in, and p free to be overwritten
+            release_V(j - 1);
+            a_operands<T, Bc>(p, s);
+        }
+        mbarrier_wait(&t.V_full[(n - 1) % STAGES], (n - 1) / STAGES % 2);
+        turn_begin(consumer);
+        rescale(o, alpha);
+        wgmma_fence();
+        issue_PV<T, d>(o, p, t.V_stage((n - 1) % STAGES));
+        wgmma_commit();
+        turn_end(consumer, true);
+        wgmma_wait<0>(o);
+        release_V(n - 1);
+    }
+
+    // Alg. 1, lines 12-15: a row's l is its 4 lanes' shares added up; O = O / l, L = m + log(l).
+    O += size_t(bh) * N * d, L += size_t(bh) * N;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l_row = l[r];
+        l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
+        l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
+        const int i = row + 8 * r;
+        if (i >= N) continue;
+        const float inv_l = 1.0f / l_row;
+#pragma unroll
+        for (int n8 = 0; n8 < d / 8; ++n8)  // columns 8 n8 + 2q, 8 n8 + 2q + 1: one 4-byte store
+            *reinterpret_cast<unsigned*>(&O[size_t(i) * d + 8 * n8 + 2 * q]) =
+                pack<T>(o[n8][2 * r] * inv_l, o[n8][2 * r + 1] * inv_l);
+        if (q == 0) L[i] = m[r] * scale + logf(l_row);
+    }
+}
+
+}  // namespace flash3_hopper

@@ -1,0 +1,113 @@
+// Version 4, chapter 4: FlashAttention-3's techniques on Hopper (TMA, mbarriers, wgmma, warp
+// specialization, ping-pong), bf16 and fp16 with fp32 accumulation. Hopper only: built for sm_90a
+// (minimal_flash.py passes -gencode=arch=compute_90a,code=sm_90a), run on compute capability 9.0.
+//
+//   forward   flash3_hopper.cu         one block per (batch, head, 128 query rows): a producer
+//                                      warpgroup (TMA) and two consumer warpgroups (wgmma) of 64 rows
+//   backward  version 3's, unchanged   (flash2_mma_backward.cu): it reads O and L as this forward
+//                                      writes them
+//
+// Block sizes: its own (Br and Bc do not apply). Head dims d = 64 and 128. softmax_scale > 0.
+// Scratch: as version 3's. bindings.cu includes this file in its middle: Call and launch are defined there.
+#include <cstdint>
+#include <tuple>
+#include "flash3_hopper.cu"
+
+#include "flash2_mma_backward.cu"  // version 3's backward: it serves this version's gradients
+
+#ifdef __CUDACC__
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
+
+// cuTensorMapEncodeTiled is the driver's, not the runtime's: found once through the runtime's entry
+// point, so that the build links nothing more than the runtime.
+static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+    static const PFN_cuTensorMapEncodeTiled_v12000 function = [] {
+        void* f = nullptr;
+        cudaDriverEntryPointQueryResult found{};
+        const cudaError_t err =
+            cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found);
+        return err == cudaSuccess && found == cudaDriverEntryPointSuccess
+                   ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f)
+                   : nullptr;
+    }();
+    return function;
+}
+
+// The GPU's compute capability, major * 10 + minor, asked once per device.
+static int capability(int device) {
+    static std::mutex mutex;
+    static std::map<int, int> known;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!known.count(device)) {
+        int major = 0, minor = 0;
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+        known[device] = 10 * major + minor;
+    }
+    return known[device];
+}
+#else
+static auto encode_tiled() { return &cuTensorMapEncodeTiled; }  // cpu_cuda.h's
+static int capability(int) { return 90; }                       // the emulation has Hopper's instructions
+#endif
+
+// Q, K or V, (B * H) x N x d values of 16 bits, as the copy engine sees it: a 3-D tensor (x: column,
+// y: row, z: the (batch, head) slice), read in boxes of `rows` rows x 64 columns (128 bytes), written
+// into shared memory with the 128-byte swizzle that wgmma reads. A box that reaches past row N is
+// zero-filled there: the next slice's rows are never read.
+static std::string tensor_map(CUtensorMap* map, const float* data, const Call& c, int rows) {
+    const cuuint64_t dims[3] = {cuuint64_t(c.d), cuuint64_t(c.N), cuuint64_t(c.BH)};
+    const cuuint64_t strides[2] = {cuuint64_t(c.d) * 2, cuuint64_t(c.N) * c.d * 2};  // bytes, of y and z
+    const cuuint32_t box[3] = {64, cuuint32_t(rows), 1}, element_steps[3] = {1, 1, 1};
+    const auto encode = encode_tiled();
+    if (!encode) return "version 4: this CUDA driver has no cuTensorMapEncodeTiled (the copy engine's tensor maps)";
+    const CUresult r = encode(map, c.dtype == BFLOAT16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                              3, const_cast<float*>(data), dims, strides, box, element_steps,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return r == CUDA_SUCCESS ? "" : "version 4: cuTensorMapEncodeTiled failed (CUresult " + std::to_string(int(r)) + ")";
+}
+
+struct Version {
+    static size_t shared_bytes(Pass pass, int d) {
+        return pass == FORWARD ? flash3_hopper::shared_bytes(d) : flash2_mma_backward::shared_bytes(d);
+    }
+    static int scratch_floats(Pass pass, int d) { return pass == FORWARD ? 0 : d + 1; }  // as version 3
+
+    static std::string forward(const Call& c) {
+        if (std::string err = error(c); !err.empty()) return err;
+        if (c.dtype == BFLOAT16) return c.d == 64 ? run<__nv_bfloat16, 64>(c) : run<__nv_bfloat16, 128>(c);
+        return c.d == 64 ? run<__half, 64>(c) : run<__half, 128>(c);
+    }
+    static std::string backward(const Call& c) {
+        if (std::string err = error(c); !err.empty()) return err;
+        if (c.dtype == BFLOAT16)
+            return c.d == 64 ? flash2_mma_backward::run<__nv_bfloat16, 64>(c)
+                             : flash2_mma_backward::run<__nv_bfloat16, 128>(c);
+        return c.d == 64 ? flash2_mma_backward::run<__half, 64>(c) : flash2_mma_backward::run<__half, 128>(c);
+    }
+
+    // What the kernels cannot take (minimal_flash.py checks these first, with the same words).
+    static std::string error(const Call& c) {
+        if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
+        if (const int cc = capability(c.device); cc != 90)
+            return "version 4 needs a Hopper GPU (compute capability 9.0); this one is " + std::to_string(cc / 10) +
+                   "." + std::to_string(cc % 10);
+        if (c.dtype == FLOAT32) return "version 4 takes bfloat16 or float16 tensors, not float32";
+        if (c.d != 64 && c.d != 128) return "version 4 takes head dim d = 64 or 128, not " + std::to_string(c.d);
+        if (c.scale <= 0) return "version 4 takes softmax_scale > 0, not " + std::to_string(c.scale);
+        for (const float* p : {c.Q, c.K, c.V})  // the copy engine reads from 16-byte aligned addresses only
+            if (p && reinterpret_cast<uintptr_t>(p) % 16 != 0) return "version 4 needs q, k, v 16-byte aligned";
+        return "";
+    }
+
+    template <class T, int d>
+    static std::string run(const Call& c) {
+        namespace fw = flash3_hopper;
+        CUtensorMap tmQ, tmK, tmV;
+        for (auto [map, data, rows] : {std::tuple{&tmQ, c.Q, fw::Br}, {&tmK, c.K, fw::Bc}, {&tmV, c.V, fw::Bc}})
+            if (std::string err = tensor_map(map, data, c, rows); !err.empty()) return err;
+        return launch("flash3_hopper::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH), fw::THREADS,
+                      fw::shared_bytes(d), c, tmQ, tmK, tmV, c.N, c.scale, c.causal, bits(c.O), c.L);
+    }
+};
