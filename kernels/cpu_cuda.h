@@ -24,6 +24,11 @@
 //     word nobody wrote poisons the result instead of silently reusing the previous block's data.
 //   - cp.async copies land when their thread waits for them, not before; until then their
 //     destination holds NaN (on a GPU it holds the old data or the new, or part of each).
+//   - Hopper's instructions (kernels/hopper.cuh) keep their semantics: an mbarrier wait blocks until
+//     the phase's arrivals and bytes are all in, a TMA box lands (swizzled, zeros past the tensor)
+//     only when a thread waits on its barrier, a wgmma is a collective of its warpgroup whose
+//     results land in the accumulators only at the wgmma_wait that retires them (NaN before), and
+//     named barriers block. Their deadlocks are named as a __syncthreads' are.
 //   - atomicAdd is atomic, across blocks that run on different cores too.
 //   - Launch errors as a GPU reports them: too many threads, too much shared memory.
 // And what a GPU does not have: Ctrl-C (SIGINT) stops a launch within a moment, and a launch that
@@ -857,8 +862,8 @@ struct alignas(64) Worker {
 
     // How a thread waits, for anything: it notes where in its `waiting`, and calls switch_away();
     // whoever completes what it waits for (the last thread at a barrier, the last lane of a warp
-    // collective; an mbarrier's arrivals, one day) calls make_ready on it. The deadlock message
-    // below names the barrier or warp collective that waits; a new kind of wait adds its case there.
+    // collective, an mbarrier's completed phase, a named barrier's last arrival) calls make_ready on
+    // it. The deadlock message below names what waits; a new kind of wait adds its case there.
     bool stop_requested() const {
         return interrupt_requested.load(std::memory_order_relaxed) ||
                launch->failed.load(std::memory_order_relaxed);
@@ -1070,6 +1075,7 @@ struct alignas(64) Worker {
         }
     }
     // A thread that polls lets the others run between its polls: try_wait in a loop still completes.
+    // (One that can never succeed spins until Ctrl-C: only mbarrier_wait's deadlocks are named.)
     bool mbarrier_try_wait(uint64_t* bar, unsigned parity, const Site& site) {
         if (mbarrier_done(mbarrier_slot(bar, site), parity)) return true;
         make_ready(current);

@@ -67,8 +67,8 @@ __global__ void hopper_fragments(const __grid_constant__ CUtensorMap map, const 
     float d128[16][4], d64[8][4];
     wgmma_fence();
     for (int s = 0; s < 4; ++s)
-        wgmma_ss<T, 128>(d128, smem_descriptor(a_at + 32 * s, 0, 1024), smem_descriptor(b_at + 32 * s, 0, 1024),
-                         s > 0);
+        wgmma_ss<T, 128>(d128, smem_descriptor(a_at + 32 * s, 0, 1024),
+                         smem_descriptor(b_at + 32 * s, 0, 1024), s > 0);
     for (int s = 0; s < 4; ++s)
         wgmma_ss<T, 64>(d64, smem_descriptor(a_at + 32 * s, 0, 1024), smem_descriptor(b_at + 32 * s, 0, 1024),
                         s > 0);
@@ -105,8 +105,8 @@ static const char* encode(CUtensorMap* map, bool bf16, const unsigned short* X, 
 #ifdef __CUDACC__
     void* entry = nullptr;
     cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &entry, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &entry, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
         found != cudaDriverEntryPointSuccess)
         return "no cuTensorMapEncodeTiled in the driver";
     encode_tiled = reinterpret_cast<decltype(encode_tiled)>(entry);
@@ -129,12 +129,13 @@ const char* run_hopper_fragments(int bf16, const unsigned short* X, int rows, co
     if (bf16) {
         cudaFuncSetAttribute(hopper_fragments<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              kSharedBytes);
-        LAUNCH(hopper_fragments<__nv_bfloat16>, dim3(1), dim3(128), kSharedBytes, 0)(map, P, boxes, ss128, ss64,
-                                                                                     rs64, rs128, raw);
+        LAUNCH(hopper_fragments<__nv_bfloat16>, dim3(1), dim3(128), kSharedBytes, 0)(map, P, boxes, ss128,
+                                                                                     ss64, rs64, rs128, raw);
     } else {
-        cudaFuncSetAttribute(hopper_fragments<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
-        LAUNCH(hopper_fragments<__half>, dim3(1), dim3(128), kSharedBytes, 0)(map, P, boxes, ss128, ss64, rs64,
-                                                                              rs128, raw);
+        cudaFuncSetAttribute(hopper_fragments<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             kSharedBytes);
+        LAUNCH(hopper_fragments<__half>, dim3(1), dim3(128), kSharedBytes, 0)(map, P, boxes, ss128, ss64,
+                                                                              rs64, rs128, raw);
     }
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? "" : cudaGetErrorString(err);
