@@ -24,6 +24,11 @@
 //     word nobody wrote poisons the result instead of silently reusing the previous block's data.
 //   - cp.async copies land when their thread waits for them, not before; until then their
 //     destination holds NaN (on a GPU it holds the old data or the new, or part of each).
+//   - Hopper's instructions (kernels/hopper.cuh) keep their semantics: an mbarrier wait blocks until
+//     the phase's arrivals and bytes are all in, a TMA box lands (swizzled, zeros past the tensor)
+//     only when a thread waits on its barrier, a wgmma is a collective of its warpgroup whose
+//     results land in the accumulators only at the wgmma_wait that retires them (NaN before), and
+//     named barriers block. Their deadlocks are named as a __syncthreads' are.
 //   - atomicAdd is atomic, across blocks that run on different cores too.
 //   - Launch errors as a GPU reports them: too many threads, too much shared memory.
 // And what a GPU does not have: Ctrl-C (SIGINT) stops a launch within a moment, and a launch that
@@ -91,6 +96,47 @@ struct __nv_bfloat16 {
 struct __half {
     unsigned short bits;
 };
+
+// The driver's tensor map (kernels/hopper.cuh, TMA), as cuda.h declares it: 128 opaque bytes that
+// cuTensorMapEncodeTiled fills on the host and a kernel takes as a __grid_constant__ parameter. Here
+// they hold the encode's arguments (cpu_cuda::TensorMap below). Visible, as the types above: a kernel
+// that takes one by value is then visible too, and its name is in the messages.
+using cuuint32_t = uint32_t;
+using cuuint64_t = uint64_t;
+struct CUtensorMap {
+    alignas(64) cuuint64_t opaque[16];
+};
+enum CUresult { CUDA_SUCCESS = 0, CUDA_ERROR_INVALID_VALUE = 1 };
+enum CUtensorMapDataType {
+    CU_TENSOR_MAP_DATA_TYPE_UINT8 = 0,
+    CU_TENSOR_MAP_DATA_TYPE_UINT16,
+    CU_TENSOR_MAP_DATA_TYPE_UINT32,
+    CU_TENSOR_MAP_DATA_TYPE_INT32,
+    CU_TENSOR_MAP_DATA_TYPE_UINT64,
+    CU_TENSOR_MAP_DATA_TYPE_INT64,
+    CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+    CU_TENSOR_MAP_DATA_TYPE_FLOAT64,
+    CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+};
+enum CUtensorMapInterleave { CU_TENSOR_MAP_INTERLEAVE_NONE = 0 };  // the interleaved layouts: not emulated
+enum CUtensorMapSwizzle {
+    CU_TENSOR_MAP_SWIZZLE_NONE = 0,
+    CU_TENSOR_MAP_SWIZZLE_32B,
+    CU_TENSOR_MAP_SWIZZLE_64B,
+    CU_TENSOR_MAP_SWIZZLE_128B,
+};
+enum CUtensorMapL2promotion {  // a cache hint: no effect here
+    CU_TENSOR_MAP_L2_PROMOTION_NONE = 0,
+    CU_TENSOR_MAP_L2_PROMOTION_L2_64B,
+    CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+    CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+};
+enum CUtensorMapFloatOOBfill {  // what lands for elements outside the tensor: zeros, or NaN
+    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0,
+    CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA,
+};
+#define __grid_constant__  // a kernel parameter that stays in the parameter space: all of them, here
 
 // Everything from here on is hidden in the library that includes this header, and each library has
 // its own emulation: a process may load two builds (minimal_flash loads an edited kernel's new
@@ -174,7 +220,10 @@ inline float dynamic_zero() {
     volatile float zero = 0.0f;
     return zero;
 }
-alignas(16) inline thread_local float smem[kMaxSharedBytes / sizeof(float)] = {dynamic_zero()};
+// Aligned to 1024 bytes: TMA and wgmma swizzle shared memory by address bits 4-9, and their tiles are
+// 1024-byte aligned as offsets from the start of shared memory (hopper.cuh's shared_address), which
+// are then aligned as addresses too.
+alignas(1024) inline thread_local float smem[kMaxSharedBytes / sizeof(float)] = {dynamic_zero()};
 
 // The CUDA runtime's errors that a launch here can report, and two of the emulation's own: a
 // barrier that can never complete, and a launch stopped by Ctrl-C.
@@ -250,6 +299,62 @@ template <class Kernel>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*) {
     attributes->maxThreadsPerBlock = 1024;
     return cudaSuccess;
+}
+
+// TMA's tensor map, as cuTensorMapEncodeTiled stores it in a CUtensorMap's opaque bytes.
+namespace cpu_cuda {
+struct TensorMap {
+    uint64_t tag;  // kTensorMapTag: made by cuTensorMapEncodeTiled
+    const unsigned char* address;
+    uint64_t dims[5], strides[5];  // strides in bytes; strides[0] is the element's size
+    uint16_t box[5];
+    uint8_t element_strides[5], rank, swizzle, nan_fill;
+};
+static_assert(sizeof(TensorMap) <= sizeof(CUtensorMap), "a tensor map fits in 128 bytes");
+constexpr uint64_t kTensorMapTag = 0x706d726f736e6574ull;  // "tensormp"
+}  // namespace cpu_cuda
+
+// The driver's checks, as its documentation states them, then the arguments kept in the map.
+inline CUresult cuTensorMapEncodeTiled(CUtensorMap* tensorMap, CUtensorMapDataType tensorDataType,
+                                       cuuint32_t tensorRank, void* globalAddress,
+                                       const cuuint64_t* globalDim, const cuuint64_t* globalStrides,
+                                       const cuuint32_t* boxDim, const cuuint32_t* elementStrides,
+                                       CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle,
+                                       CUtensorMapL2promotion l2Promotion, CUtensorMapFloatOOBfill oobFill) {
+    static const uint8_t sizes[] = {1, 2, 4, 4, 8, 8, 2, 4, 8, 2};
+    if (!tensorMap || unsigned(tensorDataType) >= sizeof sizes || tensorRank < 1 || tensorRank > 5 ||
+        !globalAddress || reinterpret_cast<uintptr_t>(globalAddress) % 16 || !globalDim ||
+        (tensorRank > 1 && !globalStrides) || !boxDim || !elementStrides ||
+        interleave != CU_TENSOR_MAP_INTERLEAVE_NONE || unsigned(swizzle) > CU_TENSOR_MAP_SWIZZLE_128B ||
+        unsigned(l2Promotion) > CU_TENSOR_MAP_L2_PROMOTION_L2_256B ||
+        unsigned(oobFill) > CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA)
+        return CUDA_ERROR_INVALID_VALUE;
+    const bool floating = tensorDataType == CU_TENSOR_MAP_DATA_TYPE_FLOAT16 ||
+                          tensorDataType == CU_TENSOR_MAP_DATA_TYPE_FLOAT32 ||
+                          tensorDataType == CU_TENSOR_MAP_DATA_TYPE_FLOAT64 ||
+                          tensorDataType == CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    if (oobFill != CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE && !floating) return CUDA_ERROR_INVALID_VALUE;
+    cpu_cuda::TensorMap m{};
+    m.tag = cpu_cuda::kTensorMapTag, m.address = static_cast<const unsigned char*>(globalAddress);
+    m.rank = uint8_t(tensorRank), m.swizzle = uint8_t(swizzle), m.nan_fill = oobFill != 0;
+    m.strides[0] = sizes[tensorDataType];
+    for (unsigned i = 0; i < tensorRank; ++i) {
+        if (globalDim[i] == 0 || globalDim[i] > (uint64_t(1) << 32)) return CUDA_ERROR_INVALID_VALUE;
+        if (i > 0 && (globalStrides[i - 1] % 16 || globalStrides[i - 1] >= (uint64_t(1) << 40)))
+            return CUDA_ERROR_INVALID_VALUE;
+        if (boxDim[i] == 0 || boxDim[i] > 256 || elementStrides[i] == 0 || elementStrides[i] > 8)
+            return CUDA_ERROR_INVALID_VALUE;
+        m.dims[i] = globalDim[i], m.box[i] = uint16_t(boxDim[i]),
+        m.element_strides[i] = uint8_t(elementStrides[i]);
+        if (i > 0) m.strides[i] = globalStrides[i - 1];
+    }
+    // The box's inner dimension: whole 16-byte chunks, and with a swizzle, no more than its span.
+    const uint64_t inner = uint64_t(boxDim[0]) * m.strides[0];
+    if (inner % 16 || (swizzle != CU_TENSOR_MAP_SWIZZLE_NONE && inner > (16u << swizzle)))
+        return CUDA_ERROR_INVALID_VALUE;
+    std::memset(tensorMap, 0, sizeof *tensorMap);
+    std::memcpy(tensorMap, &m, sizeof m);
+    return CUDA_SUCCESS;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -394,9 +499,14 @@ struct Site {
     const char* what = nullptr;  // null: not waiting
     const char* file = "";
     int line = 0;
+    unsigned detail = 0;   // an mbarrier wait's parity; a named barrier's id + 16 * its thread count
+    unsigned barrier = 0;  // an mbarrier wait's barrier (its slot), for the message
 };
+constexpr const char *kMbarrierWait = "mbarrier wait", *kNamedBarrier = "named barrier";
+inline bool is(const Site& site, const char* what) { return site.what && std::strcmp(site.what, what) == 0; }
 inline bool same_site(const Site& a, const Site& b) {
-    return a.line == b.line && (a.what == b.what || std::strcmp(a.what, b.what) == 0) &&
+    return a.line == b.line && a.detail == b.detail &&
+           (a.what == b.what || std::strcmp(a.what, b.what) == 0) &&
            (a.file == b.file || std::strcmp(a.file, b.file) == 0);
 }
 // A source file as the messages name it: relative to the repository (the folder above this header's).
@@ -410,6 +520,14 @@ inline std::string short_path(const char* file) {
     return path;
 }
 inline std::string where(const Site& site) { return short_path(site.file) + ":" + std::to_string(site.line); }
+// A wait as the messages name it: "mbarrier wait (parity 1)", "named barrier 1 (256 threads)".
+inline std::string describe(const Site& site) {
+    if (is(site, kMbarrierWait)) return "mbarrier wait (parity " + std::to_string(site.detail) + ")";
+    if (is(site, kNamedBarrier))
+        return "named barrier " + std::to_string(site.detail % 16) + " (" + std::to_string(site.detail / 16) +
+               " threads)";
+    return site.what;
+}
 
 // cp.async: a thread's copies land when it waits for their group, not before. On a GPU a copy lands
 // at any moment between the two, so here its destination holds NaN in the meantime: a kernel that
@@ -438,6 +556,40 @@ struct AsyncCopies {
     void clear() { copies.clear(), group_ends.clear(); }
 };
 
+// wgmma (kernels/hopper.cuh) is asynchronous: the warpgroup's product is computed at issue, from
+// shared memory and registers as they are then, but it lands in a thread's accumulators only at the
+// wgmma_wait that retires its commit group; until then they hold NaN, so a kernel that reads them too
+// early (or writes them: the result overwrites) shows it. A wgmma that accumulates onto one still in
+// flight takes that one's result, as the hardware chains them.
+constexpr unsigned kMaxWgmmaN = 256;
+struct WgmmaResult {
+    float* d;                      // the thread's accumulators, N / 2 floats
+    unsigned count;                // N / 2
+    unsigned long long group;      // the commit group it belongs to: commits before its issue
+    float values[kMaxWgmmaN / 2];  // what lands
+};
+struct Wgmmas {
+    std::vector<WgmmaResult> pending;  // oldest first; at most one per accumulator array
+    unsigned long long committed = 0;  // wgmma_commit calls so far
+
+    WgmmaResult* find(const float* d) {
+        for (WgmmaResult& r : pending)
+            if (r.d == d) return &r;
+        return nullptr;
+    }
+    void wait(unsigned long long newest_left) {  // the groups but the newest `newest_left` land
+        size_t kept = 0;
+        for (WgmmaResult& r : pending) {
+            if (r.group + newest_left < committed)
+                std::memcpy(r.d, r.values, r.count * sizeof(float));
+            else
+                pending[kept++] = r;
+        }
+        pending.resize(kept);
+    }
+    void clear() { pending.clear(), committed = 0; }
+};
+
 // One CUDA thread: a stack of its own (kept for the next block and the next launch), and what it
 // is doing.
 constexpr size_t kStackBytes = 128 * 1024;  // a kernel's locals take a few KB
@@ -450,6 +602,7 @@ struct Fiber {
     bool exited = false;
     Site waiting;        // where it waits: what is null while it runs or is ready to
     AsyncCopies copies;  // its cp.async copies in flight
+    Wgmmas wgmmas;       // its wgmma results in flight
 
     bool allocate() {
         const size_t page = size_t(sysconf(_SC_PAGESIZE));
@@ -475,13 +628,18 @@ struct BlockBarrier {
     bool diverged = false;
 };
 
+// Where the threads of a collective meet (a warp's 32, a warpgroup's 128): how many have arrived, and
+// at which operation (a thread arriving at another one means it can never complete).
+struct Meeting {
+    unsigned arrived = 0, generation = 0;  // generation % 2: the half of a warp's buffers in use
+    Site site;
+    bool diverged = false;
+};
+
 // A warp's meeting point for its collectives, and their values. Each buffer is double: the lanes of
 // collective k + 1 write the other half while slow lanes still read collective k's results, and
 // none can reach k + 2 before all have read k's (all must arrive at k + 1 first).
-struct Warp {
-    unsigned arrived = 0, generation = 0;  // generation % 2: the half of the buffers in use
-    Site site;
-    bool diverged = false;
+struct Warp : Meeting {
     float value[2][32];  // a shuffle's values
     struct Mma {
         unsigned a[32][4], b[32][2];  // the lanes' fragments
@@ -489,6 +647,82 @@ struct Warp {
         float d[16][8];  // the result tile, computed once by the last lane to arrive
     } mma[2];
     const unsigned short* rows[2][32];  // an ldmatrix's row addresses
+};
+
+// A 16-bit value as a float, in the templates that take either type.
+inline float to_float(__nv_bfloat16 h) { return __bfloat162float(h); }
+inline float to_float(__half h) { return __half2float(h); }
+
+// A wgmma operand in shared memory, as its 64-bit descriptor gives it (PTX ISA, "Matrix Descriptor
+// Format": start address, LBO, SBO, each / 16, base offset, swizzle mode) and where its 16-bit
+// values are, in the canonical layouts (PTX ISA, "Shared Memory Matrix Layout"; in CuTe's terms, T = 8
+// values to 16 bytes):
+//   K-major, swizzle span S (128, 64, 32 bytes): ((8, m), (T, 2)) : ((S / 16 T, SBO), (1, T)):
+//     row r at (r % 8) S + (r / 8) SBO, its 16 values of K side by side; LBO is not used.
+//   K-major, no swizzle: ((8, m), (T, 2)) : ((T, SBO), (1, LBO)): 8 x 8 cores of 16-byte rows.
+//   MN-major, span S: ((T, S / 16, m), (8, k)) : ((1, T, LBO), (S / 16 T, SBO)): S bytes of MN side
+//     by side, the next S bytes LBO further; row k at (k % 8) S + (k / 8) SBO.
+//   MN-major, no swizzle: ((T, 1, m), (8, k)) : ((1, T, SBO), (T, LBO)).
+// and then the swizzle, on the address: bits 4-6 XOR bits 7-9 (128), 4-5 with 7-8 (64), 4 with 7 (32).
+struct SmemMatrix {
+    unsigned start, lbo, sbo, span, base_offset;
+    explicit SmemMatrix(uint64_t desc)
+        : start(unsigned(desc & 0x3fff) << 4),
+          lbo(unsigned(desc >> 16 & 0x3fff) << 4),
+          sbo(unsigned(desc >> 32 & 0x3fff) << 4),
+          span(desc >> 62 == 0 ? 0 : 256u >> (desc >> 62)),
+          base_offset(unsigned(desc >> 49 & 7)) {}
+    unsigned swizzled(unsigned address) const {
+        return span ? address ^ (address >> 3 & (span - 16)) : address;
+    }
+    unsigned k_major(unsigned r, unsigned k) const {  // element (r, k), r along M or N
+        if (span) return swizzled(start + r % 8 * span + r / 8 * sbo + 2 * k);
+        return start + r % 8 * 16 + r / 8 * sbo + k % 8 * 2 + k / 8 * lbo;
+    }
+    unsigned mn_major(unsigned k, unsigned n) const {  // element (k, n), n along M or N
+        if (span)
+            return swizzled(start + n % (span / 2) * 2 + n / (span / 2) * lbo + k % 8 * span + k / 8 * sbo);
+        return start + n % 8 * 2 + n / 8 * sbo + k % 8 * 16 + k / 8 * lbo;
+    }
+};
+
+// A warpgroup's meeting point (wgmma, setmaxnreg): what each thread hands in to a wgmma. The last to
+// arrive computes for all 128 and gives each its result before any goes on, so one buffer does.
+struct WarpGroup : Meeting {
+    struct Operands {
+        float* d;           // the thread's accumulators
+        const float* c;     // what it accumulates onto: d, or the result in flight into d
+        const unsigned* a;  // its A registers (wgmma_rs)
+        uint64_t a_desc, b_desc;
+        bool accumulate;
+    } operands[128];
+};
+
+// An mbarrier (kernels/hopper.cuh): its state is the worker's, found through its slot, which
+// mbarrier_init writes into the barrier's 8 bytes with a tag (a kernel never reads them itself; an
+// operation on 8 bytes without the tag, never initialized or since overwritten, fails the launch).
+// A phase completes when its arrivals have all arrived and the bytes announced by expect_tx have all
+// landed: the phase count goes up and the arrivals are expected anew. A TMA copy counts its bytes on a
+// barrier when it lands, and it lands when a thread waits on that barrier (until then its
+// destination holds NaN, as a cp.async's does): so a kernel that reads a tile without waiting reads NaN.
+constexpr uint64_t kMbarrierTag = 0x6d62617200000000ull;  // "mbar" in the upper half, the slot below
+struct TmaCopy {
+    unsigned char* to;
+    std::vector<unsigned char> bytes;  // the box, read at issue and swizzled as it will land
+};
+struct Mbarrier {
+    const void* address;
+    unsigned expected, pending;   // arrivals per phase, and still to come in this one
+    unsigned phase;               // phases completed: the current phase's parity is phase % 2
+    long long bytes;              // announced by expect_tx and not landed (landed first: negative)
+    std::vector<TmaCopy> copies;  // issued on it and not landed
+    std::vector<Fiber*> waiters;  // woken at every change of its state, to look again
+};
+
+// A named barrier (bar.sync / bar.arrive): `threads` arrivals complete it.
+struct NamedBarrier {
+    unsigned arrived = 0, threads = 0;
+    std::vector<Fiber*> waiters;
 };
 
 constexpr double kAnnounceAfterSeconds = 2.0;
@@ -620,12 +854,16 @@ struct alignas(64) Worker {
     unsigned switches_until_tick = 0;
     BlockBarrier barrier;
     std::vector<Warp> warps;
+    std::vector<WarpGroup> warpgroups;
+    std::vector<Mbarrier> mbarriers;  // by slot, in the order of their mbarrier_init
+    NamedBarrier named[16];
+    std::vector<float> wgmma_scratch;  // A, B and D of the wgmma being computed
     Launch* launch = nullptr;
 
     // How a thread waits, for anything: it notes where in its `waiting`, and calls switch_away();
     // whoever completes what it waits for (the last thread at a barrier, the last lane of a warp
-    // collective; an mbarrier's arrivals, one day) calls make_ready on it. The deadlock message
-    // below names the barrier or warp collective that waits; a new kind of wait adds its case there.
+    // collective, an mbarrier's completed phase, a named barrier's last arrival) calls make_ready on
+    // it. The deadlock message below names what waits; a new kind of wait adds its case there.
     bool stop_requested() const {
         return interrupt_requested.load(std::memory_order_relaxed) ||
                launch->failed.load(std::memory_order_relaxed);
@@ -701,6 +939,16 @@ struct alignas(64) Worker {
         }
     }
 
+    // The launch fails with a message about the operation at `site`.
+    [[noreturn]] void fail(const Site& site, const std::string& why,
+                           cudaError_t err = cudaErrorInvalidValue) {
+        launch->fail(err, std::string(err == cudaErrorMisalignedAddress ? "misaligned address: "
+                                                                        : "invalid argument: ") +
+                              site.what + " at " + where(site) + " in " + launch->block_name(blockIdx) +
+                              ", thread " + std::to_string(current->id) + ": " + why);
+        abandon_block();
+    }
+
     // The calling lane's warp; warp collectives only in blocks of whole warps.
     Warp& warp_of_current(unsigned& lane, const Site& site) {
         if (threads % 32 != 0) {
@@ -713,6 +961,14 @@ struct alignas(64) Worker {
         lane = current->id % 32;
         return warps[current->id / 32];
     }
+    // The calling thread's warpgroup (threads 128w .. 128w + 127), in blocks of whole warpgroups.
+    WarpGroup& warpgroup_of_current(unsigned& index, const Site& site) {
+        if (threads % 128 != 0)
+            fail(site, "a block of " + std::to_string(threads) +
+                           " threads: warpgroup operations take blocks of whole warpgroups (128 threads)");
+        index = current->id % 128;
+        return warpgroups[current->id / 128];
+    }
 
     // A warp collective: the lane has put its values into half generation % 2 of the warp's
     // buffers. The last of the 32 lanes to arrive runs `complete` (what the warp computes together)
@@ -720,33 +976,288 @@ struct alignas(64) Worker {
     // run next, before other warps: a warp goes on as far as it can, to the next __syncthreads,
     // before the next warp starts. So warps drift as far apart as a GPU lets them, and a missing
     // barrier between warps (one warp overwriting what another has still to read) shows.
+    // A warpgroup's collectives meet the same way, 128 threads.
     template <class Complete>
     void sync_warp(Warp& warp, const Site& site, Complete&& complete) {
+        meet(warp, 32, site, complete);
+    }
+    template <class Complete>
+    void meet(Meeting& meeting, unsigned size, const Site& site, Complete&& complete) {
         Fiber* self = current;
-        if (warp.arrived == 0)
-            warp.site = site, warp.diverged = false;
-        else if (!same_site(site, warp.site))
-            warp.diverged = true;
-        if (++warp.arrived < 32 || warp.diverged) {
+        if (meeting.arrived == 0)
+            meeting.site = site, meeting.diverged = false;
+        else if (!same_site(site, meeting.site))
+            meeting.diverged = true;
+        if (++meeting.arrived < size || meeting.diverged) {
             self->waiting = site;
             switch_away();
             return;
         }
-        warp.arrived = 0, ++warp.generation;
+        meeting.arrived = 0, ++meeting.generation;
         complete();
-        const unsigned first = self->id / 32 * 32;
-        for (unsigned l = first + 32; l-- > first;)  // so that they run in lane order
+        const unsigned first = self->id / size * size;
+        for (unsigned l = first + size; l-- > first;)  // so that they run in thread order
             if (fibers[l].get() != self) make_ready_first(fibers[l].get());
+    }
+
+    // ---- mbarrier (see Mbarrier above)
+    unsigned mbarrier_offset(const void* bar) const {
+        return unsigned(static_cast<const char*>(bar) - reinterpret_cast<const char*>(smem));
+    }
+    void mbarrier_init(uint64_t* bar, unsigned arrivals, const Site& site) {
+        const size_t offset = size_t(reinterpret_cast<char*>(bar) - reinterpret_cast<char*>(smem));
+        if (offset % 8 || offset + 8 > launch->shared_bytes)
+            fail(site, "an mbarrier must be 8 bytes of shared memory, 8-byte aligned");
+        if (arrivals == 0 || arrivals >= (1u << 20))
+            fail(site, "an mbarrier's arrival count is 1 to 2^20 - 1");
+        unsigned slot = unsigned(mbarriers.size());
+        if ((*bar >> 32) == (kMbarrierTag >> 32) && unsigned(*bar) < mbarriers.size() &&
+            mbarriers[unsigned(*bar)].address == bar)
+            slot = unsigned(*bar);  // initialized again: the same slot, afresh
+        else
+            mbarriers.emplace_back();
+        Mbarrier& b = mbarriers[slot];
+        b.address = bar, b.expected = b.pending = arrivals, b.phase = 0, b.bytes = 0;
+        b.copies.clear(), b.waiters.clear();
+        *bar = kMbarrierTag | slot;
+    }
+    unsigned mbarrier_slot(const uint64_t* bar, const Site& site) {
+        const size_t offset =
+            size_t(reinterpret_cast<const char*>(bar) - reinterpret_cast<const char*>(smem));
+        if (offset % 8 || offset + 8 > launch->shared_bytes)
+            fail(site, "the mbarrier is not 8 aligned bytes of the block's shared memory");
+        const unsigned slot = unsigned(*bar);
+        if ((*bar >> 32) != (kMbarrierTag >> 32) || slot >= mbarriers.size() ||
+            mbarriers[slot].address != bar)
+            fail(site, "the mbarrier at shared memory byte " + std::to_string(offset) +
+                           " was never initialized (mbarrier_init), or its 8 bytes were overwritten since");
+        return slot;
+    }
+    // After any change: the phase completes if it is due, and the waiters look again.
+    void mbarrier_changed(Mbarrier& b) {
+        if (b.pending == 0 && b.bytes == 0) ++b.phase, b.pending = b.expected;
+        for (Fiber* f : b.waiters) make_ready(f);
+        b.waiters.clear();
+    }
+    void mbarrier_arrive(uint64_t* bar, unsigned bytes, const Site& site) {
+        Mbarrier& b = mbarriers[mbarrier_slot(bar, site)];
+        if (b.pending == 0)
+            fail(site, "more arrivals on the mbarrier than its count (" + std::to_string(b.expected) +
+                           ") in one phase");
+        b.bytes += bytes, --b.pending;
+        mbarrier_changed(b);
+    }
+    // The copies on the barrier land, in the order they were issued.
+    void mbarrier_land(Mbarrier& b) {
+        for (TmaCopy& copy : b.copies) {
+            std::memcpy(copy.to, copy.bytes.data(), copy.bytes.size());
+            b.bytes -= (long long)copy.bytes.size();
+        }
+        b.copies.clear();
+        mbarrier_changed(b);
+    }
+    // Whether the phase of this parity has completed (the current phase's parity is the other one);
+    // if not, the copies in flight land first.
+    bool mbarrier_done(unsigned slot, unsigned parity) {
+        Mbarrier& b = mbarriers[slot];
+        if (b.phase % 2 != parity % 2) return true;
+        if (b.copies.empty()) return false;
+        mbarrier_land(b);
+        return b.phase % 2 != parity % 2;
+    }
+    void mbarrier_wait(uint64_t* bar, unsigned parity, Site site) {
+        const unsigned slot = mbarrier_slot(bar, site);
+        site.detail = parity % 2, site.barrier = slot;
+        while (!mbarrier_done(slot, parity)) {
+            current->waiting = site;
+            mbarriers[slot].waiters.push_back(current);
+            switch_away();
+        }
+    }
+    // A thread that polls lets the others run between its polls: try_wait in a loop still completes.
+    // (One that can never succeed spins until Ctrl-C: only mbarrier_wait's deadlocks are named.)
+    bool mbarrier_try_wait(uint64_t* bar, unsigned parity, const Site& site) {
+        if (mbarrier_done(mbarrier_slot(bar, site), parity)) return true;
+        make_ready(current);
+        switch_away();
+        return false;
+    }
+
+    // ---- TMA: the box at (x, y, z) of a 3-dimensional tensor map, read now, lands at a wait on `bar`.
+    void tma_load(void* to, const CUtensorMap* map, int x, int y, int z, uint64_t* bar, const Site& site) {
+        TensorMap m;
+        std::memcpy(&m, map, sizeof m);
+        if (m.tag != kTensorMapTag) fail(site, "the tensor map was not made by cuTensorMapEncodeTiled");
+        if (m.rank != 3)
+            fail(site, "tma_load takes a tensor map of rank 3; this one has rank " + std::to_string(m.rank));
+        const size_t offset = size_t(static_cast<char*>(to) - reinterpret_cast<char*>(smem));
+        const size_t align = m.swizzle == CU_TENSOR_MAP_SWIZZLE_128B ? 1024 : 128;
+        unsigned n[3];  // the elements the box holds per dimension
+        for (int i = 0; i < 3; ++i) n[i] = (m.box[i] + m.element_strides[i] - 1) / m.element_strides[i];
+        const size_t size = m.strides[0], bytes = size_t(n[0]) * n[1] * n[2] * size;
+        if (offset % align)
+            fail(site,
+                 "a TMA destination must be " + std::to_string(align) + "-byte aligned" +
+                     (align == 1024 ? " with the 128-byte swizzle" : "") +
+                     "; this one is at shared memory byte " + std::to_string(offset),
+                 cudaErrorMisalignedAddress);
+        if (offset + bytes > launch->shared_bytes)
+            fail(site, "the box of " + std::to_string(bytes) + " bytes at shared memory byte " +
+                           std::to_string(offset) + " ends past the block's " +
+                           std::to_string(launch->shared_bytes) + " bytes of shared memory");
+        Mbarrier& b = mbarriers[mbarrier_slot(bar, site)];
+        // The swizzle permutes the 16-byte chunks of each 128-byte row (of 32B and 64B spans: of 2 and
+        // 4 chunks), XORing address bits 4-6 with bits 7-9 (4-5 with 7-8; 4 with 7).
+        const size_t swizzle = m.swizzle ? ((size_t(1) << (m.swizzle)) - 1) << 4 : 0;
+        TmaCopy copy{static_cast<unsigned char*>(to), std::vector<unsigned char>(bytes)};
+        const long long start[3] = {x, y, z};
+        unsigned char fill[8];
+        std::memset(fill, 0, sizeof fill);
+        if (m.nan_fill) {  // the type's quiet NaN, all ones but the sign: reads as NaN in any float type
+            std::memset(fill, 0xff, sizeof fill);
+            fill[size - 1] = 0x7f;
+        }
+        size_t o = 0;
+        for (unsigned k = 0; k < n[2]; ++k)
+            for (unsigned j = 0; j < n[1]; ++j)
+                for (unsigned i = 0; i < n[0]; ++i, o += size) {
+                    const long long c[3] = {start[0] + (long long)i * m.element_strides[0],
+                                            start[1] + (long long)j * m.element_strides[1],
+                                            start[2] + (long long)k * m.element_strides[2]};
+                    const bool inside = c[0] >= 0 && c[1] >= 0 && c[2] >= 0 && uint64_t(c[0]) < m.dims[0] &&
+                                        uint64_t(c[1]) < m.dims[1] && uint64_t(c[2]) < m.dims[2];
+                    const size_t at = (offset + o) ^ ((offset + o) >> 3 & swizzle);
+                    std::memcpy(
+                        &copy.bytes[at - offset],
+                        inside ? m.address + c[0] * m.strides[0] + c[1] * m.strides[1] + c[2] * m.strides[2]
+                               : fill,
+                        size);
+                }
+        std::memset(to, kPoison, bytes);  // in flight: neither the old data nor the new
+        b.copies.push_back(std::move(copy));
+        mbarrier_changed(b);  // a thread waiting on it lands it
+    }
+
+    // ---- named barriers
+    void named_barrier(int id, int count, bool wait, Site site) {
+        if (id < 0 || id > 15 || count <= 0 || count % 32 || unsigned(count) > threads)
+            fail(site, "named barrier " + std::to_string(id) + " of " + std::to_string(count) +
+                           " threads: ids are 0 to 15, thread counts multiples of 32 up to the block's " +
+                           std::to_string(threads));
+        NamedBarrier& b = named[id];
+        if (b.arrived == 0)
+            b.threads = unsigned(count);
+        else if (b.threads != unsigned(count))
+            fail(site, "named barrier " + std::to_string(id) + " is awaited by " + std::to_string(b.threads) +
+                           " threads and, here, by " + std::to_string(count));
+        if (++b.arrived == b.threads) {
+            b.arrived = 0;
+            for (Fiber* f : b.waiters) make_ready(f);
+            b.waiters.clear();
+            return;
+        }
+        if (!wait) return;
+        site.detail = unsigned(id) + 16 * unsigned(count);
+        current->waiting = site;
+        b.waiters.push_back(current);
+        switch_away();
+    }
+
+    // ---- wgmma: D (64 x N) = A (64 x 16) B (16 x N) (+ D), for the warpgroup (see Wgmmas above).
+    template <class Half>
+    void wgmma(float* d, unsigned n_cols, const unsigned* a, uint64_t a_desc, uint64_t b_desc,
+               bool accumulate, const Site& site) {
+        unsigned t;
+        WarpGroup& group = warpgroup_of_current(t, site);
+        Wgmmas& mine = current->wgmmas;
+        const WgmmaResult* in_flight = mine.find(d);
+        group.operands[t] = {d, in_flight ? in_flight->values : d, a, a_desc, b_desc, accumulate};
+        meet(group, 128, site, [&] { wgmma_complete<Half>(group, n_cols, a != nullptr, site); });
+    }
+    // The warpgroup's product, by the last thread to arrive, into every thread's result in flight.
+    template <class Half>
+    void wgmma_complete(WarpGroup& group, unsigned n_cols, bool a_in_registers, const Site& site) {
+        const WarpGroup::Operands& op = group.operands[0];
+        for (const WarpGroup::Operands& other : group.operands)
+            if (other.a_desc != op.a_desc || other.b_desc != op.b_desc || other.accumulate != op.accumulate)
+                fail(site, "the 128 threads of the warpgroup gave different descriptors or accumulate flags");
+        wgmma_scratch.resize(64 * 16 + 16 * kMaxWgmmaN + 64 * kMaxWgmmaN);
+        float *A = wgmma_scratch.data(), *B = A + 64 * 16, *D = B + 16 * kMaxWgmmaN;  // row-major
+        auto element = [&](unsigned address) {
+            if (size_t(address) + 2 > launch->shared_bytes)
+                fail(site, "the descriptor reads shared memory byte " + std::to_string(address) +
+                               ", past the block's " + std::to_string(launch->shared_bytes));
+            unsigned short bits;
+            std::memcpy(&bits, reinterpret_cast<const char*>(smem) + address, 2);
+            return to_float(Half{bits});
+        };
+        const unsigned first = current->id / 128 * 128;
+        if (a_in_registers) {  // thread (w, g, q): a[j] = A[16w + g + 8 (j % 2)][2q + 8 (j / 2), + 1]
+            for (unsigned t = 0; t < 128; ++t) {
+                const unsigned w = t / 32, g = t % 32 / 4, q = t % 4;
+                for (unsigned j = 0; j < 4; ++j) {
+                    const unsigned reg = group.operands[t].a[j], r = 16 * w + g + 8 * (j % 2),
+                                   k = 2 * q + 8 * (j / 2);
+                    A[r * 16 + k] = to_float(Half{(unsigned short)reg});
+                    A[r * 16 + k + 1] = to_float(Half{(unsigned short)(reg >> 16)});
+                }
+            }
+        } else {
+            const SmemMatrix a(op.a_desc);
+            for (unsigned r = 0; r < 64; ++r)
+                for (unsigned k = 0; k < 16; ++k) A[r * 16 + k] = element(a.k_major(r, k));
+        }
+        const SmemMatrix b(op.b_desc);
+        if (b.base_offset || (!a_in_registers && SmemMatrix(op.a_desc).base_offset))
+            fail(site,
+                 "the emulation takes descriptors with base offset 0 (tiles aligned to their swizzle's "
+                 "repeat)");
+        for (unsigned k = 0; k < 16; ++k)
+            for (unsigned n = 0; n < n_cols; ++n)
+                B[k * n_cols + n] = element(a_in_registers ? b.mn_major(k, n) : b.k_major(n, k));
+        // Thread (w, g, q)'s accumulators: d[n][j] = D[16w + g + 8 (j / 2)][8n + 2q + j % 2].
+        auto place = [](unsigned t, unsigned i, unsigned& r, unsigned& c) {
+            const unsigned w = t / 32, g = t % 32 / 4, q = t % 4, n = i / 4, j = i % 4;
+            r = 16 * w + g + 8 * (j / 2), c = 8 * n + 2 * q + j % 2;
+        };
+        const unsigned count = n_cols / 2;
+        for (unsigned t = 0; t < 128; ++t)
+            for (unsigned i = 0; i < count; ++i) {
+                unsigned r, c;
+                place(t, i, r, c);
+                D[r * n_cols + c] = op.accumulate ? group.operands[t].c[i] : 0.0f;
+            }
+        for (unsigned r = 0; r < 64; ++r)  // each element as c + A[r][0] B[0][n] + ... + A[r][15] B[15][n]
+            for (unsigned k = 0; k < 16; ++k)
+                for (unsigned n = 0; n < n_cols; ++n) D[r * n_cols + n] += A[r * 16 + k] * B[k * n_cols + n];
+        for (unsigned t = 0; t < 128; ++t) {
+            Wgmmas& theirs = fibers[first + t]->wgmmas;
+            float* d = group.operands[t].d;
+            WgmmaResult* result = theirs.find(d);  // superseded: the new result chains on it
+            if (!result) result = &theirs.pending.emplace_back();
+            result->d = d, result->count = count, result->group = theirs.committed;
+            for (unsigned i = 0; i < count; ++i) {
+                unsigned r, c;
+                place(t, i, r, c);
+                result->values[i] = D[r * n_cols + c];
+            }
+            std::fill(d, d + count, std::numeric_limits<float>::quiet_NaN());  // in flight
+        }
     }
 
     [[noreturn]] void thread_exits() {
         Fiber* self = current;
-        if (!self->copies.copies.empty()) {
-            launch->fail(
-                cudaErrorInvalidValue,
-                "invalid argument: " + launch->block_name(blockIdx) + ", thread " + std::to_string(self->id) +
-                    ": cp.async copies never waited for (a cp_async_commit and cp_async_wait must follow "
-                    "the last cp_async)");
+        const char* unfinished =
+            !self->copies.copies.empty() ? "cp.async copies never waited for (a cp_async_commit and "
+                                           "cp_async_wait must follow the last "
+                                           "cp_async)"
+            : !self->wgmmas.pending.empty()
+                ? "wgmma results never waited for (a wgmma_commit and wgmma_wait must follow the last wgmma)"
+                : nullptr;
+        if (unfinished) {
+            launch->fail(cudaErrorInvalidValue, "invalid argument: " + launch->block_name(blockIdx) +
+                                                    ", thread " + std::to_string(self->id) + ": " +
+                                                    unfinished);
             abandon_block();
         }
         self->exited = true, ++exited;
@@ -757,33 +1268,56 @@ struct alignas(64) Worker {
     // Why no thread of the block can go on: the barrier (or the warp collective) that waits, and
     // where each of the threads concerned is, e.g. "the __syncthreads() at kernels/x.cu:12 can
     // never complete: threads 0-63 wait there, threads 64-127 have exited".
+    // Block-wide waits come first: a __syncthreads, an mbarrier, a named barrier; then a warpgroup's
+    // collective, then a warp's.
     std::string deadlock_message() const {
-        const bool block_waits = barrier.arrived > 0;
-        unsigned first = 0, count = threads;  // the threads concerned: the block's, or one warp's
-        if (!block_waits) {
-            while (first + 32 < threads && warps[first / 32].arrived == 0) first += 32;
-            count = 32;
-        }
-        // The one that cannot complete: where the lowest-numbered thread concerned waits (at a
-        // __syncthreads, if the block waits), whichever thread arrived first.
+        unsigned first = 0, count = threads;  // the threads concerned: the block's, a warpgroup's or a warp's
+        // The one that cannot complete: where the lowest-numbered thread concerned waits at a wait of
+        // that kind, whichever thread arrived first.
+        auto lowest = [&](const char* what) {
+            for (unsigned t = first; t < first + count; ++t)
+                if (fibers[t]->waiting.what && (!what || is(fibers[t]->waiting, what)))
+                    return fibers[t]->waiting;
+            return Site{};
+        };
         Site waited;
-        for (unsigned t = first; t < first + count && !waited.what; ++t) {
-            const Site& site = fibers[t]->waiting;
-            if (site.what && (!block_waits || std::strcmp(site.what, "__syncthreads()") == 0)) waited = site;
+        std::string subject, rule;
+        if (barrier.arrived > 0) {
+            waited = lowest("__syncthreads()");
+            rule = "every thread of a block must reach the same __syncthreads()";
+        } else if ((waited = lowest(kMbarrierWait)).what) {
+            const Mbarrier& b = mbarriers[waited.barrier];
+            rule =
+                "its barrier, at shared memory byte " + std::to_string(mbarrier_offset(b.address)) +
+                ", has completed " + std::to_string(b.phase) + " phase" + (b.phase == 1 ? "" : "s") +
+                " and awaits " + std::to_string(b.pending) + " of its " + std::to_string(b.expected) +
+                " arrivals and " + std::to_string(b.bytes) +
+                " bytes: a phase completes when all its arrivals have arrived and all the bytes announced by "
+                "expect_tx have landed";
+        } else if ((waited = lowest(kNamedBarrier)).what) {
+            rule =
+                "as many threads as its count must arrive at a named barrier, by named_barrier_sync or "
+                "named_barrier_arrive";
+        } else if (threads % 128 == 0 && std::any_of(warpgroups.begin(), warpgroups.begin() + threads / 128,
+                                                     [](const WarpGroup& g) { return g.arrived > 0; })) {
+            while (warpgroups[first / 128].arrived == 0) first += 128;
+            count = 128, waited = lowest(nullptr);
+            subject =
+                "warpgroup " + std::to_string(first / 128) + "'s " + waited.what + " at " + where(waited);
+            rule = "all 128 threads of a warpgroup must reach the same wgmma or setmaxnreg";
+        } else {
+            while (first + 32 < threads && warps[first / 32].arrived == 0) first += 32;
+            count = 32, waited = lowest(nullptr);
+            subject = "warp " + std::to_string(first / 32) + "'s " + waited.what + " at " + where(waited);
+            rule = "all 32 lanes of a warp must reach the same warp-collective operation";
         }
-        const std::string subject =
-            block_waits ? "the __syncthreads() at " + where(waited)
-                        : "warp " + std::to_string(first / 32) + "'s " + waited.what + " at " + where(waited);
-        const char* rule = block_waits
-                               ? "every thread of a block must reach the same __syncthreads()"
-                               : "all 32 lanes of a warp must reach the same warp-collective operation";
+        if (subject.empty()) subject = "the " + describe(waited) + " at " + where(waited);
         // The threads by where they are, in the order first seen: {(where, plural), threads}.
         std::vector<std::pair<std::pair<std::string, bool>, std::vector<unsigned>>> groups;
         auto state = [&](const Fiber& f) -> std::pair<std::string, bool> {
             if (f.exited) return {"exited", false};
             if (same_site(f.waiting, waited)) return {"there", true};
-            if (f.waiting.what)
-                return {"at the " + std::string(f.waiting.what) + " at " + where(f.waiting), true};
+            if (f.waiting.what) return {"at the " + describe(f.waiting) + " at " + where(f.waiting), true};
             return {"running", false};  // not expected: then some thread could go on
         };
         for (unsigned t = first; t < first + count; ++t) {
@@ -815,6 +1349,7 @@ struct alignas(64) Worker {
         threads = block_threads;
         ready.resize(std::max<size_t>(ready.size(), threads));
         warps.resize(std::max<size_t>(warps.size(), (threads + 31) / 32));
+        warpgroups.resize(std::max<size_t>(warpgroups.size(), (threads + 127) / 128));
         const dim3 b = launch->block;
         for (unsigned t = 0; t < threads; ++t)
             fibers[t]->id = t, fibers[t]->index = dim3(t % b.x, t / b.x % b.y, t / (b.x * b.y));
@@ -828,9 +1363,12 @@ struct alignas(64) Worker {
         std::memset(smem, kPoison, launch->shared_bytes);
         exited = 0, barrier = BlockBarrier{}, ready_head = 0, ready_count = 0;
         for (Warp& warp : warps) warp.arrived = 0, warp.generation = 0, warp.diverged = false;
+        for (WarpGroup& group : warpgroups) group.arrived = 0, group.diverged = false;
+        for (NamedBarrier& b : named) b.arrived = 0, b.waiters.clear();
+        mbarriers.clear();
         for (unsigned t = 0; t < threads; ++t) {
             Fiber& f = *fibers[t];
-            f.exited = false, f.copies.clear();
+            f.exited = false, f.copies.clear(), f.wgmmas.clear();
             f.context.start(f.stack(), kStackBytes, fiber_main);
         }
         ascending = !ascending;
@@ -839,7 +1377,16 @@ struct alignas(64) Worker {
         threadIdx = current->index;
         switch_context(home, current->context);
         // Back home: the block is done, or none of its threads can go on, or the launch stops.
-        if (exited == threads) {
+        const auto in_flight = std::find_if(mbarriers.begin(), mbarriers.end(),
+                                            [](const Mbarrier& b) { return !b.copies.empty(); });
+        if (exited == threads && in_flight != mbarriers.end()) {
+            launch->fail(
+                cudaErrorInvalidValue,
+                "invalid argument: " + launch->block_name(blockIdx) +
+                    ": TMA copies never landed (no thread waited on their mbarrier, at shared memory "
+                    "byte " +
+                    std::to_string(mbarrier_offset(in_flight->address)) + ", after they were issued)");
+        } else if (exited == threads) {
             launch->blocks_done.fetch_add(1);
             launch->tick();
         } else if (!stop_requested()) {
@@ -1072,6 +1619,96 @@ template <int n>
 inline void cp_async_wait() {
     cpu_cuda::this_worker->current->copies.wait(n);
 }
+
+// ---- Hopper's instructions (kernels/hopper.cuh declares them for the GPU, in inline PTX). Each
+// takes the file and line of its call, for the messages.
+#define CPU_CUDA_SITE const char *file = __builtin_FILE(), int line = __builtin_LINE()
+
+// mbarrier (cpu_cuda::Mbarrier): try_wait lands the copies in flight on the barrier, then says whether
+// the phase of that parity has completed; wait really waits.
+inline void mbarrier_init(uint64_t* bar, unsigned arrivals, CPU_CUDA_SITE) {
+    cpu_cuda::this_worker->mbarrier_init(bar, arrivals, {"mbarrier_init", file, line});
+}
+inline void fence_mbarrier_init() {}  // the emulation's copy engine sees every barrier at once
+inline void mbarrier_arrive(uint64_t* bar, CPU_CUDA_SITE) {
+    cpu_cuda::this_worker->mbarrier_arrive(bar, 0, {"mbarrier_arrive", file, line});
+}
+inline void mbarrier_arrive_expect_tx(uint64_t* bar, unsigned bytes, CPU_CUDA_SITE) {
+    cpu_cuda::this_worker->mbarrier_arrive(bar, bytes, {"mbarrier_arrive_expect_tx", file, line});
+}
+inline bool mbarrier_try_wait(uint64_t* bar, unsigned parity, CPU_CUDA_SITE) {
+    return cpu_cuda::this_worker->mbarrier_try_wait(bar, parity, {"mbarrier_try_wait", file, line});
+}
+inline void mbarrier_wait(uint64_t* bar, unsigned parity, CPU_CUDA_SITE) {
+    cpu_cuda::this_worker->mbarrier_wait(bar, parity, {cpu_cuda::kMbarrierWait, file, line});
+}
+
+// TMA: the box at (x, y, z) of a 3-dimensional tensor map (x innermost), zeros outside the tensor,
+// into shared memory at `to`, swizzled as the map says; its bytes count on `bar` when it lands.
+inline void tma_load(void* to, const CUtensorMap* map, int x, int y, int z, uint64_t* bar, CPU_CUDA_SITE) {
+    cpu_cuda::this_worker->tma_load(to, map, x, y, z, bar, {"tma_load", file, line});
+}
+
+// What orders memory between the proxies on a GPU: the emulation has one memory, in program order.
+inline void fence_proxy_async() {}
+
+// setmaxnreg: all 128 threads of a warpgroup meet there; the count is checked as ptxas would, and
+// has no other effect (a CPU thread has the registers it has).
+template <int R>
+inline void setmaxnreg(const cpu_cuda::Site& site) {
+    cpu_cuda::Worker& worker = *cpu_cuda::this_worker;
+    if (R < 24 || R > 256 || R % 8)
+        worker.fail(site, std::to_string(R) + " registers: the count must be a multiple of 8 from 24 to 256");
+    unsigned t;
+    worker.meet(worker.warpgroup_of_current(t, site), 128, site, [] {});
+}
+template <int R>
+inline void setmaxnreg_inc(CPU_CUDA_SITE) {
+    setmaxnreg<R>({"setmaxnreg_inc", file, line});
+}
+template <int R>
+inline void setmaxnreg_dec(CPU_CUDA_SITE) {
+    setmaxnreg<R>({"setmaxnreg_dec", file, line});
+}
+
+// Named barriers: `threads` arrivals at barrier `id` complete it; sync waits for that, arrive does
+// not. (Barrier 0 here is not __syncthreads' own.)
+inline void named_barrier_sync(int id, int threads, CPU_CUDA_SITE) {
+    cpu_cuda::this_worker->named_barrier(id, threads, true, {cpu_cuda::kNamedBarrier, file, line});
+}
+inline void named_barrier_arrive(int id, int threads, CPU_CUDA_SITE) {
+    cpu_cuda::this_worker->named_barrier(id, threads, false, {cpu_cuda::kNamedBarrier, file, line});
+}
+
+// wgmma (cpu_cuda::Wgmmas): issued by the warpgroup together, committed and waited for per thread.
+inline void wgmma_fence() {}
+inline void wgmma_commit() { ++cpu_cuda::this_worker->current->wgmmas.committed; }
+template <int n>
+inline void wgmma_wait() {
+    cpu_cuda::this_worker->current->wgmmas.wait(n);
+}
+template <int NT>
+inline void fence_operands(float (&)[NT][4]) {}
+template <class T, int N>
+inline void wgmma_ss(float (&d)[N / 8][4], uint64_t a_desc, uint64_t b_desc, bool accumulate, CPU_CUDA_SITE) {
+    static_assert(N % 8 == 0 && N >= 8 && N <= int(cpu_cuda::kMaxWgmmaN),
+                  "wgmma_ss: N a multiple of 8 to 256");
+    static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "bf16 or fp16");
+    constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+    cpu_cuda::this_worker->wgmma<T>(&d[0][0], N, nullptr, a_desc, b_desc, accumulate,
+                                    {bf16 ? "wgmma_ss (bf16)" : "wgmma_ss (fp16)", file, line});
+}
+template <class T, int N>
+inline void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], uint64_t b_desc, bool accumulate,
+                     CPU_CUDA_SITE) {
+    static_assert(N % 8 == 0 && N >= 8 && N <= int(cpu_cuda::kMaxWgmmaN),
+                  "wgmma_rs: N a multiple of 8 to 256");
+    static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "bf16 or fp16");
+    constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+    cpu_cuda::this_worker->wgmma<T>(&d[0][0], N, a, 0, b_desc, accumulate,
+                                    {bf16 ? "wgmma_rs (bf16)" : "wgmma_rs (fp16)", file, line});
+}
+#undef CPU_CUDA_SITE
 
 // LAUNCH(kernel, grid, block, shared_bytes, stream)(args...) stands for
 // kernel<<<grid, block, shared_bytes, stream>>>(args...).

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu_cuda.h"
+#include "hopper.cuh"
 
 // ---- Barriers that can never complete
 
@@ -128,6 +129,137 @@ __global__ void copy_never_waited(const float* from, float*) {
     cp_async_commit();
 }
 
+// ---- Hopper (kernels/hopper.cuh): mbarrier, TMA, named barriers, wgmma, setmaxnreg
+
+// A tensor map of fp32 rows of 32 values (128 bytes): (1, rows, 32), boxes of 8 rows.
+CUtensorMap rows_map(const float* from, int rows, CUtensorMapSwizzle swizzle) {
+    CUtensorMap map;
+    const cuuint64_t dims[3] = {32, cuuint64_t(rows), 1}, strides[2] = {128, 128 * cuuint64_t(rows)};
+    const cuuint32_t box[3] = {32, 8, 1}, ones[3] = {1, 1, 1};
+    cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(from), dims, strides, box,
+                           ones, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return map;
+}
+
+// A ring of 2 buffers: thread 0 loads `tiles` boxes of 8 rows by TMA, warp 1 sums each box's columns
+// into out[32 i + lane] and gives the buffer back. Rows past the tensor's end land as zeros.
+__global__ void mbarrier_ring(const __grid_constant__ CUtensorMap map, float* out, int tiles) {
+    extern __shared__ __align__(16) float smem[];
+    float* buffers = smem;  // 2 x 8 x 32 floats
+    uint64_t *full = reinterpret_cast<uint64_t*>(smem + 2 * 256), *empty = full + 2;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < 2; ++s) mbarrier_init(&full[s], 1), mbarrier_init(&empty[s], 32);
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < tiles; ++i) {
+            const int s = i % 2;
+            mbarrier_wait(&empty[s], (i / 2 + 1) % 2);  // the first wait on each passes at once
+            mbarrier_arrive_expect_tx(&full[s], 8 * 32 * 4);
+            tma_load(buffers + 256 * s, &map, 0, 8 * i, 0, &full[s]);
+        }
+    } else if (threadIdx.x >= 32) {
+        const int lane = threadIdx.x - 32;
+        for (int i = 0; i < tiles; ++i) {
+            const int s = i % 2;
+            mbarrier_wait(&full[s], i / 2 % 2);
+            float sum = 0;
+            for (int r = 0; r < 8; ++r) sum += buffers[256 * s + 32 * r + lane];
+            out[32 * i + lane] = sum;
+            mbarrier_arrive(&empty[s]);
+        }
+    }
+}
+
+// Warp 1 waits for a phase that nobody completes: warp 0 exits.
+__global__ void mbarrier_never_completes(float*) {
+    extern __shared__ __align__(16) float smem[];
+    uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+    if (threadIdx.x == 0) mbarrier_init(bar, 1);
+    __syncthreads();
+    if (threadIdx.x >= 32) mbarrier_wait(bar, 0);  // line: mbarrier_never_completes
+}
+
+__global__ void mbarrier_uninitialized(float*) {
+    extern __shared__ __align__(16) float smem[];
+    mbarrier_wait(reinterpret_cast<uint64_t*>(smem), 0);  // line: mbarrier_uninitialized
+}
+
+// Thread 0 loads one box of 8 rows, 128-byte swizzle, into shared memory at 1024 and writes out what
+// is there before the wait (out[0 .. 255]) and after (out[256 .. 511]).
+__global__ void tma_then_wait(const __grid_constant__ CUtensorMap map, float* out) {
+    extern __shared__ __align__(16) float smem[];
+    uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+    float* tile = smem + 256;
+    if (threadIdx.x != 0) return;
+    mbarrier_init(bar, 1);
+    mbarrier_arrive_expect_tx(bar, 8 * 32 * 4);
+    tma_load(tile, &map, 0, 0, 0, bar);
+    for (int i = 0; i < 256; ++i) out[i] = tile[i];
+    mbarrier_wait(bar, 0);
+    for (int i = 0; i < 256; ++i) out[256 + i] = tile[i];
+}
+
+// A box into shared memory at float `at` (misaligned: at 32, with the 128-byte swizzle), waited for
+// or never.
+__global__ void tma_load_at(const __grid_constant__ CUtensorMap map, float*, int at, bool wait) {
+    extern __shared__ __align__(16) float smem[];
+    uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+    if (threadIdx.x != 0) return;
+    mbarrier_init(bar, 1);
+    mbarrier_arrive_expect_tx(bar, 8 * 32 * 4);
+    tma_load(smem + at, &map, 0, 0, 0, bar);  // line: tma_misaligned
+    if (wait) mbarrier_wait(bar, 0);
+}
+
+// Warp 0 writes, arrives at named barrier 1 and goes on; warps 1-3 sync there and read. With
+// `arrivals` 64, only threads 0-63 come: the barrier of 128 never completes.
+__global__ void named_barriers(float* out, int arrivals) {
+    extern __shared__ __align__(16) float smem[];
+    const unsigned t = threadIdx.x;
+    if (arrivals < 128) {
+        if (t < unsigned(arrivals)) named_barrier_sync(1, 128);  // line: named_barrier_never_completes
+        return;
+    }
+    if (t < 32) {
+        smem[t] = float(t) + 1;
+        named_barrier_arrive(1, 128);
+    } else {
+        named_barrier_sync(1, 128);
+        out[t] = smem[t % 32];
+    }
+}
+
+// A warpgroup multiplies ones: A (64 x 16) and B (16 x 64), bf16, K-major with the 128-byte swizzle,
+// twice onto the same accumulators. out[2t]: thread t's d[0][0] before the wait (NaN), out[2t + 1]:
+// after (32).
+__global__ void wgmma_ones(float* out, bool wait) {
+    extern __shared__ __align__(16) float smem[];
+    for (int i = threadIdx.x; i < 4096; i += 128) smem[i] = bits_float(0x3f803f80u);  // bf16 ones
+    fence_proxy_async();
+    __syncthreads();
+    const uint64_t a = smem_descriptor(0, 0, 1024), b = smem_descriptor(8192, 0, 1024);
+    float d[8][4];
+    wgmma_fence();
+    wgmma_ss<__nv_bfloat16, 64>(d, a, b, false);
+    wgmma_ss<__nv_bfloat16, 64>(d, a, b, true);
+    wgmma_commit();
+    out[2 * threadIdx.x] = d[0][0];
+    if (!wait) return;
+    wgmma_wait<0>();
+    out[2 * threadIdx.x + 1] = d[0][0];
+}
+
+template <int R>
+__global__ void setmaxnreg_case(float*) {
+    if (threadIdx.x < 128)
+        setmaxnreg_dec<R>();  // line: setmaxnreg
+    else
+        setmaxnreg_inc<240>();
+}
+
 // ---- What the emulation refuses
 
 __global__ void shuffle_in_part_of_a_warp(float* out) {
@@ -164,6 +296,22 @@ const char* run_case(const char* name, float* out, const float* in, int n) {
     else if (c == "copy_then_wait") LAUNCH(copy_then_wait, dim3(1), dim3(32), 32 * 4 * sizeof(float), 0)(in, out);
     else if (c == "copy_misaligned") LAUNCH(copy_misaligned, dim3(1), dim3(32), 1024, 0)(in, out);
     else if (c == "copy_never_waited") LAUNCH(copy_never_waited, dim3(1), dim3(32), 1024, 0)(in, out);
+    else if (c == "mbarrier_ring") {
+        const int tiles = n, rows = 8 * tiles - 3;  // the last box: 5 rows of the tensor, 3 of zeros
+        LAUNCH(mbarrier_ring, dim3(1), dim3(64), 2 * 1024 + 64, 0)(rows_map(in, rows, CU_TENSOR_MAP_SWIZZLE_NONE), out, tiles);
+    } else if (c == "mbarrier_never_completes") LAUNCH(mbarrier_never_completes, dim3(1), dim3(64), 64, 0)(out);
+    else if (c == "mbarrier_uninitialized") LAUNCH(mbarrier_uninitialized, dim3(1), dim3(32), 64, 0)(out);
+    else if (c == "tma_then_wait")
+        LAUNCH(tma_then_wait, dim3(1), dim3(32), 2048, 0)(rows_map(in, 8, CU_TENSOR_MAP_SWIZZLE_128B), out);
+    else if (c == "tma_misaligned")
+        LAUNCH(tma_load_at, dim3(1), dim3(32), 4096, 0)(rows_map(in, 8, CU_TENSOR_MAP_SWIZZLE_128B), out, 32, true);
+    else if (c == "tma_never_waited")
+        LAUNCH(tma_load_at, dim3(1), dim3(32), 4096, 0)(rows_map(in, 8, CU_TENSOR_MAP_SWIZZLE_NONE), out, 256, false);
+    else if (c == "named_barriers") LAUNCH(named_barriers, dim3(1), dim3(128), 128, 0)(out, n);
+    else if (c == "wgmma_ones") LAUNCH(wgmma_ones, dim3(1), dim3(128), 16384, 0)(out, true);
+    else if (c == "wgmma_never_waited") LAUNCH(wgmma_ones, dim3(1), dim3(128), 16384, 0)(out, false);
+    else if (c == "setmaxnreg_good") LAUNCH(setmaxnreg_case<40>, dim3(1), dim3(256), 0, 0)(out);
+    else if (c == "setmaxnreg_bad") LAUNCH(setmaxnreg_case<20>, dim3(1), dim3(256), 0, 0)(out);
     else if (c == "shuffle_in_part_of_a_warp") LAUNCH(shuffle_in_part_of_a_warp, dim3(1), dim3(48), 0, 0)(out);
     else if (c == "too_many_threads") LAUNCH(nothing, dim3(1), dim3(1025), 0, 0)(out);
     else if (c == "no_blocks") LAUNCH(nothing, dim3(0), dim3(32), 0, 0)(out);

@@ -1,7 +1,8 @@
 """The CPU emulation itself (kernels/cpu_cuda.h): barriers that block, barriers that can never
-complete, warp collectives, shared memory per block, atomics across cores, cp.async, launch
-errors, and Ctrl-C. The small kernels are in tests/emulation_cases.cpp; the Ctrl-C tests run
-minimal_flash in a subprocess (and in a Jupyter kernel) and interrupt it."""
+complete, warp collectives, shared memory per block, atomics across cores, cp.async, Hopper's
+mbarrier, TMA, named barriers, wgmma and setmaxnreg, launch errors, and Ctrl-C. The small kernels
+are in tests/emulation_cases.cpp; the Ctrl-C tests run minimal_flash in a subprocess (and in a
+Jupyter kernel) and interrupt it."""
 import ctypes
 import queue
 import re
@@ -190,6 +191,85 @@ def test_misaligned_cp_async_fails(cases):
 
 def test_cp_async_never_waited_for_fails(cases):
     assert "cp.async copies never waited for" in cases("copy_never_waited", inp=torch.zeros(64))
+
+
+# ---- Hopper (kernels/hopper.cuh): mbarrier, TMA, named barriers, wgmma, setmaxnreg
+
+
+def test_mbarrier_ring_of_tma_loads(cases):
+    """A producer thread and a consumer warp pass 2 buffers around through full and empty barriers
+    (the producer's first wait on each empty one passes at once); the last box is 5 rows of the
+    tensor and 3 past its end, which land as zeros."""
+    tiles = 5
+    source = torch.randn(8 * tiles - 3, 32)
+    out = torch.full((tiles * 32,), float("nan"))
+    assert cases("mbarrier_ring", n=tiles, out=out, inp=source) == ""
+    expected = torch.cat([source, torch.zeros(3, 32)]).view(tiles, 8, 32).sum(dim=1)
+    assert torch.equal(out.view(tiles, 32), expected)
+
+
+def test_mbarrier_phase_nobody_completes_fails(cases):
+    error = cases("mbarrier_never_completes")
+    assert error.startswith("barrier deadlock in mbarrier_never_completes, block (0, 0, 0): the mbarrier wait "
+                            f"(parity 0) at {line_of('mbarrier_never_completes')} can never complete: threads 0-31 "
+                            "have exited, threads 32-63 wait there (its barrier, at shared memory byte 0, has "
+                            "completed 0 phases and awaits 1 of its 1 arrivals and 0 bytes"), error
+
+
+def test_mbarrier_never_initialized_fails(cases):
+    error = cases("mbarrier_uninitialized")
+    assert f"at {line_of('mbarrier_uninitialized')} in mbarrier_uninitialized" in error
+    assert "the mbarrier at shared memory byte 0 was never initialized" in error
+
+
+def test_tma_lands_swizzled_at_the_wait(cases):
+    """Before the wait on its barrier the box's destination holds NaN; after, the 8 rows of 128
+    bytes, the 16-byte chunk c of row r at chunk c ^ r (the 128-byte swizzle)."""
+    source = torch.arange(256, dtype=torch.float32).view(8, 32)
+    out = torch.zeros(512)
+    assert cases("tma_then_wait", out=out, inp=source) == ""
+    assert out[:256].isnan().all()
+    chunks = source.view(8, 8, 4)
+    expected = torch.stack([chunks[r, torch.arange(8) ^ r] for r in range(8)])
+    assert torch.equal(out[256:].view(8, 8, 4), expected)
+
+
+def test_tma_misaligned_or_never_waited_fails(cases):
+    error = cases("tma_misaligned", inp=torch.zeros(256))
+    assert error.startswith(f"misaligned address: tma_load at {line_of('tma_misaligned')} in tma_load_at"), error
+    assert "must be 1024-byte aligned with the 128-byte swizzle; this one is at shared memory byte 128" in error
+    assert "TMA copies never landed" in cases("tma_never_waited", inp=torch.zeros(256))
+
+
+def test_named_barrier_sync_and_arrive(cases):
+    """Warp 0 writes and arrives; warps 1-3 sync and read what it wrote. With only 64 of the 128
+    threads at the barrier, it can never complete."""
+    out = torch.zeros(128)
+    assert cases("named_barriers", n=128, out=out) == ""
+    assert torch.equal(out[32:], (torch.arange(32, 128) % 32 + 1).float())
+    assert cases("named_barriers", n=64, out=out) == (
+        "barrier deadlock in named_barriers, block (0, 0, 0): the named barrier 1 (128 threads) at "
+        f"{line_of('named_barrier_never_completes')} can never complete: threads 0-63 wait there, threads 64-127 "
+        "have exited (as many threads as its count must arrive at a named barrier, by named_barrier_sync or "
+        "named_barrier_arrive)")
+
+
+def test_wgmma_accumulators_land_at_the_wait(cases):
+    """Two wgmma of ones (A 64 x 16, B 16 x 64) onto the same accumulators, the second chained on
+    the first in flight: NaN before wgmma_wait, 32 after. Without the wait, the launch fails."""
+    out = torch.zeros(256)
+    assert cases("wgmma_ones", out=out) == ""
+    assert out[0::2].isnan().all()
+    assert (out[1::2] == 32).all()
+    assert "wgmma results never waited for" in cases("wgmma_never_waited", out=out)
+
+
+def test_setmaxnreg_takes_multiples_of_8_from_24_to_256(cases):
+    assert cases("setmaxnreg_good") == ""
+    error = cases("setmaxnreg_bad")
+    expected = (f"invalid argument: setmaxnreg_dec at {line_of('setmaxnreg')} in setmaxnreg_case<20>, block "
+                "(0, 0, 0), thread N: 20 registers: the count must be a multiple of 8 from 24 to 256")
+    assert re.fullmatch(re.escape(expected).replace("N", "(0|127)"), error), error  # the first to run
 
 
 # ---- Launch errors, as a GPU reports them, and what the emulation refuses

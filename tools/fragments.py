@@ -1,10 +1,15 @@
-"""The fragment program, tools/fragments.cu: one warp's ldmatrix, mma.sync m16n8k16 and shuffles
-(kernels/mma.cuh) on 16 x 16 tiles, built for the GPU (nvcc) or for the CPU emulation (g++ against
-kernels/cpu_cuda.h, through tools/fragments_cpu.cpp), and run. Notebook 6 reads the lane layouts from
-it; tests/test_fragments.py checks the emulation against torch and, on a GPU, against the hardware.
+"""The fragment programs, built for the GPU (nvcc) or for the CPU emulation (g++ against
+kernels/cpu_cuda.h, through tools/*_cpu.cpp), and run:
+  tools/fragments.cu: one warp's ldmatrix, mma.sync m16n8k16 and shuffles (kernels/mma.cuh) on 16 x 16
+    tiles. Notebook 6 reads the lane layouts from it; tests/test_fragments.py checks the emulation
+    against torch and, on a GPU, against the hardware.
+  tools/hopper_fragments.cu: one warpgroup's TMA loads (128-byte swizzle), wgmma from shared memory and
+    from registers (kernels/hopper.cuh), built for sm_90a; tests/test_hopper_fragments.py checks it.
 
     library = build_fragments("cpu")                        # or "cuda"; compiled with torch's extension builder
     S, O, row_max, registers, accumulators = run_program(library, "cpu", torch.bfloat16, A, K, V)
+    hopper = build_fragments("cpu", program="hopper_fragments")
+    boxes, ss128, ss64, rs64, rs128, raw = run_hopper_program(hopper, "cpu", torch.bfloat16, X, P)
 """
 import ctypes
 import sys
@@ -20,21 +25,32 @@ if str(TOOLS.parent) not in sys.path:  # the repository root: minimal_flash.py
 import minimal_flash as mf  # noqa: E402
 
 
-def build_fragments(device, folder=None):
-    """The fragment program built for a device type ("cpu" or "cuda") in `folder`, as a ctypes
+# Per program: the flags nvcc takes (sm_90a for wgmma and setmaxnreg: torch's builder adds no arch
+# flags of its own when one is given), and the C function's arguments.
+PROGRAMS = {
+    "fragments": (["-O3"], "run_fragments", [ctypes.c_int] + [ctypes.c_void_p] * 8),
+    "hopper_fragments": (["-O3", "-gencode=arch=compute_90a,code=sm_90a"], "run_hopper_fragments",
+                         [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7),
+}
+
+
+def build_fragments(device, folder=None, program="fragments"):
+    """A fragment program built for a device type ("cpu" or "cuda") in `folder`, as a ctypes
     library. Without a folder it builds in a temporary one, removed when the library is no longer
     referenced (the loaded library stays usable)."""
-    source, flags = ((TOOLS / "fragments.cu", {"extra_cuda_cflags": ["-O3"]}) if device == "cuda" else
-                     (TOOLS / "fragments_cpu.cpp", {"extra_cflags": ["-O2", "-fno-strict-aliasing"]}))
-    temporary = tempfile.TemporaryDirectory(prefix=f"fragments_{device}_") if folder is None else None
+    cuda_flags, function, argtypes = PROGRAMS[program]
+    source, flags = ((TOOLS / f"{program}.cu", {"extra_cuda_cflags": cuda_flags}) if device == "cuda" else
+                     (TOOLS / f"{program}_cpu.cpp", {"extra_cflags": ["-O2", "-fno-strict-aliasing"]}))
+    temporary = tempfile.TemporaryDirectory(prefix=f"{program}_{device}_") if folder is None else None
     mf._use_this_pythons_ninja()  # the ninja beside this Python, as minimal_flash's builds use
     path = torch.utils.cpp_extension.load(
-        name=f"fragments_{device}", sources=[str(source)], build_directory=str(folder or temporary.name),
+        name=f"{program}_{device}", sources=[str(source)], build_directory=str(folder or temporary.name),
         extra_include_paths=[str(mf.KERNELS), str(TOOLS)], is_python_module=False, **flags)
     library = ctypes.CDLL(path)
-    library.run_fragments.restype = ctypes.c_char_p
-    library.run_fragments.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8
-    library.round_to_half.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long]
+    getattr(library, function).restype = ctypes.c_char_p
+    getattr(library, function).argtypes = argtypes
+    if program == "fragments":
+        library.round_to_half.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long]
     library.folder = temporary  # kept as long as the library is
     return library
 
@@ -55,3 +71,24 @@ def run_program(library, device, dtype, A, K, V):
     if device == "cuda":
         torch.cuda.synchronize()
     return [t.cpu() for t in outputs]
+
+
+def run_hopper_program(library, device, dtype, X, P):
+    """Runs tools/hopper_fragments.cu on X (2, rows, 128) and P (64, 64), rounded to `dtype` (bf16 or
+    fp16). Returns the 5 boxes as TMA left them in shared memory (5, 64, 64; int16 bits, swizzled),
+    D = A B^T by wgmma_ss for N = 128 and 64, D = P V by wgmma_rs for N = 64 and 128, and each thread's
+    accumulators of the four, as one (128, 64 + 32 + 32 + 64) tensor: thread t's of ss128 in
+    [t, 0:64], of ss64 in [t, 64:96], and so on. Outputs start as NaN."""
+    boxes = torch.zeros(5, 64, 64, dtype=torch.int16, device=device)
+    outputs = [torch.full(shape, float("nan"), device=device)
+               for shape in ((64, 128), (64, 64), (64, 64), (64, 128), (128 * 192,))]
+    x, p = (t.to(device=device, dtype=dtype).contiguous() for t in (X, P))
+    error = library.run_hopper_fragments(int(dtype == torch.bfloat16), x.data_ptr(), X.shape[1], p.data_ptr(),
+                                         boxes.data_ptr(), *(t.data_ptr() for t in outputs))
+    if error:
+        raise RuntimeError(f"hopper_fragments: {error.decode()}")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    raw = torch.cat([part.view(128, -1) for part in outputs[4].cpu().split([128 * 64, 128 * 32, 128 * 32, 128 * 64])],
+                    dim=1)  # the kernel writes the four one after the other, thread by thread
+    return [t.cpu() for t in (boxes, *outputs[:4])] + [raw]

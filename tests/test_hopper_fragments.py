@@ -1,0 +1,89 @@
+"""The emulation of Hopper's instructions (kernels/cpu_cuda.h, used through kernels/hopper.cuh) on one
+warpgroup (tools/hopper_fragments.cu): TMA boxes with the 128-byte swizzle and zero fill, wgmma with A
+and B K-major from shared memory, wgmma with A from registers and B MN-major (SBO between groups of 8
+rows of k, LBO between 64-column tiles); against torch in float64 and, on an H100 or H200, against
+the hardware running the same source (`-k cuda`)."""
+import sys
+
+import pytest
+import torch
+
+import minimal_flash as mf
+
+sys.path.insert(0, str(mf.KERNELS.parent / "tools"))
+from fragments import build_fragments, run_hopper_program  # noqa: E402
+
+HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(
+    not HOPPER, reason="no CUDA GPU of compute capability 9.0 (sm_90a: H100, H200) on this machine"))
+ROWS = 160  # X is (2, 160, 128): the box at rows 128-191 is half past the end
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """build(device): the program for that device type, built once per module."""
+    libraries = {}
+
+    def build_for(device):
+        if device not in libraries:
+            libraries[device] = build_fragments(device, tmp_path_factory.mktemp(f"hopper_{device}"),
+                                                program="hopper_fragments")
+        return libraries[device]
+
+    return build_for
+
+
+def inputs(seed, dtype):
+    generator = torch.Generator().manual_seed(seed)
+    X, P = torch.randn(2, ROWS, 128, generator=generator), torch.randn(64, 64, generator=generator)
+    return X.to(dtype), P.to(dtype)
+
+
+def swizzled(tile):
+    """A 64 x 64 tile of 16-bit values as the 128-byte swizzle stores it: the 16-byte chunk c of row
+    r at chunk c ^ (r % 8)."""
+    chunks = tile.reshape(64, 8, 8)
+    out = torch.empty_like(chunks)
+    for r in range(64):
+        out[r, torch.arange(8) ^ (r % 8)] = chunks[r]
+    return out.reshape(64, 64)
+
+
+@HALVES
+def test_program_against_torch(build, dtype):
+    X, P = inputs(0, dtype)
+    boxes, ss128, ss64, rs64, rs128, raw = run_hopper_program(build("cpu"), "cpu", dtype, X, P)
+    padded = torch.cat([X, torch.zeros(2, 64, 128, dtype=dtype)], dim=1)  # rows past the end: zeros
+    expected = [padded[0, 0:64, 0:64], padded[0, 0:64, 64:128], padded[1, 0:64, 0:64], padded[1, 64:128, 0:64],
+                padded[1, 128:192, 64:128]]
+    for i, tile in enumerate(expected):
+        assert torch.equal(boxes[i], swizzled(tile.view(torch.int16))), f"box {i}"
+    A, B, V, P = X[0, :64, :64].double(), X[1, :128, :64].double(), X[0, :64, :].double(), P.double()
+    for name, D, reference in (("ss128", ss128, A @ B.T), ("ss64", ss64, A @ B[:64].T),
+                               ("rs64", rs64, P @ V[:, :64]), ("rs128", rs128, P @ V)):
+        assert torch.allclose(D.double(), reference, rtol=1e-5, atol=1e-4), name
+    # Each thread's accumulators are the ones D was written from (the layout in kernels/hopper.cuh).
+    t = torch.arange(128)
+    w, g, q = t // 32, t % 32 // 4, t % 4
+    for D, raw_d, N in ((ss128, raw[:, :64], 128), (rs64, raw[:, 96:128], 64)):
+        i = torch.arange(N // 2)
+        rows = 16 * w[:, None] + g[:, None] + 8 * (i % 4 // 2)
+        cols = 8 * (i // 4) + 2 * q[:, None] + i % 2
+        assert torch.equal(raw_d, D[rows, cols])
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@HALVES
+def test_emulation_gives_the_hardwares_answer(build, device, dtype):
+    """The same source and inputs on the GPU and in the emulation: the boxes' bytes exactly (TMA's
+    swizzle and zero fill), the products and each thread's accumulators within fp32 rounding (the
+    order of the hardware's sums is its own)."""
+    for seed in range(3):
+        X, P = inputs(seed, dtype)
+        on_gpu, emulated = (run_hopper_program(build(d), d, dtype, X, P) for d in (device, "cpu"))
+        assert torch.equal(on_gpu[0], emulated[0]), "TMA boxes"
+        for name, x, y in zip(("ss128", "ss64", "rs64", "rs128", "accumulators"), on_gpu[1:], emulated[1:]):
+            print(f"{dtype} seed {seed} {name}: max |gpu - emulation| = {(x - y).abs().max().item():.3g}, "
+                  f"equal: {torch.equal(x, y)}")
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-4), name
