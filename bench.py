@@ -97,8 +97,9 @@ def parse_args(argv=None):
                    "(our kernels are plain fp32 either way)")
     args = p.parse_args(argv)
     args.dtype = DTYPES[args.dtype]
+    args.device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     if args.version is None:
-        args.version = mf.default_version(args.dtype)
+        args.version = mf.default_version(args.dtype, args.device)
     elif args.version not in versions_for(args.dtype):
         p.error(f"version {args.version} does not take {args.dtype}: versions {versions_for(args.dtype)} do")
     try:  # the block sizes of each version that runs, checked with its own rule, and kept
@@ -106,7 +107,6 @@ def parse_args(argv=None):
         args.block_sizes = {v: mf.block_sizes(v, args.br, args.bc) for v in versions}
     except ValueError as error:
         p.error(str(error))
-    args.device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     refusal = None if args.sweep else version_refusal(args.version, args.device)
     if refusal:  # the sweep leaves such a version out instead, and says so
         p.error(f"version {args.version}: {refusal}")

@@ -71,6 +71,8 @@ class Version:
     block_sizes: Optional[Callable] = None  # the rule for (Br, Bc): an error message or ""; None: not used
     deterministic: bool = False  # the backward gives the same bits run to run (no atomics)
     positive_scale: bool = False  # takes softmax_scale > 0 only
+    capability: Optional[tuple] = None  # the one GPU compute capability it runs on (None: any)
+    cuda_flags: tuple = ()  # nvcc flags of its CUDA build (None of them: torch's own for the GPU)
 
     def kernel_file(self, pass_):
         return self.kernels[PASSES.index(pass_)]
@@ -83,17 +85,38 @@ VERSIONS = {v.number: v for v in (
             (torch.float32,), block_sizes=_version2_block_sizes),
     Version(3, "FlashAttention-2 on tensor cores", 3, ("flash2_mma.cu", "flash2_mma_backward.cu"), "version3.cuh",
             (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True),
+    # Hopper's wgmma and setmaxnreg exist for the sm_90a target only, whose code runs on 9.0 GPUs only.
+    Version(4, "FlashAttention-3 on Hopper", 4, ("flash3_hopper.cu", "flash2_mma_backward.cu"), "version4.cuh",
+            (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True, capability=(9, 0),
+            cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",)),
 )}
 PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the order of kernels/bindings.cu's DType
 
 
-def default_version(dtype):
-    """The version flash_attention runs for inputs of this dtype when none is asked for: the fastest
-    that takes it. In float32 that is version 2, faster than plain attention at every length measured
-    (README, "The chapters"); version 1 is chapter 1's kernel to read, and the
-    notebooks that read it name it."""
-    return 3 if dtype in VERSIONS[3].dtypes else 2
+def version_unavailable(version, device):
+    """Why this version cannot run on `device` (a torch.device or its name), or None if it can. The
+    CPU emulation runs every version."""
+    device = torch.device(device)
+    needs = VERSIONS[version].capability
+    if device.type != "cuda" or needs is None:
+        return None
+    has = torch.cuda.get_device_capability(device)
+    if has == needs:
+        return None
+    return (f"version {version} needs a GPU of compute capability {needs[0]}.{needs[1]} (Hopper, sm_90a); "
+            f"{device} is {torch.cuda.get_device_name(device)} ({has[0]}.{has[1]})")
+
+
+def default_version(dtype, device="cpu"):
+    """The version flash_attention runs for inputs of this dtype on this device when none is asked
+    for: the fastest that takes them. In float32 that is version 2, faster than plain attention at
+    every length measured (README, "The chapters"); version 1 is chapter 1's kernel to read, and the
+    notebooks that read it name it. In bfloat16 and float16, version 4 on a Hopper GPU, which it needs,
+    and version 3 elsewhere (on the CPU too: its emulation runs fewer threads per block, so faster)."""
+    if dtype not in VERSIONS[3].dtypes:
+        return 2
+    return 4 if version_unavailable(4, device) is None and torch.device(device).type == "cuda" else 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +193,7 @@ def relative_error(x, ref):
 
 
 def forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, out=None, version=None):
-    """One forward pass of a version's kernels (default: default_version of q's dtype). Returns (O, L):
+    """One forward pass of a version's kernels (default: default_version of q's dtype and device). Returns (O, L):
     the attention output and the row log-sum-exp L = m + log(l), float32, that the backward pass
     needs. `out=(O, L)` writes into given tensors (the tests fill them with NaN first, so an element
     the kernel fails to write shows)."""
@@ -400,7 +423,9 @@ def _build(device_type, version, Br, Bc, sources, changed):
     name = folder.name
     defines = [f"-DVERSION_FILE={VERSIONS[version].home}"] + ([f"-DBR={Br}", f"-DBC={Bc}"] if Br is not None else [])
     if device_type == "cuda":
-        source, flags = KERNELS / "bindings.cu", {"extra_cuda_cflags": ["-O3", "-lineinfo"] + defines}
+        # A version's own target flags replace torch's (it adds its own only when none is given).
+        source, flags = KERNELS / "bindings.cu", {"extra_cuda_cflags": ["-O3", "-lineinfo", *VERSIONS[version].cuda_flags]
+                                                                         + defines}
     else:
         source, flags = KERNELS / "cpu.cpp", {"extra_cflags": ["-O3", "-fno-strict-aliasing",
                                                                     "-Wno-unknown-pragmas"] + defines}
@@ -541,6 +566,8 @@ def _check_inputs(q, k, v, version):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.device.type not in ("cuda", "cpu"):
         raise ValueError(f"q, k, v are on {q.device}; the kernels run on CUDA or on the CPU")
+    if (why := version_unavailable(version, q.device)) is not None:
+        raise RuntimeError(why)
     d, head_dims = q.shape[-1], VERSIONS[version].head_dims
     if d == 0:
         raise ValueError("head dim d is 0: there is nothing to attend with")
@@ -633,9 +660,9 @@ def _check_like(name, t, like):
 
 
 def _check_version(version, q):
-    """The version to run: the one asked for, else default_version of q's dtype."""
+    """The version to run: the one asked for, else default_version of q's dtype and device."""
     if version is None:
-        return default_version(q.dtype if isinstance(q, torch.Tensor) else torch.float32)
+        return default_version(q.dtype, q.device) if isinstance(q, torch.Tensor) else 2
     if isinstance(version, bool) or version not in VERSIONS:
         choices = " or ".join(f"{n} ({v.name}: kernels/{v.kernels[0]})" for n, v in VERSIONS.items())
         raise ValueError(f"version = {version!r}: {choices}")

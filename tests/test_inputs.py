@@ -83,7 +83,7 @@ def test_version_3_takes_softmax_scale_above_0(scale):
 def test_rejects_dtypes_no_version_takes(dtype):
     q, k, v = qkv()
     with pytest.raises(TypeError, match=r"q has dtype .*; version 2's kernels take float32 only: the kernels "
-                                        r"take float32 \(versions 1, 2\), bfloat16 and float16 \(version 3\)"):
+                                        r"take float32 \(versions 1, 2\), bfloat16 and float16 \(versions 3, 4\)"):
         mf.flash_attention(q.to(dtype), k, v)
 
 
@@ -202,9 +202,9 @@ def test_block_sizes_come_from_the_environment(monkeypatch):
         mf.block_sizes(1)
 
 
-@pytest.mark.parametrize("version", [0, 4, "2", True])
+@pytest.mark.parametrize("version", [0, 5, "2", True])
 def test_rejects_unknown_versions(version):
-    with pytest.raises(ValueError, match="version = .*: 1 .* or 2 .* or 3"):
+    with pytest.raises(ValueError, match="version = .*: 1 .* or 2 .* or 3 .* or 4"):
         mf.flash_attention(*qkv(), version=version)
 
 
@@ -388,3 +388,17 @@ def test_deterministic_needs_a_deterministic_backward(generator):
 def test_qkvpacked_needs_three_on_dim_2():
     with pytest.raises(ValueError, match=r"qkv must be 5-D \(B, N, 3, H, d\)"):
         mf.flash_attn_qkvpacked_func(torch.randn(1, 8, 2, 3, 16))
+
+
+def test_version_4_needs_a_hopper_gpu(monkeypatch):
+    """Version 4's code is for sm_90a, which only compute capability 9.0 runs: another GPU gets a
+    clear error naming it (checked before any build); the CPU emulation runs it."""
+    assert mf.version_unavailable(4, "cpu") is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert mf.version_unavailable(3, "cuda") is None
+    assert mf.version_unavailable(4, "cuda") == ("version 4 needs a GPU of compute capability 9.0 (Hopper, sm_90a); "
+                                                 "cuda is NVIDIA A100-SXM4-80GB (8.0)")
+    assert mf.default_version(torch.bfloat16, "cuda") == 3  # there, half precision runs version 3
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert mf.version_unavailable(4, "cuda") is None and mf.default_version(torch.bfloat16, "cuda") == 4

@@ -15,6 +15,8 @@ and this script owns what is between them:
                                   sweep_causal   the same of sweep_causal.csv
                                   sweep_bf16     version 3 against SDPA's FlashAttention-2 (sweep_bf16.csv),
                                                  and its cuDNN backend where the CSV has it
+                                  hopper_steps   version 4's steps (flash3_hopper_forward_steps.csv)
+                                  sweep_hopper   version 4 against both (sweep_hopper.csv)
 
 tests/test_readme.py checks that they are up to date, so a number in them is always the CSVs'.
 """
@@ -31,7 +33,7 @@ import bench  # noqa: E402
 import minimal_flash as mf  # noqa: E402
 
 RESULTS = ROOT / "notebooks" / "results" / "h200"
-SWEEPS = ("sweep.csv", "sweep_causal.csv", "sweep_bf16.csv")  # the present sweeps: a new chapter adds its own
+SWEEPS = ("sweep.csv", "sweep_causal.csv", "sweep_bf16.csv", "sweep_hopper.csv")  # the present sweeps: a new chapter adds its own
 # What each version is measured against: chapter 1 against plain attention, which it set out to beat;
 # chapters 2 and 3 against what PyTorch itself runs for their dtype (SDPA's backend for fp32, and its
 # FlashAttention-2 for bf16); chapter 4, Hopper's instructions, against SDPA's backend that uses them,
@@ -106,16 +108,17 @@ def sweep_table(name):
     return "```\n" + bench.format_table(bench.read_csv(RESULTS / name)) + "\n```"
 
 
-def bf16_table(name="sweep_bf16.csv", from_N=512):
-    """Version 3 against SDPA's FlashAttention-2 (and its cuDNN backend, where the CSV has it) and
-    plain bf16 attention, by d, causal and N. A backend not measured at a point shows "-"."""
+def bf16_table(name="sweep_bf16.csv", version=3, from_N=512):
+    """A half-precision version (3; 4 in sweep_hopper.csv) against SDPA's FlashAttention-2 (and its cuDNN
+    backend, where the CSV has it) and plain bf16 attention, by d, causal and N. A backend not measured
+    at a point shows "-"."""
     by = {(r["d"], r["causal"], r["N"], r["method"], r["pass"]): r for r in rows([name])}
     sdpa = [m for m in BF16_COLUMNS if any(key[3] == m for key in by)]
     labels = [label for m in sdpa for label in BF16_COLUMNS[m]]
     header = ["d", "causal", "N", "forward: ours TFLOP/s", *labels, "ours x manual", "backward: ours TFLOP/s", *labels]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for d, causal, N, method, pass_ in sorted(by):
-        if method != bench.method_name(3) or pass_ != "forward" or N < from_N:
+        if method != bench.method_name(version) or pass_ != "forward" or N < from_N:
             continue
         cells = [str(d), "yes" if causal else "no", str(N)]
         for pass_ in bench.PASSES:
@@ -130,13 +133,36 @@ def bf16_table(name="sweep_bf16.csv", from_N=512):
     return "\n".join(lines)
 
 
+def steps_table(name="flash3_hopper_forward_steps.csv", Ns=(1024, 4096, 16384)):
+    """Version 4's steps (tools/hopper_steps.py's CSV): TFLOP/s of each step and of both SDPA backends,
+    and, for the steps, cuDNN's time over theirs, by d, causal and N."""
+    import csv
+    points = {}
+    for r in csv.DictReader(open(RESULTS / name)):
+        points.setdefault((int(r["d"]), r["causal"] == "True", int(r["N"])), {})[r["method"]] = r
+    methods = sorted({m for point in points.values() for m in point if m.startswith("step")})
+    header = ["d", "causal", "N", *methods, "SDPA-FA2", "SDPA-cuDNN"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for (d, causal, N), point in sorted(points.items()):
+        if N not in Ns:
+            continue
+        cudnn = float(point["sdpa-cudnn"]["ms"])
+        cells = [str(d), "yes" if causal else "no", str(N)]
+        cells += [f"{float(point[m]['tflops']):.0f} ({cudnn / float(point[m]['ms']):.2f})" for m in methods]
+        cells += [f"{float(point[m]['tflops']):.0f}" for m in ("sdpa-flash", "sdpa-cudnn")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def tables():
     """{(file, marker name): the text between its markers}."""
     results = "notebooks/results/README.md"
     return {("README.md", "summary"): summary(),
             (results, "sweep"): sweep_table("sweep.csv"),
             (results, "sweep_causal"): sweep_table("sweep_causal.csv"),
-            (results, "sweep_bf16"): bf16_table()}
+            (results, "sweep_bf16"): bf16_table(),
+            (results, "hopper_steps"): steps_table(),
+            (results, "sweep_hopper"): bf16_table("sweep_hopper.csv", version=4)}
 
 
 def markers(name):
