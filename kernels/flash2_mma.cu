@@ -18,8 +18,8 @@
 //   within a 16-row tile, lane (g, q) = (lane / 4, lane % 4) holds rows g and g + 8 and, of every 8
 //   columns, columns 2q and 2q + 1 (mma.cuh's accumulator layout).
 #include "tiles.cuh"  // ceil_div
-#include "mma.cuh"    // stride16, ldmatrix_x4(_trans), mma16816<T>, pack<T>, load_tile16_async, mask_fragment,
-                      // online_softmax
+#include "mma.cuh"  // stride16, ldmatrix_x4(_trans), mma16816<T>, pack<T>, load_tile16_async, mask_fragment,
+                    // online_softmax
 
 namespace flash2_mma {
 

@@ -220,18 +220,18 @@ template <class T, int d>
 std::string run(const Call& c) {
     const long long rows = c.BH * c.N;
     float *dQ_sum = c.scratch, *D = c.scratch + rows * d;
-    std::string err = launch("flash2_mma_backward::rowsum_D", rowsum_D<T, d>, dim3((rows + 255) / 256), 256, 0, c,
-                             bits(c.O), bits(c.dO), size_t(rows), D);
+    std::string err = launch("flash2_mma_backward::rowsum_D", rowsum_D<T, d>, dim3((rows + 255) / 256), 256,
+                             0, c, bits(c.O), bits(c.dO), size_t(rows), D);
     if (err.empty() && cudaMemsetAsync(dQ_sum, 0, sizeof(float) * rows * d, c.stream) != cudaSuccess)
         err = "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
     if (err.empty())
-        err = launch("flash2_mma_backward::backward", backward<T, d>, dim3(ceil_div(c.N, Bc), c.BH), 32 * WARPS,
-                     shared_bytes(d), c, bits(c.Q), bits(c.K), bits(c.V), bits(c.dO), c.L, D, c.N, c.scale,
-                     c.causal, dQ_sum, bits(c.dK), bits(c.dV));
+        err = launch("flash2_mma_backward::backward", backward<T, d>, dim3(ceil_div(c.N, Bc), c.BH),
+                     32 * WARPS, shared_bytes(d), c, bits(c.Q), bits(c.K), bits(c.V), bits(c.dO), c.L, D, c.N,
+                     c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV));
     const size_t pairs = rows * d / 2;
     if (err.empty())
-        err = launch("flash2_mma_backward::convert_dQ", convert_dQ<T>, dim3((pairs + 255) / 256), 256, 0, c, dQ_sum,
-                     pairs, c.scale, bits(c.dQ));
+        err = launch("flash2_mma_backward::convert_dQ", convert_dQ<T>, dim3((pairs + 255) / 256), 256, 0, c,
+                     dQ_sum, pairs, c.scale, bits(c.dQ));
     return err;
 }
 #endif

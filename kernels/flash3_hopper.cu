@@ -43,16 +43,17 @@
 namespace flash3_hopper {
 
 constexpr bool SPECIALIZED = HOPPER_STEP >= 2, PINGPONG = HOPPER_STEP >= 3, OVERLAP = HOPPER_STEP >= 4;
-constexpr int CONSUMERS = 2;                            // warpgroups that compute, 64 query rows each
+constexpr int CONSUMERS = 2;                              // warpgroups that compute, 64 query rows each
 constexpr int THREADS = 128 * (CONSUMERS + SPECIALIZED);  // (step 1: no producer warpgroup)
-constexpr int Br = 64 * CONSUMERS, Bc = 128;            // query rows per block, keys per tile
-constexpr int STAGES = 2;                               // K_j, V_j buffers in the ring
-constexpr int SUB = 64;                                 // columns of a swizzled sub-tile: 128 bytes
+constexpr int Br = 64 * CONSUMERS, Bc = 128;              // query rows per block, keys per tile
+constexpr int STAGES = 2;                                 // K_j, V_j buffers in the ring
+constexpr int SUB = 64;                                   // columns of a swizzled sub-tile: 128 bytes
 
 // Shared memory, in bytes from the 1024-aligned start: Q_i, the ring of K_j and V_j, the barriers.
 template <int d>
 struct Shared {
-    static constexpr int Q = 0, K = Q + Br * d * 2, V = K + STAGES * Bc * d * 2, BARRIERS = V + STAGES * Bc * d * 2;
+    static constexpr int Q = 0, K = Q + Br * d * 2, V = K + STAGES * Bc * d * 2,
+                         BARRIERS = V + STAGES * Bc * d * 2;
     static constexpr int bytes = BARRIERS + (1 + 4 * STAGES) * 8 + 1024;  // + room to align the start
 };
 inline size_t shared_bytes(int d) { return d == 64 ? Shared<64>::bytes : Shared<128>::bytes; }
@@ -90,10 +91,12 @@ __device__ void load_KV(const Tiles<d>& t, const CUtensorMap* tmK, const CUtenso
     const int s = j % STAGES, parity = (j / STAGES + 1) % 2;
     mbarrier_wait(&t.K_empty[s], parity);
     mbarrier_arrive_expect_tx(&t.K_full[s], Bc * d * 2);
-    for (int c = 0; c < d / SUB; ++c) tma_load(t.K_stage(s) + c * Bc * SUB, tmK, c * SUB, j * Bc, bh, &t.K_full[s]);
+    for (int c = 0; c < d / SUB; ++c)
+        tma_load(t.K_stage(s) + c * Bc * SUB, tmK, c * SUB, j * Bc, bh, &t.K_full[s]);
     mbarrier_wait(&t.V_empty[s], parity);
     mbarrier_arrive_expect_tx(&t.V_full[s], Bc * d * 2);
-    for (int c = 0; c < d / SUB; ++c) tma_load(t.V_stage(s) + c * Bc * SUB, tmV, c * SUB, j * Bc, bh, &t.V_full[s]);
+    for (int c = 0; c < d / SUB; ++c)
+        tma_load(t.V_stage(s) + c * Bc * SUB, tmV, c * SUB, j * Bc, bh, &t.V_full[s]);
 }
 
 // ---- the consumers' products -------------------------------------------------------------------------
@@ -116,7 +119,8 @@ template <class T, int d>
 __device__ void issue_PV(float (&o)[d / 8][4], const unsigned (&p)[Bc / 16][4], const unsigned short* V_t) {
 #pragma unroll
     for (int kb = 0; kb < Bc / 16; ++kb)
-        wgmma_rs<T, d>(o, p[kb], smem_descriptor(shared_address(V_t + kb * 16 * SUB), Bc * SUB * 2, 1024), true);
+        wgmma_rs<T, d>(o, p[kb], smem_descriptor(shared_address(V_t + kb * 16 * SUB), Bc * SUB * 2, 1024),
+                       true);
 }
 
 // Ping-pong: consumer k issues its products only after the other has issued its own (named barrier
@@ -134,7 +138,8 @@ __device__ inline void turn_end(int consumer, bool last) {
 template <class T, int d>
 __global__ void __launch_bounds__(THREADS, 1)
     forward(const __grid_constant__ CUtensorMap tmQ, const __grid_constant__ CUtensorMap tmK,
-            const __grid_constant__ CUtensorMap tmV, int N, float scale, bool causal, unsigned short* O, float* L) {
+            const __grid_constant__ CUtensorMap tmV, int N, float scale, bool causal, unsigned short* O,
+            float* L) {
     // smem: the block's shared memory (tiles.cuh); its start rounded up to 1024 bytes for the swizzle
     char* base = reinterpret_cast<char*>(smem);
     base += (1024 - shared_address(base) % 1024) % 1024;
@@ -176,13 +181,13 @@ __global__ void __launch_bounds__(THREADS, 1)
     const float c = scale * LOG2E;
 
     float o[d / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // Alg. 1, line 5
-    unsigned p[Bc / 16][4];  // P_ij as the A operand of O += P V_j
-    if (PINGPONG && consumer == 1) named_barrier_arrive(1, 256);  // consumer 0 goes first
+    unsigned p[Bc / 16][4];                                            // P_ij as the A operand of O += P V_j
+    if (PINGPONG && consumer == 1) named_barrier_arrive(1, 256);       // consumer 0 goes first
     mbarrier_wait(t.Q_full, 0);
 
     // S_ij masked where the tile crosses the end of the sequence or, causal, the diagonal (Alg. 1,
     // line 9's mask), then its softmax: P_ij, and alpha, what O must be rescaled by.
-    auto softmax = [&](float(&s)[Bc / 8][4], int j, float(&alpha)[2]) {
+    auto softmax = [&](float (&s)[Bc / 8][4], int j, float (&alpha)[2]) {
         if ((j + 1) * Bc > N || (causal && (j + 1) * Bc > warp_row + 1))
             mask_fragment<false>(s, row, j * Bc + 2 * q, N, causal, -INFINITY);
         online_softmax<false>(s, m, l, o, alpha, c);  // O is rescaled later, by rescale

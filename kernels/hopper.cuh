@@ -50,7 +50,8 @@ inline unsigned shared_address(const void* p) {  // the emulation's shared memor
 //     address bits after that offset, so the step stays within each 128-byte row).
 //   MN-major (rows of N values, as V_j read as the B of P V): SBO = 1024, from 8 rows of K to the
 //     next 8; LBO, from one 64-column tile to the next (columns 64-127 of a d = 128 tile).
-__host__ __device__ inline uint64_t smem_descriptor(unsigned address, unsigned lbo_bytes, unsigned sbo_bytes) {
+__host__ __device__ inline uint64_t smem_descriptor(unsigned address, unsigned lbo_bytes,
+                                                    unsigned sbo_bytes) {
     return uint64_t((address & 0x3FFFF) >> 4) | uint64_t((lbo_bytes & 0x3FFFF) >> 4) << 16 |
            uint64_t((sbo_bytes & 0x3FFFF) >> 4) << 32 | uint64_t(1) << 62;
 }
@@ -63,7 +64,9 @@ __host__ __device__ inline uint64_t smem_descriptor(unsigned address, unsigned l
 __device__ inline void mbarrier_init(uint64_t* bar, unsigned arrivals) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(arrivals));
 }
-__device__ inline void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+__device__ inline void fence_mbarrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
 __device__ inline void mbarrier_arrive(uint64_t* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
 }
@@ -144,27 +147,27 @@ __device__ inline void fence_operands(float (&d)[NT][4]) {
 #define MF_D4(n) "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
 #define MF_D32 MF_D4(0), MF_D4(1), MF_D4(2), MF_D4(3), MF_D4(4), MF_D4(5), MF_D4(6), MF_D4(7)
 #define MF_D64 MF_D32, MF_D4(8), MF_D4(9), MF_D4(10), MF_D4(11), MF_D4(12), MF_D4(13), MF_D4(14), MF_D4(15)
-#define MF_R32                                                                                             \
+#define MF_R32                                                                                              \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
     "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define MF_R64                                                                                             \
+#define MF_R64                                                                                              \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
-    "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "   \
-    "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "   \
+    "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "  \
+    "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "  \
     "%62, %63}"
 // D = A B (+ D if accumulate), A 64 x 16 and B 16 x N (given as N rows of 16, K-major) both from
 // shared memory: "SS". Operands after the accumulators: %R the A descriptor, %R+1 B's, %R+2 accumulate.
-#define MF_WGMMA_SS(N, TYPE, REGS, A, B, C, ACC)                                                      \
+#define MF_WGMMA_SS(N, TYPE, REGS, A, B, C, ACC)                                                    \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " C ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N \
-                 "k16.f32." TYPE "." TYPE " " REGS ", " A ", " B ", p, 1, 1, 0, 0;\n}"                \
-                 : ACC                                                                                \
+                 "k16.f32." TYPE "." TYPE " " REGS ", " A ", " B ", p, 1, 1, 0, 0;\n}"              \
+                 : ACC                                                                              \
                  : "l"(a_desc), "l"(b_desc), "r"(int(accumulate)))
 // D = A B (+ D), A from registers (a[4], the layout above), B 16 x N from shared memory, MN-major
 // (rows of N values: "transposed", the last immediate): "RS".
-#define MF_WGMMA_RS(N, TYPE, REGS, A0, B, C, ACC)                                                     \
+#define MF_WGMMA_RS(N, TYPE, REGS, A0, B, C, ACC)                                                   \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " C ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N \
-                 "k16.f32." TYPE "." TYPE " " REGS ", " A0 ", " B ", p, 1, 1, 1;\n}"                  \
-                 : ACC                                                                                \
+                 "k16.f32." TYPE "." TYPE " " REGS ", " A0 ", " B ", p, 1, 1, 1;\n}"                \
+                 : ACC                                                                              \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(int(accumulate)))
 
 template <class T, int N>
@@ -177,11 +180,14 @@ __device__ inline void wgmma_ss(float (&d)[N / 8][4], uint64_t a_desc, uint64_t 
     if constexpr (N == 128 && !bf16) MF_WGMMA_SS(128, "f16", MF_R64, "%64", "%65", "%66", MF_D64);
 }
 template <class T, int N>
-__device__ inline void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], uint64_t b_desc, bool accumulate) {
+__device__ inline void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], uint64_t b_desc,
+                                bool accumulate) {
     static_assert(N == 64 || N == 128, "wgmma_rs: N = 64 or 128");
     constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-    if constexpr (N == 64 && bf16) MF_WGMMA_RS(64, "bf16", MF_R32, "{%32, %33, %34, %35}", "%36", "%37", MF_D32);
-    if constexpr (N == 64 && !bf16) MF_WGMMA_RS(64, "f16", MF_R32, "{%32, %33, %34, %35}", "%36", "%37", MF_D32);
+    if constexpr (N == 64 && bf16)
+        MF_WGMMA_RS(64, "bf16", MF_R32, "{%32, %33, %34, %35}", "%36", "%37", MF_D32);
+    if constexpr (N == 64 && !bf16)
+        MF_WGMMA_RS(64, "f16", MF_R32, "{%32, %33, %34, %35}", "%36", "%37", MF_D32);
     if constexpr (N == 128 && bf16)
         MF_WGMMA_RS(128, "bf16", MF_R64, "{%64, %65, %66, %67}", "%68", "%69", MF_D64);
     if constexpr (N == 128 && !bf16)
@@ -199,4 +205,3 @@ __device__ inline void wgmma_wait(Accumulators&... accumulators) {
     wgmma_wait<n>();
     (fence_operands(accumulators), ...);
 }
-

@@ -208,7 +208,8 @@ __device__ inline void online_softmax(float (&s)[NT][4], float (&m)[2], float (&
 template <int NO>
 __device__ inline void rescale(float (&o)[NO][4], const float (&alpha)[2]) {
 #pragma unroll
-    for (int n = 0; n < NO; ++n) o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+    for (int n = 0; n < NO; ++n)
+        o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
 }
 
 // Rows [row0, row0 + rows) of an N x D matrix of 16-bit values into a shared tile by cp.async, 16

@@ -60,12 +60,15 @@ static std::string tensor_map(CUtensorMap* map, const float* data, const Call& c
     const cuuint64_t strides[2] = {cuuint64_t(c.d) * 2, cuuint64_t(c.N) * c.d * 2};  // bytes, of y and z
     const cuuint32_t box[3] = {64, cuuint32_t(rows), 1}, element_steps[3] = {1, 1, 1};
     const auto encode = encode_tiled();
-    if (!encode) return "version 4: this CUDA driver has no cuTensorMapEncodeTiled (the copy engine's tensor maps)";
-    const CUresult r = encode(map, c.dtype == BFLOAT16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                              3, const_cast<float*>(data), dims, strides, box, element_steps,
-                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    return r == CUDA_SUCCESS ? "" : "version 4: cuTensorMapEncodeTiled failed (CUresult " + std::to_string(int(r)) + ")";
+    if (!encode)
+        return "version 4: this CUDA driver has no cuTensorMapEncodeTiled (the copy engine's tensor maps)";
+    const CUresult r = encode(
+        map, c.dtype == BFLOAT16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
+        const_cast<float*>(data), dims, strides, box, element_steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return r == CUDA_SUCCESS
+               ? ""
+               : "version 4: cuTensorMapEncodeTiled failed (CUresult " + std::to_string(int(r)) + ")";
 }
 
 struct Version {
@@ -91,13 +94,15 @@ struct Version {
     static std::string error(const Call& c) {
         if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
         if (const int cc = capability(c.device); cc != 90)
-            return "version 4 needs a Hopper GPU (compute capability 9.0); this one is " + std::to_string(cc / 10) +
-                   "." + std::to_string(cc % 10);
+            return "version 4 needs a Hopper GPU (compute capability 9.0); this one is " +
+                   std::to_string(cc / 10) + "." + std::to_string(cc % 10);
         if (c.dtype == FLOAT32) return "version 4 takes bfloat16 or float16 tensors, not float32";
-        if (c.d != 64 && c.d != 128) return "version 4 takes head dim d = 64 or 128, not " + std::to_string(c.d);
+        if (c.d != 64 && c.d != 128)
+            return "version 4 takes head dim d = 64 or 128, not " + std::to_string(c.d);
         if (c.scale <= 0) return "version 4 takes softmax_scale > 0, not " + std::to_string(c.scale);
         for (const float* p : {c.Q, c.K, c.V})  // the copy engine reads from 16-byte aligned addresses only
-            if (p && reinterpret_cast<uintptr_t>(p) % 16 != 0) return "version 4 needs q, k, v 16-byte aligned";
+            if (p && reinterpret_cast<uintptr_t>(p) % 16 != 0)
+                return "version 4 needs q, k, v 16-byte aligned";
         return "";
     }
 
@@ -105,9 +110,11 @@ struct Version {
     static std::string run(const Call& c) {
         namespace fw = flash3_hopper;
         CUtensorMap tmQ, tmK, tmV;
-        for (auto [map, data, rows] : {std::tuple{&tmQ, c.Q, fw::Br}, {&tmK, c.K, fw::Bc}, {&tmV, c.V, fw::Bc}})
+        for (auto [map, data, rows] :
+             {std::tuple{&tmQ, c.Q, fw::Br}, {&tmK, c.K, fw::Bc}, {&tmV, c.V, fw::Bc}})
             if (std::string err = tensor_map(map, data, c, rows); !err.empty()) return err;
-        return launch("flash3_hopper::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH), fw::THREADS,
-                      fw::shared_bytes(d), c, tmQ, tmK, tmV, c.N, c.scale, c.causal, bits(c.O), c.L);
+        return launch("flash3_hopper::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH),
+                      fw::THREADS, fw::shared_bytes(d), c, tmQ, tmK, tmV, c.N, c.scale, c.causal, bits(c.O),
+                      c.L);
     }
 };
