@@ -124,6 +124,22 @@ __device__ inline void named_barrier_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// ---- bulk copies (the copy engine without a tensor map) ---------------------------------------------
+// Adds `bytes` (a multiple of 16) of fp32 from shared memory into global memory, element by element
+// and atomically, as one request to the copy engine (the backward's dQ: each block adds its share).
+// Issued by one thread; commit groups its requests, wait_read<n> returns once all but the newest n
+// groups have read their shared memory (which may then be overwritten). Both addresses 16-byte aligned.
+__device__ inline void bulk_reduce_add(float* to, const float* from, unsigned bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(to),
+                 "r"(shared_address(from)), "r"(bytes)
+                 : "memory");
+}
+__device__ inline void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+template <int n>
+__device__ inline void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(n) : "memory");
+}
+
 // ---- wgmma ---------------------------------------------------------------------------------------
 // fence: before the first wgmma that reads registers (accumulators, A) written by other instructions.
 // commit: the wgmma issued since the last commit become one group. wait<n>: until at most n groups
@@ -156,12 +172,13 @@ __device__ inline void fence_operands(float (&d)[NT][4]) {
     "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "  \
     "%62, %63}"
 // D = A B (+ D if accumulate), A 64 x 16 and B 16 x N (given as N rows of 16, K-major) both from
-// shared memory: "SS". Operands after the accumulators: %R the A descriptor, %R+1 B's, %R+2 accumulate.
-#define MF_WGMMA_SS(N, TYPE, REGS, A, B, C, ACC)                                                    \
+// shared memory: "SS". Operands after the accumulators: %R the A descriptor, %R+1 B's, %R+2 accumulate,
+// %R+3 and %R+4 the immediates that say A, B are MN-major instead ("transposed"; 16-bit types only).
+#define MF_WGMMA_SS(N, TYPE, REGS, A, B, C, TA, TB, ACC)                                            \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " C ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N \
-                 "k16.f32." TYPE "." TYPE " " REGS ", " A ", " B ", p, 1, 1, 0, 0;\n}"              \
+                 "k16.f32." TYPE "." TYPE " " REGS ", " A ", " B ", p, 1, 1, " TA ", " TB ";\n}"    \
                  : ACC                                                                              \
-                 : "l"(a_desc), "l"(b_desc), "r"(int(accumulate)))
+                 : "l"(a_desc), "l"(b_desc), "r"(int(accumulate)), "n"(int(TRANS_A)), "n"(int(TRANS_B)))
 // D = A B (+ D), A from registers (a[4], the layout above), B 16 x N from shared memory, MN-major
 // (rows of N values: "transposed", the last immediate): "RS".
 #define MF_WGMMA_RS(N, TYPE, REGS, A0, B, C, ACC)                                                   \
@@ -170,14 +187,16 @@ __device__ inline void fence_operands(float (&d)[NT][4]) {
                  : ACC                                                                              \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(int(accumulate)))
 
-template <class T, int N>
+template <class T, int N, bool TRANS_A = false, bool TRANS_B = false>
 __device__ inline void wgmma_ss(float (&d)[N / 8][4], uint64_t a_desc, uint64_t b_desc, bool accumulate) {
     static_assert(N == 64 || N == 128, "wgmma_ss: N = 64 or 128");
     constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-    if constexpr (N == 64 && bf16) MF_WGMMA_SS(64, "bf16", MF_R32, "%32", "%33", "%34", MF_D32);
-    if constexpr (N == 64 && !bf16) MF_WGMMA_SS(64, "f16", MF_R32, "%32", "%33", "%34", MF_D32);
-    if constexpr (N == 128 && bf16) MF_WGMMA_SS(128, "bf16", MF_R64, "%64", "%65", "%66", MF_D64);
-    if constexpr (N == 128 && !bf16) MF_WGMMA_SS(128, "f16", MF_R64, "%64", "%65", "%66", MF_D64);
+    if constexpr (N == 64 && bf16) MF_WGMMA_SS(64, "bf16", MF_R32, "%32", "%33", "%34", "%35", "%36", MF_D32);
+    if constexpr (N == 64 && !bf16) MF_WGMMA_SS(64, "f16", MF_R32, "%32", "%33", "%34", "%35", "%36", MF_D32);
+    if constexpr (N == 128 && bf16)
+        MF_WGMMA_SS(128, "bf16", MF_R64, "%64", "%65", "%66", "%67", "%68", MF_D64);
+    if constexpr (N == 128 && !bf16)
+        MF_WGMMA_SS(128, "f16", MF_R64, "%64", "%65", "%66", "%67", "%68", MF_D64);
 }
 template <class T, int N>
 __device__ inline void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], uint64_t b_desc,
