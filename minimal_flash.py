@@ -86,7 +86,7 @@ VERSIONS = {v.number: v for v in (
     Version(3, "FlashAttention-2 on tensor cores", 3, ("flash2_mma.cu", "flash2_mma_backward.cu"), "version3.cuh",
             (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True),
     # Hopper's wgmma and setmaxnreg exist for the sm_90a target only, whose code runs on 9.0 GPUs only.
-    Version(4, "FlashAttention-3 on Hopper", 4, ("flash3_hopper.cu", "flash2_mma_backward.cu"), "version4.cuh",
+    Version(4, "FlashAttention-3 on Hopper", 4, ("flash3_hopper.cu", "flash3_hopper_backward.cu"), "version4.cuh",
             (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True, capability=(9, 0),
             cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",)),
 )}

@@ -139,6 +139,11 @@ template <int n>
 __device__ inline void bulk_wait_read() {
     asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(n) : "memory");
 }
+// wait<n>: until the global memory writes of all but the newest n groups are complete, too.
+template <int n>
+__device__ inline void bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;" ::"n"(n) : "memory");
+}
 
 // ---- wgmma ---------------------------------------------------------------------------------------
 // fence: before the first wgmma that reads registers (accumulators, A) written by other instructions.

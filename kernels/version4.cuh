@@ -4,8 +4,9 @@
 //
 //   forward   flash3_hopper.cu         one block per (batch, head, 128 query rows): a producer
 //                                      warpgroup (TMA) and two consumer warpgroups (wgmma) of 64 rows
-//   backward  version 3's, unchanged   (flash2_mma_backward.cu): it reads O and L as this forward
-//                                      writes them
+//   backward  flash3_hopper_backward.cu  one block per (batch, head, 128 keys): two warpgroups of 64 keys,
+//                                      all five products on wgmma, dQ added by the copy engine; D and
+//                                      dQ's conversion are version 3's kernels (flash2_mma_backward.cu)
 //
 // Block sizes: its own (Br and Bc do not apply). Head dims d = 64 and 128. softmax_scale > 0.
 // Scratch: as version 3's. bindings.cu includes this file in its middle: Call and launch are defined there.
@@ -13,7 +14,8 @@
 #include <tuple>
 #include "flash3_hopper.cu"
 
-#include "flash2_mma_backward.cu"  // version 3's backward: it serves this version's gradients
+#include "flash3_hopper_backward.cu"
+#include "flash2_mma_backward.cu"  // D = rowsum(dO * O) before the backward, dQ's conversion after
 
 #ifdef __CUDACC__
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
@@ -73,7 +75,7 @@ static std::string tensor_map(CUtensorMap* map, const float* data, const Call& c
 
 struct Version {
     static size_t shared_bytes(Pass pass, int d) {
-        return pass == FORWARD ? flash3_hopper::shared_bytes(d) : flash2_mma_backward::shared_bytes(d);
+        return pass == FORWARD ? flash3_hopper::shared_bytes(d) : flash3_hopper_backward::shared_bytes(d);
     }
     static int scratch_floats(Pass pass, int d) { return pass == FORWARD ? 0 : d + 1; }  // as version 3
 
@@ -85,9 +87,8 @@ struct Version {
     static std::string backward(const Call& c) {
         if (std::string err = error(c); !err.empty()) return err;
         if (c.dtype == BFLOAT16)
-            return c.d == 64 ? flash2_mma_backward::run<__nv_bfloat16, 64>(c)
-                             : flash2_mma_backward::run<__nv_bfloat16, 128>(c);
-        return c.d == 64 ? flash2_mma_backward::run<__half, 64>(c) : flash2_mma_backward::run<__half, 128>(c);
+            return c.d == 64 ? run_backward<__nv_bfloat16, 64>(c) : run_backward<__nv_bfloat16, 128>(c);
+        return c.d == 64 ? run_backward<__half, 64>(c) : run_backward<__half, 128>(c);
     }
 
     // What the kernels cannot take (minimal_flash.py checks these first, with the same words).
@@ -116,5 +117,31 @@ struct Version {
         return launch("flash3_hopper::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH),
                       fw::THREADS, fw::shared_bytes(d), c, tmQ, tmK, tmV, c.N, c.scale, c.causal, bits(c.O),
                       c.L);
+    }
+
+    // D = rowsum(dO * O) and the fp32 sums of dQ set to 0 (chapter 3's), the pass, dQ converted.
+    template <class T, int d>
+    static std::string run_backward(const Call& c) {
+        namespace bw = flash3_hopper_backward;
+        namespace b3 = flash2_mma_backward;
+        const long long rows = c.BH * c.N;
+        float *dQ_sum = c.scratch, *D = c.scratch + rows * d;
+        CUtensorMap tmK, tmV, tmQ, tmdO;
+        for (auto [map, data, box_rows] :
+             {std::tuple{&tmK, c.K, bw::Bc}, {&tmV, c.V, bw::Bc}, {&tmQ, c.Q, bw::Br}, {&tmdO, c.dO, bw::Br}})
+            if (std::string err = tensor_map(map, data, c, box_rows); !err.empty()) return err;
+        std::string err = launch("flash2_mma_backward::rowsum_D", b3::rowsum_D<T, d>,
+                                 dim3((rows + 255) / 256), 256, 0, c, bits(c.O), bits(c.dO), size_t(rows), D);
+        if (err.empty() && cudaMemsetAsync(dQ_sum, 0, sizeof(float) * rows * d, c.stream) != cudaSuccess)
+            err = "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
+        if (err.empty())
+            err = launch("flash3_hopper_backward::backward", bw::backward<T, d>,
+                         dim3(ceil_div(c.N, bw::Bc), c.BH), bw::THREADS, bw::shared_bytes(d), c, tmK, tmV,
+                         tmQ, tmdO, c.L, D, c.N, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV));
+        const size_t pairs = rows * d / 2;
+        if (err.empty())
+            err = launch("flash2_mma_backward::convert_dQ", b3::convert_dQ<T>, dim3((pairs + 255) / 256), 256,
+                         0, c, dQ_sum, pairs, c.scale, bits(c.dQ));
+        return err;
     }
 };
