@@ -27,8 +27,9 @@
 //   - Hopper's instructions (kernels/hopper.cuh) keep their semantics: an mbarrier wait blocks until
 //     the phase's arrivals and bytes are all in, a TMA box lands (swizzled, zeros past the tensor)
 //     only when a thread waits on its barrier, a wgmma is a collective of its warpgroup whose
-//     results land in the accumulators only at the wgmma_wait that retires them (NaN before), and
-//     named barriers block. Their deadlocks are named as a __syncthreads' are.
+//     results land in the accumulators only at the wgmma_wait that retires them (NaN before), a bulk
+//     reduce reads its shared memory (and adds it into global memory) only at the bulk_wait_read
+//     that retires it, and named barriers block. Their deadlocks are named as a __syncthreads' are.
 //   - atomicAdd is atomic, across blocks that run on different cores too.
 //   - Launch errors as a GPU reports them: too many threads, too much shared memory.
 // And what a GPU does not have: Ctrl-C (SIGINT) stops a launch within a moment, and a launch that
@@ -539,21 +540,46 @@ struct AsyncCopy {
     void* to;
     size_t size;              // 16 or 4 bytes
     unsigned char bytes[16];  // the source, read at issue: kernels copy from inputs nobody writes
+    void land() const { std::memcpy(to, bytes, size); }
 };
-struct AsyncCopies {
-    std::vector<AsyncCopy> copies;   // issued and not landed, oldest first
-    std::vector<size_t> group_ends;  // per committed group, oldest first: the end of its copies
+// A thread's asynchronous requests (cp.async copies, bulk reduces) in commit groups: a commit makes
+// those issued since the last one a group; wait(n) lands all groups but the newest n, oldest first.
+// Requests issued and not committed belong to no group yet: no wait lands them.
+template <class Request>
+struct AsyncGroups {
+    std::vector<Request> requests;   // issued and not landed, oldest first
+    std::vector<size_t> group_ends;  // per committed group, oldest first: the end of its requests
 
-    void commit() { group_ends.push_back(copies.size()); }
-    void wait(size_t newest_left) {  // all groups but the newest `newest_left` land
+    void commit() { group_ends.push_back(requests.size()); }
+    void wait(size_t newest_left) {
         if (group_ends.size() <= newest_left) return;
         const size_t groups = group_ends.size() - newest_left, end = group_ends[groups - 1];
-        for (size_t i = 0; i < end; ++i) std::memcpy(copies[i].to, copies[i].bytes, copies[i].size);
-        copies.erase(copies.begin(), copies.begin() + end);
+        for (size_t i = 0; i < end; ++i) requests[i].land();
+        requests.erase(requests.begin(), requests.begin() + end);
         group_ends.erase(group_ends.begin(), group_ends.begin() + groups);
         for (size_t& e : group_ends) e -= end;
     }
-    void clear() { copies.clear(), group_ends.clear(); }
+    void land_all() {
+        for (const Request& r : requests) r.land();
+        clear();
+    }
+    void clear() { requests.clear(), group_ends.clear(); }
+};
+
+// The copy engine's bulk reduce (kernels/hopper.cuh's bulk_reduce_add): fp32 from shared memory added
+// into global memory. The hardware may read the source at any moment until the bulk_wait_read that
+// retires the request's group (only then may the kernel overwrite it), so here it is read then, at
+// the latest: a kernel that writes the source again too early adds the new values, and shows it.
+// The adds land at the same moment, one atomicAdd per element: blocks on other cores add into the
+// same floats (the backward's dQ). Global memory is not poisoned meanwhile: other blocks read and add
+// to it, and on a GPU it holds the sum so far, with or without this request's part.
+struct BulkReduce {
+    float* to;
+    const float* from;
+    unsigned count;  // floats
+    void land() const {
+        for (unsigned i = 0; i < count; ++i) atomicAdd(to + i, from[i]);
+    }
 };
 
 // wgmma (kernels/hopper.cuh) is asynchronous: the warpgroup's product is computed at issue, from
@@ -600,9 +626,10 @@ struct Fiber {
     dim3 index;       // its threadIdx
     unsigned id = 0;  // threadIdx as one number, x fastest: lanes 32w .. 32w + 31 are warp w
     bool exited = false;
-    Site waiting;        // where it waits: what is null while it runs or is ready to
-    AsyncCopies copies;  // its cp.async copies in flight
-    Wgmmas wgmmas;       // its wgmma results in flight
+    Site waiting;                     // where it waits: what is null while it runs or is ready to
+    AsyncGroups<AsyncCopy> copies;    // its cp.async copies in flight
+    AsyncGroups<BulkReduce> reduces;  // its bulk reduces not yet read
+    Wgmmas wgmmas;                    // its wgmma results in flight
 
     bool allocate() {
         const size_t page = size_t(sysconf(_SC_PAGESIZE));
@@ -694,7 +721,7 @@ struct WarpGroup : Meeting {
         const float* c;     // what it accumulates onto: d, or the result in flight into d
         const unsigned* a;  // its A registers (wgmma_rs)
         uint64_t a_desc, b_desc;
-        bool accumulate;
+        bool accumulate, a_mn_major, b_mn_major;
     } operands[128];
 };
 
@@ -1138,6 +1165,32 @@ struct alignas(64) Worker {
         mbarrier_changed(b);  // a thread waiting on it lands it
     }
 
+    // ---- bulk reduce (see BulkReduce above): checked at issue as the hardware requires, read and added
+    // at the bulk_wait_read that retires its group.
+    void bulk_reduce_add(float* to, const float* from, unsigned bytes, const Site& site) {
+        const char* shared = reinterpret_cast<const char*>(smem);
+        const char *source = reinterpret_cast<const char*>(from), *destination = reinterpret_cast<char*>(to);
+        if (bytes % 16)
+            fail(site,
+                 "the size of a bulk reduce is a multiple of 16 bytes; this one is " + std::to_string(bytes));
+        if (reinterpret_cast<uintptr_t>(to) % 16 || reinterpret_cast<uintptr_t>(from) % 16) {
+            char addresses[96];
+            std::snprintf(addresses, sizeof addresses, "%p to %p", static_cast<const void*>(from),
+                          static_cast<void*>(to));
+            fail(site,
+                 std::string("a bulk reduce's addresses must be 16-byte aligned; this one adds from ") +
+                     addresses,
+                 cudaErrorMisalignedAddress);
+        }
+        if (source < shared || size_t(source - shared) + bytes > launch->shared_bytes)
+            fail(site, "the source of a bulk reduce must be the block's shared memory (" +
+                           std::to_string(launch->shared_bytes) + " bytes); these " + std::to_string(bytes) +
+                           " bytes are not");
+        if (destination + bytes > shared && destination < shared + sizeof smem)
+            fail(site, "the destination of a bulk reduce must be global memory, not shared memory");
+        current->reduces.requests.push_back({to, from, bytes / 4});
+    }
+
     // ---- named barriers
     void named_barrier(int id, int count, bool wait, Site site) {
         if (id < 0 || id > 15 || count <= 0 || count % 32 || unsigned(count) > threads)
@@ -1164,14 +1217,17 @@ struct alignas(64) Worker {
     }
 
     // ---- wgmma: D (64 x N) = A (64 x 16) B (16 x N) (+ D), for the warpgroup (see Wgmmas above).
+    // A from registers (a) or shared memory (a_desc), K-major or, "transposed", M-major; B from shared
+    // memory, K-major or N-major (SmemMatrix above reads either).
     template <class Half>
-    void wgmma(float* d, unsigned n_cols, const unsigned* a, uint64_t a_desc, uint64_t b_desc,
-               bool accumulate, const Site& site) {
+    void wgmma(float* d, unsigned n_cols, const unsigned* a, uint64_t a_desc, bool a_mn_major,
+               uint64_t b_desc, bool b_mn_major, bool accumulate, const Site& site) {
         unsigned t;
         WarpGroup& group = warpgroup_of_current(t, site);
         Wgmmas& mine = current->wgmmas;
         const WgmmaResult* in_flight = mine.find(d);
-        group.operands[t] = {d, in_flight ? in_flight->values : d, a, a_desc, b_desc, accumulate};
+        group.operands[t] = {
+            d, in_flight ? in_flight->values : d, a, a_desc, b_desc, accumulate, a_mn_major, b_mn_major};
         meet(group, 128, site, [&] { wgmma_complete<Half>(group, n_cols, a != nullptr, site); });
     }
     // The warpgroup's product, by the last thread to arrive, into every thread's result in flight.
@@ -1179,8 +1235,11 @@ struct alignas(64) Worker {
     void wgmma_complete(WarpGroup& group, unsigned n_cols, bool a_in_registers, const Site& site) {
         const WarpGroup::Operands& op = group.operands[0];
         for (const WarpGroup::Operands& other : group.operands)
-            if (other.a_desc != op.a_desc || other.b_desc != op.b_desc || other.accumulate != op.accumulate)
-                fail(site, "the 128 threads of the warpgroup gave different descriptors or accumulate flags");
+            if (other.a_desc != op.a_desc || other.b_desc != op.b_desc || other.accumulate != op.accumulate ||
+                other.a_mn_major != op.a_mn_major || other.b_mn_major != op.b_mn_major)
+                fail(site,
+                     "the 128 threads of the warpgroup gave different descriptors, accumulate or transpose "
+                     "flags");
         wgmma_scratch.resize(64 * 16 + 16 * kMaxWgmmaN + 64 * kMaxWgmmaN);
         float *A = wgmma_scratch.data(), *B = A + 64 * 16, *D = B + 16 * kMaxWgmmaN;  // row-major
         auto element = [&](unsigned address) {
@@ -1203,9 +1262,10 @@ struct alignas(64) Worker {
                 }
             }
         } else {
-            const SmemMatrix a(op.a_desc);
+            const SmemMatrix a(op.a_desc);  // M-major: the layout of an N-major B, with M for N
             for (unsigned r = 0; r < 64; ++r)
-                for (unsigned k = 0; k < 16; ++k) A[r * 16 + k] = element(a.k_major(r, k));
+                for (unsigned k = 0; k < 16; ++k)
+                    A[r * 16 + k] = element(op.a_mn_major ? a.mn_major(k, r) : a.k_major(r, k));
         }
         const SmemMatrix b(op.b_desc);
         if (b.base_offset || (!a_in_registers && SmemMatrix(op.a_desc).base_offset))
@@ -1214,7 +1274,7 @@ struct alignas(64) Worker {
                  "repeat)");
         for (unsigned k = 0; k < 16; ++k)
             for (unsigned n = 0; n < n_cols; ++n)
-                B[k * n_cols + n] = element(a_in_registers ? b.mn_major(k, n) : b.k_major(n, k));
+                B[k * n_cols + n] = element(op.b_mn_major ? b.mn_major(k, n) : b.k_major(n, k));
         // Thread (w, g, q)'s accumulators: d[n][j] = D[16w + g + 8 (j / 2)][8n + 2q + j % 2].
         auto place = [](unsigned t, unsigned i, unsigned& r, unsigned& c) {
             const unsigned w = t / 32, g = t % 32 / 4, q = t % 4, n = i / 4, j = i % 4;
@@ -1247,13 +1307,20 @@ struct alignas(64) Worker {
 
     [[noreturn]] void thread_exits() {
         Fiber* self = current;
+        // Bulk reduces never waited for: their adds still land, as the copy engine would do them, but
+        // the kernel may have overwritten their source (or, on a GPU, the next block may), so the
+        // launch fails.
+        const bool reduces = !self->reduces.requests.empty();
+        self->reduces.land_all();
         const char* unfinished =
-            !self->copies.copies.empty() ? "cp.async copies never waited for (a cp_async_commit and "
-                                           "cp_async_wait must follow the last "
-                                           "cp_async)"
+            !self->copies.requests.empty() ? "cp.async copies never waited for (a cp_async_commit and "
+                                             "cp_async_wait must follow the last "
+                                             "cp_async)"
             : !self->wgmmas.pending.empty()
                 ? "wgmma results never waited for (a wgmma_commit and wgmma_wait must follow the last wgmma)"
-                : nullptr;
+            : reduces ? "bulk reduce never waited for (a bulk_commit and bulk_wait_read must follow the last "
+                        "bulk_reduce_add)"
+                      : nullptr;
         if (unfinished) {
             launch->fail(cudaErrorInvalidValue, "invalid argument: " + launch->block_name(blockIdx) +
                                                     ", thread " + std::to_string(self->id) + ": " +
@@ -1368,7 +1435,7 @@ struct alignas(64) Worker {
         mbarriers.clear();
         for (unsigned t = 0; t < threads; ++t) {
             Fiber& f = *fibers[t];
-            f.exited = false, f.copies.clear(), f.wgmmas.clear();
+            f.exited = false, f.copies.clear(), f.reduces.clear(), f.wgmmas.clear();
             f.context.start(f.stack(), kStackBytes, fiber_main);
         }
         ascending = !ascending;
@@ -1604,7 +1671,7 @@ inline void cp_async(void* to, const void* from, bool valid, const char* file,
     cpu_cuda::AsyncCopy copy{to, size, {}};
     if (valid) std::memcpy(copy.bytes, from, size);
     std::memset(to, kPoison, size);  // in flight: neither the old data nor the new
-    worker.current->copies.copies.push_back(copy);
+    worker.current->copies.requests.push_back(copy);
 }
 inline void cp_async16(void* to, const void* from, bool valid, const char* file = __builtin_FILE(),
                        int line = __builtin_LINE()) {
@@ -1649,6 +1716,17 @@ inline void tma_load(void* to, const CUtensorMap* map, int x, int y, int z, uint
     cpu_cuda::this_worker->tma_load(to, map, x, y, z, bar, {"tma_load", file, line});
 }
 
+// The copy engine's bulk reduce (cpu_cuda::BulkReduce): fp32 from shared memory added into global
+// memory, atomically per element; issued by one thread, committed and waited for by it.
+inline void bulk_reduce_add(float* to, const float* from, unsigned bytes, CPU_CUDA_SITE) {
+    cpu_cuda::this_worker->bulk_reduce_add(to, from, bytes, {"bulk_reduce_add", file, line});
+}
+inline void bulk_commit() { cpu_cuda::this_worker->current->reduces.commit(); }
+template <int n>
+inline void bulk_wait_read() {
+    cpu_cuda::this_worker->current->reduces.wait(n);
+}
+
 // What orders memory between the proxies on a GPU: the emulation has one memory, in program order.
 inline void fence_proxy_async() {}
 
@@ -1689,13 +1767,15 @@ inline void wgmma_wait() {
 }
 template <int NT>
 inline void fence_operands(float (&)[NT][4]) {}
-template <class T, int N>
+// wgmma_ss: A and B K-major by default; TRANS_A: A M-major, TRANS_B: B N-major (PTX's imm-trans-a,
+// imm-trans-b). wgmma_rs: A from registers, B N-major (the forward's V).
+template <class T, int N, bool TRANS_A = false, bool TRANS_B = false>
 inline void wgmma_ss(float (&d)[N / 8][4], uint64_t a_desc, uint64_t b_desc, bool accumulate, CPU_CUDA_SITE) {
     static_assert(N % 8 == 0 && N >= 8 && N <= int(cpu_cuda::kMaxWgmmaN),
                   "wgmma_ss: N a multiple of 8 to 256");
     static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "bf16 or fp16");
     constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-    cpu_cuda::this_worker->wgmma<T>(&d[0][0], N, nullptr, a_desc, b_desc, accumulate,
+    cpu_cuda::this_worker->wgmma<T>(&d[0][0], N, nullptr, a_desc, TRANS_A, b_desc, TRANS_B, accumulate,
                                     {bf16 ? "wgmma_ss (bf16)" : "wgmma_ss (fp16)", file, line});
 }
 template <class T, int N>
@@ -1705,7 +1785,7 @@ inline void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], uint64_t b_de
                   "wgmma_rs: N a multiple of 8 to 256");
     static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "bf16 or fp16");
     constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-    cpu_cuda::this_worker->wgmma<T>(&d[0][0], N, a, 0, b_desc, accumulate,
+    cpu_cuda::this_worker->wgmma<T>(&d[0][0], N, a, 0, false, b_desc, true, accumulate,
                                     {bf16 ? "wgmma_rs (bf16)" : "wgmma_rs (fp16)", file, line});
 }
 #undef CPU_CUDA_SITE

@@ -252,6 +252,100 @@ __global__ void wgmma_ones(float* out, bool wait) {
     out[2 * threadIdx.x + 1] = d[0][0];
 }
 
+// The byte of element (row, col) of a tile of rows of 64 16-bit values with the 128-byte swizzle (the
+// 16-byte chunk c of row r at chunk c ^ (r % 8)), wider tiles as 64-column tiles `block` bytes apart.
+__device__ unsigned swizzled_at(unsigned row, unsigned col, unsigned block) {
+    const unsigned at = col / 64 * block + row * 128 + col % 64 * 2;
+    return at ^ (at >> 3 & 0x70);
+}
+
+// D (64 x N) = A (64 x 64) B (64 x N) by 4 wgmma_ss of k16, A and B given row-major in `in` (A, then
+// B) and stored in shared memory K-major or MN-major as TRANS_A and TRANS_B say:
+//   A K-major at byte 0: rows of 64 k (m, k); step s 32 bytes further. SBO 1024 (8 rows of m).
+//   A M-major at byte 0: rows of 64 m (k, m); step s 2048 bytes (16 rows of k) further. SBO 1024
+//     (8 rows of k); LBO 8192, from m 0-63 to 64-127, of which the wgmma's 64 rows use none.
+//   B K-major at byte 16384: rows of 64 k (n, k), N rows; step s 32 bytes further. SBO 1024.
+//   B N-major at byte 16384: rows of 64 n (k, n), columns 64-127 8192 bytes further (LBO); step s
+//     2048 bytes further. SBO 1024.
+// Out: D, row-major, from the accumulators in the layout of kernels/hopper.cuh.
+template <int N, bool TRANS_A, bool TRANS_B>
+__global__ void wgmma_transposed(const float* in, float* out) {
+    extern __shared__ __align__(16) float smem[];
+    unsigned short* tiles = reinterpret_cast<unsigned short*>(smem);
+    const float *A = in, *B = in + 64 * 64;
+    for (int i = threadIdx.x; i < 64 * 64; i += 128) {  // A[m][k]
+        const unsigned m = i / 64, k = i % 64;
+        tiles[(TRANS_A ? swizzled_at(k, m, 8192) : swizzled_at(m, k, 8192)) / 2] =
+            __bfloat16_as_ushort(__float2bfloat16(A[i]));
+    }
+    for (int i = threadIdx.x; i < 64 * N; i += 128) {  // B[k][n]
+        const unsigned k = i / N, n = i % N;
+        tiles[(16384 + (TRANS_B ? swizzled_at(k, n, 8192) : swizzled_at(n, k, 8192))) / 2] =
+            __bfloat16_as_ushort(__float2bfloat16(B[i]));
+    }
+    fence_proxy_async();
+    __syncthreads();
+    float d[N / 8][4];
+    wgmma_fence();
+    for (int s = 0; s < 4; ++s)
+        wgmma_ss<__nv_bfloat16, N, TRANS_A, TRANS_B>(
+            d, smem_descriptor((TRANS_A ? 2048 : 32) * s, 8192, 1024),
+            smem_descriptor(16384 + (TRANS_B ? 2048 : 32) * s, 8192, 1024), s > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    const int t = threadIdx.x, w = t / 32, g = t % 32 / 4, q = t % 4;
+    for (int n = 0; n < N / 8; ++n)
+        for (int j = 0; j < 4; ++j) out[(16 * w + g + 8 * (j / 2)) * N + 8 * n + 2 * q + j % 2] = d[n][j];
+}
+
+template <int N>
+void launch_transposed(bool ta, bool tb, const float* in, float* out) {
+    auto kernel = ta ? (tb ? wgmma_transposed<N, true, true> : wgmma_transposed<N, true, false>)
+                     : (tb ? wgmma_transposed<N, false, true> : wgmma_transposed<N, false, false>);
+    LAUNCH(kernel, dim3(1), dim3(128), 32768, 0)(in, out);
+}
+
+// Each block adds, by the copy engine, its 256 + 256 floats into out[0 .. 512): block b's first
+// buffer holds i % 7 + b (as one request, the first group), its second b + 1 (as two requests of 128,
+// the second group). Thread 0 issues them, waits until the first group has read its buffer and
+// overwrites it; with `early`, it overwrites the second buffer too before the second group is waited
+// for (on a GPU either value may be added; here the new one, -1000, is).
+__global__ void bulk_reduce(float* out, bool early) {
+    extern __shared__ __align__(16) float smem[];
+    float *first = smem, *second = smem + 256;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+        first[i] = float(i % 7 + blockIdx.x), second[i] = float(blockIdx.x + 1);
+    fence_proxy_async();  // written by threads, read by the copy engine
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    bulk_reduce_add(out, first, 256 * 4);
+    bulk_commit();
+    bulk_reduce_add(out + 256, second, 128 * 4);
+    bulk_reduce_add(out + 384, second + 128, 128 * 4);
+    bulk_commit();
+    bulk_wait_read<1>();
+    for (int i = 0; i < 256; ++i) first[i] = -1000.0f;
+    if (early)
+        for (int i = 0; i < 256; ++i) second[i] = -1000.0f;
+    bulk_wait_read<0>();
+    for (int i = 0; i < 256; ++i) second[i] = -1000.0f;
+}
+
+// The bulk reduces the hardware refuses (or, never waited for, the emulation does): `what` 0, an
+// unaligned destination; 1, 24 bytes; 2, a source in global memory; 3, never waited for; 4, never
+// committed.
+__global__ void bulk_refused(float* out, const float* in, int what) {
+    extern __shared__ __align__(16) float smem[];
+    for (int i = 0; i < 64; ++i) smem[i] = 1.0f;
+    fence_proxy_async();
+    if (what == 0) bulk_reduce_add(out + 1, smem, 64);  // line: bulk_misaligned
+    if (what == 1) bulk_reduce_add(out, smem, 24);      // line: bulk_size
+    if (what == 2) bulk_reduce_add(out, in, 64);        // line: bulk_not_shared
+    if (what >= 3) bulk_reduce_add(out, smem, 64);
+    if (what != 4) bulk_commit();
+    if (what < 3) bulk_wait_read<0>();
+}
+
 template <int R>
 __global__ void setmaxnreg_case(float*) {
     if (threadIdx.x < 128)
@@ -310,6 +404,13 @@ const char* run_case(const char* name, float* out, const float* in, int n) {
     else if (c == "named_barriers") LAUNCH(named_barriers, dim3(1), dim3(128), 128, 0)(out, n);
     else if (c == "wgmma_ones") LAUNCH(wgmma_ones, dim3(1), dim3(128), 16384, 0)(out, true);
     else if (c == "wgmma_never_waited") LAUNCH(wgmma_ones, dim3(1), dim3(128), 16384, 0)(out, false);
+    else if (c.compare(0, 17, "wgmma_transposed_") == 0) {  // _kk, _mk, _km, _mm: A, B K- or MN-major
+        const bool ta = c[17] == 'm', tb = c[18] == 'm';
+        if (n == 64) launch_transposed<64>(ta, tb, in, out);
+        else launch_transposed<128>(ta, tb, in, out);
+    } else if (c == "bulk_reduce") LAUNCH(bulk_reduce, dim3(n), dim3(64), 2048, 0)(out, false);
+    else if (c == "bulk_reduce_overwritten_early") LAUNCH(bulk_reduce, dim3(n), dim3(64), 2048, 0)(out, true);
+    else if (c == "bulk_refused") LAUNCH(bulk_refused, dim3(1), dim3(32), 256, 0)(out, in, n);
     else if (c == "setmaxnreg_good") LAUNCH(setmaxnreg_case<40>, dim3(1), dim3(256), 0, 0)(out);
     else if (c == "setmaxnreg_bad") LAUNCH(setmaxnreg_case<20>, dim3(1), dim3(256), 0, 0)(out);
     else if (c == "shuffle_in_part_of_a_warp") LAUNCH(shuffle_in_part_of_a_warp, dim3(1), dim3(48), 0, 0)(out);

@@ -1,8 +1,8 @@
 """The CPU emulation itself (kernels/cpu_cuda.h): barriers that block, barriers that can never
 complete, warp collectives, shared memory per block, atomics across cores, cp.async, Hopper's
-mbarrier, TMA, named barriers, wgmma and setmaxnreg, launch errors, and Ctrl-C. The small kernels
-are in tests/emulation_cases.cpp; the Ctrl-C tests run minimal_flash in a subprocess (and in a
-Jupyter kernel) and interrupt it."""
+mbarrier, TMA, named barriers, wgmma (A and B K-major or MN-major), setmaxnreg and the bulk reduce,
+launch errors, and Ctrl-C. The small kernels are in tests/emulation_cases.cpp; the Ctrl-C tests run
+minimal_flash in a subprocess (and in a Jupyter kernel) and interrupt it."""
 import ctypes
 import queue
 import re
@@ -193,7 +193,7 @@ def test_cp_async_never_waited_for_fails(cases):
     assert "cp.async copies never waited for" in cases("copy_never_waited", inp=torch.zeros(64))
 
 
-# ---- Hopper (kernels/hopper.cuh): mbarrier, TMA, named barriers, wgmma, setmaxnreg
+# ---- Hopper (kernels/hopper.cuh): mbarrier, TMA, named barriers, wgmma, setmaxnreg, bulk reduce
 
 
 def test_mbarrier_ring_of_tma_loads(cases):
@@ -262,6 +262,73 @@ def test_wgmma_accumulators_land_at_the_wait(cases):
     assert out[0::2].isnan().all()
     assert (out[1::2] == 32).all()
     assert "wgmma results never waited for" in cases("wgmma_never_waited", out=out)
+
+
+@pytest.mark.parametrize("n", [64, 128])
+@pytest.mark.parametrize("majors", ["kk", "mk", "km", "mm"])
+def test_wgmma_ss_reads_a_and_b_k_major_or_mn_major(cases, majors, n):
+    """wgmma_ss<T, N, TRANS_A, TRANS_B>: A (64 x 64) and B (64 x N) stored in shared memory K-major or,
+    transposed, MN-major (A M-major: rows of 64 values of m, one per k; B N-major: rows of n, 64-column
+    tiles LBO apart), with the 128-byte swizzle; 4 steps of k16 give A B, as float64 computes it from
+    the same bf16 values, within fp32 rounding."""
+    generator = torch.Generator().manual_seed(n + len(majors))
+    A = torch.randn(64, 64, generator=generator).bfloat16().float()
+    B = torch.randn(64, n, generator=generator).bfloat16().float()
+    out = torch.full((64, n), float("nan"))
+    assert cases(f"wgmma_transposed_{majors}", n=n, out=out, inp=torch.cat([A.flatten(), B.flatten()])) == ""
+    assert torch.allclose(out.double(), A.double() @ B.double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_bulk_reduce_adds_every_block_into_global_memory(cases, workers):
+    """64 blocks each add 2 x 256 floats into the same 512 by bulk_reduce_add, on several OS threads:
+    every addition counts (small integers: exact). The first group's buffer is overwritten after
+    wait_read<1>, which retires it, and the second's after wait_read<0>: neither changes the sums."""
+    blocks = 64
+    cases.library.set_workers(workers)
+    try:
+        out = torch.zeros(512)
+        assert cases("bulk_reduce", n=blocks, out=out) == ""
+    finally:
+        cases.library.set_workers(0)
+    b = torch.arange(blocks, dtype=torch.float32)
+    expected_first = (torch.arange(256)[:, None] % 7 + b).sum(dim=1)
+    assert torch.equal(out[:256], expected_first)
+    assert torch.equal(out[256:], torch.full((256,), (b + 1).sum().item()))
+
+
+def test_bulk_reduce_reads_its_source_at_the_wait(cases):
+    """The hardware may read a bulk reduce's shared memory at any moment until the bulk_wait_read that
+    retires it: the emulation reads it then, so a source overwritten before that wait adds the new
+    values (-1000 here), and the mistake shows."""
+    out = torch.zeros(512)
+    assert cases("bulk_reduce_overwritten_early", n=2, out=out) == ""
+    assert torch.equal(out[:256], (torch.arange(256) % 7 * 2 + 1).float())
+    assert torch.equal(out[256:], torch.full((256,), -2000.0))
+
+
+def test_bulk_reduce_refused(cases):
+    """As on a GPU: both addresses 16-byte aligned, a multiple of 16 bytes, the source in shared
+    memory; and, as for TMA copies, a bulk reduce never waited for (committed or not) fails the launch."""
+    def run(what):
+        return cases("bulk_refused", n=what, out=torch.zeros(64), inp=torch.zeros(64))
+
+    error = run(0)
+    assert error.startswith(f"misaligned address: bulk_reduce_add at {line_of('bulk_misaligned')} in bulk_refused, "
+                            "block (0, 0, 0), thread "), error
+    assert "a bulk reduce's addresses must be 16-byte aligned; this one adds from " in error
+    error = run(1)
+    assert f"at {line_of('bulk_size')}" in error
+    assert error.endswith("the size of a bulk reduce is a multiple of 16 bytes; this one is 24"), error
+    error = run(2)
+    assert f"at {line_of('bulk_not_shared')}" in error
+    assert error.endswith("the source of a bulk reduce must be the block's shared memory (256 bytes); these 64 "
+                          "bytes are not"), error
+    for what in (3, 4):
+        error = run(what)
+        assert re.fullmatch(r"invalid argument: bulk_refused, block \(0, 0, 0\), thread \d+: bulk reduce never "
+                            r"waited for \(a bulk_commit and bulk_wait_read must follow the last bulk_reduce_add\)",
+                            error), error
 
 
 def test_setmaxnreg_takes_multiples_of_8_from_24_to_256(cases):

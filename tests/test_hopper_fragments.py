@@ -1,8 +1,9 @@
 """The emulation of Hopper's instructions (kernels/cpu_cuda.h, used through kernels/hopper.cuh) on one
 warpgroup (tools/hopper_fragments.cu): TMA boxes with the 128-byte swizzle and zero fill, wgmma with A
 and B K-major from shared memory, wgmma with A from registers and B MN-major (SBO between groups of 8
-rows of k, LBO between 64-column tiles); against torch in float64 and, on an H100 or H200, against
-the hardware running the same source (`-k cuda`)."""
+rows of k, LBO between 64-column tiles), wgmma with A M-major and/or B N-major from shared memory
+(the backward's dQ = dS K), and blocks' bulk reduces into one buffer; against torch in float64 and,
+on an H100 or H200, against the hardware running the same source (`-k cuda`)."""
 import sys
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import minimal_flash as mf
 
 sys.path.insert(0, str(mf.KERNELS.parent / "tools"))
-from fragments import build_fragments, run_hopper_program  # noqa: E402
+from fragments import HOPPER_PRODUCTS, build_fragments, run_bulk_program, run_hopper_program  # noqa: E402
 
 HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -53,24 +54,43 @@ def swizzled(tile):
 @HALVES
 def test_program_against_torch(build, dtype):
     X, P = inputs(0, dtype)
-    boxes, ss128, ss64, rs64, rs128, raw = run_hopper_program(build("cpu"), "cpu", dtype, X, P)
+    boxes, *products, raw = run_hopper_program(build("cpu"), "cpu", dtype, X, P)
     padded = torch.cat([X, torch.zeros(2, 64, 128, dtype=dtype)], dim=1)  # rows past the end: zeros
     expected = [padded[0, 0:64, 0:64], padded[0, 0:64, 64:128], padded[1, 0:64, 0:64], padded[1, 64:128, 0:64],
                 padded[1, 128:192, 64:128]]
     for i, tile in enumerate(expected):
         assert torch.equal(boxes[i], swizzled(tile.view(torch.int16))), f"box {i}"
     A, B, V, P = X[0, :64, :64].double(), X[1, :128, :64].double(), X[0, :64, :].double(), P.double()
-    for name, D, reference in (("ss128", ss128, A @ B.T), ("ss64", ss64, A @ B[:64].T),
-                               ("rs64", rs64, P @ V[:, :64]), ("rs128", rs128, P @ V)):
-        assert torch.allclose(D.double(), reference, rtol=1e-5, atol=1e-4), name
+    # (d): A M-major is the box of X[0, 0:64, 0:64] with k along its rows: A^T here; B N-major, B[:64].T.
+    references = {"ss128": A @ B.T, "ss64": A @ B[:64].T, "rs64": P @ V[:, :64], "rs128": P @ V,
+                  "mm128": A.T @ V, "mm64": A.T @ B[:64], "mk128": A.T @ B.T, "km64": A @ B[:64]}
+    for name, D in zip(HOPPER_PRODUCTS, products):
+        assert torch.allclose(D.double(), references[name], rtol=1e-5, atol=1e-4), name
     # Each thread's accumulators are the ones D was written from (the layout in kernels/hopper.cuh).
     t = torch.arange(128)
     w, g, q = t // 32, t % 32 // 4, t % 4
-    for D, raw_d, N in ((ss128, raw[:, :64], 128), (rs64, raw[:, 96:128], 64)):
+    start = 0
+    for D, N in zip(products, HOPPER_PRODUCTS.values()):
         i = torch.arange(N // 2)
         rows = 16 * w[:, None] + g[:, None] + 8 * (i % 4 // 2)
         cols = 8 * (i // 4) + 2 * q[:, None] + i % 2
-        assert torch.equal(raw_d, D[rows, cols])
+        assert torch.equal(raw[:, start:start + N // 2], D[rows, cols])
+        start += N // 2
+
+
+BLOCKS = 16
+
+
+def bulk_sums(blocks):
+    """What run_bulk_program's blocks add up to: element i < 256, the sum of i % 7 + b; the others, of b + 1."""
+    b = torch.arange(blocks, dtype=torch.float32)
+    return torch.cat([(torch.arange(256)[:, None] % 7 + b).sum(dim=1), torch.full((256,), (b + 1).sum().item())])
+
+
+def test_bulk_reduce_against_torch(build):
+    """Blocks add into one buffer by the copy engine, each overwriting its shared memory only after the
+    wait that retires the request: exact sums of small integers."""
+    assert torch.equal(run_bulk_program(build("cpu"), "cpu", BLOCKS), bulk_sums(BLOCKS))
 
 
 @pytest.mark.parametrize("device", [CUDA])
@@ -83,7 +103,15 @@ def test_emulation_gives_the_hardwares_answer(build, device, dtype):
         X, P = inputs(seed, dtype)
         on_gpu, emulated = (run_hopper_program(build(d), d, dtype, X, P) for d in (device, "cpu"))
         assert torch.equal(on_gpu[0], emulated[0]), "TMA boxes"
-        for name, x, y in zip(("ss128", "ss64", "rs64", "rs128", "accumulators"), on_gpu[1:], emulated[1:]):
+        for name, x, y in zip((*HOPPER_PRODUCTS, "accumulators"), on_gpu[1:], emulated[1:]):
             print(f"{dtype} seed {seed} {name}: max |gpu - emulation| = {(x - y).abs().max().item():.3g}, "
                   f"equal: {torch.equal(x, y)}")
             assert torch.allclose(x, y, rtol=1e-5, atol=1e-4), name
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_bulk_reduce_on_the_hardware(build, device):
+    """The same bulk reduces on the GPU: the same exact sums (the hardware adds in its own order, and
+    small integers make the order not matter)."""
+    for blocks in (1, BLOCKS, 132):
+        assert torch.equal(run_bulk_program(build(device), device, blocks), bulk_sums(blocks)), blocks

@@ -1,8 +1,9 @@
 """The kernels compile with nvcc for the H100/H200 (sm_90), wherever nvcc is installed, so a CUDA
 mistake fails CI even though CI has no GPU: each version's build (kernels/bindings.cu with its
 versionN.cuh, as minimal_flash builds it: it includes no torch header, so it compiles here too),
-each kernel file alone, and tools/fragments.cu, the tensor-core program of tests/test_fragments.py
-(its inline PTX is checked by the assembler)."""
+each kernel file alone, and tools/fragments.cu and tools/hopper_fragments.cu, the tensor-core programs
+of tests/test_fragments.py and tests/test_hopper_fragments.py (their inline PTX is checked by the
+assembler)."""
 import shutil
 import subprocess
 
@@ -11,7 +12,8 @@ import pytest
 import minimal_flash as mf
 
 ROOT = mf.KERNELS.parent
-SOURCES = sorted(p for p in mf.KERNELS.glob("*.cu") if p.name != "bindings.cu") + [ROOT / "tools" / "fragments.cu"]
+SOURCES = sorted(p for p in mf.KERNELS.glob("*.cu") if p.name != "bindings.cu") + [
+    ROOT / "tools" / "fragments.cu", ROOT / "tools" / "hopper_fragments.cu"]
 nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 
 

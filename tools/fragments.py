@@ -3,13 +3,16 @@ kernels/cpu_cuda.h, through tools/*_cpu.cpp), and run:
   tools/fragments.cu: one warp's ldmatrix, mma.sync m16n8k16 and shuffles (kernels/mma.cuh) on 16 x 16
     tiles. Notebook 6 reads the lane layouts from it; tests/test_fragments.py checks the emulation
     against torch and, on a GPU, against the hardware.
-  tools/hopper_fragments.cu: one warpgroup's TMA loads (128-byte swizzle), wgmma from shared memory and
-    from registers (kernels/hopper.cuh), built for sm_90a; tests/test_hopper_fragments.py checks it.
+  tools/hopper_fragments.cu: one warpgroup's TMA loads (128-byte swizzle), wgmma from shared memory (A
+    and B K-major or MN-major) and from registers, and blocks' bulk reduces into one buffer
+    (kernels/hopper.cuh), built for sm_90a; tests/test_hopper_fragments.py checks it.
 
     library = build_fragments("cpu")                        # or "cuda"; compiled with torch's extension builder
     S, O, row_max, registers, accumulators = run_program(library, "cpu", torch.bfloat16, A, K, V)
     hopper = build_fragments("cpu", program="hopper_fragments")
-    boxes, ss128, ss64, rs64, rs128, raw = run_hopper_program(hopper, "cpu", torch.bfloat16, X, P)
+    boxes, ss128, ss64, rs64, rs128, mm128, mm64, mk128, km64, raw = run_hopper_program(
+        hopper, "cpu", torch.bfloat16, X, P)
+    sums = run_bulk_program(hopper, "cpu", blocks=8)
 """
 import ctypes
 import sys
@@ -30,7 +33,7 @@ import minimal_flash as mf  # noqa: E402
 PROGRAMS = {
     "fragments": (["-O3"], "run_fragments", [ctypes.c_int] + [ctypes.c_void_p] * 8),
     "hopper_fragments": (["-O3", "-gencode=arch=compute_90a,code=sm_90a"], "run_hopper_fragments",
-                         [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7),
+                         [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4),
 }
 
 
@@ -51,6 +54,9 @@ def build_fragments(device, folder=None, program="fragments"):
     getattr(library, function).argtypes = argtypes
     if program == "fragments":
         library.round_to_half.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long]
+    if program == "hopper_fragments":
+        library.run_bulk_fragments.restype = ctypes.c_char_p
+        library.run_bulk_fragments.argtypes = [ctypes.c_int, ctypes.c_void_p]
     library.folder = temporary  # kept as long as the library is
     return library
 
@@ -73,22 +79,42 @@ def run_program(library, device, dtype, A, K, V):
     return [t.cpu() for t in outputs]
 
 
+# The products of tools/hopper_fragments.cu, in the order it writes them, and their columns (64 rows each).
+HOPPER_PRODUCTS = {"ss128": 128, "ss64": 64, "rs64": 64, "rs128": 128, "mm128": 128, "mm64": 64, "mk128": 128,
+                   "km64": 64}
+
+
 def run_hopper_program(library, device, dtype, X, P):
     """Runs tools/hopper_fragments.cu on X (2, rows, 128) and P (64, 64), rounded to `dtype` (bf16 or
     fp16). Returns the 5 boxes as TMA left them in shared memory (5, 64, 64; int16 bits, swizzled),
-    D = A B^T by wgmma_ss for N = 128 and 64, D = P V by wgmma_rs for N = 64 and 128, and each thread's
-    accumulators of the four, as one (128, 64 + 32 + 32 + 64) tensor: thread t's of ss128 in
-    [t, 0:64], of ss64 in [t, 64:96], and so on. Outputs start as NaN."""
+    D = A B^T by wgmma_ss for N = 128 and 64, D = P V by wgmma_rs for N = 64 and 128, the four wgmma_ss
+    with A and/or B MN-major (mm128, mm64, mk128, km64: see the .cu file), and each thread's
+    accumulators of the eight, as one (128, 384) tensor: thread t's of ss128 in [t, 0:64], of ss64 in
+    [t, 64:96], and so on in that order. Outputs start as NaN."""
     boxes = torch.zeros(5, 64, 64, dtype=torch.int16, device=device)
-    outputs = [torch.full(shape, float("nan"), device=device)
-               for shape in ((64, 128), (64, 64), (64, 64), (64, 128), (128 * 192,))]
+    products = torch.full((64 * sum(HOPPER_PRODUCTS.values()),), float("nan"), device=device)
+    raw = torch.full((128 * 384,), float("nan"), device=device)
     x, p = (t.to(device=device, dtype=dtype).contiguous() for t in (X, P))
     error = library.run_hopper_fragments(int(dtype == torch.bfloat16), x.data_ptr(), X.shape[1], p.data_ptr(),
-                                         boxes.data_ptr(), *(t.data_ptr() for t in outputs))
+                                         boxes.data_ptr(), products.data_ptr(), raw.data_ptr())
     if error:
         raise RuntimeError(f"hopper_fragments: {error.decode()}")
     if device == "cuda":
         torch.cuda.synchronize()
-    raw = torch.cat([part.view(128, -1) for part in outputs[4].cpu().split([128 * 64, 128 * 32, 128 * 32, 128 * 64])],
-                    dim=1)  # the kernel writes the four one after the other, thread by thread
-    return [t.cpu() for t in (boxes, *outputs[:4])] + [raw]
+    columns = list(HOPPER_PRODUCTS.values())
+    Ds = [D.view(64, n) for D, n in zip(products.cpu().split([64 * n for n in columns]), columns)]
+    # The kernel writes each product's accumulators one after the other, thread by thread.
+    raw = torch.cat([part.view(128, -1) for part in raw.cpu().split([128 * n // 2 for n in columns])], dim=1)
+    return [boxes.cpu(), *Ds, raw]
+
+
+def run_bulk_program(library, device, blocks):
+    """Runs tools/hopper_fragments.cu's bulk reduce: `blocks` blocks add into the same 512 floats
+    (zeros at first): block b adds i % 7 + b to element i < 256, and b + 1 to the others."""
+    out = torch.zeros(512, device=device)
+    error = library.run_bulk_fragments(blocks, out.data_ptr())
+    if error:
+        raise RuntimeError(f"hopper_fragments: {error.decode()}")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out.cpu()

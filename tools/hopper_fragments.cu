@@ -8,8 +8,16 @@
 //   (c) D = P V with wgmma_rs, N = 64 and 128: P (64 x 64) from registers, 4 steps of k16, and
 //       V = X[0, 0:64, 0:128] read as an MN-major B: two 64-column boxes side by side, SBO = 1024
 //       (from 8 rows of k to the next 8), LBO = 8192 (from columns 0-63 to 64-127);
-// and writes each D out, and each thread's accumulators as it holds them. nvcc builds it for sm_90a,
-// g++ against kernels/cpu_cuda.h (tools/hopper_fragments_cpu.cpp); tools/hopper_fragments.py builds
+//   (d) wgmma_ss with A and/or B MN-major ("transposed", 4 steps of k16, each 16 rows of k = 2048
+//       bytes further), the box of X[0, 0:64, 0:64] read as an M-major A: A = X[0, 0:64, 0:64]^T,
+//       rows of 64 values of m, one per k, SBO = 1024, LBO = 8192 (no second 64 rows of m to reach):
+//         mm128: A M-major, B = X[0, 0:64, 0:128] N-major as V in (c) (the backward's dQ = dS K);
+//         mm64:  A M-major, B = X[1, 0:64, 0:64] N-major;
+//         mk128: A M-major, B = X[1, 0:128, 0:64]^T K-major as in (b);
+//         km64:  A = X[0, 0:64, 0:64] K-major as in (b), B = X[1, 0:64, 0:64] N-major;
+// and writes each D out, and each thread's accumulators as it holds them. A second kernel has blocks
+// add into one buffer by the copy engine's bulk reduce (bulk_fragments below). nvcc builds it for
+// sm_90a, g++ against kernels/cpu_cuda.h (tools/hopper_fragments_cpu.cpp); tools/fragments.py builds
 // and runs either; tests/test_hopper_fragments.py compares them with torch and with each other.
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
@@ -36,10 +44,14 @@ __device__ void write_out(const float (&d)[N / 8][4], float* D, float* raw) {
         }
 }
 
+// Where the kernel writes: the products, row-major, and each thread's accumulators of each (raw).
+struct Outputs {
+    float *ss128, *ss64, *rs64, *rs128, *mm128, *mm64, *mk128, *km64, *raw;
+};
+
 template <class T>
 __global__ void hopper_fragments(const __grid_constant__ CUtensorMap map, const unsigned short* P,
-                                 unsigned short* boxes, float* ss128, float* ss64, float* rs64, float* rs128,
-                                 float* raw) {
+                                 unsigned short* boxes, const Outputs out) {
     // smem: the block's shared memory, declared in tiles.cuh (through hopper.cuh)
     char* base = reinterpret_cast<char*>(smem) + (1024 - shared_address(smem) % 1024) % 1024;
     uint64_t* bar = reinterpret_cast<uint64_t*>(base);
@@ -74,8 +86,9 @@ __global__ void hopper_fragments(const __grid_constant__ CUtensorMap map, const 
                         s > 0);
     wgmma_commit();
     wgmma_wait<0>();
-    write_out<128>(d128, ss128, raw);
-    write_out<64>(d64, ss64, raw + 128 * 64);
+    float* raw = out.raw;
+    write_out<128>(d128, out.ss128, raw);
+    write_out<64>(d64, out.ss64, raw + 128 * 64);
     // (c) thread (w, g, q), step s: a[j] = P[16w + g + 8 (j % 2)][16s + 2q + 8 (j / 2), + 1]
     const int w = t / 32, g = t % 32 / 4, q = t % 4;
     unsigned a[4][4];
@@ -92,8 +105,50 @@ __global__ void hopper_fragments(const __grid_constant__ CUtensorMap map, const 
         wgmma_rs<T, 128>(r128, a[s], smem_descriptor(a_at + 2048 * s, kBoxBytes, 1024), s > 0);
     wgmma_commit();
     wgmma_wait<0>();
-    write_out<64>(r64, rs64, raw + 128 * 64 + 128 * 32);
-    write_out<128>(r128, rs128, raw + 128 * 64 + 128 * 32 + 128 * 32);
+    write_out<64>(r64, out.rs64, raw + 128 * 64 + 128 * 32);
+    write_out<128>(r128, out.rs128, raw + 128 * 64 + 128 * 32 + 128 * 32);
+    // (d) MN-major: 16 rows of k (2048 bytes) per step; K-major: 32 bytes. Two at a time, as (b) and
+    // (c), so that the accumulators in flight fit in the registers.
+    auto mn = [](unsigned at, int s) { return smem_descriptor(at + 2048 * s, kBoxBytes, 1024); };
+    auto km = [](unsigned at, int s) { return smem_descriptor(at + 32 * s, 0, 1024); };
+    raw += 128 * 192;
+    wgmma_fence();
+    for (int s = 0; s < 4; ++s) wgmma_ss<T, 128, true, true>(d128, mn(a_at, s), mn(a_at, s), s > 0);
+    for (int s = 0; s < 4; ++s) wgmma_ss<T, 64, true, true>(d64, mn(a_at, s), mn(b_at, s), s > 0);
+    wgmma_commit();
+    wgmma_wait<0>(d128, d64);
+    write_out<128>(d128, out.mm128, raw);
+    write_out<64>(d64, out.mm64, raw + 128 * 64);
+    wgmma_fence();
+    for (int s = 0; s < 4; ++s) wgmma_ss<T, 128, true, false>(d128, mn(a_at, s), km(b_at, s), s > 0);
+    for (int s = 0; s < 4; ++s) wgmma_ss<T, 64, false, true>(d64, km(a_at, s), mn(b_at, s), s > 0);
+    wgmma_commit();
+    wgmma_wait<0>(d128, d64);
+    write_out<128>(d128, out.mk128, raw + 128 * 96);
+    write_out<64>(d64, out.km64, raw + 128 * 160);
+}
+
+// The bulk reduce (kernels/hopper.cuh): each block adds 512 floats into out[0 .. 512) by the copy
+// engine, as the backward's blocks add their parts of dQ. Block b's first buffer holds i % 7 + b, added
+// as one request (the first group), its second b + 1, as two requests of 128 floats (the second
+// group); thread 0 issues them, and overwrites each buffer once the wait that retires its group has
+// returned. Small integers: the sums are exact, in whatever order the blocks add.
+__global__ void bulk_fragments(float* out) {
+    float *first = smem, *second = smem + 256;  // 16-byte aligned, as the bulk reduce requires
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+        first[i] = float(i % 7 + blockIdx.x), second[i] = float(blockIdx.x + 1);
+    fence_proxy_async();  // written by the threads, read by the copy engine
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    bulk_reduce_add(out, first, 256 * 4);
+    bulk_commit();
+    bulk_reduce_add(out + 256, second, 128 * 4);
+    bulk_reduce_add(out + 384, second + 128, 128 * 4);
+    bulk_commit();
+    bulk_wait_read<1>();
+    for (int i = 0; i < 256; ++i) first[i] = -1000.0f;
+    bulk_wait_read<0>();
+    for (int i = 0; i < 256; ++i) second[i] = -1000.0f;
 }
 
 // The tensor map of X (2, rows, 128): boxes of 64 x 64, 128-byte swizzle. On the GPU the driver's
@@ -119,24 +174,36 @@ static const char* encode(CUtensorMap* map, bool bf16, const unsigned short* X, 
 }
 
 extern "C" {
-// Runs the program on one warpgroup; "" on success. raw: 128 x (64 + 32 + 32 + 64) floats.
+// Runs the program on one warpgroup; "" on success. products: the 8 products one after the other
+// (ss128, ss64, rs64, rs128, mm128, mm64, mk128, km64), raw: each thread's accumulators of them,
+// 128 x (64 + 32 + 32 + 64) floats for the first four, then 128 x (64 + 32 + 64 + 32).
 const char* run_hopper_fragments(int bf16, const unsigned short* X, int rows, const unsigned short* P,
-                                 unsigned short* boxes, float* ss128, float* ss64, float* rs64, float* rs128,
-                                 float* raw) {
+                                 unsigned short* boxes, float* products, float* raw) {
     CUtensorMap map;
     const char* error = encode(&map, bf16, X, rows);
     if (*error) return error;
+    Outputs out;
+    float** to[8] = {&out.ss128, &out.ss64, &out.rs64,  &out.rs128,
+                     &out.mm128, &out.mm64, &out.mk128, &out.km64};
+    const int columns[8] = {128, 64, 64, 128, 128, 64, 128, 64};
+    for (int i = 0; i < 8; ++i) *to[i] = products, products += 64 * columns[i];
+    out.raw = raw;
     if (bf16) {
         cudaFuncSetAttribute(hopper_fragments<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              kSharedBytes);
-        LAUNCH(hopper_fragments<__nv_bfloat16>, dim3(1), dim3(128), kSharedBytes, 0)(map, P, boxes, ss128,
-                                                                                     ss64, rs64, rs128, raw);
+        LAUNCH(hopper_fragments<__nv_bfloat16>, dim3(1), dim3(128), kSharedBytes, 0)(map, P, boxes, out);
     } else {
         cudaFuncSetAttribute(hopper_fragments<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              kSharedBytes);
-        LAUNCH(hopper_fragments<__half>, dim3(1), dim3(128), kSharedBytes, 0)(map, P, boxes, ss128, ss64,
-                                                                              rs64, rs128, raw);
+        LAUNCH(hopper_fragments<__half>, dim3(1), dim3(128), kSharedBytes, 0)(map, P, boxes, out);
     }
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? "" : cudaGetErrorString(err);
+}
+
+// The bulk reduce of `blocks` blocks of 128 threads into out (512 floats, zeros); "" on success.
+const char* run_bulk_fragments(int blocks, float* out) {
+    LAUNCH(bulk_fragments, dim3(blocks), dim3(128), 2048, 0)(out);
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }
