@@ -1726,6 +1726,11 @@ template <int n>
 inline void bulk_wait_read() {
     cpu_cuda::this_worker->current->reduces.wait(n);
 }
+// The full wait (the adds in global memory complete too) is the same here: they are done at the wait.
+template <int n>
+inline void bulk_wait() {
+    cpu_cuda::this_worker->current->reduces.wait(n);
+}
 
 // What orders memory between the proxies on a GPU: the emulation has one memory, in program order.
 inline void fence_proxy_async() {}
