@@ -70,6 +70,7 @@ class Version:
     head_dims: Optional[tuple] = None  # None: any d whose tiles fit in shared memory
     block_sizes: Optional[Callable] = None  # the rule for (Br, Bc): an error message or ""; None: not used
     deterministic: bool = False  # the backward gives the same bits run to run (no atomics)
+    deterministic_mode: bool = False  # deterministic=True makes it so, at a cost (version 4's ordered dQ)
     positive_scale: bool = False  # takes softmax_scale > 0 only
     capability: Optional[tuple] = None  # the one GPU compute capability it runs on (None: any)
     cuda_flags: tuple = ()  # nvcc flags of its CUDA build (None of them: torch's own for the GPU)
@@ -88,6 +89,7 @@ VERSIONS = {v.number: v for v in (
     # Hopper's wgmma and setmaxnreg exist for the sm_90a target only, whose code runs on 9.0 GPUs only.
     Version(4, "FlashAttention-3 on Hopper", 4, ("flash3_hopper.cu", "flash3_hopper_backward.cu"), "version4.cuh",
             (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True, capability=(9, 0),
+            deterministic_mode=True,
             cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",)),
 )}
 PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
@@ -124,26 +126,41 @@ def default_version(dtype, device="cpu"):
 
 
 def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None, scale=None, attn_mask=None,
-                    dropout_p=0.0, Br=None, Bc=None, version=None):
+                    dropout_p=0.0, Br=None, Bc=None, version=None, deterministic=False):
     """softmax(q k^T * softmax_scale [+ causal mask]) v, computed by the FlashAttention kernels,
     differentiable. softmax_scale defaults to 1/sqrt(d). is_causal and scale are the same options
     under torch.nn.functional.scaled_dot_product_attention's names; its attn_mask and dropout_p are
     refused unless left at their defaults. version: one of VERSIONS (default: version 2 for float32
     inputs, version 3 for bfloat16 and float16 ones). Br, Bc: the block sizes of the versions they
-    shape (default MINIMAL_FLASH_BR / _BC, else 32)."""
+    shape (default MINIMAL_FLASH_BR / _BC, else 32). deterministic: the backward's dQ the same bits
+    run to run (version 1 always; version 4 at a cost; the others refuse it)."""
     causal = _either("causal", causal, False, "is_causal", is_causal)
     softmax_scale = _either("softmax_scale", softmax_scale, None, "scale", scale)
     _check_sdpa_only(attn_mask, dropout_p)
     # Outside the Function: the .contiguous() of q, k, v passes gradients back. The block sizes are
     # fixed now: the backward must use the forward's.
     q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
+    deterministic = _check_deterministic(deterministic, version)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
-        return torch.ops.minimal_flash.attention(q, k, v, causal, scale, Br, Bc, version)[0]
+        return torch.ops.minimal_flash.attention(q, k, v, causal, scale, Br, Bc, version, deterministic)[0]
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return _attention(q, k, v, causal, scale, Br, Bc, version)[0]  # no autograd bookkeeping
     if q.numel() > 0:  # fail now, not after the forward has run, if the backward will not fit
         _check_shared_memory(load_kernels(q.device.type, version, Br, Bc), q, "backward", version)
-    return FlashAttention.apply(q, k, v, causal, scale, Br, Bc, version)
+    return FlashAttention.apply(q, k, v, causal, scale, Br, Bc, version, deterministic)
+
+
+def _check_deterministic(deterministic, version):
+    """deterministic as a bool, for a version that can give it: version 1's backward has no atomics;
+    version 4 orders its additions into dQ when asked; versions 2 and 3 add in whatever order blocks
+    finish."""
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic = {_short(deterministic)}: it must be True or False")
+    if deterministic and not (VERSIONS[version].deterministic or VERSIONS[version].deterministic_mode):
+        takes = [str(n) for n, x in VERSIONS.items() if x.deterministic or x.deterministic_mode]
+        raise ValueError(f"deterministic=True: version {version}'s backward adds into dQ with atomics, whose "
+                         f"order varies from run to run; version {' or '.join(takes)} can be deterministic")
+    return deterministic and VERSIONS[version].deterministic_mode  # what the kernels are told
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -152,18 +169,15 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """The flash-attn package's flash_attn_func, with its positional order, on our kernels: q, k, v are
     (B, N, H, d), batch, sequence, heads, head dim, and so is the result. Its options that these
     kernels do not have are refused unless left at their defaults; deterministic=True needs a version
-    whose backward is deterministic (version 1). Br, Bc, version: as for flash_attention."""
+    whose backward can be deterministic (version 1, or 4). Br, Bc, version: as for flash_attention."""
     _check_no_dropout(dropout_p)
     _check_official_defaults(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                              return_attn_probs=return_attn_probs)
-    if deterministic:
-        chosen = _check_version(version, q)
-        if not VERSIONS[chosen].deterministic:
-            takes = [n for n, x in VERSIONS.items() if x.deterministic]
-            raise ValueError(f"deterministic=True: version {chosen}'s backward adds into dQ with atomics, whose "
-                             f"order varies from run to run; version {' or '.join(map(str, takes))} is deterministic")
+    if deterministic:  # checked before the transposes, with the official argument's name
+        _check_deterministic(deterministic, _check_version(version, q))
     q, k, v = (_transposed(name, t) for name, t in (("q", q), ("k", k), ("v", v)))  # views: gradients reach the caller
-    out = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc, version=version)
+    out = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc, version=version,
+                          deterministic=deterministic)
     return out.transpose(1, 2)
 
 
@@ -203,17 +217,19 @@ def forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, out=
     return _attention(q, k, v, causal, scale, Br, Bc, version, out)
 
 
-def backward(dO, q, k, v, O, L, *, causal=False, softmax_scale=None, Br=None, Bc=None, out=None, version=None):
+def backward(dO, q, k, v, O, L, *, causal=False, softmax_scale=None, Br=None, Bc=None, out=None, version=None,
+             deterministic=False):
     """One backward pass of a version's kernels: the gradients (dQ, dK, dV) of a loss whose gradient
     with respect to the output O = forward(q, k, v)[0] is dO. O and L are what forward() returned for
     these q, k, v, options and block sizes (versions 1 and 2 give the same O and L). `out=(dQ, dK, dV)`
-    writes into given tensors."""
+    writes into given tensors. deterministic: as for flash_attention."""
     q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
+    deterministic = _check_deterministic(deterministic, version)
     dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
     L = _check_like("L", L, q[..., 0].float())
     if out is not None:
         out = _check_outputs(("dQ", "dK", "dV"), out, (q, q, q), (q, k, v, O, dO, L))
-    return _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, out)
+    return _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic, out)
 
 
 def _attention(q, k, v, causal, scale, Br, Bc, version, out=None):
@@ -227,14 +243,14 @@ def _attention(q, k, v, causal, scale, Br, Bc, version, out=None):
     return O, L
 
 
-def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, out=None):
+def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic=False, out=None):
     """backward() on inputs already checked."""
     dQ, dK, dV = out if out is not None else (torch.empty_like(q) for _ in range(3))
     if q.numel() > 0:
         kernels = load_kernels(q.device.type, version, Br, Bc)
         _check_shared_memory(kernels, q, "backward", version)
         q, k, v, O, dO = (_aligned(t) for t in (q, k, v, O, dO))
-        _raise_if(kernels.call("backward", causal, scale, q, k, v, O, L, dO, dQ, dK, dV))
+        _raise_if(kernels.call("backward", causal, scale, q, k, v, O, L, dO, dQ, dK, dV, deterministic=deterministic))
     return dQ, dK, dV
 
 
@@ -243,16 +259,16 @@ class FlashAttention(torch.autograd.Function):
     memory. The N x N matrix P is never stored; the backward kernel recomputes it tile by tile."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, Br, Bc, version):  # flash_attention checked them
+    def forward(ctx, q, k, v, causal, scale, Br, Bc, version, deterministic):  # flash_attention checked them
         O, L = _attention(q, k, v, causal, scale, Br, Bc, version)
         ctx.save_for_backward(q, k, v, O, L)
-        ctx.options = causal, scale, Br, Bc, version
+        ctx.options = causal, scale, Br, Bc, version, deterministic
         return O
 
     @staticmethod
     def backward(ctx, dO):
         dQ, dK, dV = _attention_grads(dO.contiguous(), *ctx.saved_tensors, *ctx.options)
-        return dQ, dK, dV, None, None, None, None, None
+        return dQ, dK, dV, None, None, None, None, None, None
 
 
 # The same two passes as PyTorch custom operators, minimal_flash::attention and
@@ -263,24 +279,25 @@ class FlashAttention(torch.autograd.Function):
 # small attention kernel runs.
 @torch.library.custom_op("minimal_flash::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                  Br: Optional[int], Bc: Optional[int], version: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attention(q, k, v, causal, scale, Br, Bc, version)
+                  Br: Optional[int], Bc: Optional[int], version: int,
+                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention(q, k, v, causal, scale, Br, Bc, version)  # deterministic: for the backward
 
 
 @_attention_op.register_fake
-def _(q, k, v, causal, scale, Br, Bc, version):
+def _(q, k, v, causal, scale, Br, Bc, version, deterministic):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("minimal_flash::attention_grads", mutates_args=())
 def _attention_grads_op(dO: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, O: torch.Tensor,
                         L: torch.Tensor, causal: bool, scale: float, Br: Optional[int], Bc: Optional[int],
-                        version: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_grads(dO.contiguous(), q, k, v, O, L, causal, scale, Br, Bc, version)
+                        version: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_grads(dO.contiguous(), q, k, v, O, L, causal, scale, Br, Bc, version, deterministic)
 
 
 @_attention_grads_op.register_fake
-def _(dO, q, k, v, O, L, causal, scale, Br, Bc, version):
+def _(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -290,7 +307,7 @@ def _attention_op_save(ctx, inputs, output):
 
 
 def _attention_op_grad(ctx, dO, dL):  # L is a by-product: nothing flows back through it
-    return *_attention_grads_op(dO, *ctx.saved_tensors, *ctx.options), None, None, None, None, None
+    return *_attention_grads_op(dO, *ctx.saved_tensors, *ctx.options), None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_attention_op_grad, setup_context=_attention_op_save)
@@ -482,7 +499,7 @@ class Kernels:
         for function, result, arguments in [
                 (c.mf_block_size, i, [i]), (c.mf_device_shared_bytes, i64, [i]),
                 (c.mf_shared_bytes, i64, [i, i]), (c.mf_scratch_floats, i64, [i, i]),
-                (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, f, b, i, i, P])]:
+                (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, f, b, b, i, i, P])]:
             function.restype, function.argtypes = result, arguments
         self.library, self.sources, self.version, self.folder = library, sources, version, None
         takes = VERSIONS[version].block_sizes is not None
@@ -502,7 +519,7 @@ class Kernels:
         """The most shared memory a block may have on this device (on the CPU, the emulation's)."""
         return self._ask("mf_device_shared_bytes", torch.device(device).index or 0)
 
-    def run(self, pass_, causal, scale, q, k, v, O, L, dO=None, dQ=None, dK=None, dV=None):
+    def run(self, pass_, causal, scale, q, k, v, O, L, dO=None, dQ=None, dK=None, dV=None, deterministic=False):
         """A pass on any tensors: the kernels index raw addresses, so this checks their layout first,
         the last line of defence for any caller (minimal_flash's functions have checked their inputs,
         and use `call`). Returns an error message, "" on success."""
@@ -519,9 +536,9 @@ class Kernels:
                     "is not 16-byte aligned")
         if bad(L, q.shape[:-1], torch.float32):
             return "internal error: L has the wrong layout"
-        return self.call(pass_, causal, scale, q, k, v, O, L, *grads)
+        return self.call(pass_, causal, scale, q, k, v, O, L, *grads, deterministic=deterministic)
 
-    def call(self, pass_, causal, scale, q, k, v, O, L, dO=None, dQ=None, dK=None, dV=None):
+    def call(self, pass_, causal, scale, q, k, v, O, L, dO=None, dQ=None, dK=None, dV=None, deterministic=False):
         """A pass on tensors already checked. The launch goes to the current stream of q's device, as
         torch's own do. Returns an error message, "" on success."""
         (B, H, N, d), p = q.shape, PASSES.index(pass_)
@@ -531,8 +548,8 @@ class Kernels:
         addresses = [t.data_ptr() if t is not None else None for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch)]
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address
-        return self._c.mf_run(p, *addresses, B * H, N, d, scale, causal, DTYPES.index(q.dtype), device,
-                              stream).decode()
+        return self._c.mf_run(p, *addresses, B * H, N, d, scale, causal, deterministic, DTYPES.index(q.dtype),
+                              device, stream).decode()
 
 
 # ---------------------------------------------------------------------------------------------

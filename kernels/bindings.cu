@@ -45,8 +45,10 @@ struct Call {
     int N, d;
     float scale;
     bool causal;
-    int dtype;   // of Q, K, V, O, dO, dQ, dK, dV: a DType
-    int device;  // the GPU the tensors are on
+    bool
+        deterministic;  // the backward's dQ the same bits run to run (version 4's mode; see minimal_flash.py)
+    int dtype;          // of Q, K, V, O, dO, dQ, dK, dV: a DType
+    int device;         // the GPU the tensors are on
     cudaStream_t stream;
 };
 
@@ -143,14 +145,32 @@ long long mf_shared_bytes(int pass, int d) { return Version::shared_bytes(Pass(p
 long long mf_scratch_floats(int pass, int d) { return Version::scratch_floats(Pass(pass), d); }
 
 // Forward (pass 0): O = softmax(scale * Q K^T) V and L = the rows' log-sum-exp, into O and L.
-// Backward (pass 1): dQ, dK, dV of the loss, given dO and the forward's O and L.
+// Backward (pass 1): dQ, dK, dV of the loss, given dO and the forward's O and L; `deterministic`: dQ
+// the same bits run to run, where the version has such a mode (version 4).
 // `dtype`: a DType; `device` and `stream`: where the tensors are and the stream to launch on (both 0
 // on the CPU). Addresses a pass does not use are null.
 const char* mf_run(int pass, const float* Q, const float* K, const float* V, float* O, const float* dO,
                    float* L, float* dQ, float* dK, float* dV, float* scratch, long long BH, int N, int d,
-                   float scale, bool causal, int dtype, int device, void* stream) {
-    const Call call{Q,       K,  V, dO, O,     L,      dQ,    dK,     dV,
-                    scratch, BH, N, d,  scale, causal, dtype, device, cudaStream_t(stream)};
+                   float scale, bool causal, bool deterministic, int dtype, int device, void* stream) {
+    const Call call{Q,
+                    K,
+                    V,
+                    dO,
+                    O,
+                    L,
+                    dQ,
+                    dK,
+                    dV,
+                    scratch,
+                    BH,
+                    N,
+                    d,
+                    scale,
+                    causal,
+                    deterministic,
+                    dtype,
+                    device,
+                    cudaStream_t(stream)};
     return run(pass, call);
 }
 }

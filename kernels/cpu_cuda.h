@@ -931,6 +931,16 @@ struct alignas(64) Worker {
         switch_context(self->context, next->context);
     }
 
+    // A thread that polls memory another block writes (wait_until_equal): it lets the block's other
+    // threads run first; with none ready, what it waits for is another block's, on another core (or
+    // done: blocks start in order), and the OS thread yields.
+    void yield_turn() {
+        if (stop_requested()) abandon_block();
+        if (ready_count == 0) return std::this_thread::yield();
+        make_ready(current);
+        switch_away();
+    }
+
     // The launch fails here: the block is abandoned at once.
     [[noreturn]] void abandon_block() {
         switch_context(current->context, home);
@@ -1756,6 +1766,13 @@ inline void setmaxnreg_dec(CPU_CUDA_SITE) {
 
 // Named barriers: `threads` arrivals at barrier `id` complete it; sync waits for that, arrive does
 // not. (Barrier 0 here is not __syncthreads' own.)
+// Flags in global memory between blocks (the deterministic backward's order of dQ's additions):
+// acquire and release as on a GPU, and a poll that lets the other threads run.
+inline void wait_until_equal(const int* flag, int value) {
+    while (__atomic_load_n(flag, __ATOMIC_ACQUIRE) != value) cpu_cuda::this_worker->yield_turn();
+}
+inline void release_increment(int* flag) { __atomic_fetch_add(flag, 1, __ATOMIC_RELEASE); }
+
 inline void named_barrier_sync(int id, int threads, CPU_CUDA_SITE) {
     cpu_cuda::this_worker->named_barrier(id, threads, true, {cpu_cuda::kNamedBarrier, file, line});
 }

@@ -9,7 +9,9 @@
 //   dK_j   += dS_ij^T Q_i    RS   dS^T likewise
 //   dQ_i    = dS_ij K_j      SS   dS^T through shared memory (A read MN-major), K_j MN-major
 // and dQ_i, which sums over every block's keys, is added into an fp32 copy of dQ by the copy engine
-// (bulk_reduce_add: one request per tile, not an atomic per element as in chapter 3).
+// (bulk_reduce_add: one request per tile, not an atomic per element as in chapter 3), in whatever
+// order blocks get there, so dQ's last bits vary run to run; with `deterministic`, each share waits
+// for the shares of the keys before it (a counter per query tile in global memory), at a cost.
 // D = rowsum(dO * O) before and dQ's conversion after are chapter 3's kernels.
 // Names as in the paper; "Alg. 2, line n" numbered as in flash2_backward.cu.
 //
@@ -106,7 +108,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     backward(const __grid_constant__ CUtensorMap tmK, const __grid_constant__ CUtensorMap tmV,
              const __grid_constant__ CUtensorMap tmQ, const __grid_constant__ CUtensorMap tmdO,
              const float* L, const float* D, int N, float scale, bool causal, float* dQ_sum,
-             unsigned short* dK, unsigned short* dV) {
+             unsigned short* dK, unsigned short* dV, bool deterministic, int* turns) {
     // smem: the block's shared memory (tiles.cuh); its start rounded up to 1024 bytes for the swizzle
     char* base = reinterpret_cast<char*>(smem);
     base += (1024 - shared_address(base) % 1024) % 1024;
@@ -230,8 +232,13 @@ __global__ void __launch_bounds__(THREADS, 1)
         fence_proxy_async();
         named_barrier_sync(bar, 128);
         if (tid == 0) {
+            // deterministic: the shares of dQ_i are added in one order, by key: this warpgroup's turn
+            // comes after the 2 blockIdx.x + consumer shares of the keys before its own.
+            int* turn = turns + size_t(bh) * Tr + i;
+            if (deterministic) wait_until_equal(turn, 2 * blockIdx.x + consumer);
             bulk_reduce_add(dQ_sum + (size_t(bh) * N + q0) * d, dQ_c, unsigned(min(Br, N - q0) * d * 4));
             bulk_commit();
+            if (deterministic) bulk_wait<0>(), release_increment(turn);  // added: the next may go
         }
     }
     if (tid == 0) bulk_wait<0>();  // the sums are complete when the kernel is

@@ -104,6 +104,19 @@ __device__ inline void tma_load(void* to, const CUtensorMap* map, int x, int y, 
         : "memory");
 }
 
+// ---- flags between blocks ------------------------------------------------------------------------
+// Polls until *flag == value, each read an acquire at GPU scope: what the block that set it did
+// before its release (a bulk reduce it waited for) is visible after. The other side: release_increment.
+__device__ inline void wait_until_equal(const int* flag, int value) {
+    int now;
+    do {
+        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(now) : "l"(flag) : "memory");
+    } while (now != value);
+}
+__device__ inline void release_increment(int* flag) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(flag) : "memory");
+}
+
 // ---- fences, registers, named barriers -----------------------------------------------------------
 // Shared memory written by ordinary stores that wgmma or TMA (the "async proxy") reads next.
 __device__ inline void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }

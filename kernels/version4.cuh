@@ -77,7 +77,8 @@ struct Version {
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash3_hopper::shared_bytes(d) : flash3_hopper_backward::shared_bytes(d);
     }
-    static int scratch_floats(Pass pass, int d) { return pass == FORWARD ? 0 : d + 1; }  // as version 3
+    // Backward: dQ's fp32 sums (d), D (1) and, deterministic, a counter per query tile (1: rows >= tiles).
+    static int scratch_floats(Pass pass, int d) { return pass == FORWARD ? 0 : d + 2; }
 
     static std::string forward(const Call& c) {
         if (std::string err = error(c); !err.empty()) return err;
@@ -126,18 +127,23 @@ struct Version {
         namespace b3 = flash2_mma_backward;
         const long long rows = c.BH * c.N;
         float *dQ_sum = c.scratch, *D = c.scratch + rows * d;
+        int* turns = reinterpret_cast<int*>(D + rows);  // deterministic: a counter per query tile, from 0
         CUtensorMap tmK, tmV, tmQ, tmdO;
         for (auto [map, data, box_rows] :
              {std::tuple{&tmK, c.K, bw::Bc}, {&tmV, c.V, bw::Bc}, {&tmQ, c.Q, bw::Br}, {&tmdO, c.dO, bw::Br}})
             if (std::string err = tensor_map(map, data, c, box_rows); !err.empty()) return err;
         std::string err = launch("flash2_mma_backward::rowsum_D", b3::rowsum_D<T, d>,
                                  dim3((rows + 255) / 256), 256, 0, c, bits(c.O), bits(c.dO), size_t(rows), D);
+        if (err.empty() && c.deterministic &&
+            cudaMemsetAsync(turns, 0, sizeof(int) * rows, c.stream) != cudaSuccess)
+            err = "zeroing the turns failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
         if (err.empty() && cudaMemsetAsync(dQ_sum, 0, sizeof(float) * rows * d, c.stream) != cudaSuccess)
             err = "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
         if (err.empty())
             err = launch("flash3_hopper_backward::backward", bw::backward<T, d>,
                          dim3(ceil_div(c.N, bw::Bc), c.BH), bw::THREADS, bw::shared_bytes(d), c, tmK, tmV,
-                         tmQ, tmdO, c.L, D, c.N, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV));
+                         tmQ, tmdO, c.L, D, c.N, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV),
+                         c.deterministic, turns);
         const size_t pairs = rows * d / 2;
         if (err.empty())
             err = launch("flash2_mma_backward::convert_dQ", b3::convert_dQ<T>, dim3((pairs + 255) / 256), 256,

@@ -14,7 +14,7 @@ from helpers import CAUSAL, DEVICES, MATRIX, TOL, head_dim, random_dO, random_qk
 @CAUSAL
 def test_opcheck(device, version, dtype, causal, generator):
     q, k, v = random_qkv(2, 2, 37, head_dim(version, 16), device, generator, dtype)
-    options = (causal, 0.3, *mf.block_sizes(version), version)
+    options = (causal, 0.3, *mf.block_sizes(version), version, mf.VERSIONS[version].deterministic_mode)
     torch.library.opcheck(torch.ops.minimal_flash.attention.default, (q, k, v, *options))
     O, L = torch.ops.minimal_flash.attention(q, k, v, *options)
     torch.library.opcheck(torch.ops.minimal_flash.attention_grads.default,

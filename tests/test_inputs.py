@@ -383,6 +383,11 @@ def test_deterministic_needs_a_deterministic_backward(generator):
     grads = [torch.autograd.grad(mf.flash_attn_func(q, k, v, causal=True, deterministic=True, version=1).sum(),
                                  (q, k, v)) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+    with pytest.raises(ValueError, match="version 3's backward adds into dQ with atomics.*version 1 or 4 can"):
+        mf.flash_attention(*(torch.randn(1, 2, 8, 64, dtype=torch.bfloat16) for _ in range(3)), deterministic=True,
+                           version=3)
+    with pytest.raises(TypeError, match="deterministic = 'yes': it must be True or False"):
+        mf.flash_attention(q, k, v, deterministic="yes")
 
 
 def test_qkvpacked_needs_three_on_dim_2():
