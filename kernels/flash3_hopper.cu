@@ -152,8 +152,8 @@ __global__ void __launch_bounds__(THREADS, 1)
 
     if (threadIdx.x == 0) {
         mbarrier_init(t.Q_full, 1);
-        for (int s = 0; s < STAGES; ++s) {  // full: the producer's expect_tx and the bytes; empty: one
-            mbarrier_init(&t.K_full[s], 1), mbarrier_init(&t.V_full[s], 1);  // arrival per consumer warp
+        for (int s = 0; s < STAGES; ++s) {  // full: 1 arrival (expect_tx) and the bytes; empty: 8 warps
+            mbarrier_init(&t.K_full[s], 1), mbarrier_init(&t.V_full[s], 1);
             mbarrier_init(&t.K_empty[s], CONSUMERS * 4), mbarrier_init(&t.V_empty[s], CONSUMERS * 4);
         }
         fence_mbarrier_init();
