@@ -50,6 +50,8 @@ inline unsigned shared_address(const void* p) {  // the emulation's shared memor
 //     address bits after that offset, so the step stays within each 128-byte row).
 //   MN-major (rows of N values, as V_j read as the B of P V): SBO = 1024, from 8 rows of K to the
 //     next 8; LBO, from one 64-column tile to the next (columns 64-127 of a d = 128 tile).
+//   An MN-major A (rows of M values: the backward's dS read from dS^T) reads the same way, M for N;
+//     at M = 64 its rows are one 128-byte tile and LBO is not reached.
 __host__ __device__ inline uint64_t smem_descriptor(unsigned address, unsigned lbo_bytes,
                                                     unsigned sbo_bytes) {
     return uint64_t((address & 0x3FFFF) >> 4) | uint64_t((lbo_bytes & 0x3FFFF) >> 4) << 16 |
