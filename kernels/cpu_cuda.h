@@ -646,17 +646,10 @@ struct Fiber {
     }
 };
 
-// The block's barrier, __syncthreads: it completes when every thread of the block has arrived at
-// the same one (the same call site). A thread arriving elsewhere, or one that exited, means it
-// can never complete: the worker finds that no thread can run, and reports the barrier.
-struct BlockBarrier {
-    unsigned arrived = 0;
-    Site site;  // where the first thread arrived
-    bool diverged = false;
-};
-
-// Where the threads of a collective meet (a warp's 32, a warpgroup's 128): how many have arrived, and
-// at which operation (a thread arriving at another one means it can never complete).
+// Where the threads of a collective meet (the block's at __syncthreads, a warp's 32, a warpgroup's
+// 128): how many have arrived, and at which operation, the same call site (a thread arriving at
+// another one, or one that exited, means it can never complete: the worker finds that no thread can
+// run, and reports it).
 struct Meeting {
     unsigned arrived = 0, generation = 0;  // generation % 2: the half of a warp's buffers in use
     Site site;
@@ -879,7 +872,7 @@ struct alignas(64) Worker {
     unsigned ready_head = 0, ready_count = 0;
     unsigned threads = 0, exited = 0;
     unsigned switches_until_tick = 0;
-    BlockBarrier barrier;
+    Meeting barrier;  // the block's, __syncthreads
     std::vector<Warp> warps;
     std::vector<WarpGroup> warpgroups;
     std::vector<Mbarrier> mbarriers;  // by slot, in the order of their mbarrier_init
@@ -947,20 +940,26 @@ struct alignas(64) Worker {
         std::abort();
     }
 
-    void sync_threads(const Site& site) {
-        Fiber* self = current;
-        if (barrier.arrived == 0)
-            barrier.site = site, barrier.diverged = false;
-        else if (!same_site(site, barrier.site))
-            barrier.diverged = true;
-        if (++barrier.arrived < threads || barrier.diverged) {
-            self->waiting = site;
+    // The current thread arrives at a meeting of `size` threads. Not the last: it waits there, and
+    // false is returned once it has been released. The last: true, and it releases the others.
+    bool last_to_arrive(Meeting& meeting, unsigned size, const Site& site) {
+        if (meeting.arrived == 0)
+            meeting.site = site, meeting.diverged = false;
+        else if (!same_site(site, meeting.site))
+            meeting.diverged = true;
+        if (++meeting.arrived < size || meeting.diverged) {
+            current->waiting = site;
             switch_away();
-            return;
+            return false;
         }
-        barrier.arrived = 0;  // all are here: this one goes on, and the others after it, in turn
-        ascending = !ascending;
-        make_block_ready(self);
+        meeting.arrived = 0;
+        return true;
+    }
+
+    void sync_threads(const Site& site) {
+        if (!last_to_arrive(barrier, threads, site)) return;
+        ascending = !ascending;  // all are here: this one goes on, and the others after it, in turn
+        make_block_ready(current);
     }
 
     // The block's threads (but `running`, which goes on) ready to run, in thread order or reversed.
@@ -1020,17 +1019,9 @@ struct alignas(64) Worker {
     }
     template <class Complete>
     void meet(Meeting& meeting, unsigned size, const Site& site, Complete&& complete) {
+        if (!last_to_arrive(meeting, size, site)) return;
         Fiber* self = current;
-        if (meeting.arrived == 0)
-            meeting.site = site, meeting.diverged = false;
-        else if (!same_site(site, meeting.site))
-            meeting.diverged = true;
-        if (++meeting.arrived < size || meeting.diverged) {
-            self->waiting = site;
-            switch_away();
-            return;
-        }
-        meeting.arrived = 0, ++meeting.generation;
+        ++meeting.generation;
         complete();
         const unsigned first = self->id / size * size;
         for (unsigned l = first + size; l-- > first;)  // so that they run in thread order
@@ -1438,7 +1429,7 @@ struct alignas(64) Worker {
         blockIdx =
             dim3(unsigned(b % g.x), unsigned(b / g.x % g.y), unsigned(b / (g.x * (unsigned long long)g.y)));
         std::memset(smem, kPoison, launch->shared_bytes);
-        exited = 0, barrier = BlockBarrier{}, ready_head = 0, ready_count = 0;
+        exited = 0, barrier = Meeting{}, ready_head = 0, ready_count = 0;
         for (Warp& warp : warps) warp.arrived = 0, warp.generation = 0, warp.diverged = false;
         for (WarpGroup& group : warpgroups) group.arrived = 0, group.diverged = false;
         for (NamedBarrier& b : named) b.arrived = 0, b.waiters.clear();

@@ -25,13 +25,7 @@ struct Version {
     // What the kernels cannot take (minimal_flash.py checks these first, with the same words).
     static std::string error(const Call& c) {
         if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
-        if (c.dtype == FLOAT32) return "version 3 takes bfloat16 or float16 tensors, not float32";
-        if (c.d != 64 && c.d != 128)
-            return "version 3 takes head dim d = 64 or 128, not " + std::to_string(c.d);
-        // The kernel takes the running max of unscaled scores, right only for scale >= 0; and at scale 0
-        // a masked score's exponent would be -inf * 0 = NaN.
-        if (c.scale <= 0) return "version 3 takes softmax_scale > 0, not " + std::to_string(c.scale);
-        return "";
+        return half_precision_error(c, 3);
     }
 
     // Launcher<T, d>::run for the call's dtype and d.

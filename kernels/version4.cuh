@@ -98,10 +98,7 @@ struct Version {
         if (const int cc = capability(c.device); cc != 90)
             return "version 4 needs a Hopper GPU (compute capability 9.0); this one is " +
                    std::to_string(cc / 10) + "." + std::to_string(cc % 10);
-        if (c.dtype == FLOAT32) return "version 4 takes bfloat16 or float16 tensors, not float32";
-        if (c.d != 64 && c.d != 128)
-            return "version 4 takes head dim d = 64 or 128, not " + std::to_string(c.d);
-        if (c.scale <= 0) return "version 4 takes softmax_scale > 0, not " + std::to_string(c.scale);
+        if (std::string err = half_precision_error(c, 4); !err.empty()) return err;
         for (const float* p : {c.Q, c.K, c.V})  // the copy engine reads from 16-byte aligned addresses only
             if (p && reinterpret_cast<uintptr_t>(p) % 16 != 0)
                 return "version 4 needs q, k, v 16-byte aligned";

@@ -136,20 +136,19 @@ def bf16_table(name="sweep_bf16.csv", version=3, from_N=512):
 def steps_table(name="flash3_hopper_forward_steps.csv", Ns=(1024, 4096, 16384)):
     """Version 4's steps (tools/hopper_steps.py's CSV): TFLOP/s of each step and of both SDPA backends,
     and, for the steps, cuDNN's time over theirs, by d, causal and N."""
-    import csv
     points = {}
-    for r in csv.DictReader(open(RESULTS / name)):
-        points.setdefault((int(r["d"]), r["causal"] == "True", int(r["N"])), {})[r["method"]] = r
+    for r in bench.read_csv(RESULTS / name):
+        points.setdefault((r["d"], r["causal"], r["N"]), {})[r["method"]] = r
     methods = sorted({m for point in points.values() for m in point if m.startswith("step")})
     header = ["d", "causal", "N", *methods, "SDPA-FA2", "SDPA-cuDNN"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for (d, causal, N), point in sorted(points.items()):
         if N not in Ns:
             continue
-        cudnn = float(point["sdpa-cudnn"]["ms"])
+        cudnn = point["sdpa-cudnn"]["ms"]
         cells = [str(d), "yes" if causal else "no", str(N)]
-        cells += [f"{float(point[m]['tflops']):.0f} ({cudnn / float(point[m]['ms']):.2f})" for m in methods]
-        cells += [f"{float(point[m]['tflops']):.0f}" for m in ("sdpa-flash", "sdpa-cudnn")]
+        cells += [f"{point[m]['tflops']:.0f} ({cudnn / point[m]['ms']:.2f})" for m in methods]
+        cells += [f"{point[m]['tflops']:.0f}" for m in ("sdpa-flash", "sdpa-cudnn")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
