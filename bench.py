@@ -369,12 +369,17 @@ def sweep_methods(args):
     """{name: fn(q, k, v, causal)}: manual attention, our kernels in every version for the dtype that
     runs here (the paper's loop order, FlashAttention-2's, ...; forward and backward), SDPA on each
     backend sdpa_backends gives, pinned."""
-    def ours(version):
+    def ours(version, deterministic=False):
         Br, Bc = args.block_sizes[version]
-        return lambda q, k, v, causal: mf.flash_attention(q, k, v, causal=causal, Br=Br, Bc=Bc, version=version)
+        return lambda q, k, v, causal: mf.flash_attention(q, k, v, causal=causal, Br=Br, Bc=Bc, version=version,
+                                                          deterministic=deterministic)
 
+    versions = sweep_versions(args)
+    # A version whose deterministic=True is a mode of its own (a different backward) is timed in it too.
+    deterministic = {method_name(v) + "-deterministic": ours(v, True) for v in versions
+                     if getattr(mf.VERSIONS[v], "deterministic_mode", False)}
     backends = sdpa_backends(args.device, args.causal, args.dtype, args.head_dim)
-    return {"manual": plain_attention, **{method_name(v): ours(v) for v in sweep_versions(args)},
+    return {"manual": plain_attention, **{method_name(v): ours(v) for v in versions}, **deterministic,
             **{sdpa_name(b): sdpa_pinned(b) for b in backends}}
 
 

@@ -498,7 +498,7 @@ class Kernels:
         c = self._c = ctypes.CDLL(str(library))
         for function, result, arguments in [
                 (c.mf_block_size, i, [i]), (c.mf_device_shared_bytes, i64, [i]),
-                (c.mf_shared_bytes, i64, [i, i]), (c.mf_scratch_floats, i64, [i, i]),
+                (c.mf_shared_bytes, i64, [i, i]), (c.mf_scratch_floats, i64, [i, i, i]),
                 (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, f, b, b, i, i, P])]:
             function.restype, function.argtypes = result, arguments
         self.library, self.sources, self.version, self.folder = library, sources, version, None
@@ -542,9 +542,9 @@ class Kernels:
         """A pass on tensors already checked. The launch goes to the current stream of q's device, as
         torch's own do. Returns an error message, "" on success."""
         (B, H, N, d), p = q.shape, PASSES.index(pass_)
-        per_row = self._ask("mf_scratch_floats", p, d)
+        per_slice = self._ask("mf_scratch_floats", p, N, d)
         # fp32 whatever q's dtype; held here until the launch is queued (none where the pass needs none)
-        scratch = q.new_empty(B * H * N * per_row, dtype=torch.float32) if per_row > 0 else None
+        scratch = q.new_empty(B * H * per_slice, dtype=torch.float32) if per_slice > 0 else None
         addresses = [t.data_ptr() if t is not None else None for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch)]
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address

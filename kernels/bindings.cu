@@ -40,7 +40,7 @@ enum Pass { FORWARD, BACKWARD };            // minimal_flash.PASSES
 struct Call {
     const float *Q, *K, *V, *dO;
     float *O, *L, *dQ, *dK, *dV;
-    float* scratch;  // fp32, Version::scratch_floats per row of the B * H * N
+    float* scratch;  // fp32, Version::scratch_floats per (batch, head) slice
     long long BH;    // B * H (batch, head) slices of N rows and d columns each
     int N, d;
     float scale;
@@ -151,9 +151,9 @@ int mf_block_size(int which) { return which == 0 ? Br : Bc; }  // 0: Br, 1: Bc
 long long mf_device_shared_bytes(int device) { return max_shared_bytes(device); }
 
 // The least shared memory a block of this pass needs at head dim d (one thread group), and the
-// scratch floats it needs per row of the B * H * N.
+// scratch floats it needs per (batch, head) slice of N rows.
 long long mf_shared_bytes(int pass, int d) { return Version::shared_bytes(Pass(pass), d); }
-long long mf_scratch_floats(int pass, int d) { return Version::scratch_floats(Pass(pass), d); }
+long long mf_scratch_floats(int pass, int N, int d) { return Version::scratch_floats(Pass(pass), N, d); }
 
 // Forward (pass 0): O = softmax(scale * Q K^T) V and L = the rows' log-sum-exp, into O and L.
 // Backward (pass 1): dQ, dK, dV of the loss, given dO and the forward's O and L; `deterministic`: dQ

@@ -7,27 +7,33 @@
 //   dP_ij^T = V_j dO_i^T     SS
 //   dV_j   += P_ij^T dO_i    RS   P^T from the registers where the softmax left it; dO_i read MN-major
 //   dK_j   += dS_ij^T Q_i    RS   dS^T likewise
-//   dQ_i    = dS_ij K_j      SS   dS^T through shared memory (A read MN-major), K_j MN-major
-// and dQ_i, which sums over every block's keys, is added into an fp32 copy of dQ by the copy engine
-// (bulk_reduce_add: one request per tile, not an atomic per element as in chapter 3), in whatever
-// order blocks get there, so dQ's last bits vary run to run; with `deterministic`, each share waits
-// for the shares of the keys before it (a counter per query tile in global memory), at a cost.
-// D = rowsum(dO * O) before and dQ's conversion after are chapter 3's kernels.
+//   dQ_i    = dS_ij K_j      SS   half of d's columns per consumer, over all Bc keys: dS^T through
+//                                 shared memory (A read MN-major), K_j MN-major
+// and dQ_i, which sums over every block's keys, is added into fp32 sums of dQ by the copy engine
+// (bulk_reduce_add: one request per tile and warpgroup, not an atomic per element as in chapter 3),
+// in whatever order blocks get there, so dQ's last bits vary run to run; with `deterministic`, each
+// share waits for the shares of the keys before it (a counter per query tile in global memory).
+// The sums are kept in the order the warps hold them (dQ_sum_offset below), so that a warp's stores
+// to shared memory are 512 contiguous bytes; convert_dQ puts them back in rows. D = rowsum(dO * O)
+// before is chapter 3's kernel.
 // Names as in the paper; "Alg. 2, line n" numbered as in flash2_backward.cu.
 //
 // Who owns what: one block per (batch, head, Bc = 128 keys), 2 warpgroups of 128 threads.
 //
-//   warpgroup 0   keys  0- 63: S^T, dP^T (64 x 64) for the tile, dK_j, dV_j (64 x d) for the whole pass
-//   warpgroup 1   keys 64-127: the same
+//   warpgroup 0   keys  0- 63: S^T, dP^T (64 x 64) for the tile, dK_j, dV_j (64 x d) for the whole
+//                 pass; dQ_i's first d/2 columns (64 x d/2) for the tile, over all 128 keys
+//   warpgroup 1   keys 64-127: the same; dQ_i's last d/2 columns
 //   thread 0 also issues the copies: K_j, V_j once; Q_i, dO_i into stage i % STAGES once every
 //   consumer warp has released the tile before
 //
 //   shared memory (1024-byte aligned; 16-bit tiles in sub-tiles of 64 columns, 128-byte swizzled)
 //     K_j, V_j          Bc x d each                TMA, read by both warpgroups' wgmma
 //     Q_i, dO_i         STAGES x (Br x d) each     the ring: TMA writes, wgmma reads
-//     dS_ij^T           Bc x Br                    each warpgroup its 64 rows: stores, then its wgmma
-//     dQ_i's share      2 x (Br x d) fp32          each warpgroup's: stores, then the copy engine
-//     L_i, D_i          2 x STAGES x 2 x Br fp32   each warpgroup loads its own, by ordinary loads
+//     dS_ij^T           2 x (Bc x Br)              each warpgroup its 64 rows, both read all of it;
+//                                                  two buffers, tile % 2, as a warpgroup may store the
+//                                                  next tile's while the other still reads this one's
+//     dQ_i's share      Br x d fp32                each warpgroup its columns: stores, then the copy engine
+//     L_i, D_i          2 x STAGES x 2 x Br fp32   each warpgroup its own, by ordinary loads a tile ahead
 //
 //   within a warpgroup, warp w holds keys 16w .. 16w + 15 of its 64, lane (g, q) keys g and g + 8
 //   and, of every 8 query columns, 2q and 2q + 1 (the accumulator layout of kernels/hopper.cuh).
@@ -42,12 +48,15 @@ constexpr int Bc = 64 * CONSUMERS, Br = 64;  // keys per block, queries per tile
 constexpr int STAGES = 2;                    // Q_i, dO_i buffers in the ring
 constexpr int SUB = 64;                      // columns of a swizzled sub-tile: 128 bytes
 
+// The fp32 sums of dQ: query tile by query tile (Tr = ceil(N / Br) a slice, the last one padded),
+// Br x d floats each, in the order the warps hold them (kernels/hopper.cuh): by consumer (its d/2
+// columns), warp (16 rows), 8 columns, lane, then the lane's 4 values.
+
 // Shared memory, in bytes from the 1024-aligned start.
 template <int d>
 struct Shared {
     static constexpr int K = 0, V = K + Bc * d * 2, Q = V + Bc * d * 2, dO = Q + STAGES * Br * d * 2,
-                         dS = dO + STAGES * Br * d * 2, dQ = dS + Bc * Br * 2,
-                         LD = dQ + CONSUMERS * Br * d * 4, BARRIERS = LD + CONSUMERS * STAGES * 2 * Br * 4;
+                         dS = dO + STAGES * Br * d * 2, dQ = dS + 2 * Bc * Br * 2, LD = dQ + Br * d * 4, BARRIERS = LD + CONSUMERS * STAGES * 2 * Br * 4;
     static constexpr int bytes = BARRIERS + (1 + 2 * STAGES) * 8 + 1024;  // + room to align the start
 };
 inline size_t shared_bytes(int d) { return d == 64 ? Shared<64>::bytes : Shared<128>::bytes; }
@@ -72,6 +81,7 @@ struct Tiles {
     }
     __device__ unsigned short* Q_stage(int s) const { return Q + s * Br * d; }
     __device__ unsigned short* dO_stage(int s) const { return dO + s * Br * d; }
+    __device__ unsigned short* dS_buffer(int s) const { return dS + s * Bc * Br; }
 };
 
 // Alg. 2, lines 8-9 (the copy engine's part): Q_i and dO_i into stage s = t % STAGES of the ring (t:
@@ -139,24 +149,31 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int warp_key = key0 + 64 * consumer + 16 * w, key = warp_key + g;  // the lane's keys: key, key + 8
     const unsigned short *K_c = t.K + 64 * consumer * SUB,
                          *V_c = t.V + 64 * consumer * SUB;  // its keys' rows
-    unsigned short* dS_c = t.dS + 64 * consumer * SUB;
-    float* dQ_c = t.dQ + consumer * Br * d;
+    constexpr int half = d / CONSUMERS;                     // its columns of dQ: half consumer ..
+    const unsigned short* K_cols = t.K + half * consumer / SUB * Bc * SUB + half * consumer % SUB;
+    float* dQ_c = t.dQ + consumer * Br * half;
     const float c = scale * LOG2E;
-    const int bar = 1 + consumer;  // the warpgroup's named barrier: its 128 threads
+    const int bar = 1 + consumer, both = 3;  // named barriers: the warpgroup's 128 threads; all 256
+
+    // L_i and D_i (L in log2 units) of query tile i: thread tid < 2 Br loads one, for the tile after
+    // the one it works on, so that the load's latency passes under that tile's products.
+    auto load_LD = [&](int i) {
+        const int row = i * Br + tid % Br;
+        return tid >= 2 * Br || row >= N ? 0.0f : tid < Br ? L[row] * LOG2E : D[row];
+    };
+    float LD_next = load_LD(i_first);
 
     float dv[d / 8][4] = {}, dk[d / 8][4] = {};  // Alg. 2, line 7
     mbarrier_wait(t.KV_full, 0);
     for (int tile = 0; tile < n; ++tile) {
         const int i = i_first + tile, q0 = i * Br, s = tile % STAGES;
-        // L_i and D_i for this tile's queries, into this warpgroup's buffer of stage s (its last
-        // readers, two tiles ago, are past the barriers since). Thread 0 first waits until the copy
-        // engine has read the previous tile's dQ share, which the loop below overwrites.
+        // L_i, D_i into this warpgroup's buffer of stage s (its last readers, two tiles ago, are past
+        // the barriers since). Thread 0 also waits until the copy engine has read the previous tile's
+        // dQ share, which this one overwrites.
         float* LD_c = t.LD + (consumer * STAGES + s) * 2 * Br;
+        if (tid < 2 * Br) LD_c[tid] = LD_next;
+        if (tile + 1 < n) LD_next = load_LD(i + 1);
         if (tid == 0) bulk_wait_read<0>();
-        if (tid < 2 * Br) {
-            const int row = q0 + tid % Br;
-            LD_c[tid] = row < N ? (tid < Br ? L[row] * LOG2E : D[row]) : 0.0f;  // L in log2 units
-        }
         named_barrier_sync(bar, 128);
         mbarrier_wait(&t.QdO_full[s], tile / STAGES % 2);
         const unsigned short *Q_t = t.Q_stage(s), *dO_t = t.dO_stage(s);
@@ -183,7 +200,8 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
                 st[n8][e] = fast_exp2(fmaf(st[n8][e], c, -LD_c[8 * n8 + 2 * q + e % 2]));
-        // Alg. 2, line 14: dS^T = P^T * (dP^T - D), stored for dQ's product (swizzled, as TMA would).
+        // Alg. 2, line 14: dS^T = P^T * (dP^T - D), stored for dQ's product (swizzled, as TMA would)
+        // into buffer tile % 2, its rows 64 consumer ..
         wgmma_wait<0>(dpt);
 #pragma unroll
         for (int n8 = 0; n8 < Br / 8; ++n8)
@@ -193,50 +211,51 @@ __global__ void __launch_bounds__(THREADS, 1)
         unsigned p[Br / 16][4], ds[Br / 16][4];  // as A operands: 16 queries a step
         a_operands<T, Br>(p, st);
         a_operands<T, Br>(ds, dpt);
+        unsigned short* dS_t = t.dS_buffer(tile % 2);
 #pragma unroll
         for (int n8 = 0; n8 < Br / 8; ++n8)
 #pragma unroll
             for (int r = 0; r < 2; ++r)
-                *reinterpret_cast<unsigned*>(reinterpret_cast<char*>(dS_c) +
-                                             swizzled(16 * w + g + 8 * r, 8 * n8 + 2 * q)) =
+                *reinterpret_cast<unsigned*>(reinterpret_cast<char*>(dS_t) +
+                                             swizzled(64 * consumer + 16 * w + g + 8 * r, 8 * n8 + 2 * q)) =
                     pack<T>(dpt[n8][2 * r], dpt[n8][2 * r + 1]);
         fence_proxy_async();  // the stores, before wgmma reads them
-        named_barrier_sync(bar, 128);
 
-        // Alg. 2, lines 15-17: dV_j += P^T dO_i, dK_j += dS^T Q_i (A from registers), and this
-        // warpgroup's share of dQ_i = dS K_j (its 64 keys; A = dS read from dS^T, MN-major).
-        float dq[d / 8][4];
+        // Alg. 2, lines 15-16: dV_j += P^T dO_i, dK_j += dS^T Q_i, A from registers.
         wgmma_fence();
 #pragma unroll
         for (int kb = 0; kb < Br / 16; ++kb) wgmma_rs<T, d>(dv, p[kb], mn_major(dO_t, Br, kb), true);
 #pragma unroll
         for (int kb = 0; kb < Br / 16; ++kb) wgmma_rs<T, d>(dk, ds[kb], mn_major(Q_t, Br, kb), true);
+        wgmma_commit();
+        // Alg. 2, line 17: this warpgroup's columns of dQ_i = dS K_j, over both warpgroups' keys, once
+        // both have stored dS (A = dS read from dS^T, MN-major). The other buffer is free by now: the
+        // other warpgroup read it before it came here.
+        named_barrier_sync(both, THREADS);
+        float dq[half / 8][4];
 #pragma unroll
-        for (int kb = 0; kb < 64 / 16; ++kb)
-            wgmma_ss<T, d, true, true>(dq, smem_descriptor(shared_address(dS_c + kb * 16 * SUB), 16, 1024),
-                                       mn_major(K_c, Bc, kb), kb > 0);
+        for (int kb = 0; kb < Bc / 16; ++kb)
+            wgmma_ss<T, half, true, true>(dq, smem_descriptor(shared_address(dS_t + kb * 16 * SUB), 16, 1024),
+                                          mn_major(K_cols, Bc, kb), kb > 0);
         wgmma_commit();
         wgmma_wait<0>(dv, dk, dq);
         if (lane == 0) mbarrier_arrive(&t.QdO_empty[s]);  // Q_i, dO_i are free for tile + STAGES
         if (threadIdx.x == 0 && tile + STAGES < n) load_QdO(t, &tmQ, &tmdO, tile + STAGES, i + STAGES, bh);
 
-        // dQ_i's share into the fp32 sums: through shared memory, one copy-engine request (rows past
-        // N left out: they belong to the next slice).
+        // dQ_i's share into the fp32 sums: through shared memory (each lane's 4 values of 8 columns
+        // as one 16-byte store, a warp's 32 side by side), then one copy-engine request.
 #pragma unroll
-        for (int n8 = 0; n8 < d / 8; ++n8)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float* to = &dQ_c[(16 * w + g + 8 * r) * d + 8 * n8 + 2 * q];
-                to[0] = dq[n8][2 * r], to[1] = dq[n8][2 * r + 1];
-            }
+        for (int n8 = 0; n8 < half / 8; ++n8)
+            *reinterpret_cast<float4*>(&dQ_c[((w * (half / 8) + n8) * 32 + lane) * 4]) =
+                float4{dq[n8][0], dq[n8][1], dq[n8][2], dq[n8][3]};
         fence_proxy_async();
         named_barrier_sync(bar, 128);
         if (tid == 0) {
-            // deterministic: the shares of dQ_i are added in one order, by key: this warpgroup's turn
-            // comes after the 2 blockIdx.x + consumer shares of the keys before its own.
-            int* turn = turns + size_t(bh) * Tr + i;
-            if (deterministic) wait_until_equal(turn, 2 * blockIdx.x + consumer);
-            bulk_reduce_add(dQ_sum + (size_t(bh) * N + q0) * d, dQ_c, unsigned(min(Br, N - q0) * d * 4));
+            // deterministic: the shares of these columns of dQ_i are added in one order, by key: this
+            // block's turn comes after the blockIdx.x blocks of the keys before its own.
+            int* turn = turns + (size_t(bh) * Tr + i) * CONSUMERS + consumer;
+            if (deterministic) wait_until_equal(turn, blockIdx.x);
+            bulk_reduce_add(dQ_sum + (size_t(bh) * Tr + i) * Br * d + consumer * Br * half, dQ_c, Br * half * 4);
             bulk_commit();
             if (deterministic) bulk_wait<0>(), release_increment(turn);  // added: the next may go
         }
@@ -257,6 +276,23 @@ __global__ void __launch_bounds__(THREADS, 1)
                 pack<T>(dv[n8][2 * r], dv[n8][2 * r + 1]);
         }
     }
+}
+
+// After the main kernel: dQ from its fp32 sums, back in rows, times the scale left out there, rounded
+// to T. A thread takes one lane's 4 values of a tile (16 bytes): rows r and r + 8, 2 columns.
+template <class T, int d>
+__global__ void convert_dQ(const float* dQ_sum, size_t chunks, int N, int Tr, float scale, unsigned short* dQ) {
+    const size_t x = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (x >= chunks) return;
+    constexpr int half = d / CONSUMERS;
+    const float4 v = reinterpret_cast<const float4*>(dQ_sum)[x];
+    const size_t bh_tile = x / (Br * d / 4);
+    const int lane = x % 32, n8 = x / 32 % (half / 8), w = x / 32 / (half / 8) % 4,
+              consumer = x / 32 / (half / 8) / 4 % CONSUMERS;
+    const int row = int(bh_tile % Tr) * Br + 16 * w + lane / 4, col = half * consumer + 8 * n8 + lane % 4 * 2;
+    dQ += (bh_tile / Tr * N + row) * size_t(d) + col;
+    if (row < N) *reinterpret_cast<unsigned*>(dQ) = pack<T>(scale * v.x, scale * v.y);
+    if (row + 8 < N) *reinterpret_cast<unsigned*>(dQ + 8 * d) = pack<T>(scale * v.z, scale * v.w);
 }
 
 }  // namespace flash3_hopper_backward

@@ -181,8 +181,10 @@ __device__ inline void fence_operands(float (&d)[NT][4]) {
 
 // The accumulators as inline-assembly operands: 4 per 8 columns.
 #define MF_D4(n) "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
+#define MF_D16 MF_D4(0), MF_D4(1), MF_D4(2), MF_D4(3)
 #define MF_D32 MF_D4(0), MF_D4(1), MF_D4(2), MF_D4(3), MF_D4(4), MF_D4(5), MF_D4(6), MF_D4(7)
 #define MF_D64 MF_D32, MF_D4(8), MF_D4(9), MF_D4(10), MF_D4(11), MF_D4(12), MF_D4(13), MF_D4(14), MF_D4(15)
+#define MF_R16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define MF_R32                                                                                              \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
     "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
@@ -209,8 +211,10 @@ __device__ inline void fence_operands(float (&d)[NT][4]) {
 
 template <class T, int N, bool TRANS_A = false, bool TRANS_B = false>
 __device__ inline void wgmma_ss(float (&d)[N / 8][4], uint64_t a_desc, uint64_t b_desc, bool accumulate) {
-    static_assert(N == 64 || N == 128, "wgmma_ss: N = 64 or 128");
+    static_assert(N == 32 || N == 64 || N == 128, "wgmma_ss: N = 32, 64 or 128");
     constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+    if constexpr (N == 32 && bf16) MF_WGMMA_SS(32, "bf16", MF_R16, "%16", "%17", "%18", "%19", "%20", MF_D16);
+    if constexpr (N == 32 && !bf16) MF_WGMMA_SS(32, "f16", MF_R16, "%16", "%17", "%18", "%19", "%20", MF_D16);
     if constexpr (N == 64 && bf16) MF_WGMMA_SS(64, "bf16", MF_R32, "%32", "%33", "%34", "%35", "%36", MF_D32);
     if constexpr (N == 64 && !bf16) MF_WGMMA_SS(64, "f16", MF_R32, "%32", "%33", "%34", "%35", "%36", MF_D32);
     if constexpr (N == 128 && bf16)

@@ -19,7 +19,7 @@ struct Version {
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? forward_bytes(d, 1) : backward_bytes(d, 1);
     }
-    static int scratch_floats(Pass pass, int) { return pass == FORWARD ? 2 : 1; }
+    static long long scratch_floats(Pass pass, int N, int) { return pass == FORWARD ? 2LL * N : N; }
 
     static std::string forward(const Call& c) {
         const int G = thread_groups(flash_forward, c, Br, Br, forward_bytes, 1024);

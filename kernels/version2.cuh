@@ -19,7 +19,7 @@ struct Version {
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? forward_bytes(d, 1) : backward_bytes(d);
     }
-    static int scratch_floats(Pass pass, int) { return pass == FORWARD ? 0 : 1; }
+    static long long scratch_floats(Pass pass, int N, int) { return pass == FORWARD ? 0 : N; }
 
     // Blocks are independent, so the grid has plenty; up to 4 warps per block give each
     // multiprocessor's schedulers warps to switch between while one waits for memory. Whole warps

@@ -17,7 +17,7 @@ struct Version {
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash2_mma::shared_bytes(d) : flash2_mma_backward::shared_bytes(d);
     }
-    static int scratch_floats(Pass pass, int d) { return pass == FORWARD ? 0 : d + 1; }
+    static long long scratch_floats(Pass pass, int N, int d) { return pass == FORWARD ? 0 : N * (d + 1LL); }
 
     static std::string forward(const Call& c) { return dispatch<Forward>(c); }
     static std::string backward(const Call& c) { return dispatch<Backward>(c); }

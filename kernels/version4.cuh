@@ -77,8 +77,12 @@ struct Version {
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash3_hopper::shared_bytes(d) : flash3_hopper_backward::shared_bytes(d);
     }
-    // Backward: dQ's fp32 sums (d), D (1) and, deterministic, a counter per query tile (1: rows >= tiles).
-    static int scratch_floats(Pass pass, int d) { return pass == FORWARD ? 0 : d + 2; }
+    // Backward, per (batch, head) slice: dQ's fp32 sums (Tr query tiles of Br x d), D (N) and,
+    // deterministic, a counter per query tile and consumer.
+    static long long scratch_floats(Pass pass, int N, int d) {
+        const long long tiles = ceil_div(N, flash3_hopper_backward::Br);
+        return pass == FORWARD ? 0 : tiles * flash3_hopper_backward::Br * d + N + 2 * tiles;
+    }
 
     static std::string forward(const Call& c) {
         if (std::string err = error(c); !err.empty()) return err;
@@ -117,14 +121,14 @@ struct Version {
                       c.L);
     }
 
-    // D = rowsum(dO * O) and the fp32 sums of dQ set to 0 (chapter 3's), the pass, dQ converted.
+    // D = rowsum(dO * O) (chapter 3's) and the fp32 sums of dQ set to 0, the pass, dQ converted.
     template <class T, int d>
     static std::string run_backward(const Call& c) {
         namespace bw = flash3_hopper_backward;
         namespace b3 = flash2_mma_backward;
-        const long long rows = c.BH * c.N;
-        float *dQ_sum = c.scratch, *D = c.scratch + rows * d;
-        int* turns = reinterpret_cast<int*>(D + rows);  // deterministic: a counter per query tile, from 0
+        const long long rows = c.BH * c.N, tiles = c.BH * ceil_div(c.N, bw::Br), sums = tiles * bw::Br * d;
+        float *dQ_sum = c.scratch, *D = c.scratch + sums;
+        int* turns = reinterpret_cast<int*>(D + rows);  // deterministic: counters, from 0
         CUtensorMap tmK, tmV, tmQ, tmdO;
         for (auto [map, data, box_rows] :
              {std::tuple{&tmK, c.K, bw::Bc}, {&tmV, c.V, bw::Bc}, {&tmQ, c.Q, bw::Br}, {&tmdO, c.dO, bw::Br}})
@@ -132,19 +136,19 @@ struct Version {
         std::string err = launch("flash2_mma_backward::rowsum_D", b3::rowsum_D<T, d>,
                                  dim3((rows + 255) / 256), 256, 0, c, bits(c.O), bits(c.dO), size_t(rows), D);
         if (err.empty() && c.deterministic &&
-            cudaMemsetAsync(turns, 0, sizeof(int) * rows, c.stream) != cudaSuccess)
+            cudaMemsetAsync(turns, 0, sizeof(int) * bw::CONSUMERS * tiles, c.stream) != cudaSuccess)
             err = "zeroing the turns failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
-        if (err.empty() && cudaMemsetAsync(dQ_sum, 0, sizeof(float) * rows * d, c.stream) != cudaSuccess)
+        if (err.empty() && cudaMemsetAsync(dQ_sum, 0, sizeof(float) * sums, c.stream) != cudaSuccess)
             err = "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
         if (err.empty())
             err = launch("flash3_hopper_backward::backward", bw::backward<T, d>,
                          dim3(ceil_div(c.N, bw::Bc), c.BH), bw::THREADS, bw::shared_bytes(d), c, tmK, tmV,
                          tmQ, tmdO, c.L, D, c.N, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV),
                          c.deterministic, turns);
-        const size_t pairs = rows * d / 2;
+        const size_t chunks = sums / 4;
         if (err.empty())
-            err = launch("flash2_mma_backward::convert_dQ", b3::convert_dQ<T>, dim3((pairs + 255) / 256), 256,
-                         0, c, dQ_sum, pairs, c.scale, bits(c.dQ));
+            err = launch("flash3_hopper_backward::convert_dQ", bw::convert_dQ<T, d>, dim3((chunks + 255) / 256),
+                         256, 0, c, dQ_sum, chunks, c.N, int(ceil_div(c.N, bw::Br)), c.scale, bits(c.dQ));
         return err;
     }
 };

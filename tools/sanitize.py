@@ -41,6 +41,10 @@ def run(version, dtype, causal, Br, Bc, N, d):
     grads = [torch.full_like(q, float("nan")) for _ in range(3)]
     mf.backward(dO, q, k, v, O, L, out=grads, **options)
     assert_gradients(grads, q, k, v, dO, causal)
+    if mf.VERSIONS[version].deterministic_mode:  # its other dQ path: shares added in turn
+        grads = [torch.full_like(q, float("nan")) for _ in range(3)]
+        mf.backward(dO, q, k, v, O, L, out=grads, deterministic=True, **options)
+        assert_gradients(grads, q, k, v, dO, causal)
     print(f"v{version} {str(dtype)[6:]} Br={Br} Bc={Bc} N={N} d={d} causal={causal}: forward and backward checked")
 
 
