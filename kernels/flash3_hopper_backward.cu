@@ -155,31 +155,45 @@ __global__ void __launch_bounds__(THREADS, 1)
     const float c = scale * LOG2E;
     const int bar = 1 + consumer, both = 3;  // named barriers: the warpgroup's 128 threads; all 256
 
-    // L_i and D_i (L in log2 units) of query tile i: thread tid < 2 Br loads one, for the tile after
-    // the one it works on, so that the load's latency passes under that tile's products.
+    // L_i and D_i (L in log2 units) of query tile i: thread tid < 2 Br loads one, a tile ahead of the
+    // tile that reads it, so that the load's latency passes under the products; LD_c(s): the
+    // warpgroup's buffer of stage s.
     auto load_LD = [&](int i) {
         const int row = i * Br + tid % Br;
         return tid >= 2 * Br || row >= N ? 0.0f : tid < Br ? L[row] * LOG2E : D[row];
     };
-    float LD_next = load_LD(i_first);
+    auto LD_c = [&](int s) { return t.LD + (consumer * STAGES + s) * 2 * Br; };
+
+    // The warpgroup's share of dQ_i (its columns), stored in shared memory by the tile before: one
+    // copy-engine request adds it into the fp32 sums. deterministic: the shares of these columns of
+    // dQ_i are added in one order, by key: this block's turn comes after the blockIdx.x blocks of the
+    // keys before its own.
+    auto add_dQ_share = [&](int i) {
+        fence_proxy_async();  // the stores, before the copy engine reads them
+        named_barrier_sync(bar, 128);
+        if (tid == 0) {
+            int* turn = turns + (size_t(bh) * Tr + i) * CONSUMERS + consumer;
+            if (deterministic) wait_until_equal(turn, blockIdx.x);
+            bulk_reduce_add(dQ_sum + (size_t(bh) * Tr + i) * Br * d + consumer * Br * half, dQ_c, Br * half * 4);
+            bulk_commit();
+            if (deterministic) bulk_wait<0>(), release_increment(turn);  // added: the next may go
+        }
+    };
 
     float dv[d / 8][4] = {}, dk[d / 8][4] = {};  // Alg. 2, line 7
+    if (tid < 2 * Br) LD_c(0)[tid] = load_LD(i_first);
+    float LD_next = n > 1 ? load_LD(i_first + 1) : 0.0f;
     mbarrier_wait(t.KV_full, 0);
     for (int tile = 0; tile < n; ++tile) {
         const int i = i_first + tile, q0 = i * Br, s = tile % STAGES;
-        // L_i, D_i into this warpgroup's buffer of stage s (its last readers, two tiles ago, are past
-        // the barriers since). Thread 0 also waits until the copy engine has read the previous tile's
-        // dQ share, which this one overwrites.
-        float* LD_c = t.LD + (consumer * STAGES + s) * 2 * Br;
-        if (tid < 2 * Br) LD_c[tid] = LD_next;
-        if (tile + 1 < n) LD_next = load_LD(i + 1);
-        if (tid == 0) bulk_wait_read<0>();
-        named_barrier_sync(bar, 128);
-        mbarrier_wait(&t.QdO_full[s], tile / STAGES % 2);
         const unsigned short *Q_t = t.Q_stage(s), *dO_t = t.dO_stage(s);
+        const float* LD_t = LD_c(s);
 
-        // Alg. 2, lines 11 and 13: S^T = K_j Q_i^T and dP^T = V_j dO_i^T, issued together.
+        // Alg. 2, lines 11 and 13: S^T = K_j Q_i^T and dP^T = V_j dO_i^T, issued as two groups once
+        // Q_i, dO_i have landed; under them, the last tile's share of dQ is sent off (its barrier
+        // also makes this tile's L_i, D_i, stored by the last tile, visible).
         float st[Br / 8][4], dpt[Br / 8][4];
+        mbarrier_wait(&t.QdO_full[s], tile / STAGES % 2);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < d / 16; ++kk)
@@ -189,6 +203,8 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int kk = 0; kk < d / 16; ++kk)
             wgmma_ss<T, Br>(dpt, k_major(V_c, Bc, kk), k_major(dO_t, Br, kk), kk > 0);
         wgmma_commit();
+        if (tile > 0) add_dQ_share(i - 1);
+        else named_barrier_sync(bar, 128);  // L_i, D_i, stored above
 
         // Alg. 2, line 12: P^T = exp(scale S^T - L), masked where the tile crosses the end of the
         // sequence or, causal, the diagonal (KEYS_ARE_ROWS: the rows are keys). Under dP's products.
@@ -199,7 +215,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int n8 = 0; n8 < Br / 8; ++n8)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                st[n8][e] = fast_exp2(fmaf(st[n8][e], c, -LD_c[8 * n8 + 2 * q + e % 2]));
+                st[n8][e] = fast_exp2(fmaf(st[n8][e], c, -LD_t[8 * n8 + 2 * q + e % 2]));
         // Alg. 2, line 14: dS^T = P^T * (dP^T - D), stored for dQ's product (swizzled, as TMA would)
         // into buffer tile % 2, its rows 64 consumer ..
         wgmma_wait<0>(dpt);
@@ -207,7 +223,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int n8 = 0; n8 < Br / 8; ++n8)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                dpt[n8][e] = st[n8][e] * (dpt[n8][e] - LD_c[Br + 8 * n8 + 2 * q + e % 2]);
+                dpt[n8][e] = st[n8][e] * (dpt[n8][e] - LD_t[Br + 8 * n8 + 2 * q + e % 2]);
         unsigned p[Br / 16][4], ds[Br / 16][4];  // as A operands: 16 queries a step
         a_operands<T, Br>(p, st);
         a_operands<T, Br>(ds, dpt);
@@ -230,9 +246,12 @@ __global__ void __launch_bounds__(THREADS, 1)
         wgmma_commit();
         // Alg. 2, line 17: this warpgroup's columns of dQ_i = dS K_j, over both warpgroups' keys, once
         // both have stored dS (A = dS read from dS^T, MN-major). The other buffer is free by now: the
-        // other warpgroup read it before it came here.
+        // other warpgroup read it before it came here. Thread 0 has waited until the copy engine read
+        // the last tile's share of dQ out of shared memory, which this tile's overwrites.
+        if (tid == 0) bulk_wait_read<0>();
         named_barrier_sync(both, THREADS);
         float dq[half / 8][4];
+        wgmma_fence();
 #pragma unroll
         for (int kb = 0; kb < Bc / 16; ++kb)
             wgmma_ss<T, half, true, true>(dq, smem_descriptor(shared_address(dS_t + kb * 16 * SUB), 16, 1024),
@@ -242,24 +261,17 @@ __global__ void __launch_bounds__(THREADS, 1)
         if (lane == 0) mbarrier_arrive(&t.QdO_empty[s]);  // Q_i, dO_i are free for tile + STAGES
         if (threadIdx.x == 0 && tile + STAGES < n) load_QdO(t, &tmQ, &tmdO, tile + STAGES, i + STAGES, bh);
 
-        // dQ_i's share into the fp32 sums: through shared memory (each lane's 4 values of 8 columns
-        // as one 16-byte store, a warp's 32 side by side), then one copy-engine request.
+        // dQ_i's share, into shared memory: each lane's 4 values of 8 columns as one 16-byte store, a
+        // warp's 32 side by side; sent off under the next tile's first products. The next tile's L,
+        // D go into the other buffer (last read by the tile before this one).
 #pragma unroll
         for (int n8 = 0; n8 < half / 8; ++n8)
             *reinterpret_cast<float4*>(&dQ_c[((w * (half / 8) + n8) * 32 + lane) * 4]) =
                 float4{dq[n8][0], dq[n8][1], dq[n8][2], dq[n8][3]};
-        fence_proxy_async();
-        named_barrier_sync(bar, 128);
-        if (tid == 0) {
-            // deterministic: the shares of these columns of dQ_i are added in one order, by key: this
-            // block's turn comes after the blockIdx.x blocks of the keys before its own.
-            int* turn = turns + (size_t(bh) * Tr + i) * CONSUMERS + consumer;
-            if (deterministic) wait_until_equal(turn, blockIdx.x);
-            bulk_reduce_add(dQ_sum + (size_t(bh) * Tr + i) * Br * d + consumer * Br * half, dQ_c, Br * half * 4);
-            bulk_commit();
-            if (deterministic) bulk_wait<0>(), release_increment(turn);  // added: the next may go
-        }
+        if (tid < 2 * Br && tile + 1 < n) LD_c((tile + 1) % STAGES)[tid] = LD_next;
+        if (tile + 2 < n) LD_next = load_LD(i + 2);
     }
+    add_dQ_share(i_first + n - 1);
     if (tid == 0) bulk_wait<0>();  // the sums are complete when the kernel is
 
     // Alg. 2, lines 20-21: dK_j (times the scale: dS was taken of the scaled scores), dV_j.
