@@ -153,7 +153,9 @@ def test_half_precision_on_a_gpu_times_flash_and_cudnn_each_pinned(monkeypatch, 
     calls = []
     monkeypatch.setattr(bench, "sdpa_refusal", refusing({}, calls))
     methods = bench.sweep_methods(gpu_args("--dtype", "bf16", "-d", "64", "--causal"))
-    assert list(methods) == ["manual", "minimal-flash3", "minimal-flash4", "sdpa-flash", "sdpa-cudnn"]
+    # version 4 twice: its deterministic backward is a mode of its own, timed beside the default
+    assert list(methods) == ["manual", "minimal-flash3", "minimal-flash4", "minimal-flash4-deterministic",
+                             "sdpa-flash", "sdpa-cudnn"]
     # each probed for this very problem: on the GPU, in bf16, causal, at d = 64
     assert calls == [(b, "cuda", True, torch.bfloat16, 64) for b in (SDPBackend.FLASH_ATTENTION,
                                                                        SDPBackend.CUDNN_ATTENTION)]
@@ -163,6 +165,16 @@ def test_half_precision_on_a_gpu_times_flash_and_cudnn_each_pinned(monkeypatch, 
         O = methods[name](q, k, v, True)
         assert pins == [backend]  # pinned to its own backend, alone
         assert torch.equal(O, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_the_deterministic_mode_is_asked_for_by_its_method_only(monkeypatch):
+    asked = []
+    monkeypatch.setattr(bench.mf, "flash_attention", lambda *args, **options: asked.append(options))
+    monkeypatch.setattr(bench, "sdpa_refusal", refusing({}))
+    methods = bench.sweep_methods(gpu_args("--dtype", "bf16"))
+    for name in ("minimal-flash3", "minimal-flash4", "minimal-flash4-deterministic"):
+        methods[name](None, None, None, False)
+    assert [(o["version"], o["deterministic"]) for o in asked] == [(3, False), (4, False), (4, True)]
 
 
 def test_a_backend_that_does_not_run_is_left_out_saying_why(monkeypatch, capsys):

@@ -115,7 +115,10 @@ def bf16_table(name="sweep_bf16.csv", version=3, from_N=512):
     by = {(r["d"], r["causal"], r["N"], r["method"], r["pass"]): r for r in rows([name])}
     sdpa = [m for m in BF16_COLUMNS if any(key[3] == m for key in by)]
     labels = [label for m in sdpa for label in BF16_COLUMNS[m]]
-    header = ["d", "causal", "N", "forward: ours TFLOP/s", *labels, "ours x manual", "backward: ours TFLOP/s", *labels]
+    deterministic = bench.method_name(version) + "-deterministic"  # its backward's other mode, where timed
+    timed_deterministic = any(key[3] == deterministic for key in by)
+    header = ["d", "causal", "N", "forward: ours TFLOP/s", *labels, "ours x manual", "backward: ours TFLOP/s", *labels,
+              *(["deterministic: time x"] if timed_deterministic else [])]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for d, causal, N, method, pass_ in sorted(by):
         if method != bench.method_name(version) or pass_ != "forward" or N < from_N:
@@ -129,6 +132,9 @@ def bf16_table(name="sweep_bf16.csv", version=3, from_N=512):
                 cells += [f"{other['tflops']:.0f}", f"{other['ms'] / ours['ms']:.2f}"] if "ms" in other else ["-", "-"]
             if pass_ == "forward":
                 cells.append(f"{ours['x_manual']:.2f}x" if "x_manual" in ours else "-")
+        if timed_deterministic:
+            other = by.get((d, causal, N, deterministic, "backward"), {})
+            cells.append(f"{other['ms'] / ours['ms']:.2f}" if "ms" in other else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
