@@ -13,8 +13,8 @@
 // (bulk_reduce_add: one request per tile and warpgroup, not an atomic per element as in chapter 3),
 // in whatever order blocks get there, so dQ's last bits vary run to run; with `deterministic`, each
 // share waits for the shares of the keys before it (a counter per query tile in global memory).
-// The sums are kept in the order the warps hold them (dQ_sum_offset below), so that a warp's stores
-// to shared memory are 512 contiguous bytes; convert_dQ puts them back in rows. D = rowsum(dO * O)
+// The sums are kept in the order the warps hold them (see "The fp32 sums of dQ" below), so that a
+// warp's stores to shared memory are 512 contiguous bytes; convert_dQ puts them back in rows. D = rowsum(dO * O)
 // before is chapter 3's kernel.
 // Names as in the paper; "Alg. 2, line n" numbered as in flash2_backward.cu.
 //
@@ -23,8 +23,8 @@
 //   warpgroup 0   keys  0- 63: S^T, dP^T (64 x 64) for the tile, dK_j, dV_j (64 x d) for the whole
 //                 pass; dQ_i's first d/2 columns (64 x d/2) for the tile, over all 128 keys
 //   warpgroup 1   keys 64-127: the same; dQ_i's last d/2 columns
-//   thread 0 also issues the copies: K_j, V_j once; Q_i, dO_i into stage i % STAGES once every
-//   consumer warp has released the tile before
+//   thread 0 also issues the copies: K_j, V_j once; the block's t-th Q_i, dO_i into stage
+//   t % STAGES once every consumer warp has released the tile before
 //
 //   shared memory (1024-byte aligned; 16-bit tiles in sub-tiles of 64 columns, 128-byte swizzled)
 //     K_j, V_j          Bc x d each                TMA, read by both warpgroups' wgmma
@@ -56,7 +56,8 @@ constexpr int SUB = 64;                      // columns of a swizzled sub-tile: 
 template <int d>
 struct Shared {
     static constexpr int K = 0, V = K + Bc * d * 2, Q = V + Bc * d * 2, dO = Q + STAGES * Br * d * 2,
-                         dS = dO + STAGES * Br * d * 2, dQ = dS + 2 * Bc * Br * 2, LD = dQ + Br * d * 4, BARRIERS = LD + CONSUMERS * STAGES * 2 * Br * 4;
+                         dS = dO + STAGES * Br * d * 2, dQ = dS + 2 * Bc * Br * 2, LD = dQ + Br * d * 4,
+                         BARRIERS = LD + CONSUMERS * STAGES * 2 * Br * 4;
     static constexpr int bytes = BARRIERS + (1 + 2 * STAGES) * 8 + 1024;  // + room to align the start
 };
 inline size_t shared_bytes(int d) { return d == 64 ? Shared<64>::bytes : Shared<128>::bytes; }
@@ -159,29 +160,34 @@ __global__ void __launch_bounds__(THREADS, 1)
     // tile that reads it, so that the load's latency passes under the products; LD_c(s): the
     // warpgroup's buffer of stage s.
     auto load_LD = [&](int i) {
-        const int row = i * Br + tid % Br;
-        return tid >= 2 * Br || row >= N ? 0.0f : tid < Br ? L[row] * LOG2E : D[row];
+        const int row = i * Br + tid % Br;  // L from threads 0-63, D from 64-127
+        return row >= N ? 0.0f : tid < Br ? L[row] * LOG2E : D[row];
     };
+    static_assert(2 * Br == 128, "each of the warpgroup's threads loads one of L_i, D_i");
     auto LD_c = [&](int s) { return t.LD + (consumer * STAGES + s) * 2 * Br; };
 
     // The warpgroup's share of dQ_i (its columns), stored in shared memory by the tile before: one
     // copy-engine request adds it into the fp32 sums. deterministic: the shares of these columns of
     // dQ_i are added in one order, by key: this block's turn comes after the blockIdx.x blocks of the
-    // keys before its own.
+    // keys before its own. It waits for its own request's writes to be complete (bulk_wait, not
+    // only read) before the release, which then publishes them to the next block's acquire. A block
+    // waits only for blocks of lower index, which the GPU starts first (as FlashAttention-3's
+    // deterministic mode also assumes).
     auto add_dQ_share = [&](int i) {
         fence_proxy_async();  // the stores, before the copy engine reads them
         named_barrier_sync(bar, 128);
         if (tid == 0) {
             int* turn = turns + (size_t(bh) * Tr + i) * CONSUMERS + consumer;
             if (deterministic) wait_until_equal(turn, blockIdx.x);
-            bulk_reduce_add(dQ_sum + (size_t(bh) * Tr + i) * Br * d + consumer * Br * half, dQ_c, Br * half * 4);
+            bulk_reduce_add(dQ_sum + (size_t(bh) * Tr + i) * Br * d + consumer * Br * half, dQ_c,
+                            Br * half * 4);
             bulk_commit();
             if (deterministic) bulk_wait<0>(), release_increment(turn);  // added: the next may go
         }
     };
 
     float dv[d / 8][4] = {}, dk[d / 8][4] = {};  // Alg. 2, line 7
-    if (tid < 2 * Br) LD_c(0)[tid] = load_LD(i_first);
+    LD_c(0)[tid] = load_LD(i_first);
     float LD_next = n > 1 ? load_LD(i_first + 1) : 0.0f;
     mbarrier_wait(t.KV_full, 0);
     for (int tile = 0; tile < n; ++tile) {
@@ -203,8 +209,10 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int kk = 0; kk < d / 16; ++kk)
             wgmma_ss<T, Br>(dpt, k_major(V_c, Bc, kk), k_major(dO_t, Br, kk), kk > 0);
         wgmma_commit();
-        if (tile > 0) add_dQ_share(i - 1);
-        else named_barrier_sync(bar, 128);  // L_i, D_i, stored above
+        if (tile > 0)
+            add_dQ_share(i - 1);
+        else
+            named_barrier_sync(bar, 128);  // L_i, D_i, stored above
 
         // Alg. 2, line 12: P^T = exp(scale S^T - L), masked where the tile crosses the end of the
         // sequence or, causal, the diagonal (KEYS_ARE_ROWS: the rows are keys). Under dP's products.
@@ -268,7 +276,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int n8 = 0; n8 < half / 8; ++n8)
             *reinterpret_cast<float4*>(&dQ_c[((w * (half / 8) + n8) * 32 + lane) * 4]) =
                 float4{dq[n8][0], dq[n8][1], dq[n8][2], dq[n8][3]};
-        if (tid < 2 * Br && tile + 1 < n) LD_c((tile + 1) % STAGES)[tid] = LD_next;
+        if (tile + 1 < n) LD_c((tile + 1) % STAGES)[tid] = LD_next;
         if (tile + 2 < n) LD_next = load_LD(i + 2);
     }
     add_dQ_share(i_first + n - 1);
@@ -293,7 +301,8 @@ __global__ void __launch_bounds__(THREADS, 1)
 // After the main kernel: dQ from its fp32 sums, back in rows, times the scale left out there, rounded
 // to T. A thread takes one lane's 4 values of a tile (16 bytes): rows r and r + 8, 2 columns.
 template <class T, int d>
-__global__ void convert_dQ(const float* dQ_sum, size_t chunks, int N, int Tr, float scale, unsigned short* dQ) {
+__global__ void convert_dQ(const float* dQ_sum, size_t chunks, int N, int Tr, float scale,
+                           unsigned short* dQ) {
     const size_t x = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (x >= chunks) return;
     constexpr int half = d / CONSUMERS;

@@ -147,8 +147,9 @@ struct Version {
                          c.deterministic, turns);
         const size_t chunks = sums / 4;
         if (err.empty())
-            err = launch("flash3_hopper_backward::convert_dQ", bw::convert_dQ<T, d>, dim3((chunks + 255) / 256),
-                         256, 0, c, dQ_sum, chunks, c.N, int(ceil_div(c.N, bw::Br)), c.scale, bits(c.dQ));
+            err =
+                launch("flash3_hopper_backward::convert_dQ", bw::convert_dQ<T, d>, dim3((chunks + 255) / 256),
+                       256, 0, c, dQ_sum, chunks, c.N, int(ceil_div(c.N, bw::Br)), c.scale, bits(c.dQ));
         return err;
     }
 };
