@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     const float c = scale * LOG2E;
     const int bar = 1 + consumer, both = 3;  // named barriers: the warpgroup's 128 threads; all 256
 
-    // L_i and D_i (L in log2 units) of query tile i: thread tid < 2 Br loads one, a tile ahead of the
+    // L_i and D_i (L in log2 units) of query tile i: each thread loads one, a tile ahead of the
     // tile that reads it, so that the load's latency passes under the products; LD_c(s): the
     // warpgroup's buffer of stage s.
     auto load_LD = [&](int i) {
