@@ -5,17 +5,18 @@
 //   forward   flash3_hopper.cu         one block per (batch, head, 128 query rows): a producer
 //                                      warpgroup (TMA) and two consumer warpgroups (wgmma) of 64 rows
 //   backward  flash3_hopper_backward.cu  one block per (batch, head, 128 keys): two warpgroups of 64 keys,
-//                                      all five products on wgmma, dQ added by the copy engine; D and
-//                                      dQ's conversion are version 3's kernels (flash2_mma_backward.cu)
+//                                      all five products on wgmma, dQ added by the copy engine into
+//                                      fp32 sums, then converted; D before is version 3's rowsum_D
 //
 // Block sizes: its own (Br and Bc do not apply). Head dims d = 64 and 128. softmax_scale > 0.
-// Scratch: as version 3's. bindings.cu includes this file in its middle: Call and launch are defined there.
+// Scratch (backward): dQ's sums, D, the deterministic counters (scratch_floats). bindings.cu includes
+// this file in its middle: Call and launch are defined there.
 #include <cstdint>
 #include <tuple>
 #include "flash3_hopper.cu"
 
 #include "flash3_hopper_backward.cu"
-#include "flash2_mma_backward.cu"  // D = rowsum(dO * O) before the backward, dQ's conversion after
+#include "flash2_mma_backward.cu"  // rowsum_D: D = rowsum(dO * O) before the backward
 
 #ifdef __CUDACC__
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
