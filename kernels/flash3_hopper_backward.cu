@@ -15,7 +15,7 @@
 // share waits for the shares of the keys before it (a counter per query tile in global memory).
 // The sums are kept in the order the warps hold them (see "The fp32 sums of dQ" below), so that a
 // warp's stores to shared memory are 512 contiguous bytes; convert_dQ puts them back in rows. D = rowsum(dO * O)
-// before is chapter 3's kernel.
+// comes from a pre-pass that also zeroes the sums (preprocess, at the end).
 // Names as in the paper; "Alg. 2, line n" numbered as in flash2_backward.cu.
 //
 // Who owns what: one block per (batch, head, Bc = 128 keys), 2 warpgroups of 128 threads.
@@ -296,6 +296,39 @@ __global__ void __launch_bounds__(THREADS, 1)
                 pack<T>(dv[n8][2 * r], dv[n8][2 * r + 1]);
         }
     }
+}
+
+// Before the main kernel: D = rowsum(dO * O) (Alg. 2, line 14's D), and what the main kernel adds
+// into set to 0, in one pass. A warp per row of the slice padded to whole query tiles (Tr Br rows):
+// each lane d / 32 values of the row's dO and O (4-byte loads, a warp's side by side), the sum by
+// shuffles; the row's d floats of dQ's sums zeroed (rows past N too: their tile is added into whole)
+// and, by a tile's first row, its deterministic counters.
+template <class T, int d>
+__global__ void preprocess(const unsigned short* O, const unsigned short* dO, int N, int Tr, size_t rows,
+                           float* D, float* dQ_sum, int* turns) {
+    const size_t row = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;  // of B * H * Tr * Br
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;  // a whole warp: blockDim.x is a multiple of 32
+    const size_t bh = row / (size_t(Tr) * Br);
+    const int r = row % (size_t(Tr) * Br);  // the row in its slice
+    constexpr int PER = d / 32;             // values a lane: 2 or 4
+    float sum = 0.0f;
+    if (r < N) {
+        const size_t at = ((bh * N + r) * d + lane * PER) / 2;  // in pairs of values
+#pragma unroll
+        for (int k = 0; k < PER / 2; ++k) {
+            const unsigned o = reinterpret_cast<const unsigned*>(O)[at + k],
+                           g = reinterpret_cast<const unsigned*>(dO)[at + k];
+            sum += to_float<T>(g & 0xffff) * to_float<T>(o & 0xffff) +
+                   to_float<T>(g >> 16) * to_float<T>(o >> 16);
+        }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0 && r < N) D[bh * N + r] = sum;
+#pragma unroll
+    for (int k = 0; k < PER; ++k) dQ_sum[row * d + lane * PER + k] = 0.0f;
+    if (r % Br == 0 && lane < CONSUMERS) turns[row / Br * CONSUMERS + lane] = 0;
 }
 
 // After the main kernel: dQ from its fp32 sums, back in rows, times the scale left out there, rounded

@@ -6,7 +6,7 @@
 //                                      warpgroup (TMA) and two consumer warpgroups (wgmma) of 64 rows
 //   backward  flash3_hopper_backward.cu  one block per (batch, head, 128 keys): two warpgroups of 64 keys,
 //                                      all five products on wgmma, dQ added by the copy engine into
-//                                      fp32 sums, then converted; D before is version 3's rowsum_D
+//                                      fp32 sums, zeroed by a pre-pass that also takes D, then converted
 //
 // Block sizes: its own (Br and Bc do not apply). Head dims d = 64 and 128. softmax_scale > 0.
 // Scratch (backward): dQ's sums, D, the deterministic counters (scratch_floats). bindings.cu includes
@@ -16,7 +16,6 @@
 #include "flash3_hopper.cu"
 
 #include "flash3_hopper_backward.cu"
-#include "flash2_mma_backward.cu"  // rowsum_D: D = rowsum(dO * O) before the backward
 
 #ifdef __CUDACC__
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
@@ -122,11 +121,10 @@ struct Version {
                       c.L);
     }
 
-    // D = rowsum(dO * O) (chapter 3's) and the fp32 sums of dQ set to 0, the pass, dQ converted.
+    // D = rowsum(dO * O) with the fp32 sums of dQ and the counters set to 0, the pass, dQ converted.
     template <class T, int d>
     static std::string run_backward(const Call& c) {
         namespace bw = flash3_hopper_backward;
-        namespace b3 = flash2_mma_backward;
         const long long rows = c.BH * c.N, tiles = c.BH * ceil_div(c.N, bw::Br), sums = tiles * bw::Br * d;
         float *dQ_sum = c.scratch, *D = c.scratch + sums;
         int* turns = reinterpret_cast<int*>(D + rows);  // deterministic: counters, from 0
@@ -134,13 +132,10 @@ struct Version {
         for (auto [map, data, box_rows] :
              {std::tuple{&tmK, c.K, bw::Bc}, {&tmV, c.V, bw::Bc}, {&tmQ, c.Q, bw::Br}, {&tmdO, c.dO, bw::Br}})
             if (std::string err = tensor_map(map, data, c, box_rows); !err.empty()) return err;
-        std::string err = launch("flash2_mma_backward::rowsum_D", b3::rowsum_D<T, d>,
-                                 dim3((rows + 255) / 256), 256, 0, c, bits(c.O), bits(c.dO), size_t(rows), D);
-        if (err.empty() && c.deterministic &&
-            cudaMemsetAsync(turns, 0, sizeof(int) * bw::CONSUMERS * tiles, c.stream) != cudaSuccess)
-            err = "zeroing the turns failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
-        if (err.empty() && cudaMemsetAsync(dQ_sum, 0, sizeof(float) * sums, c.stream) != cudaSuccess)
-            err = "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
+        const size_t padded_rows = tiles * bw::Br;  // a warp each, 8 to a block
+        std::string err = launch("flash3_hopper_backward::preprocess", bw::preprocess<T, d>,
+                                 dim3((padded_rows + 7) / 8), 256, 0, c, bits(c.O), bits(c.dO), c.N,
+                                 int(ceil_div(c.N, bw::Br)), padded_rows, D, dQ_sum, turns);
         if (err.empty())
             err = launch("flash3_hopper_backward::backward", bw::backward<T, d>,
                          dim3(ceil_div(c.N, bw::Bc), c.BH), bw::THREADS, bw::shared_bytes(d), c, tmK, tmV,
