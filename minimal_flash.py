@@ -131,7 +131,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     differentiable. softmax_scale defaults to 1/sqrt(d). is_causal and scale are the same options
     under torch.nn.functional.scaled_dot_product_attention's names; its attn_mask and dropout_p are
     refused unless left at their defaults. version: one of VERSIONS (default: version 2 for float32
-    inputs, version 3 for bfloat16 and float16 ones). Br, Bc: the block sizes of the versions they
+    inputs; for bfloat16 and float16 ones, version 4 on a Hopper GPU, version 3 elsewhere). Br, Bc: the block sizes of the versions they
     shape (default MINIMAL_FLASH_BR / _BC, else 32). deterministic: the backward's dQ the same bits
     run to run (version 1 always; version 4 at a cost; the others refuse it)."""
     causal = _either("causal", causal, False, "is_causal", is_causal)
