@@ -63,7 +63,8 @@ def test_program_against_torch(build, dtype):
     A, B, V, P = X[0, :64, :64].double(), X[1, :128, :64].double(), X[0, :64, :].double(), P.double()
     # (d): A M-major is the box of X[0, 0:64, 0:64] with k along its rows: A^T here; B N-major, B[:64].T.
     references = {"ss128": A @ B.T, "ss64": A @ B[:64].T, "rs64": P @ V[:, :64], "rs128": P @ V,
-                  "mm128": A.T @ V, "mm64": A.T @ B[:64], "mk128": A.T @ B.T, "km64": A @ B[:64]}
+                  "mm128": A.T @ V, "mm64": A.T @ B[:64], "mk128": A.T @ B.T, "km64": A @ B[:64],
+                  "mm32": A.T @ B[:64, 32:]}
     for name, D in zip(HOPPER_PRODUCTS, products):
         assert torch.allclose(D.double(), references[name], rtol=1e-5, atol=1e-4), name
     # Each thread's accumulators are the ones D was written from (the layout in kernels/hopper.cuh).

@@ -10,7 +10,7 @@ kernels/cpu_cuda.h, through tools/*_cpu.cpp), and run:
     library = build_fragments("cpu")                        # or "cuda"; compiled with torch's extension builder
     S, O, row_max, registers, accumulators = run_program(library, "cpu", torch.bfloat16, A, K, V)
     hopper = build_fragments("cpu", program="hopper_fragments")
-    boxes, ss128, ss64, rs64, rs128, mm128, mm64, mk128, km64, raw = run_hopper_program(
+    boxes, ss128, ss64, rs64, rs128, mm128, mm64, mk128, km64, mm32, raw = run_hopper_program(
         hopper, "cpu", torch.bfloat16, X, P)
     sums = run_bulk_program(hopper, "cpu", blocks=8)
 """
@@ -81,19 +81,19 @@ def run_program(library, device, dtype, A, K, V):
 
 # The products of tools/hopper_fragments.cu, in the order it writes them, and their columns (64 rows each).
 HOPPER_PRODUCTS = {"ss128": 128, "ss64": 64, "rs64": 64, "rs128": 128, "mm128": 128, "mm64": 64, "mk128": 128,
-                   "km64": 64}
+                   "km64": 64, "mm32": 32}
 
 
 def run_hopper_program(library, device, dtype, X, P):
     """Runs tools/hopper_fragments.cu on X (2, rows, 128) and P (64, 64), rounded to `dtype` (bf16 or
     fp16). Returns the 5 boxes as TMA left them in shared memory (5, 64, 64; int16 bits, swizzled),
     D = A B^T by wgmma_ss for N = 128 and 64, D = P V by wgmma_rs for N = 64 and 128, the four wgmma_ss
-    with A and/or B MN-major (mm128, mm64, mk128, km64: see the .cu file), and each thread's
-    accumulators of the eight, as one (128, 384) tensor: thread t's of ss128 in [t, 0:64], of ss64 in
+    with A and/or B MN-major (mm128, mm64, mk128, km64, mm32: see the .cu file), and each thread's
+    accumulators of the nine, as one (128, 400) tensor: thread t's of ss128 in [t, 0:64], of ss64 in
     [t, 64:96], and so on in that order. Outputs start as NaN."""
     boxes = torch.zeros(5, 64, 64, dtype=torch.int16, device=device)
     products = torch.full((64 * sum(HOPPER_PRODUCTS.values()),), float("nan"), device=device)
-    raw = torch.full((128 * 384,), float("nan"), device=device)
+    raw = torch.full((128 * sum(HOPPER_PRODUCTS.values()) // 2,), float("nan"), device=device)
     x, p = (t.to(device=device, dtype=dtype).contiguous() for t in (X, P))
     error = library.run_hopper_fragments(int(dtype == torch.bfloat16), x.data_ptr(), X.shape[1], p.data_ptr(),
                                          boxes.data_ptr(), products.data_ptr(), raw.data_ptr())

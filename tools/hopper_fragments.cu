@@ -15,6 +15,8 @@
 //         mm64:  A M-major, B = X[1, 0:64, 0:64] N-major;
 //         mk128: A M-major, B = X[1, 0:128, 0:64]^T K-major as in (b);
 //         km64:  A = X[0, 0:64, 0:64] K-major as in (b), B = X[1, 0:64, 0:64] N-major;
+//         mm32:  A M-major, B = X[1, 0:64, 32:64] N-major, N = 32, its descriptor 64 bytes into the
+//                swizzled rows (the backward's dQ at d = 64: each consumer's half of the columns);
 // and writes each D out, and each thread's accumulators as it holds them. A second kernel has blocks
 // add into one buffer by the copy engine's bulk reduce (bulk_fragments below). nvcc builds it for
 // sm_90a, g++ against kernels/cpu_cuda.h (tools/hopper_fragments_cpu.cpp); tools/fragments.py builds
@@ -46,7 +48,7 @@ __device__ void write_out(const float (&d)[N / 8][4], float* D, float* raw) {
 
 // Where the kernel writes: the products, row-major, and each thread's accumulators of each (raw).
 struct Outputs {
-    float *ss128, *ss64, *rs64, *rs128, *mm128, *mm64, *mk128, *km64, *raw;
+    float *ss128, *ss64, *rs64, *rs128, *mm128, *mm64, *mk128, *km64, *mm32, *raw;
 };
 
 template <class T>
@@ -126,6 +128,12 @@ __global__ void hopper_fragments(const __grid_constant__ CUtensorMap map, const 
     wgmma_wait<0>(d128, d64);
     write_out<128>(d128, out.mk128, raw + 128 * 96);
     write_out<64>(d64, out.km64, raw + 128 * 160);
+    float d32[4][4];
+    wgmma_fence();
+    for (int s = 0; s < 4; ++s) wgmma_ss<T, 32, true, true>(d32, mn(a_at, s), mn(b_at + 64, s), s > 0);
+    wgmma_commit();
+    wgmma_wait<0>(d32);
+    write_out<32>(d32, out.mm32, raw + 128 * 192);
 }
 
 // The bulk reduce (kernels/hopper.cuh): each block adds 512 floats into out[0 .. 512) by the copy
@@ -174,19 +182,19 @@ static const char* encode(CUtensorMap* map, bool bf16, const unsigned short* X, 
 }
 
 extern "C" {
-// Runs the program on one warpgroup; "" on success. products: the 8 products one after the other
-// (ss128, ss64, rs64, rs128, mm128, mm64, mk128, km64), raw: each thread's accumulators of them,
-// 128 x (64 + 32 + 32 + 64) floats for the first four, then 128 x (64 + 32 + 64 + 32).
+// Runs the program on one warpgroup; "" on success. products: the 9 products one after the other
+// (ss128, ss64, rs64, rs128, mm128, mm64, mk128, km64, mm32), raw: each thread's accumulators of
+// them, 128 x (64 + 32 + 32 + 64) floats for the first four, then 128 x (64 + 32 + 64 + 32 + 16).
 const char* run_hopper_fragments(int bf16, const unsigned short* X, int rows, const unsigned short* P,
                                  unsigned short* boxes, float* products, float* raw) {
     CUtensorMap map;
     const char* error = encode(&map, bf16, X, rows);
     if (*error) return error;
     Outputs out;
-    float** to[8] = {&out.ss128, &out.ss64, &out.rs64,  &out.rs128,
-                     &out.mm128, &out.mm64, &out.mk128, &out.km64};
-    const int columns[8] = {128, 64, 64, 128, 128, 64, 128, 64};
-    for (int i = 0; i < 8; ++i) *to[i] = products, products += 64 * columns[i];
+    float** to[9] = {&out.ss128, &out.ss64,  &out.rs64, &out.rs128, &out.mm128,
+                     &out.mm64,  &out.mk128, &out.km64, &out.mm32};
+    const int columns[9] = {128, 64, 64, 128, 128, 64, 128, 64, 32};
+    for (int i = 0; i < 9; ++i) *to[i] = products, products += 64 * columns[i];
     out.raw = raw;
     if (bf16) {
         cudaFuncSetAttribute(hopper_fragments<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
