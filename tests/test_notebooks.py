@@ -2,13 +2,15 @@
 make is an assert, so a kernel that goes wrong fails here. They are committed with their outputs,
 show the kernels by reading kernels/*.cu rather than pasting them, and the README links each one."""
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 # jupyter is in requirements.txt, so CI and the README's test command have these. A GPU machine's
-# image may not (ours has no jupyter); there the notebooks' GPU path was checked by running them as
-# scripts (jupyter nbconvert --to script), and these tests say they were skipped.
+# image may not (ours has no jupyter); there tools/run_notebook.py runs a notebook's code cells as one
+# program (tested below), and these tests say they were skipped.
 nbformat = pytest.importorskip("nbformat", reason="jupyter is not installed (pip install -r requirements.txt)")
 NotebookClient = pytest.importorskip("nbclient", reason="jupyter is not installed").NotebookClient
 
@@ -74,3 +76,17 @@ def test_readme_links_every_notebook():
     readme = (ROOT / "README.md").read_text()
     for path in NOTEBOOKS:
         assert f"](notebooks/{path.name})" in readme, path.name
+
+
+def test_run_notebook_runs_the_code_cells_in_order_without_jupyter():
+    """tools/run_notebook.py, for a GPU machine without jupyter: every code cell of notebook 1 runs, in
+    order, from notebooks/ (its imports find common.py there), and the file is left as it was."""
+    path = ROOT / "notebooks" / "01_attention_and_online_softmax.ipynb"
+    before = path.read_bytes()
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "run_notebook.py"), str(path)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    code = [cell for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
+    ran = re.findall(r"^# --- 01_attention_and_online_softmax.ipynb, code cell (\d+) of (\d+)$", result.stdout, re.M)
+    assert ran == [(str(i), str(len(code))) for i in range(1, len(code) + 1)]
+    assert path.read_bytes() == before
