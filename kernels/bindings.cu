@@ -45,10 +45,9 @@ struct Call {
     int N, d;
     float scale;
     bool causal;
-    bool
-        deterministic;  // the backward's dQ the same bits run to run (version 4's mode; see minimal_flash.py)
-    int dtype;          // of Q, K, V, O, dO, dQ, dK, dV: a DType
-    int device;         // the GPU the tensors are on
+    bool deterministic;  // the backward's dQ the same bits run to run (version 4's mode)
+    int dtype;           // of Q, K, V, O, dO, dQ, dK, dV: a DType
+    int device;          // the GPU the tensors are on
     cudaStream_t stream;
 };
 
@@ -163,25 +162,10 @@ long long mf_scratch_floats(int pass, int N, int d) { return Version::scratch_fl
 const char* mf_run(int pass, const float* Q, const float* K, const float* V, float* O, const float* dO,
                    float* L, float* dQ, float* dK, float* dV, float* scratch, long long BH, int N, int d,
                    float scale, bool causal, bool deterministic, int dtype, int device, void* stream) {
-    const Call call{Q,
-                    K,
-                    V,
-                    dO,
-                    O,
-                    L,
-                    dQ,
-                    dK,
-                    dV,
-                    scratch,
-                    BH,
-                    N,
-                    d,
-                    scale,
-                    causal,
-                    deterministic,
-                    dtype,
-                    device,
-                    cudaStream_t(stream)};
+    // clang-format off: one line per kind of field, as Call declares them
+    const Call call{Q, K, V, dO, O, L, dQ, dK, dV, scratch,
+                    BH, N, d, scale, causal, deterministic, dtype, device, cudaStream_t(stream)};
+    // clang-format on
     return run(pass, call);
 }
 }
