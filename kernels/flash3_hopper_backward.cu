@@ -127,7 +127,9 @@ __global__ void __launch_bounds__(THREADS, 1)
     base += (1024 - shared_address(base) % 1024) % 1024;
     const Tiles<d> t(base);
 
-    const int bh = blockIdx.y, key0 = blockIdx.x * Bc, Tr = ceil_div(N, Br);
+    // The block's keys: block j of the slice. Causal and deterministic, the last first (see add_dQ_share).
+    const int j = deterministic && causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int bh = blockIdx.y, key0 = j * Bc, Tr = ceil_div(N, Br);
     const int i_first = causal ? key0 / Br : 0;  // causal: earlier queries see none of these keys
     const int n = Tr - i_first;                  // query tiles to visit
     L += size_t(bh) * N, D += size_t(bh) * N;
@@ -176,17 +178,23 @@ __global__ void __launch_bounds__(THREADS, 1)
 
     // The warpgroup's share of dQ_i (its columns), stored in shared memory by the tile before: one
     // copy-engine request adds it into the fp32 sums. deterministic: the shares of these columns of
-    // dQ_i are added in one order, by key: this block's turn comes after the blockIdx.x blocks of the
-    // keys before its own. It waits for its own request's writes to be complete (bulk_wait, not
-    // only read) before the release, which then publishes them to the next block's acquire. A block
-    // waits only for blocks of lower index, which the GPU starts first (as FlashAttention-3's
-    // deterministic mode also assumes).
+    // dQ_i are added in one order, by key block: this block's turn comes after the j blocks of the
+    // keys before its own. Causal, in the other order, from the last block that sees tile i: the
+    // blocks start in that order too (j from the last), each at its own diagonal tile, so that a
+    // block's turn comes when the blocks before it, which started earlier and nearer the tile, have
+    // passed it (in key order, each block would wait at its first tile for all the blocks before it
+    // to get there). It waits for its own request's writes to be complete (bulk_wait, not only read)
+    // before the release, which then publishes them to the next block's acquire. A block waits only
+    // for blocks of lower index, which the GPU starts first (as FlashAttention-3's deterministic mode
+    // also assumes).
     auto add_dQ_share = [&](int i) {
         fence_proxy_async();  // the stores, before the copy engine reads them
         named_barrier_sync(bar, 128);
         if (tid == 0) {
             int* turn = turns + (size_t(bh) * Tr + i) * CONSUMERS + consumer;
-            if (deterministic) wait_until_equal(turn, blockIdx.x);
+            const int last =
+                min(int(gridDim.x) - 1, (i * Br + Br - 1) / Bc);  // the last block that sees tile i
+            if (deterministic) wait_until_equal(turn, causal ? last - j : j);
             bulk_reduce_add(dQ_sum + (size_t(bh) * Tr + i) * Br * d + consumer * Br * half, dQ_c,
                             Br * half * 4);
             bulk_commit();
