@@ -18,24 +18,26 @@
 // comes from a pre-pass that also zeroes the sums (preprocess, at the end).
 // Names as in the paper; "Alg. 2, line n" numbered as in flash2_backward.cu.
 //
-// Who owns what: one block per (batch, head, Bc = 128 keys), 2 warpgroups of 128 threads.
+// Who owns what: one block per (batch, head, Bc = 128 keys), 3 warpgroups of 128 threads.
 //
-//   warpgroup 0   keys  0- 63: S^T, dP^T (64 x 64) for the tile, dK_j, dV_j (64 x d) for the whole
-//                 pass; dQ_i's first d/2 columns (64 x d/2) for the tile, over all 128 keys
-//   warpgroup 1   keys 64-127: the same; dQ_i's last d/2 columns
-//   thread 0 also issues the copies: K_j, V_j once; the block's t-th Q_i, dO_i into stage
-//   t % STAGES once every consumer warp has released the tile before
+//   warpgroup 0, producer   thread 0 issues every copy: K_j, V_j once; the block's t-th Q_i, dO_i
+//                           into stage t % STAGES once every consumer warp has released the tile
+//                           before. Its registers go to the consumers (setmaxnreg).
+//   warpgroup 1, consumer 0 keys  0- 63: S^T, dP^T (64 x 64) for the tile, dK_j, dV_j (64 x d) for the
+//                           whole pass; dQ_i's first d/2 columns (64 x d/2) for the tile, over all
+//                           128 keys
+//   warpgroup 2, consumer 1 keys 64-127: the same; dQ_i's last d/2 columns
 //
 //   shared memory (1024-byte aligned; 16-bit tiles in sub-tiles of 64 columns, 128-byte swizzled)
-//     K_j, V_j          Bc x d each                TMA, read by both warpgroups' wgmma
+//     K_j, V_j          Bc x d each                TMA, read by both consumers' wgmma
 //     Q_i, dO_i         STAGES x (Br x d) each     the ring: TMA writes, wgmma reads
-//     dS_ij^T           2 x (Bc x Br)              each warpgroup its 64 rows, both read all of it;
-//                                                  two buffers, tile % 2, as a warpgroup may store the
+//     dS_ij^T           2 x (Bc x Br)              each consumer its 64 rows, both read all of it;
+//                                                  two buffers, tile % 2, as a consumer may store the
 //                                                  next tile's while the other still reads this one's
-//     dQ_i's share      Br x d fp32                each warpgroup its columns: stores, then the copy engine
-//     L_i, D_i          2 x STAGES x 2 x Br fp32   each warpgroup its own, by ordinary loads a tile ahead
+//     dQ_i's share      Br x d fp32                each consumer its columns: stores, then the copy engine
+//     L_i, D_i          2 x STAGES x 2 x Br fp32   each consumer its own, by ordinary loads a tile ahead
 //
-//   within a warpgroup, warp w holds keys 16w .. 16w + 15 of its 64, lane (g, q) keys g and g + 8
+//   within a consumer, warp w holds keys 16w .. 16w + 15 of its 64, lane (g, q) keys g and g + 8
 //   and, of every 8 query columns, 2q and 2q + 1 (the accumulator layout of kernels/hopper.cuh).
 #include "tiles.cuh"   // ceil_div
 #include "mma.cuh"     // pack<T>, a_operands, mask_fragment, fast_exp2, LOG2E
@@ -43,10 +45,10 @@
 
 namespace flash3_hopper_backward {
 
-constexpr int CONSUMERS = 2, THREADS = 128 * CONSUMERS;
-constexpr int Bc = 64 * CONSUMERS, Br = 64;  // keys per block, queries per tile
-constexpr int STAGES = 2;                    // Q_i, dO_i buffers in the ring
-constexpr int SUB = 64;                      // columns of a swizzled sub-tile: 128 bytes
+constexpr int CONSUMERS = 2, THREADS = 128 * (1 + CONSUMERS);  // a producer warpgroup, then the consumers
+constexpr int Bc = 64 * CONSUMERS, Br = 64;                    // keys per block, queries per tile
+constexpr int STAGES = 2;                                      // Q_i, dO_i buffers in the ring
+constexpr int SUB = 64;                                        // columns of a swizzled sub-tile: 128 bytes
 
 // The fp32 sums of dQ: query tile by query tile (Tr = ceil(N / Br) a slice, the last one padded),
 // Br x d floats each, in the order the warps hold them (kernels/hopper.cuh): by consumer (its d/2
@@ -125,7 +127,9 @@ __global__ void __launch_bounds__(THREADS, 1)
     base += (1024 - shared_address(base) % 1024) % 1024;
     const Tiles<d> t(base);
 
-    const int bh = blockIdx.y, key0 = blockIdx.x * Bc, Tr = ceil_div(N, Br);
+    // The block's keys: block j of the slice. Causal and deterministic, the last first (see add_dQ_share).
+    const int j = deterministic && causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int bh = blockIdx.y, key0 = j * Bc, Tr = ceil_div(N, Br);
     const int i_first = causal ? key0 / Br : 0;  // causal: earlier queries see none of these keys
     const int n = Tr - i_first;                  // query tiles to visit
     L += size_t(bh) * N, D += size_t(bh) * N;
@@ -136,16 +140,22 @@ __global__ void __launch_bounds__(THREADS, 1)
         fence_mbarrier_init();
     }
     __syncthreads();
-    if (threadIdx.x == 0) {  // Alg. 2, line 6: K_j, V_j; then the first tiles of the ring
-        mbarrier_arrive_expect_tx(t.KV_full, 2 * Bc * d * 2);
-        for (int c = 0; c < d / SUB; ++c) {
-            tma_load(t.K + c * Bc * SUB, &tmK, c * SUB, key0, bh, t.KV_full);
-            tma_load(t.V + c * Bc * SUB, &tmV, c * SUB, key0, bh, t.KV_full);
+    if (threadIdx.x < 128) {     // the producer warpgroup
+        setmaxnreg_dec<24>();    // keeps few registers: the consumers get them
+        if (threadIdx.x == 0) {  // Alg. 2, line 6: K_j, V_j; then every tile of the ring, as stages free
+            mbarrier_arrive_expect_tx(t.KV_full, 2 * Bc * d * 2);
+            for (int c = 0; c < d / SUB; ++c) {
+                tma_load(t.K + c * Bc * SUB, &tmK, c * SUB, key0, bh, t.KV_full);
+                tma_load(t.V + c * Bc * SUB, &tmV, c * SUB, key0, bh, t.KV_full);
+            }
+            for (int tile = 0; tile < n; ++tile) load_QdO(t, &tmQ, &tmdO, tile, i_first + tile, bh);
         }
-        for (int tile = 0; tile < min(n, STAGES); ++tile) load_QdO(t, &tmQ, &tmdO, tile, i_first + tile, bh);
+        return;
     }
+    setmaxnreg_inc<240>();
 
-    const int consumer = threadIdx.x / 128, tid = threadIdx.x % 128, w = tid / 32, lane = threadIdx.x % 32;
+    const int consumer = threadIdx.x / 128 - 1, tid = threadIdx.x % 128, w = tid / 32,
+              lane = threadIdx.x % 32;
     const int g = lane / 4, q = lane % 4;
     const int warp_key = key0 + 64 * consumer + 16 * w, key = warp_key + g;  // the lane's keys: key, key + 8
     const unsigned short *K_c = t.K + 64 * consumer * SUB,
@@ -154,7 +164,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     const unsigned short* K_cols = t.K + half * consumer / SUB * Bc * SUB + half * consumer % SUB;
     float* dQ_c = t.dQ + consumer * Br * half;
     const float c = scale * LOG2E;
-    const int bar = 1 + consumer, both = 3;  // named barriers: the warpgroup's 128 threads; all 256
+    const int bar = 1 + consumer, both = 3;  // named barriers: the consumer's 128 threads; both's 256
 
     // L_i and D_i (L in log2 units) of query tile i: each thread loads one, a tile ahead of the
     // tile that reads it, so that the load's latency passes under the products; LD_c(s): the
@@ -168,17 +178,23 @@ __global__ void __launch_bounds__(THREADS, 1)
 
     // The warpgroup's share of dQ_i (its columns), stored in shared memory by the tile before: one
     // copy-engine request adds it into the fp32 sums. deterministic: the shares of these columns of
-    // dQ_i are added in one order, by key: this block's turn comes after the blockIdx.x blocks of the
-    // keys before its own. It waits for its own request's writes to be complete (bulk_wait, not
-    // only read) before the release, which then publishes them to the next block's acquire. A block
-    // waits only for blocks of lower index, which the GPU starts first (as FlashAttention-3's
-    // deterministic mode also assumes).
+    // dQ_i are added in one order, by key block: this block's turn comes after the j blocks of the
+    // keys before its own. Causal, in the other order, from the last block that sees tile i: the
+    // blocks start in that order too (j from the last), each at its own diagonal tile, so that a
+    // block's turn comes when the blocks before it, which started earlier and nearer the tile, have
+    // passed it (in key order, each block would wait at its first tile for all the blocks before it
+    // to get there). It waits for its own request's writes to be complete (bulk_wait, not only read)
+    // before the release, which then publishes them to the next block's acquire. A block waits only
+    // for blocks of lower index, which the GPU starts first (as FlashAttention-3's deterministic mode
+    // also assumes).
     auto add_dQ_share = [&](int i) {
         fence_proxy_async();  // the stores, before the copy engine reads them
         named_barrier_sync(bar, 128);
         if (tid == 0) {
             int* turn = turns + (size_t(bh) * Tr + i) * CONSUMERS + consumer;
-            if (deterministic) wait_until_equal(turn, blockIdx.x);
+            const int last =
+                min(int(gridDim.x) - 1, (i * Br + Br - 1) / Bc);  // the last block that sees tile i
+            if (deterministic) wait_until_equal(turn, causal ? last - j : j);
             bulk_reduce_add(dQ_sum + (size_t(bh) * Tr + i) * Br * d + consumer * Br * half, dQ_c,
                             Br * half * 4);
             bulk_commit();
@@ -257,7 +273,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         // other warpgroup read it before it came here. Thread 0 has waited until the copy engine read
         // the last tile's share of dQ out of shared memory, which this tile's overwrites.
         if (tid == 0) bulk_wait_read<0>();
-        named_barrier_sync(both, THREADS);
+        named_barrier_sync(both, 128 * CONSUMERS);
         float dq[half / 8][4];
         wgmma_fence();
 #pragma unroll
@@ -267,7 +283,6 @@ __global__ void __launch_bounds__(THREADS, 1)
         wgmma_commit();
         wgmma_wait<0>(dv, dk, dq);
         if (lane == 0) mbarrier_arrive(&t.QdO_empty[s]);  // Q_i, dO_i are free for tile + STAGES
-        if (threadIdx.x == 0 && tile + STAGES < n) load_QdO(t, &tmQ, &tmdO, tile + STAGES, i + STAGES, bh);
 
         // dQ_i's share, into shared memory: each lane's 4 values of 8 columns as one 16-byte store, a
         // warp's 32 side by side; sent off under the next tile's first products. The next tile's L,
