@@ -71,6 +71,7 @@ class Version:
     block_sizes: Optional[Callable] = None  # the rule for (Br, Bc): an error message or ""; None: not used
     deterministic: bool = False  # the backward gives the same bits run to run (no atomics)
     deterministic_mode: bool = False  # deterministic=True makes it so, at a cost (version 4's ordered dQ)
+    grouped_heads: bool = False  # takes k, v with fewer heads than q, each shared by a group of q's
     positive_scale: bool = False  # takes softmax_scale > 0 only
     capability: Optional[tuple] = None  # the one GPU compute capability it runs on (None: any)
     cuda_flags: tuple = ()  # nvcc flags of its CUDA build (None of them: torch's own for the GPU)
@@ -85,11 +86,11 @@ VERSIONS = {v.number: v for v in (
     Version(2, "FlashAttention-2 loop order", 2, ("flash2.cu", "flash2_backward.cu"), "version2.cuh",
             (torch.float32,), block_sizes=_version2_block_sizes),
     Version(3, "FlashAttention-2 on tensor cores", 3, ("flash2_mma.cu", "flash2_mma_backward.cu"), "version3.cuh",
-            (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True),
+            (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True, grouped_heads=True),
     # Hopper's wgmma and setmaxnreg exist for the sm_90a target only, whose code runs on 9.0 GPUs only.
     Version(4, "FlashAttention-3 on Hopper", 4, ("flash3_hopper.cu", "flash3_hopper_backward.cu"), "version4.cuh",
             (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True, capability=(9, 0),
-            deterministic_mode=True,
+            deterministic_mode=True, grouped_heads=True,
             cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",)),
 )}
 PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
@@ -228,7 +229,7 @@ def backward(dO, q, k, v, O, L, *, causal=False, softmax_scale=None, Br=None, Bc
     dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
     L = _check_like("L", L, q[..., 0].float())
     if out is not None:
-        out = _check_outputs(("dQ", "dK", "dV"), out, (q, q, q), (q, k, v, O, dO, L))
+        out = _check_outputs(("dQ", "dK", "dV"), out, (q, k, v), (q, k, v, O, dO, L))
     return _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic, out)
 
 
@@ -244,13 +245,22 @@ def _attention(q, k, v, causal, scale, Br, Bc, version, out=None):
 
 
 def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic=False, out=None):
-    """backward() on inputs already checked."""
-    dQ, dK, dV = out if out is not None else (torch.empty_like(q) for _ in range(3))
+    """backward() on inputs already checked. Grouped-query heads (k, v with H / group heads): as the
+    official package does, the kernels get k, v repeated to q's heads, and each head's dK, dV is the
+    sum (in fp32) of its group's."""
+    dQ, dK, dV = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1
     if q.numel() > 0:
         kernels = load_kernels(q.device.type, version, Br, Bc)
         _check_shared_memory(kernels, q, "backward", version)
-        q, k, v, O, dO = (_aligned(t) for t in (q, k, v, O, dO))
-        _raise_if(kernels.call("backward", causal, scale, q, k, v, O, L, dO, dQ, dK, dV, deterministic=deterministic))
+        k_all, v_all = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k, v))
+        dK_all, dV_all = (torch.empty_like(q), torch.empty_like(q)) if group > 1 else (dK, dV)
+        q, k_all, v_all, O, dO = (_aligned(t) for t in (q, k_all, v_all, O, dO))
+        _raise_if(kernels.call("backward", causal, scale, q, k_all, v_all, O, L, dO, dQ, dK_all, dV_all,
+                               deterministic=deterministic))
+        if group > 1:
+            for to, part in ((dK, dK_all), (dV, dV_all)):
+                to.copy_(part.unflatten(1, (k.shape[1], group)).sum(2, dtype=torch.float32))
     return dQ, dK, dV
 
 
@@ -499,7 +509,7 @@ class Kernels:
         for function, result, arguments in [
                 (c.mf_block_size, i, [i]), (c.mf_device_shared_bytes, i64, [i]),
                 (c.mf_shared_bytes, i64, [i, i]), (c.mf_scratch_floats, i64, [i, i, i]),
-                (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, f, b, b, i, i, P])]:
+                (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, i, f, b, b, i, i, P])]:
             function.restype, function.argtypes = result, arguments
         self.library, self.sources, self.version, self.folder = library, sources, version, None
         takes = VERSIONS[version].block_sizes is not None
@@ -531,7 +541,10 @@ class Kernels:
         def bad(t, shape, dtype):
             return t.shape != shape or not t.is_contiguous() or t.dtype != dtype or t.device != q.device
 
-        if q.dtype not in DTYPES or any(bad(t, q.shape, q.dtype) or t.data_ptr() % 16 for t in tensors):
+        kv_shape = k.shape if pass_ == "forward" else q.shape  # grouped heads: the forward's only
+        shapes = {id(k): kv_shape, id(v): kv_shape}
+        if (q.dtype not in DTYPES or kv_shape[1] == 0 or q.shape[1] % kv_shape[1] or _other_dims(q) != _other_dims(k)
+                or any(bad(t, shapes.get(id(t), q.shape), q.dtype) or t.data_ptr() % 16 for t in tensors)):
             return ("internal error: the (B, H, N, d) tensors differ in shape, layout, dtype or device, or one "
                     "is not 16-byte aligned")
         if bad(L, q.shape[:-1], torch.float32):
@@ -541,15 +554,15 @@ class Kernels:
     def call(self, pass_, causal, scale, q, k, v, O, L, dO=None, dQ=None, dK=None, dV=None, deterministic=False):
         """A pass on tensors already checked. The launch goes to the current stream of q's device, as
         torch's own do. Returns an error message, "" on success."""
-        (B, H, N, d), p = q.shape, PASSES.index(pass_)
+        (B, H, N, d), p, group = q.shape, PASSES.index(pass_), q.shape[1] // max(k.shape[1], 1)
         per_slice = self._ask("mf_scratch_floats", p, N, d)
         # fp32 whatever q's dtype; held here until the launch is queued (none where the pass needs none)
         scratch = q.new_empty(B * H * per_slice, dtype=torch.float32) if per_slice > 0 else None
         addresses = [t.data_ptr() if t is not None else None for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch)]
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address
-        return self._c.mf_run(p, *addresses, B * H, N, d, scale, causal, deterministic, DTYPES.index(q.dtype),
-                              device, stream).decode()
+        return self._c.mf_run(p, *addresses, B * H, N, d, group, scale, causal, deterministic,
+                              DTYPES.index(q.dtype), device, stream).decode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,9 +589,12 @@ def _check_inputs(q, k, v, version):
             raise ValueError(f"{name} must be 4-D (B, H, N, d), got shape {tuple(t.shape)}")
     if not q.dtype == k.dtype == v.dtype:  # the kernels would read k and v as q's dtype
         raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.shape == k.shape == v.shape:
-        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or _other_dims(q) != _other_dims(k) or (q.shape[1] != k.shape[1] and not (
+            VERSIONS[version].grouped_heads and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0)):
+        grouped = [str(n) for n, x in VERSIONS.items() if x.grouped_heads]
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}; or, in version {' or '.join(grouped)}, k and v may have fewer heads "
+                         f"(dim 1) than q, a number that divides q's (grouped-query attention)")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.device.type not in ("cuda", "cpu"):
@@ -593,6 +609,11 @@ def _check_inputs(q, k, v, version):
                          + " and ".join(map(str, head_dims)))
     # The kernels index rows with a fixed stride; a view (a transpose, a slice) is copied first.
     return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _other_dims(t):
+    """(B, N, d) of a (B, H, N, d) tensor: what q, k, v must share when k, v may have fewer heads."""
+    return (t.shape[0], *t.shape[2:])
 
 
 def _aligned(t):

@@ -42,6 +42,7 @@ struct Call {
     float *O, *L, *dQ, *dK, *dV;
     float* scratch;  // fp32, Version::scratch_floats per (batch, head) slice
     long long BH;    // B * H (batch, head) slices of N rows and d columns each
+    int group;       // query heads per head of K and V (grouped-query heads; 1: as many), forward only
     int N, d;
     float scale;
     bool causal;
@@ -138,7 +139,12 @@ static const char* run(int pass, const Call& call) {
     int current = call.device;
     cudaGetDevice(&current);
     if (current != call.device) cudaSetDevice(call.device);
-    message = pass == FORWARD    ? Version::forward(call)
+    // Grouped-query heads: the forward kernels of versions that read K, V by group (GROUPED_HEADS);
+    // minimal_flash.py hands every backward K and V with q's heads (it sums dK, dV over the group).
+    const bool bad_group = call.group != 1 && (pass != FORWARD || !Version::GROUPED_HEADS || call.group < 1 ||
+                                               call.BH % call.group != 0);
+    message = bad_group ? "internal error: " + std::to_string(call.group) + " query heads per head of k, v"
+              : pass == FORWARD  ? Version::forward(call)
               : pass == BACKWARD ? Version::backward(call)
                                  : "no pass " + std::to_string(pass);
     if (current != call.device) cudaSetDevice(current);
@@ -161,10 +167,11 @@ long long mf_scratch_floats(int pass, int N, int d) { return Version::scratch_fl
 // on the CPU). Addresses a pass does not use are null.
 const char* mf_run(int pass, const float* Q, const float* K, const float* V, float* O, const float* dO,
                    float* L, float* dQ, float* dK, float* dV, float* scratch, long long BH, int N, int d,
-                   float scale, bool causal, bool deterministic, int dtype, int device, void* stream) {
+                   int group, float scale, bool causal, bool deterministic, int dtype, int device,
+                   void* stream) {
     // clang-format off: one line per kind of field, as Call declares them
     const Call call{Q, K, V, dO, O, L, dQ, dK, dV, scratch,
-                    BH, N, d, scale, causal, deterministic, dtype, device, cudaStream_t(stream)};
+                    BH, group, N, d, scale, causal, deterministic, dtype, device, cudaStream_t(stream)};
     // clang-format on
     return run(pass, call);
 }

@@ -35,8 +35,8 @@ __host__ __device__ inline int shared_bytes(int d) { return (Br + 4 * Bc) * stri
 
 template <class T, int d>
 __global__ void __launch_bounds__(32 * WARPS)
-    forward(const unsigned short* Q, const unsigned short* K, const unsigned short* V, int N, float scale,
-            bool causal, unsigned short* O, float* L) {
+    forward(const unsigned short* Q, const unsigned short* K, const unsigned short* V, int N, int group,
+            float scale, bool causal, unsigned short* O, float* L) {
     constexpr int LS = stride16(d);
     // smem: the block's shared memory, declared in tiles.cuh
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // Br x LS
@@ -46,8 +46,9 @@ __global__ void __launch_bounds__(32 * WARPS)
     // of an accumulator, columns 2q and 2q + 1 (kernels/mma.cuh).
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 
-    const size_t bh = blockIdx.y;  // this block's (batch, head) slice
-    Q += bh * N * d, K += bh * N * d, V += bh * N * d, O += bh * N * d, L += bh * N;
+    // This block's (batch, head) slice; K and V's: `group` query heads share one (grouped-query heads).
+    const size_t bh = blockIdx.y, bh_kv = bh / group;
+    Q += bh * N * d, K += bh_kv * N * d, V += bh_kv * N * d, O += bh * N * d, L += bh * N;
     const int tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // heaviest first, as in flash2.cu
     const int row0 = tile * Br, Tc = ceil_div(N, Bc);
     const int j_end = causal ? min(Tc, (min(row0 + Br, N) - 1) / Bc + 1) : Tc;

@@ -138,14 +138,14 @@ __device__ inline void turn_end(int consumer, bool last) {
 template <class T, int d>
 __global__ void __launch_bounds__(THREADS, 1)
     forward(const __grid_constant__ CUtensorMap tmQ, const __grid_constant__ CUtensorMap tmK,
-            const __grid_constant__ CUtensorMap tmV, int N, float scale, bool causal, unsigned short* O,
-            float* L) {
+            const __grid_constant__ CUtensorMap tmV, int N, int group, float scale, bool causal,
+            unsigned short* O, float* L) {
     // smem: the block's shared memory (tiles.cuh); its start rounded up to 1024 bytes for the swizzle
     char* base = reinterpret_cast<char*>(smem);
     base += (1024 - shared_address(base) % 1024) % 1024;
     const Tiles<d> t(base);
 
-    const int bh = blockIdx.y;
+    const int bh = blockIdx.y, bh_kv = bh / group;  // K and V's slice: `group` query heads share one
     const int tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // heaviest first, as in chapter 3
     const int row0 = tile * Br, Tc = ceil_div(N, Bc);
     const int n = causal ? min(Tc, (min(row0 + Br, N) - 1) / Bc + 1) : Tc;  // key tiles to visit
@@ -164,14 +164,14 @@ __global__ void __launch_bounds__(THREADS, 1)
         setmaxnreg_dec<24>();                // keeps few registers: the consumers get them
         if (threadIdx.x == 0) {
             load_Q(t, &tmQ, row0, bh);
-            for (int j = 0; j < n; ++j) load_KV(t, &tmK, &tmV, j, bh);
+            for (int j = 0; j < n; ++j) load_KV(t, &tmK, &tmV, j, bh_kv);
         }
         return;
     }
     if (SPECIALIZED) setmaxnreg_inc<240>();
     if (!SPECIALIZED && threadIdx.x == 0) {  // step 1: thread 0 issues the first STAGES tiles now,
         load_Q(t, &tmQ, row0, bh);           // the others as its own loop frees their stages
-        for (int j = 0; j < min(n, STAGES); ++j) load_KV(t, &tmK, &tmV, j, bh);
+        for (int j = 0; j < min(n, STAGES); ++j) load_KV(t, &tmK, &tmV, j, bh_kv);
     }
 
     const int consumer = threadIdx.x / 128 - SPECIALIZED, w = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     };
     auto release_V = [&](int j) {
         if (lane == 0) mbarrier_arrive(&t.V_empty[j % STAGES]);
-        if (!SPECIALIZED && threadIdx.x == 0 && j + STAGES < n) load_KV(t, &tmK, &tmV, j + STAGES, bh);
+        if (!SPECIALIZED && threadIdx.x == 0 && j + STAGES < n) load_KV(t, &tmK, &tmV, j + STAGES, bh_kv);
     };
 
     if (!OVERLAP) {  // steps 1-3: S_ij, its softmax, O += P_ij V_j, one after the other

@@ -14,6 +14,7 @@
 #include "flash2_mma_backward.cu"
 
 struct Version {
+    static constexpr bool GROUPED_HEADS = true;  // the forward reads K, V by group (Call::group)
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash2_mma::shared_bytes(d) : flash2_mma_backward::shared_bytes(d);
     }
@@ -43,7 +44,7 @@ struct Version {
             namespace fw = flash2_mma;
             return launch("flash2_mma::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH),
                           32 * fw::WARPS, fw::shared_bytes(d), c, bits(c.Q), bits(c.K), bits(c.V), c.N,
-                          c.scale, c.causal, bits(c.O), c.L);
+                          c.group, c.scale, c.causal, bits(c.O), c.L);
         }
     };
 

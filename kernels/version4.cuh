@@ -53,12 +53,13 @@ static auto encode_tiled() { return &cuTensorMapEncodeTiled; }  // cpu_cuda.h's
 static int capability(int) { return 90; }                       // the emulation has Hopper's instructions
 #endif
 
-// Q, K or V, (B * H) x N x d values of 16 bits, as the copy engine sees it: a 3-D tensor (x: column,
-// y: row, z: the (batch, head) slice), read in boxes of `rows` rows x 64 columns (128 bytes), written
-// into shared memory with the 128-byte swizzle that wgmma reads. A box that reaches past row N is
-// zero-filled there: the next slice's rows are never read.
-static std::string tensor_map(CUtensorMap* map, const float* data, const Call& c, int rows) {
-    const cuuint64_t dims[3] = {cuuint64_t(c.d), cuuint64_t(c.N), cuuint64_t(c.BH)};
+// Q, K or V, `slices` x N x d values of 16 bits (B * H slices; K and V B * H / group), as the copy
+// engine sees it: a 3-D tensor (x: column, y: row, z: the (batch, head) slice), read in boxes of
+// `rows` rows x 64 columns (128 bytes), written into shared memory with the 128-byte swizzle that
+// wgmma reads. A box that reaches past row N is zero-filled there: the next slice's rows are never read.
+static std::string tensor_map(CUtensorMap* map, const float* data, const Call& c, int rows,
+                              long long slices) {
+    const cuuint64_t dims[3] = {cuuint64_t(c.d), cuuint64_t(c.N), cuuint64_t(slices)};
     const cuuint64_t strides[2] = {cuuint64_t(c.d) * 2, cuuint64_t(c.N) * c.d * 2};  // bytes, of y and z
     const cuuint32_t box[3] = {64, cuuint32_t(rows), 1}, element_steps[3] = {1, 1, 1};
     const auto encode = encode_tiled();
@@ -74,6 +75,7 @@ static std::string tensor_map(CUtensorMap* map, const float* data, const Call& c
 }
 
 struct Version {
+    static constexpr bool GROUPED_HEADS = true;  // the forward reads K, V by group (Call::group)
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash3_hopper::shared_bytes(d) : flash3_hopper_backward::shared_bytes(d);
     }
@@ -113,12 +115,14 @@ struct Version {
     static std::string run(const Call& c) {
         namespace fw = flash3_hopper;
         CUtensorMap tmQ, tmK, tmV;
-        for (auto [map, data, rows] :
-             {std::tuple{&tmQ, c.Q, fw::Br}, {&tmK, c.K, fw::Bc}, {&tmV, c.V, fw::Bc}})
-            if (std::string err = tensor_map(map, data, c, rows); !err.empty()) return err;
+        const long long kv_slices = c.BH / c.group;
+        for (auto [map, data, rows, slices] : {std::tuple{&tmQ, c.Q, fw::Br, c.BH},
+                                               {&tmK, c.K, fw::Bc, kv_slices},
+                                               {&tmV, c.V, fw::Bc, kv_slices}})
+            if (std::string err = tensor_map(map, data, c, rows, slices); !err.empty()) return err;
         return launch("flash3_hopper::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH),
-                      fw::THREADS, fw::shared_bytes(d), c, tmQ, tmK, tmV, c.N, c.scale, c.causal, bits(c.O),
-                      c.L);
+                      fw::THREADS, fw::shared_bytes(d), c, tmQ, tmK, tmV, c.N, c.group, c.scale, c.causal,
+                      bits(c.O), c.L);
     }
 
     // D = rowsum(dO * O) with the fp32 sums of dQ and the counters set to 0, the pass, dQ converted.
@@ -131,7 +135,7 @@ struct Version {
         CUtensorMap tmK, tmV, tmQ, tmdO;
         for (auto [map, data, box_rows] :
              {std::tuple{&tmK, c.K, bw::Bc}, {&tmV, c.V, bw::Bc}, {&tmQ, c.Q, bw::Br}, {&tmdO, c.dO, bw::Br}})
-            if (std::string err = tensor_map(map, data, c, box_rows); !err.empty()) return err;
+            if (std::string err = tensor_map(map, data, c, box_rows, c.BH); !err.empty()) return err;
         const size_t padded_rows = tiles * bw::Br;  // a warp each, 8 to a block
         std::string err = launch("flash3_hopper_backward::preprocess", bw::preprocess<T, d>,
                                  dim3((padded_rows + 7) / 8), 256, 0, c, bits(c.O), bits(c.dO), c.N,

@@ -132,6 +132,41 @@ def test_rejects_shape_mismatch():
         mf.flash_attention(q, k[:, :, :10], v)
 
 
+@pytest.mark.parametrize("version,heads_k", [(2, 1), (1, 1), (3, 3), (4, 3), (3, 8), (3, 0)])
+def test_grouped_heads_only_where_a_version_takes_them(version, heads_k):
+    """k, v with fewer heads than q: versions 3 and 4 only, and a number that divides q's (4 here);
+    k and v must agree with each other and with q in B, N and d."""
+    dtype = torch.float32 if version < 3 else torch.bfloat16
+    q = torch.randn(1, 4, 8, 64, dtype=dtype)
+    k, v = (torch.randn(1, heads_k, 8, 64, dtype=dtype) for _ in range(2))
+    with pytest.raises(ValueError, match=r"fewer heads \(dim 1\) than q, a number that divides q's"):
+        mf.flash_attention(q, k, v, version=version)
+
+
+@pytest.mark.parametrize("k_shape,v_shape", [((1, 2, 8, 64), (1, 1, 8, 64)), ((1, 2, 9, 64), (1, 2, 9, 64)),
+                                             ((2, 2, 8, 64), (2, 2, 8, 64))])
+def test_grouped_heads_must_agree_in_the_rest(k_shape, v_shape):
+    q = torch.randn(1, 4, 8, 64, dtype=torch.bfloat16)
+    k, v = torch.randn(k_shape, dtype=torch.bfloat16), torch.randn(v_shape, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="same shape"):
+        mf.flash_attention(q, k, v, version=3)
+
+
+def test_grouped_heads_through_autograd_and_flash_attn_func(generator):
+    """Gradients land in k, v of their own shape, through flash_attention and flash-attn's layout."""
+    q = torch.randn(1, 4, 40, 64, generator=generator).bfloat16().requires_grad_()
+    k, v = (torch.randn(1, 2, 40, 64, generator=generator).bfloat16().requires_grad_() for _ in range(2))
+    dO = torch.randn(1, 4, 40, 64, generator=generator).bfloat16()
+    (mf.flash_attention(q, k, v, causal=True, version=3) * dO).sum().backward()
+    grads = [t.grad for t in (q, k, v)]
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    for t in (q, k, v):
+        t.grad = None
+    out = mf.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, version=3)
+    (out.transpose(1, 2) * dO).sum().backward()
+    assert all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))
+
+
 def test_rejects_device_mismatch():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="one device"):

@@ -9,7 +9,8 @@ import torch
 
 import minimal_flash as mf
 from helpers import (CASE_IDS, CASES, CAUSAL, DEVICES, MATRIX, OTHER_BLOCK_SIZES, OTHER_N, SIZED, assert_close,
-                     assert_gradients, head_dim, poisoned_outputs, random_dO, random_qkv, reference, rel_err, shapes)
+                     assert_gradients, half_precision_grads, head_dim, poisoned_outputs, random_dO, random_qkv,
+                     reference, reference_grads, rel_err, shapes)
 
 
 def check_passes(device, shape, causal, version, dtype, generator, scale=None, **block_sizes):
@@ -140,3 +141,35 @@ def test_version_4_deterministic_backward(device, causal, generator):
     runs = [mf.backward(dO, q, k, v, O, L, causal=causal, version=4, deterministic=True) for _ in range(3)]
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
     assert_gradients(runs[0], q, k, v, dO, causal)
+
+
+GROUPED = [n for n, x in mf.VERSIONS.items() if x.grouped_heads]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version", GROUPED, ids=[f"v{n}" for n in GROUPED])
+@pytest.mark.parametrize("H,Hk,N,d", [(4, 2, 70, 64), (6, 2, 129, 128), (3, 1, 200, 64)])
+@CAUSAL
+def test_grouped_query_heads(device, H, Hk, N, d, causal, version, generator):
+    """k, v with Hk heads, each shared by H / Hk query heads (grouped-query attention; Hk = 1:
+    multi-query): O as plain attention's on k, v repeated to q's heads, and each head's dK, dV the sum
+    of its group's, in bf16 within the 2x rule (plain attention's gradients summed the same way)."""
+    q = random_qkv(2, H, N, d, device, generator, torch.bfloat16)[0]
+    k, v = random_qkv(2, Hk, N, d, device, generator, torch.bfloat16)[:2]
+    repeat = lambda t: t.repeat_interleave(H // Hk, dim=1)  # noqa: E731
+    fold = lambda g: g.unflatten(1, (Hk, H // Hk)).sum(2, dtype=torch.float64)  # noqa: E731
+    O, L = poisoned_outputs(q)
+    mf.forward(q, k, v, causal=causal, out=(O, L), version=version)
+    O_ref, L_ref = reference(q, repeat(k), repeat(v), causal)
+    assert_close("O", O, O_ref, mf.manual_attention(q, repeat(k), repeat(v), causal=causal))
+    assert_close("L", L, L_ref)
+    dO = random_dO(q, generator)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    mf.backward(dO, q, k, v, O, L, causal=causal, out=grads, version=version)
+    refs = reference_grads(q, repeat(k), repeat(v), dO, causal)
+    plains = half_precision_grads(q, repeat(k), repeat(v), dO, causal)
+    for name, grad, ref, plain, grouped in zip(("dQ", "dK", "dV"), grads, refs, plains, (False, True, True)):
+        if grouped:
+            ref, plain = fold(ref), fold(plain).to(plain.dtype)
+        assert grad.shape == ref.shape, name
+        assert_close(name, grad, ref, plain)
