@@ -6,7 +6,8 @@ compute-sanitizer:
     compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py 3   # version 3 only
 
 Each run is also checked against float64 (tests/helpers.py's checks: fp32 within 1e-5, half precision
-within twice plain attention's error), so a clean sanitizer report on a wrong answer fails too."""
+within twice plain attention's error), so a clean sanitizer report on a wrong answer fails too. Versions
+that take grouped heads also run each forward with k, v of one head shared by q's three."""
 import sys
 from pathlib import Path
 
@@ -48,9 +49,23 @@ def run(version, dtype, causal, Br, Bc, N, d):
     print(f"v{version} {str(dtype)[6:]} Br={Br} Bc={Bc} N={N} d={d} causal={causal}: forward and backward checked")
 
 
+def run_grouped(version, dtype, causal, N, d):
+    """The forward with k, v of one head shared by q's three (it reads K, V's slice bh / 3); the
+    backward of grouped heads runs the kernels above on k, v repeated to q's heads."""
+    q = torch.randn(2, 3, N, d, generator=generator).to("cuda", dtype)
+    k, v = [torch.randn(2, 1, N, d, generator=generator).to("cuda", dtype) for _ in range(2)]
+    O, L = poisoned_outputs(q)
+    mf.forward(q, k, v, out=(O, L), causal=causal, version=version)
+    k, v = (t.expand(q.shape) for t in (k, v))
+    assert_close("O", O, reference(q, k, v, causal)[0], mf.manual_attention(q, k, v, causal=causal))
+    print(f"v{version} {str(dtype)[6:]} N={N} d={d} causal={causal}, k and v of 1 head for 3: forward checked")
+
+
 chosen = {int(a) for a in sys.argv[1:]} or set(mf.VERSIONS)
 for version in sorted(chosen):
     for dtype in mf.VERSIONS[version].dtypes:
         for (Br, Bc), N, d in cases(version):
             for causal in (False, True):
                 run(version, dtype, causal, Br, Bc, N, d)
+                if mf.VERSIONS[version].grouped_heads:
+                    run_grouped(version, dtype, causal, N, d)
