@@ -3,6 +3,8 @@
     flash_attention(q, k, v, *, causal=False, softmax_scale=None)   the kernels, on GPU or CPU, with autograd
     flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, ...)  the official flash-attn package's entry
     flash_attn_qkvpacked_func(qkv, ...)                              points, (B, N, H, d) layout
+    flash_attn_with_kvcache(q, k_cache, v_cache, k, v, ...)          the official decoding entry point: a KV
+                                                                     cache, contiguous or paged (chapter 5)
     manual_attention(q, k, v, *, causal=False, softmax_scale=None)  plain attention, the reference
     forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)          one pass of the kernels, called directly
     mirror_forward(q, k, v, ...), mirror_backward(...)               Algorithms 1 and 4 tile by tile in PyTorch
@@ -336,6 +338,227 @@ def _above_diagonal(rows, cols, row0, col0, device):
 
 
 # ---------------------------------------------------------------------------------------------
+# Decoding with a KV cache (chapter 5): kernels/flash_decode.cu, in version 3's build
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """The flash-attn package's flash_attn_with_kvcache, in its positional order, on chapter 5's decode
+    kernels: the attention of q's seqlen_q new positions of each sequence to the keys in a KV cache,
+    after k, v (if given) are appended to it in place. No autograd: this is inference.
+
+    q: (batch, seqlen_q, nheads, d), bfloat16 or float16, d = 64 or 128. k_cache, v_cache: (batch,
+    seqlen_cache, nheads_k, d), nheads_k dividing nheads (grouped-query heads); or, with block_table
+    (batch, max_blocks_per_seq) int32, paged: (num_blocks, page_block_size, nheads_k, d), row j of
+    sequence b in page block_table[b, j // page_block_size]. Both contiguous: they are written in place.
+    cache_seqlens: the keys each sequence has cached, an int or an int32 tensor (batch,); None: the
+    whole cache. k, v: (batch, seqlen_new, nheads_k, d), written at rows cache_seqlens[b] .. + seqlen_new;
+    sequence b then has L_b = cache_seqlens[b] + seqlen_new keys. causal: the queries are each
+    sequence's last seqlen_q positions (the official package's alignment): query i sees key j iff j <=
+    i + L_b - seqlen_q. A query that sees no key gets 0, and lse -inf, the log of an empty sum.
+    num_splits: how many ranges each sequence's keys are cut into, run by blocks of their own and then
+    combined (0: chosen as the official package chooses; 1: none). Returns out (batch, seqlen_q, nheads,
+    d) in q's dtype and, with return_softmax_lse, lse (batch, nheads, seqlen_q), float32.
+
+    cache_seqlens out of the cache's range, or block_table entries that are not its pages, raise a
+    ValueError, checked on the host (a copy to it, so a sync) except while a CUDA graph is being
+    captured. The kernel checks them too: it never reads outside the cache, and a sequence out of range
+    gets NaN in all its output rows, a loud answer, never a plausible one. The official options these
+    kernels lack (rotary embedding, cache_batch_idx, cache_leftpad, a window, softcap, ALiBi) are refused."""
+    _check_official_defaults(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
+                             cache_leftpad=cache_leftpad, window_size=window_size, softcap=softcap,
+                             alibi_slopes=alibi_slopes)
+    causal = _check_causal(causal)
+    q, block_table = _check_kvcache(q, k_cache, v_cache, k, v, block_table)
+    scale = _check_scale(softmax_scale, q, 3)
+    (B, Sq, H, d), (pages, page, Hk, _) = q.shape, k_cache.shape
+    capacity = block_table.shape[1] * page if block_table is not None else page  # keys a sequence may have
+    seqlen_new = 0 if k is None else k.shape[1]
+    seqlens = _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new)
+    splits = _decode_splits(num_splits, q, Hk, capacity)
+    if not _capturing(q.device):  # a graph being captured cannot wait for a copy to the host
+        _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages)
+    if k is not None:
+        _append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, capacity)
+    out, lse = torch.empty_like(q), q.new_empty((B, H, Sq), dtype=torch.float32)
+    if out.numel() > 0:
+        kernels = load_kernels(q.device.type, 3)
+        _raise_if(kernels.decode(_aligned(q), k_cache, v_cache, seqlens, block_table, seqlen_new, capacity, splits,
+                                 scale, causal, out, lse))
+    return (out, lse) if return_softmax_lse else out
+
+
+def _check_kvcache(q, k_cache, v_cache, k, v, block_table):
+    """q, the caches, k and v and block_table as flash_attn_with_kvcache takes them: (q contiguous,
+    block_table contiguous or None)."""
+    names = ("q", "k_cache", "v_cache") + (("k", "v") if k is not None or v is not None else ())
+    if (k is None) != (v is None):
+        raise ValueError(f"{'k' if v is None else 'v'} without {'v' if v is None else 'k'}: the new keys k and values "
+                         "v come together, or neither")
+    tensors = dict(zip(names, (q, k_cache, v_cache, k, v)))
+    for name, t in tensors.items():
+        _check_is_tensor(name, t)
+        if t.dim() != 4:
+            dims = "batch, seqlen_q, nheads, d" if name == "q" else "batch, seqlen, nheads_k, d"
+            raise ValueError(f"{name} must be 4-D ({dims}), got shape {tuple(t.shape)}")
+    if q.dtype not in VERSIONS[3].dtypes:
+        raise TypeError(f"q has dtype {q.dtype}; the decode kernels (version 3's build) take "
+                        f"{_dtype_names(VERSIONS[3].dtypes)} only")
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:  # the kernel would read its bits as q's dtype
+            raise TypeError(f"{name} has dtype {t.dtype}, q {q.dtype}: they must have one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}: they must be on one device")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"q is on {q.device}; the kernels run on CUDA or on the CPU")
+    (B, Sq, H, d), Hk = q.shape, k_cache.shape[2]
+    if Sq < 1:
+        raise ValueError(f"q has seqlen_q = {Sq}: flash_attn_with_kvcache takes at least one query position")
+    if d not in VERSIONS[3].head_dims:
+        raise ValueError(f"head dim d = {d}: the decode kernels (version 3's build) are compiled for d = "
+                         + " and ".join(map(str, VERSIONS[3].head_dims)))
+    if k_cache.shape != v_cache.shape or k_cache.shape[3] != d or Hk == 0 or H % Hk:
+        raise ValueError(f"k_cache and v_cache must have one shape (..., nheads_k, d = {d}), nheads_k dividing q's "
+                         f"nheads = {H} (grouped-query heads); got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    for name in ("k_cache", "v_cache"):
+        cache = tensors[name]
+        if not cache.is_contiguous():  # a copy would take the new keys, and the caller's cache would not
+            raise ValueError(f"{name} must be contiguous: the new keys are written into it in place, and the "
+                             "kernel reads its rows with fixed strides")
+        if cache.data_ptr() % 16:
+            raise ValueError(f"{name} must start at a 16-byte-aligned address: the kernel reads it 16 bytes at a time")
+    if k is not None and (k.shape != v.shape or k.shape[0] != B or k.shape[2:] != k_cache.shape[2:]):
+        raise ValueError(f"k and v must have shape (batch = {B}, seqlen_new, nheads_k = {Hk}, d = {d}), got "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if block_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"k_cache has batch {k_cache.shape[0]}, q {B}: without block_table the cache holds one "
+                             "sequence per batch entry")
+        return q.contiguous(), None
+    _check_is_tensor("block_table", block_table)
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table has dtype {block_table.dtype}; it must be torch.int32 (page numbers)")
+    if block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(f"block_table must have shape (batch = {B}, max_blocks_per_seq), got "
+                         f"{tuple(block_table.shape)}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table is on {block_table.device}, q on {q.device}: they must be on one device")
+    return q.contiguous(), block_table.contiguous()
+
+
+def _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new):
+    """cache_seqlens as an int32 tensor (batch,) on q's device: the whole cache if None."""
+    B = q.shape[0]
+    if capacity >= 2 ** 31:
+        raise ValueError(f"the cache holds {capacity} rows per sequence: the kernel counts them in 32 bits")
+    if cache_seqlens is None or (isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool)):
+        value = capacity if cache_seqlens is None else cache_seqlens
+        if value < 0 or value + seqlen_new > capacity:  # checked here, graph capture or not: nothing to copy
+            raise ValueError(f"cache_seqlens = {value}: with seqlen_new = {seqlen_new} new keys, a sequence would have "
+                             f"{value + seqlen_new}, outside the cache's 0 .. {capacity}")
+        return torch.full((B,), value, dtype=torch.int32, device=q.device)
+    _check_is_tensor("cache_seqlens", cache_seqlens)
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens has dtype {cache_seqlens.dtype}; it must be an int or a torch.int32 tensor")
+    if cache_seqlens.shape != (B,):
+        raise ValueError(f"cache_seqlens must have shape (batch = {B},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}: they must be on one device")
+    return cache_seqlens.contiguous()
+
+
+def _capturing(device):
+    """Is this device's current stream being captured into a CUDA graph? Then nothing may wait for a copy
+    to the host."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages):
+    """Each sequence's keys (cache_seqlens[b] + seqlen_new) within the cache, and, paged, each page it
+    uses a page of the cache; a ValueError that names the first sequence that is not."""
+    lengths = seqlens.cpu().long()
+    bad = torch.nonzero((lengths < 0) | (lengths + seqlen_new > capacity)).flatten()
+    if len(bad):
+        b, n = bad[0].item(), lengths[bad[0]].item()
+        raise ValueError(f"cache_seqlens[{b}] = {n}: with seqlen_new = {seqlen_new} new keys, sequence {b} would "
+                         f"have {n + seqlen_new}, outside the cache's 0 .. {capacity}")
+    if block_table is None or block_table.numel() == 0:
+        return
+    table, page = block_table.cpu(), capacity // block_table.shape[1]
+    used = torch.arange(table.shape[1])[None, :] < ((lengths + seqlen_new + page - 1) // page)[:, None]
+    bad = torch.nonzero(used & ((table < 0) | (table >= pages)))
+    if len(bad):
+        b, j = bad[0].tolist()
+        raise ValueError(f"block_table[{b}, {j}] = {table[b, j].item()}: sequence {b} uses that entry, and the cache "
+                         f"has pages 0 .. {pages - 1}")
+
+
+def _append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, capacity):
+    """k, v written into the caches at rows cache_seqlens[b] .. + seqlen_new of every sequence b at once,
+    by advanced indexing (no loop over the batch). A sequence out of range (possible only when nothing
+    was checked on the host, a CUDA graph being captured) writes nothing, and nowhere outside the
+    cache: the kernel then gives it NaN."""
+    (B, seqlen_new), page = k.shape[:2], k_cache.shape[1]
+    if capacity == 0 or k_cache.numel() == 0 or seqlen_new == 0:
+        return
+    rows = (seqlens[:, None].long() + torch.arange(seqlen_new, device=k.device)).clamp(0, capacity - 1)
+    ok = (seqlens >= 0) & (seqlens.long() + seqlen_new <= capacity)  # (B,)
+    if block_table is None:
+        index = (torch.arange(B, device=k.device)[:, None].expand(B, seqlen_new), rows)
+    else:
+        pages = block_table.gather(1, rows // page).long()
+        ok &= ((pages >= 0) & (pages < k_cache.shape[0])).all(dim=1)
+        index = (pages.clamp(0, k_cache.shape[0] - 1), rows % page)
+    # An index_put writes every entry, so an entry out of range repeats the first entry in range (the
+    # same place and value: which of the two lands last does not matter); with none in range, entry 0
+    # writes back what its place holds.
+    ok = ok[:, None].expand(B, seqlen_new)
+    first = ok.flatten().int().argmax()  # the first entry in range, else entry 0
+    at_first = tuple(i.flatten()[first] for i in index)
+    index = tuple(torch.where(ok, i, i_first) for i, i_first in zip(index, at_first))
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        fill = torch.where(ok.flatten()[first], new.flatten(0, 1)[first], cache[at_first])  # (nheads_k, d)
+        cache[index] = torch.where(ok[..., None, None], new, fill)
+
+
+def _decode_splits(num_splits, q, Hk, capacity):
+    """The splits of each sequence's keys: num_splits as given (at most the tiles of 64 keys there can
+    be), or for 0, the official package's heuristic."""
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        raise TypeError(f"num_splits = {_short(num_splits)}: it must be a whole number")
+    if num_splits < 0 or num_splits > 128:
+        raise ValueError(f"num_splits = {num_splits}: 0 (chosen for you), or 1 to 128 splits of the keys")
+    B, Sq, H, _ = q.shape
+    key_tiles, row_tiles = math.ceil(capacity / 64), math.ceil(Sq * (H // Hk) / 64)  # kernels/flash_decode.cu's
+    if num_splits == 0:
+        units = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else os.cpu_count()
+        num_splits = num_splits_heuristic(B * Hk * row_tiles, units or 1, key_tiles, 128)
+    return max(1, min(num_splits, key_tiles))
+
+
+def num_splits_heuristic(blocks, multiprocessors, key_tiles, max_splits):
+    """The official package's choice of splits (its flash_api.cpp), for a grid of `blocks` blocks per
+    split on `multiprocessors` multiprocessors (on the CPU, cores), keys in `key_tiles` tiles: 1 if the
+    grid nearly fills them already; else the fewest splits whose last wave of blocks is at least 85% as
+    full as the best's (a split more costs reads and writes of partial results), counting only split
+    counts that change the tiles per split."""
+    if blocks >= 0.8 * multiprocessors:
+        return 1
+    max_splits = min(max_splits, multiprocessors, key_tiles)
+
+    def efficiency(n):  # the waves of blocks, over the waves the multiprocessors run
+        waves = blocks * n / multiprocessors
+        return waves / math.ceil(waves)
+
+    eligible = [n for n in range(1, max_splits + 1)
+                if n == 1 or math.ceil(key_tiles / n) != math.ceil(key_tiles / (n - 1))]
+    best = max((efficiency(n) for n in eligible), default=0.0)
+    return next((n for n in eligible if efficiency(n) >= 0.85 * best), 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Building and loading the kernels
 
 
@@ -511,6 +734,8 @@ class Kernels:
                 (c.mf_shared_bytes, i64, [i, i]), (c.mf_scratch_floats, i64, [i, i, i]),
                 (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, i, f, b, b, i, i, P])]:
             function.restype, function.argtypes = result, arguments
+        if hasattr(c, "mf_decode"):  # version 3's build: chapter 5's decode kernels (kernels/flash_decode.cu)
+            c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 9 + [i] * 11 + [f, b, i, i, P]
         self.library, self.sources, self.version, self.folder = library, sources, version, None
         takes = VERSIONS[version].block_sizes is not None
         self.Br, self.Bc = (c.mf_block_size(0), c.mf_block_size(1)) if takes else (None, None)
@@ -563,6 +788,25 @@ class Kernels:
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address
         return self._c.mf_run(p, *addresses, B * H, N, d, group, scale, causal, deterministic,
                               DTYPES.index(q.dtype), device, stream).decode()
+
+
+    def decode(self, q, k_cache, v_cache, seqlens, block_table, seqlen_new, capacity, splits, scale, causal, out,
+               lse):
+        """flash_attn_with_kvcache's kernels on tensors already checked (kernels/flash_decode.cu, mf_decode):
+        out and lse written. With splits > 1 each split's share goes through fp32 scratch, held here
+        until the launches are queued. Returns an error message, "" on success."""
+        if not hasattr(self._c, "mf_decode"):
+            return f"internal error: version {self.version}'s build has no decode kernels (version 3's has)"
+        (B, Sq, H, d), (pages, page, Hk, _) = q.shape, k_cache.shape
+        parts = ((q.new_empty((splits, B, Sq, H, d), dtype=torch.float32),
+                  q.new_empty((splits, B, H, Sq), dtype=torch.float32)) if splits > 1 else (None, None))
+        table = (block_table.shape[1], pages) if block_table is not None else (0, 0)
+        addresses = [t.data_ptr() if t is not None else None
+                     for t in (q, k_cache, v_cache, seqlens, block_table, out, lse, *parts)]
+        device = q.device.index if q.is_cuda else 0
+        stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
+        return self._c.mf_decode(*addresses, B, Sq, H, Hk, d, seqlen_new, capacity, page, *table, splits, scale,
+                                 causal, DTYPES.index(q.dtype), device, stream).decode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,18 +1010,20 @@ def _check_no_dropout(dropout_p):
         raise ValueError(f"dropout_p = {dropout_p}: these kernels have no dropout; use dropout_p=0.0")
 
 
-_OFFICIAL_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, return_attn_probs=False)
+_OFFICIAL_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, return_attn_probs=False,
+                          rotary_cos=None, rotary_sin=None, cache_batch_idx=None, cache_leftpad=None)
 
 
 def _check_official_defaults(**given):
-    """flash_attn_func's options that these kernels do not have: each at the official default, or refused."""
+    """The official options that these kernels do not have: each at the official default, or refused."""
     for name, value in given.items():
         default = _OFFICIAL_DEFAULTS[name]
         same = (value is None if default is None else
                 isinstance(value, (tuple, list)) and tuple(value) == default if name == "window_size" else
                 value == default)
         if not same:
-            raise ValueError(f"{name} = {_short(value)}: these kernels do not have it; leave it at its default {default!r}")
+            raise ValueError(f"{name} = {_short(value)} is not supported by minimal_flash: these kernels do not have "
+                             f"it; leave it at its default {default!r}")
 
 
 def _short(value):

@@ -6,7 +6,8 @@
 //   Call            one call of a pass: the tensors' addresses, sizes, options and stream
 //   launch()        a checked launch: shared memory opted into, the launch error caught
 //   versionN.cuh    struct Version { forward(Call), backward(Call), shared_bytes, scratch_floats }
-//   mf_*            the C functions that minimal_flash.py calls through ctypes
+//   mf_*            the C functions that minimal_flash.py calls through ctypes (a kernel file may add
+//                   its own: version 3's build has chapter 5's mf_decode, flash_decode.cu)
 //
 // Adding a version: its kernel files, its versionN.cuh, one row in minimal_flash.VERSIONS.
 //
@@ -127,18 +128,27 @@ static int thread_groups(Kernel* kernel, const Call& c, int rows, int group, siz
     return "";
 }
 
+// Launches go to the current device: switch to the tensors' one for a call, and back at its end.
+struct OnDevice {
+    int previous = 0, device;
+    explicit OnDevice(int device) : device(device) {
+        cudaGetDevice(&previous);
+        if (previous != device) cudaSetDevice(device);
+    }
+    ~OnDevice() {
+        if (previous != device) cudaSetDevice(previous);
+    }
+};
+
 // The version this build holds (its kernel files may add launchers of their own when they see this).
 #define MINIMAL_FLASH_BINDINGS
 #define MF_QUOTE(file) #file
 #define MF_FILE(file) MF_QUOTE(file)
 #include MF_FILE(VERSION_FILE)
 
-// Launches go to the current device: switch to the tensors' one for this call, then back.
 static const char* run(int pass, const Call& call) {
     static thread_local std::string message;  // lives until the next call from this thread
-    int current = call.device;
-    cudaGetDevice(&current);
-    if (current != call.device) cudaSetDevice(call.device);
+    const OnDevice on(call.device);
     // Grouped-query heads: the forward kernels of versions that read K, V by group (GROUPED_HEADS);
     // minimal_flash.py hands every backward K and V with q's heads (it sums dK, dV over the group).
     const bool bad_group = call.group != 1 && (pass != FORWARD || !Version::GROUPED_HEADS || call.group < 1 ||
@@ -147,7 +157,6 @@ static const char* run(int pass, const Call& call) {
               : pass == FORWARD  ? Version::forward(call)
               : pass == BACKWARD ? Version::backward(call)
                                  : "no pass " + std::to_string(pass);
-    if (current != call.device) cudaSetDevice(current);
     return message.c_str();
 }
 

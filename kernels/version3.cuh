@@ -5,13 +5,19 @@
 //   backward  flash2_mma_backward.cu   D = rowsum(dO * O) (a thread per row) and fp32 sums of dQ set
 //                                      to 0; one block per (batch, head, 128 keys), 8 warps of 16
 //                                      keys, adding into the sums by atomics; dQ converted to T
+//   decode    flash_decode.cu          chapter 5: a few query rows against a KV cache (contiguous or
+//                                      paged), split over the keys, then the splits combined; its
+//                                      own C function, mf_decode (minimal_flash.flash_attn_with_kvcache)
 //
+// Chapter 5's decode kernels live in this build: they share chapter 3's mma.sync fragments
+// (mma.cuh), dtypes and head dims, and are no new version (no row in minimal_flash.VERSIONS).
 // Block sizes: its own (Br and Bc do not apply). Head dims d = 64 and 128 (a warp's fragments are
 // arrays of d / 16 and d / 8, so each d is compiled). softmax_scale > 0.
 // Scratch (fp32, per row): none (forward), dQ's sums (d) and D (1) (backward).
 // bindings.cu includes this file in its middle: Call and launch are defined there.
 #include "flash2_mma.cu"
 #include "flash2_mma_backward.cu"
+#include "flash_decode.cu"
 
 struct Version {
     static constexpr bool GROUPED_HEADS = true;  // the forward reads K, V by group (Call::group)

@@ -1,0 +1,309 @@
+// Decoding with a KV cache (chapter 5): attention of a few new query positions per sequence (often
+// one) against every key a sequence has cached, bf16 or fp16 in, fp32 accumulation, on chapter 3's
+// mma.sync fragments (kernels/mma.cuh). minimal_flash.flash_attn_with_kvcache calls it.
+//
+// Why a kernel of its own. Chapter 3's forward gives a block 128 query rows of one (batch, head); at
+// decode time a sequence has one query row, so that grid is batch * heads blocks of one useful row
+// each, far fewer blocks than an H200 has multiprocessors (132), each reading its whole K and V
+// alone. Two changes fix it, both of flash-decoding (Dao, Haziza, Massa, Sizov, "Flash-Decoding for
+// long-context inference", 2023; FlashAttention-2.2):
+//   1. Grouped heads become rows. The query heads that share a head of K and V (grouped-query
+//      attention: group = nheads / nheads_k; multi-query: all of them) and the query positions are
+//      the rows of one block, so a head of K and V is read once for its whole group, not group times:
+//      block row r is position s = r / group of query head h = kv_head * group + r % group.
+//   2. Split-KV. The keys of a sequence are cut into `splits` ranges of whole tiles, each its own
+//      block, so batch * nheads_k * splits blocks share the reading of the cache. The kernel is
+//      bound by memory (each key is used by a handful of rows), so the grid must keep every
+//      multiprocessor reading. Each split writes its rows' O normalized by its own sum, and its
+//      log-sum-exp, into fp32 scratch; `combine` then merges the splits of a row:
+//          lse = log sum_s exp(lse_s),   O = sum_s exp(lse_s - lse) O_s
+//      (the same rescaling the online softmax does tile by tile, done once per split). One split:
+//      the decode kernel writes O and lse itself and combine does not run.
+//
+// Who owns what: one block per (row tile of 64 rows, batch * nheads_k + kv head, split), 4 warps;
+// the split's key tiles K_j, V_j (Bc = 64 keys) in shared memory, double-buffered; S_ij, P_ij and O
+// in the registers of the warp that owns the rows, as in flash2_mma.cu (lane (g, q) holds rows g and
+// g + 8 of its 16; mma.cuh has the layout).
+//
+//   block rows (group = 4, seqlen_q = 3: 12 rows)     S_ij = Q_i K_j^T (64 x 64)      O (64 x d)
+//   rows  0-11: (s 0, h 0..3) (s 1, h 0..3) ...    [ warp 0: 16 rows x 64 keys ]     [ warp 0 ]
+//   rows 12-15: none (zeros, never written out)
+//   rows 16-31: none here                          [ warp 1: no rows: loads only ]
+//   rows 32-47                                     [ warp 2: likewise          ]
+//   rows 48-63                                     [ warp 3: likewise          ]
+//
+//   keys of a sequence (L_b of them):  | split 0: tiles 0 .. t-1 | split 1: tiles t .. 2t-1 | ...
+//
+// A warp with no rows (past the block's) skips the products but loads its share of every tile and
+// reaches every barrier. The causal mask aligns the queries with the end of the sequence (as the
+// official package does): position s of seqlen_q sees key j iff j <= s + L_b - seqlen_q.
+//
+// The cache. A key row is found row by row: contiguous, row j of sequence b's slice; paged, row
+// j % page of page block_table[b][j / page]. The same cp.async (cp_async.cuh) moves either, so paging
+// costs an index read (from the L1 cache: a row's threads read the same one), shared by K and V.
+// Keys past the sequence's end (or a causal row's last) are masked to -inf; tiles wholly past the
+// block's rows' are never loaded.
+//
+// Misuse. The kernel reads only what cache_seqlens and block_table say a sequence has, so it checks
+// them first: a sequence whose length is out of the cache's range, or whose pages are not pages of the
+// cache, reads nothing and gets NaN in all its output rows (minimal_flash checks the same on the host
+// and raises, except while a CUDA graph is being captured, when only this check is left).
+// A row that sees no key at all (L_b = 0, or causal with s + L_b - seqlen_q < 0) gets O = 0 and
+// lse = -inf, the log of an empty sum.
+// Names as in the paper; "Alg. 1, line n" marks the FlashAttention-2 paper's Algorithm 1.
+#include "tiles.cuh"  // ceil_div
+#include "mma.cuh"    // stride16, mma_ABt, a_operands, mma_AB, online_softmax, pack<T>, cp_async16, LOG2E
+
+namespace flash_decode {
+
+constexpr int WARPS = 4, Br = WARPS * 16, Bc = 64;  // warps, rows per block (16 per warp), keys per tile
+constexpr int MAX_SPLITS = 128;                     // as the official package allows
+
+// What a launch needs; the tensors' addresses and sizes (minimal_flash.py checked them).
+struct Params {
+    const unsigned short *Q, *K, *V;  // q (B, Sq, H, d); the caches (B, S_cache, Hk, d), or paged
+                                      // (pages, page, Hk, d)
+    const int* cache_seqlens;         // (B,): the keys each sequence had before this call's new ones
+    const int* block_table;           // (B, max_pages): the pages of each sequence; null: contiguous
+    unsigned short* O;                // (B, Sq, H, d), in T
+    float* L;                         // (B, H, Sq): the rows' log-sum-exp
+    float *O_split, *L_split;         // splits > 1: (splits, B, Sq, H, d) and (splits, B, H, Sq), fp32
+    int B, Sq, H, Hk, group;          // group = H / Hk
+    int seqlen_new;                   // keys appended this call: L_b = cache_seqlens[b] + seqlen_new
+    int capacity;                     // the most keys a sequence may have: S_cache, or max_pages * page
+    int page;                         // rows per page (contiguous: S_cache, one page per sequence)
+    int max_pages, pages;             // block_table's columns; pages in the cache
+    int splits;
+    float scale;
+    bool causal;
+};
+
+// Shared memory: the row tile Q_i, two buffers each of K_j and V_j (16-bit), and one int for the
+// check of the block table.
+__host__ __device__ inline int shared_bytes(int d) { return (Br + 4 * Bc) * stride16(d) * 2 + 16; }
+
+// Where row j of sequence b lies in the cache, counted in rows of Hk * d values.
+__device__ inline size_t cache_row(const Params& p, int b, int j) {
+    if (!p.block_table) return (size_t)b * p.page + j;
+    return (size_t)p.block_table[(size_t)b * p.max_pages + j / p.page] * p.page + j % p.page;
+}
+
+// Keys [j0, j0 + Bc) of sequence b, kv head h, into shared tiles of K and V by cp.async (not waited
+// for here); keys at or past `end` are zero-filled and never read.
+template <int d>
+__device__ void load_keys_async(unsigned short* K_t, unsigned short* V_t, const Params& p, int b, int h,
+                                int j0, int end) {
+    for (int e = threadIdx.x; e < Bc * d / 8; e += blockDim.x) {
+        const int r = e / (d / 8), x = e % (d / 8) * 8;
+        const bool valid = j0 + r < end;
+        const size_t at = ((valid ? cache_row(p, b, j0 + r) : 0) * p.Hk + h) * d + x;  // one index read
+        cp_async16(K_t + r * stride16(d) + x, p.K + at, valid);
+        cp_async16(V_t + r * stride16(d) + x, p.V + at, valid);
+    }
+}
+
+// Is sequence b's use of the cache in range: its length, and, paged, each page it uses? The whole
+// block checks the pages together (a flag in shared memory), and agrees.
+__device__ inline bool in_range(const Params& p, int b, int* flag) {
+    const long long keys = (long long)p.cache_seqlens[b] + p.seqlen_new;
+    if (p.cache_seqlens[b] < 0 || keys > p.capacity) return false;
+    if (!p.block_table) return true;
+    if (threadIdx.x == 0) *flag = 0;
+    __syncthreads();  // the flag is cleared before anyone sets it
+    for (int i = threadIdx.x; i < ceil_div(int(keys), p.page); i += blockDim.x) {
+        const int page = p.block_table[(size_t)b * p.max_pages + i];
+        if (page < 0 || page >= p.pages) *flag = 1;
+    }
+    __syncthreads();  // every thread's pages are checked
+    return *flag == 0;
+}
+
+template <class T, int d>
+__global__ void __launch_bounds__(32 * WARPS) decode(const Params p) {
+    constexpr int LS = stride16(d);
+    unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // Br x LS
+    unsigned short* K_j = Q_i + Br * LS;  // two buffers of Bc x LS: the split's i-th tile in buffer i % 2
+    unsigned short* V_j = K_j + 2 * Bc * LS;
+    int* flag = reinterpret_cast<int*>(V_j + 2 * Bc * LS);
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+
+    // This block's sequence b, kv head h_kv, rows [row0, row0 + Br) of its Sq * group, and split.
+    const int b = blockIdx.x / p.Hk, h_kv = blockIdx.x % p.Hk, split = blockIdx.z;
+    const int rows = p.Sq * p.group, row0 = blockIdx.y * Br;
+    const bool bad = !in_range(p, b, flag);
+    const int L = bad ? 0 : p.cache_seqlens[b] + p.seqlen_new;  // the sequence's keys
+
+    // The keys a row sees end at `L`, or, causal, at its position's limit s + L - Sq + 1; this block's
+    // tiles end at its last row's. They are cut into `splits` ranges, this split taking its share.
+    const int last_s = (min(row0 + Br, rows) - 1) / p.group;
+    const int end = p.causal ? max(0, min(L, last_s + L - p.Sq + 1)) : L;
+    const int tiles = ceil_div(end, Bc), per_split = ceil_div(tiles, p.splits);
+    const int t_begin = min(tiles, split * per_split), t_end = min(tiles, t_begin + per_split);
+
+    // Row `row` of the block: position s of query head h.
+    auto q_at = [&](int row) { return ((size_t)b * p.Sq + row / p.group) * p.H + h_kv * p.group + row % p.group; };
+    if (t_begin < t_end) {  // Alg. 1, line 4: Q_i; lines 6-7 for the first tile
+        for (int e = threadIdx.x; e < Br * d / 8; e += blockDim.x) {
+            const int r = e / (d / 8), x = e % (d / 8) * 8;
+            const bool valid = row0 + r < rows;
+            cp_async16(Q_i + r * LS + x, p.Q + (valid ? q_at(row0 + r) * d + x : 0), valid);
+        }
+        load_keys_async<d>(K_j, V_j, p, b, h_kv, t_begin * Bc, end);
+        cp_async_commit();
+    }
+
+    // The lane's two rows, g and g + 8 of the warp's 16: the end of the keys each sees.
+    const bool has_rows = row0 + w * 16 < rows;  // warp-uniform
+    int row_end[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+        row_end[r] = p.causal ? min(L, (row0 + w * 16 + g + 8 * r) / p.group + L - p.Sq + 1) : L;
+
+    float o[d / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // Alg. 1, line 5
+    const float c = p.scale * LOG2E;
+    for (int t = t_begin; t < t_end; ++t) {
+        const int i = t - t_begin;
+        // Double buffering: tile t + 1's copies fly while tile t is multiplied (flash2_mma.cu). After
+        // the last tile the group committed is empty, so waiting for all groups but the newest always
+        // means: tile t (and Q_i) has landed.
+        if (t + 1 < t_end)
+            load_keys_async<d>(K_j + (i + 1) % 2 * Bc * LS, V_j + (i + 1) % 2 * Bc * LS, p, b, h_kv,
+                               (t + 1) * Bc, end);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();  // ... for every thread's share of it
+        const unsigned short *K_t = K_j + i % 2 * Bc * LS, *V_t = V_j + i % 2 * Bc * LS;
+        if (has_rows) {
+            float s[Bc / 8][4] = {};
+            mma_ABt<T, d, Bc>(s, Q_i + w * 16 * LS, K_t, LS);  // Alg. 1, line 8: S_ij = Q_i K_j^T
+            // Keys past a row's end: -inf. Only a tile that crosses one of the lane's ends needs it.
+            if ((t + 1) * Bc > min(row_end[0], row_end[1]))
+#pragma unroll
+                for (int n = 0; n < Bc / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (t * Bc + 8 * n + 2 * q + e % 2 >= row_end[e / 2]) s[n][e] = -INFINITY;
+            float alpha[2];
+            online_softmax<true>(s, m, l, o, alpha, c);  // Alg. 1, line 9
+            unsigned pf[Bc / 16][4];
+            a_operands<T, Bc>(pf, s);
+            mma_AB<T, Bc, d>(o, pf, V_t, LS);  // Alg. 1, line 10: O += P_ij V_j
+        }
+        __syncthreads();  // every warp is done with this tile's buffers before the next copies fill them
+    }
+    if (!has_rows) return;
+
+    // Alg. 1, lines 12-15: a row's l is its 4 lanes' shares; O = O / l, lse = m + log(l). A row that
+    // saw no key (l = 0) gets O = 0 and lse = -inf; a sequence out of range, NaN.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l_row = l[r];
+        l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
+        l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
+        const int row = row0 + w * 16 + g + 8 * r;
+        if (row >= rows) continue;
+        const float inv_l = bad ? NAN : l_row > 0.0f ? 1.0f / l_row : 0.0f;
+        const float lse = bad ? NAN : l_row > 0.0f ? m[r] * p.scale + logf(l_row) : -INFINITY;
+        const size_t at = q_at(row);  // (b, s, h) of O
+        const size_t at_L = ((size_t)b * p.H + at % p.H) * p.Sq + row / p.group;  // (b, h, s) of L
+        if (p.splits == 1) {
+#pragma unroll
+            for (int n = 0; n < d / 8; ++n)  // columns 8n + 2q, 8n + 2q + 1: one 4-byte store
+                *reinterpret_cast<unsigned*>(&p.O[at * d + 8 * n + 2 * q]) =
+                    pack<T>(o[n][2 * r] * inv_l, o[n][2 * r + 1] * inv_l);
+            if (q == 0) p.L[at_L] = lse;
+        } else {  // this split's share, in fp32, for combine
+            const size_t at_split = (size_t)split * p.B * p.Sq * p.H + at;
+#pragma unroll
+            for (int n = 0; n < d / 8; ++n) {
+                p.O_split[at_split * d + 8 * n + 2 * q] = o[n][2 * r] * inv_l;
+                p.O_split[at_split * d + 8 * n + 2 * q + 1] = o[n][2 * r + 1] * inv_l;
+            }
+            if (q == 0) p.L_split[(size_t)split * p.B * p.H * p.Sq + at_L] = lse;
+        }
+    }
+}
+
+// The splits of each row merged: lse = log sum_s exp(lse_s), O = sum_s exp(lse_s - lse) O_s. A
+// thread takes 4 columns of one row (each of the row's d / 4 threads reads the row's lse_s; they are
+// few and cached). An empty split (lse_s = -inf) weighs 0; a row with no key in any split gets O = 0
+// and lse = -inf, not the NaN of -inf - (-inf); a NaN from a sequence out of range stays NaN.
+template <class T, int d>
+__global__ void combine(const float* O_split, const float* L_split, int splits, int B, int Sq, int H,
+                        unsigned short* O, float* L) {
+    const size_t rows = (size_t)B * Sq * H, e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= rows * (d / 4)) return;
+    const size_t row = e / (d / 4);  // (b, s, h) of O
+    const int x = e % (d / 4) * 4, h = row % H, s = row / H % Sq;
+    const size_t at_L = (row / H / Sq * H + h) * Sq + s;  // (b, h, s) of L
+    float m = -INFINITY;
+    bool nan = false;
+    for (int i = 0; i < splits; ++i) {
+        const float lse = L_split[i * rows + at_L];
+        nan |= lse != lse;
+        m = fmaxf(m, lse);
+    }
+    float sum = 0.0f, out[4] = {};
+    if (m != -INFINITY) {
+        for (int i = 0; i < splits; ++i) sum += expf(L_split[i * rows + at_L] - m);
+        const float lse = m + logf(sum);
+        for (int i = 0; i < splits; ++i) {
+            const float weight = expf(L_split[i * rows + at_L] - lse);
+            const float4 o = *reinterpret_cast<const float4*>(&O_split[(i * rows + row) * d + x]);
+            out[0] += weight * o.x, out[1] += weight * o.y, out[2] += weight * o.z, out[3] += weight * o.w;
+        }
+    }
+    const float lse = nan ? NAN : m == -INFINITY ? -INFINITY : m + logf(sum);
+    if (nan) out[0] = out[1] = out[2] = out[3] = NAN;
+    *reinterpret_cast<unsigned*>(&O[row * d + x]) = pack<T>(out[0], out[1]);
+    *reinterpret_cast<unsigned*>(&O[row * d + x + 2]) = pack<T>(out[2], out[3]);
+    if (x == 0) L[at_L] = lse;
+}
+
+}  // namespace flash_decode
+
+// The host side: the C function minimal_flash.Kernels calls, in version 3's build (Call, launch, bits,
+// half_precision_error and OnDevice are kernels/bindings.cu's). Errors come back as a message, "" on
+// success.
+#ifdef MINIMAL_FLASH_BINDINGS
+namespace flash_decode {
+template <class T, int d>
+std::string run(const Params& p, const Call& c) {
+    std::string err = launch("flash_decode::decode", decode<T, d>, dim3(p.B * p.Hk, ceil_div(p.Sq * p.group, Br),
+                             p.splits), 32 * WARPS, shared_bytes(d), c, p);
+    const size_t threads = (size_t)p.B * p.Sq * p.H * (d / 4);
+    if (err.empty() && p.splits > 1)
+        err = launch("flash_decode::combine", combine<T, d>, dim3((threads + 127) / 128), 128, 0, c, p.O_split,
+                     p.L_split, p.splits, p.B, p.Sq, p.H, p.O, p.L);
+    return err;
+}
+}  // namespace flash_decode
+
+extern "C" const char* mf_decode(const float* Q, const float* K, const float* V, const int* cache_seqlens,
+                                 const int* block_table, float* O, float* L, float* O_split, float* L_split,
+                                 int B, int Sq, int H, int Hk, int d, int seqlen_new, int capacity, int page,
+                                 int max_pages, int pages, int splits, float scale, bool causal, int dtype,
+                                 int device, void* stream) {
+    static thread_local std::string message;  // lives until the next call from this thread
+    namespace fd = flash_decode;
+    Call c{};  // what launch() reads: the device and the stream (and, for the checks, d, dtype, scale)
+    c.d = d, c.dtype = dtype, c.scale = scale, c.device = device, c.stream = cudaStream_t(stream);
+    const fd::Params p{bits(Q), bits(K), bits(V), cache_seqlens, block_table, bits(O), L, O_split, L_split,
+                       B, Sq, H, Hk, Hk > 0 ? H / Hk : 0, seqlen_new, capacity, page, max_pages, pages,
+                       splits, scale, causal};
+    message = half_precision_error(c, 3);
+    if (message.empty() && (Hk < 1 || H % Hk != 0 || splits < 1 || splits > fd::MAX_SPLITS))
+        message = "internal error: " + std::to_string(H) + " query heads, " + std::to_string(Hk) + " kv heads, " +
+                  std::to_string(splits) + " splits";
+    else if (message.empty() && (long long)Sq * p.group > 65535LL * fd::Br)
+        message = "seqlen_q * nheads / nheads_k = " + std::to_string((long long)Sq * p.group) +
+                  ": more than the 65535 row tiles of 64 a grid column may have";
+    if (!message.empty()) return message.c_str();
+    const OnDevice on(device);
+    if (dtype == BFLOAT16)
+        message = d == 64 ? fd::run<__nv_bfloat16, 64>(p, c) : fd::run<__nv_bfloat16, 128>(p, c);
+    else
+        message = d == 64 ? fd::run<__half, 64>(p, c) : fd::run<__half, 128>(p, c);
+    return message.c_str();
+}
+#endif

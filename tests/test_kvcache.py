@@ -1,0 +1,265 @@
+"""flash_attn_with_kvcache (chapter 5: kernels/flash_decode.cu) against float64 attention written here,
+on the CPU emulation and, where there is one, on the GPU. Each case draws every sequence's keys and
+values first, densely; the caches are built from them afterwards, contiguous (rows past a sequence's
+end NaN) or paged (pages in a random order, unused pages and rows NaN), and the reference reads the
+dense ones only. Sequences of one batch differ in length (0, 1, around the 64-key tile, ~300); the
+query positions 1, 3 and more; grouped heads (group 1, 4 and 8, multi-query), d = 64 and 128, causal
+or not, 1, 2 and 7 splits of the keys and the heuristic's choice, new keys appended (the cache rows
+they land in equal them exactly, every other row keeps its bits). bf16 and fp16 within the official
+rule (largest error at most twice plain attention's in the same dtype), lse within 1e-5, rows that see
+no key exactly 0 and -inf. Then what is refused, and what a misuse the host does not check (a CUDA
+graph being captured) gives: NaN for that sequence, and nothing read or written outside the cache."""
+import math
+
+import pytest
+import torch
+
+import minimal_flash as mf
+from helpers import DEVICES, assert_close
+
+
+def dense_sequences(lengths, Hk, d, dtype, generator):
+    """Each sequence's keys and values, (L_b, Hk, d): what the caches are built from, and the reference."""
+    return [[torch.randn(n, Hk, d, generator=generator).to(dtype) for _ in range(2)] for n in lengths]
+
+
+def reference(q, sequences, causal, scale):
+    """out (B, Sq, H, d) and lse (B, H, Sq) in float64, a sequence at a time: each query head reads the
+    kv head of its group; causal, query i of Sq sees key j <= i + L_b - Sq. A row that sees no key:
+    out 0, lse -inf. Also out computed the same way in q's dtype (plain attention, for the 2x rule)."""
+    B, Sq, H, d = q.shape
+    outs, lses, plains = [], [], []
+    for b, (K, V) in enumerate(sequences):
+        group, n = H // K.shape[1], K.shape[0]
+        for dtype, into in ((torch.float64, outs), (q.dtype, plains)):
+            Kh, Vh = (t.to(dtype).repeat_interleave(group, dim=1).transpose(0, 1) for t in (K, V))  # (H, L, d)
+            S = q[b].to(dtype).transpose(0, 1) @ Kh.transpose(1, 2) * scale  # (H, Sq, L)
+            if causal:
+                hidden = torch.arange(n)[None, :] > torch.arange(Sq)[:, None] + n - Sq
+                S = S.masked_fill(hidden, float("-inf"))
+            lse = S.double().logsumexp(dim=-1)  # (H, Sq)
+            P = torch.where(torch.isinf(lse)[..., None], 0.0, torch.exp(S.double() - lse[..., None])).to(dtype)
+            into.append((P @ Vh).transpose(0, 1))  # (Sq, H, d)
+            if dtype == torch.float64:
+                lses.append(lse)
+    return torch.stack(outs), torch.stack(lses), torch.stack(plains)
+
+
+def build_cache(sequences, cached, capacity, page, dtype, generator):
+    """The first cached[b] rows of each sequence in a cache of `capacity` rows per sequence, everything
+    else NaN. page None: contiguous, (B, capacity, Hk, d). Else paged: pages of `page` rows, each
+    sequence's in a random order among all the pool's (two spare ones), block_table (B, max_pages)."""
+    B, (Hk, d) = len(sequences), sequences[0][0].shape[1:]
+    if page is None:
+        caches = [torch.full((B, capacity, Hk, d), float("nan"), dtype=dtype) for _ in range(2)]
+        for b, (K, V) in enumerate(sequences):
+            caches[0][b, :cached[b]], caches[1][b, :cached[b]] = K[:cached[b]], V[:cached[b]]
+        return caches, None
+    max_pages = capacity // page
+    pages = B * max_pages + 2
+    block_table = torch.randperm(pages, generator=generator)[:B * max_pages].reshape(B, max_pages).int()
+    caches = [torch.full((pages, page, Hk, d), float("nan"), dtype=dtype) for _ in range(2)]
+    for b, (K, V) in enumerate(sequences):
+        for j in range(cached[b]):
+            caches[0][block_table[b, j // page], j % page] = K[j]
+            caches[1][block_table[b, j // page], j % page] = V[j]
+    return caches, block_table
+
+
+def after_append(caches, k, v, cached, block_table, written):
+    """The caches as they must be after k, v are appended: copies, with row cached[b] + i of each
+    sequence b in `written` set to k[b, i], v[b, i]; every other row as it was."""
+    expected = [c.clone() for c in caches]
+    page = caches[0].shape[1]
+    for b in written:
+        for i in range(k.shape[1]):
+            j = cached[b] + i
+            where = (b, j) if block_table is None else (block_table[b, j // page], j % page)
+            expected[0][where], expected[1][where] = k[b, i], v[b, i]
+    return expected
+
+
+def bits(t):
+    """A tensor's bits, to compare NaN-filled caches exactly."""
+    return t.view(torch.int16)
+
+
+# (seqlen_q, nheads, nheads_k, d, cached keys per sequence, seqlen_new, causal, num_splits, page, dtype).
+# Lengths 0 to ~300 around the 64-key tile, with and without new keys; page sizes that divide the tile
+# (16), do not (48) and hold several (256); 7 splits leave some splits of the shorter sequences empty;
+# seqlen_q = 9 with group 8 is 72 rows, two row tiles; causal with L_b < seqlen_q leaves rows with no key.
+CASES = [
+    (1, 8, 2, 64, [1, 63, 64, 65, 300, 0], 1, False, 1, None, torch.bfloat16),
+    (1, 8, 1, 128, [1, 63, 64, 65, 301, 0], 0, True, 2, 16, torch.float16),
+    (3, 8, 2, 64, [62, 297, 2, 0], 3, True, 7, 48, torch.bfloat16),
+    (3, 4, 4, 128, [63, 64, 1], 0, False, 0, 256, torch.bfloat16),
+    (5, 8, 1, 64, [300, 0, 3], 0, True, 0, None, torch.float16),
+    (9, 8, 1, 128, [100, 7], 1, True, 2, 16, torch.bfloat16),
+    (1, 2, 2, 64, [61, 130], 3, False, 7, None, torch.float16),
+]
+CASE_IDS = [f"sq{c[0]}-h{c[1]}-hk{c[2]}-d{c[3]}-new{c[5]}-{'causal' if c[6] else 'full'}-split{c[7]}-"
+            f"{'contiguous' if c[8] is None else f'page{c[8]}'}-{str(c[9]).replace('torch.', '')}" for c in CASES]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("Sq,H,Hk,d,cached,new,causal,splits,page,dtype", CASES, ids=CASE_IDS)
+def test_matches_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator, monkeypatch):
+    if splits == 0 and device == "cpu":  # the heuristic, as for an H200's 132 multiprocessors: it splits
+        monkeypatch.setattr(mf.os, "cpu_count", lambda: 132)
+    lengths = [n + new for n in cached]
+    sequences = dense_sequences(lengths, Hk, d, dtype, generator)
+    capacity = math.ceil((max(lengths) + 37) / (page or 1)) * (page or 1)  # rows past every sequence's end
+    (k_cache, v_cache), block_table = build_cache(sequences, cached, capacity, page, dtype, generator)
+    q = torch.randn(len(lengths), Sq, H, d, generator=generator).to(dtype)
+    k, v = (torch.stack([s[i][n:] for s, n in zip(sequences, cached)]) for i in range(2)) if new else (None, None)
+    expected = after_append((k_cache, v_cache), k, v, cached, block_table, range(len(cached)) if new else [])
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    k_cache, v_cache = to(k_cache), to(v_cache)
+    out, lse = mf.flash_attn_with_kvcache(to(q), k_cache, v_cache, to(k), to(v),
+                                          cache_seqlens=torch.tensor(cached, dtype=torch.int32, device=device),
+                                          block_table=to(block_table), causal=causal, num_splits=splits,
+                                          return_softmax_lse=True)
+    for name, cache, want in (("k_cache", k_cache, expected[0]), ("v_cache", v_cache, expected[1])):
+        assert torch.equal(bits(cache.cpu()), bits(want)), f"{name}: a new row is wrong, or another row changed"
+
+    out_ref, lse_ref, plain = reference(q, sequences, causal, d ** -0.5)
+    out, lse = out.cpu(), lse.cpu()
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (len(lengths), H, Sq)
+    empty = torch.isinf(lse_ref)  # (B, H, Sq): rows that see no key
+    assert torch.equal(out.transpose(1, 2)[empty], torch.zeros_like(out.transpose(1, 2)[empty])), "empty rows: out 0"
+    assert torch.equal(lse[empty], lse_ref[empty].float()), "empty rows: lse -inf"
+    seen = ~empty.transpose(1, 2)  # (B, Sq, H)
+    assert seen.any()
+    assert_close("out", out[seen], out_ref[seen], plain[seen])
+    assert_close("lse", lse[~empty], lse_ref[~empty])
+
+
+def test_num_splits_heuristic_is_the_official_one():
+    """The official package's choices, worked by hand from its flash_api.cpp."""
+    # Its own example: 48 blocks on 108 multiprocessors; 2 splits (a wave 0.89 full), not 3 (0.67).
+    assert mf.num_splits_heuristic(48, 108, 3, 128) == 2
+    assert mf.num_splits_heuristic(87, 108, 64, 128) == 1  # 87 >= 0.8 * 108: the grid nearly fills them
+    # One block, 64 key tiles: 64 splits (a wave 0.59 full). 33 to 63 splits would take 2 tiles each,
+    # as 32 do, and are passed over; 32 (0.30) is below 85% of the best.
+    assert mf.num_splits_heuristic(1, 108, 64, 128) == 64
+    assert mf.num_splits_heuristic(1, 108, 64, 16) == 16  # at most max_splits
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_new_keys_leave_the_cache_alone_and_seqlens_default_to_the_whole_cache(device, generator):
+    """k = v = None: nothing is written; cache_seqlens None: every sequence has the whole cache; an int:
+    each has that many keys."""
+    sequences = dense_sequences([70, 70], 2, 64, torch.bfloat16, generator)
+    (k_cache, v_cache), _ = build_cache(sequences, [70, 70], 70, None, torch.bfloat16, generator)
+    q = torch.randn(2, 1, 4, 64, generator=generator).bfloat16()
+    before = k_cache.clone(), v_cache.clone()
+    out_ref, _, plain = reference(q, sequences, False, 0.125)
+    out = mf.flash_attn_with_kvcache(q.to(device), k_cache.to(device), v_cache.to(device)).cpu()
+    assert_close("out", out, out_ref, plain)
+    out_ref, _, plain = reference(q, [[t[:40] for t in s] for s in sequences], False, 0.125)
+    k_cache, v_cache = k_cache.to(device), v_cache.to(device)
+    out = mf.flash_attn_with_kvcache(q.to(device), k_cache, v_cache, cache_seqlens=40).cpu()
+    assert_close("out", out, out_ref, plain)
+    assert torch.equal(bits(k_cache.cpu()), bits(before[0])) and torch.equal(bits(v_cache.cpu()), bits(before[1]))
+
+
+def small_inputs(B=2, Sq=1, H=4, Hk=2, d=64, S=32, dtype=torch.bfloat16):
+    """q, k_cache, v_cache of zeros: for the refusals, which come before anything is computed."""
+    return torch.zeros(B, Sq, H, d, dtype=dtype), *(torch.zeros(B, S, Hk, d, dtype=dtype) for _ in range(2))
+
+
+def paged_inputs():
+    q, _, _ = small_inputs()
+    k_cache, v_cache = (torch.zeros(6, 16, 2, 64, dtype=torch.bfloat16) for _ in range(2))
+    return q, k_cache, v_cache, torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+
+
+def refuse(error, match, *inputs, **options):
+    with pytest.raises(error, match=match):
+        mf.flash_attn_with_kvcache(*inputs, **options)
+
+
+@pytest.mark.parametrize("option,value", [("rotary_cos", torch.zeros(32, 32)), ("rotary_sin", torch.zeros(32, 32)),
+                                          ("cache_batch_idx", torch.zeros(2, dtype=torch.int32)),
+                                          ("cache_leftpad", torch.zeros(2, dtype=torch.int32)),
+                                          ("window_size", (8, 0)), ("softcap", 30.0),
+                                          ("alibi_slopes", torch.zeros(4))])
+def test_options_it_lacks_are_refused(option, value):
+    refuse(ValueError, f"{option} = .* is not supported by minimal_flash", *small_inputs(), **{option: value})
+
+
+def test_bad_tensors_are_refused():
+    q, k_cache, v_cache = small_inputs()
+    refuse(TypeError, "q has dtype torch.float32; the decode kernels .* take bfloat16 and float16",
+           *small_inputs(dtype=torch.float32))
+    refuse(ValueError, "head dim d = 96: the decode kernels .* d = 64 and 128", *small_inputs(d=96))
+    refuse(ValueError, "nheads_k dividing q's nheads = 6", *small_inputs(H=6, Hk=4))
+    refuse(TypeError, "k_cache has dtype torch.float16, q torch.bfloat16", q, k_cache.half(), v_cache)
+    refuse(ValueError, "v_cache is on meta, q on cpu", q, k_cache, v_cache.to("meta"))
+    refuse(ValueError, "k without v", q, k_cache, v_cache, k_cache[:, :1])
+    refuse(ValueError, "v without k", q, k_cache, v_cache, v=v_cache[:, :1])
+    refuse(ValueError, "k and v must have shape", q, k_cache, v_cache, k_cache[:, :1, :1], v_cache[:, :1, :1])
+    strided = torch.zeros(2, 2, 32, 64, dtype=torch.bfloat16).transpose(1, 2)  # (B, S, Hk, d), not contiguous
+    refuse(ValueError, "k_cache must be contiguous: the new keys are written into it in place", q, strided, v_cache)
+    refuse(ValueError, "seqlen_q = 0", q[:, :0], k_cache, v_cache)
+
+
+def test_out_of_range_seqlens_and_pages_are_refused():
+    q, k_cache, v_cache = small_inputs()
+    new = k_cache[:, :3].clone(), v_cache[:, :3].clone()
+    refuse(ValueError, r"cache_seqlens = 30: with seqlen_new = 3 new keys, a sequence would have 33, outside the "
+                       r"cache's 0 \.\. 32", q, k_cache, v_cache, *new, cache_seqlens=30)
+    refuse(ValueError, r"cache_seqlens\[1\] = 30: .* sequence 1 would have 33", q, k_cache, v_cache, *new,
+           cache_seqlens=torch.tensor([29, 30], dtype=torch.int32))
+    refuse(ValueError, r"cache_seqlens\[0\] = -1", q, k_cache, v_cache,
+           cache_seqlens=torch.tensor([-1, 3], dtype=torch.int32))
+    refuse(ValueError, "with seqlen_new = 3 new keys, a sequence would have 35", q, k_cache, v_cache, *new)  # None: full
+    refuse(TypeError, "cache_seqlens has dtype torch.int64", q, k_cache, v_cache, cache_seqlens=torch.tensor([1, 2]))
+    q, k_cache, v_cache, table = paged_inputs()
+    table[1, 1] = 6  # a page past the pool's 6
+    refuse(ValueError, r"block_table\[1, 1\] = 6: sequence 1 uses that entry, and the cache has pages 0 \.\. 5",
+           q, k_cache, v_cache, cache_seqlens=torch.tensor([40, 17], dtype=torch.int32), block_table=table)
+    refuse(TypeError, "block_table has dtype torch.int64", q, k_cache, v_cache, block_table=table.long())
+    # An entry past the pages a sequence uses is never read: not an error (sequence 1 uses 1 page).
+    out = mf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([40, 16], dtype=torch.int32),
+                                     block_table=table)
+    assert torch.equal(out, torch.zeros_like(out))  # zeros in, zeros out
+
+
+def test_num_splits_must_be_0_to_128():
+    refuse(ValueError, "num_splits = -1: 0 .*, or 1 to 128", *small_inputs(), num_splits=-1)
+    refuse(ValueError, "num_splits = 129", *small_inputs(), num_splits=129)
+    refuse(TypeError, "num_splits = 1.5: it must be a whole number", *small_inputs(), num_splits=1.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_a_misuse_the_host_does_not_check_gives_nan(device, paged, splits, generator, monkeypatch):
+    """While a CUDA graph is being captured the host checks nothing (it cannot wait for a copy): here
+    made so. Sequence 1 is then out of range (a length past the cache, or the page its new key goes to
+    past the pool): its output rows and lse are NaN, its new key is not written, and nothing outside
+    the cache is read or written; the other sequences are right, their new keys written."""
+    monkeypatch.setattr(mf, "_capturing", lambda device: True)
+    sequences = dense_sequences([100, 100, 70], 2, 64, torch.bfloat16, generator)
+    cached = [99, 99 if paged else 200, 69]
+    (k_cache, v_cache), table = build_cache(sequences, [99, 99, 69], 128, 32 if paged else None, torch.bfloat16,
+                                            generator)
+    if paged:
+        table[1, 3] = 1000  # the page of sequence 1's keys 96 to 127, its new key 99 among them
+    k, v = (torch.stack([s[i][-1:] for s in sequences]) for i in range(2))
+    expected = after_append((k_cache, v_cache), k, v, cached, table, [0, 2])
+    q = torch.randn(3, 1, 4, 64, generator=generator).bfloat16()
+    k_cache, v_cache = k_cache.to(device), v_cache.to(device)
+    out, lse = mf.flash_attn_with_kvcache(q.to(device), k_cache, v_cache, k.to(device), v.to(device),
+                                          cache_seqlens=torch.tensor(cached, dtype=torch.int32, device=device),
+                                          block_table=None if table is None else table.to(device), num_splits=splits,
+                                          return_softmax_lse=True)
+    out, lse = out.cpu(), lse.cpu()
+    assert torch.isnan(out[1]).all() and torch.isnan(lse[1]).all()
+    for name, cache, want in (("k_cache", k_cache, expected[0]), ("v_cache", v_cache, expected[1])):
+        assert torch.equal(bits(cache.cpu()), bits(want)), name
+    out_ref, lse_ref, plain = reference(q, sequences, False, 0.125)
+    for b in (0, 2):
+        assert_close("out", out[b], out_ref[b], plain[b])
+        assert_close("lse", lse[b], lse_ref[b])
