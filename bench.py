@@ -7,6 +7,8 @@
     python bench.py --sweep --methods manual minimal-flash2 --seq-len 1024 4096   # a part of it
     python bench.py --replot results/sweep.csv   # redraw the plots from a sweep's CSV
     python bench.py --sweep --dtype bf16 -d 128   # tensor cores, against SDPA's FlashAttention-2 and cuDNN
+    python bench.py --decode --out results      # one decode step over a KV cache, batch 1..64, context 1k..128k
+    python bench.py --decode --batch 1 8 --context 4096 --methods minimal-flash sdpa   # a part of it
 
 The default run first checks the values: both methods' O and dQ, dK, dV (for a random output
 gradient dO) against float64 attention on the same inputs. Then a torch.profiler table for each
@@ -25,6 +27,15 @@ device (one for a newer GPU) is left out with a line saying why.
 For each point: median time, TFLOP/s, extra peak memory, the ratio to manual, and the error
 against manual attention on the same inputs. It writes a table, sweep.csv and two plots.
 
+--decode times one step of generation: a new query row attending to a KV cache of `context` tokens
+(bf16, 32 query heads sharing 8 key/value heads, d = 128, as in grouped-query models), through
+minimal_flash.flash_attn_with_kvcache on a contiguous and on a paged cache, beside SDPA (enable_gqa)
+pinned to FlashAttention-2 and to cuDNN, and plain attention. Each step is timed three ways: its GPU
+time, captured in a CUDA graph so that the host is out of the way; its eager time, the plain call;
+and the host time of one call. The step reads the whole cache once, so its speed is memory
+bandwidth: it is reported against this GPU's own reading and copying speed, measured in the same run,
+and against the H200's specified 4.8 TB/s. It writes a table and decode.csv.
+
 Without a GPU the same code runs on the CPU emulation of the kernels at small sizes; those times
 say nothing about GPU speed.
 """
@@ -32,6 +43,7 @@ say nothing about GPU speed.
 import argparse
 import csv
 import math
+import os
 import statistics
 import sys
 import time
@@ -66,15 +78,17 @@ PASSES = ("forward", "backward")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-B", "--batch", type=int, default=None, help="batch size (default: per mode)")
+    p.add_argument("-B", "--batch", type=int, nargs="+", default=None,
+                   help="batch size (default: per mode); --decode takes several")
     p.add_argument("-H", "--heads", type=int, default=None, help="heads (default: per mode)")
     p.add_argument("-N", "--seq-len", type=int, nargs="+", default=None, help="one or more sequence lengths")
     p.add_argument("-d", "--head-dim", type=int, default=None, help="head dim (default 64 on a GPU, 32 on the CPU)")
     p.add_argument("--br", type=int, default=None, help="query rows per tile, Br, of versions 1 and 2 (default 32)")
     p.add_argument("--bc", type=int, default=None, help="keys per tile, Bc, of versions 1 and 2 (default 32)")
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="fp32 (versions 1 and 2), or bf16 / fp16 (version 3, tensor cores); default fp32")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="fp32 (versions 1 and 2), or bf16 / fp16 (version 3, tensor cores); default fp32 "
+                        "(--decode: bf16)")
     p.add_argument("--version", type=int, default=None, choices=list(mf.VERSIONS),
                    help="our kernels in the default run (default: what flash_attention picks for the dtype): " + ", ".join(
                        f"{n} = {v.name} ({', '.join(v.kernels)})" for n, v in mf.VERSIONS.items()))
@@ -83,20 +97,34 @@ def parse_args(argv=None):
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
     p.add_argument("--cpu", action="store_true", help="use the CPU emulation even if there is a GPU")
     p.add_argument("--sweep", action="store_true", help="sweep N, with SDPA too; write a table, CSV and plots")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="where --sweep writes (default bench-results)")
+    p.add_argument("--decode", action="store_true",
+                   help="time one decode step over a KV cache (flash_attn_with_kvcache, SDPA, manual); write a "
+                        "table and decode.csv")
+    p.add_argument("--context", type=int, nargs="+", default=None,
+                   help="--decode: cache lengths (default 1024 to 131072 on a GPU, 64 and 300 on the CPU)")
+    p.add_argument("--heads-k", type=int, default=None, help="--decode: key/value heads (default 8; -H: 32)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="where --sweep and --decode write (default bench-results)")
     p.add_argument("--seconds", type=float, default=2.0,
-                   help="--sweep: timed seconds per method and pass, at most; fewer repeats for slow ones")
-    p.add_argument("--min-repeats", type=int, default=5, help="--sweep: timed calls per method, at least")
+                   help="--sweep, --decode: timed seconds per method and pass, at most; fewer repeats for slow ones")
+    p.add_argument("--min-repeats", type=int, default=5, help="--sweep, --decode: timed calls per method, at least")
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help="--sweep: only these of manual, minimal-flash (version 1), minimal-flash2, ... (the versions "
                         "for the dtype), sdpa (every SDPA backend timed) or one of them, e.g. sdpa-cudnn "
-                        "(default: all)")
+                        "(default: all); --decode: of manual, minimal-flash, minimal-flash-paged, sdpa-flash, "
+                        "sdpa-cudnn")
     p.add_argument("--replot", type=Path, metavar="CSV",
                    help="only redraw the plots of a sweep.csv (GPU or CPU, as the file says), beside it")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in manual attention's and SDPA's matmuls "
                    "(our kernels are plain fp32 either way)")
     args = p.parse_args(argv)
-    args.dtype = DTYPES[args.dtype]
+    args.dtype = DTYPES[args.dtype or ("bf16" if args.decode else "fp32")]
+    if args.batch and not args.decode:  # the other modes take one batch size
+        if len(args.batch) > 1:
+            p.error("-B/--batch: one batch size, except with --decode")
+        args.batch = args.batch[0]
+    if args.decode and (args.heads or DECODE_HEADS) % (args.heads_k or DECODE_HEADS_K):
+        p.error("--decode: -H must be a multiple of --heads-k (each key/value head serves a group of query heads)")
     args.device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     if args.version is None:
         args.version = mf.default_version(args.dtype, args.device)
@@ -111,7 +139,7 @@ def parse_args(argv=None):
     if refusal:  # the sweep leaves such a version out instead, and says so
         p.error(f"version {args.version}: {refusal}")
     gpu = args.device == "cuda"
-    args.head_dim = args.head_dim or (64 if gpu else 32)
+    args.head_dim = args.head_dim or (128 if args.decode else 64 if gpu else 32)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     args.repeats = args.repeats or (200 if gpu else 10)
     return args
@@ -123,10 +151,15 @@ def random_inputs(shape, device, sets, dtype=torch.float32):
 
 
 def input_sets(shape, device, dtype=torch.float32):
-    """How many input sets to rotate through: on a GPU, enough to overflow the L2 cache twice."""
+    """How many sets of q, k, v, dO to rotate through: on a GPU, enough to overflow the L2 cache twice."""
+    return sets_past_l2(4 * math.prod(shape) * dtype.itemsize, device)
+
+
+def sets_past_l2(set_bytes, device):
+    """How many input sets of set_bytes each to rotate through so that no call finds its inputs
+    cached by the previous one: on a GPU, enough to overflow the L2 cache twice (at most 64)."""
     if device != "cuda":
         return 1
-    set_bytes = 4 * math.prod(shape) * dtype.itemsize
     return min(64, math.ceil(2 * torch.cuda.get_device_properties(device).L2_cache_size / set_bytes))
 
 
@@ -282,13 +315,22 @@ def sdpa_refusal(backend, device, causal, dtype, head_dim):
     """Why SDPA pinned to `backend` does not run this attention here, forward and backward; None if it
     does. Tried on a small problem of the same kind; torch gives its reasons as warnings."""
     q = torch.randn(1, 1, 64, head_dim, device=device, dtype=dtype, requires_grad=True)
+
+    def forward_and_backward():
+        with sdpa_kernel(backend):
+            O = F.scaled_dot_product_attention(q, q, q, is_causal=causal)
+        # Outside the pin, as the sweep runs it: the graph holds this backend's own backward.
+        torch.autograd.grad(O.sum(), q)
+    return sdpa_refusal_of(forward_and_backward)
+
+
+def sdpa_refusal_of(call):
+    """Why call(), of SDPA under a pin, does not run: torch's reasons, which it gives as warnings; None
+    if it runs."""
     with warnings.catch_warnings(record=True) as reasons:
         warnings.simplefilter("always")
         try:
-            with sdpa_kernel(backend):
-                O = F.scaled_dot_product_attention(q, q, q, is_causal=causal)
-            # Outside the pin, as the sweep runs it: the graph holds this backend's own backward.
-            torch.autograd.grad(O.sum(), q)
+            call()
             return None
         except RuntimeError as error:  # "No viable backend": this one does not take this problem here
             said = [str(w.message).split(" (Triggered internally")[0] for w in reasons]
@@ -328,11 +370,12 @@ def sdpa_backends(device, causal, dtype, head_dim):
     return backends
 
 
-def sdpa_pinned(backend):
-    """SDPA, called as every method is, on `backend` alone: no other in its place."""
+def sdpa_pinned(backend, **options):
+    """SDPA, called as every method is, on `backend` alone: no other in its place. options: SDPA's
+    own (enable_gqa)."""
     def sdpa(q, k, v, causal):
         with sdpa_kernel(backend):  # the backward runs the same backend: the graph records it
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **options)
     return sdpa
 
 
@@ -501,12 +544,12 @@ CSV_FIELDS = ["N", "B", "H", "d", "Br", "Bc", "causal", "dtype", "method", "pass
               "extra_mib", "checked_against", "rel_err", "note"]
 
 
-def write_csv(rows, path):
+def write_csv(rows, path, fields=CSV_FIELDS):
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+            writer.writerow({k: row.get(k, "") for k in fields})
 
 
 def read_csv(path):
@@ -522,13 +565,15 @@ def flop_unit(rows):
     return ("TFLOP/s", 1) if max((r.get("tflops", 0) for r in rows), default=0) >= 1 else ("GFLOP/s", 1e3)
 
 
+def cell(row, key, fmt, width, factor=1):
+    """row[key] formatted to `width` characters, "-" where the row has none."""
+    value = row.get(key)
+    return f"{'-':>{width}}" if value is None else f"{value * factor:{fmt}}".rjust(width)
+
+
 def format_table(rows):
     """One line per (N, method): forward and backward side by side."""
     unit, per_tflop = flop_unit(rows)
-
-    def cell(row, key, fmt, width, factor=1):
-        value = row.get(key)
-        return f"{'-':>{width}}" if value is None else f"{value * factor:{fmt}}".rjust(width)
 
     lines = [f"{'N':>6} {'B*H':>4}  {'method':<15}|{'ms':>9} {unit:>8} {'x manual':>8} {'MiB':>8}  "
              f"|{'ms':>9} {unit:>8} {'x manual':>8} {'MiB':>8}  | {'err':>7}",
@@ -622,6 +667,302 @@ def run_sweep(args):
                  f"{bad[0]['method']} {bad[0]['pass']} at N={bad[0]['N']}: rel err {bad[0]['rel_err']:.1e}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Decode: one new token's attention over a KV cache
+
+
+# The issue's grid: batch 1 to 64, context 1k to 128k; on the CPU, tiny sizes (the tests). 32 query
+# heads share 8 key/value heads (grouped-query attention), d = 128, bf16: a Llama-style model's layer.
+DECODE_GPU = dict(batch=(1, 8, 64), context=(1024, 4096, 16384, 32768, 65536, 131072))
+DECODE_CPU = dict(batch=(1, 2), context=(64, 300))
+DECODE_HEADS, DECODE_HEADS_K = 32, 8
+PAGE = 256  # tokens per page of the paged cache
+# The share of the free memory a point's tensors may take; the rest is the allocator's and the graphs'.
+MEMORY_SHARE = 0.6
+H200_GB_PER_S = 4800  # the H200's specified memory bandwidth, 4.8 TB/s
+# The bandwidth ceilings' tensor: on a GPU at least 1 GiB, far past the L2 cache, so that the
+# reduction reads memory, not cache; on the CPU small, to be quick.
+CEILING_BYTES = {"cuda": 2**30, "cpu": 2**26}
+GRAPH_STEPS = 20  # steps in one CUDA graph, at least: a replay's own launch is then shared by many
+DECODE_FIELDS = ["batch", "context", "nheads", "nheads_k", "d", "dtype", "method", "graph_us", "eager_us", "host_us",
+                 "repeats", "bytes", "gb_per_s", "fraction_of_read", "fraction_of_copy", "fraction_of_spec",
+                 "x_best_sdpa", "rel_err", "note"]
+
+
+def paged(cache, table):
+    """The cache (B, N, Hk, d) cut into pages of PAGE tokens: page j of sequence b is row table[b, j]
+    of the result (pages, PAGE, Hk, d), as flash_attn_with_kvcache's block_table reads it. The last
+    page's tail is zeros (cache_seqlens says where each sequence ends). One page column at a time:
+    no second copy of the whole cache in between."""
+    pages = cache.new_zeros(table.numel(), PAGE, *cache.shape[2:])
+    for j in range(table.shape[1]):
+        tokens = cache[:, j * PAGE:(j + 1) * PAGE]
+        pages[table[:, j].long(), :tokens.shape[1]] = tokens
+    return pages
+
+
+def decode_methods():
+    """{name: prepare(q, k_cache, v_cache) -> step}: prepare does, untimed, what a server does once (the
+    layouts, the page table); step() is the decode step that is timed. q is (B, 1, H, d), the caches
+    (B, N, Hk, d), each full: cache_seqlens = N. A step returns (B, 1, H, d) or SDPA's (B, H, 1, d),
+    which, with one query row, hold their elements in the same order."""
+    def ours(q, k, v):
+        seqlens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
+        return lambda: mf.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens)
+
+    def ours_paged(q, k, v):
+        # The pages in a shuffled order, as a server's allocator leaves them after a while.
+        B, pages = q.shape[0], math.ceil(k.shape[1] / PAGE)
+        table = torch.randperm(B * pages, device=q.device).view(B, pages).to(torch.int32)
+        k_pages, v_pages = paged(k, table), paged(v, table)
+        seqlens = torch.full((B,), k.shape[1], dtype=torch.int32, device=q.device)
+        return lambda: mf.flash_attn_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+
+    def sdpa(backend):
+        fn = sdpa_pinned(backend, enable_gqa=True)
+
+        def prepare(q, k, v):
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # views, made once: (B, H, 1, d), (B, Hk, N, d)
+            return lambda: fn(q, k, v, False)
+        return prepare
+
+    def manual(q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        group = q.shape[1] // k.shape[1]
+        # Plain attention has no grouped heads: k, v are repeated to q's heads in every step, as a
+        # model without a GQA kernel does. That copy (group x the cache) is part of its time.
+        return lambda: mf.manual_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
+
+    return {"minimal-flash": ours, "minimal-flash-paged": ours_paged,
+            **{sdpa_name(b): sdpa(b) for b in SDPA_HALF}, "manual": manual}
+
+
+def decode_reference(q, k, v):
+    """Attention of q (B, 1, H, d) over the whole caches (B, N, Hk, d), in float64: each group of
+    H / Hk query heads against its key/value head. One sequence at a time, so that only one
+    sequence's float64 cache is held at once (1 GiB at N = 128k)."""
+    B, _, H, d = q.shape
+    Hk = k.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    for b in range(B):
+        kb, vb = (t[b].double().transpose(0, 1) for t in (k, v))  # (Hk, N, d)
+        out[b, 0] = mf.manual_attention(q[b, 0].double().view(Hk, H // Hk, d), kb, vb).view(H, d)
+    return out
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def graph_ms(steps, args):
+    """GPU time of one step in ms, without the host's: the steps (one per input set, round and round
+    until GRAPH_STEPS) captured in one CUDA graph, which is replayed; CUDA events around each replay,
+    median, over the steps in it. Between two steps of a graph the GPU waits for no Python, as in a
+    server that captures its decode step."""
+    n = len(steps) * math.ceil(GRAPH_STEPS / len(steps))
+    # torch's rule for capture: warm up on a side stream first, so that one-time work (handles,
+    # workspaces, our kernels' build) is done before, and not recorded.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for step in steps:
+                step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n):
+            steps[i % len(steps)]()
+    ms, repeats = median_ms([graph.replay], args.warmup, args.repeats, "cuda", args.seconds, args.min_repeats)
+    return ms / n, repeats
+
+
+def host_ms(step, device, rounds=5):
+    """Host time of one call in ms: perf_counter around 20 calls made back to back, from an idle,
+    synchronised GPU, over 20; the median of `rounds`. A call only queues its kernels (launches are
+    asynchronous), and 20 calls' few launches each stay far inside the launch queue (about a
+    thousand), so no call waits for the GPU: this is the call's own Python and launch time, whatever
+    its GPU time. On the CPU a call runs to its end: one call's whole time."""
+    calls = 20 if device == "cuda" else 1
+    averages = []
+    for _ in range(rounds):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        averages.append((time.perf_counter() - start) * 1e3 / calls)
+    synchronize(device)
+    return statistics.median(averages)
+
+
+def step_times(steps, args, note):
+    """{graph_us, eager_us, repeats}: on a GPU, in a CUDA graph and eager; on the CPU eager only, by
+    perf_counter (note gets to say why, and any graph that could not be captured)."""
+    gpu = args.device == "cuda"
+    eager, repeats = median_ms(steps, args.warmup, args.repeats, args.device, args.seconds, args.min_repeats)
+    times = dict(eager_us=eager * 1e3, repeats=repeats)
+    if not gpu:
+        note.append("CPU: perf_counter, no CUDA graph")
+        return times
+    try:
+        graph, times["repeats"] = graph_ms(steps, args)
+        times["graph_us"] = graph * 1e3
+    except RuntimeError as error:  # a call that synchronises, or one that cannot be captured
+        note.append(f"not captured in a CUDA graph: {str(error).splitlines()[0]}")
+        torch.cuda.synchronize()
+    return times
+
+
+def gb_per_s(row):
+    """The bytes a timed row must move over its time: the GPU's, in a graph; on the CPU, the eager time."""
+    us = row.get("graph_us", row.get("eager_us"))
+    return None if us is None else row["bytes"] / us / 1e3
+
+
+def bandwidth(rows, read, copy, device):
+    """Adds to each timed row its GB/s, and that as a fraction of the ceilings measured in this run
+    (read, copy: GB/s) and, on an H200, of its specified 4.8 TB/s."""
+    h200 = device == "cuda" and "H200" in torch.cuda.get_device_name()
+    for row in rows:
+        if gb_per_s(row) is not None:
+            row["gb_per_s"] = gb_per_s(row)
+            row.update(fraction_of_read=row["gb_per_s"] / read, fraction_of_copy=row["gb_per_s"] / copy)
+            if h200:
+                row["fraction_of_spec"] = row["gb_per_s"] / H200_GB_PER_S
+
+
+def ceilings(args):
+    """The memory bandwidth of this device, measured now, as two rows: "read", a reduction (x.sum())
+    over CEILING_BYTES of bf16, which reads every byte once, as a decode step reads its cache; and
+    "copy", y.copy_(x), counted as the bytes read plus those written. A stream that only reads can beat
+    the copy's figure: the read is the ceiling a decode step is held to."""
+    x = torch.randn(CEILING_BYTES[args.device] // 2, dtype=torch.bfloat16, device=args.device)
+    y = torch.empty_like(x)
+    rows = []
+    for method, step, moved, what in (("read", x.sum, x.nbytes, "x.sum()"),
+                                      ("copy", lambda: y.copy_(x), 2 * x.nbytes, "y.copy_(x), read + written")):
+        note = [f"{what} over {x.nbytes / 2**30:g} GiB of bf16"]
+        rows.append(dict(method=method, bytes=moved, **step_times([step], args, note)))
+        rows[-1]["note"] = "; ".join(note)
+    del x, y
+    return rows
+
+
+def decode_memory_cap(device):
+    """The bytes a decode point's tensors may take: MEMORY_SHARE of the free memory (of the machine's,
+    on the CPU, where the system says; else no cap)."""
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the last point's tensors, freed, are still the allocator's: give them back
+        return MEMORY_SHARE * torch.cuda.mem_get_info()[0]
+    try:
+        return MEMORY_SHARE * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: no such count
+        return math.inf
+
+
+def decode_point(B, N, methods, args, progress):
+    """All methods at one (batch, context): rows of times, checked against float64; a method or the
+    whole point that does not fit, or a backend that refuses, gets a row saying why."""
+    H, Hk, d, dtype = args.heads or DECODE_HEADS, args.heads_k or DECODE_HEADS_K, args.head_dim, args.dtype
+    base = dict(batch=B, context=N, nheads=H, nheads_k=Hk, d=d, dtype=str(dtype).removeprefix("torch."))
+    cache = 2 * B * N * Hk * d * dtype.itemsize  # k and v: what a step must read
+    step_bytes = cache + 2 * B * H * d * dtype.itemsize  # and q, and out written
+    # Each set's cache twice at most (contiguous, and paged while that method runs); enough sets to
+    # rotate past the L2 cache, as many as fit.
+    cap = decode_memory_cap(args.device)
+    sets = max(1, min(sets_past_l2(cache, args.device), int(cap // (2 * cache))))
+    if 2 * cache > cap:
+        note = (f"skipped: its caches, contiguous and paged, {2 * cache / 2**30:.1f} GiB, would not fit in "
+                f"{cap / 2**30:.1f} GiB ({MEMORY_SHARE:.0%} of the free memory)")
+        progress(f"batch={B} context={N}: {note}")
+        return [dict(base, method=name, note=note) for name in methods]
+    inputs = [[torch.randn(B, 1, H, d, dtype=dtype, device=args.device),
+               *(torch.randn(B, N, Hk, d, dtype=dtype, device=args.device) for _ in range(2))] for _ in range(sets)]
+    reference = decode_reference(*inputs[0])
+    rows = []
+    for name, prepare in methods.items():
+        row, note, steps = dict(base, method=name, bytes=step_bytes), [], []
+        rows.append(row)
+        # Plain attention holds k, v repeated to H heads and its scores (B, H, 1, N), besides the caches.
+        manual_bytes = sets * cache + (H // Hk) * cache + 2 * B * H * N * dtype.itemsize
+        if name == "manual" and manual_bytes > cap:
+            row["note"] = (f"skipped: k, v repeated to {H} heads and the scores, with the caches, "
+                           f"{manual_bytes / 2**30:.1f} GiB, would not fit in {cap / 2**30:.1f} GiB")
+            progress(f"batch={B} context={N}: manual {row['note']}")
+            continue
+        try:
+            steps = [prepare(*s) for s in inputs]
+            refusal = sdpa_refusal_of(steps[0]) if name.startswith("sdpa-") else None
+            if refusal:  # this backend does not take these shapes: said, and on to the next method
+                row["note"] = f"refused: {refusal}"
+                progress(f"batch={B} context={N}: {name} {row['note']}")
+                continue
+            row["rel_err"] = mf.relative_error(steps[0]().reshape(reference.shape), reference)
+            row.update(step_times(steps, args, note))
+            row["host_us"] = host_ms(steps[0], args.device) * 1e3
+        except torch.cuda.OutOfMemoryError:
+            note.append("skipped: out of GPU memory")
+        del steps
+        synchronize(args.device)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        row["note"] = "; ".join(note)
+        progress(f"batch={B} context={N}: {name} " + ", ".join(
+            f"{key} {row[key]:.1f}" for key in ("graph_us", "eager_us", "host_us") if key in row)
+            + (f", rel err {row['rel_err']:.1e}" if "rel_err" in row else "") + (f" ({row['note']})" if note else ""))
+    # The ratio to SDPA's best backend at this point, in the same timing: its time over this method's.
+    key = "graph_us" if args.device == "cuda" else "eager_us"
+    best = min((r[key] for r in rows if r["method"].startswith("sdpa-") and key in r), default=None)
+    for row in rows:
+        if best and key in row:
+            row["x_best_sdpa"] = best / row[key]
+    return rows
+
+
+def format_decode_table(rows):
+    """One line per (batch, context, method) with its times, speed and error or note."""
+    lines = [f"{'batch':>5} {'context':>7}  {'method':<20}|{'graph us':>9} {'eager us':>9} {'host us':>8}  |"
+             f"{'GB/s':>7} {'read':>5} {'copy':>5} {'x sdpa':>6}  | {'err':>7}"]
+    for row in rows:
+        where = (f"{row.get('batch', ''):>5} {row.get('context', ''):>7}  {row['method']:<20}|"
+                 f"{cell(row, 'graph_us', '.1f', 9)} {cell(row, 'eager_us', '.1f', 9)} "
+                 f"{cell(row, 'host_us', '.1f', 8)}  |"
+                 f"{cell(row, 'gb_per_s', '.0f', 7)} {cell(row, 'fraction_of_read', '.0%', 5)} "
+                 f"{cell(row, 'fraction_of_copy', '.0%', 5)} {cell(row, 'x_best_sdpa', '.2f', 5)}x  | ")
+        lines.append(where + (f"{row['rel_err']:>7.1e}" if "rel_err" in row else row.get("note", "")))
+    return "\n".join(lines)
+
+
+def run_decode(args):
+    grid = DECODE_GPU if args.device == "cuda" else DECODE_CPU
+    points = [(B, N) for B in args.batch or grid["batch"] for N in args.context or grid["context"]]
+    methods = chosen_methods(decode_methods(), args.methods)
+    rows = ceilings(args)
+    read, copy = (gb_per_s(r) for r in rows)
+    print(f"Decode: one query row per sequence over a full KV cache, {len(points)} points; methods: "
+          f"{', '.join(methods)}. Measured ceilings: read {read:.0f} GB/s, copy {copy:.0f} GB/s")
+    for i, (B, N) in enumerate(points):
+        progress = lambda line, i=i: print(f"[{i + 1}/{len(points)}] {line}", file=sys.stderr, flush=True)
+        rows += decode_point(B, N, methods, args, progress)
+    bandwidth(rows, read, copy, args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, args.out / "decode.csv", DECODE_FIELDS)
+    clock = "CUDA events" if args.device == "cuda" else "CPU perf_counter: no graphs, and nothing about a GPU"
+    print(f"\nMedian us ({clock}). graph: the step captured in a CUDA graph, GPU time; eager: the plain call; "
+          "host: the Python and launch time of one call. GB/s: the bytes a step must move (k, v caches read, q read, "
+          "out written) over its graph time (eager without a GPU); read, copy: that over the ceilings measured "
+          f"above; the H200's specified {H200_GB_PER_S / 1e3:g} TB/s: fraction_of_spec in the CSV. x sdpa: the best "
+          "SDPA backend's time over this method's. err: relative error against float64 on the same inputs. "
+          "manual's time includes repeating k, v to the query heads")
+    print(format_decode_table(rows))
+    print(f"Wrote {args.out / 'decode.csv'}")
+    bad = [r for r in rows if "rel_err" in r and not r["rel_err"] <= TOLERANCE[args.dtype]]  # NaN fails too
+    if bad:
+        sys.exit(f"bench: {len(bad)} results disagree with float64, e.g. {bad[0]['method']} at batch="
+                 f"{bad[0]['batch']} context={bad[0]['context']}: rel err {bad[0]['rel_err']:.1e}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.replot:
@@ -638,7 +979,7 @@ def main(argv=None):
     else:
         print(f"No GPU: CPU emulation of the kernels, torch {torch.__version__}. These times say "
               "nothing about GPU speed; run on a GPU for real numbers.")
-    run_sweep(args) if args.sweep else run_profile(args)
+    run_decode(args) if args.decode else run_sweep(args) if args.sweep else run_profile(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """bench.py's functions on the CPU at tiny sizes: the sweep's table, CSV and plots are produced and
 well formed, and its FLOP count and memory guard are right; the methods a GPU sweep times, with its
-probes stood in for. No timing is asserted: CPU emulation times say nothing about GPU speed."""
+probes stood in for; --decode's CSV, checks and skips. No timing is asserted: CPU emulation times say
+nothing about GPU speed."""
 import contextlib
 import csv
+import io
 import warnings
 
 import matplotlib.image
@@ -280,3 +282,121 @@ def test_the_probe_gives_torchs_reason_for_the_backend_alone(monkeypatch):
     assert bench.sdpa_refusal(SDPBackend.CUDNN_ATTENTION, "cpu", False, torch.float32, 8) == (
         "Expected query, key and value to all be of dtype: {Half, BFloat16}. Got Query dtype: float, Key dtype: "
         "float, and Value dtype: float instead.")
+
+
+# --decode: one step of generation over a KV cache, on the CPU at tiny sizes, 4 query heads sharing 2
+# key/value heads. minimal_flash.flash_attn_with_kvcache runs for real (the emulation of its kernels).
+DECODE = ["--decode", "--cpu", "-H", "4", "--heads-k", "2", "-d", "64", "--seconds", "0.05", "--warmup", "1",
+          "--repeats", "2", "--min-repeats", "2"]
+DECODE_METHODS = ["minimal-flash", "minimal-flash-paged", "sdpa-flash", "sdpa-cudnn", "manual"]
+
+
+def decode_bytes(B, N, H=4, Hk=2, d=64):
+    """What a step must move, in bf16: the k and v caches read, q read and out written."""
+    return 2 * B * N * Hk * d * 2 + 2 * B * H * d * 2
+
+
+@pytest.fixture(scope="module")
+def decode(tmp_path_factory):
+    """One tiny decode run, batch 1 and 2, context 64 and 300 (the last page of 256 part full);
+    its rows by (batch, context, method), the ceilings' by method, and what it printed."""
+    out, printed = tmp_path_factory.mktemp("decode"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        bench.main([*DECODE, "--batch", "1", "2", "--context", "64", "300", "--out", str(out)])
+    rows = list(csv.DictReader(open(out / "decode.csv")))
+    points = {(r["batch"], r["context"], r["method"]): r for r in rows if r["batch"]}
+    return points, {r["method"]: r for r in rows if not r["batch"]}, printed.getvalue()
+
+
+def test_decode_csv_has_the_columns_every_point_and_method(decode):
+    points, ceilings, _ = decode
+    assert set(points) == {(B, N, m) for B in ("1", "2") for N in ("64", "300") for m in DECODE_METHODS}
+    for (B, N, method), r in points.items():
+        assert (r["nheads"], r["nheads_k"], r["d"], r["dtype"]) == ("4", "2", "64", "bfloat16")
+        assert int(r["bytes"]) == decode_bytes(int(B), int(N))
+        if method == "sdpa-cudnn":  # no cuDNN on this CPU: refused, saying why, and the run went on
+            assert r["note"].startswith("refused: ") and len(r["note"]) > 20 and r["eager_us"] == ""
+            continue
+        # no CUDA graph on the CPU: the note says so, and the speed is the eager time's
+        assert r["graph_us"] == "" and "perf_counter" in r["note"]
+        assert float(r["eager_us"]) > 0 and float(r["host_us"]) > 0 and int(r["repeats"]) >= 2
+        assert float(r["gb_per_s"]) == pytest.approx(int(r["bytes"]) / float(r["eager_us"]) / 1e3)
+        for ceiling in ("read", "copy"):
+            assert float(r[f"fraction_of_{ceiling}"]) == pytest.approx(
+                float(r["gb_per_s"]) / float(ceilings[ceiling]["gb_per_s"]))
+        best = float(points[B, N, "sdpa-flash"]["eager_us"])  # the one SDPA backend that ran
+        assert float(r["x_best_sdpa"]) == pytest.approx(best / float(r["eager_us"]))
+        assert r["fraction_of_spec"] == ""  # the H200's 4.8 TB/s: on an H200 only
+
+
+def test_decode_every_method_agrees_with_float64(decode):
+    points, _, printed = decode
+    errors = {key: float(r["rel_err"]) for key, r in points.items() if key[2] != "sdpa-cudnn"}
+    assert len(errors) == 4 * 4 and all(0 < e < 1e-2 for e in errors.values())  # bf16: ~2e-3 seen
+    # the paged cache holds the same keys and values: the same answer to the last bit, or nearly
+    for B, N in (("1", "64"), ("2", "300")):
+        assert errors[B, N, "minimal-flash-paged"] == pytest.approx(errors[B, N, "minimal-flash"], rel=0.1)
+    table = [line.split() for line in printed.splitlines() if line.split()[:2] == ["2", "300"]]
+    assert [line[2] for line in table] == DECODE_METHODS
+    assert table[0][-1] == f"{errors['2', '300', 'minimal-flash']:.1e}"  # the CSV's error, printed
+
+
+def test_decode_measures_the_ceilings_in_the_same_run(decode):
+    _, ceilings, printed = decode
+    assert set(ceilings) == {"read", "copy"}
+    assert "x.sum()" in ceilings["read"]["note"] and "copy_" in ceilings["copy"]["note"]
+    # the copy counts what it reads and what it writes: twice the tensor
+    assert int(ceilings["copy"]["bytes"]) == 2 * int(ceilings["read"]["bytes"]) == 2 * bench.CEILING_BYTES["cpu"]
+    assert all(float(r["gb_per_s"]) > 0 for r in ceilings.values())
+    assert f"read {float(ceilings['read']['gb_per_s']):.0f} GB/s" in printed
+
+
+def test_decode_skips_what_would_not_fit_saying_why(tmp_path, monkeypatch, capsys):
+    # Room for batch 1's caches, contiguous and paged, but not for manual's k, v repeated to 4 heads,
+    # nor for batch 2's caches.
+    cache = decode_bytes(1, 64) - 2 * 4 * 64 * 2
+    monkeypatch.setattr(bench, "decode_memory_cap", lambda device: 2 * cache + 1)
+    bench.main([*DECODE, "--batch", "1", "2", "--context", "64", "--out", str(tmp_path)])
+    rows = {(r["batch"], r["method"]): r for r in csv.DictReader(open(tmp_path / "decode.csv")) if r["batch"]}
+    assert "would not fit" in rows["1", "manual"]["note"] and rows["1", "manual"]["eager_us"] == ""
+    assert float(rows["1", "minimal-flash"]["rel_err"]) < 1e-2
+    batch2 = [r for (B, _), r in rows.items() if B == "2"]
+    assert len(batch2) == len(DECODE_METHODS)
+    assert all(r["note"].startswith("skipped: its caches") and r["eager_us"] == "" for r in batch2)
+    assert "batch=2 context=64: skipped: its caches, contiguous and paged" in capsys.readouterr().err
+
+
+def test_decode_exits_when_a_method_is_wrong(tmp_path, monkeypatch):
+    """The check is real: a method that answers zeros is off by 100%, in the CSV, and the run fails."""
+    monkeypatch.setattr(bench, "decode_methods", lambda: {"zeros": lambda q, k, v: lambda: torch.zeros_like(q)})
+    with pytest.raises(SystemExit, match="disagree with float64, e.g. zeros at batch=1 context=64"):
+        bench.main([*DECODE, "--batch", "1", "--context", "64", "--out", str(tmp_path)])
+    row = list(csv.DictReader(open(tmp_path / "decode.csv")))[-1]
+    assert row["method"] == "zeros" and float(row["rel_err"]) == 1.0
+
+
+def test_decode_reference_is_grouped_query_attention():
+    q = torch.randn(2, 1, 6, 16, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 37, 3, 16, dtype=torch.bfloat16) for _ in range(2))  # query heads 2h, 2h+1 read head h
+    expected = F.scaled_dot_product_attention(q.double().transpose(1, 2), k.double().transpose(1, 2),
+                                              v.double().transpose(1, 2), enable_gqa=True).transpose(1, 2)
+    out = bench.decode_reference(q, k, v)
+    assert out.dtype == torch.float64 and torch.allclose(out, expected, rtol=0, atol=1e-12)
+
+
+def test_paged_cache_holds_the_cache_page_by_page():
+    cache = torch.randn(2, 300, 3, 4)  # 2 pages per sequence, the second 44 tokens full
+    table = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32)
+    pages = bench.paged(cache, table)
+    assert pages.shape == (4, bench.PAGE, 3, 4)
+    assert torch.equal(pages[table.long()].flatten(1, 2)[:, :300], cache)  # as block_table reads it
+    assert torch.equal(pages[0, :44], cache[0, 256:]) and not pages[0, 44:].any()  # the tail: zeros
+
+
+def test_batch_takes_one_size_except_in_decode():
+    assert bench.parse_args(["-B", "3", "--cpu"]).batch == 3
+    assert bench.parse_args(["--decode", "-B", "1", "8", "--cpu"]).batch == [1, 8]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sweep", "-B", "1", "8", "--cpu"])
+    args = bench.parse_args(["--decode", "--cpu"])  # the issue's model: bf16, 32 query heads over 8, d = 128
+    assert (args.dtype, args.head_dim, bench.DECODE_HEADS, bench.DECODE_HEADS_K) == (torch.bfloat16, 128, 32, 8)
