@@ -5,6 +5,7 @@
     flash_attn_qkvpacked_func(qkv, ...)                              points, (B, N, H, d) layout
     flash_attn_with_kvcache(q, k_cache, v_cache, k, v, ...)          the official decoding entry point: a KV
                                                                      cache, contiguous or paged (chapter 5)
+    register_with_transformers(name="minimal_fa")                    transformers models (generate too) on the kernels
     manual_attention(q, k, v, *, causal=False, softmax_scale=None)  plain attention, the reference
     forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)          one pass of the kernels, called directly
     mirror_forward(q, k, v, ...), mirror_backward(...)               Algorithms 1 and 4 tile by tile in PyTorch
@@ -192,6 +193,72 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
         raise ValueError(f"qkv must be 5-D (B, N, 3, H, d), got shape {tuple(qkv.shape)}")
     return flash_attn_func(*qkv.unbind(dim=2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs, **options)
+
+
+def register_with_transformers(name="minimal_fa"):
+    """Register the kernels with Hugging Face transformers (imported here: it is no dependency of this
+    module) under `name`; then from_pretrained(..., attn_implementation=name) or from_config runs a
+    causal model's attention on them: the prompt through flash_attention, each generated token through
+    flash_attn_with_kvcache on the model's KV cache. Registers a mask function too, so that the model
+    builds no dense mask; it refuses (ValueError) what the kernels cannot do: padding, sliding windows,
+    packed sequences, a cache longer than the tokens seen (a static cache). Returns `name`."""
+    if "flash" in name:  # transformers takes any such name for the flash-attn package or a Hub kernel
+        raise ValueError(f"name = {name!r}: transformers reads a name with 'flash' in it as the flash-attn "
+                         "package's (or a Hub kernel's) and loads that; pick another")
+    from transformers import AttentionInterface, AttentionMaskInterface
+    AttentionInterface.register(name, _transformers_attention)
+    AttentionMaskInterface.register(name, _transformers_mask)
+    return name
+
+
+def _transformers_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                       attention_mask=None, **options):
+    """transformers' mask function for our name: None (no mask: the kernels' causal=True, queries aligned
+    with the end of the keys), or a ValueError for any mask that is not that one. Called once per forward."""
+    from transformers.masking_utils import causal_mask_function
+    if mask_function is not causal_mask_function:
+        raise ValueError("minimal_flash: this model asks for a mask other than the plain causal one (a sliding "
+                         "window, chunks, packed sequences, bidirectional attention); the kernels have only causal")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("minimal_flash: the attention mask masks padding tokens (prompts of different lengths "
+                         "in one batch); the kernels take no padding yet: give prompts of one length")
+    if bool(q_offset - kv_offset != kv_length - q_length):
+        raise ValueError(f"minimal_flash: {kv_length} keys for the queries at positions {q_offset} to "
+                         f"{q_offset + q_length - 1}: the kernels take a cache that ends at the last query "
+                         "(transformers' dynamic cache), not a static one with empty slots")
+    return None
+
+
+def _transformers_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **options):
+    """transformers' attention function for our name: query (B, H, Nq, d), key and value (B, Hk, Nk, d),
+    the cache included; returns (output (B, Nq, H, d), None: no attention weights)."""
+    if attention_mask is not None:
+        raise ValueError(f"minimal_flash: the model passed an attention mask ({_short(attention_mask)}); the "
+                         "kernels take only the plain causal one, no padding (register_with_transformers' mask "
+                         "function gives None for it)")
+    if dropout:
+        raise ValueError(f"minimal_flash: attention dropout {dropout} (the model trains with "
+                         "config.attention_dropout); the kernels have no dropout")
+    if not options.get("is_causal", getattr(module, "is_causal", True)):
+        raise ValueError("minimal_flash: this attention is not causal; the kernels run causal models only here")
+    for option in ("sliding_window", "softcap", "s_aux"):
+        if options.get(option) is not None:
+            raise ValueError(f"minimal_flash: the model asks for {option}; the kernels do not have it")
+    version = VERSIONS[default_version(query.dtype, query.device)]  # it must take grouped heads
+    if not version.grouped_heads:
+        takes = next(x for x in VERSIONS.values() if x.grouped_heads)
+        raise TypeError(f"minimal_flash: a {query.dtype} model; with transformers the kernels run "
+                        f"{_dtype_names(takes.dtypes)} models (dtype= in from_pretrained or from_config)")
+    if query.shape[-1] not in version.head_dims:
+        raise ValueError(f"minimal_flash: a model of head dim {query.shape[-1]}; version {version.number}'s "
+                         "kernels are compiled for head dim " + " and ".join(map(str, version.head_dims)))
+    if query.shape[2] == key.shape[2]:  # the prompt (the cache held nothing before it)
+        out = flash_attention(query, key, value, causal=True, softmax_scale=scaling).transpose(1, 2)
+    else:  # new tokens after the cached ones: the official package's decode function, whose causal=True
+        # aligns the queries with the end of the keys (bottom-right)
+        out = flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2).contiguous(),
+                                      value.transpose(1, 2).contiguous(), softmax_scale=scaling, causal=True)
+    return out, None
 
 
 def manual_attention(q, k, v, *, causal=False, softmax_scale=None):
