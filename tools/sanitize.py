@@ -7,7 +7,9 @@ compute-sanitizer:
 
 Each run is also checked against float64 (tests/helpers.py's checks: fp32 within 1e-5, half precision
 within twice plain attention's error), so a clean sanitizer report on a wrong answer fails too. Versions
-that take grouped heads also run each forward with k, v of one head shared by q's three."""
+that take grouped heads also run each forward with k, v of one head shared by q's three. With version
+3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches, split keys)."""
+import math
 import sys
 from pathlib import Path
 
@@ -49,6 +51,47 @@ def run(version, dtype, causal, Br, Bc, N, d):
     print(f"v{version} {str(dtype)[6:]} Br={Br} Bc={Bc} N={N} d={d} causal={causal}: forward and backward checked")
 
 
+def run_decode(dtype, Sq, d, causal, page, splits):
+    """Chapter 5's decode kernels (kernels/flash_decode.cu, in version 3's build): 3 sequences of 0, 70
+    and 200 cached keys, 3 new ones appended (every query row sees a key), 8 query heads sharing 2 heads of K and V, contiguous or
+    paged (pages in a shuffled order), `splits` splits of the keys (then the combine kernel); checked
+    against float64 attention on the dense keys."""
+    B, H, Hk, cached, new = 3, 8, 2, torch.tensor([0, 70, 200], dtype=torch.int32), 3
+    capacity = 288  # rows a sequence may hold: 18 pages of 16, 6 of 48
+    keys = [torch.randn(int(n) + new, Hk, d, generator=generator).to(dtype) for n in cached]
+    values = [torch.randn(int(n) + new, Hk, d, generator=generator).to(dtype) for n in cached]
+    q = torch.randn(B, Sq, H, d, generator=generator).to(dtype)
+    k_new = torch.stack([K[-new:] for K in keys]).cuda()
+    v_new = torch.stack([V[-new:] for V in values]).cuda()
+    if page is None:
+        k_cache, v_cache = (torch.zeros(B, capacity, Hk, d, dtype=dtype) for _ in range(2))
+        for b, n in enumerate(cached.tolist()):
+            k_cache[b, :n], v_cache[b, :n] = keys[b][:n], values[b][:n]
+        block_table = None
+    else:
+        block_table = torch.randperm(B * capacity // page, generator=generator).int().reshape(B, capacity // page)
+        k_cache, v_cache = (torch.zeros(B * capacity // page, page, Hk, d, dtype=dtype) for _ in range(2))
+        for b, n in enumerate(cached.tolist()):
+            for j in range(n):
+                k_cache[block_table[b, j // page], j % page] = keys[b][j]
+                v_cache[block_table[b, j // page], j % page] = values[b][j]
+        block_table = block_table.cuda()
+    out, lse = mf.flash_attn_with_kvcache(q.cuda(), k_cache.cuda(), v_cache.cuda(), k_new, v_new,
+                                          cache_seqlens=cached.cuda(), block_table=block_table, causal=causal,
+                                          num_splits=splits, return_softmax_lse=True)
+    for b in range(B):  # (H, Sq, d): plain attention on the sequence's dense keys, in float64 and in dtype
+        qb = q[b].transpose(0, 1).cuda()
+        kb, vb = (t.transpose(0, 1).repeat_interleave(H // Hk, dim=0).cuda() for t in (keys[b], values[b]))
+        n = kb.shape[1]
+        hidden = (torch.arange(n)[None, :] > torch.arange(Sq)[:, None] + n - Sq).cuda() & causal
+        ref, plain = ((torch.softmax((qb.to(t) @ kb.to(t).transpose(1, 2) * d ** -0.5).masked_fill(hidden, -math.inf),
+                                     -1) @ vb.to(t)) for t in (torch.float64, dtype))
+        assert_close("O", out[b].transpose(0, 1), ref, plain)
+        assert (lse[b] - torch.logsumexp((qb.double() @ kb.double().transpose(1, 2) * d ** -0.5)
+                                         .masked_fill(hidden, -math.inf), -1)).abs().max() < 1e-3, "lse"
+    print(f"decode {str(dtype)[6:]} Sq={Sq} d={d} causal={causal} page={page} splits={splits}: checked")
+
+
 def run_grouped(version, dtype, causal, N, d):
     """The forward with k, v of one head shared by q's three (it reads K, V's slice bh / 3); the
     backward of grouped heads runs the kernels above on k, v repeated to q's heads."""
@@ -69,3 +112,8 @@ for version in sorted(chosen):
                 run(version, dtype, causal, Br, Bc, N, d)
                 if mf.VERSIONS[version].grouped_heads:
                     run_grouped(version, dtype, causal, N, d)
+if 3 in chosen:  # chapter 5's decode kernels build with version 3
+    for dtype in mf.VERSIONS[3].dtypes:
+        for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3), (3, 64, True, None, 2),
+                                            (3, 64, False, 48, 1)):
+            run_decode(dtype, Sq, d, causal, page, splits)
