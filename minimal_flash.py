@@ -598,10 +598,13 @@ def _decode_splits(num_splits, q, Hk, capacity):
     if num_splits < 0 or num_splits > 128:
         raise ValueError(f"num_splits = {num_splits}: 0 (chosen for you), or 1 to 128 splits of the keys")
     B, Sq, H, _ = q.shape
-    key_tiles, row_tiles = math.ceil(capacity / 64), math.ceil(Sq * (H // Hk) / 64)  # kernels/flash_decode.cu's
+    # kernels/flash_decode.cu's tiles: 64 keys; rows_per_block rows, 16 of them leaving room for 2 blocks
+    # on a multiprocessor (the official package also counts 2, for its blocks of 128 threads)
+    rows = 16 if Sq * (H // Hk) <= 16 else 64
+    key_tiles, row_tiles = math.ceil(capacity / 64), math.ceil(Sq * (H // Hk) / rows)
     if num_splits == 0:
         units = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else os.cpu_count()
-        num_splits = num_splits_heuristic(B * Hk * row_tiles, units or 1, key_tiles, 128)
+        num_splits = num_splits_heuristic(B * Hk * row_tiles, (units or 1) * (2 if rows == 16 else 1), key_tiles, 128)
     return max(1, min(num_splits, key_tiles))
 
 

@@ -88,6 +88,10 @@ inline float fast_exp2(float x) { return std::exp2(x); }  // kernels/mma.cuh
 struct alignas(16) float4 {  // read as one 16-byte load on a GPU (the build sets -fno-strict-aliasing)
     float x, y, z, w;
 };
+struct alignas(8) float2 {  // one 8-byte store on a GPU
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
 
 // bf16 and fp16, as bits, with CUDA's conversions: from float, rounded to the nearest value, ties to
 // even, as __float2bfloat16 and __float2half do (tests/test_fragments.py checks them against torch).

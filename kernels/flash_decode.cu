@@ -20,34 +20,41 @@
 //      (the same rescaling the online softmax does tile by tile, done once per split). One split:
 //      the decode kernel writes O and lse itself and combine does not run.
 //
-// Who owns what: one block per (row tile of 64 rows, batch * nheads_k + kv head, split), 4 warps;
-// the split's key tiles K_j, V_j (Bc = 64 keys) in shared memory, double-buffered; S_ij, P_ij and O
-// in the registers of the warp that owns the rows, as in flash2_mma.cu (lane (g, q) holds rows g and
-// g + 8 of its 16; mma.cuh has the layout).
+// Who owns what: one block per (row tile, batch * nheads_k + kv head, split), 4 warps. A row tile
+// is 16 rows when a block's rows fit in 16 (one query row and up to 16 heads in a group: every decode
+// step of Llama-like models), else 64. The warps that own rows (16 each: lane (g, q) holds rows g and
+// g + 8, mma.cuh has the layout) keep S_ij, P_ij and O in registers, as in flash2_mma.cu; all 4 warps
+// load. The split's key tiles K_j, V_j (Bc = 64 keys) pass through STAGES buffers in shared memory.
 //
-//   block rows (group = 4, seqlen_q = 3: 12 rows)     S_ij = Q_i K_j^T (64 x 64)      O (64 x d)
-//   rows  0-11: (s 0, h 0..3) (s 1, h 0..3) ...    [ warp 0: 16 rows x 64 keys ]     [ warp 0 ]
+//   block rows (group = 4, seqlen_q = 3: 12 rows)     S_ij = Q_i K_j^T (16 x 64)     O (16 x d)
+//   rows  0-11: (s 0, h 0..3) (s 1, h 0..3) ...    [ warp 0: 16 rows x 64 keys ]   [ warp 0 ]
 //   rows 12-15: none (zeros, never written out)
-//   rows 16-31: none here                          [ warp 1: no rows: loads only ]
-//   rows 32-47                                     [ warp 2: likewise          ]
-//   rows 48-63                                     [ warp 3: likewise          ]
+//   warps 1-3: no rows (a 16-row tile): they load their share of every tile and reach every barrier
 //
 //   keys of a sequence (L_b of them):  | split 0: tiles 0 .. t-1 | split 1: tiles t .. 2t-1 | ...
 //
-// A warp with no rows (past the block's) skips the products but loads its share of every tile and
-// reaches every barrier. The causal mask aligns the queries with the end of the sequence (as the
-// official package does): position s of seqlen_q sees key j iff j <= s + L_b - seqlen_q.
+// Why STAGES buffers. Decoding reads the cache once and does little arithmetic with it, so its speed
+// is how many bytes are on their way from memory at any moment: a block that waits for each tile
+// before asking for the next one reads one tile per memory latency (~2 us under load, measured: 45%
+// of the bandwidth at one block per multiprocessor). With STAGES buffers, STAGES - 1 tiles are in
+// flight while one is multiplied; with 16-row tiles two blocks fit on a multiprocessor, so about 4
+// tiles (128 KB at d = 128) are in flight on each.
+//
+// The causal mask aligns the queries with the end of the sequence (as the official package does):
+// position s of seqlen_q sees key j iff j <= s + L_b - seqlen_q.
 //
 // The cache. A key row is found row by row: contiguous, row j of sequence b's slice; paged, row
-// j % page of page block_table[b][j / page]. The same cp.async (cp_async.cuh) moves either, so paging
-// costs an index read (from the L1 cache: a row's threads read the same one), shared by K and V.
-// Keys past the sequence's end (or a causal row's last) are masked to -inf; tiles wholly past the
-// block's rows' are never loaded.
+// j % page of page block_table[b][j / page]. The same cp.async (cp_async.cuh) moves either. A thread
+// copies the same 16-byte column of a few rows of every tile, and looks up those rows' places one
+// tile ahead of the copies, so the read of the block table (paged) is never waited for. Keys past the
+// sequence's end (or a causal row's last) are masked to -inf; tiles wholly past the block's rows'
+// are never loaded.
 //
 // Misuse. The kernel reads only what cache_seqlens and block_table say a sequence has, so it checks
 // them first: a sequence whose length is out of the cache's range, or whose pages are not pages of the
 // cache, reads nothing and gets NaN in all its output rows (minimal_flash checks the same on the host
-// and raises, except while a CUDA graph is being captured, when only this check is left).
+// and raises, except while a CUDA graph is being captured, when only this check is left). Each split
+// checks the pages of its share of the sequence; a NaN in one split's lse makes the combined row NaN.
 // A row that sees no key at all (L_b = 0, or causal with s + L_b - seqlen_q < 0) gets O = 0 and
 // lse = -inf, the log of an empty sum.
 // Names as in the paper; "Alg. 1, line n" marks the FlashAttention-2 paper's Algorithm 1.
@@ -56,8 +63,13 @@
 
 namespace flash_decode {
 
-constexpr int WARPS = 4, Br = WARPS * 16, Bc = 64;  // warps, rows per block (16 per warp), keys per tile
-constexpr int MAX_SPLITS = 128;                     // as the official package allows
+constexpr int WARPS = 4, THREADS = 32 * WARPS, Bc = 64;  // warps (all load), threads, keys per tile
+constexpr int MAX_SPLITS = 128;                          // as the official package allows
+// Rows per block: 16 (one warp's) when the block's rows fit, else 64. minimal_flash mirrors both
+// (its split heuristic counts 2 blocks per multiprocessor for 16 rows, 1 for 64).
+__host__ __device__ constexpr int rows_per_block(int rows) { return rows <= 16 ? 16 : 64; }
+// Buffers of K_j and V_j: about 100 KB of them, so that two 16-row blocks share a multiprocessor.
+__host__ __device__ constexpr int stages(int d) { return d == 64 ? 5 : 3; }
 
 // What a launch needs; the tensors' addresses and sizes (minimal_flash.py checked them).
 struct Params {
@@ -78,39 +90,54 @@ struct Params {
     bool causal;
 };
 
-// Shared memory: the row tile Q_i, two buffers each of K_j and V_j (16-bit), and one int for the
+// Shared memory: the row tile Q_i, STAGES buffers each of K_j and V_j (16-bit), and one int for the
 // check of the block table.
-__host__ __device__ inline int shared_bytes(int d) { return (Br + 4 * Bc) * stride16(d) * 2 + 16; }
+__host__ __device__ inline int shared_bytes(int Br, int d) {
+    return (Br + 2 * stages(d) * Bc) * stride16(d) * 2 + 16;
+}
 
 // Where row j of sequence b lies in the cache, counted in rows of Hk * d values.
-__device__ inline size_t cache_row(const Params& p, int b, int j) {
-    if (!p.block_table) return (size_t)b * p.page + j;
-    return (size_t)p.block_table[(size_t)b * p.max_pages + j / p.page] * p.page + j % p.page;
+__device__ inline int cache_row(const Params& p, int b, int j) {
+    if (!p.block_table) return b * p.page + j;
+    return p.block_table[(size_t)b * p.max_pages + j / p.page] * p.page + j % p.page;
 }
 
-// Keys [j0, j0 + Bc) of sequence b, kv head h, into shared tiles of K and V by cp.async (not waited
-// for here); keys at or past `end` are zero-filled and never read.
+// A thread's part of a tile: column x (8 values) of rows first + k * STEP, k < COUNT; the cache rows
+// they are (-1: past the keys' end, zero-filled) are looked up a tile before they are copied.
 template <int d>
-__device__ void load_keys_async(unsigned short* K_t, unsigned short* V_t, const Params& p, int b, int h,
-                                int j0, int end) {
-    for (int e = threadIdx.x; e < Bc * d / 8; e += blockDim.x) {
-        const int r = e / (d / 8), x = e % (d / 8) * 8;
-        const bool valid = j0 + r < end;
-        const size_t at = ((valid ? cache_row(p, b, j0 + r) : 0) * p.Hk + h) * d + x;  // one index read
-        cp_async16(K_t + r * stride16(d) + x, p.K + at, valid);
-        cp_async16(V_t + r * stride16(d) + x, p.V + at, valid);
-    }
-}
+struct TileRows {
+    static constexpr int CHUNKS = d / 8, STEP = THREADS / CHUNKS, COUNT = Bc / STEP;
+    int row[COUNT];
 
-// Is sequence b's use of the cache in range: its length, and, paged, each page it uses? The whole
-// block checks the pages together (a flag in shared memory), and agrees.
-__device__ inline bool in_range(const Params& p, int b, int* flag) {
+    __device__ void look_up(const Params& p, int b, int j0, int end) {
+#pragma unroll
+        for (int k = 0; k < COUNT; ++k) {
+            const int j = j0 + threadIdx.x / CHUNKS + k * STEP;
+            row[k] = j < end ? cache_row(p, b, j) : -1;
+        }
+    }
+    // The copies of this tile into K_t, V_t by cp.async (not waited for here).
+    __device__ void load_async(unsigned short* K_t, unsigned short* V_t, const Params& p, int h) const {
+        const int x = threadIdx.x % CHUNKS * 8;
+#pragma unroll
+        for (int k = 0; k < COUNT; ++k) {
+            const int r = threadIdx.x / CHUNKS + k * STEP;
+            const size_t at = ((size_t)max(row[k], 0) * p.Hk + h) * d + x;
+            cp_async16(K_t + r * stride16(d) + x, p.K + at, row[k] >= 0);
+            cp_async16(V_t + r * stride16(d) + x, p.V + at, row[k] >= 0);
+        }
+    }
+};
+
+// Is sequence b's use of the cache in range: its length, and, paged, the pages of keys [j0, j1)? The
+// whole block checks the pages together (a flag in shared memory), and agrees.
+__device__ inline bool in_range(const Params& p, int b, int j0, int j1, int* flag) {
     const long long keys = (long long)p.cache_seqlens[b] + p.seqlen_new;
     if (p.cache_seqlens[b] < 0 || keys > p.capacity) return false;
     if (!p.block_table) return true;
     if (threadIdx.x == 0) *flag = 0;
     __syncthreads();  // the flag is cleared before anyone sets it
-    for (int i = threadIdx.x; i < ceil_div(int(keys), p.page); i += blockDim.x) {
+    for (int i = j0 / p.page + threadIdx.x; i < ceil_div(j1, p.page); i += blockDim.x) {
         const int page = p.block_table[(size_t)b * p.max_pages + i];
         if (page < 0 || page >= p.pages) *flag = 1;
     }
@@ -118,20 +145,24 @@ __device__ inline bool in_range(const Params& p, int b, int* flag) {
     return *flag == 0;
 }
 
-template <class T, int d>
-__global__ void __launch_bounds__(32 * WARPS) decode(const Params p) {
-    constexpr int LS = stride16(d);
+template <class T, int d, int Br>
+__global__ void __launch_bounds__(THREADS) decode(const Params p) {
+    constexpr int LS = stride16(d), S = stages(d);
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // Br x LS
-    unsigned short* K_j = Q_i + Br * LS;  // two buffers of Bc x LS: the split's i-th tile in buffer i % 2
-    unsigned short* V_j = K_j + 2 * Bc * LS;
-    int* flag = reinterpret_cast<int*>(V_j + 2 * Bc * LS);
+    unsigned short* K_j = Q_i + Br * LS;  // S buffers of Bc x LS: the split's i-th tile in buffer i % S
+    unsigned short* V_j = K_j + S * Bc * LS;
+    int* flag = reinterpret_cast<int*>(V_j + S * Bc * LS);
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 
     // This block's sequence b, kv head h_kv, rows [row0, row0 + Br) of its Sq * group, and split.
     const int b = blockIdx.x / p.Hk, h_kv = blockIdx.x % p.Hk, split = blockIdx.z;
     const int rows = p.Sq * p.group, row0 = blockIdx.y * Br;
-    const bool bad = !in_range(p, b, flag);
-    const int L = bad ? 0 : p.cache_seqlens[b] + p.seqlen_new;  // the sequence's keys
+    int L = p.cache_seqlens[b] + p.seqlen_new;  // the sequence's keys (if in range)
+    // The pages this split may read: its share of all L keys (the splits of every row tile together
+    // check them all).
+    const int share = ceil_div(ceil_div(max(L, 0), Bc), p.splits) * Bc;
+    const bool bad = !in_range(p, b, min(split * share, L), min((split + 1) * share, L), flag);
+    if (bad) L = 0;
 
     // The keys a row sees end at `L`, or, causal, at its position's limit s + L - Sq + 1; this block's
     // tiles end at its last row's. They are cut into `splits` ranges, this split taking its share.
@@ -141,19 +172,29 @@ __global__ void __launch_bounds__(32 * WARPS) decode(const Params p) {
     const int t_begin = min(tiles, split * per_split), t_end = min(tiles, t_begin + per_split);
 
     // Row `row` of the block: position s of query head h.
-    auto q_at = [&](int row) { return ((size_t)b * p.Sq + row / p.group) * p.H + h_kv * p.group + row % p.group; };
-    if (t_begin < t_end) {  // Alg. 1, line 4: Q_i; lines 6-7 for the first tile
-        for (int e = threadIdx.x; e < Br * d / 8; e += blockDim.x) {
-            const int r = e / (d / 8), x = e % (d / 8) * 8;
-            const bool valid = row0 + r < rows;
-            cp_async16(Q_i + r * LS + x, p.Q + (valid ? q_at(row0 + r) * d + x : 0), valid);
+    auto q_at = [&](int row) {
+        return ((size_t)b * p.Sq + row / p.group) * p.H + h_kv * p.group + row % p.group;
+    };
+    // Alg. 1, line 4: Q_i; lines 6-7 for the first S - 1 tiles, a commit group each (empty past the
+    // split's end), Q_i with the first.
+    for (int e = threadIdx.x; e < Br * d / 8; e += blockDim.x) {
+        const int r = e / (d / 8), x = e % (d / 8) * 8;
+        const bool valid = row0 + r < rows;
+        cp_async16(Q_i + r * LS + x, p.Q + (valid ? q_at(row0 + r) * d + x : 0), valid);
+    }
+    TileRows<d> next;  // the places of the next tile to copy
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) {
+        if (t_begin + i < t_end) {
+            next.look_up(p, b, (t_begin + i) * Bc, end);
+            next.load_async(K_j + i * Bc * LS, V_j + i * Bc * LS, p, h_kv);
         }
-        load_keys_async<d>(K_j, V_j, p, b, h_kv, t_begin * Bc, end);
         cp_async_commit();
     }
+    if (t_begin + S - 1 < t_end) next.look_up(p, b, (t_begin + S - 1) * Bc, end);
 
     // The lane's two rows, g and g + 8 of the warp's 16: the end of the keys each sees.
-    const bool has_rows = row0 + w * 16 < rows;  // warp-uniform
+    const bool has_rows = w * 16 < Br && row0 + w * 16 < rows;  // warp-uniform
     int row_end[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -163,16 +204,16 @@ __global__ void __launch_bounds__(32 * WARPS) decode(const Params p) {
     const float c = p.scale * LOG2E;
     for (int t = t_begin; t < t_end; ++t) {
         const int i = t - t_begin;
-        // Double buffering: tile t + 1's copies fly while tile t is multiplied (flash2_mma.cu). After
-        // the last tile the group committed is empty, so waiting for all groups but the newest always
-        // means: tile t (and Q_i) has landed.
-        if (t + 1 < t_end)
-            load_keys_async<d>(K_j + (i + 1) % 2 * Bc * LS, V_j + (i + 1) % 2 * Bc * LS, p, b, h_kv,
-                               (t + 1) * Bc, end);
+        // Groups committed: S - 1 + i. All but the newest S - 2 landed: tile t has (this thread's
+        // part; the barrier makes it every thread's). Past the barrier every warp is also done with
+        // tile t - 1, whose buffer, (i + S - 1) % S, takes tile t + S - 1.
+        cp_async_wait<S - 2>();
+        __syncthreads();
+        if (t + S - 1 < t_end)
+            next.load_async(K_j + (i + S - 1) % S * Bc * LS, V_j + (i + S - 1) % S * Bc * LS, p, h_kv);
         cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();  // ... for every thread's share of it
-        const unsigned short *K_t = K_j + i % 2 * Bc * LS, *V_t = V_j + i % 2 * Bc * LS;
+        if (t + S < t_end) next.look_up(p, b, (t + S) * Bc, end);  // used an iteration from now
+        const unsigned short *K_t = K_j + i % S * Bc * LS, *V_t = V_j + i % S * Bc * LS;
         if (has_rows) {
             float s[Bc / 8][4] = {};
             mma_ABt<T, d, Bc>(s, Q_i + w * 16 * LS, K_t, LS);  // Alg. 1, line 8: S_ij = Q_i K_j^T
@@ -189,8 +230,8 @@ __global__ void __launch_bounds__(32 * WARPS) decode(const Params p) {
             a_operands<T, Bc>(pf, s);
             mma_AB<T, Bc, d>(o, pf, V_t, LS);  // Alg. 1, line 10: O += P_ij V_j
         }
-        __syncthreads();  // every warp is done with this tile's buffers before the next copies fill them
     }
+    cp_async_wait<0>();  // nothing may still be landing when the block exits
     if (!has_rows) return;
 
     // Alg. 1, lines 12-15: a row's l is its 4 lanes' shares; O = O / l, lse = m + log(l). A row that
@@ -204,7 +245,7 @@ __global__ void __launch_bounds__(32 * WARPS) decode(const Params p) {
         if (row >= rows) continue;
         const float inv_l = bad ? NAN : l_row > 0.0f ? 1.0f / l_row : 0.0f;
         const float lse = bad ? NAN : l_row > 0.0f ? m[r] * p.scale + logf(l_row) : -INFINITY;
-        const size_t at = q_at(row);  // (b, s, h) of O
+        const size_t at = q_at(row);                                              // (b, s, h) of O
         const size_t at_L = ((size_t)b * p.H + at % p.H) * p.Sq + row / p.group;  // (b, h, s) of L
         if (p.splits == 1) {
 #pragma unroll
@@ -215,10 +256,9 @@ __global__ void __launch_bounds__(32 * WARPS) decode(const Params p) {
         } else {  // this split's share, in fp32, for combine
             const size_t at_split = (size_t)split * p.B * p.Sq * p.H + at;
 #pragma unroll
-            for (int n = 0; n < d / 8; ++n) {
-                p.O_split[at_split * d + 8 * n + 2 * q] = o[n][2 * r] * inv_l;
-                p.O_split[at_split * d + 8 * n + 2 * q + 1] = o[n][2 * r + 1] * inv_l;
-            }
+            for (int n = 0; n < d / 8; ++n)
+                *reinterpret_cast<float2*>(&p.O_split[at_split * d + 8 * n + 2 * q]) =
+                    make_float2(o[n][2 * r] * inv_l, o[n][2 * r + 1] * inv_l);
             if (q == 0) p.L_split[(size_t)split * p.B * p.H * p.Sq + at_L] = lse;
         }
     }
@@ -267,15 +307,20 @@ __global__ void combine(const float* O_split, const float* L_split, int splits, 
 // success.
 #ifdef MINIMAL_FLASH_BINDINGS
 namespace flash_decode {
-template <class T, int d>
+template <class T, int d, int Br>
 std::string run(const Params& p, const Call& c) {
-    std::string err = launch("flash_decode::decode", decode<T, d>, dim3(p.B * p.Hk, ceil_div(p.Sq * p.group, Br),
-                             p.splits), 32 * WARPS, shared_bytes(d), c, p);
+    std::string err =
+        launch("flash_decode::decode", decode<T, d, Br>,
+               dim3(p.B * p.Hk, ceil_div(p.Sq * p.group, Br), p.splits), THREADS, shared_bytes(Br, d), c, p);
     const size_t threads = (size_t)p.B * p.Sq * p.H * (d / 4);
     if (err.empty() && p.splits > 1)
-        err = launch("flash_decode::combine", combine<T, d>, dim3((threads + 127) / 128), 128, 0, c, p.O_split,
-                     p.L_split, p.splits, p.B, p.Sq, p.H, p.O, p.L);
+        err = launch("flash_decode::combine", combine<T, d>, dim3((threads + 127) / 128), 128, 0, c,
+                     p.O_split, p.L_split, p.splits, p.B, p.Sq, p.H, p.O, p.L);
     return err;
+}
+template <class T, int d>
+std::string run(const Params& p, const Call& c) {
+    return rows_per_block(p.Sq * p.group) == 16 ? run<T, d, 16>(p, c) : run<T, d, 64>(p, c);
 }
 }  // namespace flash_decode
 
@@ -288,14 +333,22 @@ extern "C" const char* mf_decode(const float* Q, const float* K, const float* V,
     namespace fd = flash_decode;
     Call c{};  // what launch() reads: the device and the stream (and, for the checks, d, dtype, scale)
     c.d = d, c.dtype = dtype, c.scale = scale, c.device = device, c.stream = cudaStream_t(stream);
-    const fd::Params p{bits(Q), bits(K), bits(V), cache_seqlens, block_table, bits(O), L, O_split, L_split,
-                       B, Sq, H, Hk, Hk > 0 ? H / Hk : 0, seqlen_new, capacity, page, max_pages, pages,
-                       splits, scale, causal};
+    const fd::Params p{bits(Q),     bits(K),
+                       bits(V),     cache_seqlens,
+                       block_table, bits(O),
+                       L,           O_split,
+                       L_split,     B,
+                       Sq,          H,
+                       Hk,          Hk > 0 ? H / Hk : 0,
+                       seqlen_new,  capacity,
+                       page,        max_pages,
+                       pages,       splits,
+                       scale,       causal};
     message = half_precision_error(c, 3);
     if (message.empty() && (Hk < 1 || H % Hk != 0 || splits < 1 || splits > fd::MAX_SPLITS))
-        message = "internal error: " + std::to_string(H) + " query heads, " + std::to_string(Hk) + " kv heads, " +
-                  std::to_string(splits) + " splits";
-    else if (message.empty() && (long long)Sq * p.group > 65535LL * fd::Br)
+        message = "internal error: " + std::to_string(H) + " query heads, " + std::to_string(Hk) +
+                  " kv heads, " + std::to_string(splits) + " splits";
+    else if (message.empty() && (long long)Sq * p.group > 65535LL * 64)
         message = "seqlen_q * nheads / nheads_k = " + std::to_string((long long)Sq * p.group) +
                   ": more than the 65535 row tiles of 64 a grid column may have";
     if (!message.empty()) return message.c_str();

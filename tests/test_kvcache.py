@@ -2,7 +2,7 @@
 on the CPU emulation and, where there is one, on the GPU. Each case draws every sequence's keys and
 values first, densely; the caches are built from them afterwards, contiguous (rows past a sequence's
 end NaN) or paged (pages in a random order, unused pages and rows NaN), and the reference reads the
-dense ones only. Sequences of one batch differ in length (0, 1, around the 64-key tile, ~300); the
+dense ones only. Sequences of one batch differ in length (0, 1, around the 64-key tile, ~300, ~1000); the
 query positions 1, 3 and more; grouped heads (group 1, 4 and 8, multi-query), d = 64 and 128, causal
 or not, 1, 2 and 7 splits of the keys and the heuristic's choice, new keys appended (the cache rows
 they land in equal them exactly, every other row keeps its bits). bf16 and fp16 within the official
@@ -88,6 +88,8 @@ def bits(t):
 # Lengths 0 to ~300 around the 64-key tile, with and without new keys; page sizes that divide the tile
 # (16), do not (48) and hold several (256); 7 splits leave some splits of the shorter sequences empty;
 # seqlen_q = 9 with group 8 is 72 rows, two row tiles; causal with L_b < seqlen_q leaves rows with no key.
+# One split of ~700 and ~1000 keys: more tiles than the kernel's buffers (5 at d = 64, 3 at d = 128), so each
+# buffer is refilled.
 CASES = [
     (1, 8, 2, 64, [1, 63, 64, 65, 300, 0], 1, False, 1, None, torch.bfloat16),
     (1, 8, 1, 128, [1, 63, 64, 65, 301, 0], 0, True, 2, 16, torch.float16),
@@ -96,6 +98,8 @@ CASES = [
     (5, 8, 1, 64, [300, 0, 3], 0, True, 0, None, torch.float16),
     (9, 8, 1, 128, [100, 7], 1, True, 2, 16, torch.bfloat16),
     (1, 2, 2, 64, [61, 130], 3, False, 7, None, torch.float16),
+    (1, 8, 2, 64, [700, 5], 0, True, 1, 16, torch.bfloat16),
+    (2, 4, 1, 128, [1000], 2, False, 1, None, torch.float16),
 ]
 CASE_IDS = [f"sq{c[0]}-h{c[1]}-hk{c[2]}-d{c[3]}-new{c[5]}-{'causal' if c[6] else 'full'}-split{c[7]}-"
             f"{'contiguous' if c[8] is None else f'page{c[8]}'}-{str(c[9]).replace('torch.', '')}" for c in CASES]

@@ -53,11 +53,12 @@ def run(version, dtype, causal, Br, Bc, N, d):
 
 def run_decode(dtype, Sq, d, causal, page, splits):
     """Chapter 5's decode kernels (kernels/flash_decode.cu, in version 3's build): 3 sequences of 0, 70
-    and 200 cached keys, 3 new ones appended (every query row sees a key), 8 query heads sharing 2 heads of K and V, contiguous or
-    paged (pages in a shuffled order), `splits` splits of the keys (then the combine kernel); checked
-    against float64 attention on the dense keys."""
-    B, H, Hk, cached, new = 3, 8, 2, torch.tensor([0, 70, 200], dtype=torch.int32), 3
-    capacity = 288  # rows a sequence may hold: 18 pages of 16, 6 of 48
+    and 400 cached keys, 3 new ones appended (every query row sees a key), 8 query heads sharing 2 heads
+    of K and V, contiguous or paged (pages in a shuffled order), `splits` splits of the keys (then the
+    combine kernel); checked against float64 attention on the dense keys. One split of 403 keys is 7
+    tiles, more than the kernel's buffers (5 at d = 64, 3 at d = 128): each is refilled."""
+    B, H, Hk, cached, new = 3, 8, 2, torch.tensor([0, 70, 400], dtype=torch.int32), 3
+    capacity = 432  # rows a sequence may hold: 27 pages of 16, 9 of 48
     keys = [torch.randn(int(n) + new, Hk, d, generator=generator).to(dtype) for n in cached]
     values = [torch.randn(int(n) + new, Hk, d, generator=generator).to(dtype) for n in cached]
     q = torch.randn(B, Sq, H, d, generator=generator).to(dtype)
@@ -114,6 +115,6 @@ for version in sorted(chosen):
                     run_grouped(version, dtype, causal, N, d)
 if 3 in chosen:  # chapter 5's decode kernels build with version 3
     for dtype in mf.VERSIONS[3].dtypes:
-        for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3), (3, 64, True, None, 2),
-                                            (3, 64, False, 48, 1)):
+        for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3), (5, 64, False, None, 2),
+                                            (3, 64, True, 48, 1)):
             run_decode(dtype, Sq, d, causal, page, splits)
