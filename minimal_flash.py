@@ -22,6 +22,7 @@ next call, recompiled and loaded. The versions that block sizes shape (1 and 2) 
 """
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -545,16 +546,19 @@ def _capturing(device):
 def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages):
     """Each sequence's keys (cache_seqlens[b] + seqlen_new) within the cache, and, paged, each page it
     uses a page of the cache; a ValueError that names the first sequence that is not."""
-    lengths = seqlens.cpu().long()
-    bad = torch.nonzero((lengths < 0) | (lengths + seqlen_new > capacity)).flatten()
-    if len(bad):
-        b, n = bad[0].item(), lengths[bad[0]].item()
-        raise ValueError(f"cache_seqlens[{b}] = {n}: with seqlen_new = {seqlen_new} new keys, sequence {b} would "
-                         f"have {n + seqlen_new}, outside the cache's 0 .. {capacity}")
+    lengths = seqlens.tolist()  # a few numbers: Python's min and max are quicker than torch's on them
+    if lengths and (min(lengths) < 0 or max(lengths) + seqlen_new > capacity):
+        b = next(b for b, n in enumerate(lengths) if n < 0 or n + seqlen_new > capacity)
+        raise ValueError(f"cache_seqlens[{b}] = {lengths[b]}: with seqlen_new = {seqlen_new} new keys, sequence {b} "
+                         f"would have {lengths[b] + seqlen_new}, outside the cache's 0 .. {capacity}")
     if block_table is None or block_table.numel() == 0:
         return
     table, page = block_table.cpu(), capacity // block_table.shape[1]
-    used = torch.arange(table.shape[1])[None, :] < ((lengths + seqlen_new + page - 1) // page)[:, None]
+    low, high = torch.aminmax(table)
+    if low >= 0 and high < pages:  # every entry a page of the cache, used or not: nothing more to look at
+        return
+    keys = torch.tensor(lengths) + seqlen_new
+    used = torch.arange(table.shape[1])[None, :] < ((keys + page - 1) // page)[:, None]
     bad = torch.nonzero(used & ((table < 0) | (table >= pages)))
     if len(bad):
         b, j = bad[0].tolist()
@@ -603,9 +607,17 @@ def _decode_splits(num_splits, q, Hk, capacity):
     rows = 16 if Sq * (H // Hk) <= 16 else 64
     key_tiles, row_tiles = math.ceil(capacity / 64), math.ceil(Sq * (H // Hk) / rows)
     if num_splits == 0:
-        units = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else os.cpu_count()
-        num_splits = num_splits_heuristic(B * Hk * row_tiles, (units or 1) * (2 if rows == 16 else 1), key_tiles, 128)
+        units = _parallel_units(q.device)
+        num_splits = num_splits_heuristic(B * Hk * row_tiles, units * (2 if rows == 16 else 1), key_tiles, 128)
     return max(1, min(num_splits, key_tiles))
+
+
+@functools.lru_cache
+def _parallel_units(device):
+    """What runs blocks side by side: a GPU's multiprocessors, the CPU's cores (asked once: each asking
+    costs microseconds of every call)."""
+    return (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else
+            os.cpu_count()) or 1
 
 
 def num_splits_heuristic(blocks, multiprocessors, key_tiles, max_splits):

@@ -109,7 +109,7 @@ CASE_IDS = [f"sq{c[0]}-h{c[1]}-hk{c[2]}-d{c[3]}-new{c[5]}-{'causal' if c[6] else
 @pytest.mark.parametrize("Sq,H,Hk,d,cached,new,causal,splits,page,dtype", CASES, ids=CASE_IDS)
 def test_matches_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator, monkeypatch):
     if splits == 0 and device == "cpu":  # the heuristic, as for an H200's 132 multiprocessors: it splits
-        monkeypatch.setattr(mf.os, "cpu_count", lambda: 132)
+        monkeypatch.setattr(mf, "_parallel_units", lambda device: 132)
     lengths = [n + new for n in cached]
     sequences = dense_sequences(lengths, Hk, d, dtype, generator)
     capacity = math.ceil((max(lengths) + 37) / (page or 1)) * (page or 1)  # rows past every sequence's end
