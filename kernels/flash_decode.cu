@@ -20,16 +20,23 @@
 //      (the same rescaling the online softmax does tile by tile, done once per split). One split:
 //      the decode kernel writes O and lse itself and combine does not run.
 //
-// Who owns what: one block per (row tile, batch * nheads_k + kv head, split), 4 warps. A row tile
-// is 16 rows when a block's rows fit in 16 (one query row and up to 16 heads in a group: every decode
-// step of Llama-like models), else 64. The warps that own rows (16 each: lane (g, q) holds rows g and
-// g + 8, mma.cuh has the layout) keep S_ij, P_ij and O in registers, as in flash2_mma.cu; all 4 warps
-// load. The split's key tiles K_j, V_j (Bc = 64 keys) pass through STAGES buffers in shared memory.
+// Who owns what: one block per (row tile, batch * nheads_k + kv head, split), 4 warps, all of which
+// load. The split's key tiles K_j, V_j (Bc = 64 keys) pass through STAGES buffers in shared memory;
+// S_ij, P_ij and O stay in registers, as in flash2_mma.cu (lane (g, q) holds rows g and g + 8 of a
+// warp's 16; mma.cuh has the layout). Who multiplies what depends on the rows:
+//   * 16 rows, when a block's rows fit (one query row and up to 16 heads in a group: every decode
+//     step of Llama-like models). The 4 warps split each tile's keys, 16 each, every warp with its
+//     own m, l and O for all 16 rows, as the splits split a sequence; at the end they merge in shared
+//     memory by the same rule as `combine`. Four warps, not one, run the products and the softmax
+//     of a tile: one warp alone is too slow to keep up with the memory (measured: paged, whose
+//     lookups add to the copies, fell to 0.7x of contiguous).
+//   * 64 rows (a 16-row tile each warp): as in flash2_mma.cu, a warp's rows against all 64 keys.
 //
-//   block rows (group = 4, seqlen_q = 3: 12 rows)     S_ij = Q_i K_j^T (16 x 64)     O (16 x d)
-//   rows  0-11: (s 0, h 0..3) (s 1, h 0..3) ...    [ warp 0: 16 rows x 64 keys ]   [ warp 0 ]
-//   rows 12-15: none (zeros, never written out)
-//   warps 1-3: no rows (a 16-row tile): they load their share of every tile and reach every barrier
+//   16-row block (group = 4, seqlen_q = 3: 12 rows; rows 12-15 zeros, never written out)
+//                         keys of K_j:  0-15     16-31    32-47    48-63
+//   S_ij = Q_i K_j^T (16 x 64)        [warp 0] [warp 1] [warp 2] [warp 3]
+//   O_w += P_w V_j[16w .. 16w + 15]    O_0      O_1      O_2      O_3     merged at the end into O
+//   rows: (s 0, h 0..3) (s 1, h 0..3) (s 2, h 0..3)
 //
 //   keys of a sequence (L_b of them):  | split 0: tiles 0 .. t-1 | split 1: tiles t .. 2t-1 | ...
 //
@@ -145,6 +152,54 @@ __device__ inline bool in_range(const Params& p, int b, int j0, int j1, int* fla
     return *flag == 0;
 }
 
+// The warps of a 16-row block each hold, for all 16 rows, m, l and O over their own keys of every
+// tile; warp 0 gets the merge, by the rule that `combine` applies to splits:
+//     m = max_w m_w,   l = sum_w f_w l_w,   O = sum_w f_w O_w,   f_w = exp(scale (m_w - m))
+// (f_w = 0 for a warp whose keys a row never saw: m_w = -inf). `scratch`: shared memory the tiles are
+// done with, WARPS * (d / 8 * 4 * 32 + 2 * 16) floats. Returns true in warp 0, which then holds the
+// merged m, l, O.
+template <int d>
+__device__ bool merge_warps(float (&m)[2], float (&l)[2], float (&o)[d / 8][4], float* scratch, float c) {
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
+    float* parts = scratch;                // [warp][n][e][lane]: each lane's own, no bank conflict
+    float* rows = parts + WARPS * d * 16;  // [warp][m, l][row]
+    __syncthreads();                       // every warp is done with the tiles' buffers
+#pragma unroll
+    for (int n = 0; n < d / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) parts[((w * (d / 8) + n) * 4 + e) * 32 + lane] = o[n][e];
+    if (lane % 4 == 0)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            rows[(w * 2 + 0) * 16 + g + 8 * r] = m[r], rows[(w * 2 + 1) * 16 + g + 8 * r] = l[r];
+    __syncthreads();  // every warp's part is written
+    if (w != 0) return false;
+    float f[WARPS][2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float m_all = -INFINITY;
+        for (int v = 0; v < WARPS; ++v) m_all = fmaxf(m_all, rows[(v * 2) * 16 + g + 8 * r]);
+        l[r] = 0.0f;
+        for (int v = 0; v < WARPS; ++v) {
+            const float m_v = rows[(v * 2) * 16 + g + 8 * r];
+            f[v][r] = m_v == -INFINITY ? 0.0f : fast_exp2((m_v - m_all) * c);
+            l[r] += f[v][r] * rows[(v * 2 + 1) * 16 + g + 8 * r];
+        }
+        m[r] = m_all;
+    }
+#pragma unroll
+    for (int n = 0; n < d / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int v = 0; v < WARPS; ++v)
+                sum += f[v][e / 2] * parts[((v * (d / 8) + n) * 4 + e) * 32 + lane];
+            o[n][e] = sum;
+        }
+    return true;
+}
+
 template <class T, int d, int Br>
 __global__ void __launch_bounds__(THREADS) decode(const Params p) {
     constexpr int LS = stride16(d), S = stages(d);
@@ -194,11 +249,15 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
     if (t_begin + S - 1 < t_end) next.look_up(p, b, (t_begin + S - 1) * Bc, end);
 
     // The lane's two rows, g and g + 8 of the warp's 16: the end of the keys each sees.
-    const bool has_rows = w * 16 < Br && row0 + w * 16 < rows;  // warp-uniform
+    // This warp's rows, from `first`, and keys of each tile, from `k0`, KW of them (see the drawing).
+    constexpr bool SPLIT_KEYS = Br == 16;
+    constexpr int KW = SPLIT_KEYS ? Bc / WARPS : Bc;
+    const int first = row0 + (SPLIT_KEYS ? 0 : w * 16), k0 = SPLIT_KEYS ? w * KW : 0;
+    const bool has_rows = first < rows;  // warp-uniform
     int row_end[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
-        row_end[r] = p.causal ? min(L, (row0 + w * 16 + g + 8 * r) / p.group + L - p.Sq + 1) : L;
+        row_end[r] = p.causal ? min(L, (first + g + 8 * r) / p.group + L - p.Sq + 1) : L;
 
     float o[d / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // Alg. 1, line 5
     const float c = p.scale * LOG2E;
@@ -215,33 +274,42 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
         if (t + S < t_end) next.look_up(p, b, (t + S) * Bc, end);  // used an iteration from now
         const unsigned short *K_t = K_j + i % S * Bc * LS, *V_t = V_j + i % S * Bc * LS;
         if (has_rows) {
-            float s[Bc / 8][4] = {};
-            mma_ABt<T, d, Bc>(s, Q_i + w * 16 * LS, K_t, LS);  // Alg. 1, line 8: S_ij = Q_i K_j^T
-            // Keys past a row's end: -inf. Only a tile that crosses one of the lane's ends needs it.
-            if ((t + 1) * Bc > min(row_end[0], row_end[1]))
+            float s[KW / 8][4] = {};
+            mma_ABt<T, d, KW>(s, Q_i + (first - row0) * LS, K_t + k0 * LS,
+                              LS);  // Alg. 1, line 8: S_ij = Q_i K_j^T
+            // Keys past a row's end: -inf. Only keys that cross one of the lane's ends need it.
+            const int key0 = t * Bc + k0;
+            if (key0 + KW > min(row_end[0], row_end[1]))
 #pragma unroll
-                for (int n = 0; n < Bc / 8; ++n)
+                for (int n = 0; n < KW / 8; ++n)
 #pragma unroll
                     for (int e = 0; e < 4; ++e)
-                        if (t * Bc + 8 * n + 2 * q + e % 2 >= row_end[e / 2]) s[n][e] = -INFINITY;
+                        if (key0 + 8 * n + 2 * q + e % 2 >= row_end[e / 2]) s[n][e] = -INFINITY;
             float alpha[2];
             online_softmax<true>(s, m, l, o, alpha, c);  // Alg. 1, line 9
-            unsigned pf[Bc / 16][4];
-            a_operands<T, Bc>(pf, s);
-            mma_AB<T, Bc, d>(o, pf, V_t, LS);  // Alg. 1, line 10: O += P_ij V_j
+            unsigned pf[KW / 16][4];
+            a_operands<T, KW>(pf, s);
+            mma_AB<T, KW, d>(o, pf, V_t + k0 * LS, LS);  // Alg. 1, line 10: O += P_ij V_j
         }
     }
-    cp_async_wait<0>();  // nothing may still be landing when the block exits
-    if (!has_rows) return;
-
-    // Alg. 1, lines 12-15: a row's l is its 4 lanes' shares; O = O / l, lse = m + log(l). A row that
-    // saw no key (l = 0) gets O = 0 and lse = -inf; a sequence out of range, NaN.
+    cp_async_wait<0>();     // nothing may still be landing when the block exits, or is overwritten below
+    if (!has_rows) return;  // block-uniform for 16-row blocks: no barrier below is skipped by some warps
+    // A row's l is its 4 lanes' shares.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float l_row = l[r];
-        l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
-        l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
-        const int row = row0 + w * 16 + g + 8 * r;
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+    if constexpr (SPLIT_KEYS) {  // the 4 warps' m, l and O merged into warp 0's; the others are done
+        if (!merge_warps<d>(m, l, o, reinterpret_cast<float*>(K_j), c)) return;
+    }
+
+    // Alg. 1, lines 12-15: O = O / l, lse = m + log(l). A row that saw no key (l = 0) gets O = 0 and
+    // lse = -inf; a sequence out of range, NaN.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float l_row = l[r];
+        const int row = first + g + 8 * r;
         if (row >= rows) continue;
         const float inv_l = bad ? NAN : l_row > 0.0f ? 1.0f / l_row : 0.0f;
         const float lse = bad ? NAN : l_row > 0.0f ? m[r] * p.scale + logf(l_row) : -INFINITY;
