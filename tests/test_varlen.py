@@ -14,49 +14,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, assert_close
-
-
-def offsets(lengths, device):
-    """cu_seqlens: int32 (batch + 1,), each sequence's first row, then the total."""
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-
-
-def hidden(Lq, Lk, causal):
-    """(Lq, Lk) mask of the keys a query does not see: causal, aligned at the bottom right."""
-    return torch.arange(Lk)[None, :] > torch.arange(Lq)[:, None] + Lk - Lq if causal else torch.zeros(Lq, Lk, dtype=bool)
-
-
-def attention(q, k, v, causal, scale):
-    """Plain attention of one sequence in q's dtype, differentiable: q (Lq, H, d), k, v (Lk, Hk, d), each
-    query head reading the kv head of its group. A row that sees no key: out 0 (its scores are set to 0
-    first, so that neither the softmax nor its gradient is NaN; then its P is 0). Returns out (Lq, H, d)
-    and lse (H, Lq), the log-sum-exp of the visible scores, in float64."""
-    (Lq, H, _), Lk = q.shape, k.shape[0]
-    kh, vh = (t.repeat_interleave(H // k.shape[1], dim=1).transpose(0, 1) for t in (k, v))  # (H, Lk, d)
-    S = q.transpose(0, 1) @ kh.transpose(1, 2) * scale  # (H, Lq, Lk)
-    mask = hidden(Lq, Lk, causal).to(q.device)
-    empty = mask.all(dim=-1)  # (Lq,): rows that see no key
-    S = S.masked_fill(mask, -math.inf)
-    lse = S.double().logsumexp(dim=-1)
-    P = torch.softmax(S.masked_fill(empty[:, None], 0.0), dim=-1) * ~empty[:, None]
-    return (P @ vh).transpose(0, 1), lse
-
-
-def reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype=torch.float64):
-    """out, lse, dQ, dK, dV of sum(out * dO), attention a sequence at a time in `dtype` (float64: the
-    reference; q's: plain attention, the yardstick of the official rule)."""
-    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    scale = q.shape[-1] ** -0.5
-    outs, lses = [], []
-    cq, ck = offsets(lengths_q, "cpu").tolist(), offsets(lengths_k, "cpu").tolist()
-    for b in range(len(lengths_q)):
-        out, lse = attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], causal, scale)
-        outs.append(out)
-        lses.append(lse)
-    out = torch.cat(outs)
-    grads = torch.autograd.grad(out, (q, k, v), dO.to(dtype))
-    return out.detach(), torch.cat(lses, dim=1), *grads
+from helpers import DEVICES, assert_close, cu_seqlens, varlen_reference
 
 
 @pytest.fixture
@@ -99,7 +57,7 @@ CASE_IDS = [f"q{'-'.join(map(str, c[0]))}-k{'-'.join(map(str, c[1]))}-h{c[2]}-hk
 @pytest.mark.parametrize("lengths_q,lengths_k,H,Hk,d,causal,dtype", CASES, ids=CASE_IDS)
 def test_matches_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator, poisoned):
     q, k, v, dO = packed_inputs(lengths_q, lengths_k, H, Hk, d, dtype, device, generator)
-    out, lse, none = mf.flash_attn_varlen_func(q, k, v, offsets(lengths_q, device), offsets(lengths_k, device),
+    out, lse, none = mf.flash_attn_varlen_func(q, k, v, cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device),
                                                max(lengths_q), max(lengths_k), causal=causal, return_attn_probs=True)
     grads = torch.autograd.grad(out, (q, k, v), dO)
     assert none is None and not lse.requires_grad
@@ -107,8 +65,8 @@ def test_matches_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, 
     assert all(g.shape == t.shape and g.dtype == dtype for g, t in zip(grads, (q, k, v)))
     out, lse, grads = out.cpu(), lse.cpu(), [g.cpu() for g in grads]
     q, k, v, dO = (t.detach().cpu() for t in (q, k, v, dO))
-    out_ref, lse_ref, *grads_ref = reference(q, k, v, lengths_q, lengths_k, causal, dO)
-    plain, _, *plains = reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype)
+    out_ref, lse_ref, *grads_ref = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO)
+    plain, _, *plains = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype)
 
     empty = torch.isinf(lse_ref)  # (H, total_q): rows that see no key
     rows = empty.t()  # (total_q, H)
@@ -133,7 +91,7 @@ def test_each_sequence_as_flash_attention_alone(device, causal, H, Hk, d, dtype,
     so its fp32 sums may differ in their last bits, and dQ by its rounding (an ulp of its dtype)."""
     lengths = [130, 1, 64, 17]
     q, k, v, dO = packed_inputs(lengths, lengths, H, Hk, d, dtype, device, generator)
-    cu = offsets(lengths, device)
+    cu = cu_seqlens(lengths, device)
     out, lse, _ = mf.flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal,
                                             return_attn_probs=True)
     grads = torch.autograd.grad(out, (q, k, v), dO)
@@ -154,13 +112,13 @@ def test_each_sequence_as_flash_attention_alone(device, causal, H, Hk, d, dtype,
 def test_no_keys_at_all_and_no_queries_at_all(device, generator):
     """total_k = 0: every row sees no key (out 0, lse -inf, gradients 0); total_q = 0: empty results."""
     q, k, v, dO = packed_inputs([3, 2], [0, 0], 4, 2, 64, torch.bfloat16, device, generator)
-    out, lse, _ = mf.flash_attn_varlen_func(q, k, v, offsets([3, 2], device), offsets([0, 0], device), 3, 0,
+    out, lse, _ = mf.flash_attn_varlen_func(q, k, v, cu_seqlens([3, 2], device), cu_seqlens([0, 0], device), 3, 0,
                                             return_attn_probs=True)
     dQ, dK, dV = torch.autograd.grad(out, (q, k, v), dO)
     assert torch.equal(out, torch.zeros_like(out)) and torch.equal(dQ, torch.zeros_like(dQ))
     assert lse.shape == (4, 5) and (lse == -math.inf).all() and dK.shape == dV.shape == (0, 2, 64)
     q, k, v, dO = packed_inputs([0, 0], [4, 1], 4, 2, 64, torch.bfloat16, device, generator)
-    out = mf.flash_attn_varlen_func(q, k, v, offsets([0, 0], device), offsets([4, 1], device), 0, 4, causal=True)
+    out = mf.flash_attn_varlen_func(q, k, v, cu_seqlens([0, 0], device), cu_seqlens([4, 1], device), 0, 4, causal=True)
     dQ, dK, dV = torch.autograd.grad(out, (q, k, v), dO)
     assert out.shape == (0, 4, 64) and torch.equal(dK, torch.zeros_like(dK)) and torch.equal(dV, torch.zeros_like(dV))
 
@@ -169,7 +127,7 @@ def small_inputs(lengths_q=(3, 5), lengths_k=(3, 5), H=4, Hk=2, d=64, dtype=torc
     """q, k, v of zeros and their cu_seqlens and max_seqlen: for the refusals, which come first."""
     q = torch.zeros(sum(lengths_q), H, d, dtype=dtype)
     k, v = (torch.zeros(sum(lengths_k), Hk, d, dtype=dtype) for _ in range(2))
-    return q, k, v, offsets(lengths_q, "cpu"), offsets(lengths_k, "cpu"), max(lengths_q), max(lengths_k)
+    return q, k, v, cu_seqlens(lengths_q, "cpu"), cu_seqlens(lengths_k, "cpu"), max(lengths_q), max(lengths_k)
 
 
 def refuse(error, match, *inputs, **options):
@@ -211,14 +169,14 @@ def test_bad_cu_seqlens_and_max_seqlen_are_refused():
     refuse(TypeError, "cu_seqlens_q has dtype torch.int64; it must be torch.int32", q, k, v, cu_q.long(), cu_k, max_q,
            max_k)
     refuse(ValueError, r"cu_seqlens_k must be 1-D \(batch \+ 1,\), batch >= 1", q, k, v, cu_q, cu_k[:1], max_q, max_k)
-    refuse(ValueError, "cu_seqlens_q has 3 entries and cu_seqlens_k 4", q, k, v, cu_q, offsets([3, 5, 0], "cpu"),
+    refuse(ValueError, "cu_seqlens_q has 3 entries and cu_seqlens_k 4", q, k, v, cu_q, cu_seqlens([3, 5, 0], "cpu"),
            max_q, max_k)
     refuse(ValueError, r"cu_seqlens_q\[0\] = 1: the offsets start at 0", q, k, v, cu_q + 1, cu_k, max_q, max_k)
     bad = torch.tensor([0, 6, 5, 8], dtype=torch.int32)
     refuse(ValueError, r"cu_seqlens_k decreases, cu_seqlens_k\[1\] = 6 > cu_seqlens_k\[2\] = 5: sequence 1 would have "
-                       "a negative length", q, k, v, offsets([3, 0, 5], "cpu"), bad, max_q, max_k)
-    refuse(ValueError, r"cu_seqlens_q\[-1\] = 7, but q has 8 rows", q, k, v, offsets([3, 4], "cpu"), cu_k, max_q, max_k)
-    refuse(ValueError, r"cu_seqlens_k\[-1\] = 9, but k has 8 rows", q, k, v, cu_q, offsets([3, 6], "cpu"), max_q, max_k)
+                       "a negative length", q, k, v, cu_seqlens([3, 0, 5], "cpu"), bad, max_q, max_k)
+    refuse(ValueError, r"cu_seqlens_q\[-1\] = 7, but q has 8 rows", q, k, v, cu_seqlens([3, 4], "cpu"), cu_k, max_q, max_k)
+    refuse(ValueError, r"cu_seqlens_k\[-1\] = 9, but k has 8 rows", q, k, v, cu_q, cu_seqlens([3, 6], "cpu"), max_q, max_k)
     refuse(ValueError, "sequence 1 has 5 queries, more than max_seqlen_q = 4", q, k, v, cu_q, cu_k, 4, max_k)
     refuse(ValueError, "sequence 1 has 5 keys, more than max_seqlen_k = 3", q, k, v, cu_q, cu_k, max_q, 3)
     refuse(TypeError, "max_seqlen_q = 4.5: it must be an int", q, k, v, cu_q, cu_k, 4.5, max_k)
