@@ -53,9 +53,30 @@ CASE_IDS = [f"q{'-'.join(map(str, c[0]))}-k{'-'.join(map(str, c[1]))}-h{c[2]}-hk
             f"{'causal' if c[5] else 'full'}-{str(c[6]).replace('torch.', '')}" for c in CASES]
 
 
+# On a GPU, besides: sequences of many blocks of rows and keys, a batch of 8 with grouped heads.
+GPU_CASES = [
+    ([1000, 2049, 0, 777, 1, 300, 4096, 129], [1000, 2049, 64, 1500, 0, 300, 4000, 128], 8, 2, 128, True,
+     torch.bfloat16),
+    ([3000, 513, 64], [2000, 513, 3100], 4, 1, 64, False, torch.float16),
+]
+GPU_CASE_IDS = [f"{len(c[0])}-sequences-{sum(c[0])}-rows-{'causal' if c[5] else 'full'}" for c in GPU_CASES]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lengths_q,lengths_k,H,Hk,d,causal,dtype", CASES, ids=CASE_IDS)
 def test_matches_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator, poisoned):
+    check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+@pytest.mark.parametrize("lengths_q,lengths_k,H,Hk,d,causal,dtype", GPU_CASES, ids=GPU_CASE_IDS)
+def test_matches_float64_at_gpu_sizes(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator, poisoned):
+    check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator)
+
+
+def check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator):
+    """flash_attn_varlen_func's out, lse (return_attn_probs) and, through autograd, dQ, dK, dV of a
+    random dO, against float64 a sequence at a time."""
     q, k, v, dO = packed_inputs(lengths_q, lengths_k, H, Hk, d, dtype, device, generator)
     out, lse, none = mf.flash_attn_varlen_func(q, k, v, cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device),
                                                max(lengths_q), max(lengths_k), causal=causal, return_attn_probs=True)
