@@ -9,6 +9,7 @@
     python bench.py --sweep --dtype bf16 -d 128   # tensor cores, against SDPA's FlashAttention-2 and cuDNN
     python bench.py --decode --out results      # one decode step over a KV cache, batch 1..64, context 1k..128k
     python bench.py --decode --batch 1 8 --context 4096 --methods minimal-flash sdpa   # a part of it
+    python bench.py --varlen --out results      # a prefill of 8 sequences of 512..8192 tokens, packed and padded
 
 The default run first checks the values: both methods' O and dQ, dK, dV (for a random output
 gradient dO) against float64 attention on the same inputs. Then a torch.profiler table for each
@@ -36,12 +37,19 @@ and the host time of one call. The step reads the whole cache once, so its speed
 bandwidth: it is reported against this GPU's own reading and copying speed, measured in the same run,
 and against the H200's specified 4.8 TB/s. It writes a table and decode.csv.
 
+--varlen times a prefill of a batch of sequences of different lengths (8 of 512 to 8192 tokens,
+drawn with a fixed seed; bf16, 32 query heads sharing 8 key/value heads, d = 128, causal): version 3's
+kernels on the sequences packed without padding (minimal_flash.flash_attn_varlen_func), against the
+same kernels on the batch padded to its longest sequence (flash_attention) and SDPA on the padded
+batch; the forward, and forward and backward, per real token. It writes a table and varlen.csv.
+
 Without a GPU the same code runs on the CPU emulation of the kernels at small sizes; those times
 say nothing about GPU speed.
 """
 
 import argparse
 import csv
+import itertools
 import math
 import os
 import statistics
@@ -117,7 +125,26 @@ def parse_args(argv=None):
                    help="only redraw the plots of a sweep.csv (GPU or CPU, as the file says), beside it")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in manual attention's and SDPA's matmuls "
                    "(our kernels are plain fp32 either way)")
+    p.add_argument("--varlen", action="store_true",
+                   help="time a causal prefill of sequences of different lengths, packed (flash_attn_varlen_func) "
+                        "and padded (flash_attention, SDPA), version 3; write a table and varlen.csv. -B: the "
+                        "sequences (default 8; 3 on the CPU), --lengths, -H, --heads-k (default 32 and 8; 4 and 2 "
+                        "on the CPU), -d (default 128; 64 on the CPU), --dtype, --seconds, --min-repeats apply")
+    p.add_argument("--lengths", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="--varlen: the sequences' lengths are drawn from MIN to MAX (default 512 8192; 1 130 on "
+                        "the CPU)")
     args = p.parse_args(argv)
+    if args.varlen:  # flash_attn_varlen_func runs version 3's kernels, in half precision
+        if args.version not in (None, 3):
+            p.error("--varlen: flash_attn_varlen_func runs version 3's kernels; give --version 3 or none")
+        sizes = VARLEN_GPU if torch.cuda.is_available() and not args.cpu else VARLEN_CPU
+        args.version, args.dtype = 3, args.dtype or "bf16"
+        args.heads, args.heads_k = args.heads or sizes["heads"], args.heads_k or sizes["heads_k"]
+        args.head_dim, args.lengths = args.head_dim or sizes["d"], args.lengths or sizes["lengths"]
+        if args.heads % args.heads_k:
+            p.error("--varlen: -H must be a multiple of --heads-k (each key/value head serves a group of query heads)")
+        if not 1 <= args.lengths[0] <= args.lengths[1]:
+            p.error(f"--lengths {args.lengths[0]} {args.lengths[1]}: 1 <= MIN <= MAX")
     args.dtype = DTYPES[args.dtype or ("bf16" if args.decode else "fp32")]
     if args.batch and not args.decode:  # the other modes take one batch size
         if len(args.batch) > 1:
@@ -963,6 +990,156 @@ def run_decode(args):
                  f"{bad[0]['batch']} context={bad[0]['context']}: rel err {bad[0]['rel_err']:.1e}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Varlen: a prefill of sequences of different lengths, packed without padding or padded to the longest
+
+
+# The issue's batch: 8 sequences of 512 to 8192 tokens, 32 query heads sharing 8 key/value heads, d = 128,
+# bf16, causal (a grouped-query model's prefill); on the CPU, tiny (the tests).
+VARLEN_GPU = dict(batch=8, lengths=(512, 8192), heads=32, heads_k=8, d=128)
+VARLEN_CPU = dict(batch=3, lengths=(1, 130), heads=4, heads_k=2, d=64)
+VARLEN_PASSES = ("forward", "forward+backward")
+VARLEN_FIELDS = ["batch", "lengths", "tokens", "padded_tokens", "nheads", "nheads_k", "d", "dtype", "causal", "method",
+                 "pass", "ms", "repeats", "ns_per_token", "tflops", "x_padded", "rel_err", "note"]
+
+
+def varlen_lengths(batch, low, high):
+    """The sequences' lengths, drawn from low to high with a fixed seed: every run times the same batch."""
+    return torch.randint(low, high + 1, (batch,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def padded(packed, lengths):
+    """Packed rows (total, heads, d) as a batch padded to the longest sequence, (B, heads, longest, d),
+    zeros after each sequence's end: the layout of flash_attention and SDPA."""
+    out = packed.new_zeros(len(lengths), packed.shape[1], max(lengths), packed.shape[2])
+    for b, (start, n) in enumerate(zip([0, *itertools.accumulate(lengths)], lengths)):
+        out[b, :, :n] = packed[start:start + n].transpose(0, 1)
+    return out
+
+
+def unpadded(batch, lengths):
+    """The inverse of padded: each sequence's rows of a (B, heads, longest, d) batch, packed."""
+    return torch.cat([batch[b, :, :n].transpose(0, 1) for b, n in enumerate(lengths)])
+
+
+def varlen_reference(q, k, v, dO, lengths):
+    """Causal attention of packed q (total, H, d), k, v (total, Hk, d) in float64, a sequence and a few
+    heads at a time (as many heads of k, v as keep a step's scores, L x L per query head, near 2^27
+    values, 1 GiB; at least one): out and the gradients dQ, dK, dV of sum(out * dO)."""
+    H, Hk = q.shape[1], k.shape[1]
+    group = H // Hk
+    out, dQ = (torch.empty(q.shape, dtype=torch.float64, device=q.device) for _ in range(2))
+    dK, dV = (torch.empty(k.shape, dtype=torch.float64, device=q.device) for _ in range(2))
+    for start, n in zip([0, *itertools.accumulate(lengths)], lengths):
+        rows, step = slice(start, start + n), max(1, 2 ** 27 // (n * n * group))
+        for h in range(0, Hk, step):
+            heads, kv_heads = slice(h * group, (h + step) * group), slice(h, h + step)
+            qs, ks, vs = (t[rows, hs].double().transpose(0, 1).requires_grad_()
+                          for t, hs in ((q, heads), (k, kv_heads), (v, kv_heads)))
+            O = mf.manual_attention(qs, ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0), causal=True)
+            grads = torch.autograd.grad(O, (qs, ks, vs), dO[rows, heads].double().transpose(0, 1))
+            for to, hs, x in ((out, heads, O), (dQ, heads, grads[0]), (dK, kv_heads, grads[1]), (dV, kv_heads, grads[2])):
+                to[rows, hs] = x.detach().transpose(0, 1)
+    return out, (dQ, dK, dV)
+
+
+def varlen_methods(args, cu, longest):
+    """{name: (layout, fn(q, k, v, causal))}: ours on the packed sequences, ours and SDPA (each backend
+    sdpa_backends gives, pinned, on the grouped heads as they are: enable_gqa) on the padded batch."""
+    def packed(q, k, v, causal):
+        return mf.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=causal)
+
+    def ours_padded(q, k, v, causal):
+        return mf.flash_attention(q, k, v, causal=causal, version=3)
+
+    backends = sdpa_backends(args.device, True, args.dtype, args.head_dim)
+    return {"minimal-flash3-varlen": ("packed", packed), "minimal-flash3-padded": ("padded", ours_padded),
+            **{sdpa_name(b): ("padded", sdpa_pinned(b, enable_gqa=True)) for b in backends}}
+
+
+def varlen_flops(lengths, H, d, pass_):
+    """The work of a causal prefill: each sequence's L (L + 1) / 2 visible pairs, 4 d flops each forward
+    (S and P V), 8 more backward (flops' four products)."""
+    pairs = sum(n * (n + 1) / 2 for n in lengths)
+    return H * pairs * d * (4 if pass_ == "forward" else 12)
+
+
+def run_varlen(args):
+    device, dtype, H, Hk, d = args.device, args.dtype, args.heads, args.heads_k, args.head_dim
+    B = args.batch or (VARLEN_GPU if device == "cuda" else VARLEN_CPU)["batch"]
+    lengths = varlen_lengths(B, *args.lengths)
+    tokens, longest = sum(lengths), max(lengths)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    shapes = ((tokens, H, d), (tokens, Hk, d), (tokens, Hk, d), (tokens, H, d))
+    # Input sets past the L2 cache, as the sweep does (each holds the packed and the padded inputs).
+    sets = sets_past_l2(2 * sum(math.prod(s) for s in shapes) * dtype.itemsize, device)
+    inputs = []
+    for _ in range(sets):
+        packed_set = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+        inputs.append({"packed": packed_set, "padded": [padded(t, lengths) for t in packed_set]})
+    out_ref, grads_ref = varlen_reference(*inputs[0]["packed"], lengths)
+    methods = chosen_methods(varlen_methods(args, cu, longest), args.methods)
+    print(f"Varlen: {B} sequences of {', '.join(map(str, lengths))} tokens ({tokens} in all; padded to {longest}: "
+          f"{B * longest}), H={H}, Hk={Hk}, d={d}, {str(dtype).removeprefix('torch.')}, causal; methods: "
+          f"{', '.join(methods)}")
+    base = dict(batch=B, lengths=" ".join(map(str, lengths)), tokens=tokens, padded_tokens=B * longest, nheads=H,
+                nheads_k=Hk, d=d, dtype=str(dtype).removeprefix("torch."), causal=True)
+    timing = dict(seconds=args.seconds, min_repeats=args.min_repeats)
+    rows = []
+    for name, (layout, fn) in methods.items():
+        q, k, v, dO = inputs[0][layout]
+        back = (lambda t: t) if layout == "packed" else (lambda t: unpadded(t, lengths))  # to packed rows
+        refusal = sdpa_refusal_of(lambda: training_step(fn, q, k, v, dO, True)) if name.startswith("sdpa-") else None
+        if refusal:  # this backend does not take these shapes: said, and on to the next method
+            rows += [dict(base, method=name, **{"pass": p}, note=f"refused: {refusal}") for p in VARLEN_PASSES]
+            print(f"{name} refused: {refusal}", file=sys.stderr)
+            continue
+        errors = {"forward": mf.relative_error(back(fn(q, k, v, True)), out_ref),
+                  "forward+backward": grads_err([back(g) for g in training_step(fn, q, k, v, dO, True)], grads_ref)}
+        calls = {"forward": [lambda s=s: fn(*s[layout][:3], True) for s in inputs],
+                 "forward+backward": [lambda s=s: training_step(fn, *s[layout], True) for s in inputs]}
+        for pass_ in VARLEN_PASSES:
+            ms, repeats = median_ms(calls[pass_], args.warmup, args.repeats, device, **timing)
+            rows.append(dict(base, method=name, **{"pass": pass_}, ms=ms, repeats=repeats,
+                             ns_per_token=ms * 1e6 / tokens, tflops=varlen_flops(lengths, H, d, pass_) / ms / 1e9,
+                             rel_err=errors[pass_]))
+            print(f"{name} {pass_}: {ms:.4f} ms (median of {repeats}), rel err {errors[pass_]:.1e}", file=sys.stderr)
+    for row in rows:  # the padded batch's time on our kernels over this method's
+        ours = next((r for r in rows if r["method"] == "minimal-flash3-padded" and r["pass"] == row["pass"]), {})
+        if "ms" in row and "ms" in ours:
+            row["x_padded"] = ours["ms"] / row["ms"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, args.out / "varlen.csv", VARLEN_FIELDS)
+    clock = "CUDA events" if device == "cuda" else "CPU clock, emulation: nothing about a GPU"
+    print(f"\nMedian ms ({clock}); ns/token: over the {tokens} real tokens; {flop_unit(rows)[0]} of the real work "
+          "(each sequence's causal pairs); x padded: minimal-flash3-padded's time over this method's; err: relative "
+          "error against float64 (forward: out; forward+backward: dQ, dK, dV), on the real tokens. "
+          "minimal-flash3-varlen's time includes its host check of cu_seqlens (a copy to the host, which waits)")
+    print(format_varlen_table(rows))
+    print(f"Wrote {args.out / 'varlen.csv'}")
+    bad = [r for r in rows if "ms" in r and not r["rel_err"] <= TOLERANCE[dtype]]  # NaN fails too
+    if bad:
+        sys.exit(f"bench: {len(bad)} results disagree with float64, e.g. {bad[0]['method']} {bad[0]['pass']}: "
+                 f"rel err {bad[0]['rel_err']:.1e}")
+
+
+def format_varlen_table(rows):
+    """One line per method: forward and forward+backward side by side, or the note of a method that did not run."""
+    unit, per_tflop = flop_unit(rows)
+    lines = [f"{'method':<22}|{'ms':>9} {'ns/token':>9} {unit:>8} {'x padded':>8}  |{'ms':>9} {'ns/token':>9} "
+             f"{unit:>8} {'x padded':>8}  | {'err':>7}",
+             f"{'':<22}|{'forward':^38}|{'forward+backward':^38}|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        passes = [next(r for r in rows if r["method"] == method and r["pass"] == p) for p in VARLEN_PASSES]
+        line = f"{method:<22}"
+        for row in passes:
+            line += (f"|{cell(row, 'ms', '.4f', 9)} {cell(row, 'ns_per_token', '.1f', 9)} "
+                     f"{cell(row, 'tflops', '.2f', 8, per_tflop)} {cell(row, 'x_padded', '.2f', 7)}x  ")
+        errors = [r["rel_err"] for r in passes if "rel_err" in r]
+        lines.append(line + (f"| {max(errors):>7.1e}" if errors else f"| {passes[0].get('note', '')}"))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.replot:
@@ -979,7 +1156,8 @@ def main(argv=None):
     else:
         print(f"No GPU: CPU emulation of the kernels, torch {torch.__version__}. These times say "
               "nothing about GPU speed; run on a GPU for real numbers.")
-    run_decode(args) if args.decode else run_sweep(args) if args.sweep else run_profile(args)
+    run_varlen(args) if args.varlen else run_decode(args) if args.decode else run_sweep(args) if args.sweep else \
+        run_profile(args)
 
 
 if __name__ == "__main__":

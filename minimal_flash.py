@@ -5,6 +5,8 @@
     flash_attn_qkvpacked_func(qkv, ...)                              points, (B, N, H, d) layout
     flash_attn_with_kvcache(q, k_cache, v_cache, k, v, ...)          the official decoding entry point: a KV
                                                                      cache, contiguous or paged (chapter 5)
+    flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, ...) the official entry point for sequences of
+                                                                     different lengths packed without padding
     register_with_transformers(name="minimal_fa")                    transformers models (generate too) on the kernels
     manual_attention(q, k, v, *, causal=False, softmax_scale=None)  plain attention, the reference
     forward(q, k, v, ...), backward(dO, q, k, v, O, L, ...)          one pass of the kernels, called directly
@@ -319,19 +321,34 @@ def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, determin
     official package does, the kernels get k, v repeated to q's heads, and each head's dK, dV is the
     sum (in fp32) of its group's."""
     dQ, dK, dV = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    group = q.shape[1] // k.shape[1] if k.shape[1] else 1
     if q.numel() > 0:
         kernels = load_kernels(q.device.type, version, Br, Bc)
         _check_shared_memory(kernels, q, "backward", version)
-        k_all, v_all = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k, v))
-        dK_all, dV_all = (torch.empty_like(q), torch.empty_like(q)) if group > 1 else (dK, dV)
-        q, k_all, v_all, O, dO = (_aligned(t) for t in (q, k_all, v_all, O, dO))
-        _raise_if(kernels.call("backward", causal, scale, q, k_all, v_all, O, L, dO, dQ, dK_all, dV_all,
-                               deterministic=deterministic))
-        if group > 1:
-            for to, part in ((dK, dK_all), (dV, dV_all)):
-                to.copy_(part.unflatten(1, (k.shape[1], group)).sum(2, dtype=torch.float32))
+        q, O, dO = (_aligned(t) for t in (q, O, dO))
+
+        def run(k_all, v_all, dK_all, dV_all):
+            k_all, v_all = _aligned(k_all), _aligned(v_all)
+            _raise_if(kernels.call("backward", causal, scale, q, k_all, v_all, O, L, dO, dQ, dK_all, dV_all,
+                                   deterministic=deterministic))
+
+        _grouped_grads(q, k, v, run, dK, dV)
     return dQ, dK, dV
+
+
+def _grouped_grads(q, k, v, run, dK=None, dV=None):
+    """dK, dV (into dK, dV if given) by a backward pass run(k_all, v_all, dK_all, dV_all) that takes k,
+    v with q's heads (dim 1). Grouped-query heads (k, v with H / group heads): as the official package
+    does, the kernels get k, v repeated to q's heads, and each head's dK, dV is the sum (in fp32) of its
+    group's."""
+    dK, dV = (torch.empty_like(k) if dK is None else dK), (torch.empty_like(v) if dV is None else dV)
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1
+    k_all, v_all = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k, v))
+    dK_all, dV_all = (torch.empty_like(k_all), torch.empty_like(v_all)) if group > 1 else (dK, dV)
+    run(k_all, v_all, dK_all, dV_all)
+    if group > 1:
+        for to, part in ((dK, dK_all), (dV, dV_all)):
+            to.copy_(part.unflatten(1, (k.shape[1], group)).sum(2, dtype=torch.float32))
+    return dK, dV
 
 
 class FlashAttention(torch.autograd.Function):
@@ -638,6 +655,204 @@ def num_splits_heuristic(blocks, multiprocessors, key_tiles, max_splits):
                 if n == 1 or math.ceil(key_tiles / n) != math.ceil(key_tiles / (n - 1))]
     best = max((efficiency(n) for n in eligible), default=0.0)
     return next((n for n in eligible if efficiency(n) >= 0.85 * best), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequences of different lengths packed without padding: version 3's kernels on cu_seqlens
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """The flash-attn package's flash_attn_varlen_func, in its positional order, on version 3's kernels
+    (chapter 3, on any GPU, Hopper included, and on the CPU), differentiable: a batch of sequences of
+    different lengths packed one after the other without padding (prefill, or training on packed text).
+
+    q: (total_q, nheads, d), bfloat16 or float16, d = 64 or 128; k, v: (total_k, nheads_k, d), nheads_k
+    dividing nheads (grouped-query heads: a head of k, v serves nheads / nheads_k query heads, and its
+    gradient sums theirs). cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) on q's device, the sequences'
+    offsets from 0: sequence b's queries are rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q, its
+    keys and values those of cu_seqlens_k in k, v. Sequences of length 0 are allowed. max_seqlen_q,
+    max_seqlen_k: ints, at least every sequence's length (the kernels' grid is sized by them; more only
+    costs blocks that end at once). causal: aligned at the bottom right, as in the official package
+    (2.1 and later): query i of a sequence of Lq queries and Lk keys sees key j iff j <= i + Lk - Lq.
+    A query that sees no key gets 0 (and lse -inf, the log of an empty sum).
+
+    Returns out (total_q, nheads, d) in q's dtype; with return_attn_probs, (out, softmax_lse, None), as
+    the official package does without dropout: softmax_lse (nheads, total_q) float32, each row's
+    log-sum-exp of its scaled scores, without gradient (the official backward ignores it too).
+
+    cu_seqlens are checked on the host, so each call copies 2 (batch + 1) ints to it and waits for the
+    device (refused while a CUDA graph is being captured): from 0, never decreasing, ending at q's and
+    k's rows, no sequence longer than its max_seqlen. The official options these kernels lack (dropout,
+    a window, softcap, ALiBi, a paged block_table) are refused, and so is deterministic=True: version
+    3's backward adds into dQ with atomics, in whatever order its blocks finish."""
+    _check_no_dropout(dropout_p)
+    _check_official_defaults(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                             block_table=block_table)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic = {_short(deterministic)}: it must be True or False")
+    if deterministic:
+        raise ValueError("deterministic=True: flash_attn_varlen_func runs version 3's kernels, whose backward adds "
+                         "into dQ with atomics, in an order that varies from run to run; leave it False")
+    causal = _check_causal(causal)
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = _check_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = _check_scale(softmax_scale, q, 3)
+    options = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, L = _FlashAttentionVarlen.apply(q, k, v, *options)
+    else:
+        out, L = _varlen_attention(q, k, v, *options)
+    return (out, L.t().contiguous(), None) if return_attn_probs else out
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """flash_attn_varlen_func's tensors and lengths, each checked, then cu_seqlens against the rows on
+    the host. Returns (q, k, v, cu_seqlens_q, cu_seqlens_k contiguous, max_seqlen_q, max_seqlen_k ints)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_is_tensor(name, t)
+        if t.dim() != 3:
+            dims = "total_q, nheads, d" if name == "q" else "total_k, nheads_k, d"
+            raise ValueError(f"{name} must be 3-D ({dims}): the sequences packed along dim 0, got shape "
+                             f"{tuple(t.shape)}")
+    if q.dtype not in VERSIONS[3].dtypes:
+        raise TypeError(f"q has dtype {q.dtype}; flash_attn_varlen_func runs version 3's kernels, which take "
+                        f"{_dtype_names(VERSIONS[3].dtypes)} only")
+    (total_q, H, d), (total_k, Hk, _), head_dims = q.shape, k.shape, VERSIONS[3].head_dims
+    problem = (f"head dim d = {d}" if d not in head_dims else "k and v differ in shape" if k.shape != v.shape else
+               f"k and v have head dim {k.shape[2]}, q {d}" if k.shape[2] != d else
+               f"nheads_k = {Hk} does not divide q's nheads = {H}" if Hk == 0 or H % Hk else None)
+    if problem:
+        raise ValueError(f"{problem}: flash_attn_varlen_func takes q (total_q, nheads, d), k and v (total_k, nheads_k, "
+                         f"d), d = {' or '.join(map(str, head_dims))} (version 3's kernels), nheads_k dividing nheads "
+                         f"(grouped-query heads); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    lengths = []
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check_is_tensor(name, cu)
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} has dtype {cu.dtype}; it must be torch.int32 (the kernels read 32-bit offsets)")
+        if cu.dim() != 1 or len(cu) < 2:
+            raise ValueError(f"{name} must be 1-D (batch + 1,), batch >= 1: each sequence's first row, then the "
+                             f"total; got shape {tuple(cu.shape)}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q has {len(cu_seqlens_q)} entries and cu_seqlens_k {len(cu_seqlens_k)}: one "
+                         "batch of sequences, so batch + 1 entries each")
+    for name, t in (("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if name in ("k", "v") and t.dtype != q.dtype:  # the kernels would read its bits as q's dtype
+            raise TypeError(f"{name} has dtype {t.dtype}, q {q.dtype}: they must have one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}: they must be on one device")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"q is on {q.device}; the kernels run on CUDA or on the CPU")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name} = {_short(value)}: it must be an int, the longest sequence's length")
+        if not 0 <= value.__index__() < 2 ** 31:
+            raise ValueError(f"{name} = {value}: it must be 0 .. 2**31 - 1, the longest sequence's length")
+        lengths.append(value.__index__())
+    if max(total_q, total_k) * H >= 2 ** 31:  # k, v go to the backward with q's heads
+        raise ValueError(f"{max(total_q, total_k)} rows of {H} heads: the kernels count rows of q and k times "
+                         "nheads in 32 bits, less than 2**31")
+    if _capturing(q.device):
+        raise RuntimeError("flash_attn_varlen_func checks cu_seqlens on the host, which waits for the device; a "
+                           "CUDA graph being captured cannot wait")
+    _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, (total_q, total_k), lengths)
+    return q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), \
+        *lengths
+
+
+def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, totals, max_seqlens):
+    """Offsets from 0, never decreasing, ending at the rows of q (k), no sequence longer than its max_seqlen:
+    else a ValueError that names the first entry or sequence that is not. One copy to the host for both."""
+    offsets = torch.stack((cu_seqlens_q, cu_seqlens_k)).cpu().long()
+    for (x, rows), cu, total, longest in zip((("q", "queries"), ("k", "keys")), offsets, totals, max_seqlens):
+        name = f"cu_seqlens_{x}"
+        if cu[0] != 0:
+            raise ValueError(f"{name}[0] = {cu[0].item()}: the offsets start at 0")
+        seqlens = cu.diff()
+        bad = torch.nonzero(seqlens < 0).flatten()
+        if len(bad):
+            b = bad[0].item()
+            raise ValueError(f"{name} decreases, {name}[{b}] = {cu[b].item()} > {name}[{b + 1}] = "
+                             f"{cu[b + 1].item()}: sequence {b} would have a negative length")
+        if cu[-1] != total:
+            raise ValueError(f"{name}[-1] = {cu[-1].item()}, but {x} has {total} rows: the last offset is the sum of "
+                             "the sequences' lengths")
+        b = seqlens.argmax().item()
+        if seqlens[b] > longest:
+            raise ValueError(f"sequence {b} has {seqlens[b].item()} {rows}, more than max_seqlen_{x} = {longest}: "
+                             "the kernels' grid is sized by max_seqlen, and would leave the rest uncomputed")
+
+
+def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    """The forward on checked inputs: out (total_q, nheads, d) and L (total_q, nheads) float32, a float
+    per row of q, the kernels' layout (softmax_lse is its transpose)."""
+    O, L = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    if q.numel() == 0:
+        return O, L
+    if k.shape[0] == 0:  # no keys at all (and k may have no address): every query sees none
+        return O.zero_(), L.fill_(-math.inf)
+    q, k, v = (_aligned(t) for t in (q, k, v))
+    _raise_if(_run_varlen("forward", q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                          scale))
+    return O, L
+
+
+def _varlen_grads(dO, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    """The backward on checked inputs: dQ, dK, dV (grouped heads: summed over each group, as in
+    _attention_grads)."""
+    if q.numel() == 0 or k.shape[0] == 0:  # no query, or no key: out is 0 whatever q, k, v are
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dQ = torch.empty_like(q)
+    q, O, dO = (_aligned(t) for t in (q, O, dO))
+
+    def run(k_all, v_all, dK_all, dV_all):
+        k_all, v_all = _aligned(k_all), _aligned(v_all)
+        _raise_if(_run_varlen("backward", q, k_all, v_all, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, causal, scale, dO, dQ, dK_all, dV_all))
+
+    return (dQ, *_grouped_grads(q, k, v, run))
+
+
+class _FlashAttentionVarlen(torch.autograd.Function):
+    """flash_attn_varlen_func with gradients: saves q, k, v, out and L (O(total d) memory), as
+    FlashAttention does; L, returned as softmax_lse, has no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+        O, L = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+        ctx.save_for_backward(q, k, v, O, L, cu_seqlens_q, cu_seqlens_k)
+        ctx.options = max_seqlen_q, max_seqlen_k, causal, scale
+        ctx.mark_non_differentiable(L)
+        return O, L
+
+    @staticmethod
+    def backward(ctx, dO, dL):
+        q, k, v, O, L, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        grads = _varlen_grads(dO.contiguous(), q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, *ctx.options)
+        return *grads, None, None, None, None, None, None
+
+
+def _run_varlen(pass_, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                dO=None, dQ=None, dK=None, dV=None):
+    """A pass of version 3's kernels on packed sequences (kernels/version3.cuh's mf_varlen), on tensors
+    already checked, in the current stream of q's device. Returns an error message, "" on success."""
+    kernels = load_kernels(q.device.type, 3)
+    _check_shared_memory(kernels, q, pass_, 3)
+    function = kernels._c.mf_varlen
+    if function.restype is not ctypes.c_char_p:
+        P, i, i64, f, b = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float, ctypes.c_bool
+        function.restype, function.argtypes = ctypes.c_char_p, [i] + [P] * 12 + [i] * 5 + [i64, i, f, b, i, i, P]
+    (total_q, H, d), p = q.shape, PASSES.index(pass_)
+    per_row = kernels._ask("mf_scratch_floats", p, 1, d)  # fp32 scratch per row of q (the backward's)
+    scratch = q.new_empty(total_q * H * per_row, dtype=torch.float32) if per_row > 0 else None
+    addresses = [t.data_ptr() if t is not None else None
+                 for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch, cu_seqlens_q, cu_seqlens_k)]
+    device = q.device.index if q.is_cuda else 0
+    stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
+    return function(p, *addresses, len(cu_seqlens_q) - 1, H, H // k.shape[1], max_seqlen_q, max_seqlen_k, total_q,
+                    d, scale, causal, DTYPES.index(q.dtype), device, stream).decode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1093,7 +1308,8 @@ def _check_no_dropout(dropout_p):
 
 
 _OFFICIAL_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, return_attn_probs=False,
-                          rotary_cos=None, rotary_sin=None, cache_batch_idx=None, cache_leftpad=None)
+                          rotary_cos=None, rotary_sin=None, cache_batch_idx=None, cache_leftpad=None,
+                          block_table=None)
 
 
 def _check_official_defaults(**given):

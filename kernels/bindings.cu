@@ -51,6 +51,14 @@ struct Call {
     int dtype;           // of Q, K, V, O, dO, dQ, dK, dV: a DType
     int device;          // the GPU the tensors are on
     cudaStream_t stream;
+    // Sequences packed without padding (version 3's mf_varlen; null: the layout above): q, O (total_q,
+    // H, d), k, v (total_k, H / group, d), L (total_q, H); sequence b's rows cu_seqlens_q[b] ..
+    // cu_seqlens_q[b + 1] - 1 of q (of k likewise). N and Nk are then the longest sequence's queries
+    // and keys (the grid's size), BH = B * H, and rows = total_q * H, the rows of d values in q.
+    const int *cu_seqlens_q = nullptr, *cu_seqlens_k = nullptr;
+    int H = 0, Nk = 0;
+    long long rows = 0;
+    bool packed() const { return cu_seqlens_q != nullptr; }
 };
 
 // What the CUDA runtime says about a kernel on a device, asked once: each question costs a few

@@ -9,6 +9,8 @@
 //
 // Who owns what: one block per (batch, head, Br = 128 query rows), 4 warps; K_j, V_j (Bc = 64 keys)
 // in shared memory, read by every warp; S_ij, P_ij and O in the registers of the warp that owns the rows.
+// Sequences of different lengths packed without padding (flash_attn_varlen_func) run the same kernel:
+// a (batch, head) is then a sequence's head, its rows where tiles.cuh's slice_rows says.
 //
 //            S_ij = Q_i K_j^T (128 x 64)                      O (128 x d)
 //   rows   0- 31 [ warp 0: 2 tiles of 16 rows x 64 keys ]     [ warp 0 ]
@@ -36,7 +38,8 @@ __host__ __device__ inline int shared_bytes(int d) { return (Br + 4 * Bc) * stri
 template <class T, int d>
 __global__ void __launch_bounds__(32 * WARPS)
     forward(const unsigned short* Q, const unsigned short* K, const unsigned short* V, int N, int group,
-            float scale, bool causal, unsigned short* O, float* L) {
+            const int* cu_seqlens_q, const int* cu_seqlens_k, int H, float scale, bool causal,
+            unsigned short* O, float* L) {
     constexpr int LS = stride16(d);
     // smem: the block's shared memory, declared in tiles.cuh
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // Br x LS
@@ -46,16 +49,23 @@ __global__ void __launch_bounds__(32 * WARPS)
     // of an accumulator, columns 2q and 2q + 1 (kernels/mma.cuh).
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 
-    // This block's (batch, head) slice; K and V's: `group` query heads share one (grouped-query heads).
-    const size_t bh = blockIdx.y, bh_kv = bh / group;
-    Q += bh * N * d, K += bh_kv * N * d, V += bh_kv * N * d, O += bh * N * d, L += bh * N;
+    // This block's (batch, head) slice, fixed-length or packed (tiles.cuh): its rows of Q, O, L, and
+    // of K and V, which `group` query heads share (grouped-query heads).
+    const Slice slice = slice_rows(blockIdx.y, N, d, group, cu_seqlens_q, cu_seqlens_k, H);
+    const int Nq = slice.Nq, Nk = slice.Nk, ld_q = slice.ld_q, ld_kv = slice.ld_kv;
+    Q += slice.q, K += slice.kv, V += slice.kv;
     const int tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // heaviest first, as in flash2.cu
-    const int row0 = tile * Br, Tc = ceil_div(N, Bc);
-    const int j_end = causal ? min(Tc, (min(row0 + Br, N) - 1) / Bc + 1) : Tc;
+    const int row0 = tile * Br;
+    if (row0 >= Nq) return;  // past its sequence's end (packed: the grid fits the longest)
+    // Causal, aligned at the bottom right as in the official package: query i sees keys j <= i + shift,
+    // shift = Nk - Nq (0 when Nq = Nk: the lower triangle). The block's last row sees the most keys,
+    // perhaps none (packed, Nq > Nk).
+    const int shift = Nk - Nq, last_row = min(row0 + Br, Nq) - 1;
+    const int j_end = ceil_div(causal ? min(max(last_row + shift + 1, 0), Nk) : Nk, Bc);
 
-    load_tile16_async<d>(Q_i, Q, row0, Br, N);  // Alg. 1, line 4
-    load_tile16_async<d>(K_j, K, 0, Bc, N);     // Alg. 1, lines 6-7 for j = 0
-    load_tile16_async<d>(V_j, V, 0, Bc, N);
+    load_tile16_async<d>(Q_i, Q, row0, Br, Nq, ld_q);  // Alg. 1, line 4
+    load_tile16_async<d>(K_j, K, 0, Bc, Nk, ld_kv);    // Alg. 1, lines 6-7 for j = 0
+    load_tile16_async<d>(V_j, V, 0, Bc, Nk, ld_kv);
     cp_async_commit();
 
     float o[TILES][d / 8][4] = {}, m[TILES][2], l[TILES][2] = {};  // Alg. 1, line 5
@@ -66,8 +76,8 @@ __global__ void __launch_bounds__(32 * WARPS)
         // Double buffering: tile j + 1's copies fly (into the buffers tile j - 1 used) while tile j
         // is multiplied, so the wait for memory overlaps the tensor cores' work.
         if (j + 1 < j_end) {  // Alg. 1, lines 6-7 for tile j + 1
-            load_tile16_async<d>(K_j + (j + 1) % 2 * Bc * LS, K, (j + 1) * Bc, Bc, N);
-            load_tile16_async<d>(V_j + (j + 1) % 2 * Bc * LS, V, (j + 1) * Bc, Bc, N);
+            load_tile16_async<d>(K_j + (j + 1) % 2 * Bc * LS, K, (j + 1) * Bc, Bc, Nk, ld_kv);
+            load_tile16_async<d>(V_j + (j + 1) % 2 * Bc * LS, V, (j + 1) * Bc, Bc, Nk, ld_kv);
             cp_async_commit();
             cp_async_wait<1>();  // tile j (and Q_i) has landed
         } else {
@@ -101,8 +111,8 @@ __global__ void __launch_bounds__(32 * WARPS)
 #pragma unroll
         for (int t = 0; t < TILES; ++t) {
             const int row = row0 + (w * TILES + t) * 16 + g;
-            if ((j + 1) * Bc > N || (causal && (j + 1) * Bc > row - g + 1))
-                mask_fragment<false>(s[t], row, j * Bc + 2 * q, N, causal, -INFINITY);
+            if ((j + 1) * Bc > Nk || (causal && (j + 1) * Bc > row - g + 1 + shift))
+                mask_fragment<false>(s[t], row + shift, j * Bc + 2 * q, Nk, causal, -INFINITY);
             float alpha[2];
             online_softmax<true>(s[t], m[t], l[t], o[t], alpha, c);
         }
@@ -130,6 +140,11 @@ __global__ void __launch_bounds__(32 * WARPS)
         }
         __syncthreads();  // every warp is done with tile j's buffers before tile j + 2's copies fill them
     }
+    cp_async_wait<0>();  // a block whose rows see no key ran no tile: its copies must land before it ends
+    // The slice's rows of O and L: read again, not held in registers through the loop, which at d = 128
+    // takes 255 of them (the reads hit the cache; held, its values would spill to local memory).
+    const Slice out = slice_rows(blockIdx.y, N, d, group, cu_seqlens_q, cu_seqlens_k, H);
+    O += out.q, L += out.q / d;
     // Alg. 1, lines 12-15: a row's l is its 4 lanes' shares added up; O = O / l, L = m + log(l).
 #pragma unroll
     for (int t = 0; t < TILES; ++t)
@@ -139,13 +154,14 @@ __global__ void __launch_bounds__(32 * WARPS)
             l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
             l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
             const int row = row0 + (w * TILES + t) * 16 + g + 8 * r;
-            if (row >= N) continue;
-            const float inv_l = 1.0f / l_row;
+            if (row >= out.Nq) continue;
+            // A row that sees no key has l = 0 and m = -inf: O = 0 and L = -inf, the log of an empty sum.
+            const float inv_l = l_row > 0.0f ? 1.0f / l_row : 0.0f;
 #pragma unroll
             for (int n = 0; n < d / 8; ++n)  // columns 8n + 2q, 8n + 2q + 1: one 4-byte store
-                *reinterpret_cast<unsigned*>(&O[(size_t)row * d + 8 * n + 2 * q]) =
+                *reinterpret_cast<unsigned*>(&O[(size_t)row * out.ld_q + 8 * n + 2 * q]) =
                     pack<T>(o[t][n][2 * r] * inv_l, o[t][n][2 * r + 1] * inv_l);
-            if (q == 0) L[row] = m[t][r] * scale + logf(l_row);
+            if (q == 0) L[(size_t)row * (out.ld_q / d)] = m[t][r] * scale + logf(l_row);
         }
 }
 

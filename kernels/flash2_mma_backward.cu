@@ -21,7 +21,8 @@
 // dQ_i sums over keys, which the other warps and blocks hold: dS_ij^T goes through shared memory,
 // and each warp adds its product into an fp32 copy of dQ with atomics, two floats at a time, as
 // flash2_backward.cu does (the price: the order of the additions varies, so do dQ's last bits).
-// Two small kernels go around it: D = rowsum(dO * O) before, and dQ's conversion to T after.
+// Two small kernels go around it: D = rowsum(dO * O) before, and dQ's conversion to T after. Packed
+// sequences (flash_attn_varlen_func) run the same three: tiles.cuh's slice_rows has their rows.
 // Names as in the paper; "Alg. 2, line n" marks each phase, numbered as in flash2_backward.cu.
 #include "tiles.cuh"    // ceil_div
 #include "vectors.cuh"  // atomic_add2
@@ -66,8 +67,9 @@ __global__ void convert_dQ(const float* dQ_sum, size_t pairs, float scale, unsig
 template <class T, int d>
 __global__ void __launch_bounds__(32 * WARPS)
     backward(const unsigned short* Q, const unsigned short* K, const unsigned short* V,
-             const unsigned short* dO, const float* L, const float* D, int N, float scale, bool causal,
-             float* dQ_sum, unsigned short* dK, unsigned short* dV) {
+             const unsigned short* dO, const float* L, const float* D, int N, const int* cu_seqlens_q,
+             const int* cu_seqlens_k, int H, float scale, bool causal, float* dQ_sum, unsigned short* dK,
+             unsigned short* dV) {
     constexpr int LS = stride16(d), LP = stride16(Br);
     // smem: the block's shared memory, declared in tiles.cuh
     float* stats_i = smem;                                                          // two of L_i, D_i: 2 x Br
@@ -80,43 +82,50 @@ __global__ void __launch_bounds__(32 * WARPS)
     // accumulator, columns 2q and 2q + 1 (kernels/mma.cuh).
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 
-    const size_t bh = blockIdx.y;  // this block's (batch, head) slice
-    Q += bh * N * d, K += bh * N * d, V += bh * N * d, dO += bh * N * d, dK += bh * N * d, dV += bh * N * d;
-    dQ_sum += bh * N * d, L += bh * N, D += bh * N;
-    // Causal: query tiles wholly before the block's first key see none of its keys, and are skipped.
-    // Block 0 has the most work, and blocks start roughly in launch order: the heaviest first.
-    const int key0 = blockIdx.x * Bc, i0 = causal ? key0 / Br : 0, Tr = ceil_div(N, Br);
+    // This block's (batch, head) slice, fixed-length or packed (tiles.cuh): its rows of Q, dO, dQ, L, D
+    // and of K, V, dK, dV (with q's heads here: group 1).
+    const Slice slice = slice_rows(blockIdx.y, N, d, 1, cu_seqlens_q, cu_seqlens_k, H);
+    const int Nq = slice.Nq, Nk = slice.Nk, ld_q = slice.ld_q, ld_kv = slice.ld_kv;
+    Q += slice.q, dO += slice.q, dQ_sum += slice.q;
+    const float* stats = (threadIdx.x < Br ? L : D) + slice.q / d;  // what this thread copies to stats_i
+    K += slice.kv, V += slice.kv, dK += slice.kv, dV += slice.kv;
+    const int key0 = blockIdx.x * Bc;
+    if (key0 >= Nk) return;  // past its sequence's end (packed: the grid fits the longest)
+    // Causal, aligned at the bottom right (flash2_mma.cu): query i sees keys j <= i + shift. Query tiles
+    // wholly before the first query that sees the block's first key are skipped. Block 0 has the most
+    // work, and blocks start roughly in launch order: the heaviest first.
+    const int shift = Nk - Nq, i0 = causal ? max(key0 - shift, 0) / Br : 0;
 
     // Alg. 2, lines 8-9 for query tile i: Q_i, dO_i, L_i, D_i into buffer i % 2 by cp.async, not
     // waited for here. L_i and D_i go 4 bytes a thread, thread y < Br copying L's row y and thread
     // Br + y d's: the slice of L (and of d) of (batch, head) bh starts at bh N floats, 16-byte
-    // aligned only when 4 divides N, and a 16-byte copy needs a 16-byte aligned source. Rows past N
-    // land as zeros, L_i = D_i = 0 included: their P is exp(0 - 0) = 1 on visible keys, not 0, and
-    // still nothing they add is wrong. Their dO rows are zero, so dP = 0 and dS = P (dP - d) = 0:
-    // dK += dS^T Q and dV += P^T dO add zero. (Keys past N still get P = 0 from the mask, and dQ's
-    // rows past N are never stored.)
+    // aligned only when 4 divides N, and a 16-byte copy needs a 16-byte aligned source (packed, its
+    // rows are not even adjacent). Rows past Nq land as zeros, L_i = D_i = 0 included: their P is
+    // exp(0 - 0) = 1 on visible keys, not 0, and still nothing they add is wrong. Their dO rows are
+    // zero, so dP = 0 and dS = P (dP - d) = 0: dK += dS^T Q and dV += P^T dO add zero. (Keys past Nk
+    // still get P = 0 from the mask, and dQ's rows past Nq are never stored.)
     static_assert(32 * WARPS >= 2 * Br, "a thread per row of L_i and of D_i");
     auto load_query_tile = [&](int i) {
         const int row0 = i * Br, b = i % 2, y = threadIdx.x % Br;
-        load_tile16_async<d>(Q_i + b * Br * LS, Q, row0, Br, N);
-        load_tile16_async<d>(dO_i + b * Br * LS, dO, row0, Br, N);
-        const bool valid = row0 + y < N;
+        load_tile16_async<d>(Q_i + b * Br * LS, Q, row0, Br, Nq, ld_q);
+        load_tile16_async<d>(dO_i + b * Br * LS, dO, row0, Br, Nq, ld_q);
+        const bool valid = row0 + y < Nq;
         if (threadIdx.x < 2 * Br)
-            cp_async4(stats_i + b * 2 * Br + threadIdx.x, (threadIdx.x < Br ? L : D) + (valid ? row0 + y : 0),
+            cp_async4(stats_i + b * 2 * Br + threadIdx.x, stats + (valid ? (row0 + y) * (ld_q / d) : 0),
                       valid);
     };
-    load_tile16_async<d>(K_j, K, key0, Bc, N);  // Alg. 2, line 6
-    load_tile16_async<d>(V_j, V, key0, Bc, N);
+    load_tile16_async<d>(K_j, K, key0, Bc, Nk, ld_kv);  // Alg. 2, line 6
+    load_tile16_async<d>(V_j, V, key0, Bc, Nk, ld_kv);
     load_query_tile(i0);
     cp_async_commit();
     const unsigned short *K_w = K_j + w * 16 * LS, *V_w = V_j + w * 16 * LS;  // the warp's 16 keys
     float dK_j[d / 8][4] = {}, dV_j[d / 8][4] = {};                           // Alg. 2, line 7
     const float c = scale * LOG2E;
 
-    for (int i = i0; i < Tr; ++i) {
+    for (int i = i0; i * Br < Nq; ++i) {
         // Double buffering: tile i + 1's copies fly (into the buffers tile i - 1 used) while tile i
         // is multiplied, so the wait for memory overlaps the tensor cores' work.
-        if (i + 1 < Tr) {
+        if ((i + 1) * Br < Nq) {
             load_query_tile(i + 1);
             cp_async_commit();
             cp_async_wait<1>();  // tile i (and K_j, V_j) has landed
@@ -143,11 +152,12 @@ __global__ void __launch_bounds__(32 * WARPS)
             for (int e = 0; e < 4; ++e)
                 s[n][e] = fast_exp2(fmaf(s[n][e], c, -L_t[8 * n + 2 * q + e % 2]));  // P_ij^T
         // Only a tile where one of the warp's keys is past the end of the sequence or, causal, later
-        // than the tile's first query needs the mask: the others skip its index arithmetic on every
-        // element. (A query row past N needs none: its dO row is zero, see load_query_tile.)
+        // than the tile's first query sees needs the mask: the others skip its index arithmetic on
+        // every element. (A query row past Nq needs none: its dO row is zero, see load_query_tile. A
+        // row that sees no key, L = -inf, has P = inf here, and every one of its keys masked to 0.)
         const int last_key = key0 + w * 16 + 15;
-        if (last_key >= N || (causal && last_key > row0))
-            mask_fragment<true>(s, key0 + w * 16 + g, row0 + 2 * q, N, causal, 0.0f);
+        if (last_key >= Nk || (causal && last_key > row0 + shift))
+            mask_fragment<true>(s, key0 + w * 16 + g, row0 + shift + 2 * q, Nk, causal, 0.0f);
 #pragma unroll
         for (int n = 0; n < Br / 8; ++n)
 #pragma unroll
@@ -191,20 +201,21 @@ __global__ void __launch_bounds__(32 * WARPS)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {  // rows g, g + 8; columns 2q, 2q + 1: one 2-float atomic
                     const int row = row0 + y0 + g + 8 * r;
-                    if (row < N)
-                        atomic_add2(&dQ_sum[(size_t)row * d + x + 8 * t + 2 * q], dq[t][2 * r],
+                    if (row < Nq)
+                        atomic_add2(&dQ_sum[(size_t)row * ld_q + x + 8 * t + 2 * q], dq[t][2 * r],
                                     dq[t][2 * r + 1]);
                 }
         }
     }
+    cp_async_wait<0>();  // a block that no query sees (causal, or Nq = 0) ran no tile: its copies land
     // Alg. 2, line 18: the warp's keys g and g + 8 of dK_j (times the scale left out above), dV_j.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int key = key0 + w * 16 + g + 8 * r;
-        if (key >= N) continue;
+        if (key >= Nk) continue;
 #pragma unroll
         for (int n = 0; n < d / 8; ++n) {  // columns 8n + 2q, 8n + 2q + 1: one 4-byte store each
-            const size_t at = (size_t)key * d + 8 * n + 2 * q;
+            const size_t at = (size_t)key * ld_kv + 8 * n + 2 * q;
             *reinterpret_cast<unsigned*>(&dK[at]) =
                 pack<T>(scale * dK_j[n][2 * r], scale * dK_j[n][2 * r + 1]);
             *reinterpret_cast<unsigned*>(&dV[at]) = pack<T>(dV_j[n][2 * r], dV_j[n][2 * r + 1]);
@@ -218,16 +229,17 @@ __global__ void __launch_bounds__(32 * WARPS)
 #ifdef MINIMAL_FLASH_BINDINGS
 template <class T, int d>
 std::string run(const Call& c) {
-    const long long rows = c.BH * c.N;
+    const long long rows = c.packed() ? c.rows : c.BH * c.N;  // of q, dQ; one float of D each
     float *dQ_sum = c.scratch, *D = c.scratch + rows * d;
     std::string err = launch("flash2_mma_backward::rowsum_D", rowsum_D<T, d>, dim3((rows + 255) / 256), 256,
                              0, c, bits(c.O), bits(c.dO), size_t(rows), D);
     if (err.empty() && cudaMemsetAsync(dQ_sum, 0, sizeof(float) * rows * d, c.stream) != cudaSuccess)
         err = "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
     if (err.empty())
-        err = launch("flash2_mma_backward::backward", backward<T, d>, dim3(ceil_div(c.N, Bc), c.BH),
-                     32 * WARPS, shared_bytes(d), c, bits(c.Q), bits(c.K), bits(c.V), bits(c.dO), c.L, D, c.N,
-                     c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV));
+        err = launch("flash2_mma_backward::backward", backward<T, d>,
+                     dim3(ceil_div(c.packed() ? c.Nk : c.N, Bc), c.BH), 32 * WARPS, shared_bytes(d), c,
+                     bits(c.Q), bits(c.K), bits(c.V), bits(c.dO), c.L, D, c.N, c.cu_seqlens_q, c.cu_seqlens_k,
+                     c.H, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV));
     const size_t pairs = rows * d / 2;
     if (err.empty())
         err = launch("flash2_mma_backward::convert_dQ", convert_dQ<T>, dim3((pairs + 255) / 256), 256, 0, c,

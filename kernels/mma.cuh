@@ -212,14 +212,16 @@ __device__ inline void rescale(float (&o)[NO][4], const float (&alpha)[2]) {
         o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
 }
 
-// Rows [row0, row0 + rows) of an N x D matrix of 16-bit values into a shared tile by cp.async, 16
-// bytes per thread and step, not waited for here; rows past N are zero-filled.
+// Rows [row0, row0 + rows) of an N x D matrix of 16-bit values, rows ld values apart (tiles.cuh's
+// Slice), into a shared tile by cp.async, 16 bytes per thread and step, not waited for here; rows
+// past N are zero-filled.
 template <int D>
-__device__ void load_tile16_async(unsigned short* tile, const unsigned short* src, int row0, int rows,
-                                  int N) {
+__device__ void load_tile16_async(unsigned short* tile, const unsigned short* src, int row0, int rows, int N,
+                                  int ld) {
+    src += (size_t)row0 * ld;
     for (int e = threadIdx.x; e < rows * D / 8; e += blockDim.x) {
         const int r = e / (D / 8), x = e % (D / 8) * 8;
         const bool valid = row0 + r < N;
-        cp_async16(tile + r * stride16(D) + x, src + (size_t)(valid ? row0 + r : 0) * D + x, valid);
+        cp_async16(tile + r * stride16(D) + x, src + (valid ? r * ld + x : 0), valid);
     }
 }

@@ -1,5 +1,6 @@
 // What chapter 1's kernels share (flash.cu, flash_backward.cu), and later chapters reuse: the block
-// sizes, the padded strides of tiles in shared memory, the tile loader and the attention mask.
+// sizes, the padded strides of tiles in shared memory, the tile loader and the attention mask; and
+// where a (batch, head) slice's rows lie, in chapter 3's kernels (slice_rows).
 #pragma once
 
 // Block sizes are compile-time constants so that a thread's row of S_ij can live in registers.
@@ -29,6 +30,29 @@ constexpr int LR = ceil_div(Br, 4) * 4 + 4;
 // partial last tile), and, when causal, not to a later key.
 __device__ inline bool visible(int row, int col, int N, bool causal) {
     return col < N && !(causal && col > row);
+}
+
+// Where the rows of one (batch, head) slice lie, so that one kernel source serves two layouts:
+//   fixed length (cu_seqlens_q null; flash_attention): q, O (B, H, N, d), k, v (B, H / group, N, d).
+//     Slice bh is N rows of d values, one after the other; its k, v slice is bh / group.
+//   packed (flash_attn_varlen_func): sequences of different lengths one after the other, without
+//     padding, which would cost the longest sequence's memory and work for each: q, O (total_q, H, d),
+//     k, v (total_k, H / group, d). Sequence b's queries are rows cu_seqlens_q[b] ..
+//     cu_seqlens_q[b + 1] - 1 (its keys likewise), and a row holds all heads of a token, so the rows
+//     of one head are H d values apart. The grid is sized by the longest sequence: a block past its
+//     own sequence's end has nothing to do.
+// L (and the backward's D) hold a float per row of q, in the same order: L + q / d, ld_q / d apart.
+struct Slice {
+    size_t q, kv;     // the offset of row 0 in q, O, dQ, and in k, v, dK, dV, in values
+    int ld_q, ld_kv;  // values from one row to the next
+    int Nq, Nk;       // the slice's queries and keys: its own sequence's, packed
+};
+__device__ inline Slice slice_rows(int bh, int N, int d, int group, const int* cu_seqlens_q,
+                                   const int* cu_seqlens_k, int H) {
+    if (!cu_seqlens_q) return {size_t(bh) * N * d, size_t(bh / group) * N * d, d, d, N, N};
+    const int b = bh / H, h = bh % H, Hk = H / group, q0 = cu_seqlens_q[b], k0 = cu_seqlens_k[b];
+    return {(size_t(q0) * H + h) * d, (size_t(k0) * Hk + h / group) * d, H * d, Hk * d,
+            cu_seqlens_q[b + 1] - q0, cu_seqlens_k[b + 1] - k0};
 }
 
 // Copies rows [row0, row0 + ROWS) of an N x d matrix into shared memory, element (r, x) going to

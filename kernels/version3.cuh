@@ -8,6 +8,8 @@
 //   decode    flash_decode.cu          chapter 5: a few query rows against a KV cache (contiguous or
 //                                      paged), split over the keys, then the splits combined; its
 //                                      own C function, mf_decode (minimal_flash.flash_attn_with_kvcache)
+//   varlen    mf_varlen (below)        the forward and backward above on sequences of different lengths
+//                                      packed without padding (minimal_flash.flash_attn_varlen_func)
 //
 // Chapter 5's decode kernels live in this build: they share chapter 3's mma.sync fragments
 // (mma.cuh), dtypes and head dims, and are no new version (no row in minimal_flash.VERSIONS).
@@ -50,7 +52,7 @@ struct Version {
             namespace fw = flash2_mma;
             return launch("flash2_mma::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH),
                           32 * fw::WARPS, fw::shared_bytes(d), c, bits(c.Q), bits(c.K), bits(c.V), c.N,
-                          c.group, c.scale, c.causal, bits(c.O), c.L);
+                          c.group, c.cu_seqlens_q, c.cu_seqlens_k, c.H, c.scale, c.causal, bits(c.O), c.L);
         }
     };
 
@@ -59,3 +61,30 @@ struct Version {
         static std::string run(const Call& c) { return flash2_mma_backward::run<T, d>(c); }
     };
 };
+
+// minimal_flash.flash_attn_varlen_func: a pass of the kernels above on sequences of different lengths
+// packed without padding (bindings.cu's Call has the layout; tiles.cuh's slice_rows, the addressing).
+// B sequences, H query heads, `group` of them per head of k, v (the forward's; the backward takes k, v
+// with q's heads, as mf_run's); cu_seqlens_q, _k: (B + 1) row offsets; max_seqlen_q, _k: the
+// longest sequence's queries and keys, the grid's size. Pass 0: forward, 1: backward, as mf_run.
+extern "C" const char* mf_varlen(int pass, const float* Q, const float* K, const float* V, float* O,
+                                 const float* dO, float* L, float* dQ, float* dK, float* dV, float* scratch,
+                                 const int* cu_seqlens_q, const int* cu_seqlens_k, int B, int H, int group,
+                                 int max_seqlen_q, int max_seqlen_k, long long total_q, int d, float scale,
+                                 bool causal, int dtype, int device, void* stream) {
+    static thread_local std::string message;         // lives until the next call from this thread
+    Call c{Q, K, V, dO, O, L, dQ, dK, dV, scratch};  // the addresses; the rest by name
+    c.BH = (long long)B * H, c.group = group, c.N = max_seqlen_q, c.d = d, c.scale = scale, c.causal = causal;
+    c.dtype = dtype, c.device = device, c.stream = cudaStream_t(stream);
+    c.cu_seqlens_q = cu_seqlens_q, c.cu_seqlens_k = cu_seqlens_k, c.H = H, c.Nk = max_seqlen_k;
+    c.rows = total_q * H;
+    if (!cu_seqlens_q || !cu_seqlens_k || B < 1 || H < 1 || group < 1 || H % group != 0 ||
+        (pass != FORWARD && group != 1)) {
+        message = "internal error: packed sequences with " + std::to_string(H) + " query heads, " +
+                  std::to_string(group) + " per head of k, v";
+    } else {
+        const OnDevice on(device);
+        message = pass == FORWARD ? Version::forward(c) : Version::backward(c);
+    }
+    return message.c_str();
+}

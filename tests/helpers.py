@@ -1,5 +1,7 @@
 """Shared by the tests: the devices, the test matrix over (version, dtype), fresh random inputs, the
-float64 reference and the error measures."""
+float64 reference and the error measures; flash_attn_varlen_func's reference, a sequence at a time."""
+import math
+
 import pytest
 import torch
 
@@ -130,3 +132,46 @@ def assert_gradients(grads, q, k, v, dO, causal, scale=None):
         grads, refs, plains = grads[2:], refs[2:], plains[2:]
     for name, grad, ref, plain in zip(("dQ", "dK", "dV")[-len(grads):], grads, refs, plains):
         assert_close(name, grad, ref, plain)
+
+
+def cu_seqlens(lengths, device):
+    """cu_seqlens: int32 (batch + 1,), each sequence's first row, then the total."""
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def causal_hidden(Lq, Lk, causal):
+    """(Lq, Lk) mask of the keys a query does not see: causal, aligned at the bottom right."""
+    return torch.arange(Lk)[None, :] > torch.arange(Lq)[:, None] + Lk - Lq if causal else torch.zeros(Lq, Lk, dtype=bool)
+
+
+def sequence_attention(q, k, v, causal, scale):
+    """Plain attention of one sequence in q's dtype, differentiable: q (Lq, H, d), k, v (Lk, Hk, d), each
+    query head reading the kv head of its group. A row that sees no key: out 0 (its scores are set to 0
+    first, so that neither the softmax nor its gradient is NaN; then its P is 0). Returns out (Lq, H, d)
+    and lse (H, Lq), the log-sum-exp of the visible scores, in float64."""
+    (Lq, H, _), Lk = q.shape, k.shape[0]
+    kh, vh = (t.repeat_interleave(H // k.shape[1], dim=1).transpose(0, 1) for t in (k, v))  # (H, Lk, d)
+    S = q.transpose(0, 1) @ kh.transpose(1, 2) * scale  # (H, Lq, Lk)
+    mask = causal_hidden(Lq, Lk, causal).to(q.device)
+    empty = mask.all(dim=-1)  # (Lq,): rows that see no key
+    S = S.masked_fill(mask, -math.inf)
+    lse = S.double().logsumexp(dim=-1)
+    P = torch.softmax(S.masked_fill(empty[:, None], 0.0), dim=-1) * ~empty[:, None]
+    return (P @ vh).transpose(0, 1), lse
+
+
+def varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype=torch.float64):
+    """flash_attn_varlen_func's reference on packed q (total_q, H, d), k, v (total_k, Hk, d): out, lse
+    (H, total_q), dQ, dK, dV of sum(out * dO), attention a sequence at a time in `dtype` (float64: the
+    reference; q's: plain attention, the yardstick of the official rule)."""
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5
+    outs, lses = [], []
+    cq, ck = cu_seqlens(lengths_q, "cpu").tolist(), cu_seqlens(lengths_k, "cpu").tolist()
+    for b in range(len(lengths_q)):
+        out, lse = sequence_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], causal, scale)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs)
+    grads = torch.autograd.grad(out, (q, k, v), dO.to(dtype))
+    return out.detach(), torch.cat(lses, dim=1), *grads

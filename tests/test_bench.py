@@ -400,3 +400,67 @@ def test_batch_takes_one_size_except_in_decode():
         bench.parse_args(["--sweep", "-B", "1", "8", "--cpu"])
     args = bench.parse_args(["--decode", "--cpu"])  # the issue's model: bf16, 32 query heads over 8, d = 128
     assert (args.dtype, args.head_dim, bench.DECODE_HEADS, bench.DECODE_HEADS_K) == (torch.bfloat16, 128, 32, 8)
+
+
+# --varlen: a causal prefill of sequences of different lengths, packed (flash_attn_varlen_func) and padded
+# (flash_attention, SDPA), on the CPU at tiny sizes, 4 query heads sharing 2 key/value heads.
+VARLEN = ["--varlen", "--cpu", "-B", "3", "--lengths", "1", "70", "-H", "4", "--heads-k", "2", "-d", "64",
+          "--seconds", "0.05", "--warmup", "1", "--repeats", "2", "--min-repeats", "2"]
+
+
+@pytest.fixture(scope="module")
+def varlen(tmp_path_factory):
+    """One tiny varlen run: its rows by (method, pass), and what it printed."""
+    out, printed = tmp_path_factory.mktemp("varlen"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        bench.main([*VARLEN, "--out", str(out)])
+    return {(r["method"], r["pass"]): r for r in csv.DictReader(open(out / "varlen.csv"))}, printed.getvalue()
+
+
+def test_varlen_csv_has_every_method_and_pass_per_real_token(varlen):
+    rows, printed = varlen
+    lengths = bench.varlen_lengths(3, 1, 70)
+    methods = list(dict.fromkeys(m for m, _ in rows))
+    assert methods[:2] == ["minimal-flash3-varlen", "minimal-flash3-padded"] and methods[2].startswith("sdpa-")
+    assert set(rows) == {(m, p) for m in methods for p in bench.VARLEN_PASSES}
+    padded = rows["minimal-flash3-padded", "forward"]
+    for (method, pass_), r in rows.items():
+        assert (r["batch"], r["nheads"], r["nheads_k"], r["d"], r["dtype"], r["causal"]) == \
+            ("3", "4", "2", "64", "bfloat16", "True")
+        assert r["lengths"] == " ".join(map(str, lengths)) and int(r["tokens"]) == sum(lengths)
+        assert int(r["padded_tokens"]) == 3 * max(lengths) and int(r["repeats"]) >= 2
+        ms = float(r["ms"])
+        assert float(r["ns_per_token"]) == pytest.approx(ms * 1e6 / sum(lengths))
+        assert float(r["tflops"]) == pytest.approx(bench.varlen_flops(lengths, 4, 64, pass_) / ms / 1e9)
+        padded = rows["minimal-flash3-padded", pass_]
+        assert float(r["x_padded"]) == pytest.approx(float(padded["ms"]) / ms)
+        assert 0 < float(r["rel_err"]) < 1e-2  # bf16 against float64: ~3e-3 seen
+    # the packed and the padded batch run the same kernels on the same tiles: the same out, to the bit
+    assert rows["minimal-flash3-varlen", "forward"]["rel_err"] == rows["minimal-flash3-padded", "forward"]["rel_err"]
+    table = [line.split() for line in printed.splitlines() if line.split()[:1] and line.split()[0] in methods]
+    assert [line[0] for line in table] == methods
+
+
+def test_varlen_exits_when_a_method_is_wrong(tmp_path, monkeypatch):
+    """The check is real: a method that answers zeros is off by 100%, in the CSV, and the run fails."""
+    zeros = ("packed", lambda q, k, v, causal: q * 0 + (k.sum() + v.sum()) * 0)  # in the graph: zero gradients
+    monkeypatch.setattr(bench, "varlen_methods", lambda args, cu, longest: {"zeros": zeros})
+    with pytest.raises(SystemExit, match="disagree with float64, e.g. zeros forward: rel err 1.0e"):
+        bench.main([*VARLEN, "--out", str(tmp_path)])
+    assert float(next(csv.DictReader(open(tmp_path / "varlen.csv")))["rel_err"]) == 1.0
+
+
+def test_padded_and_unpadded_are_inverses():
+    packed = torch.randn(3 + 5 + 1, 2, 4)
+    batch = bench.padded(packed, [3, 5, 1])
+    assert batch.shape == (3, 2, 5, 4) and not batch[0, :, 3:].any() and not batch[2, :, 1:].any()
+    assert torch.equal(batch[1].transpose(0, 1), packed[3:8]) and torch.equal(bench.unpadded(batch, [3, 5, 1]), packed)
+
+
+def test_varlen_takes_version_3_in_half_precision():
+    args = bench.parse_args(["--varlen", "--cpu"])
+    assert (args.version, args.dtype, args.head_dim, args.heads, args.heads_k, args.lengths) == \
+        (3, torch.bfloat16, 64, 4, 2, (1, 130))
+    for bad in (["--version", "4"], ["--dtype", "fp32"], ["-H", "6", "--heads-k", "4"], ["--lengths", "0", "9"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--varlen", "--cpu", *bad])

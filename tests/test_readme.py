@@ -24,6 +24,7 @@ def test_readme_python_example_runs(monkeypatch):
     exec(compile(example, "README.md", "exec"), names)
     assert names["q"].grad is not None and names["out"].shape == (2, 100, 8, 64)
     assert names["O1"].shape == names["O"].shape and len(names["steps"]) > 0 and names["dec"].shape == (2, 1, 8, 64)
+    assert names["var"].shape == (100, 8, 64)
 
 
 def test_results_tables_are_generated_from_the_csvs():

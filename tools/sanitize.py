@@ -8,7 +8,8 @@ compute-sanitizer:
 Each run is also checked against float64 (tests/helpers.py's checks: fp32 within 1e-5, half precision
 within twice plain attention's error), so a clean sanitizer report on a wrong answer fails too. Versions
 that take grouped heads also run each forward with k, v of one head shared by q's three. With version
-3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches, split keys)."""
+3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches, split keys)
+and its kernels on packed sequences of different lengths (flash_attn_varlen_func)."""
 import math
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 import minimal_flash as mf  # noqa: E402  (conftest-free: this file is run as a script)
-from helpers import assert_close, assert_gradients, poisoned_outputs, reference  # noqa: E402
+from helpers import (assert_close, assert_gradients, cu_seqlens, poisoned_outputs, reference,  # noqa: E402
+                     varlen_reference)
 
 generator = torch.Generator().manual_seed(0)
 
@@ -105,6 +107,29 @@ def run_grouped(version, dtype, causal, N, d):
     print(f"v{version} {str(dtype)[6:]} N={N} d={d} causal={causal}, k and v of 1 head for 3: forward checked")
 
 
+def run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk):
+    """flash_attn_varlen_func (version 3's kernels on packed sequences), forward and backward: the
+    sequences' rows end inside tiles, some sequence has no query or no key (its blocks return at once;
+    causal with Lq > Lk, rows that see no key), k, v of Hk heads shared by H; checked against float64
+    attention a sequence at a time."""
+    q, dO = (torch.randn(sum(lengths_q), H, d, generator=generator).to("cuda", dtype) for _ in range(2))
+    k, v = (torch.randn(sum(lengths_k), Hk, d, generator=generator).to("cuda", dtype) for _ in range(2))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse, _ = mf.flash_attn_varlen_func(q, k, v, cu_seqlens(lengths_q, "cuda"), cu_seqlens(lengths_k, "cuda"),
+                                            max(lengths_q), max(lengths_k), causal=causal, return_attn_probs=True)
+    grads = torch.autograd.grad(out, (q, k, v), dO)
+    out_ref, lse_ref, *grads_ref = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO)
+    plain, _, *plains = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype)
+    seen = torch.isfinite(lse_ref)  # (H, total_q); rows that see no key: out 0, lse -inf
+    assert not out.transpose(0, 1)[~seen].any() and (lse[~seen] == -math.inf).all(), "rows that see no key"
+    assert_close("O", out.transpose(0, 1)[seen], out_ref.transpose(0, 1)[seen], plain.transpose(0, 1)[seen])
+    assert_close("lse", lse[seen], lse_ref[seen])
+    for name, grad, ref, plain in zip(("dQ", "dK", "dV"), grads, grads_ref, plains):
+        assert_close(name, grad, ref, plain)
+    print(f"varlen {str(dtype)[6:]} d={d} causal={causal} lengths q {lengths_q}, k {lengths_k}, H={H} Hk={Hk}: "
+          "forward and backward checked")
+
+
 chosen = {int(a) for a in sys.argv[1:]} or set(mf.VERSIONS)
 for version in sorted(chosen):
     for dtype in mf.VERSIONS[version].dtypes:
@@ -113,8 +138,12 @@ for version in sorted(chosen):
                 run(version, dtype, causal, Br, Bc, N, d)
                 if mf.VERSIONS[version].grouped_heads:
                     run_grouped(version, dtype, causal, N, d)
-if 3 in chosen:  # chapter 5's decode kernels build with version 3
+if 3 in chosen:  # chapter 5's decode kernels and flash_attn_varlen_func build with version 3
     for dtype in mf.VERSIONS[3].dtypes:
         for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3), (5, 64, False, None, 2),
                                             (3, 64, True, 48, 1)):
             run_decode(dtype, Sq, d, causal, page, splits)
+        for d, causal, lengths_q, lengths_k, H, Hk in ((128, True, [0, 100, 300, 1], [5, 100, 260, 0], 8, 2),
+                                                       (64, False, [130, 64, 17], [130, 1, 200], 4, 4),
+                                                       (64, True, [64, 129], [200, 129], 4, 1)):
+            run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk)

@@ -1,0 +1,215 @@
+"""flash_attn_varlen_func (version 3's kernels on sequences packed without padding) against float64
+attention written here, a sequence at a time, on the CPU emulation and, where there is one, on the GPU.
+Each case draws fresh q, k, v and a random dO; sequences of one batch differ in length (0, 1, below,
+at and past the 64-key and 128-row tiles, Lq != Lk, so that causal rows may see no key); grouped heads
+(group 1 and 4), d = 64 and 128, bf16 and fp16, causal or not. Every output the kernels allocate is
+NaN until written. out and dQ, dK, dV within the official rule (largest error at most twice plain
+attention's in the same dtype), lse within 1e-5, rows that see no key exactly 0 and -inf (and their
+gradients 0). Then each sequence against flash_attention on it alone (the padded batch's kernels):
+out, lse, dK, dV to the bit, dQ to within its rounding (added into by atomics in another order). Then
+what is refused."""
+import math
+
+import pytest
+import torch
+
+import minimal_flash as mf
+from helpers import DEVICES, assert_close, cu_seqlens, varlen_reference
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every tensor that torch.empty_like and Tensor.new_empty allocate, the kernels' outputs among them,
+    is NaN until written: an element the kernels never write fails the checks."""
+    empty_like, new_empty = torch.empty_like, torch.Tensor.new_empty
+
+    def nan(t):
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(empty_like(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: nan(new_empty(self, *a, **kw)))
+
+
+def packed_inputs(lengths_q, lengths_k, H, Hk, d, dtype, device, generator):
+    """Fresh standard-normal q (total_q, H, d), k, v (total_k, Hk, d), requiring gradients, and dO."""
+    q, dO = (torch.randn(sum(lengths_q), H, d, generator=generator).to(device, dtype) for _ in range(2))
+    k, v = (torch.randn(sum(lengths_k), Hk, d, generator=generator).to(device, dtype) for _ in range(2))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dO
+
+
+# (lengths_q, lengths_k, nheads, nheads_k, d, causal, dtype): several sequences a batch; lengths 0, 1,
+# below, at and past the forward's 64-key tile and 128-row block and the backward's 128-key block;
+# Lq != Lk (causal: Lq > Lk leaves rows with no key; Lq < Lk, every key before the diagonal's start
+# seen); a sequence with no query (its keys get dK = dV = 0) and one with no key (its rows 0).
+CASES = [
+    ([1, 17, 0, 130], [1, 17, 5, 130], 2, 2, 64, True, torch.bfloat16),
+    ([64, 3, 128], [70, 0, 128], 4, 1, 128, False, torch.float16),
+    ([100, 7, 2], [37, 200, 2], 4, 1, 64, True, torch.float16),
+    ([129, 1, 64], [1, 129, 63], 2, 2, 128, False, torch.bfloat16),
+    ([200, 65], [3, 300], 4, 4, 128, True, torch.bfloat16),
+    ([1, 0, 255], [0, 1, 256], 8, 2, 64, False, torch.bfloat16),
+]
+CASE_IDS = [f"q{'-'.join(map(str, c[0]))}-k{'-'.join(map(str, c[1]))}-h{c[2]}-hk{c[3]}-d{c[4]}-"
+            f"{'causal' if c[5] else 'full'}-{str(c[6]).replace('torch.', '')}" for c in CASES]
+
+
+# On a GPU, besides: sequences of many blocks of rows and keys, a batch of 8 with grouped heads.
+GPU_CASES = [
+    ([1000, 2049, 0, 777, 1, 300, 4096, 129], [1000, 2049, 64, 1500, 0, 300, 4000, 128], 8, 2, 128, True,
+     torch.bfloat16),
+    ([3000, 513, 64], [2000, 513, 3100], 4, 1, 64, False, torch.float16),
+]
+GPU_CASE_IDS = [f"{len(c[0])}-sequences-{sum(c[0])}-rows-{'causal' if c[5] else 'full'}" for c in GPU_CASES]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths_q,lengths_k,H,Hk,d,causal,dtype", CASES, ids=CASE_IDS)
+def test_matches_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator, poisoned):
+    check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+@pytest.mark.parametrize("lengths_q,lengths_k,H,Hk,d,causal,dtype", GPU_CASES, ids=GPU_CASE_IDS)
+def test_matches_float64_at_gpu_sizes(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator, poisoned):
+    check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator)
+
+
+def check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator):
+    """flash_attn_varlen_func's out, lse (return_attn_probs) and, through autograd, dQ, dK, dV of a
+    random dO, against float64 a sequence at a time."""
+    q, k, v, dO = packed_inputs(lengths_q, lengths_k, H, Hk, d, dtype, device, generator)
+    out, lse, none = mf.flash_attn_varlen_func(q, k, v, cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device),
+                                               max(lengths_q), max(lengths_k), causal=causal, return_attn_probs=True)
+    grads = torch.autograd.grad(out, (q, k, v), dO)
+    assert none is None and not lse.requires_grad
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (H, q.shape[0]) and lse.dtype == torch.float32
+    assert all(g.shape == t.shape and g.dtype == dtype for g, t in zip(grads, (q, k, v)))
+    out, lse, grads = out.cpu(), lse.cpu(), [g.cpu() for g in grads]
+    q, k, v, dO = (t.detach().cpu() for t in (q, k, v, dO))
+    out_ref, lse_ref, *grads_ref = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO)
+    plain, _, *plains = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype)
+
+    empty = torch.isinf(lse_ref)  # (H, total_q): rows that see no key
+    rows = empty.t()  # (total_q, H)
+    assert torch.equal(out[rows], torch.zeros_like(out[rows])), "rows that see no key: out 0"
+    assert torch.equal(lse[empty], lse_ref[empty].float()), "rows that see no key: lse -inf"
+    assert torch.equal(grads[0][rows], torch.zeros_like(grads[0][rows])), "rows that see no key: dQ 0"
+    assert (~rows).any()
+    assert_close("out", out[~rows], out_ref[~rows], plain[~rows])
+    assert_close("lse", lse[~empty], lse_ref[~empty])
+    for name, grad, ref, plain in zip(("dQ", "dK", "dV"), grads, grads_ref, plains):
+        assert_close(name, grad, ref, plain)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("H,Hk,d,dtype", [(2, 2, 64, torch.bfloat16), (4, 1, 128, torch.float16)],
+                         ids=["h2-hk2-d64-bfloat16", "h4-hk1-d128-float16"])
+def test_each_sequence_as_flash_attention_alone(device, causal, H, Hk, d, dtype, generator):
+    """The packed batch against flash_attention on each sequence alone (B = 1, its own length, the
+    padded batch's kernels on version 3): the same kernels walk the same tiles in the same order, so out,
+    lse, dK and dV are equal to the bit; dQ is added into by atomics in whatever order blocks finish,
+    so its fp32 sums may differ in their last bits, and dQ by its rounding (an ulp of its dtype)."""
+    lengths = [130, 1, 64, 17]
+    q, k, v, dO = packed_inputs(lengths, lengths, H, Hk, d, dtype, device, generator)
+    cu = cu_seqlens(lengths, device)
+    out, lse, _ = mf.flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal,
+                                            return_attn_probs=True)
+    grads = torch.autograd.grad(out, (q, k, v), dO)
+    for b, (start, end) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        qb, kb, vb = (t.detach()[start:end].transpose(0, 1)[None].requires_grad_() for t in (q, k, v))
+        O, L = mf.forward(qb.detach(), kb.detach(), vb.detach(), causal=causal, version=3)
+        alone = mf.flash_attention(qb, kb, vb, causal=causal, version=3)
+        dQ, dK, dV = (g[0].transpose(0, 1) for g in torch.autograd.grad(alone, (qb, kb, vb),
+                                                                          dO[start:end].transpose(0, 1)[None]))
+        assert torch.equal(out[start:end], alone[0].transpose(0, 1)), f"sequence {b}: out"
+        assert torch.equal(lse[:, start:end], L[0]), f"sequence {b}: lse"
+        assert torch.equal(grads[1][start:end], dK) and torch.equal(grads[2][start:end], dV), f"sequence {b}: dK, dV"
+        torch.testing.assert_close(grads[0][start:end], dQ, rtol=torch.finfo(dtype).eps,
+                                   atol=1e-3 * dQ.abs().max().item(), msg=f"sequence {b}: dQ")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_keys_at_all_and_no_queries_at_all(device, generator):
+    """total_k = 0: every row sees no key (out 0, lse -inf, gradients 0); total_q = 0: empty results."""
+    q, k, v, dO = packed_inputs([3, 2], [0, 0], 4, 2, 64, torch.bfloat16, device, generator)
+    out, lse, _ = mf.flash_attn_varlen_func(q, k, v, cu_seqlens([3, 2], device), cu_seqlens([0, 0], device), 3, 0,
+                                            return_attn_probs=True)
+    dQ, dK, dV = torch.autograd.grad(out, (q, k, v), dO)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(dQ, torch.zeros_like(dQ))
+    assert lse.shape == (4, 5) and (lse == -math.inf).all() and dK.shape == dV.shape == (0, 2, 64)
+    q, k, v, dO = packed_inputs([0, 0], [4, 1], 4, 2, 64, torch.bfloat16, device, generator)
+    out = mf.flash_attn_varlen_func(q, k, v, cu_seqlens([0, 0], device), cu_seqlens([4, 1], device), 0, 4, causal=True)
+    dQ, dK, dV = torch.autograd.grad(out, (q, k, v), dO)
+    assert out.shape == (0, 4, 64) and torch.equal(dK, torch.zeros_like(dK)) and torch.equal(dV, torch.zeros_like(dV))
+
+
+def small_inputs(lengths_q=(3, 5), lengths_k=(3, 5), H=4, Hk=2, d=64, dtype=torch.bfloat16):
+    """q, k, v of zeros and their cu_seqlens and max_seqlen: for the refusals, which come first."""
+    q = torch.zeros(sum(lengths_q), H, d, dtype=dtype)
+    k, v = (torch.zeros(sum(lengths_k), Hk, d, dtype=dtype) for _ in range(2))
+    return q, k, v, cu_seqlens(lengths_q, "cpu"), cu_seqlens(lengths_k, "cpu"), max(lengths_q), max(lengths_k)
+
+
+def refuse(error, match, *inputs, **options):
+    with pytest.raises(error, match=match):
+        mf.flash_attn_varlen_func(*inputs, **options)
+
+
+@pytest.mark.parametrize("option,value", [("window_size", (8, 0)), ("softcap", 30.0), ("alibi_slopes", torch.zeros(4)),
+                                          ("block_table", torch.zeros(2, 1, dtype=torch.int32))])
+def test_options_it_lacks_are_refused(option, value):
+    refuse(ValueError, f"{option} = .* is not supported by minimal_flash", *small_inputs(), **{option: value})
+
+
+def test_dropout_and_deterministic_are_refused():
+    refuse(ValueError, "dropout_p = 0.1: these kernels have no dropout", *small_inputs(), dropout_p=0.1)
+    refuse(ValueError, "deterministic=True: .* version 3's kernels, whose backward adds into dQ with atomics",
+           *small_inputs(), deterministic=True)
+    refuse(TypeError, "deterministic = 'yes'", *small_inputs(), deterministic="yes")
+
+
+def test_bad_tensors_are_refused():
+    q, k, v, cu_q, cu_k, max_q, max_k = inputs = small_inputs()
+    refuse(TypeError, "q has dtype torch.float32; flash_attn_varlen_func runs version 3's kernels, which take "
+                      "bfloat16 and float16 only", *small_inputs(dtype=torch.float32))
+    refuse(ValueError, r"head dim d = 96: .* d = 64 or 128 \(version 3's kernels\)", *small_inputs(d=96))
+    refuse(ValueError, "nheads_k = 4 does not divide q's nheads = 6", *small_inputs(H=6, Hk=4))
+    refuse(ValueError, "k and v have head dim 128, q 64", q, k.repeat(1, 1, 2), v.repeat(1, 1, 2), *inputs[3:])
+    refuse(ValueError, r"q must be 3-D \(total_q, nheads, d\)", q[None], *inputs[1:])
+    refuse(ValueError, r"k must be 3-D \(total_k, nheads_k, d\)", q, k[None], *inputs[2:])
+    refuse(TypeError, "k has dtype torch.float16, q torch.bfloat16", q, k.half(), *inputs[2:])
+    refuse(ValueError, "k and v differ in shape", q, k, v[:, :1], *inputs[3:])
+    refuse(ValueError, "v is on meta, q on cpu", q, k, v.to("meta"), *inputs[3:])
+    refuse(ValueError, "cu_seqlens_k is on meta, q on cpu", q, k, v, cu_q, cu_k.to("meta"), max_q, max_k)
+    refuse(TypeError, "q must be a torch.Tensor, got list", [1.0], *inputs[1:])
+
+
+def test_bad_cu_seqlens_and_max_seqlen_are_refused():
+    q, k, v, cu_q, cu_k, max_q, max_k = small_inputs()
+    refuse(TypeError, "cu_seqlens_q has dtype torch.int64; it must be torch.int32", q, k, v, cu_q.long(), cu_k, max_q,
+           max_k)
+    refuse(ValueError, r"cu_seqlens_k must be 1-D \(batch \+ 1,\), batch >= 1", q, k, v, cu_q, cu_k[:1], max_q, max_k)
+    refuse(ValueError, "cu_seqlens_q has 3 entries and cu_seqlens_k 4", q, k, v, cu_q, cu_seqlens([3, 5, 0], "cpu"),
+           max_q, max_k)
+    refuse(ValueError, r"cu_seqlens_q\[0\] = 1: the offsets start at 0", q, k, v, cu_q + 1, cu_k, max_q, max_k)
+    bad = torch.tensor([0, 6, 5, 8], dtype=torch.int32)
+    refuse(ValueError, r"cu_seqlens_k decreases, cu_seqlens_k\[1\] = 6 > cu_seqlens_k\[2\] = 5: sequence 1 would have "
+                       "a negative length", q, k, v, cu_seqlens([3, 0, 5], "cpu"), bad, max_q, max_k)
+    refuse(ValueError, r"cu_seqlens_q\[-1\] = 7, but q has 8 rows", q, k, v, cu_seqlens([3, 4], "cpu"), cu_k, max_q, max_k)
+    refuse(ValueError, r"cu_seqlens_k\[-1\] = 9, but k has 8 rows", q, k, v, cu_q, cu_seqlens([3, 6], "cpu"), max_q, max_k)
+    refuse(ValueError, "sequence 1 has 5 queries, more than max_seqlen_q = 4", q, k, v, cu_q, cu_k, 4, max_k)
+    refuse(ValueError, "sequence 1 has 5 keys, more than max_seqlen_k = 3", q, k, v, cu_q, cu_k, max_q, 3)
+    refuse(TypeError, "max_seqlen_q = 4.5: it must be an int", q, k, v, cu_q, cu_k, 4.5, max_k)
+    refuse(TypeError, "max_seqlen_k = True: it must be an int", q, k, v, cu_q, cu_k, max_q, True)
+    refuse(ValueError, "max_seqlen_k = -1", q, k, v, cu_q, cu_k, max_q, -1)
+    # larger maxima are no error: the blocks past each sequence's end return at once
+    out = mf.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 300, 200)
+    assert torch.equal(out, torch.zeros_like(out))  # zeros in, zeros out
+
+
+def test_a_cuda_graph_being_captured_is_refused(monkeypatch):
+    """The host check of cu_seqlens waits for the device, which capture forbids: refused, not skipped."""
+    monkeypatch.setattr(mf, "_capturing", lambda device: True)
+    refuse(RuntimeError, "checks cu_seqlens on the host, which waits for the device; a CUDA graph being captured",
+           *small_inputs())
