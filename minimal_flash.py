@@ -78,6 +78,7 @@ class Version:
     deterministic: bool = False  # the backward gives the same bits run to run (no atomics)
     deterministic_mode: bool = False  # deterministic=True makes it so, at a cost (version 4's ordered dQ)
     grouped_heads: bool = False  # takes k, v with fewer heads than q, each shared by a group of q's
+    strided: bool = False  # reads q, k, v, dO where they lie, with their strides (_reads_as_is): no copy
     positive_scale: bool = False  # takes softmax_scale > 0 only
     capability: Optional[tuple] = None  # the one GPU compute capability it runs on (None: any)
     cuda_flags: tuple = ()  # nvcc flags of its CUDA build (None of them: torch's own for the GPU)
@@ -96,7 +97,7 @@ VERSIONS = {v.number: v for v in (
     # Hopper's wgmma and setmaxnreg exist for the sm_90a target only, whose code runs on 9.0 GPUs only.
     Version(4, "FlashAttention-3 on Hopper", 4, ("flash3_hopper.cu", "flash3_hopper_backward.cu"), "version4.cuh",
             (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True, capability=(9, 0),
-            deterministic_mode=True, grouped_heads=True,
+            deterministic_mode=True, grouped_heads=True, strided=True,
             cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",)),
 )}
 PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
@@ -144,8 +145,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     causal = _either("causal", causal, False, "is_causal", is_causal)
     softmax_scale = _either("softmax_scale", softmax_scale, None, "scale", scale)
     _check_sdpa_only(attn_mask, dropout_p)
-    # Outside the Function: the .contiguous() of q, k, v passes gradients back. The block sizes are
-    # fixed now: the backward must use the forward's.
+    # Outside the Function: a copy of q, k, v (_check_inputs: a layout the version cannot read) passes
+    # gradients back. The block sizes are fixed now: the backward must use the forward's.
     q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
     deterministic = _check_deterministic(deterministic, version)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
@@ -300,6 +301,7 @@ def backward(dO, q, k, v, O, L, *, causal=False, softmax_scale=None, Br=None, Bc
     deterministic = _check_deterministic(deterministic, version)
     dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
     L = _check_like("L", L, q[..., 0].float())
+    dO, O, L = _laid_out(dO, version), O.contiguous(), L.contiguous()  # dO as q, k, v; O, L as written
     if out is not None:
         out = _check_outputs(("dQ", "dK", "dV"), out, (q, k, v), (q, k, v, O, dO, L))
     return _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic, out)
@@ -307,7 +309,8 @@ def backward(dO, q, k, v, O, L, *, causal=False, softmax_scale=None, Br=None, Bc
 
 def _attention(q, k, v, causal, scale, Br, Bc, version, out=None):
     """forward() on inputs already checked: what every call pays for, and no more."""
-    O, L = out if out is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32))
+    # O contiguous whatever q's strides (new_empty, not empty_like, which would copy a view's layout)
+    O, L = out if out is not None else (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32))
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
         kernels = load_kernels(q.device.type, version, Br, Bc)
         _check_shared_memory(kernels, q, "forward", version)
@@ -320,7 +323,7 @@ def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, determin
     """backward() on inputs already checked. Grouped-query heads (k, v with H / group heads): as the
     official package does, the kernels get k, v repeated to q's heads, and each head's dK, dV is the
     sum (in fp32) of its group's."""
-    dQ, dK, dV = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    dQ, dK, dV = out if out is not None else (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
     if q.numel() > 0:
         kernels = load_kernels(q.device.type, version, Br, Bc)
         _check_shared_memory(kernels, q, "backward", version)
@@ -364,7 +367,9 @@ class FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dO):
-        dQ, dK, dV = _attention_grads(dO.contiguous(), *ctx.saved_tensors, *ctx.options)
+        causal, scale, Br, Bc, version, deterministic = ctx.options
+        # dO: the gradient of the model's output, often a view of its (B, N, H, d) layout
+        dQ, dK, dV = _attention_grads(_laid_out(dO, version), *ctx.saved_tensors, *ctx.options)
         return dQ, dK, dV, None, None, None, None, None, None
 
 
@@ -383,19 +388,19 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 @_attention_op.register_fake
 def _(q, k, v, causal, scale, Br, Bc, version, deterministic):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)  # contiguous, as _attention's
 
 
 @torch.library.custom_op("minimal_flash::attention_grads", mutates_args=())
 def _attention_grads_op(dO: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, O: torch.Tensor,
                         L: torch.Tensor, causal: bool, scale: float, Br: Optional[int], Bc: Optional[int],
                         version: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_grads(dO.contiguous(), q, k, v, O, L, causal, scale, Br, Bc, version, deterministic)
+    return _attention_grads(_laid_out(dO, version), q, k, v, O, L, causal, scale, Br, Bc, version, deterministic)
 
 
 @_attention_grads_op.register_fake
 def _(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_op_save(ctx, inputs, output):
@@ -1019,6 +1024,9 @@ def _use_this_pythons_ninja():
         os.environ["PATH"] = interpreter_bin + os.pathsep + path
 
 
+_STRIDES = ctypes.c_longlong * 12  # mf_run's strides: (batch, head, row) of q, k, v, dO
+
+
 class Kernels:
     """One build: one version's kernels for one device type (and block sizes, where the version takes
     them), the C functions of kernels/bindings.cu called with tensors."""
@@ -1029,7 +1037,7 @@ class Kernels:
         for function, result, arguments in [
                 (c.mf_block_size, i, [i]), (c.mf_device_shared_bytes, i64, [i]),
                 (c.mf_shared_bytes, i64, [i, i]), (c.mf_scratch_floats, i64, [i, i, i]),
-                (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, i, f, b, b, i, i, P])]:
+                (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, i, i, P, f, b, b, i, i, P])]:
             function.restype, function.argtypes = result, arguments
         if hasattr(c, "mf_decode"):  # version 3's build: chapter 5's decode kernels (kernels/flash_decode.cu)
             c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 9 + [i] * 11 + [f, b, i, i, P]
@@ -1054,22 +1062,25 @@ class Kernels:
     def run(self, pass_, causal, scale, q, k, v, O, L, dO=None, dQ=None, dK=None, dV=None, deterministic=False):
         """A pass on any tensors: the kernels index raw addresses, so this checks their layout first,
         the last line of defence for any caller (minimal_flash's functions have checked their inputs,
-        and use `call`). Returns an error message, "" on success."""
+        and use `call`): q, k, v, dO in a layout the version reads as it lies (_reads_as_is: version 4
+        takes views), O, dQ, dK, dV, L contiguous. Returns an error message, "" on success."""
         grads = (dO, dQ, dK, dV)
         if (pass_ == "forward") != all(t is None for t in grads) or pass_ not in PASSES:
             return f"internal error: pass {pass_!r} with{'out' if pass_ == 'backward' else ''} dO, dQ, dK, dV"
-        tensors = [t for t in (q, k, v, O, *grads) if t is not None]
+        inputs, outputs = [t for t in (q, k, v, dO) if t is not None], [t for t in (O, dQ, dK, dV) if t is not None]
 
         def bad(t, shape, dtype):
-            return t.shape != shape or not t.is_contiguous() or t.dtype != dtype or t.device != q.device
+            return t.shape != shape or t.dtype != dtype or t.device != q.device
 
         kv_shape = k.shape if pass_ == "forward" else q.shape  # grouped heads: the forward's only
         shapes = {id(k): kv_shape, id(v): kv_shape}
         if (q.dtype not in DTYPES or kv_shape[1] == 0 or q.shape[1] % kv_shape[1] or _other_dims(q) != _other_dims(k)
-                or any(bad(t, shapes.get(id(t), q.shape), q.dtype) or t.data_ptr() % 16 for t in tensors)):
+                or any(bad(t, shapes.get(id(t), q.shape), q.dtype) or t.data_ptr() % 16 for t in inputs + outputs)
+                or not all(_reads_as_is(t, self.version) for t in inputs)
+                or not all(t.is_contiguous() for t in outputs)):
             return ("internal error: the (B, H, N, d) tensors differ in shape, layout, dtype or device, or one "
                     "is not 16-byte aligned")
-        if bad(L, q.shape[:-1], torch.float32):
+        if bad(L, q.shape[:-1], torch.float32) or not L.is_contiguous():
             return "internal error: L has the wrong layout"
         return self.call(pass_, causal, scale, q, k, v, O, L, *grads, deterministic=deterministic)
 
@@ -1081,9 +1092,11 @@ class Kernels:
         # fp32 whatever q's dtype; held here until the launch is queued (none where the pass needs none)
         scratch = q.new_empty(B * H * per_slice, dtype=torch.float32) if per_slice > 0 else None
         addresses = [t.data_ptr() if t is not None else None for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch)]
+        # q's, k's, v's, dO's (batch, head, row) strides: bindings.cu's Strides, 4 of them (the forward's dO: 0s)
+        strides = _STRIDES(*(s for t in (q, k, v, dO) for s in (_strides(t) if t is not None else (0, 0, 0))))
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address
-        return self._c.mf_run(p, *addresses, B * H, N, d, group, scale, causal, deterministic,
+        return self._c.mf_run(p, *addresses, B, H, N, d, group, strides, scale, causal, deterministic,
                               DTYPES.index(q.dtype), device, stream).decode()
 
 
@@ -1113,7 +1126,7 @@ class Kernels:
 def _check_call(q, k, v, causal, softmax_scale, Br, Bc, version):
     """What every entry point checks, in one order: the options, the version (default: q's dtype's),
     q, k, v for it, the scale and the block sizes by its rules. Returns them ready for the kernels:
-    (q, k, v contiguous, causal, scale as a float, Br, Bc, version)."""
+    (q, k, v in a layout the version reads, causal, scale as a float, Br, Bc, version)."""
     causal = _check_causal(causal)
     version = _check_version(version, q)
     q, k, v = _check_inputs(q, k, v, version)
@@ -1123,7 +1136,8 @@ def _check_call(q, k, v, causal, softmax_scale, Br, Bc, version):
 
 
 def _check_inputs(q, k, v, version):
-    """Raise a clear error for anything this version's kernels cannot take; return (q, k, v) contiguous."""
+    """Raise a clear error for anything this version's kernels cannot take; return (q, k, v) in a layout
+    they read (_laid_out)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, version)
         if t.dim() != 4:
@@ -1148,8 +1162,36 @@ def _check_inputs(q, k, v, version):
     if head_dims is not None and d not in head_dims:
         raise ValueError(f"head dim d = {d}: version {version} is compiled for d = "
                          + " and ".join(map(str, head_dims)))
-    # The kernels index rows with a fixed stride; a view (a transpose, a slice) is copied first.
-    return q.contiguous(), k.contiguous(), v.contiguous()
+    return _laid_out(q, version), _laid_out(k, version), _laid_out(v, version)
+
+
+def _laid_out(t, version):
+    """q, k, v or dO as this version's kernels read it: t itself where they can (_reads_as_is), else a
+    contiguous copy. This is where a view is copied or not. Versions 1-3 index rows with fixed strides,
+    so a view (a transpose, a slice) is copied. Version 4 reads through tensor maps with t's own strides,
+    so a model's views run uncopied: q, k, v permuted out of one (B, N, 3, H, d) projection, the
+    gradient of its (B, N, H, d) output. Those copies cost ~0.8 ms of a 10 ms GPT training step on an
+    H200 (24 copy kernels a step). Only what no tensor map can describe is copied."""
+    return t if _reads_as_is(t, version) else t.contiguous()
+
+
+def _reads_as_is(t, version):
+    """Can this version's kernels read t, a (B, H, N, d) input, where it lies? Versions 1-3: contiguous
+    only. Version 4 (kernels/version4.cuh, tensor_map): its d values contiguous (stride 1) and its
+    other strides positive multiples of 16 bytes, the copy engine's rule (a dim of size 1 is never
+    stepped along: _strides). Its address must be 16-byte aligned too: checked at the launch
+    (_aligned), where torch.compile has real tensors."""
+    if not VERSIONS[version].strided:
+        return t.is_contiguous()
+    return t.stride(-1) == 1 and all(s > 0 and s * t.element_size() % 16 == 0 for s in _strides(t))
+
+
+def _strides(t):
+    """(batch, head, row) strides of a (B, H, N, d) tensor, in values, as the kernels get them: a dim of
+    size 1 is never stepped along, and gets a contiguous tensor's stride (torch's is_contiguous
+    ignores it too)."""
+    B, H, N, d = t.shape
+    return tuple(s if n > 1 else c for n, s, c in zip((B, H, N), t.stride(), (H * N * d, N * d, d)))
 
 
 def _other_dims(t):
@@ -1159,10 +1201,11 @@ def _other_dims(t):
 
 def _aligned(t):
     """The kernels move (B, H, N, d) tensors 16 bytes at a time (float4 loads, cp.async, vector
-    atomics), so each must start at a 16-byte-aligned address. A fresh tensor does; a contiguous view
-    that starts inside another tensor's storage may not, and is copied. (At the launch, not with the
-    input checks: torch.compile cannot trace an address, but the custom operators' bodies run eagerly.)"""
-    return t if t.data_ptr() % 16 == 0 else t.clone()
+    atomics, TMA), so each must start at a 16-byte-aligned address. A fresh tensor does; a view that
+    starts inside another tensor's storage may not, and is copied into a fresh contiguous tensor. (At
+    the launch, not with the input checks: torch.compile cannot trace an address, but the custom
+    operators' bodies run eagerly.)"""
+    return t if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def _check_is_tensor(name, t):
@@ -1219,11 +1262,13 @@ def _check_outputs(names, tensors, likes, inputs):
 
 
 def _overlap(a, b):
-    """Do two contiguous tensors' bytes overlap? (Each spans exactly [start, start + bytes).)"""
+    """Do two tensors' bytes overlap? Each spans [its first element, past its last): exactly, for a
+    contiguous tensor; a view (version 4's inputs may be) with its gaps, which counts as overlap."""
     if a.device != b.device or a.numel() == 0 or b.numel() == 0:
         return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+    (a0, a1), (b0, b1) = ((t.data_ptr(), t.data_ptr() + t.element_size() * (1 + sum(
+        (n - 1) * s for n, s in zip(t.shape, t.stride())))) for t in (a, b))
+    return a0 < b1 and b0 < a1
 
 
 def _check_like(name, t, like):
@@ -1235,7 +1280,7 @@ def _check_like(name, t, like):
         raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(t.shape)}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device}, q on {like.device}: they must be on one device")
-    return t.contiguous()
+    return t
 
 
 def _check_version(version, q):

@@ -3,9 +3,10 @@
 // memory and scratch), and, for the versions they shape, -DBR=.. -DBC=.. The version file is
 // included in the middle, after what its launchers use:
 //
-//   Call            one call of a pass: the tensors' addresses, sizes, options and stream
+//   Call            one call of a pass: the tensors' addresses, sizes, strides, options and stream
 //   launch()        a checked launch: shared memory opted into, the launch error caught
-//   versionN.cuh    struct Version { forward(Call), backward(Call), shared_bytes, scratch_floats }
+//   versionN.cuh    struct Version { forward(Call), backward(Call), shared_bytes, scratch_floats,
+//                                    GROUPED_HEADS, STRIDED }
 //   mf_*            the C functions that minimal_flash.py calls through ctypes (a kernel file may add
 //                   its own: version 3's build has chapter 5's mf_decode, flash_decode.cu)
 //
@@ -33,9 +34,11 @@ static size_t max_shared_bytes(int device) {  // the most shared memory a block 
 #endif
 #include "tiles.cuh"  // Br, Bc (-DBR, -DBC), ceil_div
 
-// One call of a pass: the tensors' addresses (those the pass does not use are null), their sizes,
-// and the stream. O and L are written by the forward, read by the backward. The addresses are typed
-// float, the type of versions 1 and 2; version 3 reads them as 16-bit values (L stays float).
+// One call of a pass: the tensors' addresses (those the pass does not use are null), their sizes and
+// layouts, and the stream. O and L are written by the forward, read by the backward. The addresses are
+// typed float, the type of versions 1 and 2; versions 3 and 4 read them as 16-bit values (L stays float).
+// q, k, v and dO come with their strides: contiguous for versions 1-3 (run() below checks it), any
+// that version 4's tensor maps can describe (Version::STRIDED); O, L, dQ, dK, dV are contiguous always.
 enum DType { FLOAT32, BFLOAT16, FLOAT16 };  // minimal_flash.DTYPES
 enum Pass { FORWARD, BACKWARD };            // minimal_flash.PASSES
 struct Call {
@@ -51,12 +54,14 @@ struct Call {
     int dtype;           // of Q, K, V, O, dO, dQ, dK, dV: a DType
     int device;          // the GPU the tensors are on
     cudaStream_t stream;
+    int H = 0;  // q's heads: B = BH / H; k's and v's: H / group
+    Strides Q_strides{}, K_strides{}, V_strides{}, dO_strides{};  // in values (tiles.cuh)
     // Sequences packed without padding (version 3's mf_varlen; null: the layout above): q, O (total_q,
     // H, d), k, v (total_k, H / group, d), L (total_q, H); sequence b's rows cu_seqlens_q[b] ..
     // cu_seqlens_q[b + 1] - 1 of q (of k likewise). N and Nk are then the longest sequence's queries
     // and keys (the grid's size), BH = B * H, and rows = total_q * H, the rows of d values in q.
     const int *cu_seqlens_q = nullptr, *cu_seqlens_k = nullptr;
-    int H = 0, Nk = 0;
+    int Nk = 0;
     long long rows = 0;
     bool packed() const { return cu_seqlens_q != nullptr; }
 };
@@ -154,14 +159,31 @@ struct OnDevice {
 #define MF_FILE(file) MF_QUOTE(file)
 #include MF_FILE(VERSION_FILE)
 
+// Are q, k, v (and, backward, dO) contiguous (B, H, N, d) tensors (k, v: of H / group heads)?
+static bool contiguous(int pass, const Call& c) {
+    const long long N = c.N, d = c.d, Hk = c.H / c.group;
+    const auto is = [&](const Strides& s, long long heads) {
+        return s.batch == heads * N * d && s.head == N * d && s.row == d;
+    };
+    return is(c.Q_strides, c.H) && is(c.K_strides, Hk) && is(c.V_strides, Hk) &&
+           (pass == FORWARD || is(c.dO_strides, c.H));
+}
+
 static const char* run(int pass, const Call& call) {
     static thread_local std::string message;  // lives until the next call from this thread
     const OnDevice on(call.device);
     // Grouped-query heads: the forward kernels of versions that read K, V by group (GROUPED_HEADS);
     // minimal_flash.py hands every backward K and V with q's heads (it sums dK, dV over the group).
     const bool bad_group = call.group != 1 && (pass != FORWARD || !Version::GROUPED_HEADS || call.group < 1 ||
-                                               call.BH % call.group != 0);
-    message = bad_group ? "internal error: " + std::to_string(call.group) + " query heads per head of k, v"
+                                               call.H % call.group != 0);
+    const bool bad_heads = call.H < 1 || call.BH % call.H != 0;
+    // Strided q, k, v, dO: the versions that read them through tensor maps (STRIDED); the others index
+    // rows with fixed strides, and minimal_flash.py hands them contiguous tensors.
+    const bool bad_layout = !Version::STRIDED && !contiguous(pass, call);
+    message = bad_heads    ? "internal error: " + std::to_string(call.BH) + " slices of " +
+                                 std::to_string(call.H) + " heads"
+              : bad_group  ? "internal error: " + std::to_string(call.group) + " query heads per head of k, v"
+              : bad_layout ? "internal error: this version reads contiguous q, k, v, dO only"
               : pass == FORWARD  ? Version::forward(call)
               : pass == BACKWARD ? Version::backward(call)
                                  : "no pass " + std::to_string(pass);
@@ -180,16 +202,21 @@ long long mf_scratch_floats(int pass, int N, int d) { return Version::scratch_fl
 // Forward (pass 0): O = softmax(scale * Q K^T) V and L = the rows' log-sum-exp, into O and L.
 // Backward (pass 1): dQ, dK, dV of the loss, given dO and the forward's O and L; `deterministic`: dQ
 // the same bits run to run, where the version has such a mode (version 4).
+// B, H: q's batch and heads; k's and v's heads are H / group. `strides`: Q's, K's, V's and dO's
+// (batch, head, row) strides, in values (the forward's dO: any); contiguous but in version 4.
 // `dtype`: a DType; `device` and `stream`: where the tensors are and the stream to launch on (both 0
 // on the CPU). Addresses a pass does not use are null.
 const char* mf_run(int pass, const float* Q, const float* K, const float* V, float* O, const float* dO,
-                   float* L, float* dQ, float* dK, float* dV, float* scratch, long long BH, int N, int d,
-                   int group, float scale, bool causal, bool deterministic, int dtype, int device,
-                   void* stream) {
+                   float* L, float* dQ, float* dK, float* dV, float* scratch, long long B, int H, int N,
+                   int d, int group, const Strides* strides, float scale, bool causal, bool deterministic,
+                   int dtype, int device, void* stream) {
     // clang-format off: one line per kind of field, as Call declares them
-    const Call call{Q, K, V, dO, O, L, dQ, dK, dV, scratch,
-                    BH, group, N, d, scale, causal, deterministic, dtype, device, cudaStream_t(stream)};
+    Call call{Q, K, V, dO, O, L, dQ, dK, dV, scratch,
+              B * H, group, N, d, scale, causal, deterministic, dtype, device, cudaStream_t(stream)};
     // clang-format on
+    call.H = H;
+    call.Q_strides = strides[0], call.K_strides = strides[1], call.V_strides = strides[2];
+    call.dO_strides = strides[3];
     return run(pass, call);
 }
 }

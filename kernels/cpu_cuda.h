@@ -25,11 +25,12 @@
 //   - cp.async copies land when their thread waits for them, not before; until then their
 //     destination holds NaN (on a GPU it holds the old data or the new, or part of each).
 //   - Hopper's instructions (kernels/hopper.cuh) keep their semantics: an mbarrier wait blocks until
-//     the phase's arrivals and bytes are all in, a TMA box lands (swizzled, zeros past the tensor)
-//     only when a thread waits on its barrier, a wgmma is a collective of its warpgroup whose
-//     results land in the accumulators only at the wgmma_wait that retires them (NaN before), a bulk
-//     reduce reads its shared memory (and adds it into global memory) only at the bulk_wait_read
-//     that retires it, and named barriers block. Their deadlocks are named as a __syncthreads' are.
+//     the phase's arrivals and bytes are all in, a TMA box (of a 3-D or 4-D tensor map, its strides
+//     in any order) lands (swizzled, zeros past the tensor) only when a thread waits on its barrier,
+//     a wgmma is a collective of its warpgroup whose results land in the accumulators only at the
+//     wgmma_wait that retires them (NaN before), a bulk reduce reads its shared memory (and adds it
+//     into global memory) only at the bulk_wait_read that retires it, and named barriers block.
+//     Their deadlocks are named as a __syncthreads' are.
 //   - atomicAdd is atomic, across blocks that run on different cores too.
 //   - Launch errors as a GPU reports them: too many threads, too much shared memory.
 // And what a GPU does not have: Ctrl-C (SIGINT) stops a launch within a moment, and a launch that
@@ -1115,18 +1116,21 @@ struct alignas(64) Worker {
         return false;
     }
 
-    // ---- TMA: the box at (x, y, z) of a 3-dimensional tensor map, read now, lands at a wait on `bar`.
-    void tma_load(void* to, const CUtensorMap* map, int x, int y, int z, uint64_t* bar, const Site& site) {
+    // ---- TMA: the box at `start` (x innermost, then y, z and, at rank 4, w) of a tensor map of rank
+    // `rank`, read now, lands at a wait on `bar`.
+    void tma_load(void* to, const CUtensorMap* map, int rank, const long long* start, uint64_t* bar,
+                  const Site& site) {
         TensorMap m;
         std::memcpy(&m, map, sizeof m);
         if (m.tag != kTensorMapTag) fail(site, "the tensor map was not made by cuTensorMapEncodeTiled");
-        if (m.rank != 3)
-            fail(site, "tma_load takes a tensor map of rank 3; this one has rank " + std::to_string(m.rank));
+        if (m.rank != rank)
+            fail(site, "tma_load with " + std::to_string(rank) + " coordinates takes a tensor map of rank " +
+                           std::to_string(rank) + "; this one has rank " + std::to_string(m.rank));
         const size_t offset = size_t(static_cast<char*>(to) - reinterpret_cast<char*>(smem));
         const size_t align = m.swizzle == CU_TENSOR_MAP_SWIZZLE_128B ? 1024 : 128;
-        unsigned n[3];  // the elements the box holds per dimension
-        for (int i = 0; i < 3; ++i) n[i] = (m.box[i] + m.element_strides[i] - 1) / m.element_strides[i];
-        const size_t size = m.strides[0], bytes = size_t(n[0]) * n[1] * n[2] * size;
+        unsigned n[4] = {1, 1, 1, 1};  // the elements the box holds per dimension
+        for (int i = 0; i < rank; ++i) n[i] = (m.box[i] + m.element_strides[i] - 1) / m.element_strides[i];
+        const size_t size = m.strides[0], bytes = size_t(n[0]) * n[1] * n[2] * n[3] * size;
         if (offset % align)
             fail(site,
                  "a TMA destination must be " + std::to_string(align) + "-byte aligned" +
@@ -1142,29 +1146,27 @@ struct alignas(64) Worker {
         // 4 chunks), XORing address bits 4-6 with bits 7-9 (4-5 with 7-8; 4 with 7).
         const size_t swizzle = m.swizzle ? ((size_t(1) << (m.swizzle)) - 1) << 4 : 0;
         TmaCopy copy{static_cast<unsigned char*>(to), std::vector<unsigned char>(bytes)};
-        const long long start[3] = {x, y, z};
         unsigned char fill[8];
         std::memset(fill, 0, sizeof fill);
         if (m.nan_fill) {  // the type's quiet NaN, all ones but the sign: reads as NaN in any float type
             std::memset(fill, 0xff, sizeof fill);
             fill[size - 1] = 0x7f;
         }
-        size_t o = 0;
-        for (unsigned k = 0; k < n[2]; ++k)
-            for (unsigned j = 0; j < n[1]; ++j)
-                for (unsigned i = 0; i < n[0]; ++i, o += size) {
-                    const long long c[3] = {start[0] + (long long)i * m.element_strides[0],
-                                            start[1] + (long long)j * m.element_strides[1],
-                                            start[2] + (long long)k * m.element_strides[2]};
-                    const bool inside = c[0] >= 0 && c[1] >= 0 && c[2] >= 0 && uint64_t(c[0]) < m.dims[0] &&
-                                        uint64_t(c[1]) < m.dims[1] && uint64_t(c[2]) < m.dims[2];
-                    const size_t at = (offset + o) ^ ((offset + o) >> 3 & swizzle);
-                    std::memcpy(
-                        &copy.bytes[at - offset],
-                        inside ? m.address + c[0] * m.strides[0] + c[1] * m.strides[1] + c[2] * m.strides[2]
-                               : fill,
-                        size);
-                }
+        // Element e of the box, x fastest: inside the tensor, it is read from the sum over the
+        // dimensions of coordinate times stride (in bytes, in any order: a permuted layout is one
+        // more tensor map); outside, it is the fill.
+        for (size_t e = 0, o = 0; o < bytes; ++e, o += size) {
+            bool inside = true;
+            long long from = 0;
+            size_t rest = e;  // e's index along dimension i: rest % n[i], after the dimensions before
+            for (int i = 0; i < rank; rest /= n[i], ++i) {
+                const long long c = start[i] + (long long)(rest % n[i]) * m.element_strides[i];
+                inside = inside && c >= 0 && uint64_t(c) < m.dims[i];
+                from += c * (long long)m.strides[i];
+            }
+            const size_t at = (offset + o) ^ ((offset + o) >> 3 & swizzle);
+            std::memcpy(&copy.bytes[at - offset], inside ? m.address + from : fill, size);
+        }
         std::memset(to, kPoison, bytes);  // in flight: neither the old data nor the new
         b.copies.push_back(std::move(copy));
         mbarrier_changed(b);  // a thread waiting on it lands it
@@ -1715,10 +1717,17 @@ inline void mbarrier_wait(uint64_t* bar, unsigned parity, CPU_CUDA_SITE) {
     cpu_cuda::this_worker->mbarrier_wait(bar, parity, {cpu_cuda::kMbarrierWait, file, line});
 }
 
-// TMA: the box at (x, y, z) of a 3-dimensional tensor map (x innermost), zeros outside the tensor,
-// into shared memory at `to`, swizzled as the map says; its bytes count on `bar` when it lands.
+// TMA: the box at (x, y, z) of a 3-dimensional tensor map (x innermost), or at (x, y, z, w) of a
+// 4-dimensional one, zeros outside the tensor, into shared memory at `to`, swizzled as the map says;
+// its bytes count on `bar` when it lands.
 inline void tma_load(void* to, const CUtensorMap* map, int x, int y, int z, uint64_t* bar, CPU_CUDA_SITE) {
-    cpu_cuda::this_worker->tma_load(to, map, x, y, z, bar, {"tma_load", file, line});
+    const long long start[3] = {x, y, z};
+    cpu_cuda::this_worker->tma_load(to, map, 3, start, bar, {"tma_load", file, line});
+}
+inline void tma_load(void* to, const CUtensorMap* map, int x, int y, int z, int w, uint64_t* bar,
+                     CPU_CUDA_SITE) {
+    const long long start[4] = {x, y, z, w};
+    cpu_cuda::this_worker->tma_load(to, map, 4, start, bar, {"tma_load", file, line});
 }
 
 // The copy engine's bulk reduce (cpu_cuda::BulkReduce): fp32 from shared memory added into global

@@ -9,6 +9,9 @@
 //     (warp specialization, registers moved to them by setmaxnreg); the consumers take turns on the
 //     tensor cores (ping-pong), and each overlaps its own softmax with its next products.
 // Names as in the paper; "Alg. 1, line n" marks the FlashAttention-2 paper's Algorithm 1, as in chapter 3.
+// Q, K and V are read where the caller has them: each tensor map (version4.cuh) is 4-D, (column, row,
+// head, batch), with the tensor's own strides, so a model's permuted views need no copy; a box is
+// asked for at (column, row, h, b). O and L are written contiguous.
 //
 // Who owns what: one block per (batch, head, Br = 128 query rows), 3 warpgroups of 128 threads.
 //
@@ -76,27 +79,29 @@ struct Tiles {
 };
 
 // ---- the producer's part ---------------------------------------------------------------------------
-// Alg. 1, line 4: Q_i, d / 64 boxes of Br rows x 64 columns (rows past N arrive as zeros).
+// Alg. 1, line 4: Q_i, d / 64 boxes of Br rows x 64 columns of head h of batch b (rows past N arrive
+// as zeros).
 template <int d>
-__device__ void load_Q(const Tiles<d>& t, const CUtensorMap* tmQ, int row0, int bh) {
+__device__ void load_Q(const Tiles<d>& t, const CUtensorMap* tmQ, int row0, int h, int b) {
     mbarrier_arrive_expect_tx(t.Q_full, Br * d * 2);
-    for (int c = 0; c < d / SUB; ++c) tma_load(t.Q + c * Br * SUB, tmQ, c * SUB, row0, bh, t.Q_full);
+    for (int c = 0; c < d / SUB; ++c) tma_load(t.Q + c * Br * SUB, tmQ, c * SUB, row0, h, b, t.Q_full);
 }
 // Alg. 1, lines 6-7: K_j and V_j into stage s = j % STAGES, each once every consumer warp has
 // released what it held before (tile j - STAGES): K_j as soon as the products S = Q K^T of that tile
 // are done, V_j when its O += P V are. The stage's uses alternate the barriers' phases: use
 // u = j / STAGES waits for the end of use u - 1 (parity (u - 1) % 2; the first passes at once).
 template <int d>
-__device__ void load_KV(const Tiles<d>& t, const CUtensorMap* tmK, const CUtensorMap* tmV, int j, int bh) {
+__device__ void load_KV(const Tiles<d>& t, const CUtensorMap* tmK, const CUtensorMap* tmV, int j, int h,
+                        int b) {
     const int s = j % STAGES, parity = (j / STAGES + 1) % 2;
     mbarrier_wait(&t.K_empty[s], parity);
     mbarrier_arrive_expect_tx(&t.K_full[s], Bc * d * 2);
     for (int c = 0; c < d / SUB; ++c)
-        tma_load(t.K_stage(s) + c * Bc * SUB, tmK, c * SUB, j * Bc, bh, &t.K_full[s]);
+        tma_load(t.K_stage(s) + c * Bc * SUB, tmK, c * SUB, j * Bc, h, b, &t.K_full[s]);
     mbarrier_wait(&t.V_empty[s], parity);
     mbarrier_arrive_expect_tx(&t.V_full[s], Bc * d * 2);
     for (int c = 0; c < d / SUB; ++c)
-        tma_load(t.V_stage(s) + c * Bc * SUB, tmV, c * SUB, j * Bc, bh, &t.V_full[s]);
+        tma_load(t.V_stage(s) + c * Bc * SUB, tmV, c * SUB, j * Bc, h, b, &t.V_full[s]);
 }
 
 // ---- the consumers' products -------------------------------------------------------------------------
@@ -138,14 +143,15 @@ __device__ inline void turn_end(int consumer, bool last) {
 template <class T, int d>
 __global__ void __launch_bounds__(THREADS, 1)
     forward(const __grid_constant__ CUtensorMap tmQ, const __grid_constant__ CUtensorMap tmK,
-            const __grid_constant__ CUtensorMap tmV, int N, int group, float scale, bool causal,
+            const __grid_constant__ CUtensorMap tmV, int N, int H, int group, float scale, bool causal,
             unsigned short* O, float* L) {
     // smem: the block's shared memory (tiles.cuh); its start rounded up to 1024 bytes for the swizzle
     char* base = reinterpret_cast<char*>(smem);
     base += (1024 - shared_address(base) % 1024) % 1024;
     const Tiles<d> t(base);
 
-    const int bh = blockIdx.y, bh_kv = bh / group;  // K and V's slice: `group` query heads share one
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;  // the (batch, head) slice: b, h of q's tensor map
+    const int h_kv = h / group;                         // K and V's head: `group` query heads share one
     const int tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // heaviest first, as in chapter 3
     const int row0 = tile * Br, Tc = ceil_div(N, Bc);
     const int n = causal ? min(Tc, (min(row0 + Br, N) - 1) / Bc + 1) : Tc;  // key tiles to visit
@@ -163,15 +169,15 @@ __global__ void __launch_bounds__(THREADS, 1)
     if (SPECIALIZED && threadIdx.x < 128) {  // the producer warpgroup
         setmaxnreg_dec<24>();                // keeps few registers: the consumers get them
         if (threadIdx.x == 0) {
-            load_Q(t, &tmQ, row0, bh);
-            for (int j = 0; j < n; ++j) load_KV(t, &tmK, &tmV, j, bh_kv);
+            load_Q(t, &tmQ, row0, h, b);
+            for (int j = 0; j < n; ++j) load_KV(t, &tmK, &tmV, j, h_kv, b);
         }
         return;
     }
     if (SPECIALIZED) setmaxnreg_inc<240>();
     if (!SPECIALIZED && threadIdx.x == 0) {  // step 1: thread 0 issues the first STAGES tiles now,
-        load_Q(t, &tmQ, row0, bh);           // the others as its own loop frees their stages
-        for (int j = 0; j < min(n, STAGES); ++j) load_KV(t, &tmK, &tmV, j, bh_kv);
+        load_Q(t, &tmQ, row0, h, b);         // the others as its own loop frees their stages
+        for (int j = 0; j < min(n, STAGES); ++j) load_KV(t, &tmK, &tmV, j, h_kv, b);
     }
 
     const int consumer = threadIdx.x / 128 - SPECIALIZED, w = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
@@ -199,7 +205,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     };
     auto release_V = [&](int j) {
         if (lane == 0) mbarrier_arrive(&t.V_empty[j % STAGES]);
-        if (!SPECIALIZED && threadIdx.x == 0 && j + STAGES < n) load_KV(t, &tmK, &tmV, j + STAGES, bh_kv);
+        if (!SPECIALIZED && threadIdx.x == 0 && j + STAGES < n) load_KV(t, &tmK, &tmV, j + STAGES, h_kv, b);
     };
 
     if (!OVERLAP) {  // steps 1-3: S_ij, its softmax, O += P_ij V_j, one after the other

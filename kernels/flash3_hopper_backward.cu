@@ -17,6 +17,10 @@
 // warp's stores to shared memory are 512 contiguous bytes; convert_dQ puts them back in rows. D = rowsum(dO * O)
 // comes from a pre-pass that also zeroes the sums (preprocess, at the end).
 // Names as in the paper; "Alg. 2, line n" numbered as in flash2_backward.cu.
+// Q, K, V and dO are read where the caller has them: through 4-D tensor maps (column, row, head,
+// batch) with their own strides (version4.cuh), and dO by the pre-pass with the same strides, so a
+// model's permuted views and the gradient of its (B, T, H, d) output need no copy. O (the forward's),
+// L, dK, dV and dQ are contiguous.
 //
 // Who owns what: one block per (batch, head, Bc = 128 keys), 3 warpgroups of 128 threads.
 //
@@ -92,13 +96,13 @@ struct Tiles {
 // parities as in the forward's load_KV.
 template <int d>
 __device__ void load_QdO(const Tiles<d>& t, const CUtensorMap* tmQ, const CUtensorMap* tmdO, int tile, int i,
-                         int bh) {
+                         int h, int b) {
     const int s = tile % STAGES;
     mbarrier_wait(&t.QdO_empty[s], (tile / STAGES + 1) % 2);
     mbarrier_arrive_expect_tx(&t.QdO_full[s], 2 * Br * d * 2);
     for (int c = 0; c < d / SUB; ++c) {
-        tma_load(t.Q_stage(s) + c * Br * SUB, tmQ, c * SUB, i * Br, bh, &t.QdO_full[s]);
-        tma_load(t.dO_stage(s) + c * Br * SUB, tmdO, c * SUB, i * Br, bh, &t.QdO_full[s]);
+        tma_load(t.Q_stage(s) + c * Br * SUB, tmQ, c * SUB, i * Br, h, b, &t.QdO_full[s]);
+        tma_load(t.dO_stage(s) + c * Br * SUB, tmdO, c * SUB, i * Br, h, b, &t.QdO_full[s]);
     }
 }
 
@@ -120,7 +124,7 @@ template <class T, int d>
 __global__ void __launch_bounds__(THREADS, 1)
     backward(const __grid_constant__ CUtensorMap tmK, const __grid_constant__ CUtensorMap tmV,
              const __grid_constant__ CUtensorMap tmQ, const __grid_constant__ CUtensorMap tmdO,
-             const float* L, const float* D, int N, float scale, bool causal, float* dQ_sum,
+             const float* L, const float* D, int N, int H, float scale, bool causal, float* dQ_sum,
              unsigned short* dK, unsigned short* dV, bool deterministic, int* turns) {
     // smem: the block's shared memory (tiles.cuh); its start rounded up to 1024 bytes for the swizzle
     char* base = reinterpret_cast<char*>(smem);
@@ -129,7 +133,7 @@ __global__ void __launch_bounds__(THREADS, 1)
 
     // The block's keys: block j of the slice. Causal and deterministic, the last first (see add_dQ_share).
     const int j = deterministic && causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    const int bh = blockIdx.y, key0 = j * Bc, Tr = ceil_div(N, Br);
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, key0 = j * Bc, Tr = ceil_div(N, Br);
     const int i_first = causal ? key0 / Br : 0;  // causal: earlier queries see none of these keys
     const int n = Tr - i_first;                  // query tiles to visit
     L += size_t(bh) * N, D += size_t(bh) * N;
@@ -145,10 +149,10 @@ __global__ void __launch_bounds__(THREADS, 1)
         if (threadIdx.x == 0) {  // Alg. 2, line 6: K_j, V_j; then every tile of the ring, as stages free
             mbarrier_arrive_expect_tx(t.KV_full, 2 * Bc * d * 2);
             for (int c = 0; c < d / SUB; ++c) {
-                tma_load(t.K + c * Bc * SUB, &tmK, c * SUB, key0, bh, t.KV_full);
-                tma_load(t.V + c * Bc * SUB, &tmV, c * SUB, key0, bh, t.KV_full);
+                tma_load(t.K + c * Bc * SUB, &tmK, c * SUB, key0, h, b, t.KV_full);
+                tma_load(t.V + c * Bc * SUB, &tmV, c * SUB, key0, h, b, t.KV_full);
             }
-            for (int tile = 0; tile < n; ++tile) load_QdO(t, &tmQ, &tmdO, tile, i_first + tile, bh);
+            for (int tile = 0; tile < n; ++tile) load_QdO(t, &tmQ, &tmdO, tile, i_first + tile, h, b);
         }
         return;
     }
@@ -315,12 +319,13 @@ __global__ void __launch_bounds__(THREADS, 1)
 
 // Before the main kernel: D = rowsum(dO * O) (Alg. 2, line 14's D), and what the main kernel adds
 // into set to 0, in one pass. A warp per row of the slice padded to whole query tiles (Tr Br rows):
-// each lane d / 32 values of the row's dO and O (4-byte loads, a warp's side by side), the sum by
-// shuffles; the row's d floats of dQ's sums zeroed (rows past N too: their tile is added into whole)
-// and, by a tile's first row, its deterministic counters.
+// each lane d / 32 values of the row's dO and O (4-byte loads, a warp's side by side; dO's row where
+// its strides put it, O's in the contiguous output), the sum by shuffles; the row's d floats of dQ's
+// sums zeroed (rows past N too: their tile is added into whole) and, by a tile's first row, its
+// deterministic counters.
 template <class T, int d>
-__global__ void preprocess(const unsigned short* O, const unsigned short* dO, int N, int Tr, size_t rows,
-                           float* D, float* dQ_sum, int* turns) {
+__global__ void preprocess(const unsigned short* O, const unsigned short* dO, Strides dO_strides, int H,
+                           int N, int Tr, size_t rows, float* D, float* dQ_sum, int* turns) {
     const size_t row = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;  // of B * H * Tr * Br
     const int lane = threadIdx.x % 32;
     if (row >= rows) return;  // a whole warp: blockDim.x is a multiple of 32
@@ -328,12 +333,13 @@ __global__ void preprocess(const unsigned short* O, const unsigned short* dO, in
     const int r = row % (size_t(Tr) * Br);  // the row in its slice
     constexpr int PER = d / 32;             // values a lane: 2 or 4
     float sum = 0.0f;
-    if (r < N) {
-        const size_t at = ((bh * N + r) * d + lane * PER) / 2;  // in pairs of values
+    if (r < N) {  // the lane's values, in pairs
+        const auto* o_pairs = reinterpret_cast<const unsigned*>(O + (bh * N + r) * d + lane * PER);
+        const auto* g_pairs =
+            reinterpret_cast<const unsigned*>(dO + dO_strides.at(bh / H, bh % H, r) + lane * PER);
 #pragma unroll
         for (int k = 0; k < PER / 2; ++k) {
-            const unsigned o = reinterpret_cast<const unsigned*>(O)[at + k],
-                           g = reinterpret_cast<const unsigned*>(dO)[at + k];
+            const unsigned o = o_pairs[k], g = g_pairs[k];
             sum += to_float<T>(g & 0xffff) * to_float<T>(o & 0xffff) +
                    to_float<T>(g >> 16) * to_float<T>(o >> 16);
         }

@@ -3,8 +3,9 @@
 // On the CPU, kernels/cpu_cuda.h defines the same functions with the same semantics.
 //
 //   TMA        the copy engine: one thread asks for a whole tile (a "box") of a tensor described by a
-//              tensor map made on the host; it lands in shared memory, swizzled, rows past the tensor's
-//              end zero-filled, and counts its bytes on an mbarrier.
+//              tensor map made on the host (its sizes and strides, up to 5 dimensions: any strided
+//              layout whose strides are multiples of 16 bytes); it lands in shared memory, swizzled,
+//              rows past the tensor's end zero-filled, and counts its bytes on an mbarrier.
 //   mbarrier   a barrier in shared memory with a phase: it completes when its expected arrivals have
 //              arrived AND its expected bytes (expect_tx) have landed; waiters wait on a phase's parity.
 //   wgmma      a warpgroup (4 warps, 128 threads) multiplies a 64 x N tile by an N x 16 one, B (and A)
@@ -96,13 +97,21 @@ __device__ inline void mbarrier_wait(uint64_t* bar, unsigned parity) {
 }
 
 // ---- TMA -----------------------------------------------------------------------------------------
-// The box of `map` at coordinates (x, y, z) (x the innermost: columns, y rows, z the (batch, head)
-// slice) into shared memory at `to`, its bytes completed on `bar`. Issued by one thread.
+// The box of `map` at coordinates (x, y, z) of a 3-D tensor map, or (x, y, z, w) of a 4-D one (x the
+// innermost: columns, y rows; version 4's maps: z the head, w the batch) into shared memory at `to`,
+// its bytes completed on `bar`. Issued by one thread.
 __device__ inline void tma_load(void* to, const CUtensorMap* map, int x, int y, int z, uint64_t* bar) {
     asm volatile(
         "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
         "%3, %4}], [%5];" ::"r"(shared_address(to)),
         "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(z), "r"(shared_address(bar))
+        : "memory");
+}
+__device__ inline void tma_load(void* to, const CUtensorMap* map, int x, int y, int z, int w, uint64_t* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+        "%3, %4, %5}], [%6];" ::"r"(shared_address(to)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(z), "r"(w), "r"(shared_address(bar))
         : "memory");
 }
 

@@ -1,6 +1,7 @@
 // What chapter 1's kernels share (flash.cu, flash_backward.cu), and later chapters reuse: the block
 // sizes, the padded strides of tiles in shared memory, the tile loader and the attention mask; and
-// where a (batch, head) slice's rows lie, in chapter 3's kernels (slice_rows).
+// where a (batch, head) slice's rows lie, in chapter 3's kernels (slice_rows) and in a strided view
+// (Strides, chapter 4's).
 #pragma once
 
 // Block sizes are compile-time constants so that a thread's row of S_ij can live in registers.
@@ -54,6 +55,18 @@ __device__ inline Slice slice_rows(int bh, int N, int d, int group, const int* c
     return {(size_t(q0) * H + h) * d, (size_t(k0) * Hk + h / group) * d, H * d, Hk * d,
             cu_seqlens_q[b + 1] - q0, cu_seqlens_k[b + 1] - k0};
 }
+
+// Where the rows of a (B, H, N, d) tensor lie when it is a view, not a contiguous tensor: row n of
+// head h of batch b starts b * batch + h * head + n * row values from the tensor's start, and its d
+// values are contiguous. Contiguous: (H N d, N d, d). A model's q, k, v are such views (notebook 7's
+// GPT: (B, T, 3, H, d) permuted to (B, H, T, d), rows 3 H d values apart, heads d), and so is the
+// gradient of its output; version 4 reads them where they are, through tensor maps (version4.cuh).
+struct Strides {
+    long long batch, head, row;  // in values
+    __host__ __device__ long long at(long long b, long long h, long long n) const {
+        return b * batch + h * head + n * row;
+    }
+};
 
 // Copies rows [row0, row0 + ROWS) of an N x d matrix into shared memory, element (r, x) going to
 // tile[r * rs + x * xs], using threads lane = 0 .. lanes-1. Consecutive lanes take consecutive x,

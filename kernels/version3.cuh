@@ -23,6 +23,7 @@
 
 struct Version {
     static constexpr bool GROUPED_HEADS = true;  // the forward reads K, V by group (Call::group)
+    static constexpr bool STRIDED = false;       // reads contiguous q, k, v, dO only (Call's strides checked)
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash2_mma::shared_bytes(d) : flash2_mma_backward::shared_bytes(d);
     }

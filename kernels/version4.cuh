@@ -8,6 +8,11 @@
 //                                      all five products on wgmma, dQ added by the copy engine into
 //                                      fp32 sums, zeroed by a pre-pass that also takes D, then converted
 //
+// Layouts: q, k, v (and the backward's dO) are read by the copy engine through 4-D tensor maps,
+// (column, row, head, batch) with the tensors' own strides (tensor_map, below): any layout whose rows
+// are d contiguous values, 16-byte aligned, a multiple of 16 bytes apart, a model's permuted views
+// among them, runs uncopied (the pre-pass reads dO with the same strides). O, L, dQ, dK, dV are
+// contiguous (B, H, N, d) tensors (L: (B, H, N)), written by the kernels' own stores.
 // Block sizes: its own (Br and Bc do not apply). Head dims d = 64 and 128. softmax_scale > 0.
 // Scratch (backward): dQ's sums, D, the deterministic counters (scratch_floats). bindings.cu includes
 // this file in its middle: Call and launch are defined there.
@@ -53,20 +58,26 @@ static auto encode_tiled() { return &cuTensorMapEncodeTiled; }  // cpu_cuda.h's
 static int capability(int) { return 90; }                       // the emulation has Hopper's instructions
 #endif
 
-// Q, K or V, `slices` x N x d values of 16 bits (B * H slices; K and V B * H / group), as the copy
-// engine sees it: a 3-D tensor (x: column, y: row, z: the (batch, head) slice), read in boxes of
-// `rows` rows x 64 columns (128 bytes), written into shared memory with the 128-byte swizzle that
-// wgmma reads. A box that reaches past row N is zero-filled there: the next slice's rows are never read.
-static std::string tensor_map(CUtensorMap* map, const float* data, const Call& c, int rows,
-                              long long slices) {
-    const cuuint64_t dims[3] = {cuuint64_t(c.d), cuuint64_t(c.N), cuuint64_t(slices)};
-    const cuuint64_t strides[2] = {cuuint64_t(c.d) * 2, cuuint64_t(c.N) * c.d * 2};  // bytes, of y and z
-    const cuuint32_t box[3] = {64, cuuint32_t(rows), 1}, element_steps[3] = {1, 1, 1};
+// Q, K, V or dO as the copy engine sees it: a 4-D tensor of 16-bit values (x: column, y: row, z: head,
+// w: batch) of sizes (d, N, heads, B) and the tensor's own strides (in bytes, of y, z and w), read in
+// boxes of `rows` rows x 64 columns (128 bytes), written into shared memory with the 128-byte swizzle
+// that wgmma reads. A box that reaches past row N is zero-filled there: the next head's rows are
+// never read. The strides make any layout whose rows are d contiguous values, 16-byte aligned and a
+// multiple of 16 bytes apart (the driver's rule) one more map: a model's q, k, v, permuted views of
+// one (B, T, 3, H, d) projection (notebook 7's GPT), and the gradient of its output, (B, T, H, d)
+// viewed as (B, H, T, d), are read where they lie. Copying them into contiguous tensors first cost
+// ~0.8 ms of a 10 ms training step on an H200 (24 copy kernels a step); minimal_flash.py copies only
+// what no tensor map can describe.
+static std::string tensor_map(CUtensorMap* map, const float* data, const Strides& s, int heads, const Call& c,
+                              int rows) {
+    const cuuint64_t dims[4] = {cuuint64_t(c.d), cuuint64_t(c.N), cuuint64_t(heads), cuuint64_t(c.BH / c.H)};
+    const cuuint64_t strides[3] = {cuuint64_t(s.row) * 2, cuuint64_t(s.head) * 2, cuuint64_t(s.batch) * 2};
+    const cuuint32_t box[4] = {64, cuuint32_t(rows), 1, 1}, element_steps[4] = {1, 1, 1, 1};
     const auto encode = encode_tiled();
     if (!encode)
         return "version 4: this CUDA driver has no cuTensorMapEncodeTiled (the copy engine's tensor maps)";
     const CUresult r = encode(
-        map, c.dtype == BFLOAT16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
+        map, c.dtype == BFLOAT16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
         const_cast<float*>(data), dims, strides, box, element_steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
         CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     return r == CUDA_SUCCESS
@@ -76,6 +87,7 @@ static std::string tensor_map(CUtensorMap* map, const float* data, const Call& c
 
 struct Version {
     static constexpr bool GROUPED_HEADS = true;  // the forward reads K, V by group (Call::group)
+    static constexpr bool STRIDED = true;        // reads q, k, v, dO with their strides (tensor_map)
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash3_hopper::shared_bytes(d) : flash3_hopper_backward::shared_bytes(d);
     }
@@ -105,9 +117,11 @@ struct Version {
             return "version 4 needs a Hopper GPU (compute capability 9.0); this one is " +
                    std::to_string(cc / 10) + "." + std::to_string(cc % 10);
         if (std::string err = half_precision_error(c, 4); !err.empty()) return err;
-        for (const float* p : {c.Q, c.K, c.V})  // the copy engine reads from 16-byte aligned addresses only
-            if (p && reinterpret_cast<uintptr_t>(p) % 16 != 0)
-                return "version 4 needs q, k, v 16-byte aligned";
+        // The copy engine reads from 16-byte aligned addresses only, rows a multiple of 16 bytes apart.
+        for (auto [p, s] :
+             {std::pair{c.Q, c.Q_strides}, {c.K, c.K_strides}, {c.V, c.V_strides}, {c.dO, c.dO_strides}})
+            if (p && (reinterpret_cast<uintptr_t>(p) % 16 != 0 || s.batch % 8 || s.head % 8 || s.row % 8))
+                return "version 4 needs q, k, v, dO 16-byte aligned, their strides multiples of 16 bytes";
         return "";
     }
 
@@ -115,14 +129,14 @@ struct Version {
     static std::string run(const Call& c) {
         namespace fw = flash3_hopper;
         CUtensorMap tmQ, tmK, tmV;
-        const long long kv_slices = c.BH / c.group;
-        for (auto [map, data, rows, slices] : {std::tuple{&tmQ, c.Q, fw::Br, c.BH},
-                                               {&tmK, c.K, fw::Bc, kv_slices},
-                                               {&tmV, c.V, fw::Bc, kv_slices}})
-            if (std::string err = tensor_map(map, data, c, rows, slices); !err.empty()) return err;
+        const int kv_heads = c.H / c.group;
+        for (auto [map, data, strides, heads, rows] : {std::tuple{&tmQ, c.Q, c.Q_strides, c.H, fw::Br},
+                                                       {&tmK, c.K, c.K_strides, kv_heads, fw::Bc},
+                                                       {&tmV, c.V, c.V_strides, kv_heads, fw::Bc}})
+            if (std::string err = tensor_map(map, data, strides, heads, c, rows); !err.empty()) return err;
         return launch("flash3_hopper::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH),
-                      fw::THREADS, fw::shared_bytes(d), c, tmQ, tmK, tmV, c.N, c.group, c.scale, c.causal,
-                      bits(c.O), c.L);
+                      fw::THREADS, fw::shared_bytes(d), c, tmQ, tmK, tmV, c.N, c.H, c.group, c.scale,
+                      c.causal, bits(c.O), c.L);
     }
 
     // D = rowsum(dO * O) with the fp32 sums of dQ and the counters set to 0, the pass, dQ converted.
@@ -132,18 +146,21 @@ struct Version {
         const long long rows = c.BH * c.N, tiles = c.BH * ceil_div(c.N, bw::Br), sums = tiles * bw::Br * d;
         float *dQ_sum = c.scratch, *D = c.scratch + sums;
         int* turns = reinterpret_cast<int*>(D + rows);  // deterministic: counters, from 0
+        // K and V come with q's heads here (bindings.cu refuses a backward of grouped heads).
         CUtensorMap tmK, tmV, tmQ, tmdO;
-        for (auto [map, data, box_rows] :
-             {std::tuple{&tmK, c.K, bw::Bc}, {&tmV, c.V, bw::Bc}, {&tmQ, c.Q, bw::Br}, {&tmdO, c.dO, bw::Br}})
-            if (std::string err = tensor_map(map, data, c, box_rows, c.BH); !err.empty()) return err;
+        for (auto [map, data, strides, box_rows] : {std::tuple{&tmK, c.K, c.K_strides, bw::Bc},
+                                                    {&tmV, c.V, c.V_strides, bw::Bc},
+                                                    {&tmQ, c.Q, c.Q_strides, bw::Br},
+                                                    {&tmdO, c.dO, c.dO_strides, bw::Br}})
+            if (std::string err = tensor_map(map, data, strides, c.H, c, box_rows); !err.empty()) return err;
         const size_t padded_rows = tiles * bw::Br;  // a warp each, 8 to a block
         std::string err = launch("flash3_hopper_backward::preprocess", bw::preprocess<T, d>,
-                                 dim3((padded_rows + 7) / 8), 256, 0, c, bits(c.O), bits(c.dO), c.N,
-                                 int(ceil_div(c.N, bw::Br)), padded_rows, D, dQ_sum, turns);
+                                 dim3((padded_rows + 7) / 8), 256, 0, c, bits(c.O), bits(c.dO), c.dO_strides,
+                                 c.H, c.N, int(ceil_div(c.N, bw::Br)), padded_rows, D, dQ_sum, turns);
         if (err.empty())
             err = launch("flash3_hopper_backward::backward", bw::backward<T, d>,
                          dim3(ceil_div(c.N, bw::Bc), c.BH), bw::THREADS, bw::shared_bytes(d), c, tmK, tmV,
-                         tmQ, tmdO, c.L, D, c.N, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV),
+                         tmQ, tmdO, c.L, D, c.N, c.H, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV),
                          c.deterministic, turns);
         const size_t chunks = sums / 4;
         if (err.empty())
