@@ -7,9 +7,10 @@ compute-sanitizer:
 
 Each run is also checked against float64 (tests/helpers.py's checks: fp32 within 1e-5, half precision
 within twice plain attention's error), so a clean sanitizer report on a wrong answer fails too. Versions
-that take grouped heads also run each forward with k, v of one head shared by q's three. With version
-3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches, split keys)
-and its kernels on packed sequences of different lengths (flash_attn_varlen_func)."""
+that take grouped heads also run each forward with k, v of one head shared by q's three; versions that
+read strided inputs (version 4) run each forward and backward once more on a model's views, uncopied.
+With version 3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches,
+split keys) and its kernels on packed sequences of different lengths (flash_attn_varlen_func)."""
 import math
 import sys
 from pathlib import Path
@@ -107,6 +108,26 @@ def run_grouped(version, dtype, causal, N, d):
     print(f"v{version} {str(dtype)[6:]} N={N} d={d} causal={causal}, k and v of 1 head for 3: forward checked")
 
 
+def run_views(version, dtype, causal, N, d):
+    """q, k, v as a model hands them over, views of one (B, N, 3, H, d) projection permuted to (B, H, N,
+    d) (rows 3 H d values apart, heads d), and dO the gradient of its (B, N, H, d) output viewed as (B,
+    H, N, d): version 4 reads them uncopied, through tensor maps of their strides (and the backward's
+    D pre-pass at dO's strides), forward and backward."""
+    qkv = torch.randn(2, N, 3, 3, d, generator=generator).to("cuda", dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    dO = torch.randn(2, N, 3, d, generator=generator).to("cuda", dtype).transpose(1, 2)
+    assert all(mf._reads_as_is(t, version) and not t.is_contiguous() for t in (q, k, v, dO))
+    O = torch.full(q.shape, math.nan, dtype=dtype, device="cuda")  # contiguous, as the kernels write it
+    L = torch.full(q.shape[:-1], math.nan, device="cuda")
+    mf.forward(q, k, v, out=(O, L), causal=causal, version=version)
+    assert_close("O", O, reference(q, k, v, causal)[0], mf.manual_attention(q, k, v, causal=causal))
+    grads = [torch.full(q.shape, math.nan, device="cuda", dtype=dtype) for _ in range(3)]
+    mf.backward(dO, q, k, v, O, L, out=grads, causal=causal, version=version)
+    assert_gradients(grads, q, k, v, dO, causal)
+    print(f"v{version} {str(dtype)[6:]} N={N} d={d} causal={causal}, q, k, v, dO strided views: forward and "
+          "backward checked")
+
+
 def run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk):
     """flash_attn_varlen_func (version 3's kernels on packed sequences), forward and backward: the
     sequences' rows end inside tiles, some sequence has no query or no key (its blocks return at once;
@@ -138,6 +159,8 @@ for version in sorted(chosen):
                 run(version, dtype, causal, Br, Bc, N, d)
                 if mf.VERSIONS[version].grouped_heads:
                     run_grouped(version, dtype, causal, N, d)
+                if mf.VERSIONS[version].strided:
+                    run_views(version, dtype, causal, N, d)
 if 3 in chosen:  # chapter 5's decode kernels and flash_attn_varlen_func build with version 3
     for dtype in mf.VERSIONS[3].dtypes:
         for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3), (5, 64, False, None, 2),
