@@ -1092,8 +1092,10 @@ class Kernels:
         # fp32 whatever q's dtype; held here until the launch is queued (none where the pass needs none)
         scratch = q.new_empty(B * H * per_slice, dtype=torch.float32) if per_slice > 0 else None
         addresses = [t.data_ptr() if t is not None else None for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch)]
-        # q's, k's, v's, dO's (batch, head, row) strides: bindings.cu's Strides, 4 of them (the forward's dO: 0s)
-        strides = _STRIDES(*(s for t in (q, k, v, dO) for s in (_strides(t) if t is not None else (0, 0, 0))))
+        strides = None  # versions 1-3 read contiguous tensors: mf_run takes None (null) as such
+        if VERSIONS[self.version].strided:  # version 4: q's, k's, v's, dO's (the forward's: 0s) strides
+            dO_strides = _strides(dO) if dO is not None else (0, 0, 0)
+            strides = _STRIDES(*_strides(q), *_strides(k), *_strides(v), *dO_strides)
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address
         return self._c.mf_run(p, *addresses, B, H, N, d, group, strides, scale, causal, deterministic,
@@ -1183,15 +1185,16 @@ def _reads_as_is(t, version):
     (_aligned), where torch.compile has real tensors."""
     if not VERSIONS[version].strided:
         return t.is_contiguous()
-    return t.stride(-1) == 1 and all(s > 0 and s * t.element_size() % 16 == 0 for s in _strides(t))
+    size = t.element_size()
+    return t.stride(-1) == 1 and all(s > 0 and s * size % 16 == 0 for s in _strides(t))
 
 
 def _strides(t):
     """(batch, head, row) strides of a (B, H, N, d) tensor, in values, as the kernels get them: a dim of
     size 1 is never stepped along, and gets a contiguous tensor's stride (torch's is_contiguous
     ignores it too)."""
-    B, H, N, d = t.shape
-    return tuple(s if n > 1 else c for n, s, c in zip((B, H, N), t.stride(), (H * N * d, N * d, d)))
+    (B, H, N, d), (batch, head, row, _) = t.shape, t.stride()
+    return batch if B > 1 else H * N * d, head if H > 1 else N * d, row if N > 1 else d
 
 
 def _other_dims(t):

@@ -159,14 +159,19 @@ struct OnDevice {
 #define MF_FILE(file) MF_QUOTE(file)
 #include MF_FILE(VERSION_FILE)
 
+// The strides of a contiguous (B, heads, N, d) tensor.
+static Strides contiguous_strides(long long heads, long long N, long long d) {
+    return {heads * N * d, N * d, d};
+}
+
 // Are q, k, v (and, backward, dO) contiguous (B, H, N, d) tensors (k, v: of H / group heads)?
 static bool contiguous(int pass, const Call& c) {
-    const long long N = c.N, d = c.d, Hk = c.H / c.group;
-    const auto is = [&](const Strides& s, long long heads) {
-        return s.batch == heads * N * d && s.head == N * d && s.row == d;
+    const Strides q = contiguous_strides(c.H, c.N, c.d), kv = contiguous_strides(c.H / c.group, c.N, c.d);
+    const auto is = [](const Strides& s, const Strides& t) {
+        return s.batch == t.batch && s.head == t.head && s.row == t.row;
     };
-    return is(c.Q_strides, c.H) && is(c.K_strides, Hk) && is(c.V_strides, Hk) &&
-           (pass == FORWARD || is(c.dO_strides, c.H));
+    return is(c.Q_strides, q) && is(c.K_strides, kv) && is(c.V_strides, kv) &&
+           (pass == FORWARD || is(c.dO_strides, q));
 }
 
 static const char* run(int pass, const Call& call) {
@@ -179,7 +184,7 @@ static const char* run(int pass, const Call& call) {
     const bool bad_heads = call.H < 1 || call.BH % call.H != 0;
     // Strided q, k, v, dO: the versions that read them through tensor maps (STRIDED); the others index
     // rows with fixed strides, and minimal_flash.py hands them contiguous tensors.
-    const bool bad_layout = !Version::STRIDED && !contiguous(pass, call);
+    const bool bad_layout = !Version::STRIDED && !bad_group && !contiguous(pass, call);
     message = bad_heads    ? "internal error: " + std::to_string(call.BH) + " slices of " +
                                  std::to_string(call.H) + " heads"
               : bad_group  ? "internal error: " + std::to_string(call.group) + " query heads per head of k, v"
@@ -203,7 +208,8 @@ long long mf_scratch_floats(int pass, int N, int d) { return Version::scratch_fl
 // Backward (pass 1): dQ, dK, dV of the loss, given dO and the forward's O and L; `deterministic`: dQ
 // the same bits run to run, where the version has such a mode (version 4).
 // B, H: q's batch and heads; k's and v's heads are H / group. `strides`: Q's, K's, V's and dO's
-// (batch, head, row) strides, in values (the forward's dO: any); contiguous but in version 4.
+// (batch, head, row) strides, in values (the forward's dO: any), for version 4; null: all contiguous
+// (versions 1-3 read nothing else).
 // `dtype`: a DType; `device` and `stream`: where the tensors are and the stream to launch on (both 0
 // on the CPU). Addresses a pass does not use are null.
 const char* mf_run(int pass, const float* Q, const float* K, const float* V, float* O, const float* dO,
@@ -215,8 +221,9 @@ const char* mf_run(int pass, const float* Q, const float* K, const float* V, flo
               B * H, group, N, d, scale, causal, deterministic, dtype, device, cudaStream_t(stream)};
     // clang-format on
     call.H = H;
-    call.Q_strides = strides[0], call.K_strides = strides[1], call.V_strides = strides[2];
-    call.dO_strides = strides[3];
+    const Strides q = contiguous_strides(H, N, d), kv = contiguous_strides(group > 0 ? H / group : H, N, d);
+    call.Q_strides = strides ? strides[0] : q, call.K_strides = strides ? strides[1] : kv;
+    call.V_strides = strides ? strides[2] : kv, call.dO_strides = strides ? strides[3] : q;
     return run(pass, call);
 }
 }

@@ -12,6 +12,7 @@ the default mode, its dQ then equal up to that order):
   (b) grouped heads: q and k, v of fewer heads, all views of one fused (B, T, H + 2 Hk, d) projection;
   (c) layouts that must still be copied: rows 136 bytes apart, a start 2 bytes past a 16-byte
       boundary, a last dim of stride 2, a batch of stride 0 (expand)."""
+import dataclasses
 import math
 
 import pytest
@@ -193,10 +194,11 @@ def test_custom_operators_take_views(device, generator):
     torch.library.opcheck(torch.ops.minimal_flash.attention_grads.default, (dO, q, k, v, O, L, *options))
 
 
-def test_the_last_line_of_defence_takes_what_version_4_reads():
+def test_the_last_line_of_defence_takes_what_version_4_reads(monkeypatch):
     """Kernels.run, past minimal_flash's checks: version 4 takes the GPT's views, and refuses a layout
     no tensor map describes (rows 136 bytes apart) and an output that is a view, with its internal
-    error; version 3 refuses the views."""
+    error; version 3 refuses the views. And behind it, mf_run: version 3's build refuses strides that
+    are not contiguous's, were Python to hand it any."""
     (q, k, v, dO), _ = gpt_views(1, 20, 2, 64, "cpu", torch.Generator().manual_seed(0))
     O, L = poisoned(q), poisoned(q[..., 0].float())
     assert mf.load_kernels("cpu", 4).run("forward", False, 0.125, q, k, v, O, L) == ""
@@ -207,6 +209,9 @@ def test_the_last_line_of_defence_takes_what_version_4_reads():
     grads = [poisoned(q), poisoned(q), dO]  # dV: a view, where the kernel writes contiguous rows
     assert mf.load_kernels("cpu", 4).run("backward", False, 0.125, q, k, v, O, L, dO, *grads).startswith(layout)
     assert mf.load_kernels("cpu", 3).run("forward", False, 0.125, q, k, v, O, L).startswith(layout)
+    monkeypatch.setitem(mf.VERSIONS, 3, dataclasses.replace(mf.VERSIONS[3], strided=True))  # pass the strides
+    assert mf.load_kernels("cpu", 3).call("forward", False, 0.125, q, k, v, O, L) == \
+        "internal error: this version reads contiguous q, k, v, dO only"
 
 
 def test_out_tensors_must_not_overlap_an_input_view(generator):
