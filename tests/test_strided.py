@@ -103,6 +103,18 @@ def test_grouped_heads_views(device, causal, generator):
     check(q, k, v, dO, causal)
 
 
+def spy_on_kernels(monkeypatch):
+    """Kernels.call, recording the q, k, v (and dO) that each pass hands the kernels."""
+    calls, call = [], mf.Kernels.call
+
+    def spy(self, pass_, causal, scale, q, k, v, O, L, dO=None, *rest, **options):
+        calls.append([t for t in (q, k, v, dO) if t is not None])
+        return call(self, pass_, causal, scale, q, k, v, O, L, dO, *rest, **options)
+
+    monkeypatch.setattr(mf.Kernels, "call", spy)
+    return calls
+
+
 def rows_136_bytes_apart(t):
     return torch.cat([t, t[..., :4]], dim=-1)[..., :64]  # rows of 68 values, 64 of them used
 
@@ -133,18 +145,6 @@ def test_layouts_no_tensor_map_describes_are_copied(device, layout, generator, m
     calls = spy_on_kernels(monkeypatch)
     check(q, k, v, dO, causal=True)
     assert calls and all(t.is_contiguous() for call in calls for t in call)
-
-
-def spy_on_kernels(monkeypatch):
-    """Kernels.call, recording the q, k, v (and dO) that each pass hands the kernels."""
-    calls, call = [], mf.Kernels.call
-
-    def spy(self, pass_, causal, scale, q, k, v, O, L, dO=None, *rest, **options):
-        calls.append([t for t in (q, k, v, dO) if t is not None])
-        return call(self, pass_, causal, scale, q, k, v, O, L, dO, *rest, **options)
-
-    monkeypatch.setattr(mf.Kernels, "call", spy)
-    return calls
 
 
 @DEVICE
