@@ -28,8 +28,9 @@
 //     step of Llama-like models). The 4 warps split each tile's keys, 16 each, every warp with its
 //     own m, l and O for all 16 rows, as the splits split a sequence; at the end they merge in shared
 //     memory by the same rule as `combine`. Four warps, not one, run the products and the softmax
-//     of a tile: one warp alone is too slow to keep up with the memory (measured: paged, whose
-//     lookups add to the copies, fell to 0.7x of contiguous).
+//     of a tile: one warp alone takes longer over a tile than the memory takes to deliver the
+//     next, and it would be the kernel's critical path (its share of the copies and, paged, of the
+//     page lookups, on top).
 //   * 64 rows (a 16-row tile each warp): as in flash2_mma.cu, a warp's rows against all 64 keys.
 //
 //   16-row block (group = 4, seqlen_q = 3: 12 rows; rows 12-15 zeros, never written out)
@@ -42,8 +43,8 @@
 //
 // Why STAGES buffers. Decoding reads the cache once and does little arithmetic with it, so its speed
 // is how many bytes are on their way from memory at any moment: a block that waits for each tile
-// before asking for the next one reads one tile per memory latency (~2 us under load, measured: 45%
-// of the bandwidth at one block per multiprocessor). With STAGES buffers, STAGES - 1 tiles are in
+// before asking for the next one reads one tile per memory latency (about 2 us under load): with one
+// such block per multiprocessor, under half the bandwidth. With STAGES buffers, STAGES - 1 tiles are in
 // flight while one is multiplied; with 16-row tiles two blocks fit on a multiprocessor, so about 4
 // tiles (128 KB at d = 128) are in flight on each.
 //
