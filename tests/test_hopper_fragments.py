@@ -2,7 +2,8 @@
 warpgroup (tools/hopper_fragments.cu): TMA boxes with the 128-byte swizzle and zero fill, wgmma with A
 and B K-major from shared memory, wgmma with A from registers and B MN-major (SBO between groups of 8
 rows of k, LBO between 64-column tiles), wgmma with A M-major and/or B N-major from shared memory
-(the backward's dQ = dS K), and blocks' bulk reduces into one buffer; against torch in float64 and,
+(the backward's dQ = dS K), blocks' bulk reduces into one buffer, and boxes through a 4-D tensor map
+of a strided view (version 4's q, k, v as a model hands them); against torch in float64 and,
 on an H100 or H200, against the hardware running the same source (`-k cuda`)."""
 import sys
 
@@ -12,7 +13,8 @@ import torch
 import minimal_flash as mf
 
 sys.path.insert(0, str(mf.KERNELS.parent / "tools"))
-from fragments import HOPPER_PRODUCTS, build_fragments, run_bulk_program, run_hopper_program  # noqa: E402
+from fragments import (HOPPER_PRODUCTS, build_fragments, run_bulk_program, run_hopper_program,  # noqa: E402
+                       run_tma4_program)
 
 HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -116,3 +118,23 @@ def test_bulk_reduce_on_the_hardware(build, device):
     small integers make the order not matter)."""
     for blocks in (1, BLOCKS, 132):
         assert torch.equal(run_bulk_program(build(device), device, blocks), bulk_sums(blocks)), blocks
+
+
+TMA4_ROWS = 100  # K (2, 100, 2, 64): the box at rows 64-127 is partly past the end
+
+
+def tma4_expected(Y):
+    """The 3 boxes run_tma4_program loads from K = Y[:, :, 1], swizzled, rows past the end zeros."""
+    K = torch.cat([Y[:, :, 1], torch.zeros(2, 128 - TMA4_ROWS, *Y.shape[3:], dtype=Y.dtype)], dim=1)
+    return torch.stack([swizzled(K[b, r:r + 64, h].contiguous().view(torch.int16))
+                        for b, r, h in ((0, 0, 1), (1, 64, 0), (1, 0, 1))])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@HALVES
+def test_tma_4d_boxes_of_a_strided_view(build, device, dtype):
+    """A 4-D tensor map (columns, rows, heads, batch) with the view's own strides: each box is the
+    (batch, head)'s rows, swizzled, zeros past the last row, bit for bit on the GPU and in the emulation."""
+    for seed in range(2):
+        Y = torch.randn(2, TMA4_ROWS, 3, 2, 64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        assert torch.equal(run_tma4_program(build(device), device, Y), tma4_expected(Y)), seed

@@ -57,6 +57,8 @@ def build_fragments(device, folder=None, program="fragments"):
     if program == "hopper_fragments":
         library.run_bulk_fragments.restype = ctypes.c_char_p
         library.run_bulk_fragments.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        library.run_tma4_fragments.restype = ctypes.c_char_p
+        library.run_tma4_fragments.argtypes = [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
     library.folder = temporary  # kept as long as the library is
     return library
 
@@ -118,3 +120,18 @@ def run_bulk_program(library, device, blocks):
     if device == "cuda":
         torch.cuda.synchronize()
     return out.cpu()
+
+
+def run_tma4_program(library, device, Y):
+    """Runs tools/hopper_fragments.cu's 4-D TMA loads on Y (B, rows, 3, H, 64), bf16 or fp16, through
+    a tensor map of K = Y[:, :, 1]. Returns the 3 boxes as TMA left them in shared memory (3, 64, 64;
+    int16 bits, swizzled)."""
+    boxes = torch.zeros(3, 64, 64, dtype=torch.int16, device=device)
+    y = Y.to(device).contiguous()
+    B, rows, _, H, _ = Y.shape
+    error = library.run_tma4_fragments(int(Y.dtype == torch.bfloat16), y.data_ptr(), B, rows, H, boxes.data_ptr())
+    if error:
+        raise RuntimeError(f"hopper_fragments: {error.decode()}")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return boxes.cpu()

@@ -18,7 +18,8 @@
 //         mm32:  A M-major, B = X[1, 0:64, 32:64] N-major, N = 32, its descriptor 64 bytes into the
 //                swizzled rows (the backward's dQ at d = 64: each consumer's half of the columns);
 // and writes each D out, and each thread's accumulators as it holds them. A second kernel has blocks
-// add into one buffer by the copy engine's bulk reduce (bulk_fragments below). nvcc builds it for
+// add into one buffer by the copy engine's bulk reduce (bulk_fragments below); a third loads boxes
+// through a 4-D tensor map of a strided view, as version 4 reads a model's q, k, v (tma4_fragments). nvcc builds it for
 // sm_90a, g++ against kernels/cpu_cuda.h (tools/hopper_fragments_cpu.cpp); tools/fragments.py builds
 // and runs either; tests/test_hopper_fragments.py compares them with torch and with each other.
 #ifdef __CUDACC__
@@ -159,21 +160,54 @@ __global__ void bulk_fragments(float* out) {
     for (int i = 0; i < 256; ++i) second[i] = -1000.0f;
 }
 
-// The tensor map of X (2, rows, 128): boxes of 64 x 64, 128-byte swizzle. On the GPU the driver's
-// function, found through the runtime (no -lcuda).
-static const char* encode(CUtensorMap* map, bool bf16, const unsigned short* X, int rows) {
-    const cuuint64_t dims[3] = {128, cuuint64_t(rows), 2}, strides[2] = {256, 256 * cuuint64_t(rows)};
-    const cuuint32_t box[3] = {64, 64, 1}, ones[3] = {1, 1, 1};
-    auto encode_tiled = &cuTensorMapEncodeTiled;
+// Version 4's 4-D boxes (kernels/hopper.cuh's tma_load with (x, y, z, w)): thread 0 loads 3 boxes of
+// 64 x 64 through a tensor map of K = Y[:, :, 1] (B, rows, H, 64), a strided view of a projection
+// Y (B, rows, 3, H, 64) as a model's q, k, v are: (column, row, head 1, batch 0), (0, row 64,
+// head 0, batch 1), its rows 64-127 past the end of rows < 128 (zero fill), and (0, 0, head 1,
+// batch 1); the boxes go out as they are in shared memory, swizzled.
+__global__ void tma4_fragments(const __grid_constant__ CUtensorMap map, unsigned short* boxes) {
+    char* base = reinterpret_cast<char*>(smem) + (1024 - shared_address(smem) % 1024) % 1024;
+    uint64_t* bar = reinterpret_cast<uint64_t*>(base);
+    auto tile = [&](int i) { return base + kTilesAt + i * kBoxBytes; };
+    if (threadIdx.x == 0) {
+        mbarrier_init(bar, 1);
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // (x: columns, y: rows, z: head, w: batch)
+        mbarrier_arrive_expect_tx(bar, 3 * kBoxBytes);
+        tma_load(tile(0), &map, 0, 0, 1, 0, bar);
+        tma_load(tile(1), &map, 0, 64, 0, 1, bar);
+        tma_load(tile(2), &map, 0, 0, 1, 1, bar);
+    }
+    mbarrier_wait(bar, 0);
+    const unsigned short* tiles = reinterpret_cast<const unsigned short*>(tile(0));
+    for (int i = threadIdx.x; i < 3 * 64 * 64; i += blockDim.x) boxes[i] = tiles[i];
+}
+
+// The driver's cuTensorMapEncodeTiled on the GPU, found through the runtime (no -lcuda); the
+// emulation's on the CPU.
+static decltype(&cuTensorMapEncodeTiled) encoder() {
 #ifdef __CUDACC__
     void* entry = nullptr;
     cudaDriverEntryPointQueryResult found;
     if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &entry, 12000, cudaEnableDefault,
                                          &found) != cudaSuccess ||
         found != cudaDriverEntryPointSuccess)
-        return "no cuTensorMapEncodeTiled in the driver";
-    encode_tiled = reinterpret_cast<decltype(encode_tiled)>(entry);
+        return nullptr;
+    return reinterpret_cast<decltype(&cuTensorMapEncodeTiled)>(entry);
+#else
+    return &cuTensorMapEncodeTiled;
 #endif
+}
+
+// The tensor map of X (2, rows, 128): boxes of 64 x 64, 128-byte swizzle. On the GPU the driver's
+// function, found through the runtime (no -lcuda).
+static const char* encode(CUtensorMap* map, bool bf16, const unsigned short* X, int rows) {
+    const cuuint64_t dims[3] = {128, cuuint64_t(rows), 2}, strides[2] = {256, 256 * cuuint64_t(rows)};
+    const cuuint32_t box[3] = {64, 64, 1}, ones[3] = {1, 1, 1};
+    const auto encode_tiled = encoder();
+    if (!encode_tiled) return "no cuTensorMapEncodeTiled in the driver";
     const CUresult result = encode_tiled(
         map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
         const_cast<unsigned short*>(X), dims, strides, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
@@ -205,6 +239,26 @@ const char* run_hopper_fragments(int bf16, const unsigned short* X, int rows, co
                              kSharedBytes);
         LAUNCH(hopper_fragments<__half>, dim3(1), dim3(128), kSharedBytes, 0)(map, P, boxes, out);
     }
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? "" : cudaGetErrorString(err);
+}
+
+// The 3 boxes of tma4_fragments from K = Y[:, :, 1], Y (B, rows, 3, H, 64) contiguous; "" on success.
+const char* run_tma4_fragments(int bf16, const unsigned short* Y, int B, int rows, int H, unsigned short* boxes) {
+    const auto encode_tiled = encoder();
+    if (!encode_tiled) return "no cuTensorMapEncodeTiled in the driver";
+    const cuuint64_t row = 3ull * H * 64 * 2;  // bytes from one row of K to the next
+    const cuuint64_t dims[4] = {64, cuuint64_t(rows), cuuint64_t(H), cuuint64_t(B)},
+                     strides[3] = {row, 64 * 2, row * rows};
+    const cuuint32_t box[4] = {64, 64, 1, 1}, ones[4] = {1, 1, 1, 1};
+    CUtensorMap map;
+    if (encode_tiled(&map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                     const_cast<unsigned short*>(Y + H * 64), dims, strides, box, ones,
+                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+        return "cuTensorMapEncodeTiled failed";
+    cudaFuncSetAttribute(tma4_fragments, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
+    LAUNCH(tma4_fragments, dim3(1), dim3(128), kSharedBytes, 0)(map, boxes);
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }
