@@ -333,40 +333,66 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
     }
 }
 
-// The splits of each row merged: lse = log sum_s exp(lse_s), O = sum_s exp(lse_s - lse) O_s. A
-// thread takes 4 columns of one row (each of the row's d / 4 threads reads the row's lse_s; they are
-// few and cached). An empty split (lse_s = -inf) weighs 0; a row with no key in any split gets O = 0
-// and lse = -inf, not the NaN of -inf - (-inf); a NaN from a sequence out of range stays NaN.
+// The splits of each row merged: lse = log sum_s exp(lse_s), O = sum_s exp(lse_s - lse) O_s. A warp
+// takes a row: each lane first reads a few of the row's lse_s (split lane, lane + 32, ...), and the
+// warp agrees on their max and sum by shuffles; then each lane adds up its d / 32 columns of every
+// split's O_s. The splits' loads do not wait for one another (unrolled), so the row's partial results
+// stream in together rather than one memory latency per split. An empty split (lse_s = -inf) weighs 0;
+// a row with no key in any split gets O = 0 and lse = -inf, not the NaN of -inf - (-inf); a NaN from a
+// sequence out of range stays NaN.
 template <class T, int d>
 __global__ void combine(const float* O_split, const float* L_split, int splits, int B, int Sq, int H,
                         unsigned short* O, float* L) {
-    const size_t rows = (size_t)B * Sq * H, e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= rows * (d / 4)) return;
-    const size_t row = e / (d / 4);  // (b, s, h) of O
-    const int x = e % (d / 4) * 4, h = row % H, s = row / H % Sq;
+    constexpr int C = d / 32;  // columns per lane: 4 or 2
+    static_assert(C == 4 || C == 2, "d = 128 or 64");
+    const size_t rows = (size_t)B * Sq * H, row = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (row >= rows) return;  // the whole warp
+    const int lane = threadIdx.x % 32, h = row % H, s = row / H % Sq;
     const size_t at_L = (row / H / Sq * H + h) * Sq + s;  // (b, h, s) of L
-    float m = -INFINITY;
+    float m = -INFINITY, lse_s[MAX_SPLITS / 32];
     bool nan = false;
-    for (int i = 0; i < splits; ++i) {
-        const float lse = L_split[i * rows + at_L];
-        nan |= lse != lse;
-        m = fmaxf(m, lse);
+#pragma unroll
+    for (int k = 0; k < MAX_SPLITS / 32; ++k) {
+        const int i = lane + 32 * k;
+        lse_s[k] = i < splits ? L_split[i * rows + at_L] : -INFINITY;
+        nan |= lse_s[k] != lse_s[k];
+        m = fmaxf(m, lse_s[k]);  // fmaxf skips a NaN: `nan` keeps it
     }
-    float sum = 0.0f, out[4] = {};
-    if (m != -INFINITY) {
-        for (int i = 0; i < splits; ++i) sum += expf(L_split[i * rows + at_L] - m);
-        const float lse = m + logf(sum);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {  // the row's max over the warp's lanes
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+        nan |= __shfl_xor_sync(0xffffffffu, nan ? 1.0f : 0.0f, offset) != 0.0f;
+    }
+    float sum = 0.0f;
+    if (m != -INFINITY)
+#pragma unroll
+        for (int k = 0; k < MAX_SPLITS / 32; ++k) sum += expf(lse_s[k] - m);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    const float lse = nan ? NAN : m == -INFINITY ? -INFINITY : m + logf(sum);
+    float out[C] = {};
+    if (m != -INFINITY && !nan) {
+#pragma unroll 8
         for (int i = 0; i < splits; ++i) {
-            const float weight = expf(L_split[i * rows + at_L] - lse);
-            const float4 o = *reinterpret_cast<const float4*>(&O_split[(i * rows + row) * d + x]);
-            out[0] += weight * o.x, out[1] += weight * o.y, out[2] += weight * o.z, out[3] += weight * o.w;
+            const float weight = expf(L_split[i * rows + at_L] - lse);  // the same address in every lane
+            const size_t at = (i * rows + row) * d + C * lane;
+            if constexpr (C == 4) {
+                const float4 o = *reinterpret_cast<const float4*>(&O_split[at]);
+                out[0] += weight * o.x, out[1] += weight * o.y, out[2] += weight * o.z,
+                    out[3] += weight * o.w;
+            } else {
+                const float2 o = *reinterpret_cast<const float2*>(&O_split[at]);
+                out[0] += weight * o.x, out[1] += weight * o.y;
+            }
         }
     }
-    const float lse = nan ? NAN : m == -INFINITY ? -INFINITY : m + logf(sum);
-    if (nan) out[0] = out[1] = out[2] = out[3] = NAN;
-    *reinterpret_cast<unsigned*>(&O[row * d + x]) = pack<T>(out[0], out[1]);
-    *reinterpret_cast<unsigned*>(&O[row * d + x + 2]) = pack<T>(out[2], out[3]);
-    if (x == 0) L[at_L] = lse;
+    if (nan)
+#pragma unroll
+        for (int c = 0; c < C; ++c) out[c] = NAN;
+#pragma unroll
+    for (int c = 0; c < C; c += 2)
+        *reinterpret_cast<unsigned*>(&O[row * d + C * lane + c]) = pack<T>(out[c], out[c + 1]);
+    if (lane == 0) L[at_L] = lse;
 }
 
 }  // namespace flash_decode
@@ -381,7 +407,7 @@ std::string run(const Params& p, const Call& c) {
     std::string err =
         launch("flash_decode::decode", decode<T, d, Br>,
                dim3(p.B * p.Hk, ceil_div(p.Sq * p.group, Br), p.splits), THREADS, shared_bytes(Br, d), c, p);
-    const size_t threads = (size_t)p.B * p.Sq * p.H * (d / 4);
+    const size_t threads = (size_t)p.B * p.Sq * p.H * 32;  // a warp per row
     if (err.empty() && p.splits > 1)
         err = launch("flash_decode::combine", combine<T, d>, dim3((threads + 127) / 128), 128, 0, c,
                      p.O_split, p.L_split, p.splits, p.B, p.Sq, p.H, p.O, p.L);

@@ -89,7 +89,8 @@ def bits(t):
 # (16), do not (48) and hold several (256); 7 splits leave some splits of the shorter sequences empty;
 # seqlen_q = 9 with group 8 is 72 rows, two row tiles; causal with L_b < seqlen_q leaves rows with no key.
 # One split of ~700 and ~1000 keys: more tiles than the kernel's buffers (5 at d = 64, 3 at d = 128), so each
-# buffer is refilled.
+# buffer is refilled. 40 and 128 splits: the combine's lanes each take several splits' lse (split lane,
+# lane + 32, ...), some of them empty (lse = -inf: the short sequence's, and past 65 of 2 tiles each).
 CASES = [
     (1, 8, 2, 64, [1, 63, 64, 65, 300, 0], 1, False, 1, None, torch.bfloat16),
     (1, 8, 1, 128, [1, 63, 64, 65, 301, 0], 0, True, 2, 16, torch.float16),
@@ -100,6 +101,8 @@ CASES = [
     (1, 2, 2, 64, [61, 130], 3, False, 7, None, torch.float16),
     (1, 8, 2, 64, [700, 5], 0, True, 1, 16, torch.bfloat16),
     (2, 4, 1, 128, [1000], 2, False, 1, None, torch.float16),
+    (1, 8, 2, 64, [2500, 40], 1, False, 40, None, torch.bfloat16),
+    (1, 4, 1, 128, [8200, 3], 1, True, 128, 256, torch.float16),
 ]
 CASE_IDS = [f"sq{c[0]}-h{c[1]}-hk{c[2]}-d{c[3]}-new{c[5]}-{'causal' if c[6] else 'full'}-split{c[7]}-"
             f"{'contiguous' if c[8] is None else f'page{c[8]}'}-{str(c[9]).replace('torch.', '')}" for c in CASES]
