@@ -17,6 +17,10 @@ and this script owns what is between them:
                                                  and its cuDNN backend where the CSV has it
                                   hopper_steps   version 4's steps (flash3_hopper_forward_steps.csv)
                                   sweep_hopper   version 4 against both (sweep_hopper.csv)
+                                  decode         chapter 5's decode step against both, and the read
+                                                 ceiling (decode.csv)
+                                  varlen         a packed prefill against the padded one (varlen.csv)
+                                  gpt            notebook 7's training step, tokens/s (gpt.csv)
 
 tests/test_readme.py checks that they are up to date, so a number in them is always the CSVs'.
 """
@@ -159,6 +163,62 @@ def steps_table(name="flash3_hopper_forward_steps.csv", Ns=(1024, 4096, 16384)):
     return "\n".join(lines)
 
 
+def decode_table(name="decode.csv"):
+    """Chapter 5's decode step (bench.py --decode): by batch and context, our GPU time in a CUDA graph,
+    cuDNN's time over ours, the fraction of the read ceiling, paged against contiguous, and both SDPA
+    backends."""
+    points, numbers = {}, ("graph_us", "fraction_of_read")  # read_csv knows the sweeps' columns, not these
+    for r in bench.read_csv(RESULTS / name):
+        if r.get("batch") is not None:
+            r.update({key: float(r[key]) for key in numbers})
+            points.setdefault((int(r["batch"]), int(r["context"])), {})[r["method"]] = r
+    header = ["batch", "context", "ours µs", "x cuDNN", "of the read ceiling", "paged µs", "paged / contiguous",
+              "SDPA-FA2 µs", "cuDNN µs", "cuDNN of the ceiling"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for (batch, context), point in sorted(points.items()):
+        ours, paged = point["minimal-flash"], point["minimal-flash-paged"]
+        flash, cudnn = point["sdpa-flash"], point["sdpa-cudnn"]
+        lines.append("| " + " | ".join([
+            str(batch), str(context), f"{ours['graph_us']:.1f}", f"{cudnn['graph_us'] / ours['graph_us']:.2f}",
+            f"{ours['fraction_of_read']:.0%}", f"{paged['graph_us']:.1f}", f"{ours['graph_us'] / paged['graph_us']:.2f}",
+            f"{flash['graph_us']:.1f}", f"{cudnn['graph_us']:.1f}", f"{cudnn['fraction_of_read']:.0%}"]) + " |")
+    return "\n".join(lines)
+
+
+def varlen_table(name="varlen.csv"):
+    """bench.py --varlen: each method's time, per real token, and the padded batch's time over its own."""
+    header = ["method", "forward ms", "ns / real token", "x padded", "forward + backward ms", "ns / real token",
+              "x padded"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    by = {}
+    for r in bench.read_csv(RESULTS / name):
+        by.setdefault(r["method"], {})[r["pass"]] = dict(r, ns_per_token=float(r["ns_per_token"]),
+                                                         x_padded=float(r["x_padded"]))
+    for method, passes in by.items():
+        cells = [method]
+        for pass_ in ("forward", "forward+backward"):
+            r = passes[pass_]
+            cells += [f"{r['ms']:.2f}", f"{r['ns_per_token']:.0f}", f"{r['x_padded']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gpt_table(name="gpt.csv"):
+    """Notebook 7's training step: tokens/s and peak memory of each attention, fp32 and bf16."""
+    by = {(r["attention"], r["dtype"]): r for r in bench.read_csv(RESULTS / name)}
+    rows = [("ours (version 2; version 4 in bf16)", "ours", "ours"),
+            ("SDPA (fp32: its pick; bf16: FlashAttention-2)", "SDPA", "SDPA (FlashAttention-2)"),
+            ("SDPA, cuDNN's backend", None, "SDPA (cuDNN)"), ("plain attention", "plain", "plain")]
+    lines = ["| attention | fp32 tokens/s | fp32 peak GiB | bf16 tokens/s | bf16 peak GiB |", "|---|---|---|---|---|"]
+    for label, fp32, bf16 in rows:
+        cells = [label]
+        for key in ((fp32, "float32"), (bf16, "bfloat16")):
+            r = by.get(key)
+            cells += [f"{float(r['tokens_per_s']):,.0f}", f"{float(r['peak_gib']):.2f}"] if r else ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def tables():
     """{(file, marker name): the text between its markers}."""
     results = "notebooks/results/README.md"
@@ -167,7 +227,10 @@ def tables():
             (results, "sweep_causal"): sweep_table("sweep_causal.csv"),
             (results, "sweep_bf16"): bf16_table(),
             (results, "hopper_steps"): steps_table(),
-            (results, "sweep_hopper"): bf16_table("sweep_hopper.csv", version=4)}
+            (results, "sweep_hopper"): bf16_table("sweep_hopper.csv", version=4),
+            (results, "decode"): decode_table(),
+            (results, "varlen"): varlen_table(),
+            (results, "gpt"): gpt_table()}
 
 
 def markers(name):
