@@ -61,8 +61,9 @@
 // Misuse. The kernel reads only what cache_seqlens and block_table say a sequence has, so it checks
 // them first: a sequence whose length is out of the cache's range, or whose pages are not pages of the
 // cache, reads nothing and gets NaN in all its output rows (minimal_flash checks the same on the host
-// and raises, except while a CUDA graph is being captured, when only this check is left). Each split
-// checks the pages of its share of the sequence; a NaN in one split's lse makes the combined row NaN.
+// and raises, except while a CUDA graph is being captured, when only this check is left). Each block
+// checks the pages of its split's share of the sequence and of its own tiles; a NaN in one split's lse
+// makes the combined row NaN.
 // A row that sees no key at all (L_b = 0, or causal with s + L_b - seqlen_q < 0) gets O = 0 and
 // lse = -inf, the log of an empty sum.
 // Names as in the paper; "Alg. 1, line n" marks the FlashAttention-2 paper's Algorithm 1.
@@ -137,11 +138,9 @@ struct TileRows {
     }
 };
 
-// Is sequence b's use of the cache in range: its length, and, paged, the pages of keys [j0, j1)? The
-// whole block checks the pages together (a flag in shared memory), and agrees.
-__device__ inline bool in_range(const Params& p, int b, int j0, int j1, int* flag) {
-    const long long keys = (long long)p.cache_seqlens[b] + p.seqlen_new;
-    if (p.cache_seqlens[b] < 0 || keys > p.capacity) return false;
+// Are the pages of sequence b's keys [j0, j1) pages of the cache (contiguous: yes)? The whole block
+// checks them together (a flag in shared memory), and agrees.
+__device__ inline bool pages_in_range(const Params& p, int b, int j0, int j1, int* flag) {
     if (!p.block_table) return true;
     if (threadIdx.x == 0) *flag = 0;
     __syncthreads();  // the flag is cleared before anyone sets it
@@ -213,19 +212,26 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
     // This block's sequence b, kv head h_kv, rows [row0, row0 + Br) of its Sq * group, and split.
     const int b = blockIdx.x / p.Hk, h_kv = blockIdx.x % p.Hk, split = blockIdx.z;
     const int rows = p.Sq * p.group, row0 = blockIdx.y * Br;
-    int L = p.cache_seqlens[b] + p.seqlen_new;  // the sequence's keys (if in range)
-    // The pages this split may read: its share of all L keys (the splits of every row tile together
-    // check them all).
-    const int share = ceil_div(ceil_div(max(L, 0), Bc), p.splits) * Bc;
-    const bool bad = !in_range(p, b, min(split * share, L), min((split + 1) * share, L), flag);
-    if (bad) L = 0;
+    const long long keys = (long long)p.cache_seqlens[b] + p.seqlen_new;  // the sequence's, if in range
+    const bool length_ok = p.cache_seqlens[b] >= 0 && keys <= p.capacity;
+    int L = length_ok ? (int)keys : 0;
 
     // The keys a row sees end at `L`, or, causal, at its position's limit s + L - Sq + 1; this block's
     // tiles end at its last row's. They are cut into `splits` ranges, this split taking its share.
     const int last_s = (min(row0 + Br, rows) - 1) / p.group;
     const int end = p.causal ? max(0, min(L, last_s + L - p.Sq + 1)) : L;
     const int tiles = ceil_div(end, Bc), per_split = ceil_div(tiles, p.splits);
-    const int t_begin = min(tiles, split * per_split), t_end = min(tiles, t_begin + per_split);
+    const int t_begin = min(tiles, split * per_split);
+    int t_end = min(tiles, t_begin + per_split);
+    // The pages the block checks before it reads any: those of its own tiles, and those of its
+    // split's share of all L keys (which the splits of every row tile together cover, so that a bad
+    // page anywhere makes every row of the sequence NaN). Its tiles can reach outside its share when
+    // a causal row tile ends early (fewer tiles, cut into the same number of splits).
+    const int share = ceil_div(ceil_div(L, Bc), p.splits) * Bc;
+    const int j1 = min(max((split + 1) * share, t_end * Bc), L),
+              j0 = min(min(split * share, t_begin * Bc), j1);
+    const bool bad = !length_ok || !pages_in_range(p, b, j0, j1, flag);
+    if (bad) L = 0, t_end = t_begin;  // reads nothing
 
     // Row `row` of the block: position s of query head h.
     auto q_at = [&](int row) {

@@ -270,3 +270,23 @@ def test_a_misuse_the_host_does_not_check_gives_nan(device, paged, splits, gener
     for b in (0, 2):
         assert_close("out", out[b], out_ref[b], plain[b])
         assert_close("lse", lse[b], lse_ref[b])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_block_checks_every_page_it_reads(device, generator, monkeypatch):
+    """Causal, 400 query rows on 1000 keys, 4 splits: the first row tile sees only 664 keys, 11 tiles,
+    3 to a split, so its split 1 reads keys 192 to 383, partly outside that split's share of all the
+    keys (256 to 511). A bad page there (keys 192 to 223, a page index 2^20, gigabytes past the pool)
+    must be checked by the block that reads it, not only by the split whose share it is in: the
+    sequence's rows are NaN and nothing outside the cache is read (before, that block read it: a fault
+    on the GPU, on the CPU a read of unmapped memory)."""
+    monkeypatch.setattr(mf, "_capturing", lambda device: True)  # the host checks nothing, as in a graph
+    sequences = dense_sequences([1000], 1, 64, torch.bfloat16, generator)
+    (k_cache, v_cache), table = build_cache(sequences, [1000], 1024, 32, torch.bfloat16, generator)
+    table[0, 6] = 1 << 20
+    q = torch.randn(1, 400, 1, 64, generator=generator).bfloat16()
+    out, lse = mf.flash_attn_with_kvcache(q.to(device), k_cache.to(device), v_cache.to(device),
+                                          cache_seqlens=torch.tensor([1000], dtype=torch.int32, device=device),
+                                          block_table=table.to(device), causal=True, num_splits=4,
+                                          return_softmax_lse=True)
+    assert torch.isnan(out.cpu()).all() and torch.isnan(lse.cpu()).all()
