@@ -805,22 +805,22 @@ def graph_ms(steps, args):
     return ms / n, repeats
 
 
-def host_ms(step, device, rounds=5):
-    """Host time of one call in ms: perf_counter around 20 calls made back to back, from an idle,
-    synchronised GPU, over 20; the median of `rounds`. A call only queues its kernels (launches are
-    asynchronous), and 20 calls' few launches each stay far inside the launch queue (about a
-    thousand), so no call waits for the GPU: this is the call's own Python and launch time, whatever
-    its GPU time. On the CPU a call runs to its end: one call's whole time."""
-    calls = 20 if device == "cuda" else 1
-    averages = []
-    for _ in range(rounds):
+def host_ms(step, device, rounds=50):
+    """Host time of one call in ms: perf_counter around a single call made from an idle, synchronised
+    GPU; the median of `rounds` (5 on the CPU). A call only queues its kernels (launches are
+    asynchronous), so this is the call's own Python and launch time, and what it waits for itself:
+    flash_attn_with_kvcache's host check copies cache_seqlens to the CPU, which, from an idle GPU, is
+    one short copy. Calls made back to back would time something else wherever a call waits: each
+    would wait for the GPU work of the calls before it. On the CPU a call runs to its end: one call's
+    whole time."""
+    times = []
+    for _ in range(rounds if device == "cuda" else 5):
         synchronize(device)
         start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        averages.append((time.perf_counter() - start) * 1e3 / calls)
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
     synchronize(device)
-    return statistics.median(averages)
+    return statistics.median(times)
 
 
 def step_times(steps, args, note):
