@@ -580,9 +580,12 @@ def write_csv(rows, path, fields=CSV_FIELDS):
 
 
 def read_csv(path):
-    """The rows of a sweep.csv, as the sweep made them (numbers as numbers, empty cells left out)."""
+    """The rows of one of bench.py's CSVs (a sweep's, --decode's, --varlen's; notebook 7's gpt.csv), as
+    it made them: numbers as numbers, empty cells left out."""
     types = dict(N=int, B=int, H=int, d=int, Br=int, Bc=int, repeats=int, ms=float, tflops=float, x_manual=float,
-                 extra_mib=float, rel_err=float, causal=lambda s: s == "True")
+                 extra_mib=float, rel_err=float, causal=lambda s: s == "True", batch=int, context=int,
+                 graph_us=float, fraction_of_read=float, ns_per_token=float, x_padded=float, tokens_per_s=float,
+                 peak_gib=float)
     with open(path, newline="") as f:
         return [{k: types.get(k, str)(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 

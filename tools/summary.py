@@ -167,11 +167,10 @@ def decode_table(name="decode.csv"):
     """Chapter 5's decode step (bench.py --decode): by batch and context, our GPU time in a CUDA graph,
     cuDNN's time over ours, the fraction of the read ceiling, paged against contiguous, and both SDPA
     backends."""
-    points, numbers = {}, ("graph_us", "fraction_of_read")  # read_csv knows the sweeps' columns, not these
+    points = {}
     for r in bench.read_csv(RESULTS / name):
-        if r.get("batch") is not None:
-            r.update({key: float(r[key]) for key in numbers})
-            points.setdefault((int(r["batch"]), int(r["context"])), {})[r["method"]] = r
+        if "batch" in r:  # not the read and copy rows
+            points.setdefault((r["batch"], r["context"]), {})[r["method"]] = r
     header = ["batch", "context", "ours µs", "x cuDNN", "of the read ceiling", "paged µs", "paged / contiguous",
               "SDPA-FA2 µs", "cuDNN µs", "cuDNN of the ceiling"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -192,8 +191,7 @@ def varlen_table(name="varlen.csv"):
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     by = {}
     for r in bench.read_csv(RESULTS / name):
-        by.setdefault(r["method"], {})[r["pass"]] = dict(r, ns_per_token=float(r["ns_per_token"]),
-                                                         x_padded=float(r["x_padded"]))
+        by.setdefault(r["method"], {})[r["pass"]] = r
     for method, passes in by.items():
         cells = [method]
         for pass_ in ("forward", "forward+backward"):
@@ -214,7 +212,7 @@ def gpt_table(name="gpt.csv"):
         cells = [label]
         for key in ((fp32, "float32"), (bf16, "bfloat16")):
             r = by.get(key)
-            cells += [f"{float(r['tokens_per_s']):,.0f}", f"{float(r['peak_gib']):.2f}"] if r else ["", ""]
+            cells += [f"{r['tokens_per_s']:,.0f}", f"{r['peak_gib']:.2f}"] if r else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
