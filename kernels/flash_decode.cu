@@ -339,66 +339,98 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
     }
 }
 
-// The splits of each row merged: lse = log sum_s exp(lse_s), O = sum_s exp(lse_s - lse) O_s. A warp
-// takes a row: each lane first reads a few of the row's lse_s (split lane, lane + 32, ...), and the
-// warp agrees on their max and sum by shuffles; then each lane adds up its d / 32 columns of every
-// split's O_s. The splits' loads do not wait for one another (unrolled), so the row's partial results
-// stream in together rather than one memory latency per split. An empty split (lse_s = -inf) weighs 0;
-// a row with no key in any split gets O = 0 and lse = -inf, not the NaN of -inf - (-inf); a NaN from a
-// sequence out of range stays NaN.
+// The splits of each row merged: lse = log sum_s exp(lse_s), O = sum_s exp(lse_s - lse) O_s. A block
+// of 4 warps takes a row. Its threads first read one split's lse_s each (thread s: split s; at most
+// MAX_SPLITS = 128 of them) and agree on the row's lse; then warp w sums splits w, w + 4, w + 8, ...
+// of O_s (each lane d / 32 columns) and the four warps' sums are added in shared memory. The reads of
+// a warp's splits do not wait for one another (unrolled), so a row costs about two trips to memory,
+// however many splits it has. An empty split (lse_s = -inf) weighs 0; a row with no key in any split
+// gets O = 0 and lse = -inf, not the NaN of -inf - (-inf); a NaN from a sequence out of range stays NaN.
+//
+//   thread s:  lse_s  --(max, sum over the block)-->  lse, weight_s = exp(lse_s - lse)
+//   warp w:    sum of weight_s O_s over s = w, w + 4, ...    (lane: columns C lane .. C lane + C - 1)
+//   block:     O = warp 0's + warp 1's + warp 2's + warp 3's
+constexpr int COMBINE_WARPS = 4, COMBINE_THREADS = 32 * COMBINE_WARPS;
+static_assert(COMBINE_THREADS >= MAX_SPLITS, "a thread per split's lse");
+__host__ __device__ constexpr int combine_shared_bytes(int d) {
+    return (COMBINE_WARPS * d + MAX_SPLITS + 2 * COMBINE_WARPS) * 4;
+}
+
+// The block's max of `value` (NaN skipped, and flagged in `nan`) or sum, through `scratch` (8 floats).
+__device__ inline float block_max(float value, bool& nan, float* scratch) {
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float flag = value != value ? 1.0f : 0.0f;
+    value = value != value ? -INFINITY : value;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+        value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+        flag = fmaxf(flag, __shfl_xor_sync(0xffffffffu, flag, offset));
+    }
+    if (lane == 0) scratch[w] = value, scratch[COMBINE_WARPS + w] = flag;
+    __syncthreads();
+    value = scratch[0], flag = scratch[COMBINE_WARPS];
+    for (int v = 1; v < COMBINE_WARPS; ++v)
+        value = fmaxf(value, scratch[v]), flag = fmaxf(flag, scratch[COMBINE_WARPS + v]);
+    __syncthreads();  // read by all before scratch is used again
+    nan = flag != 0.0f;
+    return value;
+}
+__device__ inline float block_sum(float value, float* scratch) {
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+    if (lane == 0) scratch[w] = value;
+    __syncthreads();
+    value = 0.0f;
+    for (int v = 0; v < COMBINE_WARPS; ++v) value += scratch[v];
+    return value;
+}
+
 template <class T, int d>
-__global__ void combine(const float* O_split, const float* L_split, int splits, int B, int Sq, int H,
-                        unsigned short* O, float* L) {
+__global__ void __launch_bounds__(COMBINE_THREADS)
+    combine(const float* O_split, const float* L_split, int splits, int B, int Sq, int H, unsigned short* O,
+            float* L) {
     constexpr int C = d / 32;  // columns per lane: 4 or 2
     static_assert(C == 4 || C == 2, "d = 128 or 64");
-    const size_t rows = (size_t)B * Sq * H, row = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    if (row >= rows) return;  // the whole warp
-    const int lane = threadIdx.x % 32, h = row % H, s = row / H % Sq;
+    float* parts = smem;                                       // [warp][d]: each warp's sum
+    float* weights = parts + COMBINE_WARPS * d;                // [split]
+    float* scratch = weights + MAX_SPLITS;                     // the block reductions'
+    const size_t rows = (size_t)B * Sq * H, row = blockIdx.x;  // (b, s, h) of O
+    const int t = threadIdx.x, w = t / 32, lane = t % 32, h = row % H, s = row / H % Sq;
     const size_t at_L = (row / H / Sq * H + h) * Sq + s;  // (b, h, s) of L
-    float m = -INFINITY, lse_s[MAX_SPLITS / 32];
-    bool nan = false;
-#pragma unroll
-    for (int k = 0; k < MAX_SPLITS / 32; ++k) {
-        const int i = lane + 32 * k;
-        lse_s[k] = i < splits ? L_split[i * rows + at_L] : -INFINITY;
-        nan |= lse_s[k] != lse_s[k];
-        m = fmaxf(m, lse_s[k]);  // fmaxf skips a NaN: `nan` keeps it
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {  // the row's max over the warp's lanes
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-        nan |= __shfl_xor_sync(0xffffffffu, nan ? 1.0f : 0.0f, offset) != 0.0f;
-    }
-    float sum = 0.0f;
-    if (m != -INFINITY)
-#pragma unroll
-        for (int k = 0; k < MAX_SPLITS / 32; ++k) sum += expf(lse_s[k] - m);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+
+    const float lse_t = t < splits ? L_split[t * rows + at_L] : -INFINITY;
+    bool nan;
+    const float m = block_max(lse_t, nan, scratch);
+    const float sum = block_sum(m == -INFINITY || nan ? 0.0f : expf(lse_t - m), scratch);
     const float lse = nan ? NAN : m == -INFINITY ? -INFINITY : m + logf(sum);
+    weights[t] = m == -INFINITY || nan ? 0.0f : expf(lse_t - lse);  // 0 past the splits: lse_t = -inf
+    __syncthreads();                                                // every split's weight is written
+
     float out[C] = {};
-    if (m != -INFINITY && !nan) {
 #pragma unroll 8
-        for (int i = 0; i < splits; ++i) {
-            const float weight = expf(L_split[i * rows + at_L] - lse);  // the same address in every lane
-            const size_t at = (i * rows + row) * d + C * lane;
-            if constexpr (C == 4) {
-                const float4 o = *reinterpret_cast<const float4*>(&O_split[at]);
-                out[0] += weight * o.x, out[1] += weight * o.y, out[2] += weight * o.z,
-                    out[3] += weight * o.w;
-            } else {
-                const float2 o = *reinterpret_cast<const float2*>(&O_split[at]);
-                out[0] += weight * o.x, out[1] += weight * o.y;
-            }
+    for (int i = w; i < splits; i += COMBINE_WARPS) {
+        const float weight = weights[i];
+        const size_t at = (i * rows + row) * d + C * lane;
+        if constexpr (C == 4) {
+            const float4 o = *reinterpret_cast<const float4*>(&O_split[at]);
+            out[0] += weight * o.x, out[1] += weight * o.y;
+            out[2] += weight * o.z, out[3] += weight * o.w;
+        } else {
+            const float2 o = *reinterpret_cast<const float2*>(&O_split[at]);
+            out[0] += weight * o.x, out[1] += weight * o.y;
         }
     }
-    if (nan)
 #pragma unroll
-        for (int c = 0; c < C; ++c) out[c] = NAN;
-#pragma unroll
-    for (int c = 0; c < C; c += 2)
-        *reinterpret_cast<unsigned*>(&O[row * d + C * lane + c]) = pack<T>(out[c], out[c + 1]);
-    if (lane == 0) L[at_L] = lse;
+    for (int c = 0; c < C; ++c) parts[w * d + C * lane + c] = out[c];
+    __syncthreads();                                        // every warp's sum is written
+    for (int x = 2 * t; x < d; x += 2 * COMBINE_THREADS) {  // two columns a thread: one 4-byte store
+        float o[2] = {};
+        for (int v = 0; v < COMBINE_WARPS; ++v) o[0] += parts[v * d + x], o[1] += parts[v * d + x + 1];
+        if (nan) o[0] = o[1] = NAN;
+        *reinterpret_cast<unsigned*>(&O[row * d + x]) = pack<T>(o[0], o[1]);
+    }
+    if (t == 0) L[at_L] = lse;
 }
 
 }  // namespace flash_decode
@@ -413,10 +445,9 @@ std::string run(const Params& p, const Call& c) {
     std::string err =
         launch("flash_decode::decode", decode<T, d, Br>,
                dim3(p.B * p.Hk, ceil_div(p.Sq * p.group, Br), p.splits), THREADS, shared_bytes(Br, d), c, p);
-    const size_t threads = (size_t)p.B * p.Sq * p.H * 32;  // a warp per row
-    if (err.empty() && p.splits > 1)
-        err = launch("flash_decode::combine", combine<T, d>, dim3((threads + 127) / 128), 128, 0, c,
-                     p.O_split, p.L_split, p.splits, p.B, p.Sq, p.H, p.O, p.L);
+    if (err.empty() && p.splits > 1)  // a block per row of O
+        err = launch("flash_decode::combine", combine<T, d>, dim3(p.B * p.Sq * p.H), COMBINE_THREADS,
+                     combine_shared_bytes(d), c, p.O_split, p.L_split, p.splits, p.B, p.Sq, p.H, p.O, p.L);
     return err;
 }
 template <class T, int d>
