@@ -54,7 +54,9 @@
 // The cache. A key row is found row by row: contiguous, row j of sequence b's slice; paged, row
 // j % page of page block_table[b][j / page]. The same cp.async (cp_async.cuh) moves either. A thread
 // copies the same 16-byte column of a few rows of every tile, and looks up those rows' places one
-// tile ahead of the copies, so the read of the block table (paged) is never waited for. Keys past the
+// tile ahead of the copies, so the read of the block table (paged) is never waited for. The tiles'
+// rows are not padded but swizzled (mma.cuh's Swizzled): 8 lanes' copies of a row then land in one
+// whole 128-byte line of shared memory, and reach L2 as whole lines. Keys past the
 // sequence's end (or a causal row's last) are masked to -inf; tiles wholly past the block's rows'
 // are never loaded.
 //
@@ -68,7 +70,7 @@
 // lse = -inf, the log of an empty sum.
 // Names as in the paper; "Alg. 1, line n" marks the FlashAttention-2 paper's Algorithm 1.
 #include "tiles.cuh"  // ceil_div
-#include "mma.cuh"    // stride16, mma_ABt, a_operands, mma_AB, online_softmax, pack<T>, cp_async16, LOG2E
+#include "mma.cuh"    // stride16, Padded, Swizzled, mma_ABt, a_operands, mma_AB, online_softmax, pack<T>, ...
 
 namespace flash_decode {
 
@@ -99,10 +101,10 @@ struct Params {
     bool causal;
 };
 
-// Shared memory: the row tile Q_i, STAGES buffers each of K_j and V_j (16-bit), and one int for the
-// check of the block table.
+// Shared memory: the row tile Q_i (padded rows, stride16), STAGES buffers each of K_j and V_j (16-bit,
+// rows of d values, swizzled: mma.cuh's Swizzled), and one int for the check of the block table.
 __host__ __device__ inline int shared_bytes(int Br, int d) {
-    return (Br + 2 * stages(d) * Bc) * stride16(d) * 2 + 16;
+    return (Br * stride16(d) + 2 * stages(d) * Bc * d) * 2 + 16;
 }
 
 // Where row j of sequence b lies in the cache, counted in rows of Hk * d values.
@@ -132,8 +134,9 @@ struct TileRows {
         for (int k = 0; k < COUNT; ++k) {
             const int r = threadIdx.x / CHUNKS + k * STEP;
             const size_t at = ((size_t)max(row[k], 0) * p.Hk + h) * d + x;
-            cp_async16(K_t + r * stride16(d) + x, p.K + at, row[k] >= 0);
-            cp_async16(V_t + r * stride16(d) + x, p.V + at, row[k] >= 0);
+            const int to = Swizzled<d>{}(r, x);
+            cp_async16(K_t + to, p.K + at, row[k] >= 0);
+            cp_async16(V_t + to, p.V + at, row[k] >= 0);
         }
     }
 };
@@ -202,11 +205,11 @@ __device__ bool merge_warps(float (&m)[2], float (&l)[2], float (&o)[d / 8][4], 
 
 template <class T, int d, int Br>
 __global__ void __launch_bounds__(THREADS) decode(const Params p) {
-    constexpr int LS = stride16(d), S = stages(d);
+    constexpr int LS = stride16(d), S = stages(d), TILE = Bc * d;
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // Br x LS
-    unsigned short* K_j = Q_i + Br * LS;  // S buffers of Bc x LS: the split's i-th tile in buffer i % S
-    unsigned short* V_j = K_j + S * Bc * LS;
-    int* flag = reinterpret_cast<int*>(V_j + S * Bc * LS);
+    unsigned short* K_j = Q_i + Br * LS;  // S buffers of Bc x d, swizzled: the split's i-th tile in i % S
+    unsigned short* V_j = K_j + S * TILE;
+    int* flag = reinterpret_cast<int*>(V_j + S * TILE);
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 
     // This block's sequence b, kv head h_kv, rows [row0, row0 + Br) of its Sq * group, and split.
@@ -249,7 +252,7 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
     for (int i = 0; i < S - 1; ++i) {
         if (t_begin + i < t_end) {
             next.look_up(p, b, (t_begin + i) * Bc, end);
-            next.load_async(K_j + i * Bc * LS, V_j + i * Bc * LS, p, h_kv);
+            next.load_async(K_j + i * TILE, V_j + i * TILE, p, h_kv);
         }
         cp_async_commit();
     }
@@ -276,14 +279,15 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
         cp_async_wait<S - 2>();
         __syncthreads();
         if (t + S - 1 < t_end)
-            next.load_async(K_j + (i + S - 1) % S * Bc * LS, V_j + (i + S - 1) % S * Bc * LS, p, h_kv);
+            next.load_async(K_j + (i + S - 1) % S * TILE, V_j + (i + S - 1) % S * TILE, p, h_kv);
         cp_async_commit();
         if (t + S < t_end) next.look_up(p, b, (t + S) * Bc, end);  // used an iteration from now
-        const unsigned short *K_t = K_j + i % S * Bc * LS, *V_t = V_j + i % S * Bc * LS;
+        const unsigned short *K_t = K_j + i % S * TILE, *V_t = V_j + i % S * TILE;
         if (has_rows) {
             float s[KW / 8][4] = {};
-            mma_ABt<T, d, KW>(s, Q_i + (first - row0) * LS, K_t + k0 * LS,
-                              LS);  // Alg. 1, line 8: S_ij = Q_i K_j^T
+            // Alg. 1, line 8: S_ij = Q_i K_j^T (the warp's KW keys from k0: whole groups of 8 rows, so
+            // the swizzle is the tile's)
+            mma_ABt<T, d, KW>(s, Q_i + (first - row0) * LS, Padded{LS}, K_t + k0 * d, Swizzled<d>{});
             // Keys past a row's end: -inf. Only keys that cross one of the lane's ends need it.
             const int key0 = t * Bc + k0;
             if (key0 + KW > min(row_end[0], row_end[1]))
@@ -296,7 +300,7 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
             online_softmax<true>(s, m, l, o, alpha, c);  // Alg. 1, line 9
             unsigned pf[KW / 16][4];
             a_operands<T, KW>(pf, s);
-            mma_AB<T, KW, d>(o, pf, V_t + k0 * LS, LS);  // Alg. 1, line 10: O += P_ij V_j
+            mma_AB<T, KW, d>(o, pf, V_t + k0 * d, Swizzled<d>{});  // Alg. 1, line 10: O += P_ij V_j
         }
     }
     cp_async_wait<0>();     // nothing may still be landing when the block exits, or is overwritten below

@@ -105,24 +105,46 @@ __device__ inline float to_float(unsigned short bits) {
         return __half2float(__ushort_as_half(bits));
 }
 
-// A warp's products of 16-bit tiles in shared memory (row stride ld, in values) into C, 16 x N, held
-// as N / 8 accumulator tiles (the layout above). C += A B^T: A's 16 rows at `a`, B^T's N columns the
-// N rows at `b`, K values each, as in S = Q K^T.
-template <class T, int K, int N>
-__device__ void mma_ABt(float (&c)[N / 8][4], const unsigned short* a, const unsigned short* b, int ld) {
+// Where value (row, col) of a shared tile lies, in values from the tile's start. Padded: rows of ld
+// values (stride16, as above). Swizzled<D>: rows of exactly D values, 16-byte chunk c of a row stored
+// at chunk c ^ (row % 8): the 8 rows one ldmatrix reads still fall on different banks, and every row
+// starts on a 128-byte boundary, so the 16-byte copies of a row by 8 lanes fill whole 128-byte lines
+// of shared memory (kernels/flash_decode.cu, whose copies are its time).
+struct Padded {
+    int ld;
+    __device__ int operator()(int row, int col) const { return row * ld + col; }
+};
+template <int D>
+struct Swizzled {
+    __device__ int operator()(int row, int col) const {
+        return row * D + ((col / 8) ^ (row % 8)) * 8 + col % 8;
+    }
+};
+
+// A warp's products of 16-bit tiles in shared memory into C, 16 x N, held as N / 8 accumulator tiles
+// (the layout above). C += A B^T: A's 16 rows at `a`, B^T's N columns the N rows at `b`, K values
+// each, as in S = Q K^T; at_a and at_b place a tile's values (Padded or Swizzled).
+template <class T, int K, int N, class LayoutA, class LayoutB>
+__device__ void mma_ABt(float (&c)[N / 8][4], const unsigned short* a, LayoutA at_a, const unsigned short* b,
+                        LayoutB at_b) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
         unsigned af[4];  // rows 0-7 and 8-15, columns 16 kk .. 16 kk + 7, then 16 kk + 8 .. 16 kk + 15
-        ldmatrix_x4(af, &a[lane % 16 * ld + kk * 16 + lane / 16 * 8]);
+        ldmatrix_x4(af, &a[at_a(lane % 16, kk * 16 + lane / 16 * 8)]);
 #pragma unroll
         for (int nb = 0; nb < N / 16; ++nb) {
             unsigned bf[4];  // B's columns 16 nb .. 16 nb + 15 are b's rows: no transpose
-            ldmatrix_x4(bf, &b[(nb * 16 + lane % 8 + lane / 16 * 8) * ld + kk * 16 + lane / 8 % 2 * 8]);
+            ldmatrix_x4(bf, &b[at_b(nb * 16 + lane % 8 + lane / 16 * 8, kk * 16 + lane / 8 % 2 * 8)]);
             mma16816<T>(c[2 * nb], af, bf[0], bf[1]);
             mma16816<T>(c[2 * nb + 1], af, bf[2], bf[3]);
         }
     }
+}
+// The same, both tiles padded with row stride ld.
+template <class T, int K, int N>
+__device__ void mma_ABt(float (&c)[N / 8][4], const unsigned short* a, const unsigned short* b, int ld) {
+    mma_ABt<T, K, N>(c, a, Padded{ld}, b, Padded{ld});
 }
 
 // The accumulators of a product C (16 x K), rounded to T, as the A operands of the next product:
@@ -137,20 +159,26 @@ __device__ void a_operands(unsigned (&a)[K / 16][4], const float (&c)[K / 8][4])
     }
 }
 
-// C += A B: A (16 x K) as A operands in registers, B's K rows at `b`, N values each, as in O += P V.
-template <class T, int K, int N>
+// C += A B: A (16 x K) as A operands in registers, B's K rows at `b`, N values each, as in O += P V;
+// at_b places b's values (Padded or Swizzled; an int ld takes the overload below, Padded).
+template <class T, int K, int N, class LayoutB, class = std::enable_if_t<!std::is_integral_v<LayoutB>>>
 __device__ void mma_AB(float (&c)[N / 8][4], const unsigned (&a)[K / 16][4], const unsigned short* b,
-                       int ld) {
+                       LayoutB at_b) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int kb = 0; kb < K / 16; ++kb)
 #pragma unroll
         for (int nb = 0; nb < N / 16; ++nb) {
             unsigned bf[4];  // rows 16 kb .. 16 kb + 15, columns 16 nb .. 16 nb + 15, transposed
-            ldmatrix_x4_trans(bf, &b[(kb * 16 + lane % 16) * ld + nb * 16 + lane / 16 * 8]);
+            ldmatrix_x4_trans(bf, &b[at_b(kb * 16 + lane % 16, nb * 16 + lane / 16 * 8)]);
             mma16816<T>(c[2 * nb], a[kb], bf[0], bf[1]);
             mma16816<T>(c[2 * nb + 1], a[kb], bf[2], bf[3]);
         }
+}
+template <class T, int K, int N>
+__device__ void mma_AB(float (&c)[N / 8][4], const unsigned (&a)[K / 16][4], const unsigned short* b,
+                       int ld) {
+    mma_AB<T, K, N>(c, a, b, Padded{ld});
 }
 
 // An accumulator tile's elements set to `fill` where a query may not see a key (tiles.cuh's visible):
