@@ -121,6 +121,21 @@ struct TileRows {
     int row[COUNT];
 
     __device__ void look_up(const Params& p, int b, int j0, int end) {
+        if (p.block_table && p.page >= Bc) {
+            // Pages of a tile or more: the tile's keys lie in at most two pages, so one division and
+            // two reads of the block table for the tile, not one of each per row (the second page read
+            // only if a key of the sequence is in it).
+            const int* pages = p.block_table + (size_t)b * p.max_pages;
+            const int first = j0 / p.page, offset = j0 - first * p.page;
+            const int page0 = pages[first];
+            const int page1 = offset + Bc > p.page && (first + 1) * p.page < end ? pages[first + 1] : 0;
+#pragma unroll
+            for (int k = 0; k < COUNT; ++k) {
+                const int r = threadIdx.x / CHUNKS + k * STEP, o = offset + r;
+                row[k] = j0 + r >= end ? -1 : o < p.page ? page0 * p.page + o : page1 * p.page + o - p.page;
+            }
+            return;
+        }
 #pragma unroll
         for (int k = 0; k < COUNT; ++k) {
             const int j = j0 + threadIdx.x / CHUNKS + k * STEP;

@@ -86,11 +86,12 @@ def bits(t):
 
 # (seqlen_q, nheads, nheads_k, d, cached keys per sequence, seqlen_new, causal, num_splits, page, dtype).
 # Lengths 0 to ~300 around the 64-key tile, with and without new keys; page sizes that divide the tile
-# (16), do not (48) and hold several (256); 7 splits leave some splits of the shorter sequences empty;
+# (16), do not (48), hold several (256), and hold a tile or more while tiles straddle two (80, 96); 7 splits
+# leave some splits of the shorter sequences empty;
 # seqlen_q = 9 with group 8 is 72 rows, two row tiles; causal with L_b < seqlen_q leaves rows with no key.
 # One split of ~700 and ~1000 keys: more tiles than the kernel's buffers (5 at d = 64, 3 at d = 128), so each
-# buffer is refilled. 40 and 128 splits: the combine's lanes each take several splits' lse (split lane,
-# lane + 32, ...), some of them empty (lse = -inf: the short sequence's, and past 65 of 2 tiles each).
+# buffer is refilled. 40 and 128 splits: each of the combine's warps sums several splits, some of them
+# empty (lse = -inf: the short sequence's, and past 65 of 2 tiles each).
 CASES = [
     (1, 8, 2, 64, [1, 63, 64, 65, 300, 0], 1, False, 1, None, torch.bfloat16),
     (1, 8, 1, 128, [1, 63, 64, 65, 301, 0], 0, True, 2, 16, torch.float16),
@@ -103,6 +104,8 @@ CASES = [
     (2, 4, 1, 128, [1000], 2, False, 1, None, torch.float16),
     (1, 8, 2, 64, [2500, 40], 1, False, 40, None, torch.bfloat16),
     (1, 4, 1, 128, [8200, 3], 1, True, 128, 256, torch.float16),
+    (2, 8, 2, 64, [300, 97, 0], 2, True, 3, 80, torch.bfloat16),
+    (1, 4, 4, 128, [459, 64, 1], 0, False, 2, 96, torch.float16),
 ]
 CASE_IDS = [f"sq{c[0]}-h{c[1]}-hk{c[2]}-d{c[3]}-new{c[5]}-{'causal' if c[6] else 'full'}-split{c[7]}-"
             f"{'contiguous' if c[8] is None else f'page{c[8]}'}-{str(c[9]).replace('torch.', '')}" for c in CASES]
