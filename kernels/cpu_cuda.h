@@ -1172,6 +1172,28 @@ struct alignas(64) Worker {
         mbarrier_changed(b);  // a thread waiting on it lands it
     }
 
+    // ---- bulk copy: `bytes` contiguous bytes of global memory, read now, land at `to` at a wait on
+    // `bar`, as a TMA box does (checked at issue as the hardware requires).
+    void bulk_load(void* to, const void* from, unsigned bytes, uint64_t* bar, const Site& site) {
+        const size_t offset = size_t(static_cast<char*>(to) - reinterpret_cast<char*>(smem));
+        if (bytes % 16)
+            fail(site, "the size of a bulk copy is a multiple of 16 bytes; this one is " + std::to_string(bytes));
+        if (offset % 16 || reinterpret_cast<uintptr_t>(from) % 16)
+            fail(site,
+                 "a bulk copy's addresses must be 16-byte aligned; this one copies to shared memory byte " +
+                     std::to_string(offset),
+                 cudaErrorMisalignedAddress);
+        if (offset + bytes > launch->shared_bytes)
+            fail(site, "the bulk copy of " + std::to_string(bytes) + " bytes to shared memory byte " +
+                           std::to_string(offset) + " ends past the block's " +
+                           std::to_string(launch->shared_bytes) + " bytes of shared memory");
+        Mbarrier& b = mbarriers[mbarrier_slot(bar, site)];
+        const unsigned char* source = static_cast<const unsigned char*>(from);
+        b.copies.push_back(TmaCopy{static_cast<unsigned char*>(to), std::vector<unsigned char>(source, source + bytes)});
+        std::memset(to, kPoison, bytes);  // in flight: neither the old data nor the new
+        mbarrier_changed(b);
+    }
+
     // ---- bulk reduce (see BulkReduce above): checked at issue as the hardware requires, read and added
     // at the bulk_wait_read that retires its group.
     void bulk_reduce_add(float* to, const float* from, unsigned bytes, const Site& site) {
@@ -1728,6 +1750,12 @@ inline void tma_load(void* to, const CUtensorMap* map, int x, int y, int z, int 
                      CPU_CUDA_SITE) {
     const long long start[4] = {x, y, z, w};
     cpu_cuda::this_worker->tma_load(to, map, 4, start, bar, {"tma_load", file, line});
+}
+
+// The copy engine's bulk copy: `bytes` (a multiple of 16) of global memory at `from` into shared
+// memory at `to`, both 16-byte aligned; its bytes count on `bar` when it lands.
+inline void bulk_load(void* to, const void* from, unsigned bytes, uint64_t* bar, CPU_CUDA_SITE) {
+    cpu_cuda::this_worker->bulk_load(to, from, bytes, bar, {"bulk_load", file, line});
 }
 
 // The copy engine's bulk reduce (cpu_cuda::BulkReduce): fp32 from shared memory added into global

@@ -149,6 +149,19 @@ __device__ inline void named_barrier_arrive(int id, int threads) {
 }
 
 // ---- bulk copies (the copy engine without a tensor map) ---------------------------------------------
+// Copies `bytes` (a multiple of 16) of global memory at `from` into shared memory at `to`, both
+// 16-byte aligned, as one request to the copy engine; its bytes complete on `bar`, as a TMA box's do.
+// Issued by one thread. (sm_90: chapter 5's decode kernel, in version 3's build, calls it only there.)
+__device__ inline void bulk_load(void* to, const void* from, unsigned bytes, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    __trap();
+#else
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     shared_address(to)),
+                 "l"(from), "r"(bytes), "r"(shared_address(bar))
+                 : "memory");
+#endif
+}
 // Adds `bytes` (a multiple of 16) of fp32 from shared memory into global memory, element by element
 // and atomically, as one request to the copy engine (the backward's dQ: each block adds its share).
 // Issued by one thread; commit groups its requests, wait_read<n> returns once all but the newest n

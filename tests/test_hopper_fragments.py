@@ -3,7 +3,8 @@ warpgroup (tools/hopper_fragments.cu): TMA boxes with the 128-byte swizzle and z
 and B K-major from shared memory, wgmma with A from registers and B MN-major (SBO between groups of 8
 rows of k, LBO between 64-column tiles), wgmma with A M-major and/or B N-major from shared memory
 (the backward's dQ = dS K), blocks' bulk reduces into one buffer, and boxes through a 4-D tensor map
-of a strided view (version 4's q, k, v as a model hands them); against torch in float64 and,
+of a strided view (version 4's q, k, v as a model hands them), and rows moved by plain bulk copies
+(chapter 5's decode kernel); against torch in float64 and,
 on an H100 or H200, against the hardware running the same source (`-k cuda`)."""
 import sys
 
@@ -13,8 +14,8 @@ import torch
 import minimal_flash as mf
 
 sys.path.insert(0, str(mf.KERNELS.parent / "tools"))
-from fragments import (HOPPER_PRODUCTS, build_fragments, run_bulk_program, run_hopper_program,  # noqa: E402
-                       run_tma4_program)
+from fragments import (HOPPER_PRODUCTS, build_fragments, run_bulk_load_program, run_bulk_program,  # noqa: E402
+                       run_hopper_program, run_tma4_program)
 
 HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -138,3 +139,17 @@ def test_tma_4d_boxes_of_a_strided_view(build, device, dtype):
     for seed in range(2):
         Y = torch.randn(2, TMA4_ROWS, 3, 2, 64, generator=torch.Generator().manual_seed(seed)).to(dtype)
         assert torch.equal(run_tma4_program(build(device), device, Y), tma4_expected(Y)), seed
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("bytes", [256, 128, 48])
+def test_bulk_copies_of_rows(build, device, bytes):
+    """Bulk copies of rows in a shuffled order into padded rows of shared memory, counted on one
+    mbarrier: each row's first `bytes` bytes where it was asked for, the rest of its 272 bytes as
+    before (zeros), bit for bit on the GPU and in the emulation."""
+    generator = torch.Generator().manual_seed(bytes)
+    X = torch.randint(0, 256, (40, 256), dtype=torch.uint8, generator=generator)
+    order = torch.randperm(40, generator=generator)[:16].tolist()
+    expected = torch.zeros(16, 272, dtype=torch.uint8)
+    expected[:, :bytes] = X[order, :bytes]
+    assert torch.equal(run_bulk_load_program(build(device), device, X, order, bytes), expected)

@@ -57,6 +57,8 @@ def build_fragments(device, folder=None, program="fragments"):
     if program == "hopper_fragments":
         library.run_bulk_fragments.restype = ctypes.c_char_p
         library.run_bulk_fragments.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        library.run_bulk_load_fragments.restype = ctypes.c_char_p
+        library.run_bulk_load_fragments.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         library.run_tma4_fragments.restype = ctypes.c_char_p
         library.run_tma4_fragments.argtypes = [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
     library.folder = temporary  # kept as long as the library is
@@ -135,3 +137,16 @@ def run_tma4_program(library, device, Y):
     if device == "cuda":
         torch.cuda.synchronize()
     return boxes.cpu()
+
+
+def run_bulk_load_program(library, device, X, order, bytes):
+    """Runs tools/hopper_fragments.cu's bulk copies: rows order[i] of X (rows of 256 bytes, uint8), the
+    first `bytes` of each, into 16 shared-memory rows of 272 bytes (zeros first). Returns them (16, 272)."""
+    out = torch.full((16, 272), 0xAB, dtype=torch.uint8, device=device)
+    x, o = X.to(device).contiguous(), torch.tensor(order, dtype=torch.int32, device=device)
+    error = library.run_bulk_load_fragments(x.data_ptr(), o.data_ptr(), bytes, out.data_ptr())
+    if error:
+        raise RuntimeError(f"hopper_fragments: {error.decode()}")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out.cpu()

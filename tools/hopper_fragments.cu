@@ -19,7 +19,9 @@
 //                swizzled rows (the backward's dQ at d = 64: each consumer's half of the columns);
 // and writes each D out, and each thread's accumulators as it holds them. A second kernel has blocks
 // add into one buffer by the copy engine's bulk reduce (bulk_fragments below); a third loads boxes
-// through a 4-D tensor map of a strided view, as version 4 reads a model's q, k, v (tma4_fragments). nvcc builds it for
+// through a 4-D tensor map of a strided view, as version 4 reads a model's q, k, v (tma4_fragments);
+// a fourth moves rows by the copy engine's plain bulk copies, as chapter 5's decode kernel reads its
+// cache (bulk_load_fragments). nvcc builds it for
 // sm_90a, g++ against kernels/cpu_cuda.h (tools/hopper_fragments_cpu.cpp); tools/fragments.py builds
 // and runs either; tests/test_hopper_fragments.py compares them with torch and with each other.
 #ifdef __CUDACC__
@@ -185,6 +187,27 @@ __global__ void tma4_fragments(const __grid_constant__ CUtensorMap map, unsigned
     for (int i = threadIdx.x; i < 3 * 64 * 64; i += blockDim.x) boxes[i] = tiles[i];
 }
 
+// Bulk copies (kernels/hopper.cuh's bulk_load): rows of 272 bytes in shared memory (the decode
+// kernel's padded rows), 16 of them, each filled by a copy of `bytes` (256, 128, or 48) from row
+// order[i] of X (rows of 256 bytes), all counted on one mbarrier; then the 16 x 272 bytes go out as
+// they are in shared memory (the bytes no copy wrote: the zeros written before).
+__global__ void bulk_load_fragments(const unsigned char* X, const int* order, int bytes, unsigned char* out) {
+    uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+    unsigned char* rows = reinterpret_cast<unsigned char*>(smem) + 16;
+    for (int i = threadIdx.x; i < 16 * 272; i += blockDim.x) rows[i] = 0;
+    if (threadIdx.x == 0) {
+        mbarrier_init(bar, 1);
+        fence_mbarrier_init();
+    }
+    fence_proxy_async();  // the zeros, written by the threads, before the copy engine's writes
+    __syncthreads();
+    if (threadIdx.x == 0) mbarrier_arrive_expect_tx(bar, 16 * bytes);
+    __syncthreads();  // the bytes announced before any copy can complete them
+    if (threadIdx.x < 16) bulk_load(rows + threadIdx.x * 272, X + order[threadIdx.x] * 256, bytes, bar);
+    mbarrier_wait(bar, 0);
+    for (int i = threadIdx.x; i < 16 * 272; i += blockDim.x) out[i] = rows[i];
+}
+
 // The driver's cuTensorMapEncodeTiled on the GPU, found through the runtime (no -lcuda); the
 // emulation's on the CPU.
 static decltype(&cuTensorMapEncodeTiled) encoder() {
@@ -259,6 +282,13 @@ const char* run_tma4_fragments(int bf16, const unsigned short* Y, int B, int row
         return "cuTensorMapEncodeTiled failed";
     cudaFuncSetAttribute(tma4_fragments, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
     LAUNCH(tma4_fragments, dim3(1), dim3(128), kSharedBytes, 0)(map, boxes);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? "" : cudaGetErrorString(err);
+}
+
+// bulk_load_fragments on X (rows of 256 bytes), rows order[0..15], `bytes` each; out: 16 x 272 bytes.
+const char* run_bulk_load_fragments(const unsigned char* X, const int* order, int bytes, unsigned char* out) {
+    LAUNCH(bulk_load_fragments, dim3(1), dim3(128), 16 + 16 * 272, 0)(X, order, bytes, out);
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }
