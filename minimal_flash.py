@@ -635,6 +635,13 @@ def _decode_splits(num_splits, q, Hk, capacity):
 
 
 @functools.lru_cache
+def _decode_bulk(device):
+    """Whether the decode kernel reads the cache by the copy engine's bulk copies (a Hopper GPU, compute
+    capability 9.0), not by cp.async (any other; the CPU emulation runs either)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+@functools.lru_cache
 def _parallel_units(device):
     """What runs blocks side by side: a GPU's multiprocessors, the CPU's cores (asked once: each asking
     costs microseconds of every call)."""
@@ -1040,7 +1047,7 @@ class Kernels:
                 (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, i, i, P, f, b, b, i, i, P])]:
             function.restype, function.argtypes = result, arguments
         if hasattr(c, "mf_decode"):  # version 3's build: chapter 5's decode kernels (kernels/flash_decode.cu)
-            c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 9 + [i] * 11 + [f, b, i, i, P]
+            c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 9 + [i] * 11 + [f, b, b, i, i, P]
         self.library, self.sources, self.version, self.folder = library, sources, version, None
         takes = VERSIONS[version].block_sizes is not None
         self.Br, self.Bc = (c.mf_block_size(0), c.mf_block_size(1)) if takes else (None, None)
@@ -1118,7 +1125,7 @@ class Kernels:
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
         return self._c.mf_decode(*addresses, B, Sq, H, Hk, d, seqlen_new, capacity, page, *table, splits, scale,
-                                 causal, DTYPES.index(q.dtype), device, stream).decode()
+                                 causal, _decode_bulk(q.device), DTYPES.index(q.dtype), device, stream).decode()
 
 
 # ---------------------------------------------------------------------------------------------

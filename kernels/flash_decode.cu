@@ -52,13 +52,10 @@
 // position s of seqlen_q sees key j iff j <= s + L_b - seqlen_q.
 //
 // The cache. A key row is found row by row: contiguous, row j of sequence b's slice; paged, row
-// j % page of page block_table[b][j / page]. The same cp.async (cp_async.cuh) moves either. A thread
-// copies the same 16-byte column of a few rows of every tile, and looks up those rows' places one
-// tile ahead of the copies, so the read of the block table (paged) is never waited for. The tiles'
-// rows are not padded but swizzled (mma.cuh's Swizzled): 8 lanes' copies of a row then land in one
-// whole 128-byte line of shared memory, and reach L2 as whole lines. Keys past the
-// sequence's end (or a causal row's last) are masked to -inf; tiles wholly past the block's rows'
-// are never loaded.
+// j % page of page block_table[b][j / page]. A row of one head is d contiguous values either way, and
+// reaches shared memory by cp.async, 16 bytes a thread (any GPU), or by the copy engine, a whole row
+// a request (sm_90): CpAsyncCopies and BulkCopies below. Keys past the sequence's end (or a causal
+// row's last) are masked to -inf; tiles wholly past the block's rows' are never loaded.
 //
 // Misuse. The kernel reads only what cache_seqlens and block_table say a sequence has, so it checks
 // them first: a sequence whose length is out of the cache's range, or whose pages are not pages of the
@@ -71,6 +68,7 @@
 // Names as in the paper; "Alg. 1, line n" marks the FlashAttention-2 paper's Algorithm 1.
 #include "tiles.cuh"  // ceil_div
 #include "mma.cuh"    // stride16, Padded, Swizzled, mma_ABt, a_operands, mma_AB, online_softmax, pack<T>, ...
+#include "hopper.cuh"  // bulk_load, mbarrier_init, mbarrier_arrive_expect_tx, mbarrier_wait (BulkCopies)
 
 namespace flash_decode {
 
@@ -99,12 +97,14 @@ struct Params {
     int splits;
     float scale;
     bool causal;
+    bool bulk;  // the copy engine's bulk copies (sm_90), not cp.async
 };
 
-// Shared memory: the row tile Q_i (padded rows, stride16), STAGES buffers each of K_j and V_j (16-bit,
-// rows of d values, swizzled: mma.cuh's Swizzled), and one int for the check of the block table.
-__host__ __device__ inline int shared_bytes(int Br, int d) {
-    return (Br * stride16(d) + 2 * stages(d) * Bc * d) * 2 + 16;
+// Shared memory: the row tile Q_i (padded rows, stride16), STAGES buffers each of K_j and V_j (16-bit;
+// CpAsyncCopies' rows of d values, swizzled, BulkCopies' padded), an mbarrier per buffer (BulkCopies),
+// and one int for the check of the block table.
+__host__ __device__ inline int shared_bytes(int Br, int d, bool bulk) {
+    return (Br * stride16(d) + 2 * stages(d) * Bc * (bulk ? stride16(d) : d)) * 2 + stages(d) * 8 + 16;
 }
 
 // Where row j of sequence b lies in the cache, counted in rows of Hk * d values.
@@ -113,47 +113,142 @@ __device__ inline int cache_row(const Params& p, int b, int j) {
     return p.block_table[(size_t)b * p.max_pages + j / p.page] * p.page + j % p.page;
 }
 
-// A thread's part of a tile: column x (8 values) of rows first + k * STEP, k < COUNT; the cache rows
-// they are (-1: past the keys' end, zero-filled) are looked up a tile before they are copied.
-template <int d>
-struct TileRows {
-    static constexpr int CHUNKS = d / 8, STEP = THREADS / CHUNKS, COUNT = Bc / STEP;
-    int row[COUNT];
+// The cache rows of COUNT keys j0 + offset(k) of sequence b (-1: past `end`, not read). With pages of
+// a tile or more, the tile's keys lie in at most two pages: one division and two reads of the block
+// table for them, not one of each per key (the second page read only if a key of the sequence is in it).
+template <int COUNT, class Offset>
+__device__ void look_up_rows(int (&row)[COUNT], const Params& p, int b, int j0, int end, Offset offset) {
+    if (p.block_table && p.page >= Bc) {
+        const int* pages = p.block_table + (size_t)b * p.max_pages;
+        const int first = j0 / p.page, o0 = j0 - first * p.page;
+        const int page0 = pages[first];
+        const int page1 = o0 + Bc > p.page && (first + 1) * p.page < end ? pages[first + 1] : 0;
+#pragma unroll
+        for (int k = 0; k < COUNT; ++k) {
+            const int o = o0 + offset(k);
+            row[k] = j0 + offset(k) >= end ? -1
+                     : o < p.page          ? page0 * p.page + o
+                                           : page1 * p.page + o - p.page;
+        }
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < COUNT; ++k) {
+        const int j = j0 + offset(k);
+        row[k] = j < end ? cache_row(p, b, j) : -1;
+    }
+}
 
-    __device__ void look_up(const Params& p, int b, int j0, int end) {
-        if (p.block_table && p.page >= Bc) {
-            // Pages of a tile or more: the tile's keys lie in at most two pages, so one division and
-            // two reads of the block table for the tile, not one of each per row (the second page read
-            // only if a key of the sequence is in it).
-            const int* pages = p.block_table + (size_t)b * p.max_pages;
-            const int first = j0 / p.page, offset = j0 - first * p.page;
-            const int page0 = pages[first];
-            const int page1 = offset + Bc > p.page && (first + 1) * p.page < end ? pages[first + 1] : 0;
+// How a block's tiles of K and V reach shared memory, into STAGES buffers (tile t of the split in
+// buffer (t - t_begin) % STAGES), on one schedule (the loop in `decode`): the first STAGES - 1 tiles
+// asked for at the start; then, for each tile, wait(): it has landed; a barrier; issue(): the copies
+// of the tile STAGES - 1 further, into the buffer every warp has just finished with. Two ways:
+//   CpAsyncCopies  every thread copies the same 16-byte column of a few rows of each tile, by
+//                  cp.async, a commit group per tile; rows swizzled (mma.cuh's Swizzled), so that 8
+//                  lanes' copies of a row fill a whole 128-byte line of shared memory. Any GPU.
+//   BulkCopies     warp 0's lanes each ask the copy engine for two rows of K and two of V, whole rows
+//                  (hopper.cuh's bulk_load), the bytes counted on the buffer's mbarrier, which every
+//                  thread waits on; rows contiguous, so padded (stride16). sm_90.
+// Both look up a tile's cache rows a tile ahead of its copies, so a read of the block table (paged) is
+// never waited for; rows past the keys' end come as zeros (V's must: P is 0 there, and 0 x NaN is not).
+struct Tiles {  // what both take
+    const Params& p;
+    int b, h, end, t_end;
+    unsigned short *K, *V;  // the buffers
+    uint64_t* full;         // BulkCopies: an mbarrier per buffer
+};
+
+template <int d>
+struct CpAsyncCopies {
+    static constexpr int CHUNKS = d / 8, STEP = THREADS / CHUNKS, COUNT = Bc / STEP, TILE = Bc * d;
+    static __device__ Swizzled<d> layout() { return {}; }
+    const Tiles& at;
+    int row[COUNT];  // the cache rows of the thread's rows of the next tile to copy
+
+    __device__ void look_up(int t) {
+        look_up_rows(row, at.p, at.b, t * Bc, at.end,
+                     [](int k) { return int(threadIdx.x) / CHUNKS + k * STEP; });
+    }
+    // Tile t into buffer `buffer` by cp.async, a commit group (empty past the split's end).
+    __device__ void copy(int t, int buffer) {
+        if (t < at.t_end) {
+            const int x = threadIdx.x % CHUNKS * 8;
 #pragma unroll
             for (int k = 0; k < COUNT; ++k) {
-                const int r = threadIdx.x / CHUNKS + k * STEP, o = offset + r;
-                row[k] = j0 + r >= end ? -1 : o < p.page ? page0 * p.page + o : page1 * p.page + o - p.page;
+                const int r = threadIdx.x / CHUNKS + k * STEP, to = buffer * TILE + Swizzled<d>{}(r, x);
+                const size_t from = ((size_t)max(row[k], 0) * at.p.Hk + at.h) * d + x;
+                cp_async16(at.K + to, at.p.K + from, row[k] >= 0);
+                cp_async16(at.V + to, at.p.V + from, row[k] >= 0);
             }
-            return;
         }
-#pragma unroll
-        for (int k = 0; k < COUNT; ++k) {
-            const int j = j0 + threadIdx.x / CHUNKS + k * STEP;
-            row[k] = j < end ? cache_row(p, b, j) : -1;
-        }
+        cp_async_commit();
+        if (t + 1 < at.t_end) look_up(t + 1);  // used at the next copy
     }
-    // The copies of this tile into K_t, V_t by cp.async (not waited for here).
-    __device__ void load_async(unsigned short* K_t, unsigned short* V_t, const Params& p, int h) const {
-        const int x = threadIdx.x % CHUNKS * 8;
-#pragma unroll
-        for (int k = 0; k < COUNT; ++k) {
-            const int r = threadIdx.x / CHUNKS + k * STEP;
-            const size_t at = ((size_t)max(row[k], 0) * p.Hk + h) * d + x;
-            const int to = Swizzled<d>{}(r, x);
-            cp_async16(K_t + to, p.K + at, row[k] >= 0);
-            cp_async16(V_t + to, p.V + at, row[k] >= 0);
-        }
+    __device__ void start(int t_begin) {  // the first tiles, the first group with what came before (Q_i)
+        if (t_begin < at.t_end) look_up(t_begin);
+        for (int i = 0; i < stages(d) - 1; ++i) copy(t_begin + i, i);
     }
+    // Groups committed: S - 1 + i. All but the newest S - 2 landed: tile t has (this thread's part;
+    // the barrier after makes it every thread's).
+    __device__ void wait(int, int) { cp_async_wait<stages(d) - 2>(); }
+    __device__ void issue(int t, int i) { copy(t + stages(d) - 1, (i + stages(d) - 1) % stages(d)); }
+    __device__ void finish() { cp_async_wait<0>(); }  // nothing may land after the block is done
+};
+
+template <int d>
+struct BulkCopies {
+    static constexpr int LS = stride16(d), TILE = Bc * LS, S = stages(d);
+    static __device__ Padded layout() { return {LS}; }
+    const Tiles& at;
+    int row[2];  // warp 0: lane's rows lane and lane + 32 of the next tile to copy
+
+    __device__ int bytes(int t) const { return min(Bc, at.end - t * Bc) * d * 2 * 2; }  // K's and V's
+    __device__ void look_up(int t) {
+        look_up_rows(row, at.p, at.b, t * Bc, at.end, [](int k) { return int(threadIdx.x) % 32 + 32 * k; });
+    }
+    // Warp 0: tile t's rows into buffer `buffer`, their bytes announced on its mbarrier already.
+    __device__ void copy(int t, int buffer) {
+        if (threadIdx.x >= 32) return;
+        if (t < at.t_end) {
+            for (int k = 0; k < 2; ++k) {
+                const int r = threadIdx.x + 32 * k;
+                unsigned short *K_r = at.K + buffer * TILE + r * LS, *V_r = at.V + buffer * TILE + r * LS;
+                if (row[k] >= 0) {
+                    const size_t from = ((size_t)row[k] * at.p.Hk + at.h) * d;
+                    bulk_load(K_r, at.p.K + from, d * 2, &at.full[buffer]);
+                    bulk_load(V_r, at.p.V + from, d * 2, &at.full[buffer]);
+                } else {  // past the keys' end (the block's last tile): zeros, by the lane itself
+                    for (int x = 0; x < d; x += 8) *reinterpret_cast<float4*>(V_r + x) = float4{0, 0, 0, 0};
+                    fence_proxy_async();  // before any copy the engine might make there later
+                }
+            }
+        }
+        if (t + 1 < at.t_end) look_up(t + 1);
+    }
+    __device__ void start(int t_begin) {
+        if (threadIdx.x == 0) {
+            for (int i = 0; i < S; ++i) mbarrier_init(&at.full[i], 1);
+            fence_mbarrier_init();
+            for (int i = 0; i < S - 1; ++i)
+                if (t_begin + i < at.t_end) mbarrier_arrive_expect_tx(&at.full[i], bytes(t_begin + i));
+        }
+        if (threadIdx.x < 32 && t_begin < at.t_end) look_up(t_begin);
+        cp_async_commit();  // Q_i's copies, waited for with the first tile
+        __syncthreads();    // the barriers are ready and expect their bytes before any copy lands
+        for (int i = 0; i < S - 1; ++i) copy(t_begin + i, i);
+    }
+    // Thread 0 announces the bytes of the tile S - 1 further (its buffer's previous phase, tile t - 1,
+    // completed, and every thread waited for it before the last barrier); then every thread waits for
+    // tile t's phase of its buffer (and, the first time, for Q_i's cp.async).
+    __device__ void wait(int t, int i) {
+        if (threadIdx.x == 0 && t + S - 1 < at.t_end)
+            mbarrier_arrive_expect_tx(&at.full[(i + S - 1) % S], bytes(t + S - 1));
+        if (i == 0) cp_async_wait<0>();
+        mbarrier_wait(&at.full[i % S], i / S % 2);
+    }
+    __device__ void issue(int t, int i) { copy(t + S - 1, (i + S - 1) % S); }
+    // Q_i's cp.async, if no tile's wait waited for it (every tile copied was waited for).
+    __device__ void finish() { cp_async_wait<0>(); }
 };
 
 // Are the pages of sequence b's keys [j0, j1) pages of the cache (contiguous: yes)? The whole block
@@ -218,13 +313,15 @@ __device__ bool merge_warps(float (&m)[2], float (&l)[2], float (&o)[d / 8][4], 
     return true;
 }
 
-template <class T, int d, int Br>
+template <class T, int d, int Br, bool BULK>
 __global__ void __launch_bounds__(THREADS) decode(const Params p) {
-    constexpr int LS = stride16(d), S = stages(d), TILE = Bc * d;
+    using Copies = std::conditional_t<BULK, BulkCopies<d>, CpAsyncCopies<d>>;
+    constexpr int LS = stride16(d), S = stages(d), TILE = Copies::TILE;
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // Br x LS
-    unsigned short* K_j = Q_i + Br * LS;  // S buffers of Bc x d, swizzled: the split's i-th tile in i % S
+    unsigned short* K_j = Q_i + Br * LS;  // S buffers of TILE values: the split's i-th tile in i % S
     unsigned short* V_j = K_j + S * TILE;
-    int* flag = reinterpret_cast<int*>(V_j + S * TILE);
+    uint64_t* full = reinterpret_cast<uint64_t*>(V_j + S * TILE);  // BulkCopies' mbarriers
+    int* flag = reinterpret_cast<int*>(full + S);
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 
     // This block's sequence b, kv head h_kv, rows [row0, row0 + Br) of its Sq * group, and split.
@@ -255,23 +352,15 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
     auto q_at = [&](int row) {
         return ((size_t)b * p.Sq + row / p.group) * p.H + h_kv * p.group + row % p.group;
     };
-    // Alg. 1, line 4: Q_i; lines 6-7 for the first S - 1 tiles, a commit group each (empty past the
-    // split's end), Q_i with the first.
+    // Alg. 1, line 4: Q_i, by cp.async; lines 6-7 for the first S - 1 tiles.
     for (int e = threadIdx.x; e < Br * d / 8; e += blockDim.x) {
         const int r = e / (d / 8), x = e % (d / 8) * 8;
         const bool valid = row0 + r < rows;
         cp_async16(Q_i + r * LS + x, p.Q + (valid ? q_at(row0 + r) * d + x : 0), valid);
     }
-    TileRows<d> next;  // the places of the next tile to copy
-#pragma unroll
-    for (int i = 0; i < S - 1; ++i) {
-        if (t_begin + i < t_end) {
-            next.look_up(p, b, (t_begin + i) * Bc, end);
-            next.load_async(K_j + i * TILE, V_j + i * TILE, p, h_kv);
-        }
-        cp_async_commit();
-    }
-    if (t_begin + S - 1 < t_end) next.look_up(p, b, (t_begin + S - 1) * Bc, end);
+    const Tiles tiles_at{p, b, h_kv, end, t_end, K_j, V_j, full};
+    Copies copies{tiles_at};
+    copies.start(t_begin);
 
     // The lane's two rows, g and g + 8 of the warp's 16: the end of the keys each sees.
     // This warp's rows, from `first`, and keys of each tile, from `k0`, KW of them (see the drawing).
@@ -288,21 +377,18 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
     const float c = p.scale * LOG2E;
     for (int t = t_begin; t < t_end; ++t) {
         const int i = t - t_begin;
-        // Groups committed: S - 1 + i. All but the newest S - 2 landed: tile t has (this thread's
-        // part; the barrier makes it every thread's). Past the barrier every warp is also done with
+        // Tile t has landed, for every thread past the barrier; past it every warp is also done with
         // tile t - 1, whose buffer, (i + S - 1) % S, takes tile t + S - 1.
-        cp_async_wait<S - 2>();
+        copies.wait(t, i);
         __syncthreads();
-        if (t + S - 1 < t_end)
-            next.load_async(K_j + (i + S - 1) % S * TILE, V_j + (i + S - 1) % S * TILE, p, h_kv);
-        cp_async_commit();
-        if (t + S < t_end) next.look_up(p, b, (t + S) * Bc, end);  // used an iteration from now
+        copies.issue(t, i);
         const unsigned short *K_t = K_j + i % S * TILE, *V_t = V_j + i % S * TILE;
         if (has_rows) {
             float s[KW / 8][4] = {};
             // Alg. 1, line 8: S_ij = Q_i K_j^T (the warp's KW keys from k0: whole groups of 8 rows, so
             // the swizzle is the tile's)
-            mma_ABt<T, d, KW>(s, Q_i + (first - row0) * LS, Padded{LS}, K_t + k0 * d, Swizzled<d>{});
+            mma_ABt<T, d, KW>(s, Q_i + (first - row0) * LS, Padded{LS}, K_t + k0 * TILE / Bc,
+                              Copies::layout());
             // Keys past a row's end: -inf. Only keys that cross one of the lane's ends need it.
             const int key0 = t * Bc + k0;
             if (key0 + KW > min(row_end[0], row_end[1]))
@@ -315,10 +401,11 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
             online_softmax<true>(s, m, l, o, alpha, c);  // Alg. 1, line 9
             unsigned pf[KW / 16][4];
             a_operands<T, KW>(pf, s);
-            mma_AB<T, KW, d>(o, pf, V_t + k0 * d, Swizzled<d>{});  // Alg. 1, line 10: O += P_ij V_j
+            mma_AB<T, KW, d>(o, pf, V_t + k0 * TILE / Bc,
+                             Copies::layout());  // Alg. 1, line 10: O += P_ij V_j
         }
     }
-    cp_async_wait<0>();     // nothing may still be landing when the block exits, or is overwritten below
+    copies.finish();        // nothing may still be landing when the block exits, or is overwritten below
     if (!has_rows) return;  // block-uniform for 16-row blocks: no barrier below is skipped by some warps
     // A row's l is its 4 lanes' shares.
 #pragma unroll
@@ -459,11 +546,11 @@ __global__ void __launch_bounds__(COMBINE_THREADS)
 // success.
 #ifdef MINIMAL_FLASH_BINDINGS
 namespace flash_decode {
-template <class T, int d, int Br>
+template <class T, int d, int Br, bool BULK>
 std::string run(const Params& p, const Call& c) {
-    std::string err =
-        launch("flash_decode::decode", decode<T, d, Br>,
-               dim3(p.B * p.Hk, ceil_div(p.Sq * p.group, Br), p.splits), THREADS, shared_bytes(Br, d), c, p);
+    std::string err = launch("flash_decode::decode", decode<T, d, Br, BULK>,
+                             dim3(p.B * p.Hk, ceil_div(p.Sq * p.group, Br), p.splits), THREADS,
+                             shared_bytes(Br, d, BULK), c, p);
     if (err.empty() && p.splits > 1)  // a block per row of O
         err = launch("flash_decode::combine", combine<T, d>, dim3(p.B * p.Sq * p.H), COMBINE_THREADS,
                      combine_shared_bytes(d), c, p.O_split, p.L_split, p.splits, p.B, p.Sq, p.H, p.O, p.L);
@@ -471,15 +558,17 @@ std::string run(const Params& p, const Call& c) {
 }
 template <class T, int d>
 std::string run(const Params& p, const Call& c) {
-    return rows_per_block(p.Sq * p.group) == 16 ? run<T, d, 16>(p, c) : run<T, d, 64>(p, c);
+    if (rows_per_block(p.Sq * p.group) == 16)
+        return p.bulk ? run<T, d, 16, true>(p, c) : run<T, d, 16, false>(p, c);
+    return p.bulk ? run<T, d, 64, true>(p, c) : run<T, d, 64, false>(p, c);
 }
 }  // namespace flash_decode
 
 extern "C" const char* mf_decode(const float* Q, const float* K, const float* V, const int* cache_seqlens,
                                  const int* block_table, float* O, float* L, float* O_split, float* L_split,
                                  int B, int Sq, int H, int Hk, int d, int seqlen_new, int capacity, int page,
-                                 int max_pages, int pages, int splits, float scale, bool causal, int dtype,
-                                 int device, void* stream) {
+                                 int max_pages, int pages, int splits, float scale, bool causal, bool bulk,
+                                 int dtype, int device, void* stream) {
     static thread_local std::string message;  // lives until the next call from this thread
     namespace fd = flash_decode;
     Call c{};  // what launch() reads: the device and the stream (and, for the checks, d, dtype, scale)
@@ -494,7 +583,8 @@ extern "C" const char* mf_decode(const float* Q, const float* K, const float* V,
                        seqlen_new,  capacity,
                        page,        max_pages,
                        pages,       splits,
-                       scale,       causal};
+                       scale,       causal,
+                       bulk};
     message = half_precision_error(c, 3);
     if (message.empty() && (Hk < 1 || H % Hk != 0 || splits < 1 || splits > fd::MAX_SPLITS))
         message = "internal error: " + std::to_string(H) + " query heads, " + std::to_string(Hk) +

@@ -61,34 +61,40 @@ __host__ __device__ inline uint64_t smem_descriptor(unsigned address, unsigned l
 
 #ifdef __CUDACC__  // on the CPU, cpu_cuda.h defines the same functions
 
+// Version 3's build, for any GPU, holds chapter 5's decode kernel, whose bulk copies run only on sm_90:
+// there the mbarrier and bulk-copy instructions it uses compile, for an older GPU, to a trap.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define SM90(...) __trap()
+#else
+#define SM90(...) __VA_ARGS__
+#endif
+
 // ---- mbarrier ------------------------------------------------------------------------------------
 // init: `arrivals` arrivals complete a phase (with the bytes announced by expect_tx). The fence makes
 // the initialized barrier visible to the copy engine, which completes bytes on it.
 __device__ inline void mbarrier_init(uint64_t* bar, unsigned arrivals) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(arrivals));
+    SM90(asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(arrivals)));
 }
 __device__ inline void fence_mbarrier_init() {
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    SM90(asm volatile("fence.mbarrier_init.release.cluster;" :: : "memory"));
 }
 __device__ inline void mbarrier_arrive(uint64_t* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
 }
 // One arrival that also announces `bytes` more to land in this phase (by TMA's complete_tx).
 __device__ inline void mbarrier_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)),
-                 "r"(bytes)
-                 : "memory");
+    SM90(asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)),
+                      "r"(bytes) : "memory"));
 }
 // Has the phase of this parity completed? A barrier starts in phase 0; waiting on parity 1 at the
 // start returns at once (the phase "before" 0 counts as completed), which is how a producer's first
 // wait for an empty buffer passes.
 __device__ inline bool mbarrier_try_wait(uint64_t* bar, unsigned parity) {
-    unsigned done;
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(shared_address(bar)), "r"(parity)
-        : "memory");
+    unsigned done = 1;
+    SM90(
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, "
+                     "1, 0, p;\n}" : "=r"(done) : "r"(shared_address(bar)),
+                     "r"(parity) : "memory"));
     return done;
 }
 __device__ inline void mbarrier_wait(uint64_t* bar, unsigned parity) {
@@ -130,7 +136,9 @@ __device__ inline void release_increment(int* flag) {
 
 // ---- fences, registers, named barriers -----------------------------------------------------------
 // Shared memory written by ordinary stores that wgmma or TMA (the "async proxy") reads next.
-__device__ inline void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ inline void fence_proxy_async() {
+    SM90(asm volatile("fence.proxy.async.shared::cta;" :: : "memory"));
+}
 template <int R>
 __device__ inline void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R));
@@ -153,14 +161,10 @@ __device__ inline void named_barrier_arrive(int id, int threads) {
 // 16-byte aligned, as one request to the copy engine; its bytes complete on `bar`, as a TMA box's do.
 // Issued by one thread. (sm_90: chapter 5's decode kernel, in version 3's build, calls it only there.)
 __device__ inline void bulk_load(void* to, const void* from, unsigned bytes, uint64_t* bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-    __trap();
-#else
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                     shared_address(to)),
-                 "l"(from), "r"(bytes), "r"(shared_address(bar))
-                 : "memory");
-#endif
+    SM90(asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+            shared_address(to)),
+        "l"(from), "r"(bytes), "r"(shared_address(bar)) : "memory"));
 }
 // Adds `bytes` (a multiple of 16) of fp32 from shared memory into global memory, element by element
 // and atomically, as one request to the copy engine (the backward's dQ: each block adds its share).

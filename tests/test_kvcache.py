@@ -111,9 +111,20 @@ CASE_IDS = [f"sq{c[0]}-h{c[1]}-hk{c[2]}-d{c[3]}-new{c[5]}-{'causal' if c[6] else
             f"{'contiguous' if c[8] is None else f'page{c[8]}'}-{str(c[9]).replace('torch.', '')}" for c in CASES]
 
 
+def use_copies(copies, device, monkeypatch):
+    """The decode kernel's way of reading the cache: "bulk", the copy engine's bulk copies (sm_90; the
+    default on a Hopper GPU), or "cp.async" (the default elsewhere), whichever the device's default."""
+    if copies == "bulk" and device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("bulk copies: a GPU of compute capability 9.0 (H100, H200)")
+    monkeypatch.setattr(mf, "_decode_bulk", lambda device: copies == "bulk")
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("copies", ["cp.async", "bulk"])
 @pytest.mark.parametrize("Sq,H,Hk,d,cached,new,causal,splits,page,dtype", CASES, ids=CASE_IDS)
-def test_matches_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator, monkeypatch):
+def test_matches_float64(device, copies, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator,
+                         monkeypatch):
+    use_copies(copies, device, monkeypatch)
     if splits == 0 and device == "cpu":  # the heuristic, as for an H200's 132 multiprocessors: it splits
         monkeypatch.setattr(mf, "_parallel_units", lambda device: 132)
     lengths = [n + new for n in cached]
@@ -276,13 +287,15 @@ def test_a_misuse_the_host_does_not_check_gives_nan(device, paged, splits, gener
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_block_checks_every_page_it_reads(device, generator, monkeypatch):
+@pytest.mark.parametrize("copies", ["cp.async", "bulk"])
+def test_a_block_checks_every_page_it_reads(device, copies, generator, monkeypatch):
     """Causal, 400 query rows on 1000 keys, 4 splits: the first row tile sees only 664 keys, 11 tiles,
     3 to a split, so its split 1 reads keys 192 to 383, partly outside that split's share of all the
     keys (256 to 511). A bad page there (keys 192 to 223, a page index 2^20, gigabytes past the pool)
     must be checked by the block that reads it, not only by the split whose share it is in: the
     sequence's rows are NaN and nothing outside the cache is read (before, that block read it: a fault
     on the GPU, on the CPU a read of unmapped memory)."""
+    use_copies(copies, device, monkeypatch)
     monkeypatch.setattr(mf, "_capturing", lambda device: True)  # the host checks nothing, as in a graph
     sequences = dense_sequences([1000], 1, 64, torch.bfloat16, generator)
     (k_cache, v_cache), table = build_cache(sequences, [1000], 1024, 32, torch.bfloat16, generator)
