@@ -24,6 +24,30 @@
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
 #define LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
+// LAUNCH_AFTER: the same, for a kernel that may start while the kernel before it on the stream is
+// still running (programmatic dependent launch, sm_90: the one before lets it start with
+// launch_dependents(), and it waits for that one's results with wait_for_prior_grid(); elsewhere the
+// attribute is ignored and the launch is an ordinary one).
+template <class... Params>
+struct LaunchAfter {
+    void (*kernel)(Params...);
+    cudaLaunchConfig_t config;
+    cudaLaunchAttribute attribute;
+    template <class... Args>
+    void operator()(Args... args) {
+        attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attribute.val.programmaticStreamSerializationAllowed = 1;
+        config.attrs = &attribute, config.numAttrs = 1;
+        cudaLaunchKernelEx(&config, kernel, Params(args)...);
+    }
+};
+template <class... Params>
+static LaunchAfter<Params...> launch_after_(void (*kernel)(Params...), dim3 grid, dim3 block, size_t bytes,
+                                            cudaStream_t stream) {
+    return {kernel, {grid, block, bytes, stream, nullptr, 0}, {}};
+}
+#define LAUNCH_AFTER(kernel, grid, block, shared_bytes, stream) \
+    launch_after_(kernel, grid, block, shared_bytes, stream)
 static size_t max_shared_bytes(int device) {  // the most shared memory a block may opt into
     int bytes = 0;
     cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
@@ -98,12 +122,16 @@ static std::string reserve_shared(Kernel* kernel, int device, size_t bytes) {
     return "cannot reserve shared memory: " + std::string(cudaGetErrorString(err));
 }
 
-// Every launch is checked: a bad configuration or a fault becomes a Python exception.
-template <class... Params, class... Args>
+// Every launch is checked: a bad configuration or a fault becomes a Python exception. AFTER: launched
+// with LAUNCH_AFTER (see above), overlapping the kernel before it.
+template <bool AFTER = false, class... Params, class... Args>
 static std::string launch(const char* name, void (*kernel)(Params...), dim3 grid, int threads,
                           size_t shared_bytes, const Call& c, Args... args) {
     if (std::string err = reserve_shared(kernel, c.device, shared_bytes); !err.empty()) return err;
-    LAUNCH(kernel, grid, dim3(threads), shared_bytes, c.stream)(args...);
+    if constexpr (AFTER)
+        LAUNCH_AFTER(kernel, grid, dim3(threads), shared_bytes, c.stream)(args...);
+    else
+        LAUNCH(kernel, grid, dim3(threads), shared_bytes, c.stream)(args...);
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? "" : name + std::string(" failed: ") + cudaGetErrorString(err);
 }

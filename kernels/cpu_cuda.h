@@ -1880,5 +1880,11 @@ struct CpuLaunch {
 };
 #define LAUNCH(kernel, grid, block, shared_bytes, stream) \
     CpuLaunch<std::remove_pointer_t<decltype(kernel)>> { kernel, grid, block, shared_bytes, #kernel }
+// A launch that may overlap the kernel before it on the GPU (programmatic dependent launch): here
+// launches run one after the other, each to its end, so it is an ordinary one, and the kernels'
+// launch_dependents and wait_for_prior_grid (kernels/hopper.cuh) have nothing to do.
+#define LAUNCH_AFTER LAUNCH
+inline void launch_dependents() {}
+inline void wait_for_prior_grid() {}
 
 #pragma GCC visibility pop

@@ -323,6 +323,7 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
     uint64_t* full = reinterpret_cast<uint64_t*>(V_j + S * TILE);  // BulkCopies' mbarriers
     int* flag = reinterpret_cast<int*>(full + S);
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    launch_dependents();  // combine, if it runs, may be launched now: it waits for this kernel's end
 
     // This block's sequence b, kv head h_kv, rows [row0, row0 + Br) of its Sq * group, and split.
     const int b = blockIdx.x / p.Hk, h_kv = blockIdx.x % p.Hk, split = blockIdx.z;
@@ -504,6 +505,7 @@ __global__ void __launch_bounds__(COMBINE_THREADS)
     const size_t rows = (size_t)B * Sq * H, row = blockIdx.x;  // (b, s, h) of O
     const int t = threadIdx.x, w = t / 32, lane = t % 32, h = row % H, s = row / H % Sq;
     const size_t at_L = (row / H / Sq * H + h) * Sq + s;  // (b, h, s) of L
+    wait_for_prior_grid();  // launched while the decode kernel ran (LAUNCH_AFTER): its results, now
 
     const float lse_t = t < splits ? L_split[t * rows + at_L] : -INFINITY;
     bool nan;
@@ -552,8 +554,9 @@ std::string run(const Params& p, const Call& c) {
                              dim3(p.B * p.Hk, ceil_div(p.Sq * p.group, Br), p.splits), THREADS,
                              shared_bytes(Br, d, BULK), c, p);
     if (err.empty() && p.splits > 1)  // a block per row of O
-        err = launch("flash_decode::combine", combine<T, d>, dim3(p.B * p.Sq * p.H), COMBINE_THREADS,
-                     combine_shared_bytes(d), c, p.O_split, p.L_split, p.splits, p.B, p.Sq, p.H, p.O, p.L);
+        err = launch<true>("flash_decode::combine", combine<T, d>, dim3(p.B * p.Sq * p.H), COMBINE_THREADS,
+                           combine_shared_bytes(d), c, p.O_split, p.L_split, p.splits, p.B, p.Sq, p.H, p.O,
+                           p.L);
     return err;
 }
 template <class T, int d>

@@ -134,6 +134,22 @@ __device__ inline void release_increment(int* flag) {
     asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(flag) : "memory");
 }
 
+// ---- programmatic dependent launch (sm_90; on an older GPU, nothing) ------------------------------
+// launch_dependents: the kernel launched after this one with LAUNCH_AFTER (kernels/bindings.cu) may
+// start once every block of this one has said so or ended (its blocks then wait in
+// wait_for_prior_grid, taking no time from this kernel's launch). wait_for_prior_grid: until the
+// kernel before this one on the stream has ended and its writes are visible.
+__device__ inline void launch_dependents() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ inline void wait_for_prior_grid() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ---- fences, registers, named barriers -----------------------------------------------------------
 // Shared memory written by ordinary stores that wgmma or TMA (the "async proxy") reads next.
 __device__ inline void fence_proxy_async() {
