@@ -494,9 +494,8 @@ __device__ inline float block_sum(float value, float* scratch) {
 }
 
 template <class T, int d>
-__global__ void __launch_bounds__(COMBINE_THREADS)
-    combine(const float* O_split, const float* L_split, int splits, int B, int Sq, int H, unsigned short* O,
-            float* L) {
+__global__ void combine(const float* O_split, const float* L_split, int splits, int B, int Sq, int H,
+                        unsigned short* O, float* L) {
     constexpr int C = d / 32;  // columns per lane: 4 or 2
     static_assert(C == 4 || C == 2, "d = 128 or 64");
     float* parts = smem;                                       // [warp][d]: each warp's sum
