@@ -618,27 +618,20 @@ def _append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, capacity):
 
 def _decode_splits(num_splits, q, Hk, capacity):
     """The splits of each sequence's keys: num_splits as given (at most the tiles of 64 keys there can
-    be), or for 0, the official package's heuristic."""
+    be), or for 0, num_splits_heuristic's: one full wave of blocks."""
     if isinstance(num_splits, bool) or not isinstance(num_splits, int):
         raise TypeError(f"num_splits = {_short(num_splits)}: it must be a whole number")
     if num_splits < 0 or num_splits > 128:
         raise ValueError(f"num_splits = {num_splits}: 0 (chosen for you), or 1 to 128 splits of the keys")
     B, Sq, H, _ = q.shape
     # kernels/flash_decode.cu's tiles: 64 keys; rows_per_block rows, 16 of them leaving room for 2 blocks
-    # on a multiprocessor (the official package also counts 2, for its blocks of 128 threads)
+    # on a multiprocessor
     rows = 16 if Sq * (H // Hk) <= 16 else 64
     key_tiles, row_tiles = math.ceil(capacity / 64), math.ceil(Sq * (H // Hk) / rows)
     if num_splits == 0:
         units = _parallel_units(q.device)
-        num_splits = num_splits_heuristic(B * Hk * row_tiles, units * (2 if rows == 16 else 1), key_tiles, 128)
+        num_splits = num_splits_heuristic(B * Hk * row_tiles, units * (2 if rows == 16 else 1), key_tiles)
     return max(1, min(num_splits, key_tiles))
-
-
-@functools.lru_cache
-def _decode_bulk(device):
-    """Whether the decode kernel reads the cache by the copy engine's bulk copies (a Hopper GPU, compute
-    capability 9.0), not by cp.async (any other; the CPU emulation runs either)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 @functools.lru_cache
@@ -649,24 +642,15 @@ def _parallel_units(device):
             os.cpu_count()) or 1
 
 
-def num_splits_heuristic(blocks, multiprocessors, key_tiles, max_splits):
-    """The official package's choice of splits (its flash_api.cpp), for a grid of `blocks` blocks per
-    split on `multiprocessors` multiprocessors (on the CPU, cores), keys in `key_tiles` tiles: 1 if the
-    grid nearly fills them already; else the fewest splits whose last wave of blocks is at least 85% as
-    full as the best's (a split more costs reads and writes of partial results), counting only split
-    counts that change the tiles per split."""
-    if blocks >= 0.8 * multiprocessors:
-        return 1
-    max_splits = min(max_splits, multiprocessors, key_tiles)
-
-    def efficiency(n):  # the waves of blocks, over the waves the multiprocessors run
-        waves = blocks * n / multiprocessors
-        return waves / math.ceil(waves)
-
-    eligible = [n for n in range(1, max_splits + 1)
-                if n == 1 or math.ceil(key_tiles / n) != math.ceil(key_tiles / (n - 1))]
-    best = max((efficiency(n) for n in eligible), default=0.0)
-    return next((n for n in eligible if efficiency(n) >= 0.85 * best), 1)
+def num_splits_heuristic(blocks, slots, key_tiles):
+    """The splits of each sequence's keys for a grid of `blocks` blocks per split, on a GPU that runs
+    `slots` blocks at once (multiprocessors times blocks each; on the CPU, cores), keys in `key_tiles`
+    tiles: as many as fill the slots in one wave, at most one per tile and 128. Decoding reads the cache
+    once; its speed is the bytes in flight, so every slot should be reading, and a second wave would
+    start only as the first ends. (The official package takes the fewest splits whose wave is 85% as
+    full as the fullest: on the H200 that left a tenth of the slots idle, 29 splits of a sequence's 8
+    heads where 33 fit, and was 7% slower at batch 1: notebooks/results/README.md.)"""
+    return max(1, min(slots // max(blocks, 1), key_tiles, 128))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1047,7 +1031,7 @@ class Kernels:
                 (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, i, i, P, f, b, b, i, i, P])]:
             function.restype, function.argtypes = result, arguments
         if hasattr(c, "mf_decode"):  # version 3's build: chapter 5's decode kernels (kernels/flash_decode.cu)
-            c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 9 + [i] * 11 + [f, b, b, i, i, P]
+            c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 9 + [i] * 11 + [f, b, i, i, P]
         self.library, self.sources, self.version, self.folder = library, sources, version, None
         takes = VERSIONS[version].block_sizes is not None
         self.Br, self.Bc = (c.mf_block_size(0), c.mf_block_size(1)) if takes else (None, None)
@@ -1125,7 +1109,7 @@ class Kernels:
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
         return self._c.mf_decode(*addresses, B, Sq, H, Hk, d, seqlen_new, capacity, page, *table, splits, scale,
-                                 causal, _decode_bulk(q.device), DTYPES.index(q.dtype), device, stream).decode()
+                                 causal, DTYPES.index(q.dtype), device, stream).decode()
 
 
 # ---------------------------------------------------------------------------------------------

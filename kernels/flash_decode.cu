@@ -53,8 +53,7 @@
 //
 // The cache. A key row is found row by row: contiguous, row j of sequence b's slice; paged, row
 // j % page of page block_table[b][j / page]. A row of one head is d contiguous values either way, and
-// reaches shared memory by cp.async, 16 bytes a thread (any GPU), or by the copy engine, a whole row
-// a request (sm_90): CpAsyncCopies and BulkCopies below. Keys past the sequence's end (or a causal
+// reaches shared memory by cp.async, 16 bytes a thread (Copies below). Keys past the sequence's end (or a causal
 // row's last) are masked to -inf; tiles wholly past the block's rows' are never loaded.
 //
 // Misuse. The kernel reads only what cache_seqlens and block_table say a sequence has, so it checks
@@ -68,7 +67,7 @@
 // Names as in the paper; "Alg. 1, line n" marks the FlashAttention-2 paper's Algorithm 1.
 #include "tiles.cuh"  // ceil_div
 #include "mma.cuh"    // stride16, Padded, Swizzled, mma_ABt, a_operands, mma_AB, online_softmax, pack<T>, ...
-#include "hopper.cuh"  // bulk_load, mbarrier_init, mbarrier_arrive_expect_tx, mbarrier_wait (BulkCopies)
+#include "hopper.cuh"  // launch_dependents, wait_for_prior_grid (combine launched early, sm_90)
 
 namespace flash_decode {
 
@@ -97,14 +96,12 @@ struct Params {
     int splits;
     float scale;
     bool causal;
-    bool bulk;  // the copy engine's bulk copies (sm_90), not cp.async
 };
 
-// Shared memory: the row tile Q_i (padded rows, stride16), STAGES buffers each of K_j and V_j (16-bit;
-// CpAsyncCopies' rows of d values, swizzled, BulkCopies' padded), an mbarrier per buffer (BulkCopies),
-// and one int for the check of the block table.
-__host__ __device__ inline int shared_bytes(int Br, int d, bool bulk) {
-    return (Br * stride16(d) + 2 * stages(d) * Bc * (bulk ? stride16(d) : d)) * 2 + stages(d) * 8 + 16;
+// Shared memory: the row tile Q_i (padded rows, stride16), STAGES buffers each of K_j and V_j (16-bit
+// rows of d values, swizzled), and one int for the check of the block table.
+__host__ __device__ inline int shared_bytes(int Br, int d) {
+    return (Br * stride16(d) + 2 * stages(d) * Bc * d) * 2 + 16;
 }
 
 // Where row j of sequence b lies in the cache, counted in rows of Hk * d values.
@@ -142,24 +139,20 @@ __device__ void look_up_rows(int (&row)[COUNT], const Params& p, int b, int j0, 
 // How a block's tiles of K and V reach shared memory, into STAGES buffers (tile t of the split in
 // buffer (t - t_begin) % STAGES), on one schedule (the loop in `decode`): the first STAGES - 1 tiles
 // asked for at the start; then, for each tile, wait(): it has landed; a barrier; issue(): the copies
-// of the tile STAGES - 1 further, into the buffer every warp has just finished with. Two ways:
-//   CpAsyncCopies  every thread copies the same 16-byte column of a few rows of each tile, by
-//                  cp.async, a commit group per tile; rows swizzled (mma.cuh's Swizzled), so that 8
-//                  lanes' copies of a row fill a whole 128-byte line of shared memory. Any GPU.
-//   BulkCopies     warp 0's lanes each ask the copy engine for two rows of K and two of V, whole rows
-//                  (hopper.cuh's bulk_load), the bytes counted on the buffer's mbarrier, which every
-//                  thread waits on; rows contiguous, so padded (stride16). sm_90.
-// Both look up a tile's cache rows a tile ahead of its copies, so a read of the block table (paged) is
-// never waited for; rows past the keys' end come as zeros (V's must: P is 0 there, and 0 x NaN is not).
-struct Tiles {  // what both take
+// of the tile STAGES - 1 further, into the buffer every warp has just finished with. Every thread
+// copies the same 16-byte column of a few rows of each tile, by cp.async, a commit group per tile;
+// rows swizzled (mma.cuh's Swizzled), so that 8 lanes' copies of a row fill a whole 128-byte line of
+// shared memory. A tile's cache rows are looked up a tile ahead of its copies, so a read of the block
+// table (paged) is never waited for; rows past the keys' end come as zeros (V's must: P is 0 there,
+// and 0 x NaN is not).
+struct Tiles {
     const Params& p;
     int b, h, end, t_end;
     unsigned short *K, *V;  // the buffers
-    uint64_t* full;         // BulkCopies: an mbarrier per buffer
 };
 
 template <int d>
-struct CpAsyncCopies {
+struct Copies {
     static constexpr int CHUNKS = d / 8, STEP = THREADS / CHUNKS, COUNT = Bc / STEP, TILE = Bc * d;
     static __device__ Swizzled<d> layout() { return {}; }
     const Tiles& at;
@@ -193,62 +186,6 @@ struct CpAsyncCopies {
     __device__ void wait(int, int) { cp_async_wait<stages(d) - 2>(); }
     __device__ void issue(int t, int i) { copy(t + stages(d) - 1, (i + stages(d) - 1) % stages(d)); }
     __device__ void finish() { cp_async_wait<0>(); }  // nothing may land after the block is done
-};
-
-template <int d>
-struct BulkCopies {
-    static constexpr int LS = stride16(d), TILE = Bc * LS, S = stages(d);
-    static __device__ Padded layout() { return {LS}; }
-    const Tiles& at;
-    int row[2];  // warp 0: lane's rows lane and lane + 32 of the next tile to copy
-
-    __device__ int bytes(int t) const { return min(Bc, at.end - t * Bc) * d * 2 * 2; }  // K's and V's
-    __device__ void look_up(int t) {
-        look_up_rows(row, at.p, at.b, t * Bc, at.end, [](int k) { return int(threadIdx.x) % 32 + 32 * k; });
-    }
-    // Warp 0: tile t's rows into buffer `buffer`, their bytes announced on its mbarrier already.
-    __device__ void copy(int t, int buffer) {
-        if (threadIdx.x >= 32) return;
-        if (t < at.t_end) {
-            for (int k = 0; k < 2; ++k) {
-                const int r = threadIdx.x + 32 * k;
-                unsigned short *K_r = at.K + buffer * TILE + r * LS, *V_r = at.V + buffer * TILE + r * LS;
-                if (row[k] >= 0) {
-                    const size_t from = ((size_t)row[k] * at.p.Hk + at.h) * d;
-                    bulk_load(K_r, at.p.K + from, d * 2, &at.full[buffer]);
-                    bulk_load(V_r, at.p.V + from, d * 2, &at.full[buffer]);
-                } else {  // past the keys' end (the block's last tile): zeros, by the lane itself
-                    for (int x = 0; x < d; x += 8) *reinterpret_cast<float4*>(V_r + x) = float4{0, 0, 0, 0};
-                    fence_proxy_async();  // before any copy the engine might make there later
-                }
-            }
-        }
-        if (t + 1 < at.t_end) look_up(t + 1);
-    }
-    __device__ void start(int t_begin) {
-        if (threadIdx.x == 0) {
-            for (int i = 0; i < S; ++i) mbarrier_init(&at.full[i], 1);
-            fence_mbarrier_init();
-            for (int i = 0; i < S - 1; ++i)
-                if (t_begin + i < at.t_end) mbarrier_arrive_expect_tx(&at.full[i], bytes(t_begin + i));
-        }
-        if (threadIdx.x < 32 && t_begin < at.t_end) look_up(t_begin);
-        cp_async_commit();  // Q_i's copies, waited for with the first tile
-        __syncthreads();    // the barriers are ready and expect their bytes before any copy lands
-        for (int i = 0; i < S - 1; ++i) copy(t_begin + i, i);
-    }
-    // Thread 0 announces the bytes of the tile S - 1 further (its buffer's previous phase, tile t - 1,
-    // completed, and every thread waited for it before the last barrier); then every thread waits for
-    // tile t's phase of its buffer (and, the first time, for Q_i's cp.async).
-    __device__ void wait(int t, int i) {
-        if (threadIdx.x == 0 && t + S - 1 < at.t_end)
-            mbarrier_arrive_expect_tx(&at.full[(i + S - 1) % S], bytes(t + S - 1));
-        if (i == 0) cp_async_wait<0>();
-        mbarrier_wait(&at.full[i % S], i / S % 2);
-    }
-    __device__ void issue(int t, int i) { copy(t + S - 1, (i + S - 1) % S); }
-    // Q_i's cp.async, if no tile's wait waited for it (every tile copied was waited for).
-    __device__ void finish() { cp_async_wait<0>(); }
 };
 
 // Are the pages of sequence b's keys [j0, j1) pages of the cache (contiguous: yes)? The whole block
@@ -313,15 +250,13 @@ __device__ bool merge_warps(float (&m)[2], float (&l)[2], float (&o)[d / 8][4], 
     return true;
 }
 
-template <class T, int d, int Br, bool BULK>
+template <class T, int d, int Br>
 __global__ void __launch_bounds__(THREADS) decode(const Params p) {
-    using Copies = std::conditional_t<BULK, BulkCopies<d>, CpAsyncCopies<d>>;
-    constexpr int LS = stride16(d), S = stages(d), TILE = Copies::TILE;
+    constexpr int LS = stride16(d), S = stages(d), TILE = Copies<d>::TILE;
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // Br x LS
     unsigned short* K_j = Q_i + Br * LS;  // S buffers of TILE values: the split's i-th tile in i % S
     unsigned short* V_j = K_j + S * TILE;
-    uint64_t* full = reinterpret_cast<uint64_t*>(V_j + S * TILE);  // BulkCopies' mbarriers
-    int* flag = reinterpret_cast<int*>(full + S);
+    int* flag = reinterpret_cast<int*>(V_j + S * TILE);
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
     launch_dependents();  // combine, if it runs, may be launched now: it waits for this kernel's end
 
@@ -359,8 +294,8 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
         const bool valid = row0 + r < rows;
         cp_async16(Q_i + r * LS + x, p.Q + (valid ? q_at(row0 + r) * d + x : 0), valid);
     }
-    const Tiles tiles_at{p, b, h_kv, end, t_end, K_j, V_j, full};
-    Copies copies{tiles_at};
+    const Tiles tiles_at{p, b, h_kv, end, t_end, K_j, V_j};
+    Copies<d> copies{tiles_at};
     copies.start(t_begin);
 
     // The lane's two rows, g and g + 8 of the warp's 16: the end of the keys each sees.
@@ -389,7 +324,7 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
             // Alg. 1, line 8: S_ij = Q_i K_j^T (the warp's KW keys from k0: whole groups of 8 rows, so
             // the swizzle is the tile's)
             mma_ABt<T, d, KW>(s, Q_i + (first - row0) * LS, Padded{LS}, K_t + k0 * TILE / Bc,
-                              Copies::layout());
+                              Copies<d>::layout());
             // Keys past a row's end: -inf. Only keys that cross one of the lane's ends need it.
             const int key0 = t * Bc + k0;
             if (key0 + KW > min(row_end[0], row_end[1]))
@@ -403,7 +338,7 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
             unsigned pf[KW / 16][4];
             a_operands<T, KW>(pf, s);
             mma_AB<T, KW, d>(o, pf, V_t + k0 * TILE / Bc,
-                             Copies::layout());  // Alg. 1, line 10: O += P_ij V_j
+                             Copies<d>::layout());  // Alg. 1, line 10: O += P_ij V_j
         }
     }
     copies.finish();        // nothing may still be landing when the block exits, or is overwritten below
@@ -547,11 +482,11 @@ __global__ void combine(const float* O_split, const float* L_split, int splits, 
 // success.
 #ifdef MINIMAL_FLASH_BINDINGS
 namespace flash_decode {
-template <class T, int d, int Br, bool BULK>
+template <class T, int d, int Br>
 std::string run(const Params& p, const Call& c) {
-    std::string err = launch("flash_decode::decode", decode<T, d, Br, BULK>,
+    std::string err = launch("flash_decode::decode", decode<T, d, Br>,
                              dim3(p.B * p.Hk, ceil_div(p.Sq * p.group, Br), p.splits), THREADS,
-                             shared_bytes(Br, d, BULK), c, p);
+                             shared_bytes(Br, d), c, p);
     if (err.empty() && p.splits > 1)  // a block per row of O
         err = launch<true>("flash_decode::combine", combine<T, d>, dim3(p.B * p.Sq * p.H), COMBINE_THREADS,
                            combine_shared_bytes(d), c, p.O_split, p.L_split, p.splits, p.B, p.Sq, p.H, p.O,
@@ -560,16 +495,14 @@ std::string run(const Params& p, const Call& c) {
 }
 template <class T, int d>
 std::string run(const Params& p, const Call& c) {
-    if (rows_per_block(p.Sq * p.group) == 16)
-        return p.bulk ? run<T, d, 16, true>(p, c) : run<T, d, 16, false>(p, c);
-    return p.bulk ? run<T, d, 64, true>(p, c) : run<T, d, 64, false>(p, c);
+    return rows_per_block(p.Sq * p.group) == 16 ? run<T, d, 16>(p, c) : run<T, d, 64>(p, c);
 }
 }  // namespace flash_decode
 
 extern "C" const char* mf_decode(const float* Q, const float* K, const float* V, const int* cache_seqlens,
                                  const int* block_table, float* O, float* L, float* O_split, float* L_split,
                                  int B, int Sq, int H, int Hk, int d, int seqlen_new, int capacity, int page,
-                                 int max_pages, int pages, int splits, float scale, bool causal, bool bulk,
+                                 int max_pages, int pages, int splits, float scale, bool causal,
                                  int dtype, int device, void* stream) {
     static thread_local std::string message;  // lives until the next call from this thread
     namespace fd = flash_decode;
@@ -585,8 +518,7 @@ extern "C" const char* mf_decode(const float* Q, const float* K, const float* V,
                        seqlen_new,  capacity,
                        page,        max_pages,
                        pages,       splits,
-                       scale,       causal,
-                       bulk};
+                       scale,       causal};
     message = half_precision_error(c, 3);
     if (message.empty() && (Hk < 1 || H % Hk != 0 || splits < 1 || splits > fd::MAX_SPLITS))
         message = "internal error: " + std::to_string(H) + " query heads, " + std::to_string(Hk) +

@@ -111,20 +111,10 @@ CASE_IDS = [f"sq{c[0]}-h{c[1]}-hk{c[2]}-d{c[3]}-new{c[5]}-{'causal' if c[6] else
             f"{'contiguous' if c[8] is None else f'page{c[8]}'}-{str(c[9]).replace('torch.', '')}" for c in CASES]
 
 
-def use_copies(copies, device, monkeypatch):
-    """The decode kernel's way of reading the cache: "bulk", the copy engine's bulk copies (sm_90; the
-    default on a Hopper GPU), or "cp.async" (the default elsewhere), whichever the device's default."""
-    if copies == "bulk" and device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("bulk copies: a GPU of compute capability 9.0 (H100, H200)")
-    monkeypatch.setattr(mf, "_decode_bulk", lambda device: copies == "bulk")
-
-
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("copies", ["cp.async", "bulk"])
 @pytest.mark.parametrize("Sq,H,Hk,d,cached,new,causal,splits,page,dtype", CASES, ids=CASE_IDS)
-def test_matches_float64(device, copies, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator,
+def test_matches_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator,
                          monkeypatch):
-    use_copies(copies, device, monkeypatch)
     if splits == 0 and device == "cpu":  # the heuristic, as for an H200's 132 multiprocessors: it splits
         monkeypatch.setattr(mf, "_parallel_units", lambda device: 132)
     lengths = [n + new for n in cached]
@@ -155,15 +145,15 @@ def test_matches_float64(device, copies, Sq, H, Hk, d, cached, new, causal, spli
     assert_close("lse", lse[~empty], lse_ref[~empty])
 
 
-def test_num_splits_heuristic_is_the_official_one():
-    """The official package's choices, worked by hand from its flash_api.cpp."""
-    # Its own example: 48 blocks on 108 multiprocessors; 2 splits (a wave 0.89 full), not 3 (0.67).
-    assert mf.num_splits_heuristic(48, 108, 3, 128) == 2
-    assert mf.num_splits_heuristic(87, 108, 64, 128) == 1  # 87 >= 0.8 * 108: the grid nearly fills them
-    # One block, 64 key tiles: 64 splits (a wave 0.59 full). 33 to 63 splits would take 2 tiles each,
-    # as 32 do, and are passed over; 32 (0.30) is below 85% of the best.
-    assert mf.num_splits_heuristic(1, 108, 64, 128) == 64
-    assert mf.num_splits_heuristic(1, 108, 64, 16) == 16  # at most max_splits
+def test_num_splits_heuristic_fills_one_wave():
+    """Splits: as many as fill the slots (132 multiprocessors x 2 blocks on an H200) in one wave, at most
+    one per key tile and 128; 1 when the grid fills them already."""
+    assert mf.num_splits_heuristic(8, 264, 512) == 33  # batch 1, 8 kv heads, 32k keys: 264 of 264
+    assert mf.num_splits_heuristic(64, 264, 256) == 4  # batch 8, 16k: 256 of 264 (5 would be 2 waves)
+    assert mf.num_splits_heuristic(8, 264, 16) == 16  # 1k keys: one split per tile
+    assert mf.num_splits_heuristic(1, 1000, 4096) == 128  # at most 128
+    assert mf.num_splits_heuristic(512, 264, 64) == 1  # batch 64: two waves already
+    assert mf.num_splits_heuristic(0, 264, 0) == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -287,15 +277,13 @@ def test_a_misuse_the_host_does_not_check_gives_nan(device, paged, splits, gener
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("copies", ["cp.async", "bulk"])
-def test_a_block_checks_every_page_it_reads(device, copies, generator, monkeypatch):
+def test_a_block_checks_every_page_it_reads(device, generator, monkeypatch):
     """Causal, 400 query rows on 1000 keys, 4 splits: the first row tile sees only 664 keys, 11 tiles,
     3 to a split, so its split 1 reads keys 192 to 383, partly outside that split's share of all the
     keys (256 to 511). A bad page there (keys 192 to 223, a page index 2^20, gigabytes past the pool)
     must be checked by the block that reads it, not only by the split whose share it is in: the
     sequence's rows are NaN and nothing outside the cache is read (before, that block read it: a fault
     on the GPU, on the CPU a read of unmapped memory)."""
-    use_copies(copies, device, monkeypatch)
     monkeypatch.setattr(mf, "_capturing", lambda device: True)  # the host checks nothing, as in a graph
     sequences = dense_sequences([1000], 1, 64, torch.bfloat16, generator)
     (k_cache, v_cache), table = build_cache(sequences, [1000], 1024, 32, torch.bfloat16, generator)

@@ -10,7 +10,7 @@ within twice plain attention's error), so a clean sanitizer report on a wrong an
 that take grouped heads also run each forward with k, v of one head shared by q's three; versions that
 read strided inputs (version 4) run each forward and backward once more on a model's views, uncopied.
 With version 3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches,
-split keys, read by cp.async and, on sm_90, by bulk copies) and its kernels on packed sequences of
+split keys) and its kernels on packed sequences of
 different lengths (flash_attn_varlen_func)."""
 import math
 import sys
@@ -94,8 +94,7 @@ def run_decode(dtype, Sq, d, causal, page, splits):
         assert_close("O", out[b].transpose(0, 1), ref, plain)
         assert (lse[b] - torch.logsumexp((qb.double() @ kb.double().transpose(1, 2) * d ** -0.5)
                                          .masked_fill(hidden, -math.inf), -1)).abs().max() < 1e-3, "lse"
-    print(f"decode {str(dtype)[6:]} Sq={Sq} d={d} causal={causal} page={page} splits={splits} "
-          f"bulk={mf._decode_bulk(torch.device('cuda'))}: checked")
+    print(f"decode {str(dtype)[6:]} Sq={Sq} d={d} causal={causal} page={page} splits={splits}: checked")
 
 
 def run_grouped(version, dtype, causal, N, d):
@@ -164,14 +163,10 @@ for version in sorted(chosen):
                 if mf.VERSIONS[version].strided:
                     run_views(version, dtype, causal, N, d)
 if 3 in chosen:  # chapter 5's decode kernels and flash_attn_varlen_func build with version 3
-    copies, default_copies = sorted({False, mf._decode_bulk(torch.device("cuda"))}), mf._decode_bulk
     for dtype in mf.VERSIONS[3].dtypes:
-        for bulk in copies:  # the decode kernel's cp.async, and on sm_90 its bulk copies too
-            mf._decode_bulk = lambda device, bulk=bulk: bulk
-            for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3),
-                                                (5, 64, False, None, 2), (3, 64, True, 48, 1), (1, 128, True, 144, 2)):
-                run_decode(dtype, Sq, d, causal, page, splits)
-        mf._decode_bulk = default_copies
+        for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3), (5, 64, False, None, 2),
+                                            (3, 64, True, 48, 1), (1, 128, True, 144, 2)):
+            run_decode(dtype, Sq, d, causal, page, splits)
         for d, causal, lengths_q, lengths_k, H, Hk in ((128, True, [0, 100, 300, 1], [5, 100, 260, 0], 8, 2),
                                                        (64, False, [130, 64, 17], [130, 1, 200], 4, 4),
                                                        (64, True, [64, 129], [200, 129], 4, 1)):
