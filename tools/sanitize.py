@@ -10,8 +10,7 @@ within twice plain attention's error), so a clean sanitizer report on a wrong an
 that take grouped heads also run each forward with k, v of one head shared by q's three; versions that
 read strided inputs (version 4) run each forward and backward once more on a model's views, uncopied.
 With version 3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches,
-split keys) and its kernels on packed sequences of
-different lengths (flash_attn_varlen_func)."""
+split keys) and its kernels on packed sequences of different lengths (flash_attn_varlen_func)."""
 import math
 import sys
 from pathlib import Path
