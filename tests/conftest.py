@@ -22,8 +22,12 @@ def show_build_messages(pytestconfig):
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
 
     def say(message):
+        # Resuming the capture sets sys.stdout and sys.stderr to pytest's own: a test's redirect_stdout
+        # around the build (bench's tables) would lose the rest of its output. They are put back as found.
+        streams = sys.stdout, sys.stderr
         with capture.global_and_fixture_disabled():
             print(f"\nminimal_flash: {message}", file=sys.stderr, flush=True)
+        sys.stdout, sys.stderr = streams
 
     original, mf._say = mf._say, say
     yield
