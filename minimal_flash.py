@@ -134,28 +134,40 @@ def default_version(dtype, device="cpu"):
 
 
 def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None, scale=None, attn_mask=None,
-                    dropout_p=0.0, Br=None, Bc=None, version=None, deterministic=False):
+                    dropout_p=0.0, Br=None, Bc=None, version=None, deterministic=False, score_mod=None,
+                    mask_mod=None, mod_tensors=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """softmax(q k^T * softmax_scale [+ causal mask]) v, computed by the FlashAttention kernels,
     differentiable. softmax_scale defaults to 1/sqrt(d). is_causal and scale are the same options
     under torch.nn.functional.scaled_dot_product_attention's names; its attn_mask and dropout_p are
     refused unless left at their defaults. version: one of VERSIONS (default: version 2 for float32
     inputs; for bfloat16 and float16 ones, version 4 on a Hopper GPU, version 3 elsewhere). Br, Bc: the block sizes of the versions they
     shape (default MINIMAL_FLASH_BR / _BC, else 32). deterministic: the backward's dQ the same bits
-    run to run (version 1 always; version 4 at a cost; the others refuse it)."""
+    run to run (version 1 always; version 4 at a cost; the others refuse it).
+    Your own attention (version 3): score_mod, a C++ expression of the scaled score and b, h, q_idx,
+    kv_idx, such as "score + bias(h, q_idx - kv_idx)"; mask_mod, a C++ condition of b, h, q_idx, kv_idx
+    that keeps a key, such as "q_idx - kv_idx < 256"; mod_tensors {name: tensor}, what they read
+    (name[i], name(i, j)); window_size, softcap, alibi_slopes as the official package has them. Each
+    set of mods is compiled once (seconds), the options' values and the tensors read at run time."""
     causal = _either("causal", causal, False, "is_causal", is_causal)
     softmax_scale = _either("softmax_scale", softmax_scale, None, "scale", scale)
     _check_sdpa_only(attn_mask, dropout_p)
+    version = _mods_version(version, _wants_mods(score_mod, mask_mod, mod_tensors, window_size, softcap,
+                                                 alibi_slopes), q)
     # Outside the Function: a copy of q, k, v (_check_inputs: a layout the version cannot read) passes
     # gradients back. The block sizes are fixed now: the backward must use the forward's.
     q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
     deterministic = _check_deterministic(deterministic, version)
+    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
+        if mods is not None:
+            raise NotImplementedError("score_mod, mask_mod, window_size, softcap, alibi_slopes under "
+                                      "torch.compile: not yet; call flash_attention outside the compiled region")
         return torch.ops.minimal_flash.attention(q, k, v, causal, scale, Br, Bc, version, deterministic)[0]
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        return _attention(q, k, v, causal, scale, Br, Bc, version)[0]  # no autograd bookkeeping
+        return _attention(q, k, v, causal, scale, Br, Bc, version, mods=mods)[0]  # no autograd bookkeeping
     if q.numel() > 0:  # fail now, not after the forward has run, if the backward will not fit
-        _check_shared_memory(load_kernels(q.device.type, version, Br, Bc), q, "backward", version)
-    return FlashAttention.apply(q, k, v, causal, scale, Br, Bc, version, deterministic)
+        _check_shared_memory(load_kernels(q.device.type, version, Br, Bc, _spec(mods)), q, "backward", version)
+    return FlashAttention.apply(q, k, v, causal, scale, Br, Bc, version, deterministic, mods)
 
 
 def _check_deterministic(deterministic, version):
@@ -173,19 +185,23 @@ def _check_deterministic(deterministic, version):
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, Br=None, Bc=None,
-                    version=None):
+                    version=None, score_mod=None, mask_mod=None, mod_tensors=None):
     """The flash-attn package's flash_attn_func, with its positional order, on our kernels: q, k, v are
-    (B, N, H, d), batch, sequence, heads, head dim, and so is the result. Its options that these
-    kernels do not have are refused unless left at their defaults; deterministic=True needs a version
-    whose backward can be deterministic (version 1, or 4). Br, Bc, version: as for flash_attention."""
+    (B, N, H, d), batch, sequence, heads, head dim, and so is the result. window_size, softcap and
+    alibi_slopes as the official package has them (version 3's kernels, with score_mod, mask_mod and
+    mod_tensors: see flash_attention); its options that these kernels do not have are refused unless
+    left at their defaults; deterministic=True needs a version whose backward can be deterministic
+    (version 1, or 4). Br, Bc, version: as for flash_attention."""
     _check_no_dropout(dropout_p)
-    _check_official_defaults(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                             return_attn_probs=return_attn_probs)
+    _check_official_defaults(return_attn_probs=return_attn_probs)
     if deterministic:  # checked before the transposes, with the official argument's name
-        _check_deterministic(deterministic, _check_version(version, q))
+        _check_deterministic(deterministic, _check_version(_mods_version(version, _wants_mods(
+            score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes), q), q))
     q, k, v = (_transposed(name, t) for name, t in (("q", q), ("k", k), ("v", v)))  # views: gradients reach the caller
     out = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc, version=version,
-                          deterministic=deterministic)
+                          deterministic=deterministic, score_mod=score_mod, mask_mod=mask_mod,
+                          mod_tensors=mod_tensors, window_size=window_size, softcap=softcap,
+                          alibi_slopes=alibi_slopes)
     return out.transpose(1, 2)
 
 
@@ -280,59 +296,62 @@ def relative_error(x, ref):
     return ((x - ref).norm() / ref.norm()).item()
 
 
-def forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, out=None, version=None):
+def forward(q, k, v, *, causal=False, softmax_scale=None, Br=None, Bc=None, out=None, version=None, **mods):
     """One forward pass of a version's kernels (default: default_version of q's dtype and device). Returns (O, L):
     the attention output and the row log-sum-exp L = m + log(l), float32, that the backward pass
     needs. `out=(O, L)` writes into given tensors (the tests fill them with NaN first, so an element
-    the kernel fails to write shows)."""
-    q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
+    the kernel fails to write shows). **mods: score_mod, mask_mod, mod_tensors, window_size, softcap,
+    alibi_slopes, as for flash_attention."""
+    q, k, v, causal, scale, Br, Bc, version, mods = _check_call_mods(q, k, v, causal, softmax_scale, Br, Bc,
+                                                                     version, mods)
     if out is not None:
         out = _check_outputs(("O", "L"), out, (q, q[..., 0].float()), (q, k, v))
-    return _attention(q, k, v, causal, scale, Br, Bc, version, out)
+    return _attention(q, k, v, causal, scale, Br, Bc, version, out, mods)
 
 
 def backward(dO, q, k, v, O, L, *, causal=False, softmax_scale=None, Br=None, Bc=None, out=None, version=None,
-             deterministic=False):
+             deterministic=False, **mods):
     """One backward pass of a version's kernels: the gradients (dQ, dK, dV) of a loss whose gradient
     with respect to the output O = forward(q, k, v)[0] is dO. O and L are what forward() returned for
     these q, k, v, options and block sizes (versions 1 and 2 give the same O and L). `out=(dQ, dK, dV)`
-    writes into given tensors. deterministic: as for flash_attention."""
-    q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
+    writes into given tensors. deterministic, **mods: as for flash_attention (the forward's mods)."""
+    q, k, v, causal, scale, Br, Bc, version, mods = _check_call_mods(q, k, v, causal, softmax_scale, Br, Bc,
+                                                                     version, mods)
     deterministic = _check_deterministic(deterministic, version)
     dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
     L = _check_like("L", L, q[..., 0].float())
     dO, O, L = _laid_out(dO, version), O.contiguous(), L.contiguous()  # dO as q, k, v; O, L as written
     if out is not None:
         out = _check_outputs(("dQ", "dK", "dV"), out, (q, k, v), (q, k, v, O, dO, L))
-    return _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic, out)
+    return _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic, out, mods)
 
 
-def _attention(q, k, v, causal, scale, Br, Bc, version, out=None):
+def _attention(q, k, v, causal, scale, Br, Bc, version, out=None, mods=None):
     """forward() on inputs already checked: what every call pays for, and no more."""
     # O contiguous whatever q's strides (new_empty, not empty_like, which would copy a view's layout)
     O, L = out if out is not None else (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32))
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
-        kernels = load_kernels(q.device.type, version, Br, Bc)
+        kernels = load_kernels(q.device.type, version, Br, Bc, _spec(mods))
         _check_shared_memory(kernels, q, "forward", version)
         q, k, v = (_aligned(t) for t in (q, k, v))
-        _raise_if(kernels.call("forward", causal, scale, q, k, v, O, L))
+        _raise_if(kernels.call("forward", causal, scale, q, k, v, O, L, mods=mods))
     return O, L
 
 
-def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic=False, out=None):
+def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic=False, out=None, mods=None):
     """backward() on inputs already checked. Grouped-query heads (k, v with H / group heads): as the
     official package does, the kernels get k, v repeated to q's heads, and each head's dK, dV is the
     sum (in fp32) of its group's."""
     dQ, dK, dV = out if out is not None else (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
     if q.numel() > 0:
-        kernels = load_kernels(q.device.type, version, Br, Bc)
+        kernels = load_kernels(q.device.type, version, Br, Bc, _spec(mods))
         _check_shared_memory(kernels, q, "backward", version)
         q, O, dO = (_aligned(t) for t in (q, O, dO))
 
         def run(k_all, v_all, dK_all, dV_all):
             k_all, v_all = _aligned(k_all), _aligned(v_all)
             _raise_if(kernels.call("backward", causal, scale, q, k_all, v_all, O, L, dO, dQ, dK_all, dV_all,
-                                   deterministic=deterministic))
+                                   deterministic=deterministic, mods=mods))
 
         _grouped_grads(q, k, v, run, dK, dV)
     return dQ, dK, dV
@@ -359,18 +378,18 @@ class FlashAttention(torch.autograd.Function):
     memory. The N x N matrix P is never stored; the backward kernel recomputes it tile by tile."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, Br, Bc, version, deterministic):  # flash_attention checked them
-        O, L = _attention(q, k, v, causal, scale, Br, Bc, version)
+    def forward(ctx, q, k, v, causal, scale, Br, Bc, version, deterministic, mods):  # flash_attention checked them
+        O, L = _attention(q, k, v, causal, scale, Br, Bc, version, mods=mods)
         ctx.save_for_backward(q, k, v, O, L)
-        ctx.options = causal, scale, Br, Bc, version, deterministic
+        ctx.options = causal, scale, Br, Bc, version, deterministic, None, mods  # None: out
         return O
 
     @staticmethod
     def backward(ctx, dO):
-        causal, scale, Br, Bc, version, deterministic = ctx.options
+        version = ctx.options[4]
         # dO: the gradient of the model's output, often a view of its (B, N, H, d) layout
         dQ, dK, dV = _attention_grads(_laid_out(dO, version), *ctx.saved_tensors, *ctx.options)
-        return dQ, dK, dV, None, None, None, None, None, None
+        return dQ, dK, dV, None, None, None, None, None, None, None
 
 
 # The same two passes as PyTorch custom operators, minimal_flash::attention and
@@ -852,6 +871,219 @@ def _run_varlen(pass_, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 
 
 # ---------------------------------------------------------------------------------------------
+# Your own attention (chapter 6): score_mod and mask_mod compiled into version 3's kernels
+
+
+class ModArgs(ctypes.Structure):
+    """kernels/mods.cuh's mods::Args, field for field: what a call hands the hooks at run time."""
+    _fields_ = [("tensors", ctypes.c_void_p * 4), ("shapes", (ctypes.c_longlong * 4) * 4),
+                ("strides", (ctypes.c_longlong * 4) * 4), ("ints", ctypes.c_int * 4), ("floats", ctypes.c_float * 4),
+                ("H", ctypes.c_int), ("block_mask", ctypes.c_void_p), ("mask_batch", ctypes.c_longlong),
+                ("mask_head", ctypes.c_longlong), ("mask_cols", ctypes.c_int)]
+
+
+# A mod tensor's dtype: (the type the mod reads, the type stored), for kernels/mods.cuh's Tensor.
+_MOD_TYPES = {torch.float32: ("float", "float"), torch.float16: ("float", "__half"),
+              torch.bfloat16: ("float", "__nv_bfloat16"), torch.int32: ("int", "int"),
+              torch.int64: ("long long", "long long"), torch.bool: ("bool", "bool"),
+              torch.uint8: ("int", "unsigned char")}
+_MOD_NAMES = {"score", "b", "h", "q_idx", "kv_idx", "args", "keep", "alibi_slopes", "F", "mods", "Tensor", "Dual"}
+_MAX_MOD_TENSORS = 4  # mods::Args holds 4; alibi_slopes takes one of them
+
+
+@dataclass(frozen=True)
+class Mods:
+    """What a build with mods is compiled from (the values of window_size, softcap and the tensors'
+    contents come at run time): the user's score_mod and mask_mod (C++ expressions, or function bodies
+    with `return`), each mod tensor's (name, dtype, dims), and which official options are on."""
+    score_mod: Optional[str] = None
+    mask_mod: Optional[str] = None
+    tensors: tuple = ()  # ((name, dtype name, dims), ...), then alibi_slopes' if given
+    window: bool = False
+    softcap: bool = False
+    alibi: int = 0  # alibi_slopes' dims: 1 (H,), 2 (B, H); 0: none
+
+    @property
+    def score(self):
+        return self.score_mod is not None or self.softcap or self.alibi > 0
+
+    @property
+    def mask(self):
+        return self.mask_mod is not None or self.window
+
+    def mask_reads(self, name):
+        """Does mask_mod's text name this variable (b, h, a tensor)? If not, the block mask is the same
+        for every value of it."""
+        return self.mask_mod is not None and re.search(rf"\b{name}\b", self.mask_mod) is not None
+
+    def header(self):
+        """The C++ that kernels/mods.cuh includes as MODS_FILE (mods_header's text)."""
+        tensors = "".join(f"    const Tensor<{_MOD_TYPES[getattr(torch, dtype)][0]}, "
+                          f"{_MOD_TYPES[getattr(torch, dtype)][1]}> {name}{{args, {t}}};\n"
+                          for t, (name, dtype, _) in enumerate(self.tensors))
+
+        def user(kind, text, result):  # an expression, or a function body that returns
+            body = f"[&]() -> {result} {{\n{text}\n    }}()" if re.search(r"\breturn\b", text) else f"({text})"
+            return f'#line 1 "{kind}"\n{body}'
+
+        score = mask = ""
+        if self.score_mod is not None:
+            score += f"    score = F(\n{user('score_mod', self.score_mod, 'F')});\n"
+        if self.softcap:  # the official order: the cap first, then the bias
+            score += "    score = args.floats[0] * tanhf(score / args.floats[0]);  // softcap\n"
+        if self.alibi:
+            slope = "alibi_slopes[h]" if self.alibi == 1 else "alibi_slopes(b, h)"
+            score += f"    score = score - {slope} * fabsf(float(q_idx - kv_idx));  // alibi_slopes\n"
+        if self.mask_mod is not None:
+            mask += f"    keep = bool(\n{user('mask_mod', self.mask_mod, 'bool')});\n"
+        if self.window:
+            mask += ("    keep = keep && (args.ints[0] < 0 || kv_idx >= q_idx - args.ints[0]) &&\n"
+                     "           (args.ints[1] < 0 || kv_idx <= q_idx + args.ints[1]);  // window_size\n")
+        return (f"// Written by minimal_flash.Mods.header for one build: {self!r}\n"
+                "namespace mods {\n"
+                f"constexpr bool SCORE = {str(self.score).lower()}, MASK = {str(self.mask).lower()};\n"
+                "template <class F>\n"
+                "__device__ inline F score_mod(F score, int b, int h, int q_idx, int kv_idx, const Args& args) {\n"
+                f"{tensors}{score}    return score;\n}}\n"
+                "__device__ inline bool mask_mod(int b, int h, int q_idx, int kv_idx, const Args& args) {\n"
+                f"{tensors}    bool keep = true;\n{mask}    return keep;\n}}\n"
+                "}  // namespace mods\n")
+
+
+@dataclass
+class ModCall:
+    """One call's mods: the build's Mods, and what the hooks read at run time."""
+    spec: Mods
+    tensors: tuple = ()  # the mod tensors (alibi_slopes last), on q's device
+    ints: tuple = (-1, -1, 0, 0)
+    floats: tuple = (0.0, 0.0, 0.0, 0.0)
+
+
+def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes):
+    """The mods of a call, checked: a ModCall, or None when there is none (the plain kernels run)."""
+    for name, text in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            raise TypeError(f"{name} = {_short(text)}: it must be a C++ expression (a string), such as "
+                            + ("'score + bias[h]'" if name == "score_mod" else "'q_idx >= kv_idx'"))
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in window_size):
+        raise ValueError(f"window_size = {_short(window_size)}: it must be (left, right), each a number of keys "
+                         "or -1 for no limit")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap = {_short(softcap)}: it must be a number >= 0 (0: no cap)")
+    mod_tensors = {} if mod_tensors is None else mod_tensors
+    if not isinstance(mod_tensors, dict):
+        raise TypeError(f"mod_tensors = {_short(mod_tensors)}: it must be a dict {{name: tensor}}")
+    tensors, specs = [], []
+    for name, t in mod_tensors.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_]\w*", name) or name in _MOD_NAMES:
+            raise ValueError(f"mod_tensors: the name {name!r} must be a C++ name, not one of "
+                             + ", ".join(sorted(_MOD_NAMES)))
+        _check_is_tensor(f"mod_tensors[{name!r}]", t)
+        if t.dtype not in _MOD_TYPES or not 1 <= t.dim() <= 4 or t.device != q.device or t.requires_grad:
+            raise ValueError(f"mod_tensors[{name!r}] ({t.dtype}, {t.dim()}-D, on {t.device}"
+                             f"{', requires grad' if t.requires_grad else ''}): a mod tensor must be 1- to 4-D, on "
+                             f"q's device ({q.device}), of dtype " + ", ".join(str(x) for x in _MOD_TYPES)
+                             + ", and a constant (no gradient reaches it: pass it detached)")
+        if not any(text is not None and re.search(rf"\b{name}\b", text) for text in (score_mod, mask_mod)):
+            raise ValueError(f"mod_tensors[{name!r}]: neither score_mod nor mask_mod reads it")
+        tensors.append(t)
+        specs.append((name, str(t.dtype).removeprefix("torch."), t.dim()))
+    alibi = 0
+    if alibi_slopes is not None:
+        _check_is_tensor("alibi_slopes", alibi_slopes)
+        B, H = q.shape[0], q.shape[1]
+        if (alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device
+                or tuple(alibi_slopes.shape) not in ((H,), (B, H))):
+            raise ValueError(f"alibi_slopes ({alibi_slopes.dtype}, shape {tuple(alibi_slopes.shape)}, on "
+                             f"{alibi_slopes.device}): it must be float32, of shape (H,) = ({H},) or (B, H) = "
+                             f"({B}, {H}), on q's device ({q.device})")
+        tensors.append(alibi_slopes.detach())
+        specs.append(("alibi_slopes", "float32", alibi_slopes.dim()))
+        alibi = alibi_slopes.dim()
+    if len(tensors) > _MAX_MOD_TENSORS:
+        raise ValueError(f"{len(tensors)} mod tensors (alibi_slopes counts as one): the kernels take at most "
+                         f"{_MAX_MOD_TENSORS}")
+    window = tuple(window_size) != (-1, -1)
+    spec = Mods(score_mod, mask_mod, tuple(specs), window, softcap > 0, alibi)
+    if not (spec.score or spec.mask):
+        return None
+    return ModCall(spec, tuple(tensors), (*window_size, 0, 0), (float(softcap), 0.0, 0.0, 0.0))
+
+
+def _mods_version(version, wants_mods, q):
+    """Mods run on version 3's kernels: the default then, and any other version is refused."""
+    if not wants_mods:
+        return version
+    if isinstance(q, torch.Tensor) and q.dtype not in VERSIONS[3].dtypes:
+        raise TypeError(f"q is {q.dtype}: score_mod, mask_mod, window_size, softcap and alibi_slopes are compiled "
+                        f"into version 3's kernels, which take {_dtype_names(VERSIONS[3].dtypes)}")
+    if version is None:
+        return 3
+    if version != 3:
+        raise ValueError(f"version = {version!r}: score_mod, mask_mod, window_size, softcap and alibi_slopes "
+                         "are compiled into version 3's kernels only; leave version out, or pass version=3")
+    return version
+
+
+_block_masks = {}  # (build, N, B_mask, H_mask, ints, device, stream) -> block mask; the last 16 kept
+
+
+def _mod_args(kernels, mods, q):
+    """The ModArgs of one call (and what must live until its launches are queued): the tensors' places,
+    the options' values, and the block mask, computed by kernels/mods.cuh's block_mask for these N,
+    and reused while the mask reads no tensor (whose contents may change between calls)."""
+    a, keep = ModArgs(), list(mods.tensors)
+    for t, tensor in enumerate(mods.tensors):
+        a.tensors[t] = tensor.data_ptr()
+        for x in range(tensor.dim()):
+            a.shapes[t][x], a.strides[t][x] = tensor.shape[x], tensor.stride(x)
+    a.ints[:], a.floats[:], a.H = mods.ints, mods.floats, q.shape[1]
+    if mods.spec.mask:
+        spec, (B, H, N, _) = mods.spec, q.shape
+        B_mask, H_mask = (B if spec.mask_reads("b") else 1), (H if spec.mask_reads("h") else 1)
+        tiles = (N + 63) // 64
+        device = q.device.index if q.is_cuda else 0
+        stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
+        key = (kernels.library, N, B_mask, H_mask, mods.ints, q.device, stream)
+        reads_tensors = any(spec.mask_reads(name) for name, _, _ in spec.tensors)
+        block_mask = None if reads_tensors else _block_masks.get(key)
+        if block_mask is None:
+            block_mask = torch.empty((B_mask, H_mask, tiles, tiles), dtype=torch.uint8, device=q.device)
+            _raise_if(kernels.block_mask(a, N, B_mask, H_mask, block_mask, device, stream))
+            if not reads_tensors:
+                if len(_block_masks) >= 16:
+                    del _block_masks[next(iter(_block_masks))]
+                _block_masks[key] = block_mask
+        keep.append(block_mask)
+        a.block_mask = block_mask.data_ptr()
+        a.mask_batch = H_mask * tiles * tiles if B_mask > 1 else 0
+        a.mask_head, a.mask_cols = (tiles * tiles if H_mask > 1 else 0), tiles
+    return a, keep
+
+
+def document_mask(document_ids):
+    """Packed sequences (documents one after the other in a row of N tokens, each attending only
+    within itself): (mask_mod, mod_tensors) for flash_attention, from document_ids, an int32 tensor of
+    shape (N,) or (B, N) giving each token's document. Combine with causal=True for causal documents."""
+    _check_is_tensor("document_ids", document_ids)
+    if document_ids.dtype not in (torch.int32, torch.int64) or document_ids.dim() not in (1, 2):
+        raise ValueError(f"document_ids ({document_ids.dtype}, shape {tuple(document_ids.shape)}): it must be an "
+                         "int32 or int64 tensor of shape (N,) or (B, N)")
+    if document_ids.dim() == 1:
+        return "document[q_idx] == document[kv_idx]", {"document": document_ids}
+    return "document(b, q_idx) == document(b, kv_idx)", {"document": document_ids}
+
+
+def prefix_lm_mask(prefix_length):
+    """Prefix-LM: the first prefix_length tokens see each other (bidirectional), the rest see what is
+    before them (causal): a mask_mod for flash_attention (with causal=False)."""
+    if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or prefix_length < 0:
+        raise ValueError(f"prefix_length = {_short(prefix_length)}: it must be a whole number >= 0")
+    return f"kv_idx <= q_idx || kv_idx < {prefix_length}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Building and loading the kernels
 
 
@@ -884,17 +1116,17 @@ def _block_size(name, value, variable):
     return int(value)
 
 
-_loaded = {}  # (device type, version, Br, Bc) -> Kernels
+_loaded = {}  # (device type, version, Br, Bc, mods) -> Kernels
 
 
-def load_kernels(device_type="cuda", version=None, Br=None, Bc=None):
+def load_kernels(device_type="cuda", version=None, Br=None, Bc=None, mods=None):
     """The kernels of one version (default: version 2) for 'cuda' or 'cpu', with block sizes Br, Bc
     where the version takes them: compiled the first time, and again whenever a file the build
     includes has changed since it was loaded (this process goes on with the new build). Every call of
     the kernels asks: the loaded build is found first, and the block sizes are resolved and checked
-    only when it is not there."""
+    only when it is not there. mods: a Mods, compiled in (version 3's kernels; chapter 6)."""
     version = 2 if version is None else version
-    key = (device_type, version, Br, Bc)
+    key = (device_type, version, Br, Bc, mods)
     folder = _sources.current()
     kernels = _loaded.get(key)
     if kernels is not None and kernels.folder is folder:  # nothing in kernels/ changed since
@@ -904,7 +1136,8 @@ def load_kernels(device_type="cuda", version=None, Br=None, Bc=None):
     if kernels is None or kernels.sources != sources:
         Br, Bc = block_sizes(version, Br, Bc)
         changed = sorted({name for name, _ in set(sources[1]) ^ set(kernels.sources[1])}) if kernels else None
-        kernels = _loaded[key] = Kernels(_build(device_type, version, Br, Bc, sources, changed), sources, version)
+        kernels = _loaded[key] = Kernels(_build(device_type, version, Br, Bc, sources, changed, mods), sources,
+                                         version)
     kernels.folder = folder
     return kernels
 
@@ -948,23 +1181,27 @@ def _build_sources(digests, device_type, version):
     return str(KERNELS), tuple((name, digests[name]) for name in sorted(seen))
 
 
-def build_directory(device_type, version, Br, Bc, sources):
+def build_directory(device_type, version, Br, Bc, sources, mods=None):
     """Where a build lives: $TORCH_EXTENSIONS_DIR, else torch's default (~/.cache/torch_extensions),
     then minimal_flash/, then a folder named by everything the build is made from: device, version,
     block sizes, torch version, and its sources (this checkout's path and the content of the files the
-    build includes)."""
-    key = repr((sources, torch.__version__, torch.version.cuda))
+    build includes), and its mods (chapter 6), if any."""
+    key = repr((sources, torch.__version__, torch.version.cuda) + ((mods.header(),) if mods else ()))
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or torch.utils.cpp_extension.get_default_build_root())
     sizes = f"_br{Br}_bc{Bc}" if Br is not None else ""
-    return root / "minimal_flash" / f"{device_type}_v{version}{sizes}_{digest}"
+    return root / "minimal_flash" / f"{device_type}_v{version}{sizes}{'_mods' if mods else ''}_{digest}"
 
 
-def _build(device_type, version, Br, Bc, sources, changed):
+def _build(device_type, version, Br, Bc, sources, changed, mods=None):
     """Compile (unless this exact build exists) and return the shared library's path."""
-    folder = build_directory(device_type, version, Br, Bc, sources)
+    folder = build_directory(device_type, version, Br, Bc, sources, mods)
     name = folder.name
     defines = [f"-DVERSION_FILE={VERSIONS[version].home}"] + ([f"-DBR={Br}", f"-DBC={Bc}"] if Br is not None else [])
+    if mods is not None:  # the mods' header, beside the build (kernels/mods.cuh includes it)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "user_mods.cuh").write_text(mods.header())
+        defines += [f"-I{folder}", "-DMODS_FILE=user_mods.cuh"]
     if device_type == "cuda":
         # A version's own target flags replace torch's (it adds its own only when none is given).
         source, flags = KERNELS / "bindings.cu", {"extra_cuda_cflags": ["-O3", "-lineinfo", *VERSIONS[version].cuda_flags]
@@ -977,6 +1214,7 @@ def _build(device_type, version, Br, Bc, sources, changed):
         return library
     why = f"{', '.join(changed)} changed" if changed else "no build of these sources yet"
     sizes = f" with Br={Br}, Bc={Bc}" if Br is not None else ""
+    sizes += " with mods" if mods is not None else ""
     what = f"version {version} ({source.relative_to(KERNELS.parent)}) for {device_type}{sizes}"
     _say(f"compiling {what} ({why}) in {str(folder).replace(str(Path.home()), '~', 1)}")
     start = time.monotonic()
@@ -1028,10 +1266,12 @@ class Kernels:
         for function, result, arguments in [
                 (c.mf_block_size, i, [i]), (c.mf_device_shared_bytes, i64, [i]),
                 (c.mf_shared_bytes, i64, [i, i]), (c.mf_scratch_floats, i64, [i, i, i]),
-                (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, i, i, P, f, b, b, i, i, P])]:
+                (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, i, i, P, f, b, b, P, i, i, P])]:
             function.restype, function.argtypes = result, arguments
         if hasattr(c, "mf_decode"):  # version 3's build: chapter 5's decode kernels (kernels/flash_decode.cu)
             c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 9 + [i] * 11 + [f, b, i, i, P]
+        if hasattr(c, "mf_block_mask"):  # version 3's build: chapter 6's block mask (kernels/mods.cuh)
+            c.mf_block_mask.restype, c.mf_block_mask.argtypes = ctypes.c_char_p, [P, i, i, i, P, i, P]
         self.library, self.sources, self.version, self.folder = library, sources, version, None
         takes = VERSIONS[version].block_sizes is not None
         self.Br, self.Bc = (c.mf_block_size(0), c.mf_block_size(1)) if takes else (None, None)
@@ -1075,9 +1315,11 @@ class Kernels:
             return "internal error: L has the wrong layout"
         return self.call(pass_, causal, scale, q, k, v, O, L, *grads, deterministic=deterministic)
 
-    def call(self, pass_, causal, scale, q, k, v, O, L, dO=None, dQ=None, dK=None, dV=None, deterministic=False):
-        """A pass on tensors already checked. The launch goes to the current stream of q's device, as
-        torch's own do. Returns an error message, "" on success."""
+    def call(self, pass_, causal, scale, q, k, v, O, L, dO=None, dQ=None, dK=None, dV=None, deterministic=False,
+             mods=None):
+        """A pass on tensors already checked, with a ModCall for a build with mods. The launch goes to
+        the current stream of q's device, as torch's own do. Returns an error message, "" on success."""
+        mod_args, keep = _mod_args(self, mods, q) if mods is not None else (None, ())
         (B, H, N, d), p, group = q.shape, PASSES.index(pass_), q.shape[1] // max(k.shape[1], 1)
         per_slice = self._ask("mf_scratch_floats", p, N, d)
         # fp32 whatever q's dtype; held here until the launch is queued (none where the pass needs none)
@@ -1090,7 +1332,13 @@ class Kernels:
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address
         return self._c.mf_run(p, *addresses, B, H, N, d, group, strides, scale, causal, deterministic,
-                              DTYPES.index(q.dtype), device, stream).decode()
+                              None if mod_args is None else ctypes.byref(mod_args), DTYPES.index(q.dtype), device,
+                              stream).decode()
+
+    def block_mask(self, mod_args, N, B_mask, H_mask, out, device, stream):
+        """kernels/mods.cuh's block mask into out (uint8, (B_mask, H_mask, tiles, tiles)): "" on success."""
+        return self._c.mf_block_mask(ctypes.byref(mod_args), N, B_mask, H_mask, out.data_ptr(), device,
+                                     stream).decode()
 
 
     def decode(self, q, k_cache, v_cache, seqlens, block_table, seqlen_new, capacity, splits, scale, causal, out,
@@ -1114,6 +1362,33 @@ class Kernels:
 
 # ---------------------------------------------------------------------------------------------
 # Input checks: every input either gets the right answer or a clear error that names the problem
+
+
+def _wants_mods(score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes):
+    """Does a call ask for mods (then version 3 runs it)? Checked in full by _check_mods."""
+    return (score_mod is not None or mask_mod is not None or bool(mod_tensors) or alibi_slopes is not None
+            or (softcap != 0.0) or not (isinstance(window_size, (tuple, list)) and tuple(window_size) == (-1, -1)))
+
+
+def _spec(mods):
+    return None if mods is None else mods.spec
+
+
+_MOD_OPTIONS = ("score_mod", "mask_mod", "mod_tensors", "window_size", "softcap", "alibi_slopes")
+
+
+def _check_call_mods(q, k, v, causal, softmax_scale, Br, Bc, version, mods):
+    """_check_call for forward() and backward(), whose **mods are flash_attention's mod options:
+    (q, k, v, causal, scale, Br, Bc, version, ModCall or None)."""
+    unknown = sorted(set(mods) - set(_MOD_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected option {', '.join(unknown)}: forward() and backward() take, beyond their "
+                        f"own, {', '.join(_MOD_OPTIONS)}")
+    options = dict(score_mod=None, mask_mod=None, mod_tensors=None, window_size=(-1, -1), softcap=0.0,
+                   alibi_slopes=None) | mods
+    version = _mods_version(version, _wants_mods(**options), q)
+    q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
+    return q, k, v, causal, scale, Br, Bc, version, _check_mods(q, **options)
 
 
 def _check_call(q, k, v, causal, softmax_scale, Br, Bc, version):

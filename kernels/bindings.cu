@@ -88,6 +88,8 @@ struct Call {
     int Nk = 0;
     long long rows = 0;
     bool packed() const { return cu_seqlens_q != nullptr; }
+    // Chapter 6: a mods::Args (kernels/mods.cuh) for a build with mods (version 3's); null: none.
+    const void* mods = nullptr;
 };
 
 // What the CUDA runtime says about a kernel on a device, asked once: each question costs a few
@@ -213,10 +215,12 @@ static const char* run(int pass, const Call& call) {
     // Strided q, k, v, dO: the versions that read them through tensor maps (STRIDED); the others index
     // rows with fixed strides, and minimal_flash.py hands them contiguous tensors.
     const bool bad_layout = !Version::STRIDED && !bad_group && !contiguous(pass, call);
+    const bool bad_mods = (call.mods != nullptr) != Version::MODS;  // mods: version 3's build with mods
     message = bad_heads    ? "internal error: " + std::to_string(call.BH) + " slices of " +
                                  std::to_string(call.H) + " heads"
               : bad_group  ? "internal error: " + std::to_string(call.group) + " query heads per head of k, v"
               : bad_layout ? "internal error: this version reads contiguous q, k, v, dO only"
+              : bad_mods   ? "internal error: mods for a build without them, or none for a build with them"
               : pass == FORWARD  ? Version::forward(call)
               : pass == BACKWARD ? Version::backward(call)
                                  : "no pass " + std::to_string(pass);
@@ -234,7 +238,8 @@ long long mf_scratch_floats(int pass, int N, int d) { return Version::scratch_fl
 
 // Forward (pass 0): O = softmax(scale * Q K^T) V and L = the rows' log-sum-exp, into O and L.
 // Backward (pass 1): dQ, dK, dV of the loss, given dO and the forward's O and L; `deterministic`: dQ
-// the same bits run to run, where the version has such a mode (version 4).
+// the same bits run to run, where the version has such a mode (version 4). `mods`: a mods::Args for
+// a build with mods (kernels/mods.cuh), else null.
 // B, H: q's batch and heads; k's and v's heads are H / group. `strides`: Q's, K's, V's and dO's
 // (batch, head, row) strides, in values (the forward's dO: any), for version 4; null: all contiguous
 // (versions 1-3 read nothing else).
@@ -243,12 +248,12 @@ long long mf_scratch_floats(int pass, int N, int d) { return Version::scratch_fl
 const char* mf_run(int pass, const float* Q, const float* K, const float* V, float* O, const float* dO,
                    float* L, float* dQ, float* dK, float* dV, float* scratch, long long B, int H, int N,
                    int d, int group, const Strides* strides, float scale, bool causal, bool deterministic,
-                   int dtype, int device, void* stream) {
+                   const void* mods, int dtype, int device, void* stream) {
     // clang-format off: one line per kind of field, as Call declares them
     Call call{Q, K, V, dO, O, L, dQ, dK, dV, scratch,
               B * H, group, N, d, scale, causal, deterministic, dtype, device, cudaStream_t(stream)};
     // clang-format on
-    call.H = H;
+    call.H = H, call.mods = mods;
     const Strides q = contiguous_strides(H, N, d), kv = contiguous_strides(group > 0 ? H / group : H, N, d);
     call.Q_strides = strides ? strides[0] : q, call.K_strides = strides ? strides[1] : kv;
     call.V_strides = strides ? strides[2] : kv, call.dO_strides = strides ? strides[3] : q;

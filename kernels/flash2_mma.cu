@@ -22,6 +22,7 @@
 #include "tiles.cuh"  // ceil_div
 #include "mma.cuh"  // stride16, ldmatrix_x4(_trans), mma16816<T>, pack<T>, load_tile16_async, mask_fragment,
                     // online_softmax
+#include "mods.cuh"  // chapter 6's hooks: mods::forward_scores, mods::tiles (no-ops without mods)
 
 namespace flash2_mma {
 
@@ -39,7 +40,7 @@ template <class T, int d>
 __global__ void __launch_bounds__(32 * WARPS)
     forward(const unsigned short* Q, const unsigned short* K, const unsigned short* V, int N, int group,
             const int* cu_seqlens_q, const int* cu_seqlens_k, int H, float scale, bool causal,
-            unsigned short* O, float* L) {
+            unsigned short* O, float* L, mods::Args mod_args) {
     constexpr int LS = stride16(d);
     // smem: the block's shared memory, declared in tiles.cuh
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // Br x LS
@@ -62,29 +63,44 @@ __global__ void __launch_bounds__(32 * WARPS)
     // perhaps none (packed, Nq > Nk).
     const int shift = Nk - Nq, last_row = min(row0 + Br, Nq) - 1;
     const int j_end = ceil_div(causal ? min(max(last_row + shift + 1, 0), Nk) : Nk, Bc);
+    // Chapter 6: with a mask_mod, the key tiles that the block mask marks empty for these rows are
+    // skipped; next_tile(j) is the first one after j that is not (without mods, j + 1).
+    const int b = mods::ANY ? blockIdx.y / mod_args.H : 0, h = mods::ANY ? blockIdx.y % mod_args.H : 0;
+    const auto state = [&](int j) {
+        return mods::tiles(mod_args, b, h, row0 / mods::TILE, ceil_div(min(row0 + Br, Nq), mods::TILE), j, j + 1);
+    };
+    const auto next_tile = [&](int j) {
+        do ++j;
+        while (mods::MASK && j < j_end && state(j) == mods::EMPTY);
+        return j;
+    };
+    static_assert(Bc == mods::TILE && Br % mods::TILE == 0, "a tile is one column of the block mask's");
 
-    load_tile16_async<d>(Q_i, Q, row0, Br, Nq, ld_q);  // Alg. 1, line 4
-    load_tile16_async<d>(K_j, K, 0, Bc, Nk, ld_kv);    // Alg. 1, lines 6-7 for j = 0
-    load_tile16_async<d>(V_j, V, 0, Bc, Nk, ld_kv);
+    int j = next_tile(-1);
+    load_tile16_async<d>(Q_i, Q, row0, Br, Nq, ld_q);       // Alg. 1, line 4
+    load_tile16_async<d>(K_j, K, j * Bc, Bc, Nk, ld_kv);  // Alg. 1, lines 6-7 for the first tile
+    load_tile16_async<d>(V_j, V, j * Bc, Bc, Nk, ld_kv);
     cp_async_commit();
 
     float o[TILES][d / 8][4] = {}, m[TILES][2], l[TILES][2] = {};  // Alg. 1, line 5
 #pragma unroll
     for (int t = 0; t < TILES; ++t) m[t][0] = m[t][1] = -INFINITY;
-    const float c = scale * LOG2E;
-    for (int j = 0; j < j_end; ++j) {
-        // Double buffering: tile j + 1's copies fly (into the buffers tile j - 1 used) while tile j
-        // is multiplied, so the wait for memory overlaps the tensor cores' work.
-        if (j + 1 < j_end) {  // Alg. 1, lines 6-7 for tile j + 1
-            load_tile16_async<d>(K_j + (j + 1) % 2 * Bc * LS, K, (j + 1) * Bc, Bc, Nk, ld_kv);
-            load_tile16_async<d>(V_j + (j + 1) % 2 * Bc * LS, V, (j + 1) * Bc, Bc, Nk, ld_kv);
+    // The softmax's scale: with mods, the scores come to it scaled already (mods::forward_scores).
+    const float softmax_scale = mods::ANY ? 1.0f : scale, c = softmax_scale * LOG2E;
+    for (int it = 0; j < j_end; ++it) {  // tile j in buffer it % 2
+        // Double buffering: the next tile's copies fly (into the buffers the tile before used) while
+        // tile j is multiplied, so the wait for memory overlaps the tensor cores' work.
+        const int next = next_tile(j);
+        if (next < j_end) {  // Alg. 1, lines 6-7 for the next tile
+            load_tile16_async<d>(K_j + (it + 1) % 2 * Bc * LS, K, next * Bc, Bc, Nk, ld_kv);
+            load_tile16_async<d>(V_j + (it + 1) % 2 * Bc * LS, V, next * Bc, Bc, Nk, ld_kv);
             cp_async_commit();
             cp_async_wait<1>();  // tile j (and Q_i) has landed
         } else {
             cp_async_wait<0>();
         }
         __syncthreads();  // ... for every thread's share of it
-        const unsigned short *K_t = K_j + j % 2 * Bc * LS, *V_t = V_j + j % 2 * Bc * LS;
+        const unsigned short *K_t = K_j + it % 2 * Bc * LS, *V_t = V_j + it % 2 * Bc * LS;
 
         // Alg. 1, line 8: S_ij = Q_i K_j^T, per row tile Bc / 8 accumulators of 16 x 8. A fragment of
         // Q_i (rows, 16 columns) serves all keys; one of K_j, read as its rows (B = K_j^T), both row tiles.
@@ -108,9 +124,12 @@ __global__ void __launch_bounds__(32 * WARPS)
         }
         // Alg. 1, line 9. Only a tile that crosses the end of the sequence or, causal, the diagonal
         // needs the mask: the others skip its index arithmetic on every element.
+        const mods::Tile tile_state = mods::MASK ? state(j) : mods::PARTIAL;
 #pragma unroll
         for (int t = 0; t < TILES; ++t) {
             const int row = row0 + (w * TILES + t) * 16 + g;
+            if constexpr (mods::ANY)  // chapter 6: score_mod, mask_mod
+                mods::forward_scores(s[t], tile_state, mod_args, b, h, row, j * Bc + 2 * q, scale);
             if ((j + 1) * Bc > Nk || (causal && (j + 1) * Bc > row - g + 1 + shift))
                 mask_fragment<false>(s[t], row + shift, j * Bc + 2 * q, Nk, causal, -INFINITY);
             float alpha[2];
@@ -138,7 +157,8 @@ __global__ void __launch_bounds__(32 * WARPS)
                 }
             }
         }
-        __syncthreads();  // every warp is done with tile j's buffers before tile j + 2's copies fill them
+        __syncthreads();  // every warp is done with tile j's buffers before the copies after next fill them
+        j = next;
     }
     cp_async_wait<0>();  // a block whose rows see no key ran no tile: its copies must land before it ends
     // The slice's rows of O and L: read again, not held in registers through the loop, which at d = 128
@@ -161,7 +181,7 @@ __global__ void __launch_bounds__(32 * WARPS)
             for (int n = 0; n < d / 8; ++n)  // columns 8n + 2q, 8n + 2q + 1: one 4-byte store
                 *reinterpret_cast<unsigned*>(&O[(size_t)row * out.ld_q + 8 * n + 2 * q]) =
                     pack<T>(o[t][n][2 * r] * inv_l, o[t][n][2 * r + 1] * inv_l);
-            if (q == 0) L[(size_t)row * (out.ld_q / d)] = m[t][r] * scale + logf(l_row);
+            if (q == 0) L[(size_t)row * (out.ld_q / d)] = m[t][r] * softmax_scale + logf(l_row);
         }
 }
 

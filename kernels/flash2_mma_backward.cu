@@ -27,6 +27,7 @@
 #include "tiles.cuh"    // ceil_div
 #include "vectors.cuh"  // atomic_add2
 #include "mma.cuh"      // stride16, ldmatrix_x4_trans, mma_ABt, mma_AB, a_operands, pack<T>, to_float<T>, ...
+#include "mods.cuh"     // chapter 6's hooks: mods::backward_scores, mods::tile(s) (no-ops without mods)
 
 namespace flash2_mma_backward {
 
@@ -34,7 +35,7 @@ namespace flash2_mma_backward {
 // into by atomics, then serves 128 keys, not 64: half the global traffic and half the atomics.
 constexpr int Bc = 128, Br = 64, WARPS = Bc / 16;  // keys per block, queries per tile, warps
 
-// Shared memory: two buffers each (tile i in buffer i % 2) of L_i and D_i (fp32) and of the 16-bit
+// Shared memory: two buffers each (the n-th query tile walked in buffer n % 2) of L_i and D_i (fp32) and of the 16-bit
 // tiles Q_i, dO_i (Br rows), then K_j, V_j (Bc rows each) and dS_ij^T (Bc rows of Br
 // queries). Why K_j, V_j stay here, not in registers as the forward keeps Q_i: a warp's fragments
 // of both would take d / 2 registers per lane, on top of d for dK_j and dV_j and 64 for S_ij^T and
@@ -69,7 +70,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     backward(const unsigned short* Q, const unsigned short* K, const unsigned short* V,
              const unsigned short* dO, const float* L, const float* D, int N, const int* cu_seqlens_q,
              const int* cu_seqlens_k, int H, float scale, bool causal, float* dQ_sum, unsigned short* dK,
-             unsigned short* dV) {
+             unsigned short* dV, mods::Args mod_args) {
     constexpr int LS = stride16(d), LP = stride16(Br);
     // smem: the block's shared memory, declared in tiles.cuh
     float* stats_i = smem;                                                          // two of L_i, D_i: 2 x Br
@@ -94,9 +95,23 @@ __global__ void __launch_bounds__(32 * WARPS)
     // Causal, aligned at the bottom right (flash2_mma.cu): query i sees keys j <= i + shift. Query tiles
     // wholly before the first query that sees the block's first key are skipped. Block 0 has the most
     // work, and blocks start roughly in launch order: the heaviest first.
-    const int shift = Nk - Nq, i0 = causal ? max(key0 - shift, 0) / Br : 0;
+    const int shift = Nk - Nq;
+    // Chapter 6: with a mask_mod, the query tiles that the block mask marks empty for the block's keys
+    // are skipped; next_tile(i) is the first one after i that is not (without mods, i + 1).
+    const int b = mods::ANY ? blockIdx.y / mod_args.H : 0, h = mods::ANY ? blockIdx.y % mod_args.H : 0;
+    const int x0 = key0 / mods::TILE, x1 = ceil_div(min(key0 + Bc, Nk), mods::TILE);
+    const auto next_tile = [&](int i) {
+        do ++i;
+        while (mods::MASK && i * Br < Nq && mods::tiles(mod_args, b, h, i, i + 1, x0, x1) == mods::EMPTY);
+        return i;
+    };
+    static_assert(Br == mods::TILE && Bc % mods::TILE == 0, "a query tile is one row of the block mask's");
+    const int i0 = next_tile((causal ? max(key0 - shift, 0) / Br : 0) - 1);
+    // The buffer of query tile i, the it-th walked: with skipping, by turns; without, i % 2 (no
+    // counter kept: at d = 128 the registers are full, and one more spills).
+    const auto buffer = [](int i, int it) { return (mods::MASK ? it : i) % 2; };
 
-    // Alg. 2, lines 8-9 for query tile i: Q_i, dO_i, L_i, D_i into buffer i % 2 by cp.async, not
+    // Alg. 2, lines 8-9 for query tile i: Q_i, dO_i, L_i, D_i into a buffer by cp.async, not
     // waited for here. L_i and D_i go 4 bytes a thread, thread y < Br copying L's row y and thread
     // Br + y d's: the slice of L (and of d) of (batch, head) bh starts at bh N floats, 16-byte
     // aligned only when 4 divides N, and a 16-byte copy needs a 16-byte aligned source (packed, its
@@ -105,28 +120,29 @@ __global__ void __launch_bounds__(32 * WARPS)
     // zero, so dP = 0 and dS = P (dP - d) = 0: dK += dS^T Q and dV += P^T dO add zero. (Keys past Nk
     // still get P = 0 from the mask, and dQ's rows past Nq are never stored.)
     static_assert(32 * WARPS >= 2 * Br, "a thread per row of L_i and of D_i");
-    auto load_query_tile = [&](int i) {
-        const int row0 = i * Br, b = i % 2, y = threadIdx.x % Br;
-        load_tile16_async<d>(Q_i + b * Br * LS, Q, row0, Br, Nq, ld_q);
-        load_tile16_async<d>(dO_i + b * Br * LS, dO, row0, Br, Nq, ld_q);
+    auto load_query_tile = [&](int i, int buffer) {  // tile i into buffer 0 or 1
+        const int row0 = i * Br, y = threadIdx.x % Br;
+        load_tile16_async<d>(Q_i + buffer * Br * LS, Q, row0, Br, Nq, ld_q);
+        load_tile16_async<d>(dO_i + buffer * Br * LS, dO, row0, Br, Nq, ld_q);
         const bool valid = row0 + y < Nq;
         if (threadIdx.x < 2 * Br)
-            cp_async4(stats_i + b * 2 * Br + threadIdx.x, stats + (valid ? (row0 + y) * (ld_q / d) : 0),
+            cp_async4(stats_i + buffer * 2 * Br + threadIdx.x, stats + (valid ? (row0 + y) * (ld_q / d) : 0),
                       valid);
     };
     load_tile16_async<d>(K_j, K, key0, Bc, Nk, ld_kv);  // Alg. 2, line 6
     load_tile16_async<d>(V_j, V, key0, Bc, Nk, ld_kv);
-    load_query_tile(i0);
+    load_query_tile(i0, buffer(i0, 0));
     cp_async_commit();
     const unsigned short *K_w = K_j + w * 16 * LS, *V_w = V_j + w * 16 * LS;  // the warp's 16 keys
     float dK_j[d / 8][4] = {}, dV_j[d / 8][4] = {};                           // Alg. 2, line 7
     const float c = scale * LOG2E;
 
-    for (int i = i0; i * Br < Nq; ++i) {
-        // Double buffering: tile i + 1's copies fly (into the buffers tile i - 1 used) while tile i
-        // is multiplied, so the wait for memory overlaps the tensor cores' work.
-        if ((i + 1) * Br < Nq) {
-            load_query_tile(i + 1);
+    for (int i = i0, it = 0; i * Br < Nq; ++it) {  // tile i in buffer(i, it)
+        // Double buffering: the next tile's copies fly (into the buffers the tile before used) while
+        // tile i is multiplied, so the wait for memory overlaps the tensor cores' work.
+        const int next = next_tile(i);
+        if (next * Br < Nq) {
+            load_query_tile(next, buffer(next, it + 1));
             cp_async_commit();
             cp_async_wait<1>();  // tile i (and K_j, V_j) has landed
         } else {
@@ -134,11 +150,11 @@ __global__ void __launch_bounds__(32 * WARPS)
         }
         // L_i lands as L: thread y, which copied row y, turns it into L log2(e) for P's exponent,
         // once per tile, before the barrier (only the issuing thread is sure its copy has landed).
-        float *L_t = stats_i + i % 2 * 2 * Br, *D_t = L_t + Br;
+        float *L_t = stats_i + buffer(i, it) * 2 * Br, *D_t = L_t + Br;
         if (threadIdx.x < Br) L_t[threadIdx.x] *= LOG2E;
         __syncthreads();  // ... for every thread's share of it
         const int row0 = i * Br;
-        const unsigned short *Q_t = Q_i + i % 2 * Br * LS, *dO_t = dO_i + i % 2 * Br * LS;
+        const unsigned short *Q_t = Q_i + buffer(i, it) * Br * LS, *dO_t = dO_i + buffer(i, it) * Br * LS;
 
         float s[Br / 8][4] = {}, dp[Br / 8][4] = {};  // Alg. 2, lines 10 and 13
         mma_ABt<T, d, Br>(s, K_w, Q_t, LS);           // S_ij^T = K_j Q_i^T
@@ -146,11 +162,18 @@ __global__ void __launch_bounds__(32 * WARPS)
         // Alg. 2, lines 11 and 14: element e of tile n is key g + 8 (e / 2), query 8n + 2q + e % 2.
         // P = exp(scale S - L) = exp2(S c - L log2(e)) with c = scale log2(e): one fused multiply-add
         // and one exp2 (kernels/mma.cuh's fast_exp2, a single instruction) per element.
+        if constexpr (mods::ANY) {  // chapter 6: P_ij^T of the modded scores, dp = (dP - D) score_mod'
+            const mods::Tile state = mods::MASK ? mods::tile(mod_args, b, h, i, (key0 + w * 16) / mods::TILE)
+                                                : mods::PARTIAL;
+            mods::backward_scores(s, dp, state, mod_args, b, h, key0 + w * 16 + g, row0 + 2 * q, Nq, scale,
+                                  L_t + 2 * q, D_t + 2 * q);
+        } else {
 #pragma unroll
-        for (int n = 0; n < Br / 8; ++n)
+            for (int n = 0; n < Br / 8; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                s[n][e] = fast_exp2(fmaf(s[n][e], c, -L_t[8 * n + 2 * q + e % 2]));  // P_ij^T
+                for (int e = 0; e < 4; ++e)
+                    s[n][e] = fast_exp2(fmaf(s[n][e], c, -L_t[8 * n + 2 * q + e % 2]));  // P_ij^T
+        }
         // Only a tile where one of the warp's keys is past the end of the sequence or, causal, later
         // than the tile's first query sees needs the mask: the others skip its index arithmetic on
         // every element. (A query row past Nq needs none: its dO row is zero, see load_query_tile. A
@@ -161,8 +184,8 @@ __global__ void __launch_bounds__(32 * WARPS)
 #pragma unroll
         for (int n = 0; n < Br / 8; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)  // dS_ij^T = P_ij^T * (dP_ij^T - D_i)
-                dp[n][e] = s[n][e] * (dp[n][e] - D_t[8 * n + 2 * q + e % 2]);
+            for (int e = 0; e < 4; ++e)  // dS_ij^T = P_ij^T * (dP_ij^T - D_i) (with mods, dp has the -D_i)
+                dp[n][e] = s[n][e] * (mods::ANY ? dp[n][e] : dp[n][e] - D_t[8 * n + 2 * q + e % 2]);
         unsigned pf[Br / 16][4], dsf[Br / 16][4];  // P_ij^T, dS_ij^T as A operands, in T
         a_operands<T, Br>(pf, s);
         a_operands<T, Br>(dsf, dp);
@@ -206,6 +229,7 @@ __global__ void __launch_bounds__(32 * WARPS)
                                     dq[t][2 * r + 1]);
                 }
         }
+        i = next;
     }
     cp_async_wait<0>();  // a block that no query sees (causal, or Nq = 0) ran no tile: its copies land
     // Alg. 2, line 18: the warp's keys g and g + 8 of dK_j (times the scale left out above), dV_j.
@@ -239,7 +263,7 @@ std::string run(const Call& c) {
         err = launch("flash2_mma_backward::backward", backward<T, d>,
                      dim3(ceil_div(c.packed() ? c.Nk : c.N, Bc), c.BH), 32 * WARPS, shared_bytes(d), c,
                      bits(c.Q), bits(c.K), bits(c.V), bits(c.dO), c.L, D, c.N, c.cu_seqlens_q, c.cu_seqlens_k,
-                     c.H, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV));
+                     c.H, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV), mods::of(c.mods));
     const size_t pairs = rows * d / 2;
     if (err.empty())
         err = launch("flash2_mma_backward::convert_dQ", convert_dQ<T>, dim3((pairs + 255) / 256), 256, 0, c,

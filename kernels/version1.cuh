@@ -14,6 +14,7 @@
 struct Version {
     static constexpr bool GROUPED_HEADS = false;  // the forward reads K, V by group (Call::group)
     static constexpr bool STRIDED = false;  // reads contiguous q, k, v, dO only (Call's strides checked)
+    static constexpr bool MODS = false;     // score_mod, mask_mod: version 3's
     // Shared memory of a block of G thread groups, in bytes, from each kernel's own layout.
     static size_t forward_bytes(int d, int G) { return sizeof(float) * forward_shared_floats(d, G); }
     static size_t backward_bytes(int d, int G) { return sizeof(float) * backward_shared_floats(d, G); }

@@ -15,6 +15,7 @@
 struct Version {
     static constexpr bool GROUPED_HEADS = false;  // the forward reads K, V by group (Call::group)
     static constexpr bool STRIDED = false;  // reads contiguous q, k, v, dO only (Call's strides checked)
+    static constexpr bool MODS = false;     // score_mod, mask_mod: version 3's
     static size_t forward_bytes(int d, int G) { return sizeof(float) * flash2::shared_floats(d, G * Br); }
     static size_t backward_bytes(int d) { return sizeof(float) * flash2_backward::shared_floats(d); }
 

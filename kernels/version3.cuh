@@ -24,6 +24,7 @@
 struct Version {
     static constexpr bool GROUPED_HEADS = true;  // the forward reads K, V by group (Call::group)
     static constexpr bool STRIDED = false;       // reads contiguous q, k, v, dO only (Call's strides checked)
+    static constexpr bool MODS = mods::ANY;      // a build with mods (-DMODS_FILE) takes a mods::Args
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash2_mma::shared_bytes(d) : flash2_mma_backward::shared_bytes(d);
     }
@@ -53,7 +54,8 @@ struct Version {
             namespace fw = flash2_mma;
             return launch("flash2_mma::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH),
                           32 * fw::WARPS, fw::shared_bytes(d), c, bits(c.Q), bits(c.K), bits(c.V), c.N,
-                          c.group, c.cu_seqlens_q, c.cu_seqlens_k, c.H, c.scale, c.causal, bits(c.O), c.L);
+                          c.group, c.cu_seqlens_q, c.cu_seqlens_k, c.H, c.scale, c.causal, bits(c.O), c.L,
+                          mods::of(c.mods));
         }
     };
 
@@ -80,12 +82,31 @@ extern "C" const char* mf_varlen(int pass, const float* Q, const float* K, const
     c.cu_seqlens_q = cu_seqlens_q, c.cu_seqlens_k = cu_seqlens_k, c.H = H, c.Nk = max_seqlen_k;
     c.rows = total_q * H;
     if (!cu_seqlens_q || !cu_seqlens_k || B < 1 || H < 1 || group < 1 || H % group != 0 ||
-        (pass != FORWARD && group != 1)) {
+        (pass != FORWARD && group != 1) || mods::ANY) {
         message = "internal error: packed sequences with " + std::to_string(H) + " query heads, " +
-                  std::to_string(group) + " per head of k, v";
+                  std::to_string(group) + " per head of k, v" + (mods::ANY ? ", in a build with mods" : "");
     } else {
         const OnDevice on(device);
         message = pass == FORWARD ? Version::forward(c) : Version::backward(c);
+    }
+    return message.c_str();
+}
+
+// Chapter 6: the block mask of a build with a mask_mod (kernels/mods.cuh, mods::block_mask): for N
+// queries and keys, B_mask x H_mask (b, h) pairs, into `out` (B_mask, H_mask, N / 64, N / 64 rounded
+// up), on the device's stream. `args`: the call's mods::Args.
+extern "C" const char* mf_block_mask(const void* args, int N, int B_mask, int H_mask, unsigned char* out,
+                                     int device, void* stream) {
+    static thread_local std::string message;
+    Call c{};  // launch() takes the device and stream from a Call
+    c.device = device, c.stream = cudaStream_t(stream);
+    if (!mods::MASK || !args || N < 1 || B_mask < 1 || H_mask < 1) {
+        message = "internal error: a block mask without a mask_mod, or of no tiles";
+    } else {
+        const OnDevice on(device);
+        const int tiles = ceil_div(N, mods::TILE);
+        message = launch("mods::block_mask", mods::block_mask, dim3(tiles, tiles, B_mask * H_mask), mods::TILE,
+                         mods::block_mask_shared_bytes(), c, mods::of(args), N, B_mask, H_mask, out);
     }
     return message.c_str();
 }

@@ -88,6 +88,7 @@ static std::string tensor_map(CUtensorMap* map, const float* data, const Strides
 struct Version {
     static constexpr bool GROUPED_HEADS = true;  // the forward reads K, V by group (Call::group)
     static constexpr bool STRIDED = true;        // reads q, k, v, dO with their strides (tensor_map)
+    static constexpr bool MODS = false;          // score_mod, mask_mod: version 3's
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash3_hopper::shared_bytes(d) : flash3_hopper_backward::shared_bytes(d);
     }

@@ -389,13 +389,20 @@ def test_flash_attn_func_keeps_the_official_positional_order(generator):
     assert torch.equal(out.transpose(1, 2), mf.flash_attention(*views, causal=True, softmax_scale=0.2))
 
 
-@pytest.mark.parametrize("option,value", [("window_size", (128, 0)), ("softcap", 30.0),
-                                          ("alibi_slopes", torch.ones(3)), ("return_attn_probs", True)])
-def test_flash_attn_func_refuses_the_options_it_lacks(option, value):
+@pytest.mark.parametrize("option,value", [("window_size", (128, 0)), ("softcap", 30.0), ("alibi_slopes", torch.ones(3))])
+def test_flash_attn_func_options_need_half_precision(option, value):
+    """window_size, softcap, alibi_slopes are mods compiled into version 3 (tests/test_mods.py): float32
+    inputs are refused by name."""
     q = torch.randn(1, 8, 3, 16)
-    with pytest.raises(ValueError, match=f"{option} = .*: these kernels do not have it; leave it at its default"):
+    with pytest.raises(TypeError, match="q is torch.float32: score_mod, mask_mod, window_size, softcap and alibi_slopes"):
         mf.flash_attn_func(q, q, q, **{option: value})
     assert mf.flash_attn_func(q, q, q, window_size=[-1, -1], softcap=0.0).shape == q.shape  # the defaults
+
+
+def test_flash_attn_func_refuses_return_attn_probs():
+    q = torch.randn(1, 8, 3, 16)
+    with pytest.raises(ValueError, match="return_attn_probs = True is not supported by minimal_flash: these kernels do not have it"):
+        mf.flash_attn_func(q, q, q, return_attn_probs=True)
 
 
 @pytest.mark.parametrize("dropout_p,error,message", [

@@ -4,13 +4,15 @@ compute-sanitizer:
     compute-sanitizer --tool memcheck --error-exitcode 1 python tools/sanitize.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py 3   # version 3 only
+    compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py mods   # chapter 6's
 
 Each run is also checked against float64 (tests/helpers.py's checks: fp32 within 1e-5, half precision
 within twice plain attention's error), so a clean sanitizer report on a wrong answer fails too. Versions
 that take grouped heads also run each forward with k, v of one head shared by q's three; versions that
 read strided inputs (version 4) run each forward and backward once more on a model's views, uncopied.
 With version 3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches,
-split keys) and its kernels on packed sequences of different lengths (flash_attn_varlen_func)."""
+split keys), its kernels on packed sequences of different lengths (flash_attn_varlen_func), and chapter
+6's mods (tests/test_mods.py's cases: score_mod, mask_mod, the block mask, the official options)."""
 import math
 import sys
 from pathlib import Path
@@ -151,8 +153,9 @@ def run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk):
           "forward and backward checked")
 
 
-chosen = {int(a) for a in sys.argv[1:]} or set(mf.VERSIONS)
-for version in sorted(chosen):
+# arguments: version numbers, or `mods` for chapter 6's mods alone (each is a build of version 3)
+chosen = {a if a == "mods" else int(a) for a in sys.argv[1:]} or set(mf.VERSIONS) | {"mods"}
+for version in sorted(chosen - {"mods"}):
     for dtype in mf.VERSIONS[version].dtypes:
         for (Br, Bc), N, d in cases(version):
             for causal in (False, True):
@@ -170,3 +173,9 @@ if 3 in chosen:  # chapter 5's decode kernels and flash_attn_varlen_func build w
                                                        (64, False, [130, 64, 17], [130, 1, 200], 4, 4),
                                                        (64, True, [64, 129], [200, 129], 4, 1)):
             run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk)
+if "mods" in chosen:  # chapter 6: each of tests/test_mods.py's mods compiled into version 3
+    from test_mods import CASES as MOD_CASES, run_case
+    for name in MOD_CASES:
+        for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
+            run_case(name, shape, "cuda", generator)
+            print(f"mods {name} {shape}: forward and backward checked")

@@ -1,0 +1,204 @@
+// Your own attention (chapter 6): a score_mod and a mask_mod, written by the user as C++ expressions,
+// compiled into version 3's kernels. As in PyTorch's FlexAttention:
+//
+//   score  = softmax_scale * q_i . k_j                       (the score, scaled)
+//   score  = score_mod(score, b, h, q_idx, kv_idx)           (a bias, a cap, ...)
+//   keep   = mask_mod(b, h, q_idx, kv_idx)                   (false: the key is masked, as -inf)
+//   P      = softmax over the kept keys;   O = P V
+//
+// minimal_flash.py writes the two functions into a header of the build (mods_header: the user's
+// expressions, the official options window_size, softcap and alibi_slopes as mods of their own, and
+// an accessor per extra tensor) and compiles with -DMODS_FILE=that header; without it, the defaults
+// below: no mod, the kernels as chapter 3 left them (`if constexpr` removes every hook).
+//
+// Where the hooks run (flash2_mma.cu, flash2_mma_backward.cu):
+//   forward   after S_ij = Q_i K_j^T, before the online softmax: each score modded, masked keys -inf
+//   backward  after S_ij^T = K_j Q_i^T: the same mod, by Dual numbers, gives the score and its
+//             derivative d score_mod / d score at once; dS = P (dP - D) times that derivative
+//   both      tiles that the block mask (block_mask below) marks empty are skipped; full ones skip
+//             mask_mod; only partial tiles call it per element
+#pragma once
+#include <cmath>
+#include <type_traits>
+
+namespace mods {
+
+// What a call hands the hooks at run time (minimal_flash.Kernels fills it, ctypes: ModArgs):
+// the extra tensors' addresses, shapes and strides (mod_tensors), the official options' values (so
+// that another window size does not recompile), the batch and heads (b = bh / H, h = bh % H), and
+// the block mask, if any.
+struct Args {
+    const void* tensors[4];
+    long long shapes[4][4], strides[4][4];  // in elements; a tensor of n < 4 dims has n of each
+    int ints[4];                            // window_size's left and right (-1: unlimited)
+    float floats[4];                        // softcap
+    int H;                                  // query heads
+    const unsigned char* block_mask;        // EMPTY / PARTIAL / FULL per 64 x 64 tile; null: all partial
+    long long mask_batch, mask_head;        // its strides over b and h (0: the same for all)
+    int mask_cols;                          // tiles of keys per row of tiles
+};
+
+// The block mask's tiles: 64 queries x 64 keys, so that both passes' tiles are unions of them
+// (forward 128 queries x 64 keys, backward 64 queries x 128 keys).
+constexpr int TILE = 64;
+enum Tile : unsigned char { EMPTY = 0, PARTIAL = 1, FULL = 2 };
+
+// A mod tensor's elements as the mod reads them: name[i] (1-D) or name(i, j, ...), as a T (float,
+// int, long long); an index outside the tensor reads 0, never out of bounds.
+template <class T, class Stored = T>
+struct Tensor {
+    const Args& a;
+    int t;  // which of Args' tensors
+    __device__ T operator[](long long i) const { return (*this)(i); }
+    template <class... I>
+    __device__ T operator()(I... index) const {
+        const long long at[] = {(long long)index...};
+        long long offset = 0;
+        for (int x = 0; x < int(sizeof...(I)); ++x) {
+            if (at[x] < 0 || at[x] >= a.shapes[t][x]) return T(0);
+            offset += at[x] * a.strides[t][x];
+        }
+        return T(convert(static_cast<const Stored*>(a.tensors[t])[offset]));
+    }
+    template <class S>
+    __device__ static auto convert(S value) {
+        if constexpr (std::is_same_v<S, __nv_bfloat16>) return __bfloat162float(value);
+        else if constexpr (std::is_same_v<S, __half>) return __half2float(value);
+        else return value;
+    }
+};
+
+// Dual numbers: a value and its derivative with respect to the score. The backward calls the same
+// score_mod on Dual(score, 1) and gets f(score) and f'(score) in one go (forward-mode automatic
+// differentiation), so a mod written for the forward needs no hand-written gradient. Enough
+// arithmetic and math functions for the common mods; a mod that calls another function does not
+// compile for the backward, and the compiler's message names it.
+struct Dual {
+    float v, d;
+    __device__ Dual(float v = 0.0f, float d = 0.0f) : v(v), d(d) {}
+};
+__device__ inline Dual operator+(Dual a, Dual b) { return {a.v + b.v, a.d + b.d}; }
+__device__ inline Dual operator-(Dual a, Dual b) { return {a.v - b.v, a.d - b.d}; }
+__device__ inline Dual operator-(Dual a) { return {-a.v, -a.d}; }
+__device__ inline Dual operator*(Dual a, Dual b) { return {a.v * b.v, a.d * b.v + a.v * b.d}; }
+__device__ inline Dual operator/(Dual a, Dual b) { return {a.v / b.v, (a.d * b.v - a.v * b.d) / (b.v * b.v)}; }
+__device__ inline bool operator<(Dual a, Dual b) { return a.v < b.v; }
+__device__ inline bool operator>(Dual a, Dual b) { return a.v > b.v; }
+__device__ inline bool operator<=(Dual a, Dual b) { return a.v <= b.v; }
+__device__ inline bool operator>=(Dual a, Dual b) { return a.v >= b.v; }
+__device__ inline bool operator==(Dual a, Dual b) { return a.v == b.v; }
+__device__ inline bool operator!=(Dual a, Dual b) { return a.v != b.v; }
+using ::expf, ::exp2f, ::logf, ::tanhf, ::sqrtf, ::fabsf, ::fminf, ::fmaxf;  // the float ones, beside these
+__device__ inline Dual expf(Dual a) { const float e = ::expf(a.v); return {e, a.d * e}; }
+__device__ inline Dual exp2f(Dual a) { const float e = ::exp2f(a.v); return {e, a.d * e * 0.69314718f}; }
+__device__ inline Dual logf(Dual a) { return {::logf(a.v), a.d / a.v}; }
+__device__ inline Dual tanhf(Dual a) { const float t = ::tanhf(a.v); return {t, a.d * (1.0f - t * t)}; }
+__device__ inline Dual sqrtf(Dual a) { const float s = ::sqrtf(a.v); return {s, a.d * 0.5f / s}; }
+__device__ inline Dual fabsf(Dual a) { return a.v < 0.0f ? -a : a; }
+__device__ inline Dual fminf(Dual a, Dual b) { return b.v < a.v ? b : a; }
+__device__ inline Dual fmaxf(Dual a, Dual b) { return b.v > a.v ? b : a; }
+
+}  // namespace mods
+
+#ifdef MODS_FILE
+#include MF_FILE(MODS_FILE)  // minimal_flash.mods_header's: SCORE, MASK, score_mod, mask_mod
+#else
+namespace mods {
+constexpr bool SCORE = false, MASK = false;  // no mod: chapter 3's kernels
+template <class F>
+__device__ inline F score_mod(F score, int, int, int, int, const Args&) { return score; }
+__device__ inline bool mask_mod(int, int, int, int, const Args&) { return true; }
+}  // namespace mods
+#endif
+
+namespace mods {
+
+constexpr bool ANY = SCORE || MASK;
+
+// Call::mods as the kernels take it: by value (no mods: all zero).
+inline Args of(const void* args) { return args ? *static_cast<const Args*>(args) : Args{}; }
+
+// The block mask's entry for query tile y and key tile x (in TILE units) of (b, h): PARTIAL where
+// there is no block mask (a call without mask_mod or window: every tile goes through the mask,
+// which then has nothing to mask).
+__device__ inline Tile tile(const Args& a, int b, int h, int y, int x) {
+    if (!MASK || !a.block_mask) return PARTIAL;
+    return Tile(a.block_mask[b * a.mask_batch + h * a.mask_head + (long long)y * a.mask_cols + x]);
+}
+// A run of tiles (rows y0 .. y1 - 1, columns x0 .. x1 - 1) as one: EMPTY if all are, FULL if all
+// are, else PARTIAL. The forward's tile of 128 queries is 2 rows; the backward's 128 keys, 2 columns.
+__device__ inline Tile tiles(const Args& a, int b, int h, int y0, int y1, int x0, int x1) {
+    bool all_empty = true, all_full = true;
+    for (int y = y0; y < y1; ++y)
+        for (int x = x0; x < x1; ++x) {
+            const Tile t = tile(a, b, h, y, x);
+            all_empty &= t == EMPTY, all_full &= t == FULL;
+        }
+    return all_empty ? EMPTY : all_full ? FULL : PARTIAL;
+}
+
+// The block mask, before the passes: one block per (tile of 64 queries, tile of 64 keys, (b, h)),
+// a thread per query of the tile, each asking mask_mod about its 64 keys. grid.z runs over the
+// (b, h) that the mask tells apart: B * H if it reads both, B or H if one, 1 if neither (mods_header
+// sees which). N queries and keys; tiles past N are never asked for.
+__global__ void block_mask(Args a, int N, int B_mask, int H_mask, unsigned char* out) {
+    int* counts = reinterpret_cast<int*>(smem);  // the block's kept (query, key) pairs, [0]
+    const int y = blockIdx.y, x = blockIdx.x, z = blockIdx.z, b = z / H_mask, h = z % H_mask;
+    const int row = y * TILE + threadIdx.x;
+    int kept = 0, asked = 0;
+    if (row < N)
+        for (int col = x * TILE; col < min(x * TILE + TILE, N); ++col) kept += mask_mod(b, h, row, col, a), ++asked;
+    counts[threadIdx.x] = kept, counts[TILE + threadIdx.x] = asked;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int all_kept = 0, all_asked = 0;
+        for (int t = 0; t < TILE; ++t) all_kept += counts[t], all_asked += counts[TILE + t];
+        out[(long long)z * gridDim.y * gridDim.x + y * gridDim.x + x] =
+            all_kept == 0 ? EMPTY : all_kept == all_asked ? FULL : PARTIAL;
+    }
+}
+__host__ __device__ inline int block_mask_shared_bytes() { return 2 * TILE * sizeof(int); }
+
+// The forward's hook, on one accumulator tile of S (16 rows x NT tiles of 8 keys, mma.cuh's layout:
+// rows `row` and row + 8, columns col + 8n and col + 8n + 1): each score scaled, modded, and -inf
+// where mask_mod says no (only in a PARTIAL tile). The softmax that follows takes the scores as they
+// are (its scale is then 1).
+template <int NT>
+__device__ inline void forward_scores(float (&s)[NT][4], Tile state, const Args& a, int b, int h, int row,
+                                      int col, float scale) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int q_idx = row + 8 * (e / 2), kv_idx = col + 8 * n + e % 2;
+            float x = s[n][e] * scale;
+            if constexpr (SCORE) x = score_mod(x, b, h, q_idx, kv_idx, a);
+            if constexpr (MASK)
+                if (state == PARTIAL && !mask_mod(b, h, q_idx, kv_idx, a)) x = -INFINITY;
+            s[n][e] = x;
+        }
+}
+
+// The backward's hook, on one accumulator tile of S^T (keys are rows: `key` and key + 8; queries
+// col + 8n, col + 8n + 1): s becomes P^T = exp(score_mod(scale s) - L), 0 where masked (and for
+// queries past Nq, whose L is a stand-in: see flash2_mma_backward.cu), and dp becomes (dP - D) times
+// score_mod's derivative, so that P * dp is dS with respect to the scaled score. L2 = L log2(e).
+template <int NT>
+__device__ inline void backward_scores(float (&s)[NT][4], float (&dp)[NT][4], Tile state, const Args& a,
+                                       int b, int h, int key, int col, int Nq, float scale, const float* L2,
+                                       const float* D) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int kv_idx = key + 8 * (e / 2), y = 8 * n + e % 2, q_idx = col + y;
+            Dual x(s[n][e] * scale, 1.0f);
+            if constexpr (SCORE) x = score_mod(x, b, h, q_idx, kv_idx, a);
+            bool keep = q_idx < Nq && x.v != -INFINITY;  // a -inf score: P = 0 even where L is -inf
+            if constexpr (MASK) keep = keep && (state == FULL || mask_mod(b, h, q_idx, kv_idx, a));
+            s[n][e] = keep ? exp2f(x.v * LOG2E - L2[y]) : 0.0f;
+            dp[n][e] = (dp[n][e] - D[y]) * x.d;
+        }
+}
+
+}  // namespace mods

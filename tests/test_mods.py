@@ -1,0 +1,214 @@
+"""Chapter 6: score_mod, mask_mod and the official options built on them (window_size, softcap,
+alibi_slopes, document and prefix-LM masks), each against attention with the same bias and mask
+built densely in PyTorch: float64 for the reference, the inputs' own dtype for the official rule's
+yardstick (our largest error at most twice plain attention's). Forward (O and L) and backward (dQ,
+dK, dV, with a random dO), into outputs poisoned with NaN; N = 1, below, past and several of the
+64 x 64 tiles of the block mask; the errors a user can make, refused by name."""
+import math
+
+import pytest
+import torch
+
+import minimal_flash as mf
+from helpers import DEVICES, assert_close, random_qkv, random_dO
+
+SHAPES = [(2, 3, 1, 64), (1, 2, 130, 128), (2, 2, 200, 64)]
+
+
+def rel_pos_bias(H, N, generator):
+    return torch.randn(H, 2 * N - 1, generator=generator)
+
+
+# name: (options for flash_attention, a function (B, H, N, generator, device) -> (options' tensors,
+# dense (bias, keep) of shape (B, H, N, N) or broadcastable), causal)
+def case_mask_causal(B, H, N, g, device):
+    return {}, (0.0, idx(N)[1] <= idx(N)[0])
+
+
+def idx(N):
+    return torch.arange(N)[:, None], torch.arange(N)[None, :]
+
+
+def case_window(B, H, N, g, device):
+    i, j = idx(N)
+    return dict(window_size=(37, 5)), (0.0, (j >= i - 37) & (j <= i + 5))
+
+
+def case_softcap(B, H, N, g, device):
+    return dict(softcap=1.5), "softcap"
+
+
+def case_alibi(B, H, N, g, device):
+    slopes = torch.rand(H, generator=g)
+    i, j = idx(N)
+    return dict(alibi_slopes=slopes.to(device)), (-slopes[:, None, None].double() * (i - j).abs(), True)
+
+
+def case_alibi_per_batch(B, H, N, g, device):
+    slopes = torch.rand(B, H, generator=g)
+    i, j = idx(N)
+    return dict(alibi_slopes=slopes.to(device)), (-slopes[:, :, None, None].double() * (i - j).abs(), True)
+
+
+def case_bias(B, H, N, g, device):
+    bias = rel_pos_bias(H, N, g)
+    i, j = idx(N)
+    return (dict(score_mod=f"score + bias(h, q_idx - kv_idx + {N - 1})", mod_tensors={"bias": bias.to(device)}),
+            (bias[:, i - j + N - 1].double(), True))
+
+
+def case_documents(B, H, N, g, device):
+    ids = torch.sort(torch.randint(0, 4, (B, N), generator=g), dim=1).values.to(torch.int32)
+    mask_mod, tensors = mf.document_mask(ids.to(device))
+    keep = ids[:, None, :, None] == ids[:, None, None, :]
+    return dict(mask_mod=mask_mod, mod_tensors=tensors), (0.0, keep & (idx(N)[1] <= idx(N)[0]))
+
+
+def case_prefix_lm(B, H, N, g, device):
+    i, j = idx(N)
+    return dict(mask_mod=mf.prefix_lm_mask(70)), (0.0, (j <= i) | (j < 70))
+
+
+def case_body_and_mask(B, H, N, g, device):
+    # a score_mod with statements (a function body), a mask that differs by batch and head, and rows
+    # that see no key at all (query 5: masked; query 7: every score -inf from the score_mod)
+    score_mod = "if (q_idx == 7) return -INFINITY;\nif (kv_idx % 3 == 0) return score * 0.5f;\nreturn score;"
+    mask_mod = "(q_idx + kv_idx + b + 2 * h) % 5 != 0 && q_idx != 5"
+    i, j = idx(N)
+    b, h = torch.arange(B)[:, None, None, None], torch.arange(H)[None, :, None, None]
+    keep = ((i + j + b + 2 * h) % 5 != 0) & (i != 5) & (i != 7)
+    return dict(score_mod=score_mod, mask_mod=mask_mod), ("half_thirds", keep)
+
+
+CASES = {"mask_causal": (case_mask_causal, dict(mask_mod="q_idx >= kv_idx"), False),
+         "window": (case_window, {}, False), "window_causal": (case_window, {}, True),
+         "softcap": (case_softcap, {}, True), "alibi": (case_alibi, {}, False),
+         "alibi_per_batch": (case_alibi_per_batch, {}, True), "bias": (case_bias, {}, False),
+         "documents": (case_documents, {}, True), "prefix_lm": (case_prefix_lm, {}, False),
+         "body_and_mask": (case_body_and_mask, {}, False)}
+
+
+def dense(q, k, v, scale, causal, bias, keep, softcap):
+    """Attention with a dense bias and mask in q's dtype (float64 for the reference): O, L and the
+    gradients of sum(O * dO). Rows that see no key: O = 0, L = -inf, no gradient."""
+    N = q.shape[2]
+    S = (q @ k.transpose(-2, -1)) * scale
+    if softcap:
+        S = softcap * torch.tanh(S / softcap)
+    if isinstance(bias, str):  # body_and_mask's score_mod: keys kv_idx % 3 == 0 halved
+        S = torch.where(torch.arange(N, device=q.device) % 3 == 0, S * 0.5, S)
+    else:
+        S = S + torch.as_tensor(bias, device=q.device).to(S.dtype)
+    keep = torch.as_tensor(keep, device=q.device).expand(S.shape)
+    if causal:
+        keep = keep & (idx(N)[1] <= idx(N)[0]).to(q.device)
+    S = S.masked_fill(~keep, -math.inf)
+    empty = ~keep.any(dim=-1, keepdim=True)
+    L = S.double().logsumexp(dim=-1)
+    P = torch.softmax(S.masked_fill(empty, 0.0), dim=-1) * ~empty
+    return P @ v, L
+
+
+def run_case(name, shape, device, generator):
+    make, options, causal = CASES[name]
+    B, H, N, d = shape
+    q, k, v = random_qkv(B, H, N, d, device, generator, torch.bfloat16)
+    dO = random_dO(q, generator)
+    extra, dense_spec = make(B, H, N, generator, device)
+    options = options | extra
+    softcap = options.get("softcap", 0.0) if dense_spec == "softcap" else 0.0
+    bias, keep = (0.0, True) if dense_spec == "softcap" else dense_spec
+    scale = d ** -0.5
+
+    O, L = torch.full_like(q, math.nan), q.new_full(q.shape[:-1], math.nan, dtype=torch.float32)
+    mf.forward(q, k, v, causal=causal, out=(O, L), **options)
+    grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
+    mf.backward(dO, q, k, v, O, L, causal=causal, out=grads, **options)
+
+    results = {}
+    for dtype in (torch.float64, q.dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = dense(*inputs, scale, causal, bias, keep, softcap)
+        results[dtype] = (out.detach(), lse, *torch.autograd.grad(out, inputs, dO.to(dtype)))
+    ref, plain = results[torch.float64], results[q.dtype]
+    finite = torch.isfinite(ref[1])
+    assert torch.equal(torch.isfinite(L), finite.cpu() if L.device.type == "cpu" else finite), \
+        "L is -inf exactly where a row sees no key"
+    assert (L[finite].double() - ref[1][finite]).abs().max() < 1e-3 * ref[1][finite].abs().max() + 1e-3, "L"
+    for name_, x, r, p in zip(("O", "dQ", "dK", "dV"), (O, *grads), (ref[0], *ref[2:]), (plain[0], *plain[2:])):
+        if N == 1 and name_ in ("dQ", "dK"):  # one key: dS = 0 exactly; ours are rounding noise
+            assert x.double().abs().max() < 1e-2 * q.double().abs().max(), name_
+            continue
+        assert_close(f"{name}: {name_}", x, r, p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", list(CASES))
+def test_mod_matches_dense_float64(name, shape, device, generator):
+    run_case(name, shape, device, generator)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_official_options_through_flash_attn_func(device, generator):
+    """flash_attn_func's window_size, softcap, alibi_slopes (B, N, H, d), with autograd: the same
+    as flash_attention's on the transposed tensors, to the bit."""
+    q, k, v = random_qkv(2, 3, 100, 64, device, generator, torch.bfloat16)
+    slopes = torch.rand(3, generator=generator).to(device)
+    options = dict(window_size=(20, 0), softcap=2.0, alibi_slopes=slopes)
+    qb, kb, vb = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    out = mf.flash_attn_func(qb, kb, vb, 0.0, None, True, **options)
+    out.backward(out.detach())
+    qh, kh, vh = (t.detach().requires_grad_() for t in (q, k, v))
+    ref = mf.flash_attention(qh, kh, vh, causal=True, **options)
+    ref.backward(ref.detach())
+    assert torch.equal(out.transpose(1, 2), ref)
+    for a, b in ((qb, qh), (kb, kh), (vb, vh)):
+        assert torch.equal(a.grad.transpose(1, 2), b.grad)
+
+
+def test_block_mask_skips_what_the_mask_empties(generator):
+    """The block mask of a causal mask_mod: tiles above the diagonal EMPTY, on it PARTIAL, below FULL;
+    a mask that reads no tensor is computed once and reused."""
+    q, k, v = random_qkv(1, 2, 200, 64, "cpu", generator, torch.bfloat16)
+    mf._block_masks.clear()
+    mf.flash_attention(q, k, v, mask_mod="q_idx >= kv_idx")
+    mf.flash_attention(q, k, v, mask_mod="q_idx >= kv_idx")
+    (block_mask,) = mf._block_masks.values()
+    expected = torch.tensor([[1 if y == x else 2 if y > x else 0 for x in range(4)] for y in range(4)],
+                            dtype=torch.uint8)
+    assert torch.equal(block_mask[0, 0], expected)
+
+
+def refuse(error, match, **options):
+    q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(error, match=match):
+        mf.flash_attention(q, q, q, **options)
+
+
+@pytest.mark.parametrize("options,error,match", [
+    (dict(score_mod=3), TypeError, "score_mod = 3: it must be a C\\+\\+ expression"),
+    (dict(mask_mod=""), TypeError, "mask_mod = '': it must be"),
+    (dict(window_size=(4,)), ValueError, "window_size = \\(4,\\): it must be \\(left, right\\)"),
+    (dict(window_size=(-2, 0)), ValueError, "window_size"),
+    (dict(softcap=-1.0), ValueError, "softcap = -1.0: it must be a number >= 0"),
+    (dict(alibi_slopes=torch.zeros(3)), ValueError, "alibi_slopes .* shape \\(3,\\)"),
+    (dict(alibi_slopes=torch.zeros(2, dtype=torch.float64)), ValueError, "it must be float32"),
+    (dict(score_mod="score + t[0]", mod_tensors={"score": torch.zeros(2)}), ValueError, "the name 'score'"),
+    (dict(score_mod="score + t[0]", mod_tensors={"t": torch.zeros(2, requires_grad=True)}), ValueError,
+     "requires grad"),
+    (dict(score_mod="score + t[0]", mod_tensors={"t": torch.zeros(2, dtype=torch.complex64)}), ValueError, "dtype"),
+    (dict(score_mod="score", mod_tensors={"t": torch.zeros(2)}), ValueError, "neither score_mod nor mask_mod reads it"),
+    (dict(score_mod="score + a[0] + b_[0] + c[0] + e[0]", mod_tensors={n: torch.zeros(1) for n in "a b_ c e".split()},
+          alibi_slopes=torch.zeros(2)), ValueError, "at most 4"),
+    (dict(mod_tensors=[torch.zeros(2)], score_mod="score"), TypeError, "mod_tensors .* dict"),
+    (dict(softcap=2.0, version=4), ValueError, "version = 4: score_mod, mask_mod, .* version 3's kernels only"),
+    (dict(mask_mod="q_idx >= kv_idx", deterministic=True), ValueError, "deterministic=True: version 3"),
+])
+def test_bad_mods_are_refused(options, error, match):
+    refuse(error, match, **options)
+
+
+def test_a_mod_that_does_not_compile_names_its_line():
+    refuse(RuntimeError, "(?s)compiling version 3 .* with mods failed:.*score_mod:2:.*error",
+           score_mod="float x = score;\nreturn no_such_name + x;")
