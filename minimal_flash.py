@@ -878,8 +878,8 @@ class ModArgs(ctypes.Structure):
     """kernels/mods.cuh's mods::Args, field for field: what a call hands the hooks at run time."""
     _fields_ = [("tensors", ctypes.c_void_p * 4), ("shapes", (ctypes.c_longlong * 4) * 4),
                 ("strides", (ctypes.c_longlong * 4) * 4), ("ints", ctypes.c_int * 4), ("floats", ctypes.c_float * 4),
-                ("H", ctypes.c_int), ("block_mask", ctypes.c_void_p), ("mask_batch", ctypes.c_longlong),
-                ("mask_head", ctypes.c_longlong), ("mask_cols", ctypes.c_int)]
+                ("H", ctypes.c_int), ("block_mask", ctypes.c_void_p), ("ranges", ctypes.c_void_p),
+                ("mask_zb", ctypes.c_int), ("mask_zh", ctypes.c_int), ("mask_tiles", ctypes.c_int)]
 
 
 # A mod tensor's dtype: (the type the mod reads, the type stored), for kernels/mods.cuh's Tensor.
@@ -1051,15 +1051,28 @@ def _mod_args(kernels, mods, q):
         if block_mask is None:
             block_mask = torch.empty((B_mask, H_mask, tiles, tiles), dtype=torch.uint8, device=q.device)
             _raise_if(kernels.block_mask(a, N, B_mask, H_mask, block_mask, device, stream))
+            block_mask = block_mask, _tile_ranges(block_mask)
             if not reads_tensors:
                 if len(_block_masks) >= 16:
                     del _block_masks[next(iter(_block_masks))]
                 _block_masks[key] = block_mask
-        keep.append(block_mask)
-        a.block_mask = block_mask.data_ptr()
-        a.mask_batch = H_mask * tiles * tiles if B_mask > 1 else 0
-        a.mask_head, a.mask_cols = (tiles * tiles if H_mask > 1 else 0), tiles
+        keep += block_mask
+        a.block_mask, a.ranges = block_mask[0].data_ptr(), block_mask[1].data_ptr()
+        a.mask_zb, a.mask_zh, a.mask_tiles = (H_mask if B_mask > 1 else 0), int(H_mask > 1), tiles
     return a, keep
+
+
+def _tile_ranges(block_mask):
+    """(B_mask, H_mask, 2, tiles, 2) int32: of each row of the block mask ([:, :, 0]) and each column
+    ([:, :, 1]), the first and the last tile that is not EMPTY (tiles, -1 where all are)."""
+    tiles = block_mask.shape[-1]
+    ranges = []
+    for kept in (block_mask != 0, (block_mask != 0).transpose(-1, -2)):
+        at = torch.arange(tiles, device=block_mask.device, dtype=torch.int32)
+        first = torch.where(kept, at, tiles).amin(dim=-1)
+        last = torch.where(kept, at, -1).amax(dim=-1)
+        ranges.append(torch.stack((first, last), dim=-1))
+    return torch.stack(ranges, dim=2).to(torch.int32).contiguous()
 
 
 def document_mask(document_ids):

@@ -20,8 +20,8 @@
 //   within a 16-row tile, lane (g, q) = (lane / 4, lane % 4) holds rows g and g + 8 and, of every 8
 //   columns, columns 2q and 2q + 1 (mma.cuh's accumulator layout).
 #include "tiles.cuh"  // ceil_div
-#include "mma.cuh"  // stride16, ldmatrix_x4(_trans), mma16816<T>, pack<T>, load_tile16_async, mask_fragment,
-                    // online_softmax
+#include "mma.cuh"   // stride16, ldmatrix_x4(_trans), mma16816<T>, pack<T>, load_tile16_async, mask_fragment,
+                     // online_softmax
 #include "mods.cuh"  // chapter 6's hooks: mods::forward_scores, mods::tiles (no-ops without mods)
 
 namespace flash2_mma {
@@ -67,17 +67,21 @@ __global__ void __launch_bounds__(32 * WARPS)
     // skipped; next_tile(j) is the first one after j that is not (without mods, j + 1).
     const int b = mods::ANY ? blockIdx.y / mod_args.H : 0, h = mods::ANY ? blockIdx.y % mod_args.H : 0;
     const auto state = [&](int j) {
-        return mods::tiles(mod_args, b, h, row0 / mods::TILE, ceil_div(min(row0 + Br, Nq), mods::TILE), j, j + 1);
+        return mods::tiles(mod_args, b, h, row0 / mods::TILE, ceil_div(min(row0 + Br, Nq), mods::TILE), j,
+                           j + 1);
     };
+    const mods::Span span =
+        mods::span<false>(mod_args, b, h, row0 / mods::TILE, ceil_div(min(row0 + Br, Nq), mods::TILE));
+    const int j_stop = min(j_end, span.last + 1);  // past the last tile that is not EMPTY
     const auto next_tile = [&](int j) {
         do ++j;
-        while (mods::MASK && j < j_end && state(j) == mods::EMPTY);
-        return j;
+        while (mods::MASK && j < j_stop && state(j) == mods::EMPTY);
+        return mods::MASK && j >= j_stop ? j_end : j;
     };
     static_assert(Bc == mods::TILE && Br % mods::TILE == 0, "a tile is one column of the block mask's");
 
-    int j = next_tile(-1);
-    load_tile16_async<d>(Q_i, Q, row0, Br, Nq, ld_q);       // Alg. 1, line 4
+    int j = next_tile(mods::MASK ? span.first - 1 : -1);
+    load_tile16_async<d>(Q_i, Q, row0, Br, Nq, ld_q);     // Alg. 1, line 4
     load_tile16_async<d>(K_j, K, j * Bc, Bc, Nk, ld_kv);  // Alg. 1, lines 6-7 for the first tile
     load_tile16_async<d>(V_j, V, j * Bc, Bc, Nk, ld_kv);
     cp_async_commit();

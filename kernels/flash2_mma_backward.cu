@@ -100,13 +100,15 @@ __global__ void __launch_bounds__(32 * WARPS)
     // are skipped; next_tile(i) is the first one after i that is not (without mods, i + 1).
     const int b = mods::ANY ? blockIdx.y / mod_args.H : 0, h = mods::ANY ? blockIdx.y % mod_args.H : 0;
     const int x0 = key0 / mods::TILE, x1 = ceil_div(min(key0 + Bc, Nk), mods::TILE);
+    const mods::Span span = mods::span<true>(mod_args, b, h, x0, x1);  // the query tiles that are not EMPTY
+    const int i_stop = min(ceil_div(Nq, Br), span.last + 1);
     const auto next_tile = [&](int i) {
         do ++i;
-        while (mods::MASK && i * Br < Nq && mods::tiles(mod_args, b, h, i, i + 1, x0, x1) == mods::EMPTY);
-        return i;
+        while (mods::MASK && i < i_stop && mods::tiles(mod_args, b, h, i, i + 1, x0, x1) == mods::EMPTY);
+        return mods::MASK && i >= i_stop ? ceil_div(Nq, Br) : i;
     };
     static_assert(Br == mods::TILE && Bc % mods::TILE == 0, "a query tile is one row of the block mask's");
-    const int i0 = next_tile((causal ? max(key0 - shift, 0) / Br : 0) - 1);
+    const int i0 = next_tile(max(causal ? max(key0 - shift, 0) / Br : 0, mods::MASK ? span.first : 0) - 1);
     // The buffer of query tile i, the it-th walked: with skipping, by turns; without, i % 2 (no
     // counter kept: at d = 128 the registers are full, and one more spills).
     const auto buffer = [](int i, int it) { return (mods::MASK ? it : i) % 2; };
@@ -163,8 +165,8 @@ __global__ void __launch_bounds__(32 * WARPS)
         // P = exp(scale S - L) = exp2(S c - L log2(e)) with c = scale log2(e): one fused multiply-add
         // and one exp2 (kernels/mma.cuh's fast_exp2, a single instruction) per element.
         if constexpr (mods::ANY) {  // chapter 6: P_ij^T of the modded scores, dp = (dP - D) score_mod'
-            const mods::Tile state = mods::MASK ? mods::tile(mod_args, b, h, i, (key0 + w * 16) / mods::TILE)
-                                                : mods::PARTIAL;
+            const mods::Tile state =
+                mods::MASK ? mods::tile(mod_args, b, h, i, (key0 + w * 16) / mods::TILE) : mods::PARTIAL;
             mods::backward_scores(s, dp, state, mod_args, b, h, key0 + w * 16 + g, row0 + 2 * q, Nq, scale,
                                   L_t + 2 * q, D_t + 2 * q);
         } else {

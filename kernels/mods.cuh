@@ -34,8 +34,9 @@ struct Args {
     float floats[4];                        // softcap
     int H;                                  // query heads
     const unsigned char* block_mask;        // EMPTY / PARTIAL / FULL per 64 x 64 tile; null: all partial
-    long long mask_batch, mask_head;        // its strides over b and h (0: the same for all)
-    int mask_cols;                          // tiles of keys per row of tiles
+    const int* ranges;     // per row of tiles, its first and last tile not EMPTY; per column too
+    int mask_zb, mask_zh;  // (b, h)'s mask: number b zb + h zh (0: the same for all b, or h)
+    int mask_tiles;        // tiles per row and per column
 };
 
 // The block mask's tiles: 64 queries x 64 keys, so that both passes' tiles are unions of them
@@ -62,9 +63,12 @@ struct Tensor {
     }
     template <class S>
     __device__ static auto convert(S value) {
-        if constexpr (std::is_same_v<S, __nv_bfloat16>) return __bfloat162float(value);
-        else if constexpr (std::is_same_v<S, __half>) return __half2float(value);
-        else return value;
+        if constexpr (std::is_same_v<S, __nv_bfloat16>)
+            return __bfloat162float(value);
+        else if constexpr (std::is_same_v<S, __half>)
+            return __half2float(value);
+        else
+            return value;
     }
 };
 
@@ -81,7 +85,9 @@ __device__ inline Dual operator+(Dual a, Dual b) { return {a.v + b.v, a.d + b.d}
 __device__ inline Dual operator-(Dual a, Dual b) { return {a.v - b.v, a.d - b.d}; }
 __device__ inline Dual operator-(Dual a) { return {-a.v, -a.d}; }
 __device__ inline Dual operator*(Dual a, Dual b) { return {a.v * b.v, a.d * b.v + a.v * b.d}; }
-__device__ inline Dual operator/(Dual a, Dual b) { return {a.v / b.v, (a.d * b.v - a.v * b.d) / (b.v * b.v)}; }
+__device__ inline Dual operator/(Dual a, Dual b) {
+    return {a.v / b.v, (a.d * b.v - a.v * b.d) / (b.v * b.v)};
+}
 __device__ inline bool operator<(Dual a, Dual b) { return a.v < b.v; }
 __device__ inline bool operator>(Dual a, Dual b) { return a.v > b.v; }
 __device__ inline bool operator<=(Dual a, Dual b) { return a.v <= b.v; }
@@ -89,11 +95,23 @@ __device__ inline bool operator>=(Dual a, Dual b) { return a.v >= b.v; }
 __device__ inline bool operator==(Dual a, Dual b) { return a.v == b.v; }
 __device__ inline bool operator!=(Dual a, Dual b) { return a.v != b.v; }
 using ::expf, ::exp2f, ::logf, ::tanhf, ::sqrtf, ::fabsf, ::fminf, ::fmaxf;  // the float ones, beside these
-__device__ inline Dual expf(Dual a) { const float e = ::expf(a.v); return {e, a.d * e}; }
-__device__ inline Dual exp2f(Dual a) { const float e = ::exp2f(a.v); return {e, a.d * e * 0.69314718f}; }
+__device__ inline Dual expf(Dual a) {
+    const float e = ::expf(a.v);
+    return {e, a.d * e};
+}
+__device__ inline Dual exp2f(Dual a) {
+    const float e = ::exp2f(a.v);
+    return {e, a.d * e * 0.69314718f};
+}
 __device__ inline Dual logf(Dual a) { return {::logf(a.v), a.d / a.v}; }
-__device__ inline Dual tanhf(Dual a) { const float t = ::tanhf(a.v); return {t, a.d * (1.0f - t * t)}; }
-__device__ inline Dual sqrtf(Dual a) { const float s = ::sqrtf(a.v); return {s, a.d * 0.5f / s}; }
+__device__ inline Dual tanhf(Dual a) {
+    const float t = ::tanhf(a.v);
+    return {t, a.d * (1.0f - t * t)};
+}
+__device__ inline Dual sqrtf(Dual a) {
+    const float s = ::sqrtf(a.v);
+    return {s, a.d * 0.5f / s};
+}
 __device__ inline Dual fabsf(Dual a) { return a.v < 0.0f ? -a : a; }
 __device__ inline Dual fminf(Dual a, Dual b) { return b.v < a.v ? b : a; }
 __device__ inline Dual fmaxf(Dual a, Dual b) { return b.v > a.v ? b : a; }
@@ -106,7 +124,9 @@ __device__ inline Dual fmaxf(Dual a, Dual b) { return b.v > a.v ? b : a; }
 namespace mods {
 constexpr bool SCORE = false, MASK = false;  // no mod: chapter 3's kernels
 template <class F>
-__device__ inline F score_mod(F score, int, int, int, int, const Args&) { return score; }
+__device__ inline F score_mod(F score, int, int, int, int, const Args&) {
+    return score;
+}
 __device__ inline bool mask_mod(int, int, int, int, const Args&) { return true; }
 }  // namespace mods
 #endif
@@ -123,7 +143,23 @@ inline Args of(const void* args) { return args ? *static_cast<const Args*>(args)
 // which then has nothing to mask).
 __device__ inline Tile tile(const Args& a, int b, int h, int y, int x) {
     if (!MASK || !a.block_mask) return PARTIAL;
-    return Tile(a.block_mask[b * a.mask_batch + h * a.mask_head + (long long)y * a.mask_cols + x]);
+    const long long T = a.mask_tiles;
+    return Tile(a.block_mask[(b * a.mask_zb + h * a.mask_zh) * T * T + y * T + x]);
+}
+// The tiles not EMPTY lie in [first, last] of a row of tiles (rows y0 .. y1 - 1 taken together; COLUMNS:
+// of columns, that is rows of the backward's walk over query tiles): the walks start and stop there, so
+// that the empty tiles before and after a band (a window, causal) are never read one by one. Without a
+// block mask, everything: [0, a large number].
+struct Span {
+    int first, last;
+};
+template <bool COLUMNS>
+__device__ inline Span span(const Args& a, int b, int h, int y0, int y1) {
+    if (!MASK || !a.block_mask) return {0, 1 << 30};
+    const int* r = a.ranges + ((b * a.mask_zb + h * a.mask_zh) * 2 + COLUMNS) * 2 * a.mask_tiles;
+    Span s{1 << 30, -1};
+    for (int y = y0; y < y1; ++y) s.first = min(s.first, r[2 * y]), s.last = max(s.last, r[2 * y + 1]);
+    return s;
 }
 // A run of tiles (rows y0 .. y1 - 1, columns x0 .. x1 - 1) as one: EMPTY if all are, FULL if all
 // are, else PARTIAL. The forward's tile of 128 queries is 2 rows; the backward's 128 keys, 2 columns.
@@ -147,14 +183,16 @@ __global__ void block_mask(Args a, int N, int B_mask, int H_mask, unsigned char*
     const int row = y * TILE + threadIdx.x;
     int kept = 0, asked = 0;
     if (row < N)
-        for (int col = x * TILE; col < min(x * TILE + TILE, N); ++col) kept += mask_mod(b, h, row, col, a), ++asked;
+        for (int col = x * TILE; col < min(x * TILE + TILE, N); ++col)
+            kept += mask_mod(b, h, row, col, a), ++asked;
     counts[threadIdx.x] = kept, counts[TILE + threadIdx.x] = asked;
     __syncthreads();
     if (threadIdx.x == 0) {
         int all_kept = 0, all_asked = 0;
         for (int t = 0; t < TILE; ++t) all_kept += counts[t], all_asked += counts[TILE + t];
-        out[(long long)z * gridDim.y * gridDim.x + y * gridDim.x + x] =
-            all_kept == 0 ? EMPTY : all_kept == all_asked ? FULL : PARTIAL;
+        out[(long long)z * gridDim.y * gridDim.x + y * gridDim.x + x] = all_kept == 0           ? EMPTY
+                                                                        : all_kept == all_asked ? FULL
+                                                                                                : PARTIAL;
     }
 }
 __host__ __device__ inline int block_mask_shared_bytes() { return 2 * TILE * sizeof(int); }

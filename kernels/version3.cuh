@@ -105,8 +105,9 @@ extern "C" const char* mf_block_mask(const void* args, int N, int B_mask, int H_
     } else {
         const OnDevice on(device);
         const int tiles = ceil_div(N, mods::TILE);
-        message = launch("mods::block_mask", mods::block_mask, dim3(tiles, tiles, B_mask * H_mask), mods::TILE,
-                         mods::block_mask_shared_bytes(), c, mods::of(args), N, B_mask, H_mask, out);
+        message =
+            launch("mods::block_mask", mods::block_mask, dim3(tiles, tiles, B_mask * H_mask), mods::TILE,
+                   mods::block_mask_shared_bytes(), c, mods::of(args), N, B_mask, H_mask, out);
     }
     return message.c_str();
 }

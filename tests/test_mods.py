@@ -174,10 +174,13 @@ def test_block_mask_skips_what_the_mask_empties(generator):
     mf._block_masks.clear()
     mf.flash_attention(q, k, v, mask_mod="q_idx >= kv_idx")
     mf.flash_attention(q, k, v, mask_mod="q_idx >= kv_idx")
-    (block_mask,) = mf._block_masks.values()
+    ((block_mask, ranges),) = mf._block_masks.values()
     expected = torch.tensor([[1 if y == x else 2 if y > x else 0 for x in range(4)] for y in range(4)],
                             dtype=torch.uint8)
     assert torch.equal(block_mask[0, 0], expected)
+    # where each row's walk (forward) and each column's (backward) starts and stops
+    assert ranges[0, 0, 0].tolist() == [[0, 0], [0, 1], [0, 2], [0, 3]]
+    assert ranges[0, 0, 1].tolist() == [[0, 3], [1, 3], [2, 3], [3, 3]]
 
 
 def refuse(error, match, **options):
