@@ -147,20 +147,23 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     kv_idx, such as "score + bias(h, q_idx - kv_idx)"; mask_mod, a C++ condition of b, h, q_idx, kv_idx
     that keeps a key, such as "q_idx - kv_idx < 256"; mod_tensors {name: tensor}, what they read
     (name[i], name(i, j)); window_size, softcap, alibi_slopes as the official package has them. Each
-    set of mods is compiled once (seconds), the options' values and the tensors read at run time."""
+    set of mods is compiled once (seconds), the options' values and the tensors read at run time.
+    dropout_p: dropout on the attention weights (version 3), its mask drawn from a seed that torch's
+    generator gives (reproducible under torch.manual_seed) and drawn again by the backward."""
     causal = _either("causal", causal, False, "is_causal", is_causal)
     softmax_scale = _either("softmax_scale", softmax_scale, None, "scale", scale)
-    _check_sdpa_only(attn_mask, dropout_p)
+    _check_sdpa_only(attn_mask)
+    dropout_p = _check_dropout(dropout_p)
     version = _mods_version(version, _wants_mods(score_mod, mask_mod, mod_tensors, window_size, softcap,
-                                                 alibi_slopes), q)
+                                                 alibi_slopes, dropout_p), q)
     # Outside the Function: a copy of q, k, v (_check_inputs: a layout the version cannot read) passes
     # gradients back. The block sizes are fixed now: the backward must use the forward's.
     q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
     deterministic = _check_deterministic(deterministic, version)
-    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes)
+    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
         if mods is not None:
-            raise NotImplementedError("score_mod, mask_mod, window_size, softcap, alibi_slopes under "
+            raise NotImplementedError("score_mod, mask_mod, window_size, softcap, alibi_slopes, dropout_p under "
                                       "torch.compile: not yet; call flash_attention outside the compiled region")
         return torch.ops.minimal_flash.attention(q, k, v, causal, scale, Br, Bc, version, deterministic)[0]
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
@@ -187,19 +190,18 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, Br=None, Bc=None,
                     version=None, score_mod=None, mask_mod=None, mod_tensors=None):
     """The flash-attn package's flash_attn_func, with its positional order, on our kernels: q, k, v are
-    (B, N, H, d), batch, sequence, heads, head dim, and so is the result. window_size, softcap and
-    alibi_slopes as the official package has them (version 3's kernels, with score_mod, mask_mod and
+    (B, N, H, d), batch, sequence, heads, head dim, and so is the result. dropout_p, window_size,
+    softcap and alibi_slopes as the official package has them (version 3's kernels, with score_mod, mask_mod and
     mod_tensors: see flash_attention); its options that these kernels do not have are refused unless
     left at their defaults; deterministic=True needs a version whose backward can be deterministic
     (version 1, or 4). Br, Bc, version: as for flash_attention."""
-    _check_no_dropout(dropout_p)
     _check_official_defaults(return_attn_probs=return_attn_probs)
     if deterministic:  # checked before the transposes, with the official argument's name
         _check_deterministic(deterministic, _check_version(_mods_version(version, _wants_mods(
-            score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes), q), q))
+            score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, _check_dropout(dropout_p)), q), q))
     q, k, v = (_transposed(name, t) for name, t in (("q", q), ("k", k), ("v", v)))  # views: gradients reach the caller
     out = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc, version=version,
-                          deterministic=deterministic, score_mod=score_mod, mask_mod=mask_mod,
+                          deterministic=deterministic, dropout_p=dropout_p, score_mod=score_mod, mask_mod=mask_mod,
                           mod_tensors=mod_tensors, window_size=window_size, softcap=softcap,
                           alibi_slopes=alibi_slopes)
     return out.transpose(1, 2)
@@ -879,7 +881,8 @@ class ModArgs(ctypes.Structure):
     _fields_ = [("tensors", ctypes.c_void_p * 4), ("shapes", (ctypes.c_longlong * 4) * 4),
                 ("strides", (ctypes.c_longlong * 4) * 4), ("ints", ctypes.c_int * 4), ("floats", ctypes.c_float * 4),
                 ("H", ctypes.c_int), ("block_mask", ctypes.c_void_p), ("ranges", ctypes.c_void_p),
-                ("mask_zb", ctypes.c_int), ("mask_zh", ctypes.c_int), ("mask_tiles", ctypes.c_int)]
+                ("mask_zb", ctypes.c_int), ("mask_zh", ctypes.c_int), ("mask_tiles", ctypes.c_int),
+                ("seed", ctypes.c_uint * 2), ("threshold", ctypes.c_uint), ("keep_scale", ctypes.c_float)]
 
 
 # A mod tensor's dtype: (the type the mod reads, the type stored), for kernels/mods.cuh's Tensor.
@@ -902,6 +905,7 @@ class Mods:
     window: bool = False
     softcap: bool = False
     alibi: int = 0  # alibi_slopes' dims: 1 (H,), 2 (B, H); 0: none
+    dropout: bool = False  # dropout_p > 0 (its value and seed at run time)
 
     @property
     def score(self):
@@ -941,7 +945,8 @@ class Mods:
                      "           (args.ints[1] < 0 || kv_idx <= q_idx + args.ints[1]);  // window_size\n")
         return (f"// Written by minimal_flash.Mods.header for one build: {self!r}\n"
                 "namespace mods {\n"
-                f"constexpr bool SCORE = {str(self.score).lower()}, MASK = {str(self.mask).lower()};\n"
+                f"constexpr bool SCORE = {str(self.score).lower()}, MASK = {str(self.mask).lower()}, "
+                f"DROPOUT = {str(self.dropout).lower()};\n"
                 "template <class F>\n"
                 "__device__ inline F score_mod(F score, int b, int h, int q_idx, int kv_idx, const Args& args) {\n"
                 f"{tensors}{score}    return score;\n}}\n"
@@ -957,10 +962,14 @@ class ModCall:
     tensors: tuple = ()  # the mod tensors (alibi_slopes last), on q's device
     ints: tuple = (-1, -1, 0, 0)
     floats: tuple = (0.0, 0.0, 0.0, 0.0)
+    dropout_p: float = 0.0
+    seed: int = 0  # dropout's Philox key (64 bits)
 
 
-def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes):
-    """The mods of a call, checked: a ModCall, or None when there is none (the plain kernels run)."""
+def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p=0.0,
+                dropout_seed=None):
+    """The mods of a call, checked: a ModCall, or None when there is none (the plain kernels run).
+    dropout_p > 0 without a seed draws one from torch's generator."""
     for name, text in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise TypeError(f"{name} = {_short(text)}: it must be a C++ expression (a string), such as "
@@ -1005,10 +1014,17 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
         raise ValueError(f"{len(tensors)} mod tensors (alibi_slopes counts as one): the kernels take at most "
                          f"{_MAX_MOD_TENSORS}")
     window = tuple(window_size) != (-1, -1)
-    spec = Mods(score_mod, mask_mod, tuple(specs), window, softcap > 0, alibi)
-    if not (spec.score or spec.mask):
+    spec = Mods(score_mod, mask_mod, tuple(specs), window, softcap > 0, alibi, dropout_p > 0)
+    if not (spec.score or spec.mask or spec.dropout):
         return None
-    return ModCall(spec, tuple(tensors), (*window_size, 0, 0), (float(softcap), 0.0, 0.0, 0.0))
+    if spec.dropout:
+        if _capturing(q.device):
+            raise RuntimeError("dropout_p > 0 while a CUDA graph is captured: the graph would replay one dropout "
+                               "mask forever; capture without dropout")
+        if dropout_seed is None:  # from torch's generator: torch.manual_seed makes a run reproducible
+            dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
+    return ModCall(spec, tuple(tensors), (*window_size, 0, 0), (float(softcap), 0.0, 0.0, 0.0), dropout_p,
+                   0 if dropout_seed is None else dropout_seed % 2**64)
 
 
 def _mods_version(version, wants_mods, q):
@@ -1016,13 +1032,13 @@ def _mods_version(version, wants_mods, q):
     if not wants_mods:
         return version
     if isinstance(q, torch.Tensor) and q.dtype not in VERSIONS[3].dtypes:
-        raise TypeError(f"q is {q.dtype}: score_mod, mask_mod, window_size, softcap and alibi_slopes are compiled "
-                        f"into version 3's kernels, which take {_dtype_names(VERSIONS[3].dtypes)}")
+        raise TypeError(f"q is {q.dtype}: score_mod, mask_mod, window_size, softcap, alibi_slopes and dropout_p are "
+                        f"compiled into version 3's kernels, which take {_dtype_names(VERSIONS[3].dtypes)}")
     if version is None:
         return 3
     if version != 3:
-        raise ValueError(f"version = {version!r}: score_mod, mask_mod, window_size, softcap and alibi_slopes "
-                         "are compiled into version 3's kernels only; leave version out, or pass version=3")
+        raise ValueError(f"version = {version!r}: score_mod, mask_mod, window_size, softcap, alibi_slopes and "
+                         "dropout_p are compiled into version 3's kernels only; leave version out, or pass version=3")
     return version
 
 
@@ -1039,6 +1055,9 @@ def _mod_args(kernels, mods, q):
         for x in range(tensor.dim()):
             a.shapes[t][x], a.strides[t][x] = tensor.shape[x], tensor.stride(x)
     a.ints[:], a.floats[:], a.H = mods.ints, mods.floats, q.shape[1]
+    if mods.spec.dropout:  # kept where Philox's word >= p 2^32 (kernels/mods.cuh's kept)
+        a.seed[:] = mods.seed % 2**32, mods.seed >> 32
+        a.threshold, a.keep_scale = min(round(mods.dropout_p * 2**32), 2**32 - 1), 1.0 / (1.0 - mods.dropout_p)
     if mods.spec.mask:
         spec, (B, H, N, _) = mods.spec, q.shape
         B_mask, H_mask = (B if spec.mask_reads("b") else 1), (H if spec.mask_reads("h") else 1)
@@ -1377,17 +1396,20 @@ class Kernels:
 # Input checks: every input either gets the right answer or a clear error that names the problem
 
 
-def _wants_mods(score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes):
+def _wants_mods(score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p=0.0,
+                dropout_seed=None):
     """Does a call ask for mods (then version 3 runs it)? Checked in full by _check_mods."""
     return (score_mod is not None or mask_mod is not None or bool(mod_tensors) or alibi_slopes is not None
-            or (softcap != 0.0) or not (isinstance(window_size, (tuple, list)) and tuple(window_size) == (-1, -1)))
+            or (softcap != 0.0) or not (isinstance(window_size, (tuple, list)) and tuple(window_size) == (-1, -1))
+            or dropout_p != 0.0)
 
 
 def _spec(mods):
     return None if mods is None else mods.spec
 
 
-_MOD_OPTIONS = ("score_mod", "mask_mod", "mod_tensors", "window_size", "softcap", "alibi_slopes")
+_MOD_OPTIONS = ("score_mod", "mask_mod", "mod_tensors", "window_size", "softcap", "alibi_slopes", "dropout_p",
+                "dropout_seed")
 
 
 def _check_call_mods(q, k, v, causal, softmax_scale, Br, Bc, version, mods):
@@ -1398,7 +1420,12 @@ def _check_call_mods(q, k, v, causal, softmax_scale, Br, Bc, version, mods):
         raise TypeError(f"unexpected option {', '.join(unknown)}: forward() and backward() take, beyond their "
                         f"own, {', '.join(_MOD_OPTIONS)}")
     options = dict(score_mod=None, mask_mod=None, mod_tensors=None, window_size=(-1, -1), softcap=0.0,
-                   alibi_slopes=None) | mods
+                   alibi_slopes=None, dropout_p=0.0, dropout_seed=None) | mods
+    options["dropout_p"] = _check_dropout(options["dropout_p"])
+    if options["dropout_p"] > 0 and (isinstance(options["dropout_seed"], bool)
+                                     or not isinstance(options["dropout_seed"], int)):
+        raise TypeError(f"dropout_seed = {_short(options['dropout_seed'])}: forward() and backward() with dropout_p > 0 "
+                        "take the seed of the dropout mask, a whole number, the same in both")
     version = _mods_version(version, _wants_mods(**options), q)
     q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
     return q, k, v, causal, scale, Br, Bc, version, _check_mods(q, **options)
@@ -1619,12 +1646,20 @@ def _check_shared_memory(kernels, q, pass_, version):
     _fits.add((kernels, q.device, pass_, d))
 
 
-def _check_sdpa_only(attn_mask, dropout_p):
+def _check_sdpa_only(attn_mask):
     """scaled_dot_product_attention's options that these kernels do not have."""
     if attn_mask is not None:
         raise ValueError("attn_mask: these kernels take no mask tensor; causal=True (or is_causal=True) "
-                         "gives the causal mask")
-    _check_no_dropout(dropout_p)
+                         "gives the causal mask; mask_mod= (version 3) any other")
+
+
+def _check_dropout(dropout_p):
+    """dropout_p as a float in [0, 1)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p = {_short(dropout_p)}: it must be a number in [0, 1)")
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p = {dropout_p}: it must be in [0, 1)")
+    return float(dropout_p)
 
 
 def _check_no_dropout(dropout_p):

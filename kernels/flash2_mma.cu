@@ -138,6 +138,8 @@ __global__ void __launch_bounds__(32 * WARPS)
                 mask_fragment<false>(s[t], row + shift, j * Bc + 2 * q, Nk, causal, -INFINITY);
             float alpha[2];
             online_softmax<true>(s[t], m[t], l[t], o[t], alpha, c);
+            if constexpr (mods::DROPOUT)  // chapter 6: P's kept elements, scaled; l has them all
+                mods::dropout<false>(s[t], mod_args, blockIdx.y, row, j * Bc + 2 * q);
         }
         // Alg. 1, line 10: O += P_ij V_j. The accumulators of S's tiles 2 kb and 2 kb + 1 are, in the
         // same lanes, the A operand for keys 16 kb .. 16 kb + 15; V_j's columns come transposed.

@@ -161,6 +161,8 @@ __global__ void __launch_bounds__(32 * WARPS)
         float s[Br / 8][4] = {}, dp[Br / 8][4] = {};  // Alg. 2, lines 10 and 13
         mma_ABt<T, d, Br>(s, K_w, Q_t, LS);           // S_ij^T = K_j Q_i^T
         mma_ABt<T, d, Br>(dp, V_w, dO_t, LS);         // dP_ij^T = V_j dO_i^T
+        if constexpr (mods::DROPOUT)  // chapter 6: dP = Z (dO V^T) / (1 - p), Z drawn as the forward did
+            mods::dropout<true>(dp, mod_args, blockIdx.y, key0 + w * 16 + g, row0 + 2 * q);
         // Alg. 2, lines 11 and 14: element e of tile n is key g + 8 (e / 2), query 8n + 2q + e % 2.
         // P = exp(scale S - L) = exp2(S c - L log2(e)) with c = scale log2(e): one fused multiply-add
         // and one exp2 (kernels/mma.cuh's fast_exp2, a single instruction) per element.
@@ -189,6 +191,8 @@ __global__ void __launch_bounds__(32 * WARPS)
             for (int e = 0; e < 4; ++e)  // dS_ij^T = P_ij^T * (dP_ij^T - D_i) (with mods, dp has the -D_i)
                 dp[n][e] = s[n][e] * (mods::ANY ? dp[n][e] : dp[n][e] - D_t[8 * n + 2 * q + e % 2]);
         unsigned pf[Br / 16][4], dsf[Br / 16][4];  // P_ij^T, dS_ij^T as A operands, in T
+        if constexpr (mods::DROPOUT)  // dV_j += (Z P_ij / (1 - p))^T dO_i; dS took P itself
+            mods::dropout<true>(s, mod_args, blockIdx.y, key0 + w * 16 + g, row0 + 2 * q);
         a_operands<T, Br>(pf, s);
         a_operands<T, Br>(dsf, dp);
         mma_AB<T, Br, d>(dV_j, pf, dO_t, LS);  // Alg. 2, line 12: dV_j += P_ij^T dO_i

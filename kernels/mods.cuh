@@ -20,6 +20,7 @@
 #pragma once
 #include <cmath>
 #include <type_traits>
+#include "philox.cuh"  // dropout's mask, drawn again in the backward
 
 namespace mods {
 
@@ -37,6 +38,9 @@ struct Args {
     const int* ranges;     // per row of tiles, its first and last tile not EMPTY; per column too
     int mask_zb, mask_zh;  // (b, h)'s mask: number b zb + h zh (0: the same for all b, or h)
     int mask_tiles;        // tiles per row and per column
+    unsigned seed[2];      // dropout: Philox's key, drawn from torch's generator per call
+    unsigned threshold;    // dropout: a pair is kept when its random word is >= p 2^32
+    float keep_scale;      // dropout: 1 / (1 - p)
 };
 
 // The block mask's tiles: 64 queries x 64 keys, so that both passes' tiles are unions of them
@@ -122,7 +126,7 @@ __device__ inline Dual fmaxf(Dual a, Dual b) { return b.v > a.v ? b : a; }
 #include MF_FILE(MODS_FILE)  // minimal_flash.mods_header's: SCORE, MASK, score_mod, mask_mod
 #else
 namespace mods {
-constexpr bool SCORE = false, MASK = false;  // no mod: chapter 3's kernels
+constexpr bool SCORE = false, MASK = false, DROPOUT = false;  // no mod: chapter 3's kernels
 template <class F>
 __device__ inline F score_mod(F score, int, int, int, int, const Args&) {
     return score;
@@ -134,6 +138,7 @@ __device__ inline bool mask_mod(int, int, int, int, const Args&) { return true; 
 namespace mods {
 
 constexpr bool ANY = SCORE || MASK;
+constexpr bool HOOKED = ANY || DROPOUT;  // a build that takes a mods::Args
 
 // Call::mods as the kernels take it: by value (no mods: all zero).
 inline Args of(const void* args) { return args ? *static_cast<const Args*>(args) : Args{}; }
@@ -236,6 +241,28 @@ __device__ inline void backward_scores(float (&s)[NT][4], float (&dp)[NT][4], Ti
             if constexpr (MASK) keep = keep && (state == FULL || mask_mod(b, h, q_idx, kv_idx, a));
             s[n][e] = keep ? exp2f(x.v * LOG2E - L2[y]) : 0.0f;
             dp[n][e] = (dp[n][e] - D[y]) * x.d;
+        }
+}
+
+// Dropout, as the FlashAttention paper's Algorithms 2 and 4 do it: P's element (query i, key j) of
+// slice bh is kept with probability 1 - p, and scaled by 1 / (1 - p) (so that O's expectation is
+// dropout's absence), by Philox's first word for the counter (j, i, bh, 0) and the call's seed. The
+// forward drops from P after its row sum l has taken it in (O = (Z P / (1 - p)) V, L unchanged); the
+// backward draws the same Z for dV = (Z P / (1 - p))^T dO and dP = Z (dO V^T) / (1 - p).
+__device__ inline bool kept(const Args& a, int bh, int q_idx, int kv_idx) {
+    return philox({unsigned(kv_idx), unsigned(q_idx), unsigned(bh), 0u}, a.seed[0], a.seed[1]).x >= a.threshold;
+}
+// On one accumulator tile, mma.cuh's layout (rows `row`, row + 8; columns col + 8n, col + 8n + 1):
+// each element times Z / (1 - p). KEYS_ARE_ROWS: the backward's transposed tiles.
+template <bool KEYS_ARE_ROWS, int NT>
+__device__ inline void dropout(float (&c)[NT][4], const Args& a, int bh, int row, int col) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = row + 8 * (e / 2), k = col + 8 * n + e % 2;
+            const bool keep = KEYS_ARE_ROWS ? kept(a, bh, k, r) : kept(a, bh, r, k);
+            c[n][e] = keep ? c[n][e] * a.keep_scale : 0.0f;
         }
 }
 

@@ -24,7 +24,7 @@
 struct Version {
     static constexpr bool GROUPED_HEADS = true;  // the forward reads K, V by group (Call::group)
     static constexpr bool STRIDED = false;       // reads contiguous q, k, v, dO only (Call's strides checked)
-    static constexpr bool MODS = mods::ANY;      // a build with mods (-DMODS_FILE) takes a mods::Args
+    static constexpr bool MODS = mods::HOOKED;   // a build with mods (-DMODS_FILE) takes a mods::Args
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash2_mma::shared_bytes(d) : flash2_mma_backward::shared_bytes(d);
     }
@@ -82,9 +82,9 @@ extern "C" const char* mf_varlen(int pass, const float* Q, const float* K, const
     c.cu_seqlens_q = cu_seqlens_q, c.cu_seqlens_k = cu_seqlens_k, c.H = H, c.Nk = max_seqlen_k;
     c.rows = total_q * H;
     if (!cu_seqlens_q || !cu_seqlens_k || B < 1 || H < 1 || group < 1 || H % group != 0 ||
-        (pass != FORWARD && group != 1) || mods::ANY) {
+        (pass != FORWARD && group != 1) || mods::HOOKED) {
         message = "internal error: packed sequences with " + std::to_string(H) + " query heads, " +
-                  std::to_string(group) + " per head of k, v" + (mods::ANY ? ", in a build with mods" : "");
+                  std::to_string(group) + " per head of k, v" + (mods::HOOKED ? ", in a build with mods" : "");
     } else {
         const OnDevice on(device);
         message = pass == FORWARD ? Version::forward(c) : Version::backward(c);

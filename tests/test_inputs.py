@@ -46,8 +46,8 @@ def test_sdpa_options_these_kernels_lack_are_refused():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="attn_mask: these kernels take no mask tensor"):
         mf.flash_attention(q, k, v, attn_mask=torch.ones(20, 20, dtype=torch.bool))
-    with pytest.raises(ValueError, match="dropout_p = 0.1: these kernels have no dropout"):
-        mf.flash_attention(q, k, v, dropout_p=0.1)
+    with pytest.raises(TypeError, match="q is torch.float32: .* dropout_p are compiled into version 3's kernels"):
+        mf.flash_attention(q, k, v, dropout_p=0.1)  # qkv(): float32
     assert torch.equal(mf.flash_attention(q, k, v, attn_mask=None, dropout_p=0.0), mf.flash_attention(q, k, v))
 
 
@@ -394,7 +394,7 @@ def test_flash_attn_func_options_need_half_precision(option, value):
     """window_size, softcap, alibi_slopes are mods compiled into version 3 (tests/test_mods.py): float32
     inputs are refused by name."""
     q = torch.randn(1, 8, 3, 16)
-    with pytest.raises(TypeError, match="q is torch.float32: score_mod, mask_mod, window_size, softcap and alibi_slopes"):
+    with pytest.raises(TypeError, match="q is torch.float32: score_mod, mask_mod, window_size, softcap, alibi_slopes and dropout_p"):
         mf.flash_attn_func(q, q, q, **{option: value})
     assert mf.flash_attn_func(q, q, q, window_size=[-1, -1], softcap=0.0).shape == q.shape  # the defaults
 
@@ -406,11 +406,11 @@ def test_flash_attn_func_refuses_return_attn_probs():
 
 
 @pytest.mark.parametrize("dropout_p,error,message", [
-    (0.1, ValueError, "dropout_p = 0.1: these kernels have no dropout"),
+    (1.0, ValueError, "dropout_p = 1.0: it must be in \\[0, 1\\)"), (-0.1, ValueError, "dropout_p = -0.1: it must be in"),
     (None, TypeError, "dropout_p = None: it must be a number"), ("0", TypeError, "dropout_p = '0': it must be a number")])
-def test_dropout_is_refused_clearly(dropout_p, error, message):
+def test_bad_dropout_is_refused_clearly(dropout_p, error, message):
     """Positionally too: flash_attn_func(q, k, v, None, 0.0), SDPA's order, fails on its None."""
-    q = torch.randn(1, 4, 1, 8)
+    q = torch.randn(1, 4, 1, 8, dtype=torch.bfloat16)
     with pytest.raises(error, match=message):
         mf.flash_attn_func(q, q, q, dropout_p)
 

@@ -12,7 +12,8 @@ that take grouped heads also run each forward with k, v of one head shared by q'
 read strided inputs (version 4) run each forward and backward once more on a model's views, uncopied.
 With version 3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches,
 split keys), its kernels on packed sequences of different lengths (flash_attn_varlen_func), and chapter
-6's mods (tests/test_mods.py's cases: score_mod, mask_mod, the block mask, the official options)."""
+6's mods (tests/test_mods.py's cases: score_mod, mask_mod, the block mask, the official options) and
+dropout (tests/test_dropout.py's)."""
 import math
 import sys
 from pathlib import Path
@@ -153,9 +154,9 @@ def run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk):
           "forward and backward checked")
 
 
-# arguments: version numbers, or `mods` for chapter 6's mods alone (each is a build of version 3)
-chosen = {a if a == "mods" else int(a) for a in sys.argv[1:]} or set(mf.VERSIONS) | {"mods"}
-for version in sorted(chosen - {"mods"}):
+# arguments: version numbers, `mods` for chapter 6's mods (each a build of version 3), `dropout`
+chosen = {a if a in ("mods", "dropout") else int(a) for a in sys.argv[1:]} or set(mf.VERSIONS) | {"mods", "dropout"}
+for version in sorted(chosen - {"mods", "dropout"}):
     for dtype in mf.VERSIONS[version].dtypes:
         for (Br, Bc), N, d in cases(version):
             for causal in (False, True):
@@ -179,3 +180,9 @@ if "mods" in chosen:  # chapter 6: each of tests/test_mods.py's mods compiled in
         for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
             run_case(name, shape, "cuda", generator)
             print(f"mods {name} {shape}: forward and backward checked")
+if "dropout" in chosen:  # chapter 6's dropout, against dense attention with the same Philox mask
+    import test_dropout
+    for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
+        for causal in (False, True):
+            test_dropout.run_case(shape, causal, "cuda", generator)
+            print(f"dropout {shape} causal={causal}: forward and backward checked")

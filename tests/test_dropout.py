@@ -1,0 +1,126 @@
+"""Dropout (chapter 6, kernels/mods.cuh and kernels/philox.cuh): the mask of each (query, key) pair is
+Philox4x32-10's first word for the counter (key, query, slice, 0) and the call's seed, kept when it
+is >= p 2^32, so the kernels' results are checked exactly against dense attention with the same mask,
+drawn here by a PyTorch Philox (itself checked against the generator's published answers); the
+backward draws the same mask again. Reproducible under torch.manual_seed; kept with probability 1 - p."""
+import math
+
+import pytest
+import torch
+
+import minimal_flash as mf
+from helpers import DEVICES, assert_close, random_dO, random_qkv
+
+MASK32 = 0xFFFFFFFF
+
+
+def mulhilo(m, x):
+    """(m x) >> 32 and (m x) & (2^32 - 1) for a 32-bit constant m and int64 tensors x < 2^32, exactly
+    (x split in 16-bit halves: every product fits in int64)."""
+    xh, xl = x >> 16, x & 0xFFFF
+    a, t = m * xh, m * xl
+    return (a + (t >> 16)) >> 16, (((a & 0xFFFF) << 16) + t) & MASK32
+
+
+def philox(c, key):
+    """Philox4x32-10 on int64 tensors c = (x, y, z, w), key = (k0, k1): four words."""
+    x, y, z, w = c
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = mulhilo(0xD2511F53, x)
+        hi1, lo1 = mulhilo(0xCD9E8D57, z)
+        x, y, z, w = hi1 ^ y ^ k0, lo1, hi0 ^ w ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & MASK32, (k1 + 0xBB67AE85) & MASK32
+    return x, y, z, w
+
+
+@pytest.mark.parametrize("counter,key,expected", [  # Random123's known-answer vectors, philox4x32_10
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((MASK32,) * 4, (MASK32,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))])
+def test_the_reference_philox_gives_the_published_answers(counter, key, expected):
+    words = philox([torch.tensor([c], dtype=torch.int64) for c in counter], key)
+    assert tuple(int(w) for w in words) == expected
+
+
+def keep_mask(B, H, N, p, seed):
+    """(B, H, N, N) bool: the pairs the kernels keep (kernels/mods.cuh's kept)."""
+    bh = torch.arange(B * H, dtype=torch.int64)[:, None, None]
+    i = torch.arange(N, dtype=torch.int64)[None, :, None]
+    j = torch.arange(N, dtype=torch.int64)[None, None, :]
+    zeros = torch.zeros(1, dtype=torch.int64)
+    x, *_ = philox((j.expand(B * H, N, N), i.expand(B * H, N, N), bh.expand(B * H, N, N), zeros),
+                   (seed & MASK32, seed >> 32))
+    return (x >= min(round(p * 2**32), MASK32)).view(B, H, N, N)
+
+
+def test_a_pair_is_kept_with_probability_one_minus_p():
+    """So that O's expectation is attention without dropout (the kept are scaled by 1 / (1 - p))."""
+    for p in (0.1, 0.5):
+        kept = keep_mask(2, 3, 200, p, 0x123456789ABCDEF).double().mean().item()
+        sigma = math.sqrt(p * (1 - p) / (6 * 200 * 200))
+        assert abs(kept - (1 - p)) < 4 * sigma, (p, kept)
+
+
+def dense_dropout(q, k, v, causal, keep, p, dO):
+    """O = (Z P / (1 - p)) V, L = logsumexp of the scores, and dQ, dK, dV of sum(O dO), in q's dtype."""
+    N = q.shape[2]
+    S = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if causal:
+        S = S.masked_fill(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+    P = torch.softmax(S, dim=-1)
+    O = (P * keep.to(q.device) / (1 - p)) @ v
+    return (O.detach(), S.double().logsumexp(dim=-1), *torch.autograd.grad(O, (q, k, v), dO.to(q.dtype)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(2, 3, 1, 64), (1, 2, 130, 128), (2, 2, 200, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_dropout_matches_dense_attention_with_the_same_mask(shape, causal, device, generator):
+    run_case(shape, causal, device, generator)
+
+
+def run_case(shape, causal, device, generator):
+    """Forward and backward with dropout into NaN-poisoned outputs, against dense attention with the
+    same mask (tools/sanitize.py runs it too)."""
+    B, H, N, d = shape
+    q, k, v = random_qkv(B, H, N, d, device, generator, torch.bfloat16)
+    dO = random_dO(q, generator)
+    p, seed = 0.17, int(torch.randint(0, 2**62, (1,), generator=generator))
+    O, L = torch.full_like(q, math.nan), q.new_full(q.shape[:-1], math.nan, dtype=torch.float32)
+    mf.forward(q, k, v, causal=causal, out=(O, L), dropout_p=p, dropout_seed=seed)
+    grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
+    mf.backward(dO, q, k, v, O, L, causal=causal, out=grads, dropout_p=p, dropout_seed=seed)
+    keep = keep_mask(B, H, N, p, seed)
+    ref, plain = (dense_dropout(*(t.detach().to(dtype).requires_grad_() for t in (q, k, v)), causal, keep, p, dO)
+                  for dtype in (torch.float64, q.dtype))
+    assert (L.double() - ref[1]).abs().max() < 1e-3 * (1 + ref[1].abs().max()), "L: the undropped row sums"
+    for name, x, r, pl in zip(("O", "dQ", "dK", "dV"), (O, *grads), (ref[0], *ref[2:]), (plain[0], *plain[2:])):
+        if N == 1 and name in ("dQ", "dK"):  # one key: dS = P (dP - D) is rounding noise
+            assert x.double().abs().max() < 1e-2 * q.double().abs().max(), name
+            continue
+        assert_close(name, x, r, pl)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_is_reproducible_under_manual_seed_and_differs_without(device, generator):
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 70, 64, device, generator, torch.bfloat16))
+    runs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        out = mf.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), dropout_p=0.3)
+        runs.append((out.detach(), *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1])), "the same seed, the same bits"
+    assert not torch.equal(runs[0][0], runs[2][0]), "another seed, another mask"
+
+
+@pytest.mark.parametrize("options,error,match", [
+    (dict(dropout_p=0.1), TypeError, "dropout_seed = None: forward\\(\\) and backward\\(\\) with dropout_p > 0"),
+    (dict(dropout_p=0.1, dropout_seed=1.5), TypeError, "dropout_seed = 1.5"),
+    (dict(dropout_p=0.1, dropout_seed=1, version=4), ValueError, "version = 4: .* dropout_p are compiled into"),
+])
+def test_forward_needs_the_seed_named(options, error, match):
+    q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(error, match=match):
+        mf.forward(q, q, q, **options)
