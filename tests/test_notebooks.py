@@ -25,8 +25,10 @@ def images(nb):
 
 def test_the_notebooks_are_there():
     """Chapters 1 and 2 (01-05), chapter 3's tensor cores (06), the trained model (07), chapter 4's
-    Hopper kernel (08) and chapter 5's inference on a KV cache (09): 01-09."""
-    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_", "06_", "07_", "08_", "09_"]
+    Hopper kernel (08), chapter 5's inference on a KV cache (09) and chapter 6's own attention, score_mod
+    and mask_mod (10): 01-10."""
+    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_", "06_", "07_", "08_", "09_",
+                                                     "10_"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
