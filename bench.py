@@ -10,6 +10,7 @@
     python bench.py --decode --out results      # one decode step over a KV cache, batch 1..64, context 1k..128k
     python bench.py --decode --batch 1 8 --context 4096 --methods minimal-flash sdpa   # a part of it
     python bench.py --varlen --out results      # a prefill of 8 sequences of 512..8192 tokens, packed and padded
+    python bench.py --mods --out results        # chapter 6's mods against no mod and FlexAttention
 
 The default run first checks the values: both methods' O and dQ, dK, dV (for a random output
 gradient dO) against float64 attention on the same inputs. Then a torch.profiler table for each
@@ -43,6 +44,14 @@ kernels on the sequences packed without padding (minimal_flash.flash_attn_varlen
 same kernels on the batch padded to its longest sequence (flash_attention) and SDPA on the padded
 batch; the forward, and forward and backward, per real token. It writes a table and varlen.csv.
 
+--mods times chapter 6's mods on version 3's kernels (bf16, B = 4, H = 16, N = 4096, d = 128): causal
+built in (the baseline), causal as a mask_mod, a sliding window of 1024 keys, softcap 30 and ALiBi, each
+causal; for each, ours with the mod, ours causal without it (what the mod costs) and FlexAttention with
+the same mask and score_mod (torch.compile'd; eager on the CPU, where it has no backward). Each is first
+checked against float64 attention with the mod built densely (at most twice plain bf16 attention's
+error), then timed, forward and forward + backward; the backward is their difference. TFLOP/s count the
+work the mask keeps (4 B H d a kept pair forward, 2.5 times that backward). It writes a table and mods.csv.
+
 Without a GPU the same code runs on the CPU emulation of the kernels at small sizes; those times
 say nothing about GPU speed.
 """
@@ -57,6 +66,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -112,15 +122,18 @@ def parse_args(argv=None):
                    help="--decode: cache lengths (default 1024 to 131072 on a GPU, 64 and 300 on the CPU)")
     p.add_argument("--heads-k", type=int, default=None, help="--decode: key/value heads (default 8; -H: 32)")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
-                   help="where --sweep and --decode write (default bench-results)")
+                   help="where --sweep, --decode, --varlen and --mods write (default bench-results)")
     p.add_argument("--seconds", type=float, default=2.0,
-                   help="--sweep, --decode: timed seconds per method and pass, at most; fewer repeats for slow ones")
-    p.add_argument("--min-repeats", type=int, default=5, help="--sweep, --decode: timed calls per method, at least")
+                   help="--sweep, --decode, --varlen, --mods: timed seconds per method and pass, at most; fewer "
+                        "repeats for slow ones")
+    p.add_argument("--min-repeats", type=int, default=5,
+                   help="--sweep, --decode, --varlen, --mods: timed calls per method, at least")
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help="--sweep: only these of manual, minimal-flash (version 1), minimal-flash2, ... (the versions "
                         "for the dtype), sdpa (every SDPA backend timed) or one of them, e.g. sdpa-cudnn "
                         "(default: all); --decode: of manual, minimal-flash, minimal-flash-paged, sdpa-flash, "
-                        "sdpa-cudnn")
+                        "sdpa-cudnn; --mods: of minimal-flash3 (with the mod; and minimal-flash3-no-mod), "
+                        "flex-attention")
     p.add_argument("--replot", type=Path, metavar="CSV",
                    help="only redraw the plots of a sweep.csv (GPU or CPU, as the file says), beside it")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in manual attention's and SDPA's matmuls "
@@ -133,7 +146,24 @@ def parse_args(argv=None):
     p.add_argument("--lengths", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="--varlen: the sequences' lengths are drawn from MIN to MAX (default 512 8192; 1 130 on "
                         "the CPU)")
+    p.add_argument("--mods", action="store_true",
+                   help="time chapter 6's mods (causal as a mask_mod, a sliding window, softcap, ALiBi) on version "
+                        "3's kernels, against the same kernels without the mod and FlexAttention; write a table and "
+                        "mods.csv. -B, -H, -N (one), -d (default 4, 16, 4096, 128; 1, 2, 128, 64 on the CPU), "
+                        "--dtype, --methods, --seconds, --min-repeats apply")
     args = p.parse_args(argv)
+    if args.mods:  # the mods are compiled into version 3's kernels, in half precision
+        if args.version not in (None, 3) or args.dtype == "fp32":
+            p.error("--mods: the mods are compiled into version 3's kernels, bf16 or fp16; give --version 3 or "
+                    "none, and --dtype bf16, fp16 or none")
+        sizes = MODS_GPU if torch.cuda.is_available() and not args.cpu else MODS_CPU
+        args.version, args.dtype = 3, args.dtype or "bf16"
+        args.heads, args.head_dim = args.heads or sizes["heads"], args.head_dim or sizes["d"]
+        args.seq_len = args.seq_len or [sizes["N"]]
+        if len(args.seq_len) > 1:
+            p.error("--mods: one sequence length")
+        if args.head_dim not in mf.VERSIONS[3].head_dims:
+            p.error(f"--mods: version 3 takes d = {' or '.join(map(str, mf.VERSIONS[3].head_dims))}")
     if args.varlen:  # flash_attn_varlen_func runs version 3's kernels, in half precision
         if args.version not in (None, 3):
             p.error("--varlen: flash_attn_varlen_func runs version 3's kernels; give --version 3 or none")
@@ -580,19 +610,23 @@ def write_csv(rows, path, fields=CSV_FIELDS):
 
 
 def read_csv(path):
-    """The rows of one of bench.py's CSVs (a sweep's, --decode's, --varlen's; notebook 7's gpt.csv), as
+    """The rows of one of bench.py's CSVs (a sweep's, --decode's, --varlen's, --mods'; notebook 7's gpt.csv), as
     it made them: numbers as numbers, empty cells left out."""
     types = dict(N=int, B=int, H=int, d=int, Br=int, Bc=int, repeats=int, ms=float, tflops=float, x_manual=float,
                  extra_mib=float, rel_err=float, causal=lambda s: s == "True", batch=int, context=int,
                  graph_us=float, fraction_of_read=float, ns_per_token=float, x_padded=float, tokens_per_s=float,
-                 peak_gib=float)
+                 peak_gib=float, pairs=int, **{f"{key}_{pass_}": float for pass_ in ("fwd", "bwd") for key in (
+                     "ms", "tflops", "x_no_mod", "x_flex", "rel_err", "plain_err")}, ms_fwd_bwd=float,
+                 repeats_fwd=int, repeats_fwd_bwd=int)
     with open(path, newline="") as f:
         return [{k: types.get(k, str)(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
-def flop_unit(rows):
-    """TFLOP/s for a GPU's rates; GFLOP/s where every rate is below 1 TFLOP/s (the CPU emulation)."""
-    return ("TFLOP/s", 1) if max((r.get("tflops", 0) for r in rows), default=0) >= 1 else ("GFLOP/s", 1e3)
+def flop_unit(rows, keys=("tflops",)):
+    """TFLOP/s for a GPU's rates; GFLOP/s where every rate (the rows' `keys`, in TFLOP/s) is below 1 TFLOP/s
+    (the CPU emulation)."""
+    fastest = max((r.get(key, 0) for r in rows for key in keys), default=0)
+    return ("TFLOP/s", 1) if fastest >= 1 else ("GFLOP/s", 1e3)
 
 
 def cell(row, key, fmt, width, factor=1):
@@ -1143,6 +1177,240 @@ def format_varlen_table(rows):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# Mods: chapter 6's score_mod and mask_mod, against the same kernels without them and FlexAttention
+
+
+# The shape of chapter 6's first H200 timing: B = 4, H = 16, N = 4096, d = 128, bf16; on the CPU, tiny (the tests).
+MODS_GPU = dict(batch=4, heads=16, N=4096, d=128)
+MODS_CPU = dict(batch=1, heads=2, N=128, d=64)
+MODS_WINDOW = 1024  # the sliding window: a query sees itself and the 1024 keys before it; N / 4 for N below 4096
+MODS_SOFTCAP = 30.0
+MODS_METHODS = ("minimal-flash3", "minimal-flash3-no-mod", "flex-attention")
+MODS_FIELDS = ["mod", "method", "B", "H", "N", "d", "dtype", "pairs", "ms_fwd", "ms_fwd_bwd", "ms_bwd", "repeats_fwd",
+               "repeats_fwd_bwd", "tflops_fwd", "tflops_bwd", "x_no_mod_fwd", "x_no_mod_bwd", "x_flex_fwd",
+               "x_flex_bwd", "rel_err_fwd", "rel_err_bwd", "plain_err_fwd", "plain_err_bwd", "note"]
+
+
+class Mod(NamedTuple):
+    """One mod of --mods: its name, flash_attention's options for it, and the same attention as FlexAttention
+    takes it, Python functions of torch tensors, which also build the float64 reference: mask(b, h, q_idx,
+    kv_idx), true for a key kept, the same for every batch and head here; score(score, b, h, q_idx, kv_idx),
+    the new scaled score (None: the score as it is)."""
+    name: str
+    options: dict
+    mask: object
+    score: object = None
+
+
+def causal_mask(b, h, q_idx, kv_idx):
+    """Causal attention's mask as FlexAttention takes it: a query sees itself and the keys before it."""
+    return q_idx >= kv_idx
+
+
+# The baseline, causal built in, no mod: what minimal-flash3-no-mod computes with every mod.
+NO_MOD = Mod("causal", dict(causal=True), causal_mask)
+
+
+def alibi_slopes(H):
+    """ALiBi's slopes, one a head, float32: the paper's geometric sequence 2^(-8 h / H), h = 1 .. H."""
+    return 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float32) / H)
+
+
+def mod_cases(N, H, device):
+    """The mods timed, every one causal: causal built in (the baseline), causal as a mask_mod, a sliding
+    window of MODS_WINDOW keys (N / 4 below N = 4 MODS_WINDOW), softcap 30, ALiBi with a slope per head."""
+    W = min(MODS_WINDOW, N // 4)
+    slopes = alibi_slopes(H).to(device)
+
+    def window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= W)
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return MODS_SOFTCAP * torch.tanh(score / MODS_SOFTCAP)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    return [NO_MOD, Mod("causal as mask_mod", dict(mask_mod="q_idx >= kv_idx"), causal_mask),
+            Mod(f"sliding window {W}", dict(causal=True, window_size=(W, 0)), window),
+            Mod(f"softcap {MODS_SOFTCAP:g}", dict(causal=True, softcap=MODS_SOFTCAP), causal_mask, softcap),
+            Mod("alibi", dict(causal=True, alibi_slopes=slopes), causal_mask, alibi)]
+
+
+def positions(N, device):
+    """The query and key positions as FlexAttention's functions take them, broadcast: (N, 1) and (1, N)."""
+    return torch.arange(N, device=device)[:, None], torch.arange(N, device=device)[None, :]
+
+
+def mods_dense(q, k, v, dO, mod, dtype):
+    """The mod's attention built densely in `dtype` (float64: the reference; q's own: plain attention, the
+    yardstick of the official rule): O and dQ, dK, dV of sum(O * dO). A batch and a few heads at a time:
+    scores of at most 2^27 values at once (1 GiB in float64). Each mod here keeps a query's own key: no
+    row is empty."""
+    B, H, N, d = q.shape
+    i, j = positions(N, q.device)
+    out, dQ, dK, dV = (torch.empty(q.shape, dtype=dtype, device=q.device) for _ in range(4))
+    step = max(1, 2 ** 27 // (N * N))
+    for b, h in itertools.product(range(B), range(0, H, step)):
+        heads = slice(h, h + step)
+        qs, ks, vs = (t[b, heads].to(dtype).requires_grad_() for t in (q, k, v))
+        hs = torch.arange(H, device=q.device)[heads, None, None]
+        S = qs @ ks.transpose(-2, -1) * d ** -0.5
+        if mod.score is not None:
+            S = mod.score(S, b, hs, i, j).to(dtype)
+        O = torch.softmax(S.masked_fill(~mod.mask(b, hs, i, j), -math.inf), dim=-1) @ vs
+        grads = torch.autograd.grad(O, (qs, ks, vs), dO[b, heads].to(dtype))
+        for to, x in zip((out, dQ, dK, dV), (O, *grads)):
+            to[b, heads] = x.detach()
+    return out, (dQ, dK, dV)
+
+
+def mods_methods(mod, N, device):
+    """{name: (fn(q, k, v), the Mod it computes)}: ours with the mod; ours causal without it (NO_MOD: what
+    the mod costs); FlexAttention with the same mask and score_mod, its block mask made once, untimed, as a
+    model does. On a GPU FlexAttention runs compiled, as it is meant to: the whole graph (fullgraph), afresh
+    for each mod, so that it never falls back to its eager, unfused code unseen. On the CPU it runs
+    eagerly: compiling it there costs seconds a mod, and these times say nothing about a GPU."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    block_mask = create_block_mask(mod.mask, None, None, N, N, device=device)
+    flex = flex_attention
+    if device == "cuda":
+        torch._dynamo.reset()  # a graph per grad mode for this mod: far below the recompile limit
+        flex = torch.compile(flex_attention, fullgraph=True)
+    return {"minimal-flash3": (lambda q, k, v: mf.flash_attention(q, k, v, version=3, **mod.options), mod),
+            "minimal-flash3-no-mod": (lambda q, k, v: mf.flash_attention(q, k, v, version=3, **NO_MOD.options),
+                                      NO_MOD),
+            "flex-attention": (lambda q, k, v: flex(q, k, v, score_mod=mod.score, block_mask=block_mask), mod)}
+
+
+def mods_point(mod, names, inputs, args, progress):
+    """The methods `names` with one mod: each checked once against float64, then timed, forward and
+    forward + backward; the backward is their difference. A method that disagrees with float64 is not
+    timed; FlexAttention's refusals (on the CPU it has no backward) are noted in torch's words. Each method
+    is checked against what it computes, and its work counted as what it computes: minimal-flash3-no-mod's
+    is causal attention's."""
+    q, k, v, dO = inputs[0]
+    B, H, N, d = q.shape
+    base = dict(mod=mod.name, B=B, H=H, N=N, d=d, dtype=str(q.dtype).removeprefix("torch."))
+    timing = dict(seconds=args.seconds, min_repeats=args.min_repeats)
+    rows, references = [], {}
+    for name, (fn, computes) in mods_methods(mod, N, args.device).items():
+        if name not in names:
+            continue
+        if computes.name not in references:  # float64, and plain attention in q's dtype for the rule
+            references[computes.name] = [mods_dense(q, k, v, dO, computes, t) for t in (torch.float64, q.dtype)]
+        ref, plain = references[computes.name]
+        pairs = int(computes.mask(0, 0, *positions(N, q.device)).sum())  # the (query, key) pairs it keeps
+        row, note = dict(base, method=name, pairs=pairs, plain_err_fwd=mf.relative_error(plain[0], ref[0]),
+                         plain_err_bwd=grads_err(plain[1], ref[1])), []
+        with_causal = lambda q, k, v, causal, fn=fn: fn(q, k, v)  # noqa: E731 (training_step's signature)
+        calls = {"fwd": lambda q, k, v, dO, fn=fn: fn(q, k, v),
+                 "fwd_bwd": lambda q, k, v, dO, fn=with_causal: training_step(fn, q, k, v, dO, None)}
+        for (pass_, call), checked in zip(calls.items(), ("fwd", "bwd")):
+            try:
+                result = call(q, k, v, dO)
+            except (NotImplementedError, RuntimeError) as error:
+                if name != "flex-attention":  # ours: a bug, said at once
+                    raise
+                note.append(f"{pass_} refused: {str(error).splitlines()[0].split('. ')[0]}")
+                continue
+            row[f"rel_err_{checked}"] = (mf.relative_error(result, ref[0]) if pass_ == "fwd"
+                                         else grads_err(result, ref[1]))
+            if checked in mods_wrong(row):
+                note.append(f"{pass_}: disagrees with float64, not timed")
+                continue
+            row[f"ms_{pass_}"], row[f"repeats_{pass_}"] = median_ms(
+                [lambda s=s, call=call: call(*s) for s in inputs], args.warmup, args.repeats, args.device, **timing)
+        if "ms_fwd" in row:
+            row["tflops_fwd"] = 4 * B * H * d * pairs / row["ms_fwd"] / 1e9
+        if "ms_fwd" in row and "ms_fwd_bwd" in row:
+            if row["ms_fwd_bwd"] > row["ms_fwd"]:
+                row["ms_bwd"] = row["ms_fwd_bwd"] - row["ms_fwd"]
+                row["tflops_bwd"] = 2.5 * 4 * B * H * d * pairs / row["ms_bwd"] / 1e9
+            else:
+                note.append("no backward time: forward + backward was not slower than the forward")
+        if name == "flex-attention" and args.device != "cuda":
+            note.append("eager (on the CPU: no torch.compile)")
+        row["note"] = "; ".join(note)
+        rows.append(row)
+        progress(f"{mod.name}: {name} " + ", ".join(f"{key} {row[key]:.4f} ms" for key in ("ms_fwd", "ms_bwd")
+                                                   if key in row) + (f" ({row['note']})" if note else ""))
+    for row in rows:  # the same mod's other methods' times over this one's
+        for other, key in (("minimal-flash3-no-mod", "x_no_mod"), ("flex-attention", "x_flex")):
+            times = next((r for r in rows if r["method"] == other), {})
+            for pass_ in ("fwd", "bwd"):
+                if f"ms_{pass_}" in row and f"ms_{pass_}" in times:
+                    row[f"{key}_{pass_}"] = times[f"ms_{pass_}"] / row[f"ms_{pass_}"]
+    return rows
+
+
+def mods_wrong(row):
+    """Which of a --mods row's checks, "fwd" (O) and "bwd" (dQ, dK, dV), fail the official rule: an error
+    against float64 more than twice plain attention's in the same dtype (NaN fails too)."""
+    return [p for p in ("fwd", "bwd") if f"rel_err_{p}" in row and not row[f"rel_err_{p}"] <= 2 * row[f"plain_err_{p}"]]
+
+
+def format_mods_table(rows):
+    """One line per (mod, method): forward and backward side by side, the larger error, and any note."""
+    unit, per_tflop = flop_unit(rows, ("tflops_fwd", "tflops_bwd"))
+    lines = [f"{'mod':<22} {'method':<22}|{'ms':>9} {unit:>8} {'x no mod':>8} {'x flex':>7}  |{'ms':>9} {unit:>8} "
+             f"{'x no mod':>8} {'x flex':>7}  | {'err':>7}",
+             f"{'':<45}|{'forward':^38}|{'backward':^38}|"]
+    for row in rows:
+        line = f"{row['mod']:<22} {row['method']:<22}"
+        for pass_ in ("fwd", "bwd"):
+            line += (f"|{cell(row, f'ms_{pass_}', '.4f', 9)} {cell(row, f'tflops_{pass_}', '.2f', 8, per_tflop)} "
+                     f"{cell(row, f'x_no_mod_{pass_}', '.2f', 7)}x {cell(row, f'x_flex_{pass_}', '.2f', 6)}x  ")
+        errors = [row[key] for key in ("rel_err_fwd", "rel_err_bwd") if key in row]
+        line += f"| {max(errors):>7.1e}" if errors else "| -"
+        lines.append(line + (f"  {row['note']}" if row["note"] else ""))
+    return "\n".join(lines)
+
+
+def run_mods(args):
+    device, dtype, H, d, N = args.device, args.dtype, args.heads, args.head_dim, args.seq_len[0]
+    B = args.batch or (MODS_GPU if device == "cuda" else MODS_CPU)["batch"]
+    shape = (B, H, N, d)
+    inputs = random_inputs(shape, device, input_sets(shape, device, dtype), dtype)
+    cases = mod_cases(N, H, device)
+    names = list(chosen_methods(dict.fromkeys(MODS_METHODS), args.methods))
+    print(f"Mods: B={B} H={H} N={N} d={d} {str(dtype).removeprefix('torch.')}, version 3's kernels; mods: "
+          f"{', '.join(m.name for m in cases)}; methods: {', '.join(names)}; at most {args.seconds:g} s of timed "
+          f"calls per method and pass, at least {args.min_repeats} calls")
+    if device != "cuda" and "flex-attention" in names:
+        print("flex-attention runs eagerly on the CPU (torch.compile of it costs seconds a mod here, and these "
+              "times say nothing about a GPU); where torch refuses a pass, the note says so in its words")
+    rows = []
+    # Past torch.compile's recompile limit FlexAttention would run its eager code: where torch can, that fails.
+    strict = {key: True for key in ["fail_on_recompile_limit_hit"] if hasattr(torch._dynamo.config, key)}
+    with warnings.catch_warnings(), torch._dynamo.config.patch(**strict):
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # said above
+        for i, mod in enumerate(cases):
+            progress = lambda line, i=i: print(f"[{i + 1}/{len(cases)}] {line}", file=sys.stderr, flush=True)
+            rows += mods_point(mod, names, inputs, args, progress)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, args.out / "mods.csv", MODS_FIELDS)
+    clock = "CUDA events" if device == "cuda" else "CPU clock, emulation: nothing about a GPU"
+    unit = flop_unit(rows, ("tflops_fwd", "tflops_bwd"))[0]
+    print(f"\nMedian ms ({clock}); backward: forward + backward's median less the forward's. {unit} of the work the "
+          "mask keeps: forward 4 B H d a kept (query, key) pair, backward 2.5 times that. x no mod: "
+          "minimal-flash3-no-mod's time (causal built in, no mod) over this method's; x flex: flex-attention's over "
+          "this method's, the same mod, in this run. err: the larger relative error against float64 attention with "
+          f"the mod built densely (O; dQ, dK, dV), each at most twice plain {str(dtype).removeprefix('torch.')} "
+          "attention's (the official rule)")
+    print(format_mods_table(rows))
+    print(f"Wrote {args.out / 'mods.csv'}")
+    bad = [r for r in rows if mods_wrong(r)]
+    if bad:
+        pass_ = mods_wrong(bad[0])[0]
+        sys.exit(f"bench: {len(bad)} results disagree with float64, e.g. {bad[0]['method']} with {bad[0]['mod']}: "
+                 f"{pass_} rel err {bad[0][f'rel_err_{pass_}']:.1e}, plain {str(args.dtype).removeprefix('torch.')} "
+                 f"attention's {bad[0][f'plain_err_{pass_}']:.1e}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.replot:
@@ -1159,8 +1427,9 @@ def main(argv=None):
     else:
         print(f"No GPU: CPU emulation of the kernels, torch {torch.__version__}. These times say "
               "nothing about GPU speed; run on a GPU for real numbers.")
-    run_varlen(args) if args.varlen else run_decode(args) if args.decode else run_sweep(args) if args.sweep else \
-        run_profile(args)
+    run = run_mods if args.mods else run_varlen if args.varlen else run_decode if args.decode else \
+        run_sweep if args.sweep else run_profile
+    run(args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ nothing about GPU speed."""
 import contextlib
 import csv
 import io
+import math
 import warnings
 
 import matplotlib.image
@@ -296,16 +297,23 @@ def decode_bytes(B, N, H=4, Hk=2, d=64):
     return 2 * B * N * Hk * d * 2 + 2 * B * H * d * 2
 
 
+def run_once(tmp_path_factory, mode, argv, by=None):
+    """bench.main(argv) once, for a module's tests, into a fresh folder: the rows of the `mode`.csv it
+    wrote (with `by`, columns' names: {their values: row}), and what it printed."""
+    out, printed = tmp_path_factory.mktemp(mode), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        bench.main([*argv, "--out", str(out)])
+    rows = list(csv.DictReader(open(out / f"{mode}.csv")))
+    return (rows if by is None else {tuple(r[key] for key in by): r for r in rows}), printed.getvalue()
+
+
 @pytest.fixture(scope="module")
 def decode(tmp_path_factory):
     """One tiny decode run, batch 1 and 2, context 64 and 300 (the last page of 256 part full);
     its rows by (batch, context, method), the ceilings' by method, and what it printed."""
-    out, printed = tmp_path_factory.mktemp("decode"), io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        bench.main([*DECODE, "--batch", "1", "2", "--context", "64", "300", "--out", str(out)])
-    rows = list(csv.DictReader(open(out / "decode.csv")))
+    rows, printed = run_once(tmp_path_factory, "decode", [*DECODE, "--batch", "1", "2", "--context", "64", "300"])
     points = {(r["batch"], r["context"], r["method"]): r for r in rows if r["batch"]}
-    return points, {r["method"]: r for r in rows if not r["batch"]}, printed.getvalue()
+    return points, {r["method"]: r for r in rows if not r["batch"]}, printed
 
 
 def test_decode_csv_has_the_columns_every_point_and_method(decode):
@@ -411,10 +419,7 @@ VARLEN = ["--varlen", "--cpu", "-B", "3", "--lengths", "1", "70", "-H", "4", "--
 @pytest.fixture(scope="module")
 def varlen(tmp_path_factory):
     """One tiny varlen run: its rows by (method, pass), and what it printed."""
-    out, printed = tmp_path_factory.mktemp("varlen"), io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        bench.main([*VARLEN, "--out", str(out)])
-    return {(r["method"], r["pass"]): r for r in csv.DictReader(open(out / "varlen.csv"))}, printed.getvalue()
+    return run_once(tmp_path_factory, "varlen", VARLEN, by=("method", "pass"))
 
 
 def test_varlen_csv_has_every_method_and_pass_per_real_token(varlen):
@@ -464,3 +469,92 @@ def test_varlen_takes_version_3_in_half_precision():
     for bad in (["--version", "4"], ["--dtype", "fp32"], ["-H", "6", "--heads-k", "4"], ["--lengths", "0", "9"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--varlen", "--cpu", *bad])
+
+
+# --mods: chapter 6's mods on version 3's kernels, against the same kernels without the mod and FlexAttention
+# (eager: on the CPU it is not compiled, and has no backward), on the CPU at B=1, H=2, N=128, d=64. Each mod is
+# a build of its own, compiled once (seconds, then cached).
+MODS = ["--mods", "--cpu", "--seconds", "0.05", "--warmup", "1", "--repeats", "2", "--min-repeats", "2"]
+MOD_NAMES = ["causal", "causal as mask_mod", "sliding window 32", "softcap 30", "alibi"]
+# The (query, key) pairs each keeps at N = 128: causal, 128 * 129 / 2; a window of 32 keys before each
+# query, queries 0..31 see 1..32 keys, the 96 others 33.
+CAUSAL_PAIRS, WINDOW_PAIRS = 128 * 129 // 2, 32 * 33 // 2 + 96 * 33
+
+
+@pytest.fixture(scope="module")
+def mods(tmp_path_factory):
+    """One tiny --mods run: its rows by (mod, method), and what it printed."""
+    return run_once(tmp_path_factory, "mods", MODS, by=("mod", "method"))
+
+
+def test_mods_csv_has_every_mod_and_method_with_finite_positive_numbers(mods):
+    rows, _ = mods
+    assert list(rows) == [(m, method) for m in MOD_NAMES for method in bench.MODS_METHODS]
+    for (mod, method), r in rows.items():
+        assert (r["B"], r["H"], r["N"], r["d"], r["dtype"]) == ("1", "2", "128", "64", "bfloat16")
+        # FlexAttention has no backward on the CPU: refused, in torch's words, and left empty, x flex with it
+        passes = ("fwd",) if method == "flex-attention" else ("fwd", "bwd")
+        keys = ["repeats_fwd", "x_flex_fwd", *(f"{name}_{p}" for p in passes
+                                               for name in ("ms", "tflops", "x_no_mod", "rel_err", "plain_err"))]
+        numbers = {key: float(r[key]) for key in keys}
+        assert all(math.isfinite(x) and x > 0 for x in numbers.values()), (mod, method, numbers)
+        pairs = WINDOW_PAIRS if mod.startswith("sliding") and method != "minimal-flash3-no-mod" else CAUSAL_PAIRS
+        assert int(r["pairs"]) == pairs and int(r["repeats_fwd"]) >= 2
+        assert numbers["tflops_fwd"] == pytest.approx(4 * 2 * 64 * pairs / numbers["ms_fwd"] / 1e9)
+        for p in passes:
+            for other, key in (("minimal-flash3-no-mod", "x_no_mod"), ("flex-attention", "x_flex")):
+                theirs = rows[mod, other][f"ms_{p}"]
+                if theirs:
+                    assert numbers[f"{key}_{p}"] == pytest.approx(float(theirs) / numbers[f"ms_{p}"])
+            assert numbers[f"rel_err_{p}"] <= 2 * numbers[f"plain_err_{p}"]  # the official rule against float64
+        if method == "flex-attention":
+            assert r["ms_bwd"] == r["ms_fwd_bwd"] == r["x_flex_bwd"] == "" and "fwd_bwd refused: " in r["note"]
+            assert "eager" in r["note"]
+        else:
+            bwd = float(r["ms_fwd_bwd"]) - numbers["ms_fwd"]
+            assert numbers["ms_bwd"] == pytest.approx(bwd) and r["x_flex_bwd"] == "" and r["note"] == ""
+            assert numbers["tflops_bwd"] == pytest.approx(2.5 * 4 * 2 * 64 * pairs / bwd / 1e9)
+
+
+def test_mods_prints_one_table_line_per_mod_and_method(mods):
+    rows, printed = mods
+    lines = [line for line in printed.splitlines() if "|" in line and line.split("|")[0].strip()]
+    assert [line.split("|")[0].split()[-1] for line in lines[1:]] == [method for _, method in rows]
+    assert lines[0].split("|")[0].split() == ["mod", "method"]
+    assert all(line.startswith(f"{mod:<22} {method:<22}|") for line, (mod, method) in zip(lines[1:], rows))
+    assert "flex-attention runs eagerly on the CPU" in printed
+
+
+def test_mods_exits_when_a_method_is_wrong(tmp_path, monkeypatch):
+    """The check is real: a method that answers zeros is off by 100%, not timed, in the CSV, and the run fails."""
+    zeros = lambda q, k, v: q * 0 + (k.sum() + v.sum()) * 0  # noqa: E731 (in the graph: zero gradients)
+    monkeypatch.setattr(bench, "mod_cases", lambda N, H, device: [bench.NO_MOD])
+    monkeypatch.setattr(bench, "mods_methods", lambda mod, N, device: {"minimal-flash3": (zeros, mod)})
+    with pytest.raises(SystemExit, match="disagree with float64, e.g. minimal-flash3 with causal: fwd rel err 1.0e"):
+        bench.main([*MODS, "--out", str(tmp_path)])
+    row = next(csv.DictReader(open(tmp_path / "mods.csv")))
+    assert float(row["rel_err_fwd"]) == 1.0 and row["ms_fwd"] == row["ms_fwd_bwd"] == ""
+    assert "fwd: disagrees with float64, not timed" in row["note"]
+
+
+def test_mods_dense_builds_the_mods_as_flexattention_takes_them():
+    """The reference: causal as plain causal attention; ALiBi and the window as a dense bias and mask."""
+    q, k, v, dO = (torch.randn(1, 2, 40, 64, dtype=torch.float64) for _ in range(4))
+    mods = {m.name: m for m in bench.mod_cases(40, 2, "cpu")}
+    assert torch.allclose(bench.mods_dense(q, k, v, dO, mods["causal"], torch.float64)[0],
+                          bench.mf.manual_attention(q, k, v, causal=True))
+    i, j = torch.arange(40)[:, None], torch.arange(40)[None, :]
+    bias = -bench.alibi_slopes(2).double()[:, None, None] * (i - j) - 1e9 * (j > i)
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 8 + bias, dim=-1) @ v
+    assert torch.allclose(bench.mods_dense(q, k, v, dO, mods["alibi"], torch.float64)[0], expected)
+    window = (j <= i) & (i - j <= 10)  # N / 4 = 10 keys before each query
+    expected = torch.softmax((q @ k.transpose(-2, -1) / 8).masked_fill(~window, -math.inf), dim=-1) @ v
+    assert torch.allclose(bench.mods_dense(q, k, v, dO, mods["sliding window 10"], torch.float64)[0], expected)
+
+
+def test_mods_takes_version_3_in_half_precision():
+    args = bench.parse_args(["--mods", "--cpu"])
+    assert (args.version, args.dtype, args.heads, args.head_dim, args.seq_len) == (3, torch.bfloat16, 2, 64, [128])
+    for bad in (["--version", "4"], ["--dtype", "fp32"], ["-d", "32"], ["-N", "64", "128"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--mods", "--cpu", *bad])

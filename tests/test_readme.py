@@ -59,3 +59,27 @@ def test_bf16_table_adds_cudnn_beside_flashattention2_where_the_csv_has_it(tmp_p
     assert rule.count("---") == 14
     assert lines == ["| 128 | no | 1024 | 100 | 125 | 0.80 | 200 | 0.50 | 4.00x | 100 | 125 | 0.80 | 200 | 0.50 |",
                      "| 128 | no | 2048 | 100 | 125 | 0.80 | - | - | 4.00x | 100 | 125 | 0.80 | - | - |"]
+
+
+def test_mods_table_is_made_from_mods_csv_and_only_once_there_is_one(tmp_path, monkeypatch):
+    """bench.py --mods' CSV as a table: ours and FlexAttention's TFLOP/s, and the ratios, by mod; a pass not
+    measured shows "-". tables() holds it only where mods.csv exists (none is committed yet)."""
+    import bench
+    summary = load_summary()
+    monkeypatch.setattr(summary, "RESULTS", tmp_path)
+    for name in ("summary", "sweep_table", "bf16_table", "steps_table", "decode_table", "varlen_table", "gpt_table"):
+        monkeypatch.setattr(summary, name, lambda *args, **kwargs: "")  # they read the committed CSVs: not here
+    assert ("notebooks/results/README.md", "mods") not in summary.tables()
+    ours = dict(method="minimal-flash3", tflops_fwd=400.0, tflops_bwd=300.0, x_flex_fwd=1.5, x_no_mod_fwd=0.9,
+                x_no_mod_bwd=0.8)
+    rows = [dict(ours, mod="causal", x_flex_bwd=1.25),
+            dict(mod="causal", method="minimal-flash3-no-mod", tflops_fwd=444.0),
+            dict(mod="causal", method="flex-attention", tflops_fwd=266.7, tflops_bwd=240.0),
+            dict(ours, mod="alibi"), dict(mod="alibi", method="flex-attention", tflops_fwd=250.0, note="bwd refused")]
+    bench.write_csv(rows, tmp_path / "mods.csv", bench.MODS_FIELDS)
+    assert summary.mods_table().splitlines() == [
+        "| mod | forward: ours TFLOP/s | FlexAttention | x FlexAttention | x no mod | backward: ours TFLOP/s "
+        "| FlexAttention | x FlexAttention | x no mod |", "|---" * 9 + "|",
+        "| causal | 400 | 267 | 1.50 | 0.90 | 300 | 240 | 1.25 | 0.80 |",
+        "| alibi | 400 | 250 | 1.50 | 0.90 | 300 | - | - | 0.80 |"]  # no backward for FlexAttention: "-"
+    assert summary.tables()["notebooks/results/README.md", "mods"] == summary.mods_table()

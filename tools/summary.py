@@ -21,6 +21,9 @@ and this script owns what is between them:
                                                  ceiling (decode.csv)
                                   varlen         a packed prefill against the padded one (varlen.csv)
                                   gpt            notebook 7's training step, tokens/s (gpt.csv)
+                                  mods           chapter 6's mods against FlexAttention and against no mod
+                                                 (mods.csv): only once that CSV is committed, and then
+                                                 its markers must be there too
 
 tests/test_readme.py checks that they are up to date, so a number in them is always the CSVs'.
 """
@@ -201,6 +204,28 @@ def varlen_table(name="varlen.csv"):
     return "\n".join(lines)
 
 
+def mods_table(name="mods.csv"):
+    """bench.py --mods: by mod, forward and backward, our TFLOP/s with the mod and FlexAttention's, FlexAttention's
+    time over ours, and ours without the mod (causal built in) over ours with it: what the mod costs. A number
+    that was not measured shows "-"."""
+    by = {}
+    for r in bench.read_csv(RESULTS / name):
+        by.setdefault(r["mod"], {})[r["method"]] = r
+    header = ["mod", "forward: ours TFLOP/s", "FlexAttention", "x FlexAttention", "x no mod", "backward: ours TFLOP/s",
+              "FlexAttention", "x FlexAttention", "x no mod"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for mod, methods in by.items():
+        ours, flex = methods.get("minimal-flash3", {}), methods.get("flex-attention", {})
+        cells = [mod]
+        for pass_ in ("fwd", "bwd"):
+            for row, key, spec in ((ours, "tflops", ".0f"), (flex, "tflops", ".0f"), (ours, "x_flex", ".2f"),
+                                   (ours, "x_no_mod", ".2f")):
+                value = row.get(f"{key}_{pass_}")
+                cells.append("-" if value is None else f"{value:{spec}}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def gpt_table(name="gpt.csv"):
     """Notebook 7's training step: tokens/s and peak memory of each attention, fp32 and bf16."""
     by = {(r["attention"], r["dtype"]): r for r in bench.read_csv(RESULTS / name)}
@@ -228,7 +253,9 @@ def tables():
             (results, "sweep_hopper"): bf16_table("sweep_hopper.csv", version=4),
             (results, "decode"): decode_table(),
             (results, "varlen"): varlen_table(),
-            (results, "gpt"): gpt_table()}
+            (results, "gpt"): gpt_table(),
+            # bench.py --mods' table, once the H200's mods.csv is committed (with its markers in the README)
+            **({(results, "mods"): mods_table()} if (RESULTS / "mods.csv").exists() else {})}
 
 
 def markers(name):
