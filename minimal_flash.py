@@ -162,9 +162,11 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     deterministic = _check_deterministic(deterministic, version)
     mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
-        if mods is not None:
-            raise NotImplementedError("score_mod, mask_mod, window_size, softcap, alibi_slopes, dropout_p under "
-                                      "torch.compile: not yet; call flash_attention outside the compiled region")
+        if mods is not None and mods.spec.dropout:
+            raise NotImplementedError("dropout_p under torch.compile: not yet (its seed is drawn per call); call "
+                                      "flash_attention outside the compiled region")
+        if mods is not None:  # the mods travel as the build's Mods, field by field, tensors and numbers
+            return torch.ops.minimal_flash.attention_mods(q, k, v, causal, scale, *_mod_op_arguments(mods))[0]
         return torch.ops.minimal_flash.attention(q, k, v, causal, scale, Br, Bc, version, deterministic)[0]
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return _attention(q, k, v, causal, scale, Br, Bc, version, mods=mods)[0]  # no autograd bookkeeping
@@ -434,6 +436,66 @@ def _attention_op_grad(ctx, dO, dL):  # L is a by-product: nothing flows back th
 
 
 _attention_op.register_autograd(_attention_op_grad, setup_context=_attention_op_save)
+
+
+# Chapter 6's mods as two more operators, for torch.compile: version 3's passes with a ModCall (dropout
+# not among them) given field by field, in the types an operator takes: the user's strings, the mod
+# tensors' names and dtypes (comma-joined) and dims, which official options are on, the tensors and
+# the options' values.
+def _mod_op_arguments(mods):
+    spec = mods.spec
+    return (spec.score_mod, spec.mask_mod, ",".join(t[0] for t in spec.tensors), ",".join(t[1] for t in spec.tensors),
+            [t[2] for t in spec.tensors], [int(spec.window), int(spec.softcap), spec.alibi], list(mods.tensors),
+            list(mods.ints), list(mods.floats))
+
+
+def _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats):
+    names, dtypes = (text.split(",") if text else [] for text in (names, dtypes))  # comma-joined: no list[str]
+    spec = Mods(score_mod, mask_mod, tuple(zip(names, dtypes, dims)), bool(flags[0]), bool(flags[1]), flags[2])
+    return ModCall(spec, tuple(tensors), tuple(ints), tuple(floats))
+
+
+@torch.library.custom_op("minimal_flash::attention_mods", mutates_args=())
+def _attention_mods_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                       score_mod: Optional[str], mask_mod: Optional[str], names: str, dtypes: str,
+                       dims: list[int], flags: list[int], tensors: list[torch.Tensor], ints: list[int],
+                       floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats)
+    return _attention(q, k, v, causal, scale, None, None, 3, mods=mods)
+
+
+@_attention_mods_op.register_fake
+def _(q, k, v, causal, scale, *mods):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("minimal_flash::attention_mods_grads", mutates_args=())
+def _attention_mods_grads_op(dO: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, O: torch.Tensor,
+                             L: torch.Tensor, causal: bool, scale: float, score_mod: Optional[str],
+                             mask_mod: Optional[str], names: str, dtypes: str, dims: list[int],
+                             flags: list[int], tensors: list[torch.Tensor], ints: list[int],
+                             floats: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats)
+    return _attention_grads(_laid_out(dO, 3), q, k, v, O, L, causal, scale, None, None, 3, mods=mods)
+
+
+@_attention_mods_grads_op.register_fake
+def _(dO, q, k, v, O, L, *options):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_mods_op_save(ctx, inputs, output):
+    q, k, v, *ctx.options = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _attention_mods_op_grad(ctx, dO, dL):  # no gradient reaches the mod tensors (constants: _check_mods)
+    grads = _attention_mods_grads_op(dO, *ctx.saved_tensors, *ctx.options)
+    tensors = ctx.options[8]  # a list of tensors gets a list of gradients
+    return *grads, None, None, None, None, None, None, None, None, [None] * len(tensors), None, None
+
+
+_attention_mods_op.register_autograd(_attention_mods_op_grad, setup_context=_attention_mods_op_save)
 
 
 def _scale(q, softmax_scale):
