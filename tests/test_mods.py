@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, assert_close, random_qkv, random_dO
+from helpers import DEVICES, assert_close, random_dO, random_qkv, rel_err
 
 SHAPES = [(2, 3, 1, 64), (1, 2, 130, 128), (2, 2, 200, 64)]
 
@@ -215,3 +215,27 @@ def test_bad_mods_are_refused(options, error, match):
 def test_a_mod_that_does_not_compile_names_its_line():
     refuse(RuntimeError, "(?s)compiling version 3 .* with mods failed:.*score_mod:2:.*error",
            score_mod="float x = score;\nreturn no_such_name + x;")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mods_with_grouped_heads(device, generator):
+    """k, v with fewer heads than q (each shared by a group of 3): h in a mod is q's head, as in
+    FlexAttention; the same as flash_attention on k, v repeated to q's heads, forward and backward (dK,
+    dV summed over the group)."""
+    q = random_qkv(2, 6, 100, 64, device, generator, torch.bfloat16)[0]
+    k, v = random_qkv(2, 2, 100, 64, device, generator, torch.bfloat16)[:2]
+    slopes = torch.rand(6, generator=generator).to(device)
+    options = dict(score_mod="score + 0.1f * h", mask_mod="(q_idx + h) % 4 != 1 || kv_idx == 0",
+                   alibi_slopes=slopes, causal=True)
+    dO = random_dO(q, generator)
+    results = []
+    for kk, vv in ((k, v), (k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))):
+        inputs = [t.detach().clone().requires_grad_() for t in (q, kk, vv)]
+        out = mf.flash_attention(*inputs, **options)
+        results.append((out.detach(), *torch.autograd.grad(out, inputs, dO)))
+    (O, dQ, dK, dV), (O_all, dQ_all, dK_all, dV_all) = results
+    assert torch.equal(O, O_all)
+    assert rel_err(dQ, dQ_all.double()) < 1e-2  # dQ: atomics add in any order
+    for grouped, every in ((dK, dK_all), (dV, dV_all)):
+        summed = every.unflatten(1, (2, 3)).sum(2, dtype=torch.float32)
+        assert rel_err(grouped, summed.double()) < 1e-2
