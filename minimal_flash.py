@@ -93,13 +93,14 @@ VERSIONS = {v.number: v for v in (
     Version(2, "FlashAttention-2 loop order", 2, ("flash2.cu", "flash2_backward.cu"), "version2.cuh",
             (torch.float32,), block_sizes=_version2_block_sizes),
     Version(3, "FlashAttention-2 on tensor cores", 3, ("flash2_mma.cu", "flash2_mma_backward.cu"), "version3.cuh",
-            (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True, grouped_heads=True),
+            (torch.bfloat16, torch.float16), head_dims=(32, 64, 96, 128), positive_scale=True, grouped_heads=True),
     # Hopper's wgmma and setmaxnreg exist for the sm_90a target only, whose code runs on 9.0 GPUs only.
     Version(4, "FlashAttention-3 on Hopper", 4, ("flash3_hopper.cu", "flash3_hopper_backward.cu"), "version4.cuh",
             (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True, capability=(9, 0),
             deterministic_mode=True, grouped_heads=True, strided=True,
             cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",)),
 )}
+DECODE_HEAD_DIMS = (64, 128)  # flash_attn_with_kvcache's kernels (kernels/flash_decode.cu)
 PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the order of kernels/bindings.cu's DType
 
@@ -273,9 +274,10 @@ def _transformers_attention(module, query, key, value, attention_mask, dropout=0
         takes = next(x for x in VERSIONS.values() if x.grouped_heads)
         raise TypeError(f"minimal_flash: a {query.dtype} model; with transformers the kernels run "
                         f"{_dtype_names(takes.dtypes)} models (dtype= in from_pretrained or from_config)")
-    if query.shape[-1] not in version.head_dims:
+    head_dims = [d for d in version.head_dims if d in DECODE_HEAD_DIMS]  # the prompt's and the decode's
+    if query.shape[-1] not in head_dims:
         raise ValueError(f"minimal_flash: a model of head dim {query.shape[-1]}; version {version.number}'s "
-                         "kernels are compiled for head dim " + " and ".join(map(str, version.head_dims)))
+                         f"kernels and the decode kernels are compiled for head dim {_one_of(head_dims)}")
     if query.shape[2] == key.shape[2]:  # the prompt (the cache held nothing before it)
         out = flash_attention(query, key, value, causal=True, softmax_scale=scaling).transpose(1, 2)
     else:  # new tokens after the cached ones: the official package's decode function, whose causal=True
@@ -589,9 +591,9 @@ def _check_kvcache(q, k_cache, v_cache, k, v, block_table):
     (B, Sq, H, d), Hk = q.shape, k_cache.shape[2]
     if Sq < 1:
         raise ValueError(f"q has seqlen_q = {Sq}: flash_attn_with_kvcache takes at least one query position")
-    if d not in VERSIONS[3].head_dims:
+    if d not in DECODE_HEAD_DIMS:
         raise ValueError(f"head dim d = {d}: the decode kernels (version 3's build) are compiled for d = "
-                         + " and ".join(map(str, VERSIONS[3].head_dims)))
+                         f"{_one_of(DECODE_HEAD_DIMS)}")
     if k_cache.shape != v_cache.shape or k_cache.shape[3] != d or Hk == 0 or H % Hk:
         raise ValueError(f"k_cache and v_cache must have one shape (..., nheads_k, d = {d}), nheads_k dividing q's "
                          f"nheads = {H} (grouped-query heads); got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -804,7 +806,7 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                f"nheads_k = {Hk} does not divide q's nheads = {H}" if Hk == 0 or H % Hk else None)
     if problem:
         raise ValueError(f"{problem}: flash_attn_varlen_func takes q (total_q, nheads, d), k and v (total_k, nheads_k, "
-                         f"d), d = {' or '.join(map(str, head_dims))} (version 3's kernels), nheads_k dividing nheads "
+                         f"d), d = {_one_of(head_dims)} (version 3's kernels), nheads_k dividing nheads "
                          f"(grouped-query heads); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     lengths = []
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -1530,8 +1532,7 @@ def _check_inputs(q, k, v, version):
     if d == 0:
         raise ValueError("head dim d is 0: there is nothing to attend with")
     if head_dims is not None and d not in head_dims:
-        raise ValueError(f"head dim d = {d}: version {version} is compiled for d = "
-                         + " and ".join(map(str, head_dims)))
+        raise ValueError(f"head dim d = {d}: version {version} is compiled for d = {_one_of(head_dims)}")
     return _laid_out(q, version), _laid_out(k, version), _laid_out(v, version)
 
 
@@ -1746,6 +1747,12 @@ def _check_official_defaults(**given):
         if not same:
             raise ValueError(f"{name} = {_short(value)} is not supported by minimal_flash: these kernels do not have "
                              f"it; leave it at its default {default!r}")
+
+
+def _one_of(values):
+    """(32, 64, 96) -> '32, 64 or 96'."""
+    words = [str(x) for x in values]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def _short(value):

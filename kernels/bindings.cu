@@ -160,11 +160,13 @@ static int thread_groups(Kernel* kernel, const Call& c, int rows, int group, siz
     return "B * H = " + std::to_string(BH) + " is more than the 65535 blocks a grid column may have";
 }
 
-// Versions 3 and 4, bf16 and fp16 on tensor cores: what their kernels cannot take.
-[[maybe_unused]] static std::string half_precision_error(const Call& c, int version) {
+// Versions 3 and 4, bf16 and fp16 on tensor cores: what their kernels cannot take. head_dims: the d
+// they are compiled for, as a list in words.
+[[maybe_unused]] static std::string half_precision_error(const Call& c, int version, bool head_dim_ok,
+                                                         const char* head_dims) {
     const std::string takes = "version " + std::to_string(version) + " takes ";
     if (c.dtype == FLOAT32) return takes + "bfloat16 or float16 tensors, not float32";
-    if (c.d != 64 && c.d != 128) return takes + "head dim d = 64 or 128, not " + std::to_string(c.d);
+    if (!head_dim_ok) return takes + "head dim d = " + head_dims + ", not " + std::to_string(c.d);
     // The kernels take the running max of unscaled scores, right only for scale >= 0; and at scale 0
     // a masked score's exponent would be -inf * 0 = NaN.
     if (c.scale <= 0) return takes + "softmax_scale > 0, not " + std::to_string(c.scale);

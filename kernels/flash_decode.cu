@@ -519,7 +519,7 @@ extern "C" const char* mf_decode(const float* Q, const float* K, const float* V,
                        page,        max_pages,
                        pages,       splits,
                        scale,       causal};
-    message = half_precision_error(c, 3);
+    message = half_precision_error(c, 3, d == 64 || d == 128, "64 or 128 (the decode kernels)");
     if (message.empty() && (Hk < 1 || H % Hk != 0 || splits < 1 || splits > fd::MAX_SPLITS))
         message = "internal error: " + std::to_string(H) + " query heads, " + std::to_string(Hk) +
                   " kv heads, " + std::to_string(splits) + " splits";

@@ -13,8 +13,10 @@
 //
 // Chapter 5's decode kernels live in this build: they share chapter 3's mma.sync fragments
 // (mma.cuh), dtypes and head dims, and are no new version (no row in minimal_flash.VERSIONS).
-// Block sizes: its own (Br and Bc do not apply). Head dims d = 64 and 128 (a warp's fragments are
-// arrays of d / 16 and d / 8, so each d is compiled). softmax_scale > 0.
+// Block sizes: its own (Br and Bc do not apply). Head dims d = 32, 64, 96 and 128, multiples of 32 (a
+// warp's fragments are arrays of d / 16 and d / 8, so each d is compiled; the backward's dQ_i is
+// split in two halves of columns, each a whole number of 16-column products); the decode kernels:
+// 64 and 128. softmax_scale > 0.
 // Scratch (fp32, per row): none (forward), dQ's sums (d) and D (1) (backward).
 // bindings.cu includes this file in its middle: Call and launch are defined there.
 #include "flash2_mma.cu"
@@ -36,16 +38,28 @@ struct Version {
     // What the kernels cannot take (minimal_flash.py checks these first, with the same words).
     static std::string error(const Call& c) {
         if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
-        return half_precision_error(c, 3);
+        return half_precision_error(c, 3, c.d % 32 == 0 && c.d >= 32 && c.d <= 128, "32, 64, 96 or 128");
     }
 
     // Launcher<T, d>::run for the call's dtype and d.
     template <template <class, int> class Launcher>
     static std::string dispatch(const Call& c) {
         if (std::string err = error(c); !err.empty()) return err;
-        if (c.dtype == BFLOAT16)
-            return c.d == 64 ? Launcher<__nv_bfloat16, 64>::run(c) : Launcher<__nv_bfloat16, 128>::run(c);
-        return c.d == 64 ? Launcher<__half, 64>::run(c) : Launcher<__half, 128>::run(c);
+        return c.dtype == BFLOAT16 ? with_head_dim<Launcher, __nv_bfloat16>(c)
+                                   : with_head_dim<Launcher, __half>(c);
+    }
+    template <template <class, int> class Launcher, class T>
+    static std::string with_head_dim(const Call& c) {
+        switch (c.d) {
+            case 32:
+                return Launcher<T, 32>::run(c);
+            case 64:
+                return Launcher<T, 64>::run(c);
+            case 96:
+                return Launcher<T, 96>::run(c);
+            default:
+                return Launcher<T, 128>::run(c);  // error() took d = 128 only, then
+        }
     }
 
     template <class T, int d>
@@ -84,7 +98,8 @@ extern "C" const char* mf_varlen(int pass, const float* Q, const float* K, const
     if (!cu_seqlens_q || !cu_seqlens_k || B < 1 || H < 1 || group < 1 || H % group != 0 ||
         (pass != FORWARD && group != 1) || mods::HOOKED) {
         message = "internal error: packed sequences with " + std::to_string(H) + " query heads, " +
-                  std::to_string(group) + " per head of k, v" + (mods::HOOKED ? ", in a build with mods" : "");
+                  std::to_string(group) + " per head of k, v" +
+                  (mods::HOOKED ? ", in a build with mods" : "");
     } else {
         const OnDevice on(device);
         message = pass == FORWARD ? Version::forward(c) : Version::backward(c);

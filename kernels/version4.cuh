@@ -117,7 +117,8 @@ struct Version {
         if (const int cc = capability(c.device); cc != 90)
             return "version 4 needs a Hopper GPU (compute capability 9.0); this one is " +
                    std::to_string(cc / 10) + "." + std::to_string(cc % 10);
-        if (std::string err = half_precision_error(c, 4); !err.empty()) return err;
+        if (std::string err = half_precision_error(c, 4, c.d == 64 || c.d == 128, "64 or 128"); !err.empty())
+            return err;
         // The copy engine reads from 16-byte aligned addresses only, rows a multiple of 16 bytes apart.
         for (auto [p, s] :
              {std::pair{c.Q, c.Q_strides}, {c.K, c.K_strides}, {c.V, c.V_strides}, {c.dO, c.dO_strides}})

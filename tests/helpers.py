@@ -28,17 +28,19 @@ TOL = 1e-5
 # the block size; d from 1 to 200 (odd ones too; 128 and 200 need the >48 KB shared-memory opt-in).
 FP32_SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (2, 3, 32, 64), (2, 3, 64, 64), (2, 3, 100, 64),
                (1, 2, 77, 1), (1, 2, 77, 3), (2, 1, 50, 16), (1, 2, 65, 128), (1, 1, 40, 200)]
-# Versions 3 and 4 (d = 64 and 128 only): N of one row, below, equal to, past and a multiple of the
+# Versions 3 and 4 (d = 64 and 128): N of one row, below, equal to, past and a multiple of the
 # tiles' 64 rows or keys (version 3) or 128 (version 4, and version 3's backward block), 255: a warp's
 # last key at N - 1, the edge-tile test's boundary; 384 and 520: 3 and 5 key tiles of 128, so that
 # version 4's 2-stage ring of K_j, V_j refills each stage and its barriers change phase; B * H > 1.
+# Last, version 3's other head dims (32 and 96: it takes every multiple of 32 to 128).
 HALF_SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (1, 2, 64, 64), (2, 2, 100, 64), (1, 1, 130, 128), (2, 1, 64, 128),
-               (1, 1, 255, 64), (1, 2, 384, 128), (1, 1, 520, 64)]
+               (1, 1, 255, 64), (1, 2, 384, 128), (1, 1, 520, 64), (2, 2, 100, 32), (1, 2, 130, 96)]
 
 
 def shapes(version):
     """The shapes a version is tested at: any d for the fp32 versions, its own for the others."""
-    return FP32_SHAPES if mf.VERSIONS[version].head_dims is None else HALF_SHAPES
+    head_dims = mf.VERSIONS[version].head_dims
+    return FP32_SHAPES if head_dims is None else [s for s in HALF_SHAPES if s[3] in head_dims]
 
 
 def head_dim(version, d=32):

@@ -555,6 +555,6 @@ def test_mods_dense_builds_the_mods_as_flexattention_takes_them():
 def test_mods_takes_version_3_in_half_precision():
     args = bench.parse_args(["--mods", "--cpu"])
     assert (args.version, args.dtype, args.heads, args.head_dim, args.seq_len) == (3, torch.bfloat16, 2, 64, [128])
-    for bad in (["--version", "4"], ["--dtype", "fp32"], ["-d", "32"], ["-N", "64", "128"]):
+    for bad in (["--version", "4"], ["--dtype", "fp32"], ["-d", "48"], ["-N", "64", "128"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--mods", "--cpu", *bad])

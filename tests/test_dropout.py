@@ -76,7 +76,8 @@ def dense_dropout(q, k, v, causal, keep, p, dO):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("shape", [(2, 3, 1, 64), (1, 2, 130, 128), (2, 2, 200, 64)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(2, 3, 1, 64), (1, 2, 130, 128), (2, 2, 200, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_dropout_matches_dense_attention_with_the_same_mask(shape, causal, device, generator):
     run_case(shape, causal, device, generator)
 

@@ -106,10 +106,10 @@ def test_version_3_takes_half_precision_only():
 
 
 def test_version_3_takes_its_head_dims_only():
-    q = torch.randn(1, 1, 8, 32, dtype=torch.float16)
-    with pytest.raises(ValueError, match="head dim d = 32: version 3 is compiled for d = 64 and 128"):
+    q = torch.randn(1, 1, 8, 48, dtype=torch.float16)
+    with pytest.raises(ValueError, match="head dim d = 48: version 3 is compiled for d = 32, 64, 96 or 128"):
         mf.forward(q, q, q)
-    with pytest.raises(ValueError, match="head dim d = 32: version 3 is compiled for d = 64 and 128"):
+    with pytest.raises(ValueError, match="head dim d = 48: version 3 is compiled for d = 32, 64, 96 or 128"):
         mf.backward(q, q, q, q, q, q[..., 0].float())
 
 
@@ -389,25 +389,29 @@ def test_flash_attn_func_keeps_the_official_positional_order(generator):
     assert torch.equal(out.transpose(1, 2), mf.flash_attention(*views, causal=True, softmax_scale=0.2))
 
 
-@pytest.mark.parametrize("option,value", [("window_size", (128, 0)), ("softcap", 30.0), ("alibi_slopes", torch.ones(3))])
+@pytest.mark.parametrize("option,value", [("window_size", (128, 0)), ("softcap", 30.0),
+                                          ("alibi_slopes", torch.ones(3))])
 def test_flash_attn_func_options_need_half_precision(option, value):
     """window_size, softcap, alibi_slopes are mods compiled into version 3 (tests/test_mods.py): float32
     inputs are refused by name."""
     q = torch.randn(1, 8, 3, 16)
-    with pytest.raises(TypeError, match="q is torch.float32: score_mod, mask_mod, window_size, softcap, alibi_slopes and dropout_p"):
+    with pytest.raises(TypeError, match="q is torch.float32: score_mod, mask_mod, window_size, softcap, alibi_slopes "
+                                        "and dropout_p"):
         mf.flash_attn_func(q, q, q, **{option: value})
     assert mf.flash_attn_func(q, q, q, window_size=[-1, -1], softcap=0.0).shape == q.shape  # the defaults
 
 
 def test_flash_attn_func_refuses_return_attn_probs():
     q = torch.randn(1, 8, 3, 16)
-    with pytest.raises(ValueError, match="return_attn_probs = True is not supported by minimal_flash: these kernels do not have it"):
+    with pytest.raises(ValueError, match="return_attn_probs = True is not supported by minimal_flash: these kernels "
+                                         "do not have it"):
         mf.flash_attn_func(q, q, q, return_attn_probs=True)
 
 
 @pytest.mark.parametrize("dropout_p,error,message", [
-    (1.0, ValueError, "dropout_p = 1.0: it must be in \\[0, 1\\)"), (-0.1, ValueError, "dropout_p = -0.1: it must be in"),
-    (None, TypeError, "dropout_p = None: it must be a number"), ("0", TypeError, "dropout_p = '0': it must be a number")])
+    (1.0, ValueError, "dropout_p = 1.0: it must be in \\[0, 1\\)"),
+    (-0.1, ValueError, "dropout_p = -0.1: it must be in"), (None, TypeError, "dropout_p = None: it must be a number"),
+    ("0", TypeError, "dropout_p = '0': it must be a number")])
 def test_bad_dropout_is_refused_clearly(dropout_p, error, message):
     """Positionally too: flash_attn_func(q, k, v, None, 0.0), SDPA's order, fails on its None."""
     q = torch.randn(1, 4, 1, 8, dtype=torch.bfloat16)

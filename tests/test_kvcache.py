@@ -203,7 +203,7 @@ def test_bad_tensors_are_refused():
     q, k_cache, v_cache = small_inputs()
     refuse(TypeError, "q has dtype torch.float32; the decode kernels .* take bfloat16 and float16",
            *small_inputs(dtype=torch.float32))
-    refuse(ValueError, "head dim d = 96: the decode kernels .* d = 64 and 128", *small_inputs(d=96))
+    refuse(ValueError, "head dim d = 96: the decode kernels .* d = 64 or 128", *small_inputs(d=96))
     refuse(ValueError, "nheads_k dividing q's nheads = 6", *small_inputs(H=6, Hk=4))
     refuse(TypeError, "k_cache has dtype torch.float16, q torch.bfloat16", q, k_cache.half(), v_cache)
     refuse(ValueError, "v_cache is on meta, q on cpu", q, k_cache, v_cache.to("meta"))

@@ -173,7 +173,7 @@ def test_bad_tensors_are_refused():
     q, k, v, cu_q, cu_k, max_q, max_k = inputs = small_inputs()
     refuse(TypeError, "q has dtype torch.float32; flash_attn_varlen_func runs version 3's kernels, which take "
                       "bfloat16 and float16 only", *small_inputs(dtype=torch.float32))
-    refuse(ValueError, r"head dim d = 96: .* d = 64 or 128 \(version 3's kernels\)", *small_inputs(d=96))
+    refuse(ValueError, r"head dim d = 48: .* d = 32, 64, 96 or 128 \(version 3's kernels\)", *small_inputs(d=48))
     refuse(ValueError, "nheads_k = 4 does not divide q's nheads = 6", *small_inputs(H=6, Hk=4))
     refuse(ValueError, "k and v have head dim 128, q 64", q, k.repeat(1, 1, 2), v.repeat(1, 1, 2), *inputs[3:])
     refuse(ValueError, r"q must be 3-D \(total_q, nheads, d\)", q[None], *inputs[1:])
