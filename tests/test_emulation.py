@@ -361,7 +361,10 @@ def test_warp_collective_needs_whole_warps(cases):
 # ---- Ctrl-C and the progress line, through minimal_flash, as a user meets them
 
 LONG_CALL = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # Python's own SIGINT handler, whatever disposition the test process handed down: an ignored SIGINT
+    # is inherited across exec, and then no Ctrl-C reaches the child (seen in full runs of the suite).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {root!r})
     import torch
     import minimal_flash as mf
