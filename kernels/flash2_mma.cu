@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     constexpr int LS = stride16(d);
     // smem: the block's shared memory, declared in tiles.cuh
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // Br x LS
-    unsigned short* K_j = Q_i + Br * LS;  // two buffers of Bc x LS: tile j in buffer j % 2
+    unsigned short* K_j = Q_i + Br * LS;  // two buffers of Bc x LS: the n-th tile walked in buffer n % 2
     unsigned short* V_j = K_j + 2 * Bc * LS;
     // Lane (g, q) of warp w holds, of each of its tiles of 16 rows, rows g and g + 8, and of each 8 columns
     // of an accumulator, columns 2q and 2q + 1 (kernels/mma.cuh).
