@@ -768,7 +768,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     k's rows, no sequence longer than its max_seqlen. The official options these kernels lack (dropout,
     a window, softcap, ALiBi, a paged block_table) are refused, and so is deterministic=True: version
     3's backward adds into dQ with atomics, in whatever order its blocks finish."""
-    _check_no_dropout(dropout_p)
+    if _check_dropout(dropout_p) > 0:  # version 3's dropout takes fixed-length batches only
+        raise ValueError(f"dropout_p = {dropout_p}: these kernels have no dropout on packed sequences "
+                         "(flash_attn_func has it); use dropout_p=0.0")
     _check_official_defaults(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                              block_table=block_table)
     if not isinstance(deterministic, bool):
@@ -1723,13 +1725,6 @@ def _check_dropout(dropout_p):
     if not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p = {dropout_p}: it must be in [0, 1)")
     return float(dropout_p)
-
-
-def _check_no_dropout(dropout_p):
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p = {_short(dropout_p)}: it must be a number (these kernels take only 0.0)")
-    if dropout_p != 0:
-        raise ValueError(f"dropout_p = {dropout_p}: these kernels have no dropout; use dropout_p=0.0")
 
 
 _OFFICIAL_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, return_attn_probs=False,
