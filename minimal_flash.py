@@ -163,9 +163,6 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     deterministic = _check_deterministic(deterministic, version)
     mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
-        if mods is not None and mods.spec.dropout:
-            raise NotImplementedError("dropout_p under torch.compile: not yet (its seed is drawn per call); call "
-                                      "flash_attention outside the compiled region")
         if mods is not None:  # the mods travel as the build's Mods, field by field, tensors and numbers
             return torch.ops.minimal_flash.attention_mods(q, k, v, causal, scale, *_mod_op_arguments(mods))[0]
         return torch.ops.minimal_flash.attention(q, k, v, causal, scale, Br, Bc, version, deterministic)[0]
@@ -1084,6 +1081,9 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
     if not (spec.score or spec.mask or spec.dropout):
         return None
     if spec.dropout:
+        if torch.compiler.is_compiling():  # before asking about capture, which torch.compile cannot trace
+            raise NotImplementedError("dropout_p under torch.compile: not yet (its seed is drawn per call); call "
+                                      "flash_attention outside the compiled region")
         if _capturing(q.device):
             raise RuntimeError("dropout_p > 0 while a CUDA graph is captured: the graph would replay one dropout "
                                "mask forever; capture without dropout")
