@@ -82,6 +82,7 @@ class Version:
     positive_scale: bool = False  # takes softmax_scale > 0 only
     capability: Optional[tuple] = None  # the one GPU compute capability it runs on (None: any)
     cuda_flags: tuple = ()  # nvcc flags of its CUDA build (None of them: torch's own for the GPU)
+    mods: bool = False  # takes chapter 6's mods (score_mod, mask_mod, the official options, dropout)
 
     def kernel_file(self, pass_):
         return self.kernels[PASSES.index(pass_)]
@@ -93,12 +94,13 @@ VERSIONS = {v.number: v for v in (
     Version(2, "FlashAttention-2 loop order", 2, ("flash2.cu", "flash2_backward.cu"), "version2.cuh",
             (torch.float32,), block_sizes=_version2_block_sizes),
     Version(3, "FlashAttention-2 on tensor cores", 3, ("flash2_mma.cu", "flash2_mma_backward.cu"), "version3.cuh",
-            (torch.bfloat16, torch.float16), head_dims=(32, 64, 96, 128), positive_scale=True, grouped_heads=True),
+            (torch.bfloat16, torch.float16), head_dims=(32, 64, 96, 128), positive_scale=True, grouped_heads=True,
+            mods=True),
     # Hopper's wgmma and setmaxnreg exist for the sm_90a target only, whose code runs on 9.0 GPUs only.
     Version(4, "FlashAttention-3 on Hopper", 4, ("flash3_hopper.cu", "flash3_hopper_backward.cu"), "version4.cuh",
             (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True, capability=(9, 0),
             deterministic_mode=True, grouped_heads=True, strided=True,
-            cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",)),
+            cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",), mods=True),
 )}
 DECODE_HEAD_DIMS = (64, 128)  # flash_attn_with_kvcache's kernels (kernels/flash_decode.cu)
 PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
@@ -144,12 +146,12 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     inputs; for bfloat16 and float16 ones, version 4 on a Hopper GPU, version 3 elsewhere). Br, Bc: the block sizes of the versions they
     shape (default MINIMAL_FLASH_BR / _BC, else 32). deterministic: the backward's dQ the same bits
     run to run (version 1 always; version 4 at a cost; the others refuse it).
-    Your own attention (version 3): score_mod, a C++ expression of the scaled score and b, h, q_idx,
+    Your own attention (versions 3 and 4): score_mod, a C++ expression of the scaled score and b, h, q_idx,
     kv_idx, such as "score + bias(h, q_idx - kv_idx)"; mask_mod, a C++ condition of b, h, q_idx, kv_idx
     that keeps a key, such as "q_idx - kv_idx < 256"; mod_tensors {name: tensor}, what they read
     (name[i], name(i, j)); window_size, softcap, alibi_slopes as the official package has them. Each
     set of mods is compiled once (seconds), the options' values and the tensors read at run time.
-    dropout_p: dropout on the attention weights (version 3), its mask drawn from a seed that torch's
+    dropout_p: dropout on the attention weights (versions 3 and 4), its mask drawn from a seed that torch's
     generator gives (reproducible under torch.manual_seed) and drawn again by the backward."""
     causal = _either("causal", causal, False, "is_causal", is_causal)
     softmax_scale = _either("softmax_scale", softmax_scale, None, "scale", scale)
@@ -164,7 +166,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
         if mods is not None:  # the mods travel as the build's Mods, field by field, tensors and numbers
-            return torch.ops.minimal_flash.attention_mods(q, k, v, causal, scale, *_mod_op_arguments(mods))[0]
+            return torch.ops.minimal_flash.attention_mods(q, k, v, causal, scale, version, *_mod_op_arguments(mods))[0]
         return torch.ops.minimal_flash.attention(q, k, v, causal, scale, Br, Bc, version, deterministic)[0]
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return _attention(q, k, v, causal, scale, Br, Bc, version, mods=mods)[0]  # no autograd bookkeeping
@@ -191,7 +193,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     version=None, score_mod=None, mask_mod=None, mod_tensors=None):
     """The flash-attn package's flash_attn_func, with its positional order, on our kernels: q, k, v are
     (B, N, H, d), batch, sequence, heads, head dim, and so is the result. dropout_p, window_size,
-    softcap and alibi_slopes as the official package has them (version 3's kernels, with score_mod, mask_mod and
+    softcap and alibi_slopes as the official package has them (versions 3 and 4, with score_mod, mask_mod and
     mod_tensors: see flash_attention); its options that these kernels do not have are refused unless
     left at their defaults; deterministic=True needs a version whose backward can be deterministic
     (version 1, or 4). Br, Bc, version: as for flash_attention."""
@@ -437,8 +439,8 @@ def _attention_op_grad(ctx, dO, dL):  # L is a by-product: nothing flows back th
 _attention_op.register_autograd(_attention_op_grad, setup_context=_attention_op_save)
 
 
-# Chapter 6's mods as two more operators, for torch.compile: version 3's passes with a ModCall (dropout
-# not among them) given field by field, in the types an operator takes: the user's strings, the mod
+# Chapter 6's mods as two more operators, for torch.compile: a version's passes (3 or 4) with a ModCall
+# (dropout not among them) given field by field, in the types an operator takes: the user's strings, the mod
 # tensors' names and dtypes (comma-joined) and dims, which official options are on, the tensors and
 # the options' values.
 def _mod_op_arguments(mods):
@@ -455,12 +457,12 @@ def _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, fl
 
 
 @torch.library.custom_op("minimal_flash::attention_mods", mutates_args=())
-def _attention_mods_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+def _attention_mods_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, version: int,
                        score_mod: Optional[str], mask_mod: Optional[str], names: str, dtypes: str,
                        dims: list[int], flags: list[int], tensors: list[torch.Tensor], ints: list[int],
                        floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats)
-    return _attention(q, k, v, causal, scale, None, None, 3, mods=mods)
+    return _attention(q, k, v, causal, scale, None, None, version, mods=mods)
 
 
 @_attention_mods_op.register_fake
@@ -470,12 +472,12 @@ def _(q, k, v, causal, scale, *mods):
 
 @torch.library.custom_op("minimal_flash::attention_mods_grads", mutates_args=())
 def _attention_mods_grads_op(dO: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, O: torch.Tensor,
-                             L: torch.Tensor, causal: bool, scale: float, score_mod: Optional[str],
+                             L: torch.Tensor, causal: bool, scale: float, version: int, score_mod: Optional[str],
                              mask_mod: Optional[str], names: str, dtypes: str, dims: list[int],
                              flags: list[int], tensors: list[torch.Tensor], ints: list[int],
                              floats: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats)
-    return _attention_grads(_laid_out(dO, 3), q, k, v, O, L, causal, scale, None, None, 3, mods=mods)
+    return _attention_grads(_laid_out(dO, version), q, k, v, O, L, causal, scale, None, None, version, mods=mods)
 
 
 @_attention_mods_grads_op.register_fake
@@ -490,8 +492,8 @@ def _attention_mods_op_save(ctx, inputs, output):
 
 def _attention_mods_op_grad(ctx, dO, dL):  # no gradient reaches the mod tensors (constants: _check_mods)
     grads = _attention_mods_grads_op(dO, *ctx.saved_tensors, *ctx.options)
-    tensors = ctx.options[8]  # a list of tensors gets a list of gradients
-    return *grads, None, None, None, None, None, None, None, None, [None] * len(tensors), None, None
+    tensors = ctx.options[9]  # a list of tensors gets a list of gradients
+    return *grads, None, None, None, None, None, None, None, None, None, [None] * len(tensors), None, None
 
 
 _attention_mods_op.register_autograd(_attention_mods_op_grad, setup_context=_attention_mods_op_save)
@@ -936,7 +938,7 @@ def _run_varlen(pass_, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Your own attention (chapter 6): score_mod and mask_mod compiled into version 3's kernels
+# Your own attention (chapter 6): score_mod and mask_mod compiled into the kernels of versions 3 and 4
 
 
 class ModArgs(ctypes.Structure):
@@ -1094,17 +1096,19 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
 
 
 def _mods_version(version, wants_mods, q):
-    """Mods run on version 3's kernels: the default then, and any other version is refused."""
+    """Mods run on the kernels of versions 3 and 4: the default version of q's dtype and device then
+    (version 4 on a Hopper GPU, else 3), and a version without mods is refused."""
     if not wants_mods:
         return version
     if isinstance(q, torch.Tensor) and q.dtype not in VERSIONS[3].dtypes:
         raise TypeError(f"q is {q.dtype}: score_mod, mask_mod, window_size, softcap, alibi_slopes and dropout_p are "
-                        f"compiled into version 3's kernels, which take {_dtype_names(VERSIONS[3].dtypes)}")
+                        f"compiled into the kernels of versions 3 and 4, which take {_dtype_names(VERSIONS[3].dtypes)}")
     if version is None:
-        return 3
-    if version != 3:
+        return default_version(q.dtype, q.device) if isinstance(q, torch.Tensor) else 3
+    if version not in VERSIONS or not VERSIONS[version].mods:
         raise ValueError(f"version = {version!r}: score_mod, mask_mod, window_size, softcap, alibi_slopes and "
-                         "dropout_p are compiled into version 3's kernels only; leave version out, or pass version=3")
+                         "dropout_p are compiled into the kernels of versions 3 and 4 only; leave version out, or "
+                         "pass one of those")
     return version
 
 
@@ -1222,7 +1226,7 @@ def load_kernels(device_type="cuda", version=None, Br=None, Bc=None, mods=None):
     where the version takes them: compiled the first time, and again whenever a file the build
     includes has changed since it was loaded (this process goes on with the new build). Every call of
     the kernels asks: the loaded build is found first, and the block sizes are resolved and checked
-    only when it is not there. mods: a Mods, compiled in (version 3's kernels; chapter 6)."""
+    only when it is not there. mods: a Mods, compiled in (versions 3 and 4; chapter 6)."""
     version = 2 if version is None else version
     key = (device_type, version, Br, Bc, mods)
     folder = _sources.current()
@@ -1368,7 +1372,7 @@ class Kernels:
             function.restype, function.argtypes = result, arguments
         if hasattr(c, "mf_decode"):  # version 3's build: chapter 5's decode kernels (kernels/flash_decode.cu)
             c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 9 + [i] * 11 + [f, b, i, i, P]
-        if hasattr(c, "mf_block_mask"):  # version 3's build: chapter 6's block mask (kernels/mods.cuh)
+        if hasattr(c, "mf_block_mask"):  # a build with mods: chapter 6's block mask (kernels/mods.cuh)
             c.mf_block_mask.restype, c.mf_block_mask.argtypes = ctypes.c_char_p, [P, i, i, i, P, i, P]
         self.library, self.sources, self.version, self.folder = library, sources, version, None
         takes = VERSIONS[version].block_sizes is not None
@@ -1464,7 +1468,7 @@ class Kernels:
 
 def _wants_mods(score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p=0.0,
                 dropout_seed=None):
-    """Does a call ask for mods (then version 3 runs it)? Checked in full by _check_mods."""
+    """Does a call ask for mods (then version 3 or 4 runs it)? Checked in full by _check_mods."""
     return (score_mod is not None or mask_mod is not None or bool(mod_tensors) or alibi_slopes is not None
             or (softcap != 0.0) or not (isinstance(window_size, (tuple, list)) and tuple(window_size) == (-1, -1))
             or dropout_p != 0.0)
@@ -1715,7 +1719,7 @@ def _check_sdpa_only(attn_mask):
     """scaled_dot_product_attention's options that these kernels do not have."""
     if attn_mask is not None:
         raise ValueError("attn_mask: these kernels take no mask tensor; causal=True (or is_causal=True) "
-                         "gives the causal mask; mask_mod= (version 3) any other")
+                         "gives the causal mask; mask_mod= (versions 3 and 4) any other")
 
 
 def _check_dropout(dropout_p):

@@ -6,9 +6,10 @@
 //   Call            one call of a pass: the tensors' addresses, sizes, strides, options and stream
 //   launch()        a checked launch: shared memory opted into, the launch error caught
 //   versionN.cuh    struct Version { forward(Call), backward(Call), shared_bytes, scratch_floats,
-//                                    GROUPED_HEADS, STRIDED }
+//                                    GROUPED_HEADS, STRIDED, MODS }
 //   mf_*            the C functions that minimal_flash.py calls through ctypes (a kernel file may add
-//                   its own: version 3's build has chapter 5's mf_decode, flash_decode.cu)
+//                   its own: version 3's build has chapter 5's mf_decode, flash_decode.cu; a build
+//                   with mods, chapter 6's mf_block_mask, at the end)
 //
 // Adding a version: its kernel files, its versionN.cuh, one row in minimal_flash.VERSIONS.
 //
@@ -88,7 +89,7 @@ struct Call {
     int Nk = 0;
     long long rows = 0;
     bool packed() const { return cu_seqlens_q != nullptr; }
-    // Chapter 6: a mods::Args (kernels/mods.cuh) for a build with mods (version 3's); null: none.
+    // Chapter 6: a mods::Args (kernels/mods.cuh) for a build with mods (versions 3 and 4); null: none.
     const void* mods = nullptr;
 };
 
@@ -217,7 +218,7 @@ static const char* run(int pass, const Call& call) {
     // Strided q, k, v, dO: the versions that read them through tensor maps (STRIDED); the others index
     // rows with fixed strides, and minimal_flash.py hands them contiguous tensors.
     const bool bad_layout = !Version::STRIDED && !bad_group && !contiguous(pass, call);
-    const bool bad_mods = (call.mods != nullptr) != Version::MODS;  // mods: version 3's build with mods
+    const bool bad_mods = (call.mods != nullptr) != Version::MODS;  // mods: a build with mods
     message = bad_heads    ? "internal error: " + std::to_string(call.BH) + " slices of " +
                                  std::to_string(call.H) + " heads"
               : bad_group  ? "internal error: " + std::to_string(call.group) + " query heads per head of k, v"
@@ -262,3 +263,25 @@ const char* mf_run(int pass, const float* Q, const float* K, const float* V, flo
     return run(pass, call);
 }
 }
+
+#ifdef MODS_FILE  // a build with mods (versions 3 and 4)
+// Chapter 6: the block mask of a build with a mask_mod (kernels/mods.cuh, mods::block_mask): for N
+// queries and keys, B_mask x H_mask (b, h) pairs, into `out` (B_mask, H_mask, N / 64, N / 64 rounded
+// up), on the device's stream. `args`: the call's mods::Args.
+extern "C" const char* mf_block_mask(const void* args, int N, int B_mask, int H_mask, unsigned char* out,
+                                     int device, void* stream) {
+    static thread_local std::string message;
+    Call c{};  // launch() takes the device and stream from a Call
+    c.device = device, c.stream = cudaStream_t(stream);
+    if (!mods::MASK || !args || N < 1 || B_mask < 1 || H_mask < 1) {
+        message = "internal error: a block mask without a mask_mod, or of no tiles";
+    } else {
+        const OnDevice on(device);
+        const int tiles = ceil_div(N, mods::TILE);
+        message =
+            launch("mods::block_mask", mods::block_mask, dim3(tiles, tiles, B_mask * H_mask), mods::TILE,
+                   mods::block_mask_shared_bytes(), c, mods::of(args), N, B_mask, H_mask, out);
+    }
+    return message.c_str();
+}
+#endif

@@ -32,6 +32,7 @@
 #include "tiles.cuh"   // ceil_div
 #include "mma.cuh"     // pack<T>, a_operands, mask_fragment, online_softmax, rescale, LOG2E
 #include "hopper.cuh"  // tma_load, mbarrier_*, wgmma_*, setmaxnreg_*, named_barrier_*
+#include "mods.cuh"    // chapter 6's hooks: mods::forward_scores, mods::tiles (no-ops without mods)
 
 // The steps of chapter 4, each its own build (-DHOPPER_STEP=n; notebooks/results/h200/
 // flash3_hopper_forward_steps.txt measures them):
@@ -42,6 +43,7 @@
 #ifndef HOPPER_STEP
 #define HOPPER_STEP 4
 #endif
+static_assert(HOPPER_STEP == 4 || !mods::HOOKED, "chapter 6's mods hook into the last step's kernel");
 
 namespace flash3_hopper {
 
@@ -86,14 +88,15 @@ __device__ void load_Q(const Tiles<d>& t, const CUtensorMap* tmQ, int row0, int 
     mbarrier_arrive_expect_tx(t.Q_full, Br * d * 2);
     for (int c = 0; c < d / SUB; ++c) tma_load(t.Q + c * Br * SUB, tmQ, c * SUB, row0, h, b, t.Q_full);
 }
-// Alg. 1, lines 6-7: K_j and V_j into stage s = j % STAGES, each once every consumer warp has
-// released what it held before (tile j - STAGES): K_j as soon as the products S = Q K^T of that tile
-// are done, V_j when its O += P V are. The stage's uses alternate the barriers' phases: use
-// u = j / STAGES waits for the end of use u - 1 (parity (u - 1) % 2; the first passes at once).
+// Alg. 1, lines 6-7: K_j and V_j, the it-th tile walked, into stage s = it % STAGES, each once every
+// consumer warp has released what it held before (tile it - STAGES): K_j as soon as the products
+// S = Q K^T of that tile are done, V_j when its O += P V are. The stage's uses alternate the barriers'
+// phases: use u = it / STAGES waits for the end of use u - 1 (parity (u - 1) % 2; the first passes at
+// once). (it = j, but where a block mask skips tiles.)
 template <int d>
-__device__ void load_KV(const Tiles<d>& t, const CUtensorMap* tmK, const CUtensorMap* tmV, int j, int h,
-                        int b) {
-    const int s = j % STAGES, parity = (j / STAGES + 1) % 2;
+__device__ void load_KV(const Tiles<d>& t, const CUtensorMap* tmK, const CUtensorMap* tmV, int it, int j,
+                        int h, int b) {
+    const int s = it % STAGES, parity = (it / STAGES + 1) % 2;
     mbarrier_wait(&t.K_empty[s], parity);
     mbarrier_arrive_expect_tx(&t.K_full[s], Bc * d * 2);
     for (int c = 0; c < d / SUB; ++c)
@@ -144,7 +147,7 @@ template <class T, int d>
 __global__ void __launch_bounds__(THREADS, 1)
     forward(const __grid_constant__ CUtensorMap tmQ, const __grid_constant__ CUtensorMap tmK,
             const __grid_constant__ CUtensorMap tmV, int N, int H, int group, float scale, bool causal,
-            unsigned short* O, float* L) {
+            unsigned short* O, float* L, const __grid_constant__ mods::Args mod_args) {
     // smem: the block's shared memory (tiles.cuh); its start rounded up to 1024 bytes for the swizzle
     char* base = reinterpret_cast<char*>(smem);
     base += (1024 - shared_address(base) % 1024) % 1024;
@@ -154,7 +157,24 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int h_kv = h / group;                         // K and V's head: `group` query heads share one
     const int tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // heaviest first, as in chapter 3
     const int row0 = tile * Br, Tc = ceil_div(N, Bc);
-    const int n = causal ? min(Tc, (min(row0 + Br, N) - 1) / Bc + 1) : Tc;  // key tiles to visit
+    const int j_end = causal ? min(Tc, (min(row0 + Br, N) - 1) / Bc + 1) : Tc;  // key tiles to visit
+    // Chapter 6: with a mask_mod, the key tiles that the block mask marks EMPTY for the block's rows
+    // are skipped, by the producer and the consumers alike: next_tile(j) is the first one after j
+    // that is not (without mods, j + 1). A tile of 128 keys is two columns of the mask's 64 x 64
+    // tiles; the block's 128 rows, two rows of them, one per consumer.
+    const int y0 = row0 / mods::TILE, y1 = ceil_div(min(row0 + Br, N), mods::TILE);
+    const auto state = [&](int y0, int y1, int j) {
+        return mods::tiles(mod_args, b, h, y0, y1, 2 * j, 2 * j + 2);
+    };
+    const mods::Span span = mods::span<false>(mod_args, b, h, y0, y1);
+    const int j_stop = min(j_end, span.last / 2 + 1);  // past the last tile that is not EMPTY
+    const auto next_tile = [&](int j) {
+        do ++j;
+        while (mods::MASK && j < j_stop && state(y0, y1, j) == mods::EMPTY);
+        return mods::MASK && j >= j_stop ? j_end : j;
+    };
+    static_assert(Bc == 2 * mods::TILE && Br == 2 * mods::TILE, "a tile is 2 x 2 of the block mask's");
+    const int j_first = next_tile(mods::MASK ? span.first / 2 - 1 : -1);
 
     if (threadIdx.x == 0) {
         mbarrier_init(t.Q_full, 1);
@@ -170,47 +190,60 @@ __global__ void __launch_bounds__(THREADS, 1)
         setmaxnreg_dec<24>();                // keeps few registers: the consumers get them
         if (threadIdx.x == 0) {
             load_Q(t, &tmQ, row0, h, b);
-            for (int j = 0; j < n; ++j) load_KV(t, &tmK, &tmV, j, h_kv, b);
+            for (int j = j_first, it = 0; j < j_end; j = next_tile(j), ++it)
+                load_KV(t, &tmK, &tmV, it, j, h_kv, b);
         }
         return;
     }
     if (SPECIALIZED) setmaxnreg_inc<240>();
     if (!SPECIALIZED && threadIdx.x == 0) {  // step 1: thread 0 issues the first STAGES tiles now,
         load_Q(t, &tmQ, row0, h, b);         // the others as its own loop frees their stages
-        for (int j = 0; j < min(n, STAGES); ++j) load_KV(t, &tmK, &tmV, j, h_kv, b);
+        for (int j = 0; j < min(j_end, STAGES); ++j) load_KV(t, &tmK, &tmV, j, j, h_kv, b);  // (no mods)
     }
 
     const int consumer = threadIdx.x / 128 - SPECIALIZED, w = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, q = lane % 4;
     const int warp_row = row0 + 64 * consumer + 16 * w, row = warp_row + g;  // the lane's rows: row, row + 8
     const unsigned short* Q_c = t.Q + 64 * consumer * SUB;                   // the consumer's rows of Q_i
-    const float c = scale * LOG2E;
+    // The softmax's scale: with mods, the scores come to it scaled already (mods::forward_scores).
+    const float softmax_scale = mods::ANY ? 1.0f : scale, c = softmax_scale * LOG2E;
+    const int y = y0 + consumer;  // the consumer's 64 rows: one row of the block mask
 
     float o[d / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // Alg. 1, line 5
     unsigned p[Bc / 16][4];                                            // P_ij as the A operand of O += P V_j
-    if (PINGPONG && consumer == 1) named_barrier_arrive(1, 256);       // consumer 0 goes first
+    if (PINGPONG && consumer == 1 && j_first < j_end) named_barrier_arrive(1, 256);  // consumer 0 goes first
     mbarrier_wait(t.Q_full, 0);
 
     // S_ij masked where the tile crosses the end of the sequence or, causal, the diagonal (Alg. 1,
     // line 9's mask), then its softmax: P_ij, and alpha, what O must be rescaled by.
     auto softmax = [&](float (&s)[Bc / 8][4], int j, float (&alpha)[2]) {
+        if constexpr (mods::ANY) {  // chapter 6: score_mod, mask_mod (mask_mod skipped where the
+            // consumer's tile is FULL; one the block walks for the other consumer's rows may be EMPTY
+            // for this one's, and is then masked element by element)
+            const mods::Tile tile_state =
+                mods::MASK && state(y, y + 1, j) == mods::FULL ? mods::FULL : mods::PARTIAL;
+            mods::forward_scores(s, tile_state, mod_args, b, h, row, j * Bc + 2 * q, scale);
+        }
         if ((j + 1) * Bc > N || (causal && (j + 1) * Bc > warp_row + 1))
             mask_fragment<false>(s, row, j * Bc + 2 * q, N, causal, -INFINITY);
         online_softmax<false>(s, m, l, o, alpha, c);  // O is rescaled later, by rescale
+        if constexpr (mods::DROPOUT)                  // chapter 6: P's kept elements, scaled; l has them all
+            mods::dropout<false>(s, mod_args, bh, row, j * Bc + 2 * q);
     };
-    // K_j, V_j may be overwritten once this warp's products that read them are done. (Step 1: thread 0
-    // then refills the stage itself, waiting for the other warps' releases too.)
-    auto release_K = [&](int j) {
-        if (lane == 0) mbarrier_arrive(&t.K_empty[j % STAGES]);
+    // The it-th tile's K_j, V_j may be overwritten once this warp's products that read them are done.
+    // (Step 1: thread 0 then refills the stage itself, waiting for the other warps' releases too.)
+    auto release_K = [&](int it) {
+        if (lane == 0) mbarrier_arrive(&t.K_empty[it % STAGES]);
     };
-    auto release_V = [&](int j) {
-        if (lane == 0) mbarrier_arrive(&t.V_empty[j % STAGES]);
-        if (!SPECIALIZED && threadIdx.x == 0 && j + STAGES < n) load_KV(t, &tmK, &tmV, j + STAGES, h_kv, b);
+    auto release_V = [&](int it) {
+        if (lane == 0) mbarrier_arrive(&t.V_empty[it % STAGES]);
+        if (!SPECIALIZED && threadIdx.x == 0 && it + STAGES < j_end)  // (no mods: it = j)
+            load_KV(t, &tmK, &tmV, it + STAGES, it + STAGES, h_kv, b);
     };
 
     if (!OVERLAP) {  // steps 1-3: S_ij, its softmax, O += P_ij V_j, one after the other
-        for (int j = 0; j < n; ++j) {
-            const int s_j = j % STAGES, parity = j / STAGES % 2;
+        for (int j = j_first, it = 0; j < j_end; j = next_tile(j), ++it) {
+            const int s_j = it % STAGES, parity = it / STAGES % 2;
             float s[Bc / 8][4], alpha[2];
             mbarrier_wait(&t.K_full[s_j], parity);  // K_j has landed
             turn_begin(consumer);
@@ -219,7 +252,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             wgmma_commit();
             turn_end(consumer, false);
             wgmma_wait<0>(s);
-            release_K(j);
+            release_K(it);
             softmax(s, j, alpha);
             rescale(o, alpha);
             a_operands<T, Bc>(p, s);
@@ -228,14 +261,15 @@ __global__ void __launch_bounds__(THREADS, 1)
             wgmma_fence();  // O and P were written by ordinary instructions
             issue_PV<T, d>(o, p, t.V_stage(s_j));
             wgmma_commit();
-            turn_end(consumer, j == n - 1);
+            turn_end(consumer, next_tile(j) >= j_end);
             wgmma_wait<0>(o);
-            release_V(j);
+            release_V(it);
         }
     } else {  // step 4 (FlashAttention-3's Algorithm 2): S_i,j+1 = Q K_j+1^T is issued with O += P_ij V_j,
               // and the softmax of S_i,j+1 runs while the tensor cores compute that product into O
-        float alpha[2];  // what O must be rescaled by before P_ij V_j is added: exp(m_i,j-1 - m_ij)
-        {
+        float alpha[2];           // what O must be rescaled by before P_ij V_j is added: exp(m_i,j-1 - m_ij)
+        int j = j_first, it = 0;  // the tile whose P is in p, the it-th walked
+        if (j < j_end) {
             float s[Bc / 8][4];
             mbarrier_wait(&t.K_full[0], 0);
             turn_begin(consumer);
@@ -245,39 +279,41 @@ __global__ void __launch_bounds__(THREADS, 1)
             turn_end(consumer, false);
             wgmma_wait<0>(s);
             release_K(0);
-            softmax(s, 0, alpha);
+            softmax(s, j, alpha);
             a_operands<T, Bc>(p, s);
         }
-        for (int j = 1; j < n; ++j) {  // the loop's S_ij is the tile after the P in p
-            const int s_j = j % STAGES, s_prev = (j - 1) % STAGES;
+        for (int next = next_tile(j); next < j_end; j = next, next = next_tile(next), ++it) {
+            const int s_next = (it + 1) % STAGES, s_prev = it % STAGES;  // S of tile `next`; P V of j
             float s[Bc / 8][4];
-            mbarrier_wait(&t.K_full[s_j], j / STAGES % 2);
+            mbarrier_wait(&t.K_full[s_next], (it + 1) / STAGES % 2);
             turn_begin(consumer);
             wgmma_fence();
-            issue_S<T, d>(s, Q_c, t.K_stage(s_j));  // group 1: S_ij
+            issue_S<T, d>(s, Q_c, t.K_stage(s_next));  // group 1: S_i,next
             wgmma_commit();
-            rescale(o, alpha);  // while S_ij runs
-            mbarrier_wait(&t.V_full[s_prev], (j - 1) / STAGES % 2);
+            rescale(o, alpha);  // while S_i,next runs
+            mbarrier_wait(&t.V_full[s_prev], it / STAGES % 2);
             wgmma_fence();                            // O was just rescaled
-            issue_PV<T, d>(o, p, t.V_stage(s_prev));  // group 2: O += P V of the previous tile
+            issue_PV<T, d>(o, p, t.V_stage(s_prev));  // group 2: O += P V of tile j
             wgmma_commit();
             turn_end(consumer, false);
-            wgmma_wait<1>(s);  // S_ij is in; the product into O may still run
-            release_K(j);
-            softmax(s, j, alpha);
+            wgmma_wait<1>(s);  // S_i,next is in; the product into O may still run
+            release_K(it + 1);
+            softmax(s, next, alpha);
             wgmma_wait<0>(o);  // O is in, and p free to be overwritten
-            release_V(j - 1);
+            release_V(it);
             a_operands<T, Bc>(p, s);
         }
-        mbarrier_wait(&t.V_full[(n - 1) % STAGES], (n - 1) / STAGES % 2);
-        turn_begin(consumer);
-        rescale(o, alpha);
-        wgmma_fence();
-        issue_PV<T, d>(o, p, t.V_stage((n - 1) % STAGES));
-        wgmma_commit();
-        turn_end(consumer, true);
-        wgmma_wait<0>(o);
-        release_V(n - 1);
+        if (j < j_end) {
+            mbarrier_wait(&t.V_full[it % STAGES], it / STAGES % 2);
+            turn_begin(consumer);
+            rescale(o, alpha);
+            wgmma_fence();
+            issue_PV<T, d>(o, p, t.V_stage(it % STAGES));
+            wgmma_commit();
+            turn_end(consumer, true);
+            wgmma_wait<0>(o);
+            release_V(it);
+        }
     }
 
     // Alg. 1, lines 12-15: a row's l is its 4 lanes' shares added up; O = O / l, L = m + log(l).
@@ -289,12 +325,13 @@ __global__ void __launch_bounds__(THREADS, 1)
         l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
         const int i = row + 8 * r;
         if (i >= N) continue;
-        const float inv_l = 1.0f / l_row;
+        // A row that sees no key (mods) has l = 0 and m = -inf: O = 0, L = -inf, the log of an empty sum.
+        const float inv_l = l_row > 0.0f ? 1.0f / l_row : 0.0f;
 #pragma unroll
         for (int n8 = 0; n8 < d / 8; ++n8)  // columns 8 n8 + 2q, 8 n8 + 2q + 1: one 4-byte store
             *reinterpret_cast<unsigned*>(&O[size_t(i) * d + 8 * n8 + 2 * q]) =
                 pack<T>(o[n8][2 * r] * inv_l, o[n8][2 * r + 1] * inv_l);
-        if (q == 0) L[i] = m[r] * scale + logf(l_row);
+        if (q == 0) L[i] = m[r] * softmax_scale + logf(l_row);
     }
 }
 

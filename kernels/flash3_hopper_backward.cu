@@ -46,6 +46,7 @@
 #include "tiles.cuh"   // ceil_div
 #include "mma.cuh"     // pack<T>, a_operands, mask_fragment, fast_exp2, LOG2E
 #include "hopper.cuh"  // tma_load, mbarrier_*, wgmma_*, named_barrier_*, bulk_reduce_add
+#include "mods.cuh"    // chapter 6's hooks: mods::backward_scores, mods::tile(s) (no-ops without mods)
 
 namespace flash3_hopper_backward {
 
@@ -91,14 +92,14 @@ struct Tiles {
     __device__ unsigned short* dS_buffer(int s) const { return dS + s * Bc * Br; }
 };
 
-// Alg. 2, lines 8-9 (the copy engine's part): Q_i and dO_i into stage s = t % STAGES of the ring (t:
-// the block's t-th tile), once every consumer warp has released the tile that used it before. The
-// parities as in the forward's load_KV.
+// Alg. 2, lines 8-9 (the copy engine's part): Q_i and dO_i into stage s = it % STAGES of the ring (it:
+// the block's it-th tile walked), once every consumer warp has released the tile that used it before.
+// The parities as in the forward's load_KV.
 template <int d>
-__device__ void load_QdO(const Tiles<d>& t, const CUtensorMap* tmQ, const CUtensorMap* tmdO, int tile, int i,
+__device__ void load_QdO(const Tiles<d>& t, const CUtensorMap* tmQ, const CUtensorMap* tmdO, int it, int i,
                          int h, int b) {
-    const int s = tile % STAGES;
-    mbarrier_wait(&t.QdO_empty[s], (tile / STAGES + 1) % 2);
+    const int s = it % STAGES;
+    mbarrier_wait(&t.QdO_empty[s], (it / STAGES + 1) % 2);
     mbarrier_arrive_expect_tx(&t.QdO_full[s], 2 * Br * d * 2);
     for (int c = 0; c < d / SUB; ++c) {
         tma_load(t.Q_stage(s) + c * Br * SUB, tmQ, c * SUB, i * Br, h, b, &t.QdO_full[s]);
@@ -125,7 +126,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     backward(const __grid_constant__ CUtensorMap tmK, const __grid_constant__ CUtensorMap tmV,
              const __grid_constant__ CUtensorMap tmQ, const __grid_constant__ CUtensorMap tmdO,
              const float* L, const float* D, int N, int H, float scale, bool causal, float* dQ_sum,
-             unsigned short* dK, unsigned short* dV, bool deterministic, int* turns) {
+             unsigned short* dK, unsigned short* dV, bool deterministic, int* turns,
+             const __grid_constant__ mods::Args mod_args) {
     // smem: the block's shared memory (tiles.cuh); its start rounded up to 1024 bytes for the swizzle
     char* base = reinterpret_cast<char*>(smem);
     base += (1024 - shared_address(base) % 1024) % 1024;
@@ -134,8 +136,22 @@ __global__ void __launch_bounds__(THREADS, 1)
     // The block's keys: block j of the slice. Causal and deterministic, the last first (see add_dQ_share).
     const int j = deterministic && causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, key0 = j * Bc, Tr = ceil_div(N, Br);
-    const int i_first = causal ? key0 / Br : 0;  // causal: earlier queries see none of these keys
-    const int n = Tr - i_first;                  // query tiles to visit
+    const int i_start = causal ? key0 / Br : 0;  // causal: earlier queries see none of these keys
+    // Chapter 6: with a mask_mod, the query tiles that the block mask marks EMPTY for the block's keys
+    // are skipped, by the producer and the consumers alike: next_tile(i) is the first one after i that
+    // is not (without mods, i + 1). Not when deterministic: a block's turn at a tile of dQ waits for
+    // every block before it to have added its share there, so every block walks every tile.
+    const int x0 = key0 / mods::TILE, x1 = ceil_div(min(key0 + Bc, N), mods::TILE);
+    const mods::Span span = mods::span<true>(mod_args, b, h, x0, x1);  // the query tiles that are not EMPTY
+    const bool skip = mods::MASK && !deterministic;
+    const int i_stop = min(Tr, span.last + 1);
+    const auto next_tile = [&](int i) {
+        do ++i;
+        while (skip && i < i_stop && mods::tiles(mod_args, b, h, i, i + 1, x0, x1) == mods::EMPTY);
+        return skip && i >= i_stop ? Tr : min(i, Tr);
+    };
+    static_assert(Br == mods::TILE && Bc == 2 * mods::TILE, "a query tile is one row of the block mask's");
+    const int i_first = next_tile(max(i_start, skip ? span.first : 0) - 1);
     L += size_t(bh) * N, D += size_t(bh) * N;
 
     if (threadIdx.x == 0) {
@@ -152,7 +168,8 @@ __global__ void __launch_bounds__(THREADS, 1)
                 tma_load(t.K + c * Bc * SUB, &tmK, c * SUB, key0, h, b, t.KV_full);
                 tma_load(t.V + c * Bc * SUB, &tmV, c * SUB, key0, h, b, t.KV_full);
             }
-            for (int tile = 0; tile < n; ++tile) load_QdO(t, &tmQ, &tmdO, tile, i_first + tile, h, b);
+            for (int i = i_first, it = 0; i < Tr; i = next_tile(i), ++it)
+                load_QdO(t, &tmQ, &tmdO, it, i, h, b);
         }
         return;
     }
@@ -206,12 +223,13 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
     };
 
-    float dv[d / 8][4] = {}, dk[d / 8][4] = {};  // Alg. 2, line 7
-    LD_c(0)[tid] = load_LD(i_first);
-    float LD_next = n > 1 ? load_LD(i_first + 1) : 0.0f;
+    float dv[d / 8][4] = {}, dk[d / 8][4] = {};          // Alg. 2, line 7
+    int i = i_first, i_next = next_tile(i), i_prev = 0;  // the tile, the one after it, the one before
+    LD_c(0)[tid] = load_LD(i);
+    float LD_next = i_next < Tr ? load_LD(i_next) : 0.0f;
     mbarrier_wait(t.KV_full, 0);
-    for (int tile = 0; tile < n; ++tile) {
-        const int i = i_first + tile, q0 = i * Br, s = tile % STAGES;
+    for (int it = 0; i < Tr; ++it) {  // tile i, the it-th walked
+        const int q0 = i * Br, s = it % STAGES;
         const unsigned short *Q_t = t.Q_stage(s), *dO_t = t.dO_stage(s);
         const float* LD_t = LD_c(s);
 
@@ -219,7 +237,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         // Q_i, dO_i have landed; under them, the last tile's share of dQ is sent off (its barrier
         // also makes this tile's L_i, D_i, stored by the last tile, visible).
         float st[Br / 8][4], dpt[Br / 8][4];
-        mbarrier_wait(&t.QdO_full[s], tile / STAGES % 2);
+        mbarrier_wait(&t.QdO_full[s], it / STAGES % 2);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < d / 16; ++kk)
@@ -229,33 +247,47 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int kk = 0; kk < d / 16; ++kk)
             wgmma_ss<T, Br>(dpt, k_major(V_c, Bc, kk), k_major(dO_t, Br, kk), kk > 0);
         wgmma_commit();
-        if (tile > 0)
-            add_dQ_share(i - 1);
+        if (it > 0)
+            add_dQ_share(i_prev);
         else
             named_barrier_sync(bar, 128);  // L_i, D_i, stored above
 
         // Alg. 2, line 12: P^T = exp(scale S^T - L), masked where the tile crosses the end of the
         // sequence or, causal, the diagonal (KEYS_ARE_ROWS: the rows are keys). Under dP's products.
         wgmma_wait<1>(st);
-        if (q0 + Br > N || key0 + Bc > N || (causal && warp_key + 15 > q0))
-            mask_fragment<true>(st, key, q0 + 2 * q, N, causal, -INFINITY);
+        if constexpr (!mods::ANY) {
+            if (q0 + Br > N || key0 + Bc > N || (causal && warp_key + 15 > q0))
+                mask_fragment<true>(st, key, q0 + 2 * q, N, causal, -INFINITY);
 #pragma unroll
-        for (int n8 = 0; n8 < Br / 8; ++n8)
+            for (int n8 = 0; n8 < Br / 8; ++n8)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                st[n8][e] = fast_exp2(fmaf(st[n8][e], c, -LD_t[8 * n8 + 2 * q + e % 2]));
+                for (int e = 0; e < 4; ++e)
+                    st[n8][e] = fast_exp2(fmaf(st[n8][e], c, -LD_t[8 * n8 + 2 * q + e % 2]));
+        }
         // Alg. 2, line 14: dS^T = P^T * (dP^T - D), stored for dQ's product (swizzled, as TMA would)
-        // into buffer tile % 2, its rows 64 consumer ..
+        // into buffer it % 2, its rows 64 consumer ..
         wgmma_wait<0>(dpt);
+        if constexpr (mods::DROPOUT)  // chapter 6: dP = Z (dO V^T) / (1 - p), Z drawn as the forward did
+            mods::dropout<true>(dpt, mod_args, bh, key, q0 + 2 * q);
+        if constexpr (mods::ANY) {  // chapter 6: P^T of the modded scores, dpt = (dP - D) score_mod'; the
+            // mask after (a score past N or the diagonal may be anything, its P is set to 0)
+            mods::backward_scores(st, dpt, mods::tile(mod_args, b, h, i, x0 + consumer), mod_args, b, h, key,
+                                  q0 + 2 * q, N, scale, LD_t + 2 * q, LD_t + Br + 2 * q);
+            if (key0 + Bc > N || (causal && warp_key + 15 > q0))
+                mask_fragment<true>(st, key, q0 + 2 * q, N, causal, 0.0f);
+        }
 #pragma unroll
         for (int n8 = 0; n8 < Br / 8; ++n8)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                dpt[n8][e] = st[n8][e] * (dpt[n8][e] - LD_t[Br + 8 * n8 + 2 * q + e % 2]);
+            for (int e = 0; e < 4; ++e)  // (with mods, dpt has the -D already)
+                dpt[n8][e] =
+                    st[n8][e] * (mods::ANY ? dpt[n8][e] : dpt[n8][e] - LD_t[Br + 8 * n8 + 2 * q + e % 2]);
+        if constexpr (mods::DROPOUT)  // dV_j += (Z P_ij / (1 - p))^T dO_i; dS took P itself
+            mods::dropout<true>(st, mod_args, bh, key, q0 + 2 * q);
         unsigned p[Br / 16][4], ds[Br / 16][4];  // as A operands: 16 queries a step
         a_operands<T, Br>(p, st);
         a_operands<T, Br>(ds, dpt);
-        unsigned short* dS_t = t.dS_buffer(tile % 2);
+        unsigned short* dS_t = t.dS_buffer(it % 2);
 #pragma unroll
         for (int n8 = 0; n8 < Br / 8; ++n8)
 #pragma unroll
@@ -295,11 +327,13 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int n8 = 0; n8 < half / 8; ++n8)
             *reinterpret_cast<float4*>(&dQ_c[((w * (half / 8) + n8) * 32 + lane) * 4]) =
                 float4{dq[n8][0], dq[n8][1], dq[n8][2], dq[n8][3]};
-        if (tile + 1 < n) LD_c((tile + 1) % STAGES)[tid] = LD_next;
-        if (tile + 2 < n) LD_next = load_LD(i + 2);
+        if (i_next < Tr) LD_c((it + 1) % STAGES)[tid] = LD_next;
+        const int i_after = i_next < Tr ? next_tile(i_next) : Tr;
+        if (i_after < Tr) LD_next = load_LD(i_after);
+        i_prev = i, i = i_next, i_next = i_after;
     }
-    add_dQ_share(i_first + n - 1);
-    if (tid == 0) bulk_wait<0>();  // the sums are complete when the kernel is
+    if (i_first < Tr) add_dQ_share(i_prev);  // (a block whose keys no query sees walked no tile)
+    if (tid == 0) bulk_wait<0>();            // the sums are complete when the kernel is
 
     // Alg. 2, lines 20-21: dK_j (times the scale: dS was taken of the scaled scores), dV_j.
     dK += size_t(bh) * N * d, dV += size_t(bh) * N * d;

@@ -1,5 +1,5 @@
 // Your own attention (chapter 6): a score_mod and a mask_mod, written by the user as C++ expressions,
-// compiled into version 3's kernels. As in PyTorch's FlexAttention:
+// compiled into the kernels of versions 3 and 4. As in PyTorch's FlexAttention:
 //
 //   score  = softmax_scale * q_i . k_j                       (the score, scaled)
 //   score  = score_mod(score, b, h, q_idx, kv_idx)           (a bias, a cap, ...)
@@ -9,9 +9,10 @@
 // minimal_flash.py writes the two functions into a header of the build (mods_header: the user's
 // expressions, the official options window_size, softcap and alibi_slopes as mods of their own, and
 // an accessor per extra tensor) and compiles with -DMODS_FILE=that header; without it, the defaults
-// below: no mod, the kernels as chapter 3 left them (`if constexpr` removes every hook).
+// below: no mod, the kernels as chapters 3 and 4 left them (`if constexpr` removes every hook).
 //
-// Where the hooks run (flash2_mma.cu, flash2_mma_backward.cu):
+// Where the hooks run (version 3: flash2_mma.cu, flash2_mma_backward.cu; version 4: flash3_hopper.cu,
+// flash3_hopper_backward.cu):
 //   forward   after S_ij = Q_i K_j^T, before the online softmax: each score modded, masked keys -inf
 //   backward  after S_ij^T = K_j Q_i^T: the same mod, by Dual numbers, gives the score and its
 //             derivative d score_mod / d score at once; dS = P (dP - D) times that derivative
@@ -43,8 +44,9 @@ struct Args {
     float keep_scale;      // dropout: 1 / (1 - p)
 };
 
-// The block mask's tiles: 64 queries x 64 keys, so that both passes' tiles are unions of them
-// (forward 128 queries x 64 keys, backward 64 queries x 128 keys).
+// The block mask's tiles: 64 queries x 64 keys, so that every pass's tiles are unions of them
+// (version 3's forward 128 queries x 64 keys, version 4's 128 x 128; both backwards 64 queries x 128
+// keys).
 constexpr int TILE = 64;
 enum Tile : unsigned char { EMPTY = 0, PARTIAL = 1, FULL = 2 };
 
@@ -145,10 +147,12 @@ inline Args of(const void* args) { return args ? *static_cast<const Args*>(args)
 
 // The block mask's entry for query tile y and key tile x (in TILE units) of (b, h): PARTIAL where
 // there is no block mask (a call without mask_mod or window: every tile goes through the mask,
-// which then has nothing to mask).
+// which then has nothing to mask); EMPTY past the sequence's last tile (a block's tile of 128 that
+// reaches past N covers one there; nothing is read out of the mask's bounds).
 __device__ inline Tile tile(const Args& a, int b, int h, int y, int x) {
     if (!MASK || !a.block_mask) return PARTIAL;
     const long long T = a.mask_tiles;
+    if (y >= T || x >= T) return EMPTY;
     return Tile(a.block_mask[(b * a.mask_zb + h * a.mask_zh) * T * T + y * T + x]);
 }
 // The tiles not EMPTY lie in [first, last] of a row of tiles (rows y0 .. y1 - 1 taken together; COLUMNS:
@@ -250,7 +254,8 @@ __device__ inline void backward_scores(float (&s)[NT][4], float (&dp)[NT][4], Ti
 // forward drops from P after its row sum l has taken it in (O = (Z P / (1 - p)) V, L unchanged); the
 // backward draws the same Z for dV = (Z P / (1 - p))^T dO and dP = Z (dO V^T) / (1 - p).
 __device__ inline bool kept(const Args& a, int bh, int q_idx, int kv_idx) {
-    return philox({unsigned(kv_idx), unsigned(q_idx), unsigned(bh), 0u}, a.seed[0], a.seed[1]).x >= a.threshold;
+    return philox({unsigned(kv_idx), unsigned(q_idx), unsigned(bh), 0u}, a.seed[0], a.seed[1]).x >=
+           a.threshold;
 }
 // On one accumulator tile, mma.cuh's layout (rows `row`, row + 8; columns col + 8n, col + 8n + 1):
 // each element times Z / (1 - p). KEYS_ARE_ROWS: the backward's transposed tiles.

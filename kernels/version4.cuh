@@ -88,7 +88,7 @@ static std::string tensor_map(CUtensorMap* map, const float* data, const Strides
 struct Version {
     static constexpr bool GROUPED_HEADS = true;  // the forward reads K, V by group (Call::group)
     static constexpr bool STRIDED = true;        // reads q, k, v, dO with their strides (tensor_map)
-    static constexpr bool MODS = false;          // score_mod, mask_mod: version 3's
+    static constexpr bool MODS = mods::HOOKED;   // a build with mods (-DMODS_FILE) takes a mods::Args
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash3_hopper::shared_bytes(d) : flash3_hopper_backward::shared_bytes(d);
     }
@@ -138,7 +138,7 @@ struct Version {
             if (std::string err = tensor_map(map, data, strides, heads, c, rows); !err.empty()) return err;
         return launch("flash3_hopper::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH),
                       fw::THREADS, fw::shared_bytes(d), c, tmQ, tmK, tmV, c.N, c.H, c.group, c.scale,
-                      c.causal, bits(c.O), c.L);
+                      c.causal, bits(c.O), c.L, mods::of(c.mods));
     }
 
     // D = rowsum(dO * O) with the fp32 sums of dQ and the counters set to 0, the pass, dQ converted.
@@ -163,7 +163,7 @@ struct Version {
             err = launch("flash3_hopper_backward::backward", bw::backward<T, d>,
                          dim3(ceil_div(c.N, bw::Bc), c.BH), bw::THREADS, bw::shared_bytes(d), c, tmK, tmV,
                          tmQ, tmdO, c.L, D, c.N, c.H, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV),
-                         c.deterministic, turns);
+                         c.deterministic, turns, mods::of(c.mods));
         const size_t chunks = sums / 4;
         if (err.empty())
             err =

@@ -57,7 +57,7 @@ def test_grouped_heads_through_the_operators(device, generator):
                      for fn in (attention, torch.compile(attention, fullgraph=True)))
     for name, x, y in zip(("O", "dQ", "dK", "dV"), traced, eager):
         assert x.shape == y.shape, name
-        if name == "dQ":  # version 3 adds into dQ with atomics, in an order that may differ
+        if name == "dQ":  # versions 3 and 4 add into dQ in whatever order blocks finish
             assert rel_err(x, y.double()) < 1e-2, name
         else:
             assert torch.equal(x, y), name
@@ -74,7 +74,7 @@ def test_mods_through_the_operators(device, generator):
                    mod_tensors={"bias": bias}, window_size=(40, 3), softcap=5.0,
                    alibi_slopes=torch.rand(2, generator=generator).to(device))
     mods = mf._check_mods(q, *(options[name] for name in mf._MOD_OPTIONS[:6]))
-    arguments = (q, k, v, False, 0.125, *mf._mod_op_arguments(mods))
+    arguments = (q, k, v, False, 0.125, mf.default_version(q.dtype, device), *mf._mod_op_arguments(mods))
     torch.library.opcheck(torch.ops.minimal_flash.attention_mods.default, arguments)
     O, L = torch.ops.minimal_flash.attention_mods(*arguments)
     torch.library.opcheck(torch.ops.minimal_flash.attention_mods_grads.default,
@@ -85,7 +85,7 @@ def test_mods_through_the_operators(device, generator):
     eager, traced = ((fn(q, k, v), *torch.autograd.grad(fn(q, k, v), (q, k, v), dO))
                      for fn in (attention, torch.compile(attention, fullgraph=True)))
     for name, x, y in zip(("O", "dQ", "dK", "dV"), traced, eager):
-        if name == "dQ":  # version 3 adds into dQ with atomics, in an order that may differ
+        if name == "dQ":  # versions 3 and 4 add into dQ in whatever order blocks finish
             assert rel_err(x, y.double()) < 1e-2, name
         else:
             assert torch.equal(x, y), name

@@ -75,14 +75,15 @@ def dense_dropout(q, k, v, causal, keep, p, dO):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version", [n for n, v in mf.VERSIONS.items() if v.mods], ids=lambda n: f"v{n}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", [(2, 3, 1, 64), (1, 2, 130, 128), (2, 2, 200, 64)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_dropout_matches_dense_attention_with_the_same_mask(shape, causal, device, generator):
-    run_case(shape, causal, device, generator)
+def test_dropout_matches_dense_attention_with_the_same_mask(shape, causal, version, device, generator):
+    run_case(shape, causal, device, generator, version)
 
 
-def run_case(shape, causal, device, generator):
+def run_case(shape, causal, device, generator, version):
     """Forward and backward with dropout into NaN-poisoned outputs, against dense attention with the
     same mask (tools/sanitize.py runs it too)."""
     B, H, N, d = shape
@@ -90,9 +91,9 @@ def run_case(shape, causal, device, generator):
     dO = random_dO(q, generator)
     p, seed = 0.17, int(torch.randint(0, 2**62, (1,), generator=generator))
     O, L = torch.full_like(q, math.nan), q.new_full(q.shape[:-1], math.nan, dtype=torch.float32)
-    mf.forward(q, k, v, causal=causal, out=(O, L), dropout_p=p, dropout_seed=seed)
+    mf.forward(q, k, v, causal=causal, out=(O, L), dropout_p=p, dropout_seed=seed, version=version)
     grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
-    mf.backward(dO, q, k, v, O, L, causal=causal, out=grads, dropout_p=p, dropout_seed=seed)
+    mf.backward(dO, q, k, v, O, L, causal=causal, out=grads, dropout_p=p, dropout_seed=seed, version=version)
     keep = keep_mask(B, H, N, p, seed)
     ref, plain = (dense_dropout(*(t.detach().to(dtype).requires_grad_() for t in (q, k, v)), causal, keep, p, dO)
                   for dtype in (torch.float64, q.dtype))
@@ -119,7 +120,7 @@ def test_dropout_is_reproducible_under_manual_seed_and_differs_without(device, g
 @pytest.mark.parametrize("options,error,match", [
     (dict(dropout_p=0.1), TypeError, "dropout_seed = None: forward\\(\\) and backward\\(\\) with dropout_p > 0"),
     (dict(dropout_p=0.1, dropout_seed=1.5), TypeError, "dropout_seed = 1.5"),
-    (dict(dropout_p=0.1, dropout_seed=1, version=4), ValueError, "version = 4: .* dropout_p are compiled into"),
+    (dict(dropout_p=0.1, dropout_seed=1, version=2), ValueError, "version = 2: .* dropout_p are compiled into"),
 ])
 def test_forward_needs_the_seed_named(options, error, match):
     q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)

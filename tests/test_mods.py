@@ -13,6 +13,7 @@ import minimal_flash as mf
 from helpers import DEVICES, assert_close, random_dO, random_qkv, rel_err
 
 SHAPES = [(2, 3, 1, 64), (1, 2, 130, 128), (2, 2, 200, 64)]
+VERSIONS = [n for n, v in mf.VERSIONS.items() if v.mods]  # 3 and 4: the kernels with the hooks
 
 
 def rel_pos_bias(H, N, generator):
@@ -109,13 +110,13 @@ def dense(q, k, v, scale, causal, bias, keep, softcap):
     return P @ v, L
 
 
-def run_case(name, shape, device, generator):
+def run_case(name, shape, device, generator, version):
     make, options, causal = CASES[name]
     B, H, N, d = shape
     q, k, v = random_qkv(B, H, N, d, device, generator, torch.bfloat16)
     dO = random_dO(q, generator)
     extra, dense_spec = make(B, H, N, generator, device)
-    options = options | extra
+    options = options | extra | dict(version=version)
     softcap = options.get("softcap", 0.0) if dense_spec == "softcap" else 0.0
     bias, keep = (0.0, True) if dense_spec == "softcap" else dense_spec
     scale = d ** -0.5
@@ -143,10 +144,11 @@ def run_case(name, shape, device, generator):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda n: f"v{n}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", list(CASES))
-def test_mod_matches_dense_float64(name, shape, device, generator):
-    run_case(name, shape, device, generator)
+def test_mod_matches_dense_float64(name, shape, version, device, generator):
+    run_case(name, shape, device, generator, version)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -205,7 +207,7 @@ def refuse(error, match, **options):
     (dict(score_mod="score + a[0] + b_[0] + c[0] + e[0]", mod_tensors={n: torch.zeros(1) for n in "a b_ c e".split()},
           alibi_slopes=torch.zeros(2)), ValueError, "at most 4"),
     (dict(mod_tensors=[torch.zeros(2)], score_mod="score"), TypeError, "mod_tensors .* dict"),
-    (dict(softcap=2.0, version=4), ValueError, "version = 4: score_mod, mask_mod, .* version 3's kernels only"),
+    (dict(softcap=2.0, version=2), ValueError, "version = 2: score_mod, mask_mod, .* versions 3 and 4 only"),
     (dict(mask_mod="q_idx >= kv_idx", deterministic=True), ValueError, "deterministic=True: version 3"),
 ])
 def test_bad_mods_are_refused(options, error, match):

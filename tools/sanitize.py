@@ -155,7 +155,7 @@ def run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk):
           "forward and backward checked")
 
 
-# arguments: version numbers, `mods` for chapter 6's mods (each a build of version 3), `dropout`
+# arguments: version numbers, `mods` for chapter 6's mods (each a build of versions 3 and 4), `dropout`
 chosen = {a if a in ("mods", "dropout") else int(a) for a in sys.argv[1:]} or set(mf.VERSIONS) | {"mods", "dropout"}
 for version in sorted(chosen - {"mods", "dropout"}):
     for dtype in mf.VERSIONS[version].dtypes:
@@ -175,15 +175,18 @@ if 3 in chosen:  # chapter 5's decode kernels and flash_attn_varlen_func build w
                                                        (64, False, [130, 64, 17], [130, 1, 200], 4, 4),
                                                        (64, True, [64, 129], [200, 129], 4, 1)):
             run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk)
-if "mods" in chosen:  # chapter 6: each of tests/test_mods.py's mods compiled into version 3
+MOD_VERSIONS = [n for n, v in mf.VERSIONS.items() if v.mods]
+if "mods" in chosen:  # chapter 6: each of tests/test_mods.py's mods compiled into versions 3 and 4
     from test_mods import CASES as MOD_CASES, run_case
-    for name in MOD_CASES:
-        for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
-            run_case(name, shape, "cuda", generator)
-            print(f"mods {name} {shape}: forward and backward checked")
+    for version in MOD_VERSIONS:
+        for name in MOD_CASES:
+            for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
+                run_case(name, shape, "cuda", generator, version)
+                print(f"mods v{version} {name} {shape}: forward and backward checked")
 if "dropout" in chosen:  # chapter 6's dropout, against dense attention with the same Philox mask
     import test_dropout
-    for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
-        for causal in (False, True):
-            test_dropout.run_case(shape, causal, "cuda", generator)
-            print(f"dropout {shape} causal={causal}: forward and backward checked")
+    for version in MOD_VERSIONS:
+        for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
+            for causal in (False, True):
+                test_dropout.run_case(shape, causal, "cuda", generator, version)
+                print(f"dropout v{version} {shape} causal={causal}: forward and backward checked")
