@@ -999,7 +999,9 @@ class Mods:
         if self.score_mod is not None:
             score += f"    score = F(\n{user('score_mod', self.score_mod, 'F')});\n"
         if self.softcap:  # the official order: the cap first, then the bias
-            score += "    score = args.floats[0] * tanhf(score / args.floats[0]);  // softcap\n"
+            # fast_tanh (kernels/mma.cuh): the one instruction that the official kernels use too; times
+            # 1 / softcap (args.floats[1]), not a division per score
+            score += "    score = args.floats[0] * fast_tanh(score * args.floats[1]);  // softcap\n"
         if self.alibi:
             slope = "alibi_slopes[h]" if self.alibi == 1 else "alibi_slopes(b, h)"
             score += f"    score = score - {slope} * fabsf(float(q_idx - kv_idx));  // alibi_slopes\n"
@@ -1091,7 +1093,8 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
                                "mask forever; capture without dropout")
         if dropout_seed is None:  # from torch's generator: torch.manual_seed makes a run reproducible
             dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
-    return ModCall(spec, tuple(tensors), (*window_size, 0, 0), (float(softcap), 0.0, 0.0, 0.0), dropout_p,
+    floats = (float(softcap), 1.0 / softcap if softcap > 0 else 0.0, 0.0, 0.0)  # the cap and its inverse
+    return ModCall(spec, tuple(tensors), (*window_size, 0, 0), floats, dropout_p,
                    0 if dropout_seed is None else dropout_seed % 2**64)
 
 

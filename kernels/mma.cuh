@@ -78,6 +78,16 @@ __device__ inline float fast_exp2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+
+// tanh(x) by the special-function unit's single instruction (sm_75 and later), where tanhf is a
+// sequence of libm arithmetic; the official kernels' softcap uses it too (cutlass::fast_tanh). Its
+// largest relative error, 2^-11 (PTX ISA), is fp16's own rounding and an eighth of bf16's; it is
+// exact at +-0, gives +-1 at +-inf, NaN for NaN, and passes subnormals through.
+__device__ inline float fast_tanh(float x) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 #endif
 
 // The same, for a kernel templated on its 16-bit type T (__nv_bfloat16 or __half): d += A b.

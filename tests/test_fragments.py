@@ -1,7 +1,7 @@
 """The CPU emulation of the tensor-core building blocks (kernels/cpu_cuda.h, used through
-kernels/mma.cuh): bf16 and fp16 rounding against torch's, and one fragment-level program
-(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles) against float64 and, on a GPU,
-against the hardware running the same source. tools/fragments.py builds and runs the program
+kernels/mma.cuh): bf16 and fp16 rounding against torch's, one fragment-level program
+(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles) and fast_tanh against float64 and,
+on a GPU, against the hardware running the same source. tools/fragments.py builds and runs the program
 (notebook 6 uses it too)."""
 import sys
 
@@ -11,7 +11,7 @@ import torch
 import minimal_flash as mf
 
 sys.path.insert(0, str(mf.KERNELS.parent / "tools"))
-from fragments import build_fragments, run_program  # noqa: E402
+from fragments import build_fragments, run_fast_tanh, run_program  # noqa: E402
 
 HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 CUDA = pytest.param("cuda", 
@@ -87,3 +87,48 @@ def test_emulation_gives_the_hardwares_answer(build, device, dtype):
         on_gpu, emulated = (run_program(build(d), d, dtype, A, K, V) for d in (device, "cpu"))
         for name, x, y in zip(("S", "O", "row max", "registers", "accumulators"), on_gpu, emulated):
             assert torch.allclose(x, y, rtol=1e-6, atol=1e-5) if x.is_floating_point() else torch.equal(x, y), name
+
+
+# tanh.approx.f32's largest relative error over all floats (PTX ISA), kernels/mma.cuh's fast_tanh.
+TANH_ERROR = 2.0**-11
+
+
+def tanh_inputs():
+    """+-0, subnormals, the largest floats, +-inf, NaN; small, moderate and large values of both
+    signs (+-20: tanh is 1 in float32); a sweep over [-10, 10]; random values of every scale."""
+    bits = [0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000,
+            0x7FC00000]
+    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    values = torch.tensor([1e-30, -1e-30, 1e-6, -1e-6, 1e-3, -1e-3, 0.5, -0.5, 1.0, -1.0, 3.0, -3.0, 9.0, -9.0,
+                           20.0, -20.0, 88.0, -88.0])
+    generator = torch.Generator().manual_seed(0)
+    scales = 10.0 ** torch.randint(-8, 3, (4000,), generator=generator)
+    return torch.cat([special, values, torch.linspace(-10, 10, 4001), torch.randn(4000, generator=generator) * scales])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_fast_tanh_within_its_documented_error(build, device):
+    """fast_tanh within 2^-11 (relative) of float64 tanh, as the PTX ISA promises tanh.approx.f32 to
+    be, and exact where it says so: +-0 keep their sign, +-inf give +-1, NaN stays NaN, subnormals
+    pass through. The emulation (std::tanh) must keep the same promises as the GPU."""
+    x = tanh_inputs()
+    y = run_fast_tanh(build(device), device, x)
+    nan = torch.isnan(x)
+    assert torch.isnan(y[nan]).all() and not torch.isnan(y[~nan]).any()
+    reference = torch.tanh(x[~nan].double())
+    assert ((y[~nan].double() - reference).abs() <= TANH_ERROR * reference.abs()).all()
+    zero, inf = x == 0, torch.isinf(x)
+    assert torch.equal(torch.signbit(y[zero]), torch.signbit(x[zero]))
+    assert torch.equal(y[inf], torch.sign(x[inf]))
+    subnormal = (x != 0) & (x.abs() < torch.finfo(torch.float32).tiny)
+    assert subnormal.any() and torch.equal(y[subnormal], x[subnormal])
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_fast_tanh_emulation_within_the_hardwares_error(build, device):
+    """The GPU's one instruction and the emulation's std::tanh on the same values: apart by at most
+    the instruction's 2^-11 (and the emulation's own rounding, 2^-24), NaN in the same places."""
+    x = tanh_inputs()
+    on_gpu, emulated = (run_fast_tanh(build(d), d, x) for d in (device, "cpu"))
+    assert torch.equal(torch.isnan(on_gpu), torch.isnan(emulated))
+    assert torch.allclose(on_gpu, emulated, rtol=TANH_ERROR + 2.0**-23, atol=0.0, equal_nan=True)

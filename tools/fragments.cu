@@ -5,7 +5,8 @@
 // accumulators of S, so that the lane layouts can be read directly (notebook 6 does). nvcc builds it
 // for the GPU, g++ against kernels/cpu_cuda.h for the CPU (tools/fragments_cpu.cpp); tools/fragments.py
 // builds and runs either, and tests/test_fragments.py runs both on the same inputs and compares them,
-// lane layouts included.
+// lane layouts included. tanh_values, beside it: mma.cuh's fast_tanh of a vector of values, compared
+// the same way.
 #include "mma.cuh"
 #ifdef __CUDACC__
 #define LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
@@ -53,6 +54,12 @@ __global__ void fragments(const unsigned short* A, const unsigned short* K, cons
     }
 }
 
+// The special-function unit's tanh (one instruction on the GPU, std::tanh in the emulation).
+__global__ void tanh_values(const float* x, float* y, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = fast_tanh(x[i]);
+}
+
 extern "C" {
 // Runs the program on one warp; "" on success.
 const char* run_fragments(int bf16, const unsigned short* A, const unsigned short* K, const unsigned short* V,
@@ -61,6 +68,13 @@ const char* run_fragments(int bf16, const unsigned short* A, const unsigned shor
         LAUNCH(fragments<true>, dim3(1), dim3(32), 3 * 256 * 2, 0)(A, K, V, S, O, row_max, registers, accumulators);
     else
         LAUNCH(fragments<false>, dim3(1), dim3(32), 3 * 256 * 2, 0)(A, K, V, S, O, row_max, registers, accumulators);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? "" : cudaGetErrorString(err);
+}
+
+// y = fast_tanh(x) (kernels/mma.cuh) for n values, a thread per value; "" on success.
+const char* run_fast_tanh(const float* x, float* y, int n) {
+    LAUNCH(tanh_values, dim3((n + 255) / 256), dim3(256), 0, 0)(x, y, n);
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }
