@@ -55,7 +55,8 @@ __global__ void __launch_bounds__(32 * WARPS)
     const Slice slice = slice_rows(blockIdx.y, N, d, group, cu_seqlens_q, cu_seqlens_k, H);
     const int Nq = slice.Nq, Nk = slice.Nk, ld_q = slice.ld_q, ld_kv = slice.ld_kv;
     Q += slice.q, K += slice.kv, V += slice.kv;
-    const int tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // heaviest first, as in flash2.cu
+    // Heaviest first, as in flash2.cu (with a mask_mod, most likely so too, as in flash3_hopper.cu)
+    const int tile = causal || mods::MASK ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const int row0 = tile * Br;
     if (row0 >= Nq) return;  // past its sequence's end (packed: the grid fits the longest)
     // Causal, aligned at the bottom right as in the official package: query i sees keys j <= i + shift,

@@ -155,7 +155,9 @@ __global__ void __launch_bounds__(THREADS, 1)
 
     const int bh = blockIdx.y, b = bh / H, h = bh % H;  // the (batch, head) slice: b, h of q's tensor map
     const int h_kv = h / group;                         // K and V's head: `group` query heads share one
-    const int tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // heaviest first, as in chapter 3
+    // Heaviest first, as in chapter 3: causal, the last rows see the most keys; with a mask_mod, most
+    // likely so too (the masks people write narrow towards the first rows: causal, prefix-LM, windows).
+    const int tile = causal || mods::MASK ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const int row0 = tile * Br, Tc = ceil_div(N, Bc);
     const int j_end = causal ? min(Tc, (min(row0 + Br, N) - 1) / Bc + 1) : Tc;  // key tiles to visit
     // Chapter 6: with a mask_mod, the key tiles that the block mask marks EMPTY for the block's rows

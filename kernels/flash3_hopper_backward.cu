@@ -255,33 +255,33 @@ __global__ void __launch_bounds__(THREADS, 1)
         // Alg. 2, line 12: P^T = exp(scale S^T - L), masked where the tile crosses the end of the
         // sequence or, causal, the diagonal (KEYS_ARE_ROWS: the rows are keys). Under dP's products.
         wgmma_wait<1>(st);
-        if constexpr (!mods::ANY) {
+        float f[Br / 8][4];  // chapter 6: score_mod's derivative (a constant, and no registers, but for
+                             // a score_mod whose derivative varies)
+        if constexpr (mods::ANY) {  // chapter 6: P^T of the modded scores; the mask after (a score past
+            // N or the diagonal may be anything: its P is set to 0)
+            mods::backward_probabilities(st, f, mods::tile(mod_args, b, h, i, x0 + consumer), mod_args, b, h,
+                                         key, q0 + 2 * q, N, scale, LD_t + 2 * q);
+            if (key0 + Bc > N || (causal && warp_key + 15 > q0))
+                mask_fragment<true>(st, key, q0 + 2 * q, N, causal, 0.0f);
+        } else {
             if (q0 + Br > N || key0 + Bc > N || (causal && warp_key + 15 > q0))
                 mask_fragment<true>(st, key, q0 + 2 * q, N, causal, -INFINITY);
 #pragma unroll
             for (int n8 = 0; n8 < Br / 8; ++n8)
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    st[n8][e] = fast_exp2(fmaf(st[n8][e], c, -LD_t[8 * n8 + 2 * q + e % 2]));
+                    st[n8][e] = fast_exp2(fmaf(st[n8][e], c, -LD_t[8 * n8 + 2 * q + e % 2])), f[n8][e] = 1.0f;
         }
-        // Alg. 2, line 14: dS^T = P^T * (dP^T - D), stored for dQ's product (swizzled, as TMA would)
-        // into buffer it % 2, its rows 64 consumer ..
+        // Alg. 2, line 14: dS^T = P^T * (dP^T - D) (times f), stored for dQ's product (swizzled, as TMA
+        // would) into buffer it % 2, its rows 64 consumer ..
         wgmma_wait<0>(dpt);
         if constexpr (mods::DROPOUT)  // chapter 6: dP = Z (dO V^T) / (1 - p), Z drawn as the forward did
             mods::dropout<true>(dpt, mod_args, bh, key, q0 + 2 * q);
-        if constexpr (mods::ANY) {  // chapter 6: P^T of the modded scores, dpt = (dP - D) score_mod'; the
-            // mask after (a score past N or the diagonal may be anything, its P is set to 0)
-            mods::backward_scores(st, dpt, mods::tile(mod_args, b, h, i, x0 + consumer), mod_args, b, h, key,
-                                  q0 + 2 * q, N, scale, LD_t + 2 * q, LD_t + Br + 2 * q);
-            if (key0 + Bc > N || (causal && warp_key + 15 > q0))
-                mask_fragment<true>(st, key, q0 + 2 * q, N, causal, 0.0f);
-        }
 #pragma unroll
         for (int n8 = 0; n8 < Br / 8; ++n8)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)  // (with mods, dpt has the -D already)
-                dpt[n8][e] =
-                    st[n8][e] * (mods::ANY ? dpt[n8][e] : dpt[n8][e] - LD_t[Br + 8 * n8 + 2 * q + e % 2]);
+            for (int e = 0; e < 4; ++e)
+                dpt[n8][e] = st[n8][e] * (dpt[n8][e] - LD_t[Br + 8 * n8 + 2 * q + e % 2]) * f[n8][e];
         if constexpr (mods::DROPOUT)  // dV_j += (Z P_ij / (1 - p))^T dO_i; dS took P itself
             mods::dropout<true>(st, mod_args, bh, key, q0 + 2 * q);
         unsigned p[Br / 16][4], ds[Br / 16][4];  // as A operands: 16 queries a step

@@ -237,12 +237,14 @@ __device__ inline void forward_scores(float (&s)[NT][4], Tile state, const Args&
 
 // The backward's hook, on one accumulator tile of S^T (keys are rows: `key` and key + 8; queries
 // col + 8n, col + 8n + 1): s becomes P^T = exp(score_mod(scale s) - L), 0 where masked (and for
-// queries past Nq, whose L is a stand-in: see flash2_mma_backward.cu), and dp becomes (dP - D) times
-// score_mod's derivative, so that P * dp is dS with respect to the scaled score. L2 = L log2(e).
+// queries past Nq, whose L is a stand-in: see flash2_mma_backward.cu), and f score_mod's derivative,
+// so that P (dP - D) f is dS with respect to the scaled score. L2 = L log2(e). Apart from dP, so that
+// a kernel can run it while dP's product is still on the tensor cores (version 4); where score_mod's
+// derivative is a constant (none, a bias, ALiBi), f is one too, and takes no registers.
 template <int NT>
-__device__ inline void backward_scores(float (&s)[NT][4], float (&dp)[NT][4], Tile state, const Args& a,
-                                       int b, int h, int key, int col, int Nq, float scale, const float* L2,
-                                       const float* D) {
+__device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][4], Tile state, const Args& a,
+                                              int b, int h, int key, int col, int Nq, float scale,
+                                              const float* L2) {
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -252,9 +254,21 @@ __device__ inline void backward_scores(float (&s)[NT][4], float (&dp)[NT][4], Ti
             if constexpr (SCORE) x = score_mod(x, b, h, q_idx, kv_idx, a);
             bool keep = q_idx < Nq && x.v != -INFINITY;  // a -inf score: P = 0 even where L is -inf
             if constexpr (MASK) keep = keep && (state == FULL || mask_mod(b, h, q_idx, kv_idx, a));
-            s[n][e] = keep ? exp2f(x.v * LOG2E - L2[y]) : 0.0f;
-            dp[n][e] = (dp[n][e] - D[y]) * x.d;
+            s[n][e] = keep ? fast_exp2(x.v * LOG2E - L2[y]) : 0.0f;
+            f[n][e] = x.d;
         }
+}
+// The same, and dp becomes (dP - D) f (version 3, whose dP is in already).
+template <int NT>
+__device__ inline void backward_scores(float (&s)[NT][4], float (&dp)[NT][4], Tile state, const Args& a,
+                                       int b, int h, int key, int col, int Nq, float scale, const float* L2,
+                                       const float* D) {
+    float f[NT][4];
+    backward_probabilities(s, f, state, a, b, h, key, col, Nq, scale, L2);
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[n][e] = (dp[n][e] - D[8 * n + e % 2]) * f[n][e];
 }
 
 // Dropout, as the FlashAttention paper's Algorithms 2 and 4 do it: P's element (query i, key j) of
