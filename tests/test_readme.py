@@ -63,7 +63,7 @@ def test_bf16_table_adds_cudnn_beside_flashattention2_where_the_csv_has_it(tmp_p
 
 def test_mods_table_is_made_from_mods_csv_and_only_once_there_is_one(tmp_path, monkeypatch):
     """bench.py --mods' CSV as a table: ours and FlexAttention's TFLOP/s, and the ratios, by mod; a pass not
-    measured shows "-". tables() holds it only where mods.csv exists (none is committed yet)."""
+    measured shows "-". tables() holds it only where mods.csv exists."""
     import bench
     summary = load_summary()
     monkeypatch.setattr(summary, "RESULTS", tmp_path)
