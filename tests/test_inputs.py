@@ -46,7 +46,7 @@ def test_sdpa_options_these_kernels_lack_are_refused():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="attn_mask: these kernels take no mask tensor"):
         mf.flash_attention(q, k, v, attn_mask=torch.ones(20, 20, dtype=torch.bool))
-    with pytest.raises(TypeError, match="q is torch.float32: .* dropout_p are compiled into version 3's kernels"):
+    with pytest.raises(TypeError, match="q is torch.float32: .* dropout_p are compiled into the kernels of versions 3 and 4"):
         mf.flash_attention(q, k, v, dropout_p=0.1)  # qkv(): float32
     assert torch.equal(mf.flash_attention(q, k, v, attn_mask=None, dropout_p=0.0), mf.flash_attention(q, k, v))
 
@@ -392,7 +392,7 @@ def test_flash_attn_func_keeps_the_official_positional_order(generator):
 @pytest.mark.parametrize("option,value", [("window_size", (128, 0)), ("softcap", 30.0),
                                           ("alibi_slopes", torch.ones(3))])
 def test_flash_attn_func_options_need_half_precision(option, value):
-    """window_size, softcap, alibi_slopes are mods compiled into version 3 (tests/test_mods.py): float32
+    """window_size, softcap, alibi_slopes are mods compiled into versions 3 and 4 (tests/test_mods.py): float32
     inputs are refused by name."""
     q = torch.randn(1, 8, 3, 16)
     with pytest.raises(TypeError, match="q is torch.float32: score_mod, mask_mod, window_size, softcap, alibi_slopes "
