@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(32 * WARPS)
         // L_i lands as L: thread y, which copied row y, turns it into L log2(e) for P's exponent,
         // once per tile, before the barrier (only the issuing thread is sure its copy has landed).
         float *L_t = stats_i + buffer(i, it) * 2 * Br, *D_t = L_t + Br;
-        if (threadIdx.x < Br) L_t[threadIdx.x] *= LOG2E;
+        if (threadIdx.x < Br) L_t[threadIdx.x] = log2_of_L(L_t[threadIdx.x]);
         __syncthreads();  // ... for every thread's share of it
         const int row0 = i * Br;
         const unsigned short *Q_t = Q_i + buffer(i, it) * Br * LS, *dO_t = dO_i + buffer(i, it) * Br * LS;
@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(32 * WARPS)
         // Only a tile where one of the warp's keys is past the end of the sequence or, causal, later
         // than the tile's first query sees needs the mask: the others skip its index arithmetic on
         // every element. (A query row past Nq needs none: its dO row is zero, see load_query_tile. A
-        // row that sees no key, L = -inf, has P = inf here, and every one of its keys masked to 0.)
+        // row that sees no key has P = 0 already: log2_of_L.)
         const int last_key = key0 + w * 16 + 15;
         if (last_key >= Nk || (causal && last_key > row0 + shift))
             mask_fragment<true>(s, key0 + w * 16 + g, row0 + shift + 2 * q, Nk, causal, 0.0f);
@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(32 * WARPS)
             for (int e = 0; e < 4; ++e)  // dS_ij^T = P_ij^T * (dP_ij^T - D_i) (with mods, dp has the -D_i)
                 dp[n][e] = s[n][e] * (mods::ANY ? dp[n][e] : dp[n][e] - D_t[8 * n + 2 * q + e % 2]);
         unsigned pf[Br / 16][4], dsf[Br / 16][4];  // P_ij^T, dS_ij^T as A operands, in T
-        if constexpr (mods::DROPOUT)  // dV_j += (Z P_ij / (1 - p))^T dO_i; dS took P itself
+        if constexpr (mods::DROPOUT)               // dV_j += (Z P_ij / (1 - p))^T dO_i; dS took P itself
             mods::dropout<true>(s, mod_args, blockIdx.y, key0 + w * 16 + g, row0 + 2 * q);
         a_operands<T, Br>(pf, s);
         a_operands<T, Br>(dsf, dp);

@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     // warpgroup's buffer of stage s.
     auto load_LD = [&](int i) {
         const int row = i * Br + tid % Br;  // L from threads 0-63, D from 64-127
-        return row >= N ? 0.0f : tid < Br ? L[row] * LOG2E : D[row];
+        return row >= N ? 0.0f : tid < Br ? log2_of_L(L[row]) : D[row];
     };
     static_assert(2 * Br == 128, "each of the warpgroup's threads loads one of L_i, D_i");
     auto LD_c = [&](int s) { return t.LD + (consumer * STAGES + s) * 2 * Br; };

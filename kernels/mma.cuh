@@ -19,6 +19,12 @@
 
 constexpr float LOG2E = 1.44269504f;  // log2(e): exp(x) = exp2(x LOG2E)
 
+// The backward's L in log2 units, for P = exp2(S c - L log2(e)). A row that sees no key has L = -inf
+// (the log of an empty sum): +inf stands in for it, so that its P is exp2(score - inf) = 0 for every
+// score, -inf included, with no test of the score per element (such a test, in version 4's backward
+// with mods, made nvcc serialize the wgmma: ptxas's C7511).
+__host__ __device__ inline float log2_of_L(float L) { return L == -INFINITY ? INFINITY : L * LOG2E; }
+
 // Chapter 3's tiles hold 16-bit values (bf16 or fp16, moved as raw bits). A row of a shared tile
 // holds d values and 8 more: the 8 rows that one ldmatrix reads then start 16 bytes apart in the
 // banks, not all in the same ones.

@@ -238,7 +238,7 @@ __device__ inline void forward_scores(float (&s)[NT][4], Tile state, const Args&
 // The backward's hook, on one accumulator tile of S^T (keys are rows: `key` and key + 8; queries
 // col + 8n, col + 8n + 1): s becomes P^T = exp(score_mod(scale s) - L), 0 where masked (and for
 // queries past Nq, whose L is a stand-in: see flash2_mma_backward.cu), and f score_mod's derivative,
-// so that P (dP - D) f is dS with respect to the scaled score. L2 = L log2(e). Apart from dP, so that
+// so that P (dP - D) f is dS with respect to the scaled score. L2: log2_of_L of L. Apart from dP, so that
 // a kernel can run it while dP's product is still on the tensor cores (version 4); where score_mod's
 // derivative is a constant (none, a bias, ALiBi), f is one too, and takes no registers.
 template <int NT>
@@ -252,7 +252,7 @@ __device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][
             const int kv_idx = key + 8 * (e / 2), y = 8 * n + e % 2, q_idx = col + y;
             Dual x(s[n][e] * scale, 1.0f);
             if constexpr (SCORE) x = score_mod(x, b, h, q_idx, kv_idx, a);
-            bool keep = q_idx < Nq && x.v != -INFINITY;  // a -inf score: P = 0 even where L is -inf
+            bool keep = q_idx < Nq;  // (a row that sees no key: its L2 is +inf, log2_of_L, and P = 0)
             if constexpr (MASK) keep = keep && (state == FULL || mask_mod(b, h, q_idx, kv_idx, a));
             s[n][e] = keep ? fast_exp2(x.v * LOG2E - L2[y]) : 0.0f;
             f[n][e] = x.d;
