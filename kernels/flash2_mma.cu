@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     const int shift = Nk - Nq, last_row = min(row0 + Br, Nq) - 1;
     const int j_end = ceil_div(causal ? min(max(last_row + shift + 1, 0), Nk) : Nk, Bc);
     // Chapter 6: with a mask_mod, the key tiles that the block mask marks empty for these rows are
-    // skipped; next_tile(j) is the first one after j that is not (without mods, j + 1).
+    // skipped (mods::Walk; without mods, the walk is j = 0, 1, ..).
     const int b = mods::ANY ? blockIdx.y / mod_args.H : 0, h = mods::ANY ? blockIdx.y % mod_args.H : 0;
     const auto state = [&](int j) {
         return mods::tiles(mod_args, b, h, row0 / mods::TILE, ceil_div(min(row0 + Br, Nq), mods::TILE), j,
@@ -73,15 +73,10 @@ __global__ void __launch_bounds__(32 * WARPS)
     };
     const mods::Span span =
         mods::span<false>(mod_args, b, h, row0 / mods::TILE, ceil_div(min(row0 + Br, Nq), mods::TILE));
-    const int j_stop = min(j_end, span.last + 1);  // past the last tile that is not EMPTY
-    const auto next_tile = [&](int j) {
-        do ++j;
-        while (mods::MASK && j < j_stop && state(j) == mods::EMPTY);
-        return mods::MASK && j >= j_stop ? j_end : j;
-    };
+    const auto walk = mods::walk(span, 1, j_end, mods::MASK, [&](int j) { return state(j) == mods::EMPTY; });
     static_assert(Bc == mods::TILE && Br % mods::TILE == 0, "a tile is one column of the block mask's");
 
-    int j = next_tile(mods::MASK ? span.first - 1 : -1);
+    int j = walk.first(0);
     load_tile16_async<d>(Q_i, Q, row0, Br, Nq, ld_q);     // Alg. 1, line 4
     load_tile16_async<d>(K_j, K, j * Bc, Bc, Nk, ld_kv);  // Alg. 1, lines 6-7 for the first tile
     load_tile16_async<d>(V_j, V, j * Bc, Bc, Nk, ld_kv);
@@ -95,7 +90,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     for (int it = 0; j < j_end; ++it) {  // tile j in buffer it % 2
         // Double buffering: the next tile's copies fly (into the buffers the tile before used) while
         // tile j is multiplied, so the wait for memory overlaps the tensor cores' work.
-        const int next = next_tile(j);
+        const int next = walk.next(j);
         if (next < j_end) {  // Alg. 1, lines 6-7 for the next tile
             load_tile16_async<d>(K_j + (it + 1) % 2 * Bc * LS, K, next * Bc, Bc, Nk, ld_kv);
             load_tile16_async<d>(V_j + (it + 1) % 2 * Bc * LS, V, next * Bc, Bc, Nk, ld_kv);

@@ -97,18 +97,15 @@ __global__ void __launch_bounds__(32 * WARPS)
     // work, and blocks start roughly in launch order: the heaviest first.
     const int shift = Nk - Nq;
     // Chapter 6: with a mask_mod, the query tiles that the block mask marks empty for the block's keys
-    // are skipped; next_tile(i) is the first one after i that is not (without mods, i + 1).
+    // are skipped (mods::Walk; without mods, the walk is i = i0, i0 + 1, ..).
     const int b = mods::ANY ? blockIdx.y / mod_args.H : 0, h = mods::ANY ? blockIdx.y % mod_args.H : 0;
     const int x0 = key0 / mods::TILE, x1 = ceil_div(min(key0 + Bc, Nk), mods::TILE);
     const mods::Span span = mods::span<true>(mod_args, b, h, x0, x1);  // the query tiles that are not EMPTY
-    const int i_stop = min(ceil_div(Nq, Br), span.last + 1);
-    const auto next_tile = [&](int i) {
-        do ++i;
-        while (mods::MASK && i < i_stop && mods::tiles(mod_args, b, h, i, i + 1, x0, x1) == mods::EMPTY);
-        return mods::MASK && i >= i_stop ? ceil_div(Nq, Br) : i;
-    };
+    const auto walk = mods::walk(span, 1, ceil_div(Nq, Br), mods::MASK, [&](int i) {
+        return mods::tiles(mod_args, b, h, i, i + 1, x0, x1) == mods::EMPTY;
+    });
     static_assert(Br == mods::TILE && Bc % mods::TILE == 0, "a query tile is one row of the block mask's");
-    const int i0 = next_tile(max(causal ? max(key0 - shift, 0) / Br : 0, mods::MASK ? span.first : 0) - 1);
+    const int i0 = walk.first(causal ? max(key0 - shift, 0) / Br : 0);
     // The buffer of query tile i, the it-th walked: with skipping, by turns; without, i % 2 (no
     // counter kept: at d = 128 the registers are full, and one more spills).
     const auto buffer = [](int i, int it) { return (mods::MASK ? it : i) % 2; };
@@ -142,7 +139,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     for (int i = i0, it = 0; i * Br < Nq; ++it) {  // tile i in buffer(i, it)
         // Double buffering: the next tile's copies fly (into the buffers the tile before used) while
         // tile i is multiplied, so the wait for memory overlaps the tensor cores' work.
-        const int next = next_tile(i);
+        const int next = walk.next(i);
         if (next * Br < Nq) {
             load_query_tile(next, buffer(next, it + 1));
             cp_async_commit();

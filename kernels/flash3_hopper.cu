@@ -161,22 +161,17 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int row0 = tile * Br, Tc = ceil_div(N, Bc);
     const int j_end = causal ? min(Tc, (min(row0 + Br, N) - 1) / Bc + 1) : Tc;  // key tiles to visit
     // Chapter 6: with a mask_mod, the key tiles that the block mask marks EMPTY for the block's rows
-    // are skipped, by the producer and the consumers alike: next_tile(j) is the first one after j
-    // that is not (without mods, j + 1). A tile of 128 keys is two columns of the mask's 64 x 64
+    // are skipped, by the producer and the consumers alike (mods::Walk; without mods, the walk is
+    // j = 0, 1, ..). A tile of 128 keys is two columns of the mask's 64 x 64
     // tiles; the block's 128 rows, two rows of them, one per consumer.
     const int y0 = row0 / mods::TILE, y1 = ceil_div(min(row0 + Br, N), mods::TILE);
-    const auto state = [&](int y0, int y1, int j) {
-        return mods::tiles(mod_args, b, h, y0, y1, 2 * j, 2 * j + 2);
+    const auto state = [&](int y_first, int y_end, int j) {  // of mask rows y_first .. y_end - 1
+        return mods::tiles(mod_args, b, h, y_first, y_end, 2 * j, 2 * j + 2);
     };
-    const mods::Span span = mods::span<false>(mod_args, b, h, y0, y1);
-    const int j_stop = min(j_end, span.last / 2 + 1);  // past the last tile that is not EMPTY
-    const auto next_tile = [&](int j) {
-        do ++j;
-        while (mods::MASK && j < j_stop && state(y0, y1, j) == mods::EMPTY);
-        return mods::MASK && j >= j_stop ? j_end : j;
-    };
+    const auto walk = mods::walk(mods::span<false>(mod_args, b, h, y0, y1), 2, j_end, mods::MASK,
+                                 [&](int j) { return state(y0, y1, j) == mods::EMPTY; });
     static_assert(Bc == 2 * mods::TILE && Br == 2 * mods::TILE, "a tile is 2 x 2 of the block mask's");
-    const int j_first = next_tile(mods::MASK ? span.first / 2 - 1 : -1);
+    const int j_first = walk.first(0);
 
     if (threadIdx.x == 0) {
         mbarrier_init(t.Q_full, 1);
@@ -192,7 +187,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         setmaxnreg_dec<24>();                // keeps few registers: the consumers get them
         if (threadIdx.x == 0) {
             load_Q(t, &tmQ, row0, h, b);
-            for (int j = j_first, it = 0; j < j_end; j = next_tile(j), ++it)
+            for (int j = j_first, it = 0; j < j_end; j = walk.next(j), ++it)
                 load_KV(t, &tmK, &tmV, it, j, h_kv, b);
         }
         return;
@@ -244,7 +239,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     };
 
     if (!OVERLAP) {  // steps 1-3: S_ij, its softmax, O += P_ij V_j, one after the other
-        for (int j = j_first, it = 0; j < j_end; j = next_tile(j), ++it) {
+        for (int j = j_first, it = 0; j < j_end; j = walk.next(j), ++it) {
             const int s_j = it % STAGES, parity = it / STAGES % 2;
             float s[Bc / 8][4], alpha[2];
             mbarrier_wait(&t.K_full[s_j], parity);  // K_j has landed
@@ -263,7 +258,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             wgmma_fence();  // O and P were written by ordinary instructions
             issue_PV<T, d>(o, p, t.V_stage(s_j));
             wgmma_commit();
-            turn_end(consumer, next_tile(j) >= j_end);
+            turn_end(consumer, walk.next(j) >= j_end);
             wgmma_wait<0>(o);
             release_V(it);
         }
@@ -284,7 +279,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             softmax(s, j, alpha);
             a_operands<T, Bc>(p, s);
         }
-        for (int next = next_tile(j); next < j_end; j = next, next = next_tile(next), ++it) {
+        for (int next = walk.next(j); next < j_end; j = next, next = walk.next(next), ++it) {
             const int s_next = (it + 1) % STAGES, s_prev = it % STAGES;  // S of tile `next`; P V of j
             float s[Bc / 8][4];
             mbarrier_wait(&t.K_full[s_next], (it + 1) / STAGES % 2);

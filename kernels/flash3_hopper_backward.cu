@@ -46,7 +46,7 @@
 #include "tiles.cuh"   // ceil_div
 #include "mma.cuh"     // pack<T>, a_operands, mask_fragment, fast_exp2, LOG2E
 #include "hopper.cuh"  // tma_load, mbarrier_*, wgmma_*, named_barrier_*, bulk_reduce_add
-#include "mods.cuh"    // chapter 6's hooks: mods::backward_scores, mods::tile(s) (no-ops without mods)
+#include "mods.cuh"    // chapter 6's hooks: mods::backward_probabilities, mods::Walk (no-ops without mods)
 
 namespace flash3_hopper_backward {
 
@@ -138,20 +138,15 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int bh = blockIdx.y, b = bh / H, h = bh % H, key0 = j * Bc, Tr = ceil_div(N, Br);
     const int i_start = causal ? key0 / Br : 0;  // causal: earlier queries see none of these keys
     // Chapter 6: with a mask_mod, the query tiles that the block mask marks EMPTY for the block's keys
-    // are skipped, by the producer and the consumers alike: next_tile(i) is the first one after i that
-    // is not (without mods, i + 1). Not when deterministic: a block's turn at a tile of dQ waits for
+    // are skipped, by the producer and the consumers alike (mods::Walk; without mods, the walk is
+    // i = i_start, i_start + 1, ..). Not when deterministic: a block's turn at a tile of dQ waits for
     // every block before it to have added its share there, so every block walks every tile.
     const int x0 = key0 / mods::TILE, x1 = ceil_div(min(key0 + Bc, N), mods::TILE);
-    const mods::Span span = mods::span<true>(mod_args, b, h, x0, x1);  // the query tiles that are not EMPTY
-    const bool skip = mods::MASK && !deterministic;
-    const int i_stop = min(Tr, span.last + 1);
-    const auto next_tile = [&](int i) {
-        do ++i;
-        while (skip && i < i_stop && mods::tiles(mod_args, b, h, i, i + 1, x0, x1) == mods::EMPTY);
-        return skip && i >= i_stop ? Tr : min(i, Tr);
-    };
+    const auto walk =
+        mods::walk(mods::span<true>(mod_args, b, h, x0, x1), 1, Tr, mods::MASK && !deterministic,
+                   [&](int i) { return mods::tiles(mod_args, b, h, i, i + 1, x0, x1) == mods::EMPTY; });
     static_assert(Br == mods::TILE && Bc == 2 * mods::TILE, "a query tile is one row of the block mask's");
-    const int i_first = next_tile(max(i_start, skip ? span.first : 0) - 1);
+    const int i_first = walk.first(i_start);
     L += size_t(bh) * N, D += size_t(bh) * N;
 
     if (threadIdx.x == 0) {
@@ -168,7 +163,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                 tma_load(t.K + c * Bc * SUB, &tmK, c * SUB, key0, h, b, t.KV_full);
                 tma_load(t.V + c * Bc * SUB, &tmV, c * SUB, key0, h, b, t.KV_full);
             }
-            for (int i = i_first, it = 0; i < Tr; i = next_tile(i), ++it)
+            for (int i = i_first, it = 0; i < Tr; i = walk.next(i), ++it)
                 load_QdO(t, &tmQ, &tmdO, it, i, h, b);
         }
         return;
@@ -224,7 +219,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     };
 
     float dv[d / 8][4] = {}, dk[d / 8][4] = {};          // Alg. 2, line 7
-    int i = i_first, i_next = next_tile(i), i_prev = 0;  // the tile, the one after it, the one before
+    int i = i_first, i_next = walk.next(i), i_prev = 0;  // the tile, the one after it, the one before
     LD_c(0)[tid] = load_LD(i);
     float LD_next = i_next < Tr ? load_LD(i_next) : 0.0f;
     mbarrier_wait(t.KV_full, 0);
@@ -328,7 +323,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             *reinterpret_cast<float4*>(&dQ_c[((w * (half / 8) + n8) * 32 + lane) * 4]) =
                 float4{dq[n8][0], dq[n8][1], dq[n8][2], dq[n8][3]};
         if (i_next < Tr) LD_c((it + 1) % STAGES)[tid] = LD_next;
-        const int i_after = i_next < Tr ? next_tile(i_next) : Tr;
+        const int i_after = i_next < Tr ? walk.next(i_next) : Tr;
         if (i_after < Tr) LD_next = load_LD(i_after);
         i_prev = i, i = i_next, i_next = i_after;
     }

@@ -179,6 +179,28 @@ __device__ inline Span span(const Args& a, int b, int h, int y0, int y1) {
     for (int y = y0; y < y1; ++y) s.first = min(s.first, r[2 * y]), s.last = max(s.last, r[2 * y + 1]);
     return s;
 }
+// A block's walk over its row (or column) of tiles, `end` of them: the tiles that empty(j) does not
+// call EMPTY, in order, within the span (per: the block mask's tiles to one tile walked, 1 or 2);
+// every tile where skip is false (no mask_mod; version 4's deterministic backward). first(start): the
+// first tile walked from tile `start` on; next(j): the one after j; `end` when there is none.
+template <class Empty>
+struct Walk {
+    int from, stop, end;  // the span's first tile, and past its last (skip: else 0 and end)
+    bool skip;
+    Empty empty;
+    __device__ int next(int j) const {
+        if (!MASK) return j + 1;  // (a build without a mask_mod: nothing else to keep in registers)
+        do ++j;
+        while (skip && j < stop && empty(j));
+        return skip && j >= stop ? end : j;
+    }
+    __device__ int first(int start) const { return MASK ? next(max(start, from) - 1) : start; }
+};
+template <class Empty>
+__device__ inline Walk<Empty> walk(Span span, int per, int end, bool skip, Empty empty) {
+    return {skip ? span.first / per : 0, skip ? min(end, span.last / per + 1) : end, end, skip, empty};
+}
+
 // A run of tiles (rows y0 .. y1 - 1, columns x0 .. x1 - 1) as one: EMPTY if all are, FULL if all
 // are, else PARTIAL. The forward's tile of 128 queries is 2 rows; the backward's 128 keys, 2 columns.
 __device__ inline Tile tiles(const Args& a, int b, int h, int y0, int y1, int x0, int x1) {
