@@ -244,3 +244,20 @@ def test_mods_with_grouped_heads(device, generator):
     for grouped, every in ((dK, dK_all), (dV, dV_all)):
         summed = every.unflatten(1, (2, 3)).sum(2, dtype=torch.float32)
         assert rel_err(grouped, summed.double()) < 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_backward_with_a_mask(device, generator):
+    """Version 4's deterministic backward with a mask_mod walks every query tile (a block's turn at a
+    tile of dQ waits for every block before it), where the default walk skips the EMPTY ones: the same
+    dK and dV to the bit (each sums its own tiles in one order either way), dQ the same bits run to
+    run and within rounding of the default's; N = 300 spans three key blocks, so turns are waited for."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 300, 64, device, generator, torch.bfloat16))
+    dO = random_dO(q, generator)
+    options = dict(mask_mod="q_idx >= kv_idx && q_idx - kv_idx < 100", version=4)
+    runs = [torch.autograd.grad(mf.flash_attention(q, k, v, deterministic=det, **options), (q, k, v), dO)
+            for det in (False, True, True)]
+    (dQ, dK, dV), (dQ_det, dK_det, dV_det), (dQ_again, _, _) = runs
+    assert torch.equal(dK, dK_det) and torch.equal(dV, dV_det)
+    assert torch.equal(dQ_det, dQ_again)
+    assert rel_err(dQ_det, dQ.double()) < 1e-2
