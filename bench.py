@@ -44,7 +44,8 @@ kernels on the sequences packed without padding (minimal_flash.flash_attn_varlen
 same kernels on the batch padded to its longest sequence (flash_attention) and SDPA on the padded
 batch; the forward, and forward and backward, per real token. It writes a table and varlen.csv.
 
---mods times chapter 6's mods on version 3's kernels (bf16, B = 4, H = 16, N = 4096, d = 128): causal
+--mods times chapter 6's mods on the kernels of the default version (4 on a Hopper GPU, else 3; --version
+3 or 4) (bf16, B = 4, H = 16, N = 4096, d = 128): causal
 built in (the baseline), causal as a mask_mod, a sliding window of 1024 keys, softcap 30 and ALiBi, each
 causal; for each, ours with the mod, ours causal without it (what the mod costs) and FlexAttention with
 the same mask and score_mod (torch.compile'd; eager on the CPU, where it has no backward). Each is first
@@ -132,7 +133,7 @@ def parse_args(argv=None):
                    help="--sweep: only these of manual, minimal-flash (version 1), minimal-flash2, ... (the versions "
                         "for the dtype), sdpa (every SDPA backend timed) or one of them, e.g. sdpa-cudnn "
                         "(default: all); --decode: of manual, minimal-flash, minimal-flash-paged, sdpa-flash, "
-                        "sdpa-cudnn; --mods: of minimal-flash3 (with the mod; and minimal-flash3-no-mod), "
+                        "sdpa-cudnn; --mods: of minimal-flash3 or 4, its version's (with the mod; and minimal-flash3-no-mod), "
                         "flex-attention")
     p.add_argument("--replot", type=Path, metavar="CSV",
                    help="only redraw the plots of a sweep.csv (GPU or CPU, as the file says), beside it")
@@ -148,22 +149,20 @@ def parse_args(argv=None):
                         "the CPU)")
     p.add_argument("--mods", action="store_true",
                    help="time chapter 6's mods (causal as a mask_mod, a sliding window, softcap, ALiBi) on version "
-                        "3's kernels, against the same kernels without the mod and FlexAttention; write a table and "
+                        "3's or 4's kernels (--version; default: the default version), against the same kernels without the mod and FlexAttention; write a table and "
                         "mods.csv. -B, -H, -N (one), -d (default 4, 16, 4096, 128; 1, 2, 128, 64 on the CPU), "
                         "--dtype, --methods, --seconds, --min-repeats apply")
     args = p.parse_args(argv)
-    if args.mods:  # the mods are compiled into version 3's kernels, in half precision
-        if args.version not in (None, 3) or args.dtype == "fp32":
-            p.error("--mods: the mods are compiled into version 3's kernels, bf16 or fp16; give --version 3 or "
-                    "none, and --dtype bf16, fp16 or none")
+    if args.mods:  # the mods are compiled into the kernels of versions 3 and 4, in half precision
+        if args.version not in (None, *MODS_VERSIONS) or args.dtype == "fp32":
+            p.error("--mods: the mods are compiled into the kernels of versions 3 and 4, bf16 or fp16; give "
+                    "--version 3, 4 or none, and --dtype bf16, fp16 or none")
         sizes = MODS_GPU if torch.cuda.is_available() and not args.cpu else MODS_CPU
-        args.version, args.dtype = 3, args.dtype or "bf16"
+        args.dtype = args.dtype or "bf16"
         args.heads, args.head_dim = args.heads or sizes["heads"], args.head_dim or sizes["d"]
         args.seq_len = args.seq_len or [sizes["N"]]
         if len(args.seq_len) > 1:
             p.error("--mods: one sequence length")
-        if args.head_dim not in mf.VERSIONS[3].head_dims:
-            p.error(f"--mods: version 3 takes d = {' or '.join(map(str, mf.VERSIONS[3].head_dims))}")
     if args.varlen:  # flash_attn_varlen_func runs version 3's kernels, in half precision
         if args.version not in (None, 3):
             p.error("--varlen: flash_attn_varlen_func runs version 3's kernels; give --version 3 or none")
@@ -195,6 +194,8 @@ def parse_args(argv=None):
     refusal = None if args.sweep else version_refusal(args.version, args.device)
     if refusal:  # the sweep leaves such a version out instead, and says so
         p.error(f"version {args.version}: {refusal}")
+    if args.mods and args.head_dim not in mf.VERSIONS[args.version].head_dims:
+        p.error(f"--mods: version {args.version} takes d = {mf._one_of(mf.VERSIONS[args.version].head_dims)}")
     gpu = args.device == "cuda"
     args.head_dim = args.head_dim or (128 if args.decode else 64 if gpu else 32)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
@@ -1186,7 +1187,12 @@ MODS_GPU = dict(batch=4, heads=16, N=4096, d=128)
 MODS_CPU = dict(batch=1, heads=2, N=128, d=64)
 MODS_WINDOW = 1024  # the sliding window: a query sees itself and the 1024 keys before it; N / 4 for N below 4096
 MODS_SOFTCAP = 30.0
-MODS_METHODS = ("minimal-flash3", "minimal-flash3-no-mod", "flex-attention")
+MODS_VERSIONS = tuple(n for n, v in mf.VERSIONS.items() if v.mods)  # 3 and 4
+
+
+def mods_method_names(version):
+    """--mods' methods: ours with the mod, ours causal without it, FlexAttention."""
+    return f"minimal-flash{version}", f"minimal-flash{version}-no-mod", "flex-attention"
 MODS_FIELDS = ["mod", "method", "B", "H", "N", "d", "dtype", "pairs", "ms_fwd", "ms_fwd_bwd", "ms_bwd", "repeats_fwd",
                "repeats_fwd_bwd", "tflops_fwd", "tflops_bwd", "x_no_mod_fwd", "x_no_mod_bwd", "x_flex_fwd",
                "x_flex_bwd", "rel_err_fwd", "rel_err_bwd", "plain_err_fwd", "plain_err_bwd", "note"]
@@ -1208,7 +1214,7 @@ def causal_mask(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-# The baseline, causal built in, no mod: what minimal-flash3-no-mod computes with every mod.
+# The baseline, causal built in, no mod: what minimal-flash3-no-mod (or 4) computes with every mod.
 NO_MOD = Mod("causal", dict(causal=True), causal_mask)
 
 
@@ -1266,7 +1272,7 @@ def mods_dense(q, k, v, dO, mod, dtype):
     return out, (dQ, dK, dV)
 
 
-def mods_methods(mod, N, device):
+def mods_methods(mod, N, device, version):
     """{name: (fn(q, k, v), the Mod it computes)}: ours with the mod; ours causal without it (NO_MOD: what
     the mod costs); FlexAttention with the same mask and score_mod, its block mask made once, untimed, as a
     model does. On a GPU FlexAttention runs compiled, as it is meant to: the whole graph (fullgraph), afresh
@@ -1278,24 +1284,24 @@ def mods_methods(mod, N, device):
     if device == "cuda":
         torch._dynamo.reset()  # a graph per grad mode for this mod: far below the recompile limit
         flex = torch.compile(flex_attention, fullgraph=True)
-    return {"minimal-flash3": (lambda q, k, v: mf.flash_attention(q, k, v, version=3, **mod.options), mod),
-            "minimal-flash3-no-mod": (lambda q, k, v: mf.flash_attention(q, k, v, version=3, **NO_MOD.options),
-                                      NO_MOD),
-            "flex-attention": (lambda q, k, v: flex(q, k, v, score_mod=mod.score, block_mask=block_mask), mod)}
+    ours, no_mod, flex_name = mods_method_names(version)
+    return {ours: (lambda q, k, v: mf.flash_attention(q, k, v, version=version, **mod.options), mod),
+            no_mod: (lambda q, k, v: mf.flash_attention(q, k, v, version=version, **NO_MOD.options), NO_MOD),
+            flex_name: (lambda q, k, v: flex(q, k, v, score_mod=mod.score, block_mask=block_mask), mod)}
 
 
 def mods_point(mod, names, inputs, args, progress):
     """The methods `names` with one mod: each checked once against float64, then timed, forward and
     forward + backward; the backward is their difference. A method that disagrees with float64 is not
     timed; FlexAttention's refusals (on the CPU it has no backward) are noted in torch's words. Each method
-    is checked against what it computes, and its work counted as what it computes: minimal-flash3-no-mod's
+    is checked against what it computes, and its work counted as what it computes: minimal-flash3-no-mod's (or 4's)
     is causal attention's."""
     q, k, v, dO = inputs[0]
     B, H, N, d = q.shape
     base = dict(mod=mod.name, B=B, H=H, N=N, d=d, dtype=str(q.dtype).removeprefix("torch."))
     timing = dict(seconds=args.seconds, min_repeats=args.min_repeats)
     rows, references = [], {}
-    for name, (fn, computes) in mods_methods(mod, N, args.device).items():
+    for name, (fn, computes) in mods_methods(mod, N, args.device, args.version).items():
         if name not in names:
             continue
         if computes.name not in references:  # float64, and plain attention in q's dtype for the rule
@@ -1337,7 +1343,7 @@ def mods_point(mod, names, inputs, args, progress):
         progress(f"{mod.name}: {name} " + ", ".join(f"{key} {row[key]:.4f} ms" for key in ("ms_fwd", "ms_bwd")
                                                    if key in row) + (f" ({row['note']})" if note else ""))
     for row in rows:  # the same mod's other methods' times over this one's
-        for other, key in (("minimal-flash3-no-mod", "x_no_mod"), ("flex-attention", "x_flex")):
+        for other, key in zip(mods_method_names(args.version)[1:], ("x_no_mod", "x_flex")):
             times = next((r for r in rows if r["method"] == other), {})
             for pass_ in ("fwd", "bwd"):
                 if f"ms_{pass_}" in row and f"ms_{pass_}" in times:
@@ -1374,8 +1380,8 @@ def run_mods(args):
     shape = (B, H, N, d)
     inputs = random_inputs(shape, device, input_sets(shape, device, dtype), dtype)
     cases = mod_cases(N, H, device)
-    names = list(chosen_methods(dict.fromkeys(MODS_METHODS), args.methods))
-    print(f"Mods: B={B} H={H} N={N} d={d} {str(dtype).removeprefix('torch.')}, version 3's kernels; mods: "
+    names = list(chosen_methods(dict.fromkeys(mods_method_names(args.version)), args.methods))
+    print(f"Mods: B={B} H={H} N={N} d={d} {str(dtype).removeprefix('torch.')}, version {args.version}'s kernels; mods: "
           f"{', '.join(m.name for m in cases)}; methods: {', '.join(names)}; at most {args.seconds:g} s of timed "
           f"calls per method and pass, at least {args.min_repeats} calls")
     if device != "cuda" and "flex-attention" in names:
@@ -1397,7 +1403,8 @@ def run_mods(args):
     unit = flop_unit(rows, ("tflops_fwd", "tflops_bwd"))[0]
     print(f"\nMedian ms ({clock}); backward: forward + backward's median less the forward's. {unit} of the work the "
           "mask keeps: forward 4 B H d a kept (query, key) pair, backward 2.5 times that. x no mod: "
-          "minimal-flash3-no-mod's time (causal built in, no mod) over this method's; x flex: flex-attention's over "
+          f"{mods_method_names(args.version)[1]}'s time (causal built in, no mod) over this method's; x flex: "
+          "flex-attention's over "
           "this method's, the same mod, in this run. err: the larger relative error against float64 attention with "
           f"the mod built densely (O; dQ, dK, dV), each at most twice plain {str(dtype).removeprefix('torch.')} "
           "attention's (the official rule)")

@@ -471,7 +471,7 @@ def test_varlen_takes_version_3_in_half_precision():
             bench.parse_args(["--varlen", "--cpu", *bad])
 
 
-# --mods: chapter 6's mods on version 3's kernels, against the same kernels without the mod and FlexAttention
+# --mods: chapter 6's mods on version 3's kernels (the CPU's default), against the same kernels without the mod and FlexAttention
 # (eager: on the CPU it is not compiled, and has no backward), on the CPU at B=1, H=2, N=128, d=64. Each mod is
 # a build of its own, compiled once (seconds, then cached).
 MODS = ["--mods", "--cpu", "--seconds", "0.05", "--warmup", "1", "--repeats", "2", "--min-repeats", "2"]
@@ -489,7 +489,7 @@ def mods(tmp_path_factory):
 
 def test_mods_csv_has_every_mod_and_method_with_finite_positive_numbers(mods):
     rows, _ = mods
-    assert list(rows) == [(m, method) for m in MOD_NAMES for method in bench.MODS_METHODS]
+    assert list(rows) == [(m, method) for m in MOD_NAMES for method in bench.mods_method_names(3)]
     for (mod, method), r in rows.items():
         assert (r["B"], r["H"], r["N"], r["d"], r["dtype"]) == ("1", "2", "128", "64", "bfloat16")
         # FlexAttention has no backward on the CPU: refused, in torch's words, and left empty, x flex with it
@@ -529,7 +529,7 @@ def test_mods_exits_when_a_method_is_wrong(tmp_path, monkeypatch):
     """The check is real: a method that answers zeros is off by 100%, not timed, in the CSV, and the run fails."""
     zeros = lambda q, k, v: q * 0 + (k.sum() + v.sum()) * 0  # noqa: E731 (in the graph: zero gradients)
     monkeypatch.setattr(bench, "mod_cases", lambda N, H, device: [bench.NO_MOD])
-    monkeypatch.setattr(bench, "mods_methods", lambda mod, N, device: {"minimal-flash3": (zeros, mod)})
+    monkeypatch.setattr(bench, "mods_methods", lambda mod, N, device, version: {"minimal-flash3": (zeros, mod)})
     with pytest.raises(SystemExit, match="disagree with float64, e.g. minimal-flash3 with causal: fwd rel err 1.0e"):
         bench.main([*MODS, "--out", str(tmp_path)])
     row = next(csv.DictReader(open(tmp_path / "mods.csv")))
@@ -552,9 +552,12 @@ def test_mods_dense_builds_the_mods_as_flexattention_takes_them():
     assert torch.allclose(bench.mods_dense(q, k, v, dO, mods["sliding window 10"], torch.float64)[0], expected)
 
 
-def test_mods_takes_version_3_in_half_precision():
-    args = bench.parse_args(["--mods", "--cpu"])
+def test_mods_takes_versions_3_and_4_in_half_precision():
+    args = bench.parse_args(["--mods", "--cpu"])  # the CPU's default version: 3
     assert (args.version, args.dtype, args.heads, args.head_dim, args.seq_len) == (3, torch.bfloat16, 2, 64, [128])
-    for bad in (["--version", "4"], ["--dtype", "fp32"], ["-d", "48"], ["-N", "64", "128"]):
+    assert bench.parse_args(["--mods", "--cpu", "--version", "4"]).version == 4
+    assert bench.mods_method_names(4) == ("minimal-flash4", "minimal-flash4-no-mod", "flex-attention")
+    for bad in (["--version", "2"], ["--dtype", "fp32"], ["-d", "48"], ["--version", "4", "-d", "32"],
+                ["-N", "64", "128"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--mods", "--cpu", *bad])

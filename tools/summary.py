@@ -215,7 +215,8 @@ def mods_table(name="mods.csv"):
               "FlexAttention", "x FlexAttention", "x no mod"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for mod, methods in by.items():
-        ours, flex = methods.get("minimal-flash3", {}), methods.get("flex-attention", {})
+        ours = next((r for m, r in methods.items() if m.startswith("minimal-flash") and not m.endswith("-no-mod")), {})
+        flex = methods.get("flex-attention", {})
         cells = [mod]
         for pass_ in ("fwd", "bwd"):
             for row, key, spec in ((ours, "tflops", ".0f"), (flex, "tflops", ".0f"), (ours, "x_flex", ".2f"),
