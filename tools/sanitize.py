@@ -5,6 +5,7 @@ compute-sanitizer:
     compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py 3   # version 3 only
     compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py mods   # chapter 6's
+    compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py mods:4 dropout:4  # on version 4
 
 Each run is also checked against float64 (tests/helpers.py's checks: fp32 within 1e-5, half precision
 within twice plain attention's error), so a clean sanitizer report on a wrong answer fails too. Versions
@@ -155,9 +156,17 @@ def run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk):
           "forward and backward checked")
 
 
-# arguments: version numbers, `mods` for chapter 6's mods (each a build of versions 3 and 4), `dropout`
-chosen = {a if a in ("mods", "dropout") else int(a) for a in sys.argv[1:]} or set(mf.VERSIONS) | {"mods", "dropout"}
-for version in sorted(chosen - {"mods", "dropout"}):
+# arguments: version numbers; `mods` for chapter 6's mods (each a build, of versions 3 and 4; `mods:4`: of
+# version 4 only), `dropout` (`dropout:4`) likewise
+MOD_VERSIONS = [n for n, v in mf.VERSIONS.items() if v.mods]
+chosen, mod_versions = set(), {"mods": set(), "dropout": set()}
+for a in sys.argv[1:] or [*map(str, mf.VERSIONS), "mods", "dropout"]:
+    name, _, version = a.partition(":")
+    if name in mod_versions:
+        mod_versions[name] |= {int(version)} if version else set(MOD_VERSIONS)
+    else:
+        chosen.add(int(a))
+for version in sorted(chosen):
     for dtype in mf.VERSIONS[version].dtypes:
         for (Br, Bc), N, d in cases(version):
             for causal in (False, True):
@@ -175,17 +184,16 @@ if 3 in chosen:  # chapter 5's decode kernels and flash_attn_varlen_func build w
                                                        (64, False, [130, 64, 17], [130, 1, 200], 4, 4),
                                                        (64, True, [64, 129], [200, 129], 4, 1)):
             run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk)
-MOD_VERSIONS = [n for n, v in mf.VERSIONS.items() if v.mods]
-if "mods" in chosen:  # chapter 6: each of tests/test_mods.py's mods compiled into versions 3 and 4
+if mod_versions["mods"]:  # chapter 6: each of tests/test_mods.py's mods compiled into versions 3 and 4
     from test_mods import CASES as MOD_CASES, run_case
-    for version in MOD_VERSIONS:
+    for version in sorted(mod_versions["mods"]):
         for name in MOD_CASES:
             for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
                 run_case(name, shape, "cuda", generator, version)
                 print(f"mods v{version} {name} {shape}: forward and backward checked")
-if "dropout" in chosen:  # chapter 6's dropout, against dense attention with the same Philox mask
+if mod_versions["dropout"]:  # chapter 6's dropout, against dense attention with the same Philox mask
     import test_dropout
-    for version in MOD_VERSIONS:
+    for version in sorted(mod_versions["dropout"]):
         for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
             for causal in (False, True):
                 test_dropout.run_case(shape, causal, "cuda", generator, version)
