@@ -145,7 +145,9 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     refused unless left at their defaults. version: one of VERSIONS (default: version 2 for float32
     inputs; for bfloat16 and float16 ones, version 4 on a Hopper GPU, version 3 elsewhere). Br, Bc: the block sizes of the versions they
     shape (default MINIMAL_FLASH_BR / _BC, else 32). deterministic: the backward's dQ the same bits
-    run to run (version 1 always; version 4 at a cost; the others refuse it).
+    run to run (version 1 always; version 4 at a cost; the others refuse it). Head dims: any d in
+    versions 1 and 2 (as shared memory allows); in versions 3 and 4, those they are compiled for, a d
+    in between padded with zero columns up to the next (a copy), none above the largest (128).
     Your own attention (versions 3 and 4): score_mod, a C++ expression of the scaled score and b, h, q_idx,
     kv_idx, such as "score + bias(h, q_idx - kv_idx)"; mask_mod, a C++ condition of b, h, q_idx, kv_idx
     that keeps a key, such as "q_idx - kv_idx < 256"; mod_tensors {name: tensor}, what they read
@@ -337,10 +339,24 @@ def _attention(q, k, v, causal, scale, Br, Bc, version, out=None, mods=None):
     O, L = out if out is not None else (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32))
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
         kernels = load_kernels(q.device.type, version, Br, Bc, _spec(mods))
+        q, k, v = (_aligned(_padded(t, version)) for t in (q, k, v))
         _check_shared_memory(kernels, q, "forward", version)
-        q, k, v = (_aligned(t) for t in (q, k, v))
-        _raise_if(kernels.call("forward", causal, scale, q, k, v, O, L, mods=mods))
+        O_run = O if O.shape == q.shape else q.new_empty(q.shape)  # the padded O, its columns cut off after
+        _raise_if(kernels.call("forward", causal, scale, q, k, v, O_run, L, mods=mods))
+        if O_run is not O:
+            O.copy_(O_run[..., :O.shape[-1]])
     return O, L
+
+
+def _padded(t, version):
+    """q, k, v, O or dO with the head dim (last) that the version's kernels run at: d itself, or where
+    they are compiled for a few (versions 3 and 4), the smallest of those that is at least d, the
+    columns between filled with zeros (a copy). Zero columns of q and k change no score q k^T; of v,
+    they give O zero columns, cut off after; of dO, with O's, they change no D = rowsum(dO * O), and
+    the gradients' extra columns are cut off too. The official package rounds d up likewise."""
+    d, dims = t.shape[-1], VERSIONS[version].head_dims
+    run = d if dims is None else min(x for x in dims if x >= d)  # _check_inputs took d <= max(dims)
+    return t if run == d else torch.nn.functional.pad(t, (0, run - d))
 
 
 def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic=False, out=None, mods=None):
@@ -350,15 +366,21 @@ def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, determin
     dQ, dK, dV = out if out is not None else (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
     if q.numel() > 0:
         kernels = load_kernels(q.device.type, version, Br, Bc, _spec(mods))
+        q, k, v, O, dO = (_padded(t, version) for t in (q, k, v, O, dO))  # (_padded: d as compiled)
         _check_shared_memory(kernels, q, "backward", version)
         q, O, dO = (_aligned(t) for t in (q, O, dO))
+        # the gradients at the padded d, their columns cut off after
+        runs = [x if x.shape == t.shape else t.new_empty(t.shape) for x, t in ((dQ, q), (dK, k), (dV, v))]
 
         def run(k_all, v_all, dK_all, dV_all):
             k_all, v_all = _aligned(k_all), _aligned(v_all)
-            _raise_if(kernels.call("backward", causal, scale, q, k_all, v_all, O, L, dO, dQ, dK_all, dV_all,
+            _raise_if(kernels.call("backward", causal, scale, q, k_all, v_all, O, L, dO, runs[0], dK_all, dV_all,
                                    deterministic=deterministic, mods=mods))
 
-        _grouped_grads(q, k, v, run, dK, dV)
+        _grouped_grads(q, k, v, run, runs[1], runs[2])
+        for x, x_run in zip((dQ, dK, dV), runs):
+            if x_run is not x:
+                x.copy_(x_run[..., :x.shape[-1]])
     return dQ, dK, dV
 
 
@@ -1540,8 +1562,9 @@ def _check_inputs(q, k, v, version):
     d, head_dims = q.shape[-1], VERSIONS[version].head_dims
     if d == 0:
         raise ValueError("head dim d is 0: there is nothing to attend with")
-    if head_dims is not None and d not in head_dims:
-        raise ValueError(f"head dim d = {d}: version {version} is compiled for d = {_one_of(head_dims)}")
+    if head_dims is not None and d > max(head_dims):
+        raise ValueError(f"head dim d = {d}: version {version} is compiled for d = {_one_of(head_dims)} (a d "
+                         f"between them runs padded up to the next); above {max(head_dims)}, none")
     return _laid_out(q, version), _laid_out(k, version), _laid_out(v, version)
 
 

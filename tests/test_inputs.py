@@ -105,12 +105,17 @@ def test_version_3_takes_half_precision_only():
         mf.flash_attention(q.bfloat16(), k, v)  # q picks version 3, so k must be bfloat16 too
 
 
-def test_version_3_takes_its_head_dims_only():
-    q = torch.randn(1, 1, 8, 48, dtype=torch.float16)
-    with pytest.raises(ValueError, match="head dim d = 48: version 3 is compiled for d = 32, 64, 96 or 128"):
-        mf.forward(q, q, q)
-    with pytest.raises(ValueError, match="head dim d = 48: version 3 is compiled for d = 32, 64, 96 or 128"):
-        mf.backward(q, q, q, q, q, q[..., 0].float())
+def test_half_precision_versions_refuse_head_dims_above_their_largest():
+    """A d between the compiled ones runs padded (test_kernels.py); above the largest, none does."""
+    for version, largest in ((3, "32, 64, 96 or 128"), (4, "64 or 128")):
+        q = torch.randn(1, 1, 8, 136, dtype=torch.float16)
+        message = f"head dim d = 136: version {version} is compiled for d = {largest} .*; above 128, none"
+        with pytest.raises(ValueError, match=message):
+            mf.forward(q, q, q, version=version)
+        with pytest.raises(ValueError, match=message):
+            mf.backward(q, q, q, q, q, q[..., 0].float(), version=version)
+        with pytest.raises(ValueError, match=message):
+            mf.flash_attn_func(q, q, q, version=version)
 
 
 def test_rejects_non_tensors():

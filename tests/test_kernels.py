@@ -36,6 +36,21 @@ def test_matches_float64(device, shape, causal, version, dtype, generator):
     check_passes(device, shape, causal, version, dtype, generator)
 
 
+# Head dims between the ones versions 3 and 4 are compiled for: q, k, v (and O, dO) padded with zero
+# columns up to the next one (minimal_flash._padded), the outputs cut back; multiples of 8 and one
+# that is not (100), into poisoned outputs of the caller's d.
+PADDED = [(n, d, dtype) for n, v in mf.VERSIONS.items() if v.head_dims for d, dtype in (
+    (8, torch.bfloat16), (40, torch.float16), (72, torch.bfloat16), (96, torch.float16), (100, torch.float16),
+    (120, torch.bfloat16)) if d not in v.head_dims]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version,d,dtype", PADDED, ids=[f"v{n}-d{d}" for n, d, _ in PADDED])
+@CAUSAL
+def test_head_dims_between_the_compiled_ones(device, version, d, dtype, causal, generator):
+    check_passes(device, (2, 2, 70, d), causal, version, dtype, generator)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @MATRIX
 def test_softmax_scale(device, version, dtype, generator):
