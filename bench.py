@@ -183,7 +183,7 @@ def parse_args(argv=None):
         p.error("--decode: -H must be a multiple of --heads-k (each key/value head serves a group of query heads)")
     args.device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     if args.version is None:
-        args.version = mf.default_version(args.dtype, args.device)
+        args.version = mf.default_version(args.dtype, args.device, args.head_dim)
     elif args.version not in versions_for(args.dtype):
         p.error(f"version {args.version} does not take {args.dtype}: versions {versions_for(args.dtype)} do")
     try:  # the block sizes of each version that runs, checked with its own rule, and kept

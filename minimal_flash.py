@@ -94,8 +94,8 @@ VERSIONS = {v.number: v for v in (
     Version(2, "FlashAttention-2 loop order", 2, ("flash2.cu", "flash2_backward.cu"), "version2.cuh",
             (torch.float32,), block_sizes=_version2_block_sizes),
     Version(3, "FlashAttention-2 on tensor cores", 3, ("flash2_mma.cu", "flash2_mma_backward.cu"), "version3.cuh",
-            (torch.bfloat16, torch.float16), head_dims=(32, 64, 96, 128), positive_scale=True, grouped_heads=True,
-            mods=True),
+            (torch.bfloat16, torch.float16), head_dims=(32, 64, 96, 128, 192, 256), positive_scale=True,
+            grouped_heads=True, mods=True),
     # Hopper's wgmma and setmaxnreg exist for the sm_90a target only, whose code runs on 9.0 GPUs only.
     Version(4, "FlashAttention-3 on Hopper", 4, ("flash3_hopper.cu", "flash3_hopper_backward.cu"), "version4.cuh",
             (torch.bfloat16, torch.float16), head_dims=(64, 128), positive_scale=True, capability=(9, 0),
@@ -121,15 +121,17 @@ def version_unavailable(version, device):
             f"{device} is {torch.cuda.get_device_name(device)} ({has[0]}.{has[1]})")
 
 
-def default_version(dtype, device="cpu"):
-    """The version flash_attention runs for inputs of this dtype on this device when none is asked
-    for: the fastest that takes them. In float32 that is version 2, faster than plain attention at
-    every length measured (README, "The chapters"); version 1 is chapter 1's kernel to read, and the
-    notebooks that read it name it. In bfloat16 and float16, version 4 on a Hopper GPU, which it needs,
-    and version 3 elsewhere (on the CPU too: its emulation runs fewer threads per block, so faster)."""
+def default_version(dtype, device="cpu", d=None):
+    """The version flash_attention runs for inputs of this dtype on this device (and head dim d) when
+    none is asked for: the fastest that takes them. In float32 that is version 2, faster than plain
+    attention at every length measured (README, "The chapters"); version 1 is chapter 1's kernel to
+    read, and the notebooks that read it name it. In bfloat16 and float16, version 4 on a Hopper GPU,
+    which it needs, up to its largest head dim (128), and version 3 elsewhere (on the CPU too: its
+    emulation runs fewer threads per block, so faster) and above."""
     if dtype not in VERSIONS[3].dtypes:
         return 2
-    return 4 if version_unavailable(4, device) is None and torch.device(device).type == "cuda" else 3
+    hopper = version_unavailable(4, device) is None and torch.device(device).type == "cuda"
+    return 4 if hopper and (d is None or d <= max(VERSIONS[4].head_dims)) else 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +149,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     shape (default MINIMAL_FLASH_BR / _BC, else 32). deterministic: the backward's dQ the same bits
     run to run (version 1 always; version 4 at a cost; the others refuse it). Head dims: any d in
     versions 1 and 2 (as shared memory allows); in versions 3 and 4, those they are compiled for, a d
-    in between padded with zero columns up to the next (a copy), none above the largest (128).
+    in between padded with zero columns up to the next (a copy), none above the largest (256;
+    version 4: 128).
     Your own attention (versions 3 and 4): score_mod, a C++ expression of the scaled score and b, h, q_idx,
     kv_idx, such as "score + bias(h, q_idx - kv_idx)"; mask_mod, a C++ condition of b, h, q_idx, kv_idx
     that keeps a key, such as "q_idx - kv_idx < 256"; mod_tensors {name: tensor}, what they read
@@ -770,9 +773,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     (chapter 3, on any GPU, Hopper included, and on the CPU), differentiable: a batch of sequences of
     different lengths packed one after the other without padding (prefill, or training on packed text).
 
-    q: (total_q, nheads, d), bfloat16 or float16, d = 64 or 128; k, v: (total_k, nheads_k, d), nheads_k
-    dividing nheads (grouped-query heads: a head of k, v serves nheads / nheads_k query heads, and its
-    gradient sums theirs). cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) on q's device, the sequences'
+    q: (total_q, nheads, d), bfloat16 or float16, d = 32, 64, 96, 128, 192 or 256; k, v: (total_k,
+    nheads_k, d), nheads_k dividing nheads (grouped-query heads: a head of k, v serves nheads / nheads_k
+    query heads, and its gradient sums theirs). cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) on q's device, the sequences'
     offsets from 0: sequence b's queries are rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q, its
     keys and values those of cu_seqlens_k in k, v. Sequences of length 0 are allowed. max_seqlen_q,
     max_seqlen_k: ints, at least every sequence's length (the kernels' grid is sized by them; more only
@@ -1120,6 +1123,11 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
                    0 if dropout_seed is None else dropout_seed % 2**64)
 
 
+def _head_dim(q):
+    """q's last dim, or None where q is no tensor of at least one dim (its checks say so later)."""
+    return q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() > 0 else None
+
+
 def _mods_version(version, wants_mods, q):
     """Mods run on the kernels of versions 3 and 4: the default version of q's dtype and device then
     (version 4 on a Hopper GPU, else 3), and a version without mods is refused."""
@@ -1129,7 +1137,7 @@ def _mods_version(version, wants_mods, q):
         raise TypeError(f"q is {q.dtype}: score_mod, mask_mod, window_size, softcap, alibi_slopes and dropout_p are "
                         f"compiled into the kernels of versions 3 and 4, which take {_dtype_names(VERSIONS[3].dtypes)}")
     if version is None:
-        return default_version(q.dtype, q.device) if isinstance(q, torch.Tensor) else 3
+        return default_version(q.dtype, q.device, _head_dim(q)) if isinstance(q, torch.Tensor) else 3
     if version not in VERSIONS or not VERSIONS[version].mods:
         raise ValueError(f"version = {version!r}: score_mod, mask_mod, window_size, softcap, alibi_slopes and "
                          "dropout_p are compiled into the kernels of versions 3 and 4 only; leave version out, or "
@@ -1690,7 +1698,7 @@ def _check_like(name, t, like):
 def _check_version(version, q):
     """The version to run: the one asked for, else default_version of q's dtype and device."""
     if version is None:
-        return default_version(q.dtype, q.device) if isinstance(q, torch.Tensor) else 2
+        return default_version(q.dtype, q.device, _head_dim(q)) if isinstance(q, torch.Tensor) else 2
     if isinstance(version, bool) or version not in VERSIONS:
         choices = " or ".join(f"{n} ({v.name}: kernels/{v.kernels[0]})" for n, v in VERSIONS.items())
         raise ValueError(f"version = {version!r}: {choices}")

@@ -18,6 +18,11 @@
 //   ...                                                    rows 16-31 [ warp 1        | warp 5       ]
 //   keys 112-127 [ warp 7 ]                                rows 32-63 [ warps 2, 3    | warps 6, 7   ]
 //
+// Above d = 128: 64 keys a block, 4 warps, and two blocks per key tile (blockIdx.z), each taking half
+// of the columns of dK_j, dV_j and of its share of dQ_i (else a lane would hold d / 2 fp32 values of
+// each, more than its 255 registers, and tiles of 128 keys would not fit in shared memory). Both
+// compute all of S_ij^T and dP_ij^T (their sums run over every column): 7 products' work, not 5.
+//
 // dQ_i sums over keys, which the other warps and blocks hold: dS_ij^T goes through shared memory,
 // and each warp adds its product into an fp32 copy of dQ with atomics, two floats at a time, as
 // flash2_backward.cu does (the price: the order of the additions varies, so do dQ's last bits).
@@ -32,8 +37,12 @@
 namespace flash2_mma_backward {
 
 // 128 keys per block, 8 warps: each query tile that a block loads, and each row of dQ_i that it adds
-// into by atomics, then serves 128 keys, not 64: half the global traffic and half the atomics.
-constexpr int Bc = 128, Br = 64, WARPS = Bc / 16;  // keys per block, queries per tile, warps
+// into by atomics, then serves 128 keys, not 64: half the global traffic and half the atomics. Above
+// d = 128, 64 keys and 4 warps, two blocks per key tile, each with half of the columns (above).
+constexpr int Br = 64;                                                         // queries per tile
+__host__ __device__ constexpr int keys(int d) { return d <= 128 ? 128 : 64; }  // Bc: keys per block
+__host__ __device__ constexpr int warps(int d) { return keys(d) / 16; }
+__host__ __device__ constexpr int splits(int d) { return d <= 128 ? 1 : 2; }  // blocks per key tile
 
 // Shared memory: two buffers each (the n-th query tile walked in buffer n % 2) of L_i and D_i (fp32) and of the 16-bit
 // tiles Q_i, dO_i (Br rows), then K_j, V_j (Bc rows each) and dS_ij^T (Bc rows of Br
@@ -42,7 +51,7 @@ constexpr int Bc = 128, Br = 64, WARPS = Bc / 16;  // keys per block, queries pe
 // dP_ij^T; at d = 128 that is more than the 255 a thread may have. Each product re-reads them from
 // shared memory with ldmatrix instead.
 __host__ __device__ inline int shared_bytes(int d) {
-    return 2 * 2 * Br * 4 + ((2 * 2 * Br + 2 * Bc) * stride16(d) + Bc * stride16(Br)) * 2;
+    return 2 * 2 * Br * 4 + ((2 * 2 * Br + 2 * keys(d)) * stride16(d) + keys(d) * stride16(Br)) * 2;
 }
 
 // Alg. 2, line 4: D = rowsum(dO * O) in fp32, one thread per row,
@@ -66,12 +75,14 @@ __global__ void convert_dQ(const float* dQ_sum, size_t pairs, float scale, unsig
 }
 
 template <class T, int d>
-__global__ void __launch_bounds__(32 * WARPS)
+__global__ void __launch_bounds__(32 * warps(d))
     backward(const unsigned short* Q, const unsigned short* K, const unsigned short* V,
              const unsigned short* dO, const float* L, const float* D, int N, const int* cu_seqlens_q,
              const int* cu_seqlens_k, int H, float scale, bool causal, float* dQ_sum, unsigned short* dK,
              unsigned short* dV, mods::Args mod_args) {
-    constexpr int LS = stride16(d), LP = stride16(Br);
+    constexpr int LS = stride16(d), LP = stride16(Br), Bc = keys(d), WARPS = warps(d);
+    constexpr int DC = d / splits(d);  // the block's columns of dK_j, dV_j, dQ_i: c0 .. c0 + DC - 1
+    const int c0 = splits(d) > 1 ? blockIdx.z * DC : 0;  // (a constant 0 where d <= 128: no register)
     // smem: the block's shared memory, declared in tiles.cuh
     float* stats_i = smem;                                                          // two of L_i, D_i: 2 x Br
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(stats_i + 2 * 2 * Br);  // two of Br x LS
@@ -133,7 +144,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     load_query_tile(i0, buffer(i0, 0));
     cp_async_commit();
     const unsigned short *K_w = K_j + w * 16 * LS, *V_w = V_j + w * 16 * LS;  // the warp's 16 keys
-    float dK_j[d / 8][4] = {}, dV_j[d / 8][4] = {};                           // Alg. 2, line 7
+    float dK_j[DC / 8][4] = {}, dV_j[DC / 8][4] = {};                         // Alg. 2, line 7
     const float c = scale * LOG2E;
 
     for (int i = i0, it = 0; i * Br < Nq; ++it) {  // tile i in buffer(i, it)
@@ -192,8 +203,8 @@ __global__ void __launch_bounds__(32 * WARPS)
             mods::dropout<true>(s, mod_args, blockIdx.y, key0 + w * 16 + g, row0 + 2 * q);
         a_operands<T, Br>(pf, s);
         a_operands<T, Br>(dsf, dp);
-        mma_AB<T, Br, d>(dV_j, pf, dO_t, LS);  // Alg. 2, line 12: dV_j += P_ij^T dO_i
-        mma_AB<T, Br, d>(dK_j, dsf, Q_t, LS);  // Alg. 2, line 16: dK_j += dS_ij^T Q_i (scale at the end)
+        mma_AB<T, Br, DC>(dV_j, pf, dO_t + c0, LS);  // Alg. 2, line 12: dV_j += P_ij^T dO_i
+        mma_AB<T, Br, DC>(dK_j, dsf, Q_t + c0, LS);  // Alg. 2, line 16: dK_j += dS_ij^T Q_i (scale: later)
 
         // Alg. 2, line 15: dQ_i += dS_ij K_j. dsf[kb][e] holds key g + 8 (e % 2), queries 16 kb +
         // 8 (e / 2) + 2q and the next: one 4-byte store each into dS_ij^T's rows.
@@ -208,11 +219,12 @@ __global__ void __launch_bounds__(32 * WARPS)
         // may fill them (and the next dS_ij^T is written only after the next tile's barrier, when
         // every warp is done reading this one).
         __syncthreads();
-        // Warp w takes query rows 16 (w % 4) .. 16 (w % 4) + 15 over all the block's keys, and half of
-        // dQ_i's columns (w / 4). Those rows of dS_ij are columns of dS_T: their A operands come
-        // transposed. 16 columns of dQ_i at a time keep 8 accumulators per lane, not d / 2.
-        constexpr int ROW_TILES = Br / 16, COLS = d / (WARPS / ROW_TILES);  // a warp's columns of dQ_i
-        const int y0 = w % ROW_TILES * 16, x0 = w / ROW_TILES * COLS;
+        // Warp w takes query rows 16 (w % 4) .. 16 (w % 4) + 15 over all the block's keys, and of the
+        // block's columns of dQ_i, half (w / 4; 8 warps) or all (4). Those rows of dS_ij are columns of
+        // dS_T: their A operands come transposed. 16 columns of dQ_i at a time keep 8 accumulators per
+        // lane, not d / 2.
+        constexpr int ROW_TILES = Br / 16, COLS = DC / (WARPS / ROW_TILES);  // a warp's columns of dQ_i
+        const int y0 = w % ROW_TILES * 16, x0 = c0 + w / ROW_TILES * COLS;
         unsigned ds[Bc / 16][4];
 #pragma unroll
         for (int kb = 0; kb < Bc / 16; ++kb)
@@ -241,8 +253,8 @@ __global__ void __launch_bounds__(32 * WARPS)
         const int key = key0 + w * 16 + g + 8 * r;
         if (key >= Nk) continue;
 #pragma unroll
-        for (int n = 0; n < d / 8; ++n) {  // columns 8n + 2q, 8n + 2q + 1: one 4-byte store each
-            const size_t at = (size_t)key * ld_kv + 8 * n + 2 * q;
+        for (int n = 0; n < DC / 8; ++n) {  // columns c0 + 8n + 2q and the next: one 4-byte store each
+            const size_t at = (size_t)key * ld_kv + c0 + 8 * n + 2 * q;
             *reinterpret_cast<unsigned*>(&dK[at]) =
                 pack<T>(scale * dK_j[n][2 * r], scale * dK_j[n][2 * r + 1]);
             *reinterpret_cast<unsigned*>(&dV[at]) = pack<T>(dV_j[n][2 * r], dV_j[n][2 * r + 1]);
@@ -264,9 +276,10 @@ std::string run(const Call& c) {
         err = "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
     if (err.empty())
         err = launch("flash2_mma_backward::backward", backward<T, d>,
-                     dim3(ceil_div(c.packed() ? c.Nk : c.N, Bc), c.BH), 32 * WARPS, shared_bytes(d), c,
-                     bits(c.Q), bits(c.K), bits(c.V), bits(c.dO), c.L, D, c.N, c.cu_seqlens_q, c.cu_seqlens_k,
-                     c.H, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV), mods::of(c.mods));
+                     dim3(ceil_div(c.packed() ? c.Nk : c.N, keys(d)), c.BH, splits(d)), 32 * warps(d),
+                     shared_bytes(d), c, bits(c.Q), bits(c.K), bits(c.V), bits(c.dO), c.L, D, c.N,
+                     c.cu_seqlens_q, c.cu_seqlens_k, c.H, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV),
+                     mods::of(c.mods));
     const size_t pairs = rows * d / 2;
     if (err.empty())
         err = launch("flash2_mma_backward::convert_dQ", convert_dQ<T>, dim3((pairs + 255) / 256), 256, 0, c,

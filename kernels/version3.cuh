@@ -13,10 +13,11 @@
 //
 // Chapter 5's decode kernels live in this build: they share chapter 3's mma.sync fragments
 // (mma.cuh), dtypes and head dims, and are no new version (no row in minimal_flash.VERSIONS).
-// Block sizes: its own (Br and Bc do not apply). Head dims d = 32, 64, 96 and 128, multiples of 32 (a
-// warp's fragments are arrays of d / 16 and d / 8, so each d is compiled; the backward's dQ_i is
-// split in two halves of columns, each a whole number of 16-column products); the decode kernels:
-// 64 and 128. softmax_scale > 0.
+// Block sizes: its own (Br and Bc do not apply). Head dims d = 32, 64, 96, 128, 192 and 256 (a warp's
+// fragments are arrays of d / 16 and d / 8, so each d is compiled; the backward's dQ_i is split in
+// two halves of columns, each a whole number of 16-column products; above 128, the forward's blocks
+// have half the rows and the backward's half the keys, and two blocks share a key tile's columns);
+// minimal_flash pads a d in between up to the next. The decode kernels: 64 and 128. softmax_scale > 0.
 // Scratch (fp32, per row): none (forward), dQ's sums (d) and D (1) (backward).
 // bindings.cu includes this file in its middle: Call and launch are defined there.
 #include "flash2_mma.cu"
@@ -38,7 +39,9 @@ struct Version {
     // What the kernels cannot take (minimal_flash.py checks these first, with the same words).
     static std::string error(const Call& c) {
         if (std::string err = grid_column_error(c.BH); !err.empty()) return err;
-        return half_precision_error(c, 3, c.d % 32 == 0 && c.d >= 32 && c.d <= 128, "32, 64, 96 or 128");
+        return half_precision_error(c, 3,
+                                    (c.d % 32 == 0 && c.d >= 32 && c.d <= 128) || c.d == 192 || c.d == 256,
+                                    "32, 64, 96, 128, 192 or 256");
     }
 
     // Launcher<T, d>::run for the call's dtype and d.
@@ -57,8 +60,12 @@ struct Version {
                 return Launcher<T, 64>::run(c);
             case 96:
                 return Launcher<T, 96>::run(c);
+            case 128:
+                return Launcher<T, 128>::run(c);
+            case 192:
+                return Launcher<T, 192>::run(c);
             default:
-                return Launcher<T, 128>::run(c);  // error() took d = 128 only, then
+                return Launcher<T, 256>::run(c);  // error() took d = 256 only, then
         }
     }
 
@@ -66,7 +73,7 @@ struct Version {
     struct Forward {
         static std::string run(const Call& c) {
             namespace fw = flash2_mma;
-            return launch("flash2_mma::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH),
+            return launch("flash2_mma::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::rows(d)), c.BH),
                           32 * fw::WARPS, fw::shared_bytes(d), c, bits(c.Q), bits(c.K), bits(c.V), c.N,
                           c.group, c.cu_seqlens_q, c.cu_seqlens_k, c.H, c.scale, c.causal, bits(c.O), c.L,
                           mods::of(c.mods));

@@ -107,9 +107,9 @@ def test_version_3_takes_half_precision_only():
 
 def test_half_precision_versions_refuse_head_dims_above_their_largest():
     """A d between the compiled ones runs padded (test_kernels.py); above the largest, none does."""
-    for version, largest in ((3, "32, 64, 96 or 128"), (4, "64 or 128")):
-        q = torch.randn(1, 1, 8, 136, dtype=torch.float16)
-        message = f"head dim d = 136: version {version} is compiled for d = {largest} .*; above 128, none"
+    for version, d, compiled in ((3, 264, "32, 64, 96, 128, 192 or 256"), (4, 136, "64 or 128")):
+        q = torch.randn(1, 1, 8, d, dtype=torch.float16)
+        message = f"head dim d = {d}: version {version} is compiled for d = {compiled} .*; above {d - 8}, none"
         with pytest.raises(ValueError, match=message):
             mf.forward(q, q, q, version=version)
         with pytest.raises(ValueError, match=message):
@@ -458,3 +458,5 @@ def test_version_4_needs_a_hopper_gpu(monkeypatch):
     assert mf.default_version(torch.bfloat16, "cuda") == 3  # there, half precision runs version 3
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert mf.version_unavailable(4, "cuda") is None and mf.default_version(torch.bfloat16, "cuda") == 4
+    # up to version 4's largest head dim (128, a smaller d padded up); above, version 3's 192 and 256
+    assert [mf.default_version(torch.bfloat16, "cuda", d) for d in (32, 128, 136, 256)] == [4, 4, 3, 3]

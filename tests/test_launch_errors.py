@@ -60,11 +60,11 @@ def test_grid_limit_raises(device, version, dtype, d):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_version_3_checks_what_python_checks(device):
-    """Version 3's launcher refuses, in the same words, what minimal_flash refuses first: float32, a
-    head dim it is not compiled for, softmax_scale <= 0."""
+    """Version 3's launcher refuses what minimal_flash refuses first (float32, softmax_scale <= 0) in the
+    same words, and a head dim it is not compiled for (minimal_flash pads one in between)."""
     q = torch.zeros(1, 1, 8, 48, device=device, dtype=torch.float16)
     O, L = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="version 3 takes head dim d = 32, 64, 96 or 128, not 48"):
+    with pytest.raises(RuntimeError, match="version 3 takes head dim d = 32, 64, 96, 128, 192 or 256, not 48"):
         run(device, 3, "forward", q, q, q, O, L)
     q = torch.zeros(1, 1, 8, 64, device=device)
     O, L = torch.empty_like(q), q.new_empty(q.shape[:-1])

@@ -162,6 +162,18 @@ def test_mod_matches_dense_float64(name, shape, version, device, generator):
     run_case(name, shape, device, generator, version)
 
 
+# Other head dims: version 3's 256 (64-row forward blocks; backward blocks of 64 keys, two per key
+# tile), and 72, padded to 96 (version 3) or 128 (version 4).
+OTHER_D = [(3, "body_and_mask", (1, 2, 130, 256)), (3, "window_causal", (2, 1, 70, 72)),
+           (4, "documents", (2, 1, 70, 72))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version,name,shape", OTHER_D, ids=[f"v{n}-{name}-d{s[3]}" for n, name, s in OTHER_D])
+def test_mod_at_other_head_dims(name, shape, version, device, generator):
+    run_case(name, shape, device, generator, version)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_official_options_through_flash_attn_func(device, generator):
     """flash_attn_func's window_size, softcap, alibi_slopes (B, N, H, d), with autograd: the same
