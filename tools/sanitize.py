@@ -33,11 +33,12 @@ generator = torch.Generator().manual_seed(0)
 def cases(version):
     """(block sizes, N, d) to run: partial last tiles; d = 128 uses the >48 KB opt-in; N = 300 spans
     several version-2 blocks; d = 3 leaves most of a row of version 2's backward tiles to its zero
-    padding; N = 130 spans two of version 3's blocks; N = 300, three of version 4's key tiles, so its
-    2-stage ring refills a stage."""
+    padding; N = 130 spans two of version 3's blocks (three at d = 192 and 256, where its blocks are
+    of 64 rows and 64 keys, two blocks per key tile in the backward); N = 300, three of version 4's key
+    tiles, so its 2-stage ring refills a stage."""
     if mf.VERSIONS[version].head_dims is None:
         return [(sizes, N, d) for sizes in ((32, 32), (64, 16)) for N, d in ((100, 64), (17, 128), (300, 32), (77, 3))]
-    cases = ((100, 64), (17, 128), (130, 64), (300, 128), (100, 32), (130, 96))  # version 3 takes 32 and 96 too
+    cases = ((100, 64), (17, 128), (130, 64), (300, 128), (100, 32), (130, 96), (130, 192), (130, 256))
     return [((None, None), N, d) for N, d in cases if d in mf.VERSIONS[version].head_dims]
 
 
