@@ -1502,9 +1502,9 @@ class Kernels:
 def _wants_mods(score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p=0.0,
                 dropout_seed=None):
     """Does a call ask for mods (then version 3 or 4 runs it)? Checked in full by _check_mods."""
-    return (score_mod is not None or mask_mod is not None or bool(mod_tensors) or alibi_slopes is not None
-            or (softcap != 0.0) or not (isinstance(window_size, (tuple, list)) and tuple(window_size) == (-1, -1))
-            or dropout_p != 0.0)
+    return (score_mod is not None or mask_mod is not None or bool(mod_tensors) or dropout_p != 0.0
+            or not all(_at_default(name, value) for name, value in (
+                ("window_size", window_size), ("softcap", softcap), ("alibi_slopes", alibi_slopes))))
 
 
 def _spec(mods):
@@ -1770,14 +1770,19 @@ _OFFICIAL_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, 
                           block_table=None)
 
 
+def _at_default(name, value):
+    """Is an official option at the official package's default?"""
+    default = _OFFICIAL_DEFAULTS[name]
+    return (value is None if default is None else
+            isinstance(value, (tuple, list)) and tuple(value) == default if name == "window_size" else
+            value == default)
+
+
 def _check_official_defaults(**given):
     """The official options that these kernels do not have: each at the official default, or refused."""
     for name, value in given.items():
         default = _OFFICIAL_DEFAULTS[name]
-        same = (value is None if default is None else
-                isinstance(value, (tuple, list)) and tuple(value) == default if name == "window_size" else
-                value == default)
-        if not same:
+        if not _at_default(name, value):
             raise ValueError(f"{name} = {_short(value)} is not supported by minimal_flash: these kernels do not have "
                              f"it; leave it at its default {default!r}")
 
