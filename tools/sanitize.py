@@ -160,42 +160,49 @@ def run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk):
 # arguments: version numbers; `mods` for chapter 6's mods (each a build, of versions 3 and 4; `mods:4`: of
 # version 4 only), `dropout` (`dropout:4`) likewise
 MOD_VERSIONS = [n for n, v in mf.VERSIONS.items() if v.mods]
-chosen, mod_versions = set(), {"mods": set(), "dropout": set()}
-for a in sys.argv[1:] or [*map(str, mf.VERSIONS), "mods", "dropout"]:
-    name, _, version = a.partition(":")
-    if name in mod_versions:
-        mod_versions[name] |= {int(version)} if version else set(MOD_VERSIONS)
-    else:
-        chosen.add(int(a))
-for version in sorted(chosen):
-    for dtype in mf.VERSIONS[version].dtypes:
-        for (Br, Bc), N, d in cases(version):
-            for causal in (False, True):
-                run(version, dtype, causal, Br, Bc, N, d)
-                if mf.VERSIONS[version].grouped_heads:
-                    run_grouped(version, dtype, causal, N, d)
-                if mf.VERSIONS[version].strided:
-                    run_views(version, dtype, causal, N, d)
-if 3 in chosen:  # chapter 5's decode kernels and flash_attn_varlen_func build with version 3
-    for dtype in mf.VERSIONS[3].dtypes:
-        for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3), (5, 64, False, None, 2),
-                                            (3, 64, True, 48, 1), (1, 128, True, 144, 2)):
-            run_decode(dtype, Sq, d, causal, page, splits)
-        for d, causal, lengths_q, lengths_k, H, Hk in ((128, True, [0, 100, 300, 1], [5, 100, 260, 0], 8, 2),
-                                                       (64, False, [130, 64, 17], [130, 1, 200], 4, 4),
-                                                       (64, True, [64, 129], [200, 129], 4, 1)):
-            run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk)
-if mod_versions["mods"]:  # chapter 6: each of tests/test_mods.py's mods compiled into versions 3 and 4
-    from test_mods import CASES as MOD_CASES, run_case
-    for version in sorted(mod_versions["mods"]):
-        for name in MOD_CASES:
+
+
+def main(args):
+    chosen, mod_versions = set(), {"mods": set(), "dropout": set()}
+    for a in args or [*map(str, mf.VERSIONS), "mods", "dropout"]:
+        name, _, version = a.partition(":")
+        if name in mod_versions:
+            mod_versions[name] |= {int(version)} if version else set(MOD_VERSIONS)
+        else:
+            chosen.add(int(a))
+    for version in sorted(chosen):
+        for dtype in mf.VERSIONS[version].dtypes:
+            for (Br, Bc), N, d in cases(version):
+                for causal in (False, True):
+                    run(version, dtype, causal, Br, Bc, N, d)
+                    if mf.VERSIONS[version].grouped_heads:
+                        run_grouped(version, dtype, causal, N, d)
+                    if mf.VERSIONS[version].strided:
+                        run_views(version, dtype, causal, N, d)
+    if 3 in chosen:  # chapter 5's decode kernels and flash_attn_varlen_func build with version 3
+        for dtype in mf.VERSIONS[3].dtypes:
+            for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3),
+                                                (5, 64, False, None, 2), (3, 64, True, 48, 1), (1, 128, True, 144, 2)):
+                run_decode(dtype, Sq, d, causal, page, splits)
+            for d, causal, lengths_q, lengths_k, H, Hk in ((128, True, [0, 100, 300, 1], [5, 100, 260, 0], 8, 2),
+                                                           (64, False, [130, 64, 17], [130, 1, 200], 4, 4),
+                                                           (64, True, [64, 129], [200, 129], 4, 1)):
+                run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk)
+    if mod_versions["mods"]:  # chapter 6: each of tests/test_mods.py's mods compiled into versions 3 and 4
+        from test_mods import CASES as MOD_CASES, run_case
+        for version in sorted(mod_versions["mods"]):
+            for name in MOD_CASES:
+                for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
+                    run_case(name, shape, "cuda", generator, version)
+                    print(f"mods v{version} {name} {shape}: forward and backward checked")
+    if mod_versions["dropout"]:  # chapter 6's dropout, against dense attention with the same Philox mask
+        import test_dropout
+        for version in sorted(mod_versions["dropout"]):
             for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
-                run_case(name, shape, "cuda", generator, version)
-                print(f"mods v{version} {name} {shape}: forward and backward checked")
-if mod_versions["dropout"]:  # chapter 6's dropout, against dense attention with the same Philox mask
-    import test_dropout
-    for version in sorted(mod_versions["dropout"]):
-        for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
-            for causal in (False, True):
-                test_dropout.run_case(shape, causal, "cuda", generator, version)
-                print(f"dropout v{version} {shape} causal={causal}: forward and backward checked")
+                for causal in (False, True):
+                    test_dropout.run_case(shape, causal, "cuda", generator, version)
+                    print(f"dropout v{version} {shape} causal={causal}: forward and backward checked")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
