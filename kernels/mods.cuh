@@ -238,9 +238,10 @@ __global__ void block_mask(Args a, int N, int B_mask, int H_mask, unsigned char*
 __host__ __device__ inline int block_mask_shared_bytes() { return 2 * TILE * sizeof(int); }
 
 // The forward's hook, on one accumulator tile of S (16 rows x NT tiles of 8 keys, mma.cuh's layout:
-// rows `row` and row + 8, columns col + 8n and col + 8n + 1): each score scaled, modded, and -inf
-// where mask_mod says no (only in a PARTIAL tile). The softmax that follows takes the scores as they
-// are (its scale is then 1).
+// rows `row` and row + 8, columns col + 8n and col + 8n + 1): with a score_mod, each score scaled and
+// modded (the softmax that follows then takes its scale as 1); -inf where mask_mod says no (only in a
+// PARTIAL tile). A mask alone leaves the scores as they are: the softmax's exponent applies the scale
+// in its multiply-add, as without mods.
 template <int NT>
 __device__ inline void forward_scores(float (&s)[NT][4], Tile state, const Args& a, int b, int h, int row,
                                       int col, float scale) {
@@ -249,8 +250,8 @@ __device__ inline void forward_scores(float (&s)[NT][4], Tile state, const Args&
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int q_idx = row + 8 * (e / 2), kv_idx = col + 8 * n + e % 2;
-            float x = s[n][e] * scale;
-            if constexpr (SCORE) x = score_mod(x, b, h, q_idx, kv_idx, a);
+            float x = s[n][e];
+            if constexpr (SCORE) x = score_mod(x * scale, b, h, q_idx, kv_idx, a);
             if constexpr (MASK)
                 if (state == PARTIAL && !mask_mod(b, h, q_idx, kv_idx, a)) x = -INFINITY;
             s[n][e] = x;
@@ -267,16 +268,17 @@ template <int NT>
 __device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][4], Tile state, const Args& a,
                                               int b, int h, int key, int col, int Nq, float scale,
                                               const float* L2) {
+    const float c = SCORE ? LOG2E : scale * LOG2E;  // a mask alone: the scale in the multiply-add
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int kv_idx = key + 8 * (e / 2), y = 8 * n + e % 2, q_idx = col + y;
-            Dual x(s[n][e] * scale, 1.0f);
+            Dual x(SCORE ? s[n][e] * scale : s[n][e], 1.0f);
             if constexpr (SCORE) x = score_mod(x, b, h, q_idx, kv_idx, a);
             bool keep = q_idx < Nq;  // (a row that sees no key: its L2 is +inf, log2_of_L, and P = 0)
             if constexpr (MASK) keep = keep && (state == FULL || mask_mod(b, h, q_idx, kv_idx, a));
-            s[n][e] = keep ? fast_exp2(x.v * LOG2E - L2[y]) : 0.0f;
+            s[n][e] = keep ? fast_exp2(x.v * c - L2[y]) : 0.0f;
             f[n][e] = x.d;
         }
 }
