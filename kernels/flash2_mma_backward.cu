@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(32 * warps(d))
         for (int kb = 0; kb < Bc / 16; ++kb)
             ldmatrix_x4_trans(ds[kb],
                               &dS_T[(kb * 16 + lane % 8 + lane / 16 * 8) * LP + y0 + lane / 8 % 2 * 8]);
-#pragma unroll
+#pragma unroll 4  // (d <= 128: every step; d = 256's 8, all unrolled, would spill registers)
         for (int x = x0; x < x0 + COLS; x += 16) {
             float dq[2][4] = {};
             mma_AB<T, Bc, 16>(dq, ds, K_j + x, LS);

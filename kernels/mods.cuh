@@ -189,10 +189,13 @@ struct Walk {
     bool skip;
     Empty empty;
     __device__ int next(int j) const {
-        if (!MASK) return j + 1;  // (a build without a mask_mod: nothing else to keep in registers)
-        do ++j;
-        while (skip && j < stop && empty(j));
-        return skip && j >= stop ? end : j;
+        if constexpr (!MASK) {
+            return j + 1;  // (a build without a mask_mod: nothing else to keep in registers)
+        } else {
+            do ++j;
+            while (skip && j < stop && empty(j));
+            return skip && j >= stop ? end : j;
+        }
     }
     __device__ int first(int start) const { return MASK ? next(max(start, from) - 1) : start; }
 };
