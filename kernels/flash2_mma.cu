@@ -128,8 +128,9 @@ __global__ void __launch_bounds__(32 * WARPS)
             }
         }
         // Alg. 1, line 9. Only a tile that crosses the end of the sequence or, causal, the diagonal
-        // needs the mask: the others skip its index arithmetic on every element.
-        const mods::Tile tile_state = mods::MASK ? state(j) : mods::PARTIAL;
+        // needs the mask: the others skip its index arithmetic on every element. (Chapter 6: a
+        // mask_mod's, the block's tile of the block mask.)
+        const mods::Tile tile_state[1] = {mods::MASK ? state(j) : mods::PARTIAL};
 #pragma unroll
         for (int t = 0; t < TILES; ++t) {
             const int row = row0 + (w * TILES + t) * 16 + g;

@@ -214,11 +214,10 @@ __global__ void __launch_bounds__(THREADS, 1)
     // S_ij masked where the tile crosses the end of the sequence or, causal, the diagonal (Alg. 1,
     // line 9's mask), then its softmax: P_ij, and alpha, what O must be rescaled by.
     auto softmax = [&](float (&s)[Bc / 8][4], int j, float (&alpha)[2]) {
-        if constexpr (mods::ANY) {  // chapter 6: score_mod, mask_mod (mask_mod skipped where the
-            // consumer's tile is FULL; one the block walks for the other consumer's rows may be EMPTY
-            // for this one's, and is then masked element by element)
-            const mods::Tile tile_state =
-                mods::MASK && state(y, y + 1, j) == mods::FULL ? mods::FULL : mods::PARTIAL;
+        if constexpr (mods::ANY) {  // chapter 6: score_mod, mask_mod (called only in a PARTIAL tile of
+            // the block mask: the consumer's 64 rows by 128 keys are two of its tiles, each taken apart)
+            const mods::Tile tile_state[2] = {mods::tile(mod_args, b, h, y, 2 * j),
+                                              mods::tile(mod_args, b, h, y, 2 * j + 1)};
             mods::forward_scores(s, tile_state, mod_args, b, h, row, j * Bc + 2 * q, scale);
         }
         if ((j + 1) * Bc > N || (causal && (j + 1) * Bc > warp_row + 1))

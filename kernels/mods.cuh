@@ -242,12 +242,15 @@ __host__ __device__ inline int block_mask_shared_bytes() { return 2 * TILE * siz
 
 // The forward's hook, on one accumulator tile of S (16 rows x NT tiles of 8 keys, mma.cuh's layout:
 // rows `row` and row + 8, columns col + 8n and col + 8n + 1): with a score_mod, each score scaled and
-// modded (the softmax that follows then takes its scale as 1); -inf where mask_mod says no (only in a
-// PARTIAL tile). A mask alone leaves the scores as they are: the softmax's exponent applies the scale
-// in its multiply-add, as without mods.
+// modded (the softmax that follows then takes its scale as 1); with a mask_mod, -inf where it says no.
+// state: the block mask's tile of each 64 of those keys in turn (NT / 8 of them): FULL keeps every
+// score and EMPTY none, without a call; only a PARTIAL one calls mask_mod, score by score. A mask alone
+// leaves the scores as they are: the softmax's exponent applies the scale in its multiply-add, as
+// without mods.
 template <int NT>
-__device__ inline void forward_scores(float (&s)[NT][4], Tile state, const Args& a, int b, int h, int row,
-                                      int col, float scale) {
+__device__ inline void forward_scores(float (&s)[NT][4], const Tile (&state)[NT / 8], const Args& a, int b,
+                                      int h, int row, int col, float scale) {
+    static_assert(NT % 8 == 0, "whole tiles of 64 keys");
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -256,7 +259,8 @@ __device__ inline void forward_scores(float (&s)[NT][4], Tile state, const Args&
             float x = s[n][e];
             if constexpr (SCORE) x = score_mod(x * scale, b, h, q_idx, kv_idx, a);
             if constexpr (MASK)
-                if (state == PARTIAL && !mask_mod(b, h, q_idx, kv_idx, a)) x = -INFINITY;
+                if (state[n / 8] == EMPTY || (state[n / 8] == PARTIAL && !mask_mod(b, h, q_idx, kv_idx, a)))
+                    x = -INFINITY;
             s[n][e] = x;
         }
 }
