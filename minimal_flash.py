@@ -145,8 +145,9 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     differentiable. softmax_scale defaults to 1/sqrt(d). is_causal and scale are the same options
     under torch.nn.functional.scaled_dot_product_attention's names; its attn_mask and dropout_p are
     refused unless left at their defaults. version: one of VERSIONS (default: version 2 for float32
-    inputs; for bfloat16 and float16 ones, version 4 on a Hopper GPU, version 3 elsewhere). Br, Bc: the block sizes of the versions they
-    shape (default MINIMAL_FLASH_BR / _BC, else 32). deterministic: the backward's dQ the same bits
+    inputs; for bfloat16 and float16 ones, version 4 on a Hopper GPU up to d = 128, version 3
+    elsewhere and above). Br, Bc: the block sizes of the versions they shape (default
+    MINIMAL_FLASH_BR / _BC, else 32). deterministic: the backward's dQ the same bits
     run to run (version 1 always; version 4 at a cost; the others refuse it). Head dims: any d in
     versions 1 and 2 (as shared memory allows); in versions 3 and 4, those they are compiled for, a d
     in between padded with zero columns up to the next (a copy), none above the largest (256;
