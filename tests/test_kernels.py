@@ -163,12 +163,13 @@ GROUPED = [n for n, x in mf.VERSIONS.items() if x.grouped_heads]
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("version", GROUPED, ids=[f"v{n}" for n in GROUPED])
-@pytest.mark.parametrize("H,Hk,N,d", [(4, 2, 70, 64), (6, 2, 129, 128), (3, 1, 200, 64)])
+@pytest.mark.parametrize("H,Hk,N,d", [(4, 2, 70, 64), (6, 2, 129, 128), (3, 1, 200, 64), (4, 2, 50, 72)])
 @CAUSAL
 def test_grouped_query_heads(device, H, Hk, N, d, causal, version, generator):
     """k, v with Hk heads, each shared by H / Hk query heads (grouped-query attention; Hk = 1:
     multi-query): O as plain attention's on k, v repeated to q's heads, and each head's dK, dV the sum
-    of its group's, in bf16 within the 2x rule (plain attention's gradients summed the same way)."""
+    of its group's, in bf16 within the 2x rule (plain attention's gradients summed the same way). d = 72:
+    padded (to 96 or 128), the group's sums taken at the padded d and cut back."""
     q = random_qkv(2, H, N, d, device, generator, torch.bfloat16)[0]
     k, v = random_qkv(2, Hk, N, d, device, generator, torch.bfloat16)[:2]
     repeat = lambda t: t.repeat_interleave(H // Hk, dim=1)  # noqa: E731
