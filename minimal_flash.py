@@ -774,9 +774,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     (chapter 3, on any GPU, Hopper included, and on the CPU), differentiable: a batch of sequences of
     different lengths packed one after the other without padding (prefill, or training on packed text).
 
-    q: (total_q, nheads, d), bfloat16 or float16, d = 32, 64, 96, 128, 192 or 256; k, v: (total_k,
-    nheads_k, d), nheads_k dividing nheads (grouped-query heads: a head of k, v serves nheads / nheads_k
-    query heads, and its gradient sums theirs). cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) on q's
+    q: (total_q, nheads, d), bfloat16 or float16, d up to 256 (padded up to 32, 64, 96, 128, 192 or
+    256); k, v: (total_k, nheads_k, d), nheads_k dividing nheads (grouped-query heads: a head of k, v
+    serves nheads / nheads_k query heads, and its gradient sums theirs). cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) on q's
     device, the sequences' offsets from 0: sequence b's queries are rows cu_seqlens_q[b] ..
     cu_seqlens_q[b + 1] - 1 of q, its keys and values those of cu_seqlens_k in k, v. Sequences of
     length 0 are allowed. max_seqlen_q,
@@ -809,10 +809,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _check_scale(softmax_scale, q, 3)
     options = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    d = q.shape[-1]  # a d between the compiled ones: zero columns up to the next (_padded), cut off after
+    q, k, v = (_padded(t, 3) for t in (q, k, v))  # (outside the Function: autograd takes them off dQ, dK, dV)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, L = _FlashAttentionVarlen.apply(q, k, v, *options)
     else:
         out, L = _varlen_attention(q, k, v, *options)
+    out = out[..., :d]
     return (out, L.t().contiguous(), None) if return_attn_probs else out
 
 
@@ -829,12 +832,13 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise TypeError(f"q has dtype {q.dtype}; flash_attn_varlen_func runs version 3's kernels, which take "
                         f"{_dtype_names(VERSIONS[3].dtypes)} only")
     (total_q, H, d), (total_k, Hk, _), head_dims = q.shape, k.shape, VERSIONS[3].head_dims
-    problem = (f"head dim d = {d}" if d not in head_dims else "k and v differ in shape" if k.shape != v.shape else
+    problem = (f"head dim d = {d}" if d > max(head_dims) else "k and v differ in shape" if k.shape != v.shape else
                f"k and v have head dim {k.shape[2]}, q {d}" if k.shape[2] != d else
                f"nheads_k = {Hk} does not divide q's nheads = {H}" if Hk == 0 or H % Hk else None)
     if problem:
         raise ValueError(f"{problem}: flash_attn_varlen_func takes q (total_q, nheads, d), k and v (total_k, nheads_k, "
-                         f"d), d = {_one_of(head_dims)} (version 3's kernels), nheads_k dividing nheads "
+                         f"d), d up to {max(head_dims)} (version 3's kernels: {_one_of(head_dims)}, a d in between "
+                         "padded up), nheads_k dividing nheads "
                          f"(grouped-query heads); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     lengths = []
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):

@@ -49,6 +49,7 @@ CASES = [
     ([200, 65], [3, 300], 4, 4, 128, True, torch.bfloat16),
     ([1, 0, 255], [0, 1, 256], 8, 2, 64, False, torch.bfloat16),
     ([70, 0, 130], [130, 3, 65], 2, 1, 256, True, torch.bfloat16),  # d = 256: 64-row and 64-key blocks, split
+    ([40, 9], [40, 70], 4, 2, 72, True, torch.float16),  # d = 72: padded to 96, out cut back
 ]
 CASE_IDS = [f"q{'-'.join(map(str, c[0]))}-k{'-'.join(map(str, c[1]))}-h{c[2]}-hk{c[3]}-d{c[4]}-"
             f"{'causal' if c[5] else 'full'}-{str(c[6]).replace('torch.', '')}" for c in CASES]
@@ -174,8 +175,8 @@ def test_bad_tensors_are_refused():
     q, k, v, cu_q, cu_k, max_q, max_k = inputs = small_inputs()
     refuse(TypeError, "q has dtype torch.float32; flash_attn_varlen_func runs version 3's kernels, which take "
                       "bfloat16 and float16 only", *small_inputs(dtype=torch.float32))
-    refuse(ValueError, r"head dim d = 48: .* d = 32, 64, 96, 128, 192 or 256 \(version 3's kernels\)",
-           *small_inputs(d=48))
+    refuse(ValueError, r"head dim d = 264: .* d up to 256 \(version 3's kernels: 32, 64, 96, 128, 192 or 256, a d "
+                       r"in between padded up\)", *small_inputs(d=264))
     refuse(ValueError, "nheads_k = 4 does not divide q's nheads = 6", *small_inputs(H=6, Hk=4))
     refuse(ValueError, "k and v have head dim 128, q 64", q, k.repeat(1, 1, 2), v.repeat(1, 1, 2), *inputs[3:])
     refuse(ValueError, r"q must be 3-D \(total_q, nheads, d\)", q[None], *inputs[1:])
