@@ -776,13 +776,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     q: (total_q, nheads, d), bfloat16 or float16, d up to 256 (padded up to 32, 64, 96, 128, 192 or
     256); k, v: (total_k, nheads_k, d), nheads_k dividing nheads (grouped-query heads: a head of k, v
-    serves nheads / nheads_k query heads, and its gradient sums theirs). cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) on q's
-    device, the sequences' offsets from 0: sequence b's queries are rows cu_seqlens_q[b] ..
-    cu_seqlens_q[b + 1] - 1 of q, its keys and values those of cu_seqlens_k in k, v. Sequences of
-    length 0 are allowed. max_seqlen_q,
-    max_seqlen_k: ints, at least every sequence's length (the kernels' grid is sized by them; more only
-    costs blocks that end at once). causal: aligned at the bottom right, as in the official package
-    (2.1 and later): query i of a sequence of Lq queries and Lk keys sees key j iff j <= i + Lk - Lq.
+    serves nheads / nheads_k query heads, and its gradient sums theirs). cu_seqlens_q, cu_seqlens_k:
+    int32 (batch + 1,) on q's device, the sequences' offsets from 0: sequence b's queries are rows
+    cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q, its keys and values those of cu_seqlens_k in k, v.
+    Sequences of length 0 are allowed. max_seqlen_q, max_seqlen_k: ints, at least every sequence's
+    length (the kernels' grid is sized by them; more only costs blocks that end at once). causal:
+    aligned at the bottom right, as in the official package (2.1 and later): query i of a sequence of
+    Lq queries and Lk keys sees key j iff j <= i + Lk - Lq.
     A query that sees no key gets 0 (and lse -inf, the log of an empty sum).
 
     Returns out (total_q, nheads, d) in q's dtype; with return_attn_probs, (out, softmax_lse, None), as

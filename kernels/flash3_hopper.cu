@@ -165,11 +165,9 @@ __global__ void __launch_bounds__(THREADS, 1)
     // j = 0, 1, ..). A tile of 128 keys is two columns of the mask's 64 x 64
     // tiles; the block's 128 rows, two rows of them, one per consumer.
     const int y0 = row0 / mods::TILE, y1 = ceil_div(min(row0 + Br, N), mods::TILE);
-    const auto state = [&](int y_first, int y_end, int j) {  // of mask rows y_first .. y_end - 1
-        return mods::tiles(mod_args, b, h, y_first, y_end, 2 * j, 2 * j + 2);
-    };
-    const auto walk = mods::walk(mods::span<false>(mod_args, b, h, y0, y1), 2, j_end, mods::MASK,
-                                 [&](int j) { return state(y0, y1, j) == mods::EMPTY; });
+    const auto walk = mods::walk(mods::span<false>(mod_args, b, h, y0, y1), 2, j_end, mods::MASK, [&](int j) {
+        return mods::tiles(mod_args, b, h, y0, y1, 2 * j, 2 * j + 2) == mods::EMPTY;
+    });
     static_assert(Bc == 2 * mods::TILE && Br == 2 * mods::TILE, "a tile is 2 x 2 of the block mask's");
     const int j_first = walk.first(0);
 
