@@ -211,13 +211,17 @@ __global__ void __launch_bounds__(THREADS, 1)
 
     // S_ij masked where the tile crosses the end of the sequence or, causal, the diagonal (Alg. 1,
     // line 9's mask), then its softmax: P_ij, and alpha, what O must be rescaled by.
-    auto softmax = [&](float (&s)[Bc / 8][4], int j, float (&alpha)[2]) {
-        if constexpr (mods::ANY) {  // chapter 6: score_mod, mask_mod (called only in a PARTIAL tile of
-            // the block mask: the consumer's 64 rows by 128 keys are two of its tiles, each taken apart)
-            const mods::Tile tile_state[2] = {mods::tile(mod_args, b, h, y, 2 * j),
-                                              mods::tile(mod_args, b, h, y, 2 * j + 1)};
-            mods::forward_scores(s, tile_state, mod_args, b, h, row, j * Bc + 2 * q, scale);
-        }
+    // Chapter 6: state, the block mask's two tiles under the consumer's 64 rows and key tile j's 128
+    // keys, each taken apart (mask_mod is called only in a PARTIAL one). The loops read them, and the
+    // walk's next step, while the tensor cores run a product: read just before the softmax, a read
+    // from global memory would stall it, tile after tile.
+    auto read_state = [&](int j, mods::Tile(&state)[2]) {
+        if constexpr (mods::MASK)
+            state[0] = mods::tile(mod_args, b, h, y, 2 * j),
+            state[1] = mods::tile(mod_args, b, h, y, 2 * j + 1);
+    };
+    auto softmax = [&](float (&s)[Bc / 8][4], int j, const mods::Tile(&state)[2], float (&alpha)[2]) {
+        if constexpr (mods::ANY) mods::forward_scores(s, state, mod_args, b, h, row, j * Bc + 2 * q, scale);
         if ((j + 1) * Bc > N || (causal && (j + 1) * Bc > warp_row + 1))
             mask_fragment<false>(s, row, j * Bc + 2 * q, N, causal, -INFINITY);
         online_softmax<false>(s, m, l, o, alpha, c);  // O is rescaled later, by rescale
@@ -236,18 +240,20 @@ __global__ void __launch_bounds__(THREADS, 1)
     };
 
     if (!OVERLAP) {  // steps 1-3: S_ij, its softmax, O += P_ij V_j, one after the other
-        for (int j = j_first, it = 0; j < j_end; j = walk.next(j), ++it) {
+        for (int j = j_first, it = 0, after; j < j_end; j = after, ++it) {
             const int s_j = it % STAGES, parity = it / STAGES % 2;
             float s[Bc / 8][4], alpha[2];
+            mods::Tile state[2];
             mbarrier_wait(&t.K_full[s_j], parity);  // K_j has landed
             turn_begin(consumer);
             wgmma_fence();  // S's registers were last written by ordinary instructions
             issue_S<T, d>(s, Q_c, t.K_stage(s_j));
             wgmma_commit();
             turn_end(consumer, false);
+            after = walk.next(j), read_state(j, state);  // (mods) under the product
             wgmma_wait<0>(s);
             release_K(it);
-            softmax(s, j, alpha);
+            softmax(s, j, state, alpha);
             rescale(o, alpha);
             a_operands<T, Bc>(p, s);
             mbarrier_wait(&t.V_full[s_j], parity);
@@ -255,7 +261,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             wgmma_fence();  // O and P were written by ordinary instructions
             issue_PV<T, d>(o, p, t.V_stage(s_j));
             wgmma_commit();
-            turn_end(consumer, walk.next(j) >= j_end);
+            turn_end(consumer, after >= j_end);
             wgmma_wait<0>(o);
             release_V(it);
         }
@@ -263,6 +269,7 @@ __global__ void __launch_bounds__(THREADS, 1)
               // and the softmax of S_i,j+1 runs while the tensor cores compute that product into O
         float alpha[2];           // what O must be rescaled by before P_ij V_j is added: exp(m_i,j-1 - m_ij)
         int j = j_first, it = 0;  // the tile whose P is in p, the it-th walked
+        mods::Tile state[2];      // (mods) the block mask's tiles of the next softmax's key tile
         if (j < j_end) {
             float s[Bc / 8][4];
             mbarrier_wait(&t.K_full[0], 0);
@@ -271,12 +278,13 @@ __global__ void __launch_bounds__(THREADS, 1)
             issue_S<T, d>(s, Q_c, t.K_stage(0));
             wgmma_commit();
             turn_end(consumer, false);
+            read_state(j, state);
             wgmma_wait<0>(s);
             release_K(0);
-            softmax(s, j, alpha);
+            softmax(s, j, state, alpha);
             a_operands<T, Bc>(p, s);
         }
-        for (int next = walk.next(j); next < j_end; j = next, next = walk.next(next), ++it) {
+        for (int next = walk.next(j), after; next < j_end; j = next, next = after, ++it) {
             const int s_next = (it + 1) % STAGES, s_prev = it % STAGES;  // S of tile `next`; P V of j
             float s[Bc / 8][4];
             mbarrier_wait(&t.K_full[s_next], (it + 1) / STAGES % 2);
@@ -290,9 +298,10 @@ __global__ void __launch_bounds__(THREADS, 1)
             issue_PV<T, d>(o, p, t.V_stage(s_prev));  // group 2: O += P V of tile j
             wgmma_commit();
             turn_end(consumer, false);
+            after = walk.next(next), read_state(next, state);  // (mods) under the products
             wgmma_wait<1>(s);  // S_i,next is in; the product into O may still run
             release_K(it + 1);
-            softmax(s, next, alpha);
+            softmax(s, next, state, alpha);
             wgmma_wait<0>(o);  // O is in, and p free to be overwritten
             release_V(it);
             a_operands<T, Bc>(p, s);

@@ -244,25 +244,42 @@ __host__ __device__ inline int block_mask_shared_bytes() { return 2 * TILE * siz
 // rows `row` and row + 8, columns col + 8n and col + 8n + 1): with a score_mod, each score scaled and
 // modded (the softmax that follows then takes its scale as 1); with a mask_mod, -inf where it says no.
 // state: the block mask's tile of each 64 of those keys in turn (NT / 8 of them): FULL keeps every
-// score and EMPTY none, without a call; only a PARTIAL one calls mask_mod, score by score. A mask alone
+// score and EMPTY none, without a call; only a PARTIAL one calls mask_mod, score by score. A state is
+// the same for the whole warp, so each 64 keys take one branch, not a test per score. A mask alone
 // leaves the scores as they are: the softmax's exponent applies the scale in its multiply-add, as
 // without mods.
-template <int NT>
-__device__ inline void forward_scores(float (&s)[NT][4], const Tile (&state)[NT / 8], const Args& a, int b,
-                                      int h, int row, int col, float scale) {
-    static_assert(NT % 8 == 0, "whole tiles of 64 keys");
+template <bool ASK, int NT>  // 64 keys from tile n0 on: score_mod on each score; ASK: mask_mod too
+__device__ inline void forward_keys(float (&s)[NT][4], int n0, const Args& a, int b, int h, int row, int col,
+                                    float scale) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int n = n0; n < n0 + 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int q_idx = row + 8 * (e / 2), kv_idx = col + 8 * n + e % 2;
             float x = s[n][e];
             if constexpr (SCORE) x = score_mod(x * scale, b, h, q_idx, kv_idx, a);
-            if constexpr (MASK)
-                if (state[n / 8] == EMPTY || (state[n / 8] == PARTIAL && !mask_mod(b, h, q_idx, kv_idx, a)))
-                    x = -INFINITY;
+            if constexpr (ASK) x = mask_mod(b, h, q_idx, kv_idx, a) ? x : -INFINITY;
             s[n][e] = x;
         }
+}
+template <int NT>
+__device__ inline void forward_scores(float (&s)[NT][4], const Tile (&state)[NT / 8], const Args& a, int b,
+                                      int h, int row, int col, float scale) {
+    static_assert(NT % 8 == 0, "whole tiles of 64 keys");
+#pragma unroll
+    for (int t = 0; t < NT / 8; ++t) {
+        const Tile kind = MASK ? state[t] : FULL;
+        if (kind == EMPTY) {
+#pragma unroll
+            for (int n = 8 * t; n < 8 * t + 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] = -INFINITY;
+        } else if (kind == PARTIAL) {
+            forward_keys<MASK>(s, 8 * t, a, b, h, row, col, scale);
+        } else if (SCORE) {  // FULL: a mask alone has nothing to do
+            forward_keys<false>(s, 8 * t, a, b, h, row, col, scale);
+        }
+    }
 }
 
 // The backward's hook, on one accumulator tile of S^T (keys are rows: `key` and key + 8; queries
