@@ -234,13 +234,15 @@ __global__ void __launch_bounds__(THREADS, 1)
         float st[Br / 8][4], dpt[Br / 8][4];
         mbarrier_wait(&t.QdO_full[s], it / STAGES % 2);
         wgmma_fence();
+        wgmma_ss_first<T, Br>(st, k_major(K_c, Bc, 0), k_major(Q_t, Br, 0));
 #pragma unroll
-        for (int kk = 0; kk < d / 16; ++kk)
-            wgmma_ss<T, Br>(st, k_major(K_c, Bc, kk), k_major(Q_t, Br, kk), kk > 0);
+        for (int kk = 1; kk < d / 16; ++kk)
+            wgmma_ss<T, Br>(st, k_major(K_c, Bc, kk), k_major(Q_t, Br, kk), true);
         wgmma_commit();
+        wgmma_ss_first<T, Br>(dpt, k_major(V_c, Bc, 0), k_major(dO_t, Br, 0));
 #pragma unroll
-        for (int kk = 0; kk < d / 16; ++kk)
-            wgmma_ss<T, Br>(dpt, k_major(V_c, Bc, kk), k_major(dO_t, Br, kk), kk > 0);
+        for (int kk = 1; kk < d / 16; ++kk)
+            wgmma_ss<T, Br>(dpt, k_major(V_c, Bc, kk), k_major(dO_t, Br, kk), true);
         wgmma_commit();
         if (it > 0)
             add_dQ_share(i_prev);

@@ -226,6 +226,9 @@ __device__ inline void fence_operands(float (&d)[NT][4]) {
 #define MF_D16 MF_D4(0), MF_D4(1), MF_D4(2), MF_D4(3)
 #define MF_D32 MF_D4(0), MF_D4(1), MF_D4(2), MF_D4(3), MF_D4(4), MF_D4(5), MF_D4(6), MF_D4(7)
 #define MF_D64 MF_D32, MF_D4(8), MF_D4(9), MF_D4(10), MF_D4(11), MF_D4(12), MF_D4(13), MF_D4(14), MF_D4(15)
+#define MF_W4(n) "=f"(d[n][0]), "=f"(d[n][1]), "=f"(d[n][2]), "=f"(d[n][3])  // written only
+#define MF_W32 MF_W4(0), MF_W4(1), MF_W4(2), MF_W4(3), MF_W4(4), MF_W4(5), MF_W4(6), MF_W4(7)
+#define MF_W64 MF_W32, MF_W4(8), MF_W4(9), MF_W4(10), MF_W4(11), MF_W4(12), MF_W4(13), MF_W4(14), MF_W4(15)
 #define MF_R16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define MF_R32                                                                                              \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
@@ -263,6 +266,23 @@ __device__ inline void wgmma_ss(float (&d)[N / 8][4], uint64_t a_desc, uint64_t 
         MF_WGMMA_SS(128, "bf16", MF_R64, "%64", "%65", "%66", "%67", "%68", MF_D64);
     if constexpr (N == 128 && !bf16)
         MF_WGMMA_SS(128, "f16", MF_R64, "%64", "%65", "%66", "%67", "%68", MF_D64);
+}
+// D = A B, the first product of a chain: wgmma_ss with accumulate off, but D given to the compiler as
+// written only ("=f"), where wgmma_ss's "+f" says read and written. With "+f" the last tile's values
+// of D count as read by this tile's first product, so they stay alive into it; in version 4's backward
+// with mods, the compiler then copied accumulators between the products of a chain, into registers
+// an in-flight wgmma owns, and ptxas serialized the wgmmas (warnings C7512, C7517) or spilled.
+template <class T, int N>
+__device__ inline void wgmma_ss_first(float (&d)[N / 8][4], uint64_t a_desc, uint64_t b_desc) {
+    static_assert(N == 64 || N == 128, "wgmma_ss_first: N = 64 or 128");
+    constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>, TRANS_A = false, TRANS_B = false,
+                   accumulate = false;
+    if constexpr (N == 64 && bf16) MF_WGMMA_SS(64, "bf16", MF_R32, "%32", "%33", "%34", "%35", "%36", MF_W32);
+    if constexpr (N == 64 && !bf16) MF_WGMMA_SS(64, "f16", MF_R32, "%32", "%33", "%34", "%35", "%36", MF_W32);
+    if constexpr (N == 128 && bf16)
+        MF_WGMMA_SS(128, "bf16", MF_R64, "%64", "%65", "%66", "%67", "%68", MF_W64);
+    if constexpr (N == 128 && !bf16)
+        MF_WGMMA_SS(128, "f16", MF_R64, "%64", "%65", "%66", "%67", "%68", MF_W64);
 }
 template <class T, int N>
 __device__ inline void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], uint64_t b_desc,
