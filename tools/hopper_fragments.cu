@@ -4,7 +4,8 @@
 // the tensor's last row, and then
 //   (a) writes the 5 boxes out as they are in shared memory, swizzled;
 //   (b) D = A B^T with wgmma_ss, N = 128 and 64: A = X[0, 0:64, 0:64] and B = X[1, 0:128, 0:64], both
-//       K-major, 4 steps of k16, each descriptor 32 bytes further;
+//       K-major, 4 steps of k16, each descriptor 32 bytes further (N = 64's first by wgmma_ss_first, as
+//       version 4's backward issues S^T and dP^T);
 //   (c) D = P V with wgmma_rs, N = 64 and 128: P (64 x 64) from registers, 4 steps of k16, and
 //       V = X[0, 0:64, 0:128] read as an MN-major B: two 64-column boxes side by side, SBO = 1024
 //       (from 8 rows of k to the next 8), LBO = 8192 (from columns 0-63 to 64-127);
@@ -86,9 +87,10 @@ __global__ void hopper_fragments(const __grid_constant__ CUtensorMap map, const 
     for (int s = 0; s < 4; ++s)
         wgmma_ss<T, 128>(d128, smem_descriptor(a_at + 32 * s, 0, 1024),
                          smem_descriptor(b_at + 32 * s, 0, 1024), s > 0);
-    for (int s = 0; s < 4; ++s)
+    wgmma_ss_first<T, 64>(d64, smem_descriptor(a_at, 0, 1024), smem_descriptor(b_at, 0, 1024));
+    for (int s = 1; s < 4; ++s)
         wgmma_ss<T, 64>(d64, smem_descriptor(a_at + 32 * s, 0, 1024), smem_descriptor(b_at + 32 * s, 0, 1024),
-                        s > 0);
+                        true);
     wgmma_commit();
     wgmma_wait<0>();
     float* raw = out.raw;
