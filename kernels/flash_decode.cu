@@ -384,15 +384,17 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
 // The splits of each row merged: lse = log sum_s exp(lse_s), O = sum_s exp(lse_s - lse) O_s. A block
 // of 4 warps takes a row. Its threads first read one split's lse_s each (thread s: split s; at most
 // MAX_SPLITS = 128 of them) and agree on the row's lse; then warp w sums splits w, w + 4, w + 8, ...
-// of O_s (each lane d / 32 columns) and the four warps' sums are added in shared memory. The reads of
-// a warp's splits do not wait for one another (unrolled), so a row costs about two trips to memory,
-// however many splits it has. An empty split (lse_s = -inf) weighs 0; a row with no key in any split
-// gets O = 0 and lse = -inf, not the NaN of -inf - (-inf); a NaN from a sequence out of range stays NaN.
+// of O_s (each lane d / 32 columns) and the four warps' sums are added in shared memory. A warp reads
+// its first PREFETCH splits of O_s with the lse, before the weights are known, and the rest without
+// waiting for one another (unrolled): a row costs one trip to memory up to 64 splits (a decode step
+// of batch 1 with 8 key/value heads has 33 on an H200), two beyond. An empty split (lse_s = -inf)
+// weighs 0; a row with no key in any split gets O = 0 and lse = -inf, not the NaN of -inf - (-inf);
+// a NaN from a sequence out of range stays NaN.
 //
 //   thread s:  lse_s  --(max, sum over the block)-->  lse, weight_s = exp(lse_s - lse)
 //   warp w:    sum of weight_s O_s over s = w, w + 4, ...    (lane: columns C lane .. C lane + C - 1)
 //   block:     O = warp 0's + warp 1's + warp 2's + warp 3's
-constexpr int COMBINE_WARPS = 4, COMBINE_THREADS = 32 * COMBINE_WARPS;
+constexpr int COMBINE_WARPS = 4, COMBINE_THREADS = 32 * COMBINE_WARPS, PREFETCH = 16;
 static_assert(COMBINE_THREADS >= MAX_SPLITS, "a thread per split's lse");
 __host__ __device__ constexpr int combine_shared_bytes(int d) {
     return (COMBINE_WARPS * d + MAX_SPLITS + 2 * COMBINE_WARPS) * 4;
@@ -428,6 +430,18 @@ __device__ inline float block_sum(float value, float* scratch) {
     return value;
 }
 
+// C consecutive floats (4 or 2) from `at` on, as one load.
+template <int C>
+__device__ inline void load_columns(const float* from, size_t at, float (&o)[C]) {
+    if constexpr (C == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(&from[at]);
+        o[0] = v.x, o[1] = v.y, o[2] = v.z, o[3] = v.w;
+    } else {
+        const float2 v = *reinterpret_cast<const float2*>(&from[at]);
+        o[0] = v.x, o[1] = v.y;
+    }
+}
+
 template <class T, int d>
 __global__ void combine(const float* O_split, const float* L_split, int splits, int B, int Sq, int H,
                         unsigned short* O, float* L) {
@@ -441,6 +455,13 @@ __global__ void combine(const float* O_split, const float* L_split, int splits, 
     const size_t at_L = (row / H / Sq * H + h) * Sq + s;  // (b, h, s) of L
     wait_for_prior_grid();  // launched while the decode kernel ran (LAUNCH_AFTER): its results, now
 
+    // A warp's first PREFETCH splits of O_s are read now, with the lse: they need not wait for the
+    // weights, so a row of up to COMBINE_WARPS * PREFETCH splits costs one trip to memory, not two.
+    float pre[PREFETCH][C];
+#pragma unroll
+    for (int k = 0; k < PREFETCH; ++k)
+        if (w + COMBINE_WARPS * k < splits)
+            load_columns(O_split, ((w + COMBINE_WARPS * k) * rows + row) * d + C * lane, pre[k]);
     const float lse_t = t < splits ? L_split[t * rows + at_L] : -INFINITY;
     bool nan;
     const float m = block_max(lse_t, nan, scratch);
@@ -450,18 +471,17 @@ __global__ void combine(const float* O_split, const float* L_split, int splits, 
     __syncthreads();                                                // every split's weight is written
 
     float out[C] = {};
+#pragma unroll
+    for (int k = 0; k < PREFETCH; ++k)
+        if (w + COMBINE_WARPS * k < splits)
+#pragma unroll
+            for (int c = 0; c < C; ++c) out[c] += weights[w + COMBINE_WARPS * k] * pre[k][c];
 #pragma unroll 8
-    for (int i = w; i < splits; i += COMBINE_WARPS) {
-        const float weight = weights[i];
-        const size_t at = (i * rows + row) * d + C * lane;
-        if constexpr (C == 4) {
-            const float4 o = *reinterpret_cast<const float4*>(&O_split[at]);
-            out[0] += weight * o.x, out[1] += weight * o.y;
-            out[2] += weight * o.z, out[3] += weight * o.w;
-        } else {
-            const float2 o = *reinterpret_cast<const float2*>(&O_split[at]);
-            out[0] += weight * o.x, out[1] += weight * o.y;
-        }
+    for (int i = w + COMBINE_WARPS * PREFETCH; i < splits; i += COMBINE_WARPS) {
+        float o[C];
+        load_columns(O_split, (i * rows + row) * d + C * lane, o);
+#pragma unroll
+        for (int c = 0; c < C; ++c) out[c] += weights[i] * o[c];
     }
 #pragma unroll
     for (int c = 0; c < C; ++c) parts[w * d + C * lane + c] = out[c];
