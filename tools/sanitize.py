@@ -13,8 +13,8 @@ that take grouped heads also run each forward with k, v of one head shared by q'
 read strided inputs (version 4) run each forward and backward once more on a model's views, uncopied.
 With version 3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches,
 split keys), its kernels on packed sequences of different lengths (flash_attn_varlen_func), and chapter
-6's mods (tests/test_mods.py's cases: score_mod, mask_mod, the block mask, the official options) and
-dropout (tests/test_dropout.py's)."""
+6's mods (tests/test_mods.py's cases: score_mod, mask_mod, the block mask, the official options; on
+version 4, its deterministic backward with a mask too) and dropout (tests/test_dropout.py's)."""
 import math
 import sys
 from pathlib import Path
@@ -189,12 +189,15 @@ def main(args):
                                                            (64, True, [64, 129], [200, 129], 4, 1)):
                 run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk)
     if mod_versions["mods"]:  # chapter 6: each of tests/test_mods.py's mods compiled into versions 3 and 4
-        from test_mods import CASES as MOD_CASES, run_case
+        from test_mods import CASES as MOD_CASES, run_case, test_deterministic_backward_with_a_mask
         for version in sorted(mod_versions["mods"]):
             for name in MOD_CASES:
                 for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
                     run_case(name, shape, "cuda", generator, version)
                     print(f"mods v{version} {name} {shape}: forward and backward checked")
+            if mf.VERSIONS[version].deterministic_mode:  # its other walk: every tile, the EMPTY ones too
+                test_deterministic_backward_with_a_mask("cuda", generator)
+                print(f"mods v{version} deterministic backward with a mask: checked")
     if mod_versions["dropout"]:  # chapter 6's dropout, against dense attention with the same Philox mask
         import test_dropout
         for version in sorted(mod_versions["dropout"]):
