@@ -209,8 +209,6 @@ __global__ void __launch_bounds__(THREADS, 1)
     if (PINGPONG && consumer == 1 && j_first < j_end) named_barrier_arrive(1, 256);  // consumer 0 goes first
     mbarrier_wait(t.Q_full, 0);
 
-    // S_ij masked where the tile crosses the end of the sequence or, causal, the diagonal (Alg. 1,
-    // line 9's mask), then its softmax: P_ij, and alpha, what O must be rescaled by.
     // Chapter 6: state, the block mask's two tiles under the consumer's 64 rows and key tile j's 128
     // keys, each taken apart (mask_mod is called only in a PARTIAL one). The loops read them, and the
     // walk's next step, while the tensor cores run a product: read just before the softmax, a read
@@ -220,6 +218,8 @@ __global__ void __launch_bounds__(THREADS, 1)
             state[0] = mods::tile(mod_args, b, h, y, 2 * j),
             state[1] = mods::tile(mod_args, b, h, y, 2 * j + 1);
     };
+    // S_ij masked where the tile crosses the end of the sequence or, causal, the diagonal (Alg. 1,
+    // line 9's mask), then its softmax: P_ij, and alpha, what O must be rescaled by.
     auto softmax = [&](float (&s)[Bc / 8][4], int j, const mods::Tile(&state)[2], float (&alpha)[2]) {
         if constexpr (mods::ANY) mods::forward_scores(s, state, mod_args, b, h, row, j * Bc + 2 * q, scale);
         if ((j + 1) * Bc > N || (causal && (j + 1) * Bc > warp_row + 1))
