@@ -6,11 +6,12 @@
 #   bench      bench.py's default run for both versions, for the README's numbers
 #   mods       bench.py --mods (chapter 6, the default version: 4 on an H200): FOLDER/mods.csv, for
 #              notebooks/results/h200/mods.csv                                  about 5 minutes
+#   combine    tools/combine_share.py: combine's share of a decode step, 32k  about 30 s
 #   notebook7  notebook 7 run as a program (tools/run_notebook.py: no jupyter needed); on an H200 it
 #              rewrites notebooks/results/h200/gpt.csv and gpt_losses.csv       a few minutes
 # Usage: bash tools/gpu_check.sh STEP... [--logs FOLDER] [--versions "1 2"] (default steps: all four;
 # logs: $OUT or gpu-logs; versions, for the sanitizers: all, or e.g. "4 mods:4 dropout:4" (tools/sanitize.py's
-# arguments); mods and notebook7 only when named). Each step's
+# arguments); mods, combine and notebook7 only when named). Each step's
 # log is FOLDER/STEP.txt.
 # Exits non-zero if a test or a sanitizer fails.
 # One call of a lent device machine may run 10 minutes: give it the steps that fit, e.g. "tests
@@ -37,6 +38,7 @@ for step in "${steps[@]}"; do
         python3 bench.py 2>&1 | tee -a "$logs/$step.txt"
         python3 bench.py --version 2 --no-profile 2>&1 | tee -a "$logs/$step.txt" ;;
     mods) python3 bench.py --mods --out "$logs" 2>&1 | tee -a "$logs/$step.txt" || failed=1 ;;
+    combine) python3 tools/combine_share.py 2>&1 | tee -a "$logs/$step.txt" || failed=1 ;;
     notebook7)
         python3 tools/run_notebook.py notebooks/07_training_a_gpt.ipynb 2>&1 | tee -a "$logs/$step.txt" || failed=1
         cp notebooks/results/h200/gpt.csv notebooks/results/h200/gpt_losses.csv "$logs/" 2>/dev/null ;;
