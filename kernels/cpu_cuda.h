@@ -1833,9 +1833,10 @@ inline void wgmma_ss(float (&d)[N / 8][4], uint64_t a_desc, uint64_t b_desc, boo
     cpu_cuda::this_worker->wgmma<T>(&d[0][0], N, nullptr, a_desc, TRANS_A, b_desc, TRANS_B, accumulate,
                                     {bf16 ? "wgmma_ss (bf16)" : "wgmma_ss (fp16)", file, line});
 }
-template <class T, int N>  // D = A B (on the GPU, D given to the compiler as written only)
-inline void wgmma_ss_first(float (&d)[N / 8][4], uint64_t a_desc, uint64_t b_desc, CPU_CUDA_SITE) {
-    wgmma_ss<T, N>(d, a_desc, b_desc, false, file, line);
+template <class T, int N, bool TRANS_A = false, bool TRANS_B = false>  // D = A B (on the GPU, D
+inline void wgmma_ss_first(float (&d)[N / 8][4], uint64_t a_desc, uint64_t b_desc,  // written only)
+                           CPU_CUDA_SITE) {
+    wgmma_ss<T, N, TRANS_A, TRANS_B>(d, a_desc, b_desc, false, file, line);
 }
 template <class T, int N>
 inline void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], uint64_t b_desc, bool accumulate,

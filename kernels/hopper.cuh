@@ -227,6 +227,7 @@ __device__ inline void fence_operands(float (&d)[NT][4]) {
 #define MF_D32 MF_D4(0), MF_D4(1), MF_D4(2), MF_D4(3), MF_D4(4), MF_D4(5), MF_D4(6), MF_D4(7)
 #define MF_D64 MF_D32, MF_D4(8), MF_D4(9), MF_D4(10), MF_D4(11), MF_D4(12), MF_D4(13), MF_D4(14), MF_D4(15)
 #define MF_W4(n) "=f"(d[n][0]), "=f"(d[n][1]), "=f"(d[n][2]), "=f"(d[n][3])  // written only
+#define MF_W16 MF_W4(0), MF_W4(1), MF_W4(2), MF_W4(3)
 #define MF_W32 MF_W4(0), MF_W4(1), MF_W4(2), MF_W4(3), MF_W4(4), MF_W4(5), MF_W4(6), MF_W4(7)
 #define MF_W64 MF_W32, MF_W4(8), MF_W4(9), MF_W4(10), MF_W4(11), MF_W4(12), MF_W4(13), MF_W4(14), MF_W4(15)
 #define MF_R16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
@@ -241,11 +242,21 @@ __device__ inline void fence_operands(float (&d)[NT][4]) {
 // D = A B (+ D if accumulate), A 64 x 16 and B 16 x N (given as N rows of 16, K-major) both from
 // shared memory: "SS". Operands after the accumulators: %R the A descriptor, %R+1 B's, %R+2 accumulate,
 // %R+3 and %R+4 the immediates that say A, B are MN-major instead ("transposed"; 16-bit types only).
-#define MF_WGMMA_SS(N, TYPE, REGS, A, B, C, TA, TB, ACC)                                            \
+#define MF_WGMMA_SS(N, TYPE, REGS, A, B, C, TA, TB, ...)                                            \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " C ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N \
                  "k16.f32." TYPE "." TYPE " " REGS ", " A ", " B ", p, 1, 1, " TA ", " TB ";\n}"    \
-                 : ACC                                                                              \
+                 : __VA_ARGS__                                                                      \
                  : "l"(a_desc), "l"(b_desc), "r"(int(accumulate)), "n"(int(TRANS_A)), "n"(int(TRANS_B)))
+// Its cases by N and type, the accumulators given as D16, D32, D64 (MF_D: read and written; MF_W:
+// written only).
+#define MF_WGMMA_SS_CASES(D16, D32, D64)                                                                    \
+    if constexpr (N == 32 && bf16) MF_WGMMA_SS(32, "bf16", MF_R16, "%16", "%17", "%18", "%19", "%20", D16); \
+    if constexpr (N == 32 && !bf16) MF_WGMMA_SS(32, "f16", MF_R16, "%16", "%17", "%18", "%19", "%20", D16); \
+    if constexpr (N == 64 && bf16) MF_WGMMA_SS(64, "bf16", MF_R32, "%32", "%33", "%34", "%35", "%36", D32); \
+    if constexpr (N == 64 && !bf16) MF_WGMMA_SS(64, "f16", MF_R32, "%32", "%33", "%34", "%35", "%36", D32); \
+    if constexpr (N == 128 && bf16)                                                                         \
+        MF_WGMMA_SS(128, "bf16", MF_R64, "%64", "%65", "%66", "%67", "%68", D64);                           \
+    if constexpr (N == 128 && !bf16) MF_WGMMA_SS(128, "f16", MF_R64, "%64", "%65", "%66", "%67", "%68", D64)
 // D = A B (+ D), A from registers (a[4], the layout above), B 16 x N from shared memory, MN-major
 // (rows of N values: "transposed", the last immediate): "RS".
 #define MF_WGMMA_RS(N, TYPE, REGS, A0, B, C, ACC)                                                   \
@@ -258,31 +269,18 @@ template <class T, int N, bool TRANS_A = false, bool TRANS_B = false>
 __device__ inline void wgmma_ss(float (&d)[N / 8][4], uint64_t a_desc, uint64_t b_desc, bool accumulate) {
     static_assert(N == 32 || N == 64 || N == 128, "wgmma_ss: N = 32, 64 or 128");
     constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-    if constexpr (N == 32 && bf16) MF_WGMMA_SS(32, "bf16", MF_R16, "%16", "%17", "%18", "%19", "%20", MF_D16);
-    if constexpr (N == 32 && !bf16) MF_WGMMA_SS(32, "f16", MF_R16, "%16", "%17", "%18", "%19", "%20", MF_D16);
-    if constexpr (N == 64 && bf16) MF_WGMMA_SS(64, "bf16", MF_R32, "%32", "%33", "%34", "%35", "%36", MF_D32);
-    if constexpr (N == 64 && !bf16) MF_WGMMA_SS(64, "f16", MF_R32, "%32", "%33", "%34", "%35", "%36", MF_D32);
-    if constexpr (N == 128 && bf16)
-        MF_WGMMA_SS(128, "bf16", MF_R64, "%64", "%65", "%66", "%67", "%68", MF_D64);
-    if constexpr (N == 128 && !bf16)
-        MF_WGMMA_SS(128, "f16", MF_R64, "%64", "%65", "%66", "%67", "%68", MF_D64);
+    MF_WGMMA_SS_CASES(MF_D16, MF_D32, MF_D64);
 }
 // D = A B, the first product of a chain: wgmma_ss with accumulate off, but D given to the compiler as
 // written only ("=f"), where wgmma_ss's "+f" says read and written. With "+f" the last tile's values
 // of D count as read by this tile's first product, so they stay alive into it; in version 4's backward
 // with mods, the compiler then copied accumulators between the products of a chain, into registers
 // an in-flight wgmma owns, and ptxas serialized the wgmmas (warnings C7512, C7517) or spilled.
-template <class T, int N>
+template <class T, int N, bool TRANS_A = false, bool TRANS_B = false>
 __device__ inline void wgmma_ss_first(float (&d)[N / 8][4], uint64_t a_desc, uint64_t b_desc) {
-    static_assert(N == 64 || N == 128, "wgmma_ss_first: N = 64 or 128");
-    constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>, TRANS_A = false, TRANS_B = false,
-                   accumulate = false;
-    if constexpr (N == 64 && bf16) MF_WGMMA_SS(64, "bf16", MF_R32, "%32", "%33", "%34", "%35", "%36", MF_W32);
-    if constexpr (N == 64 && !bf16) MF_WGMMA_SS(64, "f16", MF_R32, "%32", "%33", "%34", "%35", "%36", MF_W32);
-    if constexpr (N == 128 && bf16)
-        MF_WGMMA_SS(128, "bf16", MF_R64, "%64", "%65", "%66", "%67", "%68", MF_W64);
-    if constexpr (N == 128 && !bf16)
-        MF_WGMMA_SS(128, "f16", MF_R64, "%64", "%65", "%66", "%67", "%68", MF_W64);
+    static_assert(N == 32 || N == 64 || N == 128, "wgmma_ss_first: N = 32, 64 or 128");
+    constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>, accumulate = false;
+    MF_WGMMA_SS_CASES(MF_W16, MF_W32, MF_W64);
 }
 template <class T, int N>
 __device__ inline void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], uint64_t b_desc,
@@ -299,6 +297,7 @@ __device__ inline void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], ui
         MF_WGMMA_RS(128, "f16", MF_R64, "{%64, %65, %66, %67}", "%68", "%69", MF_D64);
 }
 #undef MF_WGMMA_SS
+#undef MF_WGMMA_SS_CASES
 #undef MF_WGMMA_RS
 
 #endif  // __CUDACC__
