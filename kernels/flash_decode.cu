@@ -382,51 +382,34 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
 }
 
 // The splits of each row merged: lse = log sum_s exp(lse_s), O = sum_s exp(lse_s - lse) O_s. A block
-// of 4 warps takes a row. Its threads first read one split's lse_s each (thread s: split s; at most
-// MAX_SPLITS = 128 of them) and agree on the row's lse; then warp w sums splits w, w + 4, w + 8, ...
-// of O_s (each lane d / 32 columns) and the four warps' sums are added in shared memory. A warp reads
-// its first PREFETCH splits of O_s with the lse, before the weights are known, and the rest without
-// waiting for one another (unrolled): a row costs one trip to memory up to 64 splits (a decode step
-// of batch 1 with 8 key/value heads has 33 on an H200), two beyond. An empty split (lse_s = -inf)
-// weighs 0; a row with no key in any split gets O = 0 and lse = -inf, not the NaN of -inf - (-inf);
-// a NaN from a sequence out of range stays NaN.
+// of 4 warps takes a row. Each warp finds the row's lse by itself: lane l reads lse_s of splits l,
+// l + 32, l + 64, l + 96 (MAX_SPLITS = 128) and the warp reduces them by shuffles, so no warp waits
+// for another until the end (a butterfly leaves the same max and sum in every lane, and every warp
+// does the same sums: the four agree to the bit). Warp w then sums splits w, w + 4, w + 8, ... of O_s
+// (each lane d / 32 columns), each weighed by exp(lse_s - lse), reading those lse_s once more (one
+// value for the whole warp); the four warps' sums are added in shared memory. A warp reads its first
+// PREFETCH splits of O_s and their lse_s with the row's lse_s, before the weights are known, and the
+// rest without waiting for one another (unrolled): a row costs one trip to memory up to 64 splits (a
+// decode step of batch 1 with 8 key/value heads has 33 on an H200), two beyond. An empty split
+// (lse_s = -inf) weighs 0; a row with no key in any split gets O = 0 and lse = -inf, not the NaN of
+// -inf - (-inf); a NaN from a sequence out of range stays NaN.
 //
-//   thread s:  lse_s  --(max, sum over the block)-->  lse, weight_s = exp(lse_s - lse)
-//   warp w:    sum of weight_s O_s over s = w, w + 4, ...    (lane: columns C lane .. C lane + C - 1)
-//   block:     O = warp 0's + warp 1's + warp 2's + warp 3's
-constexpr int COMBINE_WARPS = 4, COMBINE_THREADS = 32 * COMBINE_WARPS, PREFETCH = 16;
-static_assert(COMBINE_THREADS >= MAX_SPLITS, "a thread per split's lse");
-__host__ __device__ constexpr int combine_shared_bytes(int d) {
-    return (COMBINE_WARPS * d + MAX_SPLITS + 2 * COMBINE_WARPS) * 4;
-}
+//   lane l of each warp:  lse_s, s = l, l + 32, ...  --(max, sum over the warp)-->  the row's lse
+//   warp w:    sum of exp(lse_s - lse) O_s over s = w, w + 4, ...   (lane: columns C lane .. C lane + C - 1)
+//   block:     O = warp 0's + warp 1's + warp 2's + warp 3's        (the one __syncthreads)
+constexpr int COMBINE_WARPS = 4, COMBINE_THREADS = 32 * COMBINE_WARPS, PREFETCH = 16, LSE_PER_LANE = MAX_SPLITS / 32;
+static_assert(MAX_SPLITS % 32 == 0, "a whole number of splits' lse per lane");
+__host__ __device__ constexpr int combine_shared_bytes(int d) { return COMBINE_WARPS * d * 4; }
 
-// The block's max of `value` (NaN skipped, and flagged in `nan`) or sum, through `scratch` (8 floats).
-__device__ inline float block_max(float value, bool& nan, float* scratch) {
-    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float flag = value != value ? 1.0f : 0.0f;
-    value = value != value ? -INFINITY : value;
+// The warp's max or sum of `value`, in every lane.
+__device__ inline float warp_max(float value) {
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-        value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-        flag = fmaxf(flag, __shfl_xor_sync(0xffffffffu, flag, offset));
-    }
-    if (lane == 0) scratch[w] = value, scratch[COMBINE_WARPS + w] = flag;
-    __syncthreads();
-    value = scratch[0], flag = scratch[COMBINE_WARPS];
-    for (int v = 1; v < COMBINE_WARPS; ++v)
-        value = fmaxf(value, scratch[v]), flag = fmaxf(flag, scratch[COMBINE_WARPS + v]);
-    __syncthreads();  // read by all before scratch is used again
-    nan = flag != 0.0f;
+    for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
     return value;
 }
-__device__ inline float block_sum(float value, float* scratch) {
-    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+__device__ inline float warp_sum(float value) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-    if (lane == 0) scratch[w] = value;
-    __syncthreads();
-    value = 0.0f;
-    for (int v = 0; v < COMBINE_WARPS; ++v) value += scratch[v];
     return value;
 }
 
@@ -448,40 +431,49 @@ __global__ void combine(const float* O_split, const float* L_split, int splits, 
     constexpr int C = d / 32;  // columns per lane: 4 or 2
     static_assert(C == 4 || C == 2, "d = 128 or 64");
     float* parts = smem;                                       // [warp][d]: each warp's sum
-    float* weights = parts + COMBINE_WARPS * d;                // [split]
-    float* scratch = weights + MAX_SPLITS;                     // the block reductions'
     const size_t rows = (size_t)B * Sq * H, row = blockIdx.x;  // (b, s, h) of O
     const int t = threadIdx.x, w = t / 32, lane = t % 32, h = row % H, s = row / H % Sq;
     const size_t at_L = (row / H / Sq * H + h) * Sq + s;  // (b, h, s) of L
     wait_for_prior_grid();  // launched while the decode kernel ran (LAUNCH_AFTER): its results, now
 
-    // A warp's first PREFETCH splits of O_s are read now, with the lse: they need not wait for the
-    // weights, so a row of up to COMBINE_WARPS * PREFETCH splits costs one trip to memory, not two.
-    float pre[PREFETCH][C];
+    // Everything the warp needs up to PREFETCH of its splits, asked for at once: the row's lse_s, and
+    // this warp's splits' O_s and lse_s (which need not wait for the row's lse).
+    float pre[PREFETCH][C], lse_pre[PREFETCH], lse_l[LSE_PER_LANE];
 #pragma unroll
     for (int k = 0; k < PREFETCH; ++k)
-        if (w + COMBINE_WARPS * k < splits)
-            load_columns(O_split, ((w + COMBINE_WARPS * k) * rows + row) * d + C * lane, pre[k]);
-    const float lse_t = t < splits ? L_split[t * rows + at_L] : -INFINITY;
-    bool nan;
-    const float m = block_max(lse_t, nan, scratch);
-    const float sum = block_sum(m == -INFINITY || nan ? 0.0f : expf(lse_t - m), scratch);
-    const float lse = nan ? NAN : m == -INFINITY ? -INFINITY : m + logf(sum);
-    weights[t] = m == -INFINITY || nan ? 0.0f : expf(lse_t - lse);  // 0 past the splits: lse_t = -inf
-    __syncthreads();                                                // every split's weight is written
+        if (const int i = w + COMBINE_WARPS * k; i < splits)
+            load_columns(O_split, (i * rows + row) * d + C * lane, pre[k]), lse_pre[k] = L_split[i * rows + at_L];
+#pragma unroll
+    for (int j = 0; j < LSE_PER_LANE; ++j)
+        lse_l[j] = lane + 32 * j < splits ? L_split[(lane + 32 * j) * rows + at_L] : -INFINITY;
+
+    float m = -INFINITY, nan_flag = 0.0f;  // fmaxf skips a NaN: the flag keeps it
+#pragma unroll
+    for (int j = 0; j < LSE_PER_LANE; ++j) m = fmaxf(m, lse_l[j]), nan_flag += lse_l[j] != lse_l[j];
+    m = warp_max(m);
+    const bool nan = warp_max(nan_flag) != 0.0f, none = m == -INFINITY || nan;  // none: every weight is 0
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < LSE_PER_LANE; ++j) sum += none ? 0.0f : expf(lse_l[j] - m);
+    sum = warp_sum(sum);
+    const float lse = nan ? NAN : none ? -INFINITY : m + logf(sum);
+    auto weight = [&](float lse_s) { return none ? 0.0f : expf(lse_s - lse); };  // 0 for lse_s = -inf
 
     float out[C] = {};
 #pragma unroll
     for (int k = 0; k < PREFETCH; ++k)
-        if (w + COMBINE_WARPS * k < splits)
+        if (w + COMBINE_WARPS * k < splits) {
+            const float weight_k = weight(lse_pre[k]);
 #pragma unroll
-            for (int c = 0; c < C; ++c) out[c] += weights[w + COMBINE_WARPS * k] * pre[k][c];
+            for (int c = 0; c < C; ++c) out[c] += weight_k * pre[k][c];
+        }
 #pragma unroll 8
     for (int i = w + COMBINE_WARPS * PREFETCH; i < splits; i += COMBINE_WARPS) {
         float o[C];
         load_columns(O_split, (i * rows + row) * d + C * lane, o);
+        const float weight_i = weight(L_split[i * rows + at_L]);
 #pragma unroll
-        for (int c = 0; c < C; ++c) out[c] += weights[i] * o[c];
+        for (int c = 0; c < C; ++c) out[c] += weight_i * o[c];
     }
 #pragma unroll
     for (int c = 0; c < C; ++c) parts[w * d + C * lane + c] = out[c];
