@@ -7,7 +7,7 @@
 // accumulators of S_ij into the A operand: no round trip through shared memory.
 // Names as in the paper; "Alg. 1, line n" marks each phase of the FlashAttention-2 paper's Algorithm 1.
 //
-// Who owns what: one block per (batch, head, Br = 128 query rows; 64 above d = 128), 4 warps; K_j, V_j
+// Who owns what: one block per (batch, head, Br = 128 query rows), 4 warps (8 above d = 128); K_j, V_j
 // (Bc = 64 keys) in shared memory, read by every warp; S_ij, P_ij and O in the registers of the warp
 // that owns the rows.
 // Sequences of different lengths packed without padding (flash_attn_varlen_func) run the same kernel:
@@ -18,6 +18,7 @@
 //   rows  32- 63 [ warp 1                               ]     [ warp 1 ]
 //   rows  64- 95 [ warp 2                               ]     [ warp 2 ]
 //   rows  96-127 [ warp 3                               ]     [ warp 3 ]
+//   above d = 128: warps 0-7 of one tile each, warp w on rows 16w .. 16w + 15
 //   within a 16-row tile, lane (g, q) = (lane / 4, lane % 4) holds rows g and g + 8 and, of every 8
 //   columns, columns 2q and 2q + 1 (mma.cuh's accumulator layout).
 #include "tiles.cuh"  // ceil_div
@@ -30,23 +31,27 @@ namespace flash2_mma {
 // A warp owns TILES = 2 tiles of 16 query rows: each fragment of K_j or V_j it reads from shared
 // memory then feeds two mma instead of one, which halves the shared-memory traffic per product.
 // Above d = 128 one tile: two would hold 2 x 16 x d fp32 values of O per warp, more than its lanes'
-// 255 registers can.
-constexpr int WARPS = 4;
-__host__ __device__ constexpr int tiles(int d) { return d <= 128 ? 2 : 1; }      // row tiles per warp
-__host__ __device__ constexpr int rows(int d) { return WARPS * tiles(d) * 16; }  // Br: rows per block
+// 255 registers can. The block keeps its 128 rows there with 8 warps instead of 4, so that each K_j,
+// V_j it loads still serves 128 rows; and since at d = 192 or 256 its shared memory leaves room for
+// one block per multiprocessor, 8 warps are two per scheduler, not one: one warp alone leaves the
+// tensor cores idle while it waits on shared memory or on its softmax.
+__host__ __device__ constexpr int tiles(int d) { return d <= 128 ? 2 : 1; }  // row tiles per warp
+__host__ __device__ constexpr int warps(int d) { return 8 / tiles(d); }
+constexpr int Br = 128;  // rows per block: warps(d) * tiles(d) * 16
 // Keys per tile. At d = 128 a lane's share of O (2 x 16 x 4 floats) and of a 64-key S (2 x 8 x 4)
 // fill 254 of its 255 registers, none spilled; tiles of 32 keys there, with room to spare, measured
 // slower (every K_j and V_j fragment serves half as many rows of S).
 constexpr int Bc = 64;
 // Shared memory: Q_i, and two buffers each of K_j and V_j, in 16-bit values.
-__host__ __device__ inline int shared_bytes(int d) { return (rows(d) + 4 * Bc) * stride16(d) * 2; }
+__host__ __device__ inline int shared_bytes(int d) { return (Br + 4 * Bc) * stride16(d) * 2; }
 
 template <class T, int d>
-__global__ void __launch_bounds__(32 * WARPS)
+__global__ void __launch_bounds__(32 * warps(d))
     forward(const unsigned short* Q, const unsigned short* K, const unsigned short* V, int N, int group,
             const int* cu_seqlens_q, const int* cu_seqlens_k, int H, float scale, bool causal,
             unsigned short* O, float* L, mods::Args mod_args) {
-    constexpr int LS = stride16(d), TILES = tiles(d), Br = rows(d);
+    constexpr int LS = stride16(d), TILES = tiles(d);
+    static_assert(warps(d) * TILES * 16 == Br, "the warps' row tiles make the block's rows");
     // smem: the block's shared memory, declared in tiles.cuh
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // Br x LS
     unsigned short* K_j = Q_i + Br * LS;  // two buffers of Bc x LS: the n-th tile walked in buffer n % 2

@@ -2,6 +2,7 @@
 // fp32 accumulation.
 //
 //   forward   flash2_mma.cu            one block per (batch, head, 128 query rows), 4 warps of 32 rows
+//                                      (above d = 128, 8 warps of 16)
 //   backward  flash2_mma_backward.cu   D = rowsum(dO * O) (a thread per row) and fp32 sums of dQ set
 //                                      to 0; one block per (batch, head, 128 keys), 8 warps of 16
 //                                      keys, adding into the sums by atomics; dQ converted to T
@@ -16,7 +17,8 @@
 // Block sizes: its own (Br and Bc do not apply). Head dims d = 32, 64, 96, 128, 192 and 256 (a warp's
 // fragments are arrays of d / 16 and d / 8, so each d is compiled; the backward's dQ_i is split in
 // two halves of columns, each a whole number of 16-column products; above 128, the forward's blocks
-// have half the rows and the backward's half the keys, and two blocks share a key tile's columns);
+// have twice the warps, each one row tile, and the backward's half the keys, two blocks sharing a key
+// tile's columns);
 // minimal_flash pads a d in between up to the next. The decode kernels: 64 and 128. softmax_scale > 0.
 // Scratch (fp32, per row): none (forward), dQ's sums (d) and D (1) (backward).
 // bindings.cu includes this file in its middle: Call and launch are defined there.
@@ -73,8 +75,8 @@ struct Version {
     struct Forward {
         static std::string run(const Call& c) {
             namespace fw = flash2_mma;
-            return launch("flash2_mma::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::rows(d)), c.BH),
-                          32 * fw::WARPS, fw::shared_bytes(d), c, bits(c.Q), bits(c.K), bits(c.V), c.N,
+            return launch("flash2_mma::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH),
+                          32 * fw::warps(d), fw::shared_bytes(d), c, bits(c.Q), bits(c.K), bits(c.V), c.N,
                           c.group, c.cu_seqlens_q, c.cu_seqlens_k, c.H, c.scale, c.causal, bits(c.O), c.L,
                           mods::of(c.mods));
         }
