@@ -140,7 +140,8 @@ def default_version(dtype, device="cpu", d=None):
 
 def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None, scale=None, attn_mask=None,
                     dropout_p=0.0, Br=None, Bc=None, version=None, deterministic=False, score_mod=None,
-                    mask_mod=None, mod_tensors=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+                    mask_mod=None, mod_tensors=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                    return_lse=False):
     """softmax(q k^T * softmax_scale [+ causal mask]) v, computed by the FlashAttention kernels,
     differentiable. softmax_scale defaults to 1/sqrt(d). is_causal and scale are the same options
     under torch.nn.functional.scaled_dot_product_attention's names; its attn_mask and dropout_p are
@@ -158,10 +159,15 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     (name[i], name(i, j)); window_size, softcap, alibi_slopes as the official package has them. Each
     set of mods is compiled once (seconds), the options' values and the tensors read at run time.
     dropout_p: dropout on the attention weights (versions 3 and 4), its mask drawn from a seed that torch's
-    generator gives (reproducible under torch.manual_seed) and drawn again by the backward."""
+    generator gives (reproducible under torch.manual_seed) and drawn again by the backward.
+    return_lse: return (out, lse), lse (B, H, N) float32 each row's log-sum-exp of its scaled (and modded)
+    scores before dropout, -inf for a row that sees no key; without gradient, as the official package's
+    softmax_lse (a loss through it would need D - dlse in the backward kernels; lse.requires_grad is False)."""
     causal = _either("causal", causal, False, "is_causal", is_causal)
     softmax_scale = _either("softmax_scale", softmax_scale, None, "scale", scale)
     _check_sdpa_only(attn_mask)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse = {_short(return_lse)}: it must be True or False")
     dropout_p = _check_dropout(dropout_p)
     version = _mods_version(version, _wants_mods(score_mod, mask_mod, mod_tensors, window_size, softcap,
                                                  alibi_slopes, dropout_p), q)
@@ -172,13 +178,16 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
         if mods is not None:  # the mods travel as the build's Mods, field by field, tensors and numbers
-            return torch.ops.minimal_flash.attention_mods(q, k, v, causal, scale, version, *_mod_op_arguments(mods))[0]
-        return torch.ops.minimal_flash.attention(q, k, v, causal, scale, Br, Bc, version, deterministic)[0]
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        return _attention(q, k, v, causal, scale, Br, Bc, version, mods=mods)[0]  # no autograd bookkeeping
-    if q.numel() > 0:  # fail now, not after the forward has run, if the backward will not fit
-        _check_shared_memory(load_kernels(q.device.type, version, Br, Bc, _spec(mods)), q, "backward", version)
-    return FlashAttention.apply(q, k, v, causal, scale, Br, Bc, version, deterministic, mods)
+            O, L = torch.ops.minimal_flash.attention_mods(q, k, v, causal, scale, version, *_mod_op_arguments(mods))
+        else:
+            O, L = torch.ops.minimal_flash.attention(q, k, v, causal, scale, Br, Bc, version, deterministic)
+    elif not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        O, L = _attention(q, k, v, causal, scale, Br, Bc, version, mods=mods)  # no autograd bookkeeping
+    else:
+        if q.numel() > 0:  # fail now, not after the forward has run, if the backward will not fit
+            _check_shared_memory(load_kernels(q.device.type, version, Br, Bc, _spec(mods)), q, "backward", version)
+        O, L = FlashAttention.apply(q, k, v, causal, scale, Br, Bc, version, deterministic, mods)
+    return (O, L.detach()) if return_lse else O
 
 
 def _check_deterministic(deterministic, version):
@@ -202,8 +211,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softcap and alibi_slopes as the official package has them (versions 3 and 4, with score_mod, mask_mod and
     mod_tensors: see flash_attention); its options that these kernels do not have are refused unless
     left at their defaults; deterministic=True needs a version whose backward can be deterministic
-    (version 1, or 4). Br, Bc, version: as for flash_attention."""
-    _check_official_defaults(return_attn_probs=return_attn_probs)
+    (version 1, or 4). return_attn_probs: return (out, softmax_lse, None), softmax_lse (B, H, N) float32
+    without gradient (flash_attention's return_lse), as the official package does without dropout; with
+    dropout it returns the dropout pattern too, which these kernels do not make: refused. Br, Bc, version:
+    as for flash_attention."""
+    if not isinstance(return_attn_probs, bool):
+        raise TypeError(f"return_attn_probs = {_short(return_attn_probs)}: it must be True or False")
+    if return_attn_probs and _check_dropout(dropout_p) > 0:
+        raise ValueError(f"return_attn_probs=True with dropout_p = {dropout_p}: the official package then returns "
+                         "the attention weights with their dropout pattern (S_dmask), which these kernels do not "
+                         "make; use return_attn_probs=False, or dropout_p=0.0 for the lse")
     if deterministic:  # checked before the transposes, with the official argument's name
         _check_deterministic(deterministic, _check_version(_mods_version(version, _wants_mods(
             score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, _check_dropout(dropout_p)), q), q))
@@ -211,8 +228,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     out = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc, version=version,
                           deterministic=deterministic, dropout_p=dropout_p, score_mod=score_mod, mask_mod=mask_mod,
                           mod_tensors=mod_tensors, window_size=window_size, softcap=softcap,
-                          alibi_slopes=alibi_slopes)
-    return out.transpose(1, 2)
+                          alibi_slopes=alibi_slopes, return_lse=return_attn_probs)
+    return (out[0].transpose(1, 2), out[1], None) if return_attn_probs else out.transpose(1, 2)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -413,10 +430,11 @@ class FlashAttention(torch.autograd.Function):
         O, L = _attention(q, k, v, causal, scale, Br, Bc, version, mods=mods)
         ctx.save_for_backward(q, k, v, O, L)
         ctx.options = causal, scale, Br, Bc, version, deterministic, None, mods  # None: out
-        return O
+        ctx.mark_non_differentiable(L)
+        return O, L
 
     @staticmethod
-    def backward(ctx, dO):
+    def backward(ctx, dO, dL):  # dL: None or zeros (L has no gradient: mark_non_differentiable)
         version = ctx.options[4]
         # dO: the gradient of the model's output, often a view of its (B, N, H, d) layout
         dQ, dK, dV = _attention_grads(_laid_out(dO, version), *ctx.saved_tensors, *ctx.options)
@@ -1771,9 +1789,8 @@ def _check_dropout(dropout_p):
     return float(dropout_p)
 
 
-_OFFICIAL_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, return_attn_probs=False,
-                          rotary_cos=None, rotary_sin=None, cache_batch_idx=None, cache_leftpad=None,
-                          block_table=None)
+_OFFICIAL_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, rotary_cos=None, rotary_sin=None,
+                          cache_batch_idx=None, cache_leftpad=None, block_table=None)
 
 
 def _at_default(name, value):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import TOL, assert_gradients, random_dO, random_qkv, reference, rel_err
+from helpers import (DEVICES, MATRIX, TOL, assert_close, assert_gradients, head_dim, random_dO, random_qkv, reference,
+                     rel_err)
 
 
 def test_sdpa_option_names(generator):
@@ -45,6 +46,43 @@ def test_flash_attn_qkvpacked_func(generator):
     weights = random_dO(out, generator)
     (out * weights).sum().backward()
     assert_gradients(tuple(qkv.grad[:, :, i].transpose(1, 2) for i in range(3)), q, k, v, weights.transpose(1, 2), True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@MATRIX
+def test_return_lse(device, version, dtype, generator):
+    """flash_attention(return_lse=True): lse (B, H, N) float32, each row's log-sum-exp of its scaled scores
+    against float64, forward()'s L to the bit, without gradient; out and its gradients as without it."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(2, 3, 70, head_dim(version), device, generator, dtype))
+    out, lse = mf.flash_attention(q, k, v, causal=True, softmax_scale=0.3, version=version, return_lse=True)
+    inputs = [t.detach() for t in (q, k, v)]
+    assert lse.shape == (2, 3, 70) and lse.dtype == torch.float32 and not lse.requires_grad
+    assert_close("lse", lse, reference(*inputs, True, 0.3)[1])
+    assert torch.equal(lse, mf.forward(*inputs, causal=True, softmax_scale=0.3, version=version)[1])
+    assert torch.equal(out, mf.flash_attention(q, k, v, causal=True, softmax_scale=0.3, version=version))
+    dO = random_dO(q, generator)
+    assert_gradients(torch.autograd.grad(out, (q, k, v), dO), *inputs, dO, True, 0.3)
+
+
+def test_flash_attn_func_return_attn_probs(generator):
+    """return_attn_probs=True: (out, softmax_lse, None) as the official package without dropout, softmax_lse
+    (B, H, N); flash_attn_qkvpacked_func too. With dropout the official S_dmask is refused, and a flag
+    that is not a bool."""
+    q, k, v = random_qkv(2, 37, 3, 16, "cpu", generator)  # (B, N, H, d)
+    out, lse, S_dmask = mf.flash_attn_func(q, k, v, 0.0, 0.2, True, return_attn_probs=True)
+    views = [t.transpose(1, 2) for t in (q, k, v)]  # (B, H, N, d)
+    assert S_dmask is None and torch.equal(out, mf.flash_attn_func(q, k, v, softmax_scale=0.2, causal=True))
+    assert torch.equal(lse, mf.flash_attention(*views, causal=True, softmax_scale=0.2, return_lse=True)[1])
+    assert rel_err(lse, reference(*views, True, 0.2)[1]) < TOL
+    packed = mf.flash_attn_qkvpacked_func(torch.stack((q, k, v), dim=2), 0.0, 0.2, True, return_attn_probs=True)
+    assert packed[2] is None and torch.equal(packed[0], out) and torch.equal(packed[1], lse)
+    with pytest.raises(ValueError, match="return_attn_probs=True with dropout_p = 0.1: the official package then "
+                                         "returns the attention weights with their dropout pattern"):
+        mf.flash_attn_func(q, k, v, 0.1, return_attn_probs=True)
+    with pytest.raises(TypeError, match="return_attn_probs = 1: it must be True or False"):
+        mf.flash_attn_func(q, k, v, return_attn_probs=1)
+    with pytest.raises(TypeError, match="return_lse = 'yes': it must be True or False"):
+        mf.flash_attention(*views, return_lse="yes")
 
 
 @pytest.mark.parametrize("version", list(mf.VERSIONS))

@@ -39,6 +39,14 @@ def test_compiled_matches_eager_and_float64(device, causal, generator):
         assert rel_err(x, y.double()) < TOL, name  # dQ's atomic additions may add up in another order
 
 
+def test_compiled_return_lse(generator):
+    """return_lse under torch.compile: the operator's L, as the eager call's, without gradient."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 45, 32, "cpu", generator))
+    attention = lambda q, k, v: mf.flash_attention(q, k, v, causal=True, version=2, return_lse=True)  # noqa: E731
+    (out, lse), eager = torch.compile(attention, fullgraph=True)(q, k, v), attention(q, k, v)
+    assert torch.equal(out, eager[0]) and torch.equal(lse, eager[1]) and not lse.requires_grad
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_grouped_heads_through_the_operators(device, generator):
     """k, v with fewer heads than q (grouped-query attention, version 3): the operators' fake shapes

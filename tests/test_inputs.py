@@ -406,13 +406,6 @@ def test_flash_attn_func_options_need_half_precision(option, value):
     assert mf.flash_attn_func(q, q, q, window_size=[-1, -1], softcap=0.0).shape == q.shape  # the defaults
 
 
-def test_flash_attn_func_refuses_return_attn_probs():
-    q = torch.randn(1, 8, 3, 16)
-    with pytest.raises(ValueError, match="return_attn_probs = True is not supported by minimal_flash: these kernels "
-                                         "do not have it"):
-        mf.flash_attn_func(q, q, q, return_attn_probs=True)
-
-
 @pytest.mark.parametrize("dropout_p,error,message", [
     (1.0, ValueError, "dropout_p = 1.0: it must be in \\[0, 1\\)"),
     (-0.1, ValueError, "dropout_p = -0.1: it must be in"), (None, TypeError, "dropout_p = None: it must be a number"),

@@ -162,7 +162,7 @@ def test_mod_matches_dense_float64(name, shape, version, device, generator):
     run_case(name, shape, device, generator, version)
 
 
-# Other head dims: version 3's 256 (64-row forward blocks; backward blocks of 64 keys, two per key
+# Other head dims: version 3's 256 (forward blocks of 8 warps; backward blocks of 64 keys, two per key
 # tile), and 72, padded to 96 (version 3) or 128 (version 4).
 OTHER_D = [(3, "body_and_mask", (1, 2, 130, 256)), (3, "window_causal", (2, 1, 70, 72)),
            (4, "documents", (2, 1, 70, 72))]
@@ -177,7 +177,7 @@ def test_mod_at_other_head_dims(name, shape, version, device, generator):
 @pytest.mark.parametrize("device", DEVICES)
 def test_official_options_through_flash_attn_func(device, generator):
     """flash_attn_func's window_size, softcap, alibi_slopes (B, N, H, d), with autograd: the same
-    as flash_attention's on the transposed tensors, to the bit."""
+    as flash_attention's on the transposed tensors, to the bit; and its softmax_lse (return_attn_probs)."""
     q, k, v = random_qkv(2, 3, 100, 64, device, generator, torch.bfloat16)
     slopes = torch.rand(3, generator=generator).to(device)
     options = dict(window_size=(20, 0), softcap=2.0, alibi_slopes=slopes)
@@ -190,6 +190,9 @@ def test_official_options_through_flash_attn_func(device, generator):
     assert torch.equal(out.transpose(1, 2), ref)
     for a, b in ((qb, qh), (kb, kh), (vb, vh)):
         assert torch.equal(a.grad.transpose(1, 2), b.grad)
+    # return_attn_probs: softmax_lse is the modded scores' (forward()'s L, which run_case checks against float64)
+    lse = mf.flash_attn_func(qb, kb, vb, 0.0, None, True, return_attn_probs=True, **options)[1]
+    assert torch.equal(lse, mf.forward(q, k, v, causal=True, **options)[1])
 
 
 def test_block_mask_skips_what_the_mask_empties(generator):
