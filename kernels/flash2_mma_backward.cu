@@ -18,10 +18,15 @@
 //   ...                                                    rows 16-31 [ warp 1        | warp 5       ]
 //   keys 112-127 [ warp 7 ]                                rows 32-63 [ warps 2, 3    | warps 6, 7   ]
 //
-// Above d = 128: 64 keys a block, 4 warps, and two blocks per key tile (blockIdx.z), each taking half
-// of the columns of dK_j, dV_j and of its share of dQ_i (else a lane would hold d / 2 fp32 values of
-// each, more than its 255 registers, and tiles of 128 keys would not fit in shared memory). Both
-// compute all of S_ij^T and dP_ij^T (their sums run over every column): 7 products' work, not 5.
+// Above d = 128: 64 keys a block, and two warps on each 16 of them, each taking half of the columns of
+// dK_j and dV_j (else a lane would hold d / 2 fp32 values of each, more than its 255 registers; and
+// tiles of 128 keys would not fit in shared memory). Both compute all of S_ij^T and dP_ij^T for their
+// keys (their sums run over every column): 7 products' work, not 5, but the block keeps 8 warps, which
+// share the loads of every tile, two to a scheduler (one block fits a multiprocessor at d = 256):
+//
+//   keys  0-15 [ warps 0, 4 ]  dK_j, dV_j columns 0 .. d/2-1: warps 0-3;  d/2 .. d-1: warps 4-7
+//   ...
+//   keys 48-63 [ warps 3, 7 ]
 //
 // dQ_i sums over keys, which the other warps and blocks hold: dS_ij^T goes through shared memory,
 // and each warp adds its product into an fp32 copy of dQ with atomics, two floats at a time, as
@@ -38,20 +43,24 @@ namespace flash2_mma_backward {
 
 // 128 keys per block, 8 warps: each query tile that a block loads, and each row of dQ_i that it adds
 // into by atomics, then serves 128 keys, not 64: half the global traffic and half the atomics. Above
-// d = 128, 64 keys and 4 warps, two blocks per key tile, each with half of the columns (above).
-constexpr int Br = 64;                                                         // queries per tile
+// d = 128, 64 keys, two warps on each 16 of them, each with half of the columns (above).
+constexpr int Br = 64, WARPS = 8;                                              // queries per tile, warps
 __host__ __device__ constexpr int keys(int d) { return d <= 128 ? 128 : 64; }  // Bc: keys per block
-__host__ __device__ constexpr int warps(int d) { return keys(d) / 16; }
-__host__ __device__ constexpr int splits(int d) { return d <= 128 ? 1 : 2; }  // blocks per key tile
+__host__ __device__ constexpr int halves(int d) { return d <= 128 ? 1 : 2; }   // warps per 16 keys
+// Above d = 128 the two warps on the same keys hold the same dS_ij^T, and the first stores it. At d =
+// 256 that branch costs registers the warps do not have (a spill): there each half stores a copy of its
+// own instead, 9 KB more shared memory (within Hopper's 227 KB; an A100's 163 KB takes neither).
+__host__ __device__ constexpr int dS_copies(int d) { return d > 192 ? 2 : 1; }
 
-// Shared memory: two buffers each (the n-th query tile walked in buffer n % 2) of L_i and D_i (fp32) and of the 16-bit
-// tiles Q_i, dO_i (Br rows), then K_j, V_j (Bc rows each) and dS_ij^T (Bc rows of Br
-// queries). Why K_j, V_j stay here, not in registers as the forward keeps Q_i: a warp's fragments
+// Shared memory: two buffers each (the n-th query tile walked in buffer n % 2) of L_i and D_i (fp32)
+// and of the 16-bit tiles Q_i, dO_i (Br rows), then K_j, V_j (Bc rows each) and dS_ij^T (Bc rows of
+// Br queries; dS_copies(d) of them). Why K_j, V_j stay here, not in registers as the forward keeps Q_i: a warp's fragments
 // of both would take d / 2 registers per lane, on top of d for dK_j and dV_j and 64 for S_ij^T and
 // dP_ij^T; at d = 128 that is more than the 255 a thread may have. Each product re-reads them from
 // shared memory with ldmatrix instead.
 __host__ __device__ inline int shared_bytes(int d) {
-    return 2 * 2 * Br * 4 + ((2 * 2 * Br + 2 * keys(d)) * stride16(d) + keys(d) * stride16(Br)) * 2;
+    return 2 * 2 * Br * 4 +
+           ((2 * 2 * Br + 2 * keys(d)) * stride16(d) + dS_copies(d) * keys(d) * stride16(Br)) * 2;
 }
 
 // Alg. 2, line 4: D = rowsum(dO * O) in fp32, one thread per row,
@@ -75,24 +84,29 @@ __global__ void convert_dQ(const float* dQ_sum, size_t pairs, float scale, unsig
 }
 
 template <class T, int d>
-__global__ void __launch_bounds__(32 * warps(d))
+__global__ void __launch_bounds__(32 * WARPS)
     backward(const unsigned short* Q, const unsigned short* K, const unsigned short* V,
              const unsigned short* dO, const float* L, const float* D, int N, const int* cu_seqlens_q,
              const int* cu_seqlens_k, int H, float scale, bool causal, float* dQ_sum, unsigned short* dK,
              unsigned short* dV, mods::Args mod_args) {
-    constexpr int LS = stride16(d), LP = stride16(Br), Bc = keys(d), WARPS = warps(d);
-    constexpr int DC = d / splits(d);  // the block's columns of dK_j, dV_j, dQ_i: c0 .. c0 + DC - 1
-    const int c0 = splits(d) > 1 ? blockIdx.z * DC : 0;  // (a constant 0 where d <= 128: no register)
+    constexpr int LS = stride16(d), LP = stride16(Br), Bc = keys(d), KEY_WARPS = Bc / 16;
+    static_assert(KEY_WARPS * halves(d) == WARPS, "each 16 keys, halves(d) warps");
     // smem: the block's shared memory, declared in tiles.cuh
     float* stats_i = smem;                                                          // two of L_i, D_i: 2 x Br
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(stats_i + 2 * 2 * Br);  // two of Br x LS
     unsigned short* dO_i = Q_i + 2 * Br * LS;                                       // two of Br x LS
     unsigned short* K_j = dO_i + 2 * Br * LS;                                       // Bc x LS
     unsigned short* V_j = K_j + Bc * LS;                                            // Bc x LS
-    unsigned short* dS_T = V_j + Bc * LS;                                           // Bc x LP: dS_ij^T
+    unsigned short* dS_T = V_j + Bc * LS;  // Bc x LP (x dS_copies(d)): dS^T
     // Lane (g, q) of warp w holds, of the warp's 16 keys, keys g and g + 8, and of each 8 columns of an
     // accumulator, columns 2q and 2q + 1 (kernels/mma.cuh).
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    // The warp's 16 keys, kw .. kw + 15 of the block's, and its columns of dK_j, dV_j: c0 .. c0 + DC - 1
+    constexpr int DC = d / halves(d);
+    const int kw = (halves(d) > 1 ? w % KEY_WARPS : w) * 16, c0 = halves(d) > 1 ? w / KEY_WARPS * DC : 0;
+    // The copy of dS_ij^T the warp reads, and whether it stores its own dS_ij^T there (dS_copies)
+    unsigned short* dS_w = dS_T + (dS_copies(d) > 1 ? c0 / DC : 0) * Bc * LP;
+    const bool stores_dS = dS_copies(d) > 1 || halves(d) == 1 || w < KEY_WARPS;
 
     // This block's (batch, head) slice, fixed-length or packed (tiles.cuh): its rows of Q, dO, dQ, L, D
     // and of K, V, dK, dV (with q's heads here: group 1).
@@ -143,8 +157,8 @@ __global__ void __launch_bounds__(32 * warps(d))
     load_tile16_async<d>(V_j, V, key0, Bc, Nk, ld_kv);
     load_query_tile(i0, buffer(i0, 0));
     cp_async_commit();
-    const unsigned short *K_w = K_j + w * 16 * LS, *V_w = V_j + w * 16 * LS;  // the warp's 16 keys
-    float dK_j[DC / 8][4] = {}, dV_j[DC / 8][4] = {};                         // Alg. 2, line 7
+    const unsigned short *K_w = K_j + kw * LS, *V_w = V_j + kw * LS;  // the warp's 16 keys
+    float dK_j[DC / 8][4] = {}, dV_j[DC / 8][4] = {};                 // Alg. 2, line 7
     const float c = scale * LOG2E;
 
     for (int i = i0, it = 0; i * Br < Nq; ++it) {  // tile i in buffer(i, it)
@@ -170,14 +184,14 @@ __global__ void __launch_bounds__(32 * warps(d))
         mma_ABt<T, d, Br>(s, K_w, Q_t, LS);           // S_ij^T = K_j Q_i^T
         mma_ABt<T, d, Br>(dp, V_w, dO_t, LS);         // dP_ij^T = V_j dO_i^T
         if constexpr (mods::DROPOUT)  // chapter 6: dP = Z (dO V^T) / (1 - p), Z drawn as the forward did
-            mods::dropout<true>(dp, mod_args, blockIdx.y, key0 + w * 16 + g, row0 + 2 * q);
+            mods::dropout<true>(dp, mod_args, blockIdx.y, key0 + kw + g, row0 + 2 * q);
         // Alg. 2, lines 11 and 14: element e of tile n is key g + 8 (e / 2), query 8n + 2q + e % 2.
         // P = exp(scale S - L) = exp2(S c - L log2(e)) with c = scale log2(e): one fused multiply-add
         // and one exp2 (kernels/mma.cuh's fast_exp2, a single instruction) per element.
         if constexpr (mods::ANY) {  // chapter 6: P_ij^T of the modded scores, dp = (dP - D) score_mod'
             const mods::Tile state =
-                mods::MASK ? mods::tile(mod_args, b, h, i, (key0 + w * 16) / mods::TILE) : mods::PARTIAL;
-            mods::backward_scores(s, dp, state, mod_args, b, h, key0 + w * 16 + g, row0 + 2 * q, Nq, scale,
+                mods::MASK ? mods::tile(mod_args, b, h, i, (key0 + kw) / mods::TILE) : mods::PARTIAL;
+            mods::backward_scores(s, dp, state, mod_args, b, h, key0 + kw + g, row0 + 2 * q, Nq, scale,
                                   L_t + 2 * q, D_t + 2 * q);
         } else {
 #pragma unroll
@@ -190,9 +204,9 @@ __global__ void __launch_bounds__(32 * warps(d))
         // than the tile's first query sees needs the mask: the others skip its index arithmetic on
         // every element. (A query row past Nq needs none: its dO row is zero, see load_query_tile. A
         // row that sees no key has P = 0 already: log2_of_L.)
-        const int last_key = key0 + w * 16 + 15;
+        const int last_key = key0 + kw + 15;
         if (last_key >= Nk || (causal && last_key > row0 + shift))
-            mask_fragment<true>(s, key0 + w * 16 + g, row0 + shift + 2 * q, Nk, causal, 0.0f);
+            mask_fragment<true>(s, key0 + kw + g, row0 + shift + 2 * q, Nk, causal, 0.0f);
 #pragma unroll
         for (int n = 0; n < Br / 8; ++n)
 #pragma unroll
@@ -200,36 +214,36 @@ __global__ void __launch_bounds__(32 * warps(d))
                 dp[n][e] = s[n][e] * (mods::ANY ? dp[n][e] : dp[n][e] - D_t[8 * n + 2 * q + e % 2]);
         unsigned pf[Br / 16][4], dsf[Br / 16][4];  // P_ij^T, dS_ij^T as A operands, in T
         if constexpr (mods::DROPOUT)               // dV_j += (Z P_ij / (1 - p))^T dO_i; dS took P itself
-            mods::dropout<true>(s, mod_args, blockIdx.y, key0 + w * 16 + g, row0 + 2 * q);
+            mods::dropout<true>(s, mod_args, blockIdx.y, key0 + kw + g, row0 + 2 * q);
         a_operands<T, Br>(pf, s);
         a_operands<T, Br>(dsf, dp);
         mma_AB<T, Br, DC>(dV_j, pf, dO_t + c0, LS);  // Alg. 2, line 12: dV_j += P_ij^T dO_i
         mma_AB<T, Br, DC>(dK_j, dsf, Q_t + c0, LS);  // Alg. 2, line 16: dK_j += dS_ij^T Q_i (scale: later)
 
         // Alg. 2, line 15: dQ_i += dS_ij K_j. dsf[kb][e] holds key g + 8 (e % 2), queries 16 kb +
-        // 8 (e / 2) + 2q and the next: one 4-byte store each into dS_ij^T's rows.
+        // 8 (e / 2) + 2q and the next: one 4-byte store each into dS_ij^T's rows (dS_copies: who).
+        if (stores_dS)
 #pragma unroll
-        for (int kb = 0; kb < Br / 16; ++kb)
+            for (int kb = 0; kb < Br / 16; ++kb)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = w * 16 + g + 8 * (e % 2), y = 16 * kb + 8 * (e / 2) + 2 * q;
-                *reinterpret_cast<unsigned*>(&dS_T[key * LP + y]) = dsf[kb][e];
-            }
+                for (int e = 0; e < 4; ++e) {
+                    const int key = kw + g + 8 * (e % 2), y = 16 * kb + 8 * (e / 2) + 2 * q;
+                    *reinterpret_cast<unsigned*>(&dS_w[key * LP + y]) = dsf[kb][e];
+                }
         // dS_ij^T is complete, and every warp is done with tile i's buffers: the next tile's copies
         // may fill them (and the next dS_ij^T is written only after the next tile's barrier, when
         // every warp is done reading this one).
         __syncthreads();
-        // Warp w takes query rows 16 (w % 4) .. 16 (w % 4) + 15 over all the block's keys, and of the
-        // block's columns of dQ_i, half (w / 4; 8 warps) or all (4). Those rows of dS_ij are columns of
-        // dS_T: their A operands come transposed. 16 columns of dQ_i at a time keep 8 accumulators per
-        // lane, not d / 2.
-        constexpr int ROW_TILES = Br / 16, COLS = DC / (WARPS / ROW_TILES);  // a warp's columns of dQ_i
-        const int y0 = w % ROW_TILES * 16, x0 = c0 + w / ROW_TILES * COLS;
+        // Warp w takes query rows 16 (w % 4) .. 16 (w % 4) + 15 over all the block's keys, and half of
+        // dQ_i's columns (w / 4). Those rows of dS_ij are columns of dS_T: their A operands come
+        // transposed. 16 columns of dQ_i at a time keep 8 accumulators per lane, not d / 2.
+        constexpr int ROW_TILES = Br / 16, COLS = d / (WARPS / ROW_TILES);  // a warp's columns of dQ_i
+        const int y0 = w % ROW_TILES * 16, x0 = w / ROW_TILES * COLS;
         unsigned ds[Bc / 16][4];
 #pragma unroll
         for (int kb = 0; kb < Bc / 16; ++kb)
             ldmatrix_x4_trans(ds[kb],
-                              &dS_T[(kb * 16 + lane % 8 + lane / 16 * 8) * LP + y0 + lane / 8 % 2 * 8]);
+                              &dS_w[(kb * 16 + lane % 8 + lane / 16 * 8) * LP + y0 + lane / 8 % 2 * 8]);
 #pragma unroll 4  // (d <= 128: every step; d = 256's 8, all unrolled, would spill registers)
         for (int x = x0; x < x0 + COLS; x += 16) {
             float dq[2][4] = {};
@@ -250,7 +264,7 @@ __global__ void __launch_bounds__(32 * warps(d))
     // Alg. 2, line 18: the warp's keys g and g + 8 of dK_j (times the scale left out above), dV_j.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int key = key0 + w * 16 + g + 8 * r;
+        const int key = key0 + kw + g + 8 * r;
         if (key >= Nk) continue;
 #pragma unroll
         for (int n = 0; n < DC / 8; ++n) {  // columns c0 + 8n + 2q and the next: one 4-byte store each
@@ -276,7 +290,7 @@ std::string run(const Call& c) {
         err = "zeroing dQ failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
     if (err.empty())
         err = launch("flash2_mma_backward::backward", backward<T, d>,
-                     dim3(ceil_div(c.packed() ? c.Nk : c.N, keys(d)), c.BH, splits(d)), 32 * warps(d),
+                     dim3(ceil_div(c.packed() ? c.Nk : c.N, keys(d)), c.BH), 32 * WARPS,
                      shared_bytes(d), c, bits(c.Q), bits(c.K), bits(c.V), bits(c.dO), c.L, D, c.N,
                      c.cu_seqlens_q, c.cu_seqlens_k, c.H, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV),
                      mods::of(c.mods));

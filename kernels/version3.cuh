@@ -5,7 +5,9 @@
 //                                      (above d = 128, 8 warps of 16)
 //   backward  flash2_mma_backward.cu   D = rowsum(dO * O) (a thread per row) and fp32 sums of dQ set
 //                                      to 0; one block per (batch, head, 128 keys), 8 warps of 16
-//                                      keys, adding into the sums by atomics; dQ converted to T
+//                                      keys (above d = 128, 64 keys, two warps on each 16, each with
+//                                      half the columns), adding into the sums by atomics; dQ
+//                                      converted to T
 //   decode    flash_decode.cu          chapter 5: a few query rows against a KV cache (contiguous or
 //                                      paged), split over the keys, then the splits combined; its
 //                                      own C function, mf_decode (minimal_flash.flash_attn_with_kvcache)
@@ -17,8 +19,8 @@
 // Block sizes: its own (Br and Bc do not apply). Head dims d = 32, 64, 96, 128, 192 and 256 (a warp's
 // fragments are arrays of d / 16 and d / 8, so each d is compiled; the backward's dQ_i is split in
 // two halves of columns, each a whole number of 16-column products; above 128, the forward's blocks
-// have twice the warps, each one row tile, and the backward's half the keys, two blocks sharing a key
-// tile's columns);
+// have twice the warps, each one row tile, and the backward's half the keys, two warps sharing each
+// 16 keys' columns);
 // minimal_flash pads a d in between up to the next. The decode kernels: 64 and 128. softmax_scale > 0.
 // Scratch (fp32, per row): none (forward), dQ's sums (d) and D (1) (backward).
 // bindings.cu includes this file in its middle: Call and launch are defined there.

@@ -33,7 +33,7 @@ FP32_SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (2, 3, 32, 64), (2, 3, 64, 64), (2
 # last key at N - 1, the edge-tile test's boundary; 384 and 520: 3 and 5 key tiles of 128, so that
 # version 4's 2-stage ring of K_j, V_j refills each stage and its barriers change phase; B * H > 1.
 # Last, version 3's other head dims: 32 and 96, and 192 and 256, where its forward blocks take 8 warps of
-# 16 rows and its backward blocks 64 keys, two blocks per key tile (N = 130: two row blocks, three key tiles).
+# 16 rows and its backward blocks 64 keys, two warps on each 16 (N = 130: two row blocks, three key blocks).
 HALF_SHAPES = [(2, 3, 1, 64), (2, 3, 17, 64), (1, 2, 64, 64), (2, 2, 100, 64), (1, 1, 130, 128), (2, 1, 64, 128),
                (1, 1, 255, 64), (1, 2, 384, 128), (1, 1, 520, 64), (2, 2, 100, 32), (1, 2, 130, 96),
                (1, 2, 130, 192), (2, 1, 130, 256)]

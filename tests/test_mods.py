@@ -162,8 +162,8 @@ def test_mod_matches_dense_float64(name, shape, version, device, generator):
     run_case(name, shape, device, generator, version)
 
 
-# Other head dims: version 3's 256 (forward blocks of 8 warps; backward blocks of 64 keys, two per key
-# tile), and 72, padded to 96 (version 3) or 128 (version 4).
+# Other head dims: version 3's 256 (forward blocks of 8 warps; backward blocks of 64 keys, two warps on
+# each 16), and 72, padded to 96 (version 3) or 128 (version 4).
 OTHER_D = [(3, "body_and_mask", (1, 2, 130, 256)), (3, "window_causal", (2, 1, 70, 72)),
            (4, "documents", (2, 1, 70, 72))]
 
