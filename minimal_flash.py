@@ -803,20 +803,24 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     Lq queries and Lk keys sees key j iff j <= i + Lk - Lq.
     A query that sees no key gets 0 (and lse -inf, the log of an empty sum).
 
+    window_size, softcap, alibi_slopes ((nheads,) or (batch, nheads) float32) as the official package
+    has them, per sequence, the window and ALiBi's distance measured from each sequence's own bottom
+    right (query i of Lq against key j: i + Lk - Lq - j), as causal is (chapter 6's mods, compiled in;
+    without its block mask, each tile checks the window score by score).
+
     Returns out (total_q, nheads, d) in q's dtype; with return_attn_probs, (out, softmax_lse, None), as
     the official package does without dropout: softmax_lse (nheads, total_q) float32, each row's
-    log-sum-exp of its scaled scores, without gradient (the official backward ignores it too).
+    log-sum-exp of its scaled (and modded) scores, without gradient (the official backward ignores it too).
 
     cu_seqlens are checked on the host, so each call copies 2 (batch + 1) ints to it and waits for the
     device (refused while a CUDA graph is being captured): from 0, never decreasing, ending at q's and
     k's rows, no sequence longer than its max_seqlen. The official options these kernels lack (dropout,
-    a window, softcap, ALiBi, a paged block_table) are refused, and so is deterministic=True: version
-    3's backward adds into dQ with atomics, in whatever order its blocks finish."""
+    a paged block_table) are refused, and so is deterministic=True: version 3's backward adds into dQ
+    with atomics, in whatever order its blocks finish."""
     if _check_dropout(dropout_p) > 0:  # version 3's dropout takes fixed-length batches only
         raise ValueError(f"dropout_p = {dropout_p}: these kernels have no dropout on packed sequences "
                          "(flash_attn_func has it); use dropout_p=0.0")
-    _check_official_defaults(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                             block_table=block_table)
+    _check_official_defaults(block_table=block_table)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic = {_short(deterministic)}: it must be True or False")
     if deterministic:
@@ -826,7 +830,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _check_scale(softmax_scale, q, 3)
-    options = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    mods = _check_mods(q, None, None, None, window_size, softcap, alibi_slopes,
+                       batch_heads=(len(cu_seqlens_q) - 1, q.shape[1]))
+    options = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods)
     d = q.shape[-1]  # a d between the compiled ones: zero columns up to the next (_padded), cut off after
     q, k, v = (_padded(t, 3) for t in (q, k, v))  # (outside the Function: autograd takes them off dQ, dK, dV)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -916,7 +922,7 @@ def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, totals, max_seqlens):
                              "the kernels' grid is sized by max_seqlen, and would leave the rest uncomputed")
 
 
-def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods=None):
     """The forward on checked inputs: out (total_q, nheads, d) and L (total_q, nheads) float32, a float
     per row of q, the kernels' layout (softmax_lse is its transpose)."""
     O, L = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
@@ -926,11 +932,12 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         return O.zero_(), L.fill_(-math.inf)
     q, k, v = (_aligned(t) for t in (q, k, v))
     _raise_if(_run_varlen("forward", q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                          scale))
+                          scale, mods))
     return O, L
 
 
-def _varlen_grads(dO, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def _varlen_grads(dO, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                  mods=None):
     """The backward on checked inputs: dQ, dK, dV (grouped heads: summed over each group, as in
     _attention_grads)."""
     if q.numel() == 0 or k.shape[0] == 0:  # no query, or no key: out is 0 whatever q, k, v are
@@ -941,7 +948,7 @@ def _varlen_grads(dO, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     def run(k_all, v_all, dK_all, dV_all):
         k_all, v_all = _aligned(k_all), _aligned(v_all)
         _raise_if(_run_varlen("backward", q, k_all, v_all, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                              max_seqlen_k, causal, scale, dO, dQ, dK_all, dV_all))
+                              max_seqlen_k, causal, scale, mods, dO, dQ, dK_all, dV_all))
 
     return (dQ, *_grouped_grads(q, k, v, run))
 
@@ -951,10 +958,11 @@ class _FlashAttentionVarlen(torch.autograd.Function):
     FlashAttention does; L, returned as softmax_lse, has no gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
-        O, L = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods):
+        O, L = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                 mods)
         ctx.save_for_backward(q, k, v, O, L, cu_seqlens_q, cu_seqlens_k)
-        ctx.options = max_seqlen_q, max_seqlen_k, causal, scale
+        ctx.options = max_seqlen_q, max_seqlen_k, causal, scale, mods
         ctx.mark_non_differentiable(L)
         return O, L
 
@@ -962,28 +970,31 @@ class _FlashAttentionVarlen(torch.autograd.Function):
     def backward(ctx, dO, dL):
         q, k, v, O, L, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         grads = _varlen_grads(dO.contiguous(), q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, *ctx.options)
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
 
 
 def _run_varlen(pass_, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                dO=None, dQ=None, dK=None, dV=None):
+                mods=None, dO=None, dQ=None, dK=None, dV=None):
     """A pass of version 3's kernels on packed sequences (kernels/version3.cuh's mf_varlen), on tensors
-    already checked, in the current stream of q's device. Returns an error message, "" on success."""
-    kernels = load_kernels(q.device.type, 3)
+    already checked, with a ModCall for a build with mods, in the current stream of q's device. Returns
+    an error message, "" on success."""
+    kernels = load_kernels(q.device.type, 3, mods=_spec(mods))
     _check_shared_memory(kernels, q, pass_, 3)
     function = kernels._c.mf_varlen
     if function.restype is not ctypes.c_char_p:
         P, i, i64, f, b = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float, ctypes.c_bool
-        function.restype, function.argtypes = ctypes.c_char_p, [i] + [P] * 12 + [i] * 5 + [i64, i, f, b, i, i, P]
+        function.restype, function.argtypes = ctypes.c_char_p, [i] + [P] * 12 + [i] * 5 + [i64, i, f, b, P, i, i, P]
     (total_q, H, d), p = q.shape, PASSES.index(pass_)
     per_row = kernels._ask("mf_scratch_floats", p, 1, d)  # fp32 scratch per row of q (the backward's)
     scratch = q.new_empty(total_q * H * per_row, dtype=torch.float32) if per_row > 0 else None
     addresses = [t.data_ptr() if t is not None else None
                  for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch, cu_seqlens_q, cu_seqlens_k)]
+    mod_args = _mod_args(kernels, mods, q, packed=True)[0] if mods is not None else None  # (its tensors: mods')
     device = q.device.index if q.is_cuda else 0
     stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
     return function(p, *addresses, len(cu_seqlens_q) - 1, H, H // k.shape[1], max_seqlen_q, max_seqlen_k, total_q,
-                    d, scale, causal, DTYPES.index(q.dtype), device, stream).decode()
+                    d, scale, causal, None if mod_args is None else ctypes.byref(mod_args), DTYPES.index(q.dtype),
+                    device, stream).decode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1004,7 +1015,8 @@ _MOD_TYPES = {torch.float32: ("float", "float"), torch.float16: ("float", "__hal
               torch.bfloat16: ("float", "__nv_bfloat16"), torch.int32: ("int", "int"),
               torch.int64: ("long long", "long long"), torch.bool: ("bool", "bool"),
               torch.uint8: ("int", "unsigned char")}
-_MOD_NAMES = {"score", "b", "h", "q_idx", "kv_idx", "args", "keep", "alibi_slopes", "F", "mods", "Tensor", "Dual"}
+_MOD_NAMES = {"score", "b", "h", "q_idx", "kv_idx", "shift", "args", "keep", "alibi_slopes", "F", "mods", "Tensor",
+              "Dual"}
 _MAX_MOD_TENSORS = 4  # mods::Args holds 4; alibi_slopes takes one of them
 
 
@@ -1053,20 +1065,21 @@ class Mods:
             score += "    score = args.floats[0] * fast_tanh(score * args.floats[1]);  // softcap\n"
         if self.alibi:
             slope = "alibi_slopes[h]" if self.alibi == 1 else "alibi_slopes(b, h)"
-            score += f"    score = score - {slope} * fabsf(float(q_idx - kv_idx));  // alibi_slopes\n"
+            score += f"    score = score - {slope} * fabsf(float(q_idx + shift - kv_idx));  // alibi_slopes\n"
         if self.mask_mod is not None:
             mask += f"    keep = bool(\n{user('mask_mod', self.mask_mod, 'bool')});\n"
         if self.window:
-            mask += ("    keep = keep && (args.ints[0] < 0 || kv_idx >= q_idx - args.ints[0]) &&\n"
-                     "           (args.ints[1] < 0 || kv_idx <= q_idx + args.ints[1]);  // window_size\n")
+            mask += ("    keep = keep && (args.ints[0] < 0 || kv_idx >= q_idx + shift - args.ints[0]) &&\n"
+                     "           (args.ints[1] < 0 || kv_idx <= q_idx + shift + args.ints[1]);  // window_size\n")
         return (f"// Written by minimal_flash.Mods.header for one build: {self!r}\n"
                 "namespace mods {\n"
                 f"constexpr bool SCORE = {str(self.score).lower()}, MASK = {str(self.mask).lower()}, "
                 f"DROPOUT = {str(self.dropout).lower()};\n"
                 "template <class F>\n"
-                "__device__ inline F score_mod(F score, int b, int h, int q_idx, int kv_idx, const Args& args) {\n"
+                "__device__ inline F score_mod(F score, int b, int h, int q_idx, int kv_idx, int shift,\n"
+                "                              const Args& args) {\n"
                 f"{tensors}{score}    return score;\n}}\n"
-                "__device__ inline bool mask_mod(int b, int h, int q_idx, int kv_idx, const Args& args) {\n"
+                "__device__ inline bool mask_mod(int b, int h, int q_idx, int kv_idx, int shift, const Args& args) {\n"
                 f"{tensors}    bool keep = true;\n{mask}    return keep;\n}}\n"
                 "}  // namespace mods\n")
 
@@ -1083,9 +1096,10 @@ class ModCall:
 
 
 def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p=0.0,
-                dropout_seed=None):
+                dropout_seed=None, batch_heads=None):
     """The mods of a call, checked: a ModCall, or None when there is none (the plain kernels run).
-    dropout_p > 0 without a seed draws one from torch's generator."""
+    dropout_p > 0 without a seed draws one from torch's generator. batch_heads: (B, H) where q is not
+    (B, H, N, d) (flash_attn_varlen_func's sequences and heads)."""
     for name, text in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise TypeError(f"{name} = {_short(text)}: it must be a C++ expression (a string), such as "
@@ -1117,7 +1131,7 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
     alibi = 0
     if alibi_slopes is not None:
         _check_is_tensor("alibi_slopes", alibi_slopes)
-        B, H = q.shape[0], q.shape[1]
+        B, H = batch_heads or q.shape[:2]
         if (alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device
                 or tuple(alibi_slopes.shape) not in ((H,), (B, H))):
             raise ValueError(f"alibi_slopes ({alibi_slopes.dtype}, shape {tuple(alibi_slopes.shape)}, on "
@@ -1172,10 +1186,11 @@ def _mods_version(version, wants_mods, q):
 _block_masks = {}  # (build, N, B_mask, H_mask, ints, device, stream) -> block mask; the last 16 kept
 
 
-def _mod_args(kernels, mods, q):
+def _mod_args(kernels, mods, q, packed=False):
     """The ModArgs of one call (and what must live until its launches are queued): the tensors' places,
     the options' values, and the block mask, computed by kernels/mods.cuh's block_mask for these N,
-    and reused while the mask reads no tensor (whose contents may change between calls)."""
+    and reused while the mask reads no tensor (whose contents may change between calls); packed
+    sequences (q (total, H, d)) get none, their sequences' lengths differing: every tile is PARTIAL."""
     a, keep = ModArgs(), list(mods.tensors)
     for t, tensor in enumerate(mods.tensors):
         a.tensors[t] = tensor.data_ptr()
@@ -1185,7 +1200,7 @@ def _mod_args(kernels, mods, q):
     if mods.spec.dropout:  # kept where Philox's word >= p 2^32 (kernels/mods.cuh's kept)
         a.seed[:] = mods.seed % 2**32, mods.seed >> 32
         a.threshold, a.keep_scale = min(round(mods.dropout_p * 2**32), 2**32 - 1), 1.0 / (1.0 - mods.dropout_p)
-    if mods.spec.mask:
+    if mods.spec.mask and not packed:
         spec, (B, H, N, _) = mods.spec, q.shape
         B_mask, H_mask = (B if spec.mask_reads("b") else 1), (H if spec.mask_reads("h") else 1)
         tiles = (N + 63) // 64

@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(32 * warps(d))
         for (int t = 0; t < TILES; ++t) {
             const int row = row0 + (w * TILES + t) * 16 + g;
             if constexpr (mods::ANY)  // chapter 6: score_mod, mask_mod
-                mods::forward_scores(s[t], tile_state, mod_args, b, h, row, j * Bc + 2 * q, scale);
+                mods::forward_scores(s[t], tile_state, mod_args, b, h, row, j * Bc + 2 * q, shift, scale);
             if ((j + 1) * Bc > Nk || (causal && (j + 1) * Bc > row - g + 1 + shift))
                 mask_fragment<false>(s[t], row + shift, j * Bc + 2 * q, Nk, causal, -INFINITY);
             float alpha[2];

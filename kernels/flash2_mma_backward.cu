@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(32 * WARPS)
         if constexpr (mods::ANY) {  // chapter 6: P_ij^T of the modded scores, dp = (dP - D) score_mod'
             const mods::Tile state =
                 mods::MASK ? mods::tile(mod_args, b, h, i, (key0 + kw) / mods::TILE) : mods::PARTIAL;
-            mods::backward_scores(s, dp, state, mod_args, b, h, key0 + kw + g, row0 + 2 * q, Nq, scale,
+            mods::backward_scores(s, dp, state, mod_args, b, h, key0 + kw + g, row0 + 2 * q, shift, Nq, scale,
                                   L_t + 2 * q, D_t + 2 * q);
         } else {
 #pragma unroll

@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     // S_ij masked where the tile crosses the end of the sequence or, causal, the diagonal (Alg. 1,
     // line 9's mask), then its softmax: P_ij, and alpha, what O must be rescaled by.
     auto softmax = [&](float (&s)[Bc / 8][4], int j, const mods::Tile(&state)[2], float (&alpha)[2]) {
-        if constexpr (mods::ANY) mods::forward_scores(s, state, mod_args, b, h, row, j * Bc + 2 * q, scale);
+        if constexpr (mods::ANY) mods::forward_scores(s, state, mod_args, b, h, row, j * Bc + 2 * q, 0, scale);
         if ((j + 1) * Bc > N || (causal && (j + 1) * Bc > warp_row + 1))
             mask_fragment<false>(s, row, j * Bc + 2 * q, N, causal, -INFINITY);
         online_softmax<false, mods::SOFT_EXP2>(s, m, l, o, alpha, c);  // O is rescaled later, by rescale

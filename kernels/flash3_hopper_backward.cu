@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         if constexpr (mods::ANY) {  // chapter 6: P^T of the modded scores; the mask after (a score past
             // N or the diagonal may be anything: its P is set to 0)
             mods::backward_probabilities(st, f, mods::tile(mod_args, b, h, i, x0 + consumer), mod_args, b, h,
-                                         key, q0 + 2 * q, N, scale, LD_t + 2 * q);
+                                         key, q0 + 2 * q, 0, N, scale, LD_t + 2 * q);
             if (key0 + Bc > N || (causal && warp_key + 15 > q0))
                 mask_fragment<true>(st, key, q0 + 2 * q, N, causal, 0.0f);
         } else {

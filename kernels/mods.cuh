@@ -9,7 +9,10 @@
 // minimal_flash.py writes the two functions into a header of the build (mods_header: the user's
 // expressions, the official options window_size, softcap and alibi_slopes as mods of their own, and
 // an accessor per extra tensor) and compiles with -DMODS_FILE=that header; without it, the defaults
-// below: no mod, the kernels as chapters 3 and 4 left them (`if constexpr` removes every hook).
+// below: no mod, the kernels as chapters 3 and 4 left them (`if constexpr` removes every hook). The
+// functions also get `shift`, the sequence's keys minus its queries (0 but for packed sequences of
+// flash_attn_varlen_func, on version 3), from which the official window and ALiBi measure distance:
+// query q_idx's diagonal is key q_idx + shift, as causal's is.
 //
 // Where the hooks run (version 3: flash2_mma.cu, flash2_mma_backward.cu; version 4: flash3_hopper.cu,
 // flash3_hopper_backward.cu):
@@ -139,10 +142,10 @@ __device__ inline Dual fmaxf(Dual a, Dual b) { return b.v > a.v ? b : a; }
 namespace mods {
 constexpr bool SCORE = false, MASK = false, DROPOUT = false;  // no mod: chapter 3's kernels
 template <class F>
-__device__ inline F score_mod(F score, int, int, int, int, const Args&) {
+__device__ inline F score_mod(F score, int, int, int, int, int, const Args&) {
     return score;
 }
-__device__ inline bool mask_mod(int, int, int, int, const Args&) { return true; }
+__device__ inline bool mask_mod(int, int, int, int, int, const Args&) { return true; }
 }  // namespace mods
 #endif
 
@@ -232,7 +235,7 @@ __global__ void block_mask(Args a, int N, int B_mask, int H_mask, unsigned char*
     int kept = 0, asked = 0;
     if (row < N)
         for (int col = x * TILE; col < min(x * TILE + TILE, N); ++col)
-            kept += mask_mod(b, h, row, col, a), ++asked;
+            kept += mask_mod(b, h, row, col, 0, a), ++asked;
     counts[threadIdx.x] = kept, counts[TILE + threadIdx.x] = asked;
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -255,21 +258,21 @@ __host__ __device__ inline int block_mask_shared_bytes() { return 2 * TILE * siz
 // without mods.
 template <bool ASK, int NT>  // 64 keys from tile n0 on: score_mod on each score; ASK: mask_mod too
 __device__ inline void forward_keys(float (&s)[NT][4], int n0, const Args& a, int b, int h, int row, int col,
-                                    float scale) {
+                                    int shift, float scale) {
 #pragma unroll
     for (int n = n0; n < n0 + 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int q_idx = row + 8 * (e / 2), kv_idx = col + 8 * n + e % 2;
             float x = s[n][e];
-            if constexpr (SCORE) x = score_mod(x * scale, b, h, q_idx, kv_idx, a);
-            if constexpr (ASK) x = mask_mod(b, h, q_idx, kv_idx, a) ? x : -INFINITY;
+            if constexpr (SCORE) x = score_mod(x * scale, b, h, q_idx, kv_idx, shift, a);
+            if constexpr (ASK) x = mask_mod(b, h, q_idx, kv_idx, shift, a) ? x : -INFINITY;
             s[n][e] = x;
         }
 }
 template <int NT>
 __device__ inline void forward_scores(float (&s)[NT][4], const Tile (&state)[NT / 8], const Args& a, int b,
-                                      int h, int row, int col, float scale) {
+                                      int h, int row, int col, int shift, float scale) {
     static_assert(NT % 8 == 0, "whole tiles of 64 keys");
 #pragma unroll
     for (int t = 0; t < NT / 8; ++t) {
@@ -280,9 +283,9 @@ __device__ inline void forward_scores(float (&s)[NT][4], const Tile (&state)[NT 
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[n][e] = -INFINITY;
         } else if (kind == PARTIAL) {
-            forward_keys<MASK>(s, 8 * t, a, b, h, row, col, scale);
+            forward_keys<MASK>(s, 8 * t, a, b, h, row, col, shift, scale);
         } else if (SCORE) {  // FULL: a mask alone has nothing to do
-            forward_keys<false>(s, 8 * t, a, b, h, row, col, scale);
+            forward_keys<false>(s, 8 * t, a, b, h, row, col, shift, scale);
         }
     }
 }
@@ -295,7 +298,7 @@ __device__ inline void forward_scores(float (&s)[NT][4], const Tile (&state)[NT 
 // derivative is a constant (none, a bias, ALiBi), f is one too, and takes no registers.
 template <int NT>
 __device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][4], Tile state, const Args& a,
-                                              int b, int h, int key, int col, int Nq, float scale,
+                                              int b, int h, int key, int col, int shift, int Nq, float scale,
                                               const float* L2) {
     const float c = SCORE ? LOG2E : scale * LOG2E;  // a mask alone: the scale in the multiply-add
 #pragma unroll
@@ -304,9 +307,9 @@ __device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][
         for (int e = 0; e < 4; ++e) {
             const int kv_idx = key + 8 * (e / 2), y = 8 * n + e % 2, q_idx = col + y;
             Dual x(SCORE ? s[n][e] * scale : s[n][e], 1.0f);
-            if constexpr (SCORE) x = score_mod(x, b, h, q_idx, kv_idx, a);
+            if constexpr (SCORE) x = score_mod(x, b, h, q_idx, kv_idx, shift, a);
             bool keep = q_idx < Nq;  // (a row that sees no key: its L2 is +inf, log2_of_L, and P = 0)
-            if constexpr (MASK) keep = keep && (state == FULL || mask_mod(b, h, q_idx, kv_idx, a));
+            if constexpr (MASK) keep = keep && (state == FULL || mask_mod(b, h, q_idx, kv_idx, shift, a));
             s[n][e] = keep ? fast_exp2(x.v * c - L2[y]) : 0.0f;
             f[n][e] = x.d;
         }
@@ -314,10 +317,10 @@ __device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][
 // The same, and dp becomes (dP - D) f (version 3, whose dP is in already).
 template <int NT>
 __device__ inline void backward_scores(float (&s)[NT][4], float (&dp)[NT][4], Tile state, const Args& a,
-                                       int b, int h, int key, int col, int Nq, float scale, const float* L2,
-                                       const float* D) {
+                                       int b, int h, int key, int col, int shift, int Nq, float scale,
+                                       const float* L2, const float* D) {
     float f[NT][4];
-    backward_probabilities(s, f, state, a, b, h, key, col, Nq, scale, L2);
+    backward_probabilities(s, f, state, a, b, h, key, col, shift, Nq, scale, L2);
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll

@@ -95,22 +95,24 @@ struct Version {
 // B sequences, H query heads, `group` of them per head of k, v (the forward's; the backward takes k, v
 // with q's heads, as mf_run's); cu_seqlens_q, _k: (B + 1) row offsets; max_seqlen_q, _k: the
 // longest sequence's queries and keys, the grid's size. Pass 0: forward, 1: backward, as mf_run.
+// mod_args: a build with mods' mods::Args (the official window_size, softcap, alibi_slopes; b is the
+// sequence, q_idx and kv_idx positions in it, and no block mask: every tile is PARTIAL), else null.
 extern "C" const char* mf_varlen(int pass, const float* Q, const float* K, const float* V, float* O,
                                  const float* dO, float* L, float* dQ, float* dK, float* dV, float* scratch,
                                  const int* cu_seqlens_q, const int* cu_seqlens_k, int B, int H, int group,
                                  int max_seqlen_q, int max_seqlen_k, long long total_q, int d, float scale,
-                                 bool causal, int dtype, int device, void* stream) {
+                                 bool causal, const void* mod_args, int dtype, int device, void* stream) {
     static thread_local std::string message;         // lives until the next call from this thread
     Call c{Q, K, V, dO, O, L, dQ, dK, dV, scratch};  // the addresses; the rest by name
     c.BH = (long long)B * H, c.group = group, c.N = max_seqlen_q, c.d = d, c.scale = scale, c.causal = causal;
     c.dtype = dtype, c.device = device, c.stream = cudaStream_t(stream);
     c.cu_seqlens_q = cu_seqlens_q, c.cu_seqlens_k = cu_seqlens_k, c.H = H, c.Nk = max_seqlen_k;
-    c.rows = total_q * H;
+    c.rows = total_q * H, c.mods = mod_args;
     if (!cu_seqlens_q || !cu_seqlens_k || B < 1 || H < 1 || group < 1 || H % group != 0 ||
-        (pass != FORWARD && group != 1) || mods::HOOKED) {
+        (pass != FORWARD && group != 1) || mods::HOOKED != (mod_args != nullptr)) {
         message = "internal error: packed sequences with " + std::to_string(H) + " query heads, " +
                   std::to_string(group) + " per head of k, v" +
-                  (mods::HOOKED ? ", in a build with mods" : "");
+                  (mods::HOOKED != (mod_args != nullptr) ? ", mods and the build disagree" : "");
     } else {
         const OnDevice on(device);
         message = pass == FORWARD ? Version::forward(c) : Version::backward(c);

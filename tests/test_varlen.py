@@ -76,20 +76,40 @@ def test_matches_float64_at_gpu_sizes(device, lengths_q, lengths_k, H, Hk, d, ca
     check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator)
 
 
-def check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator):
+# The official options on packed sequences (chapter 6's mods, compiled into version 3), each per sequence:
+# Lq != Lk both ways, so that the window's and ALiBi's distances from each sequence's own bottom right
+# matter; windows that leave rows no key; slopes per head and per (sequence, head); all at once.
+SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+OPTIONS = {"window": (dict(window_size=(20, 0)), True), "window-both-sides": (dict(window_size=(3, 30)), False),
+           "softcap": (dict(softcap=2.0), True), "alibi": (dict(alibi_slopes=SLOPES), False),
+           "alibi-per-sequence": (dict(alibi_slopes=torch.stack([SLOPES, SLOPES.flip(0), 2 * SLOPES])), True),
+           "all": (dict(window_size=(40, 8), softcap=3.0, alibi_slopes=SLOPES), False)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_official_options_per_sequence(device, name, generator, poisoned):
+    options, causal = OPTIONS[name]
+    check_against_float64(device, [100, 7, 2], [37, 200, 2], 4, 1, 64, causal, torch.float16, generator, **options)
+
+
+def check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator, **options):
     """flash_attn_varlen_func's out, lse (return_attn_probs) and, through autograd, dQ, dK, dV of a
-    random dO, against float64 a sequence at a time."""
+    random dO, against float64 a sequence at a time; options: the official window_size, softcap,
+    alibi_slopes (on the CPU: the reference's)."""
     q, k, v, dO = packed_inputs(lengths_q, lengths_k, H, Hk, d, dtype, device, generator)
+    on_device = {name: x.to(device) if torch.is_tensor(x) else x for name, x in options.items()}
     out, lse, none = mf.flash_attn_varlen_func(q, k, v, cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device),
-                                               max(lengths_q), max(lengths_k), causal=causal, return_attn_probs=True)
+                                               max(lengths_q), max(lengths_k), causal=causal, return_attn_probs=True,
+                                               **on_device)
     grads = torch.autograd.grad(out, (q, k, v), dO)
     assert none is None and not lse.requires_grad
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (H, q.shape[0]) and lse.dtype == torch.float32
     assert all(g.shape == t.shape and g.dtype == dtype for g, t in zip(grads, (q, k, v)))
     out, lse, grads = out.cpu(), lse.cpu(), [g.cpu() for g in grads]
     q, k, v, dO = (t.detach().cpu() for t in (q, k, v, dO))
-    out_ref, lse_ref, *grads_ref = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO)
-    plain, _, *plains = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype)
+    out_ref, lse_ref, *grads_ref = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, **options)
+    plain, _, *plains = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype, **options)
 
     empty = torch.isinf(lse_ref)  # (H, total_q): rows that see no key
     rows = empty.t()  # (total_q, H)
@@ -97,10 +117,11 @@ def check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype,
     assert torch.equal(lse[empty], lse_ref[empty].float()), "rows that see no key: lse -inf"
     assert torch.equal(grads[0][rows], torch.zeros_like(grads[0][rows])), "rows that see no key: dQ 0"
     assert (~rows).any()
-    assert_close("out", out[~rows], out_ref[~rows], plain[~rows])
+    atol = 3e-4 if options.get("softcap") else 0.0  # the official tests' slack with softcap (tests/test_mods.py)
+    assert_close("out", out[~rows], out_ref[~rows], plain[~rows], atol)
     assert_close("lse", lse[~empty], lse_ref[~empty])
     for name, grad, ref, plain in zip(("dQ", "dK", "dV"), grads, grads_ref, plains):
-        assert_close(name, grad, ref, plain)
+        assert_close(name, grad, ref, plain, atol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -158,10 +179,16 @@ def refuse(error, match, *inputs, **options):
         mf.flash_attn_varlen_func(*inputs, **options)
 
 
-@pytest.mark.parametrize("option,value", [("window_size", (8, 0)), ("softcap", 30.0), ("alibi_slopes", torch.zeros(4)),
-                                          ("block_table", torch.zeros(2, 1, dtype=torch.int32))])
+@pytest.mark.parametrize("option,value", [("block_table", torch.zeros(2, 1, dtype=torch.int32))])
 def test_options_it_lacks_are_refused(option, value):
     refuse(ValueError, f"{option} = .* is not supported by minimal_flash", *small_inputs(), **{option: value})
+
+
+def test_bad_alibi_slopes_are_refused():
+    """alibi_slopes: (nheads,) or (batch, nheads), batch the number of sequences, float32 on q's device."""
+    refuse(ValueError, r"alibi_slopes \(torch.float32, shape \(3, 4\), on cpu\): it must be float32, of shape "
+           r"\(H,\) = \(4,\) or \(B, H\) = \(2, 4\)", *small_inputs(), alibi_slopes=torch.ones(3, 4))
+    refuse(ValueError, "window_size = 8: it must be", *small_inputs(), window_size=8)
 
 
 def test_dropout_and_deterministic_are_refused():
