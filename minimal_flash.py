@@ -777,8 +777,13 @@ def num_splits_heuristic(blocks, slots, key_tiles):
     once; its speed is the bytes in flight, so every slot should be reading, and a second wave would
     start only as the first ends. (The official package takes the fewest splits whose wave is 85% as
     full as the fullest: on the H200 that left a tenth of the slots idle, 29 splits of a sequence's 8
-    heads where 33 fit, and was 7% slower at batch 1: notebooks/results/README.md.)"""
-    return max(1, min(slots // max(blocks, 1), key_tiles, 128))
+    heads where 33 fit, and was 7% slower at batch 1: notebooks/results/README.md.) Then, as the
+    official package does, no more splits than the tiles per split need (kernels/flash_decode.cu cuts
+    a sequence into splits of ceil(tiles / splits) tiles): 512 tiles in 33 splits are 32 of 16 tiles
+    and an empty one, which would still be a block and a split for combine to read."""
+    splits = max(1, min(slots // max(blocks, 1), key_tiles, 128))
+    per_split = -(-key_tiles // splits)
+    return max(1, -(-key_tiles // per_split)) if per_split else 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
 // value for the whole warp); the four warps' sums are added in shared memory. A warp reads its first
 // PREFETCH splits of O_s and their lse_s with the row's lse_s, before the weights are known, and the
 // rest without waiting for one another (unrolled): a row costs one trip to memory up to 64 splits (a
-// decode step of batch 1 with 8 key/value heads has 33 on an H200), two beyond. An empty split
+// decode step of batch 1 with 8 key/value heads has 32 on an H200), two beyond. An empty split
 // (lse_s = -inf) weighs 0; a row with no key in any split gets O = 0 and lse = -inf, not the NaN of
 // -inf - (-inf); a NaN from a sequence out of range stays NaN.
 //

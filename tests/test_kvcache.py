@@ -147,8 +147,9 @@ def test_matches_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page
 
 def test_num_splits_heuristic_fills_one_wave():
     """Splits: as many as fill the slots (132 multiprocessors x 2 blocks on an H200) in one wave, at most
-    one per key tile and 128; 1 when the grid fills them already."""
-    assert mf.num_splits_heuristic(8, 264, 512) == 33  # batch 1, 8 kv heads, 32k keys: 264 of 264
+    one per key tile and 128; 1 when the grid fills them already; none that would get no tile."""
+    assert mf.num_splits_heuristic(8, 264, 512) == 32  # batch 1, 8 kv heads, 32k keys: 33 fit, the 33rd empty
+    assert mf.num_splits_heuristic(8, 264, 100) == 25  # 33 fit: 4 tiles each, 25 splits take them all
     assert mf.num_splits_heuristic(64, 264, 256) == 4  # batch 8, 16k: 256 of 264 (5 would be 2 waves)
     assert mf.num_splits_heuristic(8, 264, 16) == 16  # 1k keys: one split per tile
     assert mf.num_splits_heuristic(1, 1000, 4096) == 128  # at most 128
