@@ -994,7 +994,7 @@ def _run_varlen(pass_, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     scratch = q.new_empty(total_q * H * per_row, dtype=torch.float32) if per_row > 0 else None
     addresses = [t.data_ptr() if t is not None else None
                  for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch, cu_seqlens_q, cu_seqlens_k)]
-    mod_args = _mod_args(kernels, mods, q, packed=True)[0] if mods is not None else None  # (its tensors: mods')
+    mod_args = _mod_args(kernels, mods, q)[0] if mods is not None else None  # (its tensors: mods')
     device = q.device.index if q.is_cuda else 0
     stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
     return function(p, *addresses, len(cu_seqlens_q) - 1, H, H // k.shape[1], max_seqlen_q, max_seqlen_k, total_q,
@@ -1191,7 +1191,7 @@ def _mods_version(version, wants_mods, q):
 _block_masks = {}  # (build, N, B_mask, H_mask, ints, device, stream) -> block mask; the last 16 kept
 
 
-def _mod_args(kernels, mods, q, packed=False):
+def _mod_args(kernels, mods, q):
     """The ModArgs of one call (and what must live until its launches are queued): the tensors' places,
     the options' values, and the block mask, computed by kernels/mods.cuh's block_mask for these N,
     and reused while the mask reads no tensor (whose contents may change between calls); packed
@@ -1205,7 +1205,7 @@ def _mod_args(kernels, mods, q, packed=False):
     if mods.spec.dropout:  # kept where Philox's word >= p 2^32 (kernels/mods.cuh's kept)
         a.seed[:] = mods.seed % 2**32, mods.seed >> 32
         a.threshold, a.keep_scale = min(round(mods.dropout_p * 2**32), 2**32 - 1), 1.0 / (1.0 - mods.dropout_p)
-    if mods.spec.mask and not packed:
+    if mods.spec.mask and q.dim() == 4:
         spec, (B, H, N, _) = mods.spec, q.shape
         B_mask, H_mask = (B if spec.mask_reads("b") else 1), (H if spec.mask_reads("h") else 1)
         tiles = (N + 63) // 64

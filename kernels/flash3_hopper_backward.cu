@@ -44,7 +44,7 @@
 //   within a consumer, warp w holds keys 16w .. 16w + 15 of its 64, lane (g, q) keys g and g + 8
 //   and, of every 8 query columns, 2q and 2q + 1 (the accumulator layout of kernels/hopper.cuh).
 #include "tiles.cuh"   // ceil_div
-#include "mma.cuh"     // pack<T>, a_operands, mask_fragment, fast_exp2, LOG2E
+#include "mma.cuh"     // pack<T>, a_operands, mask_fragment, fast_exp2, LOG2E, warp_sum
 #include "hopper.cuh"  // tma_load, mbarrier_*, wgmma_*, named_barrier_*, bulk_reduce_add
 #include "mods.cuh"    // chapter 6's hooks: mods::backward_probabilities, mods::Walk (no-ops without mods)
 
@@ -375,8 +375,7 @@ __global__ void preprocess(const unsigned short* O, const unsigned short* dO, St
                    to_float<T>(g >> 16) * to_float<T>(o >> 16);
         }
     }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    sum = warp_sum(sum);
     if (lane == 0 && r < N) D[bh * N + r] = sum;
 #pragma unroll
     for (int k = 0; k < PER; ++k) dQ_sum[row * d + lane * PER + k] = 0.0f;

@@ -66,7 +66,7 @@
 // lse = -inf, the log of an empty sum.
 // Names as in the paper; "Alg. 1, line n" marks the FlashAttention-2 paper's Algorithm 1.
 #include "tiles.cuh"  // ceil_div
-#include "mma.cuh"    // stride16, Padded, Swizzled, mma_ABt, a_operands, mma_AB, online_softmax, pack<T>, ...
+#include "mma.cuh"    // stride16, Padded, Swizzled, mma_ABt, a_operands, mma_AB, online_softmax, pack<T>, warp_sum
 #include "hopper.cuh"  // launch_dependents, wait_for_prior_grid (combine launched early, sm_90)
 
 namespace flash_decode {
@@ -400,18 +400,6 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
 constexpr int COMBINE_WARPS = 4, COMBINE_THREADS = 32 * COMBINE_WARPS, PREFETCH = 16, LSE_PER_LANE = MAX_SPLITS / 32;
 static_assert(MAX_SPLITS % 32 == 0, "a whole number of splits' lse per lane");
 __host__ __device__ constexpr int combine_shared_bytes(int d) { return COMBINE_WARPS * d * 4; }
-
-// The warp's max or sum of `value`, in every lane.
-__device__ inline float warp_max(float value) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-    return value;
-}
-__device__ inline float warp_sum(float value) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-    return value;
-}
 
 // C consecutive floats (4 or 2) from `at` on, as one load.
 template <int C>

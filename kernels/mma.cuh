@@ -263,9 +263,22 @@ __device__ inline void online_softmax(float (&s)[NT][4], float (&m)[2], float (&
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const float x = fmaf(s[n][i], c, -mc[i / 2]);
-            s[n][i] = SOFT > 0 && n % SOFT == SOFT - 1 ? soft_exp2(x) : fast_exp2(x);
+            bool soft = false;  // tile n by soft_exp2: one in every SOFT (SOFT = 0: none)
+            if constexpr (SOFT > 0) soft = n % SOFT == SOFT - 1;
+            s[n][i] = soft ? soft_exp2(x) : fast_exp2(x);
             l[i / 2] += s[n][i];
         }
+}
+// The warp's max or sum of `value`, in every lane (a butterfly: each lane ends with the same bits).
+__device__ inline float warp_max(float value) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    return value;
+}
+__device__ inline float warp_sum(float value) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+    return value;
 }
 // O's rows (the lane's two, in NO tiles of 8 columns) times their alpha.
 template <int NO>
