@@ -156,7 +156,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     Your own attention (versions 3 and 4): score_mod, a C++ expression of the scaled score and b, h, q_idx,
     kv_idx, such as "score + bias(h, q_idx - kv_idx)"; mask_mod, a C++ condition of b, h, q_idx, kv_idx
     that keeps a key, such as "q_idx - kv_idx < 256"; mod_tensors {name: tensor}, what they read
-    (name[i], name(i, j)); window_size, softcap, alibi_slopes as the official package has them. Each
+    (name[i], name(i, j)); window_size, softcap, alibi_slopes as the official package has them (a
+    window of 2**30 keys or more: no limit, -1, as the official package takes one past the keys). Each
     set of mods is compiled once (seconds), the options' values and the tensors read at run time.
     dropout_p: dropout on the attention weights (versions 3 and 4), its mask drawn from a seed that torch's
     generator gives (reproducible under torch.manual_seed) and drawn again by the backward.
@@ -811,7 +812,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     window_size, softcap, alibi_slopes ((nheads,) or (batch, nheads) float32) as the official package
     has them, per sequence, the window and ALiBi's distance measured from each sequence's own bottom
     right (query i of Lq against key j: i + Lk - Lq - j), as causal is (chapter 6's mods, compiled in;
-    without its block mask, each tile checks the window score by score).
+    the window's tiles walked only, as for fixed-length batches).
 
     Returns out (total_q, nheads, d) in q's dtype; with return_attn_probs, (out, softmax_lse, None), as
     the official package does without dropout: softmax_lse (nheads, total_q) float32, each row's
@@ -1023,6 +1024,7 @@ _MOD_TYPES = {torch.float32: ("float", "float"), torch.float16: ("float", "__hal
 _MOD_NAMES = {"score", "b", "h", "q_idx", "kv_idx", "shift", "args", "keep", "alibi_slopes", "F", "mods", "Tensor",
               "Dual"}
 _MAX_MOD_TENSORS = 4  # mods::Args holds 4; alibi_slopes takes one of them
+_NO_LIMIT = 2**30  # a window_size this large or larger: -1 (kernels/mods.cuh's window_tiles counts in 32 bits)
 
 
 @dataclass(frozen=True)
@@ -1045,6 +1047,11 @@ class Mods:
     @property
     def mask(self):
         return self.mask_mod is not None or self.window
+
+    @property
+    def window_only(self):
+        """The mask is window_size's alone: the kernels tell its tiles apart by arithmetic (no block mask)."""
+        return self.window and self.mask_mod is None
 
     def mask_reads(self, name):
         """Does mask_mod's text name this variable (b, h, a tensor)? If not, the block mask is the same
@@ -1080,6 +1087,7 @@ class Mods:
                 "namespace mods {\n"
                 f"constexpr bool SCORE = {str(self.score).lower()}, MASK = {str(self.mask).lower()}, "
                 f"DROPOUT = {str(self.dropout).lower()};\n"
+                f"constexpr bool WINDOW_ONLY = {str(self.window_only).lower()};\n"
                 "template <class F>\n"
                 "__device__ inline F score_mod(F score, int b, int h, int q_idx, int kv_idx, int shift,\n"
                 "                              const Args& args) {\n"
@@ -1148,7 +1156,10 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
     if len(tensors) > _MAX_MOD_TENSORS:
         raise ValueError(f"{len(tensors)} mod tensors (alibi_slopes counts as one): the kernels take at most "
                          f"{_MAX_MOD_TENSORS}")
-    window = tuple(window_size) != (-1, -1)
+    # the kernels count in 32 bits: a window of 2**30 keys or more is no limit, since no sequence that
+    # fits in memory is that long (q, k, v of 2**30 rows of d = 32 in 16 bits: 192 GiB)
+    window_size = tuple(-1 if x >= _NO_LIMIT else x for x in window_size)
+    window = window_size != (-1, -1)
     spec = Mods(score_mod, mask_mod, tuple(specs), window, softcap > 0, alibi, dropout_p > 0)
     if not (spec.score or spec.mask or spec.dropout):
         return None
@@ -1194,8 +1205,9 @@ _block_masks = {}  # (build, N, B_mask, H_mask, ints, device, stream) -> block m
 def _mod_args(kernels, mods, q):
     """The ModArgs of one call (and what must live until its launches are queued): the tensors' places,
     the options' values, and the block mask, computed by kernels/mods.cuh's block_mask for these N,
-    and reused while the mask reads no tensor (whose contents may change between calls); packed
-    sequences (q (total, H, d)) get none, their sequences' lengths differing: every tile is PARTIAL."""
+    and reused while the mask reads no tensor (whose contents may change between calls). None for a
+    window alone (the kernels' window_tiles has its tiles by arithmetic), nor for packed sequences (q
+    (total, H, d)), whose lengths differ: every tile is PARTIAL."""
     a, keep = ModArgs(), list(mods.tensors)
     for t, tensor in enumerate(mods.tensors):
         a.tensors[t] = tensor.data_ptr()
@@ -1205,7 +1217,7 @@ def _mod_args(kernels, mods, q):
     if mods.spec.dropout:  # kept where Philox's word >= p 2^32 (kernels/mods.cuh's kept)
         a.seed[:] = mods.seed % 2**32, mods.seed >> 32
         a.threshold, a.keep_scale = min(round(mods.dropout_p * 2**32), 2**32 - 1), 1.0 / (1.0 - mods.dropout_p)
-    if mods.spec.mask and q.dim() == 4:
+    if mods.spec.mask and not mods.spec.window_only and q.dim() == 4:
         spec, (B, H, N, _) = mods.spec, q.shape
         B_mask, H_mask = (B if spec.mask_reads("b") else 1), (H if spec.mask_reads("h") else 1)
         tiles = (N + 63) // 64

@@ -75,14 +75,15 @@ __global__ void __launch_bounds__(32 * warps(d))
     const int shift = Nk - Nq, last_row = min(row0 + Br, Nq) - 1;
     const int j_end = ceil_div(causal ? min(max(last_row + shift + 1, 0), Nk) : Nk, Bc);
     // Chapter 6: with a mask_mod, the key tiles that the block mask marks empty for these rows are
-    // skipped (mods::Walk; without mods, the walk is j = 0, 1, ..).
+    // skipped (a window's: by arithmetic; mods::Walk; without mods, the walk is j = 0, 1, ..). (shift by
+    // value: taken by reference, it changed the code of every mask's build, where only a window reads it.)
     const int b = mods::ANY ? blockIdx.y / mod_args.H : 0, h = mods::ANY ? blockIdx.y % mod_args.H : 0;
-    const auto state = [&](int j) {
+    const auto state = [&, shift](int j) {
         return mods::tiles(mod_args, b, h, row0 / mods::TILE, ceil_div(min(row0 + Br, Nq), mods::TILE), j,
-                           j + 1);
+                           j + 1, shift);
     };
     const mods::Span span =
-        mods::span<false>(mod_args, b, h, row0 / mods::TILE, ceil_div(min(row0 + Br, Nq), mods::TILE));
+        mods::span<false>(mod_args, b, h, row0 / mods::TILE, ceil_div(min(row0 + Br, Nq), mods::TILE), shift);
     const auto walk = mods::walk(span, 1, j_end, mods::MASK, [&](int j) { return state(j) == mods::EMPTY; });
     static_assert(Bc == mods::TILE && Br % mods::TILE == 0, "a tile is one column of the block mask's");
 

@@ -122,12 +122,13 @@ __global__ void __launch_bounds__(32 * WARPS)
     // work, and blocks start roughly in launch order: the heaviest first.
     const int shift = Nk - Nq;
     // Chapter 6: with a mask_mod, the query tiles that the block mask marks empty for the block's keys
-    // are skipped (mods::Walk; without mods, the walk is i = i0, i0 + 1, ..).
+    // are skipped (a window's: by arithmetic; mods::Walk; without mods, the walk is i = i0, i0 + 1, ..).
     const int b = mods::ANY ? blockIdx.y / mod_args.H : 0, h = mods::ANY ? blockIdx.y % mod_args.H : 0;
     const int x0 = key0 / mods::TILE, x1 = ceil_div(min(key0 + Bc, Nk), mods::TILE);
-    const mods::Span span = mods::span<true>(mod_args, b, h, x0, x1);  // the query tiles that are not EMPTY
-    const auto walk = mods::walk(span, 1, ceil_div(Nq, Br), mods::MASK, [&](int i) {
-        return mods::tiles(mod_args, b, h, i, i + 1, x0, x1) == mods::EMPTY;
+    const mods::Span span = mods::span<true>(mod_args, b, h, x0, x1, shift);  // the query tiles that are not EMPTY
+    // (shift by value: taken by reference, it changed the code of every build, where only a window reads it)
+    const auto walk = mods::walk(span, 1, ceil_div(Nq, Br), mods::MASK, [&, shift](int i) {
+        return mods::tiles(mod_args, b, h, i, i + 1, x0, x1, shift) == mods::EMPTY;
     });
     static_assert(Br == mods::TILE && Bc % mods::TILE == 0, "a query tile is one row of the block mask's");
     const int i0 = walk.first(causal ? max(key0 - shift, 0) / Br : 0);
@@ -190,7 +191,7 @@ __global__ void __launch_bounds__(32 * WARPS)
         // and one exp2 (kernels/mma.cuh's fast_exp2, a single instruction) per element.
         if constexpr (mods::ANY) {  // chapter 6: P_ij^T of the modded scores, dp = (dP - D) score_mod'
             const mods::Tile state =
-                mods::MASK ? mods::tile(mod_args, b, h, i, (key0 + kw) / mods::TILE) : mods::PARTIAL;
+                mods::MASK ? mods::tile(mod_args, b, h, i, (key0 + kw) / mods::TILE, shift) : mods::PARTIAL;
             mods::backward_scores(s, dp, state, mod_args, b, h, key0 + kw + g, row0 + 2 * q, shift, Nq, scale,
                                   L_t + 2 * q, D_t + 2 * q);
         } else {

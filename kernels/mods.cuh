@@ -20,7 +20,7 @@
 //   backward  after S_ij^T = K_j Q_i^T: the same mod, by Dual numbers, gives the score and its
 //             derivative d score_mod / d score at once; dS = P (dP - D) times that derivative
 //   both      tiles that the block mask (block_mask below) marks empty are skipped; full ones skip
-//             mask_mod; only partial tiles call it per element
+//             mask_mod; only partial tiles call it per element (a window alone: window_tiles)
 #pragma once
 #include <cmath>
 #include <type_traits>
@@ -141,6 +141,7 @@ __device__ inline Dual fmaxf(Dual a, Dual b) { return b.v > a.v ? b : a; }
 #else
 namespace mods {
 constexpr bool SCORE = false, MASK = false, DROPOUT = false;  // no mod: chapter 3's kernels
+constexpr bool WINDOW_ONLY = false;  // the mask is window_size's alone (see window_tiles)
 template <class F>
 __device__ inline F score_mod(F score, int, int, int, int, int, const Args&) {
     return score;
@@ -162,11 +163,28 @@ constexpr int SOFT_EXP2 = SCORE ? 2 : 0;
 // Call::mods as the kernels take it: by value (no mods: all zero).
 inline Args of(const void* args) { return args ? *static_cast<const Args*>(args) : Args{}; }
 
+// A window alone (window_size, no mask_mod) needs no block mask: its tiles' states are arithmetic, as
+// in the official kernels, for fixed-length and packed sequences alike (whose lengths differ, so that
+// no one block mask would do). Query i keeps keys i + shift - left .. i + shift + right, so rows
+// r0 .. r1 keep, together, keys r0 + shift - left .. r1 + shift + right (a band), and each of them the
+// keys r1 + shift - left .. r0 + shift + right. Rows y0 .. y1 - 1 and columns x0 .. x1 - 1, in TILE
+// units (past the sequence's end too: the kernels mask keys past it themselves). In 32 bits: windows
+// are below 2^30 (minimal_flash.py takes a larger one as no limit), and so are sequences.
+__device__ inline Tile window_tiles(const Args& a, int shift, int y0, int y1, int x0, int x1) {
+    const int left = a.ints[0], right = a.ints[1], r0 = y0 * TILE + shift, r1 = y1 * TILE - 1 + shift;
+    const int c0 = x0 * TILE, c1 = x1 * TILE - 1;
+    const bool some = (left < 0 || c1 >= r0 - left) && (right < 0 || c0 <= r1 + right);
+    const bool all = (left < 0 || c0 >= r1 - left) && (right < 0 || c1 <= r0 + right);
+    return !some ? EMPTY : all ? FULL : PARTIAL;
+}
+
 // The block mask's entry for query tile y and key tile x (in TILE units) of (b, h): PARTIAL where
-// there is no block mask (a call without mask_mod or window: every tile goes through the mask,
-// which then has nothing to mask); EMPTY past the sequence's last tile (a block's tile of 128 that
-// reaches past N covers one there; nothing is read out of the mask's bounds).
-__device__ inline Tile tile(const Args& a, int b, int h, int y, int x) {
+// there is no block mask (a call without a mask: every tile goes through the mask, which then has
+// nothing to mask; packed sequences); EMPTY past the sequence's last tile (a block's tile of 128 that
+// reaches past N covers one there; nothing is read out of the mask's bounds). A window alone:
+// window_tiles, shift the sequence's keys minus its queries (0 but for packed sequences).
+__device__ inline Tile tile(const Args& a, int b, int h, int y, int x, int shift = 0) {
+    if constexpr (WINDOW_ONLY) return window_tiles(a, shift, y, y + 1, x, x + 1);
     if (!MASK || !a.block_mask) return PARTIAL;
     const long long T = a.mask_tiles;
     if (y >= T || x >= T) return EMPTY;
@@ -174,13 +192,23 @@ __device__ inline Tile tile(const Args& a, int b, int h, int y, int x) {
 }
 // The tiles not EMPTY lie in [first, last] of a row of tiles (rows y0 .. y1 - 1 taken together; COLUMNS:
 // of columns, that is rows of the backward's walk over query tiles): the walks start and stop there, so
-// that the empty tiles before and after a band (a window, causal) are never read one by one. Without a
-// block mask, everything: [0, a large number].
+// that the empty tiles before and after a band (causal as a mask_mod, say) are never read one by one.
+// Without a block mask, everything: [0, a large number]. A window alone: its band (window_tiles), rows
+// r0 .. r1 keep keys r0 + shift - left .. r1 + shift + right, and keys c0 .. c1 are kept by queries
+// c0 - shift - right .. c1 - shift + left.
 struct Span {
     int first, last;
 };
 template <bool COLUMNS>
-__device__ inline Span span(const Args& a, int b, int h, int y0, int y1) {
+__device__ inline Span span(const Args& a, int b, int h, int y0, int y1, int shift = 0) {
+    if constexpr (WINDOW_ONLY) {
+        // rows (COLUMNS: keys) y0 TILE .. y1 TILE - 1 see keys (queries) from lo to hi
+        const int before = COLUMNS ? a.ints[1] : a.ints[0], after = COLUMNS ? a.ints[0] : a.ints[1];
+        const int offset = COLUMNS ? -shift : shift;
+        const int from = y0 * TILE + offset - before, to = y1 * TILE - 1 + offset + after;
+        const int lo = before < 0 || from < 0 ? 0 : from, hi = after < 0 ? 1 << 30 : to;
+        return hi < lo ? Span{1 << 30, -1} : Span{lo / TILE, hi / TILE};
+    }
     if (!MASK || !a.block_mask) return {0, 1 << 30};
     const int* r = a.ranges + ((b * a.mask_zb + h * a.mask_zh) * 2 + COLUMNS) * 2 * a.mask_tiles;
     Span s{1 << 30, -1};
@@ -214,7 +242,8 @@ __device__ inline Walk<Empty> walk(Span span, int per, int end, bool skip, Empty
 
 // A run of tiles (rows y0 .. y1 - 1, columns x0 .. x1 - 1) as one: EMPTY if all are, FULL if all
 // are, else PARTIAL. The forward's tile of 128 queries is 2 rows; the backward's 128 keys, 2 columns.
-__device__ inline Tile tiles(const Args& a, int b, int h, int y0, int y1, int x0, int x1) {
+__device__ inline Tile tiles(const Args& a, int b, int h, int y0, int y1, int x0, int x1, int shift = 0) {
+    if constexpr (WINDOW_ONLY) return window_tiles(a, shift, y0, y1, x0, x1);
     bool all_empty = true, all_full = true;
     for (int y = y0; y < y1; ++y)
         for (int x = x0; x < x1; ++x) {

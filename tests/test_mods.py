@@ -195,6 +195,16 @@ def test_official_options_through_flash_attn_func(device, generator):
     assert torch.equal(lse, mf.forward(q, k, v, causal=True, **options)[1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_windows_past_32_bits_are_no_limit(device, generator):
+    """A window_size side of 2**30 keys or more is no limit, the same as -1 to the bit: the kernels count
+    in 32 bits, where 2**32 + 5 had been a window of 5."""
+    q, k, v = random_qkv(1, 2, 100, 64, device, generator, torch.bfloat16)
+    for huge, same in (((2**32 + 5, 3), (-1, 3)), ((5, 2**31), (5, -1)), ((2**30, 2**40), (-1, -1))):
+        assert torch.equal(mf.flash_attention(q, k, v, window_size=huge), mf.flash_attention(q, k, v, window_size=same))
+    assert not torch.equal(mf.flash_attention(q, k, v, window_size=(5, -1)), mf.flash_attention(q, k, v))
+
+
 def test_block_mask_skips_what_the_mask_empties(generator):
     """The block mask of a causal mask_mod: tiles above the diagonal EMPTY, on it PARTIAL, below FULL;
     a mask that reads no tensor is computed once and reused."""

@@ -93,11 +93,29 @@ def test_official_options_per_sequence(device, name, generator, poisoned):
     check_against_float64(device, [100, 7, 2], [37, 200, 2], 4, 1, 64, causal, torch.float16, generator, **options)
 
 
-def check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator, **options):
+# A window on packed sequences walks only its band of tiles (kernels/mods.cuh's window_tiles), as the
+# official kernels do, not every tile up to the diagonal. The first sequence's queries see keys from 298 on
+# (150 back from their diagonal, which starts at key 448): its first 256 keys, four tiles of the forward's
+# and two blocks of the backward's, are NaN, and one of their tiles walked would make out and the
+# gradients NaN (P = 0 times V = NaN). The second's queries 0-259 see no key (Lq > Lk): its first block of
+# rows walks no tile, nor do its keys' blocks walk those rows. A window of 151 keys holds whole tiles of
+# 64 x 64, which skip the per-score test (FULL): rows 0-63 of the first against keys 384-447, say.
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_window_reads_only_its_band(device, generator, poisoned):
+    check_against_float64(device, [64, 300, 200], [512, 40, 200], 4, 2, 64, True, torch.bfloat16, generator,
+                          unread=slice(0, 256), window_size=(150, 0))
+
+
+def check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator, unread=None,
+                          **options):
     """flash_attn_varlen_func's out, lse (return_attn_probs) and, through autograd, dQ, dK, dV of a
     random dO, against float64 a sequence at a time; options: the official window_size, softcap,
-    alibi_slopes (on the CPU: the reference's)."""
+    alibi_slopes (on the CPU: the reference's). unread: rows of k and v that no query sees, NaN for the
+    kernels (0 for the references, whose dense product would spread the NaN)."""
     q, k, v, dO = packed_inputs(lengths_q, lengths_k, H, Hk, d, dtype, device, generator)
+    if unread is not None:
+        with torch.no_grad():
+            k[unread], v[unread] = math.nan, math.nan
     on_device = {name: x.to(device) if torch.is_tensor(x) else x for name, x in options.items()}
     out, lse, none = mf.flash_attn_varlen_func(q, k, v, cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device),
                                                max(lengths_q), max(lengths_k), causal=causal, return_attn_probs=True,
@@ -108,6 +126,8 @@ def check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype,
     assert all(g.shape == t.shape and g.dtype == dtype for g, t in zip(grads, (q, k, v)))
     out, lse, grads = out.cpu(), lse.cpu(), [g.cpu() for g in grads]
     q, k, v, dO = (t.detach().cpu() for t in (q, k, v, dO))
+    if unread is not None:
+        k, v = (t.clone().index_fill_(0, torch.arange(len(t))[unread], 0.0) for t in (k, v))
     out_ref, lse_ref, *grads_ref = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, **options)
     plain, _, *plains = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype, **options)
 
