@@ -793,7 +793,8 @@ def num_splits_heuristic(blocks, slots, key_tiles):
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, *, score_mod=None,
+                           mask_mod=None, mod_tensors=None):
     """The flash-attn package's flash_attn_varlen_func, in its positional order, on version 3's kernels
     (chapter 3, on any GPU, Hopper included, and on the CPU), differentiable: a batch of sequences of
     different lengths packed one after the other without padding (prefill, or training on packed text).
@@ -812,7 +813,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     window_size, softcap, alibi_slopes ((nheads,) or (batch, nheads) float32) as the official package
     has them, per sequence, the window and ALiBi's distance measured from each sequence's own bottom
     right (query i of Lq against key j: i + Lk - Lq - j), as causal is (chapter 6's mods, compiled in;
-    the window's tiles walked only, as for fixed-length batches).
+    the window's tiles walked only, as for fixed-length batches). score_mod, mask_mod, mod_tensors: your
+    own, as flash_attention takes them, b the sequence's number in the batch, h q's head, q_idx and kv_idx
+    positions within the sequence (shift: its Lk - Lq); a mask_mod here has no block mask (each sequence
+    has its own length): its tiles are all checked score by score.
 
     Returns out (total_q, nheads, d) in q's dtype; with return_attn_probs, (out, softmax_lse, None), as
     the official package does without dropout: softmax_lse (nheads, total_q) float32, each row's
@@ -836,7 +840,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _check_scale(softmax_scale, q, 3)
-    mods = _check_mods(q, None, None, None, window_size, softcap, alibi_slopes,
+    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes,
                        batch_heads=(len(cu_seqlens_q) - 1, q.shape[1]))
     options = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods)
     d = q.shape[-1]  # a d between the compiled ones: zero columns up to the next (_padded), cut off after

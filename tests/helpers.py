@@ -149,13 +149,25 @@ def causal_hidden(Lq, Lk, causal):
     return torch.arange(Lk)[None, :] > torch.arange(Lq)[:, None] + Lk - Lq if causal else torch.zeros(Lq, Lk, dtype=bool)
 
 
-def sequence_attention(q, k, v, causal, scale, window_size=(-1, -1), softcap=0.0, slopes=None):
+def softmax_attention(S, keep, v):
+    """The last step of the dense references (here and tests/test_mods.py's): P = the softmax of the scores
+    S (..., Lq, Lk) over the keys that keep (broadcastable to S) keeps, P V in S's dtype, and the log-sum-exp
+    of the kept scores in float64. A row that sees no key: out 0 and lse -inf (its scores are set to 0
+    first, so that neither the softmax nor its gradient is NaN; then its P is 0)."""
+    keep = torch.as_tensor(keep, device=S.device).expand(S.shape)
+    S = S.masked_fill(~keep, -math.inf)
+    empty = ~keep.any(dim=-1, keepdim=True)
+    P = torch.softmax(S.masked_fill(empty, 0.0), dim=-1) * ~empty
+    return P @ v, S.double().logsumexp(dim=-1)
+
+
+def sequence_attention(q, k, v, causal, scale, window_size=(-1, -1), softcap=0.0, slopes=None, bias=0.0, keep=True):
     """Plain attention of one sequence in q's dtype, differentiable: q (Lq, H, d), k, v (Lk, Hk, d), each
-    query head reading the kv head of its group. A row that sees no key: out 0 (its scores are set to 0
-    first, so that neither the softmax nor its gradient is NaN; then its P is 0). Returns out (Lq, H, d)
-    and lse (H, Lq), the log-sum-exp of the visible scores, in float64. The official options, written
-    out densely: window_size (left, right) and ALiBi's slopes (H,) measure query i's distance to key j
-    from the bottom right, i + Lk - Lq - j, as causal does; softcap caps the scaled scores first."""
+    query head reading the kv head of its group. Returns out (Lq, H, d) and lse (H, Lq), the log-sum-exp
+    of the visible scores, in float64 (softmax_attention). The official options, written out densely:
+    window_size (left, right) and ALiBi's slopes (H,) measure query i's distance to key j from the bottom
+    right, i + Lk - Lq - j, as causal does; softcap caps the scaled scores first. bias, keep: a dense
+    score_mod's bias and mask_mod's mask, (H or 1, Lq, Lk), added and applied after them."""
     (Lq, H, _), Lk = q.shape, k.shape[0]
     kh, vh = (t.repeat_interleave(H // k.shape[1], dim=1).transpose(0, 1) for t in (k, v))  # (H, Lk, d)
     S = q.transpose(0, 1) @ kh.transpose(1, 2) * scale  # (H, Lq, Lk)
@@ -164,30 +176,30 @@ def sequence_attention(q, k, v, causal, scale, window_size=(-1, -1), softcap=0.0
         S = softcap * torch.tanh(S / softcap)
     if slopes is not None:
         S = S - slopes.to(S.dtype)[:, None, None] * distance.abs()
-    mask = causal_hidden(Lq, Lk, causal).to(q.device)
+    S = S + torch.as_tensor(bias, device=q.device).to(S.dtype)
+    hidden = causal_hidden(Lq, Lk, causal).to(q.device)
     left, right = window_size
-    mask = mask | (distance > left if left >= 0 else False) | (distance < -right if right >= 0 else False)
-    empty = mask.all(dim=-1)  # (Lq,): rows that see no key
-    S = S.masked_fill(mask, -math.inf)
-    lse = S.double().logsumexp(dim=-1)
-    P = torch.softmax(S.masked_fill(empty[:, None], 0.0), dim=-1) * ~empty[:, None]
-    return (P @ vh).transpose(0, 1), lse
+    hidden = hidden | (distance > left if left >= 0 else False) | (distance < -right if right >= 0 else False)
+    out, lse = softmax_attention(S, ~hidden & torch.as_tensor(keep, device=q.device), vh)
+    return out.transpose(0, 1), lse
 
 
 def varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype=torch.float64, window_size=(-1, -1),
-                     softcap=0.0, alibi_slopes=None):
+                     softcap=0.0, alibi_slopes=None, mods=None):
     """flash_attn_varlen_func's reference on packed q (total_q, H, d), k, v (total_k, Hk, d): out, lse
     (H, total_q), dQ, dK, dV of sum(out * dO), attention a sequence at a time in `dtype` (float64: the
     reference; q's: plain attention, the yardstick of the official rule), with the official options
-    (alibi_slopes (H,) or (batch, H))."""
+    (alibi_slopes (H,) or (batch, H)) and mods(b, Lq, Lk) -> (bias, keep) of sequence b, a score_mod and
+    mask_mod written out densely (sequence_attention)."""
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5
     outs, lses = [], []
     cq, ck = cu_seqlens(lengths_q, "cpu").tolist(), cu_seqlens(lengths_k, "cpu").tolist()
     for b in range(len(lengths_q)):
         slopes = None if alibi_slopes is None else alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+        bias, keep = (0.0, True) if mods is None else mods(b, lengths_q[b], lengths_k[b])
         out, lse = sequence_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], causal, scale,
-                                      window_size, softcap, slopes)
+                                      window_size, softcap, slopes, bias, keep)
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs)

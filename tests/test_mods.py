@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, assert_close, random_dO, random_qkv, rel_err
+from helpers import DEVICES, assert_close, random_dO, random_qkv, rel_err, softmax_attention
 
 SHAPES = [(2, 3, 1, 64), (1, 2, 130, 128), (2, 2, 200, 64)]
 VERSIONS = [n for n, v in mf.VERSIONS.items() if v.mods]  # 3 and 4: the kernels with the hooks
@@ -97,8 +97,8 @@ CASES = {"mask_causal": (case_mask_causal, dict(mask_mod="q_idx >= kv_idx"), Fal
 
 
 def dense(q, k, v, scale, causal, bias, keep, softcap):
-    """Attention with a dense bias and mask in q's dtype (float64 for the reference): O, L and the
-    gradients of sum(O * dO). Rows that see no key: O = 0, L = -inf, no gradient."""
+    """Attention with a dense bias and mask in q's dtype (float64 for the reference): O and L
+    (helpers.softmax_attention: rows that see no key, O = 0 and L = -inf)."""
     N = q.shape[2]
     S = (q @ k.transpose(-2, -1)) * scale
     if softcap:
@@ -107,14 +107,10 @@ def dense(q, k, v, scale, causal, bias, keep, softcap):
         S = torch.where(torch.arange(N, device=q.device) % 3 == 0, S * 0.5, S)
     else:
         S = S + torch.as_tensor(bias, device=q.device).to(S.dtype)
-    keep = torch.as_tensor(keep, device=q.device).expand(S.shape)
+    keep = torch.as_tensor(keep, device=q.device)
     if causal:
         keep = keep & (idx(N)[1] <= idx(N)[0]).to(q.device)
-    S = S.masked_fill(~keep, -math.inf)
-    empty = ~keep.any(dim=-1, keepdim=True)
-    L = S.double().logsumexp(dim=-1)
-    P = torch.softmax(S.masked_fill(empty, 0.0), dim=-1) * ~empty
-    return P @ v, L
+    return softmax_attention(S, keep, v)
 
 
 def run_case(name, shape, device, generator, version):

@@ -106,17 +106,37 @@ def test_a_window_reads_only_its_band(device, generator, poisoned):
                           unread=slice(0, 256), window_size=(150, 0))
 
 
+# Your own mods on packed sequences: b is the sequence, h q's head, q_idx and kv_idx positions in the
+# sequence. A bias per (sequence, head) from a mod tensor, times the distance from the sequence's own
+# diagonal (shift = Lk - Lq), and a mask that differs by sequence and empties some rows; Lq != Lk.
+@pytest.mark.parametrize("device", DEVICES)
+def test_score_mod_and_mask_mod_per_sequence(device, generator, poisoned):
+    lengths_q, lengths_k, H = [100, 7, 2], [37, 200, 2], 4
+    table = torch.randn(len(lengths_q), H, generator=generator)
+
+    def dense(b, Lq, Lk):  # the same, written out: (bias, keep) of sequence b, (H, Lq, Lk)
+        i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+        return table[b][:, None, None].double() * 0.1 * (i + Lk - Lq - j), (i + 2 * j + b) % 5 != 1
+
+    check_against_float64(device, lengths_q, lengths_k, H, 2, 64, True, torch.bfloat16, generator, dense_mods=dense,
+                          score_mod="score + table(b, h) * 0.1f * (q_idx + shift - kv_idx)",
+                          mask_mod="(q_idx + 2 * kv_idx + b) % 5 != 1", mod_tensors={"table": table})
+
+
 def check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator, unread=None,
-                          **options):
+                          dense_mods=None, **options):
     """flash_attn_varlen_func's out, lse (return_attn_probs) and, through autograd, dQ, dK, dV of a
     random dO, against float64 a sequence at a time; options: the official window_size, softcap,
-    alibi_slopes (on the CPU: the reference's). unread: rows of k and v that no query sees, NaN for the
-    kernels (0 for the references, whose dense product would spread the NaN)."""
+    alibi_slopes (on the CPU: the reference's), and score_mod, mask_mod, mod_tensors, which dense_mods
+    writes out for the reference (helpers.varlen_reference's mods). unread: rows of k and v that no query
+    sees, NaN for the kernels (0 for the references, whose dense product would spread the NaN)."""
     q, k, v, dO = packed_inputs(lengths_q, lengths_k, H, Hk, d, dtype, device, generator)
     if unread is not None:
         with torch.no_grad():
             k[unread], v[unread] = math.nan, math.nan
-    on_device = {name: x.to(device) if torch.is_tensor(x) else x for name, x in options.items()}
+    on_device = {name: {n: t.to(device) for n, t in x.items()} if isinstance(x, dict) else
+                 x.to(device) if torch.is_tensor(x) else x for name, x in options.items()}
+    official = {name: x for name, x in options.items() if name in ("window_size", "softcap", "alibi_slopes")}
     out, lse, none = mf.flash_attn_varlen_func(q, k, v, cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device),
                                                max(lengths_q), max(lengths_k), causal=causal, return_attn_probs=True,
                                                **on_device)
@@ -128,8 +148,10 @@ def check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype,
     q, k, v, dO = (t.detach().cpu() for t in (q, k, v, dO))
     if unread is not None:
         k, v = (t.clone().index_fill_(0, torch.arange(len(t))[unread], 0.0) for t in (k, v))
-    out_ref, lse_ref, *grads_ref = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, **options)
-    plain, _, *plains = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype, **options)
+    out_ref, lse_ref, *grads_ref = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, mods=dense_mods,
+                                                    **official)
+    plain, _, *plains = varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype, mods=dense_mods,
+                                         **official)
 
     empty = torch.isinf(lse_ref)  # (H, total_q): rows that see no key
     rows = empty.t()  # (total_q, H)

@@ -14,8 +14,8 @@ read strided inputs (version 4) run each forward and backward once more on a mod
 With version 3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches,
 split keys), its kernels on packed sequences of different lengths (flash_attn_varlen_func), and chapter
 6's mods (tests/test_mods.py's cases: score_mod, mask_mod, the block mask, the official options; on
-version 4, its deterministic backward with a mask too; on version 3, the official options on packed
-sequences, tests/test_varlen.py's) and dropout (tests/test_dropout.py's)."""
+version 4, its deterministic backward with a mask too; on version 3, the official options and a
+score_mod and mask_mod on packed sequences, tests/test_varlen.py's) and dropout (tests/test_dropout.py's)."""
 import math
 import sys
 from pathlib import Path
@@ -199,13 +199,17 @@ def main(args):
             if mf.VERSIONS[version].deterministic_mode:  # its other walk: every tile, the EMPTY ones too
                 test_deterministic_backward_with_a_mask("cuda", generator)
                 print(f"mods v{version} deterministic backward with a mask: checked")
-        if 3 in mod_versions["mods"]:  # the official options on packed sequences (flash_attn_varlen_func)
-            from test_varlen import OPTIONS as VARLEN_OPTIONS, check_against_float64
+        if 3 in mod_versions["mods"]:  # mods on packed sequences (flash_attn_varlen_func)
+            import test_varlen
             for name in ("all", "alibi-per-sequence"):
-                options, causal = VARLEN_OPTIONS[name]
-                check_against_float64("cuda", [100, 7, 2], [37, 200, 2], 4, 1, 64, causal, torch.float16, generator,
-                                      **options)
+                options, causal = test_varlen.OPTIONS[name]
+                test_varlen.check_against_float64("cuda", [100, 7, 2], [37, 200, 2], 4, 1, 64, causal, torch.float16,
+                                                  generator, **options)
                 print(f"mods varlen {name}: forward and backward checked")
+            for test in (test_varlen.test_a_window_reads_only_its_band,  # (the fixture `poisoned`: not needed)
+                         test_varlen.test_score_mod_and_mask_mod_per_sequence):
+                test("cuda", generator, None)
+                print(f"mods varlen {test.__name__}: checked")
     if mod_versions["dropout"]:  # chapter 6's dropout, against dense attention with the same Philox mask
         import test_dropout
         for version in sorted(mod_versions["dropout"]):
