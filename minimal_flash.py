@@ -27,6 +27,7 @@ import ctypes
 import functools
 import hashlib
 import math
+import numbers
 import os
 import re
 import sys
@@ -672,8 +673,8 @@ def _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new):
     B = q.shape[0]
     if capacity >= 2 ** 31:
         raise ValueError(f"the cache holds {capacity} rows per sequence: the kernel counts them in 32 bits")
-    if cache_seqlens is None or (isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool)):
-        value = capacity if cache_seqlens is None else cache_seqlens
+    if cache_seqlens is None or (isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool)):
+        value = capacity if cache_seqlens is None else int(cache_seqlens)
         if value < 0 or value + seqlen_new > capacity:  # checked here, graph capture or not: nothing to copy
             raise ValueError(f"cache_seqlens = {value}: with seqlen_new = {seqlen_new} new keys, a sequence would have "
                              f"{value + seqlen_new}, outside the cache's 0 .. {capacity}")
@@ -748,8 +749,9 @@ def _append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, capacity):
 def _decode_splits(num_splits, q, Hk, capacity):
     """The splits of each sequence's keys: num_splits as given (at most the tiles of 64 keys there can
     be), or for 0, num_splits_heuristic's: one full wave of blocks."""
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
         raise TypeError(f"num_splits = {_short(num_splits)}: it must be a whole number")
+    num_splits = int(num_splits)
     if num_splits < 0 or num_splits > 128:
         raise ValueError(f"num_splits = {num_splits}: 0 (chosen for you), or 1 to 128 splits of the keys")
     B, Sq, H, _ = q.shape
@@ -1028,6 +1030,7 @@ _MOD_TYPES = {torch.float32: ("float", "float"), torch.float16: ("float", "__hal
 _MOD_NAMES = {"score", "b", "h", "q_idx", "kv_idx", "shift", "args", "keep", "alibi_slopes", "F", "mods", "Tensor",
               "Dual"}
 _MAX_MOD_TENSORS = 4  # mods::Args holds 4; alibi_slopes takes one of them
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _NO_LIMIT = 2**30  # a window_size this large or larger: -1 (kernels/mods.cuh's window_tiles counts in 32 bits)
 
 
@@ -1122,11 +1125,15 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
             raise TypeError(f"{name} = {_short(text)}: it must be a C++ expression (a string), such as "
                             + ("'score + bias[h]'" if name == "score_mod" else "'q_idx >= kv_idx'"))
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
-            isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in window_size):
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= -1 for x in window_size):
         raise ValueError(f"window_size = {_short(window_size)}: it must be (left, right), each a number of keys "
                          "or -1 for no limit")
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap = {_short(softcap)}: it must be a number >= 0 (0: no cap)")
+    if (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap)
+            or not (softcap == 0 or 2.0**-60 <= softcap <= 2.0**60)):
+        raise ValueError(f"softcap = {_short(softcap)}: it must be a number >= 0 (0: no cap), and if not 0 from "
+                         "2**-60 to 2**60 (the kernels take it and its inverse in float32, where a score times the "
+                         "inverse of a cap further out would leave float32's range)")
+    softcap = float(softcap)
     mod_tensors = {} if mod_tensors is None else mod_tensors
     if not isinstance(mod_tensors, dict):
         raise TypeError(f"mod_tensors = {_short(mod_tensors)}: it must be a dict {{name: tensor}}")
@@ -1162,7 +1169,7 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
                          f"{_MAX_MOD_TENSORS}")
     # the kernels count in 32 bits: a window of 2**30 keys or more is no limit, since no sequence that
     # fits in memory is that long (q, k, v of 2**30 rows of d = 32 in 16 bits: 192 GiB)
-    window_size = tuple(-1 if x >= _NO_LIMIT else x for x in window_size)
+    window_size = tuple(-1 if x >= _NO_LIMIT else int(x) for x in window_size)
     window = window_size != (-1, -1)
     spec = Mods(score_mod, mask_mod, tuple(specs), window, softcap > 0, alibi, dropout_p > 0)
     if not (spec.score or spec.mask or spec.dropout):
@@ -1775,11 +1782,14 @@ def _check_causal(causal):
 def _check_scale(softmax_scale, q, version):
     """The factor on Q K^T as a float: 1/sqrt(d) unless given; a finite number, and > 0 for the
     versions that need it."""
-    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)):
         raise TypeError(f"softmax_scale = {_short(softmax_scale)}: it must be a number (or None for 1/sqrt(d))")
-    scale = _scale(q, softmax_scale)
+    scale = float(_scale(q, softmax_scale))
     if not math.isfinite(scale):
         raise ValueError(f"softmax_scale = {softmax_scale!r}: it must be finite")
+    if abs(scale) > _FLOAT32_MAX or 0 < abs(scale) < 2.0**-126:  # inf, or 0 (flushed), in the kernels
+        raise ValueError(f"softmax_scale = {softmax_scale!r}: the kernels take it as a float32, where it must be a "
+                         "normal number (from 2**-126 to 3.4e38 in size) or 0")
     if VERSIONS[version].positive_scale and scale <= 0:
         # The kernel keeps the running max of unscaled scores, right only for scale > 0 (and at 0 a
         # masked score's exponent would be -inf * 0 = NaN).
@@ -1818,7 +1828,7 @@ def _check_sdpa_only(attn_mask):
 
 def _check_dropout(dropout_p):
     """dropout_p as a float in [0, 1)."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p = {_short(dropout_p)}: it must be a number in [0, 1)")
     if not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p = {dropout_p}: it must be in [0, 1)")

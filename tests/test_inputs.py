@@ -1,6 +1,7 @@
 """Bad input gets a clear error that names the problem; odd-but-valid input gets the right answer.
 Every pair of inputs that must agree (dtype, shape, device, the layout of out=) is checked, and
 every option in the wrong place is refused rather than read as another."""
+import numpy as np
 import pytest
 import torch
 
@@ -60,10 +61,20 @@ def test_causal_must_be_true_or_false(causal):
 @pytest.mark.parametrize("scale,error,message", [
     ("0.3", TypeError, "it must be a number"), (torch.tensor(0.3), TypeError, "it must be a number"),
     (True, TypeError, "it must be a number"), (float("nan"), ValueError, "it must be finite"),
-    (float("inf"), ValueError, "it must be finite")])
+    (float("inf"), ValueError, "it must be finite"),
+    # in float32, inf (out was NaN) and 0
+    (1e39, ValueError, "the kernels take it as a float32, where it must be a normal number"),
+    (1e-46, ValueError, "the kernels take it as a float32, where it must be a normal number")])
 def test_softmax_scale_must_be_a_finite_number(scale, error, message):
     with pytest.raises(error, match=f"softmax_scale = .*: {message}"):
         mf.flash_attention(*qkv(), softmax_scale=scale)
+
+
+def test_numpy_numbers_are_numbers():
+    """softmax_scale a numpy float, as the official package takes it: the same as the Python float."""
+    q, k, v = qkv(N=8, d=64)
+    assert torch.equal(mf.flash_attention(q, k, v, softmax_scale=np.float32(0.25)),
+                       mf.flash_attention(q, k, v, softmax_scale=0.25))
 
 
 @pytest.mark.parametrize("scale", [-0.5, 0.0])

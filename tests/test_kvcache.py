@@ -11,6 +11,7 @@ no key exactly 0 and -inf. Then what is refused, and what a misuse the host does
 graph being captured) gives: NaN for that sequence, and nothing read or written outside the cache."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,6 +173,10 @@ def test_no_new_keys_leave_the_cache_alone_and_seqlens_default_to_the_whole_cach
     k_cache, v_cache = k_cache.to(device), v_cache.to(device)
     out = mf.flash_attn_with_kvcache(q.to(device), k_cache, v_cache, cache_seqlens=40).cpu()
     assert_close("out", out, out_ref, plain)
+    # numpy numbers, as the official package takes them: the same as Python's
+    assert torch.equal(mf.flash_attn_with_kvcache(q.to(device), k_cache, v_cache, cache_seqlens=np.int64(40),
+                                                  num_splits=np.int32(2)).cpu(),
+                       mf.flash_attn_with_kvcache(q.to(device), k_cache, v_cache, cache_seqlens=40, num_splits=2).cpu())
     assert torch.equal(bits(k_cache.cpu()), bits(before[0])) and torch.equal(bits(v_cache.cpu()), bits(before[1]))
 
 

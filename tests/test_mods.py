@@ -6,6 +6,7 @@ dK, dV, with a random dO), into outputs poisoned with NaN; N = 1, below, past an
 64 x 64 tiles of the block mask; the errors a user can make, refused by name."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -192,13 +193,16 @@ def test_official_options_through_flash_attn_func(device, generator):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_windows_past_32_bits_are_no_limit(device, generator):
+def test_window_and_softcap_values(device, generator):
     """A window_size side of 2**30 keys or more is no limit, the same as -1 to the bit: the kernels count
-    in 32 bits, where 2**32 + 5 had been a window of 5."""
+    in 32 bits, where 2**32 + 5 had been a window of 5. numpy numbers are taken as Python's."""
     q, k, v = random_qkv(1, 2, 100, 64, device, generator, torch.bfloat16)
     for huge, same in (((2**32 + 5, 3), (-1, 3)), ((5, 2**31), (5, -1)), ((2**30, 2**40), (-1, -1))):
         assert torch.equal(mf.flash_attention(q, k, v, window_size=huge), mf.flash_attention(q, k, v, window_size=same))
     assert not torch.equal(mf.flash_attention(q, k, v, window_size=(5, -1)), mf.flash_attention(q, k, v))
+    # numpy numbers, as the official package takes them: the same as Python's
+    assert torch.equal(mf.flash_attention(q, k, v, window_size=(np.int64(5), np.int32(3)), softcap=np.float32(2.0)),
+                       mf.flash_attention(q, k, v, window_size=(5, 3), softcap=2.0))
 
 
 def test_block_mask_skips_what_the_mask_empties(generator):
@@ -229,6 +233,8 @@ def refuse(error, match, **options):
     (dict(window_size=(4,)), ValueError, "window_size = \\(4,\\): it must be \\(left, right\\)"),
     (dict(window_size=(-2, 0)), ValueError, "window_size"),
     (dict(softcap=-1.0), ValueError, "softcap = -1.0: it must be a number >= 0"),
+    (dict(softcap=1e300), ValueError, "softcap = 1e\\+300: .* from 2\\*\\*-60 to 2\\*\\*60"),  # inf in float32
+    (dict(softcap=1e-40), ValueError, "softcap = 1e-40: .* from 2\\*\\*-60"),  # its inverse: inf
     (dict(alibi_slopes=torch.zeros(3)), ValueError, "alibi_slopes .* shape \\(3,\\)"),
     (dict(alibi_slopes=torch.zeros(2, dtype=torch.float64)), ValueError, "it must be float32"),
     (dict(score_mod="score + t[0]", mod_tensors={"score": torch.zeros(2)}), ValueError, "the name 'score'"),
