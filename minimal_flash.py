@@ -564,7 +564,8 @@ def _above_diagonal(rows, cols, row0, col0, device):
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
+                            score_mod=None, mask_mod=None, mod_tensors=None):
     """The flash-attn package's flash_attn_with_kvcache, in its positional order, on chapter 5's decode
     kernels: the attention of q's seqlen_q new positions of each sequence to the keys in a KV cache,
     after k, v (if given) are appended to it in place. No autograd: this is inference.
@@ -578,6 +579,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     sequence b then has L_b = cache_seqlens[b] + seqlen_new keys. causal: the queries are each
     sequence's last seqlen_q positions (the official package's alignment): query i sees key j iff j <=
     i + L_b - seqlen_q. A query that sees no key gets 0, and lse -inf, the log of an empty sum.
+    window_size, softcap, alibi_slopes ((nheads,) or (batch, nheads) float32) as the official package has
+    them, measured from the same alignment (query i of sequence b against key j: i + L_b - seqlen_q - j),
+    chapter 6's mods compiled into the decode kernels (a window's splits cut only the keys it sees);
+    score_mod, mask_mod, mod_tensors: your own, as flash_attention takes them, b the sequence, h q's
+    head, q_idx = i and kv_idx = j (shift: L_b - seqlen_q).
     num_splits: how many ranges each sequence's keys are cut into, run by blocks of their own and then
     combined (0: chosen as the official package chooses; 1: none). Returns out (batch, seqlen_q, nheads,
     d) in q's dtype and, with return_softmax_lse, lse (batch, nheads, seqlen_q), float32.
@@ -586,14 +592,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ValueError, checked on the host (a copy to it, so a sync) except while a CUDA graph is being
     captured. The kernel checks them too: it never reads outside the cache, and a sequence out of range
     gets NaN in all its output rows, a loud answer, never a plausible one. The official options these
-    kernels lack (rotary embedding, cache_batch_idx, cache_leftpad, a window, softcap, ALiBi) are refused."""
+    kernels lack (rotary embedding, cache_batch_idx, cache_leftpad) are refused."""
     _check_official_defaults(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
-                             cache_leftpad=cache_leftpad, window_size=window_size, softcap=softcap,
-                             alibi_slopes=alibi_slopes)
+                             cache_leftpad=cache_leftpad)
     causal = _check_causal(causal)
     q, block_table = _check_kvcache(q, k_cache, v_cache, k, v, block_table)
     scale = _check_scale(softmax_scale, q, 3)
     (B, Sq, H, d), (pages, page, Hk, _) = q.shape, k_cache.shape
+    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, batch_heads=(B, H))
     capacity = block_table.shape[1] * page if block_table is not None else page  # keys a sequence may have
     seqlen_new = 0 if k is None else k.shape[1]
     seqlens = _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new)
@@ -604,9 +610,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         _append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, capacity)
     out, lse = torch.empty_like(q), q.new_empty((B, H, Sq), dtype=torch.float32)
     if out.numel() > 0:
-        kernels = load_kernels(q.device.type, 3)
+        kernels = load_kernels(q.device.type, 3, mods=_spec(mods))
         _raise_if(kernels.decode(_aligned(q), k_cache, v_cache, seqlens, block_table, seqlen_new, capacity, splits,
-                                 scale, causal, out, lse))
+                                 scale, causal, out, lse, mods))
     return (out, lse) if return_softmax_lse else out
 
 
@@ -1001,7 +1007,7 @@ def _run_varlen(pass_, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     scratch = q.new_empty(total_q * H * per_row, dtype=torch.float32) if per_row > 0 else None
     addresses = [t.data_ptr() if t is not None else None
                  for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch, cu_seqlens_q, cu_seqlens_k)]
-    mod_args = _mod_args(kernels, mods, q)[0] if mods is not None else None  # (its tensors: mods')
+    mod_args = _mod_args(kernels, mods, q, q.shape[1])[0] if mods is not None else None  # (its tensors: mods')
     device = q.device.index if q.is_cuda else 0
     stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
     return function(p, *addresses, len(cu_seqlens_q) - 1, H, H // k.shape[1], max_seqlen_q, max_seqlen_k, total_q,
@@ -1213,23 +1219,23 @@ def _mods_version(version, wants_mods, q):
 _block_masks = {}  # (build, N, B_mask, H_mask, ints, device, stream) -> block mask; the last 16 kept
 
 
-def _mod_args(kernels, mods, q):
-    """The ModArgs of one call (and what must live until its launches are queued): the tensors' places,
-    the options' values, and the block mask, computed by kernels/mods.cuh's block_mask for these N,
-    and reused while the mask reads no tensor (whose contents may change between calls). None for a
-    window alone (the kernels' window_tiles has its tiles by arithmetic), nor for packed sequences (q
-    (total, H, d)), whose lengths differ: every tile is PARTIAL."""
+def _mod_args(kernels, mods, q, H, N=None):
+    """The ModArgs of one call of H query heads (and what must live until its launches are queued): the
+    tensors' places, the options' values, and, for a fixed-length batch of N, q (B, H, N, d), the block
+    mask, computed by kernels/mods.cuh's block_mask, and reused while the mask reads no tensor (whose
+    contents may change between calls). None for a window alone (the kernels' window_tiles has its tiles
+    by arithmetic), nor without N: packed sequences and KV caches, whose lengths differ (every tile PARTIAL)."""
     a, keep = ModArgs(), list(mods.tensors)
     for t, tensor in enumerate(mods.tensors):
         a.tensors[t] = tensor.data_ptr()
         for x in range(tensor.dim()):
             a.shapes[t][x], a.strides[t][x] = tensor.shape[x], tensor.stride(x)
-    a.ints[:], a.floats[:], a.H = mods.ints, mods.floats, q.shape[1]
+    a.ints[:], a.floats[:], a.H = mods.ints, mods.floats, H
     if mods.spec.dropout:  # kept where Philox's word >= p 2^32 (kernels/mods.cuh's kept)
         a.seed[:] = mods.seed % 2**32, mods.seed >> 32
         a.threshold, a.keep_scale = min(round(mods.dropout_p * 2**32), 2**32 - 1), 1.0 / (1.0 - mods.dropout_p)
-    if mods.spec.mask and not mods.spec.window_only and q.dim() == 4:
-        spec, (B, H, N, _) = mods.spec, q.shape
+    if mods.spec.mask and not mods.spec.window_only and N is not None:
+        spec, B = mods.spec, q.shape[0]
         B_mask, H_mask = (B if spec.mask_reads("b") else 1), (H if spec.mask_reads("h") else 1)
         tiles = (N + 63) // 64
         device = q.device.index if q.is_cuda else 0
@@ -1471,7 +1477,7 @@ class Kernels:
                 (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, i, i, P, f, b, b, P, i, i, P])]:
             function.restype, function.argtypes = result, arguments
         if hasattr(c, "mf_decode"):  # version 3's build: chapter 5's decode kernels (kernels/flash_decode.cu)
-            c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 9 + [i] * 11 + [f, b, i, i, P]
+            c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 9 + [i] * 11 + [f, b, i, i, P, P]
         if hasattr(c, "mf_block_mask"):  # a build with mods: chapter 6's block mask (kernels/mods.cuh)
             c.mf_block_mask.restype, c.mf_block_mask.argtypes = ctypes.c_char_p, [P, i, i, i, P, i, P]
         self.library, self.sources, self.version, self.folder = library, sources, version, None
@@ -1521,7 +1527,7 @@ class Kernels:
              mods=None):
         """A pass on tensors already checked, with a ModCall for a build with mods. The launch goes to
         the current stream of q's device, as torch's own do. Returns an error message, "" on success."""
-        mod_args, keep = _mod_args(self, mods, q) if mods is not None else (None, ())
+        mod_args, keep = _mod_args(self, mods, q, q.shape[1], q.shape[2]) if mods is not None else (None, ())
         (B, H, N, d), p, group = q.shape, PASSES.index(pass_), q.shape[1] // max(k.shape[1], 1)
         per_slice = self._ask("mf_scratch_floats", p, N, d)
         # fp32 whatever q's dtype; held here until the launch is queued (none where the pass needs none)
@@ -1544,10 +1550,11 @@ class Kernels:
 
 
     def decode(self, q, k_cache, v_cache, seqlens, block_table, seqlen_new, capacity, splits, scale, causal, out,
-               lse):
-        """flash_attn_with_kvcache's kernels on tensors already checked (kernels/flash_decode.cu, mf_decode):
-        out and lse written. With splits > 1 each split's share goes through fp32 scratch, held here
-        until the launches are queued. Returns an error message, "" on success."""
+               lse, mods=None):
+        """flash_attn_with_kvcache's kernels on tensors already checked (kernels/flash_decode.cu, mf_decode),
+        with a ModCall for a build with mods: out and lse written. With splits > 1 each split's share goes
+        through fp32 scratch, held here until the launches are queued. Returns an error message, "" on
+        success."""
         if not hasattr(self._c, "mf_decode"):
             return f"internal error: version {self.version}'s build has no decode kernels (version 3's has)"
         (B, Sq, H, d), (pages, page, Hk, _) = q.shape, k_cache.shape
@@ -1558,8 +1565,10 @@ class Kernels:
                      for t in (q, k_cache, v_cache, seqlens, block_table, out, lse, *parts)]
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
+        mod_args = _mod_args(self, mods, q, H)[0] if mods is not None else None  # (its tensors: mods')
         return self._c.mf_decode(*addresses, B, Sq, H, Hk, d, seqlen_new, capacity, page, *table, splits, scale,
-                                 causal, DTYPES.index(q.dtype), device, stream).decode()
+                                 causal, DTYPES.index(q.dtype), device, stream,
+                                 ctypes.byref(mod_args) if mod_args is not None else None).decode()
 
 
 # ---------------------------------------------------------------------------------------------

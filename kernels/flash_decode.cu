@@ -49,7 +49,10 @@
 // tiles (128 KB at d = 128) are in flight on each.
 //
 // The causal mask aligns the queries with the end of the sequence (as the official package does):
-// position s of seqlen_q sees key j iff j <= s + L_b - seqlen_q.
+// position s of seqlen_q sees key j iff j <= s + L_b - seqlen_q. Chapter 6's mods (a build with them:
+// the official window_size, softcap, alibi_slopes, or a score_mod and mask_mod) see the same alignment,
+// shift = L_b - seqlen_q, and b, h, q_idx = s, kv_idx = j of each row's own query head; a window alone
+// also narrows the keys the splits cut to its band (mods::span), so that a step reads only those.
 //
 // The cache. A key row is found row by row: contiguous, row j of sequence b's slice; paged, row
 // j % page of page block_table[b][j / page]. A row of one head is d contiguous values either way, and
@@ -68,6 +71,7 @@
 #include "tiles.cuh"  // ceil_div
 #include "mma.cuh"    // stride16, Padded, Swizzled, mma_ABt, a_operands, mma_AB, online_softmax, pack<T>, warp_sum
 #include "hopper.cuh"  // launch_dependents, wait_for_prior_grid (combine launched early, sm_90)
+#include "mods.cuh"    // chapter 6's hooks: mods::score_mod, mask_mod, span (no-ops without mods)
 
 namespace flash_decode {
 
@@ -251,7 +255,7 @@ __device__ bool merge_warps(float (&m)[2], float (&l)[2], float (&o)[d / 8][4], 
 }
 
 template <class T, int d, int Br>
-__global__ void __launch_bounds__(THREADS) decode(const Params p) {
+__global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Args mod_args) {
     constexpr int LS = stride16(d), S = stages(d), TILE = Copies<d>::TILE;
     unsigned short* Q_i = reinterpret_cast<unsigned short*>(smem);  // Br x LS
     unsigned short* K_j = Q_i + Br * LS;  // S buffers of TILE values: the split's i-th tile in i % S
@@ -269,11 +273,22 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
 
     // The keys a row sees end at `L`, or, causal, at its position's limit s + L - Sq + 1; this block's
     // tiles end at its last row's. They are cut into `splits` ranges, this split taking its share.
-    const int last_s = (min(row0 + Br, rows) - 1) / p.group;
-    const int end = p.causal ? max(0, min(L, last_s + L - p.Sq + 1)) : L;
-    const int tiles = ceil_div(end, Bc), per_split = ceil_div(tiles, p.splits);
-    const int t_begin = min(tiles, split * per_split);
-    int t_end = min(tiles, t_begin + per_split);
+    // Chapter 6 (a build with mods): a window alone also starts them at the block's first row's first
+    // key, and ends them at its last row's last (mods::span; the positions' diagonal is at shift = L - Sq,
+    // as causal's), so that the splits cut only the window's keys; any other mask: every key, each
+    // score asked.
+    const int last_s = (min(row0 + Br, rows) - 1) / p.group, shift = L - p.Sq;
+    int end = p.causal ? max(0, min(L, last_s + L - p.Sq + 1)) : L, t_first = 0;
+    if constexpr (mods::WINDOW_ONLY) {
+        static_assert(Bc == mods::TILE, "a tile is a column of the mods' tiles");
+        const int first_s = row0 / p.group;
+        const mods::Span band = mods::span<false>(mod_args, b, 0, first_s / Bc, last_s / Bc + 1, shift);
+        end = ((long long)band.last + 1) * Bc < end ? (band.last + 1) * Bc : end;  // (no right side: 2^30 tiles)
+        t_first = min(band.first, ceil_div(end, Bc));
+    }
+    const int tiles = ceil_div(end, Bc) - t_first, per_split = ceil_div(tiles, p.splits);
+    const int t_begin = t_first + min(tiles, split * per_split);
+    int t_end = min(t_first + tiles, t_begin + per_split);
     // The pages the block checks before it reads any: those of its own tiles, and those of its
     // split's share of all L keys (which the splits of every row tile together cover, so that a bad
     // page anywhere makes every row of the sequence NaN). Its tiles can reach outside its share when
@@ -310,7 +325,8 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
         row_end[r] = p.causal ? min(L, (first + g + 8 * r) / p.group + L - p.Sq + 1) : L;
 
     float o[d / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // Alg. 1, line 5
-    const float c = p.scale * LOG2E;
+    // The softmax's scale: with a score_mod, the scores come to it scaled already (below).
+    const float softmax_scale = mods::SCORE ? 1.0f : p.scale, c = softmax_scale * LOG2E;
     for (int t = t_begin; t < t_end; ++t) {
         const int i = t - t_begin;
         // Tile t has landed, for every thread past the barrier; past it every warp is also done with
@@ -327,6 +343,18 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
                               Copies<d>::layout());
             // Keys past a row's end: -inf. Only keys that cross one of the lane's ends need it.
             const int key0 = t * Bc + k0;
+            if constexpr (mods::ANY)  // chapter 6: each score scaled and modded, masked keys -inf
+#pragma unroll
+                for (int n = 0; n < KW / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {  // row (position s, query head h) against key j
+                        const int row = first + g + 8 * (e / 2), s_pos = row / p.group;
+                        const int h = h_kv * p.group + row % p.group, j = key0 + 8 * n + 2 * q + e % 2;
+                        float x = s[n][e];
+                        if constexpr (mods::SCORE) x = mods::score_mod(x * p.scale, b, h, s_pos, j, shift, mod_args);
+                        if constexpr (mods::MASK) x = mods::mask_mod(b, h, s_pos, j, shift, mod_args) ? x : -INFINITY;
+                        s[n][e] = x;
+                    }
             if (key0 + KW > min(row_end[0], row_end[1]))
 #pragma unroll
                 for (int n = 0; n < KW / 8; ++n)
@@ -361,7 +389,7 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p) {
         const int row = first + g + 8 * r;
         if (row >= rows) continue;
         const float inv_l = bad ? NAN : l_row > 0.0f ? 1.0f / l_row : 0.0f;
-        const float lse = bad ? NAN : l_row > 0.0f ? m[r] * p.scale + logf(l_row) : -INFINITY;
+        const float lse = bad ? NAN : l_row > 0.0f ? m[r] * softmax_scale + logf(l_row) : -INFINITY;
         const size_t at = q_at(row);                                              // (b, s, h) of O
         const size_t at_L = ((size_t)b * p.H + at % p.H) * p.Sq + row / p.group;  // (b, h, s) of L
         if (p.splits == 1) {
@@ -486,7 +514,7 @@ template <class T, int d, int Br>
 std::string run(const Params& p, const Call& c) {
     std::string err = launch("flash_decode::decode", decode<T, d, Br>,
                              dim3(p.B * p.Hk, ceil_div(p.Sq * p.group, Br), p.splits), THREADS,
-                             shared_bytes(Br, d), c, p);
+                             shared_bytes(Br, d), c, p, mods::of(c.mods));
     if (err.empty() && p.splits > 1)  // a block per row of O
         err = launch<true>("flash_decode::combine", combine<T, d>, dim3(p.B * p.Sq * p.H), COMBINE_THREADS,
                            combine_shared_bytes(d), c, p.O_split, p.L_split, p.splits, p.B, p.Sq, p.H, p.O,
@@ -503,11 +531,12 @@ extern "C" const char* mf_decode(const float* Q, const float* K, const float* V,
                                  const int* block_table, float* O, float* L, float* O_split, float* L_split,
                                  int B, int Sq, int H, int Hk, int d, int seqlen_new, int capacity, int page,
                                  int max_pages, int pages, int splits, float scale, bool causal,
-                                 int dtype, int device, void* stream) {
+                                 int dtype, int device, void* stream, const void* mod_args) {
     static thread_local std::string message;  // lives until the next call from this thread
     namespace fd = flash_decode;
     Call c{};  // what launch() reads: the device and the stream (and, for the checks, d, dtype, scale)
     c.d = d, c.dtype = dtype, c.scale = scale, c.device = device, c.stream = cudaStream_t(stream);
+    c.mods = mod_args;  // a build with mods: the window_size, softcap, alibi_slopes (or mods) of the call
     const fd::Params p{bits(Q),     bits(K),
                        bits(V),     cache_seqlens,
                        block_table, bits(O),
@@ -520,9 +549,11 @@ extern "C" const char* mf_decode(const float* Q, const float* K, const float* V,
                        pages,       splits,
                        scale,       causal};
     message = half_precision_error(c, 3, d == 64 || d == 128, "64 or 128 (the decode kernels)");
-    if (message.empty() && (Hk < 1 || H % Hk != 0 || splits < 1 || splits > fd::MAX_SPLITS))
+    if (message.empty() && (Hk < 1 || H % Hk != 0 || splits < 1 || splits > fd::MAX_SPLITS ||
+                            mods::HOOKED != (mod_args != nullptr)))
         message = "internal error: " + std::to_string(H) + " query heads, " + std::to_string(Hk) +
-                  " kv heads, " + std::to_string(splits) + " splits";
+                  " kv heads, " + std::to_string(splits) + " splits" +
+                  (mods::HOOKED != (mod_args != nullptr) ? ", mods and the build disagree" : "");
     else if (message.empty() && (long long)Sq * p.group > 65535LL * 64)
         message = "seqlen_q * nheads / nheads_k = " + std::to_string((long long)Sq * p.group) +
                   ": more than the 65535 row tiles of 64 a grid column may have";

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, assert_close
+from helpers import DEVICES, assert_close, sequence_attention
 
 
 def dense_sequences(lengths, Hk, d, dtype, generator):
@@ -24,25 +24,22 @@ def dense_sequences(lengths, Hk, d, dtype, generator):
     return [[torch.randn(n, Hk, d, generator=generator).to(dtype) for _ in range(2)] for n in lengths]
 
 
-def reference(q, sequences, causal, scale):
-    """out (B, Sq, H, d) and lse (B, H, Sq) in float64, a sequence at a time: each query head reads the
-    kv head of its group; causal, query i of Sq sees key j <= i + L_b - Sq. A row that sees no key:
-    out 0, lse -inf. Also out computed the same way in q's dtype (plain attention, for the 2x rule)."""
-    B, Sq, H, d = q.shape
+def reference(q, sequences, causal, scale, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, mods=None):
+    """out (B, Sq, H, d) and lse (B, H, Sq) in float64, a sequence at a time (helpers.sequence_attention:
+    each query head reads the kv head of its group; query i of Sq is aligned with key i + L_b - Sq, where
+    causal ends, and from which window_size and ALiBi measure; a row that sees no key: out 0, lse -inf);
+    alibi_slopes (H,) or (B, H); mods(b, Sq, L_b) -> (bias, keep), a score_mod and mask_mod written out.
+    Also out computed the same way in q's dtype (plain attention, for the 2x rule)."""
     outs, lses, plains = [], [], []
     for b, (K, V) in enumerate(sequences):
-        group, n = H // K.shape[1], K.shape[0]
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        bias, keep = (0.0, True) if mods is None else mods(b, q.shape[1], K.shape[0])
         for dtype, into in ((torch.float64, outs), (q.dtype, plains)):
-            Kh, Vh = (t.to(dtype).repeat_interleave(group, dim=1).transpose(0, 1) for t in (K, V))  # (H, L, d)
-            S = q[b].to(dtype).transpose(0, 1) @ Kh.transpose(1, 2) * scale  # (H, Sq, L)
-            if causal:
-                hidden = torch.arange(n)[None, :] > torch.arange(Sq)[:, None] + n - Sq
-                S = S.masked_fill(hidden, float("-inf"))
-            lse = S.double().logsumexp(dim=-1)  # (H, Sq)
-            P = torch.where(torch.isinf(lse)[..., None], 0.0, torch.exp(S.double() - lse[..., None])).to(dtype)
-            into.append((P @ Vh).transpose(0, 1))  # (Sq, H, d)
+            out, lse = sequence_attention(q[b].to(dtype), K.to(dtype), V.to(dtype), causal, scale, window_size,
+                                          softcap, slopes, bias, keep)
+            into.append(out)  # (Sq, H, d)
             if dtype == torch.float64:
-                lses.append(lse)
+                lses.append(lse)  # (H, Sq)
     return torch.stack(outs), torch.stack(lses), torch.stack(plains)
 
 
@@ -118,23 +115,65 @@ def test_matches_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page
                          monkeypatch):
     if splits == 0 and device == "cpu":  # the heuristic, as for an H200's 132 multiprocessors: it splits
         monkeypatch.setattr(mf, "_parallel_units", lambda device: 132)
+    check_against_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator)
+
+
+# The official options (chapter 6's mods in the decode kernels), each from the queries' alignment with
+# the end of the sequence: windows that leave some rows no key and, over ~2500 keys, a band that the 8
+# splits cut alone (some splits then empty; the first 37 tiles, which no query's window reaches, NaN
+# in the cache, so that one of them read would make out NaN); a window on both sides; softcap with ALiBi
+# per (sequence, head); paged and contiguous; and a score_mod and mask_mod of one's own (b the sequence,
+# h q's head).
+SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.03, 0.02, 0.01, 0.005])
+OPTIONS = {
+    "window": ((3, 8, 2, 64, [62, 297, 2, 0], 3, True, 7, 48, torch.bfloat16), dict(window_size=(40, 0))),
+    "window-long": ((1, 8, 2, 128, [2500, 300], 1, True, 8, None, torch.float16), dict(window_size=(100, 0),
+                                                                                          unread=(0, 2368))),
+    "window-both-sides": ((4, 4, 4, 64, [130, 5], 2, False, 2, 16, torch.bfloat16), dict(window_size=(3, 2))),
+    "softcap-alibi": ((2, 8, 1, 64, [300, 97, 0], 2, True, 3, 80, torch.float16),
+                      dict(softcap=2.0, alibi_slopes=torch.stack([SLOPES, SLOPES.flip(0), 2 * SLOPES]))),
+    "score_mod-mask_mod": ((3, 8, 2, 64, [200, 65], 1, True, 2, None, torch.bfloat16), dict(
+        score_mod="score + table(b, h) * 0.1f * (q_idx + shift - kv_idx)", mask_mod="(kv_idx + b + h) % 3 != 0",
+        mod_tensors={"table": torch.arange(16, dtype=torch.float32).reshape(2, 8) / 16})),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_official_options_and_mods(device, name, generator):
+    case, options = OPTIONS[name]
+    check_against_float64(device, *case, generator, **options)
+
+
+def check_against_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator, unread=None,
+                          **options):
+    """flash_attn_with_kvcache on caches built from dense sequences: the caches after the append, to
+    the bit; out and lse (return_softmax_lse) against float64 (reference; options: window_size, softcap,
+    alibi_slopes, and score_mod, mask_mod, mod_tensors, which dense_mods below writes out). unread =
+    (b, n): the first n rows of sequence b's contiguous cache NaN (the reference reads the sequences)."""
     lengths = [n + new for n in cached]
     sequences = dense_sequences(lengths, Hk, d, dtype, generator)
     capacity = math.ceil((max(lengths) + 37) / (page or 1)) * (page or 1)  # rows past every sequence's end
     (k_cache, v_cache), block_table = build_cache(sequences, cached, capacity, page, dtype, generator)
+    if unread is not None:
+        k_cache[unread[0], :unread[1]], v_cache[unread[0], :unread[1]] = math.nan, math.nan
     q = torch.randn(len(lengths), Sq, H, d, generator=generator).to(dtype)
     k, v = (torch.stack([s[i][n:] for s, n in zip(sequences, cached)]) for i in range(2)) if new else (None, None)
     expected = after_append((k_cache, v_cache), k, v, cached, block_table, range(len(cached)) if new else [])
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    on_device = {name: {n: to(t) for n, t in x.items()} if isinstance(x, dict) else to(x) if torch.is_tensor(x)
+                 else x for name, x in options.items()}
     k_cache, v_cache = to(k_cache), to(v_cache)
     out, lse = mf.flash_attn_with_kvcache(to(q), k_cache, v_cache, to(k), to(v),
                                           cache_seqlens=torch.tensor(cached, dtype=torch.int32, device=device),
                                           block_table=to(block_table), causal=causal, num_splits=splits,
-                                          return_softmax_lse=True)
+                                          return_softmax_lse=True, **on_device)
     for name, cache, want in (("k_cache", k_cache, expected[0]), ("v_cache", v_cache, expected[1])):
         assert torch.equal(bits(cache.cpu()), bits(want)), f"{name}: a new row is wrong, or another row changed"
 
-    out_ref, lse_ref, plain = reference(q, sequences, causal, d ** -0.5)
+    official = {name: x for name, x in options.items() if name in ("window_size", "softcap", "alibi_slopes")}
+    mods = dense_mods(options, H) if "score_mod" in options else None
+    out_ref, lse_ref, plain = reference(q, sequences, causal, d ** -0.5, mods=mods, **official)
     out, lse = out.cpu(), lse.cpu()
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (len(lengths), H, Sq)
     empty = torch.isinf(lse_ref)  # (B, H, Sq): rows that see no key
@@ -142,8 +181,19 @@ def test_matches_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page
     assert torch.equal(lse[empty], lse_ref[empty].float()), "empty rows: lse -inf"
     seen = ~empty.transpose(1, 2)  # (B, Sq, H)
     assert seen.any()
-    assert_close("out", out[seen], out_ref[seen], plain[seen])
+    atol = 3e-4 if options.get("softcap") else 0.0  # the official tests' slack with softcap (tests/test_mods.py)
+    assert_close("out", out[seen], out_ref[seen], plain[seen], atol)
     assert_close("lse", lse[~empty], lse_ref[~empty])
+
+
+def dense_mods(options, H):
+    """OPTIONS' score_mod-mask_mod written out: (bias, keep) of sequence b, (H, Sq, L_b)."""
+    table = options["mod_tensors"]["table"]
+
+    def mods(b, Sq, L):
+        i, j, h = torch.arange(Sq)[:, None], torch.arange(L)[None, :], torch.arange(H)[:, None, None]
+        return table[b][:, None, None].double() * 0.1 * (i + L - Sq - j), (j + b + h) % 3 != 0
+    return mods
 
 
 def test_num_splits_heuristic_fills_one_wave():
@@ -198,11 +248,21 @@ def refuse(error, match, *inputs, **options):
 
 @pytest.mark.parametrize("option,value", [("rotary_cos", torch.zeros(32, 32)), ("rotary_sin", torch.zeros(32, 32)),
                                           ("cache_batch_idx", torch.zeros(2, dtype=torch.int32)),
-                                          ("cache_leftpad", torch.zeros(2, dtype=torch.int32)),
-                                          ("window_size", (8, 0)), ("softcap", 30.0),
-                                          ("alibi_slopes", torch.zeros(4))])
+                                          ("cache_leftpad", torch.zeros(2, dtype=torch.int32))])
 def test_options_it_lacks_are_refused(option, value):
     refuse(ValueError, f"{option} = .* is not supported by minimal_flash", *small_inputs(), **{option: value})
+
+
+def test_bad_mods_are_refused_before_the_cache_is_written():
+    """The mods are checked as flash_attention checks them (alibi_slopes (H,) or (B, H)), and before k, v
+    are appended: a refused call leaves the cache as it was."""
+    q, k_cache, v_cache = small_inputs()
+    new = torch.ones(2, 1, 2, 64, dtype=torch.bfloat16)
+    refuse(ValueError, r"alibi_slopes .* shape \(3,\), on cpu\): it must be float32, of shape \(H,\) = \(4,\) or \(B, H\) = "
+           r"\(2, 4\)", q, k_cache, v_cache, new, new, cache_seqlens=3, alibi_slopes=torch.zeros(3))
+    refuse(ValueError, "window_size = 8: it must be", q, k_cache, v_cache, new, new, cache_seqlens=3, window_size=8)
+    refuse(TypeError, "mask_mod = 3: it must be", q, k_cache, v_cache, new, new, cache_seqlens=3, mask_mod=3)
+    assert (k_cache == 0).all() and (v_cache == 0).all()
 
 
 def test_bad_tensors_are_refused():

@@ -15,7 +15,8 @@ With version 3 come chapter 5's decode kernels (flash_attn_with_kvcache: contigu
 split keys), its kernels on packed sequences of different lengths (flash_attn_varlen_func), and chapter
 6's mods (tests/test_mods.py's cases: score_mod, mask_mod, the block mask, the official options; on
 version 4, its deterministic backward with a mask too; on version 3, the official options and a
-score_mod and mask_mod on packed sequences, tests/test_varlen.py's) and dropout (tests/test_dropout.py's)."""
+score_mod and mask_mod on packed sequences and in the decode kernels, tests/test_varlen.py's and
+tests/test_kvcache.py's) and dropout (tests/test_dropout.py's)."""
 import math
 import sys
 from pathlib import Path
@@ -210,6 +211,10 @@ def main(args):
                          test_varlen.test_score_mod_and_mask_mod_per_sequence):
                 test("cuda", generator, None)
                 print(f"mods varlen {test.__name__}: checked")
+            import test_kvcache  # and in the decode kernels (flash_attn_with_kvcache)
+            for name, (case, options) in test_kvcache.OPTIONS.items():
+                test_kvcache.check_against_float64("cuda", *case, generator, **options)
+                print(f"mods decode {name}: checked")
     if mod_versions["dropout"]:  # chapter 6's dropout, against dense attention with the same Philox mask
         import test_dropout
         for version in sorted(mod_versions["dropout"]):
