@@ -603,7 +603,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     capacity = block_table.shape[1] * page if block_table is not None else page  # keys a sequence may have
     seqlen_new = 0 if k is None else k.shape[1]
     seqlens = _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new)
-    splits = _decode_splits(num_splits, q, Hk, capacity)
+    # a window alone: the rows read keys from left before the first's position to right after the last's
+    # (causal: none after), the band the kernel's splits cut
+    left, right = mods.ints[:2] if mods is not None and mods.spec.window_only else (-1, -1)
+    right = 0 if causal else right
+    keys = capacity if left < 0 or right < 0 else min(capacity, left + Sq + right)
+    splits = _decode_splits(num_splits, q, Hk, keys)
     if not _capturing(q.device):  # a graph being captured cannot wait for a copy to the host
         _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages)
     if k is not None:
@@ -753,8 +758,8 @@ def _append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, capacity):
 
 
 def _decode_splits(num_splits, q, Hk, capacity):
-    """The splits of each sequence's keys: num_splits as given (at most the tiles of 64 keys there can
-    be), or for 0, num_splits_heuristic's: one full wave of blocks."""
+    """The splits of each sequence's keys, of which a block reads at most `capacity`: num_splits as given
+    (at most the tiles of 64 keys there can be), or for 0, num_splits_heuristic's: one full wave of blocks."""
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
         raise TypeError(f"num_splits = {_short(num_splits)}: it must be a whole number")
     num_splits = int(num_splits)

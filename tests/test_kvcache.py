@@ -208,6 +208,19 @@ def test_num_splits_heuristic_fills_one_wave():
     assert mf.num_splits_heuristic(0, 264, 0) == 1
 
 
+def test_a_window_splits_its_band(monkeypatch):
+    """With a window alone the splits are chosen for the keys the rows read (the kernels' band: left +
+    seqlen_q + right, causal: right 0), not for the whole cache: at 32k keys and a window of 100, about two
+    tiles, not 512."""
+    seen, choose = [], mf._decode_splits
+    monkeypatch.setattr(mf, "_decode_splits", lambda *a: seen.append(a[-1]) or choose(*a))
+    q, k_cache, v_cache = small_inputs(Sq=2, S=32768)
+    for options in (dict(causal=True, window_size=(100, 5)), dict(window_size=(100, 5)), dict(window_size=(100, -1)),
+                    dict(softcap=2.0), {}):
+        mf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3, **options)
+    assert seen == [102, 107, 32768, 32768, 32768]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_new_keys_leave_the_cache_alone_and_seqlens_default_to_the_whole_cache(device, generator):
     """k = v = None: nothing is written; cache_seqlens None: every sequence has the whole cache; an int:
