@@ -248,9 +248,10 @@ def register_with_transformers(name="minimal_fa"):
     """Register the kernels with Hugging Face transformers (imported here: it is no dependency of this
     module) under `name`; then from_pretrained(..., attn_implementation=name) or from_config runs a
     causal model's attention on them: the prompt through flash_attention, each generated token through
-    flash_attn_with_kvcache on the model's KV cache. Registers a mask function too, so that the model
-    builds no dense mask; it refuses (ValueError) what the kernels cannot do: padding, sliding windows,
-    packed sequences, a cache longer than the tokens seen (a static cache). Returns `name`."""
+    flash_attn_with_kvcache on the model's KV cache, a sliding window's layers (Mistral's, Gemma 2's) with
+    window_size, and Gemma 2's softcap with softcap. Registers a mask function too, so that the model
+    builds no dense mask; it refuses (ValueError) what the kernels cannot do: padding, packed sequences, a
+    cache longer than the tokens seen (a static cache), other masks. Returns `name`."""
     if "flash" in name:  # transformers takes any such name for the flash-attn package or a Hub kernel
         raise ValueError(f"name = {name!r}: transformers reads a name with 'flash' in it as the flash-attn "
                          "package's (or a Hub kernel's) and loads that; pick another")
@@ -261,13 +262,16 @@ def register_with_transformers(name="minimal_fa"):
 
 
 def _transformers_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                       attention_mask=None, **options):
+                       attention_mask=None, local_size=None, **options):
     """transformers' mask function for our name: None (no mask: the kernels' causal=True, queries aligned
-    with the end of the keys), or a ValueError for any mask that is not that one. Called once per forward."""
+    with the end of the keys; for a sliding window's layers, local_size, the attention function has the
+    window too), or a ValueError for any mask that is not one of those. Called once per forward and kind
+    of layer."""
     from transformers.masking_utils import causal_mask_function
-    if mask_function is not causal_mask_function:
-        raise ValueError("minimal_flash: this model asks for a mask other than the plain causal one (a sliding "
-                         "window, chunks, packed sequences, bidirectional attention); the kernels have only causal")
+    if mask_function is not causal_mask_function and not (local_size and _is_sliding_window(mask_function,
+                                                                                             local_size)):
+        raise ValueError("minimal_flash: this model asks for a mask other than the causal one or a causal sliding "
+                         "window (chunks, packed sequences, bidirectional attention); the kernels have only those")
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("minimal_flash: the attention mask masks padding tokens (prompts of different lengths "
                          "in one batch); the kernels take no padding yet: give prompts of one length")
@@ -276,6 +280,19 @@ def _transformers_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
                          f"{q_offset + q_length - 1}: the kernels take a cache that ends at the last query "
                          "(transformers' dynamic cache), not a static one with empty slots")
     return None
+
+
+def _is_sliding_window(mask_function, window):
+    """Does transformers' mask function keep key j for query i exactly when i - window < j <= i? Asked at
+    the window's edges (queries window - 1 .. window + 1 and 3 window + 5, against every key up to past
+    them), not over every (query, key) of the call."""
+    i = torch.tensor([window - 1, window, window + 1, 3 * window + 5])[:, None]
+    j = torch.arange(4 * window + 6)[None, :]
+    try:  # (a mask function that takes no tensors of indices is no sliding window of transformers')
+        kept = torch.as_tensor(mask_function(torch.tensor(0), torch.tensor(0), i, j))
+        return torch.equal(kept.expand(i.shape[0], j.shape[1]), (j <= i) & (j > i - window))
+    except Exception:
+        return False
 
 
 def _transformers_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **options):
@@ -290,9 +307,11 @@ def _transformers_attention(module, query, key, value, attention_mask, dropout=0
                          "config.attention_dropout); the kernels have no dropout")
     if not options.get("is_causal", getattr(module, "is_causal", True)):
         raise ValueError("minimal_flash: this attention is not causal; the kernels run causal models only here")
-    for option in ("sliding_window", "softcap", "s_aux"):
-        if options.get(option) is not None:
-            raise ValueError(f"minimal_flash: the model asks for {option}; the kernels do not have it")
+    if options.get("s_aux") is not None:
+        raise ValueError("minimal_flash: the model asks for s_aux (attention sinks); the kernels do not have them")
+    # transformers' sliding window keeps key j for query i when i - sliding_window < j: the official left
+    window = (-1, -1) if options.get("sliding_window") is None else (options["sliding_window"] - 1, 0)
+    mods = dict(window_size=window, softcap=options.get("softcap") or 0.0)
     version = VERSIONS[default_version(query.dtype, query.device)]  # it must take grouped heads
     if not version.grouped_heads:
         takes = next(x for x in VERSIONS.values() if x.grouped_heads)
@@ -303,11 +322,11 @@ def _transformers_attention(module, query, key, value, attention_mask, dropout=0
         raise ValueError(f"minimal_flash: a model of head dim {query.shape[-1]}; version {version.number}'s "
                          f"kernels and the decode kernels are compiled for head dim {_one_of(head_dims)}")
     if query.shape[2] == key.shape[2]:  # the prompt (the cache held nothing before it)
-        out = flash_attention(query, key, value, causal=True, softmax_scale=scaling).transpose(1, 2)
+        out = flash_attention(query, key, value, causal=True, softmax_scale=scaling, **mods).transpose(1, 2)
     else:  # new tokens after the cached ones: the official package's decode function, whose causal=True
         # aligns the queries with the end of the keys (bottom-right)
         out = flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2).contiguous(),
-                                      value.transpose(1, 2).contiguous(), softmax_scale=scaling, causal=True)
+                                      value.transpose(1, 2).contiguous(), softmax_scale=scaling, causal=True, **mods)
     return out, None
 
 

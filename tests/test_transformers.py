@@ -2,7 +2,8 @@
 weights from a config: nothing is downloaded) on our kernels, through register_with_transformers:
 generate()'s greedy tokens are SDPA's, the prompt went through flash_attention and each new token
 through flash_attn_with_kvcache on the model's KV cache (counted: a silent fallback to another
-attention fails), and what the kernels cannot do is refused. On the CPU emulation, as in CI."""
+attention fails), and what the kernels cannot do is refused. Then Mistral's sliding window and Gemma 2's
+window and softcap, through window_size and softcap. On the CPU emulation, as in CI."""
 import pytest
 import torch
 
@@ -73,3 +74,58 @@ def test_what_the_kernels_cannot_do_is_refused(calls):
     with pytest.raises(ValueError, match="flash-attn package"):
         mf.register_with_transformers("my_flash")
     assert not calls
+
+
+def small_config(kind, **options):
+    """A small model of Mistral's or Gemma 2's architecture (grouped-query heads, d = 64), a sliding window
+    of 5 keys, shorter than the prompt (11) and far shorter than the generated 23 tokens."""
+    return kind(vocab_size=64, hidden_size=HEADS * D, intermediate_size=512, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=D, max_position_embeddings=64,
+                initializer_range=0.05, bos_token_id=None, eos_token_id=None, pad_token_id=None, sliding_window=5,
+                **options)
+
+
+# Mistral: every layer a sliding window (against SDPA); Gemma 2: sliding and full layers in turn, scores
+# capped by attn_logit_softcapping (against eager attention: transformers runs no SDPA with a cap).
+MODELS = {"mistral": (lambda: small_config(transformers.MistralConfig), "sdpa"),
+          "gemma2": (lambda: small_config(transformers.Gemma2Config, attn_logit_softcapping=2.0,
+                                          query_pre_attn_scalar=D), "eager")}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_sliding_window_and_softcap_models(model, calls):
+    """The prompt's logits within fp16's rounding of the reference attention's, generate()'s greedy tokens
+    the same, and every layer's attention through our kernels (the window and the cap reach them: without
+    either, they differ by over ten times that bound: 14 times without the cap, 230 without the window)."""
+    config, reference = MODELS[model]
+    name = mf.register_with_transformers()
+    ids = prompts()
+
+    def run(implementation):
+        torch.manual_seed(2)
+        lm = transformers.AutoModelForCausalLM.from_config(config(), attn_implementation=implementation,
+                                                           dtype=torch.float16).eval()
+        with torch.no_grad():
+            logits = lm(ids).logits.float()
+        return logits, lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False)
+
+    (logits_ref, tokens_ref), (logits, tokens) = run(reference), run(name)
+    assert (logits - logits_ref).abs().max() <= 2 * 2.0 ** -8  # two units in the last place of fp16 at 4-8
+    assert torch.equal(tokens, tokens_ref), (tokens[:, PROMPT:], tokens_ref[:, PROMPT:])
+    assert [c[0] for c in calls].count("flash_attention") == 2 * LAYERS  # the logits' call and the prompt's
+    assert [c[0] for c in calls].count("flash_attn_with_kvcache") == LAYERS * (NEW - 1)
+
+
+def test_masks_other_than_causal_and_a_causal_window_are_refused():
+    """The mask function is asked at the window's edges: a causal window of the size transformers says
+    (local_size) passes; another size, a window both ways, chunks, do not."""
+    from transformers import masking_utils as mu
+    ask = dict(batch_size=1, q_length=4, kv_length=4)
+    assert mf._transformers_mask(**ask, mask_function=mu.causal_mask_function) is None
+    assert mf._transformers_mask(**ask, mask_function=mu.sliding_window_causal_mask_function(5), local_size=5) is None
+    for mask_function, size in ((mu.sliding_window_causal_mask_function(5), 6),
+                                (mu.sliding_window_bidirectional_mask_function(5), 5),
+                                (mu.chunked_causal_mask_function(5, torch.zeros(1, dtype=torch.long)), 5),
+                                (mu.bidirectional_mask_function, None)):
+        with pytest.raises(ValueError, match="a mask other than the causal one or a causal sliding window"):
+            mf._transformers_mask(**ask, mask_function=mask_function, local_size=size)
