@@ -615,6 +615,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     _check_official_defaults(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
                              cache_leftpad=cache_leftpad)
     causal = _check_causal(causal)
+    if not isinstance(return_softmax_lse, bool):
+        raise TypeError(f"return_softmax_lse = {_short(return_softmax_lse)}: it must be True or False")
     q, block_table = _check_kvcache(q, k_cache, v_cache, k, v, block_table)
     scale = _check_scale(softmax_scale, q, 3)
     (B, Sq, H, d), (pages, page, Hk, _) = q.shape, k_cache.shape

@@ -320,6 +320,7 @@ def test_num_splits_must_be_0_to_128():
     refuse(ValueError, "num_splits = -1: 0 .*, or 1 to 128", *small_inputs(), num_splits=-1)
     refuse(ValueError, "num_splits = 129", *small_inputs(), num_splits=129)
     refuse(TypeError, "num_splits = 1.5: it must be a whole number", *small_inputs(), num_splits=1.5)
+    refuse(TypeError, "return_softmax_lse = 1: it must be True or False", *small_inputs(), return_softmax_lse=1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
