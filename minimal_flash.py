@@ -778,9 +778,9 @@ def _append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, capacity):
         cache[index] = torch.where(ok[..., None, None], new, fill)
 
 
-def _decode_splits(num_splits, q, Hk, capacity):
-    """The splits of each sequence's keys, of which a block reads at most `capacity`: num_splits as given
-    (at most the tiles of 64 keys there can be), or for 0, num_splits_heuristic's: one full wave of blocks."""
+def _decode_splits(num_splits, q, Hk, keys):
+    """The splits of each sequence's keys, at most `keys` of them read: num_splits as given (at most the
+    tiles of 64 keys there can be), or for 0, num_splits_heuristic's: one full wave of blocks."""
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
         raise TypeError(f"num_splits = {_short(num_splits)}: it must be a whole number")
     num_splits = int(num_splits)
@@ -790,7 +790,7 @@ def _decode_splits(num_splits, q, Hk, capacity):
     # kernels/flash_decode.cu's tiles: 64 keys; rows_per_block rows, 16 of them leaving room for 2 blocks
     # on a multiprocessor
     rows = 16 if Sq * (H // Hk) <= 16 else 64
-    key_tiles, row_tiles = math.ceil(capacity / 64), math.ceil(Sq * (H // Hk) / rows)
+    key_tiles, row_tiles = math.ceil(keys / 64), math.ceil(Sq * (H // Hk) / rows)
     if num_splits == 0:
         units = _parallel_units(q.device)
         num_splits = num_splits_heuristic(B * Hk * row_tiles, units * (2 if rows == 16 else 1), key_tiles)

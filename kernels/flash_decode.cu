@@ -282,7 +282,8 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Ar
     if constexpr (mods::WINDOW_ONLY) {
         static_assert(Bc == mods::TILE, "a tile is a column of the mods' tiles");
         const int first_s = row0 / p.group;
-        const mods::Span band = mods::span<false>(mod_args, b, 0, first_s / Bc, last_s / Bc + 1, shift);
+        const mods::Span band =  // (its rows: the positions, in tiles of TILE)
+            mods::span<false>(mod_args, b, 0, first_s / mods::TILE, last_s / mods::TILE + 1, shift);
         end = ((long long)band.last + 1) * Bc < end ? (band.last + 1) * Bc : end;  // (no right side: 2^30 tiles)
         t_first = min(band.first, ceil_div(end, Bc));
     }

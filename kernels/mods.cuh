@@ -11,8 +11,9 @@
 // an accessor per extra tensor) and compiles with -DMODS_FILE=that header; without it, the defaults
 // below: no mod, the kernels as chapters 3 and 4 left them (`if constexpr` removes every hook). The
 // functions also get `shift`, the sequence's keys minus its queries (0 but for packed sequences of
-// flash_attn_varlen_func, on version 3), from which the official window and ALiBi measure distance:
-// query q_idx's diagonal is key q_idx + shift, as causal's is.
+// flash_attn_varlen_func and KV caches of flash_attn_with_kvcache, on version 3's build), from which
+// the official window and ALiBi measure distance: query q_idx's diagonal is key q_idx + shift, as
+// causal's is.
 //
 // Where the hooks run (version 3: flash2_mma.cu, flash2_mma_backward.cu; version 4: flash3_hopper.cu,
 // flash3_hopper_backward.cu):
