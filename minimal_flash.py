@@ -594,10 +594,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (batch, max_blocks_per_seq) int32, paged: (num_blocks, page_block_size, nheads_k, d), row j of
     sequence b in page block_table[b, j // page_block_size]. Both contiguous: they are written in place.
     cache_seqlens: the keys each sequence has cached, an int or an int32 tensor (batch,); None: the
-    whole cache. k, v: (batch, seqlen_new, nheads_k, d), written at rows cache_seqlens[b] .. + seqlen_new;
-    sequence b then has L_b = cache_seqlens[b] + seqlen_new keys. causal: the queries are each
-    sequence's last seqlen_q positions (the official package's alignment): query i sees key j iff j <=
-    i + L_b - seqlen_q. A query that sees no key gets 0, and lse -inf, the log of an empty sum.
+    whole cache. cache_batch_idx: int32 (batch,), the contiguous cache's entry that each sequence uses
+    (the cache then holds any number of them: slots of a server's batch; as a one-page block_table),
+    distinct where k, v are appended; not with block_table. k, v: (batch, seqlen_new, nheads_k, d),
+    written at rows cache_seqlens[b] .. + seqlen_new; sequence b then has L_b = cache_seqlens[b] +
+    seqlen_new keys. causal: the queries are each sequence's last seqlen_q positions (the official
+    package's alignment): query i sees key j iff j <= i + L_b - seqlen_q. A query that sees no key gets
+    0, and lse -inf, the log of an empty sum.
     window_size, softcap, alibi_slopes ((nheads,) or (batch, nheads) float32) as the official package has
     them, measured from the same alignment (query i of sequence b against key j: i + L_b - seqlen_q - j),
     chapter 6's mods compiled into the decode kernels (a window's splits cut only the keys it sees);
@@ -610,14 +613,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     cache_seqlens out of the cache's range, or block_table entries that are not its pages, raise a
     ValueError, checked on the host (a copy to it, so a sync) except while a CUDA graph is being
     captured. The kernel checks them too: it never reads outside the cache, and a sequence out of range
-    gets NaN in all its output rows, a loud answer, never a plausible one. The official options these
-    kernels lack (rotary embedding, cache_batch_idx, cache_leftpad) are refused."""
-    _check_official_defaults(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
-                             cache_leftpad=cache_leftpad)
+    gets NaN in all its output rows, a loud answer, never a plausible one (cache_batch_idx's entries
+    likewise). The official options these kernels lack (rotary embedding, cache_leftpad) are refused."""
+    _check_official_defaults(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
     causal = _check_causal(causal)
     if not isinstance(return_softmax_lse, bool):
         raise TypeError(f"return_softmax_lse = {_short(return_softmax_lse)}: it must be True or False")
-    q, block_table = _check_kvcache(q, k_cache, v_cache, k, v, block_table)
+    q, block_table = _check_kvcache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx)
     scale = _check_scale(softmax_scale, q, 3)
     (B, Sq, H, d), (pages, page, Hk, _) = q.shape, k_cache.shape
     mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, batch_heads=(B, H))
@@ -631,6 +633,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     keys = capacity if left < 0 or right < 0 else min(capacity, left + Sq + right)
     splits = _decode_splits(num_splits, q, Hk, keys)
     if not _capturing(q.device):  # a graph being captured cannot wait for a copy to the host
+        if cache_batch_idx is not None:
+            _check_cache_batch_idx(block_table, pages, k is not None)
         _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages)
     if k is not None:
         _append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, capacity)
@@ -642,9 +646,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (out, lse) if return_softmax_lse else out
 
 
-def _check_kvcache(q, k_cache, v_cache, k, v, block_table):
+def _check_kvcache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx=None):
     """q, the caches, k and v and block_table as flash_attn_with_kvcache takes them: (q contiguous,
-    block_table contiguous or None)."""
+    block_table contiguous or None; cache_batch_idx as a block table of one page per sequence, the page
+    a whole entry of the cache)."""
     names = ("q", "k_cache", "v_cache") + (("k", "v") if k is not None or v is not None else ())
     if (k is None) != (v is None):
         raise ValueError(f"{'k' if v is None else 'v'} without {'v' if v is None else 'k'}: the new keys k and values "
@@ -684,6 +689,17 @@ def _check_kvcache(q, k_cache, v_cache, k, v, block_table):
     if k is not None and (k.shape != v.shape or k.shape[0] != B or k.shape[2:] != k_cache.shape[2:]):
         raise ValueError(f"k and v must have shape (batch = {B}, seqlen_new, nheads_k = {Hk}, d = {d}), got "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if cache_batch_idx is not None:
+        _check_is_tensor("cache_batch_idx", cache_batch_idx)
+        problem = ("block_table is given too: a paged cache has no entries to pick (one or the other)"
+                   if block_table is not None else
+                   f"its dtype is {cache_batch_idx.dtype}, not torch.int32" if cache_batch_idx.dtype != torch.int32 else
+                   f"its shape is {tuple(cache_batch_idx.shape)}, not (batch = {B},)" if cache_batch_idx.shape != (B,)
+                   else f"it is on {cache_batch_idx.device}, q on {q.device}" if cache_batch_idx.device != q.device
+                   else None)
+        if problem:
+            raise ValueError(f"cache_batch_idx: {problem}")
+        return q.contiguous(), cache_batch_idx.view(B, 1).contiguous()
     if block_table is None:
         if k_cache.shape[0] != B:
             raise ValueError(f"k_cache has batch {k_cache.shape[0]}, q {B}: without block_table the cache holds one "
@@ -698,6 +714,19 @@ def _check_kvcache(q, k_cache, v_cache, k, v, block_table):
     if block_table.device != q.device:
         raise ValueError(f"block_table is on {block_table.device}, q on {q.device}: they must be on one device")
     return q.contiguous(), block_table.contiguous()
+
+
+def _check_cache_batch_idx(table, entries, appends):
+    """cache_batch_idx (as its one-page block table): each an entry of the cache and, where k, v are
+    appended, no two the same (both would write one entry's rows)."""
+    picked = table.flatten().tolist()
+    for b, entry in enumerate(picked):
+        if not 0 <= entry < entries:
+            raise ValueError(f"cache_batch_idx[{b}] = {entry}: the cache has entries 0 .. {entries - 1}")
+    if appends and len(set(picked)) < len(picked):
+        b = next(b for b, entry in enumerate(picked) if picked.index(entry) != b)
+        raise ValueError(f"cache_batch_idx[{b}] = {picked[b]} is also sequence {picked.index(picked[b])}'s: both "
+                         "would append their k, v to that entry")
 
 
 def _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new):

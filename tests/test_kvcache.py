@@ -260,10 +260,52 @@ def refuse(error, match, *inputs, **options):
 
 
 @pytest.mark.parametrize("option,value", [("rotary_cos", torch.zeros(32, 32)), ("rotary_sin", torch.zeros(32, 32)),
-                                          ("cache_batch_idx", torch.zeros(2, dtype=torch.int32)),
                                           ("cache_leftpad", torch.zeros(2, dtype=torch.int32))])
 def test_options_it_lacks_are_refused(option, value):
     refuse(ValueError, f"{option} = .* is not supported by minimal_flash", *small_inputs(), **{option: value})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cache_batch_idx_picks_the_entries(device, generator):
+    """cache_batch_idx: sequence b uses entry cache_batch_idx[b] of a cache of 5 entries (a server's slots),
+    k, v appended there; out and lse to the bit those of the same call on the picked entries gathered into
+    a cache of their own (the same tiles in the same order), the new rows in the picked entries, the other
+    entries untouched."""
+    q = torch.randn(3, 2, 4, 64, generator=generator).to(torch.bfloat16).to(device)
+    k_cache, v_cache = (torch.randn(5, 200, 2, 64, generator=generator).to(torch.bfloat16).to(device) for _ in range(2))
+    k, v = (torch.randn(3, 2, 2, 64, generator=generator).to(torch.bfloat16).to(device) for _ in range(2))
+    idx, lengths = torch.tensor([4, 0, 2], dtype=torch.int32), torch.tensor([150, 7, 65], dtype=torch.int32)
+    gathered = [c[idx.long().to(device)].clone() for c in (k_cache, v_cache)]
+    before = k_cache.clone(), v_cache.clone()
+    out, lse = mf.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths.to(device),
+                                          cache_batch_idx=idx.to(device), causal=True, num_splits=2,
+                                          return_softmax_lse=True)
+    out_ref, lse_ref = mf.flash_attn_with_kvcache(q, *gathered, k, v, cache_seqlens=lengths.to(device), causal=True,
+                                                  num_splits=2, return_softmax_lse=True)
+    assert torch.equal(out, out_ref) and torch.equal(lse, lse_ref)
+    for cache, ref, old in zip((k_cache, v_cache), gathered, before):
+        assert torch.equal(cache[idx.long().to(device)], ref), "the new rows land in the picked entries"
+        assert torch.equal(cache[[1, 3]], old[[1, 3]]), "the other entries are untouched"
+
+
+def test_bad_cache_batch_idx_is_refused():
+    q, k_cache, v_cache = small_inputs()
+    entries = torch.zeros(5, 32, 2, 64, dtype=torch.bfloat16)
+    new = torch.ones(2, 1, 2, 64, dtype=torch.bfloat16)
+    pick = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    refuse(ValueError, r"cache_batch_idx\[1\] = 5: the cache has entries 0 .. 4", q, entries, entries,
+           cache_batch_idx=pick(0, 5))
+    refuse(ValueError, r"cache_batch_idx\[1\] = 3 is also sequence 0's: both would append", q, entries, entries,
+           new, new, cache_seqlens=3, cache_batch_idx=pick(3, 3))
+    refuse(ValueError, "cache_batch_idx: its dtype is torch.int64", q, entries, entries,
+           cache_batch_idx=pick(0, 1).long())
+    refuse(ValueError, r"cache_batch_idx: its shape is \(3,\), not \(batch = 2,\)", q, entries, entries,
+           cache_batch_idx=pick(0, 1, 2))
+    refuse(ValueError, "cache_batch_idx: block_table is given too", *paged_inputs()[:3], cache_batch_idx=pick(0, 1),
+           block_table=paged_inputs()[3])
+    # the same entry twice without new keys: both read it
+    out = mf.flash_attn_with_kvcache(q, entries, entries, cache_seqlens=3, cache_batch_idx=pick(3, 3))
+    assert out.shape == q.shape
 
 
 def test_bad_mods_are_refused_before_the_cache_is_written():
@@ -271,8 +313,8 @@ def test_bad_mods_are_refused_before_the_cache_is_written():
     are appended: a refused call leaves the cache as it was."""
     q, k_cache, v_cache = small_inputs()
     new = torch.ones(2, 1, 2, 64, dtype=torch.bfloat16)
-    refuse(ValueError, r"alibi_slopes .* shape \(3,\), on cpu\): it must be float32, of shape \(H,\) = \(4,\) or \(B, H\) = "
-           r"\(2, 4\)", q, k_cache, v_cache, new, new, cache_seqlens=3, alibi_slopes=torch.zeros(3))
+    refuse(ValueError, r"alibi_slopes .* shape \(3,\), on cpu\): it must be float32, of shape \(H,\) = \(4,\) or "
+           r"\(B, H\) = \(2, 4\)", q, k_cache, v_cache, new, new, cache_seqlens=3, alibi_slopes=torch.zeros(3))
     refuse(ValueError, "window_size = 8: it must be", q, k_cache, v_cache, new, new, cache_seqlens=3, window_size=8)
     refuse(TypeError, "mask_mod = 3: it must be", q, k_cache, v_cache, new, new, cache_seqlens=3, mask_mod=3)
     assert (k_cache == 0).all() and (v_cache == 0).all()

@@ -190,6 +190,9 @@ def main(args):
                                                            (64, False, [130, 64, 17], [130, 1, 200], 4, 4),
                                                            (64, True, [64, 129], [200, 129], 4, 1)):
                 run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk)
+        import test_kvcache  # cache_batch_idx: entries picked from a cache of five
+        test_kvcache.test_cache_batch_idx_picks_the_entries("cuda", generator)
+        print("decode cache_batch_idx: checked")
     if mod_versions["mods"]:  # chapter 6: each of tests/test_mods.py's mods compiled into versions 3 and 4
         from test_mods import CASES as MOD_CASES, run_case, test_deterministic_backward_with_a_mask
         for version in sorted(mod_versions["mods"]):
