@@ -614,8 +614,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ValueError, checked on the host (a copy to it, so a sync) except while a CUDA graph is being
     captured. The kernel checks them too: it never reads outside the cache, and a sequence out of range
     gets NaN in all its output rows, a loud answer, never a plausible one (cache_batch_idx's entries
-    likewise). The official options these kernels lack (rotary embedding, cache_leftpad) are refused."""
-    _check_official_defaults(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
+    likewise). rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2), q's dtype, rotary_dim a multiple of 16
+    up to d, with k, v only: the rotary embedding of q and the new k as the official package applies it
+    (rotary_interleaved: dimensions 0 & 1, 2 & 3, ...; else 0 & rotary_dim / 2, ..., GPT-NeoX's), the new
+    keys at positions cache_seqlens[b] + i, the queries there too if causal or with a window, else all at
+    cache_seqlens[b]; here by torch operations in float32 before the kernel, not in it. cache_leftpad,
+    which these kernels lack, is refused."""
+    _check_official_defaults(cache_leftpad=cache_leftpad)
     causal = _check_causal(causal)
     if not isinstance(return_softmax_lse, bool):
         raise TypeError(f"return_softmax_lse = {_short(return_softmax_lse)}: it must be True or False")
@@ -632,10 +637,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     right = 0 if causal else right
     keys = capacity if left < 0 or right < 0 else min(capacity, left + Sq + right)
     splits = _decode_splits(num_splits, q, Hk, keys)
+    rotary = _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k)
+    q_steps = causal or (mods is not None and mods.spec.window)  # the queries' rotary positions step (official)
     if not _capturing(q.device):  # a graph being captured cannot wait for a copy to the host
         if cache_batch_idx is not None:
             _check_cache_batch_idx(block_table, pages, k is not None)
         _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages)
+        if rotary:
+            _check_rotary_positions(seqlens, max(seqlen_new, Sq if q_steps else 1), len(rotary_cos))
+    if rotary:  # the new keys at cache_seqlens[b] + i; the queries there too if causal or local, else all at [b]
+        positions = seqlens.long()[:, None] + torch.arange(max(seqlen_new, Sq), device=q.device)
+        k = _rotated(k, rotary_cos, rotary_sin, positions[:, :seqlen_new], rotary_interleaved)
+        q = _rotated(q, rotary_cos, rotary_sin, positions[:, :Sq] if q_steps else positions[:, :1].expand(B, Sq),
+                     rotary_interleaved)
     if k is not None:
         _append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, capacity)
     out, lse = torch.empty_like(q), q.new_empty((B, H, Sq), dtype=torch.float32)
@@ -644,6 +658,51 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         _raise_if(kernels.decode(_aligned(q), k_cache, v_cache, seqlens, block_table, seqlen_new, capacity, splits,
                                  scale, causal, out, lse, mods))
     return (out, lse) if return_softmax_lse else out
+
+
+def _check_rotary(cos, sin, interleaved, q, k):
+    """flash_attn_with_kvcache's rotary_cos, rotary_sin, rotary_interleaved: True if given (and right)."""
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"rotary_interleaved = {_short(interleaved)}: it must be True or False")
+    if cos is None and sin is None:
+        return False
+    d = q.shape[-1]
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        _check_is_tensor(name, t)
+        problem = (f"its dtype is {t.dtype}, q's {q.dtype}" if t.dtype != q.dtype else
+                   f"it is on {t.device}, q on {q.device}" if t.device != q.device else
+                   f"its shape is {tuple(t.shape)}, not (seqlen_ro, rotary_dim / 2) with rotary_dim a multiple of 16 "
+                   f"up to d = {d}" if t.dim() != 2 or t.shape[1] % 8 or not 0 < 2 * t.shape[1] <= d else
+                   f"its shape is {tuple(t.shape)}, rotary_cos' {tuple(cos.shape)}" if t.shape != cos.shape else None)
+        if problem:
+            raise ValueError(f"{name}: {problem}")
+    if k is None:
+        raise ValueError("rotary_cos, rotary_sin without k, v: the rotary embedding is applied to q and the new keys, "
+                         "as in the official package (give k and v, or embed q yourself)")
+    return True
+
+
+def _check_rotary_positions(seqlens, count, seqlen_ro):
+    """The rotary tables reach every position embedded: cache_seqlens[b] + count - 1 < seqlen_ro."""
+    last = max(seqlens.tolist(), default=0) + count - 1
+    if last >= seqlen_ro:
+        raise ValueError(f"rotary_cos, rotary_sin have {seqlen_ro} positions, and position {last} is embedded "
+                         "(cache_seqlens plus the new keys, or the queries): give tables as long as the cache")
+
+
+def _rotated(x, cos, sin, positions, interleaved):
+    """x (B, S, heads, d) with its first rotary_dim = 2 cos.shape[1] columns turned by the angles of
+    `positions` (B, S), in float32, rounded to x's dtype: pairs (2i, 2i + 1) interleaved, else (i,
+    i + rotary_dim / 2). A position past the tables (possible only when nothing was checked on the host,
+    a CUDA graph being captured) gives NaN, read from nowhere outside them."""
+    r = 2 * cos.shape[1]
+    c, s = (t[positions.clamp(0, len(t) - 1)].float()[:, :, None, :] for t in (cos, sin))  # (B, S, 1, r / 2)
+    x1, x2 = (x[..., 0:r:2], x[..., 1:r:2]) if interleaved else (x[..., :r // 2], x[..., r // 2:r])
+    x1, x2 = x1.float(), x2.float()
+    o1, o2 = x1 * c - x2 * s, x1 * s + x2 * c
+    turned = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
+    turned = torch.where((positions < len(cos))[:, :, None, None], turned, math.nan)
+    return torch.cat((turned.to(x.dtype), x[..., r:]), dim=-1)
 
 
 def _check_kvcache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx=None):

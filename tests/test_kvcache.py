@@ -259,8 +259,7 @@ def refuse(error, match, *inputs, **options):
         mf.flash_attn_with_kvcache(*inputs, **options)
 
 
-@pytest.mark.parametrize("option,value", [("rotary_cos", torch.zeros(32, 32)), ("rotary_sin", torch.zeros(32, 32)),
-                                          ("cache_leftpad", torch.zeros(2, dtype=torch.int32))])
+@pytest.mark.parametrize("option,value", [("cache_leftpad", torch.zeros(2, dtype=torch.int32))])
 def test_options_it_lacks_are_refused(option, value):
     refuse(ValueError, f"{option} = .* is not supported by minimal_flash", *small_inputs(), **{option: value})
 
@@ -306,6 +305,67 @@ def test_bad_cache_batch_idx_is_refused():
     # the same entry twice without new keys: both read it
     out = mf.flash_attn_with_kvcache(q, entries, entries, cache_seqlens=3, cache_batch_idx=pick(3, 3))
     assert out.shape == q.shape
+
+
+def turned(x, cos, sin, positions, interleaved):
+    """The rotary embedding in float64, written as complex numbers: pairs (2i, 2i + 1) interleaved, else (i,
+    i + rotary_dim / 2), of x (B, S, heads, d) times exp(i angle) at `positions` (B, S)."""
+    r = 2 * cos.shape[1]
+    x = x.double()
+    pairs = (x[..., :r].unflatten(-1, (r // 2, 2)) if interleaved else
+             torch.stack((x[..., :r // 2], x[..., r // 2:r]), -1))
+    z = torch.view_as_complex(pairs.contiguous()) * torch.complex(cos.double(), sin.double())[positions][:, :, None]
+    z = torch.view_as_real(z)
+    return torch.cat((z.flatten(-2) if interleaved else torch.cat((z[..., 0], z[..., 1]), -1), x[..., r:]), -1)
+
+
+ROTARY = [(True, True, 64), (False, False, 32), (True, False, 32), (False, True, 64)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("interleaved,causal,rotary_dim", ROTARY, ids=[
+    f"{'interleaved' if i else 'neox'}-{'causal' if c else 'full'}-dim{r}" for i, c, r in ROTARY])
+def test_rotary_embedding(device, interleaved, causal, rotary_dim, generator):
+    """rotary_cos, rotary_sin: q and the new keys turned as the official package turns them (the new keys
+    at cache_seqlens[b] + i; the queries there too if causal, else all at cache_seqlens[b]), against float64
+    attention on inputs turned here; the cache's new rows those turned keys, within a bf16 step."""
+    B, Sq, H, Hk, d, C = 3, 3, 4, 2, 64, 120
+    q = torch.randn(B, Sq, H, d, generator=generator).to(torch.bfloat16)
+    cached = [60, 7, 0]
+    sequences = dense_sequences([n + Sq for n in cached], Hk, d, torch.bfloat16, generator)
+    (k_cache, v_cache), _ = build_cache(sequences, cached, C, None, torch.bfloat16, generator)
+    k, v = (torch.stack([s[i][n:] for s, n in zip(sequences, cached)]) for i in range(2))
+    angles = torch.arange(C)[:, None] * torch.rand(rotary_dim // 2, generator=generator)[None, :]
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    seqlens = torch.tensor(cached, dtype=torch.int32)
+    k_cache, v_cache = k_cache.to(device), v_cache.to(device)
+    out = mf.flash_attn_with_kvcache(q.to(device), k_cache, v_cache, k.to(device), v.to(device),
+                                     rotary_cos=cos.to(device), rotary_sin=sin.to(device),
+                                     cache_seqlens=seqlens.to(device), causal=causal, rotary_interleaved=interleaved)
+    positions = seqlens.long()[:, None] + torch.arange(Sq)
+    k_turned = turned(k, cos, sin, positions, interleaved)
+    q_turned = turned(q, cos, sin, positions if causal else positions[:, :1].expand(B, Sq), interleaved)
+    new_rows = torch.stack([k_cache[b, n:n + Sq].cpu() for b, n in enumerate(cached)]).double()
+    assert torch.allclose(new_rows, k_turned, rtol=2 ** -7, atol=1e-5), "the cache's new rows: the keys turned"
+    turned_sequences = [[torch.cat((K[:n], k_turned[b].to(K.dtype))), V] for b, ((K, V), n) in
+                        enumerate(zip(sequences, cached))]
+    out_ref, _, plain = reference(q_turned.to(q.dtype), turned_sequences, causal, d ** -0.5)
+    assert_close("out", out.cpu(), out_ref, plain)
+
+
+def test_bad_rotary_tables_are_refused():
+    q, k_cache, v_cache = small_inputs()
+    new = torch.ones(2, 1, 2, 64, dtype=torch.bfloat16)
+    table = torch.zeros(40, 16, dtype=torch.bfloat16)
+    refuse(ValueError, "rotary_cos, rotary_sin without k, v", q, k_cache, v_cache, rotary_cos=table, rotary_sin=table)
+    refuse(ValueError, "rotary_sin: its dtype is torch.float32, q's torch.bfloat16", q, k_cache, v_cache, new, new,
+           rotary_cos=table, rotary_sin=table.float(), cache_seqlens=3)
+    refuse(ValueError, r"rotary_cos: its shape is \(40, 12\), not \(seqlen_ro, rotary_dim / 2\)", q, k_cache, v_cache,
+           new, new, rotary_cos=table[:, :12], rotary_sin=table[:, :12], cache_seqlens=3)
+    refuse(ValueError, "rotary_cos, rotary_sin have 20 positions, and position 20 is embedded", q, k_cache, v_cache,
+           new, new, rotary_cos=table[:20], rotary_sin=table[:20], cache_seqlens=20)
+    refuse(TypeError, "rotary_interleaved = 1: it must be True or False", q, k_cache, v_cache, rotary_interleaved=1)
+    assert (k_cache == 0).all()
 
 
 def test_bad_mods_are_refused_before_the_cache_is_written():
