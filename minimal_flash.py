@@ -237,11 +237,47 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, **options):
     """The flash-attn package's flash_attn_qkvpacked_func: qkv is (B, N, 3, H, d); returns (B, N, H, d)."""
-    _check_is_tensor("qkv", qkv)
-    if qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"qkv must be 5-D (B, N, 3, H, d), got shape {tuple(qkv.shape)}")
+    _check_packed("qkv", qkv, 3, "(B, N, 3, H, d)")
     return flash_attn_func(*qkv.unbind(dim=2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs, **options)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, **options):
+    """The flash-attn package's flash_attn_kvpacked_func: q (B, N, H, d), kv (B, N, 2, nheads_k, d)."""
+    _check_packed("kv", kv, 2, "(B, N, 2, nheads_k, d)")
+    return flash_attn_func(q, *kv.unbind(dim=2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, **options)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, **options):
+    """The flash-attn package's flash_attn_varlen_qkvpacked_func: qkv (total, 3, nheads, d), the
+    sequences' q, k and v packed, one cu_seqlens and max_seqlen for all three."""
+    _check_packed("qkv", qkv, 3, "(total, 3, nheads, d)")
+    return flash_attn_varlen_func(*qkv.unbind(dim=1), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, **options)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, **options):
+    """The flash-attn package's flash_attn_varlen_kvpacked_func: q (total_q, nheads, d), kv (total_k, 2,
+    nheads_k, d)."""
+    _check_packed("kv", kv, 2, "(total_k, 2, nheads_k, d)")
+    return flash_attn_varlen_func(q, *kv.unbind(dim=1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, **options)
+
+
+def _check_packed(name, t, count, shape):
+    """A packed tensor: `count` (2 or 3) on its dim -3, as the official package's shapes have it."""
+    _check_is_tensor(name, t)
+    dims = shape.count(",") + 1
+    if t.dim() != dims or t.shape[-3] != count:
+        raise ValueError(f"{name} must be {dims}-D {shape}, got shape {tuple(t.shape)}")
 
 
 def register_with_transformers(name="minimal_fa"):

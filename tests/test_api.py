@@ -1,5 +1,5 @@
 """The entry points people already know: scaled_dot_product_attention's option names, and the
-flash-attn package's flash_attn_func and flash_attn_qkvpacked_func with their (B, N, H, d) layout,
+flash-attn package's flash_attn_func and its packed forms (qkv, kv; fixed-length and varlen) with their layouts,
 each against flash_attention and against float64, gradients included. And the table of versions:
 each row's files are there, and each version's build answers for both passes."""
 import pytest
@@ -103,3 +103,32 @@ def test_each_version_row_names_its_files_and_its_build_answers(version):
 def test_a_pass_that_does_not_exist_is_an_error():
     q = torch.zeros(1, 1, 2, 4)
     assert "pass 'sideways'" in mf.load_kernels("cpu", 1).run("sideways", False, 1.0, q, q, q, q, q[..., 0])
+
+
+def test_the_other_packed_functions(generator):
+    """flash_attn_kvpacked_func, flash_attn_varlen_qkvpacked_func, flash_attn_varlen_kvpacked_func: the same
+    as flash_attn_func and flash_attn_varlen_func on the unpacked tensors, to the bit, gradients included
+    (they reach the packed tensor through its views); a tensor packed otherwise is refused by name."""
+    q = torch.randn(2, 30, 4, 64, generator=generator).to(torch.bfloat16).requires_grad_()
+    kv = torch.randn(2, 30, 2, 2, 64, generator=generator).to(torch.bfloat16).requires_grad_()  # (B, N, 2, Hk, d)
+    dO = torch.randn(2, 30, 4, 64, generator=generator).to(torch.bfloat16)
+    cu = torch.tensor([0, 30, 60], dtype=torch.int32)
+    qkv = torch.randn(60, 3, 4, 64, generator=generator).to(torch.bfloat16).requires_grad_()  # (total, 3, H, d)
+    calls = [(lambda q, kv: mf.flash_attn_kvpacked_func(q, kv, causal=True),
+              lambda q, kv: mf.flash_attn_func(q, *kv.unbind(2), causal=True), (q, kv)),
+             (lambda q, kv: mf.flash_attn_varlen_kvpacked_func(q.flatten(0, 1), kv.flatten(0, 1), cu, cu, 30, 30,
+                                                               causal=True),
+              lambda q, kv: mf.flash_attn_varlen_func(q.flatten(0, 1), *kv.flatten(0, 1).unbind(1), cu, cu, 30, 30,
+                                                      causal=True), (q, kv)),
+             (lambda qkv: mf.flash_attn_varlen_qkvpacked_func(qkv, cu, 30, causal=True),
+              lambda qkv: mf.flash_attn_varlen_func(*qkv.unbind(1), cu, cu, 30, 30, causal=True), (qkv,))]
+    for packed, unpacked, inputs in calls:
+        results = []
+        for call in (packed, unpacked):
+            out = call(*inputs)
+            results.append((out, *torch.autograd.grad(out, inputs, dO.reshape(out.shape))))
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+    with pytest.raises(ValueError, match=r"kv must be 5-D \(B, N, 2, nheads_k, d\), got shape \(2, 30, 3, 2, 64\)"):
+        mf.flash_attn_kvpacked_func(q, torch.zeros(2, 30, 3, 2, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"qkv must be 4-D \(total, 3, nheads, d\)"):
+        mf.flash_attn_varlen_qkvpacked_func(qkv[None], cu, 30)
