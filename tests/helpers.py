@@ -149,6 +149,18 @@ def causal_hidden(Lq, Lk, causal):
     return torch.arange(Lk)[None, :] > torch.arange(Lq)[:, None] + Lk - Lq if causal else torch.zeros(Lq, Lk, dtype=bool)
 
 
+def split_options(options, device):
+    """A call's options (the official window_size, softcap, alibi_slopes; score_mod, mask_mod and
+    mod_tensors) as the kernels take them, their tensors on `device`, and the official ones alone, on
+    the CPU, as the dense references take them."""
+    def to(x):
+        if isinstance(x, dict):  # mod_tensors
+            return {n: t.to(device) for n, t in x.items()}
+        return x.to(device) if torch.is_tensor(x) else x
+    official = {name: x for name, x in options.items() if name in ("window_size", "softcap", "alibi_slopes")}
+    return {name: to(x) for name, x in options.items()}, official
+
+
 def softmax_attention(S, keep, v):
     """The last step of the dense references (here and tests/test_mods.py's): P = the softmax of the scores
     S (..., Lq, Lk) over the keys that keep (broadcastable to S) keeps, P V in S's dtype, and the log-sum-exp

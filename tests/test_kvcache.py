@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, assert_close, sequence_attention
+from helpers import DEVICES, assert_close, sequence_attention, split_options
 
 
 def dense_sequences(lengths, Hk, d, dtype, generator):
@@ -161,8 +161,7 @@ def check_against_float64(device, Sq, H, Hk, d, cached, new, causal, splits, pag
     k, v = (torch.stack([s[i][n:] for s, n in zip(sequences, cached)]) for i in range(2)) if new else (None, None)
     expected = after_append((k_cache, v_cache), k, v, cached, block_table, range(len(cached)) if new else [])
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    on_device = {name: {n: to(t) for n, t in x.items()} if isinstance(x, dict) else to(x) if torch.is_tensor(x)
-                 else x for name, x in options.items()}
+    on_device, official = split_options(options, device)
     k_cache, v_cache = to(k_cache), to(v_cache)
     out, lse = mf.flash_attn_with_kvcache(to(q), k_cache, v_cache, to(k), to(v),
                                           cache_seqlens=torch.tensor(cached, dtype=torch.int32, device=device),
@@ -171,7 +170,6 @@ def check_against_float64(device, Sq, H, Hk, d, cached, new, causal, splits, pag
     for name, cache, want in (("k_cache", k_cache, expected[0]), ("v_cache", v_cache, expected[1])):
         assert torch.equal(bits(cache.cpu()), bits(want)), f"{name}: a new row is wrong, or another row changed"
 
-    official = {name: x for name, x in options.items() if name in ("window_size", "softcap", "alibi_slopes")}
     mods = dense_mods(options, H) if "score_mod" in options else None
     out_ref, lse_ref, plain = reference(q, sequences, causal, d ** -0.5, mods=mods, **official)
     out, lse = out.cpu(), lse.cpu()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, assert_close, cu_seqlens, varlen_reference
+from helpers import DEVICES, assert_close, cu_seqlens, split_options, varlen_reference
 
 
 @pytest.fixture
@@ -134,9 +134,7 @@ def check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype,
     if unread is not None:
         with torch.no_grad():
             k[unread], v[unread] = math.nan, math.nan
-    on_device = {name: {n: t.to(device) for n, t in x.items()} if isinstance(x, dict) else
-                 x.to(device) if torch.is_tensor(x) else x for name, x in options.items()}
-    official = {name: x for name, x in options.items() if name in ("window_size", "softcap", "alibi_slopes")}
+    on_device, official = split_options(options, device)
     out, lse, none = mf.flash_attn_varlen_func(q, k, v, cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device),
                                                max(lengths_q), max(lengths_k), causal=causal, return_attn_probs=True,
                                                **on_device)
