@@ -173,8 +173,6 @@ inline __nv_bfloat16 __float2bfloat16(float f) {  // bf16 is a float's upper 16 
     return {(unsigned short)((u + 0x7fffu + (u >> 16 & 1)) >> 16)};
 }
 inline float __bfloat162float(__nv_bfloat16 h) { return bits_float(unsigned(h.bits) << 16); }
-inline unsigned __float_as_uint(float f) { return float_bits(f); }  // a float's bits, and back
-inline float __uint_as_float(unsigned u) { return bits_float(u); }
 inline __half __float2half(float f) {  // 5 exponent bits (bias 15) and 10 mantissa bits
     const unsigned u = float_bits(f), sign = u >> 16 & 0x8000u, a = u & 0x7fffffffu;
     auto rounded = [](unsigned h, unsigned rest, unsigned halfway) {  // ties to even

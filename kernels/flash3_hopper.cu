@@ -224,8 +224,8 @@ __global__ void __launch_bounds__(THREADS, 1)
         if constexpr (mods::ANY) mods::forward_scores(s, state, mod_args, b, h, row, j * Bc + 2 * q, 0, scale);
         if ((j + 1) * Bc > N || (causal && (j + 1) * Bc > warp_row + 1))
             mask_fragment<false>(s, row, j * Bc + 2 * q, N, causal, -INFINITY);
-        online_softmax<false, mods::SOFT_EXP2>(s, m, l, o, alpha, c);  // O is rescaled later, by rescale
-        if constexpr (mods::DROPOUT)  // chapter 6: P's kept elements, scaled; l has them all
+        online_softmax<false>(s, m, l, o, alpha, c);  // O is rescaled later, by rescale
+        if constexpr (mods::DROPOUT)                  // chapter 6: P's kept elements, scaled; l has them all
             mods::dropout<false>(s, mod_args, bh, row, j * Bc + 2 * q);
     };
     // The it-th tile's K_j, V_j may be overwritten once this warp's products that read them are done.

@@ -213,32 +213,14 @@ __device__ inline void mask_fragment(float (&c)[NT][4], int row, int col, int N,
         }
 }
 
-// 2^x for x <= 0 on the FMA units, where fast_exp2 takes the special-function unit (FlashAttention-4's
-// trick, on Blackwell): x = j + f, j = round(x) and f in [-1/2, 1/2]; 2^f by a polynomial of degree 4
-// (largest relative error 3e-6; ex2.approx's is 2^-22, and a probability is rounded to bf16's 2^-9
-// for P V), and 2^j by adding j to the exponent's bits. Ten instructions where fast_exp2 takes one,
-// but a multiprocessor runs 128 of them a clock and 16 of the special-function unit's: a softmax whose
-// exp2s share that unit with a score_mod's tanh (softcap) can move some of them here (version 4's
-// forward with a score_mod: mods::SOFT_EXP2). x = -inf (a masked score) gives 0, as ex2 does; below
-// -126 a denormal or 0, where ex2.approx.ftz gives 0.
-__device__ inline float soft_exp2(float x) {
-    x = fmaxf(x, -127.0f);                    // -127 gives exactly 0: 1.0's bits less 127 << 23
-    const float shifted = x + 12582912.0f;    // 1.5 * 2^23: x rounded to an integer j, in the low bits
-    const float j = shifted - 12582912.0f, f = x - j;
-    const float p = fmaf(fmaf(fmaf(fmaf(0.00958281849f, f, 0.0559063703f), f, 0.240240991f), f, 0.693124175f), f,
-                         1.0f);                                           // 2^f, in [2^-1/2, 2^1/2]
-    return __uint_as_float(__float_as_uint(p) + (__float_as_uint(shifted) << 23));  // exponent + j
-}
-
 // Alg. 1, line 9 on one accumulator tile of 16 rows (S_ij, NT tiles of 8 keys): the new running max
 // m of the lane's two rows (their 4 lanes agree by shuffles), l rescaled to it by alpha =
 // exp(m_old - m_new), and S turned into P_ij and added to the lane's share of l. O must be rescaled
 // by alpha too: here at once (RESCALE_O, chapter 3), or later, by rescale below, while a product
 // runs (chapter 4, flash3_hopper.cu).
 // m and S stay unscaled: exp(scale (S - m)) = exp2(S c - m c) with c = scale log2(e), one fused
-// multiply-add and one exp2 (fast_exp2, a single instruction) per element; SOFT > 0: one tile of 8
-// keys in every SOFT by soft_exp2 instead (on the FMA units).
-template <bool RESCALE_O, int SOFT = 0, int NT, int NO>
+// multiply-add and one exp2 (fast_exp2, a single instruction) per element.
+template <bool RESCALE_O, int NT, int NO>
 __device__ inline void online_softmax(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&o)[NO][4],
                                       float (&alpha)[2], float c) {
     float m_new[2] = {m[0], m[1]}, mc[2];
@@ -262,10 +244,7 @@ __device__ inline void online_softmax(float (&s)[NT][4], float (&m)[2], float (&
     for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const float x = fmaf(s[n][i], c, -mc[i / 2]);
-            bool soft = false;  // tile n by soft_exp2: one in every SOFT (SOFT = 0: none)
-            if constexpr (SOFT > 0) soft = n % SOFT == SOFT - 1;
-            s[n][i] = soft ? soft_exp2(x) : fast_exp2(x);
+            s[n][i] = fast_exp2(fmaf(s[n][i], c, -mc[i / 2]));
             l[i / 2] += s[n][i];
         }
 }

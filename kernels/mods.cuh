@@ -155,11 +155,6 @@ namespace mods {
 
 constexpr bool ANY = SCORE || MASK;
 constexpr bool HOOKED = ANY || DROPOUT;  // a build that takes a mods::Args
-// Version 4's forward with a score_mod takes half its exp2s on the FMA units (mma.cuh's soft_exp2):
-// there the exp2s alone keep the special-function unit busy half as long as the tensor cores, and
-// softcap's tanh, one more such instruction per score, would double that (0 for the others: 1 tile
-// of 8 keys in every SOFT_EXP2).
-constexpr int SOFT_EXP2 = SCORE ? 2 : 0;
 
 // Call::mods as the kernels take it: by value (no mods: all zero).
 inline Args of(const void* args) { return args ? *static_cast<const Args*>(args) : Args{}; }

@@ -1,7 +1,7 @@
 """The CPU emulation of the tensor-core building blocks (kernels/cpu_cuda.h, used through
 kernels/mma.cuh): bf16 and fp16 rounding against torch's, one fragment-level program
-(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles), fast_tanh and soft_exp2 against
-float64 and, on a GPU, against the hardware running the same source. tools/fragments.py builds and runs the program
+(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles) and fast_tanh against float64 and,
+on a GPU, against the hardware running the same source. tools/fragments.py builds and runs the program
 (notebook 6 uses it too)."""
 import sys
 
@@ -11,7 +11,7 @@ import torch
 import minimal_flash as mf
 
 sys.path.insert(0, str(mf.KERNELS.parent / "tools"))
-from fragments import build_fragments, run_elementwise, run_program  # noqa: E402
+from fragments import build_fragments, run_fast_tanh, run_program  # noqa: E402
 
 HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 CUDA = pytest.param("cuda", 
@@ -112,7 +112,7 @@ def test_fast_tanh_within_its_documented_error(build, device):
     be, and exact where it says so: +-0 keep their sign, +-inf give +-1, NaN stays NaN, subnormals
     pass through. The emulation (std::tanh) must keep the same promises as the GPU."""
     x = tanh_inputs()
-    y = run_elementwise(build(device), device, "fast_tanh", x)
+    y = run_fast_tanh(build(device), device, x)
     nan = torch.isnan(x)
     assert torch.isnan(y[nan]).all() and not torch.isnan(y[~nan]).any()
     reference = torch.tanh(x[~nan].double())
@@ -129,42 +129,6 @@ def test_fast_tanh_emulation_within_the_hardwares_error(build, device):
     """The GPU's one instruction and the emulation's std::tanh on the same values: apart by at most
     the instruction's 2^-11 (and the emulation's own rounding, 2^-24), NaN in the same places."""
     x = tanh_inputs()
-    on_gpu, emulated = (run_elementwise(build(d), d, "fast_tanh", x) for d in (device, "cpu"))
+    on_gpu, emulated = (run_fast_tanh(build(d), d, x) for d in (device, "cpu"))
     assert torch.equal(torch.isnan(on_gpu), torch.isnan(emulated))
     assert torch.allclose(on_gpu, emulated, rtol=TANH_ERROR + 2.0**-23, atol=0.0, equal_nan=True)
-
-
-# kernels/mma.cuh's soft_exp2: its polynomial's largest relative error on [-1/2, 1/2], in float32 arithmetic.
-SOFT_EXP2_ERROR = 3e-6
-
-
-def soft_exp2_inputs():
-    """The softmax's exponents: 0 and below, -inf (a masked score), the edge at -126 / -127 where the
-    result leaves the normal floats, halves (j's rounding ties), a sweep and random values."""
-    values = torch.tensor([0.0, -0.0, -0.5, -1.5, -2.5, -1e-7, -1.0, -126.0, -126.5, -126.9, -127.0, -127.5, -200.0,
-                           -1e30, float("-inf")])
-    generator = torch.Generator().manual_seed(1)
-    return torch.cat([values, torch.linspace(-130, 0, 26001), -torch.rand(4000, generator=generator) * 20])
-
-
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_soft_exp2_within_its_error(build, device):
-    """soft_exp2 (version 4's exp2 on the FMA units, with a score_mod) within 3e-6 (relative) of float64's
-    2^x where 2^x is a normal float; 0 for -inf and from -127 down (a masked score's probability is 0, not
-    a denormal that would give a row that sees no key a weight); never negative, never above 1."""
-    x = soft_exp2_inputs()
-    y = run_elementwise(build(device), device, "soft_exp2", x)
-    normal = x >= -126
-    reference = torch.exp2(x[normal].double())
-    assert ((y[normal].double() - reference).abs() <= SOFT_EXP2_ERROR * reference).all()
-    assert (y[x <= -127] == 0).all() and (y >= 0).all() and (y <= 1).all()
-    assert (y[(x > -127) & ~normal] < torch.finfo(torch.float32).tiny).all()
-
-
-@pytest.mark.parametrize("device", [CUDA])
-def test_soft_exp2_emulation_is_the_hardwares(build, device):
-    """soft_exp2 is float arithmetic (fused multiply-adds, adds, a max) and integer bits: the emulation
-    gives the GPU's results to the bit."""
-    x = soft_exp2_inputs()
-    on_gpu, emulated = (run_elementwise(build(d), d, "soft_exp2", x) for d in (device, "cpu"))
-    assert torch.equal(on_gpu, emulated)

@@ -5,8 +5,8 @@
 // accumulators of S, so that the lane layouts can be read directly (notebook 6 does). nvcc builds it
 // for the GPU, g++ against kernels/cpu_cuda.h for the CPU (tools/fragments_cpu.cpp); tools/fragments.py
 // builds and runs either, and tests/test_fragments.py runs both on the same inputs and compares them,
-// lane layouts included. elementwise, beside it: mma.cuh's fast_tanh or soft_exp2 of a vector of
-// values, compared the same way.
+// lane layouts included. tanh_values, beside it: mma.cuh's fast_tanh of a vector of values, compared
+// the same way.
 #include "mma.cuh"
 #ifdef __CUDACC__
 #define LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
@@ -54,11 +54,10 @@ __global__ void fragments(const unsigned short* A, const unsigned short* K, cons
     }
 }
 
-// y = f(x) for function 0, fast_tanh (the special-function unit's tanh: one instruction on the GPU,
-// std::tanh in the emulation), or 1, soft_exp2 (the FMA units' 2^x, the same arithmetic on both).
-__global__ void elementwise(int function, const float* x, float* y, int n) {
+// The special-function unit's tanh (one instruction on the GPU, std::tanh in the emulation).
+__global__ void tanh_values(const float* x, float* y, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = function == 0 ? fast_tanh(x[i]) : soft_exp2(x[i]);
+    if (i < n) y[i] = fast_tanh(x[i]);
 }
 
 extern "C" {
@@ -73,10 +72,9 @@ const char* run_fragments(int bf16, const unsigned short* A, const unsigned shor
     return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }
 
-// y = f(x) (elementwise's function 0 or 1: kernels/mma.cuh's fast_tanh, soft_exp2) for n values, a
-// thread per value; "" on success.
-const char* run_elementwise(int function, const float* x, float* y, int n) {
-    LAUNCH(elementwise, dim3((n + 255) / 256), dim3(256), 0, 0)(function, x, y, n);
+// y = fast_tanh(x) (kernels/mma.cuh) for n values, a thread per value; "" on success.
+const char* run_fast_tanh(const float* x, float* y, int n) {
+    LAUNCH(tanh_values, dim3((n + 255) / 256), dim3(256), 0, 0)(x, y, n);
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }
