@@ -630,13 +630,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (batch, max_blocks_per_seq) int32, paged: (num_blocks, page_block_size, nheads_k, d), row j of
     sequence b in page block_table[b, j // page_block_size]. Both contiguous: they are written in place.
     cache_seqlens: the keys each sequence has cached, an int or an int32 tensor (batch,); None: the
-    whole cache. cache_batch_idx: int32 (batch,), the contiguous cache's entry that each sequence uses
-    (the cache then holds any number of them: slots of a server's batch; as a one-page block_table),
-    distinct where k, v are appended; not with block_table. k, v: (batch, seqlen_new, nheads_k, d),
-    written at rows cache_seqlens[b] .. + seqlen_new; sequence b then has L_b = cache_seqlens[b] +
-    seqlen_new keys. causal: the queries are each sequence's last seqlen_q positions (the official
-    package's alignment): query i sees key j iff j <= i + L_b - seqlen_q. A query that sees no key gets
-    0, and lse -inf, the log of an empty sum.
+    whole cache. cache_leftpad: int32 (batch,), the row where each sequence's keys start (a left-padded
+    batch; the rows before it are not read; None: 0). cache_batch_idx: int32 (batch,), the contiguous
+    cache's entry that each sequence uses (the cache then holds any number of them: slots of a server's
+    batch; as a one-page block_table), distinct where k, v are appended; not with block_table. k, v:
+    (batch, seqlen_new, nheads_k, d), written at rows cache_seqlens[b] .. + seqlen_new; sequence b then
+    has L_b = cache_seqlens[b] + seqlen_new - cache_leftpad[b] keys, counted from its first (key j in
+    row cache_leftpad[b] + j). causal: the queries are each sequence's last seqlen_q positions (the
+    official package's alignment): query i sees key j iff j <= i + L_b - seqlen_q. A query that sees no
+    key gets 0, and lse -inf, the log of an empty sum.
     window_size, softcap, alibi_slopes ((nheads,) or (batch, nheads) float32) as the official package has
     them, measured from the same alignment (query i of sequence b against key j: i + L_b - seqlen_q - j),
     chapter 6's mods compiled into the decode kernels (a window's splits cut only the keys it sees);
@@ -646,17 +648,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     combined (0: chosen as the official package chooses; 1: none). Returns out (batch, seqlen_q, nheads,
     d) in q's dtype and, with return_softmax_lse, lse (batch, nheads, seqlen_q), float32.
 
-    cache_seqlens out of the cache's range, or block_table entries that are not its pages, raise a
-    ValueError, checked on the host (a copy to it, so a sync) except while a CUDA graph is being
-    captured. The kernel checks them too: it never reads outside the cache, and a sequence out of range
+    cache_seqlens out of the cache's range (or below cache_leftpad), or block_table entries that are not
+    its pages, raise a ValueError, checked on the host (a copy to it, so a sync) except while a CUDA graph
+    is being captured. The kernel checks them too: it never reads outside the cache, and a sequence out of range
     gets NaN in all its output rows, a loud answer, never a plausible one (cache_batch_idx's entries
     likewise). rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2), q's dtype, rotary_dim a multiple of 16
     up to d, with k, v only: the rotary embedding of q and the new k as the official package applies it
     (rotary_interleaved: dimensions 0 & 1, 2 & 3, ...; else 0 & rotary_dim / 2, ..., GPT-NeoX's), the new
     keys at positions cache_seqlens[b] + i, the queries there too if causal or with a window, else all at
-    cache_seqlens[b]; here by torch operations in float32 before the kernel, not in it. cache_leftpad,
-    which these kernels lack, is refused."""
-    _check_official_defaults(cache_leftpad=cache_leftpad)
+    cache_seqlens[b] (rows of the cache, the pad included, as the official package counts them); here
+    by torch operations in float32 before the kernel, not in it."""
     causal = _check_causal(causal)
     if not isinstance(return_softmax_lse, bool):
         raise TypeError(f"return_softmax_lse = {_short(return_softmax_lse)}: it must be True or False")
@@ -667,6 +668,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     capacity = block_table.shape[1] * page if block_table is not None else page  # keys a sequence may have
     seqlen_new = 0 if k is None else k.shape[1]
     seqlens = _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new)
+    leftpad = _check_cache_leftpad(cache_leftpad, q)
     # a window alone: the rows read keys from left before the first's position to right after the last's
     # (causal: none after), the band the kernel's splits cut
     left, right = mods.ints[:2] if mods is not None and mods.spec.window_only else (-1, -1)
@@ -678,7 +680,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if not _capturing(q.device):  # a graph being captured cannot wait for a copy to the host
         if cache_batch_idx is not None:
             _check_cache_batch_idx(block_table, pages, k is not None)
-        _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages)
+        _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftpad)
         if rotary:
             _check_rotary_positions(seqlens, max(seqlen_new, Sq if q_steps else 1), len(rotary_cos))
     if rotary:  # the new keys at cache_seqlens[b] + i; the queries there too if causal or local, else all at [b]
@@ -691,8 +693,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     out, lse = torch.empty_like(q), q.new_empty((B, H, Sq), dtype=torch.float32)
     if out.numel() > 0:
         kernels = load_kernels(q.device.type, 3, mods=_spec(mods))
-        _raise_if(kernels.decode(_aligned(q), k_cache, v_cache, seqlens, block_table, seqlen_new, capacity, splits,
-                                 scale, causal, out, lse, mods))
+        _raise_if(kernels.decode(_aligned(q), k_cache, v_cache, seqlens, block_table, leftpad, seqlen_new, capacity,
+                                 splits, scale, causal, out, lse, mods))
     return (out, lse) if return_softmax_lse else out
 
 
@@ -845,28 +847,48 @@ def _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new):
     return cache_seqlens.contiguous()
 
 
+def _check_cache_leftpad(cache_leftpad, q):
+    """cache_leftpad as an int32 tensor (batch,) on q's device, or None (no sequence padded)."""
+    if cache_leftpad is None:
+        return None
+    _check_is_tensor("cache_leftpad", cache_leftpad)
+    B = q.shape[0]
+    problem = (f"its dtype is {cache_leftpad.dtype}, not torch.int32" if cache_leftpad.dtype != torch.int32 else
+               f"its shape is {tuple(cache_leftpad.shape)}, not (batch = {B},)" if cache_leftpad.shape != (B,) else
+               f"it is on {cache_leftpad.device}, q on {q.device}" if cache_leftpad.device != q.device else None)
+    if problem:
+        raise ValueError(f"cache_leftpad: {problem}")
+    return cache_leftpad.contiguous()
+
+
 def _capturing(device):
     """Is this device's current stream being captured into a CUDA graph? Then nothing may wait for a copy
     to the host."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages):
-    """Each sequence's keys (cache_seqlens[b] + seqlen_new) within the cache, and, paged, each page it
-    uses a page of the cache; a ValueError that names the first sequence that is not."""
+def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftpad=None):
+    """Each sequence's keys (rows cache_leftpad[b] .. cache_seqlens[b] + seqlen_new - 1) within the cache,
+    and, paged, each page they lie in a page of the cache; a ValueError that names the first sequence
+    that is not."""
     lengths = seqlens.tolist()  # a few numbers: Python's min and max are quicker than torch's on them
     if lengths and (min(lengths) < 0 or max(lengths) + seqlen_new > capacity):
         b = next(b for b, n in enumerate(lengths) if n < 0 or n + seqlen_new > capacity)
         raise ValueError(f"cache_seqlens[{b}] = {lengths[b]}: with seqlen_new = {seqlen_new} new keys, sequence {b} "
                          f"would have {lengths[b] + seqlen_new}, outside the cache's 0 .. {capacity}")
+    pads = [0] * len(lengths) if leftpad is None else leftpad.tolist()
+    for b, (pad, n) in enumerate(zip(pads, lengths)):
+        if not 0 <= pad <= n:
+            raise ValueError(f"cache_leftpad[{b}] = {pad}: sequence {b}'s keys start there, so it must be in 0 .. "
+                             f"cache_seqlens[{b}] = {n}")
     if block_table is None or block_table.numel() == 0:
         return
     table, page = block_table.cpu(), capacity // block_table.shape[1]
     low, high = torch.aminmax(table)
     if low >= 0 and high < pages:  # every entry a page of the cache, used or not: nothing more to look at
         return
-    keys = torch.tensor(lengths) + seqlen_new
-    used = torch.arange(table.shape[1])[None, :] < ((keys + page - 1) // page)[:, None]
+    keys, column = torch.tensor(lengths) + seqlen_new, torch.arange(table.shape[1])[None, :]
+    used = (column >= (torch.tensor(pads) // page)[:, None]) & (column < ((keys + page - 1) // page)[:, None])
     bad = torch.nonzero(used & ((table < 0) | (table >= pages)))
     if len(bad):
         b, j = bad[0].tolist()
@@ -1627,7 +1649,7 @@ class Kernels:
                 (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, i, i, P, f, b, b, P, i, i, P])]:
             function.restype, function.argtypes = result, arguments
         if hasattr(c, "mf_decode"):  # version 3's build: chapter 5's decode kernels (kernels/flash_decode.cu)
-            c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 9 + [i] * 11 + [f, b, i, i, P, P]
+            c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 10 + [i] * 11 + [f, b, i, i, P, P]
         if hasattr(c, "mf_block_mask"):  # a build with mods: chapter 6's block mask (kernels/mods.cuh)
             c.mf_block_mask.restype, c.mf_block_mask.argtypes = ctypes.c_char_p, [P, i, i, i, P, i, P]
         self.library, self.sources, self.version, self.folder = library, sources, version, None
@@ -1699,8 +1721,8 @@ class Kernels:
                                      stream).decode()
 
 
-    def decode(self, q, k_cache, v_cache, seqlens, block_table, seqlen_new, capacity, splits, scale, causal, out,
-               lse, mods=None):
+    def decode(self, q, k_cache, v_cache, seqlens, block_table, leftpad, seqlen_new, capacity, splits, scale, causal,
+               out, lse, mods=None):
         """flash_attn_with_kvcache's kernels on tensors already checked (kernels/flash_decode.cu, mf_decode),
         with a ModCall for a build with mods: out and lse written. With splits > 1 each split's share goes
         through fp32 scratch, held here until the launches are queued. Returns an error message, "" on
@@ -1712,7 +1734,7 @@ class Kernels:
                   q.new_empty((splits, B, H, Sq), dtype=torch.float32)) if splits > 1 else (None, None))
         table = (block_table.shape[1], pages) if block_table is not None else (0, 0)
         addresses = [t.data_ptr() if t is not None else None
-                     for t in (q, k_cache, v_cache, seqlens, block_table, out, lse, *parts)]
+                     for t in (q, k_cache, v_cache, seqlens, block_table, leftpad, out, lse, *parts)]
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
         mod_args = _mod_args(self, mods, q, H)[0] if mods is not None else None  # (its tensors: mods')
@@ -1994,8 +2016,7 @@ def _check_dropout(dropout_p):
     return float(dropout_p)
 
 
-_OFFICIAL_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, rotary_cos=None, rotary_sin=None,
-                          cache_batch_idx=None, cache_leftpad=None, block_table=None)
+_OFFICIAL_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, block_table=None)
 
 
 def _at_default(name, value):

@@ -54,17 +54,19 @@
 // shift = L_b - seqlen_q, and b, h, q_idx = s, kv_idx = j of each row's own query head; a window alone
 // also narrows the keys the splits cut to its band (mods::span), so that a step reads only those.
 //
-// The cache. A key row is found row by row: contiguous, row j of sequence b's slice; paged, row
-// j % page of page block_table[b][j / page]. A row of one head is d contiguous values either way, and
-// reaches shared memory by cp.async, 16 bytes a thread (Copies below). Keys past the sequence's end (or a causal
+// The cache. A key row is found row by row: key j of sequence b is its row pad + j (pad =
+// cache_leftpad[b], the rows a left-padded batch keeps before a sequence's first key; 0 without it),
+// and row r is, contiguous, row r of sequence b's slice; paged, row r % page of page
+// block_table[b][r / page]. A row of one head is d contiguous values either way, and reaches shared
+// memory by cp.async, 16 bytes a thread (Copies below). Keys past the sequence's end (or a causal
 // row's last) are masked to -inf; tiles wholly past the block's rows' are never loaded.
 //
 // Misuse. The kernel reads only what cache_seqlens and block_table say a sequence has, so it checks
-// them first: a sequence whose length is out of the cache's range, or whose pages are not pages of the
-// cache, reads nothing and gets NaN in all its output rows (minimal_flash checks the same on the host
-// and raises, except while a CUDA graph is being captured, when only this check is left). Each block
-// checks the pages of its split's share of the sequence and of its own tiles; a NaN in one split's lse
-// makes the combined row NaN.
+// them first: a sequence whose length is out of the cache's range (or below its pad), or whose pages
+// are not pages of the cache, reads nothing and gets NaN in all its output rows (minimal_flash checks
+// the same on the host and raises, except while a CUDA graph is being captured, when only this check
+// is left). Each block checks the pages of its split's share of the sequence and of its own tiles; a
+// NaN in one split's lse makes the combined row NaN.
 // A row that sees no key at all (L_b = 0, or causal with s + L_b - seqlen_q < 0) gets O = 0 and
 // lse = -inf, the log of an empty sum.
 // Names as in the paper; "Alg. 1, line n" marks the FlashAttention-2 paper's Algorithm 1.
@@ -89,6 +91,7 @@ struct Params {
                                       // (pages, page, Hk, d)
     const int* cache_seqlens;         // (B,): the keys each sequence had before this call's new ones
     const int* block_table;           // (B, max_pages): the pages of each sequence; null: contiguous
+    const int* cache_leftpad;         // (B,): where each sequence's keys start in its rows; null: at 0
     unsigned short* O;                // (B, Sq, H, d), in T
     float* L;                         // (B, H, Sq): the rows' log-sum-exp
     float *O_split, *L_split;         // splits > 1: (splits, B, Sq, H, d) and (splits, B, H, Sq), fp32
@@ -151,7 +154,7 @@ __device__ void look_up_rows(int (&row)[COUNT], const Params& p, int b, int j0, 
 // and 0 x NaN is not).
 struct Tiles {
     const Params& p;
-    int b, h, end, t_end;
+    int b, h, pad, end, t_end;  // keys j < end of sequence b, in its rows pad + j
     unsigned short *K, *V;  // the buffers
 };
 
@@ -163,7 +166,7 @@ struct Copies {
     int row[COUNT];  // the cache rows of the thread's rows of the next tile to copy
 
     __device__ void look_up(int t) {
-        look_up_rows(row, at.p, at.b, t * Bc, at.end,
+        look_up_rows(row, at.p, at.b, at.pad + t * Bc, at.pad + at.end,
                      [](int k) { return int(threadIdx.x) / CHUNKS + k * STEP; });
     }
     // Tile t into buffer `buffer` by cp.async, a commit group (empty past the split's end).
@@ -267,9 +270,11 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Ar
     // This block's sequence b, kv head h_kv, rows [row0, row0 + Br) of its Sq * group, and split.
     const int b = blockIdx.x / p.Hk, h_kv = blockIdx.x % p.Hk, split = blockIdx.z;
     const int rows = p.Sq * p.group, row0 = blockIdx.y * Br;
-    const long long keys = (long long)p.cache_seqlens[b] + p.seqlen_new;  // the sequence's, if in range
-    const bool length_ok = p.cache_seqlens[b] >= 0 && keys <= p.capacity;
-    int L = length_ok ? (int)keys : 0;
+    // Its keys: rows pad .. cache_seqlens[b] + seqlen_new - 1 of its cache (cache_leftpad: the rows
+    // before pad are not its own), key j in row pad + j; if in range.
+    const int seqlen = p.cache_seqlens[b], pad = p.cache_leftpad ? p.cache_leftpad[b] : 0;
+    const bool length_ok = 0 <= pad && pad <= seqlen && (long long)seqlen + p.seqlen_new <= p.capacity;
+    int L = length_ok ? seqlen + p.seqlen_new - pad : 0;
 
     // The keys a row sees end at `L`, or, causal, at its position's limit s + L - Sq + 1; this block's
     // tiles end at its last row's. They are cut into `splits` ranges, this split taking its share.
@@ -297,7 +302,7 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Ar
     const int share = ceil_div(ceil_div(L, Bc), p.splits) * Bc;
     const int j1 = min(max((split + 1) * share, t_end * Bc), L),
               j0 = min(min(split * share, t_begin * Bc), j1);
-    const bool bad = !length_ok || !pages_in_range(p, b, j0, j1, flag);
+    const bool bad = !length_ok || !pages_in_range(p, b, pad + j0, pad + j1, flag);
     if (bad) L = 0, t_end = t_begin;  // reads nothing
 
     // Row `row` of the block: position s of query head h.
@@ -310,7 +315,7 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Ar
         const bool valid = row0 + r < rows;
         cp_async16(Q_i + r * LS + x, p.Q + (valid ? q_at(row0 + r) * d + x : 0), valid);
     }
-    const Tiles tiles_at{p, b, h_kv, end, t_end, K_j, V_j};
+    const Tiles tiles_at{p, b, h_kv, pad, end, t_end, K_j, V_j};
     Copies<d> copies{tiles_at};
     copies.start(t_begin);
 
@@ -529,7 +534,8 @@ std::string run(const Params& p, const Call& c) {
 }  // namespace flash_decode
 
 extern "C" const char* mf_decode(const float* Q, const float* K, const float* V, const int* cache_seqlens,
-                                 const int* block_table, float* O, float* L, float* O_split, float* L_split,
+                                 const int* block_table, const int* cache_leftpad, float* O, float* L,
+                                 float* O_split, float* L_split,
                                  int B, int Sq, int H, int Hk, int d, int seqlen_new, int capacity, int page,
                                  int max_pages, int pages, int splits, float scale, bool causal,
                                  int dtype, int device, void* stream, const void* mod_args) {
@@ -540,11 +546,12 @@ extern "C" const char* mf_decode(const float* Q, const float* K, const float* V,
     c.mods = mod_args;  // a build with mods: the window_size, softcap, alibi_slopes (or mods) of the call
     const fd::Params p{bits(Q),     bits(K),
                        bits(V),     cache_seqlens,
-                       block_table, bits(O),
-                       L,           O_split,
-                       L_split,     B,
-                       Sq,          H,
-                       Hk,          Hk > 0 ? H / Hk : 0,
+                       block_table, cache_leftpad,
+                       bits(O),     L,
+                       O_split,     L_split,
+                       B,           Sq,
+                       H,           Hk,
+                       Hk > 0 ? H / Hk : 0,
                        seqlen_new,  capacity,
                        page,        max_pages,
                        pages,       splits,

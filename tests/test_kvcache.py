@@ -43,15 +43,18 @@ def reference(q, sequences, causal, scale, window_size=(-1, -1), softcap=0.0, al
     return torch.stack(outs), torch.stack(lses), torch.stack(plains)
 
 
-def build_cache(sequences, cached, capacity, page, dtype, generator):
-    """The first cached[b] rows of each sequence in a cache of `capacity` rows per sequence, everything
-    else NaN. page None: contiguous, (B, capacity, Hk, d). Else paged: pages of `page` rows, each
-    sequence's in a random order among all the pool's (two spare ones), block_table (B, max_pages)."""
+def build_cache(sequences, cached, capacity, page, dtype, generator, pads=None):
+    """The first cached[b] rows of each sequence in a cache of `capacity` rows per sequence, from its
+    row pads[b] on (cache_leftpad; None: 0), everything else NaN. page None: contiguous, (B, capacity,
+    Hk, d). Else paged: pages of `page` rows, each sequence's in a random order among all the pool's (two
+    spare ones), block_table (B, max_pages)."""
     B, (Hk, d) = len(sequences), sequences[0][0].shape[1:]
+    pads = pads or [0] * B
     if page is None:
         caches = [torch.full((B, capacity, Hk, d), float("nan"), dtype=dtype) for _ in range(2)]
         for b, (K, V) in enumerate(sequences):
-            caches[0][b, :cached[b]], caches[1][b, :cached[b]] = K[:cached[b]], V[:cached[b]]
+            rows = slice(pads[b], pads[b] + cached[b])
+            caches[0][b, rows], caches[1][b, rows] = K[:cached[b]], V[:cached[b]]
         return caches, None
     max_pages = capacity // page
     pages = B * max_pages + 2
@@ -59,19 +62,20 @@ def build_cache(sequences, cached, capacity, page, dtype, generator):
     caches = [torch.full((pages, page, Hk, d), float("nan"), dtype=dtype) for _ in range(2)]
     for b, (K, V) in enumerate(sequences):
         for j in range(cached[b]):
-            caches[0][block_table[b, j // page], j % page] = K[j]
-            caches[1][block_table[b, j // page], j % page] = V[j]
+            r = pads[b] + j
+            caches[0][block_table[b, r // page], r % page] = K[j]
+            caches[1][block_table[b, r // page], r % page] = V[j]
     return caches, block_table
 
 
-def after_append(caches, k, v, cached, block_table, written):
-    """The caches as they must be after k, v are appended: copies, with row cached[b] + i of each
-    sequence b in `written` set to k[b, i], v[b, i]; every other row as it was."""
+def after_append(caches, k, v, cached, block_table, written, pads=None):
+    """The caches as they must be after k, v are appended: copies, with row pads[b] + cached[b] + i of
+    each sequence b in `written` set to k[b, i], v[b, i]; every other row as it was."""
     expected = [c.clone() for c in caches]
     page = caches[0].shape[1]
     for b in written:
         for i in range(k.shape[1]):
-            j = cached[b] + i
+            j = (pads[b] if pads else 0) + cached[b] + i
             where = (b, j) if block_table is None else (block_table[b, j // page], j % page)
             expected[0][where], expected[1][where] = k[b, i], v[b, i]
     return expected
@@ -146,25 +150,30 @@ def test_official_options_and_mods(device, name, generator):
 
 
 def check_against_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator, unread=None,
-                          **options):
+                          pads=None, **options):
     """flash_attn_with_kvcache on caches built from dense sequences: the caches after the append, to
     the bit; out and lse (return_softmax_lse) against float64 (reference; options: window_size, softcap,
     alibi_slopes, and score_mod, mask_mod, mod_tensors, which dense_mods below writes out). unread =
-    (b, n): the first n rows of sequence b's contiguous cache NaN (the reference reads the sequences)."""
+    (b, n): the first n rows of sequence b's contiguous cache NaN (the reference reads the sequences).
+    pads: cache_leftpad, each sequence's keys from that row on (the NaN rows before it never read)."""
     lengths = [n + new for n in cached]
     sequences = dense_sequences(lengths, Hk, d, dtype, generator)
-    capacity = math.ceil((max(lengths) + 37) / (page or 1)) * (page or 1)  # rows past every sequence's end
-    (k_cache, v_cache), block_table = build_cache(sequences, cached, capacity, page, dtype, generator)
+    rows = [n + (pads[b] if pads else 0) for b, n in enumerate(lengths)]
+    capacity = math.ceil((max(rows) + 37) / (page or 1)) * (page or 1)  # rows past every sequence's end
+    (k_cache, v_cache), block_table = build_cache(sequences, cached, capacity, page, dtype, generator, pads)
     if unread is not None:
         k_cache[unread[0], :unread[1]], v_cache[unread[0], :unread[1]] = math.nan, math.nan
     q = torch.randn(len(lengths), Sq, H, d, generator=generator).to(dtype)
     k, v = (torch.stack([s[i][n:] for s, n in zip(sequences, cached)]) for i in range(2)) if new else (None, None)
-    expected = after_append((k_cache, v_cache), k, v, cached, block_table, range(len(cached)) if new else [])
+    expected = after_append((k_cache, v_cache), k, v, cached, block_table, range(len(cached)) if new else [], pads)
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     on_device, official = split_options(options, device)
     k_cache, v_cache = to(k_cache), to(v_cache)
+    seqlens = [n + (pads[b] if pads else 0) for b, n in enumerate(cached)]  # cache_seqlens count the pad
     out, lse = mf.flash_attn_with_kvcache(to(q), k_cache, v_cache, to(k), to(v),
-                                          cache_seqlens=torch.tensor(cached, dtype=torch.int32, device=device),
+                                          cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device),
+                                          cache_leftpad=None if pads is None else torch.tensor(pads, dtype=torch.int32,
+                                                                                               device=device),
                                           block_table=to(block_table), causal=causal, num_splits=splits,
                                           return_softmax_lse=True, **on_device)
     for name, cache, want in (("k_cache", k_cache, expected[0]), ("v_cache", v_cache, expected[1])):
@@ -257,9 +266,40 @@ def refuse(error, match, *inputs, **options):
         mf.flash_attn_with_kvcache(*inputs, **options)
 
 
-@pytest.mark.parametrize("option,value", [("cache_leftpad", torch.zeros(2, dtype=torch.int32))])
-def test_options_it_lacks_are_refused(option, value):
-    refuse(ValueError, f"{option} = .* is not supported by minimal_flash", *small_inputs(), **{option: value})
+# cache_leftpad: sequences of a left-padded batch, their keys from row pads[b] of their cache (the rows
+# before it NaN: one read makes out NaN): pads off the 64-key tile and, paged, off the page (a pad of
+# whole pages, one that ends mid-page, tiles that straddle pages), a pad with no key after it (out 0,
+# lse -inf) and one whose only keys are the new ones; causal and a window then count positions from
+# the pad; splits 1, 2 and 7.
+LEFTPAD = {
+    "contiguous-causal": ((3, 8, 2, 64, [62, 297, 2, 0], 3, True, 7, None, torch.bfloat16), [5, 64, 130, 9], {}),
+    "page48-window": ((1, 8, 1, 128, [100, 40, 0], 1, True, 2, 48, torch.float16), [96, 70, 3],
+                      dict(window_size=(40, 0))),
+    "page80-empty": ((2, 4, 4, 64, [130, 0, 65], 0, False, 1, 80, torch.bfloat16), [17, 50, 80], {}),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(LEFTPAD))
+def test_cache_leftpad(device, name, generator):
+    case, pads, options = LEFTPAD[name]
+    check_against_float64(device, *case, generator, pads=pads, **options)
+
+
+def test_bad_cache_leftpad_is_refused():
+    q, k_cache, v_cache = small_inputs()
+    pad = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    seqlens = pad(10, 3)
+    refuse(ValueError, r"cache_leftpad\[1\] = 4: sequence 1's keys start there, so it must be in 0 \.\. "
+                       r"cache_seqlens\[1\] = 3", q, k_cache, v_cache, cache_seqlens=seqlens, cache_leftpad=pad(0, 4))
+    refuse(ValueError, r"cache_leftpad\[0\] = -1", q, k_cache, v_cache, cache_seqlens=seqlens, cache_leftpad=pad(-1, 0))
+    refuse(ValueError, "cache_leftpad: its dtype is torch.int64, not torch.int32", q, k_cache, v_cache,
+           cache_seqlens=seqlens, cache_leftpad=pad(0, 1).long())
+    refuse(ValueError, r"cache_leftpad: its shape is \(3,\), not \(batch = 2,\)", q, k_cache, v_cache,
+           cache_seqlens=seqlens, cache_leftpad=pad(0, 1, 2))
+    refuse(ValueError, "cache_leftpad: it is on meta, q on cpu", q, k_cache, v_cache, cache_seqlens=seqlens,
+           cache_leftpad=pad(0, 1).to("meta"))
+    refuse(TypeError, "cache_leftpad must be a torch.Tensor", q, k_cache, v_cache, cache_leftpad=[0, 1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -317,33 +357,36 @@ def turned(x, cos, sin, positions, interleaved):
     return torch.cat((z.flatten(-2) if interleaved else torch.cat((z[..., 0], z[..., 1]), -1), x[..., r:]), -1)
 
 
-ROTARY = [(True, True, 64), (False, False, 32), (True, False, 32), (False, True, 64)]
+ROTARY = [(True, True, 64, False), (False, False, 32, False), (True, False, 32, True), (False, True, 64, True)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("interleaved,causal,rotary_dim", ROTARY, ids=[
-    f"{'interleaved' if i else 'neox'}-{'causal' if c else 'full'}-dim{r}" for i, c, r in ROTARY])
-def test_rotary_embedding(device, interleaved, causal, rotary_dim, generator):
+@pytest.mark.parametrize("interleaved,causal,rotary_dim,leftpad", ROTARY, ids=[
+    f"{'interleaved' if i else 'neox'}-{'causal' if c else 'full'}-dim{r}{'-leftpad' if p else ''}"
+    for i, c, r, p in ROTARY])
+def test_rotary_embedding(device, interleaved, causal, rotary_dim, leftpad, generator):
     """rotary_cos, rotary_sin: q and the new keys turned as the official package turns them (the new keys
-    at cache_seqlens[b] + i; the queries there too if causal, else all at cache_seqlens[b]), against float64
-    attention on inputs turned here; the cache's new rows those turned keys, within a bf16 step."""
+    at cache_seqlens[b] + i; the queries there too if causal, else all at cache_seqlens[b]; with
+    cache_leftpad, these are still rows of the cache, the pad counted), against float64 attention on
+    inputs turned here; the cache's new rows those turned keys, within a bf16 step."""
     B, Sq, H, Hk, d, C = 3, 3, 4, 2, 64, 120
     q = torch.randn(B, Sq, H, d, generator=generator).to(torch.bfloat16)
-    cached = [60, 7, 0]
+    cached, pads = [60, 7, 0], [5, 0, 40] if leftpad else [0, 0, 0]
     sequences = dense_sequences([n + Sq for n in cached], Hk, d, torch.bfloat16, generator)
-    (k_cache, v_cache), _ = build_cache(sequences, cached, C, None, torch.bfloat16, generator)
+    (k_cache, v_cache), _ = build_cache(sequences, cached, C, None, torch.bfloat16, generator, pads)
     k, v = (torch.stack([s[i][n:] for s, n in zip(sequences, cached)]) for i in range(2))
     angles = torch.arange(C)[:, None] * torch.rand(rotary_dim // 2, generator=generator)[None, :]
     cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
-    seqlens = torch.tensor(cached, dtype=torch.int32)
+    seqlens = torch.tensor(cached, dtype=torch.int32) + torch.tensor(pads, dtype=torch.int32)
     k_cache, v_cache = k_cache.to(device), v_cache.to(device)
     out = mf.flash_attn_with_kvcache(q.to(device), k_cache, v_cache, k.to(device), v.to(device),
                                      rotary_cos=cos.to(device), rotary_sin=sin.to(device),
-                                     cache_seqlens=seqlens.to(device), causal=causal, rotary_interleaved=interleaved)
+                                     cache_seqlens=seqlens.to(device), causal=causal, rotary_interleaved=interleaved,
+                                     cache_leftpad=torch.tensor(pads, dtype=torch.int32, device=device))
     positions = seqlens.long()[:, None] + torch.arange(Sq)
     k_turned = turned(k, cos, sin, positions, interleaved)
     q_turned = turned(q, cos, sin, positions if causal else positions[:, :1].expand(B, Sq), interleaved)
-    new_rows = torch.stack([k_cache[b, n:n + Sq].cpu() for b, n in enumerate(cached)]).double()
+    new_rows = torch.stack([k_cache[b, n:n + Sq].cpu() for b, n in enumerate(seqlens.tolist())]).double()
     assert torch.allclose(new_rows, k_turned, rtol=2 ** -7, atol=1e-5), "the cache's new rows: the keys turned"
     turned_sequences = [[torch.cat((K[:n], k_turned[b].to(K.dtype))), V] for b, ((K, V), n) in
                         enumerate(zip(sequences, cached))]
@@ -474,3 +517,42 @@ def test_a_block_checks_every_page_it_reads(device, generator, monkeypatch):
                                           block_table=table.to(device), causal=True, num_splits=4,
                                           return_softmax_lse=True)
     assert torch.isnan(out.cpu()).all() and torch.isnan(lse.cpu()).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pages_before_the_pad_are_neither_checked_nor_read(device, generator):
+    """cache_leftpad 96 on pages of 48: the sequence's first two pages hold none of its keys, so their
+    block_table entries may be anything (here 2^20, far past the pool): not refused, not read, and the
+    answer is the bits of the same call with those entries valid."""
+    sequences = dense_sequences([100], 2, 64, torch.bfloat16, generator)
+    (k_cache, v_cache), table = build_cache(sequences, [100], 240, 48, torch.bfloat16, generator, pads=[96])
+    q = torch.randn(1, 2, 4, 64, generator=generator).bfloat16().to(device)
+    k_cache, v_cache = k_cache.to(device), v_cache.to(device)
+    call = lambda table: mf.flash_attn_with_kvcache(  # noqa: E731
+        q, k_cache, v_cache, cache_seqlens=torch.tensor([196], dtype=torch.int32, device=device),
+        cache_leftpad=torch.tensor([96], dtype=torch.int32, device=device), block_table=table.to(device),
+        causal=True, num_splits=2, return_softmax_lse=True)
+    want = call(table)
+    table[0, :2] = 1 << 20
+    got = call(table)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_a_leftpad_past_its_sequence_gives_nan_when_the_host_checks_nothing(device, splits, generator, monkeypatch):
+    """As in a CUDA graph's capture (the host checks nothing): sequence 1's cache_leftpad past its
+    cache_seqlens (a negative length) gets NaN in its rows and lse, and reads nothing; sequence 0 is right."""
+    monkeypatch.setattr(mf, "_capturing", lambda device: True)
+    sequences = dense_sequences([100, 100], 2, 64, torch.bfloat16, generator)
+    (k_cache, v_cache), _ = build_cache(sequences, [100, 100], 128, None, torch.bfloat16, generator)
+    q = torch.randn(2, 1, 4, 64, generator=generator).bfloat16()
+    out, lse = mf.flash_attn_with_kvcache(q.to(device), k_cache.to(device), v_cache.to(device),
+                                          cache_seqlens=torch.tensor([100, 100], dtype=torch.int32, device=device),
+                                          cache_leftpad=torch.tensor([0, 101], dtype=torch.int32, device=device),
+                                          num_splits=splits, return_softmax_lse=True)
+    out, lse = out.cpu(), lse.cpu()
+    assert torch.isnan(out[1]).all() and torch.isnan(lse[1]).all()
+    out_ref, lse_ref, plain = reference(q, sequences, False, 0.125)
+    assert_close("out", out[0], out_ref[0], plain[0])
+    assert_close("lse", lse[0], lse_ref[0])

@@ -12,7 +12,7 @@ within twice plain attention's error), so a clean sanitizer report on a wrong an
 that take grouped heads also run each forward with k, v of one head shared by q's three; versions that
 read strided inputs (version 4) run each forward and backward once more on a model's views, uncopied.
 With version 3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches,
-split keys), its kernels on packed sequences of different lengths (flash_attn_varlen_func), and chapter
+split keys, cache_leftpad), its kernels on packed sequences of different lengths (flash_attn_varlen_func), and chapter
 6's mods (tests/test_mods.py's cases: score_mod, mask_mod, the block mask, the official options; on
 version 4, its deterministic backward with a mask too; on version 3, the official options and a
 score_mod and mask_mod on packed sequences and in the decode kernels, tests/test_varlen.py's and
@@ -193,6 +193,10 @@ def main(args):
         import test_kvcache  # cache_batch_idx: entries picked from a cache of five
         test_kvcache.test_cache_batch_idx_picks_the_entries("cuda", generator)
         print("decode cache_batch_idx: checked")
+        for name, (case, pads, options) in test_kvcache.LEFTPAD.items():  # cache_leftpad (with a mod: below)
+            if not options:
+                test_kvcache.check_against_float64("cuda", *case, generator, pads=pads)
+                print(f"decode cache_leftpad {name}: checked")
     if mod_versions["mods"]:  # chapter 6: each of tests/test_mods.py's mods compiled into versions 3 and 4
         from test_mods import CASES as MOD_CASES, run_case, test_deterministic_backward_with_a_mask
         for version in sorted(mod_versions["mods"]):
@@ -218,6 +222,10 @@ def main(args):
             for name, (case, options) in test_kvcache.OPTIONS.items():
                 test_kvcache.check_against_float64("cuda", *case, generator, **options)
                 print(f"mods decode {name}: checked")
+            for name, (case, pads, options) in test_kvcache.LEFTPAD.items():
+                if options:
+                    test_kvcache.check_against_float64("cuda", *case, generator, pads=pads, **options)
+                    print(f"mods decode cache_leftpad {name}: checked")
     if mod_versions["dropout"]:  # chapter 6's dropout, against dense attention with the same Philox mask
         import test_dropout
         for version in sorted(mod_versions["dropout"]):
