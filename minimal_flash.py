@@ -103,7 +103,7 @@ VERSIONS = {v.number: v for v in (
             deterministic_mode=True, grouped_heads=True, strided=True,
             cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",), mods=True),
 )}
-DECODE_HEAD_DIMS = (64, 128)  # flash_attn_with_kvcache's kernels (kernels/flash_decode.cu)
+DECODE_HEAD_DIMS = (64, 128, 256)  # flash_attn_with_kvcache's kernels (kernels/flash_decode.cu)
 PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the order of kernels/bindings.cu's DType
 
@@ -348,7 +348,7 @@ def _transformers_attention(module, query, key, value, attention_mask, dropout=0
     # transformers' sliding window keeps key j for query i when i - sliding_window < j: the official left
     window = (-1, -1) if options.get("sliding_window") is None else (options["sliding_window"] - 1, 0)
     mods = dict(window_size=window, softcap=options.get("softcap") or 0.0)
-    version = VERSIONS[default_version(query.dtype, query.device)]  # it must take grouped heads
+    version = VERSIONS[default_version(query.dtype, query.device, query.shape[-1])]  # it must take grouped heads
     if not version.grouped_heads:
         takes = next(x for x in VERSIONS.values() if x.grouped_heads)
         raise TypeError(f"minimal_flash: a {query.dtype} model; with transformers the kernels run "
@@ -625,7 +625,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     kernels: the attention of q's seqlen_q new positions of each sequence to the keys in a KV cache,
     after k, v (if given) are appended to it in place. No autograd: this is inference.
 
-    q: (batch, seqlen_q, nheads, d), bfloat16 or float16, d = 64 or 128. k_cache, v_cache: (batch,
+    q: (batch, seqlen_q, nheads, d), bfloat16 or float16, d = 64, 128 or 256. k_cache, v_cache: (batch,
     seqlen_cache, nheads_k, d), nheads_k dividing nheads (grouped-query heads); or, with block_table
     (batch, max_blocks_per_seq) int32, paged: (num_blocks, page_block_size, nheads_k, d), row j of
     sequence b in page block_table[b, j // page_block_size]. Both contiguous: they are written in place.
@@ -932,14 +932,15 @@ def _decode_splits(num_splits, q, Hk, keys):
     num_splits = int(num_splits)
     if num_splits < 0 or num_splits > 128:
         raise ValueError(f"num_splits = {num_splits}: 0 (chosen for you), or 1 to 128 splits of the keys")
-    B, Sq, H, _ = q.shape
+    B, Sq, H, d = q.shape
     # kernels/flash_decode.cu's tiles: 64 keys; rows_per_block rows, 16 of them leaving room for 2 blocks
-    # on a multiprocessor
+    # on a multiprocessor up to d = 128 (at 256 its tiles' buffers take one alone)
     rows = 16 if Sq * (H // Hk) <= 16 else 64
     key_tiles, row_tiles = math.ceil(keys / 64), math.ceil(Sq * (H // Hk) / rows)
     if num_splits == 0:
         units = _parallel_units(q.device)
-        num_splits = num_splits_heuristic(B * Hk * row_tiles, units * (2 if rows == 16 else 1), key_tiles)
+        num_splits = num_splits_heuristic(B * Hk * row_tiles, units * (2 if rows == 16 and d <= 128 else 1),
+                                          key_tiles)
     return max(1, min(num_splits, key_tiles))
 
 

@@ -80,9 +80,11 @@ namespace flash_decode {
 constexpr int WARPS = 4, THREADS = 32 * WARPS, Bc = 64;  // warps (all load), threads, keys per tile
 constexpr int MAX_SPLITS = 128;                          // as the official package allows
 // Rows per block: 16 (one warp's) when the block's rows fit, else 64. minimal_flash mirrors both
-// (its split heuristic counts 2 blocks per multiprocessor for 16 rows, 1 for 64).
+// (its split heuristic counts 2 blocks per multiprocessor for 16 rows up to d = 128, else 1).
 __host__ __device__ constexpr int rows_per_block(int rows) { return rows <= 16 ? 16 : 64; }
-// Buffers of K_j and V_j: about 100 KB of them, so that two 16-row blocks share a multiprocessor.
+// Buffers of K_j and V_j: up to d = 128 about 100 KB of them, so that two 16-row blocks share a
+// multiprocessor. At d = 256 a tile of K and V is 64 KB: three buffers take 192 KB, one block to a
+// multiprocessor (Hopper's 227 KB), with as many bytes in flight on it as two blocks at d = 128.
 __host__ __device__ constexpr int stages(int d) { return d == 64 ? 5 : 3; }
 
 // What a launch needs; the tensors' addresses and sizes (minimal_flash.py checked them).
@@ -384,6 +386,7 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Ar
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     }
     if constexpr (SPLIT_KEYS) {  // the 4 warps' m, l and O merged into warp 0's; the others are done
+        static_assert(WARPS * (d / 8 * 4 * 32 + 2 * 16) * 4 <= 2 * S * TILE * 2, "the merge fits in K_j, V_j");
         if (!merge_warps<d>(m, l, o, reinterpret_cast<float*>(K_j), c)) return;
     }
 
@@ -423,24 +426,30 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Ar
 // (each lane d / 32 columns), each weighed by exp(lse_s - lse), reading those lse_s once more (one
 // value for the whole warp); the four warps' sums are added in shared memory. A warp reads its first
 // PREFETCH splits of O_s and their lse_s with the row's lse_s, before the weights are known, and the
-// rest without waiting for one another (unrolled): a row costs one trip to memory up to 64 splits (a
-// decode step of batch 1 with 8 key/value heads has 32 on an H200), two beyond. An empty split
+// rest without waiting for one another (unrolled): a row costs one trip to memory up to 64 splits (32
+// at d = 256, whose lanes hold twice the columns; a decode step of batch 1 with 8 key/value heads has
+// 32 on an H200), two beyond. An empty split
 // (lse_s = -inf) weighs 0; a row with no key in any split gets O = 0 and lse = -inf, not the NaN of
 // -inf - (-inf); a NaN from a sequence out of range stays NaN.
 //
 //   lane l of each warp:  lse_s, s = l, l + 32, ...  --(max, sum over the warp)-->  the row's lse
 //   warp w:    sum of exp(lse_s - lse) O_s over s = w, w + 4, ...   (lane: columns C lane .. C lane + C - 1)
 //   block:     O = warp 0's + warp 1's + warp 2's + warp 3's        (the one __syncthreads)
-constexpr int COMBINE_WARPS = 4, COMBINE_THREADS = 32 * COMBINE_WARPS, PREFETCH = 16, LSE_PER_LANE = MAX_SPLITS / 32;
+constexpr int COMBINE_WARPS = 4, COMBINE_THREADS = 32 * COMBINE_WARPS, LSE_PER_LANE = MAX_SPLITS / 32;
+// The splits of O_s a warp asks for before the weights are known: 64 registers at d = 128 and 256.
+__host__ __device__ constexpr int prefetch(int d) { return d == 256 ? 8 : 16; }
 static_assert(MAX_SPLITS % 32 == 0, "a whole number of splits' lse per lane");
 __host__ __device__ constexpr int combine_shared_bytes(int d) { return COMBINE_WARPS * d * 4; }
 
-// C consecutive floats (4 or 2) from `at` on, as one load.
+// C consecutive floats (8, 4 or 2) from `at` on, as one load (two of 4 for 8).
 template <int C>
 __device__ inline void load_columns(const float* from, size_t at, float (&o)[C]) {
-    if constexpr (C == 4) {
-        const float4 v = *reinterpret_cast<const float4*>(&from[at]);
-        o[0] = v.x, o[1] = v.y, o[2] = v.z, o[3] = v.w;
+    if constexpr (C >= 4) {
+#pragma unroll
+        for (int c = 0; c < C; c += 4) {
+            const float4 v = *reinterpret_cast<const float4*>(&from[at + c]);
+            o[c] = v.x, o[c + 1] = v.y, o[c + 2] = v.z, o[c + 3] = v.w;
+        }
     } else {
         const float2 v = *reinterpret_cast<const float2*>(&from[at]);
         o[0] = v.x, o[1] = v.y;
@@ -450,8 +459,8 @@ __device__ inline void load_columns(const float* from, size_t at, float (&o)[C])
 template <class T, int d>
 __global__ void combine(const float* O_split, const float* L_split, int splits, int B, int Sq, int H,
                         unsigned short* O, float* L) {
-    constexpr int C = d / 32;  // columns per lane: 4 or 2
-    static_assert(C == 4 || C == 2, "d = 128 or 64");
+    constexpr int C = d / 32, PREFETCH = prefetch(d);  // columns per lane: 8, 4 or 2
+    static_assert(C == 8 || C == 4 || C == 2, "d = 256, 128 or 64");
     float* parts = smem;                                       // [warp][d]: each warp's sum
     const size_t rows = (size_t)B * Sq * H, row = blockIdx.x;  // (b, s, h) of O
     const int t = threadIdx.x, w = t / 32, lane = t % 32, h = row % H, s = row / H % Sq;
@@ -535,28 +544,20 @@ std::string run(const Params& p, const Call& c) {
 
 extern "C" const char* mf_decode(const float* Q, const float* K, const float* V, const int* cache_seqlens,
                                  const int* block_table, const int* cache_leftpad, float* O, float* L,
-                                 float* O_split, float* L_split,
-                                 int B, int Sq, int H, int Hk, int d, int seqlen_new, int capacity, int page,
-                                 int max_pages, int pages, int splits, float scale, bool causal,
-                                 int dtype, int device, void* stream, const void* mod_args) {
+                                 float* O_split, float* L_split, int B, int Sq, int H, int Hk, int d,
+                                 int seqlen_new, int capacity, int page, int max_pages, int pages, int splits,
+                                 float scale, bool causal, int dtype, int device, void* stream,
+                                 const void* mod_args) {
     static thread_local std::string message;  // lives until the next call from this thread
     namespace fd = flash_decode;
     Call c{};  // what launch() reads: the device and the stream (and, for the checks, d, dtype, scale)
     c.d = d, c.dtype = dtype, c.scale = scale, c.device = device, c.stream = cudaStream_t(stream);
     c.mods = mod_args;  // a build with mods: the window_size, softcap, alibi_slopes (or mods) of the call
-    const fd::Params p{bits(Q),     bits(K),
-                       bits(V),     cache_seqlens,
-                       block_table, cache_leftpad,
-                       bits(O),     L,
-                       O_split,     L_split,
-                       B,           Sq,
-                       H,           Hk,
-                       Hk > 0 ? H / Hk : 0,
-                       seqlen_new,  capacity,
-                       page,        max_pages,
-                       pages,       splits,
-                       scale,       causal};
-    message = half_precision_error(c, 3, d == 64 || d == 128, "64 or 128 (the decode kernels)");
+    const int group = Hk > 0 ? H / Hk : 0;
+    const fd::Params p{bits(Q), bits(K), bits(V), cache_seqlens, block_table, cache_leftpad, bits(O), L,
+                       O_split, L_split, B, Sq, H, Hk, group, seqlen_new, capacity, page, max_pages, pages,
+                       splits, scale, causal};
+    message = half_precision_error(c, 3, d == 64 || d == 128 || d == 256, "64, 128 or 256 (the decode kernels)");
     if (message.empty() && (Hk < 1 || H % Hk != 0 || splits < 1 || splits > fd::MAX_SPLITS ||
                             mods::HOOKED != (mod_args != nullptr)))
         message = "internal error: " + std::to_string(H) + " query heads, " + std::to_string(Hk) +
@@ -568,9 +569,13 @@ extern "C" const char* mf_decode(const float* Q, const float* K, const float* V,
     if (!message.empty()) return message.c_str();
     const OnDevice on(device);
     if (dtype == BFLOAT16)
-        message = d == 64 ? fd::run<__nv_bfloat16, 64>(p, c) : fd::run<__nv_bfloat16, 128>(p, c);
+        message = d == 64    ? fd::run<__nv_bfloat16, 64>(p, c)
+                  : d == 128 ? fd::run<__nv_bfloat16, 128>(p, c)
+                             : fd::run<__nv_bfloat16, 256>(p, c);
     else
-        message = d == 64 ? fd::run<__half, 64>(p, c) : fd::run<__half, 128>(p, c);
+        message = d == 64    ? fd::run<__half, 64>(p, c)
+                  : d == 128 ? fd::run<__half, 128>(p, c)
+                             : fd::run<__half, 256>(p, c);
     return message.c_str();
 }
 #endif

@@ -3,7 +3,7 @@ on the CPU emulation and, where there is one, on the GPU. Each case draws every 
 values first, densely; the caches are built from them afterwards, contiguous (rows past a sequence's
 end NaN) or paged (pages in a random order, unused pages and rows NaN), and the reference reads the
 dense ones only. Sequences of one batch differ in length (0, 1, around the 64-key tile, ~300, ~1000); the
-query positions 1, 3 and more; grouped heads (group 1, 4 and 8, multi-query), d = 64 and 128, causal
+query positions 1, 3 and more; grouped heads (group 1, 4 and 8, multi-query), d = 64, 128 and 256, causal
 or not, 1, 2 and 7 splits of the keys and the heuristic's choice, new keys appended (the cache rows
 they land in equal them exactly, every other row keeps its bits). bf16 and fp16 within the official
 rule (largest error at most twice plain attention's in the same dtype), lse within 1e-5, rows that see
@@ -91,6 +91,7 @@ def bits(t):
 # (16), do not (48), hold several (256), and hold a tile or more while tiles straddle two (80, 96); 7 splits
 # leave some splits of the shorter sequences empty;
 # seqlen_q = 9 with group 8 is 72 rows, two row tiles; causal with L_b < seqlen_q leaves rows with no key.
+# d = 256 (Gemma's heads): 16-row blocks, paged, and 64-row blocks with the heuristic's splits.
 # One split of ~700 and ~1000 keys: more tiles than the kernel's buffers (5 at d = 64, 3 at d = 128), so each
 # buffer is refilled. 40 and 128 splits: each of the combine's warps sums several splits, some of them
 # empty (lse = -inf: the short sequence's, and past 65 of 2 tiles each).
@@ -108,6 +109,8 @@ CASES = [
     (1, 4, 1, 128, [8200, 3], 1, True, 128, 256, torch.float16),
     (2, 8, 2, 64, [300, 97, 0], 2, True, 3, 80, torch.bfloat16),
     (1, 4, 4, 128, [459, 64, 1], 0, False, 2, 96, torch.float16),
+    (1, 8, 2, 256, [1, 63, 64, 65, 300, 0], 2, True, 3, 48, torch.bfloat16),
+    (5, 8, 1, 256, [130, 0, 70], 1, False, 0, None, torch.float16),
 ]
 CASE_IDS = [f"sq{c[0]}-h{c[1]}-hk{c[2]}-d{c[3]}-new{c[5]}-{'causal' if c[6] else 'full'}-split{c[7]}-"
             f"{'contiguous' if c[8] is None else f'page{c[8]}'}-{str(c[9]).replace('torch.', '')}" for c in CASES]
@@ -136,6 +139,8 @@ OPTIONS = {
     "window-both-sides": ((4, 4, 4, 64, [130, 5], 2, False, 2, 16, torch.bfloat16), dict(window_size=(3, 2))),
     "softcap-alibi": ((2, 8, 1, 64, [300, 97, 0], 2, True, 3, 80, torch.float16),
                       dict(softcap=2.0, alibi_slopes=torch.stack([SLOPES, SLOPES.flip(0), 2 * SLOPES]))),
+    "window-softcap-d256": ((1, 8, 4, 256, [300, 97], 1, True, 4, 80, torch.bfloat16),  # Gemma 2's
+                            dict(window_size=(63, 0), softcap=30.0)),
     "score_mod-mask_mod": ((3, 8, 2, 64, [200, 65], 1, True, 2, None, torch.bfloat16), dict(
         score_mod="score + table(b, h) * 0.1f * (q_idx + shift - kv_idx)", mask_mod="(kv_idx + b + h) % 3 != 0",
         mod_tensors={"table": torch.arange(16, dtype=torch.float32).reshape(2, 8) / 16})),
@@ -213,6 +218,16 @@ def test_num_splits_heuristic_fills_one_wave():
     assert mf.num_splits_heuristic(1, 1000, 4096) == 128  # at most 128
     assert mf.num_splits_heuristic(512, 264, 64) == 1  # batch 64: two waves already
     assert mf.num_splits_heuristic(0, 264, 0) == 1
+
+
+def test_one_block_to_a_multiprocessor_at_d_256(monkeypatch):
+    """The heuristic counts 2 blocks to a multiprocessor for 16-row blocks up to d = 128 and 1 at d = 256,
+    whose three buffers of K and V (192 KB) leave room for one: batch 1, 8 kv heads, 32k keys on 132
+    multiprocessors, 32 splits at d = 128 and 16 at d = 256; with 64-row blocks (5 positions of a group of
+    8), 16 at both."""
+    monkeypatch.setattr(mf, "_parallel_units", lambda device: 132)
+    for Sq, d, splits in ((1, 128, 32), (1, 256, 16), (5, 128, 16), (5, 256, 16)):
+        assert mf._decode_splits(0, torch.zeros(1, Sq, 32, d), 8, 32768) == splits, (Sq, d)
 
 
 def test_a_window_splits_its_band(monkeypatch):
@@ -425,7 +440,7 @@ def test_bad_tensors_are_refused():
     q, k_cache, v_cache = small_inputs()
     refuse(TypeError, "q has dtype torch.float32; the decode kernels .* take bfloat16 and float16",
            *small_inputs(dtype=torch.float32))
-    refuse(ValueError, "head dim d = 96: the decode kernels .* d = 64 or 128", *small_inputs(d=96))
+    refuse(ValueError, "head dim d = 96: the decode kernels .* d = 64, 128 or 256", *small_inputs(d=96))
     refuse(ValueError, "nheads_k dividing q's nheads = 6", *small_inputs(H=6, Hk=4))
     refuse(TypeError, "k_cache has dtype torch.float16, q torch.bfloat16", q, k_cache.half(), v_cache)
     refuse(ValueError, "v_cache is on meta, q on cpu", q, k_cache, v_cache.to("meta"))

@@ -76,20 +76,23 @@ def test_what_the_kernels_cannot_do_is_refused(calls):
     assert not calls
 
 
-def small_config(kind, **options):
-    """A small model of Mistral's or Gemma 2's architecture (grouped-query heads, d = 64), a sliding window
-    of 5 keys, shorter than the prompt (11) and far shorter than the generated 23 tokens."""
-    return kind(vocab_size=64, hidden_size=HEADS * D, intermediate_size=512, num_hidden_layers=LAYERS,
-                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=D, max_position_embeddings=64,
+def small_config(kind, d=D, **options):
+    """A small model of Mistral's or Gemma 2's architecture (grouped-query heads, d = 64 unless given), a
+    sliding window of 5 keys, shorter than the prompt (11) and far shorter than the generated 23 tokens."""
+    return kind(vocab_size=64, hidden_size=HEADS * d, intermediate_size=512, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=d, max_position_embeddings=64,
                 initializer_range=0.05, bos_token_id=None, eos_token_id=None, pad_token_id=None, sliding_window=5,
                 **options)
 
 
 # Mistral: every layer a sliding window (against SDPA); Gemma 2: sliding and full layers in turn, scores
-# capped by attn_logit_softcapping (against eager attention: transformers runs no SDPA with a cap).
+# capped by attn_logit_softcapping (against eager attention: transformers runs no SDPA with a cap), at
+# d = 64 and at Gemma 2's own d = 256 (version 3's kernels then, on a Hopper GPU too: version 4 stops at 128).
 MODELS = {"mistral": (lambda: small_config(transformers.MistralConfig), "sdpa"),
           "gemma2": (lambda: small_config(transformers.Gemma2Config, attn_logit_softcapping=2.0,
-                                          query_pre_attn_scalar=D), "eager")}
+                                          query_pre_attn_scalar=D), "eager"),
+          "gemma2-d256": (lambda: small_config(transformers.Gemma2Config, d=256, attn_logit_softcapping=2.0,
+                                               query_pre_attn_scalar=256), "eager")}
 
 
 @pytest.mark.parametrize("model", list(MODELS))

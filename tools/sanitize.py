@@ -67,7 +67,7 @@ def run_decode(dtype, Sq, d, causal, page, splits):
     and 400 cached keys, 3 new ones appended (every query row sees a key), 8 query heads sharing 2 heads
     of K and V, contiguous or paged (pages in a shuffled order), `splits` splits of the keys (then the
     combine kernel); checked against float64 attention on the dense keys. One split of 403 keys is 7
-    tiles, more than the kernel's buffers (5 at d = 64, 3 at d = 128): each is refilled."""
+    tiles, more than the kernel's buffers (5 at d = 64, 3 at d = 128 and 256): each is refilled."""
     B, H, Hk, cached, new = 3, 8, 2, torch.tensor([0, 70, 400], dtype=torch.int32), 3
     capacity = 432  # rows a sequence may hold: 27 pages of 16, 9 of 48
     keys = [torch.randn(int(n) + new, Hk, d, generator=generator).to(dtype) for n in cached]
@@ -184,7 +184,8 @@ def main(args):
     if 3 in chosen:  # chapter 5's decode kernels and flash_attn_varlen_func build with version 3
         for dtype in mf.VERSIONS[3].dtypes:
             for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3),
-                                                (5, 64, False, None, 2), (3, 64, True, 48, 1), (1, 128, True, 144, 2)):
+                                                (5, 64, False, None, 2), (3, 64, True, 48, 1), (1, 128, True, 144, 2),
+                                                (1, 256, True, 48, 3), (5, 256, False, None, 2)):
                 run_decode(dtype, Sq, d, causal, page, splits)
             for d, causal, lengths_q, lengths_k, H, Hk in ((128, True, [0, 100, 300, 1], [5, 100, 260, 0], 8, 2),
                                                            (64, False, [130, 64, 17], [130, 1, 200], 4, 4),
