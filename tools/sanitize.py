@@ -6,6 +6,7 @@ compute-sanitizer:
     compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py 3   # version 3 only
     compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py mods   # chapter 6's
     compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py mods:4 dropout:4  # on version 4
+    compute-sanitizer --tool memcheck --error-exitcode 1 python tools/sanitize.py decode  # chapter 5's kernels
 
 Each run is also checked against float64 (tests/helpers.py's checks: fp32 within 1e-5, half precision
 within twice plain attention's error), so a clean sanitizer report on a wrong answer fails too. Versions
@@ -160,15 +161,47 @@ def run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk):
 
 
 # arguments: version numbers; `mods` for chapter 6's mods (each a build, of versions 3 and 4; `mods:4`: of
-# version 4 only), `dropout` (`dropout:4`) likewise
+# version 4 only), `dropout` (`dropout:4`) likewise; `decode`: the decode kernels alone, with their mods
 MOD_VERSIONS = [n for n, v in mf.VERSIONS.items() if v.mods]
 
 
+def run_decodes():
+    """Chapter 5's decode kernels, contiguous and paged, split or not, d = 64, 128 and 256; cache_batch_idx;
+    cache_leftpad (tests/test_kvcache.py's cases without a mod)."""
+    import test_kvcache
+    for dtype in mf.VERSIONS[3].dtypes:
+        for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3), (5, 64, False, None, 2),
+                                            (3, 64, True, 48, 1), (1, 128, True, 144, 2), (1, 256, True, 48, 3),
+                                            (5, 256, False, None, 2)):
+            run_decode(dtype, Sq, d, causal, page, splits)
+    test_kvcache.test_cache_batch_idx_picks_the_entries("cuda", generator)  # entries picked from a cache of five
+    print("decode cache_batch_idx: checked")
+    for name, (case, pads, options) in test_kvcache.LEFTPAD.items():
+        if not options:
+            test_kvcache.check_against_float64("cuda", *case, generator, pads=pads)
+            print(f"decode cache_leftpad {name}: checked")
+
+
+def run_decode_mods():
+    """The decode kernels with chapter 6's mods: tests/test_kvcache.py's official options, a score_mod and
+    mask_mod, and cache_leftpad with a window (each a build of version 3)."""
+    import test_kvcache
+    for name, (case, options) in test_kvcache.OPTIONS.items():
+        test_kvcache.check_against_float64("cuda", *case, generator, **options)
+        print(f"mods decode {name}: checked")
+    for name, (case, pads, options) in test_kvcache.LEFTPAD.items():
+        if options:
+            test_kvcache.check_against_float64("cuda", *case, generator, pads=pads, **options)
+            print(f"mods decode cache_leftpad {name}: checked")
+
+
 def main(args):
-    chosen, mod_versions = set(), {"mods": set(), "dropout": set()}
+    chosen, mod_versions, decode = set(), {"mods": set(), "dropout": set()}, False
     for a in args or [*map(str, mf.VERSIONS), "mods", "dropout"]:
         name, _, version = a.partition(":")
-        if name in mod_versions:
+        if a == "decode":  # the decode kernels alone, with and without mods
+            decode = True
+        elif name in mod_versions:
             mod_versions[name] |= {int(version)} if version else set(MOD_VERSIONS)
         else:
             chosen.add(int(a))
@@ -181,23 +214,14 @@ def main(args):
                         run_grouped(version, dtype, causal, N, d)
                     if mf.VERSIONS[version].strided:
                         run_views(version, dtype, causal, N, d)
-    if 3 in chosen:  # chapter 5's decode kernels and flash_attn_varlen_func build with version 3
+    if 3 in chosen or decode:  # chapter 5's decode kernels build with version 3
+        run_decodes()
+    if 3 in chosen:  # and flash_attn_varlen_func
         for dtype in mf.VERSIONS[3].dtypes:
-            for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3),
-                                                (5, 64, False, None, 2), (3, 64, True, 48, 1), (1, 128, True, 144, 2),
-                                                (1, 256, True, 48, 3), (5, 256, False, None, 2)):
-                run_decode(dtype, Sq, d, causal, page, splits)
             for d, causal, lengths_q, lengths_k, H, Hk in ((128, True, [0, 100, 300, 1], [5, 100, 260, 0], 8, 2),
                                                            (64, False, [130, 64, 17], [130, 1, 200], 4, 4),
                                                            (64, True, [64, 129], [200, 129], 4, 1)):
                 run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk)
-        import test_kvcache  # cache_batch_idx: entries picked from a cache of five
-        test_kvcache.test_cache_batch_idx_picks_the_entries("cuda", generator)
-        print("decode cache_batch_idx: checked")
-        for name, (case, pads, options) in test_kvcache.LEFTPAD.items():  # cache_leftpad (with a mod: below)
-            if not options:
-                test_kvcache.check_against_float64("cuda", *case, generator, pads=pads)
-                print(f"decode cache_leftpad {name}: checked")
     if mod_versions["mods"]:  # chapter 6: each of tests/test_mods.py's mods compiled into versions 3 and 4
         from test_mods import CASES as MOD_CASES, run_case, test_deterministic_backward_with_a_mask
         for version in sorted(mod_versions["mods"]):
@@ -219,14 +243,8 @@ def main(args):
                          test_varlen.test_score_mod_and_mask_mod_per_sequence):
                 test("cuda", generator, None)
                 print(f"mods varlen {test.__name__}: checked")
-            import test_kvcache  # and in the decode kernels (flash_attn_with_kvcache)
-            for name, (case, options) in test_kvcache.OPTIONS.items():
-                test_kvcache.check_against_float64("cuda", *case, generator, **options)
-                print(f"mods decode {name}: checked")
-            for name, (case, pads, options) in test_kvcache.LEFTPAD.items():
-                if options:
-                    test_kvcache.check_against_float64("cuda", *case, generator, pads=pads, **options)
-                    print(f"mods decode cache_leftpad {name}: checked")
+    if decode or 3 in mod_versions["mods"]:  # and in the decode kernels (flash_attn_with_kvcache)
+        run_decode_mods()
     if mod_versions["dropout"]:  # chapter 6's dropout, against dense attention with the same Philox mask
         import test_dropout
         for version in sorted(mod_versions["dropout"]):
