@@ -990,6 +990,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     aligned at the bottom right, as in the official package (2.1 and later): query i of a sequence of
     Lq queries and Lk keys sees key j iff j <= i + Lk - Lq.
     A query that sees no key gets 0 (and lse -inf, the log of an empty sum).
+    block_table: int32 (batch, max_blocks_per_seq); k, v then paged, (num_blocks, page_block_size,
+    nheads_k, d), as flash_attn_with_kvcache takes them: sequence b's key j (of cu_seqlens_k's lengths) in
+    row j % page_block_size of page block_table[b, j // page_block_size]. They are gathered into packed k,
+    v first (a copy, by torch's indexing, differentiable into the pages), then the same kernels run: right
+    for a prefill over a paged cache; for decoding, flash_attn_with_kvcache reads the pages in place.
 
     window_size, softcap, alibi_slopes ((nheads,) or (batch, nheads) float32) as the official package
     has them, per sequence, the window and ALiBi's distance measured from each sequence's own bottom
@@ -1005,13 +1010,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     cu_seqlens are checked on the host, so each call copies 2 (batch + 1) ints to it and waits for the
     device (refused while a CUDA graph is being captured): from 0, never decreasing, ending at q's and
-    k's rows, no sequence longer than its max_seqlen. The official options these kernels lack (dropout,
-    a paged block_table) are refused, and so is deterministic=True: version 3's backward adds into dQ
-    with atomics, in whatever order its blocks finish."""
+    k's rows, no sequence longer than its max_seqlen; with block_table, each sequence's pages are pages of
+    k and v. Dropout, which these kernels lack on packed sequences, is refused, and so is
+    deterministic=True: version 3's backward adds into dQ with atomics, in whatever order its blocks
+    finish."""
     if _check_dropout(dropout_p) > 0:  # version 3's dropout takes fixed-length batches only
         raise ValueError(f"dropout_p = {dropout_p}: these kernels have no dropout on packed sequences "
                          "(flash_attn_func has it); use dropout_p=0.0")
-    _check_official_defaults(block_table=block_table)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic = {_short(deterministic)}: it must be True or False")
     if deterministic:
@@ -1019,7 +1024,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          "into dQ with atomics, in an order that varies from run to run; leave it False")
     causal = _check_causal(causal)
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = _check_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
     scale = _check_scale(softmax_scale, q, 3)
     mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes,
                        batch_heads=(len(cu_seqlens_q) - 1, q.shape[1]))
@@ -1034,21 +1039,26 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return (out, L.t().contiguous(), None) if return_attn_probs else out
 
 
-def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None):
     """flash_attn_varlen_func's tensors and lengths, each checked, then cu_seqlens against the rows on
-    the host. Returns (q, k, v, cu_seqlens_q, cu_seqlens_k contiguous, max_seqlen_q, max_seqlen_k ints)."""
+    the host. Returns (q, k, v, cu_seqlens_q, cu_seqlens_k contiguous, max_seqlen_q, max_seqlen_k ints);
+    with block_table, k and v paged, gathered into packed ones (_gather_pages)."""
+    paged = block_table is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_is_tensor(name, t)
-        if t.dim() != 3:
-            dims = "total_q, nheads, d" if name == "q" else "total_k, nheads_k, d"
-            raise ValueError(f"{name} must be 3-D ({dims}): the sequences packed along dim 0, got shape "
-                             f"{tuple(t.shape)}")
+        if t.dim() != (4 if paged and name != "q" else 3):
+            dims = ("total_q, nheads, d" if name == "q" else
+                    "num_blocks, page_block_size, nheads_k, d" if paged else "total_k, nheads_k, d")
+            raise ValueError(f"{name} must be {len(dims.split(','))}-D ({dims}): "
+                             f"{'paged, with block_table' if paged and name != 'q' else 'the sequences packed along dim 0'}"
+                             f", got shape {tuple(t.shape)}")
     if q.dtype not in VERSIONS[3].dtypes:
         raise TypeError(f"q has dtype {q.dtype}; flash_attn_varlen_func runs version 3's kernels, which take "
                         f"{_dtype_names(VERSIONS[3].dtypes)} only")
-    (total_q, H, d), (total_k, Hk, _), head_dims = q.shape, k.shape, VERSIONS[3].head_dims
+    (total_q, H, d), (Hk, _), head_dims = q.shape, k.shape[-2:], VERSIONS[3].head_dims
+    total_k = None if paged else k.shape[0]  # paged: cu_seqlens_k[-1], read below
     problem = (f"head dim d = {d}" if d > max(head_dims) else "k and v differ in shape" if k.shape != v.shape else
-               f"k and v have head dim {k.shape[2]}, q {d}" if k.shape[2] != d else
+               f"k and v have head dim {k.shape[-1]}, q {d}" if k.shape[-1] != d else
                f"nheads_k = {Hk} does not divide q's nheads = {H}" if Hk == 0 or H % Hk else None)
     if problem:
         raise ValueError(f"{problem}: flash_attn_varlen_func takes q (total_q, nheads, d), k and v (total_k, nheads_k, "
@@ -1066,7 +1076,15 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q has {len(cu_seqlens_q)} entries and cu_seqlens_k {len(cu_seqlens_k)}: one "
                          "batch of sequences, so batch + 1 entries each")
-    for name, t in (("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+    if paged:
+        _check_is_tensor("block_table", block_table)
+        if block_table.dtype != torch.int32 or block_table.dim() != 2 or len(block_table) != len(cu_seqlens_k) - 1:
+            raise ValueError(f"block_table ({block_table.dtype}, shape {tuple(block_table.shape)}): it must be int32, "
+                             f"(batch = {len(cu_seqlens_k) - 1}, max_blocks_per_seq), sequence b's pages in row b")
+    for name, t in (("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+                    ("block_table", block_table)):
+        if t is None:
+            continue
         if name in ("k", "v") and t.dtype != q.dtype:  # the kernels would read its bits as q's dtype
             raise TypeError(f"{name} has dtype {t.dtype}, q {q.dtype}: they must have one dtype")
         if t.device != q.device:
@@ -1079,20 +1097,48 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         if not 0 <= value.__index__() < 2 ** 31:
             raise ValueError(f"{name} = {value}: it must be 0 .. 2**31 - 1, the longest sequence's length")
         lengths.append(value.__index__())
-    if max(total_q, total_k) * H >= 2 ** 31:  # k, v go to the backward with q's heads
-        raise ValueError(f"{max(total_q, total_k)} rows of {H} heads: the kernels count rows of q and k times "
-                         "nheads in 32 bits, less than 2**31")
     if _capturing(q.device):
         raise RuntimeError("flash_attn_varlen_func checks cu_seqlens on the host, which waits for the device; a "
                            "CUDA graph being captured cannot wait")
-    _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, (total_q, total_k), lengths)
+    offsets = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, (total_q, total_k), lengths)
+    if paged:
+        k, v = _gather_pages(k, v, block_table, cu_seqlens_k, offsets[1])
+    if max(total_q, k.shape[0]) * H >= 2 ** 31:  # k, v go to the backward with q's heads
+        raise ValueError(f"{max(total_q, k.shape[0])} rows of {H} heads: the kernels count rows of q and k times "
+                         "nheads in 32 bits, less than 2**31")
     return q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), \
         *lengths
 
 
+def _gather_pages(k, v, block_table, cu_seqlens_k, offsets):
+    """flash_attn_varlen_func's paged keys and values, (num_blocks, page_block_size, nheads_k, d), key j of
+    sequence b in row j % page_block_size of page block_table[b, j // page_block_size] (the official
+    layout, flash_attn_with_kvcache's too), gathered into packed (total_k, nheads_k, d) in cu_seqlens_k's
+    order by one advanced index each: a copy of the keys the sequences use (differentiable: gradients go
+    back into the pages they came from), before the kernels, not in them. Fine for a prefill, whose
+    attention's work dwarfs one more read and write of its keys; a decoding step, which only reads its
+    keys once, should use flash_attn_with_kvcache, whose kernel reads the pages where they are. Each
+    sequence's pages checked on the host first (offsets: cu_seqlens_k there, already checked)."""
+    pages, page = k.shape[:2]
+    lengths = offsets.diff().int()
+    capacity = block_table.shape[1] * page
+    if len(lengths) and lengths.max() > capacity:
+        b = lengths.argmax().item()
+        raise ValueError(f"sequence {b} has {lengths[b].item()} keys, more than its {block_table.shape[1]} pages of "
+                         f"{page} rows in block_table hold ({capacity})")
+    _check_cache_ranges(lengths, block_table, capacity, 0, pages)
+    total = int(offsets[-1])
+    b = torch.repeat_interleave(torch.arange(len(lengths), device=k.device), lengths.to(k.device).long(),
+                                output_size=total)
+    j = torch.arange(total, device=k.device) - cu_seqlens_k[b].long()
+    page_of, row = block_table[b, j // page].long(), j % page
+    return k[page_of, row], v[page_of, row]
+
+
 def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, totals, max_seqlens):
-    """Offsets from 0, never decreasing, ending at the rows of q (k), no sequence longer than its max_seqlen:
-    else a ValueError that names the first entry or sequence that is not. One copy to the host for both."""
+    """Offsets from 0, never decreasing, ending at the rows of q (k; a total None: any), no sequence longer
+    than its max_seqlen: else a ValueError that names the first entry or sequence that is not. One copy to
+    the host for both; returns it ((2, batch + 1), int64)."""
     offsets = torch.stack((cu_seqlens_q, cu_seqlens_k)).cpu().long()
     for (x, rows), cu, total, longest in zip((("q", "queries"), ("k", "keys")), offsets, totals, max_seqlens):
         name = f"cu_seqlens_{x}"
@@ -1104,13 +1150,14 @@ def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, totals, max_seqlens):
             b = bad[0].item()
             raise ValueError(f"{name} decreases, {name}[{b}] = {cu[b].item()} > {name}[{b + 1}] = "
                              f"{cu[b + 1].item()}: sequence {b} would have a negative length")
-        if cu[-1] != total:
+        if total is not None and cu[-1] != total:
             raise ValueError(f"{name}[-1] = {cu[-1].item()}, but {x} has {total} rows: the last offset is the sum of "
                              "the sequences' lengths")
         b = seqlens.argmax().item()
         if seqlens[b] > longest:
             raise ValueError(f"sequence {b} has {seqlens[b].item()} {rows}, more than max_seqlen_{x} = {longest}: "
                              "the kernels' grid is sized by max_seqlen, and would leave the rest uncomputed")
+    return offsets
 
 
 def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods=None):
@@ -2017,7 +2064,7 @@ def _check_dropout(dropout_p):
     return float(dropout_p)
 
 
-_OFFICIAL_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, block_table=None)
+_OFFICIAL_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
 
 
 def _at_default(name, value):
@@ -2026,15 +2073,6 @@ def _at_default(name, value):
     return (value is None if default is None else
             isinstance(value, (tuple, list)) and tuple(value) == default if name == "window_size" else
             value == default)
-
-
-def _check_official_defaults(**given):
-    """The official options that these kernels do not have: each at the official default, or refused."""
-    for name, value in given.items():
-        default = _OFFICIAL_DEFAULTS[name]
-        if not _at_default(name, value):
-            raise ValueError(f"{name} = {_short(value)} is not supported by minimal_flash: these kernels do not have "
-                             f"it; leave it at its default {default!r}")
 
 
 def _one_of(values):

@@ -219,9 +219,64 @@ def refuse(error, match, *inputs, **options):
         mf.flash_attn_varlen_func(*inputs, **options)
 
 
-@pytest.mark.parametrize("option,value", [("block_table", torch.zeros(2, 1, dtype=torch.int32))])
-def test_options_it_lacks_are_refused(option, value):
-    refuse(ValueError, f"{option} = .* is not supported by minimal_flash", *small_inputs(), **{option: value})
+def paged(k, lengths_k, page, generator):
+    """k's packed rows in pages of `page` rows, each sequence's in a random order among all the pool's
+    (two spare ones); rows no sequence uses NaN. Returns the pages (num_blocks, page, nheads_k, d),
+    block_table (batch, max_pages) int32, and, for each packed row, its (page, row) there."""
+    max_pages = max(-(-n // page) for n in lengths_k)
+    pool = len(lengths_k) * max_pages + 2
+    table = torch.randperm(pool, generator=generator)[:len(lengths_k) * max_pages].reshape(-1, max_pages).int()
+    where = [(table[b, j // page].item(), j % page) for b, n in enumerate(lengths_k) for j in range(n)]
+    pages = torch.full((pool, page, *k.shape[1:]), math.nan, dtype=k.dtype, device=k.device)
+    index = tuple(torch.tensor(x, dtype=torch.long).reshape(-1) for x in zip(*where)) if where else None
+    if index:
+        pages[index] = k.detach()
+    return pages, table.to(k.device), index
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page,causal", [(16, True), (48, False), (256, True)])
+def test_paged_keys_are_the_packed_ones(device, page, causal, generator):
+    """block_table: k and v in pages of 16, 48 (across the 64-key tiles) and 256 rows (more than a
+    sequence), in a shuffled order among unused NaN pages: out to the bit the packed call's (the same
+    kernels on the keys gathered), dQ within its rounding (atomics), and the pages' gradients the packed
+    dK, dV to the bit where the keys lie, 0 elsewhere."""
+    lengths_q, lengths_k, H, Hk, d = [5, 0, 130, 1], [70, 3, 200, 0], 4, 2, 64
+    q, k, v, dO = packed_inputs(lengths_q, lengths_k, H, Hk, d, torch.bfloat16, device, generator)
+    (k_pages, table, index), (v_pages, _, _) = (paged(t, lengths_k, page, torch.Generator().manual_seed(page))
+                                                for t in (k, v))
+    k_pages.requires_grad_(), v_pages.requires_grad_()
+    cu = (cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device), max(lengths_q), max(lengths_k))
+    out = mf.flash_attn_varlen_func(q, k, v, *cu, causal=causal)
+    out_paged = mf.flash_attn_varlen_func(q, k_pages, v_pages, *cu, causal=causal, block_table=table)
+    assert torch.equal(out_paged, out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dO)
+    dq_paged, dk_pages, dv_pages = torch.autograd.grad(out_paged, (q, k_pages, v_pages), dO)
+    assert torch.allclose(dq_paged, dq, rtol=2 ** -7, atol=1e-3)
+    for pages_grad, packed_grad in ((dk_pages, dk), (dv_pages, dv)):
+        assert torch.equal(pages_grad[index], packed_grad)
+        pages_grad[index] = 0
+        assert not pages_grad.any(), "a page row no sequence uses got a gradient"
+
+
+def test_bad_block_tables_are_refused():
+    q, k, v, cu_q, cu_k, max_q, max_k = small_inputs()  # keys of 3 and 5
+    pages = torch.zeros(4, 4, 2, 64, dtype=torch.bfloat16)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    inputs = (q, pages, pages, cu_q, cu_k, max_q, max_k)
+    refuse(ValueError, r"k must be 4-D \(num_blocks, page_block_size, nheads_k, d\): paged, with block_table", q, k, v,
+           cu_q, cu_k, max_q, max_k, block_table=table)
+    refuse(ValueError, r"block_table \(torch.int64, shape \(2, 2\)\): it must be int32, \(batch = 2, "
+           r"max_blocks_per_seq\)", *inputs, block_table=table.long())
+    refuse(ValueError, r"block_table \(torch.int32, shape \(3, 2\)\)", *inputs, block_table=torch.zeros(3, 2).int())
+    refuse(ValueError, "block_table is on meta, q on cpu", *inputs, block_table=table.to("meta"))
+    refuse(ValueError, r"block_table\[1, 1\] = 4: sequence 1 uses that entry, and the cache has pages 0 \.\. 3",
+           *inputs, block_table=torch.tensor([[0, 1], [2, 4]], dtype=torch.int32))
+    refuse(ValueError, r"sequence 1 has 5 keys, more than its 1 pages of 4 rows in block_table hold \(4\)", *inputs,
+           block_table=table[:, :1])
+    refuse(TypeError, "block_table must be a torch.Tensor", *inputs, block_table=[[0, 1], [2, 3]])
+    out = mf.flash_attn_varlen_func(*inputs, block_table=torch.tensor([[0, 9], [2, 3]], dtype=torch.int32))
+    assert torch.equal(out, torch.zeros_like(out))  # sequence 0's second entry is never used: no error
 
 
 def test_bad_alibi_slopes_are_refused():
