@@ -1047,11 +1047,10 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_is_tensor(name, t)
         if t.dim() != (4 if paged and name != "q" else 3):
-            dims = ("total_q, nheads, d" if name == "q" else
-                    "num_blocks, page_block_size, nheads_k, d" if paged else "total_k, nheads_k, d")
-            raise ValueError(f"{name} must be {len(dims.split(','))}-D ({dims}): "
-                             f"{'paged, with block_table' if paged and name != 'q' else 'the sequences packed along dim 0'}"
-                             f", got shape {tuple(t.shape)}")
+            dims, why = (("total_q, nheads, d", "the sequences packed along dim 0") if name == "q" else
+                         ("num_blocks, page_block_size, nheads_k, d", "paged, with block_table") if paged else
+                         ("total_k, nheads_k, d", "the sequences packed along dim 0"))
+            raise ValueError(f"{name} must be {dims.count(',') + 1}-D ({dims}): {why}, got shape {tuple(t.shape)}")
     if q.dtype not in VERSIONS[3].dtypes:
         raise TypeError(f"q has dtype {q.dtype}; flash_attn_varlen_func runs version 3's kernels, which take "
                         f"{_dtype_names(VERSIONS[3].dtypes)} only")
