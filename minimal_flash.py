@@ -1281,6 +1281,12 @@ class Mods:
         return self.mask_mod is not None or self.window
 
     @property
+    def softcap_only(self):
+        """The score_mod is softcap's alone: the kernels fold its two multiplies into their scales
+        (kernels/mods.cuh's score_scale, softmax_scale), and the mod is a tanh."""
+        return self.softcap and self.score_mod is None and not self.alibi
+
+    @property
     def window_only(self):
         """The mask is window_size's alone: the kernels tell its tiles apart by arithmetic (no block mask)."""
         return self.window and self.mask_mod is None
@@ -1303,7 +1309,9 @@ class Mods:
         score = mask = ""
         if self.score_mod is not None:
             score += f"    score = F(\n{user('score_mod', self.score_mod, 'F')});\n"
-        if self.softcap:  # the official order: the cap first, then the bias
+        if self.softcap_only:  # the kernels scale by 1 / softcap before and by softcap after (SOFTCAP_ONLY)
+            score += "    score = fast_tanh(score);  // softcap, folded into the kernels' scales\n"
+        elif self.softcap:  # the official order: the cap first, then the bias
             # fast_tanh (kernels/mma.cuh): the one instruction that the official kernels use too; times
             # 1 / softcap (args.floats[1]), not a division per score
             score += "    score = args.floats[0] * fast_tanh(score * args.floats[1]);  // softcap\n"
@@ -1319,7 +1327,8 @@ class Mods:
                 "namespace mods {\n"
                 f"constexpr bool SCORE = {str(self.score).lower()}, MASK = {str(self.mask).lower()}, "
                 f"DROPOUT = {str(self.dropout).lower()};\n"
-                f"constexpr bool WINDOW_ONLY = {str(self.window_only).lower()};\n"
+                f"constexpr bool WINDOW_ONLY = {str(self.window_only).lower()}, "
+                f"SOFTCAP_ONLY = {str(self.softcap_only).lower()};\n"
                 "template <class F>\n"
                 "__device__ inline F score_mod(F score, int b, int h, int q_idx, int kv_idx, int shift,\n"
                 "                              const Args& args) {\n"

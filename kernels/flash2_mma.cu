@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(32 * warps(d))
     float o[TILES][d / 8][4] = {}, m[TILES][2], l[TILES][2] = {};  // Alg. 1, line 5
 #pragma unroll
     for (int t = 0; t < TILES; ++t) m[t][0] = m[t][1] = -INFINITY;
-    // The softmax's scale: with a score_mod, the scores come to it scaled already (mods::forward_scores).
-    const float softmax_scale = mods::SCORE ? 1.0f : scale, c = softmax_scale * LOG2E;
+    // The softmax's scale: with a score_mod, the scores come to it scaled already (mods::softmax_scale).
+    const float softmax_scale = mods::softmax_scale(mod_args, scale), c = softmax_scale * LOG2E;
     for (int it = 0; j < j_end; ++it) {  // tile j in buffer it % 2
         // Double buffering: the next tile's copies fly (into the buffers the tile before used) while
         // tile j is multiplied, so the wait for memory overlaps the tensor cores' work.

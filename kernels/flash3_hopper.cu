@@ -200,8 +200,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int g = lane / 4, q = lane % 4;
     const int warp_row = row0 + 64 * consumer + 16 * w, row = warp_row + g;  // the lane's rows: row, row + 8
     const unsigned short* Q_c = t.Q + 64 * consumer * SUB;                   // the consumer's rows of Q_i
-    // The softmax's scale: with a score_mod, the scores come to it scaled already (mods::forward_scores).
-    const float softmax_scale = mods::SCORE ? 1.0f : scale, c = softmax_scale * LOG2E;
+    // The softmax's scale: with a score_mod, the scores come to it scaled already (mods::softmax_scale).
+    const float softmax_scale = mods::softmax_scale(mod_args, scale), c = softmax_scale * LOG2E;
     const int y = y0 + consumer;  // the consumer's 64 rows: one row of the block mask
 
     float o[d / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // Alg. 1, line 5

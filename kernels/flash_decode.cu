@@ -333,8 +333,10 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Ar
         row_end[r] = p.causal ? min(L, (first + g + 8 * r) / p.group + L - p.Sq + 1) : L;
 
     float o[d / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // Alg. 1, line 5
-    // The softmax's scale: with a score_mod, the scores come to it scaled already (below).
-    const float softmax_scale = mods::SCORE ? 1.0f : p.scale, c = softmax_scale * LOG2E;
+    // The softmax's scale: with a score_mod, the scores come to it scaled already, by score_scale (below;
+    // mods::softmax_scale).
+    const float softmax_scale = mods::softmax_scale(mod_args, p.scale), c = softmax_scale * LOG2E;
+    const float score_scale = mods::score_scale(mod_args, p.scale);
     for (int t = t_begin; t < t_end; ++t) {
         const int i = t - t_begin;
         // Tile t has landed, for every thread past the barrier; past it every warp is also done with
@@ -359,7 +361,8 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Ar
                         const int row = first + g + 8 * (e / 2), s_pos = row / p.group;
                         const int h = h_kv * p.group + row % p.group, j = key0 + 8 * n + 2 * q + e % 2;
                         float x = s[n][e];
-                        if constexpr (mods::SCORE) x = mods::score_mod(x * p.scale, b, h, s_pos, j, shift, mod_args);
+                        if constexpr (mods::SCORE)
+                            x = mods::score_mod(x * score_scale, b, h, s_pos, j, shift, mod_args);
                         if constexpr (mods::MASK) x = mods::mask_mod(b, h, s_pos, j, shift, mod_args) ? x : -INFINITY;
                         s[n][e] = x;
                     }

@@ -142,7 +142,8 @@ __device__ inline Dual fmaxf(Dual a, Dual b) { return b.v > a.v ? b : a; }
 #else
 namespace mods {
 constexpr bool SCORE = false, MASK = false, DROPOUT = false;  // no mod: chapter 3's kernels
-constexpr bool WINDOW_ONLY = false;  // the mask is window_size's alone (see window_tiles)
+constexpr bool WINDOW_ONLY = false;   // the mask is window_size's alone (see window_tiles)
+constexpr bool SOFTCAP_ONLY = false;  // the score_mod is softcap's alone (see softmax_scale)
 template <class F>
 __device__ inline F score_mod(F score, int, int, int, int, int, const Args&) {
     return score;
@@ -155,6 +156,21 @@ namespace mods {
 
 constexpr bool ANY = SCORE || MASK;
 constexpr bool HOOKED = ANY || DROPOUT;  // a build that takes a mods::Args
+
+// The scale a raw score q_i . k_j gets before score_mod, and the softmax's own after it (in the
+// exponent's multiply-add, and in L = m softmax_scale + log l). With a score_mod: scale, then 1, so
+// that the mod sees the scaled score, as FlexAttention's does. Without one: the softmax's scale alone,
+// the kernels as chapters 3 and 4 left them. softcap alone, cap tanh(score / cap), is folded into
+// the two: its mod is tanh (of scale / cap times q_i . k_j), and the cap multiplies in the exponent's
+// multiply-add, which the softmax does anyway: two multiplies a score fewer than cap * tanh(score *
+// (1 / cap)). Its derivative is the same either way: d(cap tanh(x / cap)) / dx = d tanh(y) / dy at
+// y = x / cap, 1 - tanh^2, which the backward takes as it is.
+__device__ inline float score_scale(const Args& a, float scale) {
+    return SOFTCAP_ONLY ? scale * a.floats[1] : scale;
+}
+__device__ inline float softmax_scale(const Args& a, float scale) {
+    return !SCORE ? scale : SOFTCAP_ONLY ? a.floats[0] : 1.0f;
+}
 
 // Call::mods as the kernels take it: by value (no mods: all zero).
 inline Args of(const void* args) { return args ? *static_cast<const Args*>(args) : Args{}; }
@@ -290,7 +306,7 @@ __device__ inline void forward_keys(float (&s)[NT][4], int n0, const Args& a, in
         for (int e = 0; e < 4; ++e) {
             const int q_idx = row + 8 * (e / 2), kv_idx = col + 8 * n + e % 2;
             float x = s[n][e];
-            if constexpr (SCORE) x = score_mod(x * scale, b, h, q_idx, kv_idx, shift, a);
+            if constexpr (SCORE) x = score_mod(x * score_scale(a, scale), b, h, q_idx, kv_idx, shift, a);
             if constexpr (ASK) x = mask_mod(b, h, q_idx, kv_idx, shift, a) ? x : -INFINITY;
             s[n][e] = x;
         }
@@ -325,13 +341,13 @@ template <int NT>
 __device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][4], Tile state, const Args& a,
                                               int b, int h, int key, int col, int shift, int Nq, float scale,
                                               const float* L2) {
-    const float c = SCORE ? LOG2E : scale * LOG2E;  // a mask alone: the scale in the multiply-add
+    const float c = softmax_scale(a, scale) * LOG2E;  // a mask alone: the scale in the multiply-add
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int kv_idx = key + 8 * (e / 2), y = 8 * n + e % 2, q_idx = col + y;
-            Dual x(SCORE ? s[n][e] * scale : s[n][e], 1.0f);
+            Dual x(SCORE ? s[n][e] * score_scale(a, scale) : s[n][e], 1.0f);
             if constexpr (SCORE) x = score_mod(x, b, h, q_idx, kv_idx, shift, a);
             bool keep = q_idx < Nq;  // (a row that sees no key: its L2 is +inf, log2_of_L, and P = 0)
             if constexpr (MASK) keep = keep && (state == FULL || mask_mod(b, h, q_idx, kv_idx, shift, a));
