@@ -1,3 +1,4 @@
+import math
 import sys
 import zlib
 from pathlib import Path
@@ -13,6 +14,19 @@ import minimal_flash as mf  # noqa: E402
 def generator(request):
     """A seeded CPU generator per test: fresh random inputs for every test, reproducible runs."""
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every tensor that torch.empty_like and Tensor.new_empty allocate, the kernels' outputs among them,
+    is NaN until written: an element the kernels never write fails the checks."""
+    empty_like, new_empty = torch.empty_like, torch.Tensor.new_empty
+
+    def nan(t):
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(empty_like(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: nan(new_empty(self, *a, **kw)))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,8 +4,9 @@ values first, densely; the caches are built from them afterwards, contiguous (ro
 end NaN) or paged (pages in a random order, unused pages and rows NaN), and the reference reads the
 dense ones only. Sequences of one batch differ in length (0, 1, around the 64-key tile, ~300, ~1000); the
 query positions 1, 3 and more; grouped heads (group 1, 4 and 8, multi-query), d = 64, 128 and 256, causal
-or not, 1, 2 and 7 splits of the keys and the heuristic's choice, new keys appended (the cache rows
-they land in equal them exactly, every other row keeps its bits). bf16 and fp16 within the official
+or not, 1, 2 and 7 splits of the keys and the heuristic's choice (out, lse and the splits' scratch NaN
+until written: conftest's poisoned), new keys appended (the cache rows they land in equal them exactly,
+every other row keeps its bits). bf16 and fp16 within the official
 rule (largest error at most twice plain attention's in the same dtype), lse within 1e-5, rows that see
 no key exactly 0 and -inf. Then what is refused, and what a misuse the host does not check (a CUDA
 graph being captured) gives: NaN for that sequence, and nothing read or written outside the cache."""
@@ -119,7 +120,7 @@ CASE_IDS = [f"sq{c[0]}-h{c[1]}-hk{c[2]}-d{c[3]}-new{c[5]}-{'causal' if c[6] else
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("Sq,H,Hk,d,cached,new,causal,splits,page,dtype", CASES, ids=CASE_IDS)
 def test_matches_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator,
-                         monkeypatch):
+                         monkeypatch, poisoned):
     if splits == 0 and device == "cpu":  # the heuristic, as for an H200's 132 multiprocessors: it splits
         monkeypatch.setattr(mf, "_parallel_units", lambda device: 132)
     check_against_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator)
@@ -149,7 +150,7 @@ OPTIONS = {
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(OPTIONS))
-def test_official_options_and_mods(device, name, generator):
+def test_official_options_and_mods(device, name, generator, poisoned):
     case, options = OPTIONS[name]
     check_against_float64(device, *case, generator, **options)
 
@@ -296,7 +297,7 @@ LEFTPAD = {
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(LEFTPAD))
-def test_cache_leftpad(device, name, generator):
+def test_cache_leftpad(device, name, generator, poisoned):
     case, pads, options = LEFTPAD[name]
     check_against_float64(device, *case, generator, pads=pads, **options)
 

@@ -17,19 +17,6 @@ import minimal_flash as mf
 from helpers import DEVICES, assert_close, cu_seqlens, split_options, varlen_reference
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every tensor that torch.empty_like and Tensor.new_empty allocate, the kernels' outputs among them,
-    is NaN until written: an element the kernels never write fails the checks."""
-    empty_like, new_empty = torch.empty_like, torch.Tensor.new_empty
-
-    def nan(t):
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(empty_like(*a, **kw)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: nan(new_empty(self, *a, **kw)))
-
-
 def packed_inputs(lengths_q, lengths_k, H, Hk, d, dtype, device, generator):
     """Fresh standard-normal q (total_q, H, d), k, v (total_k, Hk, d), requiring gradients, and dO."""
     q, dO = (torch.randn(sum(lengths_q), H, d, generator=generator).to(device, dtype) for _ in range(2))
