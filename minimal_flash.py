@@ -205,6 +205,16 @@ def _check_deterministic(deterministic, version):
     return deterministic and VERSIONS[version].deterministic_mode  # what the kernels are told
 
 
+def _check_attn_probs(return_attn_probs, dropout_p):
+    """flash_attn_func's and flash_attn_varlen_func's return_attn_probs: a bool, and not with dropout."""
+    if not isinstance(return_attn_probs, bool):
+        raise TypeError(f"return_attn_probs = {_short(return_attn_probs)}: it must be True or False")
+    if return_attn_probs and dropout_p > 0:
+        raise ValueError(f"return_attn_probs=True with dropout_p = {dropout_p}: the official package then returns "
+                         "the attention weights with their dropout pattern (S_dmask), which these kernels do not "
+                         "make; use return_attn_probs=False, or dropout_p=0.0 for the lse")
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, Br=None, Bc=None,
                     version=None, score_mod=None, mask_mod=None, mod_tensors=None):
@@ -217,12 +227,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     without gradient (flash_attention's return_lse), as the official package does without dropout; with
     dropout it returns the dropout pattern too, which these kernels do not make: refused. Br, Bc, version:
     as for flash_attention."""
-    if not isinstance(return_attn_probs, bool):
-        raise TypeError(f"return_attn_probs = {_short(return_attn_probs)}: it must be True or False")
-    if return_attn_probs and _check_dropout(dropout_p) > 0:
-        raise ValueError(f"return_attn_probs=True with dropout_p = {dropout_p}: the official package then returns "
-                         "the attention weights with their dropout pattern (S_dmask), which these kernels do not "
-                         "make; use return_attn_probs=False, or dropout_p=0.0 for the lse")
+    _check_attn_probs(return_attn_probs, _check_dropout(dropout_p))
     if deterministic:  # checked before the transposes, with the official argument's name
         _check_deterministic(deterministic, _check_version(_mods_version(version, _wants_mods(
             score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, _check_dropout(dropout_p)), q), q))
@@ -1002,7 +1007,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     the window's tiles walked only, as for fixed-length batches). score_mod, mask_mod, mod_tensors: your
     own, as flash_attention takes them, b the sequence's number in the batch, h q's head, q_idx and kv_idx
     positions within the sequence (shift: its Lk - Lq); a mask_mod here has no block mask (each sequence
-    has its own length): its tiles are all checked score by score.
+    has its own length): its tiles are all checked score by score. dropout_p as flash_attn_func takes it
+    (chapter 6's Philox mask, drawn again in the backward; the seed from torch's generator): the pair
+    (query i, key j) of sequence b's head h is drawn from (j, i, b nheads + h), positions within the
+    sequence, as for a batch of sequences of one length.
 
     Returns out (total_q, nheads, d) in q's dtype; with return_attn_probs, (out, softmax_lse, None), as
     the official package does without dropout: softmax_lse (nheads, total_q) float32, each row's
@@ -1011,12 +1019,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cu_seqlens are checked on the host, so each call copies 2 (batch + 1) ints to it and waits for the
     device (refused while a CUDA graph is being captured): from 0, never decreasing, ending at q's and
     k's rows, no sequence longer than its max_seqlen; with block_table, each sequence's pages are pages of
-    k and v. Dropout, which these kernels lack on packed sequences, is refused, and so is
-    deterministic=True: version 3's backward adds into dQ with atomics, in whatever order its blocks
-    finish."""
-    if _check_dropout(dropout_p) > 0:  # version 3's dropout takes fixed-length batches only
-        raise ValueError(f"dropout_p = {dropout_p}: these kernels have no dropout on packed sequences "
-                         "(flash_attn_func has it); use dropout_p=0.0")
+    k and v. deterministic=True is refused: version 3's backward adds into dQ with atomics, in whatever
+    order its blocks finish."""
+    dropout_p = _check_dropout(dropout_p)
+    _check_attn_probs(return_attn_probs, dropout_p)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic = {_short(deterministic)}: it must be True or False")
     if deterministic:
@@ -1026,7 +1032,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
     scale = _check_scale(softmax_scale, q, 3)
-    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes,
+    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p,
                        batch_heads=(len(cu_seqlens_q) - 1, q.shape[1]))
     options = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods)
     d = q.shape[-1]  # a d between the compiled ones: zero columns up to the next (_padded), cut off after

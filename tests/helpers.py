@@ -161,25 +161,28 @@ def split_options(options, device):
     return {name: to(x) for name, x in options.items()}, official
 
 
-def softmax_attention(S, keep, v):
+def softmax_attention(S, keep, v, dropped=1.0):
     """The last step of the dense references (here and tests/test_mods.py's): P = the softmax of the scores
     S (..., Lq, Lk) over the keys that keep (broadcastable to S) keeps, P V in S's dtype, and the log-sum-exp
     of the kept scores in float64. A row that sees no key: out 0 and lse -inf (its scores are set to 0
-    first, so that neither the softmax nor its gradient is NaN; then its P is 0)."""
+    first, so that neither the softmax nor its gradient is NaN; then its P is 0). dropped: dropout's
+    Z / (1 - p), multiplied into P before P V (the lse is the undropped one, as the kernels' L)."""
     keep = torch.as_tensor(keep, device=S.device).expand(S.shape)
     S = S.masked_fill(~keep, -math.inf)
     empty = ~keep.any(dim=-1, keepdim=True)
     P = torch.softmax(S.masked_fill(empty, 0.0), dim=-1) * ~empty
-    return P @ v, S.double().logsumexp(dim=-1)
+    return (P * torch.as_tensor(dropped, device=S.device).to(P.dtype)) @ v, S.double().logsumexp(dim=-1)
 
 
-def sequence_attention(q, k, v, causal, scale, window_size=(-1, -1), softcap=0.0, slopes=None, bias=0.0, keep=True):
+def sequence_attention(q, k, v, causal, scale, window_size=(-1, -1), softcap=0.0, slopes=None, bias=0.0, keep=True,
+                       dropped=1.0):
     """Plain attention of one sequence in q's dtype, differentiable: q (Lq, H, d), k, v (Lk, Hk, d), each
     query head reading the kv head of its group. Returns out (Lq, H, d) and lse (H, Lq), the log-sum-exp
     of the visible scores, in float64 (softmax_attention). The official options, written out densely:
     window_size (left, right) and ALiBi's slopes (H,) measure query i's distance to key j from the bottom
     right, i + Lk - Lq - j, as causal does; softcap caps the scaled scores first. bias, keep: a dense
-    score_mod's bias and mask_mod's mask, (H or 1, Lq, Lk), added and applied after them."""
+    score_mod's bias and mask_mod's mask, (H or 1, Lq, Lk), added and applied after them; dropped,
+    dropout's multiplier of P (softmax_attention)."""
     (Lq, H, _), Lk = q.shape, k.shape[0]
     kh, vh = (t.repeat_interleave(H // k.shape[1], dim=1).transpose(0, 1) for t in (k, v))  # (H, Lk, d)
     S = q.transpose(0, 1) @ kh.transpose(1, 2) * scale  # (H, Lq, Lk)
@@ -192,17 +195,18 @@ def sequence_attention(q, k, v, causal, scale, window_size=(-1, -1), softcap=0.0
     hidden = causal_hidden(Lq, Lk, causal).to(q.device)
     left, right = window_size
     hidden = hidden | (distance > left if left >= 0 else False) | (distance < -right if right >= 0 else False)
-    out, lse = softmax_attention(S, ~hidden & torch.as_tensor(keep, device=q.device), vh)
+    out, lse = softmax_attention(S, ~hidden & torch.as_tensor(keep, device=q.device), vh, dropped)
     return out.transpose(0, 1), lse
 
 
 def varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype=torch.float64, window_size=(-1, -1),
-                     softcap=0.0, alibi_slopes=None, mods=None):
+                     softcap=0.0, alibi_slopes=None, mods=None, dropped=None):
     """flash_attn_varlen_func's reference on packed q (total_q, H, d), k, v (total_k, Hk, d): out, lse
     (H, total_q), dQ, dK, dV of sum(out * dO), attention a sequence at a time in `dtype` (float64: the
     reference; q's: plain attention, the yardstick of the official rule), with the official options
     (alibi_slopes (H,) or (batch, H)) and mods(b, Lq, Lk) -> (bias, keep) of sequence b, a score_mod and
-    mask_mod written out densely (sequence_attention)."""
+    mask_mod written out densely (sequence_attention); dropped(b, Lq, Lk) -> (H, Lq, Lk), dropout's
+    multiplier of sequence b's P."""
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5
     outs, lses = [], []
@@ -211,9 +215,35 @@ def varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype=torch.floa
         slopes = None if alibi_slopes is None else alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
         bias, keep = (0.0, True) if mods is None else mods(b, lengths_q[b], lengths_k[b])
         out, lse = sequence_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], causal, scale,
-                                      window_size, softcap, slopes, bias, keep)
+                                      window_size, softcap, slopes, bias, keep,
+                                      1.0 if dropped is None else dropped(b, lengths_q[b], lengths_k[b]))
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs)
     grads = torch.autograd.grad(out, (q, k, v), dO.to(dtype))
     return out.detach(), torch.cat(lses, dim=1), *grads
+
+
+# Philox4x32-10, the counter-based generator of dropout's mask (kernels/philox.cuh), in PyTorch: tests/
+# test_dropout.py checks it against the published answers.
+MASK32 = 0xFFFFFFFF
+
+
+def mulhilo(m, x):
+    """(m x) >> 32 and (m x) & (2^32 - 1) for a 32-bit constant m and int64 tensors x < 2^32, exactly
+    (x split in 16-bit halves: every product fits in int64)."""
+    xh, xl = x >> 16, x & 0xFFFF
+    a, t = m * xh, m * xl
+    return (a + (t >> 16)) >> 16, (((a & 0xFFFF) << 16) + t) & MASK32
+
+
+def philox(c, key):
+    """Philox4x32-10 on int64 tensors c = (x, y, z, w), key = (k0, k1): four words."""
+    x, y, z, w = c
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = mulhilo(0xD2511F53, x)
+        hi1, lo1 = mulhilo(0xCD9E8D57, z)
+        x, y, z, w = hi1 ^ y ^ k0, lo1, hi0 ^ w ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & MASK32, (k1 + 0xBB67AE85) & MASK32
+    return x, y, z, w

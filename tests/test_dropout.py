@@ -9,30 +9,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, assert_close, random_dO, random_qkv
-
-MASK32 = 0xFFFFFFFF
-
-
-def mulhilo(m, x):
-    """(m x) >> 32 and (m x) & (2^32 - 1) for a 32-bit constant m and int64 tensors x < 2^32, exactly
-    (x split in 16-bit halves: every product fits in int64)."""
-    xh, xl = x >> 16, x & 0xFFFF
-    a, t = m * xh, m * xl
-    return (a + (t >> 16)) >> 16, (((a & 0xFFFF) << 16) + t) & MASK32
-
-
-def philox(c, key):
-    """Philox4x32-10 on int64 tensors c = (x, y, z, w), key = (k0, k1): four words."""
-    x, y, z, w = c
-    k0, k1 = key
-    for _ in range(10):
-        hi0, lo0 = mulhilo(0xD2511F53, x)
-        hi1, lo1 = mulhilo(0xCD9E8D57, z)
-        x, y, z, w = hi1 ^ y ^ k0, lo1, hi0 ^ w ^ k1, lo0
-        k0, k1 = (k0 + 0x9E3779B9) & MASK32, (k1 + 0xBB67AE85) & MASK32
-    return x, y, z, w
-
+from helpers import DEVICES, MASK32, assert_close, philox, random_dO, random_qkv
 
 @pytest.mark.parametrize("counter,key,expected", [  # Random123's known-answer vectors, philox4x32_10
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, assert_close, cu_seqlens, split_options, varlen_reference
+from helpers import DEVICES, MASK32, assert_close, cu_seqlens, philox, split_options, varlen_reference
 
 
 def packed_inputs(lengths_q, lengths_k, H, Hk, d, dtype, device, generator):
@@ -273,11 +273,45 @@ def test_bad_alibi_slopes_are_refused():
     refuse(ValueError, "window_size = 8: it must be", *small_inputs(), window_size=8)
 
 
-def test_dropout_and_deterministic_are_refused():
-    refuse(ValueError, "dropout_p = 0.1: these kernels have no dropout", *small_inputs(), dropout_p=0.1)
+def test_bad_dropout_deterministic_and_return_attn_probs_are_refused():
+    refuse(ValueError, "dropout_p = 1.5: it must be in", *small_inputs(), dropout_p=1.5)
+    refuse(ValueError, r"return_attn_probs=True with dropout_p = 0.1: .* \(S_dmask\)", *small_inputs(), dropout_p=0.1,
+           return_attn_probs=True)
+    refuse(TypeError, "return_attn_probs = 'yes': it must be True or False", *small_inputs(), return_attn_probs="yes")
     refuse(ValueError, "deterministic=True: .* version 3's kernels, whose backward adds into dQ with atomics",
            *small_inputs(), deterministic=True)
     refuse(TypeError, "deterministic = 'yes'", *small_inputs(), deterministic="yes")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout_on_packed_sequences(device, causal, generator, poisoned, monkeypatch):
+    """dropout_p on packed sequences: the pair (query i, key j) of sequence b's head h kept where Philox's
+    first word for (j, i, b H + h, 0) and the call's seed is >= p 2^32 (the seed pinned here, through
+    _check_mods' dropout_seed), positions within the sequence. out, dQ, dK, dV against float64 attention
+    with that mask (P Z / (1 - p)) by the official rule; sequences of 0, 1, 130 and 70 queries on 5, 1, 130
+    and 100 keys, grouped heads."""
+    seed, p = 0x2D5E_1F00_C0FF_EE, 0.17
+    check_mods = mf._check_mods
+    monkeypatch.setattr(mf, "_check_mods", lambda *args, **options: check_mods(*args, **options, dropout_seed=seed))
+    lengths_q, lengths_k, H, Hk, d = [0, 1, 130, 70], [5, 1, 130, 100], 4, 2, 64
+    q, k, v, dO = packed_inputs(lengths_q, lengths_k, H, Hk, d, torch.bfloat16, device, generator)
+    out = mf.flash_attn_varlen_func(q, k, v, cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device),
+                                    max(lengths_q), max(lengths_k), p, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), dO)
+
+    def dropped(b, Lq, Lk):  # (H, Lq, Lk): Z / (1 - p)
+        j, i = torch.arange(Lk)[None, None, :], torch.arange(Lq)[None, :, None]
+        bh = b * H + torch.arange(H)[:, None, None]
+        counter = [t.expand(H, Lq, Lk).long() for t in (j, i, bh, torch.zeros(1, 1, 1))]
+        x, *_ = philox(counter, (seed & MASK32, seed >> 32))
+        return (x >= round(p * 2**32)).double() / (1 - p)
+
+    (ref, _, *ref_grads), (plain, _, *plain_grads) = (
+        varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype, dropped=dropped)
+        for dtype in (torch.float64, q.dtype))
+    for name, x, r, pl in zip(("out", "dQ", "dK", "dV"), (out, *grads), (ref, *ref_grads), (plain, *plain_grads)):
+        assert_close(name, x, r, pl)
 
 
 def test_bad_tensors_are_refused():

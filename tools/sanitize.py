@@ -252,6 +252,13 @@ def main(args):
                 for causal in (False, True):
                     test_dropout.run_case(shape, causal, "cuda", generator, version)
                     print(f"dropout v{version} {shape} causal={causal}: forward and backward checked")
+        if 3 in mod_versions["dropout"]:  # on packed sequences (flash_attn_varlen_func), its seed pinned
+            import pytest
+            import test_varlen
+            for causal in (False, True):
+                with pytest.MonkeyPatch.context() as patch:  # (the fixture `poisoned`: not needed)
+                    test_varlen.test_dropout_on_packed_sequences("cuda", causal, generator, None, patch)
+                print(f"dropout varlen causal={causal}: forward and backward checked")
 
 
 if __name__ == "__main__":
