@@ -673,7 +673,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     capacity = block_table.shape[1] * page if block_table is not None else page  # keys a sequence may have
     seqlen_new = 0 if k is None else k.shape[1]
     seqlens = _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new)
-    leftpad = _check_cache_leftpad(cache_leftpad, q)
+    leftpad = None if cache_leftpad is None else _check_per_sequence("cache_leftpad", cache_leftpad, q)
     # a window alone: the rows read keys from left before the first's position to right after the last's
     # (causal: none after), the band the kernel's splits cut
     left, right = mods.ints[:2] if mods is not None and mods.spec.window_only else (-1, -1)
@@ -792,16 +792,11 @@ def _check_kvcache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx=None)
         raise ValueError(f"k and v must have shape (batch = {B}, seqlen_new, nheads_k = {Hk}, d = {d}), got "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if cache_batch_idx is not None:
-        _check_is_tensor("cache_batch_idx", cache_batch_idx)
-        problem = ("block_table is given too: a paged cache has no entries to pick (one or the other)"
-                   if block_table is not None else
-                   f"its dtype is {cache_batch_idx.dtype}, not torch.int32" if cache_batch_idx.dtype != torch.int32 else
-                   f"its shape is {tuple(cache_batch_idx.shape)}, not (batch = {B},)" if cache_batch_idx.shape != (B,)
-                   else f"it is on {cache_batch_idx.device}, q on {q.device}" if cache_batch_idx.device != q.device
-                   else None)
-        if problem:
-            raise ValueError(f"cache_batch_idx: {problem}")
-        return q.contiguous(), cache_batch_idx.view(B, 1).contiguous()
+        if block_table is not None:
+            _check_is_tensor("cache_batch_idx", cache_batch_idx)
+            raise ValueError("cache_batch_idx: block_table is given too: a paged cache has no entries to pick (one "
+                             "or the other)")
+        return q.contiguous(), _check_per_sequence("cache_batch_idx", cache_batch_idx, q).view(B, 1)
     if block_table is None:
         if k_cache.shape[0] != B:
             raise ValueError(f"k_cache has batch {k_cache.shape[0]}, q {B}: without block_table the cache holds one "
@@ -852,18 +847,17 @@ def _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new):
     return cache_seqlens.contiguous()
 
 
-def _check_cache_leftpad(cache_leftpad, q):
-    """cache_leftpad as an int32 tensor (batch,) on q's device, or None (no sequence padded)."""
-    if cache_leftpad is None:
-        return None
-    _check_is_tensor("cache_leftpad", cache_leftpad)
+def _check_per_sequence(name, t, q):
+    """flash_attn_with_kvcache's cache_batch_idx or cache_leftpad: an int32 tensor (batch,) on q's device,
+    returned contiguous."""
+    _check_is_tensor(name, t)
     B = q.shape[0]
-    problem = (f"its dtype is {cache_leftpad.dtype}, not torch.int32" if cache_leftpad.dtype != torch.int32 else
-               f"its shape is {tuple(cache_leftpad.shape)}, not (batch = {B},)" if cache_leftpad.shape != (B,) else
-               f"it is on {cache_leftpad.device}, q on {q.device}" if cache_leftpad.device != q.device else None)
+    problem = (f"its dtype is {t.dtype}, not torch.int32" if t.dtype != torch.int32 else
+               f"its shape is {tuple(t.shape)}, not (batch = {B},)" if t.shape != (B,) else
+               f"it is on {t.device}, q on {q.device}" if t.device != q.device else None)
     if problem:
-        raise ValueError(f"cache_leftpad: {problem}")
-    return cache_leftpad.contiguous()
+        raise ValueError(f"{name}: {problem}")
+    return t.contiguous()
 
 
 def _capturing(device):

@@ -247,3 +247,12 @@ def philox(c, key):
         x, y, z, w = hi1 ^ y ^ k0, lo1, hi0 ^ w ^ k1, lo0
         k0, k1 = (k0 + 0x9E3779B9) & MASK32, (k1 + 0xBB67AE85) & MASK32
     return x, y, z, w
+
+
+def dropout_kept(bh, Lq, Lk, p, seed):
+    """(len(bh), Lq, Lk) bool: the pairs (query i, key j) of slices bh that dropout keeps, Philox's first
+    word for (j, i, bh, 0) and the seed at least p 2^32 (kernels/mods.cuh's kept)."""
+    j, i = torch.arange(Lk)[None, None, :], torch.arange(Lq)[None, :, None]
+    counter = [t.expand(len(bh), Lq, Lk).long() for t in (j, i, bh[:, None, None], torch.zeros(1, 1, 1))]
+    x, *_ = philox(counter, (seed & MASK32, seed >> 32))
+    return x >= min(round(p * 2**32), MASK32)

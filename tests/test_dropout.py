@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, MASK32, assert_close, philox, random_dO, random_qkv
+from helpers import DEVICES, MASK32, assert_close, dropout_kept, philox, random_dO, random_qkv
 
 @pytest.mark.parametrize("counter,key,expected", [  # Random123's known-answer vectors, philox4x32_10
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
@@ -23,13 +23,7 @@ def test_the_reference_philox_gives_the_published_answers(counter, key, expected
 
 def keep_mask(B, H, N, p, seed):
     """(B, H, N, N) bool: the pairs the kernels keep (kernels/mods.cuh's kept)."""
-    bh = torch.arange(B * H, dtype=torch.int64)[:, None, None]
-    i = torch.arange(N, dtype=torch.int64)[None, :, None]
-    j = torch.arange(N, dtype=torch.int64)[None, None, :]
-    zeros = torch.zeros(1, dtype=torch.int64)
-    x, *_ = philox((j.expand(B * H, N, N), i.expand(B * H, N, N), bh.expand(B * H, N, N), zeros),
-                   (seed & MASK32, seed >> 32))
-    return (x >= min(round(p * 2**32), MASK32)).view(B, H, N, N)
+    return dropout_kept(torch.arange(B * H), N, N, p, seed).view(B, H, N, N)
 
 
 def test_a_pair_is_kept_with_probability_one_minus_p():

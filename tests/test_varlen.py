@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, MASK32, assert_close, cu_seqlens, philox, split_options, varlen_reference
+from helpers import DEVICES, assert_close, cu_seqlens, dropout_kept, split_options, varlen_reference
 
 
 def packed_inputs(lengths_q, lengths_k, H, Hk, d, dtype, device, generator):
@@ -301,11 +301,7 @@ def test_dropout_on_packed_sequences(device, causal, generator, poisoned, monkey
     grads = torch.autograd.grad(out, (q, k, v), dO)
 
     def dropped(b, Lq, Lk):  # (H, Lq, Lk): Z / (1 - p)
-        j, i = torch.arange(Lk)[None, None, :], torch.arange(Lq)[None, :, None]
-        bh = b * H + torch.arange(H)[:, None, None]
-        counter = [t.expand(H, Lq, Lk).long() for t in (j, i, bh, torch.zeros(1, 1, 1))]
-        x, *_ = philox(counter, (seed & MASK32, seed >> 32))
-        return (x >= round(p * 2**32)).double() / (1 - p)
+        return dropout_kept(b * H + torch.arange(H), Lq, Lk, p, seed).double() / (1 - p)
 
     (ref, _, *ref_grads), (plain, _, *plain_grads) = (
         varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype, dropped=dropped)
