@@ -73,7 +73,7 @@
 #include "tiles.cuh"  // ceil_div
 #include "mma.cuh"    // stride16, Padded, Swizzled, mma_ABt, a_operands, mma_AB, online_softmax, pack<T>, warp_sum
 #include "hopper.cuh"  // launch_dependents, wait_for_prior_grid (combine launched early, sm_90)
-#include "mods.cuh"    // chapter 6's hooks: mods::score_mod, mask_mod, span (no-ops without mods)
+#include "mods.cuh"    // chapter 6's hooks: mods::forward_score, span (no-ops without mods)
 
 namespace flash_decode {
 
@@ -333,10 +333,9 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Ar
         row_end[r] = p.causal ? min(L, (first + g + 8 * r) / p.group + L - p.Sq + 1) : L;
 
     float o[d / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // Alg. 1, line 5
-    // The softmax's scale: with a score_mod, the scores come to it scaled already, by score_scale (below;
+    // The softmax's scale: with a score_mod, the scores come to it scaled already (mods::forward_score;
     // mods::softmax_scale).
     const float softmax_scale = mods::softmax_scale(mod_args, p.scale), c = softmax_scale * LOG2E;
-    const float score_scale = mods::score_scale(mod_args, p.scale);
     for (int t = t_begin; t < t_end; ++t) {
         const int i = t - t_begin;
         // Tile t has landed, for every thread past the barrier; past it every warp is also done with
@@ -360,11 +359,7 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Ar
                     for (int e = 0; e < 4; ++e) {  // row (position s, query head h) against key j
                         const int row = first + g + 8 * (e / 2), s_pos = row / p.group;
                         const int h = h_kv * p.group + row % p.group, j = key0 + 8 * n + 2 * q + e % 2;
-                        float x = s[n][e];
-                        if constexpr (mods::SCORE)
-                            x = mods::score_mod(x * score_scale, b, h, s_pos, j, shift, mod_args);
-                        if constexpr (mods::MASK) x = mods::mask_mod(b, h, s_pos, j, shift, mod_args) ? x : -INFINITY;
-                        s[n][e] = x;
+                        s[n][e] = mods::forward_score<mods::MASK>(s[n][e], mod_args, b, h, s_pos, j, shift, p.scale);
                     }
             if (key0 + KW > min(row_end[0], row_end[1]))
 #pragma unroll

@@ -297,19 +297,21 @@ __host__ __device__ inline int block_mask_shared_bytes() { return 2 * TILE * siz
 // the same for the whole warp, so each 64 keys take one branch, not a test per score. A mask alone
 // leaves the scores as they are: the softmax's exponent applies the scale in its multiply-add, as
 // without mods.
+template <bool ASK>  // one raw score of (q_idx, kv_idx): score_mod on it scaled; ASK: -inf where mask_mod says no
+__device__ inline float forward_score(float x, const Args& a, int b, int h, int q_idx, int kv_idx, int shift,
+                                      float scale) {
+    if constexpr (SCORE) x = score_mod(x * score_scale(a, scale), b, h, q_idx, kv_idx, shift, a);
+    if constexpr (ASK) x = mask_mod(b, h, q_idx, kv_idx, shift, a) ? x : -INFINITY;
+    return x;
+}
 template <bool ASK, int NT>  // 64 keys from tile n0 on: score_mod on each score; ASK: mask_mod too
 __device__ inline void forward_keys(float (&s)[NT][4], int n0, const Args& a, int b, int h, int row, int col,
                                     int shift, float scale) {
 #pragma unroll
     for (int n = n0; n < n0 + 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int q_idx = row + 8 * (e / 2), kv_idx = col + 8 * n + e % 2;
-            float x = s[n][e];
-            if constexpr (SCORE) x = score_mod(x * score_scale(a, scale), b, h, q_idx, kv_idx, shift, a);
-            if constexpr (ASK) x = mask_mod(b, h, q_idx, kv_idx, shift, a) ? x : -INFINITY;
-            s[n][e] = x;
-        }
+        for (int e = 0; e < 4; ++e)
+            s[n][e] = forward_score<ASK>(s[n][e], a, b, h, row + 8 * (e / 2), col + 8 * n + e % 2, shift, scale);
 }
 template <int NT>
 __device__ inline void forward_scores(float (&s)[NT][4], const Tile (&state)[NT / 8], const Args& a, int b,
