@@ -104,6 +104,13 @@ VERSIONS = {v.number: v for v in (
             cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",), mods=True),
 )}
 DECODE_HEAD_DIMS = (64, 128, 256)  # flash_attn_with_kvcache's kernels (kernels/flash_decode.cu)
+
+
+def decode_takes_head_dim(d):
+    """flash_attn_with_kvcache's head dims: any multiple of 8 up to 256, as the official package's; one
+    between DECODE_HEAD_DIMS runs in the next kernel up, its extra columns zeros in shared memory (the
+    cache read as it lies, 16 bytes at a time: a row of d values is whole 16-byte pieces)."""
+    return 0 < d <= max(DECODE_HEAD_DIMS) and d % 8 == 0
 PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the order of kernels/bindings.cu's DType
 
@@ -358,10 +365,9 @@ def _transformers_attention(module, query, key, value, attention_mask, dropout=0
         takes = next(x for x in VERSIONS.values() if x.grouped_heads)
         raise TypeError(f"minimal_flash: a {query.dtype} model; with transformers the kernels run "
                         f"{_dtype_names(takes.dtypes)} models (dtype= in from_pretrained or from_config)")
-    head_dims = [d for d in version.head_dims if d in DECODE_HEAD_DIMS]  # the prompt's and the decode's
-    if query.shape[-1] not in head_dims:
-        raise ValueError(f"minimal_flash: a model of head dim {query.shape[-1]}; version {version.number}'s "
-                         f"kernels and the decode kernels are compiled for head dim {_one_of(head_dims)}")
+    if not decode_takes_head_dim(query.shape[-1]):  # (the prompt's kernels take any d up to 256: padded up)
+        raise ValueError(f"minimal_flash: a model of head dim {query.shape[-1]}; the decode kernels take a "
+                         f"multiple of 8 up to {max(DECODE_HEAD_DIMS)}")
     if query.shape[2] == key.shape[2]:  # the prompt (the cache held nothing before it)
         out = flash_attention(query, key, value, causal=True, softmax_scale=scaling, **mods).transpose(1, 2)
     else:  # new tokens after the cached ones: the official package's decode function, whose causal=True
@@ -630,7 +636,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     kernels: the attention of q's seqlen_q new positions of each sequence to the keys in a KV cache,
     after k, v (if given) are appended to it in place. No autograd: this is inference.
 
-    q: (batch, seqlen_q, nheads, d), bfloat16 or float16, d = 64, 128 or 256. k_cache, v_cache: (batch,
+    q: (batch, seqlen_q, nheads, d), bfloat16 or float16, d a multiple of 8 up to 256. k_cache, v_cache: (batch,
     seqlen_cache, nheads_k, d), nheads_k dividing nheads (grouped-query heads); or, with block_table
     (batch, max_blocks_per_seq) int32, paged: (num_blocks, page_block_size, nheads_k, d), row j of
     sequence b in page block_table[b, j // page_block_size]. Both contiguous: they are written in place.
@@ -775,9 +781,9 @@ def _check_kvcache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx=None)
     (B, Sq, H, d), Hk = q.shape, k_cache.shape[2]
     if Sq < 1:
         raise ValueError(f"q has seqlen_q = {Sq}: flash_attn_with_kvcache takes at least one query position")
-    if d not in DECODE_HEAD_DIMS:
-        raise ValueError(f"head dim d = {d}: the decode kernels (version 3's build) are compiled for d = "
-                         f"{_one_of(DECODE_HEAD_DIMS)}")
+    if not decode_takes_head_dim(d):
+        raise ValueError(f"head dim d = {d}: the decode kernels (version 3's build) take a multiple of 8 up to "
+                         f"{max(DECODE_HEAD_DIMS)} (they read the cache's rows 16 bytes at a time)")
     if k_cache.shape != v_cache.shape or k_cache.shape[3] != d or Hk == 0 or H % Hk:
         raise ValueError(f"k_cache and v_cache must have one shape (..., nheads_k, d = {d}), nheads_k dividing q's "
                          f"nheads = {H} (grouped-query heads); got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")

@@ -61,6 +61,11 @@
 // memory by cp.async, 16 bytes a thread (Copies below). Keys past the sequence's end (or a causal
 // row's last) are masked to -inf; tiles wholly past the block's rows' are never loaded.
 //
+// Head dims. The kernels are compiled for d = 64, 128 and 256; the tensors' head dim (Params::dim) may be
+// any multiple of 8 up to 256, and runs in the next kernel up: the columns of Q_i, K_j and V_j from dim on
+// are zeros in shared memory (cp.async's zero fill: nothing read), which change no score q_i . k_j and give
+// O zero columns, not written out. The cache is read as it lies, its own bytes and no more.
+//
 // Misuse. The kernel reads only what cache_seqlens and block_table say a sequence has, so it checks
 // them first: a sequence whose length is out of the cache's range (or below its pad), or whose pages
 // are not pages of the cache, reads nothing and gets NaN in all its output rows (minimal_flash checks
@@ -96,8 +101,9 @@ struct Params {
     const int* cache_leftpad;         // (B,): where each sequence's keys start in its rows; null: at 0
     unsigned short* O;                // (B, Sq, H, d), in T
     float* L;                         // (B, H, Sq): the rows' log-sum-exp
-    float *O_split, *L_split;         // splits > 1: (splits, B, Sq, H, d) and (splits, B, H, Sq), fp32
+    float *O_split, *L_split;         // splits > 1: (splits, B, Sq, H, dim) and (splits, B, H, Sq), fp32
     int B, Sq, H, Hk, group;          // group = H / Hk
+    int dim;                          // the tensors' head dim: the kernel's d or less, a multiple of 8
     int seqlen_new;                   // keys appended this call: L_b = cache_seqlens[b] + seqlen_new
     int capacity;                     // the most keys a sequence may have: S_cache, or max_pages * page
     int page;                         // rows per page (contiguous: S_cache, one page per sequence)
@@ -175,12 +181,13 @@ struct Copies {
     __device__ void copy(int t, int buffer) {
         if (t < at.t_end) {
             const int x = threadIdx.x % CHUNKS * 8;
+            const bool column = x < at.p.dim;  // a column of the cache's rows (else zeros)
 #pragma unroll
             for (int k = 0; k < COUNT; ++k) {
                 const int r = threadIdx.x / CHUNKS + k * STEP, to = buffer * TILE + Swizzled<d>{}(r, x);
-                const size_t from = ((size_t)max(row[k], 0) * at.p.Hk + at.h) * d + x;
-                cp_async16(at.K + to, at.p.K + from, row[k] >= 0);
-                cp_async16(at.V + to, at.p.V + from, row[k] >= 0);
+                const size_t from = ((size_t)max(row[k], 0) * at.p.Hk + at.h) * at.p.dim + (column ? x : 0);
+                cp_async16(at.K + to, at.p.K + from, row[k] >= 0 && column);
+                cp_async16(at.V + to, at.p.V + from, row[k] >= 0 && column);
             }
         }
         cp_async_commit();
@@ -314,8 +321,8 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Ar
     // Alg. 1, line 4: Q_i, by cp.async; lines 6-7 for the first S - 1 tiles.
     for (int e = threadIdx.x; e < Br * d / 8; e += blockDim.x) {
         const int r = e / (d / 8), x = e % (d / 8) * 8;
-        const bool valid = row0 + r < rows;
-        cp_async16(Q_i + r * LS + x, p.Q + (valid ? q_at(row0 + r) * d + x : 0), valid);
+        const bool valid = row0 + r < rows && x < p.dim;  // (columns from dim on: zeros)
+        cp_async16(Q_i + r * LS + x, p.Q + (valid ? q_at(row0 + r) * p.dim + x : 0), valid);
     }
     const Tiles tiles_at{p, b, h_kv, pad, end, t_end, K_j, V_j};
     Copies<d> copies{tiles_at};
@@ -402,15 +409,17 @@ __global__ void __launch_bounds__(THREADS) decode(const Params p, const mods::Ar
         if (p.splits == 1) {
 #pragma unroll
             for (int n = 0; n < d / 8; ++n)  // columns 8n + 2q, 8n + 2q + 1: one 4-byte store
-                *reinterpret_cast<unsigned*>(&p.O[at * d + 8 * n + 2 * q]) =
-                    pack<T>(o[n][2 * r] * inv_l, o[n][2 * r + 1] * inv_l);
+                if (8 * n < p.dim)
+                    *reinterpret_cast<unsigned*>(&p.O[at * p.dim + 8 * n + 2 * q]) =
+                        pack<T>(o[n][2 * r] * inv_l, o[n][2 * r + 1] * inv_l);
             if (q == 0) p.L[at_L] = lse;
         } else {  // this split's share, in fp32, for combine
             const size_t at_split = (size_t)split * p.B * p.Sq * p.H + at;
 #pragma unroll
             for (int n = 0; n < d / 8; ++n)
-                *reinterpret_cast<float2*>(&p.O_split[at_split * d + 8 * n + 2 * q]) =
-                    make_float2(o[n][2 * r] * inv_l, o[n][2 * r + 1] * inv_l);
+                if (8 * n < p.dim)
+                    *reinterpret_cast<float2*>(&p.O_split[at_split * p.dim + 8 * n + 2 * q]) =
+                        make_float2(o[n][2 * r] * inv_l, o[n][2 * r + 1] * inv_l);
             if (q == 0) p.L_split[(size_t)split * p.B * p.H * p.Sq + at_L] = lse;
         }
     }
@@ -455,7 +464,7 @@ __device__ inline void load_columns(const float* from, size_t at, float (&o)[C])
 }
 
 template <class T, int d>
-__global__ void combine(const float* O_split, const float* L_split, int splits, int B, int Sq, int H,
+__global__ void combine(const float* O_split, const float* L_split, int splits, int B, int Sq, int H, int dim,
                         unsigned short* O, float* L) {
     constexpr int C = d / 32, PREFETCH = prefetch(d);  // columns per lane: 8, 4 or 2
     static_assert(C == 8 || C == 4 || C == 2, "d = 256, 128 or 64");
@@ -463,15 +472,18 @@ __global__ void combine(const float* O_split, const float* L_split, int splits, 
     const size_t rows = (size_t)B * Sq * H, row = blockIdx.x;  // (b, s, h) of O
     const int t = threadIdx.x, w = t / 32, lane = t % 32, h = row % H, s = row / H % Sq;
     const size_t at_L = (row / H / Sq * H + h) * Sq + s;  // (b, h, s) of L
+    const bool columns = C * lane < dim;                   // the lane's columns are O's (dim < d: not all)
     wait_for_prior_grid();  // launched while the decode kernel ran (LAUNCH_AFTER): its results, now
 
     // Everything the warp needs up to PREFETCH of its splits, asked for at once: the row's lse_s, and
     // this warp's splits' O_s and lse_s (which need not wait for the row's lse).
-    float pre[PREFETCH][C], lse_pre[PREFETCH], lse_l[LSE_PER_LANE];
+    float pre[PREFETCH][C] = {}, lse_pre[PREFETCH], lse_l[LSE_PER_LANE];
 #pragma unroll
     for (int k = 0; k < PREFETCH; ++k)
-        if (const int i = w + COMBINE_WARPS * k; i < splits)
-            load_columns(O_split, (i * rows + row) * d + C * lane, pre[k]), lse_pre[k] = L_split[i * rows + at_L];
+        if (const int i = w + COMBINE_WARPS * k; i < splits) {
+            if (columns) load_columns(O_split, (i * rows + row) * dim + C * lane, pre[k]);
+            lse_pre[k] = L_split[i * rows + at_L];
+        }
 #pragma unroll
     for (int j = 0; j < LSE_PER_LANE; ++j)
         lse_l[j] = lane + 32 * j < splits ? L_split[(lane + 32 * j) * rows + at_L] : -INFINITY;
@@ -498,20 +510,20 @@ __global__ void combine(const float* O_split, const float* L_split, int splits, 
         }
 #pragma unroll 8
     for (int i = w + COMBINE_WARPS * PREFETCH; i < splits; i += COMBINE_WARPS) {
-        float o[C];
-        load_columns(O_split, (i * rows + row) * d + C * lane, o);
+        float o[C] = {};
+        if (columns) load_columns(O_split, (i * rows + row) * dim + C * lane, o);
         const float weight_i = weight(L_split[i * rows + at_L]);
 #pragma unroll
         for (int c = 0; c < C; ++c) out[c] += weight_i * o[c];
     }
 #pragma unroll
     for (int c = 0; c < C; ++c) parts[w * d + C * lane + c] = out[c];
-    __syncthreads();                                        // every warp's sum is written
-    for (int x = 2 * t; x < d; x += 2 * COMBINE_THREADS) {  // two columns a thread: one 4-byte store
+    __syncthreads();                                          // every warp's sum is written
+    for (int x = 2 * t; x < dim; x += 2 * COMBINE_THREADS) {  // two columns a thread: one 4-byte store
         float o[2] = {};
         for (int v = 0; v < COMBINE_WARPS; ++v) o[0] += parts[v * d + x], o[1] += parts[v * d + x + 1];
         if (nan) o[0] = o[1] = NAN;
-        *reinterpret_cast<unsigned*>(&O[row * d + x]) = pack<T>(o[0], o[1]);
+        *reinterpret_cast<unsigned*>(&O[row * dim + x]) = pack<T>(o[0], o[1]);
     }
     if (t == 0) L[at_L] = lse;
 }
@@ -530,8 +542,8 @@ std::string run(const Params& p, const Call& c) {
                              shared_bytes(Br, d), c, p, mods::of(c.mods));
     if (err.empty() && p.splits > 1)  // a block per row of O
         err = launch<true>("flash_decode::combine", combine<T, d>, dim3(p.B * p.Sq * p.H), COMBINE_THREADS,
-                           combine_shared_bytes(d), c, p.O_split, p.L_split, p.splits, p.B, p.Sq, p.H, p.O,
-                           p.L);
+                           combine_shared_bytes(d), c, p.O_split, p.L_split, p.splits, p.B, p.Sq, p.H, p.dim,
+                           p.O, p.L);
     return err;
 }
 template <class T, int d>
@@ -553,9 +565,10 @@ extern "C" const char* mf_decode(const float* Q, const float* K, const float* V,
     c.mods = mod_args;  // a build with mods: the window_size, softcap, alibi_slopes (or mods) of the call
     const int group = Hk > 0 ? H / Hk : 0;
     const fd::Params p{bits(Q), bits(K), bits(V), cache_seqlens, block_table, cache_leftpad, bits(O), L,
-                       O_split, L_split, B, Sq, H, Hk, group, seqlen_new, capacity, page, max_pages, pages,
+                       O_split, L_split, B, Sq, H, Hk, group, d, seqlen_new, capacity, page, max_pages, pages,
                        splits, scale, causal};
-    message = half_precision_error(c, 3, d == 64 || d == 128 || d == 256, "64, 128 or 256 (the decode kernels)");
+    message = half_precision_error(c, 3, d >= 8 && d <= 256 && d % 8 == 0, "a multiple of 8 up to 256 (the decode "
+                                   "kernels)");
     if (message.empty() && (Hk < 1 || H % Hk != 0 || splits < 1 || splits > fd::MAX_SPLITS ||
                             mods::HOOKED != (mod_args != nullptr)))
         message = "internal error: " + std::to_string(H) + " query heads, " + std::to_string(Hk) +
@@ -566,13 +579,14 @@ extern "C" const char* mf_decode(const float* Q, const float* K, const float* V,
                   ": more than the 65535 row tiles of 64 a grid column may have";
     if (!message.empty()) return message.c_str();
     const OnDevice on(device);
+    // A head dim between the kernels' runs in the next one up, its columns from d on zeros (fd::Params::dim).
     if (dtype == BFLOAT16)
-        message = d == 64    ? fd::run<__nv_bfloat16, 64>(p, c)
-                  : d == 128 ? fd::run<__nv_bfloat16, 128>(p, c)
+        message = d <= 64    ? fd::run<__nv_bfloat16, 64>(p, c)
+                  : d <= 128 ? fd::run<__nv_bfloat16, 128>(p, c)
                              : fd::run<__nv_bfloat16, 256>(p, c);
     else
-        message = d == 64    ? fd::run<__half, 64>(p, c)
-                  : d == 128 ? fd::run<__half, 128>(p, c)
+        message = d <= 64    ? fd::run<__half, 64>(p, c)
+                  : d <= 128 ? fd::run<__half, 128>(p, c)
                              : fd::run<__half, 256>(p, c);
     return message.c_str();
 }

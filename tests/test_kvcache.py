@@ -3,7 +3,8 @@ on the CPU emulation and, where there is one, on the GPU. Each case draws every 
 values first, densely; the caches are built from them afterwards, contiguous (rows past a sequence's
 end NaN) or paged (pages in a random order, unused pages and rows NaN), and the reference reads the
 dense ones only. Sequences of one batch differ in length (0, 1, around the 64-key tile, ~300, ~1000); the
-query positions 1, 3 and more; grouped heads (group 1, 4 and 8, multi-query), d = 64, 128 and 256, causal
+query positions 1, 3 and more; grouped heads (group 1, 4 and 8, multi-query), d = 64, 128 and 256 and
+between (8, 80, 96, 200: in the next kernel up, its extra columns zeros), causal
 or not, 1, 2 and 7 splits of the keys and the heuristic's choice (out, lse and the splits' scratch NaN
 until written: conftest's poisoned), new keys appended (the cache rows they land in equal them exactly,
 every other row keeps its bits). bf16 and fp16 within the official
@@ -92,7 +93,9 @@ def bits(t):
 # (16), do not (48), hold several (256), and hold a tile or more while tiles straddle two (80, 96); 7 splits
 # leave some splits of the shorter sequences empty;
 # seqlen_q = 9 with group 8 is 72 rows, two row tiles; causal with L_b < seqlen_q leaves rows with no key.
-# d = 256 (Gemma's heads): 16-row blocks, paged, and 64-row blocks with the heuristic's splits.
+# d = 256 (Gemma's heads): 16-row blocks, paged, and 64-row blocks with the heuristic's splits. Head dims
+# between the kernels' (Phi-3's 96, Phi-2's 80; 8 and 200), through 16- and 64-row blocks, split and not: the
+# kernel's zero columns must neither reach out nor lse, nor be read from the cache (its rows are d apart).
 # One split of ~700 and ~1000 keys: more tiles than the kernel's buffers (5 at d = 64, 3 at d = 128), so each
 # buffer is refilled. 40 and 128 splits: each of the combine's warps sums several splits, some of them
 # empty (lse = -inf: the short sequence's, and past 65 of 2 tiles each).
@@ -112,6 +115,10 @@ CASES = [
     (1, 4, 4, 128, [459, 64, 1], 0, False, 2, 96, torch.float16),
     (1, 8, 2, 256, [1, 63, 64, 65, 300, 0], 2, True, 3, 48, torch.bfloat16),
     (5, 8, 1, 256, [130, 0, 70], 1, False, 0, None, torch.float16),
+    (1, 8, 2, 96, [1, 63, 64, 65, 300, 0], 2, True, 3, 48, torch.bfloat16),
+    (5, 8, 1, 80, [130, 0, 70], 1, False, 0, None, torch.float16),
+    (1, 4, 2, 8, [300, 65], 1, True, 2, None, torch.bfloat16),
+    (1, 8, 4, 200, [300, 97], 1, False, 5, 80, torch.float16),
 ]
 CASE_IDS = [f"sq{c[0]}-h{c[1]}-hk{c[2]}-d{c[3]}-new{c[5]}-{'causal' if c[6] else 'full'}-split{c[7]}-"
             f"{'contiguous' if c[8] is None else f'page{c[8]}'}-{str(c[9]).replace('torch.', '')}" for c in CASES]
@@ -441,7 +448,8 @@ def test_bad_tensors_are_refused():
     q, k_cache, v_cache = small_inputs()
     refuse(TypeError, "q has dtype torch.float32; the decode kernels .* take bfloat16 and float16",
            *small_inputs(dtype=torch.float32))
-    refuse(ValueError, "head dim d = 96: the decode kernels .* d = 64, 128 or 256", *small_inputs(d=96))
+    for d in (100, 264):
+        refuse(ValueError, f"head dim d = {d}: the decode kernels .* a multiple of 8 up to 256", *small_inputs(d=d))
     refuse(ValueError, "nheads_k dividing q's nheads = 6", *small_inputs(H=6, Hk=4))
     refuse(TypeError, "k_cache has dtype torch.float16, q torch.bfloat16", q, k_cache.half(), v_cache)
     refuse(ValueError, "v_cache is on meta, q on cpu", q, k_cache, v_cache.to("meta"))

@@ -87,8 +87,11 @@ def small_config(kind, d=D, **options):
 
 # Mistral: every layer a sliding window (against SDPA); Gemma 2: sliding and full layers in turn, scores
 # capped by attn_logit_softcapping (against eager attention: transformers runs no SDPA with a cap), at
-# d = 64 and at Gemma 2's own d = 256 (version 3's kernels then, on a Hopper GPU too: version 4 stops at 128).
+# d = 64 and at Gemma 2's own d = 256 (version 3's kernels then, on a Hopper GPU too: version 4 stops at 128);
+# Mistral at Phi-3's d = 96 too, between the compiled head dims (the prompt padded up to 128, the decode
+# kernel's extra columns zeros).
 MODELS = {"mistral": (lambda: small_config(transformers.MistralConfig), "sdpa"),
+          "mistral-d96": (lambda: small_config(transformers.MistralConfig, d=96), "sdpa"),
           "gemma2": (lambda: small_config(transformers.Gemma2Config, attn_logit_softcapping=2.0,
                                           query_pre_attn_scalar=D), "eager"),
           "gemma2-d256": (lambda: small_config(transformers.Gemma2Config, d=256, attn_logit_softcapping=2.0,

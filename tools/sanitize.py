@@ -166,13 +166,14 @@ MOD_VERSIONS = [n for n, v in mf.VERSIONS.items() if v.mods]
 
 
 def run_decodes():
-    """Chapter 5's decode kernels, contiguous and paged, split or not, d = 64, 128 and 256; cache_batch_idx;
-    cache_leftpad (tests/test_kvcache.py's cases without a mod)."""
+    """Chapter 5's decode kernels, contiguous and paged, split or not, d = 64, 128 and 256 and between (8, 96,
+    200: the next kernel up); cache_batch_idx; cache_leftpad (tests/test_kvcache.py's cases without a mod)."""
     import test_kvcache
     for dtype in mf.VERSIONS[3].dtypes:
         for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3), (5, 64, False, None, 2),
                                             (3, 64, True, 48, 1), (1, 128, True, 144, 2), (1, 256, True, 48, 3),
-                                            (5, 256, False, None, 2)):
+                                            (5, 256, False, None, 2), (1, 96, True, 48, 3), (5, 200, False, None, 2),
+                                            (1, 8, False, 16, 2)):
             run_decode(dtype, Sq, d, causal, page, splits)
     test_kvcache.test_cache_batch_idx_picks_the_entries("cuda", generator)  # entries picked from a cache of five
     print("decode cache_batch_idx: checked")
