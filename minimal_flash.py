@@ -32,7 +32,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -1006,11 +1006,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     right (query i of Lq against key j: i + Lk - Lq - j), as causal is (chapter 6's mods, compiled in;
     the window's tiles walked only, as for fixed-length batches). score_mod, mask_mod, mod_tensors: your
     own, as flash_attention takes them, b the sequence's number in the batch, h q's head, q_idx and kv_idx
-    positions within the sequence (shift: its Lk - Lq); a mask_mod here has no block mask (each sequence
-    has its own length): its tiles are all checked score by score. dropout_p as flash_attn_func takes it
-    (chapter 6's Philox mask, drawn again in the backward; the seed from torch's generator): the pair
-    (query i, key j) of sequence b's head h is drawn from (j, i, b nheads + h), positions within the
-    sequence, as for a batch of sequences of one length.
+    positions within the sequence (shift: its Lk - Lq); the tiles a mask_mod empties are skipped where one
+    block mask serves every sequence (_packed_block_mask: the mask reads no shift, or every sequence has
+    the same one, as in self-attention), else every tile is asked score by score. dropout_p as
+    flash_attn_func takes it (chapter 6's Philox mask, drawn again in the backward; the seed from torch's
+    generator): the pair (query i, key j) of sequence b's head h is drawn from (j, i, b nheads + h),
+    positions within the sequence, as for a batch of sequences of one length.
 
     Returns out (total_q, nheads, d) in q's dtype; with return_attn_probs, (out, softmax_lse, None), as
     the official package does without dropout: softmax_lse (nheads, total_q) float32, each row's
@@ -1029,11 +1030,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise ValueError("deterministic=True: flash_attn_varlen_func runs version 3's kernels, whose backward adds "
                          "into dQ with atomics, in an order that varies from run to run; leave it False")
     causal = _check_causal(causal)
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = _check_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, offsets = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
     scale = _check_scale(softmax_scale, q, 3)
     mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p,
                        batch_heads=(len(cu_seqlens_q) - 1, q.shape[1]))
+    mods = _packed_block_mask(mods, offsets, max_seqlen_q, max_seqlen_k)
     options = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods)
     d = q.shape[-1]  # a d between the compiled ones: zero columns up to the next (_padded), cut off after
     q, k, v = (_padded(t, 3) for t in (q, k, v))  # (outside the Function: autograd takes them off dQ, dK, dV)
@@ -1047,8 +1049,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None):
     """flash_attn_varlen_func's tensors and lengths, each checked, then cu_seqlens against the rows on
-    the host. Returns (q, k, v, cu_seqlens_q, cu_seqlens_k contiguous, max_seqlen_q, max_seqlen_k ints);
-    with block_table, k and v paged, gathered into packed ones (_gather_pages)."""
+    the host. Returns (q, k, v, cu_seqlens_q, cu_seqlens_k contiguous, max_seqlen_q, max_seqlen_k ints,
+    the offsets on the host: _check_cu_seqlens'); with block_table, k and v paged, gathered into packed
+    ones (_gather_pages)."""
     paged = block_table is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_is_tensor(name, t)
@@ -1112,7 +1115,25 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise ValueError(f"{max(total_q, k.shape[0])} rows of {H} heads: the kernels count rows of q and k times "
                          "nheads in 32 bits, less than 2**31")
     return q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), \
-        *lengths
+        *lengths, offsets
+
+
+def _packed_block_mask(mods, offsets, max_seqlen_q, max_seqlen_k):
+    """Packed sequences' mods, with the extent (B, N, shift) of one block mask for all B sequences where
+    one serves, so that the tiles a mask_mod empties are skipped, as for a fixed-length batch. A block
+    mask is over positions within a sequence; sequence b's blocks ask its tiles of one N x N mask (N the
+    longest sequence), whose tiles past b's own end are never asked for, and whose state of a tile over
+    more rows and keys than b has is right for b's (EMPTY or FULL over all: so over some). What differs
+    between sequences is shift, keys minus queries: the mask serves all of them where the mask reads no
+    shift (nor a window with it: its band is measured from the diagonal), or where every sequence has
+    the same (self-attention: 0). Else none: every tile PARTIAL, each score asked."""
+    if mods is None or not mods.spec.mask or mods.spec.window_only:  # (a window alone: its tiles by arithmetic)
+        return mods
+    shifts = (offsets[1].diff() - offsets[0].diff()).unique().tolist()
+    N = max(max_seqlen_q, max_seqlen_k)
+    if N == 0 or (len(shifts) > 1 and (mods.spec.window or mods.spec.mask_reads("shift"))):
+        return mods
+    return replace(mods, packed=(len(offsets[0]) - 1, N, shifts[0] if len(shifts) == 1 else 0))
 
 
 def _gather_pages(k, v, block_table, cu_seqlens_k, offsets):
@@ -1232,7 +1253,8 @@ def _run_varlen(pass_, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     scratch = q.new_empty(total_q * H * per_row, dtype=torch.float32) if per_row > 0 else None
     addresses = [t.data_ptr() if t is not None else None
                  for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch, cu_seqlens_q, cu_seqlens_k)]
-    mod_args = _mod_args(kernels, mods, q, q.shape[1])[0] if mods is not None else None  # (its tensors: mods')
+    # (keep: the block mask and tensors that mod_args points to, held until the launches are queued)
+    mod_args, keep = _mod_args(kernels, mods, q, H, mods.packed) if mods is not None else (None, ())
     device = q.device.index if q.is_cuda else 0
     stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
     return function(p, *addresses, len(cu_seqlens_q) - 1, H, H // k.shape[1], max_seqlen_q, max_seqlen_k, total_q,
@@ -1353,6 +1375,7 @@ class ModCall:
     floats: tuple = (0.0, 0.0, 0.0, 0.0)
     dropout_p: float = 0.0
     seed: int = 0  # dropout's Philox key (64 bits)
+    packed: Optional[tuple] = None  # packed sequences: (B, N, shift) of one block mask for all (_packed_block_mask)
 
 
 def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p=0.0,
@@ -1450,15 +1473,17 @@ def _mods_version(version, wants_mods, q):
     return version
 
 
-_block_masks = {}  # (build, N, B_mask, H_mask, ints, device, stream) -> block mask; the last 16 kept
+_block_masks = {}  # (build, N, shift, B_mask, H_mask, ints, device, stream) -> block mask; the last 16 kept
 
 
-def _mod_args(kernels, mods, q, H, N=None):
+def _mod_args(kernels, mods, q, H, extent=None):
     """The ModArgs of one call of H query heads (and what must live until its launches are queued): the
-    tensors' places, the options' values, and, for a fixed-length batch of N, q (B, H, N, d), the block
-    mask, computed by kernels/mods.cuh's block_mask, and reused while the mask reads no tensor (whose
-    contents may change between calls). None for a window alone (the kernels' window_tiles has its tiles
-    by arithmetic), nor without N: packed sequences and KV caches, whose lengths differ (every tile PARTIAL)."""
+    tensors' places, the options' values, and, given extent = (B, N, shift), B sequences of N queries
+    and keys at most (a fixed-length batch: q (B, H, N, d), shift 0; packed sequences: _packed_block_mask),
+    the block mask, computed by kernels/mods.cuh's block_mask, and reused while the mask reads no tensor
+    (whose contents may change between calls). None for a window alone (the kernels' window_tiles has its
+    tiles by arithmetic), nor without extent: KV caches, and packed sequences that no one mask serves
+    (every tile PARTIAL)."""
     a, keep = ModArgs(), list(mods.tensors)
     for t, tensor in enumerate(mods.tensors):
         a.tensors[t] = tensor.data_ptr()
@@ -1468,18 +1493,18 @@ def _mod_args(kernels, mods, q, H, N=None):
     if mods.spec.dropout:  # kept where Philox's word >= p 2^32 (kernels/mods.cuh's kept)
         a.seed[:] = mods.seed % 2**32, mods.seed >> 32
         a.threshold, a.keep_scale = min(round(mods.dropout_p * 2**32), 2**32 - 1), 1.0 / (1.0 - mods.dropout_p)
-    if mods.spec.mask and not mods.spec.window_only and N is not None:
-        spec, B = mods.spec, q.shape[0]
+    if mods.spec.mask and not mods.spec.window_only and extent is not None:
+        spec, (B, N, shift) = mods.spec, extent
         B_mask, H_mask = (B if spec.mask_reads("b") else 1), (H if spec.mask_reads("h") else 1)
         tiles = (N + 63) // 64
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
-        key = (kernels.library, N, B_mask, H_mask, mods.ints, q.device, stream)
+        key = (kernels.library, N, shift, B_mask, H_mask, mods.ints, q.device, stream)
         reads_tensors = any(spec.mask_reads(name) for name, _, _ in spec.tensors)
         block_mask = None if reads_tensors else _block_masks.get(key)
         if block_mask is None:
             block_mask = torch.empty((B_mask, H_mask, tiles, tiles), dtype=torch.uint8, device=q.device)
-            _raise_if(kernels.block_mask(a, N, B_mask, H_mask, block_mask, device, stream))
+            _raise_if(kernels.block_mask(a, N, shift, B_mask, H_mask, block_mask, device, stream))
             block_mask = block_mask, _tile_ranges(block_mask)
             if not reads_tensors:
                 if len(_block_masks) >= 16:
@@ -1713,7 +1738,7 @@ class Kernels:
         if hasattr(c, "mf_decode"):  # version 3's build: chapter 5's decode kernels (kernels/flash_decode.cu)
             c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 10 + [i] * 11 + [f, b, i, i, P, P]
         if hasattr(c, "mf_block_mask"):  # a build with mods: chapter 6's block mask (kernels/mods.cuh)
-            c.mf_block_mask.restype, c.mf_block_mask.argtypes = ctypes.c_char_p, [P, i, i, i, P, i, P]
+            c.mf_block_mask.restype, c.mf_block_mask.argtypes = ctypes.c_char_p, [P, i, i, i, i, P, i, P]
         self.library, self.sources, self.version, self.folder = library, sources, version, None
         takes = VERSIONS[version].block_sizes is not None
         self.Br, self.Bc = (c.mf_block_size(0), c.mf_block_size(1)) if takes else (None, None)
@@ -1761,7 +1786,8 @@ class Kernels:
              mods=None):
         """A pass on tensors already checked, with a ModCall for a build with mods. The launch goes to
         the current stream of q's device, as torch's own do. Returns an error message, "" on success."""
-        mod_args, keep = _mod_args(self, mods, q, q.shape[1], q.shape[2]) if mods is not None else (None, ())
+        extent = q.shape[0], q.shape[2], 0  # (B, N, shift): B sequences of N queries and keys
+        mod_args, keep = _mod_args(self, mods, q, q.shape[1], extent) if mods is not None else (None, ())
         (B, H, N, d), p, group = q.shape, PASSES.index(pass_), q.shape[1] // max(k.shape[1], 1)
         per_slice = self._ask("mf_scratch_floats", p, N, d)
         # fp32 whatever q's dtype; held here until the launch is queued (none where the pass needs none)
@@ -1777,9 +1803,9 @@ class Kernels:
                               None if mod_args is None else ctypes.byref(mod_args), DTYPES.index(q.dtype), device,
                               stream).decode()
 
-    def block_mask(self, mod_args, N, B_mask, H_mask, out, device, stream):
+    def block_mask(self, mod_args, N, shift, B_mask, H_mask, out, device, stream):
         """kernels/mods.cuh's block mask into out (uint8, (B_mask, H_mask, tiles, tiles)): "" on success."""
-        return self._c.mf_block_mask(ctypes.byref(mod_args), N, B_mask, H_mask, out.data_ptr(), device,
+        return self._c.mf_block_mask(ctypes.byref(mod_args), N, shift, B_mask, H_mask, out.data_ptr(), device,
                                      stream).decode()
 
 

@@ -268,8 +268,8 @@ const char* mf_run(int pass, const float* Q, const float* K, const float* V, flo
 // Chapter 6: the block mask of a build with a mask_mod (kernels/mods.cuh, mods::block_mask): for N
 // queries and keys, B_mask x H_mask (b, h) pairs, into `out` (B_mask, H_mask, N / 64, N / 64 rounded
 // up), on the device's stream. `args`: the call's mods::Args.
-extern "C" const char* mf_block_mask(const void* args, int N, int B_mask, int H_mask, unsigned char* out,
-                                     int device, void* stream) {
+extern "C" const char* mf_block_mask(const void* args, int N, int shift, int B_mask, int H_mask,
+                                     unsigned char* out, int device, void* stream) {
     static thread_local std::string message;
     Call c{};  // launch() takes the device and stream from a Call
     c.device = device, c.stream = cudaStream_t(stream);
@@ -280,7 +280,7 @@ extern "C" const char* mf_block_mask(const void* args, int N, int B_mask, int H_
         const int tiles = ceil_div(N, mods::TILE);
         message =
             launch("mods::block_mask", mods::block_mask, dim3(tiles, tiles, B_mask * H_mask), mods::TILE,
-                   mods::block_mask_shared_bytes(), c, mods::of(args), N, B_mask, H_mask, out);
+                   mods::block_mask_shared_bytes(), c, mods::of(args), N, shift, B_mask, H_mask, out);
     }
     return message.c_str();
 }

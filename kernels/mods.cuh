@@ -192,9 +192,10 @@ __device__ inline Tile window_tiles(const Args& a, int shift, int y0, int y1, in
 
 // The block mask's entry for query tile y and key tile x (in TILE units) of (b, h): PARTIAL where
 // there is no block mask (a call without a mask: every tile goes through the mask, which then has
-// nothing to mask; packed sequences); EMPTY past the sequence's last tile (a block's tile of 128 that
-// reaches past N covers one there; nothing is read out of the mask's bounds). A window alone:
-// window_tiles, shift the sequence's keys minus its queries (0 but for packed sequences).
+// nothing to mask; KV caches; packed sequences that no one block mask serves); EMPTY past the mask's
+// last tile (a block's tile of 128 that reaches past N covers one there; nothing is read out of the
+// mask's bounds). A window alone: window_tiles, shift the sequence's keys minus its queries (0 but for
+// packed sequences).
 __device__ inline Tile tile(const Args& a, int b, int h, int y, int x, int shift = 0) {
     if constexpr (WINDOW_ONLY) return window_tiles(a, shift, y, y + 1, x, x + 1);
     if (!MASK || !a.block_mask) return PARTIAL;
@@ -268,15 +269,17 @@ __device__ inline Tile tiles(const Args& a, int b, int h, int y0, int y1, int x0
 // The block mask, before the passes: one block per (tile of 64 queries, tile of 64 keys, (b, h)),
 // a thread per query of the tile, each asking mask_mod about its 64 keys. grid.z runs over the
 // (b, h) that the mask tells apart: B * H if it reads both, B or H if one, 1 if neither (mods_header
-// sees which). N queries and keys; tiles past N are never asked for.
-__global__ void block_mask(Args a, int N, int B_mask, int H_mask, unsigned char* out) {
+// sees which). N queries and keys; tiles past N are never asked for. shift: the sequences' keys minus
+// queries (0 for a fixed-length batch; packed sequences share one block mask only where it is one
+// shift for all of them, or the mask does not read it: minimal_flash.py's _packed_block_mask).
+__global__ void block_mask(Args a, int N, int shift, int B_mask, int H_mask, unsigned char* out) {
     int* counts = reinterpret_cast<int*>(smem);  // the block's kept (query, key) pairs, [0]
     const int y = blockIdx.y, x = blockIdx.x, z = blockIdx.z, b = z / H_mask, h = z % H_mask;
     const int row = y * TILE + threadIdx.x;
     int kept = 0, asked = 0;
     if (row < N)
         for (int col = x * TILE; col < min(x * TILE + TILE, N); ++col)
-            kept += mask_mod(b, h, row, col, 0, a), ++asked;
+            kept += mask_mod(b, h, row, col, shift, a), ++asked;
     counts[threadIdx.x] = kept, counts[TILE + threadIdx.x] = asked;
     __syncthreads();
     if (threadIdx.x == 0) {

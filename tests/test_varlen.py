@@ -110,6 +110,38 @@ def test_score_mod_and_mask_mod_per_sequence(device, generator, poisoned):
                           mask_mod="(q_idx + 2 * kv_idx + b) % 5 != 1", mod_tensors={"table": table})
 
 
+# A mask_mod on packed sequences skips the tiles it empties where one block mask serves them all
+# (minimal_flash._packed_block_mask): here a band of 51 keys written as a mask_mod, which reads shift, on
+# sequences of one shift (300 keys more than queries, as after a cached prefix). The first sequence's
+# queries see keys from 250 on: its first 128 keys, two tiles of the forward's and one block of the
+# backward's, are NaN, and one of their tiles walked would make out and the gradients NaN. Where the
+# shifts differ (300 and 250), no one mask serves: none is built, every tile is asked, the answers right.
+BAND = "kv_idx <= q_idx + shift && kv_idx >= q_idx + shift - 50"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths_k,unread,built", [([364, 500], slice(0, 128), [(500, 300)]),
+                                                    ([364, 450], None, [])], ids=["one-shift", "two-shifts"])
+def test_a_mask_mod_skips_its_empty_tiles(device, lengths_k, unread, built, generator, poisoned, monkeypatch):
+    asked = []
+    block_mask = mf.Kernels.block_mask
+    monkeypatch.setattr(mf, "_block_masks", {})  # (none cached from another test)
+    monkeypatch.setattr(mf.Kernels, "block_mask", lambda self, a, N, shift, *rest: asked.append((N, shift))
+                        or block_mask(self, a, N, shift, *rest))
+
+    check_band(device, lengths_k, unread, generator)
+    assert asked == built
+
+
+def check_band(device, lengths_k, unread, generator):
+    def dense(b, Lq, Lk):  # BAND written out: (bias, keep) of sequence b, (Lq, Lk)
+        i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+        return 0.0, (j <= i + Lk - Lq) & (j >= i + Lk - Lq - 50)
+
+    check_against_float64(device, [64, 200], lengths_k, 4, 2, 64, False, torch.bfloat16, generator, unread=unread,
+                          dense_mods=dense, mask_mod=BAND)
+
+
 def check_against_float64(device, lengths_q, lengths_k, H, Hk, d, causal, dtype, generator, unread=None,
                           dense_mods=None, **options):
     """flash_attn_varlen_func's out, lse (return_attn_probs) and, through autograd, dQ, dK, dV of a

@@ -244,6 +244,8 @@ def main(args):
                          test_varlen.test_score_mod_and_mask_mod_per_sequence):
                 test("cuda", generator, None)
                 print(f"mods varlen {test.__name__}: checked")
+            test_varlen.check_band("cuda", [364, 500], slice(0, 128), generator)  # a block mask for packed sequences
+            print("mods varlen a mask_mod's band, its empty tiles skipped: checked")
     if decode or 3 in mod_versions["mods"]:  # and in the decode kernels (flash_attn_with_kvcache)
         run_decode_mods()
     if mod_versions["dropout"]:  # chapter 6's dropout, against dense attention with the same Philox mask
