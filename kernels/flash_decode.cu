@@ -182,10 +182,12 @@ struct Copies {
         if (t < at.t_end) {
             const int x = threadIdx.x % CHUNKS * 8;
             const bool column = x < at.p.dim;  // a column of the cache's rows (else zeros)
+            // cache row r's values of head h from column x on: r Hk dim + h dim + x
+            const size_t stride = (size_t)at.p.Hk * at.p.dim, offset = (size_t)at.h * at.p.dim + (column ? x : 0);
 #pragma unroll
             for (int k = 0; k < COUNT; ++k) {
                 const int r = threadIdx.x / CHUNKS + k * STEP, to = buffer * TILE + Swizzled<d>{}(r, x);
-                const size_t from = ((size_t)max(row[k], 0) * at.p.Hk + at.h) * at.p.dim + (column ? x : 0);
+                const size_t from = max(row[k], 0) * stride + offset;
                 cp_async16(at.K + to, at.p.K + from, row[k] >= 0 && column);
                 cp_async16(at.V + to, at.p.V + from, row[k] >= 0 && column);
             }
