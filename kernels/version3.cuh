@@ -96,7 +96,8 @@ struct Version {
 // with q's heads, as mf_run's); cu_seqlens_q, _k: (B + 1) row offsets; max_seqlen_q, _k: the
 // longest sequence's queries and keys, the grid's size. Pass 0: forward, 1: backward, as mf_run.
 // mod_args: a build with mods' mods::Args (the official window_size, softcap, alibi_slopes; b is the
-// sequence, q_idx and kv_idx positions in it, and no block mask: every tile is PARTIAL), else null.
+// sequence, q_idx and kv_idx positions in it; a block mask where one serves every sequence, else none:
+// every tile PARTIAL), else null.
 extern "C" const char* mf_varlen(int pass, const float* Q, const float* K, const float* V, float* O,
                                  const float* dO, float* L, float* dQ, float* dK, float* dV, float* scratch,
                                  const int* cu_seqlens_q, const int* cu_seqlens_k, int B, int H, int group,
