@@ -1010,8 +1010,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     block mask serves every sequence (_packed_block_mask: the mask reads no shift, or every sequence has
     the same one, as in self-attention), else every tile is asked score by score. dropout_p as
     flash_attn_func takes it (chapter 6's Philox mask, drawn again in the backward; the seed from torch's
-    generator): the pair (query i, key j) of sequence b's head h is drawn from (j, i, b nheads + h),
-    positions within the sequence, as for a batch of sequences of one length.
+    generator): the pair (query i, key j) of sequence b's head h is drawn as for slice b nheads + h of a
+    batch of sequences of one length, i and j positions within the sequence.
 
     Returns out (total_q, nheads, d) in q's dtype; with return_attn_probs, (out, softmax_lse, None), as
     the official package does without dropout: softmax_lse (nheads, total_q) float32, each row's

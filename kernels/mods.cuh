@@ -375,24 +375,34 @@ __device__ inline void backward_scores(float (&s)[NT][4], float (&dp)[NT][4], Ti
 
 // Dropout, as the FlashAttention paper's Algorithms 2 and 4 do it: P's element (query i, key j) of
 // slice bh is kept with probability 1 - p, and scaled by 1 / (1 - p) (so that O's expectation is
-// dropout's absence), by Philox's first word for the counter (j, i, bh, 0) and the call's seed. The
-// forward drops from P after its row sum l has taken it in (O = (Z P / (1 - p)) V, L unchanged); the
-// backward draws the same Z for dV = (Z P / (1 - p))^T dO and dP = Z (dO V^T) / (1 - p).
-__device__ inline bool kept(const Args& a, int bh, int q_idx, int kv_idx) {
-    return philox({unsigned(kv_idx), unsigned(q_idx), unsigned(bh), 0u}, a.seed[0], a.seed[1]).x >=
-           a.threshold;
+// dropout's absence), by a word of Philox for the call's seed. The forward drops from P after its row
+// sum l has taken it in (O = (Z P / (1 - p)) V, L unchanged); the backward draws the same Z for
+// dV = (Z P / (1 - p))^T dO and dP = Z (dO V^T) / (1 - p).
+// A Philox call gives four words, and ten rounds of multiplies for each: one call serves four pairs,
+// i and j with bit 3 cleared, i0 and j0, and 8 past each. The counter is (j0, i0, bh, 0), and
+//     (i0, j0): x    (i0, j0 + 8): y    (i0 + 8, j0): z    (i0 + 8, j0 + 8): w
+// Those four are one lane's in both passes' tiles: it holds rows g and g + 8 of each 16 (mma.cuh's
+// layout), and columns 8n + 2q (+ 1) of tiles n = 0, 1, .., so tiles n and n + 1 are 8 columns apart;
+// the backward's transposed tiles alike, keys as rows.
+__device__ inline Philox dropout_words(const Args& a, int bh, int i0, int j0) {
+    return philox({unsigned(j0), unsigned(i0), unsigned(bh), 0u}, a.seed[0], a.seed[1]);
 }
-// On one accumulator tile, mma.cuh's layout (rows `row`, row + 8; columns col + 8n, col + 8n + 1):
-// each element times Z / (1 - p). KEYS_ARE_ROWS: the backward's transposed tiles.
+// On one accumulator tile, mma.cuh's layout (rows `row`, row + 8, row a multiple of 16 plus g; columns
+// col + 8n, col + 8n + 1, col a multiple of 16 plus 2q): each element times Z / (1 - p).
+// KEYS_ARE_ROWS: the backward's transposed tiles (rows keys j, columns queries i).
 template <bool KEYS_ARE_ROWS, int NT>
 __device__ inline void dropout(float (&c)[NT][4], const Args& a, int bh, int row, int col) {
+    static_assert(NT % 2 == 0, "tiles in pairs, 8 columns apart");
+    const auto drop = [&](float& x, unsigned word) { x = word >= a.threshold ? x * a.keep_scale : 0.0f; };
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int n = 0; n < NT; n += 2)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int r = row + 8 * (e / 2), k = col + 8 * n + e % 2;
-            const bool keep = KEYS_ARE_ROWS ? kept(a, bh, k, r) : kept(a, bh, r, k);
-            c[n][e] = keep ? c[n][e] * a.keep_scale : 0.0f;
+        for (int e = 0; e < 2; ++e) {  // elements e and 2 + e of tiles n and n + 1
+            const int r = row, k = col + 8 * n + e;  // (bit 3 clear in both)
+            const Philox z = KEYS_ARE_ROWS ? dropout_words(a, bh, k, r) : dropout_words(a, bh, r, k);
+            drop(c[n][e], z.x), drop(c[n + 1][2 + e], z.w);  // (r, k), (r + 8, k + 8)
+            drop(KEYS_ARE_ROWS ? c[n][2 + e] : c[n + 1][e], z.y);  // (i0, j0 + 8)
+            drop(KEYS_ARE_ROWS ? c[n + 1][e] : c[n][2 + e], z.z);  // (i0 + 8, j0)
         }
 }
 

@@ -250,9 +250,12 @@ def philox(c, key):
 
 
 def dropout_kept(bh, Lq, Lk, p, seed):
-    """(len(bh), Lq, Lk) bool: the pairs (query i, key j) of slices bh that dropout keeps, Philox's first
-    word for (j, i, bh, 0) and the seed at least p 2^32 (kernels/mods.cuh's kept)."""
+    """(len(bh), Lq, Lk) bool: the pairs (query i, key j) of slices bh that dropout keeps, their word of
+    Philox for the seed at least p 2^32 (kernels/mods.cuh's dropout_words): the counter (j0, i0, bh, 0)
+    with i0, j0 = i, j with bit 3 cleared, and its word x, y, z, w for (i0, j0), (i0, j0 + 8), (i0 + 8,
+    j0), (i0 + 8, j0 + 8)."""
     j, i = torch.arange(Lk)[None, None, :], torch.arange(Lq)[None, :, None]
-    counter = [t.expand(len(bh), Lq, Lk).long() for t in (j, i, bh[:, None, None], torch.zeros(1, 1, 1))]
-    x, *_ = philox(counter, (seed & MASK32, seed >> 32))
-    return x >= min(round(p * 2**32), MASK32)
+    counter = [t.expand(len(bh), Lq, Lk).long() for t in (j & ~8, i & ~8, bh[:, None, None], torch.zeros(1, 1, 1))]
+    words = torch.stack(philox(counter, (seed & MASK32, seed >> 32)))
+    which = (2 * (i >> 3 & 1) + (j >> 3 & 1)).expand(len(bh), Lq, Lk)
+    return words.gather(0, which[None])[0] >= min(round(p * 2**32), MASK32)

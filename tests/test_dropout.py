@@ -1,6 +1,7 @@
 """Dropout (chapter 6, kernels/mods.cuh and kernels/philox.cuh): the mask of each (query, key) pair is
-Philox4x32-10's first word for the counter (key, query, slice, 0) and the call's seed, kept when it
-is >= p 2^32, so the kernels' results are checked exactly against dense attention with the same mask,
+a word of Philox4x32-10 for the counter (key, query, slice, 0), bit 3 of key and query cleared (one call,
+four pairs: helpers.dropout_kept), and the call's seed, kept when it is >= p 2^32, so the kernels'
+results are checked exactly against dense attention with the same mask,
 drawn here by a PyTorch Philox (itself checked against the generator's published answers); the
 backward draws the same mask again. Reproducible under torch.manual_seed; kept with probability 1 - p."""
 import math

@@ -318,8 +318,8 @@ def test_bad_dropout_deterministic_and_return_attn_probs_are_refused():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_dropout_on_packed_sequences(device, causal, generator, poisoned, monkeypatch):
-    """dropout_p on packed sequences: the pair (query i, key j) of sequence b's head h kept where Philox's
-    first word for (j, i, b H + h, 0) and the call's seed is >= p 2^32 (the seed pinned here, through
+    """dropout_p on packed sequences: the pair (query i, key j) of sequence b's head h kept where its word
+    of Philox for slice b H + h (helpers.dropout_kept) and the call's seed is >= p 2^32 (the seed pinned here, through
     _check_mods' dropout_seed), positions within the sequence. out, dQ, dK, dV against float64 attention
     with that mask (P Z / (1 - p)) by the official rule; sequences of 0, 1, 130 and 70 queries on 5, 1, 130
     and 100 keys, grouped heads."""
