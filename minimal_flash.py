@@ -104,6 +104,8 @@ VERSIONS = {v.number: v for v in (
             cuda_flags=("-gencode=arch=compute_90a,code=sm_90a",), mods=True),
 )}
 DECODE_HEAD_DIMS = (64, 128, 256)  # flash_attn_with_kvcache's kernels (kernels/flash_decode.cu)
+PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the order of kernels/bindings.cu's DType
 
 
 def decode_takes_head_dim(d):
@@ -111,8 +113,6 @@ def decode_takes_head_dim(d):
     between DECODE_HEAD_DIMS runs in the next kernel up, its extra columns zeros in shared memory (the
     cache read as it lies, 16 bytes at a time: a row of d values is whole 16-byte pieces)."""
     return 0 < d <= max(DECODE_HEAD_DIMS) and d % 8 == 0
-PASSES = ("forward", "backward")  # the order of kernels/bindings.cu's Pass
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the order of kernels/bindings.cu's DType
 
 
 def version_unavailable(version, device):
