@@ -378,8 +378,8 @@ __device__ inline void backward_scores(float (&s)[NT][4], float (&dp)[NT][4], Ti
 // dropout's absence), by a word of Philox for the call's seed. The forward drops from P after its row
 // sum l has taken it in (O = (Z P / (1 - p)) V, L unchanged); the backward draws the same Z for
 // dV = (Z P / (1 - p))^T dO and dP = Z (dO V^T) / (1 - p).
-// A Philox call gives four words, and ten rounds of multiplies for each: one call serves four pairs,
-// i and j with bit 3 cleared, i0 and j0, and 8 past each. The counter is (j0, i0, bh, 0), and
+// A Philox call, ten rounds of 64-bit multiplies, gives four words: one call serves four pairs, those
+// of i and j with bit 3 cleared, i0 and j0, and 8 past each. The counter is (j0, i0, bh, 0), and
 //     (i0, j0): x    (i0, j0 + 8): y    (i0 + 8, j0): z    (i0 + 8, j0 + 8): w
 // Those four are one lane's in both passes' tiles: it holds rows g and g + 8 of each 16 (mma.cuh's
 // layout), and columns 8n + 2q (+ 1) of tiles n = 0, 1, .., so tiles n and n + 1 are 8 columns apart;
