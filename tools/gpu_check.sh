@@ -11,7 +11,7 @@
 #              rewrites notebooks/results/h200/gpt.csv and gpt_losses.csv       a few minutes
 # Usage: bash tools/gpu_check.sh STEP... [--logs FOLDER] [--versions "1 2"] (default steps: all four;
 # logs: $OUT or gpu-logs; versions, for the sanitizers: all, or e.g. "4 mods:4 dropout:4" (tools/sanitize.py's
-# arguments); mods, combine and notebook7 only when named). Each step's
+# arguments; "3 --part 1/3" a third of version 3's checks); mods, combine and notebook7 only when named). Each step's
 # log is FOLDER/STEP.txt.
 # Exits non-zero if a test or a sanitizer fails.
 # One call of a lent device machine may run 10 minutes: give it the steps that fit, e.g. "tests

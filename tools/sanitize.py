@@ -7,6 +7,8 @@ compute-sanitizer:
     compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py mods   # chapter 6's
     compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py mods:4 dropout:4  # on version 4
     compute-sanitizer --tool memcheck --error-exitcode 1 python tools/sanitize.py decode  # chapter 5's kernels
+    compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize.py 3 --part 2/3  # a third of them
+    python tools/sanitize.py 3 --part 2/3 --list  # which checks that third is (any machine)
 
 Each run is also checked against float64 (tests/helpers.py's checks: fp32 within 1e-5, half precision
 within twice plain attention's error), so a clean sanitizer report on a wrong answer fails too. Versions
@@ -169,34 +171,48 @@ def run_decodes():
     """Chapter 5's decode kernels, contiguous and paged, split or not, d = 64, 128 and 256 and between (8, 96,
     200: the next kernel up); cache_batch_idx; cache_leftpad (tests/test_kvcache.py's cases without a mod)."""
     import test_kvcache
-    for dtype in mf.VERSIONS[3].dtypes:
-        for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3), (5, 64, False, None, 2),
-                                            (3, 64, True, 48, 1), (1, 128, True, 144, 2), (1, 256, True, 48, 3),
-                                            (5, 256, False, None, 2), (1, 96, True, 48, 3), (5, 200, False, None, 2),
-                                            (1, 8, False, 16, 2)):
-            run_decode(dtype, Sq, d, causal, page, splits)
-    test_kvcache.test_cache_batch_idx_picks_the_entries("cuda", generator)  # entries picked from a cache of five
-    print("decode cache_batch_idx: checked")
+    checks = [check(run_decode, dtype, Sq, d, causal, page, splits) for dtype in mf.VERSIONS[3].dtypes
+              for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3),
+                                                  (5, 64, False, None, 2), (3, 64, True, 48, 1),
+                                                  (1, 128, True, 144, 2), (1, 256, True, 48, 3),
+                                                  (5, 256, False, None, 2), (1, 96, True, 48, 3),
+                                                  (5, 200, False, None, 2), (1, 8, False, 16, 2))]
+    # entries picked from a cache of five
+    checks.append(check(test_kvcache.test_cache_batch_idx_picks_the_entries, "cuda", generator,
+                        said="decode cache_batch_idx"))
     for name, (case, pads, options) in test_kvcache.LEFTPAD.items():
         if not options:
-            test_kvcache.check_against_float64("cuda", *case, generator, pads=pads)
-            print(f"decode cache_leftpad {name}: checked")
+            checks.append(check(test_kvcache.check_against_float64, "cuda", *case, generator, pads=pads,
+                                said=f"decode cache_leftpad {name}"))
+    return checks
 
 
 def run_decode_mods():
     """The decode kernels with chapter 6's mods: tests/test_kvcache.py's official options, a score_mod and
     mask_mod, and cache_leftpad with a window (each a build of version 3)."""
     import test_kvcache
-    for name, (case, options) in test_kvcache.OPTIONS.items():
-        test_kvcache.check_against_float64("cuda", *case, generator, **options)
-        print(f"mods decode {name}: checked")
+    checks = [check(test_kvcache.check_against_float64, "cuda", *case, generator, **options,
+                    said=f"mods decode {name}") for name, (case, options) in test_kvcache.OPTIONS.items()]
     for name, (case, pads, options) in test_kvcache.LEFTPAD.items():
         if options:
-            test_kvcache.check_against_float64("cuda", *case, generator, pads=pads, **options)
-            print(f"mods decode cache_leftpad {name}: checked")
+            checks.append(check(test_kvcache.check_against_float64, "cuda", *case, generator, pads=pads, **options,
+                                said=f"mods decode cache_leftpad {name}"))
+    return checks
 
 
-def main(args):
+def check(function, *args, said=None, **kwargs):
+    """One check, run later (or only listed): function(*args, **kwargs), then `said: checked` if given
+    (run, run_decode and the others print their own line)."""
+    def thunk():
+        function(*args, **kwargs)
+        if said:
+            print(f"{said}: checked")
+    thunk.label = said or f"{function.__name__}{tuple(a for a in args if a is not generator)}"
+    return thunk
+
+
+def checks(args):
+    """The checks that the arguments name, in order."""
     chosen, mod_versions, decode = set(), {"mods": set(), "dropout": set()}, False
     for a in args or [*map(str, mf.VERSIONS), "mods", "dropout"]:
         name, _, version = a.partition(":")
@@ -206,62 +222,96 @@ def main(args):
             mod_versions[name] |= {int(version)} if version else set(MOD_VERSIONS)
         else:
             chosen.add(int(a))
+    out = []
     for version in sorted(chosen):
         for dtype in mf.VERSIONS[version].dtypes:
             for (Br, Bc), N, d in cases(version):
                 for causal in (False, True):
-                    run(version, dtype, causal, Br, Bc, N, d)
+                    out.append(check(run, version, dtype, causal, Br, Bc, N, d))
                     if mf.VERSIONS[version].grouped_heads:
-                        run_grouped(version, dtype, causal, N, d)
+                        out.append(check(run_grouped, version, dtype, causal, N, d))
                     if mf.VERSIONS[version].strided:
-                        run_views(version, dtype, causal, N, d)
+                        out.append(check(run_views, version, dtype, causal, N, d))
     if 3 in chosen or decode:  # chapter 5's decode kernels build with version 3
-        run_decodes()
+        out += run_decodes()
     if 3 in chosen:  # and flash_attn_varlen_func
         for dtype in mf.VERSIONS[3].dtypes:
             for d, causal, lengths_q, lengths_k, H, Hk in ((128, True, [0, 100, 300, 1], [5, 100, 260, 0], 8, 2),
                                                            (64, False, [130, 64, 17], [130, 1, 200], 4, 4),
                                                            (64, True, [64, 129], [200, 129], 4, 1)):
-                run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk)
+                out.append(check(run_varlen, dtype, d, causal, lengths_q, lengths_k, H, Hk))
     if mod_versions["mods"]:  # chapter 6: each of tests/test_mods.py's mods compiled into versions 3 and 4
         from test_mods import CASES as MOD_CASES, run_case, test_deterministic_backward_with_a_mask
         for version in sorted(mod_versions["mods"]):
             for name in MOD_CASES:
                 for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
-                    run_case(name, shape, "cuda", generator, version)
-                    print(f"mods v{version} {name} {shape}: forward and backward checked")
+                    out.append(check(run_case, name, shape, "cuda", generator, version,
+                                     said=f"mods v{version} {name} {shape}: forward and backward"))
             if mf.VERSIONS[version].deterministic_mode:  # its other walk: every tile, the EMPTY ones too
-                test_deterministic_backward_with_a_mask("cuda", generator)
-                print(f"mods v{version} deterministic backward with a mask: checked")
+                out.append(check(test_deterministic_backward_with_a_mask, "cuda", generator,
+                                 said=f"mods v{version} deterministic backward with a mask"))
         if 3 in mod_versions["mods"]:  # mods on packed sequences (flash_attn_varlen_func)
             import test_varlen
             for name in ("all", "alibi-per-sequence"):
                 options, causal = test_varlen.OPTIONS[name]
-                test_varlen.check_against_float64("cuda", [100, 7, 2], [37, 200, 2], 4, 1, 64, causal, torch.float16,
-                                                  generator, **options)
-                print(f"mods varlen {name}: forward and backward checked")
+                out.append(check(test_varlen.check_against_float64, "cuda", [100, 7, 2], [37, 200, 2], 4, 1, 64,
+                                 causal, torch.float16, generator, **options,
+                                 said=f"mods varlen {name}: forward and backward"))
             for test in (test_varlen.test_a_window_reads_only_its_band,  # (the fixture `poisoned`: not needed)
                          test_varlen.test_score_mod_and_mask_mod_per_sequence):
-                test("cuda", generator, None)
-                print(f"mods varlen {test.__name__}: checked")
-            test_varlen.check_band("cuda", [364, 500], slice(0, 128), generator)  # a block mask for packed sequences
-            print("mods varlen a mask_mod's band, its empty tiles skipped: checked")
+                out.append(check(test, "cuda", generator, None, said=f"mods varlen {test.__name__}"))
+            out.append(check(test_varlen.check_band, "cuda", [364, 500], slice(0, 128), generator,  # a block mask
+                             said="mods varlen a mask_mod's band, its empty tiles skipped"))  # for packed sequences
     if decode or 3 in mod_versions["mods"]:  # and in the decode kernels (flash_attn_with_kvcache)
-        run_decode_mods()
+        out += run_decode_mods()
     if mod_versions["dropout"]:  # chapter 6's dropout, against dense attention with the same Philox mask
         import test_dropout
         for version in sorted(mod_versions["dropout"]):
             for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
                 for causal in (False, True):
-                    test_dropout.run_case(shape, causal, "cuda", generator, version)
-                    print(f"dropout v{version} {shape} causal={causal}: forward and backward checked")
+                    out.append(check(test_dropout.run_case, shape, causal, "cuda", generator, version,
+                                     said=f"dropout v{version} {shape} causal={causal}: forward and backward"))
         if 3 in mod_versions["dropout"]:  # on packed sequences (flash_attn_varlen_func), its seed pinned
-            import pytest
-            import test_varlen
-            for causal in (False, True):
-                with pytest.MonkeyPatch.context() as patch:  # (the fixture `poisoned`: not needed)
-                    test_varlen.test_dropout_on_packed_sequences("cuda", causal, generator, None, patch)
-                print(f"dropout varlen causal={causal}: forward and backward checked")
+            out += [check(dropout_varlen, causal, said=f"dropout varlen causal={causal}: forward and backward")
+                    for causal in (False, True)]
+    return out
+
+
+def dropout_varlen(causal):
+    import pytest
+    import test_varlen
+    with pytest.MonkeyPatch.context() as patch:  # (the fixture `poisoned`: not needed)
+        test_varlen.test_dropout_on_packed_sequences("cuda", causal, generator, None, patch)
+
+
+def main(argv):
+    """Arguments as above; `--part K/N` runs the K-th of N consecutive slices of their checks (counting
+    from 1), so that a slow tool (racecheck) can cover them in N calls of a few minutes each; `--list`
+    prints the checks (with --part, the slice's) without running them, on any machine."""
+    args, part, parts, listing = [], 1, 1, False
+    argv = list(argv)
+    while argv:
+        a = argv.pop(0)
+        if a == "--part":
+            given = argv.pop(0) if argv else ""
+            part, _, parts = given.partition("/")
+            if not (part.isdigit() and parts.isdigit() and 1 <= int(part) <= int(parts)):
+                sys.exit(f"sanitize.py: --part wants K/N with 1 <= K <= N, e.g. --part 2/3, not {given!r}")
+            part, parts = int(part), int(parts)
+        elif a == "--list":
+            listing = True
+        else:
+            args.append(a)
+    every = checks(args)
+    first = (part - 1) * len(every) // parts
+    chosen = every[first:part * len(every) // parts]
+    for number, thunk in enumerate(chosen, first + 1):
+        if listing:
+            print(f"{number:4} {thunk.label}")
+        else:
+            thunk()
+    print(f"{len(chosen)} checks {'listed' if listing else 'run'}"
+          f"{f' (part {part} of {parts}: {first + 1} to {first + len(chosen)} of {len(every)})' if parts > 1 else ''}")
 
 
 if __name__ == "__main__":
