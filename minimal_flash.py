@@ -371,9 +371,12 @@ def _transformers_attention(module, query, key, value, attention_mask, dropout=0
     if query.shape[2] == key.shape[2]:  # the prompt (the cache held nothing before it)
         out = flash_attention(query, key, value, causal=True, softmax_scale=scaling, **mods).transpose(1, 2)
     else:  # new tokens after the cached ones: the official package's decode function, whose causal=True
-        # aligns the queries with the end of the keys (bottom-right)
-        out = flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2).contiguous(),
-                                      value.transpose(1, 2).contiguous(), softmax_scale=scaling, causal=True, **mods)
+        # aligns the queries with the end of the keys (bottom-right). The cache, (B, Hk, Nk, d), is read
+        # in place through its transposed view (copied only if it lies otherwise than the kernel reads)
+        key, value = (t.transpose(1, 2) for t in (key, value))
+        if _cache_problem(key) or _cache_problem(value) or _cache_strides(key) != _cache_strides(value):
+            key, value = key.contiguous(), value.contiguous()
+        out = flash_attn_with_kvcache(query.transpose(1, 2), key, value, softmax_scale=scaling, causal=True, **mods)
     return out, None
 
 
@@ -639,7 +642,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     q: (batch, seqlen_q, nheads, d), bfloat16 or float16, d a multiple of 8 up to 256. k_cache, v_cache: (batch,
     seqlen_cache, nheads_k, d), nheads_k dividing nheads (grouped-query heads); or, with block_table
     (batch, max_blocks_per_seq) int32, paged: (num_blocks, page_block_size, nheads_k, d), row j of
-    sequence b in page block_table[b, j // page_block_size]. Both contiguous: they are written in place.
+    sequence b in page block_table[b, j // page_block_size]. Both written in place, read where they lie: each
+    row's d values contiguous, other strides any multiple of 16 bytes (a transposed (batch, nheads_k,
+    seqlen_cache, d) cache too), the same for both.
     cache_seqlens: the keys each sequence has cached, an int or an int32 tensor (batch,); None: the
     whole cache. cache_leftpad: int32 (batch,), the row where each sequence's keys start (a left-padded
     batch; the rows before it are not read; None: 0). cache_batch_idx: int32 (batch,), the contiguous
@@ -787,13 +792,15 @@ def _check_kvcache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx=None)
     if k_cache.shape != v_cache.shape or k_cache.shape[3] != d or Hk == 0 or H % Hk:
         raise ValueError(f"k_cache and v_cache must have one shape (..., nheads_k, d = {d}), nheads_k dividing q's "
                          f"nheads = {H} (grouped-query heads); got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    for name in ("k_cache", "v_cache"):
-        cache = tensors[name]
-        if not cache.is_contiguous():  # a copy would take the new keys, and the caller's cache would not
-            raise ValueError(f"{name} must be contiguous: the new keys are written into it in place, and the "
-                             "kernel reads its rows with fixed strides")
-        if cache.data_ptr() % 16:
-            raise ValueError(f"{name} must start at a 16-byte-aligned address: the kernel reads it 16 bytes at a time")
+    for name in ("k_cache", "v_cache"):  # (a copy would take the new keys, and the caller's cache would not)
+        problem = _cache_problem(tensors[name])
+        if problem:
+            raise ValueError(f"k_cache and v_cache must have each row's d values contiguous, start at a 16-byte-"
+                             f"aligned address, and have rows, heads and pages (or entries) a multiple of 16 bytes "
+                             f"apart, pages a whole number of rows apart: the kernel reads them 16 bytes at a time, "
+                             f"in place; {name}: {problem} (strides {tensors[name].stride()})")
+    if _cache_strides(k_cache) != _cache_strides(v_cache):
+        raise ValueError(f"k_cache and v_cache must lie alike: strides {k_cache.stride()} and {v_cache.stride()}")
     if k is not None and (k.shape != v.shape or k.shape[0] != B or k.shape[2:] != k_cache.shape[2:]):
         raise ValueError(f"k and v must have shape (batch = {B}, seqlen_new, nheads_k = {Hk}, d = {d}), got "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -817,6 +824,36 @@ def _check_kvcache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx=None)
     if block_table.device != q.device:
         raise ValueError(f"block_table is on {block_table.device}, q on {q.device}: they must be on one device")
     return q.contiguous(), block_table.contiguous()
+
+
+def _cache_problem(cache):
+    """Why the decode kernel cannot read this cache where it lies (None: it can)."""
+    if cache.stride(3) != 1:
+        return "its last dim is not contiguous"
+    if cache.data_ptr() % 16:
+        return "it does not start at a 16-byte-aligned address"
+    if _cache_strides(cache, rows=False) is None:
+        return "its rows, heads or pages are not so"
+    if _cache_strides(cache) is None:
+        return "its rows, counted as the kernel counts them (page_step per page), reach 2^31: more than 32 bits count"
+    return None
+
+
+def _cache_strides(cache, rows=True):
+    """(row_stride, head_stride, page_step) of a cache (pages or entries, rows, heads, d) as the decode kernel
+    addresses it: row j of page n, head h at (n page_step + j) row_stride + h head_stride, in values; None
+    if it cannot (strides not multiples of 8 values, 16 bytes; pages not a whole number of rows apart; if
+    `rows`, more rows than 32 bits count). The stride of a dim of size 1 is never used: any value does."""
+    pages, page, heads, _ = cache.shape
+    apart, row, head = cache.stride()[:3]
+    row = row if page > 1 else apart if pages > 1 and apart else 8  # (a row stride that divides the pages')
+    head = head if heads > 1 else 0
+    step = apart // row if pages > 1 and row else page
+    if row % 8 or head % 8 or (pages > 1 and (row == 0 or apart % row)):
+        return None
+    if rows and (pages - 1) * step + page >= 2 ** 31:
+        return None
+    return row, head, step
 
 
 def _check_cache_batch_idx(table, entries, appends):
@@ -1736,7 +1773,8 @@ class Kernels:
                 (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, i, i, P, f, b, b, P, i, i, P])]:
             function.restype, function.argtypes = result, arguments
         if hasattr(c, "mf_decode"):  # version 3's build: chapter 5's decode kernels (kernels/flash_decode.cu)
-            c.mf_decode.restype, c.mf_decode.argtypes = ctypes.c_char_p, [P] * 10 + [i] * 11 + [f, b, i, i, P, P]
+            c.mf_decode.restype, c.mf_decode.argtypes = (ctypes.c_char_p,
+                                                         [P] * 10 + [i] * 10 + [i64, i64, i, i, f, b, i, i, P, P])
         if hasattr(c, "mf_block_mask"):  # a build with mods: chapter 6's block mask (kernels/mods.cuh)
             c.mf_block_mask.restype, c.mf_block_mask.argtypes = ctypes.c_char_p, [P, i, i, i, i, P, i, P]
         self.library, self.sources, self.version, self.folder = library, sources, version, None
@@ -1826,9 +1864,9 @@ class Kernels:
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None
         mod_args = _mod_args(self, mods, q, H)[0] if mods is not None else None  # (its tensors: mods')
-        return self._c.mf_decode(*addresses, B, Sq, H, Hk, d, seqlen_new, capacity, page, *table, splits, scale,
-                                 causal, DTYPES.index(q.dtype), device, stream,
-                                 ctypes.byref(mod_args) if mod_args is not None else None).decode()
+        return self._c.mf_decode(*addresses, B, Sq, H, Hk, d, seqlen_new, capacity, page, *table,
+                                 *_cache_strides(k_cache), splits, scale, causal, DTYPES.index(q.dtype), device,
+                                 stream, ctypes.byref(mod_args) if mod_args is not None else None).decode()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,10 @@
 // and row r is, contiguous, row r of sequence b's slice; paged, row r % page of page
 // block_table[b][r / page]. A row of one head is d contiguous values either way, and reaches shared
 // memory by cp.async, 16 bytes a thread (Copies below). Keys past the sequence's end (or a causal
-// row's last) are masked to -inf; tiles wholly past the block's rows' are never loaded.
+// row's last) are masked to -inf; tiles wholly past the block's rows' are never loaded. Rows, heads
+// and pages may lie at any strides of 16 bytes (Params::row_stride, head_stride, page_step), as the
+// official package allows: transformers' cache, (batch, nheads_k, seqlen, d), is read in place through
+// its transposed view, not copied into (batch, seqlen, nheads_k, d) first.
 //
 // Head dims. The kernels are compiled for d = 64, 128 and 256; the tensors' head dim (Params::dim) may be
 // any multiple of 8 up to 256, and runs in the next kernel up: the columns of Q_i, K_j and V_j from dim on
@@ -95,7 +98,7 @@ __host__ __device__ constexpr int stages(int d) { return d == 64 ? 5 : 3; }
 // What a launch needs; the tensors' addresses and sizes (minimal_flash.py checked them).
 struct Params {
     const unsigned short *Q, *K, *V;  // q (B, Sq, H, d); the caches (B, S_cache, Hk, d), or paged
-                                      // (pages, page, Hk, d)
+                                      // (pages, page, Hk, d), each row's d values contiguous
     const int* cache_seqlens;         // (B,): the keys each sequence had before this call's new ones
     const int* block_table;           // (B, max_pages): the pages of each sequence; null: contiguous
     const int* cache_leftpad;         // (B,): where each sequence's keys start in its rows; null: at 0
@@ -108,6 +111,8 @@ struct Params {
     int capacity;                     // the most keys a sequence may have: S_cache, or max_pages * page
     int page;                         // rows per page (contiguous: S_cache, one page per sequence)
     int max_pages, pages;             // block_table's columns; pages in the cache
+    long long row_stride, head_stride;  // the caches' strides in values: from a row to the next, a head to the next
+    int page_step;                      // and from a page (a sequence's slice) to the next, in rows
     int splits;
     float scale;
     bool causal;
@@ -119,10 +124,11 @@ __host__ __device__ inline int shared_bytes(int Br, int d) {
     return (Br * stride16(d) + 2 * stages(d) * Bc * d) * 2 + 16;
 }
 
-// Where row j of sequence b lies in the cache, counted in rows of Hk * d values.
+// Where row j of sequence b lies in the cache, counted in rows (row_stride values each; page n's
+// rows start at row n page_step: page_step = page for a contiguous cache).
 __device__ inline int cache_row(const Params& p, int b, int j) {
-    if (!p.block_table) return b * p.page + j;
-    return p.block_table[(size_t)b * p.max_pages + j / p.page] * p.page + j % p.page;
+    if (!p.block_table) return b * p.page_step + j;
+    return p.block_table[(size_t)b * p.max_pages + j / p.page] * p.page_step + j % p.page;
 }
 
 // The cache rows of COUNT keys j0 + offset(k) of sequence b (-1: past `end`, not read). With pages of
@@ -139,8 +145,8 @@ __device__ void look_up_rows(int (&row)[COUNT], const Params& p, int b, int j0, 
         for (int k = 0; k < COUNT; ++k) {
             const int o = o0 + offset(k);
             row[k] = j0 + offset(k) >= end ? -1
-                     : o < p.page          ? page0 * p.page + o
-                                           : page1 * p.page + o - p.page;
+                     : o < p.page          ? page0 * p.page_step + o
+                                           : page1 * p.page_step + o - p.page;
         }
         return;
     }
@@ -182,12 +188,12 @@ struct Copies {
         if (t < at.t_end) {
             const int x = threadIdx.x % CHUNKS * 8;
             const bool column = x < at.p.dim;  // a column of the cache's rows (else zeros)
-            // cache row r's values of head h from column x on: r Hk dim + h dim + x
-            const size_t stride = (size_t)at.p.Hk * at.p.dim, offset = (size_t)at.h * at.p.dim + (column ? x : 0);
+            // cache row r's values of head h from column x on: r row_stride + h head_stride + x
+            const size_t offset = at.h * at.p.head_stride + (column ? x : 0);
 #pragma unroll
             for (int k = 0; k < COUNT; ++k) {
                 const int r = threadIdx.x / CHUNKS + k * STEP, to = buffer * TILE + Swizzled<d>{}(r, x);
-                const size_t from = max(row[k], 0) * stride + offset;
+                const size_t from = max(row[k], 0) * at.p.row_stride + offset;
                 cp_async16(at.K + to, at.p.K + from, row[k] >= 0 && column);
                 cp_async16(at.V + to, at.p.V + from, row[k] >= 0 && column);
             }
@@ -557,7 +563,8 @@ std::string run(const Params& p, const Call& c) {
 extern "C" const char* mf_decode(const float* Q, const float* K, const float* V, const int* cache_seqlens,
                                  const int* block_table, const int* cache_leftpad, float* O, float* L,
                                  float* O_split, float* L_split, int B, int Sq, int H, int Hk, int d,
-                                 int seqlen_new, int capacity, int page, int max_pages, int pages, int splits,
+                                 int seqlen_new, int capacity, int page, int max_pages, int pages,
+                                 long long row_stride, long long head_stride, int page_step, int splits,
                                  float scale, bool causal, int dtype, int device, void* stream,
                                  const void* mod_args) {
     static thread_local std::string message;  // lives until the next call from this thread
@@ -568,7 +575,7 @@ extern "C" const char* mf_decode(const float* Q, const float* K, const float* V,
     const int group = Hk > 0 ? H / Hk : 0;
     const fd::Params p{bits(Q), bits(K), bits(V), cache_seqlens, block_table, cache_leftpad, bits(O), L,
                        O_split, L_split, B, Sq, H, Hk, group, d, seqlen_new, capacity, page, max_pages, pages,
-                       splits, scale, causal};
+                       row_stride, head_stride, page_step, splits, scale, causal};
     message = half_precision_error(c, 3, d >= 8 && d <= 256 && d % 8 == 0, "a multiple of 8 up to 256 (the decode "
                                    "kernels)");
     if (message.empty() && (Hk < 1 || H % Hk != 0 || splits < 1 || splits > fd::MAX_SPLITS ||

@@ -163,12 +163,14 @@ def test_official_options_and_mods(device, name, generator, poisoned):
 
 
 def check_against_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator, unread=None,
-                          pads=None, **options):
+                          pads=None, strided=False, **options):
     """flash_attn_with_kvcache on caches built from dense sequences: the caches after the append, to
     the bit; out and lse (return_softmax_lse) against float64 (reference; options: window_size, softcap,
     alibi_slopes, and score_mod, mask_mod, mod_tensors, which dense_mods below writes out). unread =
     (b, n): the first n rows of sequence b's contiguous cache NaN (the reference reads the sequences).
-    pads: cache_leftpad, each sequence's keys from that row on (the NaN rows before it never read)."""
+    pads: cache_leftpad, each sequence's keys from that row on (the NaN rows before it never read).
+    strided: the caches handed over as views of a larger NaN buffer, heads outermost in each page (see
+    relaid below), read and written where they lie."""
     lengths = [n + new for n in cached]
     sequences = dense_sequences(lengths, Hk, d, dtype, generator)
     rows = [n + (pads[b] if pads else 0) for b, n in enumerate(lengths)]
@@ -182,6 +184,8 @@ def check_against_float64(device, Sq, H, Hk, d, cached, new, causal, splits, pag
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     on_device, official = split_options(options, device)
     k_cache, v_cache = to(k_cache), to(v_cache)
+    if strided:
+        k_cache, v_cache = relaid(k_cache), relaid(v_cache)
     seqlens = [n + (pads[b] if pads else 0) for b, n in enumerate(cached)]  # cache_seqlens count the pad
     out, lse = mf.flash_attn_with_kvcache(to(q), k_cache, v_cache, to(k), to(v),
                                           cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device),
@@ -204,6 +208,33 @@ def check_against_float64(device, Sq, H, Hk, d, cached, new, causal, splits, pag
     atol = 3e-4 if options.get("softcap") else 0.0  # the official tests' slack with softcap (tests/test_mods.py)
     assert_close("out", out[seen], out_ref[seen], plain[seen], atol)
     assert_close("lse", lse[~empty], lse_ref[~empty])
+
+
+def relaid(cache):
+    """The same cache (pages, page, Hk, d) in place in a NaN buffer (pages, Hk, page + 3, d + 8), a view:
+    rows d + 8 values apart, heads (page + 3)(d + 8), pages Hk (page + 3)(d + 8), as a transposed
+    (batch, nheads_k, seqlen, d) cache lies (transformers'), with gaps. A kernel that took the rows for
+    contiguous ones would read NaN or another row."""
+    P, S, Hk, d = cache.shape
+    buffer = torch.full((P, Hk, S + 3, d + 8), math.nan, dtype=cache.dtype, device=cache.device)
+    view = buffer[:, :, :S, :d].transpose(1, 2)
+    view.copy_(cache)
+    head = (S + 3) * (d + 8) if Hk > 1 else 0  # (one head: its stride is never used)
+    assert not view.is_contiguous() and mf._cache_strides(view) == (d + 8, head, Hk * (S + 3))
+    return view
+
+
+# Caches read where they lie, at other strides than contiguous (relaid): contiguous and paged, new keys
+# appended into the views, 16- and 64-row blocks, split and not, a head dim between the kernels'.
+RELAID = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[15], CASES[16]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("Sq,H,Hk,d,cached,new,causal,splits,page,dtype", RELAID,
+                         ids=[CASE_IDS[CASES.index(c)] for c in RELAID])
+def test_a_strided_cache_is_read_and_written_in_place(device, Sq, H, Hk, d, cached, new, causal, splits, page,
+                                                      dtype, generator, poisoned):
+    check_against_float64(device, Sq, H, Hk, d, cached, new, causal, splits, page, dtype, generator, strided=True)
 
 
 def dense_mods(options, H):
@@ -456,8 +487,21 @@ def test_bad_tensors_are_refused():
     refuse(ValueError, "k without v", q, k_cache, v_cache, k_cache[:, :1])
     refuse(ValueError, "v without k", q, k_cache, v_cache, v=v_cache[:, :1])
     refuse(ValueError, "k and v must have shape", q, k_cache, v_cache, k_cache[:, :1, :1], v_cache[:, :1, :1])
-    strided = torch.zeros(2, 2, 32, 64, dtype=torch.bfloat16).transpose(1, 2)  # (B, S, Hk, d), not contiguous
-    refuse(ValueError, "k_cache must be contiguous: the new keys are written into it in place", q, strided, v_cache)
+    # Strides the kernel cannot read in place (a copy would take the new keys, and the caller's cache would
+    # not): columns apart, rows 4 values apart (8 bytes), a start off 16 bytes; k_cache and v_cache apart.
+    columns = torch.zeros(2, 32, 2, 128, dtype=torch.bfloat16)[..., ::2]
+    refuse(ValueError, "must have each row's d values contiguous.*k_cache: its last dim is not contiguous", q, columns,
+           v_cache)
+    rows = torch.zeros(2, 32, 2, 68, dtype=torch.bfloat16)[..., :64]
+    refuse(ValueError, "a multiple of 16 bytes apart.*v_cache: its rows, heads or pages are not so", q, k_cache, rows)
+    start = torch.zeros(2 * 32 * 2 * 64 + 4, dtype=torch.bfloat16)[4:].view(2, 32, 2, 64)
+    refuse(ValueError, "k_cache: it does not start at a 16-byte-aligned address", q, start, v_cache)
+    # Rows the kernel would count past 32 bits (meta: shapes and strides, no memory): refused, not wrapped.
+    assert "reach 2^31" in mf._cache_problem(torch.empty(3, 2 ** 30, 1, 8, dtype=torch.bfloat16, device="meta"))
+    assert mf._cache_problem(torch.empty(2, 2 ** 30 - 1, 1, 8, dtype=torch.bfloat16, device="meta")) is None
+    heads_outside = torch.zeros(2, 2, 32, 64, dtype=torch.bfloat16).transpose(1, 2)
+    refuse(ValueError, r"k_cache and v_cache must lie alike: strides \(4096, 64, 2048, 1\) and \(4096, 128, 64, 1\)",
+           q, heads_outside, v_cache)
     refuse(ValueError, "seqlen_q = 0", q[:, :0], k_cache, v_cache)
 
 

@@ -36,11 +36,14 @@ def prompts():
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Each call of the two functions the adapter runs: (name, q's shape, k's heads)."""
+    """Each call of the two functions the adapter runs: (name, q's shape, k's heads), and for
+    flash_attn_with_kvcache whether k_cache is contiguous: the model's cache, (B, Hk, N, d), read in place,
+    is not (its transposed view), a copy of it would be."""
     seen = []
     for name, heads_dim in (("flash_attention", 1), ("flash_attn_with_kvcache", 2)):
         def counted(q, k, *args, _function=getattr(mf, name), _name=name, _heads_dim=heads_dim, **options):
-            seen.append((_name, tuple(q.shape), k.shape[_heads_dim]))
+            seen.append((_name, tuple(q.shape), k.shape[_heads_dim])
+                        + ((k.is_contiguous(),) if _name == "flash_attn_with_kvcache" else ()))
             return _function(q, k, *args, **options)
         monkeypatch.setattr(mf, name, counted)
     return seen
@@ -57,7 +60,7 @@ def test_generate_gives_sdpas_greedy_tokens(calls):
     assert torch.equal(tokens, expected), (tokens[:, PROMPT:], expected[:, PROMPT:])
     # Each layer: the prompt once, then each new token but the first (the prompt's last logits give it).
     assert calls == ([("flash_attention", (B, HEADS, PROMPT, D), KV_HEADS)] * LAYERS
-                     + [("flash_attn_with_kvcache", (B, 1, HEADS, D), KV_HEADS)] * (LAYERS * (NEW - 1)))
+                     + [("flash_attn_with_kvcache", (B, 1, HEADS, D), KV_HEADS, False)] * (LAYERS * (NEW - 1)))
 
 
 def test_what_the_kernels_cannot_do_is_refused(calls):
