@@ -300,9 +300,9 @@ def register_with_transformers(name="minimal_fa"):
     window_size, and Gemma 2's softcap with softcap. Registers a mask function too, so that the model
     builds no dense mask; it refuses (ValueError) what the kernels cannot do: padding, packed sequences, a
     cache longer than the tokens seen (a static cache), other masks. Returns `name`."""
-    if "flash" in name:  # transformers takes any such name for the flash-attn package or a Hub kernel
+    if "flash" in name or "/" in name or ":" in name:  # transformers loads the flash-attn package or a Hub kernel
         raise ValueError(f"name = {name!r}: transformers reads a name with 'flash' in it as the flash-attn "
-                         "package's (or a Hub kernel's) and loads that; pick another")
+                         "package's, and one with '/' or ':' as a Hub kernel's, and loads that; pick another")
     from transformers import AttentionInterface, AttentionMaskInterface
     AttentionInterface.register(name, _transformers_attention)
     AttentionMaskInterface.register(name, _transformers_mask)
@@ -644,7 +644,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (batch, max_blocks_per_seq) int32, paged: (num_blocks, page_block_size, nheads_k, d), row j of
     sequence b in page block_table[b, j // page_block_size]. Both written in place, read where they lie: each
     row's d values contiguous, other strides any multiple of 16 bytes (a transposed (batch, nheads_k,
-    seqlen_cache, d) cache too), the same for both.
+    seqlen_cache, d) cache too), the same for both; with k, v given, two tensors, and each new key a row of
+    its own (block tables may share pages to read them). The new rows are written outside autograd.
     cache_seqlens: the keys each sequence has cached, an int or an int32 tensor (batch,); None: the
     whole cache. cache_leftpad: int32 (batch,), the row where each sequence's keys start (a left-padded
     batch; the rows before it are not read; None: 0). cache_batch_idx: int32 (batch,), the contiguous
@@ -692,11 +693,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     keys = capacity if left < 0 or right < 0 else min(capacity, left + Sq + right)
     splits = _decode_splits(num_splits, q, Hk, keys)
     rotary = _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k)
-    q_steps = causal or (mods is not None and mods.spec.window)  # the queries' rotary positions step (official)
+    # The queries' rotary positions step if causal or local, as the official package has it: a window side as
+    # long as the cache or longer is no side (it hides no key), and two such sides are no window.
+    window = mods.ints[:2] if mods is not None and mods.spec.window else (-1, -1)
+    q_steps = causal or any(0 <= side < capacity for side in window)
     if not _capturing(q.device):  # a graph being captured cannot wait for a copy to the host
         if cache_batch_idx is not None:
             _check_cache_batch_idx(block_table, pages, k is not None)
         _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftpad)
+        if block_table is not None and seqlen_new and cache_batch_idx is None:
+            _check_appends_apart(seqlens, block_table, capacity, seqlen_new)
         if rotary:
             _check_rotary_positions(seqlens, max(seqlen_new, Sq if q_steps else 1), len(rotary_cos))
     if rotary:  # the new keys at cache_seqlens[b] + i; the queries there too if causal or local, else all at [b]
@@ -709,7 +715,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     out, lse = torch.empty_like(q), q.new_empty((B, H, Sq), dtype=torch.float32)
     if out.numel() > 0:
         kernels = load_kernels(q.device.type, 3, mods=_spec(mods))
-        _raise_if(kernels.decode(_aligned(q), k_cache, v_cache, seqlens, block_table, leftpad, seqlen_new, capacity,
+        table = block_table if page else None  # pages of no row: no key to look up (nor a division by 0)
+        _raise_if(kernels.decode(_aligned(q), k_cache, v_cache, seqlens, table, leftpad, seqlen_new, capacity,
                                  splits, scale, causal, out, lse, mods))
     return (out, lse) if return_softmax_lse else out
 
@@ -801,6 +808,8 @@ def _check_kvcache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx=None)
                              f"in place; {name}: {problem} (strides {tensors[name].stride()})")
     if _cache_strides(k_cache) != _cache_strides(v_cache):
         raise ValueError(f"k_cache and v_cache must lie alike: strides {k_cache.stride()} and {v_cache.stride()}")
+    if k is not None and k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
+        raise ValueError("k_cache and v_cache are one tensor: the new values would overwrite the new keys")
     if k is not None and (k.shape != v.shape or k.shape[0] != B or k.shape[2:] != k_cache.shape[2:]):
         raise ValueError(f"k and v must have shape (batch = {B}, seqlen_new, nheads_k = {Hk}, d = {d}), got "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -923,7 +932,7 @@ def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftp
         if not 0 <= pad <= n:
             raise ValueError(f"cache_leftpad[{b}] = {pad}: sequence {b}'s keys start there, so it must be in 0 .. "
                              f"cache_seqlens[{b}] = {n}")
-    if block_table is None or block_table.numel() == 0:
+    if block_table is None or block_table.numel() == 0 or capacity == 0:  # (no row: no page is used)
         return
     table, page = block_table.cpu(), capacity // block_table.shape[1]
     low, high = torch.aminmax(table)
@@ -938,32 +947,54 @@ def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftp
                          f"has pages 0 .. {pages - 1}")
 
 
+def _check_appends_apart(seqlens, block_table, capacity, seqlen_new):
+    """A paged cache's new keys each to a row of its own: sequences whose block tables share a page (a
+    shared prompt's) may read it together, but two new keys written to one row would leave one of them
+    lost (whichever lands last wins). A ValueError names the first two."""
+    page = capacity // block_table.shape[1]
+    rows = seqlens.cpu().long()[:, None] + torch.arange(seqlen_new)  # (B, seqlen_new), in range: checked
+    at = (block_table.cpu().long().gather(1, rows // page) * page + rows % page).flatten().tolist()
+    if len(set(at)) == len(at):
+        return
+    first = {}
+    for n, row in enumerate(at):
+        if row in first:
+            (b0, i0), (b1, i1) = divmod(first[row], seqlen_new), divmod(n, seqlen_new)
+            raise ValueError(f"block_table: new key {i0} of sequence {b0} and new key {i1} of sequence {b1} would both "
+                             f"be written to row {row % page} of page {row // page}: each new key needs a row of "
+                             "its own (sequences may share a page only to read it)")
+        first[row] = n
+
+
 def _append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, capacity):
     """k, v written into the caches at rows cache_seqlens[b] .. + seqlen_new of every sequence b at once,
-    by advanced indexing (no loop over the batch). A sequence out of range (possible only when nothing
-    was checked on the host, a CUDA graph being captured) writes nothing, and nowhere outside the
-    cache: the kernel then gives it NaN."""
+    by advanced indexing (no loop over the batch), outside autograd, as the official kernel writes them
+    (a k that requires grad leaves no graph on the caches; a cache made under inference_mode, or one that
+    requires grad, takes the write). A sequence out of range (possible only when nothing was checked on
+    the host, a CUDA graph being captured) writes nothing, and nowhere outside the cache: the kernel
+    then gives it NaN."""
     (B, seqlen_new), page = k.shape[:2], k_cache.shape[1]
-    if capacity == 0 or k_cache.numel() == 0 or seqlen_new == 0:
+    if capacity == 0 or k_cache.numel() == 0 or k.numel() == 0:
         return
-    rows = (seqlens[:, None].long() + torch.arange(seqlen_new, device=k.device)).clamp(0, capacity - 1)
-    ok = (seqlens >= 0) & (seqlens.long() + seqlen_new <= capacity)  # (B,)
-    if block_table is None:
-        index = (torch.arange(B, device=k.device)[:, None].expand(B, seqlen_new), rows)
-    else:
-        pages = block_table.gather(1, rows // page).long()
-        ok &= ((pages >= 0) & (pages < k_cache.shape[0])).all(dim=1)
-        index = (pages.clamp(0, k_cache.shape[0] - 1), rows % page)
-    # An index_put writes every entry, so an entry out of range repeats the first entry in range (the
-    # same place and value: which of the two lands last does not matter); with none in range, entry 0
-    # writes back what its place holds.
-    ok = ok[:, None].expand(B, seqlen_new)
-    first = ok.flatten().int().argmax()  # the first entry in range, else entry 0
-    at_first = tuple(i.flatten()[first] for i in index)
-    index = tuple(torch.where(ok, i, i_first) for i, i_first in zip(index, at_first))
-    for cache, new in ((k_cache, k), (v_cache, v)):
-        fill = torch.where(ok.flatten()[first], new.flatten(0, 1)[first], cache[at_first])  # (nheads_k, d)
-        cache[index] = torch.where(ok[..., None, None], new, fill)
+    with torch.inference_mode():
+        rows = (seqlens[:, None].long() + torch.arange(seqlen_new, device=k.device)).clamp(0, capacity - 1)
+        ok = (seqlens >= 0) & (seqlens.long() + seqlen_new <= capacity)  # (B,)
+        if block_table is None:
+            index = (torch.arange(B, device=k.device)[:, None].expand(B, seqlen_new), rows)
+        else:
+            pages = block_table.gather(1, rows // page).long()
+            ok &= ((pages >= 0) & (pages < k_cache.shape[0])).all(dim=1)
+            index = (pages.clamp(0, k_cache.shape[0] - 1), rows % page)
+        # An index_put writes every entry, so an entry out of range repeats the first entry in range (the
+        # same place and value: which of the two lands last does not matter); with none in range, entry 0
+        # writes back what its place holds.
+        ok = ok[:, None].expand(B, seqlen_new)
+        first = ok.flatten().int().argmax()  # the first entry in range, else entry 0
+        at_first = tuple(i.flatten()[first] for i in index)
+        index = tuple(torch.where(ok, i, i_first) for i, i_first in zip(index, at_first))
+        for cache, new in ((k_cache, k), (v_cache, v)):
+            fill = torch.where(ok.flatten()[first], new.flatten(0, 1)[first], cache[at_first])  # (nheads_k, d)
+            cache[index] = torch.where(ok[..., None, None], new, fill)
 
 
 def _decode_splits(num_splits, q, Hk, keys):
@@ -1102,7 +1133,8 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                         f"{_dtype_names(VERSIONS[3].dtypes)} only")
     (total_q, H, d), (Hk, _), head_dims = q.shape, k.shape[-2:], VERSIONS[3].head_dims
     total_k = None if paged else k.shape[0]  # paged: cu_seqlens_k[-1], read below
-    problem = (f"head dim d = {d}" if d > max(head_dims) else "k and v differ in shape" if k.shape != v.shape else
+    problem = (f"head dim d = {d}" if d > max(head_dims) or d == 0 else
+               "k and v differ in shape" if k.shape != v.shape else
                f"k and v have head dim {k.shape[-1]}, q {d}" if k.shape[-1] != d else
                f"nheads_k = {Hk} does not divide q's nheads = {H}" if Hk == 0 or H % Hk else None)
     if problem:
@@ -1137,11 +1169,15 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if q.device.type not in ("cuda", "cpu"):
         raise ValueError(f"q is on {q.device}; the kernels run on CUDA or on the CPU")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(value, bool) or not hasattr(value, "__index__"):
+        try:  # an int, numpy's or a one-element integer tensor (every tensor has __index__: it may refuse)
+            length = None if isinstance(value, bool) else value.__index__()
+        except (AttributeError, TypeError, RuntimeError):
+            length = None
+        if length is None:
             raise TypeError(f"{name} = {_short(value)}: it must be an int, the longest sequence's length")
-        if not 0 <= value.__index__() < 2 ** 31:
+        if not 0 <= length < 2 ** 31:
             raise ValueError(f"{name} = {value}: it must be 0 .. 2**31 - 1, the longest sequence's length")
-        lengths.append(value.__index__())
+        lengths.append(length)
     if _capturing(q.device):
         raise RuntimeError("flash_attn_varlen_func checks cu_seqlens on the host, which waits for the device; a "
                            "CUDA graph being captured cannot wait")

@@ -386,7 +386,7 @@ def test_bad_cache_batch_idx_is_refused():
     pick = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     refuse(ValueError, r"cache_batch_idx\[1\] = 5: the cache has entries 0 .. 4", q, entries, entries,
            cache_batch_idx=pick(0, 5))
-    refuse(ValueError, r"cache_batch_idx\[1\] = 3 is also sequence 0's: both would append", q, entries, entries,
+    refuse(ValueError, r"cache_batch_idx\[1\] = 3 is also sequence 0's: both would append", q, entries, entries.clone(),
            new, new, cache_seqlens=3, cache_batch_idx=pick(3, 3))
     refuse(ValueError, "cache_batch_idx: its dtype is torch.int64", q, entries, entries,
            cache_batch_idx=pick(0, 1).long())
@@ -411,16 +411,21 @@ def turned(x, cos, sin, positions, interleaved):
     return torch.cat((z.flatten(-2) if interleaved else torch.cat((z[..., 0], z[..., 1]), -1), x[..., r:]), -1)
 
 
-ROTARY = [(True, True, 64, False), (False, False, 32, False), (True, False, 32, True), (False, True, 64, True)]
+# (interleaved, causal, rotary_dim, leftpad, window_size); the windows, over a cache of 120 rows, hide no
+# key: (119, -1) is local all the same (the queries' positions step), (120, -1) and (-1, 500) are no window
+# (as in the official package, a side as long as the cache or longer is none).
+ROTARY = [(True, True, 64, False, None), (False, False, 32, False, None), (True, False, 32, True, None),
+          (False, True, 64, True, None), (True, False, 64, False, (119, -1)), (False, False, 32, True, (120, -1)),
+          (True, False, 32, False, (-1, 500))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("interleaved,causal,rotary_dim,leftpad", ROTARY, ids=[
+@pytest.mark.parametrize("interleaved,causal,rotary_dim,leftpad,window", ROTARY, ids=[
     f"{'interleaved' if i else 'neox'}-{'causal' if c else 'full'}-dim{r}{'-leftpad' if p else ''}"
-    for i, c, r, p in ROTARY])
-def test_rotary_embedding(device, interleaved, causal, rotary_dim, leftpad, generator):
+    f"{f'-window{w[0]},{w[1]}' if w else ''}" for i, c, r, p, w in ROTARY])
+def test_rotary_embedding(device, interleaved, causal, rotary_dim, leftpad, window, generator):
     """rotary_cos, rotary_sin: q and the new keys turned as the official package turns them (the new keys
-    at cache_seqlens[b] + i; the queries there too if causal, else all at cache_seqlens[b]; with
+    at cache_seqlens[b] + i; the queries there too if causal or local, else all at cache_seqlens[b]; with
     cache_leftpad, these are still rows of the cache, the pad counted), against float64 attention on
     inputs turned here; the cache's new rows those turned keys, within a bf16 step."""
     B, Sq, H, Hk, d, C = 3, 3, 4, 2, 64, 120
@@ -436,15 +441,17 @@ def test_rotary_embedding(device, interleaved, causal, rotary_dim, leftpad, gene
     out = mf.flash_attn_with_kvcache(q.to(device), k_cache, v_cache, k.to(device), v.to(device),
                                      rotary_cos=cos.to(device), rotary_sin=sin.to(device),
                                      cache_seqlens=seqlens.to(device), causal=causal, rotary_interleaved=interleaved,
-                                     cache_leftpad=torch.tensor(pads, dtype=torch.int32, device=device))
+                                     cache_leftpad=torch.tensor(pads, dtype=torch.int32, device=device),
+                                     window_size=window or (-1, -1))
     positions = seqlens.long()[:, None] + torch.arange(Sq)
     k_turned = turned(k, cos, sin, positions, interleaved)
-    q_turned = turned(q, cos, sin, positions if causal else positions[:, :1].expand(B, Sq), interleaved)
+    steps = causal or (window is not None and any(0 <= side < C for side in window))
+    q_turned = turned(q, cos, sin, positions if steps else positions[:, :1].expand(B, Sq), interleaved)
     new_rows = torch.stack([k_cache[b, n:n + Sq].cpu() for b, n in enumerate(seqlens.tolist())]).double()
     assert torch.allclose(new_rows, k_turned, rtol=2 ** -7, atol=1e-5), "the cache's new rows: the keys turned"
     turned_sequences = [[torch.cat((K[:n], k_turned[b].to(K.dtype))), V] for b, ((K, V), n) in
                         enumerate(zip(sequences, cached))]
-    out_ref, _, plain = reference(q_turned.to(q.dtype), turned_sequences, causal, d ** -0.5)
+    out_ref, _, plain = reference(q_turned.to(q.dtype), turned_sequences, causal, d ** -0.5, window or (-1, -1))
     assert_close("out", out.cpu(), out_ref, plain)
 
 
@@ -525,6 +532,70 @@ def test_out_of_range_seqlens_and_pages_are_refused():
     out = mf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([40, 16], dtype=torch.int32),
                                      block_table=table)
     assert torch.equal(out, torch.zeros_like(out))  # zeros in, zeros out
+
+
+def test_appends_that_would_share_a_row_are_refused(generator):
+    """Two sequences' block tables may share a page (a prompt's, read by both), and append to rows of their
+    own; two new keys bound for one row (whichever lands last would win: the other lost) are refused,
+    between sequences and within one (its table listing a page twice), before anything is written. So is
+    one tensor given as both k_cache and v_cache with new keys (the values would overwrite the keys)."""
+    q, k_cache, v_cache, _ = paged_inputs()
+    new = torch.randn(2, 2, 2, 64, generator=generator).bfloat16()
+    seqlens = torch.tensor([16, 20], dtype=torch.int32)
+    shared = torch.tensor([[0, 1, 2], [0, 3, 4]], dtype=torch.int32)  # page 0 read by both, rows 16 on apart
+    out = mf.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=seqlens, block_table=shared)
+    assert torch.equal(k_cache[1, :2], new[0]) and torch.equal(k_cache[3, 4:6], new[1])
+    many = torch.randn(2, 17, 2, 64, generator=generator).bfloat16()
+    for table, keys, lengths, match in (
+            ([[0, 1, 2], [0, 1, 4]], new, [16, 15], "new key 0 of sequence 0 and new key 1 of sequence 1 would both "
+                                                    "be written to row 0 of page 1"),
+            ([[0, 1, 2], [5, 5, 4]], many, [0, 0], "new key 0 of sequence 1 and new key 16 of sequence 1 .* row 0 "
+                                                   "of page 5")):
+        before = k_cache.clone()
+        refuse(ValueError, match, q, k_cache, v_cache, keys, keys, cache_seqlens=torch.tensor(lengths).int(),
+               block_table=torch.tensor(table).int())
+        assert torch.equal(k_cache, before)
+    refuse(ValueError, "k_cache and v_cache are one tensor", q, k_cache, k_cache, new, new, cache_seqlens=3,
+           block_table=shared)
+    assert torch.isfinite(out).all() and torch.equal(  # one tensor read as both, with no new key: fine
+        mf.flash_attn_with_kvcache(q, k_cache, k_cache, cache_seqlens=3, block_table=shared),
+        mf.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=3, block_table=shared))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_caches_of_no_row_and_batches_of_none(device):
+    """Pages of 0 rows (and entries of 0 rows, picked by cache_batch_idx): no key, so out 0 and lse -inf,
+    the table never looked at (an entry past the pool is not used); an entry that is not one still
+    refused. A batch of 0 sequences appending to a paged cache, or through cache_batch_idx: an empty out."""
+    q = torch.randn(2, 1, 4, 64).bfloat16().to(device)
+    empty = torch.zeros(3, 0, 2, 64, dtype=torch.bfloat16, device=device)
+    table = torch.tensor([[0, 7], [1, 2]], dtype=torch.int32, device=device)
+    for options in (dict(block_table=table), dict(cache_batch_idx=torch.tensor([2, 0], dtype=torch.int32,
+                                                                               device=device))):
+        out, lse = mf.flash_attn_with_kvcache(q, empty, empty, cache_seqlens=0, return_softmax_lse=True, **options)
+        assert not out.any() and (lse == -math.inf).all()
+    refuse(ValueError, r"cache_batch_idx\[0\] = 3: the cache has entries 0 .. 2", q, empty, empty, cache_seqlens=0,
+           cache_batch_idx=torch.tensor([3, 0], dtype=torch.int32, device=device))
+    k_cache, v_cache = (torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16, device=device) for _ in range(2))
+    new = torch.ones(0, 1, 2, 64, dtype=torch.bfloat16, device=device)
+    for options in (dict(block_table=torch.zeros(0, 2, dtype=torch.int32, device=device)),
+                    dict(cache_batch_idx=torch.zeros(0, dtype=torch.int32, device=device))):
+        out = mf.flash_attn_with_kvcache(q[:0], k_cache, v_cache, new, new, cache_seqlens=3, **options)
+        assert out.shape == (0, 1, 4, 64) and not k_cache.any()
+
+
+def test_the_append_is_outside_autograd():
+    """The new keys are written into the caches as the official kernel writes them, outside autograd: a k
+    that requires grad leaves the caches without a graph; a cache made under torch.inference_mode, or
+    one that requires grad, takes the write (torch refuses an in-place write to either, tracked)."""
+    q, _, _ = small_inputs()
+    new = torch.ones(2, 1, 2, 64, dtype=torch.bfloat16, requires_grad=True)
+    with torch.inference_mode():
+        made_there = torch.zeros(2, 32, 2, 64, dtype=torch.bfloat16)
+    for cache in (torch.zeros(2, 32, 2, 64, dtype=torch.bfloat16), made_there,
+                  torch.zeros(2, 32, 2, 64, dtype=torch.bfloat16, requires_grad=True)):
+        mf.flash_attn_with_kvcache(q, cache, cache.detach().clone(), new * 2, new, cache_seqlens=3)
+        assert cache.grad_fn is None and (cache[:, 3] == 2).all() and not cache[:, 4:].any()
 
 
 def test_num_splits_must_be_0_to_128():

@@ -74,8 +74,9 @@ def test_what_the_kernels_cannot_do_is_refused(calls):
         llama(name, torch.float32)(ids)
     with pytest.raises(ValueError, match="dropout"):
         llama(name, attention_dropout=0.1).train()(ids)
-    with pytest.raises(ValueError, match="flash-attn package"):
-        mf.register_with_transformers("my_flash")
+    for name in ("my_flash", "org/minimal", "minimal:v1"):  # transformers' names of other kernels
+        with pytest.raises(ValueError, match=f"name = '{name}': transformers reads .* and loads that"):
+            mf.register_with_transformers(name)
     assert not calls
 
 

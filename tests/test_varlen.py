@@ -357,6 +357,7 @@ def test_bad_tensors_are_refused():
     refuse(ValueError, "v is on meta, q on cpu", q, k, v.to("meta"), *inputs[3:])
     refuse(ValueError, "cu_seqlens_k is on meta, q on cpu", q, k, v, cu_q, cu_k.to("meta"), max_q, max_k)
     refuse(TypeError, "q must be a torch.Tensor, got list", [1.0], *inputs[1:])
+    refuse(ValueError, "head dim d = 0: flash_attn_varlen_func takes", q[..., :0], k[..., :0], v[..., :0], *inputs[3:])
 
 
 def test_bad_cu_seqlens_and_max_seqlen_are_refused():
@@ -376,6 +377,8 @@ def test_bad_cu_seqlens_and_max_seqlen_are_refused():
     refuse(ValueError, "sequence 1 has 5 keys, more than max_seqlen_k = 3", q, k, v, cu_q, cu_k, max_q, 3)
     refuse(TypeError, "max_seqlen_q = 4.5: it must be an int", q, k, v, cu_q, cu_k, 4.5, max_k)
     refuse(TypeError, "max_seqlen_k = True: it must be an int", q, k, v, cu_q, cu_k, max_q, True)
+    refuse(TypeError, r"max_seqlen_q = a tensor of shape \(\).*: it must be an int", q, k, v, cu_q, cu_k,
+           torch.tensor(5.0), max_k)  # (an integer one is taken: numpy's and torch's ints are)
     refuse(ValueError, "max_seqlen_k = -1", q, k, v, cu_q, cu_k, max_q, -1)
     # larger maxima are no error: the blocks past each sequence's end return at once
     out = mf.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 300, 200)
