@@ -169,7 +169,8 @@ MOD_VERSIONS = [n for n, v in mf.VERSIONS.items() if v.mods]
 
 def run_decodes():
     """Chapter 5's decode kernels, contiguous and paged, split or not, d = 64, 128 and 256 and between (8, 96,
-    200: the next kernel up); cache_batch_idx; cache_leftpad (tests/test_kvcache.py's cases without a mod)."""
+    200: the next kernel up); cache_batch_idx; cache_leftpad; caches at other strides (tests/test_kvcache.py's
+    cases without a mod)."""
     import test_kvcache
     checks = [check(run_decode, dtype, Sq, d, causal, page, splits) for dtype in mf.VERSIONS[3].dtypes
               for Sq, d, causal, page, splits in ((1, 128, False, None, 1), (1, 128, True, 16, 3),
@@ -184,6 +185,9 @@ def run_decodes():
         if not options:
             checks.append(check(test_kvcache.check_against_float64, "cuda", *case, generator, pads=pads,
                                 said=f"decode cache_leftpad {name}"))
+    for case in test_kvcache.RELAID[1:4]:  # caches read in place at other strides (paged, contiguous, 64 rows)
+        checks.append(check(test_kvcache.check_against_float64, "cuda", *case, generator, strided=True,
+                            said=f"decode strided cache {case[:4]} page {case[8]}"))
     return checks
 
 
