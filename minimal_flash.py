@@ -57,10 +57,16 @@ def _version1_block_sizes(Br, Bc):
 
 
 def _version2_block_sizes(Br, Bc):
-    # A thread holds 4 rows by 8 keys of S_ij, and the Bc / 8 threads of a row are lanes of one warp.
+    # A thread holds 4 rows by 8 keys of S_ij, and the Bc / 8 threads of a row are lanes of one warp; a
+    # block is whole warps of tiles (kernels/version2.cuh: WARP_TILES), at most 1024 threads.
     if Br % 4 or not 4 <= Br <= 1024 or Bc not in (16, 32, 64):
         return (f"Br = {Br}, Bc = {Bc}: version 2 gives each thread 4 rows by 8 keys of S_ij, so it takes "
                 "Br a multiple of 4 (4 to 1024) and Bc = 16, 32 or 64")
+    tile = Br // 4 * (Bc // 8)
+    if math.lcm(tile, 32) > 1024:
+        return (f"Br = {Br}, Bc = {Bc}: a tile of version 2 takes Br / 4 x Bc / 8 = {tile} threads, and a block "
+                f"whole warps of tiles, here {math.lcm(tile, 32)} threads, more than 1024: take a smaller Br, "
+                "or one whose tile is a whole number of warps or a power of 2")
     return ""
 
 
@@ -164,9 +170,11 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     Your own attention (versions 3 and 4): score_mod, a C++ expression of the scaled score and b, h, q_idx,
     kv_idx, such as "score + bias(h, q_idx - kv_idx)"; mask_mod, a C++ condition of b, h, q_idx, kv_idx
     that keeps a key, such as "q_idx - kv_idx < 256"; mod_tensors {name: tensor}, what they read
-    (name[i], name(i, j)); window_size, softcap, alibi_slopes as the official package has them (a
-    window of 2**30 keys or more: no limit, -1, as the official package takes one past the keys). Each
-    set of mods is compiled once (seconds), the options' values and the tensors read at run time.
+    (name[i], name(i, j): one index per dim; an index outside the tensor reads 0, as the kernels also ask
+    the mods at keys and queries past N, whose scores are then masked); window_size, softcap, alibi_slopes
+    as the official package has them (a window of 2**30 keys or more: no limit, -1, as the official
+    package takes one past the keys). Each set of mods is compiled once (seconds), the options' values
+    and the tensors read at run time.
     dropout_p: dropout on the attention weights (versions 3 and 4), its mask drawn from a seed that torch's
     generator gives (reproducible under torch.manual_seed) and drawn again by the backward.
     return_lse: return (out, lse), lse (B, H, N) float32 each row's log-sum-exp of its scaled (and modded)
@@ -185,6 +193,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
     deterministic = _check_deterministic(deterministic, version)
     mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p)
+    _check_document_ids(mask_mod, mod_tensors, q)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
         if mods is not None:  # the mods travel as the build's Mods, field by field, tensors and numbers
             O, L = torch.ops.minimal_flash.attention_mods(q, k, v, causal, scale, version, *_mod_op_arguments(mods))
@@ -473,6 +482,8 @@ def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, determin
         for x, x_run in zip((dQ, dK, dV), runs):
             if x_run is not x:
                 x.copy_(x_run[..., :x.shape[-1]])
+    else:  # no query (0 heads of q, or N = 0): no key is seen, and k, v get no gradient
+        dK.zero_(), dV.zero_()
     return dQ, dK, dV
 
 
@@ -508,8 +519,21 @@ class FlashAttention(torch.autograd.Function):
     def backward(ctx, dO, dL):  # dL: None or zeros (L has no gradient: mark_non_differentiable)
         version = ctx.options[4]
         # dO: the gradient of the model's output, often a view of its (B, N, H, d) layout
-        dQ, dK, dV = _attention_grads(_laid_out(dO, version), *ctx.saved_tensors, *ctx.options)
-        return dQ, dK, dV, None, None, None, None, None, None, None
+        with torch.no_grad():
+            grads = _attention_grads(_laid_out(dO, version), *ctx.saved_tensors, *ctx.options)
+        return *_without_derivative(grads), None, None, None, None, None, None, None
+
+
+def _without_derivative(grads):
+    """The kernels' gradients are no graph of torch operations: under create_graph (a double backward, a
+    gradient penalty) they must not pass for constants, whose derivative would silently be 0. They come
+    back marked as torch's once_differentiable marks them: differentiating them raises."""
+    if not torch.is_grad_enabled():
+        return grads
+    error = torch._C._functions.DelayedError(
+        b"minimal_flash: attention's gradients (dQ, dK, dV) come from the kernels and have no derivative of their "
+        b"own: a double backward (create_graph=True, a gradient penalty) needs plain attention there", len(grads))
+    return error(*(g.detach().requires_grad_() for g in grads))
 
 
 # The same two passes as PyTorch custom operators, minimal_flash::attention and
@@ -1306,8 +1330,9 @@ class _FlashAttentionVarlen(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dO, dL):
         q, k, v, O, L, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        grads = _varlen_grads(dO.contiguous(), q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, *ctx.options)
-        return *grads, None, None, None, None, None, None, None
+        with torch.no_grad():
+            grads = _varlen_grads(dO.contiguous(), q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, *ctx.options)
+        return *_without_derivative(grads), None, None, None, None, None, None, None
 
 
 def _run_varlen(pass_, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
@@ -1400,25 +1425,26 @@ class Mods:
     def header(self):
         """The C++ that kernels/mods.cuh includes as MODS_FILE (mods_header's text)."""
         tensors = "".join(f"    const Tensor<{_MOD_TYPES[getattr(torch, dtype)][0]}, "
-                          f"{_MOD_TYPES[getattr(torch, dtype)][1]}> {name}{{args, {t}}};\n"
-                          for t, (name, dtype, _) in enumerate(self.tensors))
+                          f"{_MOD_TYPES[getattr(torch, dtype)][1]}, {dims}> {name}{{args, {t}}};\n"
+                          for t, (name, dtype, dims) in enumerate(self.tensors))
 
         def user(kind, text, result):  # an expression, or a function body that returns
-            body = f"[&]() -> {result} {{\n{text}\n    }}()" if re.search(r"\breturn\b", text) else f"({text})"
+            # (a newline after the text: a // comment that ends it must not take the parenthesis)
+            body = f"[&]() -> {result} {{\n{text}\n    }}()" if re.search(r"\breturn\b", text) else f"({text}\n)"
             return f'#line 1 "{kind}"\n{body}'
 
         score = mask = ""
         if self.score_mod is not None:
             score += f"    score = F(\n{user('score_mod', self.score_mod, 'F')});\n"
         if self.softcap_only:  # the kernels scale by 1 / softcap before and by softcap after (SOFTCAP_ONLY)
-            score += "    score = fast_tanh(score);  // softcap, folded into the kernels' scales\n"
+            score += "    score = mods::fast_tanh(score);  // softcap, folded into the kernels' scales\n"
         elif self.softcap:  # the official order: the cap first, then the bias
             # fast_tanh (kernels/mma.cuh): the one instruction that the official kernels use too; times
             # 1 / softcap (args.floats[1]), not a division per score
-            score += "    score = args.floats[0] * fast_tanh(score * args.floats[1]);  // softcap\n"
+            score += "    score = args.floats[0] * mods::fast_tanh(score * args.floats[1]);  // softcap\n"
         if self.alibi:
             slope = "alibi_slopes[h]" if self.alibi == 1 else "alibi_slopes(b, h)"
-            score += f"    score = score - {slope} * fabsf(float(q_idx + shift - kv_idx));  // alibi_slopes\n"
+            score += f"    score = score - {slope} * mods::fabsf(float(q_idx + shift - kv_idx));  // alibi_slopes\n"
         if self.mask_mod is not None:
             mask += f"    keep = bool(\n{user('mask_mod', self.mask_mod, 'bool')});\n"
         if self.window:
@@ -1610,9 +1636,21 @@ def document_mask(document_ids):
     if document_ids.dtype not in (torch.int32, torch.int64) or document_ids.dim() not in (1, 2):
         raise ValueError(f"document_ids ({document_ids.dtype}, shape {tuple(document_ids.shape)}): it must be an "
                          "int32 or int64 tensor of shape (N,) or (B, N)")
-    if document_ids.dim() == 1:
-        return "document[q_idx] == document[kv_idx]", {"document": document_ids}
-    return "document(b, q_idx) == document(b, kv_idx)", {"document": document_ids}
+    return _DOCUMENT_MASKS[document_ids.dim()], {"document": document_ids}
+
+
+_DOCUMENT_MASKS = {1: "document[q_idx] == document[kv_idx]", 2: "document(b, q_idx) == document(b, kv_idx)"}
+
+
+def _check_document_ids(mask_mod, mod_tensors, q):
+    """document_mask's ids must be q's: a position past them would read 0, document 0's id (a mod tensor
+    read out of range gives 0), and join that document unseen. q (B, H, N, d)."""
+    if mask_mod not in _DOCUMENT_MASKS.values() or not isinstance((mod_tensors or {}).get("document"), torch.Tensor):
+        return
+    ids, (B, _, N, _) = mod_tensors["document"], q.shape
+    if tuple(ids.shape) != ((N,) if ids.dim() == 1 else (B, N)):
+        raise ValueError(f"document_mask's ids have shape {tuple(ids.shape)}; q's batch and sequence want (N,) = "
+                         f"({N},) or (B, N) = ({B}, {N}): one document id per token")
 
 
 def prefix_lm_mask(prefix_length):

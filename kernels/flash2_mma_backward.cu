@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(32 * WARPS)
         for (int n = 0; n < Br / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e)  // dS_ij^T = P_ij^T * (dP_ij^T - D_i) (with mods, dp has the -D_i)
-                dp[n][e] = s[n][e] * (mods::ANY ? dp[n][e] : dp[n][e] - D_t[8 * n + 2 * q + e % 2]);
+                dp[n][e] = mods::times_p(s[n][e], mods::ANY ? dp[n][e] : dp[n][e] - D_t[8 * n + 2 * q + e % 2]);
         unsigned pf[Br / 16][4], dsf[Br / 16][4];  // P_ij^T, dS_ij^T as A operands, in T
         if constexpr (mods::DROPOUT)               // dV_j += (Z P_ij / (1 - p))^T dO_i; dS took P itself
             mods::dropout<true>(s, mod_args, blockIdx.y, key0 + kw + g, row0 + 2 * q);

@@ -55,15 +55,18 @@ struct Args {
 constexpr int TILE = 64;
 enum Tile : unsigned char { EMPTY = 0, PARTIAL = 1, FULL = 2 };
 
-// A mod tensor's elements as the mod reads them: name[i] (1-D) or name(i, j, ...), as a T (float,
-// int, long long); an index outside the tensor reads 0, never out of bounds.
-template <class T, class Stored = T>
+// A mod tensor's elements as the mod reads them: name[i] (1-D) or name(i, j, ...), one index per dim
+// (DIMS; another count does not compile), as a T (float, int, long long); an index outside the tensor
+// reads 0, never out of bounds.
+template <class T, class Stored, int DIMS>
 struct Tensor {
     const Args& a;
     int t;  // which of Args' tensors
     __device__ T operator[](long long i) const { return (*this)(i); }
     template <class... I>
     __device__ T operator()(I... index) const {
+        static_assert(sizeof...(I) == DIMS, "a mod tensor takes one index per dim: name(i, j) for 2 dims, "
+                                            "name[i] or name(i) for 1");
         const long long at[] = {(long long)index...};
         long long offset = 0;
         for (int x = 0; x < int(sizeof...(I)); ++x) {
@@ -359,6 +362,14 @@ __device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][
             s[n][e] = keep ? fast_exp2(x.v * c - L2[y]) : 0.0f;
             f[n][e] = x.d;
         }
+}
+// dS = P (dP - D) f, as times_p(P, (dP - D) f), but 0 where P is 0 (a masked pair, a key or query past
+// the sequence): score_mod was asked there too, and its derivative f may be anything (a mod tensor read
+// out of range is 0, and score / 0 has f = inf), which 0 times would make NaN. Only a score_mod's f
+// varies: other builds just multiply.
+__device__ inline float times_p(float p, float rest) {
+    if constexpr (SCORE) return p == 0.0f ? 0.0f : p * rest;
+    return p * rest;
 }
 // The same, and dp becomes (dP - D) f (version 3, whose dP is in already).
 template <int NT>

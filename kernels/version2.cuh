@@ -9,6 +9,7 @@
 // backward's tiles are its own. Any head dim d whose tiles fit in shared memory.
 // Scratch (fp32, per row): none (forward), D (backward).
 // bindings.cu includes this file in its middle: Call, launch and thread_groups are defined there.
+#include <numeric>  // std::gcd
 #include "flash2.cu"
 #include "flash2_backward.cu"
 
@@ -18,9 +19,12 @@ struct Version {
     static constexpr bool MODS = false;     // score_mod, mask_mod: version 3's
     static size_t forward_bytes(int d, int G) { return sizeof(float) * flash2::shared_floats(d, G * Br); }
     static size_t backward_bytes(int d) { return sizeof(float) * flash2_backward::shared_floats(d); }
+    // The kernel's shuffles take all 32 lanes of a warp, so a block is whole warps: G tiles of
+    // TILE_THREADS threads, G a multiple of WARP_TILES (1 when a tile is whole warps itself).
+    static constexpr int WARP_TILES = 32 / std::gcd(32, flash2::TILE_THREADS);
 
-    static size_t shared_bytes(Pass pass, int d) {
-        return pass == FORWARD ? forward_bytes(d, 1) : backward_bytes(d);
+    static size_t shared_bytes(Pass pass, int d) {  // the least a block needs
+        return pass == FORWARD ? forward_bytes(d, WARP_TILES) : backward_bytes(d);
     }
     static long long scratch_floats(Pass pass, int N, int) { return pass == FORWARD ? 0 : N; }
 
@@ -33,8 +37,9 @@ struct Version {
             return "version 2 takes Br a multiple of 4 and Bc = 16, 32 or 64; these kernels have Br = " +
                    std::to_string(Br) + ", Bc = " + std::to_string(Bc);
         constexpr int tile_threads = flash2::TILE_THREADS;
-        int G = thread_groups(flash2::forward, c, Br, tile_threads, forward_bytes, 128);
-        while (G * tile_threads % 32 != 0) ++G;
+        // as many tiles as fit, in whole warps (shared_bytes: WARP_TILES of them fit, checked before)
+        const int fit = thread_groups(flash2::forward, c, Br, tile_threads, forward_bytes, 128);
+        const int G = std::max(fit / WARP_TILES, 1) * WARP_TILES;
         return launch("flash2::forward", flash2::forward, dim3(ceil_div(c.N, G * Br), c.BH), G * tile_threads,
                       forward_bytes(c.d, G), c, c.Q, c.K, c.V, c.N, c.d, c.scale, c.causal, c.O, c.L);
     }

@@ -105,6 +105,23 @@ def test_a_pass_that_does_not_exist_is_an_error():
     assert "pass 'sideways'" in mf.load_kernels("cpu", 1).run("sideways", False, 1.0, q, q, q, q, q[..., 0])
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["fixed", "varlen"])
+def test_a_double_backward_is_an_error_not_a_zero(varlen, generator):
+    """The kernels' gradients have no derivative of their own: under create_graph (a gradient penalty) they
+    must not pass for constants (the penalty's own gradient silently lost); differentiating them raises."""
+    if varlen:
+        q, k, v = (torch.randn(20, 2, 64, generator=generator).bfloat16().requires_grad_() for _ in range(3))
+        cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+        out = mf.flash_attn_varlen_func(q, k, v, cu, cu, 13, 13)
+    else:
+        q, k, v = (torch.randn(1, 2, 20, 32, generator=generator).requires_grad_() for _ in range(3))
+        out = mf.flash_attention(q, k, v, causal=True)
+    dq, = torch.autograd.grad(out.float().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="gradients .* have no derivative of their own: a double backward"):
+        (dq.float() ** 2).sum().backward()
+    assert torch.equal(dq, torch.autograd.grad(out.float().sum(), q, retain_graph=True)[0])  # (the same values)
+
+
 def test_the_other_packed_functions(generator):
     """flash_attn_kvpacked_func, flash_attn_varlen_qkvpacked_func, flash_attn_varlen_kvpacked_func: the same
     as flash_attn_func and flash_attn_varlen_func on the unpacked tensors, to the bit, gradients included

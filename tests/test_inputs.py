@@ -216,6 +216,22 @@ def test_version_1_names_the_block_sizes_it_takes(Br, Bc, message):
         mf.flash_attention(*qkv(), Br=Br, Bc=Bc, version=1)
 
 
+def test_version_2_blocks_are_whole_warps_of_tiles(generator):
+    """A block of version 2 is whole warps of tiles of Br / 4 x Bc / 8 threads: tiles of 510 threads would
+    take 8160 (refused by the rule, before anything is built); tiles of 18 run 16 to a block (right), and
+    tiles of 50 need 16 to a block, whose shared memory at d = 24 is more than there is (refused naming
+    Br, Bc and d; both used to fail at launch with a message that named none of them)."""
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="Br = 1020, Bc = 16: a tile of version 2 takes .* 510 threads, and a "
+                                         "block whole warps of tiles, here 8160 threads, more than 1024"):
+        mf.forward(q, k, v, Br=1020, Bc=16, version=2)
+    q, k, v = (torch.randn(1, 2, 50, 64, generator=generator) for _ in range(3))
+    assert rel_err(mf.forward(q, k, v, Br=36, Bc=16, version=2)[0], reference(q, k, v, False)[0]) < TOL
+    q, k, v = (torch.randn(1, 1, 23, 24, generator=generator) for _ in range(3))
+    with pytest.raises(ValueError, match=r"head dim d = 24 needs \d+ bytes .* with Br = 100, Bc = 16"):
+        mf.forward(q, k, v, Br=100, Bc=16, version=2)
+
+
 @pytest.mark.parametrize("Br,Bc", [(32, 48), (30, 32), (32, 8)])
 def test_version_2_names_the_block_sizes_it_takes(Br, Bc):
     """Version 2's forward gives each thread 4 rows by 8 keys and the Bc / 8 threads of a row
@@ -267,6 +283,15 @@ def test_empty_sizes_give_empty_results(shape):
     q, k, v = [torch.randn(shape) for _ in range(3)]
     O, L = mf.forward(q, k, v)
     assert O.shape == shape and L.shape == shape[:3]
+
+
+def test_queries_of_no_head_give_keys_no_gradient():
+    """q of 0 heads beside k, v of 2 (a group of 0 each): no query sees a key, so dK = dV = 0 (they were
+    left as allocated)."""
+    q = torch.randn(1, 0, 8, 64, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 8, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    mf.flash_attention(q, k, v).sum().backward()
+    assert q.grad.shape == q.shape and not k.grad.any() and not v.grad.any()
 
 
 @MATRIX
