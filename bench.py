@@ -55,6 +55,9 @@ work the mask keeps (4 B H d a kept pair forward, 2.5 times that backward). It w
 
 Without a GPU the same code runs on the CPU emulation of the kernels at small sizes; those times
 say nothing about GPU speed.
+
+One mode at a time (--sweep, --decode, --varlen, --mods or --replot); an option that the mode given
+does not read is refused, saying which modes read it, as is a size or count out of range.
 """
 
 import argparse
@@ -80,6 +83,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # How far a method may be from manual attention in the same dtype (relative error) before the
 # sweep calls it wrong: fp32 agrees to rounding; bf16 keeps 8 bits of mantissa, fp16 11.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# How far manual attention and SDPA may be from float64 in fp32 when --tf32 lets their matmuls round
+# their inputs to TF32 (10 bits of mantissa: about 1e-3 relative error); our kernels stay plain fp32.
+TF32_TOLERANCE = 1e-2
 
 
 def versions_for(dtype):
@@ -95,111 +101,234 @@ SWEEP_CPU = {16: (1, 2), 33: (1, 2), 64: (1, 2), 128: (1, 2)}
 PASSES = ("forward", "backward")
 
 
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+# The modes besides the default run, each chosen by its own flag (at most one), and which of them read
+# each option. An option given in a mode that does not read it is a usage error: that run would do
+# something other than what was asked, without a word. --cpu, --no-profile and --tf32 are not in the
+# table: where they do not apply they change nothing, and their help says so.
+MODES = ("sweep", "decode", "varlen", "mods", "replot")
+TIMED = ("sweep", "decode", "varlen", "mods")  # the modes that time with --seconds and write to --out
+OPTION_MODES = {"-B/--batch": ("default", *TIMED), "-H/--heads": ("default", *TIMED),
+                "-N/--seq-len": ("default", "sweep", "mods"), "-d/--head-dim": ("default", *TIMED),
+                "--br": ("default", "sweep"), "--bc": ("default", "sweep"), "--causal": ("default", "sweep"),
+                "--dtype": ("default", *TIMED), "--version": ("default", "mods"),
+                "--warmup": ("default", *TIMED), "--repeats": ("default", *TIMED), "--min-repeats": TIMED,
+                "--seconds": TIMED, "--methods": TIMED, "--out": TIMED, "--context": ("decode",),
+                "--heads-k": ("decode", "varlen"), "--lengths": ("varlen",)}
+
+
+def mode_name(mode):
+    return "the default run" if mode == "default" else f"--{mode}"
+
+
+def at_least(low):
+    """An argparse type: a whole number, at least `low` (a size or a count), else a usage error saying so."""
+    def whole_number(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+    return whole_number
+
+
+def positive_seconds(text):
+    """An argparse type: a finite number of seconds above 0 (a budget of time to time calls in)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
+    return value
+
+
+class Distinct(argparse.Action):
+    """Stores the option's values (nargs="+"), each given once: a size given twice would be measured twice,
+    and a table line per size would show one of the two. Refused, not dropped, so that what runs is what
+    was written."""
+    def __call__(self, parser, namespace, values, option_string=None):
+        twice = [value for i, value in enumerate(values) if value in values[:i]]
+        if twice:
+            parser.error(f"argument {'/'.join(self.option_strings)}: {twice[0]} given twice; give each once")
+        setattr(namespace, self.dest, values)
+
+
+def or_default(value, default):
+    """value, or default where value is None (not given). Not `value or default`, which would also
+    replace a given 0."""
+    return default if value is None else value
+
+
+def version_methods(version):
+    """The sweep's methods of our kernels' `version`: its own, and the deterministic mode where that is a
+    mode of its own (a different backward)."""
+    name = method_name(version)
+    return [name, *([name + "-deterministic"] if mf.VERSIONS[version].deterministic_mode else [])]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-B", "--batch", type=int, nargs="+", default=None,
-                   help="batch size (default: per mode); --decode takes several")
-    p.add_argument("-H", "--heads", type=int, default=None, help="heads (default: per mode)")
-    p.add_argument("-N", "--seq-len", type=int, nargs="+", default=None, help="one or more sequence lengths")
-    p.add_argument("-d", "--head-dim", type=int, default=None, help="head dim (default 64 on a GPU, 32 on the CPU)")
-    p.add_argument("--br", type=int, default=None, help="query rows per tile, Br, of versions 1 and 2 (default 32)")
-    p.add_argument("--bc", type=int, default=None, help="keys per tile, Bc, of versions 1 and 2 (default 32)")
-    p.add_argument("--causal", action="store_true")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="fp32 (versions 1 and 2), or bf16 / fp16 (version 3, tensor cores); default fp32 "
-                        "(--decode: bf16)")
-    p.add_argument("--version", type=int, default=None, choices=list(mf.VERSIONS),
-                   help="our kernels in the default run (default: what flash_attention picks for the dtype): " + ", ".join(
-                       f"{n} = {v.name} ({', '.join(v.kernels)})" for n, v in mf.VERSIONS.items()))
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10 on a GPU, 2 on the CPU)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per method, at most (default 200 / 10)")
-    p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
-    p.add_argument("--cpu", action="store_true", help="use the CPU emulation even if there is a GPU")
-    p.add_argument("--sweep", action="store_true", help="sweep N, with SDPA too; write a table, CSV and plots")
-    p.add_argument("--decode", action="store_true",
-                   help="time one decode step over a KV cache (flash_attn_with_kvcache, SDPA, manual); write a "
-                        "table and decode.csv")
-    p.add_argument("--context", type=int, nargs="+", default=None,
-                   help="--decode: cache lengths (default 1024 to 131072 on a GPU, 64 and 300 on the CPU)")
-    p.add_argument("--heads-k", type=int, default=None, help="--decode: key/value heads (default 8; -H: 32)")
-    p.add_argument("--out", type=Path, default=Path("bench-results"),
-                   help="where --sweep, --decode, --varlen and --mods write (default bench-results)")
-    p.add_argument("--seconds", type=float, default=2.0,
-                   help="--sweep, --decode, --varlen, --mods: timed seconds per method and pass, at most; fewer "
-                        "repeats for slow ones")
-    p.add_argument("--min-repeats", type=int, default=5,
-                   help="--sweep, --decode, --varlen, --mods: timed calls per method, at least")
+    positive = at_least(1)
+    p.add_argument("-B", "--batch", type=positive, nargs="+", action=Distinct,
+                   help="batch size (default: 16 on a GPU, 2 on the CPU; --sweep: per N; the modes' own below); "
+                        "--decode takes several, each once")
+    p.add_argument("-H", "--heads", type=positive,
+                   help="query heads (default: 12 on a GPU, 4 on the CPU; --sweep: per N; --decode: 32; "
+                        "--varlen, --mods: below)")
+    p.add_argument("-N", "--seq-len", type=positive, nargs="+", action=Distinct,
+                   help="sequence lengths, each once (default: 64; --sweep: 64 to 16384 on a GPU, 16 to 128 on the "
+                        "CPU; --mods: one, below)")
+    p.add_argument("-d", "--head-dim", type=positive,
+                   help="head dim (default: 64 on a GPU, 32 on the CPU; --decode: 128, a multiple of 8 up to 256; "
+                        "--varlen, --mods: 128 on a GPU, 64 on the CPU)")
+    p.add_argument("--br", type=int, help="the default run and --sweep: query rows per tile, Br, of versions 1 and 2 "
+                   "(default 32, or MINIMAL_FLASH_BR where set)")
+    p.add_argument("--bc", type=int, help="the default run and --sweep: keys per tile, Bc, of versions 1 and 2 "
+                   "(default 32, or MINIMAL_FLASH_BC where set)")
+    p.add_argument("--causal", action="store_true",
+                   help="the default run and --sweep (--varlen and --mods are causal always, --decode never)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="fp32 (versions 1 and 2), or bf16 / fp16 (versions 3 and 4, tensor cores); default fp32; "
+                        "--decode, --varlen and --mods: bf16 (they take bf16 or fp16 only)")
+    p.add_argument("--version", type=int, choices=list(mf.VERSIONS),
+                   help="our kernels in the default run and --mods (default: what flash_attention picks for the "
+                        "dtype and d: 2 for fp32; 4 on a Hopper GPU up to d = 128, else 3, for bf16 and fp16; --mods: "
+                        "3 or 4). --sweep times every version for the dtype (--methods chooses); --decode and --varlen "
+                        "run version 3's build. " + ", ".join(
+                            f"{n} = {v.name} ({', '.join(v.kernels)})" for n, v in mf.VERSIONS.items()))
+    p.add_argument("--warmup", type=at_least(0), help="untimed calls first (default 10 on a GPU, 2 on the CPU)")
+    p.add_argument("--repeats", type=positive,
+                   help="timed calls per method (default 200 on a GPU, 10 on the CPU, or --min-repeats where that is "
+                        "more); in the modes that take --seconds, at most")
+    p.add_argument("--no-profile", action="store_true",
+                   help="the default run: skip the torch.profiler tables (the other modes never profile)")
+    p.add_argument("--cpu", action="store_true",
+                   help="use the CPU emulation even if there is a GPU (--replot: ignored, it runs nothing)")
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--sweep", action="store_true", help="sweep N, with SDPA too; write a table, CSV and plots")
+    modes.add_argument("--decode", action="store_true",
+                       help="time one decode step over a KV cache (flash_attn_with_kvcache, SDPA, manual); write a "
+                            "table and decode.csv. -B (default 1 8 64; 1 2 on the CPU), --context, -H (default 32), "
+                            "--heads-k, -d (default 128), --dtype (bf16 or fp16; default bf16), --methods, "
+                            "--seconds, --min-repeats, --warmup, --repeats, --out apply")
+    p.add_argument("--context", type=positive, nargs="+", action=Distinct,
+                   help="--decode: cache lengths, each once (default 1024 to 131072 on a GPU, 64 and 300 on the CPU)")
+    p.add_argument("--heads-k", type=positive,
+                   help="--decode and --varlen: key/value heads, each shared by -H / --heads-k query heads "
+                        "(default 8; --varlen on the CPU: 2)")
+    p.add_argument("--out", type=Path,
+                   help="where --sweep, --decode, --varlen and --mods write (default bench-results); made before "
+                        "anything is measured")
+    p.add_argument("--seconds", type=positive_seconds,
+                   help="--sweep, --decode, --varlen, --mods: timed seconds per method and pass, at most (default 2); "
+                        "fewer repeats for slow ones")
+    p.add_argument("--min-repeats", type=positive,
+                   help="--sweep, --decode, --varlen, --mods: timed calls per method, at least (default 5, or "
+                        "--repeats where that is fewer); at most --repeats")
     p.add_argument("--methods", nargs="+", metavar="NAME",
-                   help="--sweep: only these of manual, minimal-flash (version 1), minimal-flash2, ... (the versions "
-                        "for the dtype), sdpa (every SDPA backend timed) or one of them, e.g. sdpa-cudnn "
-                        "(default: all); --decode: of manual, minimal-flash, minimal-flash-paged, sdpa-flash, "
-                        "sdpa-cudnn; --mods: of minimal-flash3 or 4, its version's (with the mod; and minimal-flash3-no-mod), "
-                        "flex-attention")
-    p.add_argument("--replot", type=Path, metavar="CSV",
-                   help="only redraw the plots of a sweep.csv (GPU or CPU, as the file says), beside it")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 in manual attention's and SDPA's matmuls "
-                   "(our kernels are plain fp32 either way)")
-    p.add_argument("--varlen", action="store_true",
-                   help="time a causal prefill of sequences of different lengths, packed (flash_attn_varlen_func) "
-                        "and padded (flash_attention, SDPA), version 3; write a table and varlen.csv. -B: the "
-                        "sequences (default 8; 3 on the CPU), --lengths, -H, --heads-k (default 32 and 8; 4 and 2 "
-                        "on the CPU), -d (default 128; 64 on the CPU), --dtype, --seconds, --min-repeats apply")
-    p.add_argument("--lengths", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="only these methods, by their exact names (default: all): --sweep: manual, minimal-flash "
+                        "(version 1), minimal-flash2, ... (the versions for the dtype; minimal-flash4-deterministic), "
+                        "sdpa (every SDPA backend timed) or one of them, e.g. sdpa-cudnn; --decode: manual, "
+                        "minimal-flash, minimal-flash-paged, sdpa-flash, sdpa-cudnn; --varlen: "
+                        "minimal-flash3-varlen, minimal-flash3-padded, sdpa or one of its backends; --mods: "
+                        "minimal-flash3 or 4 (--version's, with the mod), minimal-flash3-no-mod (or 4), flex-attention")
+    modes.add_argument("--replot", type=Path, metavar="CSV",
+                       help="only redraw the plots of a sweep.csv (GPU or CPU, as the file says), beside it")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 in manual attention's and SDPA's matmuls in fp32 "
+                   f"(then held to {TF32_TOLERANCE:g}; our kernels are plain fp32 either way); in bf16 and fp16, and "
+                   "so in --decode, --varlen and --mods, it changes nothing")
+    modes.add_argument("--varlen", action="store_true",
+                       help="time a causal prefill of sequences of different lengths, packed (flash_attn_varlen_func) "
+                            "and padded (flash_attention, SDPA), version 3; write a table and varlen.csv. -B: the "
+                            "sequences (default 8; 3 on the CPU), --lengths, -H, --heads-k (default 32 and 8; 4 and 2 "
+                            "on the CPU), -d (default 128; 64 on the CPU; up to 256), --dtype (bf16 or fp16; default "
+                            "bf16), --methods, --seconds, --min-repeats, --warmup, --repeats, --out apply")
+    p.add_argument("--lengths", type=positive, nargs=2, metavar=("MIN", "MAX"),
                    help="--varlen: the sequences' lengths are drawn from MIN to MAX (default 512 8192; 1 130 on "
                         "the CPU)")
-    p.add_argument("--mods", action="store_true",
-                   help="time chapter 6's mods (causal as a mask_mod, a sliding window, softcap, ALiBi) on version "
-                        "3's or 4's kernels (--version; default: the default version), against the same kernels without the mod and FlexAttention; write a table and "
-                        "mods.csv. -B, -H, -N (one), -d (default 4, 16, 4096, 128; 1, 2, 128, 64 on the CPU), "
-                        "--dtype, --methods, --seconds, --min-repeats apply")
+    modes.add_argument("--mods", action="store_true",
+                       help="time chapter 6's mods (causal as a mask_mod, a sliding window, softcap, ALiBi) on version "
+                            "3's or 4's kernels (--version; default: the default version), against the same kernels "
+                            "without the mod and FlexAttention; write a table and mods.csv. -B, -H, -N (one), -d "
+                            "(default 4, 16, 4096, 128; 1, 2, 128, 64 on the CPU), --dtype (bf16 or fp16; default "
+                            "bf16), --methods, --seconds, --min-repeats, --warmup, --repeats, --out apply")
     args = p.parse_args(argv)
+    mode = next((m for m in MODES if getattr(args, m) not in (None, False)), "default")
+    for flag, applies in OPTION_MODES.items():  # each option given only where it is read
+        if getattr(args, flag.split("/")[-1][2:].replace("-", "_")) not in (None, False) and mode not in applies:
+            p.error(f"{flag} applies to {mf._one_of([mode_name(m) for m in applies])}, not {mode_name(mode)}")
+    gpu = torch.cuda.is_available() and not args.cpu
     if args.mods:  # the mods are compiled into the kernels of versions 3 and 4, in half precision
         if args.version not in (None, *MODS_VERSIONS) or args.dtype == "fp32":
             p.error("--mods: the mods are compiled into the kernels of versions 3 and 4, bf16 or fp16; give "
                     "--version 3, 4 or none, and --dtype bf16, fp16 or none")
-        sizes = MODS_GPU if torch.cuda.is_available() and not args.cpu else MODS_CPU
-        args.dtype = args.dtype or "bf16"
-        args.heads, args.head_dim = args.heads or sizes["heads"], args.head_dim or sizes["d"]
-        args.seq_len = args.seq_len or [sizes["N"]]
+        sizes = MODS_GPU if gpu else MODS_CPU
+        args.heads, args.head_dim = or_default(args.heads, sizes["heads"]), or_default(args.head_dim, sizes["d"])
+        args.seq_len = or_default(args.seq_len, [sizes["N"]])
         if len(args.seq_len) > 1:
             p.error("--mods: one sequence length")
     if args.varlen:  # flash_attn_varlen_func runs version 3's kernels, in half precision
-        if args.version not in (None, 3):
-            p.error("--varlen: flash_attn_varlen_func runs version 3's kernels; give --version 3 or none")
-        sizes = VARLEN_GPU if torch.cuda.is_available() and not args.cpu else VARLEN_CPU
-        args.version, args.dtype = 3, args.dtype or "bf16"
-        args.heads, args.heads_k = args.heads or sizes["heads"], args.heads_k or sizes["heads_k"]
-        args.head_dim, args.lengths = args.head_dim or sizes["d"], args.lengths or sizes["lengths"]
+        sizes = VARLEN_GPU if gpu else VARLEN_CPU
+        args.heads, args.heads_k = or_default(args.heads, sizes["heads"]), or_default(args.heads_k, sizes["heads_k"])
+        args.head_dim, args.lengths = or_default(args.head_dim, sizes["d"]), or_default(args.lengths, sizes["lengths"])
+        if args.head_dim > max(mf.VERSIONS[3].head_dims):
+            p.error(f"--varlen: -d {args.head_dim}: version 3's kernels take d up to {max(mf.VERSIONS[3].head_dims)}")
         if args.heads % args.heads_k:
             p.error("--varlen: -H must be a multiple of --heads-k (each key/value head serves a group of query heads)")
-        if not 1 <= args.lengths[0] <= args.lengths[1]:
+        if not args.lengths[0] <= args.lengths[1]:
             p.error(f"--lengths {args.lengths[0]} {args.lengths[1]}: 1 <= MIN <= MAX")
-    args.dtype = DTYPES[args.dtype or ("bf16" if args.decode else "fp32")]
-    if args.batch and not args.decode:  # the other modes take one batch size
+    if args.decode:  # flash_attn_with_kvcache's kernels, in version 3's build: half precision
+        args.head_dim = or_default(args.head_dim, 128)
+        if not mf.decode_takes_head_dim(args.head_dim):
+            p.error(f"--decode: -d {args.head_dim}: the decode kernels take a multiple of 8 up to "
+                    f"{max(mf.DECODE_HEAD_DIMS)}")
+        if or_default(args.heads, DECODE_HEADS) % or_default(args.heads_k, DECODE_HEADS_K):
+            p.error("--decode: -H must be a multiple of --heads-k (each key/value head serves a group of query heads)")
+    if args.dtype == "fp32" and (args.decode or args.varlen):
+        p.error(f"--{mode}: version 3's kernels take bf16 or fp16; give --dtype bf16, fp16 or none")
+    args.dtype = DTYPES[args.dtype or ("fp32" if mode in ("default", "sweep") else "bf16")]
+    if args.batch is not None and not args.decode:  # the other modes take one batch size
         if len(args.batch) > 1:
             p.error("-B/--batch: one batch size, except with --decode")
         args.batch = args.batch[0]
-    if args.decode and (args.heads or DECODE_HEADS) % (args.heads_k or DECODE_HEADS_K):
-        p.error("--decode: -H must be a multiple of --heads-k (each key/value head serves a group of query heads)")
-    args.device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    if args.version is None:
+    args.device = "cuda" if gpu else "cpu"
+    if args.decode or args.varlen:
+        args.version = 3  # their kernels are version 3's build
+    elif args.version is None:
         args.version = mf.default_version(args.dtype, args.device, args.head_dim)
     elif args.version not in versions_for(args.dtype):
         p.error(f"version {args.version} does not take {args.dtype}: versions {versions_for(args.dtype)} do")
-    try:  # the block sizes of each version that runs, checked with its own rule, and kept
-        versions = versions_for(args.dtype) if args.sweep else [args.version]
+    # The block sizes of each of our versions that will run, checked with its own rule, and kept: in the
+    # sweep, those of the methods asked for.
+    versions = [args.version] if mode == "default" else [] if not args.sweep else [
+        v for v in versions_for(args.dtype) if not args.methods or set(version_methods(v)) & set(args.methods)]
+    if not versions and (args.br is not None or args.bc is not None):
+        p.error("--br/--bc: none of the methods asked for is one of our versions 1 and 2, which take block sizes")
+    try:
         args.block_sizes = {v: mf.block_sizes(v, args.br, args.bc) for v in versions}
-    except ValueError as error:
+    except (ValueError, TypeError) as error:  # TypeError: a MINIMAL_FLASH_BR / _BC that is not a number
         p.error(str(error))
-    refusal = None if args.sweep else version_refusal(args.version, args.device)
+    refusal = version_refusal(args.version, args.device) if mode in ("default", "mods") else None
     if refusal:  # the sweep leaves such a version out instead, and says so
         p.error(f"version {args.version}: {refusal}")
     if args.mods and args.head_dim not in mf.VERSIONS[args.version].head_dims:
         p.error(f"--mods: version {args.version} takes d = {mf._one_of(mf.VERSIONS[args.version].head_dims)}")
-    gpu = args.device == "cuda"
-    args.head_dim = args.head_dim or (128 if args.decode else 64 if gpu else 32)
-    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
-    args.repeats = args.repeats or (200 if gpu else 10)
+    args.head_dim = or_default(args.head_dim, 64 if gpu else 32)
+    args.warmup = or_default(args.warmup, 10 if gpu else 2)
+    # --repeats and --min-repeats: both given, they must agree; one given, the other's default yields to it.
+    if args.repeats is not None and args.min_repeats is not None and args.repeats < args.min_repeats:
+        p.error(f"--repeats {args.repeats} is fewer than --min-repeats {args.min_repeats}")
+    args.min_repeats = or_default(args.min_repeats, min(5, or_default(args.repeats, 5)))
+    args.repeats = or_default(args.repeats, max(200 if gpu else 10, args.min_repeats))
+    args.seconds = or_default(args.seconds, 2.0)
+    if mode in TIMED:
+        args.out = or_default(args.out, Path("bench-results"))
     return args
 
 
@@ -235,10 +364,11 @@ def grads_err(grads, refs):
     return mf.relative_error(torch.cat([g.flatten() for g in grads]), torch.cat([r.flatten() for r in refs]))
 
 
-def check(methods, q, k, v, dO, causal):
+def check(methods, q, k, v, dO, causal, tf32=()):
     """Relative errors of each method's O and dQ, dK, dV against float64 manual attention, printed;
-    returns {method: (O error, gradients' error)}. In bf16 or fp16 a method may be off by up to twice
-    what manual attention in the same dtype is (the official FlashAttention tests' rule)."""
+    returns {method: (O error, gradients' error)}. In fp32 a method may be off by 1e-4, one of `tf32`
+    (the methods whose matmuls --tf32 lets round to TF32) by TF32_TOLERANCE; in bf16 or fp16 by up to
+    twice what manual attention in the same dtype is (the official FlashAttention tests' rule)."""
     q64, k64, v64 = (t.double() for t in (q, k, v))
     ref_O = mf.manual_attention(q64, k64, v64, causal=causal)
     ref_grads = gradients(plain_attention, q64, k64, v64, dO.double(), causal)()
@@ -248,8 +378,12 @@ def check(methods, q, k, v, dO, causal):
         err_grads = grads_err(gradients(fn, q, k, v, dO, causal)(), ref_grads)
         print(f"  {name}: relative error vs float64: O {err_O:.1e}, dQ, dK, dV {err_grads:.1e}")
         errors[name] = (err_O, err_grads)
-    limit = 1e-4 if q.dtype == torch.float32 else 2 * max(errors["manual"])
-    assert all(max(e) <= limit for e in errors.values()), "the methods disagree with float64 attention"
+
+    def limit(name):
+        if q.dtype != torch.float32:
+            return 2 * max(errors["manual"])
+        return TF32_TOLERANCE if name in tf32 else 1e-4
+    assert all(max(e) <= limit(name) for name, e in errors.items()), "the methods disagree with float64 attention"
     return errors
 
 
@@ -308,7 +442,8 @@ def run_profile(args):
     """The default run: value check, timing, profiler tables (first N only), then the timing table."""
     device = args.device
     Br, Bc = args.block_sizes[args.version]
-    B, H = args.batch or (16 if device == "cuda" else 2), args.heads or (12 if device == "cuda" else 4)
+    gpu = device == "cuda"
+    B, H = or_default(args.batch, 16 if gpu else 2), or_default(args.heads, 12 if gpu else 4)
     methods = {"manual": plain_attention,
                "flash": lambda q, k, v, causal: mf.flash_attention(q, k, v, causal=causal, Br=Br, Bc=Bc,
                                                                     version=args.version)}
@@ -316,13 +451,14 @@ def run_profile(args):
     print(f"B={B} H={H} d={args.head_dim}{sizes} causal={args.causal} version={args.version} "
           f"dtype={str(args.dtype).removeprefix('torch.')}")
     rows = []
-    seq_lens = args.seq_len or [64]
+    seq_lens = or_default(args.seq_len, [64])
     for N in seq_lens:
         shape = (B, H, N, args.head_dim)
         inputs = random_inputs(shape, device, input_sets(shape, device, args.dtype), args.dtype)
         print(f"\nN={N}: {len(inputs)} set(s) of q, k, v, dO, "
               f"{4 * math.prod(shape) * args.dtype.itemsize / 2**20:.1f} MiB each")
-        errors = check(methods, *inputs[0], args.causal)  # also compiles the kernels, untimed
+        # also compiles the kernels, untimed; under --tf32 manual attention is only TF32-accurate
+        errors = check(methods, *inputs[0], args.causal, tf32=("manual",) if args.tf32 else ())
         forward_calls = {name: [lambda fn=fn, q=q, k=k, v=v: fn(q, k, v, args.causal) for q, k, v, _ in inputs]
                          for name, fn in methods.items()}
         backward_calls = {name: [gradients(fn, *qkv_dO, args.causal) for qkv_dO in inputs]
@@ -471,30 +607,31 @@ def sweep_methods(args):
     runs here (the paper's loop order, FlashAttention-2's, ...; forward and backward), SDPA on each
     backend sdpa_backends gives, pinned."""
     def ours(version, deterministic=False):
-        Br, Bc = args.block_sizes[version]
-        return lambda q, k, v, causal: mf.flash_attention(q, k, v, causal=causal, Br=Br, Bc=Bc, version=version,
-                                                          deterministic=deterministic)
+        def call(q, k, v, causal):  # the block sizes parse_args checked: only for the versions --methods chose
+            Br, Bc = args.block_sizes[version]
+            return mf.flash_attention(q, k, v, causal=causal, Br=Br, Bc=Bc, version=version,
+                                      deterministic=deterministic)
+        return call
 
-    versions = sweep_versions(args)
     # A version whose deterministic=True is a mode of its own (a different backward) is timed in it too.
-    deterministic = {method_name(v) + "-deterministic": ours(v, True) for v in versions
-                     if getattr(mf.VERSIONS[v], "deterministic_mode", False)}
+    ours_methods = {name: ours(v, name.endswith("-deterministic"))
+                    for v in sweep_versions(args) for name in version_methods(v)}
     backends = sdpa_backends(args.device, args.causal, args.dtype, args.head_dim)
-    return {"manual": plain_attention, **{method_name(v): ours(v) for v in versions}, **deterministic,
-            **{sdpa_name(b): sdpa_pinned(b) for b in backends}}
+    return {"manual": plain_attention, **ours_methods, **{sdpa_name(b): sdpa_pinned(b) for b in backends}}
 
 
 def chosen_methods(methods, names):
-    """The methods named in --methods ("sdpa" names every SDPA backend timed), all if none is."""
+    """The methods named in --methods, all if none is. Names are exact (minimal-flash is not also
+    minimal-flash-paged), but for "sdpa": every SDPA backend timed."""
     if not names:
         return methods
-    named = lambda method, name: method == name or method.startswith(name + "-")  # noqa: E731
-    unknown = [n for n in names if not any(named(m, n) for m in methods)]
+    sdpa = [m for m in methods if m.startswith("sdpa-")]
+    named = {m for name in names for m in (sdpa if name == "sdpa" else [name])}
+    unknown = [name for name in names if name not in methods and not (name == "sdpa" and sdpa)]
     if unknown:
-        sdpa = [m for m in methods if m.startswith("sdpa-")]
-        choices = ", ".join([m for m in methods if m not in sdpa] + [f"sdpa ({', '.join(sdpa)})"])
+        choices = ", ".join([m for m in methods if m not in sdpa] + ([f"sdpa ({', '.join(sdpa)})"] if sdpa else []))
         sys.exit(f"bench: unknown method {unknown[0]!r}; choose from {choices}")
-    return {m: fn for m, fn in methods.items() if any(named(m, n) for n in names)}
+    return {m: fn for m, fn in methods.items() if m in named}
 
 
 def flops(B, H, N, d, causal, pass_):
@@ -700,10 +837,35 @@ def plot_sweep(rows, out, gpu):
     return ["sweep_time.png", "sweep_memory.png"]
 
 
+# What plot_sweep reads of each row of a sweep's CSV.
+SWEEP_COLUMNS = ("N", "B", "H", "d", "method", "pass", "ms")
+
+
+def replot(path):
+    """--replot: the plots of a sweep's CSV, redrawn beside it, their paths said. A file that is not such a
+    CSV (missing, empty, another mode's, cut short) is a one-line error naming the problem."""
+    try:
+        rows = read_csv(path)
+    except OSError as error:
+        sys.exit(f"bench: --replot {path}: {error.strerror}")
+    except (csv.Error, ValueError) as error:  # ValueError: a number's cell that holds no number
+        sys.exit(f"bench: --replot {path}: not readable as a sweep's CSV: {error}")
+    except TypeError:  # a missing cell (None) where a number belongs
+        sys.exit(f"bench: --replot {path}: a row has fewer cells than the header: cut short?")
+    lacking = [column for column in SWEEP_COLUMNS if not any(column in row for row in rows)]
+    if not rows or lacking:
+        sys.exit(f"bench: --replot {path}: not a sweep's CSV (bench.py --sweep writes one): "
+                 + ("no rows" if not rows else f"no column {', '.join(lacking)}"))
+    if any(column not in row for row in rows for column in SWEEP_COLUMNS[:-1]):  # ms: not where a method was skipped
+        sys.exit(f"bench: --replot {path}: a row lacks one of {', '.join(SWEEP_COLUMNS[:-1])}: cut short?")
+    written = plot_sweep(rows, path.parent, gpu=any("extra_mib" in row for row in rows))
+    print(f"Wrote {', '.join(str(path.parent / name) for name in written)}")
+
+
 def run_sweep(args):
     sweep = SWEEP_GPU if args.device == "cuda" else SWEEP_CPU
-    points = [(N, *(sweep.get(N) or (1, 16))) for N in (args.seq_len or sweep)]
-    points = [(N, args.batch or B, args.heads or H) for N, B, H in points]
+    points = [(N, *sweep.get(N, (1, 16))) for N in or_default(args.seq_len, sweep)]
+    points = [(N, or_default(args.batch, B), or_default(args.heads, H)) for N, B, H in points]
     methods = chosen_methods(sweep_methods(args), args.methods)
     print(f"Sweep: d={args.head_dim}, causal={args.causal}, methods: {', '.join(methods)}; "
           f"at most {args.seconds:g} s of timed calls per method and pass, at least {args.min_repeats} calls")
@@ -715,7 +877,6 @@ def run_sweep(args):
         if args.device == "cuda":
             torch.cuda.empty_cache()  # the next point's memory count starts from a clean slate
 
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "sweep.csv")
     clock = "CUDA events" if args.device == "cuda" else "CPU clock, emulation"
     print(f"\nMedian ms ({clock}); {flop_unit(rows)[0]} of the work counted in flops(); "
@@ -725,7 +886,7 @@ def run_sweep(args):
     print(format_table(rows))
     written = plot_sweep(rows, args.out, gpu=args.device == "cuda")
     print(f"Wrote {', '.join(str(args.out / name) for name in ['sweep.csv', *written])}")
-    tolerance = 1e-2 if args.tf32 and args.dtype == torch.float32 else TOLERANCE[args.dtype]
+    tolerance = TF32_TOLERANCE if args.tf32 and args.dtype == torch.float32 else TOLERANCE[args.dtype]
     bad = [r for r in rows if not r.get("rel_err", 0) <= tolerance]  # NaN fails too
     if bad:
         sys.exit(f"bench: {len(bad)} results disagree with {bad[0]['checked_against']}, e.g. "
@@ -929,7 +1090,8 @@ def decode_memory_cap(device):
 def decode_point(B, N, methods, args, progress):
     """All methods at one (batch, context): rows of times, checked against float64; a method or the
     whole point that does not fit, or a backend that refuses, gets a row saying why."""
-    H, Hk, d, dtype = args.heads or DECODE_HEADS, args.heads_k or DECODE_HEADS_K, args.head_dim, args.dtype
+    H, Hk = or_default(args.heads, DECODE_HEADS), or_default(args.heads_k, DECODE_HEADS_K)
+    d, dtype = args.head_dim, args.dtype
     base = dict(batch=B, context=N, nheads=H, nheads_k=Hk, d=d, dtype=str(dtype).removeprefix("torch."))
     cache = 2 * B * N * Hk * d * dtype.itemsize  # k and v: what a step must read
     step_bytes = cache + 2 * B * H * d * dtype.itemsize  # and q, and out written
@@ -1001,7 +1163,7 @@ def format_decode_table(rows):
 
 def run_decode(args):
     grid = DECODE_GPU if args.device == "cuda" else DECODE_CPU
-    points = [(B, N) for B in args.batch or grid["batch"] for N in args.context or grid["context"]]
+    points = list(itertools.product(or_default(args.batch, grid["batch"]), or_default(args.context, grid["context"])))
     methods = chosen_methods(decode_methods(), args.methods)
     rows = ceilings(args)
     read, copy = (gb_per_s(r) for r in rows)
@@ -1011,7 +1173,6 @@ def run_decode(args):
         progress = lambda line, i=i: print(f"[{i + 1}/{len(points)}] {line}", file=sys.stderr, flush=True)
         rows += decode_point(B, N, methods, args, progress)
     bandwidth(rows, read, copy, args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "decode.csv", DECODE_FIELDS)
     clock = "CUDA events" if args.device == "cuda" else "CPU perf_counter: no graphs, and nothing about a GPU"
     print(f"\nMedian us ({clock}). graph: the step captured in a CUDA graph, GPU time; eager: the plain call; "
@@ -1104,7 +1265,7 @@ def varlen_flops(lengths, H, d, pass_):
 
 def run_varlen(args):
     device, dtype, H, Hk, d = args.device, args.dtype, args.heads, args.heads_k, args.head_dim
-    B = args.batch or (VARLEN_GPU if device == "cuda" else VARLEN_CPU)["batch"]
+    B = or_default(args.batch, (VARLEN_GPU if device == "cuda" else VARLEN_CPU)["batch"])
     lengths = varlen_lengths(B, *args.lengths)
     tokens, longest = sum(lengths), max(lengths)
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
@@ -1146,7 +1307,6 @@ def run_varlen(args):
         ours = next((r for r in rows if r["method"] == "minimal-flash3-padded" and r["pass"] == row["pass"]), {})
         if "ms" in row and "ms" in ours:
             row["x_padded"] = ours["ms"] / row["ms"]
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "varlen.csv", VARLEN_FIELDS)
     clock = "CUDA events" if device == "cuda" else "CPU clock, emulation: nothing about a GPU"
     print(f"\nMedian ms ({clock}); ns/token: over the {tokens} real tokens; {flop_unit(rows)[0]} of the real work "
@@ -1376,7 +1536,7 @@ def format_mods_table(rows):
 
 def run_mods(args):
     device, dtype, H, d, N = args.device, args.dtype, args.heads, args.head_dim, args.seq_len[0]
-    B = args.batch or (MODS_GPU if device == "cuda" else MODS_CPU)["batch"]
+    B = or_default(args.batch, (MODS_GPU if device == "cuda" else MODS_CPU)["batch"])
     shape = (B, H, N, d)
     inputs = random_inputs(shape, device, input_sets(shape, device, dtype), dtype)
     cases = mod_cases(N, H, device)
@@ -1397,7 +1557,6 @@ def run_mods(args):
             rows += mods_point(mod, names, inputs, args, progress)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "mods.csv", MODS_FIELDS)
     clock = "CUDA events" if device == "cuda" else "CPU clock, emulation: nothing about a GPU"
     unit = flop_unit(rows, ("tflops_fwd", "tflops_bwd"))[0]
@@ -1420,9 +1579,15 @@ def run_mods(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.out is not None:  # made first: a folder that cannot be made would lose a long run's results at its end
+        if args.out.exists() and not args.out.is_dir():
+            sys.exit(f"bench: --out {args.out} is not a folder")
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            sys.exit(f"bench: --out {args.out}: cannot make this folder: {error.strerror}")
     if args.replot:
-        rows = read_csv(args.replot)
-        print(f"Wrote {', '.join(plot_sweep(rows, args.replot.parent, gpu=any('extra_mib' in r for r in rows)))}")
+        replot(args.replot)
         return
     # An fp32 comparison: no TF32 in manual's and SDPA's matmuls unless asked for.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32

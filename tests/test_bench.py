@@ -17,7 +17,8 @@ from torch.nn.attention import SDPBackend
 
 import bench
 
-TINY = ["--cpu", "-B", "1", "-H", "2", "-d", "8", "--warmup", "1", "--repeats", "2", "--min-repeats", "2"]
+# (--min-repeats, which the default run does not read, is --repeats' 2: its default yields to a smaller --repeats)
+TINY = ["--cpu", "-B", "1", "-H", "2", "-d", "8", "--warmup", "1", "--repeats", "2"]
 
 
 def read_png(path):
@@ -561,3 +562,209 @@ def test_mods_takes_versions_3_and_4_in_half_precision():
                 ["-N", "64", "128"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--mods", "--cpu", *bad])
+
+
+# The command line: every input gets the right answer or a usage error naming the problem.
+MODE_ARGS = {"default": [], "sweep": ["--sweep"], "decode": ["--decode"], "varlen": ["--varlen"], "mods": ["--mods"],
+             "replot": ["--replot", "sweep.csv"]}
+
+
+def usage_error(capsys, *argv):
+    """parse_args(argv)'s usage error: argparse's exit status 2 and the message of its last line."""
+    with pytest.raises(SystemExit) as exit:
+        bench.parse_args(["--cpu", *argv])
+    assert exit.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--context", "5"], "--context applies to --decode, not the default run"),
+    (["--lengths", "5", "1"], "--lengths applies to --varlen, not the default run"),
+    (["--heads-k", "2"], "--heads-k applies to --decode or --varlen, not the default run"),
+    (["--methods", "bogus"], "--methods applies to --sweep, --decode, --varlen or --mods, not the default run"),
+    (["--seconds", "1"], "--seconds applies to --sweep, --decode, --varlen or --mods, not the default run"),
+    (["--decode", "-N", "999"], "-N/--seq-len applies to the default run, --sweep or --mods, not --decode"),
+    (["--decode", "--causal"], "--causal applies to the default run or --sweep, not --decode"),
+    (["--decode", "--version", "3"], "--version applies to the default run or --mods, not --decode"),
+    (["--decode", "--br", "64"], "--br applies to the default run or --sweep, not --decode"),
+    (["--varlen", "--context", "5"], "--context applies to --decode, not --varlen"),
+    (["--mods", "--heads-k", "1"], "--heads-k applies to --decode or --varlen, not --mods"),
+    (["--sweep", "--version", "1"], "--version applies to the default run or --mods, not --sweep"),
+    (["--replot", "x.csv", "--out", "y"], "--out applies to --sweep, --decode, --varlen or --mods, not --replot")])
+def test_an_option_given_where_it_is_not_read_is_a_usage_error(capsys, argv, said):
+    assert usage_error(capsys, *argv).endswith(f"error: {said}")
+
+
+# A valid value of each option of bench.OPTION_MODES, for the test below.
+VALUES = {"-B/--batch": ["1"], "-H/--heads": ["8"], "-N/--seq-len": ["128"], "-d/--head-dim": ["64"], "--br": ["32"],
+          "--bc": ["32"], "--causal": [], "--dtype": ["bf16"], "--version": ["3"], "--warmup": ["1"],
+          "--repeats": ["5"], "--min-repeats": ["2"], "--seconds": ["0.1"], "--methods": ["manual"],
+          "--out": ["out"], "--context": ["64"], "--heads-k": ["2"], "--lengths": ["1", "9"]}
+
+
+@pytest.mark.parametrize("mode", MODE_ARGS)
+def test_each_option_is_refused_exactly_in_the_modes_that_do_not_read_it(capsys, mode):
+    assert set(VALUES) == set(bench.OPTION_MODES)
+    for flag, applies in bench.OPTION_MODES.items():
+        try:
+            bench.parse_args(["--cpu", *MODE_ARGS[mode], flag.split("/")[-1], *VALUES[flag]])
+            said = ""
+        except SystemExit:  # (another rule may refuse the value in a mode that reads it: not this test's)
+            said = capsys.readouterr().err
+        assert (f"{flag} applies to" in said) == (mode not in applies), (flag, mode, said)
+
+
+@pytest.mark.parametrize("argv", [["--sweep", "--decode"], ["--mods", "--varlen"], ["--replot", "x.csv", "--sweep"]])
+def test_modes_are_mutually_exclusive(capsys, argv):
+    assert "not allowed with argument" in usage_error(capsys, *argv)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["-B", "0"], "argument -B/--batch: must be at least 1, not 0"),
+    (["-H", "0"], "argument -H/--heads: must be at least 1, not 0"),
+    (["-d", "0"], "argument -d/--head-dim: must be at least 1, not 0"),
+    (["-N", "-3"], "argument -N/--seq-len: must be at least 1, not -3"),
+    (["-N", "x"], "argument -N/--seq-len: 'x' is not a whole number"),
+    (["--repeats", "0"], "argument --repeats: must be at least 1, not 0"),
+    (["--warmup", "-1"], "argument --warmup: must be at least 0, not -1"),
+    (["--decode", "--heads-k", "0"], "argument --heads-k: must be at least 1, not 0"),
+    (["--decode", "--context", "0"], "argument --context: must be at least 1, not 0"),
+    (["--varlen", "--lengths", "0", "9"], "argument --lengths: must be at least 1, not 0"),
+    (["--sweep", "--min-repeats", "0"], "argument --min-repeats: must be at least 1, not 0"),
+    (["--sweep", "--seconds", "nan"], "argument --seconds: must be a finite number above 0, not nan"),
+    (["--sweep", "--seconds", "inf"], "argument --seconds: must be a finite number above 0, not inf"),
+    (["--sweep", "--seconds", "0"], "argument --seconds: must be a finite number above 0, not 0"),
+    (["--sweep", "--seconds", "-1"], "argument --seconds: must be a finite number above 0, not -1"),
+    (["--sweep", "--repeats", "2", "--min-repeats", "5"], "--repeats 2 is fewer than --min-repeats 5"),
+    (["--sweep", "-N", "16", "16"], "argument -N/--seq-len: 16 given twice; give each once"),
+    (["--decode", "--context", "64", "300", "64"], "argument --context: 64 given twice; give each once"),
+    (["--decode", "-B", "1", "1"], "argument -B/--batch: 1 given twice; give each once"),
+    (["--decode", "--dtype", "fp32"], "--decode: version 3's kernels take bf16 or fp16; give --dtype bf16, fp16 "
+                                      "or none"),
+    (["--decode", "-d", "100"], "--decode: -d 100: the decode kernels take a multiple of 8 up to 256"),
+    (["--decode", "-d", "264"], "--decode: -d 264: the decode kernels take a multiple of 8 up to 256"),
+    (["--varlen", "-d", "300"], "--varlen: -d 300: version 3's kernels take d up to 256"),
+    (["--sweep", "--methods", "manual", "sdpa", "--br", "8"], "--br/--bc: none of the methods asked for is one of our "
+                                                              "versions 1 and 2, which take block sizes")])
+def test_sizes_and_counts_out_of_range_are_usage_errors(capsys, argv, said):
+    assert usage_error(capsys, *argv).endswith(f"error: {said}")
+
+
+def test_repeats_and_min_repeats_yield_to_the_one_given():
+    # a default never overrides what was given, and a given 0 would never become a default
+    args = bench.parse_args(["--sweep", "--cpu", "--repeats", "3"])
+    assert (args.repeats, args.min_repeats) == (3, 3)
+    args = bench.parse_args(["--sweep", "--cpu", "--min-repeats", "20"])
+    assert (args.repeats, args.min_repeats) == (20, 20)
+    args = bench.parse_args(["--sweep", "--cpu"])
+    assert (args.repeats, args.min_repeats, args.seconds) == (10, 5, 2.0)
+    assert bench.or_default(0, 5) == 0 and bench.or_default(None, 5) == 5
+
+
+def test_block_sizes_are_checked_for_the_versions_that_run(capsys):
+    """Version 1 takes 8 x 8 tiles and version 2 does not: a sweep of version 1 alone takes them."""
+    args = bench.parse_args(["--sweep", "--cpu", "--methods", "manual", "minimal-flash", "--br", "8", "--bc", "8"])
+    assert args.block_sizes == {1: (8, 8)}
+    assert list(bench.chosen_methods(bench.sweep_methods(args), args.methods)) == ["manual", "minimal-flash"]
+    assert "version 2 gives each thread 4 rows" in usage_error(capsys, "--sweep", "--br", "8", "--bc", "8")
+
+
+def test_a_block_size_variable_that_is_not_a_number_is_a_usage_error(capsys, monkeypatch):
+    monkeypatch.setenv("MINIMAL_FLASH_BR", "abc")
+    assert usage_error(capsys).endswith("error: Br = 'abc' (from MINIMAL_FLASH_BR): a block size is a whole number")
+
+
+def test_methods_are_matched_by_their_exact_names(monkeypatch):
+    decode = bench.decode_methods()
+    assert list(bench.chosen_methods(decode, ["minimal-flash"])) == ["minimal-flash"]  # not also -paged
+    assert list(bench.chosen_methods(decode, ["sdpa"])) == ["sdpa-flash", "sdpa-cudnn"]
+    monkeypatch.setattr(bench, "sdpa_refusal", refusing({}))
+    sweep = bench.sweep_methods(gpu_args("--dtype", "bf16"))
+    assert list(bench.chosen_methods(sweep, ["minimal-flash4"])) == ["minimal-flash4"]  # not also -deterministic
+    mods = dict.fromkeys(bench.mods_method_names(3))
+    assert list(bench.chosen_methods(mods, ["minimal-flash3"])) == ["minimal-flash3"]  # not also -no-mod
+    # --mods times no SDPA: "sdpa" is not a name there, and the error offers only names that are
+    with pytest.raises(SystemExit) as exit:
+        bench.chosen_methods(mods, ["sdpa"])
+    assert str(exit.value) == ("bench: unknown method 'sdpa'; choose from minimal-flash3, minimal-flash3-no-mod, "
+                               "flex-attention")
+
+
+def test_decode_times_the_contiguous_cache_alone_when_asked(tmp_path):
+    bench.main([*DECODE, "--batch", "1", "--context", "64", "--methods", "minimal-flash", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "decode.csv")))
+    assert [r["method"] for r in rows if r["batch"]] == ["minimal-flash"] and float(rows[-1]["rel_err"]) < 1e-2
+
+
+def test_an_unusable_out_stops_the_run_before_anything_is_measured(tmp_path, monkeypatch):
+    runs = []
+    monkeypatch.setattr(bench, "run_sweep", lambda args: runs.append(args.out.is_dir()))
+    (tmp_path / "a_file").write_text("")
+    for out, said in ((tmp_path / "a_file", "is not a folder"), (tmp_path / "a_file" / "sub", "Not a directory")):
+        with pytest.raises(SystemExit, match=said):
+            bench.main(["--sweep", "--cpu", "--out", str(out)])
+    assert runs == []
+    bench.main(["--sweep", "--cpu", "--out", str(tmp_path / "new" / "folder")])
+    assert runs == [True]  # made before the run
+
+
+def sweep_csv(path):
+    """A small sweep.csv, as the sweep writes one (CPU: no memory)."""
+    rows = [dict(N=N, B=1, H=2, d=8, causal=False, method=m, **{"pass": p}, ms=0.5 * N, repeats=3)
+            for N in (16, 32) for m in ("manual", "minimal-flash") for p in bench.PASSES]
+    bench.write_csv(rows, path)
+    return path
+
+
+@pytest.mark.parametrize("text, said", [
+    (None, "No such file or directory"), ("", "no rows"), ("N,B,H\n", "no rows"),
+    ("batch,context,method\n1,64,manual\n", "not a sweep's CSV (bench.py --sweep writes one): no column N, B, H, d, "
+                                            "pass, ms"),
+    ("N,B,H,d,method,pass,ms\nabc,1,2,8,manual,forward,1\n", "invalid literal for int() with base 10: 'abc'"),
+    ("N,B,H,d,method,pass,ms\n16,1,2,8,manual,forward,1\n16,1,2\n", "fewer cells than the header: cut short?")])
+def test_replot_of_what_is_not_a_sweep_csv_is_a_one_line_error(tmp_path, text, said):
+    path = tmp_path / "sweep.csv"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--replot", str(path)])
+    assert str(exit.value).startswith(f"bench: --replot {path}: ") and said in str(exit.value)
+    assert not (tmp_path / "sweep_time.png").exists()
+
+
+def test_replot_says_where_it_wrote(tmp_path, capsys):
+    bench.main(["--replot", str(sweep_csv(tmp_path / "sweep.csv"))])
+    assert capsys.readouterr().out.splitlines()[-1] == f"Wrote {tmp_path / 'sweep_time.png'}"
+    assert read_png(tmp_path / "sweep_time.png").shape[0] > 200
+
+
+def test_with_tf32_manual_attention_is_held_to_tf32s_accuracy(monkeypatch):
+    """--tf32 rounds manual attention's fp32 matmuls to TF32 on a GPU (about 1e-3 relative error): the
+    default run's check holds it to TF32_TOLERANCE then, and our kernels to fp32's 1e-4 still. Here a
+    manual attention off by 1e-3 stands in (the CPU has no TF32)."""
+    q, k, v, dO = (torch.randn(1, 2, 16, 8) for _ in range(4))
+    tf32_manual = lambda q, k, v, causal: bench.plain_attention(q, k, v, causal) * (1 + 1e-3)  # noqa: E731
+    errors = bench.check({"manual": tf32_manual, "flash": bench.plain_attention}, q, k, v, dO, False, tf32=("manual",))
+    assert 5e-4 < max(errors["manual"]) < bench.TF32_TOLERANCE
+    with pytest.raises(AssertionError):  # fp32's limit for it without --tf32
+        bench.check({"manual": tf32_manual}, q, k, v, dO, False)
+    with pytest.raises(AssertionError):  # and for our kernels with it
+        bench.check({"manual": bench.plain_attention, "flash": tf32_manual}, q, k, v, dO, False, tf32=("manual",))
+    asked, check = [], bench.check
+    monkeypatch.setattr(bench, "check", lambda *args, **kwargs: asked.append(kwargs) or check(*args, **kwargs))
+    bench.main(["--tf32", "--no-profile", "--seq-len", "9", *TINY])
+    assert asked == [{"tf32": ("manual",)}]
+
+
+def test_help_says_each_modes_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line an option: argparse wraps at hyphens too
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    help = " ".join(capsys.readouterr().out.split())
+    for mode, d in (("decode", 128), ("varlen", 64), ("mods", 64)):  # the CPU's, said in the help
+        args = bench.parse_args([f"--{mode}", "--cpu"])
+        assert (args.dtype, args.head_dim) == (torch.bfloat16, d)
+    assert "--decode, --varlen and --mods: bf16" in help and "--decode: 128" in help
+    assert "--varlen: minimal-flash3-varlen, minimal-flash3-padded" in help
+    assert "our kernels in the default run and --mods" in help and "--decode and --varlen: key/value heads" in help
+    assert (bench.parse_args(["--decode", "--cpu"]).version, bench.parse_args(["--varlen", "--cpu"]).version) == (3, 3)
