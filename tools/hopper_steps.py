@@ -48,15 +48,20 @@ def step_kernels(step):
         os.environ.pop("TORCH_EXTENSIONS_DIR")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 4])
-    p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--seq-len", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--steps", type=int, nargs="+", choices=[1, 2, 3, 4], default=[1, 2, 3, 4])
+    p.add_argument("--dims", type=int, nargs="+", choices=mf.VERSIONS[4].head_dims, default=[64, 128])
+    p.add_argument("--seq-len", type=bench.at_least(1), nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")  # version 4's, as bench.py names them
     p.add_argument("--csv", type=Path, help="also write the points to this CSV")
-    args = p.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("hopper_steps.py times version 4's CUDA kernels: it needs a Hopper GPU")
+    refusal = mf.version_unavailable(4, "cuda")
+    if refusal:
+        sys.exit(f"hopper_steps.py: {refusal}")
+    dtype = bench.DTYPES[args.dtype]
     kernels = {step: step_kernels(step) for step in args.steps}
     rows = []
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}; TFLOP/s = 4 N^2 d B H "

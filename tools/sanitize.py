@@ -215,19 +215,32 @@ def check(function, *args, said=None, **kwargs):
     return thunk
 
 
-def checks(args):
-    """The checks that the arguments name, in order."""
-    chosen, mod_versions, decode = set(), {"mods": set(), "dropout": set()}, False
+def named(args):
+    """What the arguments name: (versions, {"mods": versions, "dropout": versions}, decode). An argument that
+    names nothing that runs (an unknown version, mods of a version without them) is a one-line error."""
+    versions, mod_versions, decode = set(), {"mods": set(), "dropout": set()}, False
+    usage = (f"a version ({', '.join(map(str, mf.VERSIONS))}), mods or dropout (of versions "
+             f"{', '.join(map(str, MOD_VERSIONS))}; mods:N, dropout:N for one), or decode")
     for a in args or [*map(str, mf.VERSIONS), "mods", "dropout"]:
-        name, _, version = a.partition(":")
+        name, colon, version = a.partition(":")
         if a == "decode":  # the decode kernels alone, with and without mods
             decode = True
-        elif name in mod_versions:
-            mod_versions[name] |= {int(version)} if version else set(MOD_VERSIONS)
+        elif name in mod_versions and not colon:
+            mod_versions[name] |= set(MOD_VERSIONS)
+        elif name in mod_versions and version in map(str, MOD_VERSIONS):
+            mod_versions[name].add(int(version))
+        elif a in map(str, mf.VERSIONS):
+            versions.add(int(a))
         else:
-            chosen.add(int(a))
+            sys.exit(f"sanitize.py: {a!r} names no checks: give {usage}")
+    return versions, mod_versions, decode
+
+
+def checks(args):
+    """The checks that the arguments name, in order."""
+    chosen_versions, mod_versions, decode = named(args)
     out = []
-    for version in sorted(chosen):
+    for version in sorted(chosen_versions):
         for dtype in mf.VERSIONS[version].dtypes:
             for (Br, Bc), N, d in cases(version):
                 for causal in (False, True):
@@ -236,9 +249,9 @@ def checks(args):
                         out.append(check(run_grouped, version, dtype, causal, N, d))
                     if mf.VERSIONS[version].strided:
                         out.append(check(run_views, version, dtype, causal, N, d))
-    if 3 in chosen or decode:  # chapter 5's decode kernels build with version 3
+    if 3 in chosen_versions or decode:  # chapter 5's decode kernels build with version 3
         out += run_decodes()
-    if 3 in chosen:  # and flash_attn_varlen_func
+    if 3 in chosen_versions:  # and flash_attn_varlen_func
         for dtype in mf.VERSIONS[3].dtypes:
             for d, causal, lengths_q, lengths_k, H, Hk in ((128, True, [0, 100, 300, 1], [5, 100, 260, 0], 8, 2),
                                                            (64, False, [130, 64, 17], [130, 1, 200], 4, 4),
@@ -307,6 +320,8 @@ def main(argv):
         else:
             args.append(a)
     every = checks(args)
+    if not listing and not torch.cuda.is_available():
+        sys.exit("sanitize.py runs the CUDA kernels (under compute-sanitizer): it needs a GPU; --list works anywhere")
     first = (part - 1) * len(every) // parts
     chosen = every[first:part * len(every) // parts]
     for number, thunk in enumerate(chosen, first + 1):
