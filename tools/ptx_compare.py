@@ -4,10 +4,13 @@ only moves, renames or reformats code leaves every kernel's instructions the sam
     python tools/ptx_compare.py OLD.ptx NEW.ptx [NEW2.ptx ...] --rename OLD_NAME=NEW_NAME ...
 
 Kernels are matched by their demangled names, with the renames applied to the old ones. Prints
-one line per kernel: same, or differs (with the first differing instruction)."""
+one line per kernel: same, differs (with the first differing instruction), missing in new, or only
+in new. Exits 1 unless every kernel is the same, in both builds; a file that holds no kernel (.entry)
+is an error, as it is not PTX, or not the file meant."""
 import argparse
 import re
 import subprocess
+import sys
 
 
 def demangle(name):
@@ -32,26 +35,43 @@ def kernels(path):
     return found
 
 
-def main():
+def rename(text):
+    """An argparse type: OLD=NEW, OLD a regular expression, as (compiled OLD, NEW)."""
+    old, equals, new = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"{text!r} is not OLD=NEW")
+    try:
+        return re.compile(old), new
+    except re.error as error:
+        raise argparse.ArgumentTypeError(f"{old!r} is not a regular expression: {error}") from None
+
+
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("old")
     p.add_argument("new", nargs="+")
-    p.add_argument("--rename", nargs="*", default=[],
+    p.add_argument("--rename", nargs="*", type=rename, default=[],
                    help="OLD=NEW: a regular expression in the old demangled names and its replacement")
-    args = p.parse_args()
-    old = kernels(args.old)
-    new = {}
-    for path in args.new:
-        new.update(kernels(path))
-    renames = [pair.split("=") for pair in args.rename]
-    same = 0
+    args = p.parse_args(argv)
+    found = {}
+    for path in [args.old, *args.new]:
+        try:
+            found[path] = kernels(path)
+        except (OSError, UnicodeDecodeError) as error:
+            p.error(f"{path}: {getattr(error, 'strerror', None) or error}")
+        if not found[path]:
+            p.error(f"{path}: no kernel (.entry) in it: not PTX?")
+    old = found[args.old]
+    new = {name: body for path in args.new for name, body in found[path].items()}
+    same, matched = 0, set()
     for name, body in old.items():
         target = name
-        for a, b in renames:
-            target = re.sub(a, b, target)
+        for pattern, replacement in args.rename:
+            target = pattern.sub(replacement, target)
         if target not in new:
             print(f"missing in new: {name} (looked for {target})")
             continue
+        matched.add(target)
         if new[target] == body:
             same += 1
             print(f"same     {name} -> {target}")
@@ -60,8 +80,12 @@ def main():
             first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             print(f"DIFFERS  {name} -> {target}: {len(a)} vs {len(b)} lines; first at {first}: "
                   f"{a[first] if first < len(a) else ''!r} vs {b[first] if first < len(b) else ''!r}")
-    print(f"{same} of {len(old)} kernels the same")
+    added = [name for name in new if name not in matched]
+    for name in added:  # a kernel the change added: not the same build either
+        print(f"only in new: {name}")
+    print(f"{same} of {len(old)} kernels the same" + (f"; {len(added)} only in new" if added else ""))
+    return 0 if same == len(old) and not added else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

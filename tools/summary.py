@@ -288,7 +288,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
     args = parser.parse_args(argv)
-    out_of_date, texts = stale()
+    try:
+        out_of_date, texts = stale()
+    except (OSError, ValueError) as error:  # a CSV or README missing, a marker not there once, a cell not a number
+        print(f"summary.py: {error}", file=sys.stderr)
+        return 1
     if args.check:
         for path, name in out_of_date:
             print(f"{path}: the table '{name}' differs from the CSVs': run python tools/summary.py", file=sys.stderr)
