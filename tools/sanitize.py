@@ -259,11 +259,14 @@ def checks(args):
                 out.append(check(run_varlen, dtype, d, causal, lengths_q, lengths_k, H, Hk))
     if mod_versions["mods"]:  # chapter 6: each of tests/test_mods.py's mods compiled into versions 3 and 4
         from test_mods import CASES as MOD_CASES, run_case, test_deterministic_backward_with_a_mask
+        from test_mods import test_a_mod_undefined_where_scores_are_masked_gives_no_nan as undefined_where_masked
         for version in sorted(mod_versions["mods"]):
             for name in MOD_CASES:
                 for shape in ((2, 2, 200, 64), (1, 2, 130, 128)):
                     out.append(check(run_case, name, shape, "cuda", generator, version,
                                      said=f"mods v{version} {name} {shape}: forward and backward"))
+            out.append(check(undefined_where_masked, "cuda", version, generator,  # mods::times_p
+                             said=f"mods v{version} a score_mod undefined where scores are masked: no NaN"))
             if mf.VERSIONS[version].deterministic_mode:  # its other walk: every tile, the EMPTY ones too
                 out.append(check(test_deterministic_backward_with_a_mask, "cuda", generator,
                                  said=f"mods v{version} deterministic backward with a mask"))
