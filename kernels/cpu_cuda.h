@@ -19,9 +19,11 @@
 //     kernel and the line.
 //   - Warp-collective operations (__shfl_xor_sync, mma.sync m16n8k16, ldmatrix) meet all 32 lanes
 //     of the warp: each lane hands in its values, the last to arrive completes the operation, and
-//     each lane takes its own result from the whole warp's values, in the PTX ISA's lane layouts.
-//   - Shared memory is the worker's own buffer, filled with NaN before each block, so a read of a
-//     word nobody wrote poisons the result instead of silently reusing the previous block's data.
+//     each lane takes its own result from the whole warp's values, in the PTX ISA's lane layouts. What
+//     the warp reads from memory (ldmatrix's rows) it reads then, before any lane goes on.
+//   - Shared memory is the worker's own buffer, filled with NaN before each block (and past the
+//     block's size, as far as earlier blocks used it), so a read of a word nobody wrote poisons the
+//     result instead of silently reusing the previous block's data.
 //   - cp.async copies land when their thread waits for them, not before; until then their
 //     destination holds NaN (on a GPU it holds the old data or the new, or part of each).
 //   - Hopper's instructions (kernels/hopper.cuh) keep their semantics: an mbarrier wait blocks until
@@ -32,9 +34,15 @@
 //     into global memory) only at the bulk_wait_read that retires it, and named barriers block.
 //     Their deadlocks are named as a __syncthreads' are.
 //   - atomicAdd is atomic, across blocks that run on different cores too.
-//   - Launch errors as a GPU reports them: too many threads, too much shared memory.
+//   - Launch errors as a GPU reports them: too many threads, too much shared memory; and errors in a
+//     kernel: a misaligned float4 or ldmatrix row, a cp.async or ldmatrix outside shared memory, a failed
+//     assert. A C++ exception that leaves a kernel fails the launch too. A fault (an index far out of
+//     bounds, a stack overflow) ends the process, as it ends the CUDA context, with a line that names
+//     the kernel, block and thread: it cannot be recovered from safely.
 // And what a GPU does not have: Ctrl-C (SIGINT) stops a launch within a moment, and a launch that
-// runs for more than a few seconds says so on stderr, with an estimate of the time left.
+// runs for more than a few seconds says so on stderr, with an estimate of the time left. (A thread that
+// never waits, spinning on a flag or looping for good, cannot be stopped: a second Ctrl-C ends the
+// process, saying so.) A poll that can never succeed (an mbarrier try_wait loop) fails as a deadlock.
 //
 // This is an emulation for checking and reading along: kernels run correctly, not at a GPU's speed.
 #pragma once
@@ -58,7 +66,9 @@
 #include <vector>
 #include <cxxabi.h>
 #include <dlfcn.h>
+#include <pthread.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 // A hand-written context switch on x86-64 and AArch64; elsewhere (or with -DCPU_CUDA_UCONTEXT)
@@ -74,7 +84,10 @@
 #define __device__
 #define __host__
 // `extern __shared__ float smem[];` in a kernel then declares the worker's own buffer, `smem`
-// below: blocks run in parallel on several workers, each with its own shared memory.
+// below: blocks run in parallel on several workers, each with its own shared memory. A static
+// `__shared__ float tile[64];` becomes a per-OS-thread static: never poisoned, kept from block to
+// block, and not shared memory to the emulation's checks (an mbarrier there is refused): kernels here
+// put everything in the dynamic buffer.
 #define __shared__ thread_local
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)  // a hint to nvcc's register allocation
@@ -87,11 +100,44 @@ struct dim3 {
 inline float __expf(float x) { return std::exp(x); }
 inline float fast_exp2(float x) { return std::exp2(x); }  // kernels/mma.cuh
 inline float fast_tanh(float x) { return std::tanh(x); }  // kernels/mma.cuh (the GPU's: within 2^-11 of it)
-struct alignas(16) float4 {  // read as one 16-byte load on a GPU (the build sets -fno-strict-aliasing)
+// float4 and float2: one 16-byte (8-byte) load or store on a GPU, which faults there ("misaligned address")
+// at an address that is not a multiple of 16 (8). Here they are plain floats (the build sets
+// -fno-strict-aliasing), not aligned as a type: so g++ never emits an aligned vector instruction that
+// would kill the process at such an address (x86's movaps), and every copy from or to one checks the
+// address and fails the launch instead, as the GPU does (cpu_cuda_misaligned, defined below).
+__attribute__((visibility("hidden"))) inline void cpu_cuda_misaligned(const void* address, unsigned size, bool store,
+                                                               const char* file, int line);
+template <unsigned size>
+inline void cpu_cuda_check_aligned(const void* address, bool store, const char* file = "", int line = 0) {
+    if (__builtin_expect(reinterpret_cast<uintptr_t>(address) % size != 0, 0))
+        cpu_cuda_misaligned(address, size, store, file, line);
+}
+struct float4 {
     float x, y, z, w;
+    float4() = default;
+    constexpr float4(float x, float y, float z, float w) : x(x), y(y), z(z), w(w) {}
+    float4(const float4& v, const char* file = __builtin_FILE(), int line = __builtin_LINE())
+        : x(v.x), y(v.y), z(v.z), w(v.w) {
+        cpu_cuda_check_aligned<16>(&v, false, file, line);
+    }
+    float4& operator=(const float4& v) {
+        cpu_cuda_check_aligned<16>(this, true);
+        x = v.x, y = v.y, z = v.z, w = v.w;
+        return *this;
+    }
 };
-struct alignas(8) float2 {  // one 8-byte store on a GPU
+struct float2 {
     float x, y;
+    float2() = default;
+    constexpr float2(float x, float y) : x(x), y(y) {}
+    float2(const float2& v, const char* file = __builtin_FILE(), int line = __builtin_LINE()) : x(v.x), y(v.y) {
+        cpu_cuda_check_aligned<8>(&v, false, file, line);
+    }
+    float2& operator=(const float2& v) {
+        cpu_cuda_check_aligned<8>(this, true);
+        x = v.x, y = v.y;
+        return *this;
+    }
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 
@@ -240,6 +286,10 @@ enum cudaError_t {
     cudaErrorInvalidConfiguration,
     cudaErrorMisalignedAddress,
     cudaErrorMemoryAllocation,
+    cudaErrorIllegalAddress,
+    cudaErrorAssert,
+    cudaErrorLaunchFailure,
+    cudaErrorInitializationError,
     cudaErrorCpuDeadlock,
     cudaErrorCpuInterrupted,
 };
@@ -267,8 +317,7 @@ inline cudaError_t cudaGetLastError() {
     cpu_last_error = cudaSuccess;
     return err;
 }
-inline const char* cudaGetErrorString(cudaError_t err) {
-    if (err != cudaSuccess && err == cpu_detailed_error) return cpu_error_message.c_str();
+inline const char* cpu_error_name(cudaError_t err) {  // what the error says with no message of its own
     switch (err) {
         case cudaSuccess:
             return "no error";
@@ -278,6 +327,14 @@ inline const char* cudaGetErrorString(cudaError_t err) {
             return "misaligned address";
         case cudaErrorMemoryAllocation:
             return "out of memory";
+        case cudaErrorIllegalAddress:
+            return "an illegal memory access was encountered";
+        case cudaErrorAssert:
+            return "device-side assert triggered";
+        case cudaErrorLaunchFailure:
+            return "unspecified launch failure";
+        case cudaErrorInitializationError:
+            return "initialization error";
         case cudaErrorCpuDeadlock:
             return "barrier deadlock";
         case cudaErrorCpuInterrupted:
@@ -285,6 +342,9 @@ inline const char* cudaGetErrorString(cudaError_t err) {
         default:
             return "invalid configuration argument";
     }
+}
+inline const char* cudaGetErrorString(cudaError_t err) {
+    return err != cudaSuccess && err == cpu_detailed_error ? cpu_error_message.c_str() : cpu_error_name(err);
 }
 template <class Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute, int bytes) {
@@ -509,7 +569,8 @@ struct Site {
     unsigned detail = 0;   // an mbarrier wait's parity; a named barrier's id + 16 * its thread count
     unsigned barrier = 0;  // an mbarrier wait's barrier (its slot), for the message
 };
-constexpr const char *kMbarrierWait = "mbarrier wait", *kNamedBarrier = "named barrier";
+constexpr const char *kMbarrierWait = "mbarrier wait", *kMbarrierPoll = "mbarrier_try_wait loop",
+                     *kNamedBarrier = "named barrier";
 inline bool is(const Site& site, const char* what) { return site.what && std::strcmp(site.what, what) == 0; }
 inline bool same_site(const Site& a, const Site& b) {
     return a.line == b.line && a.detail == b.detail &&
@@ -529,7 +590,8 @@ inline std::string short_path(const char* file) {
 inline std::string where(const Site& site) { return short_path(site.file) + ":" + std::to_string(site.line); }
 // A wait as the messages name it: "mbarrier wait (parity 1)", "named barrier 1 (256 threads)".
 inline std::string describe(const Site& site) {
-    if (is(site, kMbarrierWait)) return "mbarrier wait (parity " + std::to_string(site.detail) + ")";
+    if (is(site, kMbarrierWait) || is(site, kMbarrierPoll))
+        return site.what + std::string(" (parity ") + std::to_string(site.detail) + ")";
     if (is(site, kNamedBarrier))
         return "named barrier " + std::to_string(site.detail % 16) + " (" + std::to_string(site.detail / 16) +
                " threads)";
@@ -633,6 +695,7 @@ struct Fiber {
     unsigned id = 0;  // threadIdx as one number, x fastest: lanes 32w .. 32w + 31 are warp w
     bool exited = false;
     Site waiting;                     // where it waits: what is null while it runs or is ready to
+    Site polled;                      // where it last polled an mbarrier (mbarrier_try_wait), and failed
     AsyncGroups<AsyncCopy> copies;    // its cp.async copies in flight
     AsyncGroups<BulkReduce> reduces;  // its bulk reduces not yet read
     Wgmmas wgmmas;                    // its wgmma results in flight
@@ -672,7 +735,8 @@ struct Warp : Meeting {
         float c[32][4];
         float d[16][8];  // the result tile, computed once by the last lane to arrive
     } mma[2];
-    const unsigned short* rows[2][32];  // an ldmatrix's row addresses
+    const void* rows[2][32];          // an ldmatrix's row addresses,
+    unsigned fragments[2][32][4];     // and what each lane gets: read by the last lane to arrive
 };
 
 // A 16-bit value as a float, in the templates that take either type.
@@ -771,6 +835,7 @@ struct Launch {
     std::string message;
     std::chrono::steady_clock::time_point start;
     std::atomic<bool> announced{false};
+    unsigned long long interrupts_seen = 0;  // `interrupts` when the launch was called
 
     void fail(cudaError_t err, const std::string& why) {
         std::lock_guard<std::mutex> lock(mutex);
@@ -808,49 +873,10 @@ struct Launch {
     }
 };
 
-// Ctrl-C: during a launch, SIGINT sets this flag (and still reaches the handler there was, Python's,
-// which raises KeyboardInterrupt once the call returns). Fibers look at it whenever they switch,
-// workers between blocks: the launch then abandons its blocks and fails with "interrupted".
-std::atomic<bool> interrupt_requested{false};
-struct sigaction previous_sigint;
-
-void on_sigint(int signal, siginfo_t* info, void* context) {
-    interrupt_requested.store(true, std::memory_order_relaxed);
-    if (previous_sigint.sa_flags & SA_SIGINFO) {
-        if (previous_sigint.sa_sigaction) previous_sigint.sa_sigaction(signal, info, context);
-    } else if (previous_sigint.sa_handler != SIG_DFL && previous_sigint.sa_handler != SIG_IGN) {
-        previous_sigint.sa_handler(signal);
-    }
-}
-
-// For the duration of a launch: our SIGINT handler in front of the previous one. Where SIGINT is
-// ignored it stays ignored; where it had its default action (no Python), that action follows once
-// the launch has stopped.
-class SigintHandler {
-    bool installed_ = false;
-
-  public:
-    SigintHandler() {
-        interrupt_requested = false;
-        struct sigaction current;
-        if (sigaction(SIGINT, nullptr, &current) != 0) return;
-        if (!(current.sa_flags & SA_SIGINFO) && current.sa_handler == SIG_IGN) return;
-        previous_sigint = current;
-        struct sigaction ours;
-        std::memset(&ours, 0, sizeof ours);
-        ours.sa_sigaction = on_sigint;
-        ours.sa_flags = SA_SIGINFO | (current.sa_flags & SA_ONSTACK);
-        sigemptyset(&ours.sa_mask);
-        installed_ = sigaction(SIGINT, &ours, nullptr) == 0;
-    }
-    ~SigintHandler() {
-        if (!installed_) return;
-        sigaction(SIGINT, &previous_sigint, nullptr);
-        if (interrupt_requested && !(previous_sigint.sa_flags & SA_SIGINFO) &&
-            previous_sigint.sa_handler == SIG_DFL)
-            raise(SIGINT);
-    }
-};
+// Ctrl-C: SIGINT adds 1 to this count (see on_sigint below), and a launch stops once the count differs
+// from what it was when the launch was called (Launch::interrupts_seen): its fibers look at every
+// switch, its workers between blocks; the launch then abandons its blocks and fails with "interrupted".
+std::atomic<unsigned long long> interrupts{0};
 
 // Threads as ranges: "0-63, 96-127".
 inline std::string ranges(const std::vector<unsigned>& ids) {
@@ -885,13 +911,20 @@ struct alignas(64) Worker {
     NamedBarrier named[16];
     std::vector<float> wgmma_scratch;  // A, B and D of the wgmma being computed
     Launch* launch = nullptr;
+    unsigned failed_polls = 0;  // mbarrier_try_wait polls that failed one after another (see there)
+    bool polling = false;       // the fiber that switches away polls
+    size_t dirty_shared = kMaxSharedBytes;  // shared memory bytes that may hold more than the poison
+    // For the fault handler (on_fault below), which finds the worker of the thread that faults by these.
+    pthread_t os_thread{};
+    std::atomic<bool> active{false};
+    dim3 block;  // blockIdx of the block it runs
 
     // How a thread waits, for anything: it notes where in its `waiting`, and calls switch_away();
     // whoever completes what it waits for (the last thread at a barrier, the last lane of a warp
     // collective, an mbarrier's completed phase, a named barrier's last arrival) calls make_ready on
     // it. The deadlock message below names what waits; a new kind of wait adds its case there.
     bool stop_requested() const {
-        return interrupt_requested.load(std::memory_order_relaxed) ||
+        return interrupts.load(std::memory_order_relaxed) != launch->interrupts_seen ||
                launch->failed.load(std::memory_order_relaxed);
     }
     void make_ready(Fiber* f) {  // to run after those ready now
@@ -919,6 +952,8 @@ struct alignas(64) Worker {
     // starts every fiber afresh.
     void switch_away() {
         Fiber* self = current;
+        if (!polling) failed_polls = 0;  // something other than a failed poll happened
+        polling = false;
         if (--switches_until_tick == 0) switches_until_tick = 4096, launch->tick();
         Fiber* next = stop_requested() ? nullptr : next_ready();
         if (!next) {
@@ -933,9 +968,16 @@ struct alignas(64) Worker {
     // A thread that polls memory another block writes (wait_until_equal): it lets the block's other
     // threads run first; with none ready, what it waits for is another block's, on another core (or
     // done: blocks start in order), and the OS thread yields.
+    // (A spin-wait on memory that a thread of the same block writes, with no wait or collective in
+    // its loop, never lets that thread run: the emulation runs a block's threads one at a time, and
+    // only at a wait does another one run; on a GPU, sm_70 and later, the other warp runs anyway. Such
+    // a spin can only be stopped by a second Ctrl-C, which ends the process: see on_sigint.)
     void yield_turn() {
         if (stop_requested()) abandon_block();
-        if (ready_count == 0) return std::this_thread::yield();
+        if (ready_count == 0) {
+            if (--switches_until_tick == 0) switches_until_tick = 4096, launch->tick();
+            return std::this_thread::yield();
+        }
         make_ready(current);
         switch_away();
     }
@@ -984,11 +1026,12 @@ struct alignas(64) Worker {
     // The launch fails with a message about the operation at `site`.
     [[noreturn]] void fail(const Site& site, const std::string& why,
                            cudaError_t err = cudaErrorInvalidValue) {
-        launch->fail(err, std::string(err == cudaErrorMisalignedAddress ? "misaligned address: "
-                                                                        : "invalid argument: ") +
-                              site.what + " at " + where(site) + " in " + launch->block_name(blockIdx) +
-                              ", thread " + std::to_string(current->id) + ": " + why);
+        launch->fail(err, std::string(cpu_error_name(err)) + ": " + site.what + " at " + where(site) + " in " +
+                              thread_name() + ": " + why);
         abandon_block();
+    }
+    std::string thread_name() const {
+        return launch->block_name(blockIdx) + ", thread " + std::to_string(current->id);
     }
 
     // The calling lane's warp; warp collectives only in blocks of whole warps.
@@ -1041,7 +1084,9 @@ struct alignas(64) Worker {
     void mbarrier_init(uint64_t* bar, unsigned arrivals, const Site& site) {
         const size_t offset = size_t(reinterpret_cast<char*>(bar) - reinterpret_cast<char*>(smem));
         if (offset % 8 || offset + 8 > launch->shared_bytes)
-            fail(site, "an mbarrier must be 8 bytes of shared memory, 8-byte aligned");
+            fail(site,
+                 "an mbarrier must be 8 bytes of the block's dynamic shared memory (extern __shared__ "
+                 "smem[]), 8-byte aligned (the emulation gives static __shared__ variables no shared memory)");
         if (arrivals == 0 || arrivals >= (1u << 20))
             fail(site, "an mbarrier's arrival count is 1 to 2^20 - 1");
         unsigned slot = unsigned(mbarriers.size());
@@ -1069,6 +1114,7 @@ struct alignas(64) Worker {
     }
     // After any change: the phase completes if it is due, and the waiters look again.
     void mbarrier_changed(Mbarrier& b) {
+        failed_polls = 0;
         if (b.pending == 0 && b.bytes == 0) ++b.phase, b.pending = b.expected;
         for (Fiber* f : b.waiters) make_ready(f);
         b.waiters.clear();
@@ -1109,10 +1155,26 @@ struct alignas(64) Worker {
         }
     }
     // A thread that polls lets the others run between its polls: try_wait in a loop still completes.
-    // (One that can never succeed spins until Ctrl-C: only mbarrier_wait's deadlocks are named.)
-    bool mbarrier_try_wait(uint64_t* bar, unsigned parity, const Site& site) {
-        if (mbarrier_done(mbarrier_slot(bar, site), parity)) return true;
+    // One that can never succeed is a deadlock too: when the threads that can run have all polled, one
+    // after another, two rounds over, and failed, with nothing else done in between (no other switch,
+    // no wake-up, no change of a barrier), none is left that could change a barrier, and none ever will.
+    bool mbarrier_try_wait(uint64_t* bar, unsigned parity, Site site) {
+        const unsigned slot = mbarrier_slot(bar, site);
+        if (mbarrier_done(slot, parity)) return true;
+        site.what = kMbarrierPoll, site.detail = parity % 2, site.barrier = slot;
+        current->polled = site;
+        const unsigned polls = failed_polls + 1;
+        if (polls > 2 * threads) {  // the ready ring (at most `threads`) went round twice: all poll
+            for (unsigned i = 0; i < ready_count; ++i) {
+                Fiber* f = ready[(ready_head + i) % threads];
+                f->waiting = f->polled;
+            }
+            current->waiting = site;
+            launch->fail(cudaErrorCpuDeadlock, deadlock_message());
+            abandon_block();
+        }
         make_ready(current);
+        failed_polls = polls, polling = true;
         switch_away();
         return false;
     }
@@ -1337,6 +1399,7 @@ struct alignas(64) Worker {
 
     [[noreturn]] void thread_exits() {
         Fiber* self = current;
+        failed_polls = 0;
         // Bulk reduces never waited for: their adds still land, as the copy engine would do them, but
         // the kernel may have overwritten their source (or, on a GPU, the next block may), so the
         // launch fails.
@@ -1382,7 +1445,7 @@ struct alignas(64) Worker {
         if (barrier.arrived > 0) {
             waited = lowest("__syncthreads()");
             rule = "every thread of a block must reach the same __syncthreads()";
-        } else if ((waited = lowest(kMbarrierWait)).what) {
+        } else if ((waited = lowest(kMbarrierWait)).what || (waited = lowest(kMbarrierPoll)).what) {
             const Mbarrier& b = mbarriers[waited.barrier];
             rule =
                 "its barrier, at shared memory byte " + std::to_string(mbarrier_offset(b.address)) +
@@ -1457,7 +1520,11 @@ struct alignas(64) Worker {
         const dim3 g = launch->grid;
         blockIdx =
             dim3(unsigned(b % g.x), unsigned(b / g.x % g.y), unsigned(b / (g.x * (unsigned long long)g.y)));
-        std::memset(smem, kPoison, launch->shared_bytes);
+        // Poisoned: the block's shared memory, and whatever an earlier, larger block used (so that a read
+        // past the block's size gets NaN, not an earlier launch's data; at a worker's start, all of it).
+        std::memset(smem, kPoison, std::max(launch->shared_bytes, dirty_shared));
+        dirty_shared = launch->shared_bytes;
+        block = blockIdx, failed_polls = 0;
         exited = 0, barrier = Meeting{}, ready_head = 0, ready_count = 0;
         for (Warp& warp : warps) warp.arrived = 0, warp.generation = 0, warp.diverged = false;
         for (WarpGroup& group : warpgroups) group.arrived = 0, group.diverged = false;
@@ -1494,19 +1561,29 @@ struct alignas(64) Worker {
     void run(Launch& l) {
         launch = &l;
         switches_until_tick = 4096;
+        os_thread = pthread_self();
         if (!prepare(l.threads)) {
             l.fail(cudaErrorMemoryAllocation, "out of memory: no stacks for the " +
                                                   std::to_string(l.threads) + " threads of a block of " +
                                                   l.kernel);
             return;
         }
+        // A fiber that overflows its stack faults with no stack left: the fault handler (on_fault) runs
+        // on one of its own, this one unless the OS thread has one already (Python's faulthandler's).
+        stack_t old{}, mine{};
+        const bool own_stack = sigaltstack(nullptr, &old) == 0 && (old.ss_flags & SS_DISABLE);
+        if (own_stack) mine.ss_sp = alt_stack, mine.ss_size = sizeof alt_stack, sigaltstack(&mine, nullptr);
+        active = true;
         for (;;) {
             if (stop_requested()) break;
             const unsigned long long b = l.next_block.fetch_add(1);
             if (b >= l.blocks) break;
             run_block(b);
         }
+        active = false;
+        if (own_stack) mine.ss_flags = SS_DISABLE, sigaltstack(&mine, nullptr);
     }
+    char alt_stack[64 * 1024];
 };
 
 // The workers, kept with their fibers' stacks from launch to launch. Launches take turns: Python
@@ -1517,9 +1594,28 @@ thread_local Worker* this_worker = nullptr;  // the worker on this OS thread, du
 unsigned workers_wanted = 0;                 // 0: one per core (cpu_set_workers changes it)
 
 // Where every fiber starts: the kernel, as the thread that the worker has made current.
+// A C++ exception that leaves the kernel (a reader's host-style helper that throws) fails the launch
+// with what it says. The launch fails outside the catch: a fiber must not switch away inside one (the
+// C++ runtime keeps the exception being handled per OS thread, and other fibers share it).
 void fiber_main() {
     Worker& worker = *this_worker;
-    worker.launch->body(worker.launch->arguments);
+    bool threw = false;
+    {
+        std::string what;
+        try {
+            worker.launch->body(worker.launch->arguments);
+        } catch (const std::exception& e) {
+            what = e.what();
+            if (what.empty()) what = "an exception";
+        } catch (...) {
+            what = "an exception that is not a std::exception";
+        }
+        if (!what.empty())
+            worker.launch->fail(cudaErrorLaunchFailure, "unspecified launch failure: " + worker.thread_name() +
+                                                            " threw a C++ exception: " + what),
+                threw = true;
+    }
+    if (threw) worker.abandon_block();
     worker.thread_exits();
 }
 
@@ -1551,6 +1647,213 @@ std::string kernel_name(const void* kernel, const char* text) {
     return kernel_names[kernel] = symbol_name(kernel, text);
 }
 
+
+// ---- Signals: Ctrl-C (SIGINT), and faults (SIGSEGV, SIGBUS) in a kernel's threads.
+//
+// A process may hold several builds of the kernels, each a library with its own emulation (see the
+// visibility pragma above), and launch them from several threads at once. A handler put in place for
+// a launch and taken away after it cannot be right then: two builds' launches overlap, and each takes
+// away what the other put. So a library puts its handlers in front of the ones it finds, at its first
+// launch, and leaves them there: between launches they only pass the signal on (to Python's SIGINT
+// handler, which raises KeyboardInterrupt once the call returns; to faulthandler, or to the default
+// action). A launch checks that they are still in the chain (Jupyter puts Python's back before every
+// cell): it walks the chain from its front, asking each handler of another build which one it passes
+// on to (cpu_cuda_next_action_v1, looked up in that handler's library); a library already in the chain
+// does not put itself in front again, so the chain never loops.
+constexpr int kSignals[3] = {SIGINT, SIGSEGV, SIGBUS};
+inline int signal_index(int signal) { return signal == SIGINT ? 0 : signal == SIGSEGV ? 1 : 2; }
+struct sigaction next_action[3];  // per signal, where this library's handler passes it on
+std::mutex chain_mutex;           // this library's launches put its handlers in front one at a time
+
+inline void* handler_of(const struct sigaction& action) {
+    return action.sa_flags & SA_SIGINFO ? reinterpret_cast<void*>(action.sa_sigaction)
+                                        : reinterpret_cast<void*>(action.sa_handler);
+}
+// Where `action`, if it is another build's handler of `signal`, passes it on; null if it is none.
+const struct sigaction* next_of_other_build(int signal, const struct sigaction& action) {
+    void* handler = handler_of(action);
+    Dl_info info;
+    if (action.sa_handler == SIG_DFL || action.sa_handler == SIG_IGN || !dladdr(handler, &info) ||
+        !info.dli_fname)
+        return nullptr;
+    void* library = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+    if (!library) return nullptr;
+    using Next = const struct sigaction* (*)(int, void*);
+    const Next next = reinterpret_cast<Next>(dlsym(library, "cpu_cuda_next_action_v1"));
+    const struct sigaction* found = next ? next(signal, handler) : nullptr;
+    dlclose(library);
+    return found;
+}
+
+void on_sigint(int signal, siginfo_t* info, void* context);
+void on_fault(int signal, siginfo_t* info, void* context);
+
+// Puts this library's handlers in front of the chain, where they are not in it yet. A SIGINT that is
+// ignored stays ignored.
+void join_signal_chains() {
+    std::lock_guard<std::mutex> lock(chain_mutex);
+    static bool pinned = false;
+    if (!pinned) {  // the library must stay loaded while its handlers are installed: never unloaded
+        Dl_info info;
+        if (dladdr(reinterpret_cast<void*>(&on_sigint), &info) && info.dli_fname)
+            dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD | RTLD_NODELETE);
+        pinned = true;
+    }
+    for (int i = 0; i < 3; ++i) {
+        const int signal = kSignals[i];
+        const auto ours = i == 0 ? on_sigint : on_fault;
+        struct sigaction front;
+        if (sigaction(signal, nullptr, &front) != 0) continue;
+        const struct sigaction* at = &front;
+        for (int hop = 0; at && hop < 64 && handler_of(*at) != reinterpret_cast<void*>(ours); ++hop)
+            at = next_of_other_build(signal, *at);
+        if ((at && handler_of(*at) == reinterpret_cast<void*>(ours)) ||
+            (i == 0 && !(front.sa_flags & SA_SIGINFO) && front.sa_handler == SIG_IGN))
+            continue;
+        next_action[i] = front;
+        struct sigaction mine;
+        std::memset(&mine, 0, sizeof mine);
+        mine.sa_sigaction = ours;
+        mine.sa_flags = SA_SIGINFO | SA_ONSTACK;  // SA_ONSTACK: a fiber's stack overflow leaves no stack
+        sigemptyset(&mine.sa_mask);
+        sigaction(signal, &mine, nullptr);
+    }
+}
+
+// What the handlers, which may run at any moment on any thread, know of this library's launches.
+std::atomic<int> calls_in_progress{0};      // launch calls, running or waiting for launch_mutex
+std::atomic<bool> running{false};           // a launch holds launch_mutex and runs
+std::atomic<unsigned long long> running_seen{0};  // `interrupts` when that launch was called
+std::atomic<long long> first_interrupt_ns{0};     // when its first Ctrl-C came
+char running_kernel[160];                   // its kernel's name
+std::atomic<bool> passing_on{false};
+
+// Only what a signal handler may call: write, not printf.
+struct Line {
+    char text[512];
+    size_t size = 0;
+    Line& operator<<(const char* s) {
+        while (*s && size < sizeof text - 1) text[size++] = *s++;
+        return *this;
+    }
+    Line& operator<<(unsigned long long n) {
+        char digits[24];
+        int d = 0;
+        do digits[d++] = char('0' + n % 10), n /= 10;
+        while (n);
+        while (d && size < sizeof text - 1) text[size++] = digits[--d];
+        return *this;
+    }
+    Line& hex(uintptr_t n) {
+        *this << "0x";
+        for (int shift = 60; shift >= 0; shift -= 4)
+            if ((n >> shift || shift == 0) && size < sizeof text - 1)
+                text[size++] = "0123456789abcdef"[n >> shift & 15];
+        return *this;
+    }
+    void write_out() {
+        text[size++] = '\n';
+        while (size && ::write(2, text, size) < 0) {
+        }
+    }
+};
+long long monotonic_ns() {
+    timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return now.tv_sec * 1000000000LL + now.tv_nsec;
+}
+
+// Ctrl-C: counted (a launch stops at its next switch), then passed on. A kernel whose thread never
+// reaches a switch (it spins on a flag that another thread of its block would set, or loops for good:
+// no barrier, collective or wait inside) cannot be stopped so: a second Ctrl-C, a second or more after
+// the first, with the launch still running, ends the process, saying why.
+void on_sigint(int signal, siginfo_t* info, void* context) {
+    const unsigned long long count = interrupts.fetch_add(1) + 1;
+    if (running.load()) {
+        const long long now = monotonic_ns();
+        if (count - running_seen.load() == 1) {
+            first_interrupt_ns = now;
+        } else if (now - first_interrupt_ns.load() > 1000000000LL) {
+            Line line;
+            line << "minimal_flash: Ctrl-C again, and the CPU emulation of " << running_kernel
+                 << " has not stopped: a thread of the kernel runs code that never reaches a barrier, a warp "
+                    "collective or a wait (a spin on a flag, an endless loop), where the emulation, which "
+                    "runs a block's threads one at a time, could stop it; ending the process";
+            line.write_out();
+            struct sigaction by_default;
+            std::memset(&by_default, 0, sizeof by_default);
+            by_default.sa_handler = SIG_DFL;
+            sigaction(SIGINT, &by_default, nullptr);
+            raise(SIGINT);  // blocked in this handler: the process ends as it returns
+            return;
+        }
+    }
+    if (passing_on.exchange(true)) return;  // came round a loop that older builds' handlers made
+    const struct sigaction& next = next_action[0];
+    if (next.sa_flags & SA_SIGINFO) {
+        if (next.sa_sigaction) next.sa_sigaction(signal, info, context);
+    } else if (next.sa_handler == SIG_DFL) {
+        // No Python: the default action, ending the process, once the launch has stopped (run_launch).
+        if (calls_in_progress.load() == 0) sigaction(SIGINT, &next, nullptr), raise(SIGINT);
+    } else if (next.sa_handler != SIG_IGN) {
+        next.sa_handler(signal);
+    }
+    passing_on = false;
+}
+
+// A fault in a kernel's thread (an index out of bounds, a misaligned 16-byte access, a stack overflow)
+// cannot be recovered from safely: the thread may have written anywhere before. So the process ends,
+// as on the hardware the CUDA context does, but with a line that names the kernel, the block, the
+// thread and the likely cause. Then the next handler takes the fault (faulthandler prints Python's
+// stack; the default action ends the process), as the access faults again.
+void on_fault(int signal, siginfo_t* info, void* context) {
+    const int i = signal_index(signal);
+    const Worker* worker = nullptr;
+    if (running.load())
+        for (const auto& w : workers)
+            if (w->active.load() && pthread_equal(w->os_thread, pthread_self())) worker = w.get();
+    if (worker && worker->current && info->si_code > 0) {
+        const uintptr_t address = reinterpret_cast<uintptr_t>(info->si_addr);
+        const Fiber& f = *worker->current;
+        const uintptr_t guard = reinterpret_cast<uintptr_t>(f.mapping), shared = reinterpret_cast<uintptr_t>(
+                                                                                  &smem[0]);
+        Line line;
+        line << "minimal_flash: CPU emulation of " << running_kernel << ", block (" << worker->block.x << ", "
+             << worker->block.y << ", " << worker->block.z << "), thread " << f.id << ": "
+             << (signal == SIGSEGV ? "SIGSEGV" : "SIGBUS");
+        if (address) line << " at address ", line.hex(address);
+        // Below the thread's stack, by up to a MB: a frame larger than what was left (a large local array).
+        if (address + (1 << 20) >= guard && address < uintptr_t(f.stack()))
+            line << ": stack overflow: the thread's locals take more than the "
+                 << (unsigned long long)(kStackBytes / 1024) << " KB of stack that the emulation gives a thread";
+        else if (signal == SIGSEGV && !address)
+            line << ": a general-protection fault: most likely a misaligned vector access (a GPU reports a "
+                    "misaligned address) or an address far out of bounds";
+        else if (address + (1 << 20) >= shared && address < shared + sizeof smem + (1 << 20))
+            line << ": an access past the block's shared memory (a GPU reports an illegal address)";
+        else
+            line << ": an access outside the process's memory, an index out of bounds (a GPU reports an "
+                    "illegal memory access)";
+        line << "; the process ends";
+        line.write_out();
+    }
+    sigaction(signal, &next_action[i], nullptr);
+    if (info->si_code <= 0) raise(signal);  // sent, not a fault: sent again, to the next handler
+    (void)context;
+}
+
+// A process forked while another of its threads ran a launch: that thread does not exist in the child,
+// and what launch_mutex guards may be half changed. The child's launches fail, as CUDA refuses to run
+// in a child forked after it was used.
+bool forked_mid_launch = false;
+void after_fork_in_child() {
+    if (calls_in_progress.load() > 0) {
+        forked_mid_launch = true;
+        new (&launch_mutex) std::mutex;
+        new (&chain_mutex) std::mutex;
+        running = false, calls_in_progress = 0;
+    }
+}
 }  // namespace
 
 // How many workers (OS threads) a launch may use: 0, the default, is one per core. For tests.
@@ -1558,11 +1861,26 @@ inline void cpu_set_workers(unsigned n) { workers_wanted = n; }
 
 // Runs a launch: its blocks spread over the workers, the calling thread one of them.
 inline void run_launch(Launch& l) {
-    std::lock_guard<std::mutex> lock(launch_mutex);
+    static std::once_flag fork_handler;
+    std::call_once(fork_handler, [] { pthread_atfork(nullptr, nullptr, after_fork_in_child); });
+    if (forked_mid_launch) {
+        l.fail(cudaErrorInitializationError,
+               "initialization error: this process was forked while another of its threads ran a launch of the "
+               "CPU emulation; the child cannot launch (as CUDA cannot be used in a child forked after "
+               "it was used): fork before launching, or use the spawn start method");
+        return;
+    }
+    // A Ctrl-C from here on stops this launch, also while it waits for another thread's.
+    ++calls_in_progress;
+    join_signal_chains();
+    l.interrupts_seen = interrupts.load();
+    std::unique_lock<std::mutex> lock(launch_mutex);
     l.kernel = kernel_name(l.kernel_address, l.kernel_text);
     l.start = std::chrono::steady_clock::now();
     gridDim = l.grid, blockDim = l.block;
-    SigintHandler sigint;
+    std::snprintf(running_kernel, sizeof running_kernel, "%s", l.kernel.c_str());
+    running_seen = l.interrupts_seen;
+    running = true;
     const unsigned cores =
         std::max(1u, workers_wanted ? workers_wanted : std::thread::hardware_concurrency());
     const unsigned n = unsigned(std::min<unsigned long long>(cores, l.blocks));
@@ -1580,8 +1898,16 @@ inline void run_launch(Launch& l) {
     this_worker->run(l);
     this_worker = nullptr;
     for (std::thread& helper : helpers) helper.join();
-    // A Ctrl-C that came late still stops the caller: Python raises KeyboardInterrupt anyway.
-    if (interrupt_requested) l.fail(cudaErrorCpuInterrupted, "interrupted");
+    running = false;
+    lock.unlock();
+    --calls_in_progress;
+    // A Ctrl-C that came late still stops the caller: Python raises KeyboardInterrupt anyway. With no
+    // Python (SIGINT's default action next), the process ends as it would have at once.
+    if (interrupts.load() != l.interrupts_seen) {
+        l.fail(cudaErrorCpuInterrupted, "interrupted");
+        if (!(next_action[0].sa_flags & SA_SIGINFO) && next_action[0].sa_handler == SIG_DFL)
+            sigaction(SIGINT, &next_action[0], nullptr), raise(SIGINT);
+    }
 }
 
 }  // namespace cpu_cuda
@@ -1659,21 +1985,42 @@ inline void mma_f16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsign
     mma_m16n8k16<__half, __half2float>(d, a, b, c, {"mma.sync (fp16)", file, line});
 }
 
-// ldmatrix .x4, a warp-collective: lane 8i + j gives the address of row j of tile i; lane l gets
-// row g, columns 2q, 2q+1 of each tile (transposed: rows 2q, 2q+1 of column g).
+// ldmatrix .x4, a warp-collective: lane 8i + j gives the address of row j of tile i (16 bytes of the
+// block's shared memory, 16-byte aligned, else the launch fails as on a GPU); lane l gets row g,
+// columns 2q, 2q+1 of each tile (transposed: rows 2q, 2q+1 of column g). One instruction for the warp:
+// the last lane to arrive reads the rows for all 32, before any lane goes on, so a lane may overwrite
+// its row right after (the others have read it).
 inline void ldmatrix(unsigned (&r)[4], const void* row, bool transposed, const cpu_cuda::Site& site) {
     cpu_cuda::Worker& worker = *cpu_cuda::this_worker;
     unsigned lane;
     cpu_cuda::Warp& warp = worker.warp_of_current(lane, site);
-    const unsigned short* const* rows = warp.rows[warp.generation % 2];
-    warp.rows[warp.generation % 2][lane] = static_cast<const unsigned short*>(row);
-    worker.sync_warp(warp, site, [] {});
-    const unsigned g = lane / 4, q = lane % 4;
-    for (int i = 0; i < 4; ++i) {
-        const unsigned short* const* tile = rows + 8 * i;
-        r[i] = transposed ? tile[2 * q][g] | unsigned(tile[2 * q + 1][g]) << 16
-                          : tile[g][2 * q] | unsigned(tile[g][2 * q + 1]) << 16;
-    }
+    const unsigned half = warp.generation % 2;
+    warp.rows[half][lane] = row;
+    worker.sync_warp(warp, site, [&] {
+        const char* shared = reinterpret_cast<const char*>(smem);
+        const unsigned short* rows[32];
+        for (unsigned l = 0; l < 32; ++l) {
+            const char* at = static_cast<const char*>(warp.rows[half][l]);
+            if (at < shared || size_t(at - shared) + 16 > worker.launch->shared_bytes)
+                worker.fail(site, "lane " + std::to_string(l) + "'s row is not 16 bytes of the block's " +
+                                      std::to_string(worker.launch->shared_bytes) + " bytes of shared memory",
+                            cudaErrorIllegalAddress);
+            if ((at - shared) % 16)
+                worker.fail(site, "lane " + std::to_string(l) + "'s row, at shared memory byte " +
+                                      std::to_string(at - shared) + ", is not 16-byte aligned",
+                            cudaErrorMisalignedAddress);
+            rows[l] = reinterpret_cast<const unsigned short*>(at);
+        }
+        for (unsigned l = 0; l < 32; ++l) {
+            const unsigned g = l / 4, q = l % 4;
+            for (int i = 0; i < 4; ++i) {
+                const unsigned short* const* tile = rows + 8 * i;
+                warp.fragments[half][l][i] = transposed ? tile[2 * q][g] | unsigned(tile[2 * q + 1][g]) << 16
+                                                        : tile[g][2 * q] | unsigned(tile[g][2 * q + 1]) << 16;
+            }
+        }
+    });
+    std::copy(warp.fragments[half][lane], warp.fragments[half][lane] + 4, r);
 }
 inline void ldmatrix_x4(unsigned (&r)[4], const void* row, const char* file = __builtin_FILE(),
                         int line = __builtin_LINE()) {
@@ -1696,6 +2043,15 @@ inline void cp_async(void* to, const void* from, bool valid, const char* file,
                             "misaligned address: a cp.async of " + std::to_string(size) + " bytes from " +
                                 addresses + " at " + cpu_cuda::where({"", file, line}) + " in " +
                                 worker.launch->block_name(blockIdx));
+        worker.abandon_block();
+    }
+    const char *shared = reinterpret_cast<const char*>(smem), *at = static_cast<const char*>(to);
+    if (at < shared || size_t(at - shared) + size > worker.launch->shared_bytes) {
+        worker.launch->fail(cudaErrorIllegalAddress,
+                            "an illegal memory access was encountered: a cp.async of " + std::to_string(size) +
+                                " bytes at " + cpu_cuda::where({"", file, line}) + " in " + worker.thread_name() +
+                                ": its destination is not in the block's " +
+                                std::to_string(worker.launch->shared_bytes) + " bytes of shared memory");
         worker.abandon_block();
     }
     cpu_cuda::AsyncCopy copy{to, size, {}};
@@ -1861,7 +2217,9 @@ struct CpuLaunch {
 
     template <class... Args>
     void operator()(Args... args) const {
-        const unsigned threads = block.x * block.y * block.z;
+        // A GPU's limits: 1024 threads per block, at most 1024 along x or y and 64 along z; a grid of up
+        // to 2^31 - 1 blocks along x, 65535 along y and z. (Counted in 64 bits: no product wraps.)
+        const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
         const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
         size_t limit = kDefaultSharedBytes;
         {
@@ -1869,14 +2227,15 @@ struct CpuLaunch {
             auto opted = cpu_shared_limit.find((const void*)kernel);
             if (opted != cpu_shared_limit.end()) limit = opted->second;
         }
-        if (threads == 0 || threads > 1024 || blocks == 0 || shared_bytes > limit) {
+        if (threads == 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 || blocks == 0 ||
+            grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535 || shared_bytes > limit) {
             cpu_set_error(cudaErrorInvalidConfiguration);  // what the GPU reports for these
             return;
         }
         auto body = [&] { kernel(args...); };  // each thread calls the kernel with its own copies
         cpu_cuda::Launch launch;
         launch.kernel_address = reinterpret_cast<const void*>(kernel), launch.kernel_text = text;
-        launch.grid = grid, launch.block = block, launch.threads = threads, launch.blocks = blocks;
+        launch.grid = grid, launch.block = block, launch.threads = unsigned(threads), launch.blocks = blocks;
         launch.shared_bytes = shared_bytes;
         launch.body = [](const void* f) { (*static_cast<const decltype(body)*>(f))(); };
         launch.arguments = &body;
@@ -1893,4 +2252,46 @@ struct CpuLaunch {
 inline void launch_dependents() {}
 inline void wait_for_prior_grid() {}
 
+// A float4 or float2 copied from or to an address that is not a multiple of its size (see float4): in
+// a kernel's thread, the launch fails ("misaligned address", as on a GPU); in host code, nothing.
+inline void cpu_cuda_misaligned(const void* address, unsigned size, bool store, const char* file, int line) {
+    cpu_cuda::Worker* worker = cpu_cuda::this_worker;
+    if (!worker || !worker->current) return;
+    char text[160];
+    std::snprintf(text, sizeof text, "a %u-byte %s (float%u) at %p%s%s%s", size, store ? "store" : "load",
+                  size / 4, address, *file ? " at " : "", *file ? cpu_cuda::short_path(file).c_str() : "",
+                  *file ? (":" + std::to_string(line)).c_str() : "");
+    worker->launch->fail(cudaErrorMisalignedAddress, "misaligned address: " + std::string(text) + " in " +
+                                                         worker->thread_name() + ": the address must be a "
+                                                         "multiple of " + std::to_string(size));
+    worker->abandon_block();
+}
+
+// assert() in a kernel's thread fails the launch, as a GPU's device-side assert does (glibc's assert
+// calls __assert_fail: this library's own, hidden, takes its place); elsewhere it aborts, as glibc's.
+#if defined(__GLIBC__)
+extern "C" __attribute__((weak)) void __assert_fail(const char* assertion, const char* file, unsigned line,
+                                                    const char* function) noexcept {
+    cpu_cuda::Worker* worker = cpu_cuda::this_worker;
+    if (!worker || !worker->current) {
+        std::fprintf(stderr, "%s:%u: %s: Assertion `%s' failed.\n", file, line, function, assertion);
+        std::abort();
+    }
+    worker->launch->fail(cudaErrorAssert, "device-side assert triggered: " + cpu_cuda::short_path(file) + ":" +
+                                              std::to_string(line) + ": " + function + ": Assertion `" +
+                                              assertion + "' failed, in " + worker->thread_name());
+    worker->abandon_block();
+}
+#endif
+
 #pragma GCC visibility pop
+
+// What another build's emulation asks of this one, walking a signal's chain of handlers (see
+// join_signal_chains): where this library's handler of `signal` passes it on, if `handler` is that one.
+extern "C" __attribute__((weak)) const struct sigaction* cpu_cuda_next_action_v1(int signal, void* handler) {
+    const int i = signal == SIGINT ? 0 : signal == SIGSEGV ? 1 : signal == SIGBUS ? 2 : -1;
+    const void* ours = i < 0 ? nullptr
+                       : i == 0 ? reinterpret_cast<void*>(cpu_cuda::on_sigint)
+                                : reinterpret_cast<void*>(cpu_cuda::on_fault);
+    return ours && handler == ours ? &cpu_cuda::next_action[i] : nullptr;
+}

@@ -1,8 +1,10 @@
 // Small kernels that check the CPU emulation itself (kernels/cpu_cuda.h), one behaviour each;
 // tests/test_emulation.py builds this file and calls run_case. Lines marked "// line: NAME" are
 // the ones the tests expect in messages: they find them by the marker, so edits may move them.
+#include <cassert>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 
 #include "cpu_cuda.h"
@@ -360,6 +362,132 @@ __global__ void shuffle_in_part_of_a_warp(float* out) {
     out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
 }
 
+// ---- Warp collectives read at the collective point; mistakes a GPU reports
+
+// Each lane loads 4 tiles of ones by ldmatrix, then zeroes the row it gave: the instruction read all
+// rows at once, so every lane gets 8 ones.
+__global__ void ldmatrix_then_overwrite(float* out) {
+    extern __shared__ __align__(16) float smem[];
+    unsigned short* tile = reinterpret_cast<unsigned short*>(smem);  // 32 rows of 8 values
+    const unsigned lane = threadIdx.x;
+    for (int j = 0; j < 8; ++j) tile[lane * 8 + j] = __bfloat16_as_ushort(__float2bfloat16(1.0f));
+    __syncthreads();
+    unsigned r[4];
+    ldmatrix_x4(r, tile + lane * 8);
+    for (int j = 0; j < 8; ++j) tile[lane * 8 + j] = 0;
+    float sum = 0;
+    for (int i = 0; i < 4; ++i)
+        sum += __bfloat162float(__ushort_as_bfloat16(r[i] & 0xffff)) +
+               __bfloat162float(__ushort_as_bfloat16(r[i] >> 16));
+    out[lane] = sum;
+}
+
+// Rows of 18 bytes: lane 1's is not 16-byte aligned.
+__global__ void ldmatrix_misaligned(float* out) {
+    extern __shared__ __align__(16) float smem[];
+    unsigned short* tile = reinterpret_cast<unsigned short*>(smem);
+    for (int j = 0; j < 9; ++j) tile[threadIdx.x * 9 + j] = 0;
+    __syncthreads();
+    unsigned r[4];
+    ldmatrix_x4(r, tile + threadIdx.x * 9);  // line: ldmatrix_misaligned
+    out[threadIdx.x] = float(r[0]);
+}
+
+// A float4 read at an address 4 bytes past a multiple of 16 (`store`: a float2 written at one 4 past 8).
+__global__ void vector_misaligned(const float* in, float* out, bool store) {
+    if (store) {
+        *reinterpret_cast<float2*>(out + 1) = float2{1.0f, 2.0f};
+        return;
+    }
+    const float4 v = *reinterpret_cast<const float4*>(in + 1);  // line: vector_misaligned
+    out[threadIdx.x] = v.x + v.y + v.z + v.w;
+}
+
+__global__ void throws(float*) {
+    if (threadIdx.x == 5) throw std::runtime_error("a reader's exception");
+}
+
+__global__ void asserts(float* out) {
+    assert(threadIdx.x != 5);  // line: asserts
+    out[threadIdx.x] = 1;
+}
+
+// ---- Polls that can never succeed
+
+// Only warp 0 arrives at a barrier of 64 arrivals; both warps poll its phase 0 in a loop.
+__global__ void try_wait_forever(float*) {
+    extern __shared__ __align__(16) float smem[];
+    uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+    if (threadIdx.x == 0) mbarrier_init(bar, 64);
+    __syncthreads();
+    if (threadIdx.x < 32) mbarrier_arrive(bar);
+    while (!mbarrier_try_wait(bar, 0)) {  // line: try_wait_forever
+    }
+}
+
+// Warp 0 arrives only after a __syncthreads that warp 1, polling for that arrival, never reaches.
+__global__ void sync_vs_polling(float*) {
+    extern __shared__ __align__(16) float smem[];
+    uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+    if (threadIdx.x == 0) mbarrier_init(bar, 32);
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        __syncthreads();  // line: sync_vs_polling_barrier
+        mbarrier_arrive(bar);
+    } else {
+        while (!mbarrier_try_wait(bar, 0)) {  // line: sync_vs_polling_poll
+        }
+        __syncthreads();
+    }
+}
+
+// ---- Shared memory's bounds
+
+__global__ void shared_write(float*, int index, float value) {
+    extern __shared__ __align__(16) float smem[];
+    if (threadIdx.x == 0) smem[index] = value;
+}
+__global__ void shared_read(float* out, int index) {
+    extern __shared__ __align__(16) float smem[];
+    if (threadIdx.x == 0) out[0] = smem[index];
+}
+
+// A cp.async to byte 4096 of 256 bytes of shared memory (`global`: to global memory).
+__global__ void copy_outside_shared(const float* from, float* out, bool global) {
+    extern __shared__ __align__(16) float smem[];
+    if (threadIdx.x != 0) return;
+    cp_async16(global ? out + 4 : smem + 1024, from, true);  // line: copy_outside_shared
+    cp_async_commit();
+    cp_async_wait<0>();
+}
+
+// ---- What only ends the process (run in a child process by the tests)
+
+// Thread 0 spins on a flag that thread 32 would set: the emulation never runs thread 32.
+__global__ void spin_on_shared_flag(float* out) {
+    extern __shared__ __align__(16) float smem[];
+    volatile int* flag = reinterpret_cast<volatile int*>(smem);
+    if (threadIdx.x == 0) *flag = 0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        while (*flag == 0) {
+        }
+        out[0] = 1;
+    } else if (threadIdx.x == 32) {
+        *flag = 1;
+    }
+}
+
+__global__ void big_local_array(float* out, int n) {
+    float local[64 * 1024];  // 256 KB: more than a fiber's stack
+    for (int i = 0; i < 64 * 1024; ++i) local[i] = float(i % (n + 1));
+    out[threadIdx.x] = local[(threadIdx.x * 977) % (64 * 1024)];
+}
+
+__global__ void global_out_of_bounds(float* out) {
+    if (threadIdx.x == 0) out[1ll << 40] = 1.0f;
+}
+
 __global__ void nothing(float*) {}
 
 // A long launch: `rounds` barriers per thread, in blocks of 128 threads.
@@ -372,7 +500,7 @@ extern "C" {
 
 // Runs one case by name with `n` as its size parameter; returns "" or the launch's error message.
 const char* run_case(const char* name, float* out, const float* in, int n) {
-    static std::string message;
+    static thread_local std::string message;  // tests launch from several threads
     const std::string c = name;
     if (c == "barrier_in_branch") LAUNCH(barrier_in_branch, dim3(n), dim3(128), 0, 0)(out);
     else if (c == "two_barriers") LAUNCH(two_barriers, dim3(1), dim3(128), 0, 0)(out);
@@ -414,6 +542,23 @@ const char* run_case(const char* name, float* out, const float* in, int n) {
     else if (c == "setmaxnreg_good") LAUNCH(setmaxnreg_case<40>, dim3(1), dim3(256), 0, 0)(out);
     else if (c == "setmaxnreg_bad") LAUNCH(setmaxnreg_case<20>, dim3(1), dim3(256), 0, 0)(out);
     else if (c == "shuffle_in_part_of_a_warp") LAUNCH(shuffle_in_part_of_a_warp, dim3(1), dim3(48), 0, 0)(out);
+    else if (c == "ldmatrix_then_overwrite") LAUNCH(ldmatrix_then_overwrite, dim3(1), dim3(32), 1024, 0)(out);
+    else if (c == "ldmatrix_misaligned") LAUNCH(ldmatrix_misaligned, dim3(1), dim3(32), 1024, 0)(out);
+    else if (c == "vector_misaligned") LAUNCH(vector_misaligned, dim3(1), dim3(32), 0, 0)(in, out, n == 1);
+    else if (c == "throws") LAUNCH(throws, dim3(1), dim3(32), 0, 0)(out);
+    else if (c == "asserts") LAUNCH(asserts, dim3(1), dim3(32), 0, 0)(out);
+    else if (c == "try_wait_forever") LAUNCH(try_wait_forever, dim3(1), dim3(64), 64, 0)(out);
+    else if (c == "sync_vs_polling") LAUNCH(sync_vs_polling, dim3(1), dim3(64), 64, 0)(out);
+    else if (c == "shared_stale") {  // word 1000 written by a block of 8 KB, read by one of 1 KB
+        LAUNCH(shared_write, dim3(1), dim3(32), 8192, 0)(out, 1000, 42.0f);
+        LAUNCH(shared_read, dim3(1), dim3(32), 1024, 0)(out, 1000);
+    } else if (c == "copy_outside_shared") LAUNCH(copy_outside_shared, dim3(1), dim3(32), 256, 0)(in, out, n == 1);
+    else if (c == "spin_on_shared_flag") LAUNCH(spin_on_shared_flag, dim3(1), dim3(64), 64, 0)(out);
+    else if (c == "big_local_array") LAUNCH(big_local_array, dim3(1), dim3(1), 0, 0)(out, n);
+    else if (c == "global_out_of_bounds") LAUNCH(global_out_of_bounds, dim3(1), dim3(32), 0, 0)(out);
+    else if (c == "block_z_128") LAUNCH(nothing, dim3(1), dim3(1, 1, 128), 0, 0)(out);
+    else if (c == "grid_y_70000") LAUNCH(nothing, dim3(1, 70000), dim3(32), 0, 0)(out);
+    else if (c == "block_product_wraps") LAUNCH(nothing, dim3(1), dim3(641, 6700417, 1), 0, 0)(out);
     else if (c == "too_many_threads") LAUNCH(nothing, dim3(1), dim3(1025), 0, 0)(out);
     else if (c == "no_blocks") LAUNCH(nothing, dim3(0), dim3(32), 0, 0)(out);
     else if (c == "shared_without_opt_in") LAUNCH(nothing, dim3(1), dim3(32), 48 * 1024 + 16, 0)(out);

@@ -342,8 +342,11 @@ def test_setmaxnreg_takes_multiples_of_8_from_24_to_256(cases):
 # ---- Launch errors, as a GPU reports them, and what the emulation refuses
 
 
-@pytest.mark.parametrize("case", ["too_many_threads", "no_blocks", "shared_without_opt_in"])
+@pytest.mark.parametrize("case", ["too_many_threads", "no_blocks", "shared_without_opt_in", "block_z_128",
+                                  "grid_y_70000", "block_product_wraps"])
 def test_bad_launch_configuration(cases, case):
+    """As a GPU: at most 1024 threads (counted in 64 bits: 641 x 6700417 wraps to 1 in 32), 64 along z, a grid
+    of at most 65535 blocks along y."""
     assert cases(case) == "invalid configuration argument"
 
 
@@ -356,6 +359,237 @@ def test_more_than_48_kb_after_opt_in(cases):
 def test_warp_collective_needs_whole_warps(cases):
     error = cases("shuffle_in_part_of_a_warp", out=torch.zeros(48))
     assert "a block of 48 threads: the emulation runs warp-collective operations in whole warps only" in error
+
+
+# ---- Warp collectives read at the collective point; the mistakes a GPU reports
+
+
+def test_ldmatrix_reads_every_row_before_any_lane_goes_on(cases):
+    """Each lane zeroes the row it gave right after the ldmatrix: the instruction has read all 32 rows."""
+    out = torch.zeros(32)
+    assert cases("ldmatrix_then_overwrite", out=out) == ""
+    assert torch.equal(out, torch.full((32,), 8.0)), out
+
+
+def test_ldmatrix_misaligned_row_fails(cases):
+    error = cases("ldmatrix_misaligned", out=torch.zeros(32))
+    assert error.startswith(f"misaligned address: ldmatrix at {line_of('ldmatrix_misaligned')} in ldmatrix_misaligned, "
+                            "block (0, 0, 0), thread "), error
+    assert error.endswith("lane 1's row, at shared memory byte 18, is not 16-byte aligned"), error
+
+
+def test_misaligned_vector_access_fails(cases):
+    """A float4 (float2) at an address that is not a multiple of 16 (8): "misaligned address", as on a GPU,
+    not a crash of the process (an aligned vector instruction) nor a silent result."""
+    inp = torch.arange(64, dtype=torch.float32)
+    error = cases("vector_misaligned", n=0, out=torch.zeros(32), inp=inp)
+    assert re.fullmatch(r"misaligned address: a 16-byte load \(float4\) at 0x[0-9a-f]+ at "
+                        + re.escape(line_of("vector_misaligned")) + r" in vector_misaligned, block \(0, 0, 0\), "
+                        r"thread \d+: the address must be a multiple of 16", error), error
+    error = cases("vector_misaligned", n=1, out=torch.zeros(32), inp=inp)
+    assert error.startswith("misaligned address: a 8-byte store (float2) at 0x"), error
+
+
+# ---- Polls that can never succeed, shared memory's bounds
+
+
+def test_shared_memory_past_the_launch_size_is_poisoned(cases):
+    """A block of 1 KB reads word 1000, which an earlier block of 8 KB wrote: NaN, not the old 42."""
+    out = torch.zeros(1)
+    assert cases("shared_stale", out=out) == ""
+    assert out.isnan().all(), out
+
+
+def test_cp_async_outside_shared_memory_fails(cases):
+    for global_ in (0, 1):
+        out = torch.zeros(16)
+        error = cases("copy_outside_shared", n=global_, out=out, inp=torch.ones(16))
+        assert error.startswith("an illegal memory access was encountered: a cp.async of 16 bytes at "
+                                f"{line_of('copy_outside_shared')} in copy_outside_shared, block (0, 0, 0), thread 0: "
+                                "its destination is not in the block's 256 bytes of shared memory"), error
+        assert torch.equal(out, torch.zeros(16))
+
+
+# ---- Several builds and threads, Ctrl-C that cannot stop a kernel, faults, fork: each in a child process,
+# with a time limit (before, each of these hung or killed the process)
+
+CHILD_PRELUDE = textwrap.dedent("""
+    import ctypes, os, signal, sys, threading, time
+    import torch  # the library links against torch's
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    def load(path):
+        library = ctypes.CDLL(path)
+        library.run_case.restype = ctypes.c_char_p
+        library.run_case.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        return library
+    buffers = [(ctypes.c_float * 64)() for _ in range(8)]
+    def run(library, name, n, buffer=0):
+        return library.run_case(name.encode(), buffers[buffer], buffers[buffer], n).decode()
+    def later(seconds, what):
+        threading.Timer(seconds, what).start()
+    def ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+    A = load(sys.argv[1])
+""")
+
+
+def child(cases, tmp_path, code, timeout=60):
+    """Runs `code` after CHILD_PRELUDE in a child Python, with the cases' library (A) and, as B, a copy of it
+    (another build: a library with its own emulation). Returns (exit status, stdout, stderr); None if it did
+    not end within `timeout` s (killed)."""
+    copy = tmp_path / "copy_of_cases.so"
+    copy.write_bytes(open(cases.library._name, "rb").read())
+    script = CHILD_PRELUDE + f"B = load({str(copy)!r})\n" + textwrap.dedent(code)
+    process = subprocess.Popen([sys.executable, "-c", script, cases.library._name], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        return None
+    return process.returncode, out, err
+
+
+def test_ctrl_c_after_two_builds_launches_overlapped(cases, tmp_path):
+    """Two builds launch from two threads, overlapping (A starts, B starts, A ends, A starts again while B
+    still runs): Ctrl-C stops both and raises KeyboardInterrupt; so it does with no launch running, and
+    during a later launch. (Before, the handlers each build put in place and took away chained to each
+    other in a loop, and Ctrl-C hung the process for good.)"""
+    result = child(cases, tmp_path, """
+        results = {}
+        def launch(library, key, n, buffer):
+            results[key] = run(library, "barriers", n, buffer)
+        a = threading.Thread(target=launch, args=(A, "a", 3000, 0)); a.start(); time.sleep(0.3)
+        b = threading.Thread(target=launch, args=(B, "b", 100000, 1)); b.start(); a.join()
+        a = threading.Thread(target=launch, args=(A, "a2", 100000, 2)); a.start(); time.sleep(0.5)
+        later(0.5, ctrl_c)
+        try:
+            time.sleep(5)
+            print("no KeyboardInterrupt")
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+        a.join(), b.join()
+        print(results["a"] or "ok", results["a2"], results["b"], flush=True)
+        try:
+            ctrl_c(); time.sleep(2)
+            print("no KeyboardInterrupt")
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+        later(1.0, ctrl_c)
+        try:
+            print(run(A, "barriers", 100000, 3))
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+        print(run(B, "barriers", 10, 4) or "ok", buffers[4][0])
+    """)
+    assert result is not None, "the child hung"
+    status, out, err = result
+    assert status == 0, err
+    assert out.split("\n") == ["KeyboardInterrupt", "ok interrupted interrupted", "KeyboardInterrupt",
+                                "KeyboardInterrupt", "ok 64.0", ""], out
+
+
+def test_ctrl_c_while_waiting_for_another_threads_launch(cases, tmp_path):
+    """A launch that waits for another thread's launch of the same build: a Ctrl-C then stops both at
+    once. (Before, the waiting one cleared the Ctrl-C when its turn came, and ran to its end.)"""
+    result = child(cases, tmp_path, """
+        threading.Thread(target=run, args=(A, "barriers", 100000, 0), daemon=True).start(); time.sleep(0.5)
+        later(1.0, ctrl_c)
+        start = time.monotonic()
+        try:
+            print(run(A, "barriers", 100000, 1))
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt", time.monotonic() - start)
+    """)
+    assert result is not None, "the child hung"
+    status, out, err = result
+    words = out.split()
+    assert status == 0 and words[0] == "KeyboardInterrupt" and float(words[1]) < 4, (out, err)
+
+
+def test_second_ctrl_c_ends_a_kernel_that_never_switches(cases, tmp_path):
+    """A thread spins on a flag that another thread of its block would set: the emulation never runs that
+    one, and the first Ctrl-C cannot stop the spin; a second one ends the process, saying why."""
+    result = child(cases, tmp_path, """
+        later(1.0, ctrl_c); later(2.5, ctrl_c)
+        print(run(A, "spin_on_shared_flag", 1))
+    """, timeout=30)
+    assert result is not None, "the child hung"
+    status, out, err = result
+    assert status == -signal.SIGINT, (status, out, err)
+    assert ("minimal_flash: Ctrl-C again, and the CPU emulation of spin_on_shared_flag has not stopped: a thread of "
+            "the kernel runs code that never reaches a barrier, a warp collective or a wait") in err, err
+
+
+@pytest.mark.parametrize("case,n,said", [
+    ("big_local_array", 3, "thread 0: SIGSEGV at address 0x[0-9a-f]+: stack overflow: the thread's locals take more "
+                           "than the 128 KB of stack that the emulation gives a thread; the process ends"),
+    ("global_out_of_bounds", 1, r"thread 0: SIGSEGV(?: at address 0x[0-9a-f]+)?: (a general-protection fault|an "
+                                r"access outside the process's memory)")])
+def test_fault_in_a_kernel_says_where_and_why(cases, tmp_path, case, n, said):
+    """A fault in a kernel's thread cannot be recovered from: the process still ends, with a line that names
+    the kernel, the block, the thread and the likely cause."""
+    result = child(cases, tmp_path, f"print(run(A, {case!r}, {n}))")
+    assert result is not None, "the child hung"
+    status, out, err = result
+    assert status == -signal.SIGSEGV, (status, err)
+    assert re.search(f"minimal_flash: CPU emulation of {case}, block \\(0, 0, 0\\), {said}", err), err
+
+
+def test_launch_in_a_child_forked_during_a_launch_fails(cases, tmp_path):
+    """Forked while another thread ran a launch: the child's launch fails, as CUDA refuses to run in such a
+    child (before, it hung on the lock that the other thread held at the fork)."""
+    result = child(cases, tmp_path, """
+        thread = threading.Thread(target=run, args=(A, "barriers", 10000, 0)); thread.start(); time.sleep(0.5)
+        pid = os.fork()
+        if pid == 0:
+            print(run(A, "barriers", 1, 1), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        thread.join()
+        print(run(A, "barriers", 1, 2) or "ok", buffers[2][0])
+    """)
+    assert result is not None, "the child hung"
+    status, out, err = result
+    lines = out.split("\n")
+    assert lines[0].startswith("initialization error: this process was forked while another of its threads ran a "
+                               "launch of the CPU emulation"), out
+    assert lines[1] == "ok 64.0", out
+
+
+def test_exception_or_assert_in_a_kernel_fails_the_launch(cases, tmp_path):
+    """A C++ exception leaving a kernel's thread, or a failed assert, fails the launch (a GPU's device-side
+    assert) instead of ending the process (before, it did: in a child process here); the next launch runs."""
+    result = child(cases, tmp_path, """
+        print(run(A, "throws", 1)); print(run(A, "asserts", 1)); print(run(A, "barriers", 1, 3) or "ok", buffers[3][0])
+    """)
+    assert result is not None, "the child hung"
+    status, out, err = result
+    throws, asserts, after, _ = out.split("\n")
+    assert throws == "unspecified launch failure: throws, block (0, 0, 0), thread 5 threw a C++ exception: a reader's "\
+                     "exception", (out, err)
+    assert asserts.startswith(f"device-side assert triggered: {line_of('asserts')}: "), asserts
+    assert asserts.endswith("Assertion `threadIdx.x != 5' failed, in asserts, block (0, 0, 0), thread 5"), asserts
+    assert after == "ok 64.0" and status == 0, (out, err)
+
+
+def test_try_wait_loop_that_can_never_succeed_fails(cases, tmp_path):
+    """A try_wait loop on a phase that no thread left can complete, and one that a thread waiting at a
+    __syncthreads would complete: named deadlocks (before, they spun for good: in a child process here)."""
+    result = child(cases, tmp_path, """
+        print(run(A, "try_wait_forever", 1)); print(run(A, "sync_vs_polling", 1))
+    """)
+    assert result is not None, "the child hung"
+    forever, polling, _ = result[1].split("\n")
+    assert forever == (f"barrier deadlock in try_wait_forever, block (0, 0, 0): the mbarrier_try_wait loop (parity 0) "
+                       f"at {line_of('try_wait_forever')} can never complete: threads 0-63 wait there (its barrier, "
+                       "at shared memory byte 0, has completed 0 phases and awaits 32 of its 64 arrivals and 0 bytes: "
+                       "a phase completes when all its arrivals have arrived and all the bytes announced by "
+                       "expect_tx have landed)"), forever
+    assert (f"the __syncthreads() at {line_of('sync_vs_polling_barrier')} can never complete: threads 0-31 wait "
+            f"there, threads 32-63 wait at the mbarrier_try_wait loop (parity 0) at {line_of('sync_vs_polling_poll')}"
+            in polling), polling
 
 
 # ---- Ctrl-C and the progress line, through minimal_flash, as a user meets them
