@@ -1998,25 +1998,29 @@ inline void ldmatrix(unsigned (&r)[4], const void* row, bool transposed, const c
     warp.rows[half][lane] = row;
     worker.sync_warp(warp, site, [&] {
         const char* shared = reinterpret_cast<const char*>(smem);
+        const size_t bytes = worker.launch->shared_bytes;
         const unsigned short* rows[32];
         for (unsigned l = 0; l < 32; ++l) {
             const char* at = static_cast<const char*>(warp.rows[half][l]);
-            if (at < shared || size_t(at - shared) + 16 > worker.launch->shared_bytes)
-                worker.fail(site, "lane " + std::to_string(l) + "'s row is not 16 bytes of the block's " +
-                                      std::to_string(worker.launch->shared_bytes) + " bytes of shared memory",
-                            cudaErrorIllegalAddress);
-            if ((at - shared) % 16)
+            const size_t offset = size_t(at - shared);  // below smem: wraps to a huge offset
+            if (__builtin_expect(offset % 16 != 0 || offset + 16 > bytes, 0)) {
+                if (at < shared || offset + 16 > bytes)
+                    worker.fail(site, "lane " + std::to_string(l) + "'s row is not 16 bytes of the block's " +
+                                          std::to_string(bytes) + " bytes of shared memory",
+                                cudaErrorIllegalAddress);
                 worker.fail(site, "lane " + std::to_string(l) + "'s row, at shared memory byte " +
-                                      std::to_string(at - shared) + ", is not 16-byte aligned",
+                                      std::to_string(offset) + ", is not 16-byte aligned",
                             cudaErrorMisalignedAddress);
+            }
             rows[l] = reinterpret_cast<const unsigned short*>(at);
         }
+        unsigned (&fragments)[32][4] = warp.fragments[half];
         for (unsigned l = 0; l < 32; ++l) {
             const unsigned g = l / 4, q = l % 4;
             for (int i = 0; i < 4; ++i) {
                 const unsigned short* const* tile = rows + 8 * i;
-                warp.fragments[half][l][i] = transposed ? tile[2 * q][g] | unsigned(tile[2 * q + 1][g]) << 16
-                                                        : tile[g][2 * q] | unsigned(tile[g][2 * q + 1]) << 16;
+                fragments[l][i] = transposed ? tile[2 * q][g] | unsigned(tile[2 * q + 1][g]) << 16
+                                             : tile[g][2 * q] | unsigned(tile[g][2 * q + 1]) << 16;
             }
         }
     });
