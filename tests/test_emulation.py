@@ -4,6 +4,7 @@ mbarrier, TMA, named barriers, wgmma (A and B K-major or MN-major), setmaxnreg a
 launch errors, and Ctrl-C. The small kernels are in tests/emulation_cases.cpp; the Ctrl-C tests run
 minimal_flash in a subprocess (and in a Jupyter kernel) and interrupt it."""
 import ctypes
+import os
 import queue
 import re
 import signal
@@ -441,11 +442,11 @@ def child(cases, tmp_path, code, timeout=60):
     copy.write_bytes(open(cases.library._name, "rb").read())
     script = CHILD_PRELUDE + f"B = load({str(copy)!r})\n" + textwrap.dedent(code)
     process = subprocess.Popen([sys.executable, "-c", script, cases.library._name], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)  # and what it forked, which holds the pipes open
         process.communicate()
         return None
     return process.returncode, out, err
