@@ -258,50 +258,46 @@ def test_bad_mods_are_refused(options, error, match):
 def test_a_mod_undefined_where_scores_are_masked_gives_no_nan(device, version, generator):
     """The kernels ask score_mod at keys and queries past N (N = 70: tiles of 64 and 128 hold them) and
     at masked pairs too, where a mod tensor read out of range is 0: a temperature score / t then has the
-    derivative 1 / 0 = inf, and dS = P (dP - D) f there must be 0 (P is), not 0 inf = NaN. Per-key and
-    per-query temperatures, and one that is 0 exactly where causal hides the key; against float64 (whose
-    temperatures are 1 where nothing is seen: its autograd would make the same NaN)."""
+    derivative 1 / 0 = inf, and dS = P (dP - D) f there must be 0 (P is), not 0 inf = NaN. One build: a
+    temperature per key times one per query times one that is 0 exactly where causal hides the key;
+    against float64 (whose temperatures are 1 where nothing is seen: its autograd would make the same NaN)."""
     B, H, N, d = 1, 2, 70, 64
     q, k, v = random_qkv(B, H, N, d, device, generator, torch.bfloat16)
     dO = random_dO(q, generator)
     i, j = idx(N)
     per_key, per_query = torch.rand(H, N, generator=generator) + 0.5, torch.rand(N, generator=generator) + 0.5
     below = torch.rand(H, N, N, generator=generator) + 0.5
-    for score_mod, tensor, t, causal in (("score / t(h, kv_idx)", per_key, per_key[:, None, :], False),
-                                         ("score / t[q_idx]", per_query, per_query[:, None], False),
-                                         ("score / t(h, q_idx, kv_idx)", below.masked_fill(j > i, 0.0), below, True)):
-        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-        out = mf.flash_attention(*inputs, causal=causal, score_mod=score_mod, mod_tensors={"t": tensor.to(device)},
-                                 version=version)
-        grads = torch.autograd.grad(out, inputs, dO)
-        results = {}
-        for dtype in (torch.float64, q.dtype):
-            x = [y.detach().to(dtype).requires_grad_() for y in (q, k, v)]
-            o, _ = softmax_attention((x[0] @ x[1].transpose(-2, -1)) * d ** -0.5 / t.to(device, dtype),
-                                     (j <= i).to(device) if causal else True, x[2])
-            results[dtype] = (o, *torch.autograd.grad(o, x, dO.to(dtype)))
-        for name, x, r, p in zip(("O", "dQ", "dK", "dV"), (out, *grads), results[torch.float64], results[q.dtype]):
-            assert_close(f"{score_mod}: {name}", x, r, p)
+    tensors = {"tk": per_key, "tq": per_query, "tc": below.masked_fill(j > i, 0.0)}
+    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    score_mod = "score / (tk(h, kv_idx) * tq[q_idx] * tc(h, q_idx, kv_idx))"
+    out = mf.flash_attention(*inputs, causal=True, score_mod=score_mod,
+                             mod_tensors={name: t.to(device) for name, t in tensors.items()}, version=version)
+    grads = torch.autograd.grad(out, inputs, dO)
+    t = per_key[:, None, :] * per_query[:, None] * below
+    results = {}
+    for dtype in (torch.float64, q.dtype):
+        x = [y.detach().to(dtype).requires_grad_() for y in (q, k, v)]
+        o, _ = softmax_attention((x[0] @ x[1].transpose(-2, -1)) * d ** -0.5 / t.to(device, dtype), (j <= i).to(device),
+                                 x[2])
+        results[dtype] = (o, *torch.autograd.grad(o, x, dO.to(dtype)))
+    for name, x, r, p in zip(("O", "dQ", "dK", "dV"), (out, *grads), results[torch.float64], results[q.dtype]):
+        assert_close(name, x, r, p)
 
 
 def test_mod_tensors_take_one_index_per_dim_and_keep_their_names_apart(generator):
     """A mod tensor indexed with another count of indices than its dims does not compile (it read 0, or the
-    wrong element, before); a tensor named like a function the header's official mods call (fabsf, ALiBi's;
-    fast_tanh, softcap's) leaves them alone; a one-line mod may end in a // comment."""
+    wrong element, before); tensors named like the functions the header's official mods call (fabsf,
+    ALiBi's; fast_tanh, softcap's) leave them alone; a one-line mod may end in a // comment. Both in one
+    build, beside the same options without them."""
     q, k, v = random_qkv(1, 2, 40, 64, "cpu", generator, torch.bfloat16)
     refuse(RuntimeError, "(?s)with mods failed:.*a mod tensor takes one index per dim", score_mod="score + t(h, q_idx)",
            mod_tensors={"t": torch.zeros(8)})
-    slopes = torch.tensor([0.5, 0.25])
-    alibi = mf.flash_attention(q, k, v, alibi_slopes=slopes)
-    for name, options in (("fabsf", dict(alibi_slopes=slopes)), ("fast_tanh", dict(softcap=3.0))):
-        plain = mf.flash_attention(q, k, v, **options)
-        named = mf.flash_attention(q, k, v, score_mod=f"score + {name}[0]", mod_tensors={name: torch.zeros(1)},
-                                   **options)
-        assert (named.double() - plain.double()).abs().max() < 1e-2, name
-    assert not torch.equal(alibi, mf.flash_attention(q, k, v))  # (the slopes do something)
-    commented = mf.flash_attention(q, k, v, score_mod="score * 0.5f  // half")
-    halved = mf.flash_attention(q, k, v, softmax_scale=64 ** -0.5 * 0.5)
-    assert (commented.double() - halved.double()).abs().max() < 1e-2
+    options = dict(alibi_slopes=torch.tensor([0.5, 0.25]), softcap=3.0)
+    plain = mf.flash_attention(q, k, v, **options)
+    named = mf.flash_attention(q, k, v, score_mod="score + fabsf[0] + fast_tanh[0]  // both 0",
+                               mod_tensors={"fabsf": torch.zeros(1), "fast_tanh": torch.zeros(1)}, **options)
+    assert (named.double() - plain.double()).abs().max() < 1e-2
+    assert (plain.double() - mf.flash_attention(q, k, v).double()).abs().max() > 0.1  # (the options do something)
 
 
 def test_document_ids_must_be_one_per_token():
