@@ -724,9 +724,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if not _capturing(q.device):  # a graph being captured cannot wait for a copy to the host
         if cache_batch_idx is not None:
             _check_cache_batch_idx(block_table, pages, k is not None)
-        _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftpad)
-        if block_table is not None and seqlen_new and cache_batch_idx is None:
-            _check_appends_apart(seqlens, block_table, capacity, seqlen_new)
+        _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftpad,
+                            appends_apart=cache_batch_idx is None)  # (cache_batch_idx: its own check)
         if rotary:
             _check_rotary_positions(seqlens, max(seqlen_new, Sq if q_steps else 1), len(rotary_cos))
     if rotary:  # the new keys at cache_seqlens[b] + i; the queries there too if causal or local, else all at [b]
@@ -942,10 +941,11 @@ def _capturing(device):
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftpad=None):
+def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftpad=None, appends_apart=False):
     """Each sequence's keys (rows cache_leftpad[b] .. cache_seqlens[b] + seqlen_new - 1) within the cache,
     and, paged, each page they lie in a page of the cache; a ValueError that names the first sequence
-    that is not."""
+    that is not. appends_apart: paged, the new keys each to a row of their own too (_check_appends_apart),
+    on the same copies to the host."""
     lengths = seqlens.tolist()  # a few numbers: Python's min and max are quicker than torch's on them
     if lengths and (min(lengths) < 0 or max(lengths) + seqlen_new > capacity):
         b = next(b for b, n in enumerate(lengths) if n < 0 or n + seqlen_new > capacity)
@@ -960,24 +960,25 @@ def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftp
         return
     table, page = block_table.cpu(), capacity // block_table.shape[1]
     low, high = torch.aminmax(table)
-    if low >= 0 and high < pages:  # every entry a page of the cache, used or not: nothing more to look at
-        return
-    keys, column = torch.tensor(lengths) + seqlen_new, torch.arange(table.shape[1])[None, :]
-    used = (column >= (torch.tensor(pads) // page)[:, None]) & (column < ((keys + page - 1) // page)[:, None])
-    bad = torch.nonzero(used & ((table < 0) | (table >= pages)))
-    if len(bad):
-        b, j = bad[0].tolist()
-        raise ValueError(f"block_table[{b}, {j}] = {table[b, j].item()}: sequence {b} uses that entry, and the cache "
-                         f"has pages 0 .. {pages - 1}")
+    if not (low >= 0 and high < pages):  # an entry that is no page of the cache: an error where it is used
+        keys, column = torch.tensor(lengths) + seqlen_new, torch.arange(table.shape[1])[None, :]
+        used = (column >= (torch.tensor(pads) // page)[:, None]) & (column < ((keys + page - 1) // page)[:, None])
+        bad = torch.nonzero(used & ((table < 0) | (table >= pages)))
+        if len(bad):
+            b, j = bad[0].tolist()
+            raise ValueError(f"block_table[{b}, {j}] = {table[b, j].item()}: sequence {b} uses that entry, and the "
+                             f"cache has pages 0 .. {pages - 1}")
+    if appends_apart and seqlen_new:
+        _check_appends_apart(lengths, table, page, seqlen_new)
 
 
-def _check_appends_apart(seqlens, block_table, capacity, seqlen_new):
+def _check_appends_apart(lengths, table, page, seqlen_new):
     """A paged cache's new keys each to a row of its own: sequences whose block tables share a page (a
     shared prompt's) may read it together, but two new keys written to one row would leave one of them
-    lost (whichever lands last wins). A ValueError names the first two."""
-    page = capacity // block_table.shape[1]
-    rows = seqlens.cpu().long()[:, None] + torch.arange(seqlen_new)  # (B, seqlen_new), in range: checked
-    at = (block_table.cpu().long().gather(1, rows // page) * page + rows % page).flatten().tolist()
+    lost (whichever lands last wins). A ValueError names the first two. On the host: cache_seqlens as a
+    list, block_table's copy."""
+    rows = torch.tensor(lengths)[:, None] + torch.arange(seqlen_new)  # (B, seqlen_new), in range: checked
+    at = (table.long().gather(1, rows // page) * page + rows % page).flatten().tolist()
     if len(set(at)) == len(at):
         return
     first = {}
