@@ -247,7 +247,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if deterministic:  # checked before the transposes, with the official argument's name
         _check_deterministic(deterministic, _check_version(_mods_version(version, _wants_mods(
             score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, _check_dropout(dropout_p)), q), q))
-    q, k, v = (_transposed(name, t) for name, t in (("q", q), ("k", k), ("v", v)))  # views: gradients reach the caller
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_4d(name, t, "(B, N, H, d)")
+    if not q.shape == k.shape == v.shape:  # the error in the caller's layout, not the transposed one
+        _check_shapes(q, k, v, _check_version(_mods_version(version, _wants_mods(
+            score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, _check_dropout(dropout_p)), q), q),
+            "(B, N, H, d)")
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, d) views: gradients reach the caller
     out = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc, version=version,
                           deterministic=deterministic, dropout_p=dropout_p, score_mod=score_mod, mask_mod=mask_mod,
                           mod_tensors=mod_tensors, window_size=window_size, softcap=softcap,
@@ -2000,16 +2006,10 @@ def _check_inputs(q, k, v, version):
     they read (_laid_out)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, version)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, N, d), got shape {tuple(t.shape)}")
+        _check_4d(name, t, "(B, H, N, d)")
     if not q.dtype == k.dtype == v.dtype:  # the kernels would read k and v as q's dtype
         raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape or _other_dims(q) != _other_dims(k) or (q.shape[1] != k.shape[1] and not (
-            VERSIONS[version].grouped_heads and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0)):
-        grouped = [str(n) for n, x in VERSIONS.items() if x.grouped_heads]
-        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}; or, in version {' or '.join(grouped)}, k and v may have fewer heads "
-                         f"(dim 1) than q, a number that divides q's (grouped-query attention)")
+    _check_shapes(q, k, v, version)
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.device.type not in ("cuda", "cpu"):
@@ -2060,6 +2060,21 @@ def _other_dims(t):
     return (t.shape[0], *t.shape[2:])
 
 
+def _check_shapes(q, k, v, version, layout="(B, H, N, d)"):
+    """q, k, v of one shape, in the layout the caller passed them in (flash_attention's, or flash_attn_func's
+    (B, N, H, d)); or, in a version with grouped-query heads, k and v with fewer heads than q, a number
+    that divides q's."""
+    heads = layout.strip("()").split(", ").index("H")
+    others = [tuple(s for i, s in enumerate(t.shape) if i != heads) for t in (q, k)]  # what all must share
+    hq, hk = q.shape[heads], k.shape[heads]
+    if k.shape != v.shape or others[0] != others[1] or (hq != hk and not (
+            VERSIONS[version].grouped_heads and hk > 0 and hq % hk == 0)):
+        grouped = [str(n) for n, x in VERSIONS.items() if x.grouped_heads]
+        raise ValueError(f"q, k, v must have the same shape {layout}, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}; or, in version {' or '.join(grouped)}, k and v may have fewer heads "
+                         f"(H) than q, a number that divides q's (grouped-query attention)")
+
+
 def _aligned(t):
     """The kernels move (B, H, N, d) tensors 16 bytes at a time (float4 loads, cp.async, vector
     atomics, TMA), so each must start at a 16-byte-aligned address. A fresh tensor does; a view that
@@ -2092,12 +2107,11 @@ def _check_tensor(name, t, version):
                         f"{_dtype_names(VERSIONS[version].dtypes)} only: {other}")
 
 
-def _transposed(name, t):
-    """(B, N, H, d) -> a (B, H, N, d) view, for flash_attn_func."""
+def _check_4d(name, t, layout):
+    """A tensor of 4 dims, named in the caller's layout."""
     _check_is_tensor(name, t)
     if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, N, H, d), got shape {tuple(t.shape)}")
-    return t.transpose(1, 2)
+        raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
 
 
 def _check_outputs(names, tensors, likes, inputs):

@@ -1,6 +1,8 @@
 """Bad input gets a clear error that names the problem; odd-but-valid input gets the right answer.
 Every pair of inputs that must agree (dtype, shape, device, the layout of out=) is checked, and
 every option in the wrong place is refused rather than read as another."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -155,8 +157,20 @@ def test_grouped_heads_only_where_a_version_takes_them(version, heads_k):
     dtype = torch.float32 if version < 3 else torch.bfloat16
     q = torch.randn(1, 4, 8, 64, dtype=dtype)
     k, v = (torch.randn(1, heads_k, 8, 64, dtype=dtype) for _ in range(2))
-    with pytest.raises(ValueError, match=r"fewer heads \(dim 1\) than q, a number that divides q's"):
+    with pytest.raises(ValueError, match=r"same shape \(B, H, N, d\).*fewer heads \(H\) than q, a number that divides"):
         mf.flash_attention(q, k, v, version=version)
+
+
+@pytest.mark.parametrize("version,k_shape", [(2, (1, 8, 2, 64)), (3, (1, 8, 3, 64)), (3, (1, 8, 4, 32)),
+                                             (3, (1, 9, 4, 64))])
+def test_flash_attn_func_names_shapes_in_its_own_layout(version, k_shape):
+    """flash_attn_func's q, k, v are (B, N, H, d): a mismatch is reported as the caller passed them, not
+    as the (B, H, N, d) views flash_attention is given."""
+    dtype = torch.float32 if version < 3 else torch.bfloat16
+    q, k = torch.randn(1, 8, 4, 64, dtype=dtype), torch.randn(k_shape, dtype=dtype)
+    message = rf"same shape \(B, N, H, d\), got \(1, 8, 4, 64\), {re.escape(str(k_shape))}, .*fewer heads \(H\)"
+    with pytest.raises(ValueError, match=message):
+        mf.flash_attn_func(q, k, k.clone(), version=version)
 
 
 @pytest.mark.parametrize("k_shape,v_shape", [((1, 2, 8, 64), (1, 1, 8, 64)), ((1, 2, 9, 64), (1, 2, 9, 64)),
