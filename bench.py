@@ -755,7 +755,9 @@ def read_csv(path):
                  graph_us=float, fraction_of_read=float, ns_per_token=float, x_padded=float, tokens_per_s=float,
                  peak_gib=float, pairs=int, **{f"{key}_{pass_}": float for pass_ in ("fwd", "bwd") for key in (
                      "ms", "tflops", "x_no_mod", "x_flex", "rel_err", "plain_err")}, ms_fwd_bwd=float,
-                 repeats_fwd=int, repeats_fwd_bwd=int)
+                 repeats_fwd=int, repeats_fwd_bwd=int, nheads=int, nheads_k=int, tokens=int, padded_tokens=int,
+                 bytes=int, eager_us=float, host_us=float, gb_per_s=float, fraction_of_copy=float,
+                 fraction_of_spec=float, x_best_sdpa=float, max_err=float, plain_err=float, version=int, step=int)
     with open(path, newline="") as f:
         return [{k: types.get(k, str)(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import math
+import pathlib
 import warnings
 
 import matplotlib.image
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 import bench
+
+RESULTS = pathlib.Path(__file__).parent.parent / "notebooks/results/h200"
 
 # (--min-repeats, which the default run does not read, is --repeats' 2: its default yields to a smaller --repeats)
 TINY = ["--cpu", "-B", "1", "-H", "2", "-d", "8", "--warmup", "1", "--repeats", "2"]
@@ -97,6 +100,18 @@ def test_default_run_checks_profiles_and_times(capsys):
     assert "=== flash backward (5 calls) ===" in out and "=== manual (5 calls) ===" in out
     row = next(line for line in out.splitlines() if line.split()[:1] == ["17"])
     assert row.count("x") == 2  # a forward and a backward speed-up
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RESULTS.glob("*.csv")
+                                         if p.name != "gpt_losses.csv"))  # (notebook 7's, read with csv alone)
+def test_read_csv_gives_numbers_as_numbers(name):
+    """Every column of the committed results that holds numbers reads back as numbers (a table that
+    formats one with :.1f must not be handed a string); only labels stay strings."""
+    labels = {"dtype", "method", "pass", "note", "checked_against", "mod", "lengths", "attention", "commit"}
+    rows = bench.read_csv(RESULTS / name)
+    assert rows
+    strings = {k for r in rows for k, v in r.items() if isinstance(v, str)}
+    assert strings <= labels, f"{name}: {sorted(strings - labels)} read as strings"
 
 
 def test_csv_round_trip_and_replot(tmp_path):
