@@ -320,6 +320,11 @@ def parse_args(argv=None):
     if args.mods and args.head_dim not in mf.VERSIONS[args.version].head_dims:
         p.error(f"--mods: version {args.version} takes d = {mf._one_of(mf.VERSIONS[args.version].head_dims)}")
     args.head_dim = or_default(args.head_dim, 64 if gpu else 32)
+    for v in [args.version] if mode in ("default", "mods") else versions:  # (1 and 2: any d shared memory holds)
+        dims = mf.VERSIONS[v].head_dims
+        if dims is not None and args.head_dim > max(dims):
+            p.error(f"-d {args.head_dim}: version {v} is compiled for d = {mf._one_of(dims)} (a d between them runs "
+                    "padded up to the next)")
     args.warmup = or_default(args.warmup, 10 if gpu else 2)
     # --repeats and --min-repeats: both given, they must agree; one given, the other's default yields to it.
     if args.repeats is not None and args.min_repeats is not None and args.repeats < args.min_repeats:

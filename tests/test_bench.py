@@ -659,6 +659,10 @@ def test_modes_are_mutually_exclusive(capsys, argv):
     (["--decode", "-d", "100"], "--decode: -d 100: the decode kernels take a multiple of 8 up to 256"),
     (["--decode", "-d", "264"], "--decode: -d 264: the decode kernels take a multiple of 8 up to 256"),
     (["--varlen", "-d", "300"], "--varlen: -d 300: version 3's kernels take d up to 256"),
+    (["--version", "3", "--dtype", "bf16", "-d", "264"], "-d 264: version 3 is compiled for d = 32, 64, 96, 128, "
+                                                         "192 or 256 (a d between them runs padded up to the next)"),
+    (["--sweep", "--dtype", "bf16", "-d", "512"], "-d 512: version 3 is compiled for d = 32, 64, 96, 128, 192 or 256 "
+                                                  "(a d between them runs padded up to the next)"),
     (["--sweep", "--methods", "manual", "sdpa", "--br", "8"], "--br/--bc: none of the methods asked for is one of our "
                                                               "versions 1 and 2, which take block sizes")])
 def test_sizes_and_counts_out_of_range_are_usage_errors(capsys, argv, said):
