@@ -235,7 +235,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, Br=None, Bc=None,
                     version=None, score_mod=None, mask_mod=None, mod_tensors=None):
     """The flash-attn package's flash_attn_func, with its positional order, on our kernels: q, k, v are
-    (B, N, H, d), batch, sequence, heads, head dim, and so is the result. dropout_p, window_size,
+    (B, N, H, d), batch, sequence, heads, head dim, and so is the result. k, v may have another N than q
+    (seqlen_k != seqlen_q: cross-attention, a chunk of queries against a longer context), in half
+    precision: each entry of the batch then runs as one sequence of flash_attn_varlen_func, causal
+    aligned at the bottom right as in the official package. dropout_p, window_size,
     softcap and alibi_slopes as the official package has them (versions 3 and 4, with score_mod, mask_mod and
     mod_tensors: see flash_attention); its options that these kernels do not have are refused unless
     left at their defaults; deterministic=True needs a version whose backward can be deterministic
@@ -249,6 +252,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, _check_dropout(dropout_p)), q), q))
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_4d(name, t, "(B, N, H, d)")
+    if q.shape[1] != k.shape[1] and k.shape == v.shape and (q.shape[0], q.shape[3]) == (k.shape[0], k.shape[3]):
+        return _unequal_lengths(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                deterministic, return_attn_probs, Br, Bc, version, score_mod, mask_mod, mod_tensors)
     if not q.shape == k.shape == v.shape:  # the error in the caller's layout, not the transposed one
         _check_shapes(q, k, v, _check_version(_mods_version(version, _wants_mods(
             score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, _check_dropout(dropout_p)), q), q),
@@ -259,6 +265,31 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                           mod_tensors=mod_tensors, window_size=window_size, softcap=softcap,
                           alibi_slopes=alibi_slopes, return_lse=return_attn_probs)
     return (out[0].transpose(1, 2), out[1], None) if return_attn_probs else out.transpose(1, 2)
+
+
+def _unequal_lengths(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                     return_attn_probs, Br, Bc, version, score_mod, mask_mod, mod_tensors):
+    """flash_attn_func with seqlen_q != seqlen_k (cross-attention; a chunk of new queries against a longer
+    context): each of the B entries is one sequence of flash_attn_varlen_func, on its kernels (version 3's),
+    causal aligned at the bottom right as the official package has it (query i sees key j iff
+    j <= i + seqlen_k - seqlen_q; a query that sees no key gets 0). The (B, N, H, d) tensors are viewed as
+    packed (B N, H, d) ones, without a copy where they are contiguous."""
+    (B, Nq, H, d), Nk = q.shape, k.shape[1]
+    problem = (f"version = {version!r}: leave it out, or 3" if version not in (None, 3) else
+               f"q is {q.dtype}: they take {_dtype_names(VERSIONS[3].dtypes)}" if q.dtype not in VERSIONS[3].dtypes
+               else f"Br = {Br!r}, Bc = {Bc!r}: they have their own" if (Br, Bc) != (None, None) else None)
+    if problem:
+        raise ValueError(f"q has {Nq} rows per sequence and k, v {Nk}: flash_attn_func runs different lengths on "
+                         f"flash_attn_varlen_func's kernels, version 3's; {problem}")
+    offsets = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+    k, v = (t.reshape(B * Nk, *t.shape[2:]) for t in (k, v))
+    out = flash_attn_varlen_func(q.reshape(B * Nq, H, d), k, v, offsets * Nq, offsets * Nk, Nq, Nk, dropout_p,
+                                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                 return_attn_probs, score_mod=score_mod, mask_mod=mask_mod, mod_tensors=mod_tensors)
+    if not return_attn_probs:
+        return out.view(B, Nq, H, d)
+    out, lse, _ = out  # lse (H, B Nq) -> (B, H, Nq), as flash_attn_func returns it
+    return out.view(B, Nq, H, d), lse.view(H, B, Nq).transpose(0, 1).contiguous(), None
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -2070,9 +2101,13 @@ def _check_shapes(q, k, v, version, layout="(B, H, N, d)"):
     if k.shape != v.shape or others[0] != others[1] or (hq != hk and not (
             VERSIONS[version].grouped_heads and hk > 0 and hq % hk == 0)):
         grouped = [str(n) for n, x in VERSIONS.items() if x.grouped_heads]
+        lengths = layout.strip("()").split(", ").index("N")
+        other = ("" if q.shape[lengths] == k.shape[lengths] else  # (flash_attn_func routes those to varlen's)
+                 "; q and k of different lengths N: flash_attn_func or flash_attn_varlen_func (causal aligned at "
+                 "the bottom right, as flash-attn has it; SDPA's is_causal aligns it at the top left)")
         raise ValueError(f"q, k, v must have the same shape {layout}, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}; or, in version {' or '.join(grouped)}, k and v may have fewer heads "
-                         f"(H) than q, a number that divides q's (grouped-query attention)")
+                         f"(H) than q, a number that divides q's (grouped-query attention){other}")
 
 
 def _aligned(t):

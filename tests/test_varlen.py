@@ -9,6 +9,7 @@ gradients 0). Then each sequence against flash_attention on it alone (the padded
 out, lse, dK, dV to the bit, dQ to within its rounding (added into by atomics in another order). Then
 what is refused."""
 import math
+import re
 
 import pytest
 import torch
@@ -209,6 +210,52 @@ def test_each_sequence_as_flash_attention_alone(device, causal, H, Hk, d, dtype,
         assert torch.equal(grads[1][start:end], dK) and torch.equal(grads[2][start:end], dV), f"sequence {b}: dK, dV"
         torch.testing.assert_close(grads[0][start:end], dQ, rtol=torch.finfo(dtype).eps,
                                    atol=1e-3 * dQ.abs().max().item(), msg=f"sequence {b}: dQ")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("B,Nq,Nk,H,Hk,d,dtype", [(2, 5, 130, 4, 2, 64, torch.bfloat16),  # a chunk against a context
+                                                  (3, 70, 17, 2, 2, 128, torch.float16),  # rows that see no key
+                                                  (1, 1, 65, 4, 1, 64, torch.bfloat16)],  # one new query
+                         ids=["chunk", "more-queries", "one-query"])
+def test_flash_attn_func_of_different_lengths(device, causal, B, Nq, Nk, H, Hk, d, dtype, generator, poisoned):
+    """flash_attn_func with seqlen_q != seqlen_k, which it runs as B sequences of flash_attn_varlen_func:
+    out, lse and dQ, dK, dV of a random dO against float64 attention (causal aligned at the bottom right),
+    in flash_attn_func's shapes; q, k, v transposed views of (B, H, N, d) tensors, as a model may hold them."""
+    q, k, v = (torch.randn(B, h, n, d, generator=generator).to(device, dtype).requires_grad_().transpose(1, 2)
+               for h, n in ((H, Nq), (Hk, Nk), (Hk, Nk)))
+    dO = torch.randn(B, Nq, H, d, generator=generator).to(device, dtype)
+    out, lse, none = mf.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    grads = torch.autograd.grad(out, (q, k, v), dO)
+    assert none is None and out.shape == (B, Nq, H, d) and lse.shape == (B, H, Nq) and lse.dtype == torch.float32
+    assert [g.shape for g in grads] == [t.shape for t in (q, k, v)]
+    packed = [t.detach().cpu().reshape(-1, *t.shape[2:]) for t in (q, k, v, dO)]  # (B N, heads, d)
+    refs = [varlen_reference(*packed[:3], [Nq] * B, [Nk] * B, causal, packed[3], dt) for dt in (torch.float64, dtype)]
+    (out_ref, lse_ref, *grads_ref), (plain, _, *plains) = refs
+    out, lse = out.cpu().reshape(B * Nq, H, d), lse.cpu().transpose(0, 1).reshape(H, B * Nq)
+    grads = [g.cpu().reshape(-1, *g.shape[2:]) for g in grads]
+    empty = torch.isinf(lse_ref)  # (H, B Nq): rows that see no key, out and dQ 0
+    assert empty.any() == (causal and Nq > Nk)
+    assert torch.equal(out[empty.t()], torch.zeros_like(out[empty.t()])) and (lse[empty] == -math.inf).all()
+    assert torch.equal(grads[0][empty.t()], torch.zeros_like(grads[0][empty.t()]))
+    assert_close("out", out[~empty.t()], out_ref[~empty.t()], plain[~empty.t()])
+    assert_close("lse", lse[~empty], lse_ref[~empty])
+    for name, grad, ref, plain in zip(("dQ", "dK", "dV"), grads, grads_ref, plains):
+        assert_close(name, grad, ref, plain)
+
+
+@pytest.mark.parametrize("options,said", [
+    (dict(dtype=torch.float32), "q is torch.float32: they take bfloat16 and float16"),
+    (dict(version=4), "version = 4: leave it out, or 3"), (dict(Br=64), "Br = 64, Bc = None: they have their own")])
+def test_flash_attn_func_of_different_lengths_refuses_what_varlen_does_not_take(options, said):
+    dtype = options.pop("dtype", torch.bfloat16)
+    q, k = torch.zeros(2, 3, 4, 64, dtype=dtype), torch.zeros(2, 5, 4, 64, dtype=dtype)
+    said = ("q has 3 rows per sequence and k, v 5: flash_attn_func runs different lengths on "
+            f"flash_attn_varlen_func's kernels, version 3's; {said}")
+    with pytest.raises(ValueError, match=re.escape(said)):
+        mf.flash_attn_func(q, k, k, **options)
+    with pytest.raises(ValueError, match="q and k of different lengths N: flash_attn_func or flash_attn_varlen_func"):
+        mf.flash_attention(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2))
 
 
 @pytest.mark.parametrize("device", DEVICES)
