@@ -281,11 +281,12 @@ def _unequal_lengths(q, k, v, dropout_p, softmax_scale, causal, window_size, sof
     if problem:
         raise ValueError(f"q has {Nq} rows per sequence and k, v {Nk}: flash_attn_func runs different lengths on "
                          f"flash_attn_varlen_func's kernels, version 3's; {problem}")
-    offsets = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+    offsets = torch.arange(B + 1) * torch.tensor([[Nq], [Nk]])  # on the host: nothing to copy back and check
+    cu_q, cu_k = (torch.arange(B + 1, dtype=torch.int32, device=q.device) * n for n in (Nq, Nk))  # (no copy either)
     k, v = (t.reshape(B * Nk, *t.shape[2:]) for t in (k, v))
-    out = flash_attn_varlen_func(q.reshape(B * Nq, H, d), k, v, offsets * Nq, offsets * Nk, Nq, Nk, dropout_p,
-                                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                 return_attn_probs, score_mod=score_mod, mask_mod=mask_mod, mod_tensors=mod_tensors)
+    out = _varlen_func(q.reshape(B * Nq, H, d), k, v, cu_q, cu_k, Nq, Nk, dropout_p, softmax_scale, causal, window_size,
+                       softcap, alibi_slopes, deterministic, return_attn_probs, None, score_mod, mask_mod, mod_tensors,
+                       offsets)
     if not return_attn_probs:
         return out.view(B, Nq, H, d)
     out, lse, _ = out  # lse (H, B Nq) -> (B, H, Nq), as flash_attn_func returns it
@@ -1152,6 +1153,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     k's rows, no sequence longer than its max_seqlen; with block_table, each sequence's pages are pages of
     k and v. deterministic=True is refused: version 3's backward adds into dQ with atomics, in whatever
     order its blocks finish."""
+    return _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                        causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
+                        score_mod, mask_mod, mod_tensors)
+
+
+def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table, score_mod, mask_mod,
+                 mod_tensors, offsets=None):
+    """flash_attn_varlen_func; offsets: cu_seqlens_q and _k's values on the host ((2, batch + 1), int64) where
+    the caller made them itself (flash_attn_func's B sequences of one length each): then nothing is copied
+    from the device or checked there, and a CUDA graph may be captured."""
     dropout_p = _check_dropout(dropout_p)
     _check_attn_probs(return_attn_probs, dropout_p)
     if not isinstance(deterministic, bool):
@@ -1161,7 +1173,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          "into dQ with atomics, in an order that varies from run to run; leave it False")
     causal = _check_causal(causal)
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, offsets = _check_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, offsets)
     scale = _check_scale(softmax_scale, q, 3)
     mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p,
                        batch_heads=(len(cu_seqlens_q) - 1, q.shape[1]))
@@ -1177,11 +1189,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return (out, L.t().contiguous(), None) if return_attn_probs else out
 
 
-def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None):
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None, offsets=None):
     """flash_attn_varlen_func's tensors and lengths, each checked, then cu_seqlens against the rows on
-    the host. Returns (q, k, v, cu_seqlens_q, cu_seqlens_k contiguous, max_seqlen_q, max_seqlen_k ints,
-    the offsets on the host: _check_cu_seqlens'); with block_table, k and v paged, gathered into packed
-    ones (_gather_pages)."""
+    the host (unless offsets, their values there, come from a caller that made them). Returns (q, k, v,
+    cu_seqlens_q, cu_seqlens_k contiguous, max_seqlen_q, max_seqlen_k ints, the offsets on the host:
+    _check_cu_seqlens'); with block_table, k and v paged, gathered into packed ones (_gather_pages)."""
     paged = block_table is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_is_tensor(name, t)
@@ -1240,10 +1252,11 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         if not 0 <= length < 2 ** 31:
             raise ValueError(f"{name} = {value}: it must be 0 .. 2**31 - 1, the longest sequence's length")
         lengths.append(length)
-    if _capturing(q.device):
+    if offsets is None and _capturing(q.device):
         raise RuntimeError("flash_attn_varlen_func checks cu_seqlens on the host, which waits for the device; a "
                            "CUDA graph being captured cannot wait")
-    offsets = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, (total_q, total_k), lengths)
+    if offsets is None:
+        offsets = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, (total_q, total_k), lengths)
     if paged:
         k, v = _gather_pages(k, v, block_table, cu_seqlens_k, offsets[1])
     if max(total_q, k.shape[0]) * H >= 2 ** 31:  # k, v go to the backward with q's heads

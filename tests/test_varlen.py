@@ -244,6 +244,28 @@ def test_flash_attn_func_of_different_lengths(device, causal, B, Nq, Nk, H, Hk, 
         assert_close(name, grad, ref, plain)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_func_of_different_lengths_waits_for_nothing(device, generator, monkeypatch):
+    """Its cu_seqlens are flash_attn_func's own, made on the device, their values known on the host: no
+    copy back to check them, so it runs while a CUDA graph is being captured (on a GPU, a real capture
+    and its replay; on the CPU, as if one were), where flash_attn_varlen_func is refused."""
+    q, k, v = (torch.randn(2, n, 4, 64, generator=generator).to(device, torch.bfloat16) for n in (3, 40, 40))
+    eager = mf.flash_attn_func(q, k, v, causal=True)
+    if device == "cpu":
+        monkeypatch.setattr(mf, "_capturing", lambda device: True)
+        assert torch.equal(mf.flash_attn_func(q, k, v, causal=True), eager)
+        return
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        mf.flash_attn_func(q, k, v, causal=True)  # built and warmed up outside the capture
+        with torch.cuda.graph(graph, stream=stream):
+            out = mf.flash_attn_func(q, k, v, causal=True)
+    out.fill_(math.nan)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
 @pytest.mark.parametrize("options,said", [
     (dict(dtype=torch.float32), "q is torch.float32: they take bfloat16 and float16"),
     (dict(version=4), "version = 4: leave it out, or 3"), (dict(Br=64), "Br = 64, Bc = None: they have their own")])
