@@ -281,6 +281,9 @@ def _unequal_lengths(q, k, v, dropout_p, softmax_scale, causal, window_size, sof
     if problem:
         raise ValueError(f"q has {Nq} rows per sequence and k, v {Nk}: flash_attn_func runs different lengths on "
                          f"flash_attn_varlen_func's kernels, version 3's; {problem}")
+    if B == 0:  # no sequence, which flash_attn_varlen_func needs: empty results, in autograd's graph all the same
+        out = q * 0 + (k.sum() + v.sum()) * 0
+        return (out, q.new_empty(0, H, Nq, dtype=torch.float32), None) if return_attn_probs else out
     offsets = torch.arange(B + 1) * torch.tensor([[Nq], [Nk]])  # on the host: nothing to copy back and check
     cu_q, cu_k = (torch.arange(B + 1, dtype=torch.int32, device=q.device) * n for n in (Nq, Nk))  # (no copy either)
     k, v = (t.reshape(B * Nk, *t.shape[2:]) for t in (k, v))

@@ -266,6 +266,14 @@ def test_flash_attn_func_of_different_lengths_waits_for_nothing(device, generato
     assert torch.equal(out, eager)
 
 
+def test_flash_attn_func_of_different_lengths_on_no_sequence():
+    """B = 0: empty results (flash_attn_varlen_func takes at least one sequence), and empty gradients."""
+    q, k, v = (torch.zeros(0, n, 4, 64, dtype=torch.bfloat16, requires_grad=True) for n in (3, 5, 5))
+    out, lse, _ = mf.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert out.shape == (0, 3, 4, 64) and out.dtype == torch.bfloat16 and lse.shape == (0, 4, 3)
+    assert [g.shape for g in torch.autograd.grad(out, (q, k, v), torch.zeros_like(out))] == [q.shape, k.shape, k.shape]
+
+
 @pytest.mark.parametrize("options,said", [
     (dict(dtype=torch.float32), "q is torch.float32: they take bfloat16 and float16"),
     (dict(version=4), "version = 4: leave it out, or 3"), (dict(Br=64), "Br = 64, Bc = None: they have their own")])
