@@ -23,7 +23,8 @@
 //     the warp reads from memory (ldmatrix's rows) it reads then, before any lane goes on.
 //   - Shared memory is the worker's own buffer, filled with NaN before each block (and past the
 //     block's size, as far as earlier blocks used it), so a read of a word nobody wrote poisons the
-//     result instead of silently reusing the previous block's data.
+//     result instead of silently reusing the previous block's data; a block that wrote past its size
+//     fails the launch once it ends, as a GPU reports an illegal address.
 //   - cp.async copies land when their thread waits for them, not before; until then their
 //     destination holds NaN (on a GPU it holds the old data or the new, or part of each).
 //   - Hopper's instructions (kernels/hopper.cuh) keep their semantics: an mbarrier wait blocks until
@@ -277,6 +278,10 @@ inline float dynamic_zero() {
 // 1024-byte aligned as offsets from the start of shared memory (hopper.cuh's shared_address), which
 // are then aligned as addresses too.
 alignas(1024) inline thread_local float smem[kMaxSharedBytes / sizeof(float)] = {dynamic_zero()};
+// How many bytes of this OS thread's smem may hold more than the poison (Worker::run_block): all of it
+// in a thread that has run no block yet. Per OS thread, as smem is: a launch's helper threads are new
+// ones, and a worker may run on another thread than it did in the launch before.
+inline thread_local size_t smem_dirty = kMaxSharedBytes;
 
 // The CUDA runtime's errors that a launch here can report, and two of the emulation's own: a
 // barrier that can never complete, and a launch stopped by Ctrl-C.
@@ -913,7 +918,6 @@ struct alignas(64) Worker {
     Launch* launch = nullptr;
     unsigned failed_polls = 0;  // mbarrier_try_wait polls that failed one after another (see there)
     bool polling = false;       // the fiber that switches away polls
-    size_t dirty_shared = kMaxSharedBytes;  // shared memory bytes that may hold more than the poison
     // For the fault handler (on_fault below), which finds the worker of the thread that faults by these.
     pthread_t os_thread{};
     std::atomic<bool> active{false};
@@ -1522,8 +1526,8 @@ struct alignas(64) Worker {
             dim3(unsigned(b % g.x), unsigned(b / g.x % g.y), unsigned(b / (g.x * (unsigned long long)g.y)));
         // Poisoned: the block's shared memory, and whatever an earlier, larger block used (so that a read
         // past the block's size gets NaN, not an earlier launch's data; at a worker's start, all of it).
-        std::memset(smem, kPoison, std::max(launch->shared_bytes, dirty_shared));
-        dirty_shared = launch->shared_bytes;
+        std::memset(smem, kPoison, std::max(launch->shared_bytes, smem_dirty));
+        smem_dirty = launch->shared_bytes;
         block = blockIdx, failed_polls = 0;
         exited = 0, barrier = Meeting{}, ready_head = 0, ready_count = 0;
         for (Warp& warp : warps) warp.arrived = 0, warp.generation = 0, warp.diverged = false;
@@ -1551,11 +1555,35 @@ struct alignas(64) Worker {
                     "byte " +
                     std::to_string(mbarrier_offset(in_flight->address)) + ", after they were issued)");
         } else if (exited == threads) {
+            const size_t past = first_write_past_size();
+            if (past < kMaxSharedBytes)
+                launch->fail(cudaErrorIllegalAddress,
+                             std::string(cpu_error_name(cudaErrorIllegalAddress)) + ": " +
+                                 launch->block_name(blockIdx) + " wrote shared memory byte " +
+                                 std::to_string(past) + ", past the block's " +
+                                 std::to_string(launch->shared_bytes) +
+                                 " bytes of shared memory (the size its launch asked for)");
             launch->blocks_done.fetch_add(1);
             launch->tick();
         } else if (!stop_requested()) {
             launch->fail(cudaErrorCpuDeadlock, deadlock_message());
         }
+    }
+
+    // Past the block's size its buffer held only the poison (run_block): a byte that does not now was
+    // written by the block, out of its bounds, which a GPU reports. The first such byte, or
+    // kMaxSharedBytes if none. (Reads past the size are not caught: they read the poison, NaN.)
+    size_t first_write_past_size() {
+        static const std::vector<unsigned char> poison(4096, kPoison);
+        const unsigned char* bytes = reinterpret_cast<const unsigned char*>(smem);
+        for (size_t at = launch->shared_bytes; at < kMaxSharedBytes; at += poison.size()) {
+            const size_t n = std::min(poison.size(), kMaxSharedBytes - at);
+            if (std::memcmp(bytes + at, poison.data(), n) == 0) continue;  // (the C library's, vectorized)
+            while (bytes[at] == kPoison) ++at;
+            smem_dirty = kMaxSharedBytes;  // the next block poisons it all again
+            return at;
+        }
+        return kMaxSharedBytes;
     }
 
     void run(Launch& l) {

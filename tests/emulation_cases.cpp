@@ -451,6 +451,10 @@ __global__ void shared_read(float* out, int index) {
     extern __shared__ __align__(16) float smem[];
     if (threadIdx.x == 0) out[0] = smem[index];
 }
+__global__ void shared_read_each(float* out, int index) {  // each block its own out
+    extern __shared__ __align__(16) float smem[];
+    if (threadIdx.x == 0) out[blockIdx.x] = smem[index];
+}
 
 // A cp.async to byte 4096 of 256 bytes of shared memory (`global`: to global memory).
 __global__ void copy_outside_shared(const float* from, float* out, bool global) {
@@ -552,6 +556,13 @@ const char* run_case(const char* name, float* out, const float* in, int n) {
     else if (c == "shared_stale") {  // word 1000 written by a block of 8 KB, read by one of 1 KB
         LAUNCH(shared_write, dim3(1), dim3(32), 8192, 0)(out, 1000, 42.0f);
         LAUNCH(shared_read, dim3(1), dim3(32), 1024, 0)(out, 1000);
+    } else if (c == "shared_stale_across_launches") {  // blocks of 8 KB, then 1 KB, then 1 KB reading past it
+        LAUNCH(shared_write, dim3(n), dim3(32), 8192, 0)(out, 1000, 42.0f);
+        LAUNCH(shared_write, dim3(n), dim3(32), 1024, 0)(out, 100, 42.0f);
+        LAUNCH(shared_read_each, dim3(n), dim3(32), 1024, 0)(out, 1000);
+    } else if (c == "shared_write_past") {  // word n of a block of 1 KB: past it for n >= 256
+        LAUNCH(shared_write, dim3(1), dim3(32), 1024, 0)(out, n, 42.0f);
+        LAUNCH(shared_read, dim3(1), dim3(32), 2048, 0)(out, n);  // a launch after it: runs, poisoned again
     } else if (c == "copy_outside_shared") LAUNCH(copy_outside_shared, dim3(1), dim3(32), 256, 0)(in, out, n == 1);
     else if (c == "spin_on_shared_flag") LAUNCH(spin_on_shared_flag, dim3(1), dim3(64), 64, 0)(out);
     else if (c == "big_local_array") LAUNCH(big_local_array, dim3(1), dim3(1), 0, 0)(out, n);

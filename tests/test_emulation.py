@@ -401,6 +401,34 @@ def test_shared_memory_past_the_launch_size_is_poisoned(cases):
     assert out.isnan().all(), out
 
 
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_shared_memory_past_the_launch_size_is_poisoned_on_every_thread(cases, workers):
+    """The same across launches on several OS threads (a launch's helper threads are new ones, each with its
+    own shared memory): after blocks of 8 KB then of 1 KB, every block of 1 KB reads word 1000 as NaN, neither
+    the 42 that blocks of 8 KB wrote there nor the 0 of a new thread's buffer (which the poisoning, kept per
+    worker rather than per thread, once left past the last block's size)."""
+    cases.library.set_workers(workers)
+    try:
+        out = torch.zeros(16)
+        assert cases("shared_stale_across_launches", n=16, out=out) == ""
+    finally:
+        cases.library.set_workers(0)
+    assert out.isnan().all(), out
+
+
+@pytest.mark.parametrize("word", [255, 256, 257, 300, 56000])
+def test_a_write_past_the_launch_size_fails(cases, word):
+    """A block of 1 KB writes word `word` (byte 4 word): within its size the launch runs; past it, it fails as a
+    GPU's illegal address, naming the first byte written. Either way the next launch, of 2 KB, reads that
+    word poisoned (NaN), not the 42 left behind."""
+    out = torch.zeros(1)
+    error = cases("shared_write_past", n=word, out=out)
+    assert error == ("" if word < 256 else
+                     f"an illegal memory access was encountered: shared_write, block (0, 0, 0) wrote shared memory "
+                     f"byte {4 * word}, past the block's 1024 bytes of shared memory (the size its launch asked for)")
+    assert out.isnan().all(), out
+
+
 def test_cp_async_outside_shared_memory_fails(cases):
     for global_ in (0, 1):
         out = torch.zeros(16)
