@@ -3,6 +3,7 @@ complete, warp collectives, shared memory per block, atomics across cores, cp.as
 mbarrier, TMA, named barriers, wgmma (A and B K-major or MN-major), setmaxnreg and the bulk reduce,
 launch errors, and Ctrl-C. The small kernels are in tests/emulation_cases.cpp; the Ctrl-C tests run
 minimal_flash in a subprocess (and in a Jupyter kernel) and interrupt it."""
+import contextlib
 import ctypes
 import os
 import queue
@@ -49,7 +50,16 @@ def cases(tmp_path_factory):
         inp = inp if inp is not None else torch.zeros(4)
         return library.run_case(name.encode(), out.data_ptr(), inp.data_ptr(), n).decode()
 
-    run.library = library
+    @contextlib.contextmanager
+    def workers(count):
+        """Launches inside the with on `count` OS threads; after it, on one per core again."""
+        library.set_workers(count)
+        try:
+            yield
+        finally:
+            library.set_workers(0)
+
+    run.library, run.workers = library, workers
     return run
 
 
@@ -70,11 +80,8 @@ def test_barrier_that_some_threads_skip_fails_with_its_line(cases):
 
 def test_threads_at_two_different_barriers_fail(cases):
     """The same message whichever thread arrived first: the launches below run in the two orders."""
-    cases.library.set_workers(1)
-    try:
+    with cases.workers(1):
         error, again = cases("two_barriers"), cases("two_barriers")
-    finally:
-        cases.library.set_workers(0)
     assert error == again
     assert (f"the __syncthreads() at {line_of('two_barriers_first')} can never complete: threads 0-31 wait there, "
             f"threads 32-127 wait at the __syncthreads() at {line_of('two_barriers_second')}") in error
@@ -109,12 +116,9 @@ def test_missing_barrier_gives_a_wrong_answer(cases, case):
     neighbour's word before the neighbour wrote it, and gets the NaN poison. The threads take turns
     in one order in one block and in the other in the next, so this shows in full whichever
     neighbour a thread reads."""
-    cases.library.set_workers(1)  # the blocks in turn on one worker, so in both orders
-    try:
+    with cases.workers(1):  # the blocks in turn on one worker, so in both orders
         out = torch.zeros(64 * 2)
         assert cases(case, n=2, out=out) == ""
-    finally:
-        cases.library.set_workers(0)
     # In one block 63 of the 64 threads read too early; in the other, only the one whose neighbour
     # (across the ends of the block) takes its turn after it.
     assert sorted(out.view(2, 64).isnan().sum(dim=1).tolist()) == [1, 63], out
@@ -137,12 +141,9 @@ def test_each_block_has_its_own_poisoned_shared_memory(cases, workers):
     """Blocks run at the same time on several OS threads, each with its own shared memory, filled
     with NaN before every block."""
     blocks = 24
-    cases.library.set_workers(workers)
-    try:
+    with cases.workers(workers):
         out = torch.zeros(2 * blocks)
         assert cases("own_shared_memory", n=blocks, out=out) == ""
-    finally:
-        cases.library.set_workers(0)
     assert torch.equal(out, torch.zeros(2 * blocks)), out
 
 
@@ -160,12 +161,9 @@ def test_indices_are_cudas_after_every_switch(cases):
 def test_atomic_add_is_atomic_across_blocks(cases, workers):
     """64 blocks of 128 threads, on several OS threads: every one of 64 * 128 * 200 additions counts
     (integers below 2^24 are exact in float32)."""
-    cases.library.set_workers(workers)
-    try:
+    with cases.workers(workers):
         out = torch.zeros(33)
         assert cases("count", n=200, out=out) == ""
-    finally:
-        cases.library.set_workers(0)
     assert out[0].item() == 64 * 128 * 200
     assert torch.equal(out[1:], torch.full((32,), 64 * 4.0))
 
@@ -286,12 +284,9 @@ def test_bulk_reduce_adds_every_block_into_global_memory(cases, workers):
     every addition counts (small integers: exact). The first group's buffer is overwritten after
     wait_read<1>, which retires it, and the second's after wait_read<0>: neither changes the sums."""
     blocks = 64
-    cases.library.set_workers(workers)
-    try:
+    with cases.workers(workers):
         out = torch.zeros(512)
         assert cases("bulk_reduce", n=blocks, out=out) == ""
-    finally:
-        cases.library.set_workers(0)
     b = torch.arange(blocks, dtype=torch.float32)
     expected_first = (torch.arange(256)[:, None] % 7 + b).sum(dim=1)
     assert torch.equal(out[:256], expected_first)
@@ -407,12 +402,9 @@ def test_shared_memory_past_the_launch_size_is_poisoned_on_every_thread(cases, w
     own shared memory): after blocks of 8 KB then of 1 KB, every block of 1 KB reads word 1000 as NaN, neither
     the 42 that blocks of 8 KB wrote there nor the 0 of a new thread's buffer (which the poisoning, kept per
     worker rather than per thread, once left past the last block's size)."""
-    cases.library.set_workers(workers)
-    try:
+    with cases.workers(workers):
         out = torch.zeros(16)
         assert cases("shared_stale_across_launches", n=16, out=out) == ""
-    finally:
-        cases.library.set_workers(0)
     assert out.isnan().all(), out
 
 
