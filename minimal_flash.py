@@ -238,27 +238,27 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (B, N, H, d), batch, sequence, heads, head dim, and so is the result. k, v may have another N than q
     (seqlen_k != seqlen_q: cross-attention, a chunk of queries against a longer context), in half
     precision: each entry of the batch then runs as one sequence of flash_attn_varlen_func, causal
-    aligned at the bottom right as in the official package. dropout_p, window_size,
+    aligned at the bottom right and a window_size side of at least seqlen_k no limit, as in the
+    official package. dropout_p, window_size,
     softcap and alibi_slopes as the official package has them (versions 3 and 4, with score_mod, mask_mod and
     mod_tensors: see flash_attention); its options that these kernels do not have are refused unless
     left at their defaults; deterministic=True needs a version whose backward can be deterministic
-    (version 1, or 4). return_attn_probs: return (out, softmax_lse, None), softmax_lse (B, H, N) float32
+    (version 1, or 4). return_attn_probs: return (out, softmax_lse, None), softmax_lse (B, H, Nq) float32
     without gradient (flash_attention's return_lse), as the official package does without dropout; with
     dropout it returns the dropout pattern too, which these kernels do not make: refused. Br, Bc, version:
     as for flash_attention."""
     _check_attn_probs(return_attn_probs, _check_dropout(dropout_p))
-    if deterministic:  # checked before the transposes, with the official argument's name
-        _check_deterministic(deterministic, _check_version(_mods_version(version, _wants_mods(
-            score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, _check_dropout(dropout_p)), q), q))
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_4d(name, t, "(B, N, H, d)")
     if q.shape[1] != k.shape[1] and k.shape == v.shape and (q.shape[0], q.shape[3]) == (k.shape[0], k.shape[3]):
         return _unequal_lengths(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                 deterministic, return_attn_probs, Br, Bc, version, score_mod, mask_mod, mod_tensors)
+    wanted = None if q.shape == k.shape == v.shape and not deterministic else _check_version(_mods_version(
+        version, _wants_mods(score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p), q), q)
     if not q.shape == k.shape == v.shape:  # the error in the caller's layout, not the transposed one
-        _check_shapes(q, k, v, _check_version(_mods_version(version, _wants_mods(
-            score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, _check_dropout(dropout_p)), q), q),
-            "(B, N, H, d)")
+        _check_shapes(q, k, v, wanted, "(B, N, H, d)")
+    if deterministic:  # checked before the transposes, with the official argument's name
+        _check_deterministic(deterministic, wanted)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, d) views: gradients reach the caller
     out = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, Br=Br, Bc=Bc, version=version,
                           deterministic=deterministic, dropout_p=dropout_p, score_mod=score_mod, mask_mod=mask_mod,
@@ -274,10 +274,15 @@ def _unequal_lengths(q, k, v, dropout_p, softmax_scale, causal, window_size, sof
     causal aligned at the bottom right as the official package has it (query i sees key j iff
     j <= i + seqlen_k - seqlen_q; a query that sees no key gets 0). The (B, N, H, d) tensors are viewed as
     packed (B N, H, d) ones, without a copy where they are contiguous."""
-    (B, Nq, H, d), Nk = q.shape, k.shape[1]
-    problem = (f"version = {version!r}: leave it out, or 3" if version not in (None, 3) else
-               f"q is {q.dtype}: they take {_dtype_names(VERSIONS[3].dtypes)}" if q.dtype not in VERSIONS[3].dtypes
-               else f"Br = {Br!r}, Bc = {Bc!r}: they have their own" if (Br, Bc) != (None, None) else None)
+    (B, Nq, H, d), (Nk, Hk), dims = q.shape, k.shape[1:3], VERSIONS[3].head_dims
+    problem = (f"q is {q.dtype}: they take {_dtype_names(VERSIONS[3].dtypes)}" if q.dtype not in VERSIONS[3].dtypes
+               else f"version = {version!r}: leave it out, or 3" if version not in (None, 3) else
+               f"Br = {Br!r}, Bc = {Bc!r}: they have their own" if (Br, Bc) != (None, None) else
+               f"head dim d = {d}: they take d up to {max(dims)}" if not 0 < d <= max(dims) else
+               f"k and v have {Hk} heads, q {H}: a number that divides q's (grouped-query attention)"
+               if Hk == 0 or H % Hk else
+               "deterministic=True: their backward adds into dQ with atomics, in an order that varies from run to "
+               "run; leave it False" if deterministic is True else None)
     if problem:
         raise ValueError(f"q has {Nq} rows per sequence and k, v {Nk}: flash_attn_func runs different lengths on "
                          f"flash_attn_varlen_func's kernels, version 3's; {problem}")
@@ -306,8 +311,9 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, **options):
-    """The flash-attn package's flash_attn_kvpacked_func: q (B, N, H, d), kv (B, N, 2, nheads_k, d)."""
-    _check_packed("kv", kv, 2, "(B, N, 2, nheads_k, d)")
+    """The flash-attn package's flash_attn_kvpacked_func: q (B, N, H, d), kv (B, N_k, 2, nheads_k, d), N_k
+    another length than q's in half precision (as flash_attn_func)."""
+    _check_packed("kv", kv, 2, "(B, N_k, 2, nheads_k, d)")
     return flash_attn_func(q, *kv.unbind(dim=2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs, **options)
 
@@ -1137,8 +1143,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     window_size, softcap, alibi_slopes ((nheads,) or (batch, nheads) float32) as the official package
     has them, per sequence, the window and ALiBi's distance measured from each sequence's own bottom
-    right (query i of Lq against key j: i + Lk - Lq - j), as causal is (chapter 6's mods, compiled in;
-    the window's tiles walked only, as for fixed-length batches). score_mod, mask_mod, mod_tensors: your
+    right (query i of Lq against key j: i + Lk - Lq - j), as causal is, and a window side of at least
+    max_seqlen_k no limit, as flash-attn 2 has it (chapter 6's mods, compiled in; the window's tiles
+    walked only, as for fixed-length batches). score_mod, mask_mod, mod_tensors: your
     own, as flash_attention takes them, b the sequence's number in the batch, h q's head, q_idx and kv_idx
     positions within the sequence (shift: its Lk - Lq); the tiles a mask_mod empties are skipped where one
     block mask serves every sequence (_packed_block_mask: the mask reads no shift, or every sequence has
@@ -1178,8 +1185,8 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, offsets = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, offsets)
     scale = _check_scale(softmax_scale, q, 3)
-    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p,
-                       batch_heads=(len(cu_seqlens_q) - 1, q.shape[1]))
+    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, _no_limit_past(window_size, max_seqlen_k), softcap,
+                       alibi_slopes, dropout_p, batch_heads=(len(cu_seqlens_q) - 1, q.shape[1]))
     mods = _packed_block_mask(mods, offsets, max_seqlen_q, max_seqlen_k)
     options = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods)
     d = q.shape[-1]  # a d between the compiled ones: zero columns up to the next (_padded), cut off after
@@ -1190,6 +1197,18 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         out, L = _varlen_attention(q, k, v, *options)
     out = out[..., :d]
     return (out, L.t().contiguous(), None) if return_attn_probs else out
+
+
+def _no_limit_past(window_size, keys):
+    """The official package's rule (flash-attn 2's flash_api.cpp, before its varlen kernels run): a side of
+    window_size of at least max_seqlen_k is no limit, -1. It matters for the right side where a sequence has
+    more queries than keys: aligned at the bottom right, the band would leave the first queries no key. A
+    window_size that is no pair of ints is left to _check_mods to refuse."""
+    def side(x):
+        return -1 if isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= keys else x
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        return window_size
+    return type(window_size)(side(x) for x in window_size)
 
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None, offsets=None):
@@ -2108,22 +2127,29 @@ def _other_dims(t):
 
 
 def _check_shapes(q, k, v, version, layout="(B, H, N, d)"):
-    """q, k, v of one shape, in the layout the caller passed them in (flash_attention's, or flash_attn_func's
-    (B, N, H, d)); or, in a version with grouped-query heads, k and v with fewer heads than q, a number
-    that divides q's."""
-    heads = layout.strip("()").split(", ").index("H")
-    others = [tuple(s for i, s in enumerate(t.shape) if i != heads) for t in (q, k)]  # what all must share
+    """q, k, v of one shape, in the layout the caller passed them in (flash_attention's (B, H, N, d), or
+    flash_attn_func's (B, N, H, d), whose k, v may have another N: _unequal_lengths); or, in a version with
+    grouped-query heads, k and v with fewer heads than q, a number that divides q's."""
+    names = layout.strip("()").split(", ")
+    heads, lengths = names.index("H"), names.index("N")
+    free = (heads, lengths) if layout == "(B, N, H, d)" else (heads,)  # what may differ between q and k
+    others = [tuple(s for i, s in enumerate(t.shape) if i not in free) for t in (q, k)]  # what must agree
     hq, hk = q.shape[heads], k.shape[heads]
-    if k.shape != v.shape or others[0] != others[1] or (hq != hk and not (
+    if k.shape == v.shape and others[0] == others[1] and (hq == hk or (
             VERSIONS[version].grouped_heads and hk > 0 and hq % hk == 0)):
-        grouped = [str(n) for n, x in VERSIONS.items() if x.grouped_heads]
-        lengths = layout.strip("()").split(", ").index("N")
-        other = ("" if q.shape[lengths] == k.shape[lengths] else  # (flash_attn_func routes those to varlen's)
-                 "; q and k of different lengths N: flash_attn_func or flash_attn_varlen_func (causal aligned at "
-                 "the bottom right, as flash-attn has it; SDPA's is_causal aligns it at the top left)")
-        raise ValueError(f"q, k, v must have the same shape {layout}, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}; or, in version {' or '.join(grouped)}, k and v may have fewer heads "
-                         f"(H) than q, a number that divides q's (grouped-query attention){other}")
+        return
+    grouped = " or ".join(str(n) for n, x in VERSIONS.items() if x.grouped_heads)
+    got = f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if layout == "(B, N, H, d)":
+        raise ValueError(f"flash_attn_func takes q (B, N, H, d) and k, v (B, N_k, H_k, d): k and v of one shape, B "
+                         f"and d as q's, and H_k = H or, in version {grouped}, a number that divides H (grouped-query "
+                         f"attention); {got}")
+    other = ("" if q.shape[lengths] == k.shape[lengths] else
+             "; for q and k of different lengths N: flash_attn_func, in bf16 or fp16, on (B, N, H, d) tensors "
+             "(q.transpose(1, 2)), or flash_attn_varlen_func (causal aligned at the bottom right, as flash-attn has "
+             "it; SDPA's is_causal aligns it at the top left)")
+    raise ValueError(f"q, k, v must have the same shape {layout}, {got}; or, in version {grouped}, k and v may have "
+                     f"fewer heads (H) than q, a number that divides q's (grouped-query attention){other}")
 
 
 def _aligned(t):

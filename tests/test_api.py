@@ -145,7 +145,7 @@ def test_the_other_packed_functions(generator):
             out = call(*inputs)
             results.append((out, *torch.autograd.grad(out, inputs, dO.reshape(out.shape))))
         assert all(torch.equal(a, b) for a, b in zip(*results))
-    with pytest.raises(ValueError, match=r"kv must be 5-D \(B, N, 2, nheads_k, d\), got shape \(2, 30, 3, 2, 64\)"):
+    with pytest.raises(ValueError, match=r"kv must be 5-D \(B, N_k, 2, nheads_k, d\), got shape \(2, 30, 3, 2, 64\)"):
         mf.flash_attn_kvpacked_func(q, torch.zeros(2, 30, 3, 2, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"qkv must be 4-D \(total, 3, nheads, d\)"):
         mf.flash_attn_varlen_qkvpacked_func(qkv[None], cu, 30)

@@ -275,17 +275,45 @@ def test_flash_attn_func_of_different_lengths_on_no_sequence():
 
 
 @pytest.mark.parametrize("options,said", [
-    (dict(dtype=torch.float32), "q is torch.float32: they take bfloat16 and float16"),
-    (dict(version=4), "version = 4: leave it out, or 3"), (dict(Br=64), "Br = 64, Bc = None: they have their own")])
+    (dict(dtype=torch.float32, version=2), "q is torch.float32: they take bfloat16 and float16"),
+    (dict(version=4), "version = 4: leave it out, or 3"), (dict(Br=64), "Br = 64, Bc = None: they have their own"),
+    (dict(d=264), "head dim d = 264: they take d up to 256"),
+    (dict(heads_k=3), "k and v have 3 heads, q 4: a number that divides q's (grouped-query attention)"),
+    (dict(deterministic=True), "deterministic=True: their backward adds into dQ with atomics, in an order that "
+                               "varies from run to run; leave it False")])
 def test_flash_attn_func_of_different_lengths_refuses_what_varlen_does_not_take(options, said):
-    dtype = options.pop("dtype", torch.bfloat16)
-    q, k = torch.zeros(2, 3, 4, 64, dtype=dtype), torch.zeros(2, 5, 4, 64, dtype=dtype)
+    """Each in flash_attn_func's own terms, not in flash_attn_varlen_func's packed layout."""
+    dtype, d, heads_k = options.pop("dtype", torch.bfloat16), options.pop("d", 64), options.pop("heads_k", 4)
+    q, k = torch.zeros(2, 3, 4, d, dtype=dtype), torch.zeros(2, 5, heads_k, d, dtype=dtype)
     said = ("q has 3 rows per sequence and k, v 5: flash_attn_func runs different lengths on "
             f"flash_attn_varlen_func's kernels, version 3's; {said}")
     with pytest.raises(ValueError, match=re.escape(said)):
         mf.flash_attn_func(q, k, k, **options)
-    with pytest.raises(ValueError, match="q and k of different lengths N: flash_attn_func or flash_attn_varlen_func"):
-        mf.flash_attention(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2))
+    if heads_k == 4 and d == 64:
+        with pytest.raises(ValueError, match=re.escape("for q and k of different lengths N: flash_attn_func, in bf16 "
+                                                       "or fp16, on (B, N, H, d) tensors (q.transpose(1, 2))")):
+            mf.flash_attention(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2))
+
+
+def test_flash_attn_func_of_different_lengths_says_what_must_agree():
+    q, k, v = (torch.zeros(2, n, h, 64, dtype=torch.bfloat16) for n, h in ((10, 4), (30, 2), (40, 2)))
+    with pytest.raises(ValueError, match=re.escape("flash_attn_func takes q (B, N, H, d) and k, v (B, N_k, H_k, d): k "
+                                                   "and v of one shape, B and d as q's")):
+        mf.flash_attn_func(q, k, v)
+    with pytest.raises(ValueError, match=re.escape("kv must be 5-D (B, N_k, 2, nheads_k, d)")):
+        mf.flash_attn_kvpacked_func(q, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_window_side_past_the_keys_is_no_limit(device, generator):
+    """flash-attn 2's rule: a side of window_size at least seqlen_k (max_seqlen_k) is -1. With 75 queries and
+    20 keys, aligned at the bottom right, window_size=(-1, 20) would otherwise leave queries 0..34 no key;
+    as flash-attn 2 runs it, every query sees every key: the answer without a window, to the bit."""
+    q, k, v = (torch.randn(2, n, 2, 64, generator=generator).to(device, torch.bfloat16) for n in (75, 20, 20))
+    plain = mf.flash_attn_func(q, k, v)
+    for window in [(-1, 20), (20, 25), (30, -1)]:
+        assert torch.equal(mf.flash_attn_func(q, k, v, window_size=window), plain), window
+    assert (mf.flash_attn_func(q, k, v, window_size=(-1, 19))[:, :35] == 0).all()  # within the keys: as given
 
 
 @pytest.mark.parametrize("device", DEVICES)
