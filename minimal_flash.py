@@ -235,13 +235,14 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, Br=None, Bc=None,
                     version=None, score_mod=None, mask_mod=None, mod_tensors=None):
     """The flash-attn package's flash_attn_func, with its positional order, on our kernels: q, k, v are
-    (B, N, H, d), batch, sequence, heads, head dim, and so is the result. k, v may have another N than q
-    (seqlen_k != seqlen_q: cross-attention, a chunk of queries against a longer context), in half
-    precision: each entry of the batch then runs as one sequence of flash_attn_varlen_func, causal
-    aligned at the bottom right and a window_size side of at least seqlen_k no limit, as in the
-    official package. dropout_p, window_size,
-    softcap and alibi_slopes as the official package has them (versions 3 and 4, with score_mod, mask_mod and
-    mod_tensors: see flash_attention); its options that these kernels do not have are refused unless
+    (B, N, H, d), batch, sequence, heads, head dim, and so is the result (a transposed view of the
+    kernels' (B, H, N, d) output, where the official one is contiguous: reshape it, view may refuse).
+    k, v may have another N than q (seqlen_k != seqlen_q: cross-attention, a chunk of queries against a
+    longer context), in half precision: each entry of the batch then runs as one sequence of
+    flash_attn_varlen_func, causal aligned at the bottom right and a window_size side of at least
+    seqlen_k no limit, as in the official package. dropout_p, window_size, softcap and alibi_slopes as
+    the official package has them (versions 3 and 4, with score_mod, mask_mod and mod_tensors: see
+    flash_attention); its options that these kernels do not have are refused unless
     left at their defaults; deterministic=True needs a version whose backward can be deterministic
     (version 1, or 4). return_attn_probs: return (out, softmax_lse, None), softmax_lse (B, H, Nq) float32
     without gradient (flash_attention's return_lse), as the official package does without dropout; with
