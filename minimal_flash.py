@@ -1186,8 +1186,8 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, offsets = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, offsets)
     scale = _check_scale(softmax_scale, q, 3)
-    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, _no_limit_past(window_size, max_seqlen_k), softcap,
-                       alibi_slopes, dropout_p, batch_heads=(len(cu_seqlens_q) - 1, q.shape[1]))
+    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p,
+                       batch_heads=(len(cu_seqlens_q) - 1, q.shape[1]), no_limit=max_seqlen_k)
     mods = _packed_block_mask(mods, offsets, max_seqlen_q, max_seqlen_k)
     options = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods)
     d = q.shape[-1]  # a d between the compiled ones: zero columns up to the next (_padded), cut off after
@@ -1198,18 +1198,6 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         out, L = _varlen_attention(q, k, v, *options)
     out = out[..., :d]
     return (out, L.t().contiguous(), None) if return_attn_probs else out
-
-
-def _no_limit_past(window_size, keys):
-    """The official package's rule (flash-attn 2's flash_api.cpp, before its varlen kernels run): a side of
-    window_size of at least max_seqlen_k is no limit, -1. It matters for the right side where a sequence has
-    more queries than keys: aligned at the bottom right, the band would leave the first queries no key. A
-    window_size that is no pair of ints is left to _check_mods to refuse."""
-    def side(x):
-        return -1 if isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= keys else x
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        return window_size
-    return type(window_size)(side(x) for x in window_size)
 
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None, offsets=None):
@@ -1552,10 +1540,12 @@ class ModCall:
 
 
 def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p=0.0,
-                dropout_seed=None, batch_heads=None):
+                dropout_seed=None, batch_heads=None, no_limit=None):
     """The mods of a call, checked: a ModCall, or None when there is none (the plain kernels run).
     dropout_p > 0 without a seed draws one from torch's generator. batch_heads: (B, H) where q is not
-    (B, H, N, d) (flash_attn_varlen_func's sequences and heads)."""
+    (B, H, N, d) (flash_attn_varlen_func's sequences and heads). no_limit: a window side of at least this
+    many keys is no limit, -1 (flash_attn_varlen_func: max_seqlen_k, the official package's rule there;
+    at any rate 2**30)."""
     for name, text in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise TypeError(f"{name} = {_short(text)}: it must be a C++ expression (a string), such as "
@@ -1605,7 +1595,8 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
                          f"{_MAX_MOD_TENSORS}")
     # the kernels count in 32 bits: a window of 2**30 keys or more is no limit, since no sequence that
     # fits in memory is that long (q, k, v of 2**30 rows of d = 32 in 16 bits: 192 GiB)
-    window_size = tuple(-1 if x >= _NO_LIMIT else int(x) for x in window_size)
+    limit = _NO_LIMIT if no_limit is None else min(_NO_LIMIT, no_limit)
+    window_size = tuple(-1 if x >= limit else int(x) for x in window_size)
     window = window_size != (-1, -1)
     spec = Mods(score_mod, mask_mod, tuple(specs), window, softcap > 0, alibi, dropout_p > 0)
     if not (spec.score or spec.mask or spec.dropout):
