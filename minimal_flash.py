@@ -756,7 +756,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, batch_heads=(B, H))
     capacity = block_table.shape[1] * page if block_table is not None else page  # keys a sequence may have
     seqlen_new = 0 if k is None else k.shape[1]
-    seqlens = _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new)
+    seqlens, known = _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new)
     leftpad = None if cache_leftpad is None else _check_per_sequence("cache_leftpad", cache_leftpad, q)
     # a window alone: the rows read keys from left before the first's position to right after the last's
     # (causal: none after), the band the kernel's splits cut
@@ -770,12 +770,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     window = mods.ints[:2] if mods is not None and mods.spec.window else (-1, -1)
     q_steps = causal or any(0 <= side < capacity for side in window)
     if not _capturing(q.device):  # a graph being captured cannot wait for a copy to the host
+        lengths, pads, table = _to_host(known, leftpad, block_table)
         if cache_batch_idx is not None:
-            _check_cache_batch_idx(block_table, pages, k is not None)
-        _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftpad,
+            _check_cache_batch_idx(table, pages, k is not None)
+        _check_cache_ranges(lengths, table, capacity, seqlen_new, pages, pads,
                             appends_apart=cache_batch_idx is None)  # (cache_batch_idx: its own check)
         if rotary:
-            _check_rotary_positions(seqlens, max(seqlen_new, Sq if q_steps else 1), len(rotary_cos))
+            _check_rotary_positions(lengths, max(seqlen_new, Sq if q_steps else 1), len(rotary_cos))
     if rotary:  # the new keys at cache_seqlens[b] + i; the queries there too if causal or local, else all at [b]
         positions = seqlens.long()[:, None] + torch.arange(max(seqlen_new, Sq), device=q.device)
         k = _rotated(k, rotary_cos, rotary_sin, positions[:, :seqlen_new], rotary_interleaved)
@@ -950,7 +951,8 @@ def _check_cache_batch_idx(table, entries, appends):
 
 
 def _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new):
-    """cache_seqlens as an int32 tensor (batch,) on q's device: the whole cache if None."""
+    """cache_seqlens as an int32 tensor (batch,) on q's device (the whole cache if None), and the same on
+    the host if it came as an int or None (no copy back needed), else cache_seqlens again."""
     B = q.shape[0]
     if capacity >= 2 ** 31:
         raise ValueError(f"the cache holds {capacity} rows per sequence: the kernel counts them in 32 bits")
@@ -959,7 +961,8 @@ def _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new):
         if value < 0 or value + seqlen_new > capacity:  # checked here, graph capture or not: nothing to copy
             raise ValueError(f"cache_seqlens = {value}: with seqlen_new = {seqlen_new} new keys, a sequence would have "
                              f"{value + seqlen_new}, outside the cache's 0 .. {capacity}")
-        return torch.full((B,), value, dtype=torch.int32, device=q.device)
+        known = torch.full((B,), value, dtype=torch.int32)  # (a fill on the device: a copy to it would wait)
+        return known if q.device.type == "cpu" else torch.full_like(known, value, device=q.device), known
     _check_is_tensor("cache_seqlens", cache_seqlens)
     if cache_seqlens.dtype != torch.int32:
         raise TypeError(f"cache_seqlens has dtype {cache_seqlens.dtype}; it must be an int or a torch.int32 tensor")
@@ -967,7 +970,7 @@ def _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new):
         raise ValueError(f"cache_seqlens must have shape (batch = {B},), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}: they must be on one device")
-    return cache_seqlens.contiguous()
+    return cache_seqlens.contiguous(), cache_seqlens
 
 
 def _check_per_sequence(name, t, q):
@@ -987,6 +990,20 @@ def _capturing(device):
     """Is this device's current stream being captured into a CUDA graph? Then nothing may wait for a copy
     to the host."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _to_host(*tensors):
+    """int32 tensors (or None) on the host, those on a device by one copy: a copy from a GPU waits for
+    all the work queued before it, and a decoding step's checks need cache_seqlens, cache_leftpad and
+    block_table, so they travel together (torch.cat of their values) and the call waits once, not three
+    times."""
+    away = [t for t in tensors if t is not None and t.device.type != "cpu"]
+    flat, at, host = torch.cat([t.reshape(-1) for t in away]).cpu() if away else None, 0, []
+    for t in tensors:
+        if t is not None and t.device.type != "cpu":
+            t, at = flat[at:at + t.numel()].view(t.shape), at + t.numel()
+        host.append(t)
+    return host
 
 
 def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftpad=None, appends_apart=False):

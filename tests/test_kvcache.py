@@ -534,6 +534,30 @@ def test_out_of_range_seqlens_and_pages_are_refused():
     assert torch.equal(out, torch.zeros_like(out))  # zeros in, zeros out
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_host_checks_read_one_copy_of_seqlens_leftpad_and_table(device, generator):
+    """cache_seqlens, cache_leftpad and block_table reach the host as one copy (a GPU's copies each wait
+    for the queue), cut back into their own: each check reads its own values, so each error names the
+    entry that is wrong, wherever the tensors lie; with all three right, the call answers as on the CPU."""
+    q, k_cache, v_cache, table = (t.to(device) for t in paged_inputs())
+    ints = lambda *x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    refuse(ValueError, r"cache_seqlens\[1\] = 49: .* sequence 1 would have 49, outside the cache's 0 \.\. 48", q,
+           k_cache, v_cache, cache_seqlens=ints(40, 49), cache_leftpad=ints(0, 1), block_table=table)
+    refuse(ValueError, r"cache_leftpad\[1\] = 18: .* cache_seqlens\[1\] = 17", q, k_cache, v_cache,
+           cache_seqlens=ints(40, 17), cache_leftpad=ints(3, 18), block_table=table)
+    bad = table.clone()
+    bad[1, 2] = 6
+    refuse(ValueError, r"block_table\[1, 2\] = 6: sequence 1 uses that entry", q, k_cache, v_cache,
+           cache_seqlens=ints(40, 33), cache_leftpad=ints(3, 17), block_table=bad)
+    k_cache, v_cache = (torch.randn(6, 16, 2, 64, generator=generator).bfloat16() for _ in range(2))
+    q = torch.randn(2, 1, 4, 64, generator=generator).bfloat16()
+    answers = [mf.flash_attn_with_kvcache(q.to(place), k_cache.to(place), v_cache.to(place),
+                                         cache_seqlens=ints(40, 33).to(place), cache_leftpad=ints(3, 17).to(place),
+                                         block_table=table.to(place)).cpu() for place in ("cpu", device)]
+    assert torch.isfinite(answers[0]).all()
+    torch.testing.assert_close(answers[1], answers[0], atol=4e-3, rtol=1e-2)  # (the GPU's exp2 is its own)
+
+
 def test_appends_that_would_share_a_row_are_refused(generator):
     """Two sequences' block tables may share a page (a prompt's, read by both), and append to rows of their
     own; two new keys bound for one row (whichever lands last would win: the other lost) are refused,
