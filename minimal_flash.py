@@ -287,7 +287,13 @@ def _unequal_lengths(q, k, v, dropout_p, softmax_scale, causal, window_size, sof
     if problem:
         raise ValueError(f"q has {Nq} rows per sequence and k, v {Nk}: flash_attn_func runs different lengths on "
                          f"flash_attn_varlen_func's kernels, version 3's; {problem}")
-    if B == 0:  # no sequence, which flash_attn_varlen_func needs: empty results, in autograd's graph all the same
+    if B == 0:  # no sequence, which flash_attn_varlen_func needs: empty results, in autograd's graph all the same,
+        dropout_p = _check_dropout(dropout_p)  # after the options are checked as it checks them
+        _check_attn_probs(return_attn_probs, dropout_p)
+        _check_causal(causal)
+        _check_scale(softmax_scale, q, 3)
+        _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p,
+                    batch_heads=(0, H), no_limit=Nk)
         out = q * 0 + (k.sum() + v.sum()) * 0
         return (out, q.new_empty(0, H, Nq, dtype=torch.float32), None) if return_attn_probs else out
     offsets = torch.arange(B + 1) * torch.tensor([[Nq], [Nk]])  # on the host: nothing to copy back and check

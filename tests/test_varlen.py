@@ -272,6 +272,17 @@ def test_flash_attn_func_of_different_lengths_on_no_sequence():
     out, lse, _ = mf.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
     assert out.shape == (0, 3, 4, 64) and out.dtype == torch.bfloat16 and lse.shape == (0, 4, 3)
     assert [g.shape for g in torch.autograd.grad(out, (q, k, v), torch.zeros_like(out))] == [q.shape, k.shape, k.shape]
+    # its options checked all the same, as with sequences
+    for options, error, said in ((dict(causal=2), TypeError, "causal = 2"),
+                                 (dict(softmax_scale="x"), TypeError, "softmax_scale = 'x'"),
+                                 (dict(dropout_p=1.5), ValueError, "dropout_p = 1.5"),
+                                 (dict(window_size=8), ValueError, "window_size = 8"),
+                                 (dict(softcap=-1.0), ValueError, "softcap = -1.0"),
+                                 (dict(alibi_slopes=torch.zeros(3)), ValueError, "alibi_slopes"),
+                                 (dict(mask_mod=3), TypeError, "mask_mod = 3"),
+                                 (dict(return_attn_probs=1), TypeError, "return_attn_probs = 1")):
+        with pytest.raises(error, match=re.escape(said)):
+            mf.flash_attn_func(q, k, v, **options)
 
 
 @pytest.mark.parametrize("options,said", [
