@@ -240,7 +240,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     k, v may have another N than q (seqlen_k != seqlen_q: cross-attention, a chunk of queries against a
     longer context), in half precision: each entry of the batch then runs as one sequence of
     flash_attn_varlen_func, causal aligned at the bottom right and a window_size side of at least
-    seqlen_k no limit, as in the official package. dropout_p, window_size, softcap and alibi_slopes as
+    seqlen_k no limit, as in the official package (under torch.compile one operator, no graph break,
+    unless mods or dropout are on). dropout_p, window_size, softcap and alibi_slopes as
     the official package has them (versions 3 and 4, with score_mod, mask_mod and mod_tensors: see
     flash_attention); its options that these kernels do not have are refused unless
     left at their defaults; deterministic=True needs a version whose backward can be deterministic
@@ -1208,7 +1209,9 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     options = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods)
     d = q.shape[-1]  # a d between the compiled ones: zero columns up to the next (_padded), cut off after
     q, k, v = (_padded(t, 3) for t in (q, k, v))  # (outside the Function: autograd takes them off dQ, dK, dV)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if torch.compiler.is_compiling() and mods is None:  # one operator for torch.compile to trace through
+        out, L = torch.ops.minimal_flash.varlen_attention(q, k, v, *options[:-1])
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, L = _FlashAttentionVarlen.apply(q, k, v, *options)
     else:
         out, L = _varlen_attention(q, k, v, *options)
@@ -1390,6 +1393,47 @@ def _varlen_grads(dO, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                               max_seqlen_k, causal, scale, mods, dO, dQ, dK_all, dV_all))
 
     return (dQ, *_grouped_grads(q, k, v, run))
+
+
+# flash_attn_varlen_func's two passes as operators too, for torch.compile (as minimal_flash::attention
+# above): without mods or dropout, on inputs checked, cu_seqlens on the device; flash_attn_func of
+# different lengths, whose offsets the host knows, compiles into one graph through them.
+@torch.library.custom_op("minimal_flash::varlen_attention", mutates_args=())
+def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+
+
+@_varlen_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("minimal_flash::varlen_attention_grads", mutates_args=())
+def _varlen_grads_op(dO: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, O: torch.Tensor,
+                     L: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, causal: bool,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _varlen_grads(dO.contiguous(), q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         causal, scale)
+
+
+@_varlen_grads_op.register_fake
+def _(dO, q, k, v, O, L, *options):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_op_save(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.options = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k)
+
+
+def _varlen_op_grad(ctx, dO, dL):  # L is a by-product: nothing flows back through it
+    return *_varlen_grads_op(dO, *ctx.saved_tensors, *ctx.options), None, None, None, None, None, None
+
+
+_varlen_op.register_autograd(_varlen_op_grad, setup_context=_varlen_op_save)
 
 
 class _FlashAttentionVarlen(torch.autograd.Function):
