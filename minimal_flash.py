@@ -1664,7 +1664,7 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
     if spec.dropout:
         if torch.compiler.is_compiling():  # before asking about capture, which torch.compile cannot trace
             raise NotImplementedError("dropout_p under torch.compile: not yet (its seed is drawn per call); call "
-                                      "flash_attention outside the compiled region")
+                                      "the attention outside the compiled region (torch.compiler.disable)")
         if _capturing(q.device):
             raise RuntimeError("dropout_p > 0 while a CUDA graph is captured: the graph would replay one dropout "
                                "mask forever; capture without dropout")
