@@ -745,8 +745,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     d) in q's dtype and, with return_softmax_lse, lse (batch, nheads, seqlen_q), float32.
 
     cache_seqlens out of the cache's range (or below cache_leftpad), or block_table entries that are not
-    its pages, raise a ValueError, checked on the host (a copy to it, so a sync) except while a CUDA graph
-    is being captured. The kernel checks them too: it never reads outside the cache, and a sequence out of range
+    its pages, raise a ValueError, checked on the host (a copy to it, so a sync; none for an int
+    cache_seqlens alone) except while a CUDA graph is being captured. The kernel checks them too: it never reads outside the cache, and a sequence out of range
     gets NaN in all its output rows, a loud answer, never a plausible one (cache_batch_idx's entries
     likewise). rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2), q's dtype, rotary_dim a multiple of 16
     up to d, with k, v only: the rotary embedding of q and the new k as the official package applies it
