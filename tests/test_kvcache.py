@@ -718,3 +718,16 @@ def test_a_leftpad_past_its_sequence_gives_nan_when_the_host_checks_nothing(devi
     out_ref, lse_ref, plain = reference(q, sequences, False, 0.125)
     assert_close("out", out[0], out_ref[0], plain[0])
     assert_close("lse", lse[0], lse_ref[0])
+
+
+def test_an_int_cache_seqlens_is_known_on_the_host():
+    """An int (or None) cache_seqlens needs no copy back for the host checks (no sync on a GPU): the
+    values come on the host beside the device's tensor (q on meta here, a device with no memory); a
+    tensor is handed on as it is, to be copied."""
+    q = torch.empty(3, 1, 4, 64, dtype=torch.bfloat16, device="meta")
+    for given, value in ((7, 7), (None, 32)):
+        on_device, on_host = mf._check_cache_seqlens(given, q, 32, 1 if given else 0)
+        assert on_device.device.type == "meta" and on_device.dtype == torch.int32 and on_device.shape == (3,)
+        assert on_host.device.type == "cpu" and on_host.tolist() == [value] * 3
+    tensor = torch.tensor([1, 2, 3], dtype=torch.int32, device="meta")
+    assert mf._check_cache_seqlens(tensor, q, 32, 0)[1] is tensor
