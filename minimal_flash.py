@@ -1024,8 +1024,8 @@ def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftp
     if block_table is None or block_table.numel() == 0 or capacity == 0:  # (no row: no page is used)
         return
     table, page = block_table.cpu(), capacity // block_table.shape[1]
-    low, high = torch.aminmax(table)
-    if not (low >= 0 and high < pages):  # an entry that is no page of the cache: an error where it is used
+    low, high = (int(x) for x in torch.aminmax(table))  # (as ints: a comparison of tensors costs ops too)
+    if low < 0 or high >= pages:  # an entry that is no page of the cache: an error where it is used
         keys, column = torch.tensor(lengths) + seqlen_new, torch.arange(table.shape[1])[None, :]
         used = (column >= (torch.tensor(pads) // page)[:, None]) & (column < ((keys + page - 1) // page)[:, None])
         bad = torch.nonzero(used & ((table < 0) | (table >= pages)))
