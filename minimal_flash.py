@@ -1274,7 +1274,8 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise ValueError(f"q is on {q.device}; the kernels run on CUDA or on the CPU")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         try:  # an int, numpy's or a one-element integer tensor (every tensor has __index__: it may refuse)
-            length = None if isinstance(value, bool) else value.__index__()
+            length = (None if isinstance(value, bool) else value if isinstance(value, (int, torch.SymInt)) else
+                      value.__index__())  # (an int as is: torch.compile may trace it as a symbol, kept one)
         except (AttributeError, TypeError, RuntimeError):
             length = None
         if length is None:

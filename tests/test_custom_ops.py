@@ -108,8 +108,8 @@ def test_mods_through_the_operators(device, generator):
 def test_varlen_through_the_operators(device, causal, generator):
     """flash_attn_varlen_func's passes as operators (minimal_flash::varlen_attention and its gradients):
     opcheck on two packed sequences of different lengths (causal: rows that see no key) with grouped heads;
-    then flash_attn_func of different lengths, whose offsets the host knows, compiled with no graph break:
-    out, lse, dK and dV the bits of the eager call's, dQ (atomics) within rounding of it."""
+    then flash_attn_func of different lengths, whose offsets the host knows, compiled with no graph break, at
+    two shapes: out, lse, dK and dV the bits of the eager call's, dQ (atomics) within rounding of it."""
     q = torch.randn(43, 4, 64, generator=generator).to(device, torch.bfloat16)
     k, v = (torch.randn(22, 2, 64, generator=generator).to(device, torch.bfloat16) for _ in range(2))
     options = (cu_seqlens([3, 40], device), cu_seqlens([17, 5], device), 40, 17, causal, 0.125)
@@ -117,15 +117,17 @@ def test_varlen_through_the_operators(device, causal, generator):
     O, L = torch.ops.minimal_flash.varlen_attention(q, k, v, *options)
     dO = torch.randn(O.shape, generator=generator).to(device, torch.bfloat16)
     torch.library.opcheck(torch.ops.minimal_flash.varlen_attention_grads.default, (dO, q, k, v, O, L, *options))
-    q, k, v = (torch.randn(2, n, h, 64, generator=generator).to(device, torch.bfloat16).requires_grad_()
-               for n, h in ((5, 4), (70, 2), (70, 2)))
-    dO = torch.randn(2, 5, 4, 64, generator=generator).to(device, torch.bfloat16)
     attention = lambda q, k, v: mf.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)[:2]  # noqa: E731
-    eager, traced = ((*fn(q, k, v), *torch.autograd.grad(fn(q, k, v)[0], (q, k, v), dO))
-                     for fn in (attention, torch.compile(attention, fullgraph=True)))
-    for name, x, y in zip(("out", "lse", "dQ", "dK", "dV"), traced, eager):
-        assert x.shape == y.shape, name
-        if name == "dQ":
-            assert rel_err(x, y.double()) < 1e-2, name
-        else:
-            assert torch.equal(x, y), name
+    compiled = torch.compile(attention, fullgraph=True)
+    for Nq, Nk in ((5, 70), (9, 130)):  # the second recompiles with the lengths as symbols (dynamic shapes)
+        q, k, v = (torch.randn(2, n, h, 64, generator=generator).to(device, torch.bfloat16).requires_grad_()
+                   for n, h in ((Nq, 4), (Nk, 2), (Nk, 2)))
+        dO = torch.randn(2, Nq, 4, 64, generator=generator).to(device, torch.bfloat16)
+        eager, traced = ((*fn(q, k, v), *torch.autograd.grad(fn(q, k, v)[0], (q, k, v), dO))
+                         for fn in (attention, compiled))
+        for name, x, y in zip(("out", "lse", "dQ", "dK", "dV"), traced, eager):
+            assert x.shape == y.shape, name
+            if name == "dQ":
+                assert rel_err(x, y.double()) < 1e-2, name
+            else:
+                assert torch.equal(x, y), name
