@@ -9,6 +9,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minimal_flash as mf  # noqa: E402
 
+# torch.compile keeps compiled graphs on disk (/tmp/torchinductor_$USER), keyed without the Python source of
+# our operators' backward formulas: a later edit that broke one would not run, its test passing on a graph
+# of the old one. The tests compile afresh.
+torch._inductor.config.fx_graph_cache = False
+torch._functorch.config.enable_autograd_cache = False
+
 
 @pytest.fixture
 def generator(request):

@@ -2,7 +2,8 @@
 flash_attention uses under torch.compile: torch.library.opcheck on both (schema, fake shapes, autograd
 registration, dispatch), and a compiled function with no graph break against the eager one and
 against float64; the same for chapter 6's mods (attention_mods) and for packed sequences
-(varlen_attention: flash_attn_func of different lengths)."""
+(varlen_attention: flash_attn_func of different lengths), against the eager call only (test_mods and
+test_varlen check that one against float64)."""
 import pytest
 import torch
 

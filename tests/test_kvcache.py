@@ -528,16 +528,22 @@ def test_out_of_range_seqlens_and_pages_are_refused():
     refuse(ValueError, r"block_table\[1, 1\] = 6: sequence 1 uses that entry, and the cache has pages 0 \.\. 5",
            q, k_cache, v_cache, cache_seqlens=torch.tensor([40, 17], dtype=torch.int32), block_table=table)
     refuse(TypeError, "block_table has dtype torch.int64", q, k_cache, v_cache, block_table=table.long())
-    # An entry past the pages a sequence uses is never read: not an error (sequence 1 uses 1 page).
-    out = mf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([40, 16], dtype=torch.int32),
-                                     block_table=table)
-    assert torch.equal(out, torch.zeros_like(out))  # zeros in, zeros out
+    # An entry past the pages a sequence uses is never read: not an error (sequence 1 uses 1 page), and the
+    # answer is the bits of the same call with that entry a page of the pool (random q and caches).
+    q, k_cache, v_cache = (torch.randn(t.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+                           for t in (q, k_cache, v_cache))
+    call = lambda table: mf.flash_attn_with_kvcache(  # noqa: E731
+        q, k_cache, v_cache, cache_seqlens=torch.tensor([40, 16], dtype=torch.int32), block_table=table)
+    valid = table.clone()
+    valid[1, 1] = 0
+    assert torch.equal(call(table), call(valid))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_host_checks_read_seqlens_leftpad_and_table_where_they_lie(device, generator):
     """cache_seqlens, cache_leftpad and block_table on the call's device, copied to the host for the checks:
-    each error names the entry that is wrong; with all three right, the call answers as on the CPU."""
+    each error names the entry that is wrong; with all three right, the answer is float64 attention's over
+    each sequence's keys (37 from row 3, 16 from row 17: a sequence's first page holds none of its keys)."""
     q, k_cache, v_cache, table = (t.to(device) for t in paged_inputs())
     ints = lambda *x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
     refuse(ValueError, r"cache_seqlens\[1\] = 49: .* sequence 1 would have 49, outside the cache's 0 \.\. 48", q,
@@ -548,13 +554,13 @@ def test_the_host_checks_read_seqlens_leftpad_and_table_where_they_lie(device, g
     bad[1, 2] = 6
     refuse(ValueError, r"block_table\[1, 2\] = 6: sequence 1 uses that entry", q, k_cache, v_cache,
            cache_seqlens=ints(40, 33), cache_leftpad=ints(3, 17), block_table=bad)
-    k_cache, v_cache = (torch.randn(6, 16, 2, 64, generator=generator).bfloat16() for _ in range(2))
+    sequences = dense_sequences([37, 16], 2, 64, torch.bfloat16, generator)
+    (k_cache, v_cache), table = build_cache(sequences, [37, 16], 48, 16, torch.bfloat16, generator, pads=[3, 17])
     q = torch.randn(2, 1, 4, 64, generator=generator).bfloat16()
-    answers = [mf.flash_attn_with_kvcache(q.to(place), k_cache.to(place), v_cache.to(place),
-                                         cache_seqlens=ints(40, 33).to(place), cache_leftpad=ints(3, 17).to(place),
-                                         block_table=table.to(place)).cpu() for place in ("cpu", device)]
-    assert torch.isfinite(answers[0]).all()
-    torch.testing.assert_close(answers[1], answers[0], atol=4e-3, rtol=1e-2)  # (the GPU's exp2 is its own)
+    out = mf.flash_attn_with_kvcache(q.to(device), k_cache.to(device), v_cache.to(device), cache_seqlens=ints(40, 33),
+                                     cache_leftpad=ints(3, 17), block_table=table.to(device))
+    out_ref, _, plain = reference(q, sequences, False, 0.125)
+    assert_close("out", out.cpu(), out_ref, plain)
 
 
 def test_appends_that_would_share_a_row_are_refused(generator):
@@ -562,12 +568,19 @@ def test_appends_that_would_share_a_row_are_refused(generator):
     own; two new keys bound for one row (whichever lands last would win: the other lost) are refused,
     between sequences and within one (its table listing a page twice), before anything is written. So is
     one tensor given as both k_cache and v_cache with new keys (the values would overwrite the keys)."""
-    q, k_cache, v_cache, _ = paged_inputs()
-    new = torch.randn(2, 2, 2, 64, generator=generator).bfloat16()
+    q = torch.randn(2, 1, 4, 64, generator=generator).bfloat16()
+    k_cache, v_cache = (torch.randn(6, 16, 2, 64, generator=generator).bfloat16() for _ in range(2))
+    new, new_v = (torch.randn(2, 2, 2, 64, generator=generator).bfloat16() for _ in range(2))
     seqlens = torch.tensor([16, 20], dtype=torch.int32)
     shared = torch.tensor([[0, 1, 2], [0, 3, 4]], dtype=torch.int32)  # page 0 read by both, rows 16 on apart
-    out = mf.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=seqlens, block_table=shared)
-    assert torch.equal(k_cache[1, :2], new[0]) and torch.equal(k_cache[3, 4:6], new[1])
+    def rows(cache, added, b):  # sequence b's: page 0's 16 (both), page 3's first 4 (sequence 1), its 2 new
+        return torch.cat((cache[0], cache[3, :4], added[1]) if b else (cache[0], added[0]))
+    sequences = [[rows(k_cache, new, b), rows(v_cache, new_v, b)] for b in range(2)]  # (before the call)
+    out = mf.flash_attn_with_kvcache(q, k_cache, v_cache, new, new_v, cache_seqlens=seqlens, block_table=shared)
+    for cache, added in ((k_cache, new), (v_cache, new_v)):
+        assert torch.equal(cache[1, :2], added[0]) and torch.equal(cache[3, 4:6], added[1])
+    out_ref, _, plain = reference(q, sequences, False, 0.125)
+    assert_close("out", out, out_ref, plain)
     many = torch.randn(2, 17, 2, 64, generator=generator).bfloat16()
     for table, keys, lengths, match in (
             ([[0, 1, 2], [0, 1, 4]], new, [16, 15], "new key 0 of sequence 0 and new key 1 of sequence 1 would both "

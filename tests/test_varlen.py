@@ -410,8 +410,11 @@ def test_bad_block_tables_are_refused():
     refuse(ValueError, r"sequence 1 has 5 keys, more than its 1 pages of 4 rows in block_table hold \(4\)", *inputs,
            block_table=table[:, :1])
     refuse(TypeError, "block_table must be a torch.Tensor", *inputs, block_table=[[0, 1], [2, 3]])
-    out = mf.flash_attn_varlen_func(*inputs, block_table=torch.tensor([[0, 9], [2, 3]], dtype=torch.int32))
-    assert torch.equal(out, torch.zeros_like(out))  # sequence 0's second entry is never used: no error
+    # sequence 0's second entry is never used: no error, and the bits of the same call with a page there
+    # (random q and pages, so that what is read shows)
+    q, pages = (torch.randn(t.shape, generator=torch.Generator().manual_seed(0)).bfloat16() for t in (q, pages))
+    call = lambda table: mf.flash_attn_varlen_func(q, pages, pages, *inputs[3:], block_table=table)  # noqa: E731
+    assert torch.equal(call(torch.tensor([[0, 9], [2, 3]], dtype=torch.int32)), call(table))
 
 
 def test_bad_alibi_slopes_are_refused():
@@ -496,9 +499,11 @@ def test_bad_cu_seqlens_and_max_seqlen_are_refused():
     refuse(TypeError, r"max_seqlen_q = a tensor of shape \(\).*: it must be an int", q, k, v, cu_q, cu_k,
            torch.tensor(5.0), max_k)  # (an integer one is taken: numpy's and torch's ints are)
     refuse(ValueError, "max_seqlen_k = -1", q, k, v, cu_q, cu_k, max_q, -1)
-    # larger maxima are no error: the blocks past each sequence's end return at once
-    out = mf.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 300, 200)
-    assert torch.equal(out, torch.zeros_like(out))  # zeros in, zeros out
+    # larger maxima are no error: the blocks past each sequence's end return at once, the answer the bits of
+    # the exact maxima's (random q, k, v, so that a sequence reading another's rows would show)
+    q, k, v = (torch.randn(t.shape, generator=torch.Generator().manual_seed(0)).bfloat16() for t in (q, k, v))
+    assert torch.equal(mf.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 300, 200),
+                       mf.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k))
 
 
 def test_a_cuda_graph_being_captured_is_refused(monkeypatch):
