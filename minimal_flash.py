@@ -746,8 +746,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     cache_seqlens out of the cache's range (or below cache_leftpad), or block_table entries that are not
     its pages, raise a ValueError, checked on the host (a copy to it, so a sync; none for an int
-    cache_seqlens alone) except while a CUDA graph is being captured. The kernel checks them too: it never reads outside the cache, and a sequence out of range
-    gets NaN in all its output rows, a loud answer, never a plausible one (cache_batch_idx's entries
+    cache_seqlens alone) except while a CUDA graph is being captured. The kernel checks them too: it
+    never reads outside the cache, and a sequence out of range gets NaN in all its output rows, a loud
+    answer, never a plausible one (cache_batch_idx's entries
     likewise). rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2), q's dtype, rotary_dim a multiple of 16
     up to d, with k, v only: the rotary embedding of q and the new k as the official package applies it
     (rotary_interleaved: dimensions 0 & 1, 2 & 3, ...; else 0 & rotary_dim / 2, ..., GPT-NeoX's), the new
@@ -777,13 +778,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     window = mods.ints[:2] if mods is not None and mods.spec.window else (-1, -1)
     q_steps = causal or any(0 <= side < capacity for side in window)
     if not _capturing(q.device):  # a graph being captured cannot wait for a copy to the host
-        lengths, pads, table = _to_host(known, leftpad, block_table)
         if cache_batch_idx is not None:
-            _check_cache_batch_idx(table, pages, k is not None)
-        _check_cache_ranges(lengths, table, capacity, seqlen_new, pages, pads,
+            _check_cache_batch_idx(block_table, pages, k is not None)
+        _check_cache_ranges(known, block_table, capacity, seqlen_new, pages, leftpad,
                             appends_apart=cache_batch_idx is None)  # (cache_batch_idx: its own check)
         if rotary:
-            _check_rotary_positions(lengths, max(seqlen_new, Sq if q_steps else 1), len(rotary_cos))
+            _check_rotary_positions(known, max(seqlen_new, Sq if q_steps else 1), len(rotary_cos))
     if rotary:  # the new keys at cache_seqlens[b] + i; the queries there too if causal or local, else all at [b]
         positions = seqlens.long()[:, None] + torch.arange(max(seqlen_new, Sq), device=q.device)
         k = _rotated(k, rotary_cos, rotary_sin, positions[:, :seqlen_new], rotary_interleaved)
@@ -999,18 +999,13 @@ def _capturing(device):
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _to_host(*tensors):
-    """int32 tensors (or None) on the host: those on a device copied, each by itself. The first copy waits
-    for the GPU's queue, the others find it idle (about 13 us each on an H100's host); one copy of them
-    all through torch.cat cost more than it saved (a launch and an allocation: 50 us more per call)."""
-    return [t if t is None or t.device.type == "cpu" else t.cpu() for t in tensors]
-
-
 def _check_cache_ranges(seqlens, block_table, capacity, seqlen_new, pages, leftpad=None, appends_apart=False):
     """Each sequence's keys (rows cache_leftpad[b] .. cache_seqlens[b] + seqlen_new - 1) within the cache,
     and, paged, each page they lie in a page of the cache; a ValueError that names the first sequence
     that is not. appends_apart: paged, the new keys each to a row of their own too (_check_appends_apart),
-    on the same copies to the host."""
+    on the same copies to the host. Tensors on a GPU come over one by one: the first copy waits for its
+    queue, the others find it idle (one copy of all through torch.cat measured slower on an H100's host:
+    a launch and an allocation more)."""
     lengths = seqlens.tolist()  # a few numbers: Python's min and max are quicker than torch's on them
     if lengths and (min(lengths) < 0 or max(lengths) + seqlen_new > capacity):
         b = next(b for b, n in enumerate(lengths) if n < 0 or n + seqlen_new > capacity)
