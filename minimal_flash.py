@@ -289,10 +289,8 @@ def _unequal_lengths(q, k, v, dropout_p, softmax_scale, causal, window_size, sof
         raise ValueError(f"q has {Nq} rows per sequence and k, v {Nk}: flash_attn_func runs different lengths on "
                          f"flash_attn_varlen_func's kernels, version 3's; {problem}")
     if B == 0:  # no sequence, which flash_attn_varlen_func needs: empty results, in autograd's graph all the same,
-        dropout_p = _check_dropout(dropout_p)  # after the options are checked as it checks them
-        _check_attn_probs(return_attn_probs, dropout_p)
-        _check_causal(causal)
-        _check_scale(softmax_scale, q, 3)
+        dropout_p, _ = _check_varlen_flags(dropout_p, return_attn_probs, deterministic, causal)  # after the options
+        _check_scale(softmax_scale, q, 3)  # are checked as it checks them
         _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p,
                     batch_heads=(0, H), no_limit=Nk)
         out = q * 0 + (k.sum() + v.sum()) * 0
@@ -1187,14 +1185,7 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     """flash_attn_varlen_func; offsets: cu_seqlens_q and _k's values on the host ((2, batch + 1), int64) where
     the caller made them itself (flash_attn_func's B sequences of one length each): then nothing is copied
     from the device or checked there, and a CUDA graph may be captured."""
-    dropout_p = _check_dropout(dropout_p)
-    _check_attn_probs(return_attn_probs, dropout_p)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic = {_short(deterministic)}: it must be True or False")
-    if deterministic:
-        raise ValueError("deterministic=True: flash_attn_varlen_func runs version 3's kernels, whose backward adds "
-                         "into dQ with atomics, in an order that varies from run to run; leave it False")
-    causal = _check_causal(causal)
+    dropout_p, causal = _check_varlen_flags(dropout_p, return_attn_probs, deterministic, causal)
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, offsets = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, offsets)
     scale = _check_scale(softmax_scale, q, 3)
@@ -1212,6 +1203,18 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         out, L = _varlen_attention(q, k, v, *options)
     out = out[..., :d]
     return (out, L.t().contiguous(), None) if return_attn_probs else out
+
+
+def _check_varlen_flags(dropout_p, return_attn_probs, deterministic, causal):
+    """flash_attn_varlen_func's options that need no tensor: (dropout_p, causal) checked."""
+    dropout_p = _check_dropout(dropout_p)
+    _check_attn_probs(return_attn_probs, dropout_p)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic = {_short(deterministic)}: it must be True or False")
+    if deterministic:
+        raise ValueError("deterministic=True: flash_attn_varlen_func runs version 3's kernels, whose backward adds "
+                         "into dQ with atomics, in an order that varies from run to run; leave it False")
+    return dropout_p, _check_causal(causal)
 
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None, offsets=None):

@@ -280,7 +280,8 @@ def test_flash_attn_func_of_different_lengths_on_no_sequence():
                                  (dict(softcap=-1.0), ValueError, "softcap = -1.0"),
                                  (dict(alibi_slopes=torch.zeros(3)), ValueError, "alibi_slopes"),
                                  (dict(mask_mod=3), TypeError, "mask_mod = 3"),
-                                 (dict(return_attn_probs=1), TypeError, "return_attn_probs = 1")):
+                                 (dict(return_attn_probs=1), TypeError, "return_attn_probs = 1"),
+                                 (dict(deterministic="x"), TypeError, "deterministic = 'x'")):
         with pytest.raises(error, match=re.escape(said)):
             mf.flash_attn_func(q, k, v, **options)
 
