@@ -406,6 +406,34 @@ def profile_table(title, call, device):
     print(prof.key_averages().table(sort_by=sort, row_limit=8))
 
 
+# Kernel names that are attention's own: ours (flash3_hopper::, flash_decode::, ...) and SDPA's backends'
+# (FlashAttention-2's flash_fwd_kernel, cuDNN's ..._native_sdpa_..., the efficient one's fmha_cutlass...)
+ATTENTION_KERNELS = ("flash", "sdpa", "fmha")
+
+
+def busy_ms(intervals):
+    """How long the GPU was busy over (start, end) intervals in microseconds, an overlap counted once, in ms."""
+    busy, reach = 0.0, -math.inf  # reach: where the intervals so far end
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy / 1e3
+
+
+def gpu_busy(call):
+    """call() once under torch.profiler, on a GPU: (the ms its kernels kept the GPU busy, the ms of those
+    among them that are attention's own, by name). Beside the call's own time it says whether the call
+    waits for the GPU or for the host that launches its kernels (an eager training step launches hundreds)."""
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        call()
+        torch.cuda.synchronize()
+    kernels = [(e.time_range.start, e.time_range.end, e.name.lower()) for e in trace.events()
+               if str(e.device_type).endswith("CUDA")]
+    attention = [(start, end) for start, end, name in kernels if any(word in name for word in ATTENTION_KERNELS)]
+    return busy_ms((start, end) for start, end, _ in kernels), busy_ms(attention)
+
+
 def time_calls(calls, n, device):
     """Times n calls, each the next function of `calls`, round and round (each works on its own
     inputs); returns the n times in ms. On a GPU, CUDA events: the GPU's own clock, start to end."""

@@ -787,3 +787,10 @@ def test_help_says_each_modes_defaults(capsys, monkeypatch):
     assert "--varlen: minimal-flash3-varlen, minimal-flash3-padded" in help
     assert "our kernels in the default run and --mods" in help and "--decode and --varlen: key/value heads" in help
     assert (bench.parse_args(["--decode", "--cpu"]).version, bench.parse_args(["--varlen", "--cpu"]).version) == (3, 3)
+
+
+def test_busy_time_counts_an_overlap_once():
+    # (0, 10) and (5, 12) overlap: busy 0..12; (11, 12) lies inside; (20, 25) stands apart; unsorted on purpose
+    assert bench.busy_ms([(20, 25), (5, 12), (0, 10), (11, 12)]) == pytest.approx((12 + 5) / 1e3)
+    assert bench.busy_ms([]) == 0.0
+    assert bench.busy_ms([(3, 4)]) == pytest.approx(1e-3)
