@@ -1172,7 +1172,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cu_seqlens are checked on the host, so each call copies 2 (batch + 1) ints to it and waits for the
     device (refused while a CUDA graph is being captured): from 0, never decreasing, ending at q's and
     k's rows, no sequence longer than its max_seqlen; with block_table, each sequence's pages are pages of
-    k and v. deterministic=True is refused: version 3's backward adds into dQ with atomics, in whatever
+    k and v. Under torch.compile, without mods, dropout or block_table, the call is one operator and no
+    graph break (fullgraph=True compiles), the check made by the operator when it runs. deterministic=True is refused: version 3's backward adds into dQ with atomics, in whatever
     order its blocks finish."""
     return _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                         causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
@@ -1186,17 +1187,23 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     the caller made them itself (flash_attn_func's B sequences of one length each): then nothing is copied
     from the device or checked there, and a CUDA graph may be captured."""
     dropout_p, causal = _check_varlen_flags(dropout_p, return_attn_probs, deterministic, causal)
+    # Under torch.compile cu_seqlens' values are checked by the operator, when it runs (its body is not
+    # traced), unless the pages or the mods need them on the host here (offsets: None until then)
+    compiling = torch.compiler.is_compiling()
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, offsets = _check_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, offsets)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, offsets,
+        defer=compiling and block_table is None)
     scale = _check_scale(softmax_scale, q, 3)
     mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p,
                        batch_heads=(len(cu_seqlens_q) - 1, q.shape[1]), no_limit=max_seqlen_k)
+    if mods is not None and offsets is None:  # their block mask is made on the host (a graph break)
+        offsets = _host_offsets(q, cu_seqlens_q, cu_seqlens_k, (q.shape[0], k.shape[0]), (max_seqlen_q, max_seqlen_k))
     mods = _packed_block_mask(mods, offsets, max_seqlen_q, max_seqlen_k)
     options = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods)
     d = q.shape[-1]  # a d between the compiled ones: zero columns up to the next (_padded), cut off after
     q, k, v = (_padded(t, 3) for t in (q, k, v))  # (outside the Function: autograd takes them off dQ, dK, dV)
-    if torch.compiler.is_compiling() and mods is None:  # one operator for torch.compile to trace through
-        out, L = torch.ops.minimal_flash.varlen_attention(q, k, v, *options[:-1])
+    if compiling and mods is None:  # one operator for torch.compile to trace through
+        out, L = torch.ops.minimal_flash.varlen_attention(q, k, v, *options[:-1], offsets is None)
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, L = _FlashAttentionVarlen.apply(q, k, v, *options)
     else:
@@ -1217,11 +1224,13 @@ def _check_varlen_flags(dropout_p, return_attn_probs, deterministic, causal):
     return dropout_p, _check_causal(causal)
 
 
-def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None, offsets=None):
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None, offsets=None,
+                  defer=False):
     """flash_attn_varlen_func's tensors and lengths, each checked, then cu_seqlens against the rows on
-    the host (unless offsets, their values there, come from a caller that made them). Returns (q, k, v,
-    cu_seqlens_q, cu_seqlens_k contiguous, max_seqlen_q, max_seqlen_k ints, the offsets on the host:
-    _check_cu_seqlens'); with block_table, k and v paged, gathered into packed ones (_gather_pages)."""
+    the host (unless offsets, their values there, come from a caller that made them, or defer: the
+    caller checks them later, _host_offsets). Returns (q, k, v, cu_seqlens_q, cu_seqlens_k contiguous,
+    max_seqlen_q, max_seqlen_k ints, the offsets on the host: _check_cu_seqlens', or None if deferred);
+    with block_table, k and v paged, gathered into packed ones (_gather_pages)."""
     paged = block_table is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_is_tensor(name, t)
@@ -1281,11 +1290,8 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         if not 0 <= length < 2 ** 31:
             raise ValueError(f"{name} = {value}: it must be 0 .. 2**31 - 1, the longest sequence's length")
         lengths.append(length)
-    if offsets is None and _capturing(q.device):
-        raise RuntimeError("flash_attn_varlen_func checks cu_seqlens on the host, which waits for the device; a "
-                           "CUDA graph being captured cannot wait")
-    if offsets is None:
-        offsets = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, (total_q, total_k), lengths)
+    if offsets is None and not defer:
+        offsets = _host_offsets(q, cu_seqlens_q, cu_seqlens_k, (total_q, total_k), lengths)
     if paged:
         k, v = _gather_pages(k, v, block_table, cu_seqlens_k, offsets[1])
     if max(total_q, k.shape[0]) * H >= 2 ** 31:  # k, v go to the backward with q's heads
@@ -1336,6 +1342,15 @@ def _gather_pages(k, v, block_table, cu_seqlens_k, offsets):
     j = torch.arange(total, device=k.device) - cu_seqlens_k[b].long()
     page_of, row = block_table[b, j // page].long(), j % page
     return k[page_of, row], v[page_of, row]
+
+
+def _host_offsets(q, cu_seqlens_q, cu_seqlens_k, totals, max_seqlens):
+    """_check_cu_seqlens, where a copy to the host may wait for the device: not while a CUDA graph is
+    being captured."""
+    if _capturing(q.device):
+        raise RuntimeError("flash_attn_varlen_func checks cu_seqlens on the host, which waits for the device; a "
+                           "CUDA graph being captured cannot wait")
+    return _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, totals, max_seqlens)
 
 
 def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, totals, max_seqlens):
@@ -1395,17 +1410,21 @@ def _varlen_grads(dO, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 
 
 # flash_attn_varlen_func's two passes as operators too, for torch.compile (as minimal_flash::attention
-# above): without mods or dropout, on inputs checked, cu_seqlens on the device; flash_attn_func of
-# different lengths, whose offsets the host knows, compiles into one graph through them.
+# above): without mods or dropout, on inputs checked, cu_seqlens on the device. check: the forward checks
+# cu_seqlens' values itself, on the host, when it runs (flash_attn_varlen_func: the graph cannot hold the
+# copy and its wait; the operator's body is not traced); flash_attn_func of different lengths, whose
+# offsets the host made, passes False. Both compile into one graph through them.
 @torch.library.custom_op("minimal_flash::varlen_attention", mutates_args=())
 def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+               scale: float, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if check:
+        _host_offsets(q, cu_seqlens_q, cu_seqlens_k, (q.shape[0], k.shape[0]), (max_seqlen_q, max_seqlen_k))
     return _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
 
 @_varlen_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, check):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -1424,12 +1443,12 @@ def _(dO, q, k, v, O, L, *options):
 
 
 def _varlen_op_save(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.options = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.options, _ = inputs  # (check: the forward's)
     ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k)
 
 
 def _varlen_op_grad(ctx, dO, dL):  # L is a by-product: nothing flows back through it
-    return *_varlen_grads_op(dO, *ctx.saved_tensors, *ctx.options), None, None, None, None, None, None
+    return *_varlen_grads_op(dO, *ctx.saved_tensors, *ctx.options), None, None, None, None, None, None, None
 
 
 _varlen_op.register_autograd(_varlen_op_grad, setup_context=_varlen_op_save)

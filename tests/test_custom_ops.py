@@ -2,8 +2,8 @@
 flash_attention uses under torch.compile: torch.library.opcheck on both (schema, fake shapes, autograd
 registration, dispatch), and a compiled function with no graph break against the eager one and
 against float64; the same for chapter 6's mods (attention_mods) and for packed sequences
-(varlen_attention: flash_attn_func of different lengths), against the eager call only (test_mods and
-test_varlen check that one against float64)."""
+(varlen_attention: flash_attn_varlen_func, and flash_attn_func of different lengths), against the eager
+call only (test_mods and test_varlen check that one against float64)."""
 import pytest
 import torch
 
@@ -114,8 +114,8 @@ def test_varlen_through_the_operators(device, causal, generator):
     q = torch.randn(43, 4, 64, generator=generator).to(device, torch.bfloat16)
     k, v = (torch.randn(22, 2, 64, generator=generator).to(device, torch.bfloat16) for _ in range(2))
     options = (cu_seqlens([3, 40], device), cu_seqlens([17, 5], device), 40, 17, causal, 0.125)
-    torch.library.opcheck(torch.ops.minimal_flash.varlen_attention.default, (q, k, v, *options))
-    O, L = torch.ops.minimal_flash.varlen_attention(q, k, v, *options)
+    torch.library.opcheck(torch.ops.minimal_flash.varlen_attention.default, (q, k, v, *options, True))
+    O, L = torch.ops.minimal_flash.varlen_attention(q, k, v, *options, True)  # True: cu_seqlens checked in it
     dO = torch.randn(O.shape, generator=generator).to(device, torch.bfloat16)
     torch.library.opcheck(torch.ops.minimal_flash.varlen_attention_grads.default, (dO, q, k, v, O, L, *options))
     attention = lambda q, k, v: mf.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)[:2]  # noqa: E731
@@ -132,3 +132,41 @@ def test_varlen_through_the_operators(device, causal, generator):
                 assert rel_err(x, y.double()) < 1e-2, name
             else:
                 assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_func_compiles_and_checks_cu_seqlens_when_it_runs(device, generator):
+    """flash_attn_varlen_func under torch.compile(fullgraph=True): no graph break, though cu_seqlens'
+    values are checked on the host (the operator does it when it runs); two batches of packed sequences
+    (the second recompiles, dynamic shapes) give out, lse, dK and dV the bits of the eager call's, dQ
+    within rounding; cu_seqlens that decrease, or a sequence longer than max_seqlen, raise the eager
+    call's error from the compiled one. With a window (a mod: its block mask on the host) it compiles
+    with a graph break and matches eager."""
+    def attention(q, k, v, cu_q, cu_k, max_q, max_k, **mods):
+        return mf.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, return_attn_probs=True,
+                                         **mods)[:2]
+
+    compiled = torch.compile(attention, fullgraph=True)
+    for lengths_q, lengths_k in (([3, 40], [17, 5]), ([1, 7, 30], [9, 7, 65])):
+        q = torch.randn(sum(lengths_q), 4, 64, generator=generator).to(device, torch.bfloat16).requires_grad_()
+        k, v = (torch.randn(sum(lengths_k), 2, 64, generator=generator).to(device, torch.bfloat16).requires_grad_()
+                for _ in range(2))
+        dO = torch.randn(q.shape, generator=generator).to(device, torch.bfloat16)
+        lengths = (cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device), max(lengths_q), max(lengths_k))
+        eager, traced = ((*fn(q, k, v, *lengths), *torch.autograd.grad(fn(q, k, v, *lengths)[0], (q, k, v), dO))
+                         for fn in (attention, compiled))
+        for name, x, y in zip(("out", "lse", "dQ", "dK", "dV"), traced, eager):
+            assert x.shape == y.shape, name
+            if name == "dQ":  # atomics: in whatever order blocks finish
+                assert rel_err(x, y.double()) < 1e-2, name
+            else:
+                assert torch.equal(x, y), name
+    with torch.no_grad():
+        bad = torch.tensor([0, 30, 20, 38], dtype=torch.int32, device=device)  # sequence 1 of length -10
+        with pytest.raises(ValueError, match=r"cu_seqlens_q decreases, cu_seqlens_q\[1\] = 30 > cu_seqlens_q\[2\] = 20"):
+            compiled(q, k, v, bad, lengths[1], *lengths[2:])
+        with pytest.raises(ValueError, match="sequence 2 has 65 keys, more than max_seqlen_k = 64"):
+            compiled(q, k, v, lengths[0], lengths[1], lengths[2], 64)
+        window = dict(window_size=(5, 0))
+        assert all(torch.equal(x, y) for x, y in zip(torch.compile(attention)(q, k, v, *lengths, **window),
+                                                      attention(q, k, v, *lengths, **window)))
