@@ -176,7 +176,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     package takes one past the keys). Each set of mods is compiled once (seconds), the options' values
     and the tensors read at run time.
     dropout_p: dropout on the attention weights (versions 3 and 4), its mask drawn from a seed that torch's
-    generator gives (reproducible under torch.manual_seed) and drawn again by the backward.
+    generator gives (reproducible under torch.manual_seed) and drawn again by the backward; under
+    torch.compile too, the seed drawn when the compiled call runs.
     return_lse: return (out, lse), lse (B, H, N) float32 each row's log-sum-exp of its scaled (and modded)
     scores before dropout, -inf for a row that sees no key; without gradient, as the official package's
     softmax_lse (a loss through it would need D - dlse in the backward kernels; lse.requires_grad is False)."""
@@ -196,7 +197,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     _check_document_ids(mask_mod, mod_tensors, q)
     if torch.compiler.is_compiling():  # torch.compile: one operator it can trace through, no graph break
         if mods is not None:  # the mods travel as the build's Mods, field by field, tensors and numbers
-            O, L = torch.ops.minimal_flash.attention_mods(q, k, v, causal, scale, version, *_mod_op_arguments(mods))
+            O, L, _ = torch.ops.minimal_flash.attention_mods(q, k, v, causal, scale, version, *_mod_op_arguments(mods))
         else:
             O, L = torch.ops.minimal_flash.attention(q, k, v, causal, scale, Br, Bc, version, deterministic)
     elif not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
@@ -241,7 +242,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     longer context), in half precision: each entry of the batch then runs as one sequence of
     flash_attn_varlen_func, causal aligned at the bottom right and a window_size side of at least
     seqlen_k no limit, as in the official package (under torch.compile one operator, no graph break,
-    unless mods or dropout are on). dropout_p, window_size, softcap and alibi_slopes as
+    unless mods are on; dropout refused there). dropout_p, window_size, softcap and alibi_slopes as
     the official package has them (versions 3 and 4, with score_mod, mask_mod and mod_tensors: see
     flash_attention); its options that these kernels do not have are refused unless
     left at their defaults; deterministic=True needs a version whose backward can be deterministic
@@ -632,34 +633,42 @@ _attention_op.register_autograd(_attention_op_grad, setup_context=_attention_op_
 
 
 # Chapter 6's mods as two more operators, for torch.compile: a version's passes (3 or 4) with a ModCall
-# (dropout not among them) given field by field, in the types an operator takes: the user's strings, the mod
-# tensors' names and dtypes (comma-joined) and dims, which official options are on, the tensors and
-# the options' values.
+# given field by field, in the types an operator takes: the user's strings, the mod tensors' names and
+# dtypes (comma-joined) and dims, which official options are on, the tensors, the options' values and
+# dropout_p. Dropout's seed is drawn by the forward operator when it runs, from torch's generator as an
+# eager call draws it (so a compiled call under torch.manual_seed draws the eager call's seed), not when
+# the graph is traced, which would bake one mask into every call; the forward returns it, a CPU int64
+# tensor of one element, and the backward draws the same mask from it. (nondeterministic_seeded: the
+# compiler must neither merge two calls nor move one across another draw.)
 def _mod_op_arguments(mods):
     spec = mods.spec
     return (spec.score_mod, spec.mask_mod, ",".join(t[0] for t in spec.tensors), ",".join(t[1] for t in spec.tensors),
             [t[2] for t in spec.tensors], [int(spec.window), int(spec.softcap), spec.alibi], list(mods.tensors),
-            list(mods.ints), list(mods.floats))
+            list(mods.ints), list(mods.floats), mods.dropout_p)
 
 
-def _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats):
+def _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats, dropout_p, seed):
     names, dtypes = (text.split(",") if text else [] for text in (names, dtypes))  # comma-joined: no list[str]
-    spec = Mods(score_mod, mask_mod, tuple(zip(names, dtypes, dims)), bool(flags[0]), bool(flags[1]), flags[2])
-    return ModCall(spec, tuple(tensors), tuple(ints), tuple(floats))
+    spec = Mods(score_mod, mask_mod, tuple(zip(names, dtypes, dims)), bool(flags[0]), bool(flags[1]), flags[2],
+                dropout_p > 0)
+    return ModCall(spec, tuple(tensors), tuple(ints), tuple(floats), dropout_p, seed)
 
 
-@torch.library.custom_op("minimal_flash::attention_mods", mutates_args=())
+@torch.library.custom_op("minimal_flash::attention_mods", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _attention_mods_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, version: int,
                        score_mod: Optional[str], mask_mod: Optional[str], names: str, dtypes: str,
                        dims: list[int], flags: list[int], tensors: list[torch.Tensor], ints: list[int],
-                       floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats)
-    return _attention(q, k, v, causal, scale, None, None, version, mods=mods)
+                       floats: list[float], dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed = _dropout_seed(q) if dropout_p > 0 else 0
+    mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats, dropout_p, seed)
+    return (*_attention(q, k, v, causal, scale, None, None, version, mods=mods),
+            torch.tensor([seed], dtype=torch.int64))
 
 
 @_attention_mods_op.register_fake
 def _(q, k, v, causal, scale, *mods):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32),
+            q.new_empty(1, dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op("minimal_flash::attention_mods_grads", mutates_args=())
@@ -667,8 +676,9 @@ def _attention_mods_grads_op(dO: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              L: torch.Tensor, causal: bool, scale: float, version: int, score_mod: Optional[str],
                              mask_mod: Optional[str], names: str, dtypes: str, dims: list[int],
                              flags: list[int], tensors: list[torch.Tensor], ints: list[int],
-                             floats: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats)
+                             floats: list[float], dropout_p: float,
+                             seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats, dropout_p, int(seed))
     return _attention_grads(_laid_out(dO, version), q, k, v, O, L, causal, scale, None, None, version, mods=mods)
 
 
@@ -679,13 +689,14 @@ def _(dO, q, k, v, O, L, *options):
 
 def _attention_mods_op_save(ctx, inputs, output):
     q, k, v, *ctx.options = inputs
-    ctx.save_for_backward(q, k, v, *output)
+    ctx.save_for_backward(q, k, v, *output)  # O, L and dropout's seed
 
 
-def _attention_mods_op_grad(ctx, dO, dL):  # no gradient reaches the mod tensors (constants: _check_mods)
-    grads = _attention_mods_grads_op(dO, *ctx.saved_tensors, *ctx.options)
-    tensors = ctx.options[9]  # a list of tensors gets a list of gradients
-    return *grads, None, None, None, None, None, None, None, None, None, [None] * len(tensors), None, None
+def _attention_mods_op_grad(ctx, dO, dL, dseed):  # no gradient reaches the mod tensors (constants: _check_mods)
+    q, k, v, O, L, seed = ctx.saved_tensors
+    grads = _attention_mods_grads_op(dO, q, k, v, O, L, *ctx.options, seed)
+    # None for each option; a list of tensors gets a list of gradients, an empty list an empty list
+    return *grads, *([None] * len(x) if i == 9 else [] if x == [] else None for i, x in enumerate(ctx.options))
 
 
 _attention_mods_op.register_autograd(_attention_mods_op_grad, setup_context=_attention_mods_op_save)
@@ -1172,9 +1183,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cu_seqlens are checked on the host, so each call copies 2 (batch + 1) ints to it and waits for the
     device (refused while a CUDA graph is being captured): from 0, never decreasing, ending at q's and
     k's rows, no sequence longer than its max_seqlen; with block_table, each sequence's pages are pages of
-    k and v. Under torch.compile, without mods, dropout or block_table, the call is one operator and no
-    graph break (fullgraph=True compiles), the check made by the operator when it runs. deterministic=True is refused: version 3's backward adds into dQ with atomics, in whatever
-    order its blocks finish."""
+    k and v. Under torch.compile, without mods or block_table, the call is one operator and no graph
+    break (fullgraph=True compiles), the check made by the operator when it runs; dropout is refused
+    there (not yet). deterministic=True is refused: version 3's backward adds into dQ with atomics, in
+    whatever order its blocks finish."""
     return _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                         causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
                         score_mod, mask_mod, mod_tensors)
@@ -1190,6 +1202,10 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     # Under torch.compile cu_seqlens' values are checked by the operator, when it runs (its body is not
     # traced), unless the pages or the mods need them on the host here (offsets: None until then)
     compiling = torch.compiler.is_compiling()
+    if compiling and dropout_p > 0:
+        raise NotImplementedError("dropout_p under torch.compile, on sequences of different lengths "
+                                  "(flash_attn_varlen_func's kernels): not yet; call the attention outside the "
+                                  "compiled region (torch.compiler.disable)")
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, offsets = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, offsets,
         defer=compiling and block_table is None)
@@ -1679,18 +1695,21 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
     spec = Mods(score_mod, mask_mod, tuple(specs), window, softcap > 0, alibi, dropout_p > 0)
     if not (spec.score or spec.mask or spec.dropout):
         return None
-    if spec.dropout:
-        if torch.compiler.is_compiling():  # before asking about capture, which torch.compile cannot trace
-            raise NotImplementedError("dropout_p under torch.compile: not yet (its seed is drawn per call); call "
-                                      "the attention outside the compiled region (torch.compiler.disable)")
-        if _capturing(q.device):
-            raise RuntimeError("dropout_p > 0 while a CUDA graph is captured: the graph would replay one dropout "
-                               "mask forever; capture without dropout")
-        if dropout_seed is None:  # from torch's generator: torch.manual_seed makes a run reproducible
-            dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
+    if spec.dropout and dropout_seed is None and not torch.compiler.is_compiling():  # (compiled: the operator's)
+        dropout_seed = _dropout_seed(q)
     floats = (float(softcap), 1.0 / softcap if softcap > 0 else 0.0, 0.0, 0.0)  # the cap and its inverse
-    return ModCall(spec, tuple(tensors), (*window_size, 0, 0), floats, dropout_p,
-                   0 if dropout_seed is None else dropout_seed % 2**64)
+    # (None: dropout's seed is not drawn yet; _attention_mods_op draws it when the compiled graph runs)
+    seed = 0 if not spec.dropout else None if dropout_seed is None else dropout_seed % 2**64
+    return ModCall(spec, tuple(tensors), (*window_size, 0, 0), floats, dropout_p, seed)
+
+
+def _dropout_seed(q):
+    """A call's dropout seed, from torch's generator: torch.manual_seed makes a run reproducible. Not while
+    a CUDA graph is captured, whose replays would all draw this one mask."""
+    if _capturing(q.device):
+        raise RuntimeError("dropout_p > 0 while a CUDA graph is captured: the graph would replay one dropout "
+                           "mask forever; capture without dropout")
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def _head_dim(q):

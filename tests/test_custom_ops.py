@@ -78,7 +78,7 @@ def test_grouped_heads_through_the_operators(device, generator):
 def test_mods_through_the_operators(device, generator):
     """Chapter 6's mods under torch.compile (minimal_flash::attention_mods and its gradients): opcheck,
     and a compiled function with a score_mod reading a tensor, a mask_mod, a window, softcap and ALiBi
-    the same as the eager one, with no graph break; dropout there is refused by name."""
+    the same as the eager one, with no graph break."""
     q, k, v = random_qkv(1, 2, 100, 64, device, generator, torch.bfloat16)
     bias = torch.randn(2, 199, generator=generator).to(device)
     options = dict(score_mod="score + bias(h, q_idx - kv_idx + 99)", mask_mod="(q_idx + kv_idx) % 7 != 0",
@@ -87,9 +87,9 @@ def test_mods_through_the_operators(device, generator):
     mods = mf._check_mods(q, *(options[name] for name in mf._MOD_OPTIONS[:6]))
     arguments = (q, k, v, False, 0.125, mf.default_version(q.dtype, device), *mf._mod_op_arguments(mods))
     torch.library.opcheck(torch.ops.minimal_flash.attention_mods.default, arguments)
-    O, L = torch.ops.minimal_flash.attention_mods(*arguments)
+    O, L, seed = torch.ops.minimal_flash.attention_mods(*arguments)  # seed: dropout's (none here: 0)
     torch.library.opcheck(torch.ops.minimal_flash.attention_mods_grads.default,
-                          (random_dO(q, generator), q, k, v, O, L, *arguments[3:]))
+                          (random_dO(q, generator), q, k, v, O, L, *arguments[3:], seed))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     dO = random_dO(q, generator)
     attention = lambda q, k, v: mf.flash_attention(q, k, v, **options)  # noqa: E731
@@ -100,8 +100,6 @@ def test_mods_through_the_operators(device, generator):
             assert rel_err(x, y.double()) < 1e-2, name
         else:
             assert torch.equal(x, y), name
-    with pytest.raises((NotImplementedError, torch._dynamo.exc.Unsupported), match="dropout_p under torch.compile"):
-        torch.compile(lambda q: mf.flash_attention(q, q, q, dropout_p=0.1), fullgraph=True)(q.detach())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -163,10 +161,41 @@ def test_varlen_func_compiles_and_checks_cu_seqlens_when_it_runs(device, generat
                 assert torch.equal(x, y), name
     with torch.no_grad():
         bad = torch.tensor([0, 30, 20, 38], dtype=torch.int32, device=device)  # sequence 1 of length -10
-        with pytest.raises(ValueError, match=r"cu_seqlens_q decreases, cu_seqlens_q\[1\] = 30 > cu_seqlens_q\[2\] = 20"):
+        with pytest.raises(ValueError, match=r"cu_seqlens_q decreases, cu_seqlens_q\[1\] = 30 > cu_seqlens_q\[2\]"):
             compiled(q, k, v, bad, lengths[1], *lengths[2:])
         with pytest.raises(ValueError, match="sequence 2 has 65 keys, more than max_seqlen_k = 64"):
             compiled(q, k, v, lengths[0], lengths[1], lengths[2], 64)
         window = dict(window_size=(5, 0))
         assert all(torch.equal(x, y) for x, y in zip(torch.compile(attention)(q, k, v, *lengths, **window),
                                                       attention(q, k, v, *lengths, **window)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_under_compile_draws_a_seed_per_call(device, generator):
+    """dropout_p under torch.compile(fullgraph=True): the operator draws the seed when it runs, from torch's
+    generator as the eager call does, so under one torch.manual_seed the compiled call's output and gradients
+    are the eager call's (dQ within rounding: atomics), and a second call draws another mask (the seed is
+    not baked into the graph when it is traced). On packed sequences it is refused by name."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(2, 2, 70, 64, device, generator, torch.bfloat16))
+    dO = random_dO(q, generator)
+    attention = lambda q, k, v: mf.flash_attention(q, k, v, causal=True, dropout_p=0.3)  # noqa: E731
+    compiled = torch.compile(attention, fullgraph=True)
+    runs = {}
+    for name, fn in (("eager", attention), ("compiled", compiled)):
+        torch.manual_seed(11)
+        O = fn(q, k, v)
+        runs[name] = (O, *torch.autograd.grad(O, (q, k, v), dO), fn(q, k, v))  # and a second call
+    for what, x, y in zip(("O", "dQ", "dK", "dV", "O of a second call"), runs["compiled"], runs["eager"]):
+        if what == "dQ":
+            assert rel_err(x, y.double()) < 1e-2, what
+        else:
+            assert torch.equal(x, y), what
+    first, second = runs["compiled"][0], runs["compiled"][4]
+    assert not torch.equal(first, second)  # another seed, another mask
+    with torch.no_grad():
+        cu = cu_seqlens([30, 40], device)
+        packed = q.detach()[0].transpose(0, 1).contiguous()  # (70, 2, 64): sequences of 30 and 40
+        with pytest.raises((NotImplementedError, torch._dynamo.exc.Unsupported),  # (fullgraph: Dynamo's wrapping)
+                           match="dropout_p under torch.compile, on sequences of different"):
+            torch.compile(lambda x: mf.flash_attn_varlen_func(x, x, x, cu, cu, 40, 40, dropout_p=0.1),
+                          fullgraph=True)(packed)
