@@ -98,3 +98,13 @@ def test_forward_needs_the_seed_named(options, error, match):
     q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
     with pytest.raises(error, match=match):
         mf.forward(q, q, q, **options)
+
+
+def test_dropout_while_a_cuda_graph_is_captured_is_refused(monkeypatch):
+    """A captured graph would replay the one seed drawn at capture, one mask forever: refused, in the eager
+    call and in the compiled one's operator (which draws the seed when it runs), not run."""
+    q, k, v = random_qkv(1, 2, 20, 64, "cpu", torch.Generator().manual_seed(0), torch.bfloat16)
+    monkeypatch.setattr(mf, "_capturing", lambda device: True)
+    for fn in (mf.flash_attention, torch.compile(mf.flash_attention, fullgraph=True)):
+        with pytest.raises(RuntimeError, match="dropout_p > 0 while a CUDA graph is captured"):
+            fn(q, k, v, dropout_p=0.2)
