@@ -67,14 +67,27 @@ def random_qkv(B, H, N, d, device, generator, dtype=torch.float32):
     return [torch.randn(B, H, N, d, generator=generator).to(device, dtype) for _ in range(3)]
 
 
-def reference(q, k, v, causal, scale=None):
-    """O and L = logsumexp of the scores, computed in float64 by plain attention."""
-    q, k, v = q.double(), k.double(), v.double()
+def plain_scores(q, k, causal, scale=None):
+    """S = q k^T scale (1 / sqrt(d) unless given), causal: a key after its query -inf; in q's dtype.
+    Written here, not taken from minimal_flash (its manual_attention shares _scale with the kernels:
+    a reference must not share the code it checks)."""
     N, d = q.shape[-2:]
     S = (q @ k.transpose(-2, -1)) * (d ** -0.5 if scale is None else scale)
     if causal:
-        S = S.masked_fill(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return mf.manual_attention(q, k, v, causal=causal, softmax_scale=scale), S.logsumexp(dim=-1)
+        S = S.masked_fill(torch.ones(N, k.shape[-2], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return S
+
+
+def plain_attention(q, k, v, causal, scale=None):
+    """softmax(S) v, in q's dtype: the reference in float64, the half-precision rule's yardstick in bf16
+    and fp16 (the same operations as minimal_flash.manual_attention, none of its code)."""
+    return torch.softmax(plain_scores(q, k, causal, scale), dim=-1) @ v
+
+
+def reference(q, k, v, causal, scale=None):
+    """O and L = logsumexp of the scores, computed in float64 by plain attention."""
+    q, k, v = q.double(), k.double(), v.double()
+    return plain_attention(q, k, v, causal, scale), plain_scores(q, k, causal, scale).logsumexp(dim=-1)
 
 
 def poisoned_outputs(q):
@@ -85,14 +98,14 @@ def poisoned_outputs(q):
 def reference_grads(q, k, v, dO, causal, scale=None):
     """dQ, dK, dV of sum(O * dO), O = plain attention, by float64 autograd."""
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
-    return torch.autograd.grad(mf.manual_attention(q, k, v, causal=causal, softmax_scale=scale), (q, k, v), dO.double())
+    return torch.autograd.grad(plain_attention(q, k, v, causal, scale), (q, k, v), dO.double())
 
 
 def half_precision_grads(q, k, v, dO, causal, scale=None):
     """dQ, dK, dV of sum(O * dO), O = plain attention, by autograd in q's own precision (version 3's
     tests: the gradients whose error the official FlashAttention rule takes as its yardstick)."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    return torch.autograd.grad(mf.manual_attention(q, k, v, causal=causal, softmax_scale=scale), (q, k, v), dO)
+    return torch.autograd.grad(plain_attention(q, k, v, causal, scale), (q, k, v), dO)
 
 
 def random_dO(q, generator):
@@ -131,7 +144,8 @@ def assert_gradients(grads, q, k, v, dO, causal, scale=None):
     assert all(g.dtype == q.dtype for g in grads)
     if q.shape[2] == 1:
         bound = TOL if q.dtype == torch.float32 else 1e-4
-        for name, grad, size in zip(("dQ", "dK"), grads, cancelled_scale(q, k, v, dO, mf._scale(q, scale))):
+        sizes = cancelled_scale(q, k, v, dO, q.shape[-1] ** -0.5 if scale is None else scale)
+        for name, grad, size in zip(("dQ", "dK"), grads, sizes):
             assert torch.isfinite(grad).all(), f"{name}: an element was not written"
             assert (grad.double() - 0).norm() / size.norm() < bound, name
         grads, refs, plains = grads[2:], refs[2:], plains[2:]

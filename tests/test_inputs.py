@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import (DEVICES, MATRIX, TOL, assert_close, assert_gradients, head_dim, random_dO, random_qkv, reference,
-                     rel_err)
+from helpers import (DEVICES, MATRIX, TOL, assert_close, assert_gradients, head_dim, plain_attention, random_dO,
+                     random_qkv, reference, rel_err)
 
 
 def qkv(B=1, H=2, N=20, d=16, **kw):
@@ -26,8 +26,10 @@ def test_q_k_v_of_different_half_precisions_are_refused():
     with pytest.raises(TypeError, match=r"q, k, v must have one dtype, got torch.bfloat16, torch.float16, "
                                         r"torch.bfloat16"):
         mf.flash_attention(q.bfloat16(), k.half(), v.bfloat16())
-    with pytest.raises(TypeError, match="q, k, v must have one dtype"):
-        mf.forward(q.half(), k.half(), v.bfloat16())
+    for dtypes in ((torch.float16, torch.float16, torch.bfloat16), (torch.float16, torch.bfloat16, torch.bfloat16)):
+        names = ", ".join(str(t) for t in dtypes)  # each name at its place
+        with pytest.raises(TypeError, match=f"q, k, v must have one dtype, got {names}$"):
+            mf.forward(*(t.to(dtype) for t, dtype in zip((q, k, v), dtypes)))
 
 
 def test_options_are_keyword_only():
@@ -82,7 +84,8 @@ def test_numpy_numbers_are_numbers():
 @pytest.mark.parametrize("scale", [-0.5, 0.0])
 def test_version_3_takes_softmax_scale_above_0(scale):
     """Version 3 keeps the running max of unscaled scores, right only for scale > 0 (at 0 a masked
-    score's exponent would be -inf * 0 = NaN). The fp32 versions take any finite scale."""
+    score's exponent would be -inf * 0 = NaN). The fp32 versions take any finite scale (and test_kernels'
+    test_fp32_versions_take_any_finite_scale checks them at it, forward and backward)."""
     q, k, v = qkv(N=8, d=64)
     with pytest.raises(ValueError, match=f"softmax_scale = {scale}: version 3 takes softmax_scale > 0"):
         mf.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), softmax_scale=scale)
@@ -198,10 +201,20 @@ def test_grouped_heads_through_autograd_and_flash_attn_func(generator):
     assert all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))
 
 
-def test_rejects_device_mismatch():
-    q, k, v = qkv()
-    with pytest.raises(ValueError, match="one device"):
-        mf.flash_attention(q, k.to("meta"), v)
+@pytest.mark.parametrize("moved", [0, 1, 2], ids=["q", "k", "v"])
+def test_rejects_device_mismatch(moved):
+    """Any one of q, k, v elsewhere (a v on meta reaching the CPU kernels would crash the process); the
+    message names each device at its place, in the forward and in backward()."""
+    tensors = qkv()
+    tensors[moved] = tensors[moved].to("meta")
+    devices = ", ".join(str(t.device) for t in tensors)
+    with pytest.raises(ValueError, match=f"q, k, v must be on one device, got {devices}$"):
+        mf.flash_attention(*tensors)
+    dO, q, k, v, O, L = backward_inputs()
+    tensors = [q, k, v]
+    tensors[moved] = tensors[moved].to("meta")
+    with pytest.raises(ValueError, match=f"q, k, v must be on one device, got {devices}$"):
+        mf.backward(dO, *tensors, O, L)
 
 
 def test_rejects_devices_without_kernels():
@@ -340,7 +353,7 @@ def test_input_off_a_16_byte_boundary_is_copied(device, version, dtype, generato
     views = [off_16_bytes(t).requires_grad_() for t in (q, k, v)]
     assert all(t.is_contiguous() and t.data_ptr() % 16 for t in views)
     O = mf.flash_attention(*views, version=version)
-    assert_close("O", O, reference(q, k, v, False)[0], mf.manual_attention(q, k, v))
+    assert_close("O", O, reference(q, k, v, False)[0], plain_attention(q, k, v, False))
     assert_gradients(torch.autograd.grad(O, views, off_16_bytes(dO)), q, k, v, dO, False)
 
 
@@ -392,6 +405,20 @@ def test_backward_rejects_dO_on_another_device():
         mf.backward(dO.to("meta"), *rest)
 
 
+def test_backward_rejects_O_of_another_dtype_shape_or_device():
+    """O goes into D = rowsum(dO * O): of another dtype its bits would be read as q's (NaN, or
+    gradients off by 1e19), silently."""
+    dO, q, k, v, O, L = backward_inputs()
+    with pytest.raises(TypeError, match=r"O has dtype torch.float64; it must be torch.float32, as q"):
+        mf.backward(dO, q, k, v, O.double(), L)
+    with pytest.raises(ValueError, match=r"O must have shape \(1, 2, 20, 16\), got \(1, 2, 19, 16\)"):
+        mf.backward(dO, q, k, v, O[:, :, 1:], L)
+    with pytest.raises(ValueError, match="O is on meta, q on cpu"):
+        mf.backward(dO, q, k, v, O.to("meta"), L)
+    with pytest.raises(ValueError, match="L is on meta, q on cpu"):
+        mf.backward(dO, q, k, v, O, L.to("meta"))
+
+
 def test_backward_checks_q_k_v_like_the_forward():
     dO, q, k, v, O, L = backward_inputs()
     with pytest.raises(TypeError, match="v has dtype torch.float16"):
@@ -414,6 +441,14 @@ def test_out_tensors_are_checked():
         mf.backward(torch.randn_like(q), q, k, v, O, L, out=(q.clone(), q[:, :1].clone(), q.clone()))
     with pytest.raises(ValueError, match=r"dQ \(out=\) must start at a 16-byte-aligned address"):
         mf.backward(torch.randn_like(q), q, k, v, O, L, out=(off_16_bytes(q), q.clone(), q.clone()))
+    # L, dQ, dK, dV not contiguous: written as contiguous rows under a view, they would come back permuted
+    with pytest.raises(ValueError, match=r"L \(out=\) must be contiguous"):
+        mf.forward(q, k, v, out=(torch.empty_like(q), torch.empty(1, 20, 2).transpose(1, 2)))
+    for n, name in enumerate(("dQ", "dK", "dV")):
+        out = [torch.empty_like(q) for _ in range(3)]
+        out[n] = torch.empty(1, 2, 16, 20).transpose(2, 3)
+        with pytest.raises(ValueError, match=fr"{name} \(out=\) must be contiguous"):
+            mf.backward(torch.randn_like(q), q, k, v, O, L, out=tuple(out))
 
 
 def test_out_tensors_must_not_share_memory_with_inputs_or_each_other():
@@ -429,6 +464,16 @@ def test_out_tensors_must_not_share_memory_with_inputs_or_each_other():
         mf.backward(dO, q, k, v, O, L, out=(grads[0], grads[1], grads[0]))
     with pytest.raises(ValueError, match=r"dK \(out=\) shares memory with an input"):
         mf.backward(dO, q, k, v, O, L, out=(grads[0], dO, grads[2]))
+    # part of one: O over the second half of v and what follows it in one buffer; L over O's last floats
+    buffer = torch.empty(2 * q.numel())
+    v_in, O_over = buffer[:q.numel()].view(q.shape), buffer[q.numel() // 2:][:q.numel()].view(q.shape)
+    v_in.copy_(v)
+    with pytest.raises(ValueError, match=r"O \(out=\) shares memory with an input"):
+        mf.forward(q, k, v_in, out=(O_over, L))
+    O_and_L = torch.empty(q.numel() + L.numel())
+    O_over, L_over = O_and_L[:q.numel()].view(q.shape), O_and_L[q.numel() - 8:][:L.numel()].view(L.shape)
+    with pytest.raises(ValueError, match=r"O \(out=\) shares memory with L \(out=\)"):
+        mf.forward(q, k, v, out=(O_over, L_over))
     both = torch.empty(2, *q.shape[1:])  # two (1, H, N, d) halves of one buffer: apart, so fine
     assert rel_err(mf.forward(q, k, v, out=(both[:1], L.clone()))[0], reference(q, k, v, False)[0]) < TOL
 

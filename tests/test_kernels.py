@@ -4,13 +4,15 @@ minimal_flash.VERSIONS, at each version's shapes, causal and not, into NaN-poiso
 random dO. fp32 within 1e-5 (relative); bf16 and fp16 within the official FlashAttention tests' rule
 (largest error at most twice plain attention's in the same precision). A test runs the forward once
 and feeds its O and L to the backward: the emulation's time goes to cases, not to repeats."""
+import contextlib
+
 import pytest
 import torch
 
 import minimal_flash as mf
 from helpers import (CASE_IDS, CASES, CAUSAL, DEVICES, MATRIX, OTHER_BLOCK_SIZES, OTHER_N, SIZED, assert_close,
-                     assert_gradients, half_precision_grads, head_dim, poisoned_outputs, random_dO, random_qkv,
-                     reference, reference_grads, rel_err, shapes)
+                     assert_gradients, half_precision_grads, head_dim, plain_attention, poisoned_outputs, random_dO,
+                     random_qkv, reference, reference_grads, rel_err, shapes)
 
 
 def check_passes(device, shape, causal, version, dtype, generator, scale=None, **block_sizes):
@@ -19,7 +21,7 @@ def check_passes(device, shape, causal, version, dtype, generator, scale=None, *
     O, L = poisoned_outputs(q)
     mf.forward(q, k, v, causal=causal, softmax_scale=scale, out=(O, L), version=version, **block_sizes)
     O_ref, L_ref = reference(q, k, v, causal, scale)  # float64, of the same (rounded) inputs
-    plain = mf.manual_attention(q, k, v, causal=causal, softmax_scale=scale) if dtype != torch.float32 else None
+    plain = plain_attention(q, k, v, causal, scale) if dtype != torch.float32 else None
     assert_close("O", O, O_ref, plain)
     assert_close("L", L, L_ref)  # fp32 always: S and its log-sum-exp are fp32 sums of exact products
     dO = random_dO(q, generator)
@@ -55,6 +57,30 @@ def test_head_dims_between_the_compiled_ones(device, version, d, dtype, causal, 
 @MATRIX
 def test_softmax_scale(device, version, dtype, generator):
     check_passes(device, (1, 2, 45, head_dim(version)), True, version, dtype, generator, scale=0.3)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("scale", [-0.5, 0.0])
+@CAUSAL
+def test_fp32_versions_take_any_finite_scale(version, scale, causal, generator):
+    """Versions 1 and 2 keep the running max of scaled scores, so a scale of 0 or below is as right as
+    any, forward and backward (version 3 refuses it: test_inputs), over tiles of 16: 45 rows, the last
+    tile partial. At 0 every visible key weighs the same, and dQ = scale dS K and dK are exactly 0 (whose
+    relative error has no scale: checked as zeros)."""
+    if scale != 0:
+        return check_passes("cpu", (2, 2, 45, 16), causal, version, torch.float32, generator, scale=scale, Br=16,
+                            Bc=16)
+    q, k, v = random_qkv(2, 2, 45, 16, "cpu", generator)
+    dO = random_dO(q, generator)
+    O, L = poisoned_outputs(q)
+    mf.forward(q, k, v, causal=causal, softmax_scale=0.0, out=(O, L), version=version, Br=16, Bc=16)
+    O_ref, L_ref = reference(q, k, v, causal, 0.0)
+    assert_close("O", O, O_ref)
+    assert_close("L", L, L_ref)
+    grads = tuple(torch.full_like(q, float("nan")) for _ in range(3))
+    mf.backward(dO, q, k, v, O, L, causal=causal, softmax_scale=0.0, out=grads, version=version, Br=16, Bc=16)
+    assert torch.equal(grads[0], torch.zeros_like(q)) and torch.equal(grads[1], torch.zeros_like(k))
+    assert_close("dV", grads[2], reference_grads(q, k, v, dO, causal, 0.0)[2])
 
 
 # Br != Bc, for the versions they shape: the Q tiles and K tiles then have different strides and a
@@ -124,7 +150,7 @@ def test_flash_attention_picks_the_default_version(device, dtype, generator):
     q, k, v = random_qkv(2, 2, 33, 64, device, generator, dtype)
     O = mf.flash_attention(q, k, v, causal=True)
     assert O.dtype == dtype and torch.equal(O, mf.forward(q, k, v, causal=True, version=version)[0])
-    assert_close("O", O, reference(q, k, v, True)[0], mf.manual_attention(q, k, v, causal=True))
+    assert_close("O", O, reference(q, k, v, True)[0], plain_attention(q, k, v, True))
 
 
 def test_non_contiguous_inputs_get_gradients(generator):
@@ -144,16 +170,43 @@ def test_only_what_the_backward_needs_is_saved():
     assert [tuple(t.shape) for t in saved] == [(1, 2, 40, 8)] * 4 + [(1, 2, 40)]
 
 
+@contextlib.contextmanager
+def emulation_workers(version, count):
+    """The CPU emulation's launches of this version on `count` OS threads (1: its blocks one after
+    another, in order; more than the cores: in an order that varies), then on one per core again."""
+    library = mf.load_kernels("cpu", version)._c
+    library.mf_cpu_set_workers(count)
+    try:
+        yield
+    finally:
+        library.mf_cpu_set_workers(0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @CAUSAL
 def test_version_4_deterministic_backward(device, causal, generator):
     """deterministic=True: version 4 adds the shares of dQ in one order (by key block), so dQ is the
     same bits run to run, and as right as the default's. 520 rows: 5 key blocks add into each query
-    tile (the default order varies with the blocks' timing: on the CPU, with the cores)."""
+    tile. The default order varies with the blocks' timing; on the CPU the test makes it vary: its
+    blocks in order on one thread, then four times on 8 threads sharing the cores (there the default's
+    dQ differed from the in-order one in most runs, by the order of its additions: a backward that
+    ignored deterministic=True failed this test in 9 runs of 10)."""
     q, k, v = random_qkv(1, 2, 520, 64, device, generator, torch.bfloat16)
     dO = random_dO(q, generator)
     O, L = mf.forward(q, k, v, causal=causal, version=4)
-    runs = [mf.backward(dO, q, k, v, O, L, causal=causal, version=4, deterministic=True) for _ in range(3)]
+
+    def dQ_runs(deterministic):
+        backward = lambda: mf.backward(dO, q, k, v, O, L, causal=causal, version=4,  # noqa: E731
+                                       deterministic=deterministic)
+        if device != "cpu":
+            return [backward() for _ in range(3)]
+        runs = []
+        for count in (1, 8, 8, 8, 8):
+            with emulation_workers(4, count):
+                runs.append(backward())
+        return runs
+
+    runs = dQ_runs(True)
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
     assert_gradients(runs[0], q, k, v, dO, causal)
 
@@ -177,7 +230,7 @@ def test_grouped_query_heads(device, H, Hk, N, d, causal, version, generator):
     O, L = poisoned_outputs(q)
     mf.forward(q, k, v, causal=causal, out=(O, L), version=version)
     O_ref, L_ref = reference(q, repeat(k), repeat(v), causal)
-    assert_close("O", O, O_ref, mf.manual_attention(q, repeat(k), repeat(v), causal=causal))
+    assert_close("O", O, O_ref, plain_attention(q, repeat(k), repeat(v), causal))
     assert_close("L", L, L_ref)
     dO = random_dO(q, generator)
     grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))

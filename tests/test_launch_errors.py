@@ -22,6 +22,14 @@ def test_internal_layout_check_raises(device, version):
         run(device, version, "backward", q, q, q, q, q, q, *grads)
     with pytest.raises(RuntimeError, match="differ in shape, layout, dtype or device"):
         run(device, version, "forward", q, q[..., :2].contiguous(), q, torch.empty_like(q), q[..., 0])
+    # an input off a 16-byte boundary (the kernels' vector loads), an output not contiguous
+    off = torch.empty(q.numel() + 1, device=device)[1:].view(q.shape)
+    off.copy_(q)
+    transposed = torch.empty(1, 1, 4, 8, device=device).transpose(2, 3)
+    for inputs, O in (((off, q, q), torch.empty_like(q)), ((q, q, q), transposed)):
+        with pytest.raises(RuntimeError, match="differ in shape, layout, dtype or device, or one is not 16-byte "
+                                               "aligned"):
+            run(device, version, "forward", *inputs, O, q.new_empty(q.shape[:-1]))
 
 
 @pytest.mark.parametrize("device", DEVICES)

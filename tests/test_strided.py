@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import CAUSAL, assert_close, half_precision_grads, reference, reference_grads, rel_err
+from helpers import CAUSAL, assert_close, half_precision_grads, plain_attention, reference, reference_grads, rel_err
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -68,7 +68,7 @@ def check(q, k, v, dO, causal, deterministic=True):
     k_all, v_all = (t.repeat_interleave(group, dim=1) for t in (k, v))  # the keys each query head reads
     O, L, *grads = results
     O_ref, L_ref = reference(q, k_all, v_all, causal)
-    assert_close("O", O, O_ref, mf.manual_attention(q, k_all, v_all, causal=causal))
+    assert_close("O", O, O_ref, plain_attention(q, k_all, v_all, causal))
     assert_close("L", L, L_ref)
     fold = lambda g: g.unflatten(1, (Hk, group)).sum(2, dtype=torch.float64)  # noqa: E731  (a group's sum)
     refs = reference_grads(q, k_all, v_all, dO, causal)
@@ -177,7 +177,7 @@ def test_gpt_views_reach_the_kernels_uncopied(device, compiled, generator, monke
     assert all(torch.equal(x, y) for x, y in zip(results[0], results[-1]))  # compiled: as eager
     y, dqkv = results[0]
     assert_close("O", y.view(B, T, H, d).transpose(1, 2), reference(q, k, v, True)[0],
-                 mf.manual_attention(q, k, v, causal=True))
+                 plain_attention(q, k, v, True))
     refs, plains = reference_grads(q, k, v, dO, True), half_precision_grads(q, k, v, dO, True)
     for name, g, ref, plain in zip(("dQ", "dK", "dV"), dqkv.permute(2, 0, 3, 1, 4), refs, plains):
         assert_close(name, g, ref, plain)
