@@ -186,7 +186,7 @@ def test_grouped_heads_must_agree_in_the_rest(k_shape, v_shape):
         mf.flash_attention(q, k, v, version=3)
 
 
-def test_grouped_heads_through_autograd_and_flash_attn_func(generator):
+def test_grouped_heads_through_autograd_and_flash_attn_func(generator, poisoned):
     """Gradients land in k, v of their own shape, through flash_attention and flash-attn's layout."""
     q = torch.randn(1, 4, 40, 64, generator=generator).bfloat16().requires_grad_()
     k, v = (torch.randn(1, 2, 40, 64, generator=generator).bfloat16().requires_grad_() for _ in range(2))
@@ -313,9 +313,9 @@ def test_empty_sizes_give_empty_results(shape):
     assert O.shape == shape and L.shape == shape[:3]
 
 
-def test_queries_of_no_head_give_keys_no_gradient():
-    """q of 0 heads beside k, v of 2 (a group of 0 each): no query sees a key, so dK = dV = 0 (they were
-    left as allocated)."""
+def test_queries_of_no_head_give_keys_no_gradient(poisoned):
+    """q of 0 heads beside k, v of 2 (a group of 0 each): no query sees a key, so dK = dV = 0 (allocated
+    as NaN here, conftest's poisoned: they must be zeroed)."""
     q = torch.randn(1, 0, 8, 64, dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, 2, 8, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     mf.flash_attention(q, k, v).sum().backward()

@@ -128,9 +128,10 @@ def test_slices_do_not_bleed(device, version, dtype, generator):
 @pytest.mark.parametrize("device", DEVICES)
 @MATRIX
 @CAUSAL
-def test_loss_backward_reaches_q_k_v(device, causal, version, dtype, generator):
+def test_loss_backward_reaches_q_k_v(device, causal, version, dtype, generator, poisoned):
     """A loss built on flash_attention: .backward() fills q.grad, k.grad, v.grad, through the
-    kernels, with what float64 autograd of plain attention gives."""
+    kernels, with what float64 autograd of plain attention gives (what the library allocates, NaN until
+    written: conftest's poisoned)."""
     q, k, v = (t.requires_grad_() for t in random_qkv(2, 3, 50, head_dim(version), device, generator, dtype))
     weights = random_dO(q, generator)
     loss = (mf.flash_attention(q, k, v, causal=causal, version=version) * weights).sum() + 1.0
@@ -153,7 +154,7 @@ def test_flash_attention_picks_the_default_version(device, dtype, generator):
     assert_close("O", O, reference(q, k, v, True)[0], plain_attention(q, k, v, True))
 
 
-def test_non_contiguous_inputs_get_gradients(generator):
+def test_non_contiguous_inputs_get_gradients(generator, poisoned):
     """(B, N, H, d) tensors viewed as (B, H, N, d): the gradients reach the original tensors."""
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 20, 3, 16, "cpu", generator))
     views = [t.transpose(1, 2) for t in (q, k, v)]
@@ -218,7 +219,7 @@ GROUPED = [n for n, x in mf.VERSIONS.items() if x.grouped_heads]
 @pytest.mark.parametrize("version", GROUPED, ids=[f"v{n}" for n in GROUPED])
 @pytest.mark.parametrize("H,Hk,N,d", [(4, 2, 70, 64), (6, 2, 129, 128), (3, 1, 200, 64), (4, 2, 50, 72)])
 @CAUSAL
-def test_grouped_query_heads(device, H, Hk, N, d, causal, version, generator):
+def test_grouped_query_heads(device, H, Hk, N, d, causal, version, generator, poisoned):
     """k, v with Hk heads, each shared by H / Hk query heads (grouped-query attention; Hk = 1:
     multi-query): O as plain attention's on k, v repeated to q's heads, and each head's dK, dV the sum
     of its group's, in bf16 within the 2x rule (plain attention's gradients summed the same way). d = 72:
