@@ -242,7 +242,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     longer context), in half precision: each entry of the batch then runs as one sequence of
     flash_attn_varlen_func, causal aligned at the bottom right and a window_size side of at least
     seqlen_k no limit, as in the official package (under torch.compile one operator, no graph break,
-    unless mods are on; dropout refused there). dropout_p, window_size, softcap and alibi_slopes as
+    unless a mask_mod is on). dropout_p, window_size, softcap and alibi_slopes as
     the official package has them (versions 3 and 4, with score_mod, mask_mod and mod_tensors: see
     flash_attention); its options that these kernels do not have are refused unless
     left at their defaults; deterministic=True needs a version whose backward can be deterministic
@@ -1183,10 +1183,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cu_seqlens are checked on the host, so each call copies 2 (batch + 1) ints to it and waits for the
     device (refused while a CUDA graph is being captured): from 0, never decreasing, ending at q's and
     k's rows, no sequence longer than its max_seqlen; with block_table, each sequence's pages are pages of
-    k and v. Under torch.compile, without mods or block_table, the call is one operator and no graph
-    break (fullgraph=True compiles), the check made by the operator when it runs; dropout is refused
-    there (not yet). deterministic=True is refused: version 3's backward adds into dQ with atomics, in
-    whatever order its blocks finish."""
+    k and v. Under torch.compile, without a mask_mod or block_table, the call is one operator and no
+    graph break (fullgraph=True compiles), the check made by the operator when it runs (window_size,
+    softcap, alibi_slopes, score_mod and dropout included; a mask_mod's block mask is made on the host, a
+    graph break, and with dropout refused). deterministic=True is refused: version 3's backward adds into
+    dQ with atomics, in whatever order its blocks finish."""
     return _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                         causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
                         score_mod, mask_mod, mod_tensors)
@@ -1200,19 +1201,20 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     from the device or checked there, and a CUDA graph may be captured."""
     dropout_p, causal = _check_varlen_flags(dropout_p, return_attn_probs, deterministic, causal)
     # Under torch.compile cu_seqlens' values are checked by the operator, when it runs (its body is not
-    # traced), unless the pages or the mods need them on the host here (offsets: None until then)
+    # traced), unless the pages or a mask_mod's block mask need them on the host here (offsets: None until then)
     compiling = torch.compiler.is_compiling()
-    if compiling and dropout_p > 0:
-        raise NotImplementedError("dropout_p under torch.compile, on sequences of different lengths "
-                                  "(flash_attn_varlen_func's kernels): not yet; call the attention outside the "
-                                  "compiled region (torch.compiler.disable)")
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, offsets = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, offsets,
         defer=compiling and block_table is None)
     scale = _check_scale(softmax_scale, q, 3)
     mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, dropout_p,
                        batch_heads=(len(cu_seqlens_q) - 1, q.shape[1]), no_limit=max_seqlen_k)
-    if mods is not None and offsets is None:  # their block mask is made on the host (a graph break)
+    blocks = mods is not None and mods.spec.mask and not mods.spec.window_only  # a mask_mod's block mask
+    if compiling and blocks and dropout_p > 0:  # (the eager path below would need the seed drawn here)
+        raise NotImplementedError("dropout_p with a mask_mod under torch.compile, on sequences of different lengths "
+                                  "(flash_attn_varlen_func's kernels): not yet; call the attention outside the "
+                                  "compiled region (torch.compiler.disable)")
+    if blocks and offsets is None:  # the block mask is made from the offsets, on the host (a graph break)
         offsets = _host_offsets(q, cu_seqlens_q, cu_seqlens_k, (q.shape[0], k.shape[0]), (max_seqlen_q, max_seqlen_k))
     mods = _packed_block_mask(mods, offsets, max_seqlen_q, max_seqlen_k)
     options = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods)
@@ -1220,6 +1222,9 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     q, k, v = (_padded(t, 3) for t in (q, k, v))  # (outside the Function: autograd takes them off dQ, dK, dV)
     if compiling and mods is None:  # one operator for torch.compile to trace through
         out, L = torch.ops.minimal_flash.varlen_attention(q, k, v, *options[:-1], offsets is None)
+    elif compiling and not blocks:  # mods that need no block mask: the window's tiles, score_mods, dropout
+        out, L, _ = torch.ops.minimal_flash.varlen_attention_mods(q, k, v, *options[:-1], offsets is None,
+                                                                  *_mod_op_arguments(mods))
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, L = _FlashAttentionVarlen.apply(q, k, v, *options)
     else:
@@ -1468,6 +1473,63 @@ def _varlen_op_grad(ctx, dO, dL):  # L is a by-product: nothing flows back throu
 
 
 _varlen_op.register_autograd(_varlen_op_grad, setup_context=_varlen_op_save)
+
+
+# The same with chapter 6's mods that need no block mask (a window alone, score_mods, dropout), given
+# field by field as to minimal_flash::attention_mods, dropout's seed drawn when the forward runs.
+@torch.library.custom_op("minimal_flash::varlen_attention_mods", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def _varlen_mods_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
+                    check: bool, score_mod: Optional[str], mask_mod: Optional[str], names: str, dtypes: str,
+                    dims: list[int], flags: list[int], tensors: list[torch.Tensor], ints: list[int],
+                    floats: list[float], dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if check:
+        _host_offsets(q, cu_seqlens_q, cu_seqlens_k, (q.shape[0], k.shape[0]), (max_seqlen_q, max_seqlen_k))
+    seed = _dropout_seed(q) if dropout_p > 0 else 0
+    mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats, dropout_p, seed)
+    return (*_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods),
+            torch.tensor([seed], dtype=torch.int64))
+
+
+@_varlen_mods_op.register_fake
+def _(q, k, v, *options):
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32),
+            q.new_empty(1, dtype=torch.int64, device="cpu"))
+
+
+@torch.library.custom_op("minimal_flash::varlen_attention_mods_grads", mutates_args=())
+def _varlen_mods_grads_op(dO: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, O: torch.Tensor,
+                          L: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                          max_seqlen_k: int, causal: bool, scale: float, score_mod: Optional[str],
+                          mask_mod: Optional[str], names: str, dtypes: str, dims: list[int], flags: list[int],
+                          tensors: list[torch.Tensor], ints: list[int], floats: list[float], dropout_p: float,
+                          seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats, dropout_p, int(seed))
+    return _varlen_grads(dO.contiguous(), q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         causal, scale, mods)
+
+
+@_varlen_mods_grads_op.register_fake
+def _(dO, q, k, v, O, L, *options):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_mods_op_save(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, _, *mods = inputs
+    ctx.options, ctx.mods = (max_seqlen_q, max_seqlen_k, causal, scale), mods  # (check: the forward's)
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k)  # O, L and dropout's seed
+
+
+def _varlen_mods_op_grad(ctx, dO, dL, dseed):
+    q, k, v, O, L, seed, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    grads = _varlen_mods_grads_op(dO, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, *ctx.options, *ctx.mods, seed)
+    # None for each option; the mod tensors' list a list of None, an empty list an empty list (as attention_mods)
+    mods = tuple([None] * len(x) if i == 6 else [] if x == [] else None for i, x in enumerate(ctx.mods))
+    return *grads, *(None,) * 7, *mods
+
+
+_varlen_mods_op.register_autograd(_varlen_mods_op_grad, setup_context=_varlen_mods_op_save)
 
 
 class _FlashAttentionVarlen(torch.autograd.Function):

@@ -138,8 +138,9 @@ def test_varlen_func_compiles_and_checks_cu_seqlens_when_it_runs(device, generat
     values are checked on the host (the operator does it when it runs); two batches of packed sequences
     (the second recompiles, dynamic shapes) give out, lse, dK and dV the bits of the eager call's, dQ
     within rounding; cu_seqlens that decrease, or a sequence longer than max_seqlen, raise the eager
-    call's error from the compiled one. With a window (a mod: its block mask on the host) it compiles
-    with a graph break and matches eager."""
+    call's error from the compiled one. Mods that need no block mask (a window, softcap and ALiBi, a
+    score_mod) compile with no graph break too, and match eager to the bit; a mask_mod (its block mask
+    made on the host from cu_seqlens) compiles with a graph break and matches."""
     def attention(q, k, v, cu_q, cu_k, max_q, max_k, **mods):
         return mf.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, return_attn_probs=True,
                                          **mods)[:2]
@@ -165,9 +166,11 @@ def test_varlen_func_compiles_and_checks_cu_seqlens_when_it_runs(device, generat
             compiled(q, k, v, bad, lengths[1], *lengths[2:])
         with pytest.raises(ValueError, match="sequence 2 has 65 keys, more than max_seqlen_k = 64"):
             compiled(q, k, v, lengths[0], lengths[1], lengths[2], 64)
-        window = dict(window_size=(5, 0))
-        assert all(torch.equal(x, y) for x, y in zip(torch.compile(attention)(q, k, v, *lengths, **window),
-                                                      attention(q, k, v, *lengths, **window)))
+        slopes = torch.rand(4, generator=generator).to(device)
+        for mods, fullgraph in ((dict(window_size=(5, 0)), True), (dict(softcap=3.0, alibi_slopes=slopes), True),
+                                (dict(score_mod="score * 0.5f"), True), (dict(mask_mod="kv_idx % 3 != 1"), False)):
+            run = torch.compile(lambda *args: attention(*args, **mods), fullgraph=fullgraph)
+            assert all(torch.equal(x, y) for x, y in zip(run(q, k, v, *lengths), attention(q, k, v, *lengths, **mods)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -175,7 +178,8 @@ def test_dropout_under_compile_draws_a_seed_per_call(device, generator):
     """dropout_p under torch.compile(fullgraph=True): the operator draws the seed when it runs, from torch's
     generator as the eager call does, so under one torch.manual_seed the compiled call's output and gradients
     are the eager call's (dQ within rounding: atomics), and a second call draws another mask (the seed is
-    not baked into the graph when it is traced). On packed sequences it is refused by name."""
+    not baked into the graph when it is traced); on packed sequences too, where with a mask_mod (whose block
+    mask breaks the graph) it is refused by name."""
     q, k, v = (t.requires_grad_() for t in random_qkv(2, 2, 70, 64, device, generator, torch.bfloat16))
     dO = random_dO(q, generator)
     attention = lambda q, k, v: mf.flash_attention(q, k, v, causal=True, dropout_p=0.3)  # noqa: E731
@@ -192,10 +196,17 @@ def test_dropout_under_compile_draws_a_seed_per_call(device, generator):
             assert torch.equal(x, y), what
     first, second = runs["compiled"][0], runs["compiled"][4]
     assert not torch.equal(first, second)  # another seed, another mask
-    with torch.no_grad():
-        cu = cu_seqlens([30, 40], device)
-        packed = q.detach()[0].transpose(0, 1).contiguous()  # (70, 2, 64): sequences of 30 and 40
-        with pytest.raises((NotImplementedError, torch._dynamo.exc.Unsupported),  # (fullgraph: Dynamo's wrapping)
-                           match="dropout_p under torch.compile, on sequences of different"):
-            torch.compile(lambda x: mf.flash_attn_varlen_func(x, x, x, cu, cu, 40, 40, dropout_p=0.1),
-                          fullgraph=True)(packed)
+    cu = cu_seqlens([30, 40], device)
+    packed = [t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v)]  # (70, 2, 64)
+    varlen = lambda q, k, v, **mods: mf.flash_attn_varlen_func(q, k, v, cu, cu, 40, 40, dropout_p=0.3,  # noqa: E731
+                                                                **mods)
+    runs = []
+    for fn in (varlen, torch.compile(varlen, fullgraph=True)):
+        torch.manual_seed(12)
+        out = fn(*packed)
+        runs.append((out, *torch.autograd.grad(out, packed, dO[0].transpose(0, 1))))
+    for what, x, y in zip(("out", "dQ", "dK", "dV"), *runs):
+        assert torch.equal(x, y) if what != "dQ" else rel_err(x, y.double()) < 1e-2, what
+    with torch.no_grad(), pytest.raises((NotImplementedError, torch._dynamo.exc.Unsupported),  # (fullgraph: Dynamo's
+                                        match="dropout_p with a mask_mod under torch.compile"):   # wrapping)
+        torch.compile(lambda *t: varlen(*t, mask_mod="kv_idx != 3"), fullgraph=True)(*packed)
