@@ -105,8 +105,9 @@ def test_mods_through_the_operators(device, generator):
 @pytest.mark.parametrize("device", DEVICES)
 @CAUSAL
 def test_varlen_through_the_operators(device, causal, generator):
-    """flash_attn_varlen_func's passes as operators (minimal_flash::varlen_attention and its gradients):
-    opcheck on two packed sequences of different lengths (causal: rows that see no key) with grouped heads;
+    """flash_attn_varlen_func's passes as operators (minimal_flash::varlen_attention, varlen_attention_mods
+    and their gradients): opcheck on two packed sequences of different lengths (causal: rows that see no
+    key) with grouped heads, the mods' with a window and softcap;
     then flash_attn_func of different lengths, whose offsets the host knows, compiled with no graph break, at
     two shapes: out, lse, dK and dV the bits of the eager call's, dQ (atomics) within rounding of it."""
     q = torch.randn(43, 4, 64, generator=generator).to(device, torch.bfloat16)
@@ -116,6 +117,12 @@ def test_varlen_through_the_operators(device, causal, generator):
     O, L = torch.ops.minimal_flash.varlen_attention(q, k, v, *options, True)  # True: cu_seqlens checked in it
     dO = torch.randn(O.shape, generator=generator).to(device, torch.bfloat16)
     torch.library.opcheck(torch.ops.minimal_flash.varlen_attention_grads.default, (dO, q, k, v, O, L, *options))
+    # with mods that need no block mask (a window, softcap): minimal_flash::varlen_attention_mods and its gradients
+    mods = mf._mod_op_arguments(mf._check_mods(q, None, None, None, (7, 0), 2.0, None, batch_heads=(2, 4)))
+    torch.library.opcheck(torch.ops.minimal_flash.varlen_attention_mods.default, (q, k, v, *options, True, *mods))
+    O, L, seed = torch.ops.minimal_flash.varlen_attention_mods(q, k, v, *options, True, *mods)
+    torch.library.opcheck(torch.ops.minimal_flash.varlen_attention_mods_grads.default,
+                          (dO, q, k, v, O, L, *options, *mods, seed))
     attention = lambda q, k, v: mf.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)[:2]  # noqa: E731
     compiled = torch.compile(attention, fullgraph=True)
     for Nq, Nk in ((5, 70), (9, 130)):  # the second recompiles with the lengths as symbols (dynamic shapes)
