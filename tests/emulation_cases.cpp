@@ -500,6 +500,67 @@ __global__ void barriers(float* out, int rounds) {
     if (threadIdx.x == 0) atomicAdd(out, 1.0f);
 }
 
+// ---- Cases of the emulation's semantics an audit found untested: shuffled lane values, cp.async wait<1>, a
+// bulk load, an arrive that must not wait, colliding bulk reductions, setmaxnreg per warpgroup
+__global__ void shuffle_lanes(float* out) {  // out[32 m + lane]: lane's shuffle with lane mask 1 << m
+    const unsigned lane = threadIdx.x % 32;
+    for (int m = 0; m < 5; ++m) {
+        const float got = __shfl_xor_sync(0xffffffffu, float(lane), 1 << m);
+        if (threadIdx.x < 32) out[32 * m + lane] = got;
+    }
+}
+__global__ void copy_wait_one(const float* from, float* out) {  // two groups; wait<1>, then wait<0>
+    extern __shared__ __align__(16) float smem[];
+    const unsigned t = threadIdx.x;
+    cp_async16(smem + 4 * t, from + 4 * t, true);
+    cp_async_commit();
+    cp_async16(smem + 128 + 4 * t, from + 128 + 4 * t, true);
+    cp_async_commit();
+    cp_async_wait<1>();
+    for (int i = 0; i < 4; ++i) out[8 * t + i] = smem[4 * t + i], out[8 * t + 4 + i] = smem[128 + 4 * t + i];
+    cp_async_wait<0>();
+}
+__global__ void bulk_load_then_wait(const float* from, float* out) {
+    extern __shared__ __align__(16) float smem[];
+    uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+    float* rows = smem + 4;
+    if (threadIdx.x != 0) return;
+    mbarrier_init(bar, 1);
+    mbarrier_arrive_expect_tx(bar, 256 * 4);
+    bulk_load(rows, from, 256 * 4, bar);
+    for (int i = 0; i < 256; ++i) out[i] = rows[i];
+    mbarrier_wait(bar, 0);
+    for (int i = 0; i < 256; ++i) out[256 + i] = rows[i];
+}
+// Warp 0 arrives at barrier 1 and then at barrier 2; warps 1-3 sync at 2, then at 1. Completes only
+// if the arrive does not wait.
+__global__ void arrive_then_other(float* out) {
+    if (threadIdx.x < 32) {
+        named_barrier_arrive(1, 128);
+        named_barrier_arrive(2, 128);
+    } else {
+        named_barrier_sync(2, 128);
+        named_barrier_sync(1, 128);
+        out[threadIdx.x] = 1;
+    }
+}
+__global__ void bulk_reduce_rounds(float* out, int rounds) {
+    extern __shared__ __align__(16) float smem[];
+    for (int i = threadIdx.x; i < 512; i += blockDim.x) smem[i] = 1.0f;
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    for (int r = 0; r < rounds; ++r) {
+        bulk_reduce_add(out, smem, 512 * 4);
+        bulk_commit();
+        bulk_wait_read<0>();
+    }
+}
+// Threads 0-63 of warpgroup 0 and 128-191 of warpgroup 1 reach setmaxnreg, the others exit: neither
+// warpgroup can complete it.
+__global__ void setmaxnreg_half(float*) {
+    if (threadIdx.x % 128 < 64) setmaxnreg_dec<40>();
+}
+
 extern "C" {
 
 // Runs one case by name with `n` as its size parameter; returns "" or the launch's error message.
@@ -577,6 +638,12 @@ const char* run_case(const char* name, float* out, const float* in, int n) {
         cudaFuncSetAttribute(barriers, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024);
         LAUNCH(barriers, dim3(1), dim3(32), 100 * 1024, 0)(out, 1);
     } else if (c == "barriers") LAUNCH(barriers, dim3(64), dim3(128), 0, 0)(out, n);
+    else if (c == "shuffle_lanes") LAUNCH(shuffle_lanes, dim3(1), dim3(64), 0, 0)(out);
+    else if (c == "copy_wait_one") LAUNCH(copy_wait_one, dim3(1), dim3(32), 256 * sizeof(float), 0)(in, out);
+    else if (c == "bulk_load_then_wait") LAUNCH(bulk_load_then_wait, dim3(1), dim3(32), 4096, 0)(in, out);
+    else if (c == "arrive_then_other") LAUNCH(arrive_then_other, dim3(1), dim3(128), 0, 0)(out);
+    else if (c == "bulk_reduce_rounds") LAUNCH(bulk_reduce_rounds, dim3(64), dim3(64), 2048, 0)(out, n);
+    else if (c == "setmaxnreg_half") LAUNCH(setmaxnreg_half, dim3(1), dim3(256), 0, 0)(out);
     else return "no such case";
     const cudaError_t err = cudaGetLastError();
     message = err == cudaSuccess ? "" : cudaGetErrorString(err);

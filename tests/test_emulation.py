@@ -192,6 +192,16 @@ def test_cp_async_never_waited_for_fails(cases):
     assert "cp.async copies never waited for" in cases("copy_never_waited", inp=torch.zeros(64))
 
 
+def test_cp_async_wait_1_leaves_the_newest_group_in_flight(cases):
+    """Two commit groups, then cp_async_wait<1> (the wait the kernels' rings use): the first has landed,
+    the second not yet (its destination still NaN) until wait<0>."""
+    source = torch.arange(256, dtype=torch.float32)
+    out = torch.zeros(256)
+    assert cases("copy_wait_one", out=out, inp=source) == ""
+    first, second = out.view(32, 2, 4).unbind(1)
+    assert torch.equal(first.reshape(-1), source[:128]) and second.isnan().all()
+
+
 # ---- Hopper (kernels/hopper.cuh): mbarrier, TMA, named barriers, wgmma, setmaxnreg, bulk reduce
 
 
@@ -253,6 +263,22 @@ def test_named_barrier_sync_and_arrive(cases):
         "named_barrier_arrive)")
 
 
+def test_named_barrier_arrive_does_not_wait(cases):
+    """Warp 0 arrives at barrier 1, then at barrier 2; warps 1-3 sync at 2, then at 1: this completes
+    only if an arrive goes on without waiting for the barrier to complete."""
+    out = torch.zeros(128)
+    assert cases("arrive_then_other", out=out) == ""
+    assert (out[32:] == 1).all()
+
+
+def test_bulk_load_lands_at_the_wait(cases):
+    """A bulk copy (cp.async.bulk, no tensor map) to shared memory: NaN there until the mbarrier's wait."""
+    source = torch.arange(256, dtype=torch.float32)
+    out = torch.zeros(512)
+    assert cases("bulk_load_then_wait", out=out, inp=source) == ""
+    assert out[:256].isnan().all() and torch.equal(out[256:], source)
+
+
 def test_wgmma_accumulators_land_at_the_wait(cases):
     """Two wgmma of ones (A 64 x 16, B 16 x 64) onto the same accumulators, the second chained on
     the first in flight: NaN before wgmma_wait, 32 after. Without the wait, the launch fails."""
@@ -291,6 +317,16 @@ def test_bulk_reduce_adds_every_block_into_global_memory(cases, workers):
     expected_first = (torch.arange(256)[:, None] % 7 + b).sum(dim=1)
     assert torch.equal(out[:256], expected_first)
     assert torch.equal(out[256:], torch.full((256,), (b + 1).sum().item()))
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_bulk_reduce_is_atomic(cases, workers):
+    """64 blocks each add ones into the same 512 floats 200 times, on several OS threads at once: the
+    additions collide, and none is lost (a plain += loses some)."""
+    with cases.workers(workers):
+        out = torch.zeros(512)
+        assert cases("bulk_reduce_rounds", n=200, out=out) == ""
+    assert torch.equal(out, torch.full((512,), 64 * 200.0))
 
 
 def test_bulk_reduce_reads_its_source_at_the_wait(cases):
@@ -335,6 +371,12 @@ def test_setmaxnreg_takes_multiples_of_8_from_24_to_256(cases):
     assert re.fullmatch(re.escape(expected).replace("N", "(0|127)"), error), error  # the first to run
 
 
+def test_setmaxnreg_is_a_collective_of_each_warpgroup(cases):
+    """Half of each of two warpgroups reaches setmaxnreg, the other half exits: neither warpgroup's can
+    complete (each waits for its own 128 threads, not for the block's first warpgroup)."""
+    assert "can never complete" in cases("setmaxnreg_half")
+
+
 # ---- Launch errors, as a GPU reports them, and what the emulation refuses
 
 
@@ -358,6 +400,15 @@ def test_warp_collective_needs_whole_warps(cases):
 
 
 # ---- Warp collectives read at the collective point; the mistakes a GPU reports
+
+
+def test_shuffle_moves_each_lanes_own_value(cases):
+    """__shfl_xor_sync of float(lane) with lane masks 1, 2, 4, 8, 16, on two warps: lane l gets l ^ mask
+    (constant values, or masks applied twice, could not tell a wrong lane from the right one)."""
+    out = torch.full((160,), float("nan"))
+    assert cases("shuffle_lanes", out=out) == ""
+    lane = torch.arange(32)
+    assert torch.equal(out.view(5, 32), torch.stack([(lane ^ (1 << m)).float() for m in range(5)]))
 
 
 def test_ldmatrix_reads_every_row_before_any_lane_goes_on(cases):

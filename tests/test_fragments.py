@@ -76,6 +76,20 @@ def test_program_computes_attentions_steps(build, dtype):
     assert torch.equal(row_max, S.amax(dim=1))
 
 
+@HALVES
+def test_fragment_registers_have_ptx_layout(build, dtype):
+    """ldmatrix's A fragment in lane (g, q)'s registers as PTX lays it out: register i holds
+    A[g + 8 (i % 2)][8 (i // 2) + 2q] in its low half and the next column in its high half (a layout
+    with both halves swapped in ldmatrix and mma alike gives the same products: this tells them apart)."""
+    A, K, V = random_tiles(1)
+    registers = run_program(build("cpu"), "cpu", dtype, A, K, V)[3]
+    bits = A.to(dtype).view(torch.int16).long() & 0xFFFF
+    g, q = torch.arange(32) // 4, torch.arange(32) % 4
+    for i in range(4):
+        r, c = g + 8 * (i % 2), 8 * (i // 2) + 2 * q
+        assert torch.equal(registers[:, i].long() & 0xFFFFFFFF, bits[r, c] | bits[r, c + 1] << 16), i
+
+
 @pytest.mark.parametrize("device", [CUDA])
 @HALVES
 def test_emulation_gives_the_hardwares_answer(build, device, dtype):
