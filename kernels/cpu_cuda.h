@@ -1913,6 +1913,9 @@ inline void run_launch(Launch& l) {
         std::max(1u, workers_wanted ? workers_wanted : std::thread::hardware_concurrency());
     const unsigned n = unsigned(std::min<unsigned long long>(cores, l.blocks));
     while (workers.size() < n) workers.push_back(std::make_unique<Worker>());
+    // Workers past the count wanted now (a test's cpu_set_workers, set back) go, their fibers' stacks with
+    // them: every build keeps its own, two mappings a thread, and a process's mappings are limited.
+    if (workers.size() > cores) workers.resize(cores);
     std::vector<std::thread> helpers;
     for (unsigned w = 1; w < n; ++w) {
         try {
