@@ -654,15 +654,26 @@ def _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, fl
     return ModCall(spec, tuple(tensors), tuple(ints), tuple(floats), dropout_p, seed)
 
 
+def _drawn_mod_call(q, *fields):
+    """A forward operator's ModCall of its mod fields (_mod_op_arguments'), dropout's seed drawn now, when
+    the operator runs; and that seed as the CPU int64 tensor it returns for its backward."""
+    seed = _dropout_seed(q) if fields[-1] > 0 else 0
+    return _mod_call(*fields, seed), torch.tensor([seed], dtype=torch.int64)
+
+
+def _mod_fields_gradients(fields):
+    """No gradient for an operator's mod fields: None each, a list of None for the tensors' list (a list
+    of tensors gets a list of gradients), an empty list for an empty one."""
+    return tuple([None] * len(x) if i == 6 else [] if x == [] else None for i, x in enumerate(fields))
+
+
 @torch.library.custom_op("minimal_flash::attention_mods", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _attention_mods_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, version: int,
                        score_mod: Optional[str], mask_mod: Optional[str], names: str, dtypes: str,
                        dims: list[int], flags: list[int], tensors: list[torch.Tensor], ints: list[int],
                        floats: list[float], dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    seed = _dropout_seed(q) if dropout_p > 0 else 0
-    mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats, dropout_p, seed)
-    return (*_attention(q, k, v, causal, scale, None, None, version, mods=mods),
-            torch.tensor([seed], dtype=torch.int64))
+    mods, seed = _drawn_mod_call(q, score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats, dropout_p)
+    return *_attention(q, k, v, causal, scale, None, None, version, mods=mods), seed
 
 
 @_attention_mods_op.register_fake
@@ -695,8 +706,7 @@ def _attention_mods_op_save(ctx, inputs, output):
 def _attention_mods_op_grad(ctx, dO, dL, dseed):  # no gradient reaches the mod tensors (constants: _check_mods)
     q, k, v, O, L, seed = ctx.saved_tensors
     grads = _attention_mods_grads_op(dO, q, k, v, O, L, *ctx.options, seed)
-    # None for each option; a list of tensors gets a list of gradients, an empty list an empty list
-    return *grads, *([None] * len(x) if i == 9 else [] if x == [] else None for i, x in enumerate(ctx.options))
+    return *grads, None, None, None, *_mod_fields_gradients(ctx.options[3:])  # (causal, scale, version; the mods)
 
 
 _attention_mods_op.register_autograd(_attention_mods_op_grad, setup_context=_attention_mods_op_save)
@@ -1486,10 +1496,9 @@ def _varlen_mods_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                     floats: list[float], dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if check:
         _host_offsets(q, cu_seqlens_q, cu_seqlens_k, (q.shape[0], k.shape[0]), (max_seqlen_q, max_seqlen_k))
-    seed = _dropout_seed(q) if dropout_p > 0 else 0
-    mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats, dropout_p, seed)
-    return (*_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods),
-            torch.tensor([seed], dtype=torch.int64))
+    mods, seed = _drawn_mod_call(q, score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats, dropout_p)
+    O, L = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods)
+    return O, L, seed
 
 
 @_varlen_mods_op.register_fake
@@ -1524,9 +1533,7 @@ def _varlen_mods_op_save(ctx, inputs, output):
 def _varlen_mods_op_grad(ctx, dO, dL, dseed):
     q, k, v, O, L, seed, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     grads = _varlen_mods_grads_op(dO, q, k, v, O, L, cu_seqlens_q, cu_seqlens_k, *ctx.options, *ctx.mods, seed)
-    # None for each option; the mod tensors' list a list of None, an empty list an empty list (as attention_mods)
-    mods = tuple([None] * len(x) if i == 6 else [] if x == [] else None for i, x in enumerate(ctx.mods))
-    return *grads, *(None,) * 7, *mods
+    return *grads, *(None,) * 7, *_mod_fields_gradients(ctx.mods)
 
 
 _varlen_mods_op.register_autograd(_varlen_mods_op_grad, setup_context=_varlen_mods_op_save)
