@@ -1235,12 +1235,19 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     elif compiling and not blocks:  # mods that need no block mask: the window's tiles, score_mods, dropout
         out, L, _ = torch.ops.minimal_flash.varlen_attention_mods(q, k, v, *options[:-1], offsets is None,
                                                                   *_mod_op_arguments(mods))
-    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, L = _FlashAttentionVarlen.apply(q, k, v, *options)
+    elif compiling:  # a mask_mod's block mask, made on the host: the kernels run outside the graph, not traced
+        out, L = torch.compiler.disable(_varlen_eager)(q, k, v, *options)
     else:
-        out, L = _varlen_attention(q, k, v, *options)
+        out, L = _varlen_eager(q, k, v, *options)
     out = out[..., :d]
     return (out, L.t().contiguous(), None) if return_attn_probs else out
+
+
+def _varlen_eager(q, k, v, *options):
+    """The varlen forward, through autograd's Function where q, k or v needs a gradient."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlashAttentionVarlen.apply(q, k, v, *options)
+    return _varlen_attention(q, k, v, *options)
 
 
 def _check_varlen_flags(dropout_p, return_attn_probs, deterministic, causal):
