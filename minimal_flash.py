@@ -567,10 +567,11 @@ class FlashAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, O, L)
         ctx.options = causal, scale, Br, Bc, version, deterministic, None, mods  # None: out
         ctx.mark_non_differentiable(L)
+        ctx.set_materialize_grads(False)  # dL None, not a tensor of zeros made (a kernel launched) per backward
         return O, L
 
     @staticmethod
-    def backward(ctx, dO, dL):  # dL: None or zeros (L has no gradient: mark_non_differentiable)
+    def backward(ctx, dO, dL):  # dL: None (L has no gradient: mark_non_differentiable)
         version = ctx.options[4]
         # dO: the gradient of the model's output, often a view of its (B, N, H, d) layout
         with torch.no_grad():
@@ -1556,6 +1557,7 @@ class _FlashAttentionVarlen(torch.autograd.Function):
                                  mods)
         ctx.save_for_backward(q, k, v, O, L, cu_seqlens_q, cu_seqlens_k)
         ctx.options = max_seqlen_q, max_seqlen_k, causal, scale, mods
+        ctx.set_materialize_grads(False)  # dL: None (as FlashAttention's)
         ctx.mark_non_differentiable(L)
         return O, L
 

@@ -2,6 +2,8 @@
 flash-attn package's flash_attn_func and its packed forms (qkv, kv; fixed-length and varlen) with their layouts,
 each against flash_attention and against float64, gradients included. And the table of versions:
 each row's files are there, and each version's build answers for both passes."""
+import threading
+
 import pytest
 import torch
 
@@ -62,6 +64,35 @@ def test_return_lse(device, version, dtype, generator):
     assert torch.equal(out, mf.flash_attention(q, k, v, causal=True, softmax_scale=0.3, version=version))
     dO = random_dO(q, generator)
     assert_gradients(torch.autograd.grad(out, (q, k, v), dO), *inputs, dO, True, 0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@MATRIX
+def test_a_new_thread(device, version, dtype, generator):
+    """Each version called from a new Python thread whose first CUDA work is ours: the right answer, its
+    gradients too. (Version 4 asks the driver for its tensor maps, which needs the device's context
+    current in the thread; the runtime makes it current only at its own first call there.)"""
+    q, k, v = (t.requires_grad_() for t in random_qkv(2, 3, 70, head_dim(version), device, generator, dtype))
+    dO = random_dO(q, generator)
+    results = []
+
+    def run():
+        try:
+            out = mf.flash_attention(q, k, v, causal=True, version=version)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), dO)))
+        except Exception as error:  # (raised again below, in the test's own thread)
+            results.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if isinstance(results[0], Exception):
+        raise results[0]
+    out, *grads = results[0]
+    inputs = [t.detach() for t in (q, k, v)]
+    assert torch.equal(out, mf.flash_attention(*inputs, causal=True, version=version))  # the main thread's
+    assert_close("O", out, reference(*inputs, True)[0], mf.manual_attention(*inputs, causal=True))
+    assert_gradients(grads, *inputs, dO, True)
 
 
 def test_flash_attn_func_return_attn_probs(generator):
