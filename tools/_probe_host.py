@@ -1,4 +1,6 @@
-"""Temporary probe (not committed): host cost per attention call at notebook 7's bf16 GPT shapes."""
+"""Temporary probe (not for main): host time per attention call at notebook 7's bf16 GPT shapes (ours,
+SDPA FA2, cuDNN), with the GPU idle, and ours taken apart: each helper on CUDA tensors, by timeit."""
+import timeit
 import time
 import torch
 import minimal_flash as mf
@@ -6,42 +8,61 @@ import bench
 
 B, H, T, d = 4, 8, 4096, 64
 qkv = torch.randn(B, T, 3, H, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-ours = lambda q, k, v: mf.flash_attention(q, k, v, causal=True)
+ours = lambda q, k, v: mf.flash_attention(q, k, v, causal=True)  # noqa: E731
 fns = {"ours": ours}
 for backend in bench.sdpa_backends("cuda", causal=True, dtype=torch.bfloat16, head_dim=64):
     fns[bench.sdpa_name(backend)] = lambda q, k, v, b=backend: bench.sdpa_pinned(b)(q, k, v, causal=True)
+fns["sdpa default (no context manager)"] = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+    q, k, v, is_causal=True)
 dO = torch.randn(B, H, T, d, device="cuda", dtype=torch.bfloat16)
 
 
-def host(fn, sleep):
+def host(fn, n=43):
     fwd, bwd = [], []
-    for i in range(23):
+    for i in range(n):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         torch.cuda.synchronize()
-        if sleep:
-            torch.cuda._sleep(50_000_000)  # ~25 ms of GPU busy ahead of the call: a sync would wait for it
         t0 = time.perf_counter(); o = fn(q, k, v); t1 = time.perf_counter()
         o.backward(dO); t2 = time.perf_counter()
         if i >= 3:
             fwd.append(t1 - t0); bwd.append(t2 - t1)
     torch.cuda.synchronize()
     fwd.sort(); bwd.sort()
-    return fwd[10] * 1e6, bwd[10] * 1e6
+    return fwd[len(fwd) // 2] * 1e6, bwd[len(bwd) // 2] * 1e6
 
 
 for name, fn in fns.items():
-    for sleep in (False, True):
-        f, b = host(fn, sleep)
-        print(f"{name:>12} {'GPU busy ahead' if sleep else 'GPU idle      '}: host us per call, median: "
-              f"forward {f:8.1f}, backward {b:8.1f}", flush=True)
+    f, b = host(fn)
+    print(f"{name:>34}: host us per call (GPU idle before it), median: forward {f:7.1f}, backward {b:7.1f}")
 real = mf.Kernels.call
 mf.Kernels.call = lambda self, *a, **k: ""
-f, b = host(ours, True)
-print(f"ours, kernels.call stubbed: forward {f:8.1f}, backward {b:8.1f}", flush=True)
+f, b = host(ours)
+print(f"{'ours, kernels.call stubbed':>34}: forward {f:7.1f}, backward {b:7.1f}")
+q, k, v = (t.detach() for t in qkv.permute(2, 0, 3, 1, 4))
+qg, kg, vg = qkv.permute(2, 0, 3, 1, 4)
+
+
+def t(name, stmt, n=2000):
+    s = min(timeit.repeat(stmt, number=n, repeat=3, globals=globals())) / n * 1e6
+    print(f"  {name:44s} {s:8.2f} us")
+
+
+t("flash_attention, no grad (stub)", "mf.flash_attention(q, k, v, causal=True)")
+t("flash_attention, grad (stub)", "mf.flash_attention(qg, kg, vg, causal=True)")
+t("_check_call", "mf._check_call(q, k, v, True, None, None, None, 4)")
+t("_check_inputs", "mf._check_inputs(q, k, v, 4)")
+t("_check_mods", "mf._check_mods(q, None, None, None, (-1, -1), 0.0, None, 0.0)")
+t("_mods_version", "mf._mods_version(None, False, q)")
+t("version_unavailable", "mf.version_unavailable(4, q.device)")
+t("default_version", "mf.default_version(q.dtype, q.device)")
+t("get_device_capability", "torch.cuda.get_device_capability(q.device)")
+t("_attention (stub)", "mf._attention(q, k, v, True, 0.125, None, None, 4)")
+t("FlashAttention.apply (stub)", "mf.FlashAttention.apply(qg, kg, vg, True, 0.125, None, None, 4, False, None)")
+t("_check_shared_memory", "mf._check_shared_memory(mf.load_kernels('cuda', 4), q, 'backward', 4)")
+t("new_empty", "q.new_empty(q.shape)")
+t("_getCurrentRawStream", "torch._C._cuda_getCurrentRawStream(0)")
 mf.Kernels.call = real
-import cProfile, pstats
-torch.cuda._sleep(2_000_000_000)
-q, k, v = qkv.permute(2, 0, 3, 1, 4)
-cProfile.run("for _ in range(20): o = ours(q, k, v); o.backward(dO)", "/tmp/prof.out")
-pstats.Stats("/tmp/prof.out").sort_stats("tottime").print_stats(18)
+O, L = mf.forward(q, k, v, causal=True)
+kern = mf.load_kernels("cuda", 4)
+t("Kernels.call forward (real launch)", "kern.call('forward', True, 0.125, q, k, v, O, L)", 200)
 torch.cuda.synchronize()
