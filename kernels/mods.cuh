@@ -73,7 +73,16 @@ struct Tensor {
             if (at[x] < 0 || at[x] >= a.shapes[t][x]) return T(0);
             offset += at[x] * a.strides[t][x];
         }
-        return T(convert(static_cast<const Stored*>(a.tensors[t])[offset]));
+        return T(convert(load(static_cast<const Stored*>(a.tensors[t]) + offset)));
+    }
+    // Through the read-only data cache (ld.global.nc): a mod tensor is a constant while the kernel runs,
+    // and so marked, the compiler may keep one read for many scores (alibi_slopes[h] with softcap: the
+    // backward's spills at d = 128 went from 288 to 96 bytes). bool, which __ldg lacks, as its byte.
+    __device__ static Stored load(const Stored* p) {
+        if constexpr (std::is_same_v<Stored, bool>)
+            return __ldg(reinterpret_cast<const unsigned char*>(p)) != 0;
+        else
+            return __ldg(p);
     }
     template <class S>
     __device__ static auto convert(S value) {
