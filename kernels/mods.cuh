@@ -73,7 +73,16 @@ struct Tensor {
             if (at[x] < 0 || at[x] >= a.shapes[t][x]) return T(0);
             offset += at[x] * a.strides[t][x];
         }
-        return T(convert(static_cast<const Stored*>(a.tensors[t])[offset]));
+        return T(convert(load(static_cast<const Stored*>(a.tensors[t]) + offset)));
+    }
+    // Through the read-only data cache (ld.global.nc): a mod tensor is a constant while the kernel runs,
+    // and so marked, the compiler may keep one read for many scores (alibi_slopes[h] with softcap: the
+    // backward's spills at d = 128 went from 288 to 96 bytes). bool, which __ldg lacks, as its byte.
+    __device__ static Stored load(const Stored* p) {
+        if constexpr (std::is_same_v<Stored, bool>)
+            return __ldg(reinterpret_cast<const unsigned char*>(p)) != 0;
+        else
+            return __ldg(p);
     }
     template <class S>
     __device__ static auto convert(S value) {
@@ -370,6 +379,18 @@ __device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][
 __device__ inline float times_p(float p, float rest) {
     if constexpr (SCORE) return p == 0.0f ? 0.0f : p * rest;
     return p * rest;
+}
+// score_mod's derivative f at a score whose P is p, L2 its row's log-sum-exp (base 2): the f that
+// backward_probabilities gave; for softcap alone, recovered from p itself. Softcap's P is exp2(c tanh -
+// L2), c the cap times log2 e, so tanh = (log2 p + L2) / c and f = 1 - tanh^2. Version 4's backward then
+// holds no f per score across dP's product (32 floats a thread, which at d = 128 spilled). At p = 0 (a
+// masked pair) f is -inf, which times_p never multiplies.
+__device__ inline float derivative(float f, float p, float L2, const Args& a) {
+    if constexpr (SOFTCAP_ONLY) {
+        const float t = (log2f(p) + L2) * (a.floats[1] / LOG2E);  // a.floats[1]: 1 / cap
+        return 1.0f - t * t;
+    }
+    return f;
 }
 // The same, and dp becomes (dP - D) f (version 3, whose dP is in already).
 template <int NT>
