@@ -76,9 +76,9 @@ struct Tensor {
         return T(convert(load(static_cast<const Stored*>(a.tensors[t]) + offset)));
     }
     // Through the read-only data cache (ld.global.nc): a mod tensor is a constant while the kernel runs,
-    // and so marked, the compiler may keep one read for many scores (alibi_slopes[h]) where a plain load
-    // would be read again after every wgmma (their asm clobbers memory), in registers that version 4's
-    // backward lacks. bool, which __ldg lacks, as its byte.
+    // and so marked, the compiler may keep one read for many scores (alibi_slopes[h]), where a plain load
+    // must be made again after any asm that clobbers memory (the wgmma), and held in registers that
+    // version 4's backward lacks. bool, which __ldg lacks, as its byte.
     __device__ static Stored load(const Stored* p) {
         if constexpr (std::is_same_v<Stored, bool>)
             return __ldg(reinterpret_cast<const unsigned char*>(p)) != 0;
