@@ -520,6 +520,29 @@ __global__ void copy_wait_one(const float* from, float* out) {  // two groups; w
     for (int i = 0; i < 4; ++i) out[8 * t + i] = smem[4 * t + i], out[8 * t + 4 + i] = smem[128 + 4 * t + i];
     cp_async_wait<0>();
 }
+// cp.async with valid false (the kernels' tiles past the sequence's end): zeros land, whatever the
+// source holds. Odd threads copy invalid, 16 bytes and then 4; out[8t ..]: the 16 bytes, then the 4.
+__global__ void copy_invalid_zero_fills(const float* from, float* out) {
+    extern __shared__ __align__(16) float smem[];
+    const unsigned t = threadIdx.x;
+    const bool valid = t % 2 == 0;
+    cp_async16(smem + 8 * t, from + 8 * t, valid);
+    for (int i = 0; i < 4; ++i) cp_async4(smem + 8 * t + 4 + i, from + 8 * t + 4 + i, valid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    for (int i = 0; i < 8; ++i) out[8 * t + i] = smem[8 * t + i];
+}
+// Thread 0 announces more bytes (expect_tx) than its bulk copy brings: the phase can never complete.
+__global__ void mbarrier_bytes_never_come(const float* from, float* out) {
+    extern __shared__ __align__(16) float smem[];
+    uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+    if (threadIdx.x != 0) return;
+    mbarrier_init(bar, 1);
+    mbarrier_arrive_expect_tx(bar, 256 * 4 + 16);
+    bulk_load(smem + 4, from, 256 * 4, bar);
+    mbarrier_wait(bar, 0);  // line: mbarrier_bytes_never_come
+    out[0] = smem[4];
+}
 __global__ void bulk_load_then_wait(const float* from, float* out) {
     extern __shared__ __align__(16) float smem[];
     uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
@@ -640,6 +663,10 @@ const char* run_case(const char* name, float* out, const float* in, int n) {
     } else if (c == "barriers") LAUNCH(barriers, dim3(64), dim3(128), 0, 0)(out, n);
     else if (c == "shuffle_lanes") LAUNCH(shuffle_lanes, dim3(1), dim3(64), 0, 0)(out);
     else if (c == "copy_wait_one") LAUNCH(copy_wait_one, dim3(1), dim3(32), 256 * sizeof(float), 0)(in, out);
+    else if (c == "mbarrier_bytes_never_come")
+        LAUNCH(mbarrier_bytes_never_come, dim3(1), dim3(32), 272 * sizeof(float), 0)(in, out);
+    else if (c == "copy_invalid_zero_fills")
+        LAUNCH(copy_invalid_zero_fills, dim3(1), dim3(32), 256 * sizeof(float), 0)(in, out);
     else if (c == "bulk_load_then_wait") LAUNCH(bulk_load_then_wait, dim3(1), dim3(32), 4096, 0)(in, out);
     else if (c == "arrive_then_other") LAUNCH(arrive_then_other, dim3(1), dim3(128), 0, 0)(out);
     else if (c == "bulk_reduce_rounds") LAUNCH(bulk_reduce_rounds, dim3(64), dim3(64), 2048, 0)(out, n);

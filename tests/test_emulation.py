@@ -5,6 +5,7 @@ launch errors, and Ctrl-C. The small kernels are in tests/emulation_cases.cpp; t
 minimal_flash in a subprocess (and in a Jupyter kernel) and interrupt it."""
 import contextlib
 import ctypes
+import math
 import os
 import queue
 import re
@@ -202,6 +203,16 @@ def test_cp_async_wait_1_leaves_the_newest_group_in_flight(cases):
     assert torch.equal(first.reshape(-1), source[:128]) and second.isnan().all()
 
 
+def test_cp_async_invalid_lands_zeros(cases):
+    """cp.async with valid false (src-size 0, the kernels' rows past the sequence's end), 16 and 4 bytes:
+    zeros land over a source that holds none; valid copies land the source beside them."""
+    source = torch.arange(1, 32 * 8 + 1, dtype=torch.float32)
+    out = torch.full((32 * 8,), math.nan)
+    assert cases("copy_invalid_zero_fills", out=out, inp=source) == ""
+    landed, source = out.view(32, 8), source.view(32, 8)
+    assert torch.equal(landed[0::2], source[0::2]) and torch.equal(landed[1::2], torch.zeros(16, 8))
+
+
 # ---- Hopper (kernels/hopper.cuh): mbarrier, TMA, named barriers, wgmma, setmaxnreg, bulk reduce
 
 
@@ -223,6 +234,15 @@ def test_mbarrier_phase_nobody_completes_fails(cases):
                             f"(parity 0) at {line_of('mbarrier_never_completes')} can never complete: threads 0-31 "
                             "have exited, threads 32-63 wait there (its barrier, at shared memory byte 0, has "
                             "completed 0 phases and awaits 1 of its 1 arrivals and 0 bytes"), error
+
+
+def test_mbarrier_bytes_announced_that_never_come_fail(cases):
+    """expect_tx announcing more bytes than the copies bring: on a GPU the wait would hang; here its
+    phase can never complete, and the message counts the bytes still awaited."""
+    error = cases("mbarrier_bytes_never_come", out=torch.zeros(1), inp=torch.zeros(256))
+    assert error.startswith("barrier deadlock in mbarrier_bytes_never_come, block (0, 0, 0): the mbarrier wait "
+                            f"(parity 0) at {line_of('mbarrier_bytes_never_come')} can never complete: "), error
+    assert "awaits 0 of its 1 arrivals and 16 bytes" in error, error
 
 
 def test_mbarrier_never_initialized_fails(cases):

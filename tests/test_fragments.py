@@ -11,7 +11,7 @@ import torch
 import minimal_flash as mf
 
 sys.path.insert(0, str(mf.KERNELS.parent / "tools"))
-from fragments import build_fragments, run_fast_tanh, run_program  # noqa: E402
+from fragments import build_fragments, run_accumulate, run_fast_tanh, run_program  # noqa: E402
 
 HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 CUDA = pytest.param("cuda", 
@@ -101,6 +101,21 @@ def test_emulation_gives_the_hardwares_answer(build, device, dtype):
         on_gpu, emulated = (run_program(build(d), d, dtype, A, K, V) for d in (device, "cpu"))
         for name, x, y in zip(("S", "O", "row max", "registers", "accumulators"), on_gpu, emulated):
             assert torch.allclose(x, y, rtol=1e-6, atol=1e-5) if x.is_floating_point() else torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@HALVES
+def test_mma_adds_its_accumulator(build, device, dtype):
+    """mma.sync's D = A V + C with C not zero, as the kernels' O += P V has it: against float64 (the
+    products of 16-bit values are exact in fp32, so only the sums round), and on a GPU against the
+    emulation too. A C left out, or read in another lane layout than D's, would show."""
+    for seed in range(3):
+        A, V, C = random_tiles(10 + seed)
+        D = run_accumulate(build(device), device, dtype, A, V, C)
+        expected = A.to(dtype).double() @ V.to(dtype).double() + C.double()
+        assert torch.allclose(D.double(), expected, rtol=1e-6, atol=1e-5)
+        if device != "cpu":
+            assert torch.allclose(D, run_accumulate(build("cpu"), "cpu", dtype, A, V, C), rtol=1e-6, atol=1e-5)
 
 
 # tanh.approx.f32's largest relative error over all floats (PTX ISA), kernels/mma.cuh's fast_tanh.

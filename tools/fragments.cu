@@ -54,6 +54,29 @@ __global__ void fragments(const unsigned short* A, const unsigned short* K, cons
     }
 }
 
+// D = A V + C with C not zero, the form of mma.sync that the kernels' O += P V takes (above, C is 0):
+// C, a 16 x 16 fp32 tile, goes into each lane's registers in the accumulators' layout, and D comes
+// out of them the same way.
+template <bool BF16>
+__global__ void accumulate(const unsigned short* A, const unsigned short* V, const float* C, float* D) {
+    unsigned short *a = reinterpret_cast<unsigned short*>(smem), *v = a + 256;
+    const int lane = threadIdx.x, g = lane / 4, q = lane % 4;
+    for (int e = lane; e < 256; e += 32) a[e] = A[e], v[e] = V[e];
+    __syncthreads();
+    unsigned af[4], vf[4];
+    ldmatrix_x4(af, &a[lane % 16 * 16 + lane / 16 * 8]);
+    ldmatrix_x4_trans(vf, &v[lane % 16 * 16 + lane / 16 * 8]);
+    for (int n = 0; n < 2; ++n) {  // columns 8n .. 8n + 7
+        float c[4], d[4];
+        for (int i = 0; i < 4; ++i) c[i] = C[(g + 8 * (i / 2)) * 16 + 8 * n + 2 * q + i % 2];
+        if constexpr (BF16)
+            mma_bf16_m16n8k16(d, af, {vf[2 * n], vf[2 * n + 1]}, c);
+        else
+            mma_f16_m16n8k16(d, af, {vf[2 * n], vf[2 * n + 1]}, c);
+        for (int i = 0; i < 4; ++i) D[(g + 8 * (i / 2)) * 16 + 8 * n + 2 * q + i % 2] = d[i];
+    }
+}
+
 // The special-function unit's tanh (one instruction on the GPU, std::tanh in the emulation).
 __global__ void tanh_values(const float* x, float* y, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -68,6 +91,16 @@ const char* run_fragments(int bf16, const unsigned short* A, const unsigned shor
         LAUNCH(fragments<true>, dim3(1), dim3(32), 3 * 256 * 2, 0)(A, K, V, S, O, row_max, registers, accumulators);
     else
         LAUNCH(fragments<false>, dim3(1), dim3(32), 3 * 256 * 2, 0)(A, K, V, S, O, row_max, registers, accumulators);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? "" : cudaGetErrorString(err);
+}
+
+// D = A V + C on one warp (accumulate above); "" on success.
+const char* run_accumulate(int bf16, const unsigned short* A, const unsigned short* V, const float* C, float* D) {
+    if (bf16)
+        LAUNCH(accumulate<true>, dim3(1), dim3(32), 2 * 256 * 2, 0)(A, V, C, D);
+    else
+        LAUNCH(accumulate<false>, dim3(1), dim3(32), 2 * 256 * 2, 0)(A, V, C, D);
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }

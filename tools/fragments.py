@@ -10,6 +10,7 @@ kernels/cpu_cuda.h, through tools/*_cpu.cpp), and run:
     library = build_fragments("cpu")                        # or "cuda"; compiled with torch's extension builder
     S, O, row_max, registers, accumulators = run_program(library, "cpu", torch.bfloat16, A, K, V)
     y = run_fast_tanh(library, "cpu", x)
+    D = run_accumulate(library, "cpu", torch.bfloat16, A, V, C)
     hopper = build_fragments("cpu", program="hopper_fragments")
     boxes, ss128, ss64, rs64, rs128, mm128, mm64, mk128, km64, mm32, raw = run_hopper_program(
         hopper, "cpu", torch.bfloat16, X, P)
@@ -57,6 +58,8 @@ def build_fragments(device, folder=None, program="fragments"):
         library.round_to_half.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long]
         library.run_fast_tanh.restype = ctypes.c_char_p
         library.run_fast_tanh.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        library.run_accumulate.restype = ctypes.c_char_p
+        library.run_accumulate.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4
     if program == "hopper_fragments":
         library.run_bulk_fragments.restype = ctypes.c_char_p
         library.run_bulk_fragments.argtypes = [ctypes.c_int, ctypes.c_void_p]
@@ -84,6 +87,20 @@ def run_program(library, device, dtype, A, K, V):
     if device == "cuda":
         torch.cuda.synchronize()
     return [t.cpu() for t in outputs]
+
+
+def run_accumulate(library, device, dtype, A, V, C):
+    """D = A V + C by mma.sync on one warp, A and V (16 x 16) rounded to `dtype` (bf16 or fp16), C (16 x 16)
+    in fp32, the accumulator mma.sync adds to. D starts as NaN, so an element left unwritten shows."""
+    a, v = (t.to(device=device, dtype=dtype).contiguous() for t in (A, V))
+    c = C.to(device=device, dtype=torch.float32).contiguous()
+    D = torch.full((16, 16), float("nan"), device=device)
+    error = library.run_accumulate(int(dtype == torch.bfloat16), a.data_ptr(), v.data_ptr(), c.data_ptr(), D.data_ptr())
+    if error:
+        raise RuntimeError(f"fragments: {error.decode()}")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return D.cpu()
 
 
 def run_fast_tanh(library, device, x):
