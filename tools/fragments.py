@@ -71,6 +71,15 @@ def build_fragments(device, folder=None, program="fragments"):
     return library
 
 
+def _finished(program, error, device):
+    """After a program's C function ran: its error message (b"" on success) raised, and on a GPU its
+    kernels waited for, so that what they wrote can be read."""
+    if error:
+        raise RuntimeError(f"{program}: {error.decode()}")
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def run_program(library, device, dtype, A, K, V):
     """Runs the program on 16 x 16 tiles A, K, V, rounded to `dtype` (bf16 or fp16). Returns, on the
     CPU: S = A K^T, O = A V and each row's max of S (from the tiles the warp wrote), and what each
@@ -82,10 +91,7 @@ def run_program(library, device, dtype, A, K, V):
     inputs = [t.to(device=device, dtype=dtype).contiguous() for t in (A, K, V)]
     outputs = (S, O, row_max, registers, accumulators)
     error = library.run_fragments(int(dtype == torch.bfloat16), *(t.data_ptr() for t in (*inputs, *outputs)))
-    if error:
-        raise RuntimeError(f"fragments: {error.decode()}")
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _finished("fragments", error, device)
     return [t.cpu() for t in outputs]
 
 
@@ -96,10 +102,7 @@ def run_accumulate(library, device, dtype, A, V, C):
     c = C.to(device=device, dtype=torch.float32).contiguous()
     D = torch.full((16, 16), float("nan"), device=device)
     error = library.run_accumulate(int(dtype == torch.bfloat16), a.data_ptr(), v.data_ptr(), c.data_ptr(), D.data_ptr())
-    if error:
-        raise RuntimeError(f"fragments: {error.decode()}")
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _finished("fragments", error, device)
     return D.cpu()
 
 
@@ -109,10 +112,7 @@ def run_fast_tanh(library, device, x):
     x = x.to(device=device, dtype=torch.float32).contiguous()
     y = torch.full_like(x, float("nan"))
     error = library.run_fast_tanh(x.data_ptr(), y.data_ptr(), len(x))
-    if error:
-        raise RuntimeError(f"fragments: {error.decode()}")
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _finished("fragments", error, device)
     return y.cpu()
 
 
@@ -134,10 +134,7 @@ def run_hopper_program(library, device, dtype, X, P):
     x, p = (t.to(device=device, dtype=dtype).contiguous() for t in (X, P))
     error = library.run_hopper_fragments(int(dtype == torch.bfloat16), x.data_ptr(), X.shape[1], p.data_ptr(),
                                          boxes.data_ptr(), products.data_ptr(), raw.data_ptr())
-    if error:
-        raise RuntimeError(f"hopper_fragments: {error.decode()}")
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _finished("hopper_fragments", error, device)
     columns = list(HOPPER_PRODUCTS.values())
     Ds = [D.view(64, n) for D, n in zip(products.cpu().split([64 * n for n in columns]), columns)]
     # The kernel writes each product's accumulators one after the other, thread by thread.
@@ -150,10 +147,7 @@ def run_bulk_program(library, device, blocks):
     (zeros at first): block b adds i % 7 + b to element i < 256, and b + 1 to the others."""
     out = torch.zeros(512, device=device)
     error = library.run_bulk_fragments(blocks, out.data_ptr())
-    if error:
-        raise RuntimeError(f"hopper_fragments: {error.decode()}")
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _finished("hopper_fragments", error, device)
     return out.cpu()
 
 
@@ -165,10 +159,7 @@ def run_tma4_program(library, device, Y):
     y = Y.to(device).contiguous()
     B, rows, _, H, _ = Y.shape
     error = library.run_tma4_fragments(int(Y.dtype == torch.bfloat16), y.data_ptr(), B, rows, H, boxes.data_ptr())
-    if error:
-        raise RuntimeError(f"hopper_fragments: {error.decode()}")
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _finished("hopper_fragments", error, device)
     return boxes.cpu()
 
 
@@ -178,8 +169,5 @@ def run_bulk_load_program(library, device, X, order, bytes):
     out = torch.full((16, 272), 0xAB, dtype=torch.uint8, device=device)
     x, o = X.to(device).contiguous(), torch.tensor(order, dtype=torch.int32, device=device)
     error = library.run_bulk_load_fragments(x.data_ptr(), o.data_ptr(), bytes, out.data_ptr())
-    if error:
-        raise RuntimeError(f"hopper_fragments: {error.decode()}")
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _finished("hopper_fragments", error, device)
     return out.cpu()
