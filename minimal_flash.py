@@ -23,6 +23,7 @@ next call, recompiled and loaded. The versions that block sizes shape (1 and 2) 
 (flash_attention(..., Br=64, Bc=16)) or for the process from MINIMAL_FLASH_BR and MINIMAL_FLASH_BC.
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -510,8 +511,16 @@ def _padded(t, version):
     they give O zero columns, cut off after; of dO, with O's, they change no D = rowsum(dO * O), and
     the gradients' extra columns are cut off too. The official package rounds d up likewise."""
     d, dims = t.shape[-1], VERSIONS[version].head_dims
-    run = d if dims is None else min(x for x in dims if x >= d)  # _check_inputs took d <= max(dims)
-    return t if run == d else torch.nn.functional.pad(t, (0, run - d))
+    if _compiled_for(d, version):
+        return t
+    run = min(x for x in dims if x >= d)  # _check_inputs took d <= max(dims)
+    return torch.nn.functional.pad(t, (0, run - d))
+
+
+def _compiled_for(d, version):
+    """Do the version's kernels run head dim d as it is (not padded up)?"""
+    dims = VERSIONS[version].head_dims
+    return dims is None or d in dims
 
 
 def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic=False, out=None, mods=None):
@@ -519,25 +528,26 @@ def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, determin
     official package does, the kernels get k, v repeated to q's heads, and each head's dK, dV is the
     sum (in fp32) of its group's."""
     dQ, dK, dV = out if out is not None else (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
-    if q.numel() > 0:
-        kernels = load_kernels(q.device.type, version, Br, Bc, _spec(mods))
-        q, k, v, O, dO = (_padded(t, version) for t in (q, k, v, O, dO))  # (_padded: d as compiled)
-        _check_shared_memory(kernels, q, "backward", version)
-        q, O, dO = (_aligned(t) for t in (q, O, dO))
-        # the gradients at the padded d, their columns cut off after
-        runs = [x if x.shape == t.shape else t.new_empty(t.shape) for x, t in ((dQ, q), (dK, k), (dV, v))]
-
-        def run(k_all, v_all, dK_all, dV_all):
-            k_all, v_all = _aligned(k_all), _aligned(v_all)
-            _raise_if(kernels.call("backward", causal, scale, q, k_all, v_all, O, L, dO, runs[0], dK_all, dV_all,
-                                   deterministic=deterministic, mods=mods))
-
-        _grouped_grads(q, k, v, run, runs[1], runs[2])
-        for x, x_run in zip((dQ, dK, dV), runs):
-            if x_run is not x:
-                x.copy_(x_run[..., :x.shape[-1]])
-    else:  # no query (0 heads of q, or N = 0): no key is seen, and k, v get no gradient
+    if q.numel() == 0:  # no query (0 heads of q, or N = 0): no key is seen, and k, v get no gradient
         dK.zero_(), dV.zero_()
+        return dQ, dK, dV
+    kernels = load_kernels(q.device.type, version, Br, Bc, _spec(mods))
+    runs = dQ, dK, dV  # what the kernels write
+    if not _compiled_for(q.shape[-1], version):  # d padded up, the gradients' extra columns cut off after
+        q, k, v, O, dO = (_padded(t, version) for t in (q, k, v, O, dO))
+        runs = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    _check_shared_memory(kernels, q, "backward", version)
+    q, O, dO = _aligned(q), _aligned(O), _aligned(dO)
+
+    def run(k_all, v_all, dK_all, dV_all):
+        k_all, v_all = _aligned(k_all), _aligned(v_all)
+        _raise_if(kernels.call("backward", causal, scale, q, k_all, v_all, O, L, dO, runs[0], dK_all, dV_all,
+                               deterministic=deterministic, mods=mods))
+
+    _grouped_grads(q, k, v, run, runs[1], runs[2])
+    if runs[0] is not dQ:
+        for x, x_run in zip((dQ, dK, dV), runs):
+            x.copy_(x_run[..., :x.shape[-1]])
     return dQ, dK, dV
 
 
@@ -557,6 +567,9 @@ def _grouped_grads(q, k, v, run, dK=None, dV=None):
     return dK, dV
 
 
+_AS_IS = contextlib.nullcontext()
+
+
 class FlashAttention(torch.autograd.Function):
     """flash_attention with gradients. The forward saves q, k, v, O and the row log-sum-exp L: O(N d)
     memory. The N x N matrix P is never stored; the backward kernel recomputes it tile by tile."""
@@ -573,8 +586,9 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dO, dL):  # dL: None (L has no gradient: mark_non_differentiable)
         version = ctx.options[4]
-        # dO: the gradient of the model's output, often a view of its (B, N, H, d) layout
-        with torch.no_grad():
+        # dO: the gradient of the model's output, often a view of its (B, N, H, d) layout. Grad mode is
+        # off in a backward unless create_graph=True; then nothing here may be recorded.
+        with torch.no_grad() if torch.is_grad_enabled() else _AS_IS:
             grads = _attention_grads(_laid_out(dO, version), *ctx.saved_tensors, *ctx.options)
         return *_without_derivative(grads), None, None, None, None, None, None, None
 
@@ -1718,6 +1732,9 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
     (B, H, N, d) (flash_attn_varlen_func's sequences and heads). no_limit: a window side of at least this
     many keys is no limit, -1 (flash_attn_varlen_func: max_seqlen_k, the official package's rule there;
     at any rate 2**30)."""
+    if (score_mod is None and mask_mod is None and mod_tensors is None and alibi_slopes is None
+            and _exactly(window_size, (-1, -1)) and _exactly(softcap, 0.0) and _exactly(dropout_p, 0.0)):
+        return None  # every option at its default (the common call, at once)
     for name, text in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise TypeError(f"{name} = {_short(text)}: it must be a C++ expression (a string), such as "
@@ -2227,11 +2244,44 @@ def _check_call(q, k, v, causal, softmax_scale, Br, Bc, version):
     q, k, v for it, the scale and the block sizes by its rules. Returns them ready for the kernels:
     (q, k, v in a layout the version reads, causal, scale as a float, Br, Bc, version)."""
     causal = _check_causal(causal)
-    version = _check_version(version, q)
-    q, k, v = _check_inputs(q, k, v, version)
+    q, k, v, version = _checked_inputs(q, k, v, version)
     scale = _check_scale(softmax_scale, q, version)
     Br, Bc = block_sizes(version, Br, Bc)
     return q, k, v, causal, scale, Br, Bc, version
+
+
+# A model calls attention with one signature step after step, and checking q, k, v in full costs more
+# host time than a small kernel runs. What those checks read is the signature below, nothing else; so a
+# call whose signature has passed them before skips them, as torch.compile's guards skip a trace.
+_checked = {}  # signature -> the version that _check_version chose; at most 1024 kept
+
+
+def _checked_inputs(q, k, v, version):
+    """_check_version, then _check_inputs: (q, k, v laid out for the version's kernels, version). Under
+    torch.compile they run once, where the call is traced: there a look at _checked would become a guard
+    of the compiled code, recompiled whenever another call adds to it."""
+    key = None if torch.compiler.is_compiling() else _signature((q, k, v), version)
+    if key is not None and key in _checked:
+        return q, k, v, _checked[key]
+    version = _check_version(version, q)
+    laid = _check_inputs(q, k, v, version)
+    if key is not None and all(a is b for a, b in zip(laid, (q, k, v))):  # read as they lie: no copy redone
+        if len(_checked) >= 1024:
+            _checked.clear()
+        _checked[key] = version
+    return *laid, version
+
+
+def _signature(tensors, version):
+    """What _check_version and _check_inputs read: each tensor's type, shape, strides, dtype and device,
+    and the version asked for (its type too: True is not 1 there). None where a call has no signature
+    (an input that is no tensor, a tensor without strides, a symbolic size): it is checked in full."""
+    try:
+        key = (type(version), version, *((type(t), t.shape, t.stride(), t.dtype, t.device) for t in tensors))
+        hash(key)
+    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
+        return None
+    return key
 
 
 def _check_inputs(q, k, v, version):
@@ -2277,6 +2327,8 @@ def _reads_as_is(t, version):
     if not VERSIONS[version].strided:
         return t.is_contiguous()
     size = t.element_size()
+    if t.is_contiguous():  # each stride a multiple of a row's: d values
+        return t.shape[-1] * size % 16 == 0
     return t.stride(-1) == 1 and all(s > 0 and s * size % 16 == 0 for s in _strides(t))
 
 
@@ -2484,6 +2536,13 @@ def _at_default(name, value):
     return (value is None if default is None else
             isinstance(value, (tuple, list)) and tuple(value) == default if name == "window_size" else
             value == default)
+
+
+def _exactly(value, default):
+    """Is an option its default, of its default's type? (-1.0 is not the -1 of a window side, which the
+    full check refuses.)"""
+    return type(value) is type(default) and value == default and (
+        not isinstance(default, tuple) or all(type(x) is type(y) for x, y in zip(value, default)))
 
 
 def _one_of(values):

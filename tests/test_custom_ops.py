@@ -42,6 +42,19 @@ def test_compiled_matches_eager_and_float64(device, causal, generator):
         assert rel_err(x, y.double()) < TOL, name  # dQ's atomic additions may add up in another order
 
 
+def test_eager_calls_between_compiled_ones_cause_no_recompile(generator):
+    """Eager calls skip the input checks of a signature seen before (minimal_flash._checked); a compiled
+    call must not read that memo, or each eager call of a new signature would recompile it."""
+    q, k, v = random_qkv(1, 2, 45, 32, "cpu", generator)
+    compiled = torch.compile(lambda q, k, v: mf.flash_attention(q, k, v, version=2), fullgraph=True)
+    expected = compiled(q, k, v)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for N in (13, 29):
+            x = random_qkv(1, 3, N, 32, "cpu", generator)[0]
+            mf.flash_attention(x, x, x, version=2)  # a new signature, checked and remembered
+            assert torch.equal(compiled(q, k, v), expected)
+
+
 def test_compiled_return_lse(generator):
     """return_lse under torch.compile: the operator's L, as the eager call's, without gradient."""
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 45, 32, "cpu", generator))

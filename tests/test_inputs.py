@@ -336,6 +336,39 @@ def test_non_contiguous_input_is_copied(generator):
     assert rel_err(mf.flash_attention(q, k, v), reference(q, k, v, False)[0]) < TOL
 
 
+def test_a_signature_checked_before_skips_the_input_checks_and_nothing_else(generator, monkeypatch):
+    """q, k, v whose types, shapes, strides, dtypes and devices, with the version asked for, have passed
+    the input checks before skip them (host time: a model calls with one signature step after step).
+    Whatever differs in any of those is checked again; the other options on every call."""
+    q, k, v = random_qkv(1, 2, 20, 16, "cpu", generator)
+    expected, checks, check = reference(q, k, v, False)[0], [], mf._check_inputs
+    monkeypatch.setattr(mf, "_check_inputs", lambda *args: checks.append(args) or check(*args))
+    monkeypatch.setattr(mf, "_checked", {})
+    for _ in range(3):
+        assert rel_err(mf.flash_attention(q, k, v, version=2), expected) < TOL
+    assert len(checks) == 1
+    with pytest.raises(TypeError, match="k has dtype torch.float64"):
+        mf.flash_attention(q, k.double(), v, version=2)
+    with pytest.raises(ValueError, match="q, k, v must be on one device"):
+        mf.flash_attention(q, k, v.to("meta"), version=2)
+    with pytest.raises(ValueError, match="q, k, v must have the same shape"):
+        mf.flash_attention(q, k[:, :, :10], v[:, :, :10], version=2)
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        mf.flash_attention(q, k, v.numpy(), version=2)
+    assert rel_err(mf.flash_attention(q, k, v, version=1), expected) < TOL
+    with pytest.raises(ValueError, match="version = True"):  # True == 1 and hashes as 1: not version 1
+        mf.flash_attention(q, k, v, version=True)
+    with pytest.raises(TypeError, match="causal = 1.0"):  # 1.0 == True: options are checked on every call
+        mf.flash_attention(q, k, v, causal=1.0, version=2)
+    with pytest.raises(ValueError, match="softmax_scale = nan"):
+        mf.flash_attention(q, k, v, softmax_scale=float("nan"), version=2)
+    v_columns = v.transpose(2, 3).contiguous().transpose(2, 3)  # v's values in another layout: a copy read
+    assert rel_err(mf.flash_attention(q, k, v_columns, version=2), expected) < TOL
+    assert rel_err(mf.flash_attention(q, k, torch.nn.Parameter(v), version=2), expected) < TOL  # another type
+    assert len(checks) == 8 and rel_err(mf.flash_attention(q, k, v_columns, version=2), expected) < TOL
+    assert len(checks) == 9  # a layout the kernels cannot read is copied on every call, so checked too
+
+
 def off_16_bytes(t):
     """t's values in a contiguous tensor that starts one element into its storage, as a slice of a
     flat buffer can: not at a 16-byte-aligned address."""

@@ -247,6 +247,8 @@ def refuse(error, match, **options):
     (dict(mask_mod=""), TypeError, "mask_mod = '': it must be"),
     (dict(window_size=(4,)), ValueError, "window_size = \\(4,\\): it must be \\(left, right\\)"),
     (dict(window_size=(-2, 0)), ValueError, "window_size"),
+    (dict(window_size=(-1.0, -1)), ValueError, "window_size = \\(-1.0, -1\\)"),  # == the default, not of its type
+    (dict(softcap=False), ValueError, "softcap = False"),  # == 0.0 likewise
     (dict(softcap=-1.0), ValueError, "softcap = -1.0: it must be a number >= 0"),
     (dict(softcap=1e300), ValueError, "softcap = 1e\\+300: .* from 2\\*\\*-60 to 2\\*\\*60"),  # inf in float32
     (dict(softcap=1e-40), ValueError, "softcap = 1e-40: .* from 2\\*\\*-60"),  # its inverse: inf
