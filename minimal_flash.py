@@ -567,7 +567,7 @@ def _grouped_grads(q, k, v, run, dK=None, dV=None):
     return dK, dV
 
 
-_AS_IS = contextlib.nullcontext()
+_AS_IS = contextlib.nullcontext()  # a context that changes nothing (and can be entered again and again)
 
 
 class FlashAttention(torch.autograd.Function):
@@ -2329,7 +2329,7 @@ def _reads_as_is(t, version):
     if not VERSIONS[version].strided:
         return t.is_contiguous()
     size = t.element_size()
-    if t.is_contiguous():  # each stride a multiple of a row's: d values
+    if t.is_contiguous():  # then every stride is a multiple of a row's d values
         return t.shape[-1] * size % 16 == 0
     return t.stride(-1) == 1 and all(s > 0 and s * size % 16 == 0 for s in _strides(t))
 
