@@ -510,10 +510,10 @@ def _padded(t, version):
     columns between filled with zeros (a copy). Zero columns of q and k change no score q k^T; of v,
     they give O zero columns, cut off after; of dO, with O's, they change no D = rowsum(dO * O), and
     the gradients' extra columns are cut off too. The official package rounds d up likewise."""
-    d, dims = t.shape[-1], VERSIONS[version].head_dims
+    d = t.shape[-1]
     if _compiled_for(d, version):
         return t
-    run = min(x for x in dims if x >= d)  # _check_inputs took d <= max(dims)
+    run = min(x for x in VERSIONS[version].head_dims if x >= d)  # _check_inputs took d <= max(dims)
     return torch.nn.functional.pad(t, (0, run - d))
 
 
@@ -2542,7 +2542,7 @@ def _at_default(name, value):
 
 def _exactly(value, default):
     """Is an option its default, of its default's type? (-1.0 is not the -1 of a window side, which the
-    full check refuses.)"""
+    full check refuses; _at_default, which asks whether a call wants mods at all, compares values.)"""
     return type(value) is type(default) and value == default and (
         not isinstance(default, tuple) or all(type(x) is type(y) for x, y in zip(value, default)))
 
