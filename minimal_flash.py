@@ -495,9 +495,12 @@ def _attention(q, k, v, causal, scale, Br, Bc, version, out=None, mods=None):
     O, L = out if out is not None else (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32))
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
         kernels = load_kernels(q.device.type, version, Br, Bc, _spec(mods))
-        q, k, v = (_aligned(_padded(t, version)) for t in (q, k, v))
+        O_run = O  # what the kernel writes
+        if not _compiled_for(q.shape[-1], version):  # d padded up, O's extra columns cut off after
+            q, k, v = (_padded(t, version) for t in (q, k, v))
+            O_run = q.new_empty(q.shape)
         _check_shared_memory(kernels, q, "forward", version)
-        O_run = O if O.shape == q.shape else q.new_empty(q.shape)  # the padded O, its columns cut off after
+        q, k, v = _aligned(q), _aligned(k), _aligned(v)
         _raise_if(kernels.call("forward", causal, scale, q, k, v, O_run, L, mods=mods))
         if O_run is not O:
             O.copy_(O_run[..., :O.shape[-1]])
