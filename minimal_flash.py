@@ -206,7 +206,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, is_causal=None
     else:
         if q.numel() > 0:  # fail now, not after the forward has run, if the backward will not fit
             _check_shared_memory(load_kernels(q.device.type, version, Br, Bc, _spec(mods)), q, "backward", version)
-        O, L = FlashAttention.apply(q, k, v, causal, scale, Br, Bc, version, deterministic, mods)
+        return FlashAttention.apply(q, k, v, causal, scale, Br, Bc, version, deterministic, mods, return_lse)
     return (O, L.detach()) if return_lse else O
 
 
@@ -578,21 +578,24 @@ class FlashAttention(torch.autograd.Function):
     memory. The N x N matrix P is never stored; the backward kernel recomputes it tile by tile."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, Br, Bc, version, deterministic, mods):  # flash_attention checked them
+    def forward(ctx, q, k, v, causal, scale, Br, Bc, version, deterministic, mods, return_lse):  # all checked
         O, L = _attention(q, k, v, causal, scale, Br, Bc, version, mods=mods)
         ctx.save_for_backward(q, k, v, O, L)
         ctx.options = causal, scale, Br, Bc, version, deterministic, None, mods  # None: out
+        if not return_lse:  # L only saved: an output more is host time in every forward and backward
+            return O
         ctx.mark_non_differentiable(L)
+        ctx.set_materialize_grads(False)  # dL None, not a tensor of zeros made (a kernel launched) per backward
         return O, L
 
     @staticmethod
-    def backward(ctx, dO, dL):  # dL: None or zeros (L has no gradient: mark_non_differentiable)
+    def backward(ctx, dO, *dL):  # dL: with return_lse, None (L has no gradient)
         version = ctx.options[4]
         # dO: the gradient of the model's output, often a view of its (B, N, H, d) layout. Grad mode is
         # off in a backward unless create_graph=True; then nothing here may be recorded.
         with torch.no_grad() if torch.is_grad_enabled() else _AS_IS:
             grads = _attention_grads(_laid_out(dO, version), *ctx.saved_tensors, *ctx.options)
-        return *_without_derivative(grads), None, None, None, None, None, None, None
+        return *_without_derivative(grads), None, None, None, None, None, None, None, None
 
 
 def _without_derivative(grads):
@@ -1573,6 +1576,7 @@ class _FlashAttentionVarlen(torch.autograd.Function):
                                  mods)
         ctx.save_for_backward(q, k, v, O, L, cu_seqlens_q, cu_seqlens_k)
         ctx.options = max_seqlen_q, max_seqlen_k, causal, scale, mods
+        ctx.set_materialize_grads(False)  # dL: None (as FlashAttention's)
         ctx.mark_non_differentiable(L)
         return O, L
 

@@ -175,11 +175,15 @@ static int thread_groups(Kernel* kernel, const Call& c, int rows, int group, siz
 }
 
 // Launches go to the current device: switch to the tensors' one for a call, and back at its end.
+// cudaSetDevice even where it is already the current one: it also makes the device's context current
+// in this thread (CUDA 12), which the driver's cuTensorMapEncodeTiled (version 4) needs and the
+// runtime's calls would only do lazily. A thread whose first CUDA work is ours, such as autograd's
+// backward thread or a new Python thread, otherwise gets CUDA_ERROR_INVALID_CONTEXT (201) there.
 struct OnDevice {
     int previous = 0, device;
     explicit OnDevice(int device) : device(device) {
         cudaGetDevice(&previous);
-        if (previous != device) cudaSetDevice(device);
+        cudaSetDevice(device);
     }
     ~OnDevice() {
         if (previous != device) cudaSetDevice(previous);

@@ -360,6 +360,11 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute, int bytes) {
 }
 inline size_t max_shared_bytes(int) { return kMaxSharedBytes; }
 inline cudaError_t cudaGetDevice(int* device) { return *device = 0, cudaSuccess; }  // one "device"
+// A load through the read-only data cache: on the CPU, a load.
+template <class T>
+inline T __ldg(const T* p) {
+    return *p;
+}
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 
 // On a GPU, the registers a kernel uses per thread limit the threads a block may have; on the CPU,

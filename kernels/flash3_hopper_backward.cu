@@ -248,6 +248,13 @@ __global__ void __launch_bounds__(THREADS, 1)
             add_dQ_share(i_prev);
         else
             named_barrier_sync(bar, 128);  // L_i, D_i, stored above
+        // Chapter 6, a block mask: the walk's tile after next, found while the tensor cores run the
+        // products. The walk reads the block mask from global memory, which at the end of the tile
+        // would stall the warp, tile after tile. (A window alone finds it by arithmetic, at the end: here
+        // it would hold registers through the products for nothing.)
+        constexpr bool EARLY = mods::MASK && !mods::WINDOW_ONLY;
+        int i_after = Tr;
+        if (EARLY && i_next < Tr) i_after = walk.next(i_next);
 
         // Alg. 2, line 12: P^T = exp(scale S^T - L), masked where the tile crosses the end of the
         // sequence or, causal, the diagonal (KEYS_ARE_ROWS: the rows are keys). Under dP's products.
@@ -326,7 +333,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             *reinterpret_cast<float4*>(&dQ_c[((w * (half / 8) + n8) * 32 + lane) * 4]) =
                 float4{dq[n8][0], dq[n8][1], dq[n8][2], dq[n8][3]};
         if (i_next < Tr) LD_c((it + 1) % STAGES)[tid] = LD_next;
-        const int i_after = i_next < Tr ? walk.next(i_next) : Tr;
+        if (!EARLY && i_next < Tr) i_after = walk.next(i_next);
         if (i_after < Tr) LD_next = load_LD(i_after);
         i_prev = i, i = i_next, i_next = i_after;
     }

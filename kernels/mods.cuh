@@ -73,7 +73,17 @@ struct Tensor {
             if (at[x] < 0 || at[x] >= a.shapes[t][x]) return T(0);
             offset += at[x] * a.strides[t][x];
         }
-        return T(convert(static_cast<const Stored*>(a.tensors[t])[offset]));
+        return T(convert(load(static_cast<const Stored*>(a.tensors[t]) + offset)));
+    }
+    // Through the read-only data cache (ld.global.nc): a mod tensor is a constant while the kernel runs,
+    // and so marked, the compiler may keep one read for many scores (alibi_slopes[h]), where a plain load
+    // must be made again after any asm that clobbers memory (the wgmma), and held in registers that
+    // version 4's backward lacks. bool, which __ldg lacks, as its byte.
+    __device__ static Stored load(const Stored* p) {
+        if constexpr (std::is_same_v<Stored, bool>)
+            return __ldg(reinterpret_cast<const unsigned char*>(p)) != 0;
+        else
+            return __ldg(p);
     }
     template <class S>
     __device__ static auto convert(S value) {
@@ -350,18 +360,33 @@ __device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][
                                               int b, int h, int key, int col, int shift, int Nq, float scale,
                                               const float* L2) {
     const float c = softmax_scale(a, scale) * LOG2E;  // a mask alone: the scale in the multiply-add
+    // ASK: test each score (mask_mod, the end of the queries); else keep them all
+    const auto probabilities = [&](auto ask) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int kv_idx = key + 8 * (e / 2), y = 8 * n + e % 2, q_idx = col + y;
-            Dual x(SCORE ? s[n][e] * score_scale(a, scale) : s[n][e], 1.0f);
-            if constexpr (SCORE) x = score_mod(x, b, h, q_idx, kv_idx, shift, a);
-            bool keep = q_idx < Nq;  // (a row that sees no key: its L2 is +inf, log2_of_L, and P = 0)
-            if constexpr (MASK) keep = keep && (state == FULL || mask_mod(b, h, q_idx, kv_idx, shift, a));
-            s[n][e] = keep ? fast_exp2(x.v * c - L2[y]) : 0.0f;
-            f[n][e] = x.d;
-        }
+            for (int e = 0; e < 4; ++e) {
+                const int kv_idx = key + 8 * (e / 2), y = 8 * n + e % 2, q_idx = col + y;
+                Dual x(SCORE ? s[n][e] * score_scale(a, scale) : s[n][e], 1.0f);
+                if constexpr (SCORE) x = score_mod(x, b, h, q_idx, kv_idx, shift, a);
+                bool keep = true;
+                if constexpr (decltype(ask)::value) {
+                    keep = q_idx < Nq;  // (a row that sees no key: its L2 is +inf, log2_of_L, and P = 0)
+                    if constexpr (MASK) keep = keep && mask_mod(b, h, q_idx, kv_idx, shift, a);
+                }
+                s[n][e] = keep ? fast_exp2(x.v * c - L2[y]) : 0.0f;
+                f[n][e] = x.d;
+            }
+    };
+    // With a mask, most tiles are FULL, and all of the lane's queries before Nq: they take a loop with
+    // no test in it. In one loop, each score would pay for its tests even in a FULL tile: a compare and a
+    // branch, or the test predicated, whose instructions take their issue slots where they do nothing
+    // (the state is the same for the whole warp: one branch a tile here). Without a mask, one loop: the
+    // second copy would cost a score_mod's registers more than its one test a score.
+    if (MASK && state == FULL && col + 8 * (NT - 1) + 1 < Nq)
+        probabilities(std::false_type{});
+    else
+        probabilities(std::true_type{});
 }
 // dS = P (dP - D) f, as times_p(P, (dP - D) f), but 0 where P is 0 (a masked pair, a key or query past
 // the sequence): score_mod was asked there too, and its derivative f may be anything (a mod tensor read

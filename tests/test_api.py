@@ -2,6 +2,11 @@
 flash-attn package's flash_attn_func and its packed forms (qkv, kv; fixed-length and varlen) with their layouts,
 each against flash_attention and against float64, gradients included. And the table of versions:
 each row's files are there, and each version's build answers for both passes."""
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,6 +67,62 @@ def test_return_lse(device, version, dtype, generator):
     assert torch.equal(out, mf.flash_attention(q, k, v, causal=True, softmax_scale=0.3, version=version))
     dO = random_dO(q, generator)
     assert_gradients(torch.autograd.grad(out, (q, k, v), dO), *inputs, dO, True, 0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@MATRIX
+def test_a_new_thread(device, version, dtype, generator):
+    """Each version called from a new Python thread whose first CUDA work is ours: the right answer, its
+    gradients too. (Version 4 asks the driver for its tensor maps, which needs the device's context
+    current in the thread; the runtime makes it current only at its own first call there.)"""
+    q, k, v = (t.requires_grad_() for t in random_qkv(2, 3, 70, head_dim(version), device, generator, dtype))
+    dO = random_dO(q, generator)
+    results = []
+
+    def run():
+        try:
+            out = mf.flash_attention(q, k, v, causal=True, version=version)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), dO)))
+        except Exception as error:  # (raised again below, in the test's own thread)
+            results.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if isinstance(results[0], Exception):
+        raise results[0]
+    out, *grads = results[0]
+    inputs = [t.detach() for t in (q, k, v)]
+    assert torch.equal(out, mf.flash_attention(*inputs, causal=True, version=version))  # the main thread's
+    assert_close("O", out, reference(*inputs, True)[0], mf.manual_attention(*inputs, causal=True))
+    assert_gradients(grads, *inputs, dO, True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@MATRIX
+def test_the_first_backward_of_a_new_process(version, dtype, generator, tmp_path):
+    """A new process's first backward: autograd runs it in a thread of its own for the GPU, whose first
+    CUDA work is then ours (one output, O: autograd makes no zeros for another first). Version 4's tensor
+    maps need the device's context current in that thread: the driver's call fails otherwise (CUresult
+    201, seen on an H100 when L was an output without them)."""
+    if (why := mf.version_unavailable(version, "cuda")) is not None:
+        pytest.skip(why)
+    q, k, v = random_qkv(2, 3, 70, head_dim(version), "cpu", generator, dtype)
+    dO = random_dO(q, generator)
+    torch.save((q, k, v, dO), tmp_path / "inputs.pt")
+    script = "\n".join([
+        "import torch, minimal_flash as mf",
+        f"q, k, v, dO = (t.cuda() for t in torch.load({str(tmp_path / 'inputs.pt')!r}))",
+        "q, k, v = (t.requires_grad_() for t in (q, k, v))",
+        f"out = mf.flash_attention(q, k, v, causal=True, version={version})",
+        "out.backward(dO)",
+        f"torch.save([t.cpu() for t in (out, q.grad, k.grad, v.grad)], {str(tmp_path / 'outputs.pt')!r})"])
+    run = subprocess.run([sys.executable, "-c", script], cwd=Path(mf.__file__).parent, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out, *grads = torch.load(tmp_path / "outputs.pt")
+    assert_close("O", out, reference(q, k, v, True)[0], mf.manual_attention(q, k, v, causal=True))
+    assert_gradients(grads, q, k, v, dO, True)
 
 
 def test_flash_attn_func_return_attn_probs(generator):
