@@ -1,6 +1,6 @@
 """The CPU emulation of the tensor-core building blocks (kernels/cpu_cuda.h, used through
 kernels/mma.cuh): bf16 and fp16 rounding against torch's, one fragment-level program
-(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles) and fast_tanh against float64 and,
+(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles), fast_tanh and fast_log2 against float64 and,
 on a GPU, against the hardware running the same source. tools/fragments.py builds and runs the program
 (notebook 6 uses it too)."""
 import sys
@@ -11,7 +11,7 @@ import torch
 import minimal_flash as mf
 
 sys.path.insert(0, str(mf.KERNELS.parent / "tools"))
-from fragments import build_fragments, run_accumulate, run_fast_tanh, run_program  # noqa: E402
+from fragments import build_fragments, run_accumulate, run_program, run_special  # noqa: E402
 
 HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 CUDA = pytest.param("cuda", 
@@ -141,7 +141,7 @@ def test_fast_tanh_within_its_documented_error(build, device):
     be, and exact where it says so: +-0 keep their sign, +-inf give +-1, NaN stays NaN, subnormals
     pass through. The emulation (std::tanh) must keep the same promises as the GPU."""
     x = tanh_inputs()
-    y = run_fast_tanh(build(device), device, x)
+    y = run_special(build(device), device, "tanh", x)
     nan = torch.isnan(x)
     assert torch.isnan(y[nan]).all() and not torch.isnan(y[~nan]).any()
     reference = torch.tanh(x[~nan].double())
@@ -158,6 +158,63 @@ def test_fast_tanh_emulation_within_the_hardwares_error(build, device):
     """The GPU's one instruction and the emulation's std::tanh on the same values: apart by at most
     the instruction's 2^-11 (and the emulation's own rounding, 2^-24), NaN in the same places."""
     x = tanh_inputs()
-    on_gpu, emulated = (run_fast_tanh(build(d), d, x) for d in (device, "cpu"))
+    on_gpu, emulated = (run_special(build(d), d, "tanh", x) for d in (device, "cpu"))
     assert torch.equal(torch.isnan(on_gpu), torch.isnan(emulated))
     assert torch.allclose(on_gpu, emulated, rtol=TANH_ERROR + 2.0**-23, atol=0.0, equal_nan=True)
+
+
+# lg2.approx.ftz.f32's largest error, kernels/mma.cuh's fast_log2 (the CUDA guide's figures for __log2f, the
+# same instruction): absolute for x in [0.5, 2], where log2 x is near 0; else in units of the last place.
+LOG2_ABSOLUTE, LOG2_ULPS = 2.0**-22, 2
+
+
+def log2_inputs():
+    """+-0, subnormals of both signs, the smallest normal, the largest float, +inf, NaN, negative values;
+    probabilities (the backward's use: softcap's derivative from P), a sweep over [0.5, 2] and random
+    values of every scale."""
+    bits = [0x00000000, 0x80000000, 0x00000001, 0x007FFFFF, 0x807FFFFF, 0x00800000, 0x7F7FFFFF, 0x7F800000,
+            0x7FC00000]
+    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    probabilities = (torch.rand(4000, generator=generator) ** 8).clamp(min=1e-30)  # (none subnormal)
+    scales = 10.0 ** torch.randint(-30, 38, (4000,), generator=generator)
+    return torch.cat([special, torch.tensor([-1.0, -1e-3, 1.0, 2.0, 0.5, 1e-30, 1e30]), probabilities,
+                      torch.linspace(0.5, 2, 4001), torch.rand(4000, generator=generator) * scales])
+
+
+def log2_within_its_error(y, x):
+    """Where x is normal and positive: y within the instruction's error of float64 log2 x."""
+    reference = torch.log2(x.double())
+    near_one = (x >= 0.5) & (x <= 2)
+    ulp = 2.0 ** (torch.floor(torch.log2(reference.abs())) - 23)  # of the float32 log2 x, away from [0.5, 2]
+    bound = torch.where(near_one, torch.full_like(reference, LOG2_ABSOLUTE), LOG2_ULPS * ulp)
+    return ((y.double() - reference).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_fast_log2_within_its_documented_error(build, device):
+    """fast_log2 within the instruction's error of float64 log2 for normal positive values, and what ftz
+    and the PTX ISA say elsewhere: -inf at +-0 and at subnormals of either sign (flushed to 0), +inf at
+    +inf, NaN below 0 and at NaN. The emulation must keep the same promises as the GPU."""
+    x = log2_inputs()
+    y = run_special(build(device), device, "log2", x)
+    tiny = torch.finfo(torch.float32).tiny
+    normal = (x >= tiny) & torch.isfinite(x)
+    assert normal.sum() > 12000 and log2_within_its_error(y[normal], x[normal])
+    flushed = x.abs() < tiny
+    assert flushed.sum() == 5 and (y[flushed] == -float("inf")).all()
+    assert (y[x == float("inf")] == float("inf")).all()
+    undefined = torch.isnan(x) | (x < -tiny)
+    assert undefined.sum() == 3 and torch.isnan(y[undefined]).all()
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_fast_log2_emulation_within_the_hardwares_error(build, device):
+    """The GPU's one instruction and the emulation's std::log2 on the same values: apart by at most the
+    instruction's error (and the emulation's own rounding), the same infinities and NaNs."""
+    x = log2_inputs()
+    on_gpu, emulated = (run_special(build(d), d, "log2", x) for d in (device, "cpu"))
+    assert torch.equal(torch.isnan(on_gpu), torch.isnan(emulated))
+    finite = torch.isfinite(on_gpu)
+    assert torch.equal(finite, torch.isfinite(emulated)) and torch.equal(on_gpu[~finite], emulated[~finite])
+    assert torch.allclose(on_gpu[finite], emulated[finite], rtol=2.0**-22 + 2.0**-24, atol=2.0**-22 + 2.0**-24)
