@@ -1,8 +1,8 @@
 """The CPU emulation of the tensor-core building blocks (kernels/cpu_cuda.h, used through
 kernels/mma.cuh): bf16 and fp16 rounding against torch's, one fragment-level program
-(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles), fast_tanh and fast_log2 against float64 and,
-on a GPU, against the hardware running the same source. tools/fragments.py builds and runs the program
-(notebook 6 uses it too)."""
+(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles), fast_tanh, fast_log2 and fast_exp2 against
+float64 and, on a GPU, against the hardware running the same source. tools/fragments.py builds and runs the
+program (notebook 6 uses it too)."""
 import sys
 
 import pytest
@@ -164,8 +164,14 @@ def test_fast_tanh_emulation_within_the_hardwares_error(build, device):
 
 
 # lg2.approx.ftz.f32's largest error, kernels/mma.cuh's fast_log2 (the CUDA guide's figures for __log2f, the
-# same instruction): absolute for x in [0.5, 2], where log2 x is near 0; else in units of the last place.
-LOG2_ABSOLUTE, LOG2_ULPS = 2.0**-22, 2
+# same instruction): absolute for x in [0.5, 2], where log2 x is near 0; else 2 units in the last place from
+# the correctly rounded result, itself within half a unit of the exact one.
+LOG2_ABSOLUTE, LOG2_ULPS = 2.0**-22, 2.5
+
+
+def ulps(reference):
+    """The unit in the last place of float32 values near the float64 reference (normal ones)."""
+    return 2.0 ** (torch.floor(torch.log2(reference.abs())) - 23)
 
 
 def log2_inputs():
@@ -186,8 +192,7 @@ def log2_within_its_error(y, x):
     """Where x is normal and positive: y within the instruction's error of float64 log2 x."""
     reference = torch.log2(x.double())
     near_one = (x >= 0.5) & (x <= 2)
-    ulp = 2.0 ** (torch.floor(torch.log2(reference.abs())) - 23)  # of the float32 log2 x, away from [0.5, 2]
-    bound = torch.where(near_one, torch.full_like(reference, LOG2_ABSOLUTE), LOG2_ULPS * ulp)
+    bound = torch.where(near_one, torch.full_like(reference, LOG2_ABSOLUTE), LOG2_ULPS * ulps(reference))
     return ((y.double() - reference).abs() <= bound).all()
 
 
@@ -218,3 +223,53 @@ def test_fast_log2_emulation_within_the_hardwares_error(build, device):
     finite = torch.isfinite(on_gpu)
     assert torch.equal(finite, torch.isfinite(emulated)) and torch.equal(on_gpu[~finite], emulated[~finite])
     assert torch.allclose(on_gpu[finite], emulated[finite], rtol=2.0**-22 + 2.0**-24, atol=2.0**-22 + 2.0**-24)
+
+
+# ex2.approx.ftz.f32, kernels/mma.cuh's fast_exp2 (every softmax's exponential): 2 units in the last place
+# from the correctly rounded result (PTX ISA), so 2.5 from the exact one.
+EXP2_ULPS = 2.5
+
+
+def exp2_inputs():
+    """+-0, subnormals, +-inf, NaN; exponents whose 2^x is normal (a sweep and random values), subnormal
+    (flushed), or past the largest float; none within 0.01 of -126, where the result crosses into the
+    subnormals and either side of the flush may be right."""
+    bits = [0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000]
+    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.linspace(-125.99, 127.99, 8001), torch.rand(4000, generator=generator) * -30,
+                        torch.linspace(-160, -126.01, 300), torch.tensor([128.0, 200.0, 1e30])])
+    return torch.cat([special, values])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_fast_exp2_within_its_documented_error(build, device):
+    """fast_exp2 within 2.5 ulp of float64 2^x where that is a normal float, 0 where it is subnormal (ftz),
+    +inf past the largest float; 1 at +-0 and at subnormal inputs (flushed to 0), +0 at -inf, NaN at NaN (the
+    PTX ISA's table). The emulation must keep the same promises as the GPU."""
+    x = exp2_inputs()
+    y = run_special(build(device), device, "exp2", x)
+    reference = torch.exp2(x.double())
+    tiny, largest = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    normal = (reference >= tiny) & (reference <= largest) & (x.abs() >= tiny)
+    assert normal.sum() > 12000
+    assert ((y[normal].double() - reference[normal]).abs() <= EXP2_ULPS * ulps(reference[normal])).all()
+    flushed = (reference < tiny) & ~torch.isnan(x)
+    assert flushed.sum() > 300 and (y[flushed] == 0).all() and not torch.signbit(y[flushed]).any()
+    assert (y[(reference > largest) & ~torch.isnan(x)] == float("inf")).all()
+    one = x.abs() < tiny
+    assert one.sum() == 4 and (y[one] == 1).all()
+    assert torch.isnan(y[torch.isnan(x)]).all() and torch.isnan(y).sum() == 1
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_fast_exp2_emulation_within_the_hardwares_error(build, device):
+    """The GPU's one instruction and the emulation's std::exp2 (subnormal results flushed) on the same
+    values: 0, 1, +inf and NaN in the same places, elsewhere at most 3 ulp apart (the instruction's 2.5 and
+    the emulation's half)."""
+    x = exp2_inputs()
+    on_gpu, emulated = (run_special(build(d), d, "exp2", x) for d in (device, "cpu"))
+    assert torch.equal(torch.isnan(on_gpu), torch.isnan(emulated))
+    exact = torch.isnan(on_gpu) | torch.isinf(on_gpu) | (on_gpu == 0) | (x.abs() < torch.finfo(torch.float32).tiny)
+    assert torch.equal(on_gpu[exact & ~torch.isnan(on_gpu)], emulated[exact & ~torch.isnan(on_gpu)])
+    assert torch.allclose(on_gpu[~exact], emulated[~exact], rtol=3 * 2.0**-23, atol=0.0)
