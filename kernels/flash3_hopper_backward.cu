@@ -285,8 +285,9 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int n8 = 0; n8 < Br / 8; ++n8)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                dpt[n8][e] =
-                    mods::times_p(st[n8][e], (dpt[n8][e] - LD_t[Br + 8 * n8 + 2 * q + e % 2]) * f[n8][e]);
+                dpt[n8][e] = mods::times_p(st[n8][e], (dpt[n8][e] - LD_t[Br + 8 * n8 + 2 * q + e % 2]) *
+                                                          mods::derivative(f[n8][e], st[n8][e],
+                                                                           LD_t[8 * n8 + 2 * q + e % 2], mod_args));
         if constexpr (mods::DROPOUT)  // dV_j += (Z P_ij / (1 - p))^T dO_i; dS took P itself
             mods::dropout<true>(st, mod_args, bh, key, q0 + 2 * q);
         unsigned p[Br / 16][4], ds[Br / 16][4];  // as A operands: 16 queries a step

@@ -396,6 +396,19 @@ __device__ inline float times_p(float p, float rest) {
     if constexpr (SCORE) return p == 0.0f ? 0.0f : p * rest;
     return p * rest;
 }
+// score_mod's derivative f at a score whose P is p, L2 its row's log-sum-exp (base 2): the f that
+// backward_probabilities gave; for softcap alone, recovered from p itself. Softcap's P is exp2(c tanh -
+// L2), c the cap times log2 e, so tanh = (log2 p + L2) / c and f = 1 - tanh^2. Version 4's backward then
+// holds no f per score across dP's product (32 floats a thread, which at d = 128 spilled). log2 p by
+// fast_log2's one instruction: log2f, a sequence of arithmetic on every score, would cost more than the
+// registers saved. At p = 0 (a masked pair) f is -inf, which times_p never multiplies.
+__device__ inline float derivative(float f, float p, float L2, const Args& a) {
+    if constexpr (SOFTCAP_ONLY) {
+        const float t = (fast_log2(p) + L2) * (a.floats[1] / LOG2E);  // a.floats[1]: 1 / cap
+        return 1.0f - t * t;
+    }
+    return f;
+}
 // The same, and dp becomes (dP - D) f (version 3, whose dP is in already).
 template <int NT>
 __device__ inline void backward_scores(float (&s)[NT][4], float (&dp)[NT][4], Tile state, const Args& a,

@@ -1,8 +1,8 @@
 """The CPU emulation of the tensor-core building blocks (kernels/cpu_cuda.h, used through
 kernels/mma.cuh): bf16 and fp16 rounding against torch's, one fragment-level program
-(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles) and fast_tanh against float64 and,
-on a GPU, against the hardware running the same source. tools/fragments.py builds and runs the program
-(notebook 6 uses it too)."""
+(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles), fast_tanh, fast_log2 and fast_exp2 against
+float64 and, on a GPU, against the hardware running the same source. tools/fragments.py builds and runs the
+program (notebook 6 uses it too)."""
 import sys
 
 import pytest
@@ -11,7 +11,7 @@ import torch
 import minimal_flash as mf
 
 sys.path.insert(0, str(mf.KERNELS.parent / "tools"))
-from fragments import build_fragments, run_accumulate, run_fast_tanh, run_program  # noqa: E402
+from fragments import build_fragments, run_accumulate, run_program, run_special  # noqa: E402
 
 HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 CUDA = pytest.param("cuda", 
@@ -141,7 +141,7 @@ def test_fast_tanh_within_its_documented_error(build, device):
     be, and exact where it says so: +-0 keep their sign, +-inf give +-1, NaN stays NaN, subnormals
     pass through. The emulation (std::tanh) must keep the same promises as the GPU."""
     x = tanh_inputs()
-    y = run_fast_tanh(build(device), device, x)
+    y = run_special(build(device), device, "tanh", x)
     nan = torch.isnan(x)
     assert torch.isnan(y[nan]).all() and not torch.isnan(y[~nan]).any()
     reference = torch.tanh(x[~nan].double())
@@ -158,6 +158,119 @@ def test_fast_tanh_emulation_within_the_hardwares_error(build, device):
     """The GPU's one instruction and the emulation's std::tanh on the same values: apart by at most
     the instruction's 2^-11 (and the emulation's own rounding, 2^-24), NaN in the same places."""
     x = tanh_inputs()
-    on_gpu, emulated = (run_fast_tanh(build(d), d, x) for d in (device, "cpu"))
+    on_gpu, emulated = (run_special(build(d), d, "tanh", x) for d in (device, "cpu"))
     assert torch.equal(torch.isnan(on_gpu), torch.isnan(emulated))
     assert torch.allclose(on_gpu, emulated, rtol=TANH_ERROR + 2.0**-23, atol=0.0, equal_nan=True)
+
+
+# lg2.approx.ftz.f32's largest error, kernels/mma.cuh's fast_log2 (the CUDA guide's figures for __log2f, the
+# same instruction): absolute for x in [0.5, 2], where log2 x is near 0; else 2 units in the last place from
+# the correctly rounded result, itself within half a unit of the exact one.
+LOG2_ABSOLUTE, LOG2_ULPS = 2.0**-22, 2.5
+
+
+def ulps(reference):
+    """The unit in the last place of float32 values near the float64 reference (normal ones)."""
+    return 2.0 ** (torch.floor(torch.log2(reference.abs())) - 23)
+
+
+def log2_inputs():
+    """+-0, subnormals of both signs, the smallest normal, the largest float, +inf, NaN, negative values;
+    probabilities (the backward's use: softcap's derivative from P), a sweep over [0.5, 2] and random
+    values of every scale."""
+    bits = [0x00000000, 0x80000000, 0x00000001, 0x007FFFFF, 0x807FFFFF, 0x00800000, 0x7F7FFFFF, 0x7F800000,
+            0x7FC00000]
+    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    probabilities = (torch.rand(4000, generator=generator) ** 8).clamp(min=1e-30)  # (none subnormal)
+    scales = 10.0 ** torch.randint(-30, 38, (4000,), generator=generator)
+    return torch.cat([special, torch.tensor([-1.0, -1e-3, 1.0, 2.0, 0.5, 1e-30, 1e30]), probabilities,
+                      torch.linspace(0.5, 2, 4001), torch.rand(4000, generator=generator) * scales])
+
+
+def log2_within_its_error(y, x):
+    """Where x is normal and positive: y within the instruction's error of float64 log2 x."""
+    reference = torch.log2(x.double())
+    near_one = (x >= 0.5) & (x <= 2)
+    bound = torch.where(near_one, torch.full_like(reference, LOG2_ABSOLUTE), LOG2_ULPS * ulps(reference))
+    return ((y.double() - reference).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_fast_log2_within_its_documented_error(build, device):
+    """fast_log2 within the instruction's error of float64 log2 for normal positive values, and what ftz
+    and the PTX ISA say elsewhere: -inf at +-0 and at subnormals of either sign (flushed to 0), +inf at
+    +inf, NaN below 0 and at NaN. The emulation must keep the same promises as the GPU."""
+    x = log2_inputs()
+    y = run_special(build(device), device, "log2", x)
+    tiny = torch.finfo(torch.float32).tiny
+    normal = (x >= tiny) & torch.isfinite(x)
+    assert normal.sum() > 12000 and log2_within_its_error(y[normal], x[normal])
+    flushed = x.abs() < tiny
+    assert flushed.sum() == 5 and (y[flushed] == -float("inf")).all()
+    assert (y[x == float("inf")] == float("inf")).all()
+    undefined = torch.isnan(x) | (x < -tiny)
+    assert undefined.sum() == 3 and torch.isnan(y[undefined]).all()
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_fast_log2_emulation_within_the_hardwares_error(build, device):
+    """The GPU's one instruction and the emulation's std::log2 on the same values: apart by at most the
+    instruction's error (and the emulation's own rounding), the same infinities and NaNs."""
+    x = log2_inputs()
+    on_gpu, emulated = (run_special(build(d), d, "log2", x) for d in (device, "cpu"))
+    assert torch.equal(torch.isnan(on_gpu), torch.isnan(emulated))
+    finite = torch.isfinite(on_gpu)
+    infinite = torch.isinf(on_gpu)  # NaN != NaN: the NaNs are compared above, the infinities here with their sign
+    assert torch.equal(finite, torch.isfinite(emulated)) and torch.equal(on_gpu[infinite], emulated[infinite])
+    assert torch.allclose(on_gpu[finite], emulated[finite], rtol=2.0**-22 + 2.0**-24, atol=2.0**-22 + 2.0**-24)
+
+
+# ex2.approx.ftz.f32, kernels/mma.cuh's fast_exp2 (every softmax's exponential): 2 units in the last place
+# from the correctly rounded result (PTX ISA), so 2.5 from the exact one.
+EXP2_ULPS = 2.5
+
+
+def exp2_inputs():
+    """+-0, subnormals, +-inf, NaN; exponents whose 2^x is normal (a sweep and random values), subnormal
+    (flushed), or past the largest float; none within 0.01 of -126, where the result crosses into the
+    subnormals and either side of the flush may be right."""
+    bits = [0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000]
+    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.linspace(-125.99, 127.99, 8001), torch.rand(4000, generator=generator) * -30,
+                        torch.linspace(-160, -126.01, 300), torch.tensor([128.0, 200.0, 1e30])])
+    return torch.cat([special, values])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_fast_exp2_within_its_documented_error(build, device):
+    """fast_exp2 within 2.5 ulp of float64 2^x where that is a normal float, 0 where it is subnormal (ftz),
+    +inf past the largest float; 1 at +-0 and at subnormal inputs (flushed to 0), +0 at -inf, NaN at NaN (the
+    PTX ISA's table). The emulation must keep the same promises as the GPU."""
+    x = exp2_inputs()
+    y = run_special(build(device), device, "exp2", x)
+    reference = torch.exp2(x.double())
+    tiny, largest = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    normal = (reference >= tiny) & (reference <= largest) & (x.abs() >= tiny)
+    assert normal.sum() > 12000
+    assert ((y[normal].double() - reference[normal]).abs() <= EXP2_ULPS * ulps(reference[normal])).all()
+    flushed = (reference < tiny) & ~torch.isnan(x)
+    assert flushed.sum() > 300 and (y[flushed] == 0).all() and not torch.signbit(y[flushed]).any()
+    assert (y[(reference > largest) & ~torch.isnan(x)] == float("inf")).all()
+    one = x.abs() < tiny
+    assert one.sum() == 4 and (y[one] == 1).all()
+    assert torch.isnan(y[torch.isnan(x)]).all() and torch.isnan(y).sum() == 1
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_fast_exp2_emulation_within_the_hardwares_error(build, device):
+    """The GPU's one instruction and the emulation's std::exp2 (subnormal results flushed) on the same
+    values: 0, 1, +inf and NaN in the same places, elsewhere at most 3 ulp apart (the instruction's 2.5 and
+    the emulation's half)."""
+    x = exp2_inputs()
+    on_gpu, emulated = (run_special(build(d), d, "exp2", x) for d in (device, "cpu"))
+    assert torch.equal(torch.isnan(on_gpu), torch.isnan(emulated))
+    exact = torch.isnan(on_gpu) | torch.isinf(on_gpu) | (on_gpu == 0) | (x.abs() < torch.finfo(torch.float32).tiny)
+    assert torch.equal(on_gpu[exact & ~torch.isnan(on_gpu)], emulated[exact & ~torch.isnan(on_gpu)])
+    assert torch.allclose(on_gpu[~exact], emulated[~exact], rtol=3 * 2.0**-23, atol=0.0)

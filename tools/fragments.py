@@ -1,7 +1,7 @@
 """The fragment programs, built for the GPU (nvcc) or for the CPU emulation (g++ against
 kernels/cpu_cuda.h, through tools/*_cpu.cpp), and run:
   tools/fragments.cu: one warp's ldmatrix, mma.sync m16n8k16 and shuffles (kernels/mma.cuh) on 16 x 16
-    tiles, and mma.cuh's fast_tanh on a vector of values. Notebook 6 reads the lane layouts from it;
+    tiles, and mma.cuh's fast_tanh, fast_log2 and fast_exp2 on a vector of values. Notebook 6 reads the lane layouts from it;
     tests/test_fragments.py checks the emulation against torch and, on a GPU, against the hardware.
   tools/hopper_fragments.cu: one warpgroup's TMA loads (128-byte swizzle), wgmma from shared memory (A
     and B K-major or MN-major) and from registers, and blocks' bulk reduces into one buffer
@@ -9,7 +9,7 @@ kernels/cpu_cuda.h, through tools/*_cpu.cpp), and run:
 
     library = build_fragments("cpu")                        # or "cuda"; compiled with torch's extension builder
     S, O, row_max, registers, accumulators = run_program(library, "cpu", torch.bfloat16, A, K, V)
-    y = run_fast_tanh(library, "cpu", x)
+    y = run_special(library, "cpu", "tanh", x)              # or "log2", "exp2": fast_log2, fast_exp2
     D = run_accumulate(library, "cpu", torch.bfloat16, A, V, C)
     hopper = build_fragments("cpu", program="hopper_fragments")
     boxes, ss128, ss64, rs64, rs128, mm128, mm64, mk128, km64, mm32, raw = run_hopper_program(
@@ -56,8 +56,8 @@ def build_fragments(device, folder=None, program="fragments"):
     getattr(library, function).argtypes = argtypes
     if program == "fragments":
         library.round_to_half.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long]
-        library.run_fast_tanh.restype = ctypes.c_char_p
-        library.run_fast_tanh.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        library.run_special.restype = ctypes.c_char_p
+        library.run_special.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         library.run_accumulate.restype = ctypes.c_char_p
         library.run_accumulate.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4
     if program == "hopper_fragments":
@@ -106,12 +106,15 @@ def run_accumulate(library, device, dtype, A, V, C):
     return D.cpu()
 
 
-def run_fast_tanh(library, device, x):
-    """kernels/mma.cuh's fast_tanh of each value of x (float32, 1-D), as the program computes it on
-    that device type."""
+SPECIAL = ("tanh", "log2", "exp2")  # tools/fragments.cu's special_values: fast_tanh, fast_log2, fast_exp2
+
+
+def run_special(library, device, function, x):
+    """kernels/mma.cuh's fast_tanh, fast_log2 or fast_exp2 (function: "tanh", "log2" or "exp2") of each value
+    of x (float32, 1-D), as the program computes it on that device type."""
     x = x.to(device=device, dtype=torch.float32).contiguous()
     y = torch.full_like(x, float("nan"))
-    error = library.run_fast_tanh(x.data_ptr(), y.data_ptr(), len(x))
+    error = library.run_special(SPECIAL.index(function), x.data_ptr(), y.data_ptr(), len(x))
     _finished("fragments", error, device)
     return y.cpu()
 
