@@ -101,11 +101,11 @@ struct dim3 {
 inline float __expf(float x) { return std::exp(x); }
 inline float fast_exp2(float x) {  // kernels/mma.cuh: a subnormal result is 0 from the GPU's instruction (ftz)
     const float y = std::exp2(x);
-    return y < 1.17549435e-38f ? 0.0f : y;
+    return y < std::numeric_limits<float>::min() ? 0.0f : y;  // (min: the smallest normal float)
 }
 inline float fast_tanh(float x) { return std::tanh(x); }  // kernels/mma.cuh (the GPU's: within 2^-11 of it)
 inline float fast_log2(float x) {  // kernels/mma.cuh: a subnormal is 0 to the GPU's instruction (ftz)
-    return std::fabs(x) < 1.17549435e-38f ? -INFINITY : std::log2(x);
+    return std::fabs(x) < std::numeric_limits<float>::min() ? -INFINITY : std::log2(x);
 }
 // float4 and float2: one 16-byte (8-byte) load or store on a GPU, which faults there ("misaligned address")
 // at an address that is not a multiple of 16 (8). Here they are plain floats (the build sets

@@ -31,6 +31,11 @@ def build(tmp_path_factory):
     return build_for
 
 
+def floats_of_bits(bits):
+    """float32 values from their bit patterns (unsigned 32-bit integers), as a tensor."""
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
 def edge_values():
     """Floats where rounding to 16 bits is hard: ties (even and odd), the largest values, the
     subnormal range of fp16 and its boundaries, zeros, infinities, NaN; then random ones."""
@@ -38,7 +43,7 @@ def edge_values():
             0x33000000, 0x33000001, 0x33800000, 0x387FE000, 0x387FF000, 0x38800000, 0x387FFFFF,
             0x80000000, 0x00000000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x00000001, 0x007FFFFF,
             0x7FC00000, 0xFFC00001, 0x7F800001]
-    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    special = floats_of_bits(bits)
     values = torch.tensor([65504.0, -65519.0, 65520.0, 1e5, 6e-8, 3e-8, 2.98e-8, 1 / 3, -2.5e-6, 1e-40])
     generator = torch.Generator().manual_seed(0)
     scales = 10.0 ** torch.randint(-9, 6, (4000,), generator=generator)
@@ -127,7 +132,7 @@ def tanh_inputs():
     signs (+-20: tanh is 1 in float32); a sweep over [-10, 10]; random values of every scale."""
     bits = [0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000,
             0x7FC00000]
-    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    special = floats_of_bits(bits)
     values = torch.tensor([1e-30, -1e-30, 1e-6, -1e-6, 1e-3, -1e-3, 0.5, -0.5, 1.0, -1.0, 3.0, -3.0, 9.0, -9.0,
                            20.0, -20.0, 88.0, -88.0])
     generator = torch.Generator().manual_seed(0)
@@ -180,7 +185,7 @@ def log2_inputs():
     values of every scale."""
     bits = [0x00000000, 0x80000000, 0x00000001, 0x007FFFFF, 0x807FFFFF, 0x00800000, 0x7F7FFFFF, 0x7F800000,
             0x7FC00000]
-    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    special = floats_of_bits(bits)
     generator = torch.Generator().manual_seed(0)
     probabilities = (torch.rand(4000, generator=generator) ** 8).clamp(min=1e-30)  # (none subnormal)
     scales = 10.0 ** torch.randint(-30, 38, (4000,), generator=generator)
@@ -223,7 +228,8 @@ def test_fast_log2_emulation_within_the_hardwares_error(build, device):
     finite = torch.isfinite(on_gpu)
     infinite = torch.isinf(on_gpu)  # NaN != NaN: the NaNs are compared above, the infinities here with their sign
     assert torch.equal(finite, torch.isfinite(emulated)) and torch.equal(on_gpu[infinite], emulated[infinite])
-    assert torch.allclose(on_gpu[finite], emulated[finite], rtol=2.0**-22 + 2.0**-24, atol=2.0**-22 + 2.0**-24)
+    assert torch.allclose(on_gpu[finite], emulated[finite], rtol=LOG2_ABSOLUTE + 2.0**-24,
+                          atol=LOG2_ABSOLUTE + 2.0**-24)
 
 
 # ex2.approx.ftz.f32, kernels/mma.cuh's fast_exp2 (every softmax's exponential): 2 units in the last place
@@ -236,7 +242,7 @@ def exp2_inputs():
     (flushed), or past the largest float; none within 0.01 of -126, where the result crosses into the
     subnormals and either side of the flush may be right."""
     bits = [0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000]
-    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    special = floats_of_bits(bits)
     generator = torch.Generator().manual_seed(0)
     values = torch.cat([torch.linspace(-125.99, 127.99, 8001), torch.rand(4000, generator=generator) * -30,
                         torch.linspace(-160, -126.01, 300), torch.tensor([128.0, 200.0, 1e30])])

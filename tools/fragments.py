@@ -1,7 +1,8 @@
 """The fragment programs, built for the GPU (nvcc) or for the CPU emulation (g++ against
 kernels/cpu_cuda.h, through tools/*_cpu.cpp), and run:
   tools/fragments.cu: one warp's ldmatrix, mma.sync m16n8k16 and shuffles (kernels/mma.cuh) on 16 x 16
-    tiles, and mma.cuh's fast_tanh, fast_log2 and fast_exp2 on a vector of values. Notebook 6 reads the lane layouts from it;
+    tiles, and mma.cuh's fast_tanh, fast_log2 and fast_exp2 on a vector of values. Notebook 6 reads the
+    lane layouts from it;
     tests/test_fragments.py checks the emulation against torch and, on a GPU, against the hardware.
   tools/hopper_fragments.cu: one warpgroup's TMA loads (128-byte swizzle), wgmma from shared memory (A
     and B K-major or MN-major) and from registers, and blocks' bulk reduces into one buffer
