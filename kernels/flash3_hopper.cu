@@ -54,12 +54,21 @@ constexpr int Br = 64 * CONSUMERS, Bc = 128;              // query rows per bloc
 constexpr int STAGES = 2;                                 // K_j, V_j buffers in the ring
 constexpr int SUB = 64;                                   // columns of a swizzled sub-tile: 128 bytes
 
-// Shared memory, in bytes from the 1024-aligned start: Q_i, the ring of K_j and V_j, the barriers.
+// Chapter 6, a mask: what the producer's walk found for the tile in a stage, published beside it, so
+// that the consumers neither walk the block mask nor read it: the tile walked after this one (`end`
+// if none), and the block mask's two tiles under each consumer's 64 rows and this tile's 128 keys.
+struct Step {
+    int next;
+    mods::Tile state[CONSUMERS][2];
+};
+
+// Shared memory, in bytes from the 1024-aligned start: Q_i, the ring of K_j and V_j, the barriers,
+// the ring's Steps.
 template <int d>
 struct Shared {
     static constexpr int Q = 0, K = Q + Br * d * 2, V = K + STAGES * Bc * d * 2,
-                         BARRIERS = V + STAGES * Bc * d * 2;
-    static constexpr int bytes = BARRIERS + (1 + 4 * STAGES) * 8 + 1024;  // + room to align the start
+                         BARRIERS = V + STAGES * Bc * d * 2, STEPS = BARRIERS + (1 + 4 * STAGES) * 8;
+    static constexpr int bytes = STEPS + STAGES * sizeof(Step) + 1024;  // + room to align the start
 };
 inline size_t shared_bytes(int d) { return d == 64 ? Shared<64>::bytes : Shared<128>::bytes; }
 
@@ -68,6 +77,7 @@ template <int d>
 struct Tiles {
     unsigned short *Q, *K, *V;  // sub-tile c of K's stage s: K + (s * d / SUB + c) * Bc * SUB
     uint64_t *Q_full, *K_full, *V_full, *K_empty, *V_empty;
+    Step* step;  // step[s]: the walk at stage s's tile (mods)
 
     __device__ explicit Tiles(char* base) {
         Q = reinterpret_cast<unsigned short*>(base + Shared<d>::Q);
@@ -75,6 +85,7 @@ struct Tiles {
         V = reinterpret_cast<unsigned short*>(base + Shared<d>::V);
         Q_full = reinterpret_cast<uint64_t*>(base + Shared<d>::BARRIERS);
         K_full = Q_full + 1, V_full = K_full + STAGES, K_empty = V_full + STAGES, V_empty = K_empty + STAGES;
+        step = reinterpret_cast<Step*>(base + Shared<d>::STEPS);
     }
     __device__ unsigned short* K_stage(int s) const { return K + s * Bc * d; }
     __device__ unsigned short* V_stage(int s) const { return V + s * Bc * d; }
@@ -92,12 +103,15 @@ __device__ void load_Q(const Tiles<d>& t, const CUtensorMap* tmQ, int row0, int 
 // consumer warp has released what it held before (tile it - STAGES): K_j as soon as the products
 // S = Q K^T of that tile are done, V_j when its O += P V are. The stage's uses alternate the barriers'
 // phases: use u = it / STAGES waits for the end of use u - 1 (parity (u - 1) % 2; the first passes at
-// once). (it = j, but where a block mask skips tiles.)
+// once). (it = j, but where a block mask skips tiles.) With a mask, the walk's Step goes with K_j: the
+// consumers read it once K_full says K_j has landed (the arrival releases the store), and are done
+// with it when they release K_j.
 template <int d>
 __device__ void load_KV(const Tiles<d>& t, const CUtensorMap* tmK, const CUtensorMap* tmV, int it, int j,
-                        int h, int b) {
+                        int h, int b, const Step& step = {}) {
     const int s = it % STAGES, parity = (it / STAGES + 1) % 2;
     mbarrier_wait(&t.K_empty[s], parity);
+    if constexpr (mods::MASK) t.step[s] = step;
     mbarrier_arrive_expect_tx(&t.K_full[s], Bc * d * 2);
     for (int c = 0; c < d / SUB; ++c)
         tma_load(t.K_stage(s) + c * Bc * SUB, tmK, c * SUB, j * Bc, h, b, &t.K_full[s]);
@@ -161,8 +175,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int row0 = tile * Br, Tc = ceil_div(N, Bc);
     const int j_end = causal ? min(Tc, (min(row0 + Br, N) - 1) / Bc + 1) : Tc;  // key tiles to visit
     // Chapter 6: with a mask_mod, the key tiles that the block mask marks EMPTY for the block's rows
-    // are skipped, by the producer and the consumers alike (mods::Walk; without mods, the walk is
-    // j = 0, 1, ..). A tile of 128 keys is two columns of the mask's 64 x 64
+    // are skipped (mods::Walk; without mods, the walk is j = 0, 1, ..): the producer walks, and tells
+    // the consumers each next step (Step). A tile of 128 keys is two columns of the mask's 64 x 64
     // tiles; the block's 128 rows, two rows of them, one per consumer.
     const int y0 = row0 / mods::TILE, y1 = ceil_div(min(row0 + Br, N), mods::TILE);
     const auto walk = mods::walk(mods::span<false>(mod_args, b, h, y0, y1), 2, j_end, mods::MASK, [&](int j) {
@@ -185,8 +199,13 @@ __global__ void __launch_bounds__(THREADS, 1)
         setmaxnreg_dec<24>();                // keeps few registers: the consumers get them
         if (threadIdx.x == 0) {
             load_Q(t, &tmQ, row0, h, b);
-            for (int j = j_first, it = 0; j < j_end; j = walk.next(j), ++it)
-                load_KV(t, &tmK, &tmV, it, j, h_kv, b);
+            for (int j = j_first, it = 0; j < j_end; ++it) {
+                Step step{walk.next(j)};
+                for (int c = 0; mods::MASK && c < CONSUMERS; ++c)
+                    for (int e = 0; e < 2; ++e) step.state[c][e] = mods::tile(mod_args, b, h, y0 + c, 2 * j + e);
+                load_KV(t, &tmK, &tmV, it, j, h_kv, b, step);
+                j = step.next;
+            }
         }
         return;
     }
@@ -202,21 +221,24 @@ __global__ void __launch_bounds__(THREADS, 1)
     const unsigned short* Q_c = t.Q + 64 * consumer * SUB;                   // the consumer's rows of Q_i
     // The softmax's scale: with a score_mod, the scores come to it scaled already (mods::softmax_scale).
     const float softmax_scale = mods::softmax_scale(mod_args, scale), c = softmax_scale * LOG2E;
-    const int y = y0 + consumer;  // the consumer's 64 rows: one row of the block mask
 
     float o[d / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // Alg. 1, line 5
     unsigned p[Bc / 16][4];                                            // P_ij as the A operand of O += P V_j
     if (PINGPONG && consumer == 1 && j_first < j_end) named_barrier_arrive(1, 256);  // consumer 0 goes first
     mbarrier_wait(t.Q_full, 0);
 
-    // Chapter 6: state, the block mask's two tiles under the consumer's 64 rows and key tile j's 128
-    // keys, each taken apart (mask_mod is called only in a PARTIAL one). The loops read them, and the
-    // walk's next step, while the tensor cores run a product: read just before the softmax, a read
-    // from global memory would stall it, tile after tile.
-    auto read_state = [&](int j, mods::Tile(&state)[2]) {
-        if constexpr (mods::MASK)
-            state[0] = mods::tile(mod_args, b, h, y, 2 * j),
-            state[1] = mods::tile(mod_args, b, h, y, 2 * j + 1);
+    // Chapter 6: the tile walked after tile j (in stage s), and state, the block mask's two tiles under
+    // the consumer's 64 rows and tile j's 128 keys, each taken apart (mask_mod is called only in a
+    // PARTIAL one): the producer's Step, read while the tensor cores run a product. Without a mask,
+    // j + 1.
+    auto read_step = [&](int s, int j, mods::Tile(&state)[2]) {
+        if constexpr (!mods::MASK) {
+            return j + 1;
+        } else {
+            const Step& step = t.step[s];
+            state[0] = step.state[consumer][0], state[1] = step.state[consumer][1];
+            return step.next;
+        }
     };
     // S_ij masked where the tile crosses the end of the sequence or, causal, the diagonal (Alg. 1,
     // line 9's mask), then its softmax: P_ij, and alpha, what O must be rescaled by.
@@ -250,7 +272,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             issue_S<T, d>(s, Q_c, t.K_stage(s_j));
             wgmma_commit();
             turn_end(consumer, false);
-            after = walk.next(j), read_state(j, state);  // (mods) under the product
+            after = read_step(s_j, j, state);  // (mods) under the product
             wgmma_wait<0>(s);
             release_K(it);
             softmax(s, j, state, alpha);
@@ -268,8 +290,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     } else {  // step 4 (FlashAttention-3's Algorithm 2): S_i,j+1 = Q K_j+1^T is issued with O += P_ij V_j,
               // and the softmax of S_i,j+1 runs while the tensor cores compute that product into O
         float alpha[2];           // what O must be rescaled by before P_ij V_j is added: exp(m_i,j-1 - m_ij)
-        int j = j_first, it = 0;  // the tile whose P is in p, the it-th walked
-        mods::Tile state[2];      // (mods) the block mask's tiles of the next softmax's key tile
+        int j = j_first, it = 0, next = j_end;  // the tile whose P is in p, the it-th walked; the one after
+        mods::Tile state[2];                    // (mods) the block mask's tiles of the next softmax's key tile
         if (j < j_end) {
             float s[Bc / 8][4];
             mbarrier_wait(&t.K_full[0], 0);
@@ -278,13 +300,13 @@ __global__ void __launch_bounds__(THREADS, 1)
             issue_S<T, d>(s, Q_c, t.K_stage(0));
             wgmma_commit();
             turn_end(consumer, false);
-            read_state(j, state);
+            next = read_step(0, j, state);
             wgmma_wait<0>(s);
             release_K(0);
             softmax(s, j, state, alpha);
             a_operands<T, Bc>(p, s);
         }
-        for (int next = walk.next(j), after; next < j_end; j = next, next = after, ++it) {
+        for (int after; next < j_end; j = next, next = after, ++it) {
             const int s_next = (it + 1) % STAGES, s_prev = it % STAGES;  // S of tile `next`; P V of j
             float s[Bc / 8][4];
             mbarrier_wait(&t.K_full[s_next], (it + 1) / STAGES % 2);
@@ -298,7 +320,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             issue_PV<T, d>(o, p, t.V_stage(s_prev));  // group 2: O += P V of tile j
             wgmma_commit();
             turn_end(consumer, false);
-            after = walk.next(next), read_state(next, state);  // (mods) under the products
+            after = read_step(s_next, next, state);  // (mods) under the products
             wgmma_wait<1>(s);  // S_i,next is in; the product into O may still run
             release_K(it + 1);
             softmax(s, next, state, alpha);

@@ -309,25 +309,27 @@ __host__ __device__ inline int block_mask_shared_bytes() { return 2 * TILE * siz
 // rows `row` and row + 8, columns col + 8n and col + 8n + 1): with a score_mod, each score scaled and
 // modded (the softmax that follows then takes its scale as 1); with a mask_mod, -inf where it says no.
 // state: the block mask's tile of each 64 of those keys in turn (NT / 8 of them): FULL keeps every
-// score and EMPTY none, without a call; only a PARTIAL one calls mask_mod, score by score. A state is
-// the same for the whole warp, so each 64 keys take one branch, not a test per score. A mask alone
-// leaves the scores as they are: the softmax's exponent applies the scale in its multiply-add, as
-// without mods.
+// score without a call; PARTIAL calls mask_mod score by score, and EMPTY takes the same code with
+// `none` set, so that the -inf comes from one select for both and the kernel holds one copy of the
+// loop, not two. A state is the same for the whole warp, so each 64 keys take one branch, not a test
+// per score. A mask alone leaves the kept scores as they are: the softmax's exponent applies the scale
+// in its multiply-add, as without mods.
 template <bool ASK>  // one raw score of (q_idx, kv_idx): score_mod on it scaled; ASK: -inf where mask_mod says no
 __device__ inline float forward_score(float x, const Args& a, int b, int h, int q_idx, int kv_idx, int shift,
-                                      float scale) {
+                                      float scale, bool none = false) {  // none: -inf whatever mask_mod says
     if constexpr (SCORE) x = score_mod(x * score_scale(a, scale), b, h, q_idx, kv_idx, shift, a);
-    if constexpr (ASK) x = mask_mod(b, h, q_idx, kv_idx, shift, a) ? x : -INFINITY;
+    if constexpr (ASK) x = (!none & mask_mod(b, h, q_idx, kv_idx, shift, a)) ? x : -INFINITY;
     return x;
 }
 template <bool ASK, int NT>  // 64 keys from tile n0 on: score_mod on each score; ASK: mask_mod too
 __device__ inline void forward_keys(float (&s)[NT][4], int n0, const Args& a, int b, int h, int row, int col,
-                                    int shift, float scale) {
+                                    int shift, float scale, bool none = false) {
 #pragma unroll
     for (int n = n0; n < n0 + 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-            s[n][e] = forward_score<ASK>(s[n][e], a, b, h, row + 8 * (e / 2), col + 8 * n + e % 2, shift, scale);
+            s[n][e] = forward_score<ASK>(s[n][e], a, b, h, row + 8 * (e / 2), col + 8 * n + e % 2, shift, scale,
+                                         none);
 }
 template <int NT>
 __device__ inline void forward_scores(float (&s)[NT][4], const Tile (&state)[NT / 8], const Args& a, int b,
@@ -336,16 +338,10 @@ __device__ inline void forward_scores(float (&s)[NT][4], const Tile (&state)[NT 
 #pragma unroll
     for (int t = 0; t < NT / 8; ++t) {
         const Tile kind = MASK ? state[t] : FULL;
-        if (kind == EMPTY) {
-#pragma unroll
-            for (int n = 8 * t; n < 8 * t + 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[n][e] = -INFINITY;
-        } else if (kind == PARTIAL) {
-            forward_keys<MASK>(s, 8 * t, a, b, h, row, col, shift, scale);
-        } else if (SCORE) {  // FULL: a mask alone has nothing to do
+        if (kind != FULL)  // PARTIAL or EMPTY: only a mask makes them
+            forward_keys<MASK>(s, 8 * t, a, b, h, row, col, shift, scale, kind == EMPTY);
+        else if (SCORE)  // FULL: a mask alone has nothing to do
             forward_keys<false>(s, 8 * t, a, b, h, row, col, shift, scale);
-        }
     }
 }
 

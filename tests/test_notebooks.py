@@ -1,6 +1,8 @@
 """The notebooks run top to bottom on this machine (in CI: the CPU emulation), and every check they
 make is an assert, so a kernel that goes wrong fails here. They are committed with their outputs,
 show the kernels by reading kernels/*.cu rather than pasting them, and the README links each one."""
+import contextlib
+import io
 import re
 import subprocess
 import sys
@@ -48,6 +50,28 @@ def test_notebook_is_committed_executed(path):
     assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
     assert not [out for cell in code for out in cell.outputs if out.output_type == "error"]
     assert images(nb)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_shown_source_is_current(path):
+    """A cell that only shows kernel source (show_source calls) is committed with what it prints from
+    today's kernels/: the reader on the web sees the kernels as they are, line numbers and all, though
+    the committed run is older than the kernel's last edit."""
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    try:
+        from common import show_source
+    finally:
+        sys.path.pop(0)
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        calls = [line for line in cell.source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        if cell.cell_type != "code" or not calls or not all(line.startswith("show_source(") for line in calls):
+            continue
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(cell.source, {"show_source": show_source})
+        committed = "".join(out.get("text", "") for out in cell.outputs)
+        assert committed == printed.getvalue(), f"{path.name}: a show_source cell's output is stale:\n{cell.source}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
