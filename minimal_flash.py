@@ -2056,18 +2056,47 @@ def _build(device_type, version, Br, Bc, sources, changed, mods=None):
     sizes = f" with Br={Br}, Bc={Bc}" if Br is not None else ""
     sizes += " with mods" if mods is not None else ""
     what = f"version {version} ({source.relative_to(KERNELS.parent)}) for {device_type}{sizes}"
-    _say(f"compiling {what} ({why}) in {str(folder).replace(str(Path.home()), '~', 1)}")
-    start = time.monotonic()
+    shown = str(folder).replace(str(Path.home()), '~', 1)
     folder.mkdir(parents=True, exist_ok=True)
-    _use_this_pythons_ninja()
-    try:
-        path = torch.utils.cpp_extension.load(name=name, sources=[str(source)], build_directory=str(folder),
-                                              is_python_module=False, **flags)
-    except RuntimeError as error:
-        raise RuntimeError(_compile_error(what, str(error), folder / "build-error.log")) from None
-    built.touch()  # torch's load waits for a build another process has started, then returns it whole
+    with _building(folder, shown):
+        if built.exists():  # another process built it while this one waited
+            return library
+        _say(f"compiling {what} ({why}) in {shown}")
+        start = time.monotonic()
+        _use_this_pythons_ninja()
+        try:
+            path = torch.utils.cpp_extension.load(name=name, sources=[str(source)], build_directory=str(folder),
+                                                  is_python_module=False, **flags)
+        except RuntimeError as error:
+            raise RuntimeError(_compile_error(what, str(error), folder / "build-error.log")) from None
+        built.touch()
     _say(f"compiled in {time.monotonic() - start:.1f} s")
     return Path(path)
+
+
+@contextlib.contextmanager
+def _building(folder, shown):
+    """One build of a folder at a time among processes, by a lock that the system lets go of when its
+    process ends, however it ends. torch's own lock file (folder/lock), which its load creates while it
+    compiles, is not: a build killed before it finished (a notebook's kernel restarted mid-compile, a
+    kill) leaves it behind, and every later load of that build would wait for it, silently, for ever.
+    Holding this lock, a torch lock file found is such a leftover: removed, and said."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows: torch's lock alone)
+        yield
+        return
+    with open(folder / "building.lock", "w") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another process, which is compiling in {shown}")
+            fcntl.flock(held, fcntl.LOCK_EX)
+        leftover = folder / "lock"
+        if leftover.exists():
+            _say(f"removing {shown}/lock, left by a compile that did not finish (its process ended)")
+            leftover.unlink()
+        yield  # (closing the file lets go of the lock)
 
 
 def _compile_error(what, log, log_path):

@@ -2,9 +2,11 @@
 in a folder named by what it is built from, so two checkouts never rebuild each other's, and is made
 of the files it includes only, so an edit elsewhere leaves it alone; every compile says what and why;
 an edited kernel is noticed by the running process, recompiled and loaded; a compile error shows the
-compiler's first error line and keeps the whole output in a file. On copies of kernels/, in a
-temporary build folder."""
+compiler's first error line and keeps the whole output in a file; a compile killed midway leaves
+nothing that makes the next one wait for ever. On copies of kernels/, in a temporary build folder."""
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -102,3 +104,50 @@ def test_a_compile_error_shows_its_line_and_keeps_the_log(checkouts):
     assert len(message.splitlines()) <= 5
     log = message.split("the whole compiler output: ")[1].strip()
     assert "error" in open(log).read()
+
+
+@pytest.fixture
+def fake_compile(checkouts, monkeypatch):
+    """_build of version 1 in checkout a's build folder, torch's compile replaced by one that records
+    whether torch's lock file was there when it began (torch's load would wait on it)."""
+    (a, _), _, messages = checkouts
+    monkeypatch.setattr(mf, "KERNELS", a)
+    sources = mf._build_sources(mf._Sources().current(), "cpu", 1)
+    folder = mf.build_directory("cpu", 1, 8, 8, sources)
+    folder.mkdir(parents=True)
+    seen = []
+
+    def load(name, build_directory, **options):
+        seen.append((folder / "lock").exists())
+        return str(folder / f"{name}.so")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+    return lambda: mf._build("cpu", 1, 8, 8, sources, None), folder, seen, messages
+
+
+def test_a_compile_killed_midway_does_not_hang_the_next(fake_compile):
+    """A compile killed before it finished (a notebook's kernel restarted, kill) leaves torch's lock file,
+    on which every later torch load waits for ever: the next build removes it, says so, and compiles."""
+    build, folder, seen, messages = fake_compile
+    (folder / "lock").touch()  # what a killed compile leaves
+    assert build() == folder / f"{folder.name}.so"
+    assert seen == [False] and (folder / "built").exists()
+    assert any("left by a compile that did not finish" in m for m in messages)
+
+
+def test_a_compile_running_in_another_process_is_waited_for(fake_compile):
+    """Another process compiling the same build (pytest's workers, two notebooks) is waited for, and said
+    to be; its lock file is not taken for a leftover while it runs."""
+    build, folder, seen, messages = fake_compile
+    other = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, pathlib, sys, time\n"
+        f"folder = pathlib.Path({str(folder)!r})\n"
+        "held = open(folder / 'building.lock', 'w'); fcntl.flock(held, fcntl.LOCK_EX)\n"
+        "(folder / 'lock').touch(); print('compiling', flush=True); time.sleep(1.0)\n"
+        "(folder / 'lock').unlink()\n")], stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline() == "compiling\n"  # it holds the lock now
+    build()
+    assert other.wait() == 0
+    assert seen == [False]
+    assert any("waiting for another process" in m for m in messages)
+    assert not any("did not finish" in m for m in messages)
