@@ -24,7 +24,9 @@
 //     Q_i            Br x d                       written once by TMA, read by both consumers' wgmma
 //     K_j, V_j       STAGES x (Bc x d) each       the ring: TMA writes, wgmma reads
 //     mbarriers      Q_full, K_full[s], V_full[s] (the copy's bytes have landed), K_empty[s],
-//                    V_empty[s] (every consumer warp is done with the tile: the stage may be refilled)
+//                    V_empty[s] (every consumer thread, or warp, is done with the tile: the stage
+//                    may be refilled)
+//     Step           STAGES                       (mask) the producer's walk: it stores, consumers read
 //
 //   within a consumer, warp w (of 4) holds rows 16w .. 16w + 15 of its 64, and lane (g, q) rows g and
 //   g + 8 and, of every 8 columns, columns 2q and 2q + 1: mma.sync's layout, so chapter 3's softmax
@@ -187,9 +189,9 @@ __global__ void __launch_bounds__(THREADS, 1)
 
     if (threadIdx.x == 0) {
         mbarrier_init(t.Q_full, 1);
-        for (int s = 0; s < STAGES; ++s) {  // full: 1 arrival (expect_tx) and the bytes; empty: 8 warps
+        for (int s = 0; s < STAGES; ++s) {  // full: 1 arrival (expect_tx) and the bytes; empty: see release_K
             mbarrier_init(&t.K_full[s], 1), mbarrier_init(&t.V_full[s], 1);
-            mbarrier_init(&t.K_empty[s], CONSUMERS * 4), mbarrier_init(&t.V_empty[s], CONSUMERS * 4);
+            mbarrier_init(&t.K_empty[s], CONSUMERS * 128), mbarrier_init(&t.V_empty[s], CONSUMERS * 4);
         }
         fence_mbarrier_init();
     }
@@ -251,10 +253,10 @@ __global__ void __launch_bounds__(THREADS, 1)
             mods::dropout<false>(s, mod_args, bh, row, j * Bc + 2 * q);
     };
     // The it-th tile's K_j, V_j may be overwritten once this warp's products that read them are done.
-    // (Step 1: thread 0 then refills the stage itself, waiting for the other warps' releases too.)
-    auto release_K = [&](int it) {
-        if (lane == 0) mbarrier_arrive(&t.K_empty[it % STAGES]);
-    };
+    // (Step 1: thread 0 then refills the stage itself, waiting for the other warps' releases too.) K_j's
+    // release is every thread's: with a mask, each thread has read the stage's Step too, and an arrival
+    // releases only its own thread's reads. V_j's, a warp's: only wgmma read V_j, which the warp waited for.
+    auto release_K = [&](int it) { mbarrier_arrive(&t.K_empty[it % STAGES]); };
     auto release_V = [&](int it) {
         if (lane == 0) mbarrier_arrive(&t.V_empty[it % STAGES]);
         if (!SPECIALIZED && threadIdx.x == 0 && it + STAGES < j_end)  // (no mods: it = j)

@@ -25,8 +25,9 @@
 // Who owns what: one block per (batch, head, Bc = 128 keys), 3 warpgroups of 128 threads.
 //
 //   warpgroup 0, producer   thread 0 issues every copy: K_j, V_j once; the block's t-th Q_i, dO_i
-//                           into stage t % STAGES once every consumer warp has released the tile
-//                           before. Its registers go to the consumers (setmaxnreg).
+//                           into stage t % STAGES once every consumer thread has released the tile
+//                           before; with a mask, it walks the block mask and sends each tile's Step
+//                           with it. Its registers go to the consumers (setmaxnreg).
 //   warpgroup 1, consumer 0 keys  0- 63: S^T, dP^T (64 x 64) for the tile, dK_j, dV_j (64 x d) for the
 //                           whole pass; dQ_i's first d/2 columns (64 x d/2) for the tile, over all
 //                           128 keys
@@ -40,6 +41,7 @@
 //                                                  next tile's while the other still reads this one's
 //     dQ_i's share      Br x d fp32                each consumer its columns: stores, then the copy engine
 //     L_i, D_i          2 x STAGES x 2 x Br fp32   each consumer its own, by ordinary loads a tile ahead
+//     Step              STAGES                     (mask) the producer's walk: it stores, consumers read
 //
 //   within a consumer, warp w holds keys 16w .. 16w + 15 of its 64, lane (g, q) keys g and g + 8
 //   and, of every 8 query columns, 2q and 2q + 1 (the accumulator layout of kernels/hopper.cuh).
@@ -59,13 +61,22 @@ constexpr int SUB = 64;                                        // columns of a s
 // Br x d floats each, in the order the warps hold them (kernels/hopper.cuh): by consumer (its d/2
 // columns), warp (16 rows), 8 columns, lane, then the lane's 4 values.
 
+// Chapter 6, a mask: what the producer's walk found for the tile in a stage, published beside it (as
+// the forward's Step), so that the consumers neither walk the block mask nor read it: the tile walked
+// after the next one (`Tr` if none; its L_i, D_i are loaded a tile ahead), and the block mask's tile
+// under each consumer's 64 keys and this tile's 64 queries.
+struct Step {
+    int after;
+    mods::Tile state[CONSUMERS];
+};
+
 // Shared memory, in bytes from the 1024-aligned start.
 template <int d>
 struct Shared {
     static constexpr int K = 0, V = K + Bc * d * 2, Q = V + Bc * d * 2, dO = Q + STAGES * Br * d * 2,
                          dS = dO + STAGES * Br * d * 2, dQ = dS + 2 * Bc * Br * 2, LD = dQ + Br * d * 4,
-                         BARRIERS = LD + CONSUMERS * STAGES * 2 * Br * 4;
-    static constexpr int bytes = BARRIERS + (1 + 2 * STAGES) * 8 + 1024;  // + room to align the start
+                         BARRIERS = LD + CONSUMERS * STAGES * 2 * Br * 4, STEPS = BARRIERS + (1 + 2 * STAGES) * 8;
+    static constexpr int bytes = STEPS + STAGES * sizeof(Step) + 1024;  // + room to align the start
 };
 inline size_t shared_bytes(int d) { return d == 64 ? Shared<64>::bytes : Shared<128>::bytes; }
 
@@ -75,6 +86,7 @@ struct Tiles {
     unsigned short *K, *V, *Q, *dO, *dS;  // sub-tile c of Q's stage s: Q + (s * d / SUB + c) * Br * SUB
     float *dQ, *LD;
     uint64_t *KV_full, *QdO_full, *QdO_empty;
+    Step* step;  // step[s]: the walk at stage s's tile (mods)
 
     __device__ explicit Tiles(char* base) {
         K = reinterpret_cast<unsigned short*>(base + Shared<d>::K);
@@ -86,6 +98,7 @@ struct Tiles {
         LD = reinterpret_cast<float*>(base + Shared<d>::LD);
         KV_full = reinterpret_cast<uint64_t*>(base + Shared<d>::BARRIERS);
         QdO_full = KV_full + 1, QdO_empty = QdO_full + STAGES;
+        step = reinterpret_cast<Step*>(base + Shared<d>::STEPS);
     }
     __device__ unsigned short* Q_stage(int s) const { return Q + s * Br * d; }
     __device__ unsigned short* dO_stage(int s) const { return dO + s * Br * d; }
@@ -93,13 +106,15 @@ struct Tiles {
 };
 
 // Alg. 2, lines 8-9 (the copy engine's part): Q_i and dO_i into stage s = it % STAGES of the ring (it:
-// the block's it-th tile walked), once every consumer warp has released the tile that used it before.
-// The parities as in the forward's load_KV.
+// the block's it-th tile walked), once every consumer thread has released the tile that used it before.
+// The parities as in the forward's load_KV. With a mask, the walk's Step goes with Q_i: the consumers
+// read it once QdO_full says Q_i has landed (the arrival releases the store).
 template <int d>
 __device__ void load_QdO(const Tiles<d>& t, const CUtensorMap* tmQ, const CUtensorMap* tmdO, int it, int i,
-                         int h, int b) {
+                         int h, int b, const Step& step = {}) {
     const int s = it % STAGES;
     mbarrier_wait(&t.QdO_empty[s], (it / STAGES + 1) % 2);
+    if constexpr (mods::MASK) t.step[s] = step;
     mbarrier_arrive_expect_tx(&t.QdO_full[s], 2 * Br * d * 2);
     for (int c = 0; c < d / SUB; ++c) {
         tma_load(t.Q_stage(s) + c * Br * SUB, tmQ, c * SUB, i * Br, h, b, &t.QdO_full[s]);
@@ -138,9 +153,10 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int bh = blockIdx.y, b = bh / H, h = bh % H, key0 = j * Bc, Tr = ceil_div(N, Br);
     const int i_start = causal ? key0 / Br : 0;  // causal: earlier queries see none of these keys
     // Chapter 6: with a mask_mod, the query tiles that the block mask marks EMPTY for the block's keys
-    // are skipped, by the producer and the consumers alike (mods::Walk; without mods, the walk is
-    // i = i_start, i_start + 1, ..). Not when deterministic: a block's turn at a tile of dQ waits for
-    // every block before it to have added its share there, so every block walks every tile.
+    // are skipped (mods::Walk; without mods, the walk is i = i_start, i_start + 1, ..): the producer
+    // walks, and tells the consumers each step ahead (Step). Not when deterministic: a block's turn at
+    // a tile of dQ waits for every block before it to have added its share there, so every block walks
+    // every tile.
     const int x0 = key0 / mods::TILE, x1 = ceil_div(min(key0 + Bc, N), mods::TILE);
     const auto walk =
         mods::walk(mods::span<true>(mod_args, b, h, x0, x1), 1, Tr, mods::MASK && !deterministic,
@@ -151,7 +167,8 @@ __global__ void __launch_bounds__(THREADS, 1)
 
     if (threadIdx.x == 0) {
         mbarrier_init(t.KV_full, 1);
-        for (int s = 0; s < STAGES; ++s) mbarrier_init(&t.QdO_full[s], 1), mbarrier_init(&t.QdO_empty[s], 8);
+        for (int s = 0; s < STAGES; ++s)  // full: 1 arrival (expect_tx) and the bytes; empty: every consumer thread
+            mbarrier_init(&t.QdO_full[s], 1), mbarrier_init(&t.QdO_empty[s], 128 * CONSUMERS);
         fence_mbarrier_init();
     }
     __syncthreads();
@@ -163,8 +180,13 @@ __global__ void __launch_bounds__(THREADS, 1)
                 tma_load(t.K + c * Bc * SUB, &tmK, c * SUB, key0, h, b, t.KV_full);
                 tma_load(t.V + c * Bc * SUB, &tmV, c * SUB, key0, h, b, t.KV_full);
             }
-            for (int i = i_first, it = 0; i < Tr; i = walk.next(i), ++it)
-                load_QdO(t, &tmQ, &tmdO, it, i, h, b);
+            for (int i = i_first, next = walk.next(i), it = 0; i < Tr; ++it) {
+                Step step{next < Tr ? walk.next(next) : Tr};
+                for (int c = 0; mods::MASK && c < CONSUMERS; ++c)
+                    step.state[c] = mods::tile(mod_args, b, h, i, x0 + c);
+                load_QdO(t, &tmQ, &tmdO, it, i, h, b, step);
+                i = next, next = step.after;
+            }
         }
         return;
     }
@@ -248,13 +270,12 @@ __global__ void __launch_bounds__(THREADS, 1)
             add_dQ_share(i_prev);
         else
             named_barrier_sync(bar, 128);  // L_i, D_i, stored above
-        // Chapter 6, a block mask: the walk's tile after next, found while the tensor cores run the
-        // products. The walk reads the block mask from global memory, which at the end of the tile
-        // would stall the warp, tile after tile. (A window alone finds it by arithmetic, at the end: here
-        // it would hold registers through the products for nothing.)
-        constexpr bool EARLY = mods::MASK && !mods::WINDOW_ONLY;
-        int i_after = Tr;
-        if (EARLY && i_next < Tr) i_after = walk.next(i_next);
+        // Chapter 6, a block mask: the walk's tile after next, and the block mask's tile under the
+        // consumer's keys, from the producer's Step, read while the tensor cores run the products.
+        // Without a mask, the next tile, and every tile PARTIAL (score_mod's tiles are all taken apart).
+        int i_after = i_next < Tr ? i_next + 1 : Tr;
+        mods::Tile state = mods::PARTIAL;
+        if constexpr (mods::MASK) i_after = t.step[s].after, state = t.step[s].state[consumer];
 
         // Alg. 2, line 12: P^T = exp(scale S^T - L), masked where the tile crosses the end of the
         // sequence or, causal, the diagonal (KEYS_ARE_ROWS: the rows are keys). Under dP's products.
@@ -263,7 +284,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                              // a score_mod whose derivative varies)
         if constexpr (mods::ANY) {  // chapter 6: P^T of the modded scores; the mask after (a score past
             // N or the diagonal may be anything: its P is set to 0)
-            mods::backward_probabilities(st, f, mods::tile(mod_args, b, h, i, x0 + consumer), mod_args, b, h,
+            mods::backward_probabilities(st, f, state, mod_args, b, h,
                                          key, q0 + 2 * q, 0, N, scale, LD_t + 2 * q);
             if (key0 + Bc > N || (causal && warp_key + 15 > q0))
                 mask_fragment<true>(st, key, q0 + 2 * q, N, causal, 0.0f);
@@ -324,7 +345,8 @@ __global__ void __launch_bounds__(THREADS, 1)
                                           mn_major(K_cols, Bc, kb), kb > 0);
         wgmma_commit();
         wgmma_wait<0>(dv, dk, dq);
-        if (lane == 0) mbarrier_arrive(&t.QdO_empty[s]);  // Q_i, dO_i are free for tile + STAGES
+        mbarrier_arrive(&t.QdO_empty[s]);  // Q_i, dO_i, its Step are free for tile + STAGES (every thread
+                                           // arrives: an arrival releases only its own thread's reads)
 
         // dQ_i's share, into shared memory: each lane's 4 values of 8 columns as one 16-byte store, a
         // warp's 32 side by side; sent off under the next tile's first products. The next tile's L,
@@ -334,7 +356,6 @@ __global__ void __launch_bounds__(THREADS, 1)
             *reinterpret_cast<float4*>(&dQ_c[((w * (half / 8) + n8) * 32 + lane) * 4]) =
                 float4{dq[n8][0], dq[n8][1], dq[n8][2], dq[n8][3]};
         if (i_next < Tr) LD_c((it + 1) % STAGES)[tid] = LD_next;
-        if (!EARLY && i_next < Tr) i_after = walk.next(i_next);
         if (i_after < Tr) LD_next = load_LD(i_after);
         i_prev = i, i = i_next, i_next = i_after;
     }
