@@ -35,6 +35,7 @@
 #include "mma.cuh"     // pack<T>, a_operands, mask_fragment, online_softmax, rescale, LOG2E
 #include "hopper.cuh"  // tma_load, mbarrier_*, wgmma_*, setmaxnreg_*, named_barrier_*
 #include "mods.cuh"    // chapter 6's hooks: mods::forward_scores, mods::tiles (no-ops without mods)
+#include "timeline.cuh"  // TIMELINE_*: nothing, but in tools/block_timeline.py's build
 
 // The steps of chapter 4, each its own build (-DHOPPER_STEP=n; notebooks/results/h200/
 // flash3_hopper_forward_steps.txt measures them):
@@ -168,6 +169,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     char* base = reinterpret_cast<char*>(smem);
     base += (1024 - shared_address(base) % 1024) % 1024;
     const Tiles<d> t(base);
+    TIMELINE_START();
 
     const int bh = blockIdx.y, b = bh / H, h = bh % H;  // the (batch, head) slice: b, h of q's tensor map
     const int h_kv = h / group;                         // K and V's head: `group` query heads share one
@@ -228,6 +230,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     unsigned p[Bc / 16][4];                                            // P_ij as the A operand of O += P V_j
     if (PINGPONG && consumer == 1 && j_first < j_end) named_barrier_arrive(1, 256);  // consumer 0 goes first
     mbarrier_wait(t.Q_full, 0);
+    TIMELINE_MARK(q_landed);
 
     // Chapter 6: the tile walked after tile j (in stage s), and state, the block mask's two tiles under
     // the consumer's 64 rows and tile j's 128 keys, each taken apart (mask_mod is called only in a
@@ -342,6 +345,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             release_V(it);
         }
     }
+    TIMELINE_MARK(loop_done);
 
     // Alg. 1, lines 12-15: a row's l is its 4 lanes' shares added up; O = O / l, L = m + log(l).
     O += size_t(bh) * N * d, L += size_t(bh) * N;
@@ -360,6 +364,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                 pack<T>(o[n8][2 * r] * inv_l, o[n8][2 * r + 1] * inv_l);
         if (q == 0) L[i] = m[r] * softmax_scale + logf(l_row);
     }
+    TIMELINE_END(L, row0 + 64 * consumer, N);
 }
 
 }  // namespace flash3_hopper

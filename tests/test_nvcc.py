@@ -44,3 +44,24 @@ def test_each_version_compiles_without_spills(version, tmp_path):
 def test_each_file_compiles_alone(source, tmp_path):
     """Each kernel file includes what it uses (versions 3 and 4 hold only templates: no code, no report)."""
     compile_sm90(source, tmp_path, target=SM90A if '#include "hopper.cuh"' in source.read_text() else ("-arch=sm_90",))
+
+
+@nvcc
+def test_block_timeline_marks_are_in_its_build_only(tmp_path):
+    """tools/block_timeline.py's build (-DBLOCK_TIMELINE) reads the clocks and compiles without spills;
+    every other build of version 4 is the kernel alone: no clock read in its PTX (kernels/timeline.cuh)."""
+    version = mf.VERSIONS[4]
+    source, home = mf.KERNELS / "bindings.cu", f"-DVERSION_FILE={version.home}"
+    report = compile_sm90(source, tmp_path, home, "-DBLOCK_TIMELINE", target=version.cuda_flags)
+    frames = [line for line in report.splitlines() if "stack frame" in line]
+    assert frames and all(line.strip().startswith("0 bytes stack frame") for line in frames), report
+
+    def ptx(*defines):
+        out = tmp_path / "out.ptx"
+        result = subprocess.run(["nvcc", *version.cuda_flags, "-O3", f"-I{mf.KERNELS}", home, *defines, "-ptx",
+                                 str(source), "-o", str(out)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return out.read_text()
+
+    assert "%globaltimer_lo" in ptx("-DBLOCK_TIMELINE") and "%clock64" in ptx("-DBLOCK_TIMELINE")
+    assert "%globaltimer_lo" not in ptx() and "%clock64" not in ptx()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +68,66 @@ def test_hopper_steps_without_a_gpu_refuses_before_building(no_gpu, monkeypatch)
         steps.main(["--steps", "1", "--dims", "64", "--seq-len", "16"])
 
 
+# tools/block_timeline.py
+
+
+def test_block_timeline_without_a_gpu_refuses_before_building(no_gpu, monkeypatch):
+    timeline = tool("block_timeline")
+    monkeypatch.setattr(timeline.mf, "flash_attention", lambda *args, **kwargs: pytest.fail("ran"))
+    version = timeline.mf.VERSIONS[4]
+    with pytest.raises(SystemExit, match="^block_timeline.py times version 4's CUDA kernels: it needs a Hopper GPU$"):
+        timeline.main(["--seq-len", "256"])
+    assert timeline.mf.VERSIONS[4] is version  # the default build's flags untouched
+
+
+def block_marks(sm, start, ends, q_landed, loops, epilogue_ends):
+    """What each consumer's thread 0 writes (kernels/timeline.cuh), for blocks given consumer by consumer."""
+    return torch.tensor([[[sm[b], start[b], ends[b][c] % 2**32, q_landed, loops[b], epilogue_ends[b][c], 0, 0]
+                          for c in range(2)] for b in range(len(sm))])
+
+
+def test_block_timeline_summary_of_known_marks():
+    """Four blocks on two SMs: per tile 1000 cycles, Q landed at 100, the epilogue 300, the second consumer
+    50 later; so 450 cycles beyond the tiles', 0.45 tiles. Block 1 starts before the 32-bit timer wraps,
+    its first consumer ends before it too, its second after: it lasts 130 ns, then 400 ns to block 3."""
+    timeline = tool("block_timeline")
+    walked = torch.tensor([2, 4, 2, 4])
+    loops = [100 + 1000 * w for w in walked.tolist()]
+    ends = [[e + 300, e + 350] for e in loops]
+    wrap = 2**32
+    records = block_marks(sm=[0, 1, 0, 1], start=[1000, wrap - 100, 3200, 430],
+                          ends=[[2990, 3000], [wrap - 20, 30], [5150, 5200], [3430, 3400]], q_landed=100, loops=loops,
+                          epilogue_ends=ends)
+    got = timeline.summary(records, walked)
+    walls = [2000, 130, 2000, 3000]
+    assert got == dict(blocks=4, tiles=3.0, q_landed=100.0, per_tile=1000.0, epilogue=300.0, skew=50.0,
+                       rest_tiles=pytest.approx(0.45), block_us=pytest.approx(sum(walls) / 4 / 1e3),
+                       cycles_per_ns=pytest.approx(3450 / (sum(walls) / 4)),
+                       gap_ns=300)  # the median of SM 0's 3200 - 3000 and SM 1's 430 - 30
+
+
+def test_block_timeline_reads_each_blocks_marks_from_its_rows_of_L():
+    """Block (slice, tile)'s consumer c writes rows 128 tile + 64 c .. + 8 of its slice's L."""
+    timeline = tool("block_timeline")
+    L = torch.full((2, 1, 256), float("nan"))
+    bits = L.view(torch.int32)
+    for bh, tile, c in [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]:
+        bits[bh, 0, 128 * tile + 64 * c:128 * tile + 64 * c + 8] = torch.arange(8) + 100 * (2 * bh + tile) + 10 * c
+    records = timeline.records_of(L, 256)
+    assert records.shape == (4, 2, 8) and records.dtype == torch.int64
+    assert records[:, :, 0].tolist() == [[0, 10], [100, 110], [200, 210], [300, 310]]
+
+
+def test_block_timeline_counts_the_tiles_the_kernel_walks():
+    """Per query tile of 128 rows at N = 512: all 4 key tiles; causal, up to the diagonal's; a window of
+    128 keys, the diagonal's and the one before it (row 128 t sees key 128 t - 128)."""
+    timeline = tool("block_timeline")
+    assert timeline.tiles_walked("full", 512).tolist() == [4, 4, 4, 4]
+    assert timeline.tiles_walked("causal", 512).tolist() == [1, 2, 3, 4]
+    assert timeline.tiles_walked("window:128", 512).tolist() == [1, 2, 2, 2]
+    assert timeline.tiles_walked("window:129", 512).tolist() == [1, 2, 3, 3]
+
+
 # tools/emulation_times.py
 
 
@@ -85,6 +146,10 @@ def test_emulation_times_runs_each_version_in_a_dtype_it_takes(capsys):
     ("hopper_steps", ["--dims", "96"], "argument --dims: invalid choice: 96"),
     ("hopper_steps", ["--steps", "5"], "argument --steps: invalid choice: 5"),
     ("hopper_steps", ["--seq-len", "0"], "argument --seq-len: must be at least 1, not 0"),
+    ("block_timeline", ["--cases", "window:0"], "argument --cases: 'window:0' is not causal, full or window:W (W >= 1)"),
+    ("block_timeline", ["--dim", "96"], "argument --dim: invalid choice: 96 (choose from 64, 128)"),
+    ("block_timeline", ["--seq-len", "200"], "argument --seq-len: 200 is not a multiple of 128: each block's marks "
+                                             "take whole tiles' rows"),
     ("emulation_times", ["--versions", "5"], "argument --versions: invalid choice: 5"),
     ("emulation_times", ["--repeat", "0"], "argument --repeat: must be at least 1, not 0"),
     ("emulation_times", ["--sizes", "-4"], "argument --sizes: must be at least 1, not -4")])

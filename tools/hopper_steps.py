@@ -8,7 +8,6 @@ Prints one line per point; --csv also writes them as rows: d, N, B, H, causal, d
 sdpa-cudnn, step1 ..), ms, tflops, max_err (the largest error of O against float64 over two heads) and
 plain_err (the same of plain attention in the same dtype: the official tests allow 2x that).
 """
-import csv
 import argparse
 import dataclasses
 import os
@@ -99,10 +98,7 @@ def main(argv=None):
                     line += f"  {name} {ms:.4f} ({work / ms / 1e9:.0f} TF{ratio})"
                 print(line, flush=True)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        bench.write_csv(rows, args.csv, fields=list(rows[0]))
 
 
 if __name__ == "__main__":
