@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             mods::dropout<false>(s, mod_args, bh, row, j * Bc + 2 * q);
     };
     // The it-th tile's K_j, V_j may be overwritten once this warp's products that read them are done.
-    // (Step 1: thread 0 then refills the stage itself, waiting for the other warps' releases too.) K_j's
+    // (Step 1: thread 0 then refills the stage itself, waiting for the others' releases too.) K_j's
     // release is every thread's: with a mask, each thread has read the stage's Step too, and an arrival
     // releases only its own thread's reads. V_j's, a warp's: only wgmma read V_j, which the warp waited for.
     auto release_K = [&](int it) { mbarrier_arrive(&t.K_empty[it % STAGES]); };

@@ -9,7 +9,7 @@
 
 #ifdef BLOCK_TIMELINE
 struct BlockTimeline {
-    long long start, q_landed = 0, loop_done = 0;
+    long long start, q_landed, loop_done;
     unsigned start_ns;
 };
 __device__ inline unsigned global_ns() {  // the low 32 bits: a block lasts far less than 4 s
