@@ -262,6 +262,7 @@ inline float atomicAdd(float* address, float value) {
     }
     return bits_float(old);
 }
+inline int atomicAdd(int* address, int value) { return __atomic_fetch_add(address, value, __ATOMIC_RELAXED); }
 inline int min(int a, int b) { return std::min(a, b); }  // CUDA's integer min and max, for device code
 inline int max(int a, int b) { return std::max(a, b); }
 
@@ -925,6 +926,9 @@ struct alignas(64) Worker {
     std::vector<WarpGroup> warpgroups;
     std::vector<Mbarrier> mbarriers;  // by slot, in the order of their mbarrier_init
     NamedBarrier named[16];
+    std::vector<unsigned> registers_held;  // per warpgroup, its threads' registers (setmaxnreg)
+    int registers_free = 0;                // given back by setmaxnreg.dec and not taken since
+    Site registers_short{};                // the first setmaxnreg that took more than had been given back
     std::vector<float> wgmma_scratch;  // A, B and D of the wgmma being computed
     Launch* launch = nullptr;
     unsigned failed_polls = 0;  // mbarrier_try_wait polls that failed one after another (see there)
@@ -1298,6 +1302,26 @@ struct alignas(64) Worker {
         current->reduces.requests.push_back({to, from, bytes / 4});
     }
 
+    // ---- setmaxnreg's register count. A kernel that uses setmaxnreg is compiled to the most registers
+    // its __launch_bounds__ allow: with one block per multiprocessor, the 64K registers over the block's
+    // threads, in steps of 8, at most 256 each. A warpgroup's setmaxnreg.dec gives registers back to the
+    // block; a setmaxnreg.inc takes them from there, waiting on a GPU until enough have been given back.
+    // Here the count may go below 0 for a while (an inc before the dec it waits for); at the block's
+    // end it must not be: the increase would have waited for good (run_block fails the launch).
+    static unsigned launch_registers(unsigned threads) { return std::min(256u, 65536u / threads / 8 * 8); }
+    void set_registers(unsigned group, int count, const Site& site) {
+        registers_free += (int(registers_held[group]) - count) * 128;
+        registers_held[group] = unsigned(count);
+        if (registers_free < 0 && !registers_short.what) registers_short = site;
+    }
+    std::string registers_message() const {
+        return launch->block_name(blockIdx) + ": the " + describe(registers_short) + " at " + where(registers_short) +
+               " would wait for good on a GPU: the block's warpgroups ask for " + std::to_string(-registers_free) +
+               " registers more than its " + std::to_string(threads) + " threads have together (" +
+               std::to_string(launch_registers(threads)) +
+               " each, the 64K of a multiprocessor over the block's threads: what ptxas compiles such a kernel to)";
+    }
+
     // ---- named barriers
     void named_barrier(int id, int count, bool wait, Site site) {
         if (id < 0 || id > 15 || count <= 0 || count % 32 || unsigned(count) > threads)
@@ -1544,6 +1568,8 @@ struct alignas(64) Worker {
         for (Warp& warp : warps) warp.arrived = 0, warp.generation = 0, warp.diverged = false;
         for (WarpGroup& group : warpgroups) group.arrived = 0, group.diverged = false;
         for (NamedBarrier& b : named) b.arrived = 0, b.waiters.clear();
+        registers_held.assign(warpgroups.size(), launch_registers(threads));
+        registers_free = 0, registers_short = Site{};
         mbarriers.clear();
         for (unsigned t = 0; t < threads; ++t) {
             Fiber& f = *fibers[t];
@@ -1565,6 +1591,8 @@ struct alignas(64) Worker {
                     ": TMA copies never landed (no thread waited on their mbarrier, at shared memory "
                     "byte " +
                     std::to_string(mbarrier_offset(in_flight->address)) + ", after they were issued)");
+        } else if (exited == threads && registers_free < 0) {
+            launch->fail(cudaErrorCpuDeadlock, registers_message());
         } else if (exited == threads) {
             const size_t past = first_write_past_size();
             if (past < kMaxSharedBytes)
@@ -1897,6 +1925,11 @@ void after_fork_in_child() {
 
 // How many workers (OS threads) a launch may use: 0, the default, is one per core. For tests.
 inline void cpu_set_workers(unsigned n) { workers_wanted = n; }
+// The workers a launch runs on: as many blocks at a time as a GPU of that many multiprocessors (that
+// fit one block each) runs; a persistent kernel's grid.
+inline unsigned cpu_workers() {
+    return std::max(1u, workers_wanted ? workers_wanted : std::thread::hardware_concurrency());
+}
 
 // Runs a launch: its blocks spread over the workers, the calling thread one of them.
 inline void run_launch(Launch& l) {
@@ -1920,8 +1953,7 @@ inline void run_launch(Launch& l) {
     std::snprintf(running_kernel, sizeof running_kernel, "%s", l.kernel.c_str());
     running_seen = l.interrupts_seen;
     running = true;
-    const unsigned cores =
-        std::max(1u, workers_wanted ? workers_wanted : std::thread::hardware_concurrency());
+    const unsigned cores = cpu_workers();
     const unsigned n = unsigned(std::min<unsigned long long>(cores, l.blocks));
     while (workers.size() < n) workers.push_back(std::make_unique<Worker>());
     // Workers past the count wanted now (a test's cpu_set_workers, set back) go, their fibers' stacks with
@@ -2180,15 +2212,19 @@ inline void bulk_wait() {
 // What orders memory between the proxies on a GPU: the emulation has one memory, in program order.
 inline void fence_proxy_async() {}
 
-// setmaxnreg: all 128 threads of a warpgroup meet there; the count is checked as ptxas would, and
-// has no other effect (a CPU thread has the registers it has).
+// setmaxnreg: all 128 threads of a warpgroup meet there; the count is checked as ptxas would, and the
+// block's registers are counted (Worker::set_registers): a GPU's setmaxnreg.inc waits until others'
+// setmaxnreg.dec have released enough, for good if they never do. Otherwise it has no effect (a CPU
+// thread has the registers it has).
 template <int R>
 inline void setmaxnreg(const cpu_cuda::Site& site) {
     cpu_cuda::Worker& worker = *cpu_cuda::this_worker;
     if (R < 24 || R > 256 || R % 8)
         worker.fail(site, std::to_string(R) + " registers: the count must be a multiple of 8 from 24 to 256");
     unsigned t;
-    worker.meet(worker.warpgroup_of_current(t, site), 128, site, [] {});
+    const unsigned group = threadIdx.x / 128;
+    worker.meet(worker.warpgroup_of_current(t, site), 128, site,
+                [&worker, group, &site] { worker.set_registers(group, R, site); });
 }
 template <int R>
 inline void setmaxnreg_inc(CPU_CUDA_SITE) {

@@ -2,8 +2,9 @@
 // specialization, ping-pong), bf16 and fp16 with fp32 accumulation. Hopper only: built for sm_90a
 // (minimal_flash.py passes -gencode=arch=compute_90a,code=sm_90a), run on compute capability 9.0.
 //
-//   forward   flash3_hopper.cu         one block per (batch, head, 128 query rows): a producer
-//                                      warpgroup (TMA) and two consumer warpgroups (wgmma) of 64 rows
+//   forward   flash3_hopper.cu         a block per multiprocessor, taking work tiles (batch, head, 128
+//                                      query rows) until none is left: a producer warpgroup (TMA)
+//                                      and two consumer warpgroups (wgmma) of 64 rows
 //   backward  flash3_hopper_backward.cu  one block per (batch, head, 128 keys): two warpgroups of 64 keys,
 //                                      all five products on wgmma, dQ added by the copy engine into
 //                                      fp32 sums, zeroed by a pre-pass that also takes D, then converted
@@ -14,8 +15,9 @@
 // among them, runs uncopied (the pre-pass reads dO with the same strides). O, L, dQ, dK, dV are
 // contiguous (B, H, N, d) tensors (L: (B, H, N)), written by the kernels' own stores.
 // Block sizes: its own (Br and Bc do not apply). Head dims d = 64 and 128. softmax_scale > 0.
-// Scratch (backward): dQ's sums, D, the deterministic counters (scratch_floats). bindings.cu includes
-// this file in its middle: Call and launch are defined there.
+// Scratch: the forward's counter of work tiles taken; the backward's dQ sums, D, the deterministic
+// counters (scratch_floats). bindings.cu includes this file in its middle: Call and launch are defined
+// there.
 #include <cstdint>
 #include <tuple>
 #include "flash3_hopper.cu"
@@ -53,9 +55,18 @@ static int capability(int device) {
     }
     return known[device];
 }
+// The GPU's multiprocessors, asked once per device: a persistent kernel's blocks.
+static int multiprocessors(int device) {
+    static std::mutex mutex;
+    static std::map<int, int> known;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!known.count(device)) cudaDeviceGetAttribute(&known[device], cudaDevAttrMultiProcessorCount, device);
+    return std::max(known[device], 1);
+}
 #else
 static auto encode_tiled() { return &cuTensorMapEncodeTiled; }  // cpu_cuda.h's
 static int capability(int) { return 90; }                       // the emulation has Hopper's instructions
+static int multiprocessors(int) { return int(cpu_cuda::cpu_workers()); }  // a block at a time per worker
 #endif
 
 // Q, K, V or dO as the copy engine sees it: a 4-D tensor of 16-bit values (x: column, y: row, z: head,
@@ -92,11 +103,12 @@ struct Version {
     static size_t shared_bytes(Pass pass, int d) {
         return pass == FORWARD ? flash3_hopper::shared_bytes(d) : flash3_hopper_backward::shared_bytes(d);
     }
-    // Backward, per (batch, head) slice: dQ's fp32 sums (Tr query tiles of Br x d), D (N) and,
+    // Per (batch, head) slice. Forward, persistent: the counter of work tiles taken (an int, in the
+    // first slice's float). Backward: dQ's fp32 sums (Tr query tiles of Br x d), D (N) and,
     // deterministic, a counter per query tile and consumer.
     static long long scratch_floats(Pass pass, int N, int d) {
         const long long tiles = ceil_div(N, flash3_hopper_backward::Br);
-        return pass == FORWARD ? 0 : tiles * flash3_hopper_backward::Br * d + N + 2 * tiles;
+        return pass == FORWARD ? flash3_hopper::PERSISTENT : tiles * flash3_hopper_backward::Br * d + N + 2 * tiles;
     }
 
     static std::string forward(const Call& c) {
@@ -136,9 +148,21 @@ struct Version {
                                                        {&tmK, c.K, c.K_strides, kv_heads, fw::Bc},
                                                        {&tmV, c.V, c.V_strides, kv_heads, fw::Bc}})
             if (std::string err = tensor_map(map, data, strides, heads, c, rows); !err.empty()) return err;
-        return launch("flash3_hopper::forward", fw::forward<T, d>, dim3(ceil_div(c.N, fw::Br), c.BH),
-                      fw::THREADS, fw::shared_bytes(d), c, tmQ, tmK, tmV, c.N, c.H, c.group, c.scale,
-                      c.causal, bits(c.O), c.L, mods::of(c.mods));
+        // The work tiles (flash3_hopper::work_tile), a block each, or, persistent, a block per
+        // multiprocessor (only one fits: its registers) taking them one after the other. In sections of
+        // slices whose K and V take at most SECTION_BYTES, a third of the L2 cache of an H100 or H200.
+        constexpr long long SECTION_BYTES = 16 << 20;
+        const long long tiles = ceil_div(c.N, fw::Br) * c.BH, kv_bytes = 2LL * c.N * d * 2;
+        const int section = int(std::clamp(SECTION_BYTES / kv_bytes * c.group, 1LL, c.BH));
+        if (tiles > INT_MAX) return "version 4: B * H * ceil(N / 128) = " + std::to_string(tiles) + " is too many";
+        int* taken = reinterpret_cast<int*>(c.scratch);
+        if (fw::PERSISTENT && !taken) return "internal error: version 4's forward needs its scratch";
+        if (fw::PERSISTENT && cudaMemsetAsync(taken, 0, sizeof(int), c.stream) != cudaSuccess)
+            return "zeroing the work counter failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
+        const int blocks = fw::PERSISTENT ? int(std::min<long long>(tiles, multiprocessors(c.device))) : int(tiles);
+        return launch("flash3_hopper::forward", fw::forward<T, d>, dim3(blocks), fw::THREADS, fw::shared_bytes(d),
+                      c, tmQ, tmK, tmV, c.N, c.H, int(c.BH), c.group, section, c.scale, c.causal, bits(c.O), c.L,
+                      taken, mods::of(c.mods));
     }
 
     // D = rowsum(dO * O) with the fp32 sums of dQ and the counters set to 0, the pass, dQ converted.

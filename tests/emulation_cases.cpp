@@ -102,6 +102,14 @@ __global__ void count(float* out, int adds) {
     }
     atomicAdd(out + 1 + threadIdx.x % 32, 1.0f);
 }
+// Every thread of every block takes `takes` tickets from the int counter *taken (atomicAdd's old
+// value, as a persistent kernel takes its work tiles) and adds 1 to out[ticket] for each.
+__global__ void tickets(int* taken, float* out, int takes) {
+    for (int i = 0; i < takes; ++i) {
+        atomicAdd(out + atomicAdd(taken, 1), 1.0f);
+        if (i % 4 == 0) __syncthreads();
+    }
+}
 
 // ---- cp.async
 
@@ -355,6 +363,15 @@ __global__ void setmaxnreg_case(float*) {
     else
         setmaxnreg_inc<240>();
 }
+// Version 4's split of a multiprocessor's registers: 384 threads of 168 each; the producer warpgroup
+// gives back down to R, the two consumers take up to 240 (after it has, or before: then they wait).
+template <int R>
+__global__ void setmaxnreg_pool(float*) {
+    if (threadIdx.x < 128)
+        setmaxnreg_dec<R>();
+    else
+        setmaxnreg_inc<240>();  // line: setmaxnreg_pool
+}
 
 // ---- What the emulation refuses
 
@@ -603,6 +620,8 @@ const char* run_case(const char* name, float* out, const float* in, int n) {
     else if (c == "own_shared_memory") LAUNCH(own_shared_memory, dim3(n), dim3(64), 4096 * sizeof(float), 0)(out, 4096);
     else if (c == "indices") LAUNCH(indices, dim3(3, 2, 2), dim3(4, 4, 2), 0, 0)(out);
     else if (c == "count") LAUNCH(count, dim3(64), dim3(128), 0, 0)(out, n);
+    else if (c == "tickets")  // the counter: in's first 4 bytes, as an int
+        LAUNCH(tickets, dim3(64), dim3(128), 0, 0)(reinterpret_cast<int*>(const_cast<float*>(in)), out, n);
     else if (c == "copy_then_wait") LAUNCH(copy_then_wait, dim3(1), dim3(32), 32 * 4 * sizeof(float), 0)(in, out);
     else if (c == "copy_misaligned") LAUNCH(copy_misaligned, dim3(1), dim3(32), 1024, 0)(in, out);
     else if (c == "copy_never_waited") LAUNCH(copy_never_waited, dim3(1), dim3(32), 1024, 0)(in, out);
@@ -629,6 +648,8 @@ const char* run_case(const char* name, float* out, const float* in, int n) {
     else if (c == "bulk_refused") LAUNCH(bulk_refused, dim3(1), dim3(32), 256, 0)(out, in, n);
     else if (c == "setmaxnreg_good") LAUNCH(setmaxnreg_case<40>, dim3(1), dim3(256), 0, 0)(out);
     else if (c == "setmaxnreg_bad") LAUNCH(setmaxnreg_case<20>, dim3(1), dim3(256), 0, 0)(out);
+    else if (c == "setmaxnreg_pool") LAUNCH(setmaxnreg_pool<24>, dim3(1), dim3(384), 0, 0)(out);
+    else if (c == "setmaxnreg_pool_short") LAUNCH(setmaxnreg_pool<32>, dim3(1), dim3(384), 0, 0)(out);
     else if (c == "shuffle_in_part_of_a_warp") LAUNCH(shuffle_in_part_of_a_warp, dim3(1), dim3(48), 0, 0)(out);
     else if (c == "ldmatrix_then_overwrite") LAUNCH(ldmatrix_then_overwrite, dim3(1), dim3(32), 1024, 0)(out);
     else if (c == "ldmatrix_misaligned") LAUNCH(ldmatrix_misaligned, dim3(1), dim3(32), 1024, 0)(out);

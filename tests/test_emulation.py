@@ -169,6 +169,18 @@ def test_atomic_add_is_atomic_across_blocks(cases, workers):
     assert torch.equal(out[1:], torch.full((32,), 64 * 4.0))
 
 
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_integer_atomic_add_returns_each_old_value_once(cases, workers):
+    """atomicAdd on an int returns the value before its addition: 64 blocks of 128 threads taking 4
+    tickets each get every ticket from 0 to 32767 exactly once, and the counter ends past the last."""
+    taken = torch.zeros(1, dtype=torch.int32)
+    with cases.workers(workers):
+        out = torch.zeros(64 * 128 * 4)
+        assert cases("tickets", n=4, out=out, inp=taken) == ""
+    assert taken.item() == 64 * 128 * 4
+    assert torch.equal(out, torch.ones_like(out))
+
+
 # ---- cp.async
 
 
@@ -389,6 +401,19 @@ def test_setmaxnreg_takes_multiples_of_8_from_24_to_256(cases):
     expected = (f"invalid argument: setmaxnreg_dec at {line_of('setmaxnreg')} in setmaxnreg_case<20>, block "
                 "(0, 0, 0), thread N: 20 registers: the count must be a multiple of 8 from 24 to 256")
     assert re.fullmatch(re.escape(expected).replace("N", "(0|127)"), error), error  # the first to run
+
+
+def test_setmaxnreg_inc_past_what_was_given_back_fails(cases):
+    """384 threads hold 168 registers each (the 64K over the block). 24 x 128 + 2 x 240 x 128 is all of
+    them; with the producer at 32, the consumers' increase would wait for good on a GPU (a hang that a
+    version 4 change once met there): here the launch fails and says so."""
+    assert cases("setmaxnreg_pool") == ""
+    error = cases("setmaxnreg_pool_short")
+    expected = ("setmaxnreg_pool<32>, block (0, 0, 0): the setmaxnreg_inc at "
+                f"{line_of('setmaxnreg_pool')} would wait for good on a GPU: the block's warpgroups ask for 1024 "
+                "registers more than its 384 threads have together (168 each, the 64K of a multiprocessor over the "
+                "block's threads: what ptxas compiles such a kernel to)")
+    assert error.endswith(expected), error
 
 
 def test_setmaxnreg_is_a_collective_of_each_warpgroup(cases):
@@ -631,9 +656,10 @@ def test_fault_in_a_kernel_says_where_and_why(cases, tmp_path, case, n, said):
 
 def test_launch_in_a_child_forked_during_a_launch_fails(cases, tmp_path):
     """Forked while another thread ran a launch: the child's launch fails, as CUDA refuses to run in such a
-    child (before, it hung on the lock that the other thread held at the fork)."""
+    child (before, it hung on the lock that the other thread held at the fork). The launch lasts about 2 s
+    on 2 cores, well past the fork at 0.5 s: the test needs it still running then."""
     result = child(cases, tmp_path, """
-        thread = threading.Thread(target=run, args=(A, "barriers", 10000, 0)); thread.start(); time.sleep(0.5)
+        thread = threading.Thread(target=run, args=(A, "barriers", 40000, 0)); thread.start(); time.sleep(0.5)
         pid = os.fork()
         if pid == 0:
             print(run(A, "barriers", 1, 1), flush=True)

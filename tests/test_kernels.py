@@ -208,6 +208,27 @@ def test_version_4_deterministic_backward(device, causal, generator):
     assert_gradients(runs[0], q, k, v, dO, causal)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@CAUSAL
+def test_version_4_persistent_blocks_take_every_work_tile(device, causal, generator, poisoned):
+    """Version 4's forward runs a block per multiprocessor (in the emulation, per worker), each taking
+    work tiles of 128 query rows, one after another, until none is left. On a GPU, 4 x 16 x 8 = 512 work
+    tiles: several for each block of any Hopper GPU. On the CPU, 2 x 3 x 5 = 30, taken by one block in
+    order, then by three racing for them: every row right both ways, and the same bits (a work tile's
+    result does not depend on which block took it, or after which)."""
+    shape = (4, 16, 1000, 64) if device == "cuda" else (2, 3, 520, 64)
+    q, k, v = random_qkv(*shape, device, generator, torch.bfloat16)
+    runs = []
+    for count in (1, 3) if device == "cpu" else (0,):
+        with emulation_workers(4, count) if device == "cpu" else contextlib.nullcontext():
+            runs.append(poisoned_outputs(q))
+            mf.forward(q, k, v, causal=causal, out=runs[-1], version=4)
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+    O_ref, L_ref = reference(q, k, v, causal)
+    assert_close("O", runs[0][0], O_ref, plain_attention(q, k, v, causal))
+    assert_close("L", runs[0][1], L_ref)
+
+
 GROUPED = [n for n, x in mf.VERSIONS.items() if x.grouped_heads]
 
 

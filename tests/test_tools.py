@@ -87,23 +87,24 @@ def block_marks(sm, start, ends, q_landed, loops, epilogue_ends):
 
 
 def test_block_timeline_summary_of_known_marks():
-    """Four blocks on two SMs: per tile 1000 cycles, Q landed at 100, the epilogue 300, the second consumer
-    50 later; so 450 cycles beyond the tiles', 0.45 tiles. Block 1 starts before the 32-bit timer wraps,
-    its first consumer ends before it too, its second after: it lasts 130 ns, then 400 ns to block 3."""
+    """Four work tiles on two SMs: per tile 1000 cycles, Q landed at 100, the epilogue 300, the second
+    consumer 50 later; so 450 cycles beyond the tiles', 0.45 tiles. Work tile 1 starts before the 32-bit
+    timer wraps, its first consumer ends before it too, its second after: it lasts 130 ns. SM 0's next
+    starts 200 ns after its first ends; SM 1's, 10 ns before (a persistent block's consumers overlap)."""
     timeline = tool("block_timeline")
     walked = torch.tensor([2, 4, 2, 4])
     loops = [100 + 1000 * w for w in walked.tolist()]
     ends = [[e + 300, e + 350] for e in loops]
     wrap = 2**32
-    records = block_marks(sm=[0, 1, 0, 1], start=[1000, wrap - 100, 3200, 430],
+    records = block_marks(sm=[0, 1, 0, 1], start=[1000, wrap - 100, 3200, 20],
                           ends=[[2990, 3000], [wrap - 20, 30], [5150, 5200], [3430, 3400]], q_landed=100, loops=loops,
                           epilogue_ends=ends)
     got = timeline.summary(records, walked)
-    walls = [2000, 130, 2000, 3000]
+    walls = [2000, 130, 2000, 3410]
     assert got == dict(blocks=4, tiles=3.0, q_landed=100.0, per_tile=1000.0, epilogue=300.0, skew=50.0,
                        rest_tiles=pytest.approx(0.45), block_us=pytest.approx(sum(walls) / 4 / 1e3),
                        cycles_per_ns=pytest.approx(3450 / (sum(walls) / 4)),
-                       gap_ns=300)  # the median of SM 0's 3200 - 3000 and SM 1's 430 - 30
+                       gap_ns=95)  # the median of SM 0's 3200 - 3000 and SM 1's 20 - 30
 
 
 def test_block_timeline_reads_each_blocks_marks_from_its_rows_of_L():
@@ -144,7 +145,7 @@ def test_emulation_times_runs_each_version_in_a_dtype_it_takes(capsys):
 @pytest.mark.parametrize("name, args, said", [
     ("hopper_steps", ["--dtype", "fp32"], "argument --dtype: invalid choice: 'fp32'"),
     ("hopper_steps", ["--dims", "96"], "argument --dims: invalid choice: 96"),
-    ("hopper_steps", ["--steps", "5"], "argument --steps: invalid choice: 5"),
+    ("hopper_steps", ["--steps", "6"], "argument --steps: invalid choice: 6"),
     ("hopper_steps", ["--seq-len", "0"], "argument --seq-len: must be at least 1, not 0"),
     ("block_timeline", ["--cases", "window:0"], "argument --cases: 'window:0' is not causal, full or window:W (W >= 1)"),
     ("block_timeline", ["--dim", "96"], "argument --dim: invalid choice: 96 (choose from 64, 128)"),

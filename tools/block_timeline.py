@@ -1,15 +1,17 @@
-"""Where a block of version 4's forward spends its time besides its tiles: the block's timeline
-(kernels/timeline.cuh), from a build of its own (-DBLOCK_TIMELINE) whose L holds each block's marks. H200
-only (sm_90a).
+"""Where version 4's forward spends a work tile's time (128 query rows of one head) besides its key tiles:
+the work tile's timeline (kernels/timeline.cuh), from a build of its own (-DBLOCK_TIMELINE) whose L holds
+each work tile's marks. H200 only (sm_90a).
 
     python tools/block_timeline.py [--cases causal full window:1024] [--seq-len 4096] [--dim 128] [--csv F]
 
-Per case, over every block: the cycles from the block's start until Q_i has landed; per tile walked (the
-loop's cycles over its tiles: the first tile's products and softmax, before the loop proper, included);
-from the last product into O to the end of the epilogue (O = O / l and its stores, L); how much later the
-second consumer ends than the first; the rest, the block's cycles beyond its tiles', in tiles' time; the
-block's wall time, the SM's clock (cycles per ns) and the gap between one block's end and the next one's
-start on the same SM. --csv writes one row per case with those columns.
+Per case, over every work tile: the cycles from its start (the consumers' turn to it) until Q_i has
+landed; per key tile walked (the loop's cycles over its tiles: the first tile's products and softmax,
+before the loop proper, included); from the last product into O to the end of the epilogue (O = O / l and
+its stores, L); how much later the second consumer ends than the first; the rest, the work tile's cycles
+beyond its key tiles', in tiles' time; its wall time, the SM's clock (cycles per ns) and the gap from its
+end to the start of the SM's next work tile (negative where the next one starts first: a persistent
+block's consumers start the next while the other still writes this one's O). --csv writes one row per
+case with those columns.
 """
 import argparse
 import dataclasses
@@ -77,7 +79,7 @@ def summary(records, walked):
     for s in sm.unique():
         blocks = (sm == s).nonzero().flatten()
         order = blocks[torch.argsort(since[blocks])]
-        gaps += [int((start_ns[b] - end_ns[a]) % 2**32) for a, b in zip(order[:-1], order[1:])]
+        gaps += [int((start_ns[b] - end_ns[a] + 2**31) % 2**32 - 2**31) for a, b in zip(order[:-1], order[1:])]
     return dict(blocks=len(records), tiles=walked.double().mean().item(),
                 q_landed=first[:, 3].double().median().item(), per_tile=per_tile,
                 epilogue=(first[:, 5] - first[:, 4]).double().median().item(),
@@ -89,8 +91,8 @@ def summary(records, walked):
 
 
 def records_of(L, N):
-    """Each block's marks out of L (B, H, N) as timeline.cuh wrote them: (B * H * N / Br, 2, 8) int64."""
-    return L.contiguous().view(torch.int32).reshape(-1, N // Br, 2, 64)[..., :8].reshape(-1, 2, 8).long()
+    """Each work tile's marks out of L (B, H, N) as timeline.cuh wrote them: (B * H * N / Br, 2, 8) int64."""
+    return L.cpu().contiguous().view(torch.int32).reshape(-1, N // Br, 2, 64)[..., :8].reshape(-1, 2, 8).long()
 
 
 def main(argv=None):
@@ -116,7 +118,7 @@ def main(argv=None):
                                              / "block_timeline")
     q, k, v = (torch.randn(B, H, N, args.dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, B={B} H={H} N={N} d={args.dim}; "
-          "cycles as medians over the blocks, the rest in tiles' time as a mean")
+          "cycles as medians over the work tiles, the rest in tiles' time as a mean")
     rows = []
     for name in args.cases:
         for _ in range(3):  # warm: the build, the clocks
@@ -125,10 +127,10 @@ def main(argv=None):
         torch.cuda.synchronize()
         row = dict(case=name, N=N, d=args.dim, **summary(records_of(L, N), tiles_walked(name, N).repeat(B * H)))
         rows.append(row)
-        print(f"{name:>12}: {row['blocks']} blocks of {row['tiles']:.2f} tiles; Q landed at {row['q_landed']:.0f} "
-              f"cycles, {row['per_tile']:.0f} a tile, epilogue {row['epilogue']:.0f}, second consumer "
-              f"{row['skew']:+.0f}; rest {row['rest_tiles']:.2f} tiles; a block {row['block_us']:.2f} us at "
-              f"{row['cycles_per_ns']:.2f} cycles/ns, then {row['gap_ns']:.0f} ns to the SM's next", flush=True)
+        print(f"{name:>12}: {row['blocks']} work tiles of {row['tiles']:.2f} key tiles; Q landed at "
+              f"{row['q_landed']:.0f} cycles, {row['per_tile']:.0f} a tile, epilogue {row['epilogue']:.0f}, second "
+              f"consumer {row['skew']:+.0f}; rest {row['rest_tiles']:.2f} tiles; a work tile {row['block_us']:.2f} us "
+              f"at {row['cycles_per_ns']:.2f} cycles/ns, the SM's next {row['gap_ns']:+.0f} ns after it", flush=True)
     if args.csv:
         bench.write_csv(rows, args.csv, fields=list(rows[0]))
 
