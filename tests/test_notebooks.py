@@ -1,8 +1,8 @@
 """The notebooks run top to bottom on this machine (in CI: the CPU emulation), and every check they
 make is an assert, so a kernel that goes wrong fails here. They are committed with their outputs,
 show the kernels by reading kernels/*.cu rather than pasting them, and the README links each one."""
-import contextlib
-import io
+import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -52,26 +52,49 @@ def test_notebook_is_committed_executed(path):
     assert images(nb)
 
 
+def refresher():
+    """tools/refresh_shown_source.py, which picks the show_source cells and runs them."""
+    spec = importlib.util.spec_from_file_location("refresh_shown_source", ROOT / "tools" / "refresh_shown_source.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_shown_source_is_current(path):
     """A cell that only shows kernel source (show_source calls) is committed with what it prints from
     today's kernels/: the reader on the web sees the kernels as they are, line numbers and all, though
-    the committed run is older than the kernel's last edit."""
-    sys.path.insert(0, str(ROOT / "notebooks"))
-    try:
-        from common import show_source
-    finally:
-        sys.path.pop(0)
+    the committed run is older than the kernel's last edit (`python tools/refresh_shown_source.py`
+    rewrites them)."""
+    tool = refresher()
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
-        calls = [line for line in cell.source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-        if cell.cell_type != "code" or not calls or not all(line.startswith("show_source(") for line in calls):
+        if cell.cell_type != "code" or not tool.is_shown_source(cell.source):
             continue
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            exec(cell.source, {"show_source": show_source})
         committed = "".join(out.get("text", "") for out in cell.outputs)
-        assert committed == printed.getvalue(), f"{path.name}: a show_source cell's output is stale:\n{cell.source}"
+        assert committed == tool.printed(cell.source), \
+            f"{path.name}: a show_source cell's output is stale (tools/refresh_shown_source.py):\n{cell.source}"
+
+
+def test_refresh_rewrites_stale_show_source_outputs_only(tmp_path):
+    """A copy of notebook 8 with one show_source cell's output made stale, and a mixed cell's output
+    changed too: the tool restores the first, leaves the second, and then has nothing left to do."""
+    tool = refresher()
+    copy = tmp_path / "08.ipynb"
+    copy.write_text((ROOT / "notebooks" / "08_hopper.ipynb").read_text(encoding="utf-8"), encoding="utf-8")
+    nb = json.loads(copy.read_text(encoding="utf-8"))
+    shown = next(c for c in nb["cells"] if c["cell_type"] == "code" and tool.is_shown_source("".join(c["source"])))
+    mixed = next(c for c in nb["cells"] if c["cell_type"] == "code" and c["outputs"]
+                 and "show_source(" in "".join(c["source"]) and not tool.is_shown_source("".join(c["source"])))
+    good = shown["outputs"][0]["text"]
+    shown["outputs"][0]["text"] = ["  1  an old line\n"]
+    mixed_outputs = mixed["outputs"] = [{"name": "stdout", "output_type": "stream", "text": ["kept\n"]}]
+    copy.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert tool.refresh(copy) is True
+    after = json.loads(copy.read_text(encoding="utf-8"))
+    assert next(c for c in after["cells"] if c["source"] == shown["source"])["outputs"][0]["text"] == good
+    assert next(c for c in after["cells"] if c["source"] == mixed["source"])["outputs"] == mixed_outputs
+    assert tool.refresh(copy) is False
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
