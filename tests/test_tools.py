@@ -101,8 +101,8 @@ def test_block_timeline_summary_of_known_marks():
                           epilogue_ends=ends)
     got = timeline.summary(records, walked)
     walls = [2000, 130, 2000, 3410]
-    assert got == dict(blocks=4, tiles=3.0, q_landed=100.0, per_tile=1000.0, epilogue=300.0, skew=50.0,
-                       rest_tiles=pytest.approx(0.45), block_us=pytest.approx(sum(walls) / 4 / 1e3),
+    assert got == dict(work_tiles=4, tiles=3.0, q_landed=100.0, per_tile=1000.0, epilogue=300.0, skew=50.0,
+                       rest_tiles=pytest.approx(0.45), work_tile_us=pytest.approx(sum(walls) / 4 / 1e3),
                        cycles_per_ns=pytest.approx(3450 / (sum(walls) / 4)),
                        gap_ns=95)  # the median of SM 0's 3200 - 3000 and SM 1's 20 - 30
 

@@ -7,11 +7,11 @@ each work tile's marks. H200 only (sm_90a).
 Per case, over every work tile: the cycles from its start (the consumers' turn to it) until Q_i has
 landed; per key tile walked (the loop's cycles over its tiles: the first tile's products and softmax,
 before the loop proper, included); from the last product into O to the end of the epilogue (O = O / l and
-its stores, L); how much later the second consumer ends than the first; the rest, the work tile's cycles
-beyond its key tiles', in tiles' time; its wall time, the SM's clock (cycles per ns) and the gap from its
-end to the start of the SM's next work tile (negative where the next one starts first: a persistent
-block's consumers start the next while the other still writes this one's O). --csv writes one row per
-case with those columns.
+its stores, L); how much longer the second consumer takes than the first (each counts from its own
+start); the rest, the work tile's cycles beyond its key tiles', in tiles' time; its wall time, the SM's
+clock (cycles per ns) and the gap from its end to the start of the SM's next work tile (negative where
+the next one starts first: a persistent block's consumer 0 starts the next while consumer 1 still
+writes this one's O). --csv writes one row per case with those columns.
 """
 import argparse
 import dataclasses
@@ -64,14 +64,14 @@ def tiles_walked(name, N):
 
 
 def summary(records, walked):
-    """records: int64 (blocks, 2 consumers, 8), what each consumer's thread 0 wrote (timeline.cuh);
-    walked: (blocks,) the tiles each walked. The case's medians and means, as the module's docstring
+    """records: int64 (work tiles, 2 consumers, 8), what each consumer's thread 0 wrote (timeline.cuh);
+    walked: (work tiles,) the key tiles each walked. The case's medians and means, as the module's docstring
     says them."""
     first, second = records[:, 0], records[:, 1]
     sm, start_ns = first[:, 0], first[:, 1]
     later = (second[:, 2] - first[:, 2]) % 2**32 < 2**31  # which consumer ended last (the timer wraps)
     end_ns = torch.where(later, second[:, 2], first[:, 2])
-    end = torch.maximum(first[:, 5], second[:, 5])  # cycles; both consumers count from their block's start
+    end = torch.maximum(first[:, 5], second[:, 5])  # cycles, each consumer's from its own start of the work tile
     per_tile = statistics.median(((first[:, 4] - first[:, 3]) / walked.clamp(min=1)).tolist())
     wall = (end_ns - start_ns) % 2**32
     since = (start_ns - start_ns[0] + 2**31) % 2**32 - 2**31  # ns after block 0's start (a kernel lasts < 2 s)
@@ -80,12 +80,12 @@ def summary(records, walked):
         blocks = (sm == s).nonzero().flatten()
         order = blocks[torch.argsort(since[blocks])]
         gaps += [int((start_ns[b] - end_ns[a] + 2**31) % 2**32 - 2**31) for a, b in zip(order[:-1], order[1:])]
-    return dict(blocks=len(records), tiles=walked.double().mean().item(),
+    return dict(work_tiles=len(records), tiles=walked.double().mean().item(),
                 q_landed=first[:, 3].double().median().item(), per_tile=per_tile,
                 epilogue=(first[:, 5] - first[:, 4]).double().median().item(),
                 skew=(second[:, 5] - first[:, 5]).double().median().item(),
                 rest_tiles=((end - walked * per_tile) / per_tile).double().mean().item(),
-                block_us=wall.double().mean().item() / 1e3,
+                work_tile_us=wall.double().mean().item() / 1e3,
                 cycles_per_ns=(end.double().mean() / wall.double().mean()).item(),
                 gap_ns=statistics.median(gaps) if gaps else float("nan"))
 
@@ -127,10 +127,11 @@ def main(argv=None):
         torch.cuda.synchronize()
         row = dict(case=name, N=N, d=args.dim, **summary(records_of(L, N), tiles_walked(name, N).repeat(B * H)))
         rows.append(row)
-        print(f"{name:>12}: {row['blocks']} work tiles of {row['tiles']:.2f} key tiles; Q landed at "
+        print(f"{name:>12}: {row['work_tiles']} work tiles of {row['tiles']:.2f} key tiles; Q landed at "
               f"{row['q_landed']:.0f} cycles, {row['per_tile']:.0f} a tile, epilogue {row['epilogue']:.0f}, second "
-              f"consumer {row['skew']:+.0f}; rest {row['rest_tiles']:.2f} tiles; a work tile {row['block_us']:.2f} us "
-              f"at {row['cycles_per_ns']:.2f} cycles/ns, the SM's next {row['gap_ns']:+.0f} ns after it", flush=True)
+              f"consumer {row['skew']:+.0f}; rest {row['rest_tiles']:.2f} tiles; a work tile "
+              f"{row['work_tile_us']:.2f} us at {row['cycles_per_ns']:.2f} cycles/ns, the SM's next "
+              f"{row['gap_ns']:+.0f} ns after it", flush=True)
     if args.csv:
         bench.write_csv(rows, args.csv, fields=list(rows[0]))
 

@@ -10,6 +10,8 @@
 #   combine    tools/combine_share.py: combine's share of a decode step, 32k  about 30 s
 #   timeline   tools/block_timeline.py: where version 4's forward blocks spend their time besides
 #              their tiles: FOLDER/block_timeline.csv, for notebooks/results/h200/   about 30 s
+#   steps      tools/hopper_steps.py, chapter 4's forward steps 1-5 at the N of the committed table:
+#              FOLDER/flash3_hopper_forward_steps.csv, for notebooks/results/h200/  a few minutes
 #   notebook7  notebook 7 run as a program (tools/run_notebook.py: no jupyter needed); on an H200 it
 #              rewrites notebooks/results/h200/gpt.csv and gpt_losses.csv       a few minutes
 # Usage: bash tools/gpu_check.sh STEP... [--logs FOLDER] [--versions "1 2"] [--jobs N] (default steps: all
@@ -17,8 +19,8 @@
 # arguments; "3 --part 1/3" a third of version 3's checks); jobs: each sanitizer's checks cut into N parts
 # (sanitize.py --part K/N) run side by side on the one GPU, the sanitizers being bound by the host's cores
 # (on a 16-core H100 machine, racecheck of "3" and of "4 dropout" in 4 parts each, 154 checks, took 344 s);
-# mods, combine, timeline and notebook7 only when named). Each step's log is FOLDER/STEP.txt (with --jobs, its parts
-# one after another).
+# mods, combine, timeline, steps and notebook7 only when named). Each step's log is FOLDER/STEP.txt (with --jobs,
+# its parts one after another).
 # Exits non-zero if a test or a sanitizer fails.
 # One call of a lent device machine may run 10 minutes: give it the steps that fit, e.g. "tests
 # memcheck" in one call and "racecheck" in the next.
@@ -75,6 +77,9 @@ for step in "${steps[@]}"; do
     combine) python3 tools/combine_share.py 2>&1 | tee -a "$logs/$step.txt" || failed=1 ;;
     timeline)
         python3 tools/block_timeline.py --csv "$logs/block_timeline.csv" 2>&1 | tee -a "$logs/$step.txt" || failed=1 ;;
+    steps)
+        python3 tools/hopper_steps.py --seq-len 512 1024 2048 4096 8192 16384 \
+            --csv "$logs/flash3_hopper_forward_steps.csv" 2>&1 | tee -a "$logs/$step.txt" || failed=1 ;;
     notebook7)
         python3 tools/run_notebook.py notebooks/07_training_a_gpt.ipynb 2>&1 | tee -a "$logs/$step.txt" || failed=1
         cp notebooks/results/h200/gpt.csv notebooks/results/h200/gpt_losses.csv "$logs/" 2>/dev/null ;;
