@@ -33,7 +33,8 @@
 //     a wgmma is a collective of its warpgroup whose results land in the accumulators only at the
 //     wgmma_wait that retires them (NaN before), a bulk reduce reads its shared memory (and adds it
 //     into global memory) only at the bulk_wait_read that retires it, and named barriers block.
-//     Their deadlocks are named as a __syncthreads' are.
+//     Their deadlocks are named as a __syncthreads' are, and so is a setmaxnreg.inc that asks for
+//     registers no setmaxnreg.dec gave back (on a GPU it waits for good).
 //   - atomicAdd is atomic, across blocks that run on different cores too.
 //   - Launch errors as a GPU reports them: too many threads, too much shared memory; and errors in a
 //     kernel: a misaligned float4 or ldmatrix row, a cp.async or ldmatrix outside shared memory, a failed
@@ -2222,9 +2223,9 @@ inline void setmaxnreg(const cpu_cuda::Site& site) {
     if (R < 24 || R > 256 || R % 8)
         worker.fail(site, std::to_string(R) + " registers: the count must be a multiple of 8 from 24 to 256");
     unsigned t;
-    const unsigned group = threadIdx.x / 128;
-    worker.meet(worker.warpgroup_of_current(t, site), 128, site,
-                [&worker, group, &site] { worker.set_registers(group, R, site); });
+    cpu_cuda::WarpGroup& group = worker.warpgroup_of_current(t, site);
+    const unsigned index = unsigned(&group - worker.warpgroups.data());
+    worker.meet(group, 128, site, [&worker, index, &site] { worker.set_registers(index, R, site); });
 }
 template <int R>
 inline void setmaxnreg_inc(CPU_CUDA_SITE) {
