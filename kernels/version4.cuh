@@ -42,26 +42,24 @@ static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
     return function;
 }
 
-// The GPU's compute capability, major * 10 + minor, asked once per device.
-static int capability(int device) {
+// What the CUDA runtime says of a device, asked once per (device, attribute): a question costs microseconds
+// of host time per call.
+static int device_attribute(int device, cudaDeviceAttr attribute) {
     static std::mutex mutex;
-    static std::map<int, int> known;
+    static std::map<std::pair<int, int>, int> known;
     std::lock_guard<std::mutex> lock(mutex);
-    if (!known.count(device)) {
-        int major = 0, minor = 0;
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-        known[device] = 10 * major + minor;
-    }
-    return known[device];
+    const auto key = std::pair{device, int(attribute)};
+    if (!known.count(key)) cudaDeviceGetAttribute(&known[key], attribute, device);
+    return known[key];
 }
-// The GPU's multiprocessors, asked once per device: a persistent kernel's blocks.
+// The GPU's compute capability, major * 10 + minor.
+static int capability(int device) {
+    return 10 * device_attribute(device, cudaDevAttrComputeCapabilityMajor) +
+           device_attribute(device, cudaDevAttrComputeCapabilityMinor);
+}
+// The GPU's multiprocessors: a persistent kernel's blocks.
 static int multiprocessors(int device) {
-    static std::mutex mutex;
-    static std::map<int, int> known;
-    std::lock_guard<std::mutex> lock(mutex);
-    if (!known.count(device)) cudaDeviceGetAttribute(&known[device], cudaDevAttrMultiProcessorCount, device);
-    return std::max(known[device], 1);
+    return std::max(device_attribute(device, cudaDevAttrMultiProcessorCount), 1);
 }
 #else
 static auto encode_tiled() { return &cuTensorMapEncodeTiled; }  // cpu_cuda.h's

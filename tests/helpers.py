@@ -1,11 +1,25 @@
 """Shared by the tests: the devices, the test matrix over (version, dtype), fresh random inputs, the
-float64 reference and the error measures; flash_attn_varlen_func's reference, a sequence at a time."""
+float64 reference and the error measures; flash_attn_varlen_func's reference, a sequence at a time; the
+scripts of tools/ as modules."""
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import minimal_flash as mf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tool(name):
+    """tools/NAME.py as a module (tools/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # Every kernel test runs on the CPU emulation; on a machine with a GPU it runs on CUDA too.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -1,7 +1,6 @@
 """The notebooks run top to bottom on this machine (in CI: the CPU emulation), and every check they
 make is an assert, so a kernel that goes wrong fails here. They are committed with their outputs,
 show the kernels by reading kernels/*.cu rather than pasting them, and the README links each one."""
-import importlib.util
 import json
 import re
 import subprocess
@@ -9,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import tool
 
 # jupyter is in requirements.txt, so CI and the README's test command have these. A GPU machine's
 # image may not (ours has no jupyter); there tools/run_notebook.py runs a notebook's code cells as one
@@ -52,49 +53,41 @@ def test_notebook_is_committed_executed(path):
     assert images(nb)
 
 
-def refresher():
-    """tools/refresh_shown_source.py, which picks the show_source cells and runs them."""
-    spec = importlib.util.spec_from_file_location("refresh_shown_source", ROOT / "tools" / "refresh_shown_source.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_shown_source_is_current(path):
     """A cell that only shows kernel source (show_source calls) is committed with what it prints from
     today's kernels/: the reader on the web sees the kernels as they are, line numbers and all, though
     the committed run is older than the kernel's last edit (`python tools/refresh_shown_source.py`
     rewrites them)."""
-    tool = refresher()
+    refresh = tool("refresh_shown_source")  # picks the show_source cells, runs them
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
-        if cell.cell_type != "code" or not tool.is_shown_source(cell.source):
+        if cell.cell_type != "code" or not refresh.is_shown_source(cell.source):
             continue
         committed = "".join(out.get("text", "") for out in cell.outputs)
-        assert committed == tool.printed(cell.source), \
+        assert committed == refresh.printed(cell.source), \
             f"{path.name}: a show_source cell's output is stale (tools/refresh_shown_source.py):\n{cell.source}"
 
 
 def test_refresh_rewrites_stale_show_source_outputs_only(tmp_path):
     """A copy of notebook 8 with one show_source cell's output made stale, and a mixed cell's output
     changed too: the tool restores the first, leaves the second, and then has nothing left to do."""
-    tool = refresher()
+    refresh = tool("refresh_shown_source")  # picks the show_source cells, runs them
     copy = tmp_path / "08.ipynb"
     copy.write_text((ROOT / "notebooks" / "08_hopper.ipynb").read_text(encoding="utf-8"), encoding="utf-8")
     nb = json.loads(copy.read_text(encoding="utf-8"))
-    shown = next(c for c in nb["cells"] if c["cell_type"] == "code" and tool.is_shown_source("".join(c["source"])))
+    shown = next(c for c in nb["cells"] if c["cell_type"] == "code" and refresh.is_shown_source("".join(c["source"])))
     mixed = next(c for c in nb["cells"] if c["cell_type"] == "code" and c["outputs"]
-                 and "show_source(" in "".join(c["source"]) and not tool.is_shown_source("".join(c["source"])))
+                 and "show_source(" in "".join(c["source"]) and not refresh.is_shown_source("".join(c["source"])))
     good = shown["outputs"][0]["text"]
     shown["outputs"][0]["text"] = ["  1  an old line\n"]
     mixed_outputs = mixed["outputs"] = [{"name": "stdout", "output_type": "stream", "text": ["kept\n"]}]
     copy.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    assert tool.refresh(copy) is True
+    assert refresh.refresh(copy) is True
     after = json.loads(copy.read_text(encoding="utf-8"))
     assert next(c for c in after["cells"] if c["source"] == shown["source"])["outputs"][0]["text"] == good
     assert next(c for c in after["cells"] if c["source"] == mixed["source"])["outputs"] == mixed_outputs
-    assert tool.refresh(copy) is False
+    assert refresh.refresh(copy) is False
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -1,19 +1,12 @@
 """The README's Python example runs as written, on whatever device this machine has (in CI, the
 CPU), from the repository root as the README says; and its tables of results are the committed
 CSVs', as tools/summary.py writes them, not numbers typed by hand."""
-import importlib.util
 import re
 from pathlib import Path
 
+from helpers import tool
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_summary():
-    """tools/summary.py as a module (tools/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("summary", ROOT / "tools" / "summary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_readme_python_example_runs(monkeypatch):
@@ -30,12 +23,12 @@ def test_readme_python_example_runs(monkeypatch):
 def test_results_tables_are_generated_from_the_csvs():
     """README.md's summary table and notebooks/results/README.md's tables are what
     `python tools/summary.py` writes from the CSVs in notebooks/results/h200/."""
-    out_of_date, _ = load_summary().stale()
+    out_of_date, _ = tool("summary").stale()
     assert not out_of_date, f"run python tools/summary.py: these tables differ from the CSVs': {out_of_date}"
 
 
 def test_summary_has_a_row_per_version():
-    summary = load_summary()
+    summary = tool("summary")
     import minimal_flash as mf
     rows = [line for line in summary.summary().splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(row.split("|")[1]) for row in rows] == list(mf.VERSIONS)
@@ -46,7 +39,7 @@ def test_bf16_table_adds_cudnn_beside_flashattention2_where_the_csv_has_it(tmp_p
     """A sweep with SDPA's cuDNN backend (from a GPU that runs it) gets its two columns in each pass;
     a point where it was left out shows "-". Without it the table stays as committed (test above)."""
     import bench
-    summary = load_summary()
+    summary = tool("summary")
     ms = {"manual": 4.0, "minimal-flash3": 1.0, "sdpa-flash": 0.8, "sdpa-cudnn": 0.5}
     rows = [dict(N=N, B=1, H=16, d=128, causal=False, dtype="bfloat16", method=m, **{"pass": p}, ms=ms[m] * N,
                  repeats=5, tflops=100 / ms[m], x_manual=4.0 / ms[m])
@@ -65,7 +58,7 @@ def test_mods_table_is_made_from_mods_csv_and_only_once_there_is_one(tmp_path, m
     """bench.py --mods' CSV as a table: ours and FlexAttention's TFLOP/s, and the ratios, by mod; a pass not
     measured shows "-". tables() holds it only where mods.csv exists."""
     import bench
-    summary = load_summary()
+    summary = tool("summary")
     monkeypatch.setattr(summary, "RESULTS", tmp_path)
     for name in ("summary", "sweep_table", "bf16_table", "steps_table", "decode_table", "varlen_table", "gpt_table"):
         monkeypatch.setattr(summary, name, lambda *args, **kwargs: "")  # they read the committed CSVs: not here

@@ -1,18 +1,13 @@
 """tools/sanitize.py, the script compute-sanitizer runs on a GPU machine: its --part slices (for
 racecheck, too slow for one 10-minute call on all of version 3) must cover every check once, in order.
 Listed, not run: the checks themselves run only on a GPU."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import tool
 
 
 def listed(capsys, *args):
-    spec = importlib.util.spec_from_file_location("sanitize", ROOT / "tools" / "sanitize.py")
-    sanitize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sanitize)
+    sanitize = tool("sanitize")
     sanitize.main([*args, "--list"])
     *lines, summary = capsys.readouterr().out.splitlines()
     return lines, summary

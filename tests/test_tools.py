@@ -1,7 +1,6 @@
 """The scripts in tools/ on the CPU: each refuses what it cannot do here (no GPU) and every bad argument
 in one line (argparse's usage error, or a message and a non-zero exit), never a traceback; and what
 they were found to get wrong (ptx_compare's kernels only in NEW, emulation_times' version 4)."""
-import importlib.util
 import json
 import os
 import re
@@ -12,15 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tool
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tool(name):
-    """tools/NAME.py as a module (tools/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
