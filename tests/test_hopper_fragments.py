@@ -15,7 +15,7 @@ import minimal_flash as mf
 
 sys.path.insert(0, str(mf.KERNELS.parent / "tools"))
 from fragments import (HOPPER_PRODUCTS, build_fragments, run_bulk_load_program, run_bulk_program,  # noqa: E402
-                       run_hopper_program, run_tma4_program)
+                       run_hopper_program, run_tickets_program, run_tma4_program)
 
 HALVES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -155,3 +155,18 @@ def test_bulk_copies_of_rows(build, device, bytes):
     expected = torch.zeros(16, 272, dtype=torch.uint8)
     expected[:, :bytes] = X[order, :bytes]
     assert torch.equal(run_bulk_load_program(build(device), device, X, order, bytes), expected)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("blocks", [1, 132])
+def test_tickets_of_one_counter(build, device, blocks):
+    """The int atomicAdd that hands version 4's persistent blocks their work tiles returns the value
+    before its addition: blocks of 384 threads taking 3 tickets each get every ticket from 0 on exactly
+    once, each thread's in increasing order, and the counter ends past the last, on the GPU and in the
+    emulation (whose threads interleave otherwise)."""
+    takes = 3
+    taken, tickets = run_tickets_program(build(device), device, blocks, takes)
+    total = blocks * 384 * takes
+    assert taken == total
+    assert torch.equal(tickets.flatten().sort().values, torch.arange(total, dtype=torch.int32))
+    assert bool((tickets.diff(dim=2) > 0).all()), "a thread's later ticket is not past its earlier one"

@@ -68,6 +68,8 @@ def build_fragments(device, folder=None, program="fragments"):
         library.run_bulk_load_fragments.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         library.run_tma4_fragments.restype = ctypes.c_char_p
         library.run_tma4_fragments.argtypes = [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+        library.run_tickets_fragments.restype = ctypes.c_char_p
+        library.run_tickets_fragments.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     library.folder = temporary  # kept as long as the library is
     return library
 
@@ -165,6 +167,17 @@ def run_tma4_program(library, device, Y):
     error = library.run_tma4_fragments(int(Y.dtype == torch.bfloat16), y.data_ptr(), B, rows, H, boxes.data_ptr())
     _finished("hopper_fragments", error, device)
     return boxes.cpu()
+
+
+def run_tickets_program(library, device, blocks, takes):
+    """Runs tools/hopper_fragments.cu's tickets: `blocks` blocks of 384 threads each take `takes` tickets
+    from one int counter (from 0) by atomicAdd. Returns (the counter after, the tickets: blocks x 384 x
+    takes, each thread's in the order it took them)."""
+    taken = torch.zeros(1, dtype=torch.int32, device=device)
+    out = torch.full((blocks, 384, takes), -1, dtype=torch.int32, device=device)
+    error = library.run_tickets_fragments(blocks, takes, taken.data_ptr(), out.data_ptr())
+    _finished("hopper_fragments", error, device)
+    return taken.item(), out.cpu()
 
 
 def run_bulk_load_program(library, device, X, order, bytes):

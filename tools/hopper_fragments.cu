@@ -210,6 +210,19 @@ __global__ void bulk_load_fragments(const unsigned char* X, const int* order, in
     for (int i = threadIdx.x; i < 16 * 272; i += blockDim.x) out[i] = rows[i];
 }
 
+// The work counter of version 4's persistent forward (an int atomicAdd, whose old value is the ticket):
+// each thread of each block takes `takes` tickets from *taken, and writes them, in the order it took
+// them, to out[(block * blockDim + thread) * takes + i]. Every ticket from 0 on is taken exactly once,
+// and each thread's are increasing, on the GPU and in the emulation; the threads' interleaving is each
+// one's own. (__syncthreads between takes lets the block's threads interleave in the emulation too.)
+__global__ void tickets_fragments(int* taken, int* out, int takes) {
+    const int thread = blockIdx.x * blockDim.x + threadIdx.x;
+    for (int i = 0; i < takes; ++i) {
+        out[thread * takes + i] = atomicAdd(taken, 1);
+        __syncthreads();
+    }
+}
+
 // The driver's cuTensorMapEncodeTiled on the GPU, found through the runtime (no -lcuda); the
 // emulation's on the CPU.
 static decltype(&cuTensorMapEncodeTiled) encoder() {
@@ -298,6 +311,14 @@ const char* run_bulk_load_fragments(const unsigned char* X, const int* order, in
 // The bulk reduce of `blocks` blocks of 128 threads into out (512 floats, zeros); "" on success.
 const char* run_bulk_fragments(int blocks, float* out) {
     LAUNCH(bulk_fragments, dim3(blocks), dim3(128), 2048, 0)(out);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? "" : cudaGetErrorString(err);
+}
+
+// tickets_fragments on `blocks` blocks of 384 threads (version 4's block), `takes` tickets each; *taken
+// starts at 0; out: blocks x 384 x takes ints.
+const char* run_tickets_fragments(int blocks, int takes, int* taken, int* out) {
+    LAUNCH(tickets_fragments, dim3(blocks), dim3(384), 0, 0)(taken, out, takes);
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }
