@@ -64,6 +64,14 @@ constexpr int THREADS = 128 * (CONSUMERS + SPECIALIZED);  // (step 1: no produce
 constexpr int Br = 64 * CONSUMERS, Bc = 128;              // query rows per block, keys per tile
 constexpr int STAGES = 2;                                 // K_j, V_j buffers in the ring
 constexpr int SUB = 64;                                   // columns of a swizzled sub-tile: 128 bytes
+// setmaxnreg's split of the block's registers, 3 x 168 a thread (one block takes all 64K of the
+// multiprocessor's): the producer keeps few, the consumers get the rest, and no more than was given
+// back, or their setmaxnreg.inc waits for good. A mask's producer walks the block mask (mods::walk,
+// mods::tile) and would spill in 24; there it keeps 48 and the consumers take 224, which they fit in
+// (ptxas -v: no spill in either build).
+constexpr int PRODUCER_REGISTERS = mods::MASK ? 48 : 24, CONSUMER_REGISTERS = mods::MASK ? 224 : 240;
+static_assert(PRODUCER_REGISTERS + CONSUMERS * CONSUMER_REGISTERS <= (1 + CONSUMERS) * 168,
+              "the consumers would wait for registers that no warpgroup gives back");
 
 // Chapter 6, a mask: what the producer's walk found for the tile in a stage, published beside it, so
 // that the consumers neither walk the block mask nor read it: the tile walked after this one (`end`
@@ -235,8 +243,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     __syncthreads();  // the barriers are ready for all; from here on, only mbarriers and named barriers
 
     if (SPECIALIZED && threadIdx.x < 128) {  // the producer warpgroup
-        setmaxnreg_dec<24>();                // keeps few registers: the consumers get them (24 + 2 x 240
-                                             // = 3 x 168, all the block has: no more is left for it)
+        setmaxnreg_dec<PRODUCER_REGISTERS>();  // keeps few registers: the consumers get them
         if (threadIdx.x == 0) {
             // The block's work tiles: its own, id = blockIdx.x, then (persistent) the next one not
             // taken yet, gridDim.x + the counter `taken` (from 0: the launch zeroes it). The n-th one's
@@ -269,7 +276,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
         return;
     }
-    if (SPECIALIZED) setmaxnreg_inc<240>();
+    if (SPECIALIZED) setmaxnreg_inc<CONSUMER_REGISTERS>();
     if (!SPECIALIZED && threadIdx.x == 0) {  // step 1: thread 0 issues the first STAGES tiles now,
         const Work u = work(blockIdx.x);      // the others as its own loop frees their stages (no mods)
         load_Q(t, &tmQ, u.row0, u.h, u.b);
