@@ -22,22 +22,19 @@
 // model's permuted views and the gradient of its (B, T, H, d) output need no copy. O (the forward's),
 // L, dK, dV and dQ are contiguous.
 //
-// Who owns what: a work tile is Bc = 128 keys of one (batch, head); a block of 3 warpgroups of 128
-// threads takes one (step 5), or, persistent (step 6), one block per multiprocessor takes work tiles
-// one after the other until none is left, as the forward's do.
+// Who owns what: one block per (batch, head, Bc = 128 keys), 3 warpgroups of 128 threads.
 //
-//   warpgroup 0, producer   thread 0 issues every copy: K_j, V_j once per work tile; the block's t-th
-//                           Q_i, dO_i into stage t % STAGES once every consumer thread has released the
-//                           tile before; with a mask, it walks the block mask and sends each tile's Step
-//                           with it; it takes the next work tile (a counter in global memory) and tells
-//                           the consumers which with its K_j. Its registers go to the consumers (setmaxnreg).
+//   warpgroup 0, producer   thread 0 issues every copy: K_j, V_j once; the block's t-th Q_i, dO_i
+//                           into stage t % STAGES once every consumer thread has released the tile
+//                           before; with a mask, it walks the block mask and sends each tile's Step
+//                           with it. Its registers go to the consumers (setmaxnreg).
 //   warpgroup 1, consumer 0 keys  0- 63: S^T, dP^T (64 x 64) for the tile, dK_j, dV_j (64 x d) for the
 //                           whole pass; dQ_i's first d/2 columns (64 x d/2) for the tile, over all
 //                           128 keys
 //   warpgroup 2, consumer 1 keys 64-127: the same; dQ_i's last d/2 columns
 //
 //   shared memory (1024-byte aligned; 16-bit tiles in sub-tiles of 64 columns, 128-byte swizzled)
-//     K_j, V_j          Bc x d each                TMA per work tile, read by both consumers' wgmma
+//     K_j, V_j          Bc x d each                TMA, read by both consumers' wgmma
 //     Q_i, dO_i         STAGES x (Br x d) each     the ring: TMA writes, wgmma reads
 //     dS_ij^T           2 x (Bc x Br)              each consumer its 64 rows, both read all of it;
 //                                                  two buffers, tile % 2, as a consumer may store the
@@ -45,7 +42,6 @@
 //     dQ_i's share      Br x d fp32                each consumer its columns: stores, then the copy engine
 //     L_i, D_i          2 x STAGES x 2 x Br fp32   each consumer its own, by ordinary loads a tile ahead
 //     Step              STAGES                     (mask) the producer's walk: it stores, consumers read
-//     work              1                          (persistent) the producer's work tile: likewise
 //
 //   within a consumer, warp w holds keys 16w .. 16w + 15 of its 64, lane (g, q) keys g and g + 8
 //   and, of every 8 query columns, 2q and 2q + 1 (the accumulator layout of kernels/hopper.cuh).
@@ -60,18 +56,6 @@ constexpr int CONSUMERS = 2, THREADS = 128 * (1 + CONSUMERS);  // a producer war
 constexpr int Bc = 64 * CONSUMERS, Br = 64;                    // keys per block, queries per tile
 constexpr int STAGES = 2;                                      // Q_i, dO_i buffers in the ring
 constexpr int SUB = 64;                                        // columns of a swizzled sub-tile: 128 bytes
-
-// The steps of the backward (notebooks/results/h200/flash3_hopper_backward_steps.csv measures them; 1-4
-// were commits, each the next): 5, a producer warpgroup issues every copy; 6 (-DHOPPER_BACKWARD_STEP,
-// the default), + persistent blocks: the producer loads the next work tile's K_j, V_j and first Q_i,
-// dO_i while the consumers send off the last one's dQ and write its dK_j, dV_j.
-#ifndef HOPPER_BACKWARD_STEP
-#define HOPPER_BACKWARD_STEP 6
-#endif
-static_assert(HOPPER_BACKWARD_STEP == 5 || HOPPER_BACKWARD_STEP == 6, "the backward's steps 5 and 6 are builds");
-// A build with chapter 6's mods stays at step 5: there the work tiles' loop left the registers short
-// (ptxas -v: a mask's producer in its 24 spilled, the consumers at d = 128 in their 240).
-constexpr bool PERSISTENT = HOPPER_BACKWARD_STEP >= 6 && !mods::HOOKED;
 
 // The fp32 sums of dQ: query tile by query tile (Tr = ceil(N / Br) a slice, the last one padded),
 // Br x d floats each, in the order the warps hold them (kernels/hopper.cuh): by consumer (its d/2
@@ -91,9 +75,8 @@ template <int d>
 struct Shared {
     static constexpr int K = 0, V = K + Bc * d * 2, Q = V + Bc * d * 2, dO = Q + STAGES * Br * d * 2,
                          dS = dO + STAGES * Br * d * 2, dQ = dS + 2 * Bc * Br * 2, LD = dQ + Br * d * 4,
-                         BARRIERS = LD + CONSUMERS * STAGES * 2 * Br * 4, STEPS = BARRIERS + (2 + 2 * STAGES) * 8,
-                         WORK = STEPS + STAGES * sizeof(Step);
-    static constexpr int bytes = WORK + 4 + 1024;  // + room to align the start
+                         BARRIERS = LD + CONSUMERS * STAGES * 2 * Br * 4, STEPS = BARRIERS + (1 + 2 * STAGES) * 8;
+    static constexpr int bytes = STEPS + STAGES * sizeof(Step) + 1024;  // + room to align the start
 };
 inline size_t shared_bytes(int d) { return d == 64 ? Shared<64>::bytes : Shared<128>::bytes; }
 
@@ -102,9 +85,8 @@ template <int d>
 struct Tiles {
     unsigned short *K, *V, *Q, *dO, *dS;  // sub-tile c of Q's stage s: Q + (s * d / SUB + c) * Br * SUB
     float *dQ, *LD;
-    uint64_t *KV_full, *KV_empty, *QdO_full, *QdO_empty;
+    uint64_t *KV_full, *QdO_full, *QdO_empty;
     Step* step;  // step[s]: the walk at stage s's tile (mods)
-    int* work;   // the work tile whose K_j, V_j are in K, V (persistent)
 
     __device__ explicit Tiles(char* base) {
         K = reinterpret_cast<unsigned short*>(base + Shared<d>::K);
@@ -115,9 +97,8 @@ struct Tiles {
         dQ = reinterpret_cast<float*>(base + Shared<d>::dQ);
         LD = reinterpret_cast<float*>(base + Shared<d>::LD);
         KV_full = reinterpret_cast<uint64_t*>(base + Shared<d>::BARRIERS);
-        KV_empty = KV_full + 1, QdO_full = KV_empty + 1, QdO_empty = QdO_full + STAGES;
+        QdO_full = KV_full + 1, QdO_empty = QdO_full + STAGES;
         step = reinterpret_cast<Step*>(base + Shared<d>::STEPS);
-        work = reinterpret_cast<int*>(base + Shared<d>::WORK);
     }
     __device__ unsigned short* Q_stage(int s) const { return Q + s * Br * d; }
     __device__ unsigned short* dO_stage(int s) const { return dO + s * Br * d; }
@@ -155,53 +136,37 @@ __device__ inline int swizzled(int row, int col) {
     return row * 128 + ((col / 8) ^ (row % 8)) * 16 + col % 8 * 2;
 }
 
-// ---- the work tiles ----------------------------------------------------------------------------------
-// Work tile id, of the launch's Tc * BH: Bc keys of one (batch, head) slice. As the forward's
-// (flash3_hopper::work_tile): the slices in sections of `section` (as many as the L2 cache holds the
-// Q, dO and dQ sums of: version 4's run chooses), each key block of the section's slices in turn,
-// heaviest first where causal (the first keys are seen by the most queries). Deterministic and causal,
-// the other way, from the last keys (see add_dQ_share): a slice's key blocks are taken in the order
-// their turns come.
-struct Work {
-    int bh, j;  // the slice, its key block
-};
-__device__ inline Work work_tile(int id, int Tc, int BH, int section, bool last_first) {
-    const int first = id / (section * Tc) * section, slices = min(section, BH - first);  // the section's
-    const int bh = first + (id - first * Tc) % slices, rank = (id - first * Tc) / slices;
-    return {bh, last_first ? Tc - 1 - rank : rank};
-}
-
 template <class T, int d>
 __global__ void __launch_bounds__(THREADS, 1)
     backward(const __grid_constant__ CUtensorMap tmK, const __grid_constant__ CUtensorMap tmV,
              const __grid_constant__ CUtensorMap tmQ, const __grid_constant__ CUtensorMap tmdO,
-             const float* L, const float* D, int N, int H, int BH, int section, float scale, bool causal,
-             float* dQ_sum, unsigned short* dK, unsigned short* dV, bool deterministic, int* turns, int* taken,
+             const float* L, const float* D, int N, int H, float scale, bool causal, float* dQ_sum,
+             unsigned short* dK, unsigned short* dV, bool deterministic, int* turns,
              const __grid_constant__ mods::Args mod_args) {
     // smem: the block's shared memory (tiles.cuh); its start rounded up to 1024 bytes for the swizzle
     char* base = reinterpret_cast<char*>(smem);
     base += (1024 - shared_address(base) % 1024) % 1024;
     const Tiles<d> t(base);
-    const int Tr = ceil_div(N, Br), Tc = ceil_div(N, Bc), total = Tc * BH;  // query tiles, key blocks, work tiles
-    auto work = [&](int id) { return work_tile(id, Tc, BH, section, deterministic && causal); };
-    // Chapter 6: with a mask_mod, the query tiles that the block mask marks EMPTY for the work tile's
-    // keys are skipped (mods::Walk; without mods, the walk is i = i_start, i_start + 1, ..): the
-    // producer walks, and tells the consumers each step ahead (Step). Not when deterministic: a work
-    // tile's turn at a tile of dQ waits for every one before it to have added its share there, so each
-    // walks every tile. Causal, the walk starts at the diagonal: earlier queries see none of the keys.
-    auto walk = [&](const Work& u) {
-        const int b = u.bh / H, h = u.bh % H, x0 = u.j * Bc / mods::TILE,
-                  x1 = ceil_div(min(u.j * Bc + Bc, N), mods::TILE);
-        return mods::walk(mods::span<true>(mod_args, b, h, x0, x1), 1, Tr, mods::MASK && !deterministic,
-                          [&mod_args, b, h, x0, x1](int i) {
-                              return mods::tiles(mod_args, b, h, i, i + 1, x0, x1) == mods::EMPTY;
-                          });
-    };
-    auto i_start = [&](const Work& u) { return causal ? u.j * Bc / Br : 0; };
+
+    // The block's keys: block j of the slice. Causal and deterministic, the last first (see add_dQ_share).
+    const int j = deterministic && causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, key0 = j * Bc, Tr = ceil_div(N, Br);
+    const int i_start = causal ? key0 / Br : 0;  // causal: earlier queries see none of these keys
+    // Chapter 6: with a mask_mod, the query tiles that the block mask marks EMPTY for the block's keys
+    // are skipped (mods::Walk; without mods, the walk is i = i_start, i_start + 1, ..): the producer
+    // walks, and tells the consumers each step ahead (Step). Not when deterministic: a block's turn at
+    // a tile of dQ waits for every block before it to have added its share there, so every block walks
+    // every tile.
+    const int x0 = key0 / mods::TILE, x1 = ceil_div(min(key0 + Bc, N), mods::TILE);
+    const auto walk =
+        mods::walk(mods::span<true>(mod_args, b, h, x0, x1), 1, Tr, mods::MASK && !deterministic,
+                   [&](int i) { return mods::tiles(mod_args, b, h, i, i + 1, x0, x1) == mods::EMPTY; });
     static_assert(Br == mods::TILE && Bc == 2 * mods::TILE, "a query tile is one row of the block mask's");
+    const int i_first = walk.first(i_start);
+    L += size_t(bh) * N, D += size_t(bh) * N;
 
     if (threadIdx.x == 0) {
-        mbarrier_init(t.KV_full, 1), mbarrier_init(t.KV_empty, 128 * CONSUMERS);
+        mbarrier_init(t.KV_full, 1);
         for (int s = 0; s < STAGES; ++s)  // full: 1 arrival (expect_tx) and the bytes; empty: every consumer thread
             mbarrier_init(&t.QdO_full[s], 1), mbarrier_init(&t.QdO_empty[s], 128 * CONSUMERS);
         fence_mbarrier_init();
@@ -209,39 +174,18 @@ __global__ void __launch_bounds__(THREADS, 1)
     __syncthreads();
     if (threadIdx.x < 128) {     // the producer warpgroup
         setmaxnreg_dec<24>();    // keeps few registers: the consumers get them
-        if (threadIdx.x == 0) {
-            // The block's work tiles, as the forward's producer takes them: its own, id = blockIdx.x, then
-            // (persistent) gridDim.x + the counter `taken` (the pre-pass zeroes it), each id told to the
-            // consumers in `work` once they have released the last work tile's K_j, V_j, published by
-            // KV_full's arrival; an id past the last says: no more. `it` counts the tiles walked, over
-            // all of them: the ring runs on from one work tile to the next.
-            for (int n = 0, id = blockIdx.x, it = 0; PERSISTENT || n == 0; ++n) {
-                if (PERSISTENT) {
-                    mbarrier_wait(t.KV_empty, (n + 1) % 2);
-                    *t.work = id;
-                    if (id >= total) {
-                        mbarrier_arrive(t.KV_full);
-                        break;
-                    }
-                }
-                const Work u = work(id);
-                const int b = u.bh / H, h = u.bh % H, x0 = u.j * Bc / mods::TILE;
-                const auto walk_u = walk(u);
-                // Alg. 2, line 6: K_j, V_j; then every tile of the ring, as stages free
-                mbarrier_arrive_expect_tx(t.KV_full, 2 * Bc * d * 2);
-                for (int c = 0; c < d / SUB; ++c) {
-                    tma_load(t.K + c * Bc * SUB, &tmK, c * SUB, u.j * Bc, h, b, t.KV_full);
-                    tma_load(t.V + c * Bc * SUB, &tmV, c * SUB, u.j * Bc, h, b, t.KV_full);
-                }
-                for (int i = walk_u.first(i_start(u)), next = walk_u.next(i); i < Tr; ++it) {
-                    Step step{next < Tr ? walk_u.next(next) : Tr};
-                    for (int c = 0; mods::MASK && c < CONSUMERS; ++c)
-                        step.state[c] = mods::tile(mod_args, b, h, i, x0 + c);
-                    load_QdO(t, &tmQ, &tmdO, it, i, h, b, step);
-                    i = next, next = step.after;
-                }
-                // (while the consumers still compute the last tiles: the atomic's latency is hidden)
-                if (PERSISTENT) id = gridDim.x + atomicAdd(taken, 1);
+        if (threadIdx.x == 0) {  // Alg. 2, line 6: K_j, V_j; then every tile of the ring, as stages free
+            mbarrier_arrive_expect_tx(t.KV_full, 2 * Bc * d * 2);
+            for (int c = 0; c < d / SUB; ++c) {
+                tma_load(t.K + c * Bc * SUB, &tmK, c * SUB, key0, h, b, t.KV_full);
+                tma_load(t.V + c * Bc * SUB, &tmV, c * SUB, key0, h, b, t.KV_full);
+            }
+            for (int i = i_first, next = walk.next(i), it = 0; i < Tr; ++it) {
+                Step step{next < Tr ? walk.next(next) : Tr};
+                for (int c = 0; mods::MASK && c < CONSUMERS; ++c)
+                    step.state[c] = mods::tile(mod_args, b, h, i, x0 + c);
+                load_QdO(t, &tmQ, &tmdO, it, i, h, b, step);
+                i = next, next = step.after;
             }
         }
         return;
@@ -251,6 +195,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int consumer = threadIdx.x / 128 - 1, tid = threadIdx.x % 128, w = tid / 32,
               lane = threadIdx.x % 32;
     const int g = lane / 4, q = lane % 4;
+    const int warp_key = key0 + 64 * consumer + 16 * w, key = warp_key + g;  // the lane's keys: key, key + 8
     const unsigned short *K_c = t.K + 64 * consumer * SUB,
                          *V_c = t.V + 64 * consumer * SUB;  // its keys' rows
     constexpr int half = d / CONSUMERS;                     // its columns of dQ: half consumer ..
@@ -259,196 +204,178 @@ __global__ void __launch_bounds__(THREADS, 1)
     const float c = scale * LOG2E;
     const int bar = 1 + consumer, both = 3;  // named barriers: the consumer's 128 threads; both's 256
 
-    int it = 0;  // the ring's position: tiles walked, over all the block's work tiles
-    for (int n = 0; PERSISTENT || n == 0; ++n) {  // the block's work tiles
-        mbarrier_wait(t.KV_full, n % 2);  // K_j, V_j have landed, and the producer's word of its work tile
-        const int id = PERSISTENT ? *t.work : blockIdx.x;
-        if (id >= total) break;
-        const Work u = work(id);
-        const auto walk_u = walk(u);
-        const int bh = u.bh, b = bh / H, h = bh % H, j = u.j, key0 = j * Bc, i_first = walk_u.first(i_start(u));
-        const int warp_key = key0 + 64 * consumer + 16 * w, key = warp_key + g;  // the lane's keys: key, key + 8
+    // L_i and D_i (L in log2 units) of query tile i: each thread loads one, a tile ahead of the
+    // tile that reads it, so that the load's latency passes under the products; LD_c(s): the
+    // warpgroup's buffer of stage s.
+    auto load_LD = [&](int i) {
+        const int row = i * Br + tid % Br;  // L from threads 0-63, D from 64-127
+        return row >= N ? 0.0f : tid < Br ? log2_of_L(L[row]) : D[row];
+    };
+    static_assert(2 * Br == 128, "each of the warpgroup's threads loads one of L_i, D_i");
+    auto LD_c = [&](int s) { return t.LD + (consumer * STAGES + s) * 2 * Br; };
 
-        // L_i and D_i (L in log2 units) of query tile i: each thread loads one, a tile ahead of the
-        // tile that reads it, so that the load's latency passes under the products; LD_c(s): the
-        // warpgroup's buffer of stage s.
-        auto load_LD = [&](int i) {
-            const int row = i * Br + tid % Br;  // L from threads 0-63, D from 64-127
-            return row >= N ? 0.0f : tid < Br ? log2_of_L(L[size_t(bh) * N + row]) : D[size_t(bh) * N + row];
-        };
-        static_assert(2 * Br == 128, "each of the warpgroup's threads loads one of L_i, D_i");
-        auto LD_c = [&](int s) { return t.LD + (consumer * STAGES + s) * 2 * Br; };
+    // The warpgroup's share of dQ_i (its columns), stored in shared memory by the tile before: one
+    // copy-engine request adds it into the fp32 sums. deterministic: the shares of these columns of
+    // dQ_i are added in one order, by key block: this block's turn comes after the j blocks of the
+    // keys before its own. Causal, in the other order, from the last block that sees tile i: the
+    // blocks start in that order too (j from the last), each at its own diagonal tile, so that a
+    // block's turn comes when the blocks before it, which started earlier and nearer the tile, have
+    // passed it (in key order, each block would wait at its first tile for all the blocks before it
+    // to get there). It waits for its own request's writes to be complete (bulk_wait, not only read)
+    // before the release, which then publishes them to the next block's acquire. A block waits only
+    // for blocks of lower index, which the GPU starts first (as FlashAttention-3's deterministic mode
+    // also assumes).
+    auto add_dQ_share = [&](int i) {
+        fence_proxy_async();  // the stores, before the copy engine reads them
+        named_barrier_sync(bar, 128);
+        if (tid == 0) {
+            int* turn = turns + (size_t(bh) * Tr + i) * CONSUMERS + consumer;
+            const int last =
+                min(int(gridDim.x) - 1, (i * Br + Br - 1) / Bc);  // the last block that sees tile i
+            if (deterministic) wait_until_equal(turn, causal ? last - j : j);
+            bulk_reduce_add(dQ_sum + (size_t(bh) * Tr + i) * Br * d + consumer * Br * half, dQ_c,
+                            Br * half * 4);
+            bulk_commit();
+            if (deterministic) bulk_wait<0>(), release_increment(turn);  // added: the next may go
+        }
+    };
 
-        // The warpgroup's share of dQ_i (its columns), stored in shared memory by the tile before: one
-        // copy-engine request adds it into the fp32 sums. deterministic: the shares of these columns of
-        // dQ_i are added in one order, by key block: this work tile's turn comes after the j key blocks
-        // before its own. Causal, in the other order, from the last key block that sees tile i: the work
-        // tiles are taken in that order too (j from the last), each starting at its own diagonal tile, so
-        // that a turn comes when the work tiles before it, which started earlier and nearer the tile, have
-        // passed it (in key order, each would wait at its first tile for all the ones before it to get
-        // there). It waits for its own request's writes to be complete (bulk_wait, not only read) before
-        // the release, which then publishes them to the next one's acquire. A work tile waits only for
-        // work tiles of lower id, which are taken first (step 5: blocks of lower index, which the GPU
-        // starts first, as FlashAttention-3's deterministic mode also assumes), and never wait for it.
-        auto add_dQ_share = [&](int i) {
-            fence_proxy_async();  // the stores, before the copy engine reads them
-            named_barrier_sync(bar, 128);
-            if (tid == 0) {
-                int* turn = turns + (size_t(bh) * Tr + i) * CONSUMERS + consumer;
-                const int last = min(Tc - 1, (i * Br + Br - 1) / Bc);  // the last key block that sees tile i
-                if (deterministic) wait_until_equal(turn, causal ? last - j : j);
-                bulk_reduce_add(dQ_sum + (size_t(bh) * Tr + i) * Br * d + consumer * Br * half, dQ_c,
-                                Br * half * 4);
-                bulk_commit();
-                if (deterministic) bulk_wait<0>(), release_increment(turn);  // added: the next may go
-            }
-        };
+    float dv[d / 8][4] = {}, dk[d / 8][4] = {};          // Alg. 2, line 7
+    int i = i_first, i_next = walk.next(i), i_prev = 0;  // the tile, the one after it, the one before
+    LD_c(0)[tid] = load_LD(i);
+    float LD_next = i_next < Tr ? load_LD(i_next) : 0.0f;
+    mbarrier_wait(t.KV_full, 0);
+    for (int it = 0; i < Tr; ++it) {  // tile i, the it-th walked
+        const int q0 = i * Br, s = it % STAGES;
+        const unsigned short *Q_t = t.Q_stage(s), *dO_t = t.dO_stage(s);
+        const float* LD_t = LD_c(s);
 
-        // The work tile's K_j, V_j may be overwritten (by the next work tile's) once its last products
-        // that read them are done: the producer then loads them while the consumers send off the last
-        // share of dQ and write dK_j, dV_j. Every thread arrives: each has read `work` too.
-        auto release_KV = [&] {
-            if (PERSISTENT) mbarrier_arrive(t.KV_empty);
-        };
-
-        float dv[d / 8][4] = {}, dk[d / 8][4] = {};              // Alg. 2, line 7
-        int i = i_first, i_next = walk_u.next(i), i_prev = -1;  // the tile, the one after it, the one before
-        LD_c(it % STAGES)[tid] = load_LD(i);  // (last read two tiles ago, before add_dQ_share's barrier)
-        float LD_next = i_next < Tr ? load_LD(i_next) : 0.0f;
-        if (i_first >= Tr) release_KV();  // (a work tile whose keys no query sees walks no tile)
-        for (; i < Tr; ++it) {  // tile i, the it-th walked
-            const int q0 = i * Br, s = it % STAGES;
-            const unsigned short *Q_t = t.Q_stage(s), *dO_t = t.dO_stage(s);
-            const float* LD_t = LD_c(s);
-
-            // Alg. 2, lines 11 and 13: S^T = K_j Q_i^T and dP^T = V_j dO_i^T, issued as two groups once
-            // Q_i, dO_i have landed; under them, the last tile's share of dQ is sent off (its barrier
-            // also makes this tile's L_i, D_i, stored by the last tile, visible).
-            float st[Br / 8][4], dpt[Br / 8][4];
-            mbarrier_wait(&t.QdO_full[s], it / STAGES % 2);
-            wgmma_fence();
-            wgmma_ss_first<T, Br>(st, k_major(K_c, Bc, 0), k_major(Q_t, Br, 0));
+        // Alg. 2, lines 11 and 13: S^T = K_j Q_i^T and dP^T = V_j dO_i^T, issued as two groups once
+        // Q_i, dO_i have landed; under them, the last tile's share of dQ is sent off (its barrier
+        // also makes this tile's L_i, D_i, stored by the last tile, visible).
+        float st[Br / 8][4], dpt[Br / 8][4];
+        mbarrier_wait(&t.QdO_full[s], it / STAGES % 2);
+        wgmma_fence();
+        wgmma_ss_first<T, Br>(st, k_major(K_c, Bc, 0), k_major(Q_t, Br, 0));
 #pragma unroll
-            for (int kk = 1; kk < d / 16; ++kk)
-                wgmma_ss<T, Br>(st, k_major(K_c, Bc, kk), k_major(Q_t, Br, kk), true);
-            wgmma_commit();
-            wgmma_ss_first<T, Br>(dpt, k_major(V_c, Bc, 0), k_major(dO_t, Br, 0));
+        for (int kk = 1; kk < d / 16; ++kk)
+            wgmma_ss<T, Br>(st, k_major(K_c, Bc, kk), k_major(Q_t, Br, kk), true);
+        wgmma_commit();
+        wgmma_ss_first<T, Br>(dpt, k_major(V_c, Bc, 0), k_major(dO_t, Br, 0));
 #pragma unroll
-            for (int kk = 1; kk < d / 16; ++kk)
-                wgmma_ss<T, Br>(dpt, k_major(V_c, Bc, kk), k_major(dO_t, Br, kk), true);
-            wgmma_commit();
-            if (i_prev >= 0)
-                add_dQ_share(i_prev);
-            else
-                named_barrier_sync(bar, 128);  // L_i, D_i, stored above
-            // Chapter 6, a block mask: the walk's tile after next, and the block mask's tile under the
-            // consumer's keys, from the producer's Step, read while the tensor cores run the products.
-            // Without a mask, the next tile, and every tile PARTIAL (score_mod's tiles are all taken apart).
-            int i_after = i_next < Tr ? i_next + 1 : Tr;
-            mods::Tile state = mods::PARTIAL;
-            if constexpr (mods::MASK) i_after = t.step[s].after, state = t.step[s].state[consumer];
+        for (int kk = 1; kk < d / 16; ++kk)
+            wgmma_ss<T, Br>(dpt, k_major(V_c, Bc, kk), k_major(dO_t, Br, kk), true);
+        wgmma_commit();
+        if (it > 0)
+            add_dQ_share(i_prev);
+        else
+            named_barrier_sync(bar, 128);  // L_i, D_i, stored above
+        // Chapter 6, a block mask: the walk's tile after next, and the block mask's tile under the
+        // consumer's keys, from the producer's Step, read while the tensor cores run the products.
+        // Without a mask, the next tile, and every tile PARTIAL (score_mod's tiles are all taken apart).
+        int i_after = i_next < Tr ? i_next + 1 : Tr;
+        mods::Tile state = mods::PARTIAL;
+        if constexpr (mods::MASK) i_after = t.step[s].after, state = t.step[s].state[consumer];
 
-            // Alg. 2, line 12: P^T = exp(scale S^T - L), masked where the tile crosses the end of the
-            // sequence or, causal, the diagonal (KEYS_ARE_ROWS: the rows are keys). Under dP's products.
-            wgmma_wait<1>(st);
-            float f[Br / 8][4];  // chapter 6: score_mod's derivative (a constant, and no registers, but for
-                                 // a score_mod whose derivative varies)
-            if constexpr (mods::ANY) {  // chapter 6: P^T of the modded scores; the mask after (a score past
-                // N or the diagonal may be anything: its P is set to 0)
-                mods::backward_probabilities(st, f, state, mod_args, b, h,
-                                             key, q0 + 2 * q, 0, N, scale, LD_t + 2 * q);
-                if (key0 + Bc > N || (causal && warp_key + 15 > q0))
-                    mask_fragment<true>(st, key, q0 + 2 * q, N, causal, 0.0f);
-            } else {
-                if (q0 + Br > N || key0 + Bc > N || (causal && warp_key + 15 > q0))
-                    mask_fragment<true>(st, key, q0 + 2 * q, N, causal, -INFINITY);
-#pragma unroll
-                for (int n8 = 0; n8 < Br / 8; ++n8)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        st[n8][e] = fast_exp2(fmaf(st[n8][e], c, -LD_t[8 * n8 + 2 * q + e % 2])), f[n8][e] = 1.0f;
-            }
-            // Alg. 2, line 14: dS^T = P^T * (dP^T - D) (times f), stored for dQ's product (swizzled, as TMA
-            // would) into buffer it % 2, its rows 64 consumer ..
-            wgmma_wait<0>(dpt);
-            if constexpr (mods::DROPOUT)  // chapter 6: dP = Z (dO V^T) / (1 - p), Z drawn as the forward did
-                mods::dropout<true>(dpt, mod_args, bh, key, q0 + 2 * q);
+        // Alg. 2, line 12: P^T = exp(scale S^T - L), masked where the tile crosses the end of the
+        // sequence or, causal, the diagonal (KEYS_ARE_ROWS: the rows are keys). Under dP's products.
+        wgmma_wait<1>(st);
+        float f[Br / 8][4];  // chapter 6: score_mod's derivative (a constant, and no registers, but for
+                             // a score_mod whose derivative varies)
+        if constexpr (mods::ANY) {  // chapter 6: P^T of the modded scores; the mask after (a score past
+            // N or the diagonal may be anything: its P is set to 0)
+            mods::backward_probabilities(st, f, state, mod_args, b, h,
+                                         key, q0 + 2 * q, 0, N, scale, LD_t + 2 * q);
+            if (key0 + Bc > N || (causal && warp_key + 15 > q0))
+                mask_fragment<true>(st, key, q0 + 2 * q, N, causal, 0.0f);
+        } else {
+            if (q0 + Br > N || key0 + Bc > N || (causal && warp_key + 15 > q0))
+                mask_fragment<true>(st, key, q0 + 2 * q, N, causal, -INFINITY);
 #pragma unroll
             for (int n8 = 0; n8 < Br / 8; ++n8)
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    dpt[n8][e] = mods::times_p(st[n8][e], (dpt[n8][e] - LD_t[Br + 8 * n8 + 2 * q + e % 2]) *
-                                                              mods::derivative(f[n8][e], st[n8][e],
-                                                                               LD_t[8 * n8 + 2 * q + e % 2], mod_args));
-            if constexpr (mods::DROPOUT)  // dV_j += (Z P_ij / (1 - p))^T dO_i; dS took P itself
-                mods::dropout<true>(st, mod_args, bh, key, q0 + 2 * q);
-            unsigned p[Br / 16][4], ds[Br / 16][4];  // as A operands: 16 queries a step
-            a_operands<T, Br>(p, st);
-            a_operands<T, Br>(ds, dpt);
-            unsigned short* dS_t = t.dS_buffer(it % 2);
-#pragma unroll
-            for (int n8 = 0; n8 < Br / 8; ++n8)
-#pragma unroll
-                for (int r = 0; r < 2; ++r)
-                    *reinterpret_cast<unsigned*>(reinterpret_cast<char*>(dS_t) +
-                                                 swizzled(64 * consumer + 16 * w + g + 8 * r, 8 * n8 + 2 * q)) =
-                        pack<T>(dpt[n8][2 * r], dpt[n8][2 * r + 1]);
-            fence_proxy_async();  // the stores, before wgmma reads them
-
-            // Alg. 2, lines 15-16: dV_j += P^T dO_i, dK_j += dS^T Q_i, A from registers.
-            wgmma_fence();
-#pragma unroll
-            for (int kb = 0; kb < Br / 16; ++kb) wgmma_rs<T, d>(dv, p[kb], mn_major(dO_t, Br, kb), true);
-#pragma unroll
-            for (int kb = 0; kb < Br / 16; ++kb) wgmma_rs<T, d>(dk, ds[kb], mn_major(Q_t, Br, kb), true);
-            wgmma_commit();
-            // Alg. 2, line 17: this warpgroup's columns of dQ_i = dS K_j, over both warpgroups' keys, once
-            // both have stored dS (A = dS read from dS^T, MN-major). The other buffer is free by now: the
-            // other warpgroup read it before it came here. Thread 0 has waited until the copy engine read
-            // the last tile's share of dQ out of shared memory, which this tile's overwrites.
-            if (tid == 0) bulk_wait_read<0>();
-            named_barrier_sync(both, 128 * CONSUMERS);
-            float dq[half / 8][4];
-            wgmma_fence();
-#pragma unroll
-            for (int kb = 0; kb < Bc / 16; ++kb)
-                wgmma_ss<T, half, true, true>(dq, smem_descriptor(shared_address(dS_t + kb * 16 * SUB), 16, 1024),
-                                              mn_major(K_cols, Bc, kb), kb > 0);
-            wgmma_commit();
-            wgmma_wait<0>(dv, dk, dq);
-            mbarrier_arrive(&t.QdO_empty[s]);  // Q_i, dO_i, its Step are free for tile + STAGES (every thread
-                                               // arrives: an arrival releases only its own thread's reads)
-            if (i_next >= Tr) release_KV();    // the work tile's last tile: K_j, V_j too
-
-            // dQ_i's share, into shared memory: each lane's 4 values of 8 columns as one 16-byte store, a
-            // warp's 32 side by side; sent off under the next tile's first products. The next tile's L,
-            // D go into the other buffer (last read by the tile before this one).
-#pragma unroll
-            for (int n8 = 0; n8 < half / 8; ++n8)
-                *reinterpret_cast<float4*>(&dQ_c[((w * (half / 8) + n8) * 32 + lane) * 4]) =
-                    float4{dq[n8][0], dq[n8][1], dq[n8][2], dq[n8][3]};
-            if (i_next < Tr) LD_c((it + 1) % STAGES)[tid] = LD_next;
-            if (i_after < Tr) LD_next = load_LD(i_after);
-            i_prev = i, i = i_next, i_next = i_after;
+                    st[n8][e] = fast_exp2(fmaf(st[n8][e], c, -LD_t[8 * n8 + 2 * q + e % 2])), f[n8][e] = 1.0f;
         }
-        if (i_prev >= 0) add_dQ_share(i_prev);
+        // Alg. 2, line 14: dS^T = P^T * (dP^T - D) (times f), stored for dQ's product (swizzled, as TMA
+        // would) into buffer it % 2, its rows 64 consumer ..
+        wgmma_wait<0>(dpt);
+        if constexpr (mods::DROPOUT)  // chapter 6: dP = Z (dO V^T) / (1 - p), Z drawn as the forward did
+            mods::dropout<true>(dpt, mod_args, bh, key, q0 + 2 * q);
+#pragma unroll
+        for (int n8 = 0; n8 < Br / 8; ++n8)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                dpt[n8][e] = mods::times_p(st[n8][e], (dpt[n8][e] - LD_t[Br + 8 * n8 + 2 * q + e % 2]) *
+                                                          mods::derivative(f[n8][e], st[n8][e],
+                                                                           LD_t[8 * n8 + 2 * q + e % 2], mod_args));
+        if constexpr (mods::DROPOUT)  // dV_j += (Z P_ij / (1 - p))^T dO_i; dS took P itself
+            mods::dropout<true>(st, mod_args, bh, key, q0 + 2 * q);
+        unsigned p[Br / 16][4], ds[Br / 16][4];  // as A operands: 16 queries a step
+        a_operands<T, Br>(p, st);
+        a_operands<T, Br>(ds, dpt);
+        unsigned short* dS_t = t.dS_buffer(it % 2);
+#pragma unroll
+        for (int n8 = 0; n8 < Br / 8; ++n8)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                *reinterpret_cast<unsigned*>(reinterpret_cast<char*>(dS_t) +
+                                             swizzled(64 * consumer + 16 * w + g + 8 * r, 8 * n8 + 2 * q)) =
+                    pack<T>(dpt[n8][2 * r], dpt[n8][2 * r + 1]);
+        fence_proxy_async();  // the stores, before wgmma reads them
 
-        // Alg. 2, lines 20-21: dK_j (times the scale: dS was taken of the scaled scores), dV_j.
-        unsigned short *dK_bh = dK + size_t(bh) * N * d, *dV_bh = dV + size_t(bh) * N * d;
+        // Alg. 2, lines 15-16: dV_j += P^T dO_i, dK_j += dS^T Q_i, A from registers.
+        wgmma_fence();
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int k = key + 8 * r;
-            if (k >= N) continue;
+        for (int kb = 0; kb < Br / 16; ++kb) wgmma_rs<T, d>(dv, p[kb], mn_major(dO_t, Br, kb), true);
 #pragma unroll
-            for (int n8 = 0; n8 < d / 8; ++n8) {
-                *reinterpret_cast<unsigned*>(&dK_bh[size_t(k) * d + 8 * n8 + 2 * q]) =
-                    pack<T>(scale * dk[n8][2 * r], scale * dk[n8][2 * r + 1]);
-                *reinterpret_cast<unsigned*>(&dV_bh[size_t(k) * d + 8 * n8 + 2 * q]) =
-                    pack<T>(dv[n8][2 * r], dv[n8][2 * r + 1]);
-            }
+        for (int kb = 0; kb < Br / 16; ++kb) wgmma_rs<T, d>(dk, ds[kb], mn_major(Q_t, Br, kb), true);
+        wgmma_commit();
+        // Alg. 2, line 17: this warpgroup's columns of dQ_i = dS K_j, over both warpgroups' keys, once
+        // both have stored dS (A = dS read from dS^T, MN-major). The other buffer is free by now: the
+        // other warpgroup read it before it came here. Thread 0 has waited until the copy engine read
+        // the last tile's share of dQ out of shared memory, which this tile's overwrites.
+        if (tid == 0) bulk_wait_read<0>();
+        named_barrier_sync(both, 128 * CONSUMERS);
+        float dq[half / 8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kb = 0; kb < Bc / 16; ++kb)
+            wgmma_ss<T, half, true, true>(dq, smem_descriptor(shared_address(dS_t + kb * 16 * SUB), 16, 1024),
+                                          mn_major(K_cols, Bc, kb), kb > 0);
+        wgmma_commit();
+        wgmma_wait<0>(dv, dk, dq);
+        mbarrier_arrive(&t.QdO_empty[s]);  // Q_i, dO_i, its Step are free for tile + STAGES (every thread
+                                           // arrives: an arrival releases only its own thread's reads)
+
+        // dQ_i's share, into shared memory: each lane's 4 values of 8 columns as one 16-byte store, a
+        // warp's 32 side by side; sent off under the next tile's first products. The next tile's L,
+        // D go into the other buffer (last read by the tile before this one).
+#pragma unroll
+        for (int n8 = 0; n8 < half / 8; ++n8)
+            *reinterpret_cast<float4*>(&dQ_c[((w * (half / 8) + n8) * 32 + lane) * 4]) =
+                float4{dq[n8][0], dq[n8][1], dq[n8][2], dq[n8][3]};
+        if (i_next < Tr) LD_c((it + 1) % STAGES)[tid] = LD_next;
+        if (i_after < Tr) LD_next = load_LD(i_after);
+        i_prev = i, i = i_next, i_next = i_after;
+    }
+    if (i_first < Tr) add_dQ_share(i_prev);  // (a block whose keys no query sees walked no tile)
+    if (tid == 0) bulk_wait<0>();            // the sums are complete when the kernel is
+
+    // Alg. 2, lines 20-21: dK_j (times the scale: dS was taken of the scaled scores), dV_j.
+    dK += size_t(bh) * N * d, dV += size_t(bh) * N * d;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int k = key + 8 * r;
+        if (k >= N) continue;
+#pragma unroll
+        for (int n8 = 0; n8 < d / 8; ++n8) {
+            *reinterpret_cast<unsigned*>(&dK[size_t(k) * d + 8 * n8 + 2 * q]) =
+                pack<T>(scale * dk[n8][2 * r], scale * dk[n8][2 * r + 1]);
+            *reinterpret_cast<unsigned*>(&dV[size_t(k) * d + 8 * n8 + 2 * q]) =
+                pack<T>(dv[n8][2 * r], dv[n8][2 * r + 1]);
         }
     }
-    if (tid == 0) bulk_wait<0>();  // the sums are complete when the kernel is
 }
 
 // Before the main kernel: D = rowsum(dO * O) (Alg. 2, line 14's D), and what the main kernel adds
@@ -456,10 +383,10 @@ __global__ void __launch_bounds__(THREADS, 1)
 // each lane d / 32 values of the row's dO and O (4-byte loads, a warp's side by side; dO's row where
 // its strides put it, O's in the contiguous output), the sum by shuffles; the row's d floats of dQ's
 // sums zeroed (rows past N too: their tile is added into whole) and, by a tile's first row, its
-// deterministic counters; by the first row, the counter of work tiles taken.
+// deterministic counters.
 template <class T, int d>
 __global__ void preprocess(const unsigned short* O, const unsigned short* dO, Strides dO_strides, int H,
-                           int N, int Tr, size_t rows, float* D, float* dQ_sum, int* turns, int* taken) {
+                           int N, int Tr, size_t rows, float* D, float* dQ_sum, int* turns) {
     const size_t row = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;  // of B * H * Tr * Br
     const int lane = threadIdx.x % 32;
     if (row >= rows) return;  // a whole warp: blockDim.x is a multiple of 32
@@ -483,7 +410,6 @@ __global__ void preprocess(const unsigned short* O, const unsigned short* dO, St
 #pragma unroll
     for (int k = 0; k < PER; ++k) dQ_sum[row * d + lane * PER + k] = 0.0f;
     if (r % Br == 0 && lane < CONSUMERS) turns[row / Br * CONSUMERS + lane] = 0;
-    if (row == 0 && lane == 0 && taken) *taken = 0;  // (persistent) the work tiles' counter
 }
 
 // After the main kernel: dQ from its fp32 sums, back in rows, times the scale left out there, rounded

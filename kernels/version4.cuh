@@ -5,9 +5,8 @@
 //   forward   flash3_hopper.cu         a block per multiprocessor, taking work tiles (batch, head, 128
 //                                      query rows) until none is left: a producer warpgroup (TMA)
 //                                      and two consumer warpgroups (wgmma) of 64 rows
-//   backward  flash3_hopper_backward.cu  a block per multiprocessor, taking work tiles (batch, head, 128
-//                                      keys): a producer warpgroup and two consumer warpgroups of 64
-//                                      keys, all five products on wgmma, dQ added by the copy engine into
+//   backward  flash3_hopper_backward.cu  one block per (batch, head, 128 keys): two warpgroups of 64 keys,
+//                                      all five products on wgmma, dQ added by the copy engine into
 //                                      fp32 sums, zeroed by a pre-pass that also takes D, then converted
 //
 // Layouts: q, k, v (and the backward's dO) are read by the copy engine through 4-D tensor maps,
@@ -103,18 +102,11 @@ struct Version {
         return pass == FORWARD ? flash3_hopper::shared_bytes(d) : flash3_hopper_backward::shared_bytes(d);
     }
     // Per (batch, head) slice. Forward, persistent: the counter of work tiles taken (an int, in the
-    // first slice's float). Backward: dQ's fp32 sums (Tr query tiles of Br x d), D (N), deterministic,
-    // a counter per query tile and consumer, and, persistent, the counter of work tiles (after them all).
+    // first slice's float). Backward: dQ's fp32 sums (Tr query tiles of Br x d), D (N) and,
+    // deterministic, a counter per query tile and consumer.
     static long long scratch_floats(Pass pass, int N, int d) {
-        namespace bw = flash3_hopper_backward;
-        const long long tiles = ceil_div(N, bw::Br);
-        return pass == FORWARD ? flash3_hopper::PERSISTENT : tiles * bw::Br * d + N + 2 * tiles + bw::PERSISTENT;
-    }
-    // The work tiles are taken in sections of slices (work_tile in either pass) whose bytes that the
-    // blocks share take at most a third of the L2 cache of an H100 or H200; `group` slices share them.
-    static constexpr long long SECTION_BYTES = 16 << 20;
-    static int section(long long slice_bytes, long long slices, int group = 1) {
-        return int(std::clamp(SECTION_BYTES / slice_bytes * group, 1LL, slices));
+        const long long tiles = ceil_div(N, flash3_hopper_backward::Br);
+        return pass == FORWARD ? flash3_hopper::PERSISTENT : tiles * flash3_hopper_backward::Br * d + N + 2 * tiles;
     }
 
     static std::string forward(const Call& c) {
@@ -156,9 +148,10 @@ struct Version {
             if (std::string err = tensor_map(map, data, strides, heads, c, rows); !err.empty()) return err;
         // The work tiles (flash3_hopper::work_tile), a block each, or, persistent, a block per
         // multiprocessor (only one fits: its registers) taking them one after the other. In sections of
-        // slices whose K and V (shared by `group` query heads) the L2 cache holds.
+        // slices whose K and V take at most SECTION_BYTES, a third of the L2 cache of an H100 or H200.
+        constexpr long long SECTION_BYTES = 16 << 20;
         const long long tiles = ceil_div(c.N, fw::Br) * c.BH, kv_bytes = 2LL * c.N * d * 2;
-        const int section = Version::section(kv_bytes, c.BH, c.group);
+        const int section = int(std::clamp(SECTION_BYTES / kv_bytes * c.group, 1LL, c.BH));
         if (tiles > INT_MAX) return "version 4: B * H * ceil(N / 128) = " + std::to_string(tiles) + " is too many";
         int* taken = reinterpret_cast<int*>(c.scratch);
         if (fw::PERSISTENT && !taken) return "internal error: version 4's forward needs its scratch";
@@ -184,25 +177,15 @@ struct Version {
                                                     {&tmQ, c.Q, c.Q_strides, bw::Br},
                                                     {&tmdO, c.dO, c.dO_strides, bw::Br}})
             if (std::string err = tensor_map(map, data, strides, c.H, c, box_rows); !err.empty()) return err;
-        // The work tiles (flash3_hopper_backward::work_tile), as the forward's: a block each, or,
-        // persistent, a block per multiprocessor; in sections of slices whose Q, dO and dQ sums (8 N d
-        // bytes) the L2 cache holds. The counter of work tiles taken: after the deterministic counters.
-        const long long work_tiles = ceil_div(c.N, bw::Bc) * c.BH;
-        if (work_tiles > INT_MAX)
-            return "version 4: B * H * ceil(N / 128) = " + std::to_string(work_tiles) + " is too many";
-        const int section = Version::section(8LL * c.N * d, c.BH);
-        int* taken = bw::PERSISTENT ? turns + 2 * tiles : nullptr;
-        const int blocks = bw::PERSISTENT ? int(std::min<long long>(work_tiles, multiprocessors(c.device)))
-                                          : int(work_tiles);
         const size_t padded_rows = tiles * bw::Br;  // a warp each, 8 to a block
         std::string err = launch("flash3_hopper_backward::preprocess", bw::preprocess<T, d>,
                                  dim3((padded_rows + 7) / 8), 256, 0, c, bits(c.O), bits(c.dO), c.dO_strides,
-                                 c.H, c.N, int(ceil_div(c.N, bw::Br)), padded_rows, D, dQ_sum, turns, taken);
+                                 c.H, c.N, int(ceil_div(c.N, bw::Br)), padded_rows, D, dQ_sum, turns);
         if (err.empty())
-            err = launch("flash3_hopper_backward::backward", bw::backward<T, d>, dim3(blocks), bw::THREADS,
-                         bw::shared_bytes(d), c, tmK, tmV, tmQ, tmdO, c.L, D, c.N, c.H, int(c.BH), section,
-                         c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV), c.deterministic, turns, taken,
-                         mods::of(c.mods));
+            err = launch("flash3_hopper_backward::backward", bw::backward<T, d>,
+                         dim3(ceil_div(c.N, bw::Bc), c.BH), bw::THREADS, bw::shared_bytes(d), c, tmK, tmV,
+                         tmQ, tmdO, c.L, D, c.N, c.H, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV),
+                         c.deterministic, turns, mods::of(c.mods));
         const size_t chunks = sums / 4;
         if (err.empty())
             err =

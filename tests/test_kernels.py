@@ -229,28 +229,6 @@ def test_version_4_persistent_blocks_take_every_work_tile(device, causal, genera
     assert_close("L", runs[0][1], L_ref)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@CAUSAL
-def test_version_4_persistent_backward_takes_every_work_tile(device, causal, generator):
-    """Version 4's backward runs a block per multiprocessor (in the emulation, per worker) too, each
-    taking work tiles of 128 keys until none is left. On a GPU, 4 x 16 x 8 = 512 work tiles; on the CPU,
-    2 x 3 x 5 = 30, taken by one block in order, then by three racing for them. deterministic=True, so
-    that the runs can be compared bit for bit: a turn at a tile of dQ waits for work tiles of lower id
-    only, which were taken first, whichever block holds them (one block alone has taken each before it
-    waits). dK, dV are written by whichever block took the keys; every gradient is NaN-poisoned first."""
-    shape = (4, 16, 1000, 64) if device == "cuda" else (2, 3, 520, 64)
-    q, k, v = random_qkv(*shape, device, generator, torch.bfloat16)
-    dO = random_dO(q, generator)
-    O, L = mf.forward(q, k, v, causal=causal, version=4)
-    runs = []
-    for count in (1, 3) if device == "cpu" else (0, 0):
-        with emulation_workers(4, count) if device == "cpu" else contextlib.nullcontext():
-            runs.append(tuple(torch.full_like(t, float("nan")) for t in (q, k, v)))
-            mf.backward(dO, q, k, v, O, L, causal=causal, out=runs[-1], version=4, deterministic=True)
-    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
-    assert_gradients(runs[0], q, k, v, dO, causal)
-
-
 GROUPED = [n for n, x in mf.VERSIONS.items() if x.grouped_heads]
 
 
