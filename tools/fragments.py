@@ -5,8 +5,8 @@ kernels/cpu_cuda.h, through tools/*_cpu.cpp), and run:
     lane layouts from it;
     tests/test_fragments.py checks the emulation against torch and, on a GPU, against the hardware.
   tools/hopper_fragments.cu: one warpgroup's TMA loads (128-byte swizzle), wgmma from shared memory (A
-    and B K-major or MN-major) and from registers, and blocks' bulk reduces into one buffer
-    (kernels/hopper.cuh), built for sm_90a; tests/test_hopper_fragments.py checks it.
+    and B K-major or MN-major) and from registers, blocks' bulk reduces into one buffer (kernels/hopper.cuh)
+    and tickets of one int atomicAdd counter, built for sm_90a; tests/test_hopper_fragments.py checks it.
 
     library = build_fragments("cpu")                        # or "cuda"; compiled with torch's extension builder
     S, O, row_max, registers, accumulators = run_program(library, "cpu", torch.bfloat16, A, K, V)
@@ -16,6 +16,7 @@ kernels/cpu_cuda.h, through tools/*_cpu.cpp), and run:
     boxes, ss128, ss64, rs64, rs128, mm128, mm64, mk128, km64, mm32, raw = run_hopper_program(
         hopper, "cpu", torch.bfloat16, X, P)
     sums = run_bulk_program(hopper, "cpu", blocks=8)
+    taken, tickets = run_tickets_program(hopper, "cpu", blocks=8, takes=3)
 """
 import ctypes
 import sys

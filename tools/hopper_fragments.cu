@@ -22,7 +22,8 @@
 // add into one buffer by the copy engine's bulk reduce (bulk_fragments below); a third loads boxes
 // through a 4-D tensor map of a strided view, as version 4 reads a model's q, k, v (tma4_fragments);
 // a fourth moves rows by the copy engine's plain bulk copies, as chapter 5's decode kernel reads its
-// cache (bulk_load_fragments). nvcc builds it for
+// cache (bulk_load_fragments); a fifth hands out tickets by an int atomicAdd, as version 4's persistent
+// forward hands out work tiles (tickets_fragments). nvcc builds it for
 // sm_90a, g++ against kernels/cpu_cuda.h (tools/hopper_fragments_cpu.cpp); tools/fragments.py builds
 // and runs either; tests/test_hopper_fragments.py compares them with torch and with each other.
 #ifdef __CUDACC__
