@@ -61,6 +61,39 @@ def test_hopper_steps_without_a_gpu_refuses_before_building(no_gpu, monkeypatch)
         steps.main(["--steps", "1", "--dims", "64", "--seq-len", "16"])
 
 
+# tools/ab.py
+
+
+def test_ab_without_a_gpu_refuses_before_extracting(no_gpu, monkeypatch):
+    ab = tool("ab")
+    monkeypatch.setattr(ab, "load_old", lambda *args: pytest.fail("extracted"))
+    with pytest.raises(SystemExit, match="^ab.py times CUDA kernels: it needs a GPU$"):
+        ab.main(["HEAD"])
+
+
+def test_ab_loads_the_old_commits_tree_beside_this_one(tmp_path):
+    """HEAD's minimal_flash.py and kernels/, extracted and loaded as a module of their own, whose kernels
+    are read from the extracted folder, give what this tree's give (the repository's tests run on a
+    clean checkout: HEAD's kernels are these). In a process of its own: the old module registers the
+    torch.ops.minimal_flash operators again, over this one's (ab.py calls forward and backward only)."""
+    program = f"""
+import sys, torch
+from pathlib import Path
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+import minimal_flash as mf
+from helpers import tool
+ab = tool("ab")
+old = ab.load_old(ab.commit_of("HEAD"), {str(tmp_path)!r})
+assert old is not mf and old.KERNELS == (Path({str(tmp_path)!r}) / "kernels").resolve()
+assert (old.KERNELS / "flash.cu").read_text() == (mf.KERNELS / "flash.cu").read_text()
+q, k, v = (torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+print(all(torch.equal(a, b) for a, b in zip(old.forward(q, k, v, version=1), mf.forward(q, k, v, version=1))))
+"""
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "True"
+
+
 # tools/block_timeline.py
 
 
@@ -144,6 +177,10 @@ def test_emulation_times_runs_each_version_in_a_dtype_it_takes(capsys):
     ("block_timeline", ["--dim", "96"], "argument --dim: invalid choice: 96 (choose from 64, 128)"),
     ("block_timeline", ["--seq-len", "200"], "argument --seq-len: 200 is not a multiple of 128: each block's marks "
                                              "take whole tiles' rows"),
+    ("ab", ["no-such-commit"], "argument commit: 'no-such-commit' is not a commit of this repository"),
+    ("ab", ["HEAD", "--shapes", "4,16,4096"], "argument --shapes: '4,16,4096' is not B,H,N,d (four whole numbers "
+                                              ">= 1)"),
+    ("ab", ["HEAD", "--cases", "alibi"], "argument --cases: invalid choice: 'alibi'"),
     ("emulation_times", ["--versions", "5"], "argument --versions: invalid choice: 5"),
     ("emulation_times", ["--repeat", "0"], "argument --repeat: must be at least 1, not 0"),
     ("emulation_times", ["--sizes", "-4"], "argument --sizes: must be at least 1, not -4")])

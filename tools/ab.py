@@ -1,0 +1,125 @@
+"""A kernel change against the commit before it, on a GPU: the kernels and minimal_flash.py of an older
+commit (git archive, into a temporary folder) and those of the working tree, both loaded in one process,
+each call of one timed against the same call of the other, alternately (CUDA events around single calls,
+the median of the rounds after a warm-up), and their outputs compared bit for bit. What each session's
+A/B probe did by hand before it reported a change's speed.
+
+    python tools/ab.py 222390f [--cases causal full mask window document] [--shapes 4,16,4096,128 8,16,1024,128]
+                               [--passes forward backward] [--version 4] [--rounds 40]
+
+Prints, per shape and case: each pass's time in both trees (ms), the old time over the new (above 1: the
+change is faster), and whether the outputs are the same bits. The backward's dQ may differ in its last
+bits run to run (the default mode adds the blocks' shares in the order they arrive); dK, dV may not.
+"""
+import argparse
+import importlib.util
+import io
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
+import minimal_flash as mf  # noqa: E402
+
+# flash_attention's options of each case (document: packed documents of 1000 tokens, causal)
+CASES = {"causal": lambda N: dict(causal=True), "full": lambda N: {},
+         "mask": lambda N: dict(mask_mod="kv_idx <= q_idx"), "window": lambda N: dict(window_size=(1024, 0)),
+         "document": lambda N: dict(zip(("mask_mod", "mod_tensors"), mf.document_mask(
+             torch.arange(N, device="cuda", dtype=torch.int32) // 1000)), causal=True)}
+
+
+def shape(text):
+    """B,H,N,d: four whole numbers >= 1."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not B,H,N,d (four whole numbers >= 1)")
+    return tuple(map(int, parts))
+
+
+def commit_of(name):
+    """The full hash of a commit of this repository, or None."""
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"], cwd=ROOT,
+                           capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else None
+
+
+def load_old(commit, folder):
+    """minimal_flash.py and kernels/ of `commit`, extracted into folder, loaded as the module mf_old (its
+    builds keyed by their own sources, so neither tree's build is taken for the other's). Its decorators
+    register the torch.ops.minimal_flash operators again, over this tree's: this tool calls forward and
+    backward, which do not go through them."""
+    archive = subprocess.run(["git", "archive", "--format=tar", commit, "kernels", "minimal_flash.py"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder)
+    spec = importlib.util.spec_from_file_location("mf_old", Path(folder) / "minimal_flash.py")
+    old = importlib.util.module_from_spec(spec)
+    sys.modules["mf_old"] = old
+    spec.loader.exec_module(old)
+    return old
+
+
+def timed(calls, rounds, warmup=8):
+    """The median ms of each call, the calls taken in turn each round (CUDA events around single calls)."""
+    times = [[] for _ in calls]
+    for r in range(rounds + warmup):
+        for call, kept in zip(calls, times):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize()
+            if r >= warmup:
+                kept.append(start.elapsed_time(end))
+    return [statistics.median(kept) for kept in times]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("commit", help="the older commit (a hash, a branch, HEAD~1)")
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=["causal", "full"])
+    p.add_argument("--shapes", type=shape, nargs="+", default=[(4, 16, 4096, 128)], metavar="B,H,N,d")
+    p.add_argument("--passes", nargs="+", choices=["forward", "backward"], default=["forward", "backward"])
+    p.add_argument("--version", type=int, choices=sorted(mf.VERSIONS), default=4)
+    p.add_argument("--rounds", type=bench.at_least(1), default=40)
+    args = p.parse_args(argv)
+    commit = commit_of(args.commit)
+    if commit is None:
+        p.error(f"argument commit: {args.commit!r} is not a commit of this repository")
+    if not torch.cuda.is_available():
+        sys.exit("ab.py times CUDA kernels: it needs a GPU")
+    refusal = mf.version_unavailable(args.version, "cuda")
+    if refusal:
+        sys.exit(f"ab.py: {refusal}")
+    dtype = mf.VERSIONS[args.version].dtypes[0]
+    with tempfile.TemporaryDirectory(prefix="ab_") as folder:
+        old = load_old(commit, folder)
+        print(f"# {torch.cuda.get_device_name()}, {dtype}, version {args.version}: {commit[:7]} (old) against the "
+              f"working tree (new); ms, medians of {args.rounds} alternating calls; old / new", flush=True)
+        for B, H, N, d in args.shapes:
+            q, k, v, dO = (torch.randn(B, H, N, d, device="cuda", dtype=dtype) for _ in range(4))
+            for case in args.cases:
+                options = dict(CASES[case](N), version=args.version)
+                O, L = mf.forward(q, k, v, **options)
+                line = f"B{B} H{H} N{N} d{d} {case:>8}:"
+                for pass_ in args.passes:
+                    calls = [(lambda m=m: m.forward(q, k, v, **options)) if pass_ == "forward" else
+                             (lambda m=m: m.backward(dO, q, k, v, O, L, **options)) for m in (old, mf)]
+                    outs = [tuple(call()) for call in calls]
+                    same = [torch.equal(a, b) for a, b in zip(*outs)]
+                    ms = timed(calls, args.rounds)
+                    names = "O, L" if pass_ == "forward" else "dQ, dK, dV"
+                    line += (f"  {pass_} {ms[0]:.4f} / {ms[1]:.4f} = {ms[0] / ms[1]:.3f}x "
+                             f"(same bits, {names}: {', '.join(map(str, same))})")
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
