@@ -1,8 +1,8 @@
 """A kernel change against the commit before it, on a GPU: the kernels and minimal_flash.py of an older
 commit (git archive, into a temporary folder) and those of the working tree, both loaded in one process,
-each call of one timed against the same call of the other, alternately (CUDA events around single calls,
-the median of the rounds after a warm-up), and their outputs compared bit for bit. What each session's
-A/B probe did by hand before it reported a change's speed.
+each call of one timed against the same call of the other, alternately (as bench.py times: CUDA events,
+the calls queued back to back; the medians after warm-up rounds), and their outputs compared bit for bit.
+What each session's A/B probe did by hand before it reported a change's speed.
 
     python tools/ab.py 222390f [--cases causal full mask window document] [--shapes 4,16,4096,128 8,16,1024,128]
                                [--passes forward backward] [--version 4] [--rounds 40]
@@ -66,19 +66,12 @@ def load_old(commit, folder):
     return old
 
 
-def timed(calls, rounds, warmup=8):
-    """The median ms of each call, the calls taken in turn each round (CUDA events around single calls)."""
-    times = [[] for _ in calls]
-    for r in range(rounds + warmup):
-        for call, kept in zip(calls, times):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            torch.cuda.synchronize()
-            if r >= warmup:
-                kept.append(start.elapsed_time(end))
-    return [statistics.median(kept) for kept in times]
+def alternating_ms(calls, rounds, warmup=8):
+    """The median ms of each call, the calls taken in turn, timed as bench.py times (bench.time_calls:
+    CUDA events, the calls queued back to back), after warm-up rounds (the builds, the clocks)."""
+    bench.time_calls(calls, warmup * len(calls), "cuda")
+    times = bench.time_calls(calls, rounds * len(calls), "cuda")
+    return [statistics.median(times[i::len(calls)]) for i in range(len(calls))]
 
 
 def main(argv=None):
@@ -114,7 +107,7 @@ def main(argv=None):
                              (lambda m=m: m.backward(dO, q, k, v, O, L, **options)) for m in (old, mf)]
                     outs = [tuple(call()) for call in calls]
                     same = [torch.equal(a, b) for a, b in zip(*outs)]
-                    ms = timed(calls, args.rounds)
+                    ms = alternating_ms(calls, args.rounds)
                     names = "O, L" if pass_ == "forward" else "dQ, dK, dV"
                     line += (f"  {pass_} {ms[0]:.4f} / {ms[1]:.4f} = {ms[0] / ms[1]:.3f}x "
                              f"(same bits, {names}: {', '.join(map(str, same))})")
