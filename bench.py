@@ -483,7 +483,7 @@ def run_profile(args):
     sizes = f" Br={Br} Bc={Bc}" if Br is not None else ""
     print(f"B={B} H={H} d={args.head_dim}{sizes} causal={args.causal} version={args.version} "
           f"dtype={str(args.dtype).removeprefix('torch.')}")
-    rows = []
+    rows, profiled = [], []  # profiled: (title, call) of the first N, profiled once every N is timed
     seq_lens = or_default(args.seq_len, [64])
     for N in seq_lens:
         shape = (B, H, N, args.head_dim)
@@ -498,14 +498,14 @@ def run_profile(args):
                           for name, fn in methods.items()}
         times = {(name, pass_): median_ms(calls[name], args.warmup, args.repeats, device)[0]
                  for pass_, calls in zip(PASSES, (forward_calls, backward_calls)) for name in methods}
-        if not args.no_profile and N == seq_lens[0]:  # the first N's calls, kept to be profiled at the end
+        if not args.no_profile and N == seq_lens[0]:
             profiled = [(title, calls[name][0]) for name in methods
                         for title, calls in ((name, forward_calls), (f"{name} backward", backward_calls))]
         rows.append((N, times, errors["flash"]))
         del backward_calls  # frees the saved graphs before the next N (the one profiled call's excepted)
     # Profiled after every N is timed: the profiler hooks into every launch, and on a GPU its hooks
     # (CUPTI's) stay in the process's later launches, a cost on the host that timed calls must not pay.
-    for title, call in profiled if not args.no_profile else ():
+    for title, call in profiled:
         profile_table(title, call, device)
 
     clock = "CUDA events" if device == "cuda" else "CPU clock, emulation"
