@@ -31,6 +31,7 @@ import math
 import numbers
 import os
 import re
+import struct
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -2122,7 +2123,11 @@ def _use_this_pythons_ninja():
         os.environ["PATH"] = interpreter_bin + os.pathsep + path
 
 
-_STRIDES = ctypes.c_longlong * 12  # mf_run's strides: (batch, head, row) of q, k, v, dO
+# mf_run's one argument (kernels/bindings.cu, struct RunArgs), 35 fields of 8 bytes: pass; the addresses of
+# q, k, v, O, dO, L, dQ, dK, dV, scratch (0: none); B, H, N, d, group; the (batch, head, row) strides of q,
+# k, v, dO; scale; causal, deterministic; the mods' address; dtype, device, stream. Packed into bytes,
+# whose address ctypes passes as it is.
+RUN_ARGS = struct.Struct("<q10Q5q12qdqqQqqQ")
 
 
 class Kernels:
@@ -2135,8 +2140,11 @@ class Kernels:
         for function, result, arguments in [
                 (c.mf_block_size, i, [i]), (c.mf_device_shared_bytes, i64, [i]),
                 (c.mf_shared_bytes, i64, [i, i]), (c.mf_scratch_floats, i64, [i, i, i]),
-                (c.mf_run, ctypes.c_char_p, [i] + [P] * 10 + [i64, i, i, i, i, P, f, b, b, P, i, i, P])]:
+                (c.mf_run_args_bytes, i64, []), (c.mf_run, ctypes.c_char_p, [ctypes.c_char_p])]:
             function.restype, function.argtypes = result, arguments
+        if c.mf_run_args_bytes() != RUN_ARGS.size:  # RunArgs changed without RUN_ARGS, or the other way
+            raise RuntimeError(f"minimal_flash: {library}'s mf_run takes a record of {c.mf_run_args_bytes()} "
+                               f"bytes (kernels/bindings.cu, RunArgs), RUN_ARGS packs {RUN_ARGS.size}")
         if hasattr(c, "mf_decode"):  # version 3's build: chapter 5's decode kernels (kernels/flash_decode.cu)
             c.mf_decode.restype, c.mf_decode.argtypes = (ctypes.c_char_p,
                                                          [P] * 10 + [i] * 10 + [i64, i64, i, i, f, b, i, i, P, P])
@@ -2195,16 +2203,15 @@ class Kernels:
         per_slice = self._ask("mf_scratch_floats", p, N, d)
         # fp32 whatever q's dtype; held here until the launch is queued (none where the pass needs none)
         scratch = q.new_empty(B * H * per_slice, dtype=torch.float32) if per_slice > 0 else None
-        addresses = [t.data_ptr() if t is not None else None for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch)]
-        strides = None  # versions 1-3 read contiguous tensors: mf_run takes None (null) as such
-        if VERSIONS[self.version].strided:  # version 4: q's, k's, v's, dO's (the forward's: 0s) strides
-            dO_strides = _strides(dO) if dO is not None else (0, 0, 0)
-            strides = _STRIDES(*_strides(q), *_strides(k), *_strides(v), *dO_strides)
+        addresses = [t.data_ptr() if t is not None else 0 for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch)]
         device = q.device.index if q.is_cuda else 0
-        stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else None  # as an address
-        return self._c.mf_run(p, *addresses, B, H, N, d, group, strides, scale, causal, deterministic,
-                              None if mod_args is None else ctypes.byref(mod_args), DTYPES.index(q.dtype), device,
-                              stream).decode()
+        stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else 0  # as an address
+        # The strides as torch has them (the forward's dO: 0s); mf_run takes a dim of size 1 as _strides does
+        args = RUN_ARGS.pack(p, *addresses, B, H, N, d, group, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                             *(dO.stride()[:3] if dO is not None else (0, 0, 0)), scale, causal, deterministic,
+                             0 if mod_args is None else ctypes.addressof(mod_args), DTYPES.index(q.dtype), device,
+                             stream)
+        return self._c.mf_run(args).decode()
 
     def block_mask(self, mod_args, N, shift, B_mask, H_mask, out, device, stream):
         """kernels/mods.cuh's block mask into out (uint8, (B_mask, H_mask, tiles, tiles)): "" on success."""
@@ -2367,9 +2374,9 @@ def _reads_as_is(t, version):
 
 
 def _strides(t):
-    """(batch, head, row) strides of a (B, H, N, d) tensor, in values, as the kernels get them: a dim of
+    """(batch, head, row) strides of a (B, H, N, d) tensor, in values, as the kernels take them: a dim of
     size 1 is never stepped along, and gets a contiguous tensor's stride (torch's is_contiguous
-    ignores it too)."""
+    ignores it too; kernels/bindings.cu's kernel_strides applies the same rule to what mf_run gets)."""
     (B, H, N, d), (batch, head, row, _) = t.shape, t.stride()
     return batch if B > 1 else H * N * d, head if H > 1 else N * d, row if N > 1 else d
 

@@ -234,9 +234,35 @@ static const char* run(int pass, const Call& call) {
     return message.c_str();
 }
 
+// mf_run's arguments, one record: minimal_flash.Kernels.call packs these fields in this order, 8 bytes
+// each (its RUN_ARGS), and passes their address. One argument, not 35: ctypes converts each argument of
+// every call, host time that a small kernel's launch waits for.
+struct RunArgs {
+    long long pass;  // a Pass
+    const float *Q, *K, *V;
+    float* O;
+    const float* dO;
+    float *L, *dQ, *dK, *dV, *scratch;  // those the pass does not use: null
+    long long B, H, N, d, group;        // q's batch and heads; k's and v's heads are H / group
+    long long strides[4][3];            // q's, k's, v's, dO's (batch, head, row) strides as torch has them
+    double scale;
+    long long causal, deterministic;
+    const void* mods;         // a mods::Args (kernels/mods.cuh) for a build with mods, else null
+    long long dtype, device;  // a DType; the GPU the tensors are on (0 on the CPU)
+    void* stream;             // the stream to launch on (null on the CPU)
+};
+static_assert(sizeof(RunArgs) == 35 * 8, "35 fields of 8 bytes, as minimal_flash.RUN_ARGS packs them");
+
+// A (B, heads, N, d) tensor's strides as the kernels take them: a dim of size 1 is never stepped along,
+// and torch may give it any stride (its is_contiguous ignores it too): here a contiguous tensor's.
+static Strides kernel_strides(const long long (&s)[3], long long B, long long heads, long long N, long long d) {
+    return {B > 1 ? s[0] : heads * N * d, heads > 1 ? s[1] : N * d, N > 1 ? s[2] : d};
+}
+
 extern "C" {
 int mf_block_size(int which) { return which == 0 ? Br : Bc; }  // 0: Br, 1: Bc
 long long mf_device_shared_bytes(int device) { return max_shared_bytes(device); }
+long long mf_run_args_bytes() { return sizeof(RunArgs); }  // what minimal_flash.py checks its packing against
 
 // The least shared memory a block of this pass needs at head dim d (one thread group), and the
 // scratch floats it needs per (batch, head) slice of N rows.
@@ -245,26 +271,22 @@ long long mf_scratch_floats(int pass, int N, int d) { return Version::scratch_fl
 
 // Forward (pass 0): O = softmax(scale * Q K^T) V and L = the rows' log-sum-exp, into O and L.
 // Backward (pass 1): dQ, dK, dV of the loss, given dO and the forward's O and L; `deterministic`: dQ
-// the same bits run to run, where the version has such a mode (version 4). `mods`: a mods::Args for
-// a build with mods (kernels/mods.cuh), else null.
-// B, H: q's batch and heads; k's and v's heads are H / group. `strides`: Q's, K's, V's and dO's
-// (batch, head, row) strides, in values (the forward's dO: any), for version 4; null: all contiguous
-// (versions 1-3 read nothing else).
-// `dtype`: a DType; `device` and `stream`: where the tensors are and the stream to launch on (both 0
-// on the CPU). Addresses a pass does not use are null.
-const char* mf_run(int pass, const float* Q, const float* K, const float* V, float* O, const float* dO,
-                   float* L, float* dQ, float* dK, float* dV, float* scratch, long long B, int H, int N,
-                   int d, int group, const Strides* strides, float scale, bool causal, bool deterministic,
-                   const void* mods, int dtype, int device, void* stream) {
+// the same bits run to run, where the version has such a mode (version 4).
+// Versions 1-3 read q, k, v, dO contiguous (run() checks it); version 4, with any strides its tensor
+// maps can describe.
+const char* mf_run(const RunArgs* a) {
+    const long long B = a->B, H = a->H, N = a->N, d = a->d, heads_kv = a->group > 0 ? H / a->group : H;
     // clang-format off: one line per kind of field, as Call declares them
-    Call call{Q, K, V, dO, O, L, dQ, dK, dV, scratch,
-              B * H, group, N, d, scale, causal, deterministic, dtype, device, cudaStream_t(stream)};
+    Call call{a->Q, a->K, a->V, a->dO, a->O, a->L, a->dQ, a->dK, a->dV, a->scratch,
+              B * H, int(a->group), int(N), int(d), float(a->scale), a->causal != 0, a->deterministic != 0,
+              int(a->dtype), int(a->device), cudaStream_t(a->stream)};
     // clang-format on
-    call.H = H, call.mods = mods;
-    const Strides q = contiguous_strides(H, N, d), kv = contiguous_strides(group > 0 ? H / group : H, N, d);
-    call.Q_strides = strides ? strides[0] : q, call.K_strides = strides ? strides[1] : kv;
-    call.V_strides = strides ? strides[2] : kv, call.dO_strides = strides ? strides[3] : q;
-    return run(pass, call);
+    call.H = int(H), call.mods = a->mods;
+    call.Q_strides = kernel_strides(a->strides[0], B, H, N, d);
+    call.K_strides = kernel_strides(a->strides[1], B, heads_kv, N, d);
+    call.V_strides = kernel_strides(a->strides[2], B, heads_kv, N, d);
+    call.dO_strides = kernel_strides(a->strides[3], B, H, N, d);
+    return run(int(a->pass), call);
 }
 }
 
