@@ -260,3 +260,19 @@ def test_grouped_query_heads(device, H, Hk, N, d, causal, version, generator, po
             ref, plain = fold(ref), fold(plain).to(plain.dtype)
         assert grad.shape == ref.shape, name
         assert_close(name, grad, ref, plain)
+
+
+def test_the_half_precision_rule():
+    """assert_close's rule for bf16 and fp16, the official tests': an error at most twice plain
+    attention's plus twice the dtype's rounding at the values' size. Values between 2 and 4, where bf16's
+    step is 2^-6: plain attention off by half a step (correct rounding can do no better) leaves room for
+    one step more (the case that failed under compute-sanitizer, whose order of additions differs: dQ off
+    by 0.0165 where plain attention was off by 0.0078); a gradient 3% too small (a term dropped) fails."""
+    ref = 2 + 2 * torch.rand(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plain = ref.to(torch.bfloat16)
+    down = (ref - plain.double()).argmax()  # the element plain rounded down the most: x one step below it
+    x = plain.double().index_add(0, down[None], torch.tensor([-2.0**-6], dtype=torch.float64)).to(torch.bfloat16)
+    assert (x.double() - ref).abs().max() > 2 * (plain.double() - ref).abs().max()  # beyond twice plain's
+    assert_close("dQ", x, ref, plain)
+    with pytest.raises(AssertionError):
+        assert_close("dQ", (ref * 0.97).to(torch.bfloat16), ref, plain)
