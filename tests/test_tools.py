@@ -94,6 +94,26 @@ print(all(torch.equal(a, b) for a, b in zip(old.forward(q, k, v, version=1), mf.
     assert run.stdout.strip().splitlines()[-1] == "True"
 
 
+def test_ab_host_times_both_trees_in_turn(tmp_path):
+    """--host's lines, on the CPU (the GPU's synchronizing left out): HEAD's tree and this one each timed,
+    without and with the backward, a ratio of the two. In a process of its own, as above."""
+    program = f"""
+import sys
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+from helpers import tool
+ab = tool("ab")
+old = ab.load_old(ab.commit_of("HEAD"), {str(tmp_path)!r})
+print(*ab.host_lines(old, ["causal", "full"], 1, rounds=2, device="cpu", per_round=2), sep="\\n")
+"""
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 2, run.stdout
+    pattern = r"\(1, 1, 128, 64\) +{}:  forward [\d.]+ / [\d.]+ us = [\d.]+x  forward \+ backward [\d.]+ / [\d.]+ us = [\d.]+x"
+    for line, case in zip(lines, ("causal", "full")):
+        assert re.fullmatch(pattern.format(case), line), line
+
+
 # tools/block_timeline.py
 
 

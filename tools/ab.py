@@ -10,6 +10,14 @@ What each session's A/B probe did by hand before it reported a change's speed.
 Prints, per shape and case: each pass's time in both trees (ms), the old time over the new (above 1: the
 change is faster), and whether the outputs are the same bits. The backward's dQ may differ in its last
 bits run to run (the default mode adds the blocks' shares in the order they arrive); dK, dV may not.
+
+    python tools/ab.py 1fae898~1 --host [--cases causal] [--rounds 40]
+
+--host: the host's time per call instead of the GPU's, for a change to what a call costs the host (its
+Python, its launches): flash_attention without and with its backward (autograd), on (1, 1, 128, 64), so
+small that the GPU never makes the host wait; microseconds of wall-clock time per call, both trees in
+turn, round after round (on the lent machines the host's own speed wandered 2x within one process: each
+round falls on both alike), medians. Where a model's step waits for its host, these decide.
 """
 import argparse
 import importlib.util
@@ -19,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -75,6 +84,41 @@ def alternating_ms(calls, rounds, warmup=8):
     return [statistics.median(times[i::len(calls)]) for i in range(len(calls))]
 
 
+def host_us(calls, rounds, device="cuda", per_round=200):
+    """Each call's host time (us of wall clock per call, the GPU never waited for), the calls taken in turn,
+    `per_round` of one after `per_round` of the next, round after round: medians over the rounds."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for call in calls:  # warm: the builds, the checks' caches
+        call()
+    times = [[] for _ in calls]
+    for _ in range(rounds):
+        for call, spent in zip(calls, times):
+            sync()
+            start = time.perf_counter()
+            for _ in range(per_round):
+                call()
+            spent.append((time.perf_counter() - start) / per_round * 1e6)
+    sync()
+    return [statistics.median(spent) for spent in times]
+
+
+def host_lines(old, cases, version, rounds, device="cuda", per_round=200):
+    """--host's lines: per case, flash_attention's host time per call in both trees, without and with
+    its backward (torch.autograd.grad: no gradient accumulated into the leaves, a launch each)."""
+    dtype = mf.VERSIONS[version].dtypes[0]
+    q, k, v, dO = (torch.randn(1, 1, 128, 64, device=device, dtype=dtype) for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    for case in cases:
+        options = dict(CASES[case](128), version=version)
+        forward = [lambda m=m: m.flash_attention(q, k, v, **options) for m in (old, mf)]
+        both = [lambda m=m: torch.autograd.grad(m.flash_attention(*leaves, **options), leaves, dO) for m in (old, mf)]
+        line = f"(1, 1, 128, 64) {case:>8}:"
+        for name, calls in (("forward", forward), ("forward + backward", both)):
+            us = host_us(calls, rounds, device, per_round)
+            line += f"  {name} {us[0]:.1f} / {us[1]:.1f} us = {us[0] / us[1]:.3f}x"
+        yield line
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("commit", help="the older commit (a hash, a branch, HEAD~1)")
@@ -83,6 +127,7 @@ def main(argv=None):
     p.add_argument("--passes", nargs="+", choices=["forward", "backward"], default=["forward", "backward"])
     p.add_argument("--version", type=int, choices=sorted(mf.VERSIONS), default=4)
     p.add_argument("--rounds", type=bench.at_least(1), default=40)
+    p.add_argument("--host", action="store_true", help="the host's time per call, not the GPU's (see above)")
     args = p.parse_args(argv)
     commit = commit_of(args.commit)
     if commit is None:
@@ -95,6 +140,13 @@ def main(argv=None):
     dtype = mf.VERSIONS[args.version].dtypes[0]
     with tempfile.TemporaryDirectory(prefix="ab_") as folder:
         old = load_old(commit, folder)
+        if args.host:
+            print(f"# {torch.cuda.get_device_name()}, {dtype}, version {args.version}: host time per call of "
+                  f"{commit[:7]} (old) and the working tree (new), medians of {args.rounds} rounds; old / new",
+                  flush=True)
+            for line in host_lines(old, args.cases, args.version, args.rounds):
+                print(line, flush=True)
+            return
         print(f"# {torch.cuda.get_device_name()}, {dtype}, version {args.version}: {commit[:7]} (old) against the "
               f"working tree (new); ms, medians of {args.rounds} alternating calls; old / new", flush=True)
         for B, H, N, d in args.shapes:
