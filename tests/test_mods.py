@@ -63,9 +63,12 @@ def case_alibi_per_batch(B, H, N, g, device):
 
 
 def case_bias(B, H, N, g, device):
-    bias = rel_pos_bias(H, N, g)
+    # N - 1 read from a tensor, not written into the expression: one build for every N (each expression is
+    # compiled once, tens of seconds on a GPU machine)
+    bias, offset = rel_pos_bias(H, N, g), torch.tensor([N - 1], dtype=torch.int32)
     i, j = idx(N)
-    return (dict(score_mod=f"score + bias(h, q_idx - kv_idx + {N - 1})", mod_tensors={"bias": bias.to(device)}),
+    return (dict(score_mod="score + bias(h, q_idx - kv_idx + offset[0])",
+                 mod_tensors={"bias": bias.to(device), "offset": offset.to(device)}),
             (bias[:, i - j + N - 1].double(), True))
 
 
