@@ -231,6 +231,13 @@ def sequence_attention(q, k, v, causal, scale, window_size=(-1, -1), softcap=0.0
     return out.transpose(0, 1), lse
 
 
+# A score_mod and mask_mod of one's own on a KV cache (test_kvcache) and on packed sequences (test_varlen),
+# one build for both (each set of mods is compiled once: tens of seconds on a GPU machine): a bias from a
+# table per (sequence, head) growing with the distance, and a mask that reads every index, q's head among them.
+TABLE_SCORE_MOD = "score + table(b, h) * 0.1f * (q_idx + shift - kv_idx)"
+EVERY_INDEX_MASK_MOD = "(q_idx + 2 * kv_idx + b + h) % 5 != 1"
+
+
 def varlen_reference(q, k, v, lengths_q, lengths_k, causal, dO, dtype=torch.float64, window_size=(-1, -1),
                      softcap=0.0, alibi_slopes=None, mods=None, dropped=None):
     """flash_attn_varlen_func's reference on packed q (total_q, H, d), k, v (total_k, Hk, d): out, lse

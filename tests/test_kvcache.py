@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, assert_close, sequence_attention, split_options
+from helpers import (DEVICES, EVERY_INDEX_MASK_MOD, TABLE_SCORE_MOD, assert_close, sequence_attention,
+                     split_options)
 
 
 def dense_sequences(lengths, Hk, d, dtype, generator):
@@ -150,7 +151,7 @@ OPTIONS = {
     "window-softcap-d256": ((1, 8, 4, 256, [300, 97], 1, True, 4, 80, torch.bfloat16),  # Gemma 2's
                             dict(window_size=(63, 0), softcap=30.0)),
     "score_mod-mask_mod": ((3, 8, 2, 64, [200, 65], 1, True, 2, None, torch.bfloat16), dict(
-        score_mod="score + table(b, h) * 0.1f * (q_idx + shift - kv_idx)", mask_mod="(kv_idx + b + h) % 3 != 0",
+        score_mod=TABLE_SCORE_MOD, mask_mod=EVERY_INDEX_MASK_MOD,
         mod_tensors={"table": torch.arange(16, dtype=torch.float32).reshape(2, 8) / 16})),
 }
 
@@ -243,7 +244,7 @@ def dense_mods(options, H):
 
     def mods(b, Sq, L):
         i, j, h = torch.arange(Sq)[:, None], torch.arange(L)[None, :], torch.arange(H)[:, None, None]
-        return table[b][:, None, None].double() * 0.1 * (i + L - Sq - j), (j + b + h) % 3 != 0
+        return table[b][:, None, None].double() * 0.1 * (i + L - Sq - j), (i + 2 * j + b + h) % 5 != 1
     return mods
 
 

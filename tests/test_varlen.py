@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import minimal_flash as mf
-from helpers import DEVICES, assert_close, cu_seqlens, dropout_kept, split_options, varlen_reference
+from helpers import (DEVICES, EVERY_INDEX_MASK_MOD, TABLE_SCORE_MOD, assert_close, cu_seqlens, dropout_kept,
+                     split_options, varlen_reference)
 
 
 def packed_inputs(lengths_q, lengths_k, H, Hk, d, dtype, device, generator):
@@ -103,12 +104,11 @@ def test_score_mod_and_mask_mod_per_sequence(device, generator, poisoned):
     table = torch.randn(len(lengths_q), H, generator=generator)
 
     def dense(b, Lq, Lk):  # the same, written out: (bias, keep) of sequence b, (H, Lq, Lk)
-        i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
-        return table[b][:, None, None].double() * 0.1 * (i + Lk - Lq - j), (i + 2 * j + b) % 5 != 1
+        i, j, h = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :], torch.arange(H)[:, None, None]
+        return table[b][:, None, None].double() * 0.1 * (i + Lk - Lq - j), (i + 2 * j + b + h) % 5 != 1
 
     check_against_float64(device, lengths_q, lengths_k, H, 2, 64, True, torch.bfloat16, generator, dense_mods=dense,
-                          score_mod="score + table(b, h) * 0.1f * (q_idx + shift - kv_idx)",
-                          mask_mod="(q_idx + 2 * kv_idx + b) % 5 != 1", mod_tensors={"table": table})
+                          score_mod=TABLE_SCORE_MOD, mask_mod=EVERY_INDEX_MASK_MOD, mod_tensors={"table": table})
 
 
 # A mask_mod on packed sequences skips the tiles it empties where one block mask serves them all
