@@ -94,6 +94,13 @@ print(all(torch.equal(a, b) for a, b in zip(old.forward(q, k, v, version=1), mf.
     assert run.stdout.strip().splitlines()[-1] == "True"
 
 
+def test_ab_host_refuses_the_options_it_does_not_take(capsys):
+    with pytest.raises(SystemExit):
+        tool("ab").main(["HEAD", "--host", "--shapes", "1,2,64,64"])
+    assert "--host times flash_attention on (1, 1, 128, 64), without and with its backward: leave out --shapes " \
+           "and --passes" in capsys.readouterr().err
+
+
 def test_ab_host_times_both_trees_in_turn(tmp_path):
     """--host's lines, on the CPU (the GPU's synchronizing left out): HEAD's tree and this one each timed,
     without and with the backward, a ratio of the two. In a process of its own, as above."""

@@ -123,12 +123,16 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("commit", help="the older commit (a hash, a branch, HEAD~1)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=["causal", "full"])
-    p.add_argument("--shapes", type=shape, nargs="+", default=[(4, 16, 4096, 128)], metavar="B,H,N,d")
-    p.add_argument("--passes", nargs="+", choices=["forward", "backward"], default=["forward", "backward"])
+    p.add_argument("--shapes", type=shape, nargs="+", metavar="B,H,N,d", help="default: 4,16,4096,128")
+    p.add_argument("--passes", nargs="+", choices=["forward", "backward"], help="default: both")
     p.add_argument("--version", type=int, choices=sorted(mf.VERSIONS), default=4)
     p.add_argument("--rounds", type=bench.at_least(1), default=40)
     p.add_argument("--host", action="store_true", help="the host's time per call, not the GPU's (see above)")
     args = p.parse_args(argv)
+    if args.host and (args.shapes or args.passes):
+        p.error("--host times flash_attention on (1, 1, 128, 64), without and with its backward: leave out "
+                "--shapes and --passes")
+    args.shapes, args.passes = args.shapes or [(4, 16, 4096, 128)], args.passes or ["forward", "backward"]
     commit = commit_of(args.commit)
     if commit is None:
         p.error(f"argument commit: {args.commit!r} is not a commit of this repository")
