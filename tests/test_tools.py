@@ -116,7 +116,8 @@ print(*ab.host_lines(old, ["causal", "full"], 1, rounds=2, device="cpu", per_rou
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 2, run.stdout
-    pattern = r"\(1, 1, 128, 64\) +{}:  forward [\d.]+ / [\d.]+ us = [\d.]+x  forward \+ backward [\d.]+ / [\d.]+ us = [\d.]+x"
+    pattern = (r"\(1, 1, 128, 64\) +{}:  forward [\d.]+ / [\d.]+ us = [\d.]+x  "
+               r"forward \+ backward [\d.]+ / [\d.]+ us = [\d.]+x")
     for line, case in zip(lines, ("causal", "full")):
         assert re.fullmatch(pattern.format(case), line), line
 

@@ -14,10 +14,10 @@ bits run to run (the default mode adds the blocks' shares in the order they arri
     python tools/ab.py 1fae898~1 --host [--cases causal] [--rounds 40]
 
 --host: the host's time per call instead of the GPU's, for a change to what a call costs the host (its
-Python, its launches): flash_attention without and with its backward (autograd), on (1, 1, 128, 64), so
-small that the GPU never makes the host wait; microseconds of wall-clock time per call, both trees in
-turn, round after round (on the lent machines the host's own speed wandered 2x within one process: each
-round falls on both alike), medians. Where a model's step waits for its host, these decide.
+Python, its launches): flash_attention without and with its backward (autograd), on (1, 1, 128, 64);
+microseconds per call as bench.host_ms takes them (each call from an idle GPU), both trees in turn, round
+after round (on the lent machines the host's own speed wandered 2x within one process: each round falls
+on both alike), medians. Where a model's step waits for its host, these decide.
 """
 import argparse
 import importlib.util
@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -84,25 +83,17 @@ def alternating_ms(calls, rounds, warmup=8):
     return [statistics.median(times[i::len(calls)]) for i in range(len(calls))]
 
 
-def host_us(calls, rounds, device="cuda", per_round=200):
-    """Each call's host time (us of wall clock per call, the GPU never waited for), the calls taken in turn,
-    `per_round` of one after `per_round` of the next, round after round: medians over the rounds."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+def host_us(calls, rounds, device="cuda", per_round=25):
+    """Each call's host time in us, as bench.host_ms takes it (one call from an idle, synchronised GPU: its
+    own Python and launches; the median of `per_round`), the calls taken in turn, round after round:
+    medians over the rounds."""
     for call in calls:  # warm: the builds, the checks' caches
         call()
-    times = [[] for _ in calls]
-    for _ in range(rounds):
-        for call, spent in zip(calls, times):
-            sync()
-            start = time.perf_counter()
-            for _ in range(per_round):
-                call()
-            spent.append((time.perf_counter() - start) / per_round * 1e6)
-    sync()
-    return [statistics.median(spent) for spent in times]
+    times = [[bench.host_ms(call, device, per_round) * 1e3 for call in calls] for _ in range(rounds)]
+    return [statistics.median(spent) for spent in zip(*times)]
 
 
-def host_lines(old, cases, version, rounds, device="cuda", per_round=200):
+def host_lines(old, cases, version, rounds, device="cuda", per_round=25):
     """--host's lines: per case, flash_attention's host time per call in both trees, without and with
     its backward (torch.autograd.grad: no gradient accumulated into the leaves, a launch each)."""
     dtype = mf.VERSIONS[version].dtypes[0]
