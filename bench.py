@@ -1017,11 +1017,9 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def graph_ms(steps, args):
-    """GPU time of one step in ms, without the host's: the steps (one per input set, round and round
-    until GRAPH_STEPS) captured in one CUDA graph, which is replayed; CUDA events around each replay,
-    median, over the steps in it. Between two steps of a graph the GPU waits for no Python, as in a
-    server that captures its decode step."""
+def captured(steps):
+    """The steps (one per input set, round and round until GRAPH_STEPS) captured in one CUDA graph: the
+    graph and the number of steps in it."""
     n = len(steps) * math.ceil(GRAPH_STEPS / len(steps))
     # torch's rule for capture: warm up on a side stream first, so that one-time work (handles,
     # workspaces, our kernels' build) is done before, and not recorded.
@@ -1036,6 +1034,14 @@ def graph_ms(steps, args):
     with torch.cuda.graph(graph):
         for i in range(n):
             steps[i % len(steps)]()
+    return graph, n
+
+
+def graph_ms(steps, args):
+    """GPU time of one step in ms, without the host's: the steps captured in one CUDA graph (captured),
+    which is replayed; CUDA events around each replay, median, over the steps in it. Between two steps
+    of a graph the GPU waits for no Python, as in a server that captures its decode step."""
+    graph, n = captured(steps)
     ms, repeats = median_ms([graph.replay], args.warmup, args.repeats, "cuda", args.seconds, args.min_repeats)
     return ms / n, repeats
 

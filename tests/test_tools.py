@@ -122,6 +122,34 @@ print(*ab.host_lines(old, ["causal", "full"], 1, rounds=2, device="cpu", per_rou
         assert re.fullmatch(pattern.format(case), line), line
 
 
+
+def test_ab_decode_refuses_the_options_it_does_not_take(capsys):
+    with pytest.raises(SystemExit):
+        tool("ab").main(["HEAD", "--decode", "1,1024", "--cases", "causal"])
+    assert "--decode times flash_attn_with_kvcache at its own points: leave out --host, --shapes, --passes and " \
+           "--cases" in capsys.readouterr().err
+
+
+def test_ab_decode_times_both_trees_in_turn(tmp_path):
+    """--decode's lines, on the CPU (plain calls, no CUDA graph): HEAD's tree and this one each run a decode
+    step, contiguous and paged, on the same inputs: the same bits (the same kernels), a ratio of the two
+    times. In a process of its own, as above."""
+    program = f"""
+import sys
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+from helpers import tool
+ab = tool("ab")
+old = ab.load_old(ab.commit_of("HEAD"), {str(tmp_path)!r})
+print(*ab.decode_lines(old, [(2, 300)], rounds=2, device="cpu"), sep="\\n")
+"""
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 2, run.stdout
+    for line, layout in zip(lines, ("contiguous", "paged")):
+        pattern = rf"batch  2 context    300 +{layout}: [\d.]+ / [\d.]+ us = [\d.]+x \(same bits, out: True\)"
+        assert re.fullmatch(pattern, line), line
+
 # tools/block_timeline.py
 
 
@@ -209,6 +237,7 @@ def test_emulation_times_runs_each_version_in_a_dtype_it_takes(capsys):
     ("ab", ["HEAD", "--shapes", "4,16,4096"], "argument --shapes: '4,16,4096' is not B,H,N,d (four whole numbers "
                                               ">= 1)"),
     ("ab", ["HEAD", "--cases", "alibi"], "argument --cases: invalid choice: 'alibi'"),
+    ("ab", ["HEAD", "--decode", "1"], "argument --decode: '1' is not batch,context (two whole numbers >= 1)"),
     ("emulation_times", ["--versions", "5"], "argument --versions: invalid choice: 5"),
     ("emulation_times", ["--repeat", "0"], "argument --repeat: must be at least 1, not 0"),
     ("emulation_times", ["--sizes", "-4"], "argument --sizes: must be at least 1, not -4")])

@@ -18,10 +18,18 @@ Python, its launches): flash_attention without and with its backward (autograd),
 microseconds per call as bench.host_ms takes them (each call from an idle GPU), both trees in turn, round
 after round (on the lent machines the host's own speed wandered 2x within one process: each round falls
 on both alike), medians. Where a model's step waits for its host, these decide.
+
+    python tools/ab.py HEAD~1 --decode [1,32768 8,16384] [--rounds 40]
+
+--decode: a decode step instead (bench.py --decode's: flash_attn_with_kvcache, nheads 32, nheads_k 8,
+d = 128, bf16, one query row, every sequence full; at each batch,context, contiguous and paged), each
+tree's steps captured in a CUDA graph (the GPU's time, no host in it), the two graphs replayed in turn.
+Default points: batch 1 at 32k and 128k, 8 at 32k, 64 at 8k.
 """
 import argparse
 import importlib.util
 import io
+import math
 import statistics
 import subprocess
 import sys
@@ -52,6 +60,17 @@ def shape(text):
     return tuple(map(int, parts))
 
 
+def point(text):
+    """B,N: a decode step's batch and context, two whole numbers >= 1."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not batch,context (two whole numbers >= 1)")
+    return tuple(map(int, parts))
+
+
+DECODE_POINTS = [(1, 32768), (1, 131072), (8, 32768), (64, 8192)]
+
+
 def commit_of(name):
     """The full hash of a commit of this repository, or None."""
     found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"], cwd=ROOT,
@@ -75,11 +94,11 @@ def load_old(commit, folder):
     return old
 
 
-def alternating_ms(calls, rounds, warmup=8):
+def alternating_ms(calls, rounds, warmup=8, device="cuda"):
     """The median ms of each call, the calls taken in turn, timed as bench.py times (bench.time_calls:
     CUDA events, the calls queued back to back), after warm-up rounds (the builds, the clocks)."""
-    bench.time_calls(calls, warmup * len(calls), "cuda")
-    times = bench.time_calls(calls, rounds * len(calls), "cuda")
+    bench.time_calls(calls, warmup * len(calls), device)
+    times = bench.time_calls(calls, rounds * len(calls), device)
     return [statistics.median(times[i::len(calls)]) for i in range(len(calls))]
 
 
@@ -110,19 +129,59 @@ def host_lines(old, cases, version, rounds, device="cuda", per_round=25):
         yield line
 
 
+def decode_lines(old, points, rounds, device="cuda"):
+    """--decode's lines: per batch,context and layout, a decode step's time in both trees, in us, each
+    tree's steps over the input sets (enough to pass the L2 cache, bench.sets_past_l2) captured in one
+    CUDA graph (bench.captured), the two graphs replayed in turn; on the CPU (a test's) the plain calls,
+    timed by perf_counter. Both trees get the same inputs, pages and page table."""
+    H, Hk, d, dtype = bench.DECODE_HEADS, bench.DECODE_HEADS_K, 128, torch.bfloat16
+    for B, N in points:
+        cache = 2 * B * N * Hk * d * dtype.itemsize  # k and v
+        sets = bench.sets_past_l2(2 * cache, device)  # contiguous and paged, side by side
+        inputs = [[torch.randn(B, 1, H, d, dtype=dtype, device=device),
+                   *(torch.randn(B, N, Hk, d, dtype=dtype, device=device) for _ in range(2))] for _ in range(sets)]
+        seqlens = torch.full((B,), N, dtype=torch.int32, device=device)
+        pages = math.ceil(N / bench.PAGE)
+        tables = [torch.randperm(B * pages, device=device).view(B, pages).to(torch.int32) for _ in inputs]
+        layouts = {"contiguous": [(s, {}) for s in inputs],
+                   "paged": [((q, bench.paged(k, table), bench.paged(v, table)), dict(block_table=table))
+                             for (q, k, v), table in zip(inputs, tables)]}
+        for layout, calls in layouts.items():
+            steps = [[lambda m=m, a=a, kw=kw: m.flash_attn_with_kvcache(*a, cache_seqlens=seqlens, **kw)
+                      for a, kw in calls] for m in (old, mf)]
+            same = torch.equal(steps[0][0](), steps[1][0]())
+            if device == "cuda":
+                graphs = [bench.captured(tree) for tree in steps]
+                ms = alternating_ms([graph.replay for graph, _ in graphs], rounds)
+                us = [t * 1e3 / n for t, (_, n) in zip(ms, graphs)]
+            else:
+                us = [t * 1e3 for t in alternating_ms([tree[0] for tree in steps], rounds, 1, device)]
+            yield (f"batch {B:>2} context {N:>6} {layout:>10}: {us[0]:.1f} / {us[1]:.1f} us = {us[0] / us[1]:.3f}x "
+                   f"(same bits, out: {same})")
+        del inputs, layouts, steps
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("commit", help="the older commit (a hash, a branch, HEAD~1)")
-    p.add_argument("--cases", nargs="+", choices=list(CASES), default=["causal", "full"])
+    p.add_argument("--cases", nargs="+", choices=list(CASES), help="default: causal full")
     p.add_argument("--shapes", type=shape, nargs="+", metavar="B,H,N,d", help="default: 4,16,4096,128")
     p.add_argument("--passes", nargs="+", choices=["forward", "backward"], help="default: both")
     p.add_argument("--version", type=int, choices=sorted(mf.VERSIONS), default=4)
     p.add_argument("--rounds", type=bench.at_least(1), default=40)
     p.add_argument("--host", action="store_true", help="the host's time per call, not the GPU's (see above)")
+    p.add_argument("--decode", type=point, nargs="*", metavar="B,N",
+                   help="a decode step's GPU time at these batch,context points (see above)")
     args = p.parse_args(argv)
     if args.host and (args.shapes or args.passes):
         p.error("--host times flash_attention on (1, 1, 128, 64), without and with its backward: leave out "
                 "--shapes and --passes")
+    if args.decode is not None and (args.host or args.shapes or args.passes or args.cases):
+        p.error("--decode times flash_attn_with_kvcache at its own points: leave out --host, --shapes, --passes "
+                "and --cases")
+    args.cases = args.cases or ["causal", "full"]
     args.shapes, args.passes = args.shapes or [(4, 16, 4096, 128)], args.passes or ["forward", "backward"]
     commit = commit_of(args.commit)
     if commit is None:
@@ -135,6 +194,13 @@ def main(argv=None):
     dtype = mf.VERSIONS[args.version].dtypes[0]
     with tempfile.TemporaryDirectory(prefix="ab_") as folder:
         old = load_old(commit, folder)
+        if args.decode is not None:
+            print(f"# {torch.cuda.get_device_name()}, bf16, nheads 32, nheads_k 8, d 128: a decode step of "
+                  f"{commit[:7]} (old) and the working tree (new), each in a CUDA graph; us, medians of "
+                  f"{args.rounds} alternating replays; old / new", flush=True)
+            for line in decode_lines(old, args.decode or DECODE_POINTS, args.rounds):
+                print(line, flush=True)
+            return
         if args.host:
             print(f"# {torch.cuda.get_device_name()}, {dtype}, version {args.version}: host time per call of "
                   f"{commit[:7]} (old) and the working tree (new), medians of {args.rounds} rounds; old / new",
