@@ -256,7 +256,8 @@ static_assert(sizeof(RunArgs) == 35 * 8, "35 fields of 8 bytes, as minimal_flash
 // A (B, heads, N, d) tensor's strides as the kernels take them: a dim of size 1 is never stepped along,
 // and torch may give it any stride (its is_contiguous ignores it too): here a contiguous tensor's.
 static Strides kernel_strides(const long long (&s)[3], long long B, long long heads, long long N, long long d) {
-    return {B > 1 ? s[0] : heads * N * d, heads > 1 ? s[1] : N * d, N > 1 ? s[2] : d};
+    const Strides dense = contiguous_strides(heads, N, d);
+    return {B > 1 ? s[0] : dense.batch, heads > 1 ? s[1] : dense.head, N > 1 ? s[2] : dense.row};
 }
 
 extern "C" {
