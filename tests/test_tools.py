@@ -126,8 +126,8 @@ print(*ab.host_lines(old, ["causal", "full"], 1, rounds=2, device="cpu", per_rou
 def test_ab_decode_refuses_the_options_it_does_not_take(capsys):
     with pytest.raises(SystemExit):
         tool("ab").main(["HEAD", "--decode", "1,1024", "--cases", "causal"])
-    assert "--decode times flash_attn_with_kvcache at its own points: leave out --host, --shapes, --passes and " \
-           "--cases" in capsys.readouterr().err
+    assert "--decode times flash_attn_with_kvcache (version 3's decode kernels) at its own points: leave out " \
+           "--host, --shapes, --passes, --cases and --version" in capsys.readouterr().err
 
 
 def test_ab_decode_times_both_trees_in_turn(tmp_path):

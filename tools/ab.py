@@ -154,6 +154,7 @@ def decode_lines(old, points, rounds, device="cuda"):
                 graphs = [bench.captured(tree) for tree in steps]
                 ms = alternating_ms([graph.replay for graph, _ in graphs], rounds)
                 us = [t * 1e3 / n for t, (_, n) in zip(ms, graphs)]
+                del graphs  # their memory, before the next layout's
             else:
                 us = [t * 1e3 for t in alternating_ms([tree[0] for tree in steps], rounds, 1, device)]
             yield (f"batch {B:>2} context {N:>6} {layout:>10}: {us[0]:.1f} / {us[1]:.1f} us = {us[0] / us[1]:.3f}x "
@@ -169,7 +170,7 @@ def main(argv=None):
     p.add_argument("--cases", nargs="+", choices=list(CASES), help="default: causal full")
     p.add_argument("--shapes", type=shape, nargs="+", metavar="B,H,N,d", help="default: 4,16,4096,128")
     p.add_argument("--passes", nargs="+", choices=["forward", "backward"], help="default: both")
-    p.add_argument("--version", type=int, choices=sorted(mf.VERSIONS), default=4)
+    p.add_argument("--version", type=int, choices=sorted(mf.VERSIONS), help="default: 4")
     p.add_argument("--rounds", type=bench.at_least(1), default=40)
     p.add_argument("--host", action="store_true", help="the host's time per call, not the GPU's (see above)")
     p.add_argument("--decode", type=point, nargs="*", metavar="B,N",
@@ -178,17 +179,17 @@ def main(argv=None):
     if args.host and (args.shapes or args.passes):
         p.error("--host times flash_attention on (1, 1, 128, 64), without and with its backward: leave out "
                 "--shapes and --passes")
-    if args.decode is not None and (args.host or args.shapes or args.passes or args.cases):
-        p.error("--decode times flash_attn_with_kvcache at its own points: leave out --host, --shapes, --passes "
-                "and --cases")
-    args.cases = args.cases or ["causal", "full"]
+    if args.decode is not None and (args.host or args.shapes or args.passes or args.cases or args.version):
+        p.error("--decode times flash_attn_with_kvcache (version 3's decode kernels) at its own points: leave out "
+                "--host, --shapes, --passes, --cases and --version")
+    args.cases, args.version = args.cases or ["causal", "full"], args.version or 4
     args.shapes, args.passes = args.shapes or [(4, 16, 4096, 128)], args.passes or ["forward", "backward"]
     commit = commit_of(args.commit)
     if commit is None:
         p.error(f"argument commit: {args.commit!r} is not a commit of this repository")
     if not torch.cuda.is_available():
         sys.exit("ab.py times CUDA kernels: it needs a GPU")
-    refusal = mf.version_unavailable(args.version, "cuda")
+    refusal = mf.version_unavailable(3 if args.decode is not None else args.version, "cuda")
     if refusal:
         sys.exit(f"ab.py: {refusal}")
     dtype = mf.VERSIONS[args.version].dtypes[0]
