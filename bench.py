@@ -284,7 +284,7 @@ def parse_args(argv=None):
         if not args.lengths[0] <= args.lengths[1]:
             p.error(f"--lengths {args.lengths[0]} {args.lengths[1]}: 1 <= MIN <= MAX")
     if args.decode:  # flash_attn_with_kvcache's kernels, in version 3's build: half precision
-        args.head_dim = or_default(args.head_dim, 128)
+        args.head_dim = or_default(args.head_dim, DECODE_HEAD_DIM)
         if not mf.decode_takes_head_dim(args.head_dim):
             p.error(f"--decode: -d {args.head_dim}: the decode kernels take a multiple of 8 up to "
                     f"{max(mf.DECODE_HEAD_DIMS)}")
@@ -937,7 +937,7 @@ def run_sweep(args):
 # heads share 8 key/value heads (grouped-query attention), d = 128, bf16: a Llama-style model's layer.
 DECODE_GPU = dict(batch=(1, 8, 64), context=(1024, 4096, 16384, 32768, 65536, 131072))
 DECODE_CPU = dict(batch=(1, 2), context=(64, 300))
-DECODE_HEADS, DECODE_HEADS_K = 32, 8
+DECODE_HEADS, DECODE_HEADS_K, DECODE_HEAD_DIM = 32, 8, 128
 PAGE = 256  # tokens per page of the paged cache
 # The share of the free memory a point's tensors may take; the rest is the allocator's and the graphs'.
 MEMORY_SHARE = 0.6

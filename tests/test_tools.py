@@ -64,6 +64,23 @@ def test_hopper_steps_without_a_gpu_refuses_before_building(no_gpu, monkeypatch)
 # tools/ab.py
 
 
+def with_heads_tree(folder, program):
+    """The lines `program` prints, run in a process of its own (the old module registers the
+    torch.ops.minimal_flash operators again, over this one's) with `ab` (tools/ab.py) and `old`, HEAD's
+    minimal_flash.py and kernels/ extracted into folder and loaded (the tests run on a clean checkout:
+    HEAD's kernels are these)."""
+    preamble = f"""
+import sys
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+from helpers import tool
+ab = tool("ab")
+old = ab.load_old(ab.commit_of("HEAD"), {str(folder)!r})
+"""
+    run = subprocess.run([sys.executable, "-c", preamble + program], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip().splitlines()
+
+
 def test_ab_without_a_gpu_refuses_before_extracting(no_gpu, monkeypatch):
     ab = tool("ab")
     monkeypatch.setattr(ab, "load_old", lambda *args: pytest.fail("extracted"))
@@ -76,22 +93,16 @@ def test_ab_loads_the_old_commits_tree_beside_this_one(tmp_path):
     are read from the extracted folder, give what this tree's give (the repository's tests run on a
     clean checkout: HEAD's kernels are these). In a process of its own: the old module registers the
     torch.ops.minimal_flash operators again, over this one's (ab.py calls forward and backward only)."""
-    program = f"""
-import sys, torch
+    lines = with_heads_tree(tmp_path, f"""
+import torch
 from pathlib import Path
-sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
 import minimal_flash as mf
-from helpers import tool
-ab = tool("ab")
-old = ab.load_old(ab.commit_of("HEAD"), {str(tmp_path)!r})
 assert old is not mf and old.KERNELS == (Path({str(tmp_path)!r}) / "kernels").resolve()
 assert (old.KERNELS / "flash.cu").read_text() == (mf.KERNELS / "flash.cu").read_text()
 q, k, v = (torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
 print(all(torch.equal(a, b) for a, b in zip(old.forward(q, k, v, version=1), mf.forward(q, k, v, version=1))))
-"""
-    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip().splitlines()[-1] == "True"
+""")
+    assert lines[-1] == "True"
 
 
 def test_ab_host_refuses_the_options_it_does_not_take(capsys):
@@ -104,23 +115,14 @@ def test_ab_host_refuses_the_options_it_does_not_take(capsys):
 def test_ab_host_times_both_trees_in_turn(tmp_path):
     """--host's lines, on the CPU (the GPU's synchronizing left out): HEAD's tree and this one each timed,
     without and with the backward, a ratio of the two. In a process of its own, as above."""
-    program = f"""
-import sys
-sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
-from helpers import tool
-ab = tool("ab")
-old = ab.load_old(ab.commit_of("HEAD"), {str(tmp_path)!r})
+    lines = with_heads_tree(tmp_path, """
 print(*ab.host_lines(old, ["causal", "full"], 1, rounds=2, device="cpu", per_round=2), sep="\\n")
-"""
-    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    lines = run.stdout.strip().splitlines()
-    assert len(lines) == 2, run.stdout
+""")
+    assert len(lines) == 2, lines
     pattern = (r"\(1, 1, 128, 64\) +{}:  forward [\d.]+ / [\d.]+ us = [\d.]+x  "
                r"forward \+ backward [\d.]+ / [\d.]+ us = [\d.]+x")
     for line, case in zip(lines, ("causal", "full")):
         assert re.fullmatch(pattern.format(case), line), line
-
 
 
 def test_ab_decode_refuses_the_options_it_does_not_take(capsys):
@@ -134,18 +136,10 @@ def test_ab_decode_times_both_trees_in_turn(tmp_path):
     """--decode's lines, on the CPU (plain calls, no CUDA graph): HEAD's tree and this one each run a decode
     step, contiguous and paged, on the same inputs: the same bits (the same kernels), a ratio of the two
     times. In a process of its own, as above."""
-    program = f"""
-import sys
-sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
-from helpers import tool
-ab = tool("ab")
-old = ab.load_old(ab.commit_of("HEAD"), {str(tmp_path)!r})
+    lines = with_heads_tree(tmp_path, """
 print(*ab.decode_lines(old, [(2, 300)], rounds=2, device="cpu"), sep="\\n")
-"""
-    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    lines = run.stdout.strip().splitlines()
-    assert len(lines) == 2, run.stdout
+""")
+    assert len(lines) == 2, lines
     for line, layout in zip(lines, ("contiguous", "paged")):
         pattern = rf"batch  2 context    300 +{layout}: [\d.]+ / [\d.]+ us = [\d.]+x \(same bits, out: True\)"
         assert re.fullmatch(pattern, line), line

@@ -52,20 +52,21 @@ CASES = {"causal": lambda N: dict(causal=True), "full": lambda N: {},
              torch.arange(N, device="cuda", dtype=torch.int32) // 1000)), causal=True)}
 
 
-def shape(text):
-    """B,H,N,d: four whole numbers >= 1."""
-    parts = text.split(",")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise argparse.ArgumentTypeError(f"{text!r} is not B,H,N,d (four whole numbers >= 1)")
-    return tuple(map(int, parts))
+def whole_numbers(names):
+    """An argument type: whole numbers >= 1 separated by commas, one for each of `names` ("B,H,N,d")."""
+    count = len(names.split(","))
+    words = {2: "two", 4: "four"}[count]
+
+    def parse(text):
+        parts = text.split(",")
+        if len(parts) != count or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {names} ({words} whole numbers >= 1)")
+        return tuple(map(int, parts))
+    return parse
 
 
-def point(text):
-    """B,N: a decode step's batch and context, two whole numbers >= 1."""
-    parts = text.split(",")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise argparse.ArgumentTypeError(f"{text!r} is not batch,context (two whole numbers >= 1)")
-    return tuple(map(int, parts))
+shape = whole_numbers("B,H,N,d")  # a shape of q, k, v
+point = whole_numbers("batch,context")  # a decode step's
 
 
 DECODE_POINTS = [(1, 32768), (1, 131072), (8, 32768), (64, 8192)]
@@ -134,7 +135,7 @@ def decode_lines(old, points, rounds, device="cuda"):
     tree's steps over the input sets (enough to pass the L2 cache, bench.sets_past_l2) captured in one
     CUDA graph (bench.captured), the two graphs replayed in turn; on the CPU (a test's) the plain calls,
     timed by perf_counter. Both trees get the same inputs, pages and page table."""
-    H, Hk, d, dtype = bench.DECODE_HEADS, bench.DECODE_HEADS_K, 128, torch.bfloat16
+    H, Hk, d, dtype = bench.DECODE_HEADS, bench.DECODE_HEADS_K, bench.DECODE_HEAD_DIM, torch.bfloat16
     for B, N in points:
         cache = 2 * B * N * Hk * d * dtype.itemsize  # k and v
         sets = bench.sets_past_l2(2 * cache, device)  # contiguous and paged, side by side
@@ -196,7 +197,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="ab_") as folder:
         old = load_old(commit, folder)
         if args.decode is not None:
-            print(f"# {torch.cuda.get_device_name()}, bf16, nheads 32, nheads_k 8, d 128: a decode step of "
+            print(f"# {torch.cuda.get_device_name()}, bf16, nheads {bench.DECODE_HEADS}, nheads_k "
+                  f"{bench.DECODE_HEADS_K}, d {bench.DECODE_HEAD_DIM}: a decode step of "
                   f"{commit[:7]} (old) and the working tree (new), each in a CUDA graph; us, medians of "
                   f"{args.rounds} alternating replays; old / new", flush=True)
             for line in decode_lines(old, args.decode or DECODE_POINTS, args.rounds):
