@@ -96,6 +96,11 @@ class Version:
     def kernel_file(self, pass_):
         return self.kernels[PASSES.index(pass_)]
 
+    def with_cuda_flags(self, *flags):
+        """This version built with more nvcc flags (e.g. tools/hopper_steps.py's -DHOPPER_STEP=n): a build
+        of its own, in a folder of its own (build_directory names the flags)."""
+        return replace(self, cuda_flags=self.cuda_flags + flags)
+
 
 VERSIONS = {v.number: v for v in (
     Version(1, "Algorithms 1 and 4 (FlashAttention)", 1, ("flash.cu", "flash_backward.cu"), "version1.cuh",
@@ -2026,8 +2031,10 @@ def build_directory(device_type, version, Br, Bc, sources, mods=None):
     """Where a build lives: $TORCH_EXTENSIONS_DIR, else torch's default (~/.cache/torch_extensions),
     then minimal_flash/, then a folder named by everything the build is made from: device, version,
     block sizes, torch version, and its sources (this checkout's path and the content of the files the
-    build includes), and its mods (chapter 6), if any."""
-    key = repr((sources, torch.__version__, torch.version.cuda) + ((mods.header(),) if mods else ()))
+    build includes), its nvcc flags (CUDA), and its mods (chapter 6), if any."""
+    flags = VERSIONS[version].cuda_flags if device_type == "cuda" else ()
+    key = repr((sources, torch.__version__, torch.version.cuda) + ((flags,) if flags else ())
+               + ((mods.header(),) if mods else ()))
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or torch.utils.cpp_extension.get_default_build_root())
     sizes = f"_br{Br}_bc{Bc}" if Br is not None else ""

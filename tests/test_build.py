@@ -71,6 +71,20 @@ def test_a_build_is_made_of_the_files_it_includes_only(checkouts, monkeypatch):
     assert all(builds()[v] != after[v] for v in mf.VERSIONS)
 
 
+def test_a_build_with_more_nvcc_flags_has_a_folder_of_its_own(monkeypatch):
+    """tools/hopper_steps.py's and block_timeline.py's builds of version 4 (-DHOPPER_STEP=n,
+    -DBLOCK_TIMELINE) are never taken for the one every other call loads, nor for each other; the CPU's
+    build (no nvcc) is the same folder."""
+    sources = {device: mf._build_sources(mf._sources.current(), device, 4) for device in ("cpu", "cuda")}
+    plain = mf.VERSIONS[4]
+    folders = {}
+    for flags in ((), ("-DHOPPER_STEP=1",), ("-DHOPPER_STEP=2",), ("-DBLOCK_TIMELINE",)):
+        monkeypatch.setitem(mf.VERSIONS, 4, plain.with_cuda_flags(*flags))
+        assert mf.VERSIONS[4].cuda_flags == plain.cuda_flags + flags
+        folders[flags] = {device: mf.build_directory(device, 4, None, None, sources[device]) for device in sources}
+    assert len({f["cuda"] for f in folders.values()}) == 4 and len({f["cpu"] for f in folders.values()}) == 1
+
+
 def test_checkouts_do_not_rebuild_each_other_and_an_edit_is_picked_up(checkouts):
     (a, b), use, messages = checkouts
     first = use(a)

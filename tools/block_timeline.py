@@ -14,8 +14,6 @@ the next one starts first: a persistent block's consumer 0 starts the next while
 writes this one's O). --csv writes one row per case with those columns.
 """
 import argparse
-import dataclasses
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -112,10 +110,7 @@ def main(argv=None):
         sys.exit(f"block_timeline.py: {refusal}")
     # This process's version 4 is the timeline build, compiled in a folder of its own: never the one
     # every other call loads.
-    version = mf.VERSIONS[4]
-    mf.VERSIONS[4] = dataclasses.replace(version, cuda_flags=version.cuda_flags + ("-DBLOCK_TIMELINE",))
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(torch.utils.cpp_extension.get_default_build_root())
-                                             / "block_timeline")
+    mf.VERSIONS[4] = mf.VERSIONS[4].with_cuda_flags("-DBLOCK_TIMELINE")
     q, k, v = (torch.randn(B, H, N, args.dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, B={B} H={H} N={N} d={args.dim}; "
           "cycles as medians over the work tiles, the rest in tiles' time as a mean")

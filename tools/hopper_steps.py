@@ -9,8 +9,6 @@ sdpa-cudnn, step1 ..), ms, tflops, max_err (the largest error of O against float
 plain_err (the same of plain attention in the same dtype: the official tests allow 2x that).
 """
 import argparse
-import dataclasses
-import os
 import sys
 from pathlib import Path
 
@@ -33,18 +31,14 @@ def time_ms(fn):
 
 
 def step_kernels(step):
-    """Version 4 built with -DHOPPER_STEP=step, in a folder of its own."""
+    """Version 4 built with -DHOPPER_STEP=step (a folder of its own)."""
     version = mf.VERSIONS[4]
-    flags = version.cuda_flags + (f"-DHOPPER_STEP={step}",)
-    mf.VERSIONS[4] = dataclasses.replace(version, cuda_flags=flags)
+    mf.VERSIONS[4] = version.with_cuda_flags(f"-DHOPPER_STEP={step}")
     try:
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(mf.torch.utils.cpp_extension.get_default_build_root())
-                                                 / f"hopper_step{step}")
         sources = mf._build_sources(mf._sources.current(), "cuda", 4)
         return mf.Kernels(mf._build("cuda", 4, None, None, sources, None), sources, 4)
     finally:
         mf.VERSIONS[4] = version
-        os.environ.pop("TORCH_EXTENSIONS_DIR")
 
 
 def main(argv=None):
