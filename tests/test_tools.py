@@ -141,7 +141,7 @@ print(*ab.decode_lines(old, [(2, 300)], rounds=2, device="cpu"), sep="\\n")
 """)
     assert len(lines) == 2, lines
     for line, layout in zip(lines, ("contiguous", "paged")):
-        pattern = rf"batch  2 context    300 +{layout}: [\d.]+ / [\d.]+ us = [\d.]+x \(same bits, out: True\)"
+        pattern = rf"batch  2 context    300 +{layout}: [\d.]+ / [\d.]+ us = [\d.]+x \(same bits\? out: True\)"
         assert re.fullmatch(pattern, line), line
 
 # tools/block_timeline.py

@@ -159,7 +159,7 @@ def decode_lines(old, points, rounds, device="cuda"):
             else:
                 us = [t * 1e3 for t in alternating_ms([tree[0] for tree in steps], rounds, 1, device)]
             yield (f"batch {B:>2} context {N:>6} {layout:>10}: {us[0]:.1f} / {us[1]:.1f} us = {us[0] / us[1]:.3f}x "
-                   f"(same bits, out: {same})")
+                   f"(same bits? out: {same})")
         del inputs, layouts, steps
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -227,7 +227,7 @@ def main(argv=None):
                     ms = alternating_ms(calls, args.rounds)
                     names = "O, L" if pass_ == "forward" else "dQ, dK, dV"
                     line += (f"  {pass_} {ms[0]:.4f} / {ms[1]:.4f} = {ms[0] / ms[1]:.3f}x "
-                             f"(same bits, {names}: {', '.join(map(str, same))})")
+                             f"(same bits? {names}: {', '.join(map(str, same))})")
                 print(line, flush=True)
 
 
