@@ -768,8 +768,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (batch, max_blocks_per_seq) int32, paged: (num_blocks, page_block_size, nheads_k, d), row j of
     sequence b in page block_table[b, j // page_block_size]. Both written in place, read where they lie: each
     row's d values contiguous, other strides any multiple of 16 bytes (a transposed (batch, nheads_k,
-    seqlen_cache, d) cache too), the same for both; with k, v given, two tensors, and each new key a row of
-    its own (block tables may share pages to read them). The new rows are written outside autograd.
+    seqlen_cache, d) cache too), the same for both; with k, v given, two tensors that share no memory (views
+    side by side in one buffer share none), no two places of a cache at one address (an expanded cache can
+    be read, not written), and each new key a row of its own (block tables may share pages to read them).
+    The new rows are written outside autograd.
     cache_seqlens: the keys each sequence has cached, an int or an int32 tensor (batch,); None: the
     whole cache. cache_leftpad: int32 (batch,), the row where each sequence's keys start (a left-padded
     batch; the rows before it are not read; None: 0). cache_batch_idx: int32 (batch,), the contiguous
@@ -932,8 +934,19 @@ def _check_kvcache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx=None)
                              f"in place; {name}: {problem} (strides {tensors[name].stride()})")
     if _cache_strides(k_cache) != _cache_strides(v_cache):
         raise ValueError(f"k_cache and v_cache must lie alike: strides {k_cache.stride()} and {v_cache.stride()}")
-    if k is not None and k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
-        raise ValueError("k_cache and v_cache are one tensor: the new values would overwrite the new keys")
+    if k is not None:  # written in place: each place its own memory (a read shares memory as it likes)
+        for name in ("k_cache", "v_cache"):
+            shared = _shares_memory(tensors[name])
+            if shared:
+                raise ValueError(f"{name} is written in place (k, v given), and {shared} share memory (strides "
+                                 f"{tensors[name].stride()}, an expanded tensor?): a new key written to one would "
+                                 f"be read as the other's; give a cache of its own (.clone())")
+        if k_cache.data_ptr() == v_cache.data_ptr() and k_cache.numel():
+            raise ValueError("k_cache and v_cache are one tensor: the new values would overwrite the new keys")
+        shared = _shares_memory(k_cache, v_cache)
+        if shared:
+            raise ValueError(f"k_cache and v_cache share memory ({shared}): the new keys would overwrite cached "
+                             f"values, or the new values cached keys")
     if k is not None and (k.shape != v.shape or k.shape[0] != B or k.shape[2:] != k_cache.shape[2:]):
         raise ValueError(f"k and v must have shape (batch = {B}, seqlen_new, nheads_k = {Hk}, d = {d}), got "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -957,6 +970,50 @@ def _check_kvcache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx=None)
     if block_table.device != q.device:
         raise ValueError(f"block_table is on {block_table.device}, q on {q.device}: they must be on one device")
     return q.contiguous(), block_table.contiguous()
+
+
+def _shares_memory(a, b=None):
+    """Where two elements of tensor a lie at one address, or (b given, laid out as a) an element of a and one
+    of b: words for them, or "" if none do. Strides that nest (each larger than all the smaller ones reach:
+    a contiguous tensor, a transposed one, a slice of one) keep a's own elements apart. Otherwise index
+    differences e_j, |e_j| < size_j, are searched for with sum(e_j stride_j) = b's offset from a (from a
+    itself: 0, the e_j not all 0), the dims of larger strides first, each e_j among the few that the dims
+    below can still make up for; a search too long to finish counts as shared."""
+    if a.numel() == 0 or (b is not None and (b.numel() == 0 or
+                                             a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr())):
+        return ""
+    apart = None if b is None else (b.data_ptr() - a.data_ptr()) // a.element_size()
+    return _layout_shares(tuple(a.shape), a.stride(), apart)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_shares(shape, strides, apart):
+    """_shares_memory's answer for a's layout and b's offset from it in elements (None: no b), asked once
+    for each (a decode loop asks with the same caches at every step)."""
+    dims = sorted((stride, size) for stride, size in zip(strides, shape) if size > 1)
+    reach = [0]  # reach[j]: the farthest the dims of the j smallest strides go
+    for stride, size in dims:
+        reach.append(reach[-1] + (size - 1) * stride)
+    if apart is None:
+        if all(stride > below for (stride, _), below in zip(dims, reach)):
+            return ""
+        if any(stride == 0 for stride, _ in dims):
+            return "elements of it"  # an expanded dim: its indices all at one address
+    steps = [100_000]
+
+    def found(j, rest, moved):  # dims j-1 .. 0 (by stride) can make up `rest`, some e_j != 0 if `moved`
+        if j == 0:
+            return rest == 0 and (moved or apart is not None)
+        steps[0] -= 1
+        stride, size = dims[j - 1]
+        if stride == 0:  # (b: a dim that moves nothing changes nothing)
+            return found(j - 1, rest, moved)
+        low, high = -((reach[j - 1] - rest) // stride), (rest + reach[j - 1]) // stride  # ceil, floor
+        return steps[0] < 0 or any(found(j - 1, rest - e * stride, moved or e != 0)
+                                   for e in range(max(low, 1 - size), min(high, size - 1) + 1))
+    if apart is None:
+        return "elements of it" if found(len(dims), 0, False) else ""
+    return "elements of one and of the other" if found(len(dims), apart, False) else ""
 
 
 def _cache_problem(cache):

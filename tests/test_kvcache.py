@@ -599,6 +599,52 @@ def test_appends_that_would_share_a_row_are_refused(generator):
         mf.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=3, block_table=shared))
 
 
+def test_appends_into_caches_that_share_memory(generator):
+    """A cache written in place must give each place memory of its own: an expanded one (its heads, or a
+    sequence's rows, at one address: one head's new key would be read as the other's), or a k_cache and a
+    v_cache that overlap (views of one buffer, one shifted by a row), are refused with new keys, nothing
+    written; read as they are, both are fine. Keys and values packed in one buffer side by side (k_cache,
+    v_cache = kv[:, :, 0], kv[:, :, 1]) share no element: taken, and the new rows land in their halves."""
+    q = torch.randn(2, 1, 4, 64, generator=generator).bfloat16()
+    new, new_v = (torch.randn(2, 1, 2, 64, generator=generator).bfloat16() for _ in range(2))
+    one_head, one_row = (torch.randn(2, n, 1, 64, generator=generator).bfloat16() for n in (40, 1))
+    buffer = torch.randn(2, 41, 2, 64, generator=generator).bfloat16()
+    for k_cache, v_cache, match in (
+            (one_head.expand(2, 40, 2, 64), one_head.clone().expand(2, 40, 2, 64), "k_cache is written in place .* and "
+                                                                                   "elements of it share memory"),
+            (one_row.expand(2, 40, 2, 64)[:1], one_row.clone().expand(2, 40, 2, 64)[:1], "k_cache is written"),
+            (buffer[:, :40], buffer[:, 1:], "k_cache and v_cache share memory")):
+        B = len(k_cache)
+        before = (k_cache.clone(), v_cache.clone())
+        refuse(ValueError, match, q[:B], k_cache, v_cache, new[:B], new_v[:B], cache_seqlens=7)
+        assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+        sequences = [[k_cache[b, :7].clone(), v_cache[b, :7].clone()] for b in range(B)]
+        out = mf.flash_attn_with_kvcache(q[:B], k_cache, v_cache, cache_seqlens=7)  # read only: fine
+        out_ref, _, plain = reference(q[:B], sequences, False, 0.125)
+        assert_close("out", out, out_ref, plain)
+    kv = torch.randn(2, 40, 2, 2, 64, generator=generator).bfloat16()  # (batch, rows, k or v, nheads_k, d)
+    sequences = [[torch.cat((kv[b, :7, 0], new[b])), torch.cat((kv[b, :7, 1], new_v[b]))] for b in range(2)]
+    out = mf.flash_attn_with_kvcache(q, kv[:, :, 0], kv[:, :, 1], new, new_v, cache_seqlens=7)
+    assert torch.equal(kv[:, 7, 0], new[:, 0]) and torch.equal(kv[:, 7, 1], new_v[:, 0])
+    out_ref, _, plain = reference(q, sequences, False, 0.125)
+    assert_close("out", out, out_ref, plain)
+
+
+def test_shared_memory_found_as_by_listing_every_address():
+    """_shares_memory against the addresses themselves, listed, over random small layouts (strides that do
+    not nest, zeros among them) and offsets of b from a either way."""
+    rng = np.random.default_rng(5)
+    base = torch.zeros(4000)
+    for _ in range(2000):
+        shape, strides = rng.integers(1, 6, 4).tolist(), rng.integers(0, 41, 4).tolist()
+        a, b = (base.as_strided(shape, strides, int(offset)) for offset in rng.integers(0, 81, 2))
+        addresses = [sum(i * s for i, s in zip(index, strides)) for index in np.ndindex(*shape)]
+        apart = b.data_ptr() // 4 - a.data_ptr() // 4
+        assert bool(mf._shares_memory(a)) == (len(set(addresses)) < len(addresses))
+        assert bool(mf._shares_memory(a, b)) == bool(set(addresses) & {x + apart for x in addresses})
+    assert mf._shares_memory(base[:8], torch.zeros(8)) == ""  # another tensor's memory
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_caches_of_no_row_and_batches_of_none(device):
     """Pages of 0 rows (and entries of 0 rows, picked by cache_batch_idx): no key, so out 0 and lse -inf,
