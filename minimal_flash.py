@@ -935,15 +935,14 @@ def _check_kvcache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx=None)
     if _cache_strides(k_cache) != _cache_strides(v_cache):
         raise ValueError(f"k_cache and v_cache must lie alike: strides {k_cache.stride()} and {v_cache.stride()}")
     if k is not None:  # written in place: each place its own memory (a read shares memory as it likes)
-        for name in ("k_cache", "v_cache"):
-            shared = _shares_memory(tensors[name])
-            if shared:
-                raise ValueError(f"{name} is written in place (k, v given), and {shared} share memory (strides "
-                                 f"{tensors[name].stride()}, an expanded tensor?): a new key written to one would "
-                                 f"be read as the other's; give a cache of its own (.clone())")
-        if k_cache.data_ptr() == v_cache.data_ptr() and k_cache.numel():
-            raise ValueError("k_cache and v_cache are one tensor: the new values would overwrite the new keys")
+        shared = _shares_memory(k_cache)  # (v_cache lies alike: the same answer)
+        if shared:
+            raise ValueError(f"k_cache is written in place (k, v given), and {shared} share memory (strides "
+                             f"{k_cache.stride()}, an expanded tensor?): a new key written to one would be read "
+                             f"as the other's; give a cache of its own (.clone())")
         shared = _shares_memory(k_cache, v_cache)
+        if shared and k_cache.data_ptr() == v_cache.data_ptr():
+            raise ValueError("k_cache and v_cache are one tensor: the new values would overwrite the new keys")
         if shared:
             raise ValueError(f"k_cache and v_cache share memory ({shared}): the new keys would overwrite cached "
                              f"values, or the new values cached keys")
