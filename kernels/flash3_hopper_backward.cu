@@ -42,6 +42,8 @@
 //     dQ_i's share      Br x d fp32                each consumer its columns: stores, then the copy engine
 //     L_i, D_i          2 x STAGES x 2 x Br fp32   each consumer its own, by ordinary loads a tile ahead
 //     Step              STAGES                     (mask) the producer's walk: it stores, consumers read
+//     dK_j, dV_j        2 x Bc rows of d + 8 values at the end, over K_j, V_j and the ring (free by then):
+//                                                  each consumer stores its 64 rows, then copies them out
 //
 //   within a consumer, warp w holds keys 16w .. 16w + 15 of its 64, lane (g, q) keys g and g + 8
 //   and, of every 8 query columns, 2q and 2q + 1 (the accumulator layout of kernels/hopper.cuh).
@@ -362,19 +364,38 @@ __global__ void __launch_bounds__(THREADS, 1)
     if (i_first < Tr) add_dQ_share(i_prev);  // (a block whose keys no query sees walked no tile)
     if (tid == 0) bulk_wait<0>();            // the sums are complete when the kernel is
 
-    // Alg. 2, lines 20-21: dK_j (times the scale: dS was taken of the scaled scores), dV_j.
-    dK += size_t(bh) * N * d, dV += size_t(bh) * N * d;
+    // Alg. 2, lines 20-21: dK_j (times the scale: dS was taken of the scaled scores), dV_j, through shared
+    // memory. Straight from the accumulators, each 4-byte store of a warp would write 16 bytes in each of
+    // 8 rows of the output, 8 pieces that the store unit takes one by one, 64 such stores a thread, and the
+    // block's end (the next block's start on this multiprocessor) would wait for them. So each thread puts
+    // its values into rows of shared memory (free once both consumers' last products are done), and the
+    // consumer's 128 threads copy its 64 rows out 16 bytes a thread, a warp's 32 side by side: 2 or 4 whole
+    // rows of the output a store (float4: 16 bytes moved as they are).
+    named_barrier_sync(both, 128 * CONSUMERS);  // both consumers' last products have read K_j, V_j, Q_i, dO_i
+    constexpr int ROW = d * 2 + 16;  // bytes a staged row: 16 more than its values, so that a warp's 8
+                                     // rows g fall on different banks
+    static_assert(2 * Bc * ROW <= Shared<d>::dS, "dK_j, dV_j staged over K_j, V_j and the ring");
+    char* staged = base + Shared<d>::K;  // dK_j's Bc rows, then dV_j's
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int k = key + 8 * r;
-        if (k >= N) continue;
+        const int row = 64 * consumer + 16 * w + g + 8 * r;  // (key = key0 + row)
 #pragma unroll
         for (int n8 = 0; n8 < d / 8; ++n8) {
-            *reinterpret_cast<unsigned*>(&dK[size_t(k) * d + 8 * n8 + 2 * q]) =
+            *reinterpret_cast<unsigned*>(staged + row * ROW + (8 * n8 + 2 * q) * 2) =
                 pack<T>(scale * dk[n8][2 * r], scale * dk[n8][2 * r + 1]);
-            *reinterpret_cast<unsigned*>(&dV[size_t(k) * d + 8 * n8 + 2 * q]) =
+            *reinterpret_cast<unsigned*>(staged + (Bc + row) * ROW + (8 * n8 + 2 * q) * 2) =
                 pack<T>(dv[n8][2 * r], dv[n8][2 * r + 1]);
         }
+    }
+    named_barrier_sync(bar, 128);  // the consumer's rows are staged
+    constexpr int CHUNKS = d / 8;   // 16-byte pieces a row
+    const size_t out0 = (size_t(bh) * N + key0) * d;
+#pragma unroll
+    for (int x = tid; x < 2 * 64 * CHUNKS; x += 128) {  // dK's 64 rows of the consumer, then dV's
+        const int tensor = x / (64 * CHUNKS), row = 64 * consumer + x / CHUNKS % 64, chunk = x % CHUNKS;
+        if (key0 + row >= N) continue;
+        const float4 v = *reinterpret_cast<const float4*>(staged + (tensor * Bc + row) * ROW + chunk * 16);
+        *reinterpret_cast<float4*>((tensor ? dV : dK) + out0 + size_t(row) * d + chunk * 8) = v;
     }
 }
 
