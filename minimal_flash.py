@@ -1763,8 +1763,7 @@ class Mods:
         if self.mask_mod is not None:
             mask += f"    keep = bool(\n{user('mask_mod', self.mask_mod, 'bool')});\n"
         if self.window:
-            mask += ("    keep = keep && (args.ints[0] < 0 || kv_idx >= q_idx + shift - args.ints[0]) &&\n"
-                     "           (args.ints[1] < 0 || kv_idx <= q_idx + shift + args.ints[1]);  // window_size\n")
+            mask += "    keep = keep && ::mods::in_window(kv_idx - q_idx - shift, args);  // window_size\n"
         return (f"// Written by minimal_flash.Mods.header for one build: {self!r}\n"
                 "namespace mods {\n"
                 f"constexpr bool SCORE = {str(self.score).lower()}, MASK = {str(self.mask).lower()}, "

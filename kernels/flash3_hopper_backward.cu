@@ -286,10 +286,10 @@ __global__ void __launch_bounds__(THREADS, 1)
                              // a score_mod whose derivative varies)
         if constexpr (mods::ANY) {  // chapter 6: P^T of the modded scores; the mask after (a score past
             // N or the diagonal may be anything: its P is set to 0)
-            mods::backward_probabilities(st, f, state, mod_args, b, h,
-                                         key, q0 + 2 * q, 0, N, scale, LD_t + 2 * q);
+            mods::backward_probabilities<mods::LATE_P>(st, f, state, mod_args, b, h,
+                                                       key, q0 + 2 * q, 0, N, scale, LD_t + 2 * q);
             if (key0 + Bc > N || (causal && warp_key + 15 > q0))
-                mask_fragment<true>(st, key, q0 + 2 * q, N, causal, 0.0f);
+                mask_fragment<true>(st, key, q0 + 2 * q, N, causal, mods::LATE_P ? -INFINITY : 0.0f);
         } else {
             if (q0 + Br > N || key0 + Bc > N || (causal && warp_key + 15 > q0))
                 mask_fragment<true>(st, key, q0 + 2 * q, N, causal, -INFINITY);
@@ -304,13 +304,13 @@ __global__ void __launch_bounds__(THREADS, 1)
         wgmma_wait<0>(dpt);
         if constexpr (mods::DROPOUT)  // chapter 6: dP = Z (dO V^T) / (1 - p), Z drawn as the forward did
             mods::dropout<true>(dpt, mod_args, bh, key, q0 + 2 * q);
+        if constexpr (mods::LATE_P)  // chapter 6, softcap alone: P^T and f from tanh, now (see mods.cuh)
+            mods::late_probabilities(st, f, mod_args, scale, LD_t + 2 * q);
 #pragma unroll
         for (int n8 = 0; n8 < Br / 8; ++n8)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                dpt[n8][e] = mods::times_p(st[n8][e], (dpt[n8][e] - LD_t[Br + 8 * n8 + 2 * q + e % 2]) *
-                                                          mods::derivative(f[n8][e], st[n8][e],
-                                                                           LD_t[8 * n8 + 2 * q + e % 2], mod_args));
+                dpt[n8][e] = mods::times_p(st[n8][e], (dpt[n8][e] - LD_t[Br + 8 * n8 + 2 * q + e % 2]) * f[n8][e]);
         if constexpr (mods::DROPOUT)  // dV_j += (Z P_ij / (1 - p))^T dO_i; dS took P itself
             mods::dropout<true>(st, mod_args, bh, key, q0 + 2 * q);
         unsigned p[Br / 16][4], ds[Br / 16][4];  // as A operands: 16 queries a step

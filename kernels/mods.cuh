@@ -23,6 +23,7 @@
 //   both      tiles that the block mask (block_mask below) marks empty are skipped; full ones skip
 //             mask_mod; only partial tiles call it per element (a window alone: window_tiles)
 #pragma once
+#include <climits>
 #include <cmath>
 #include <type_traits>
 #include "mma.cuh"     // LOG2E, fast_tanh
@@ -148,6 +149,12 @@ __device__ inline Dual fabsf(Dual a) { return a.v < 0.0f ? -a : a; }
 __device__ inline Dual fminf(Dual a, Dual b) { return b.v < a.v ? b : a; }
 __device__ inline Dual fmaxf(Dual a, Dual b) { return b.v > a.v ? b : a; }
 
+// window_size's test of one score (offset = kv_idx - q_idx - shift; a side < 0 is unlimited), as `&`
+// of two compares: no branch, so that the lanes of a tile the window cuts do not diverge.
+__device__ inline bool in_window(int offset, const Args& a) {
+    const int lo = a.ints[0] < 0 ? INT_MIN : -a.ints[0], hi = a.ints[1] < 0 ? INT_MAX : a.ints[1];
+    return (offset >= lo) & (offset <= hi);
+}
 }  // namespace mods
 
 #ifdef MODS_FILE
@@ -350,8 +357,10 @@ __device__ inline void forward_scores(float (&s)[NT][4], const Tile (&state)[NT 
 // queries past Nq, whose L is a stand-in: see flash2_mma_backward.cu), and f score_mod's derivative,
 // so that P (dP - D) f is dS with respect to the scaled score. L2: log2_of_L of L. Apart from dP, so that
 // a kernel can run it while dP's product is still on the tensor cores (version 4); where score_mod's
-// derivative is a constant (none, a bias, ALiBi), f is one too, and takes no registers.
-template <int NT>
+// derivative is a constant (none, a bias, ALiBi), f is one too, and takes no registers. LATE (version
+// 4, softcap alone): s becomes score_mod's value (tanh) instead, -inf where masked, and late_probabilities
+// takes it from there after dP's product.
+template <bool LATE = false, int NT>
 __device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][4], Tile state, const Args& a,
                                               int b, int h, int key, int col, int shift, int Nq, float scale,
                                               const float* L2) {
@@ -368,9 +377,17 @@ __device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][
                 bool keep = true;
                 if constexpr (decltype(ask)::value) {
                     keep = q_idx < Nq;  // (a row that sees no key: its L2 is +inf, log2_of_L, and P = 0)
-                    if constexpr (MASK) keep = keep && mask_mod(b, h, q_idx, kv_idx, shift, a);
+                    if constexpr (MASK) keep = keep & mask_mod(b, h, q_idx, kv_idx, shift, a);
                 }
-                s[n][e] = keep ? fast_exp2(x.v * c - L2[y]) : 0.0f;
+                // Not `keep ? exp2(...) : 0`, nor the exponent computed inside the test, nor `&&`: those
+                // compile to branches per score around the exponential and the mask's tests, and in a tile
+                // the mask cuts (a window's edge) a warp's lanes take both sides. Here every lane computes
+                // the same instructions, and a select gives -inf, whose exp2 is 0.
+                [[maybe_unused]] const float exponent = x.v * c - L2[y];  // (LATE: tanh alone)
+                if constexpr (LATE)
+                    s[n][e] = keep ? x.v : -INFINITY;  // tanh, for late_probabilities
+                else
+                    s[n][e] = fast_exp2(keep ? exponent : -INFINITY);
                 f[n][e] = x.d;
             }
     };
@@ -392,18 +409,25 @@ __device__ inline float times_p(float p, float rest) {
     if constexpr (SCORE) return p == 0.0f ? 0.0f : p * rest;
     return p * rest;
 }
-// score_mod's derivative f at a score whose P is p, L2 its row's log-sum-exp (base 2): the f that
-// backward_probabilities gave; for softcap alone, recovered from p itself. Softcap's P is exp2(c tanh -
-// L2), c the cap times log2 e, so tanh = (log2 p + L2) / c and f = 1 - tanh^2. Version 4's backward then
-// holds no f per score across dP's product (32 floats a thread, which at d = 128 spilled). log2 p by
-// fast_log2's one instruction: log2f, a sequence of arithmetic on every score, would cost more than the
-// registers saved. At p = 0 (a masked pair) f is -inf, which times_p never multiplies.
-__device__ inline float derivative(float f, float p, float L2, const Args& a) {
-    if constexpr (SOFTCAP_ONLY) {
-        const float t = (fast_log2(p) + L2) * (a.floats[1] / LOG2E);  // a.floats[1]: 1 / cap
-        return 1.0f - t * t;
-    }
-    return f;
+// Version 4's backward with softcap alone (LATE_P): backward_probabilities left t = tanh in s, under dP's
+// product, and here, once dP is in, s becomes P = exp2(c t - L2) (c the cap times log2 e) and f = 1 - t^2,
+// softcap's derivative. Not P under dP's product and f beside it: f would be 32 more floats a thread held
+// across the product (at d = 128 they spilled). Nor f recovered from P afterwards, t = (log2 P + L2) / c:
+// that is a third special-function instruction a score (tanh, exp2, log2), on the unit that already
+// limits softcap's backward. Masked: t = -inf, so P = 0 and f = -inf, which times_p never multiplies.
+constexpr bool LATE_P = SOFTCAP_ONLY;
+template <int NT>
+__device__ inline void late_probabilities(float (&s)[NT][4], float (&f)[NT][4], const Args& a, float scale,
+                                          const float* L2) {
+    const float c = softmax_scale(a, scale) * LOG2E;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float t = s[n][e];
+            f[n][e] = 1.0f - t * t;
+            s[n][e] = fast_exp2(t * c - L2[8 * n + e % 2]);
+        }
 }
 // The same, and dp becomes (dP - D) f (version 3, whose dP is in already).
 template <int NT>

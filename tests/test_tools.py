@@ -230,7 +230,7 @@ def test_emulation_times_runs_each_version_in_a_dtype_it_takes(capsys):
     ("ab", ["no-such-commit"], "argument commit: 'no-such-commit' is not a commit of this repository"),
     ("ab", ["HEAD", "--shapes", "4,16,4096"], "argument --shapes: '4,16,4096' is not B,H,N,d (four whole numbers "
                                               ">= 1)"),
-    ("ab", ["HEAD", "--cases", "alibi"], "argument --cases: invalid choice: 'alibi'"),
+    ("ab", ["HEAD", "--cases", "dropout"], "argument --cases: invalid choice: 'dropout'"),
     ("ab", ["HEAD", "--decode", "1"], "argument --decode: '1' is not batch,context (two whole numbers >= 1)"),
     ("emulation_times", ["--versions", "5"], "argument --versions: invalid choice: 5"),
     ("emulation_times", ["--repeat", "0"], "argument --repeat: must be at least 1, not 0"),

@@ -4,8 +4,9 @@ each call of one timed against the same call of the other, alternately (as bench
 the calls queued back to back; the medians after warm-up rounds), and their outputs compared bit for bit.
 What each session's A/B probe did by hand before it reported a change's speed.
 
-    python tools/ab.py 222390f [--cases causal full mask window document] [--shapes 4,16,4096,128 8,16,1024,128]
-                               [--passes forward backward] [--version 4] [--rounds 40]
+    python tools/ab.py 222390f [--cases causal full mask window document softcap alibi]
+                               [--shapes 4,16,4096,128 8,16,1024,128] [--passes forward backward] [--version 4]
+                               [--rounds 40]
 
 Prints, per shape and case: each pass's time in both trees (ms), the old time over the new (above 1: the
 change is faster), and whether the outputs are the same bits. The backward's dQ may differ in its last
@@ -44,12 +45,15 @@ sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
 import minimal_flash as mf  # noqa: E402
 
-# flash_attention's options of each case (mask: causal as bench.py --mods spells it, so that the two share its
-# build; document: packed documents of 1000 tokens, causal)
-CASES = {"causal": lambda N: dict(causal=True), "full": lambda N: {},
-         "mask": lambda N: dict(mask_mod="q_idx >= kv_idx"), "window": lambda N: dict(window_size=(1024, 0)),
-         "document": lambda N: dict(zip(("mask_mod", "mod_tensors"), mf.document_mask(
-             torch.arange(N, device="cuda", dtype=torch.int32) // 1000)), causal=True)}
+# flash_attention's options of each case at sequence length N and H heads (mask: causal as bench.py --mods
+# spells it, so that the two share its build; document: packed documents of 1000 tokens, causal; softcap and
+# alibi: bench.py --mods's, causal)
+CASES = {"causal": lambda N, H: dict(causal=True), "full": lambda N, H: {},
+         "mask": lambda N, H: dict(mask_mod="q_idx >= kv_idx"), "window": lambda N, H: dict(window_size=(1024, 0)),
+         "document": lambda N, H: dict(zip(("mask_mod", "mod_tensors"), mf.document_mask(
+             torch.arange(N, device="cuda", dtype=torch.int32) // 1000)), causal=True),
+         "softcap": lambda N, H: dict(causal=True, softcap=bench.MODS_SOFTCAP),
+         "alibi": lambda N, H: dict(causal=True, alibi_slopes=bench.alibi_slopes(H).cuda())}
 
 
 def whole_numbers(names):
@@ -120,7 +124,7 @@ def host_lines(old, cases, version, rounds, device="cuda", per_round=25):
     q, k, v, dO = (torch.randn(1, 1, 128, 64, device=device, dtype=dtype) for _ in range(4))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     for case in cases:
-        options = dict(CASES[case](128), version=version)
+        options = dict(CASES[case](128, 1), version=version)
         forward = [lambda m=m: m.flash_attention(q, k, v, **options) for m in (old, mf)]
         both = [lambda m=m: torch.autograd.grad(m.flash_attention(*leaves, **options), leaves, dO) for m in (old, mf)]
         line = f"(1, 1, 128, 64) {case:>8}:"
@@ -216,7 +220,7 @@ def main(argv=None):
         for B, H, N, d in args.shapes:
             q, k, v, dO = (torch.randn(B, H, N, d, device="cuda", dtype=dtype) for _ in range(4))
             for case in args.cases:
-                options = dict(CASES[case](N), version=args.version)
+                options = dict(CASES[case](N, H), version=args.version)
                 O, L = mf.forward(q, k, v, **options)
                 line = f"B{B} H{H} N{N} d{d} {case:>8}:"
                 for pass_ in args.passes:
