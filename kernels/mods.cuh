@@ -383,11 +383,12 @@ __device__ inline void backward_probabilities(float (&s)[NT][4], float (&f)[NT][
                 // compile to branches per score around the exponential and the mask's tests, and in a tile
                 // the mask cuts (a window's edge) a warp's lanes take both sides. Here every lane computes
                 // the same instructions, and a select gives -inf, whose exp2 is 0.
-                [[maybe_unused]] const float exponent = x.v * c - L2[y];  // (LATE: tanh alone)
-                if constexpr (LATE)
+                if constexpr (LATE) {
                     s[n][e] = keep ? x.v : -INFINITY;  // tanh, for late_probabilities
-                else
+                } else {
+                    const float exponent = x.v * c - L2[y];
                     s[n][e] = fast_exp2(keep ? exponent : -INFINITY);
+                }
                 f[n][e] = x.d;
             }
     };
