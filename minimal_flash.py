@@ -1908,7 +1908,9 @@ def _mod_args(kernels, mods, q, H, extent=None):
     (every tile PARTIAL)."""
     a, keep = ModArgs(), list(mods.tensors)
     for t, tensor in enumerate(mods.tensors):
-        a.tensors[t] = tensor.data_ptr()
+        # an empty tensor: every read is out of range (0), but mods.cuh's Tensor reads element 0 then too
+        keep.append(torch.zeros(1, dtype=tensor.dtype, device=tensor.device) if tensor.numel() == 0 else tensor)
+        a.tensors[t] = keep[-1].data_ptr()
         for x in range(tensor.dim()):
             a.shapes[t][x], a.strides[t][x] = tensor.shape[x], tensor.stride(x)
     a.ints[:], a.floats[:], a.H = mods.ints, mods.floats, H

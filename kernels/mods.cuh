@@ -70,21 +70,27 @@ struct Tensor {
                                             "name[i] or name(i) for 1");
         const long long at[] = {(long long)index...};
         long long offset = 0;
+        bool inside = true;
         for (int x = 0; x < int(sizeof...(I)); ++x) {
-            if (at[x] < 0 || at[x] >= a.shapes[t][x]) return T(0);
+            inside = inside & (at[x] >= 0) & (at[x] < a.shapes[t][x]);
             offset += at[x] * a.strides[t][x];
         }
-        return T(convert(load(static_cast<const Stored*>(a.tensors[t]) + offset)));
+        // Outside, element 0 is read (a tensor has one: minimal_flash._mod_args gives an empty one a zero)
+        // and 0 returned: a select, not a branch around the load. Then a read whose index is the same for
+        // every score (alibi_slopes[h]) is the same instruction on the same address, which the compiler
+        // makes once, not once per score behind its own branch.
+        const T value = T(convert(load(static_cast<const Stored*>(a.tensors[t]) + (inside ? offset : 0))));
+        return inside ? value : T(0);
     }
-    // Through the read-only data cache (ld.global.nc): a mod tensor is a constant while the kernel runs,
-    // and so marked, the compiler may keep one read for many scores (alibi_slopes[h]), where a plain load
-    // must be made again after any asm that clobbers memory (the wgmma), and held in registers that
-    // version 4's backward lacks. bool, which __ldg lacks, as its byte.
+    // A plain read (bool as its byte). The tensor is a constant while the kernel runs, and with no branch
+    // around the read (above), a read whose address is the same for every score (alibi_slopes[h]) is made
+    // once and kept. __ldg, CUDA's read through the read-only cache, is `asm volatile` in its headers: it
+    // was made again for every score, behind its own branch (64 reads a tile a thread in the forward).
     __device__ static Stored load(const Stored* p) {
         if constexpr (std::is_same_v<Stored, bool>)
-            return __ldg(reinterpret_cast<const unsigned char*>(p)) != 0;
+            return *reinterpret_cast<const unsigned char*>(p) != 0;
         else
-            return __ldg(p);
+            return *p;
     }
     template <class S>
     __device__ static auto convert(S value) {

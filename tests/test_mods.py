@@ -303,6 +303,25 @@ def test_a_mod_undefined_where_scores_are_masked_gives_no_nan(device, version, g
         assert_close(name, x, r, p)
 
 
+def case_reads_outside(B, H, N, g, device):
+    # t read past its end for keys 30-69 (kv_idx + 40) and before its start for keys 0-49 (kv_idx - 50): 0
+    # there, so keys 30-49 get no bias; e is empty, every read of it outside (a GPU build reads the element
+    # 0 that minimal_flash gives an empty tensor, then selects 0: never address 0)
+    t = torch.randn(N, generator=g)
+    j = torch.arange(N)
+    bias = torch.where(j + 40 < N, t[(j + 40) % N], 0.0) + torch.where(j >= 50, t[(j - 50) % N], 0.0)
+    return (dict(score_mod="score + e[kv_idx] + t[kv_idx + 40] + t[kv_idx - 50]",
+                 mod_tensors={"e": torch.zeros(0, device=device), "t": t.to(device)}), (bias.double(), True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda n: f"v{n}")
+def test_a_mod_tensor_read_outside_its_shape_is_zero(device, version, generator):
+    """A read outside a mod tensor's shape, an empty one's included, is 0 (mods.cuh's Tensor: a select, not
+    a branch around the read), against float64 with that bias; causal, N = 70 (keys past N read too)."""
+    run_case("reads_outside", (2, 2, 70, 64), device, generator, version, case=(case_reads_outside, {}, True))
+
+
 def test_mod_tensors_take_one_index_per_dim_and_keep_their_names_apart(generator):
     """A mod tensor indexed with another count of indices than its dims does not compile (it read 0, or the
     wrong element, before); tensors named like the functions the header's official mods call (fabsf,
