@@ -50,7 +50,8 @@ built in (the baseline), causal as a mask_mod, a sliding window of 1024 keys, so
 causal; for each, ours with the mod, ours causal without it (what the mod costs) and FlexAttention with
 the same mask and score_mod (torch.compile'd; eager on the CPU, where it has no backward). Each is first
 checked against float64 attention with the mod built densely (at most twice plain bf16 attention's
-error), then timed, forward and forward + backward; the backward is their difference. TFLOP/s count the
+error), then timed, forward and forward + backward, the methods taken in turn, a call each (a clock that
+drifts during the run then slows them alike); the backward is their difference. TFLOP/s count the
 work the mask keeps (4 B H d a kept pair forward, 2.5 times that backward). It writes a table and mods.csv.
 
 Without a GPU the same code runs on the CPU emulation of the kernels at small sizes; those times
@@ -469,6 +470,26 @@ def median_ms(calls, warmup, repeats, device, seconds=None, min_repeats=1, warm_
         time_calls([calls[n % len(calls)]], 1, device)  # synchronised: the clock counts finished work
         n += 1
     return statistics.median(time_calls(calls, repeats, device)), repeats
+
+
+def interleaved_ms(calls, warmup, repeats, device, seconds=None, min_repeats=1, warm_seconds=0.2):
+    """median_ms for several methods at once, {name: its calls} -> {name: (median ms, calls timed)}: the
+    methods taken in turn, one call each a round, so that whatever drifts during a run (on a lent H100 the
+    same call's median moved by 16% between mods timed one after another) falls on all of them alike, and
+    their ratios hold. `seconds` bounds the slowest method's timed calls; every method gets as many."""
+    names = list(calls)
+    rounds = lambda n: [calls[name][r % len(calls[name])] for r in range(n) for name in names]  # noqa: E731
+    time_calls(rounds(1), len(names), device)  # the first call of each pays for its compilation
+    if seconds is not None:
+        slowest = max(time_calls(rounds(1), len(names), device))
+        fit = int(seconds * 1e3 / max(slowest, 1e-3))
+        warmup, repeats = min(warmup, fit), max(min_repeats, min(repeats, fit))
+    warm_until, n = time.perf_counter() + warm_seconds, 0
+    while n < warmup or time.perf_counter() < warm_until:
+        time_calls(rounds(1), len(names), device)
+        n += 1
+    times = time_calls(rounds(repeats), repeats * len(names), device)
+    return {name: (statistics.median(times[i::len(names)]), repeats) for i, name in enumerate(names)}
 
 
 def run_profile(args):
@@ -1494,15 +1515,15 @@ def mods_methods(mod, N, device, version):
 
 def mods_point(mod, names, inputs, args, progress):
     """The methods `names` with one mod: each checked once against float64, then timed, forward and
-    forward + backward; the backward is their difference. A method that disagrees with float64 is not
-    timed; FlexAttention's refusals (on the CPU it has no backward) are noted in torch's words. Each method
-    is checked against what it computes, and its work counted as what it computes: minimal-flash3-no-mod's (or 4's)
-    is causal attention's."""
+    forward + backward, the methods in turn (interleaved_ms); the backward is their difference. A method
+    that disagrees with float64 is not timed; FlexAttention's refusals (on the CPU it has no backward) are
+    noted in torch's words. Each method is checked against what it computes, and its work counted as what
+    it computes: minimal-flash3-no-mod's (or 4's) is causal attention's."""
     q, k, v, dO = inputs[0]
     B, H, N, d = q.shape
     base = dict(mod=mod.name, B=B, H=H, N=N, d=d, dtype=str(q.dtype).removeprefix("torch."))
     timing = dict(seconds=args.seconds, min_repeats=args.min_repeats)
-    rows, references = [], {}
+    rows, references, timed = [], {}, {"fwd": {}, "fwd_bwd": {}}  # timed: each pass's calls of each method
     for name, (fn, computes) in mods_methods(mod, N, args.device, args.version).items():
         if name not in names:
             continue
@@ -1528,20 +1549,28 @@ def mods_point(mod, names, inputs, args, progress):
             if checked in mods_wrong(row):
                 note.append(f"{pass_}: disagrees with float64, not timed")
                 continue
-            row[f"ms_{pass_}"], row[f"repeats_{pass_}"] = median_ms(
-                [lambda s=s, call=call: call(*s) for s in inputs], args.warmup, args.repeats, args.device, **timing)
+            timed[pass_][name] = [lambda s=s, call=call: call(*s) for s in inputs]
+        row["note"] = note
+        rows.append(row)
+    for pass_, calls in timed.items():  # the methods timed in turn (interleaved_ms): their ratios hold
+        if calls:
+            for name, (ms, repeats) in interleaved_ms(calls, args.warmup, args.repeats, args.device,
+                                                      **timing).items():
+                row = next(r for r in rows if r["method"] == name)
+                row[f"ms_{pass_}"], row[f"repeats_{pass_}"] = ms, repeats
+    for row in rows:
+        name, note = row["method"], row["note"]
         if "ms_fwd" in row:
-            row["tflops_fwd"] = 4 * B * H * d * pairs / row["ms_fwd"] / 1e9
+            row["tflops_fwd"] = 4 * B * H * d * row["pairs"] / row["ms_fwd"] / 1e9
         if "ms_fwd" in row and "ms_fwd_bwd" in row:
             if row["ms_fwd_bwd"] > row["ms_fwd"]:
                 row["ms_bwd"] = row["ms_fwd_bwd"] - row["ms_fwd"]
-                row["tflops_bwd"] = 2.5 * 4 * B * H * d * pairs / row["ms_bwd"] / 1e9
+                row["tflops_bwd"] = 2.5 * 4 * B * H * d * row["pairs"] / row["ms_bwd"] / 1e9
             else:
                 note.append("no backward time: forward + backward was not slower than the forward")
         if name == "flex-attention" and args.device != "cuda":
             note.append("eager (on the CPU: no torch.compile)")
         row["note"] = "; ".join(note)
-        rows.append(row)
         progress(f"{mod.name}: {name} " + ", ".join(f"{key} {row[key]:.4f} ms" for key in ("ms_fwd", "ms_bwd")
                                                    if key in row) + (f" ({row['note']})" if note else ""))
     for row in rows:  # the same mod's other methods' times over this one's

@@ -553,6 +553,20 @@ def test_mods_exits_when_a_method_is_wrong(tmp_path, monkeypatch):
     assert "fwd: disagrees with float64, not timed" in row["note"]
 
 
+def test_interleaved_ms_takes_the_methods_in_turn_and_times_each_apart():
+    """--mods's timing: one call of each method a round, in turn (so that a drifting clock falls on all of
+    them alike), each method's own inputs rotated, and each method's median its own: a method that sleeps
+    2 ms against one that does not."""
+    order = []
+    calls = {"fast": [lambda i=i: order.append(("fast", i)) for i in range(2)],
+             "slow": [lambda: (order.append(("slow", 0)), bench.time.sleep(0.002))]}
+    times = bench.interleaved_ms(calls, warmup=0, repeats=5, device="cpu", warm_seconds=0.0)
+    timed = order[-10:]
+    assert timed == [("fast", 0), ("slow", 0), ("fast", 1), ("slow", 0)] * 2 + [("fast", 0), ("slow", 0)]
+    assert times["fast"][1] == times["slow"][1] == 5
+    assert times["slow"][0] > 2.0 > 0.5 > times["fast"][0]
+
+
 def test_mods_dense_builds_the_mods_as_flexattention_takes_them():
     """The reference: causal as plain causal attention; ALiBi and the window as a dense bias and mask."""
     q, k, v, dO = (torch.randn(1, 2, 40, 64, dtype=torch.float64) for _ in range(4))
