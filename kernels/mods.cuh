@@ -84,8 +84,8 @@ struct Tensor {
     }
     // A plain read (bool as its byte). The tensor is a constant while the kernel runs, and with no branch
     // around the read (above), a read whose address is the same for every score (alibi_slopes[h]) is made
-    // once and kept. __ldg, CUDA's read through the read-only cache, is `asm volatile` in its headers: it
-    // was made again for every score, behind its own branch (64 reads a tile a thread in the forward).
+    // once and kept. Not __ldg, CUDA's read through the read-only cache: its headers make it `asm
+    // volatile`, which no compiler pass merges, so it would be made again for every score.
     __device__ static Stored load(const Stored* p) {
         if constexpr (std::is_same_v<Stored, bool>)
             return *reinterpret_cast<const unsigned char*>(p) != 0;
