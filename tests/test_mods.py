@@ -128,12 +128,12 @@ def dense(q, k, v, scale, causal, bias, keep, softcap):
     return softmax_attention(S, keep, v)
 
 
-def run_case(name, shape, device, generator, version, case=None):
+def run_case(name, shape, device, generator, version, case=None, dtype=torch.bfloat16):
     """CASES[name] (or case, a (make, options, causal) of the same form, named name) against dense
-    attention with the same bias and mask, forward and backward."""
+    attention with the same bias and mask, forward and backward, in dtype."""
     make, options, causal = case or CASES[name]
     B, H, N, d = shape
-    q, k, v = random_qkv(B, H, N, d, device, generator, torch.bfloat16)
+    q, k, v = random_qkv(B, H, N, d, device, generator, dtype)
     dO = random_dO(q, generator)
     extra, dense_spec = make(B, H, N, generator, device)
     options = options | extra | dict(version=version)
@@ -175,6 +175,18 @@ def run_case(name, shape, device, generator, version, case=None):
 @pytest.mark.parametrize("name", list(CASES))
 def test_mod_matches_dense_float64(name, shape, version, device, generator):
     run_case(name, shape, device, generator, version)
+
+
+# fp16, whose 5 exponent bits hold less than bf16's 8 (P meets V in the inputs' dtype): softcap alone (folded
+# into the kernels' scales), a bias and a window beside it, and a block mask from a tensor.
+FP16_CASES = ["softcap", "softcap_alibi_window", "documents"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda n: f"v{n}")
+@pytest.mark.parametrize("name", FP16_CASES)
+def test_mod_in_fp16(name, version, device, generator):
+    run_case(name, (2, 2, 200, 64), device, generator, version, dtype=torch.float16)
 
 
 # Other head dims: version 3's 256 (forward blocks of 8 warps; backward blocks of 64 keys, two warps on
