@@ -461,15 +461,7 @@ def median_ms(calls, warmup, repeats, device, seconds=None, min_repeats=1, warm_
     `warm_seconds` of them, because a GPU that was idle starts at a low clock and needs a moment of
     work to reach its full one (seen here: 0.081 ms instead of 0.049 after 10 short calls). With
     `seconds`, a slow method gets only as many calls as fit in that time, but at least min_repeats."""
-    time_calls(calls, 1, device)
-    if seconds is not None:
-        fit = int(seconds * 1e3 / max(time_calls(calls, 1, device)[0], 1e-3))
-        warmup, repeats = min(warmup, fit), max(min_repeats, min(repeats, fit))
-    warm_until, n = time.perf_counter() + warm_seconds, 0
-    while n < warmup or time.perf_counter() < warm_until:
-        time_calls([calls[n % len(calls)]], 1, device)  # synchronised: the clock counts finished work
-        n += 1
-    return statistics.median(time_calls(calls, repeats, device)), repeats
+    return interleaved_ms({None: calls}, warmup, repeats, device, seconds, min_repeats, warm_seconds)[None]
 
 
 def interleaved_ms(calls, warmup, repeats, device, seconds=None, min_repeats=1, warm_seconds=0.2):
@@ -478,7 +470,10 @@ def interleaved_ms(calls, warmup, repeats, device, seconds=None, min_repeats=1, 
     same call's median moved by 16% between mods timed one after another) falls on all of them alike, and
     their ratios hold. `seconds` bounds the slowest method's timed calls; every method gets as many."""
     names = list(calls)
-    rounds = lambda n: [calls[name][r % len(calls[name])] for r in range(n) for name in names]  # noqa: E731
+
+    def rounds(n, start=0):  # n rounds, each method's calls (its inputs) rotated from the start-th
+        return [calls[name][(start + r) % len(calls[name])] for r in range(n) for name in names]
+
     time_calls(rounds(1), len(names), device)  # the first call of each pays for its compilation
     if seconds is not None:
         slowest = max(time_calls(rounds(1), len(names), device))
@@ -486,7 +481,7 @@ def interleaved_ms(calls, warmup, repeats, device, seconds=None, min_repeats=1, 
         warmup, repeats = min(warmup, fit), max(min_repeats, min(repeats, fit))
     warm_until, n = time.perf_counter() + warm_seconds, 0
     while n < warmup or time.perf_counter() < warm_until:
-        time_calls(rounds(1), len(names), device)
+        time_calls(rounds(1, n), len(names), device)  # synchronised: the clock counts finished work
         n += 1
     times = time_calls(rounds(repeats), repeats * len(names), device)
     return {name: (statistics.median(times[i::len(names)]), repeats) for i, name in enumerate(names)}
