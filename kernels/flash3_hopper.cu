@@ -288,6 +288,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     const unsigned short* Q_c = t.Q + 64 * consumer * SUB;  // the consumer's rows of Q_i
     // The softmax's scale: with a score_mod, the scores come to it scaled already (mods::softmax_scale).
     const float softmax_scale = mods::softmax_scale(mod_args, scale), c = softmax_scale * LOG2E;
+    const bool bounded = mods::bounded<T>(c);  // chapter 6, softcap alone: each row's max fixed at tanh's 1
     int it = 0;  // the ring's position: tiles walked, over all the block's work tiles
     pingpong_begin(consumer);
 
@@ -302,8 +303,9 @@ __global__ void __launch_bounds__(THREADS, 1)
         const int j_first = walk_u.first(0), j_end = u.j_end, bh = u.b * H + u.h;
         const int warp_row = u.row0 + 64 * consumer + 16 * w, row = warp_row + g;  // the lane's rows: row, row + 8
 
-        float o[d / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // Alg. 1, line 5
-        unsigned p[Bc / 16][4];                                            // P_ij as the A operand of O += P V_j
+        const float m0 = bounded ? 1.0f : -INFINITY;
+        float o[d / 8][4] = {}, m[2] = {m0, m0}, l[2] = {};  // Alg. 1, line 5 (m: -inf, or the bound)
+        unsigned p[Bc / 16][4];                               // P_ij as the A operand of O += P V_j
 
         // Chapter 6: the tile walked after tile j (in stage s), and state, the block mask's two tiles under
         // the consumer's 64 rows and tile j's 128 keys, each taken apart (mask_mod is called only in a
@@ -325,8 +327,8 @@ __global__ void __launch_bounds__(THREADS, 1)
                 mods::forward_scores(s, state, mod_args, u.b, u.h, row, j * Bc + 2 * q, 0, scale);
             if ((j + 1) * Bc > N || (causal && (j + 1) * Bc > warp_row + 1))
                 mask_fragment<false>(s, row, j * Bc + 2 * q, N, causal, -INFINITY);
-            online_softmax<false>(s, m, l, o, alpha, c);  // O is rescaled later, by rescale
-            if constexpr (mods::DROPOUT)                  // chapter 6: P's kept elements, scaled; l has them all
+            online_softmax<false>(s, m, l, o, alpha, c, bounded);  // O is rescaled later, by rescale
+            if constexpr (mods::DROPOUT)  // chapter 6: P's kept elements, scaled; l has them all
                 mods::dropout<false>(s, mod_args, bh, row, j * Bc + 2 * q);
         };
         // Persistent: Q_i may be overwritten (by the next work tile's) once the work tile's last
@@ -366,7 +368,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                 wgmma_wait<0>(s);
                 release_K(it, after >= j_end);
                 softmax(s, j, state, alpha);
-                rescale(o, alpha);
+                if (!bounded) rescale(o, alpha);
                 a_operands<T, Bc>(p, s);
                 mbarrier_wait(&t.V_full[s_j], parity);
                 turn_begin(consumer);
@@ -404,7 +406,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                 wgmma_fence();
                 issue_S<T, d>(s, Q_c, t.K_stage(s_next));  // group 1: S_i,next
                 wgmma_commit();
-                rescale(o, alpha);  // while S_i,next runs
+                if (!bounded) rescale(o, alpha);  // while S_i,next runs
                 mbarrier_wait(&t.V_full[s_prev], it / STAGES % 2);
                 wgmma_fence();                            // O was just rescaled
                 issue_PV<T, d>(o, p, t.V_stage(s_prev));  // group 2: O += P V of tile j
@@ -421,7 +423,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             if (j < j_end) {
                 mbarrier_wait(&t.V_full[it % STAGES], it / STAGES % 2);
                 turn_begin(consumer);
-                rescale(o, alpha);
+                if (!bounded) rescale(o, alpha);
                 wgmma_fence();
                 issue_PV<T, d>(o, p, t.V_stage(it % STAGES));
                 wgmma_commit();

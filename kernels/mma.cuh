@@ -230,25 +230,32 @@ __device__ inline void mask_fragment(float (&c)[NT][4], int row, int col, int N,
 // runs (chapter 4, flash3_hopper.cu).
 // m and S stay unscaled: exp(scale (S - m)) = exp2(S c - m c) with c = scale log2(e), one fused
 // multiply-add and one exp2 (fast_exp2, a single instruction) per element.
+// fixed_max (chapter 6, version 4, mods::bounded): m is a bound of every score, set before the first
+// tile, and never moves: no max to take, alpha = 1, nothing to rescale.
 template <bool RESCALE_O, int NT, int NO>
 __device__ inline void online_softmax(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&o)[NO][4],
-                                      float (&alpha)[2], float c) {
-    float m_new[2] = {m[0], m[1]}, mc[2];
+                                      float (&alpha)[2], float c, bool fixed_max = false) {
+    float mc[2];
+    if (fixed_max) {
+        alpha[0] = alpha[1] = 1.0f, mc[0] = m[0] * c, mc[1] = m[1] * c;
+    } else {
+        float m_new[2] = {m[0], m[1]};
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) m_new[i / 2] = fmaxf(m_new[i / 2], s[n][i]);
+            for (int i = 0; i < 4; ++i) m_new[i / 2] = fmaxf(m_new[i / 2], s[n][i]);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 1));
-        m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 2));
-        // A row that has seen only masked keys keeps m = -inf: its P is exp2(-inf) = 0, no NaN.
-        alpha[r] = m_new[r] == -INFINITY ? 1.0f : fast_exp2((m[r] - m_new[r]) * c);
-        mc[r] = m_new[r] == -INFINITY ? 0.0f : m_new[r] * c;
-        m[r] = m_new[r], l[r] *= alpha[r];
-        if constexpr (RESCALE_O)
+        for (int r = 0; r < 2; ++r) {
+            m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 1));
+            m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 2));
+            // A row that has seen only masked keys keeps m = -inf: its P is exp2(-inf) = 0, no NaN.
+            alpha[r] = m_new[r] == -INFINITY ? 1.0f : fast_exp2((m[r] - m_new[r]) * c);
+            mc[r] = m_new[r] == -INFINITY ? 0.0f : m_new[r] * c;
+            m[r] = m_new[r], l[r] *= alpha[r];
+            if constexpr (RESCALE_O)
 #pragma unroll
-            for (int n = 0; n < NO; ++n) o[n][2 * r] *= alpha[r], o[n][2 * r + 1] *= alpha[r];
+                for (int n = 0; n < NO; ++n) o[n][2 * r] *= alpha[r], o[n][2 * r + 1] *= alpha[r];
+        }
     }
 #pragma unroll
     for (int n = 0; n < NT; ++n)

@@ -198,6 +198,18 @@ __device__ inline float softmax_scale(const Args& a, float scale) {
     return !SCORE ? scale : SOFTCAP_ONLY ? a.floats[0] : 1.0f;
 }
 
+// Softcap alone bounds every score the softmax sees: tanh's, at most 1 (the cap multiplies in the
+// exponent, c = cap log2 e). Version 4's forward then fixes each row's running max at that bound from
+// the first tile on (online_softmax's fixed_max), and a max that never moves rescales neither l nor O:
+// no max per score, no shuffles, no multiply of O's 64 floats a thread a tile. But P = exp2((t - 1) c)
+// then lies anywhere in [2^-2c, 1], however far below the cap a row's scores lie, and it goes to the
+// tensor cores in T: it must stay a normal number there, 2^-126 and up in bf16 (a cap up to 43.6),
+// 2^-14 in fp16 (a cap up to 4.8: fp16 has 5 exponent bits). A larger cap keeps the running max.
+template <class T>
+__device__ inline bool bounded(float c) {
+    return SOFTCAP_ONLY && c <= (std::is_same_v<T, __half> ? 7.0f : 63.0f);
+}
+
 // Call::mods as the kernels take it: by value (no mods: all zero).
 inline Args of(const void* args) { return args ? *static_cast<const Args*>(args) : Args{}; }
 

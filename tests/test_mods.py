@@ -315,6 +315,31 @@ def test_a_mod_undefined_where_scores_are_masked_gives_no_nan(device, version, g
         assert_close(name, x, r, p)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda n: f"v{n}")
+@pytest.mark.parametrize("dtype,cap", [(torch.bfloat16, 40.0), (torch.bfloat16, 50.0), (torch.float16, 4.0),
+                                       (torch.float16, 30.0)], ids=["bf16-40", "bf16-50", "fp16-4", "fp16-30"])
+def test_softcap_rows_far_below_the_cap(dtype, cap, version, device, generator):
+    """Version 4's forward takes softcap alone's softmax with each row's max fixed at the cap (tanh's bound)
+    where P = exp(score - cap) stays a normal number in the inputs' dtype, in which it meets V (mods::bounded):
+    caps up to 43.6 in bf16, 4.8 in fp16. Rows whose every score lies near -cap, where P is about
+    exp(-2 cap): 2^-114 at a cap of 40 in bf16 and 2^-11.5 at 4 in fp16, both fixed; at 50 in bf16 (2^-143)
+    and 30 in fp16 (2^-86, and 2^-43 for a score of 0) the running max stays (a fixed max would make P 0, O
+    of such rows 0). O and L against float64, the official rule."""
+    B, H, N, d = 1, 2, 100, 64
+    u = torch.randn(B, H, 1, d, generator=generator)
+    u = u / u.norm(dim=-1, keepdim=True) * (2.5 * cap * d ** 0.5) ** 0.5  # q . k / sqrt(d) about -2.5 cap
+    q = (-u + 0.05 * torch.randn(B, H, N, d, generator=generator)).to(device, dtype)
+    k = (u + torch.randn(B, H, N, d, generator=generator)).to(device, dtype)
+    v = torch.randn(B, H, N, d, generator=generator).to(device, dtype)
+    O, L = torch.full_like(q, math.nan), q.new_full(q.shape[:-1], math.nan, dtype=torch.float32)
+    mf.forward(q, k, v, softcap=cap, version=version, out=(O, L))
+    ref, plain = (dense(q.to(t), k.to(t), v.to(t), d ** -0.5, False, 0.0, True, cap) for t in (torch.float64, dtype))
+    assert ref[1].max() < -cap + math.log(N) + 1, "every score near -cap (L: at most the largest one + log N)"
+    assert (L.double() - ref[1]).abs().max() < 1e-3 * (1 + ref[1].abs().max()), "L"
+    assert_close("O", O, ref[0], plain[0])
+
+
 def case_reads_outside(B, H, N, g, device):
     # t read past its end for keys 30-69 (kv_idx + 40) and before its start for keys 0-49 (kv_idx - 50): 0
     # there, so keys 30-49 get no bias; e is empty, every read of it outside (a GPU build reads the element
