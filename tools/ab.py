@@ -197,7 +197,6 @@ def main(argv=None):
     refusal = mf.version_unavailable(3 if args.decode is not None else args.version, "cuda")
     if refusal:
         sys.exit(f"ab.py: {refusal}")
-    dtype = mf.VERSIONS[args.version].dtypes[0]
     with tempfile.TemporaryDirectory(prefix="ab_") as folder:
         old = load_old(commit, folder)
         if args.decode is not None:
@@ -208,6 +207,7 @@ def main(argv=None):
             for line in decode_lines(old, args.decode or DECODE_POINTS, args.rounds):
                 print(line, flush=True)
             return
+        dtype = mf.VERSIONS[args.version].dtypes[0]  # the decode step's is bf16, as bench.py --decode times it
         if args.host:
             print(f"# {torch.cuda.get_device_name()}, {dtype}, version {args.version}: host time per call of "
                   f"{commit[:7]} (old) and the working tree (new), medians of {args.rounds} rounds; old / new",
