@@ -105,9 +105,6 @@ inline float fast_exp2(float x) {  // kernels/mma.cuh: a subnormal result is 0 f
     return y < std::numeric_limits<float>::min() ? 0.0f : y;  // (min: the smallest normal float)
 }
 inline float fast_tanh(float x) { return std::tanh(x); }  // kernels/mma.cuh (the GPU's: within 2^-11 of it)
-inline float fast_log2(float x) {  // kernels/mma.cuh: a subnormal is 0 to the GPU's instruction (ftz)
-    return std::fabs(x) < std::numeric_limits<float>::min() ? -INFINITY : std::log2(x);
-}
 // float4 and float2: one 16-byte (8-byte) load or store on a GPU, which faults there ("misaligned address")
 // at an address that is not a multiple of 16 (8). Here they are plain floats (the build sets
 // -fno-strict-aliasing), not aligned as a type: so g++ never emits an aligned vector instruction that

@@ -96,14 +96,6 @@ __device__ inline float fast_tanh(float x) {
     return y;
 }
 
-// log2(x) by the special-function unit's single instruction, where log2f is a sequence of arithmetic.
-// Within 2^-22 of log2 for x in [0.5, 2], within 2 ulp elsewhere (the CUDA guide's figures for __log2f, the
-// same instruction); -inf at +-0 and at subnormals (ftz: flushed to 0 first), NaN below 0.
-__device__ inline float fast_log2(float x) {
-    float y;
-    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 #endif
 
 // The same, for a kernel templated on its 16-bit type T (__nv_bfloat16 or __half): d += A b.

@@ -1,6 +1,6 @@
 """The CPU emulation of the tensor-core building blocks (kernels/cpu_cuda.h, used through
 kernels/mma.cuh): bf16 and fp16 rounding against torch's, one fragment-level program
-(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles), fast_tanh, fast_log2 and fast_exp2 against
+(tools/fragments.cu: ldmatrix, mma.sync m16n8k16, warp shuffles), fast_tanh and fast_exp2 against
 float64 and, on a GPU, against the hardware running the same source. tools/fragments.py builds and runs the
 program (notebook 6 uses it too)."""
 import sys
@@ -168,68 +168,9 @@ def test_fast_tanh_emulation_within_the_hardwares_error(build, device):
     assert torch.allclose(on_gpu, emulated, rtol=TANH_ERROR + 2.0**-23, atol=0.0, equal_nan=True)
 
 
-# lg2.approx.ftz.f32's largest error, kernels/mma.cuh's fast_log2 (the CUDA guide's figures for __log2f, the
-# same instruction): absolute for x in [0.5, 2], where log2 x is near 0; else 2 units in the last place from
-# the correctly rounded result, itself within half a unit of the exact one.
-LOG2_ABSOLUTE, LOG2_ULPS = 2.0**-22, 2.5
-
-
 def ulps(reference):
     """The unit in the last place of float32 values near the float64 reference (normal ones)."""
     return 2.0 ** (torch.floor(torch.log2(reference.abs())) - 23)
-
-
-def log2_inputs():
-    """+-0, subnormals of both signs, the smallest normal, the largest float, +inf, NaN, negative values;
-    probabilities (the backward's use: softcap's derivative from P), a sweep over [0.5, 2] and random
-    values of every scale."""
-    bits = [0x00000000, 0x80000000, 0x00000001, 0x007FFFFF, 0x807FFFFF, 0x00800000, 0x7F7FFFFF, 0x7F800000,
-            0x7FC00000]
-    special = floats_of_bits(bits)
-    generator = torch.Generator().manual_seed(0)
-    probabilities = (torch.rand(4000, generator=generator) ** 8).clamp(min=1e-30)  # (none subnormal)
-    scales = 10.0 ** torch.randint(-30, 38, (4000,), generator=generator)
-    return torch.cat([special, torch.tensor([-1.0, -1e-3, 1.0, 2.0, 0.5, 1e-30, 1e30]), probabilities,
-                      torch.linspace(0.5, 2, 4001), torch.rand(4000, generator=generator) * scales])
-
-
-def log2_within_its_error(y, x):
-    """Where x is normal and positive: y within the instruction's error of float64 log2 x."""
-    reference = torch.log2(x.double())
-    near_one = (x >= 0.5) & (x <= 2)
-    bound = torch.where(near_one, torch.full_like(reference, LOG2_ABSOLUTE), LOG2_ULPS * ulps(reference))
-    return ((y.double() - reference).abs() <= bound).all()
-
-
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_fast_log2_within_its_documented_error(build, device):
-    """fast_log2 within the instruction's error of float64 log2 for normal positive values, and what ftz
-    and the PTX ISA say elsewhere: -inf at +-0 and at subnormals of either sign (flushed to 0), +inf at
-    +inf, NaN below 0 and at NaN. The emulation must keep the same promises as the GPU."""
-    x = log2_inputs()
-    y = run_special(build(device), device, "log2", x)
-    tiny = torch.finfo(torch.float32).tiny
-    normal = (x >= tiny) & torch.isfinite(x)
-    assert normal.sum() > 12000 and log2_within_its_error(y[normal], x[normal])
-    flushed = x.abs() < tiny
-    assert flushed.sum() == 5 and (y[flushed] == -float("inf")).all()
-    assert (y[x == float("inf")] == float("inf")).all()
-    undefined = torch.isnan(x) | (x < -tiny)
-    assert undefined.sum() == 3 and torch.isnan(y[undefined]).all()
-
-
-@pytest.mark.parametrize("device", [CUDA])
-def test_fast_log2_emulation_within_the_hardwares_error(build, device):
-    """The GPU's one instruction and the emulation's std::log2 on the same values: apart by at most the
-    instruction's error (and the emulation's own rounding), the same infinities and NaNs."""
-    x = log2_inputs()
-    on_gpu, emulated = (run_special(build(d), d, "log2", x) for d in (device, "cpu"))
-    assert torch.equal(torch.isnan(on_gpu), torch.isnan(emulated))
-    finite = torch.isfinite(on_gpu)
-    infinite = torch.isinf(on_gpu)  # NaN != NaN: the NaNs are compared above, the infinities here with their sign
-    assert torch.equal(finite, torch.isfinite(emulated)) and torch.equal(on_gpu[infinite], emulated[infinite])
-    assert torch.allclose(on_gpu[finite], emulated[finite], rtol=LOG2_ABSOLUTE + 2.0**-24,
-                          atol=LOG2_ABSOLUTE + 2.0**-24)
 
 
 # ex2.approx.ftz.f32, kernels/mma.cuh's fast_exp2 (every softmax's exponential): 2 units in the last place

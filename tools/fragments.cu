@@ -5,7 +5,7 @@
 // accumulators of S, so that the lane layouts can be read directly (notebook 6 does). nvcc builds it
 // for the GPU, g++ against kernels/cpu_cuda.h for the CPU (tools/fragments_cpu.cpp); tools/fragments.py
 // builds and runs either, and tests/test_fragments.py runs both on the same inputs and compares them,
-// lane layouts included. special_values, beside it: mma.cuh's fast_tanh, fast_log2 or fast_exp2 of a
+// lane layouts included. special_values, beside it: mma.cuh's fast_tanh or fast_exp2 of a
 // vector of values, compared the same way.
 #include "mma.cuh"
 #ifdef __CUDACC__
@@ -77,11 +77,11 @@ __global__ void accumulate(const unsigned short* A, const unsigned short* V, con
     }
 }
 
-// The special-function unit's tanh, log2 or 2^x, by `function` 0, 1 or 2 (one instruction each on the GPU;
-// std::tanh, std::log2, std::exp2 in the emulation).
+// The special-function unit's tanh or 2^x, by `function` 0 or 1 (one instruction each on the GPU; std::tanh,
+// std::exp2 in the emulation).
 __global__ void special_values(int function, const float* x, float* y, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = function == 0 ? fast_tanh(x[i]) : function == 1 ? fast_log2(x[i]) : fast_exp2(x[i]);
+    if (i < n) y[i] = function == 0 ? fast_tanh(x[i]) : fast_exp2(x[i]);
 }
 
 extern "C" {
@@ -106,7 +106,7 @@ const char* run_accumulate(int bf16, const unsigned short* A, const unsigned sho
     return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }
 
-// y = fast_tanh(x), fast_log2(x) or fast_exp2(x) (kernels/mma.cuh; function 0, 1 or 2) for n values, a thread
+// y = fast_tanh(x) or fast_exp2(x) (kernels/mma.cuh; function 0 or 1) for n values, a thread
 // per value; "" on success.
 const char* run_special(int function, const float* x, float* y, int n) {
     LAUNCH(special_values, dim3((n + 255) / 256), dim3(256), 0, 0)(function, x, y, n);

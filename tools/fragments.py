@@ -1,7 +1,7 @@
 """The fragment programs, built for the GPU (nvcc) or for the CPU emulation (g++ against
 kernels/cpu_cuda.h, through tools/*_cpu.cpp), and run:
   tools/fragments.cu: one warp's ldmatrix, mma.sync m16n8k16 and shuffles (kernels/mma.cuh) on 16 x 16
-    tiles, and mma.cuh's fast_tanh, fast_log2 and fast_exp2 on a vector of values. Notebook 6 reads the
+    tiles, and mma.cuh's fast_tanh and fast_exp2 on a vector of values. Notebook 6 reads the
     lane layouts from it;
     tests/test_fragments.py checks the emulation against torch and, on a GPU, against the hardware.
   tools/hopper_fragments.cu: one warpgroup's TMA loads (128-byte swizzle), wgmma from shared memory (A
@@ -10,7 +10,7 @@ kernels/cpu_cuda.h, through tools/*_cpu.cpp), and run:
 
     library = build_fragments("cpu")                        # or "cuda"; compiled with torch's extension builder
     S, O, row_max, registers, accumulators = run_program(library, "cpu", torch.bfloat16, A, K, V)
-    y = run_special(library, "cpu", "tanh", x)              # or "log2", "exp2": fast_log2, fast_exp2
+    y = run_special(library, "cpu", "tanh", x)              # or "exp2": fast_exp2
     D = run_accumulate(library, "cpu", torch.bfloat16, A, V, C)
     hopper = build_fragments("cpu", program="hopper_fragments")
     boxes, ss128, ss64, rs64, rs128, mm128, mm64, mk128, km64, mm32, raw = run_hopper_program(
@@ -110,11 +110,11 @@ def run_accumulate(library, device, dtype, A, V, C):
     return D.cpu()
 
 
-SPECIAL = ("tanh", "log2", "exp2")  # tools/fragments.cu's special_values: fast_tanh, fast_log2, fast_exp2
+SPECIAL = ("tanh", "exp2")  # tools/fragments.cu's special_values: fast_tanh, fast_exp2
 
 
 def run_special(library, device, function, x):
-    """kernels/mma.cuh's fast_tanh, fast_log2 or fast_exp2 (function: "tanh", "log2" or "exp2") of each value
+    """kernels/mma.cuh's fast_tanh or fast_exp2 (function: "tanh" or "exp2") of each value
     of x (float32, 1-D), as the program computes it on that device type."""
     x = x.to(device=device, dtype=torch.float32).contiguous()
     y = torch.full_like(x, float("nan"))
