@@ -21,6 +21,15 @@ __device__ inline void cp_async4(void* to, const void* from, bool valid) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(address), "l"(from),
                  "r"(valid ? 4 : 0));
 }
+// The same 16 bytes, marked in L2 to be evicted first: a stream read once (a decode step's cache) then
+// leaves the L2 to what is read again. The data that lands is the same: only the cache's policy differs.
+__device__ inline void cp_async16_first(void* to, const void* from, bool valid) {
+    const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
+    unsigned long long policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(address), "l"(from),
+                 "r"(valid ? 16 : 0), "l"(policy));
+}
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int n>
 __device__ inline void cp_async_wait() {

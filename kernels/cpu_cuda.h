@@ -2139,6 +2139,10 @@ inline void cp_async16(void* to, const void* from, bool valid, const char* file 
                        int line = __builtin_LINE()) {
     cp_async<16>(to, from, valid, file, line);
 }
+inline void cp_async16_first(void* to, const void* from, bool valid, const char* file = __builtin_FILE(),
+                             int line = __builtin_LINE()) {  // L2's eviction policy: nothing to emulate
+    cp_async<16>(to, from, valid, file, line);
+}
 inline void cp_async4(void* to, const void* from, bool valid, const char* file = __builtin_FILE(),
                       int line = __builtin_LINE()) {
     cp_async<4>(to, from, valid, file, line);

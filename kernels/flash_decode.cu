@@ -194,8 +194,8 @@ struct Copies {
             for (int k = 0; k < COUNT; ++k) {
                 const int r = threadIdx.x / CHUNKS + k * STEP, to = buffer * TILE + Swizzled<d>{}(r, x);
                 const size_t from = max(row[k], 0) * at.p.row_stride + offset;
-                cp_async16(at.K + to, at.p.K + from, row[k] >= 0 && column);
-                cp_async16(at.V + to, at.p.V + from, row[k] >= 0 && column);
+                cp_async16_first(at.K + to, at.p.K + from, row[k] >= 0 && column);  // read once: L2 evicts first
+                cp_async16_first(at.V + to, at.p.V + from, row[k] >= 0 && column);
             }
         }
         cp_async_commit();
