@@ -243,8 +243,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, Br=None, Bc=None,
                     version=None, score_mod=None, mask_mod=None, mod_tensors=None):
     """The flash-attn package's flash_attn_func, with its positional order, on our kernels: q, k, v are
-    (B, N, H, d), batch, sequence, heads, head dim, and so is the result (a transposed view of the
-    kernels' (B, H, N, d) output, where the official one is contiguous: reshape it, view may refuse).
+    (B, N, H, d), batch, sequence, heads, head dim, and so is the result, contiguous as the official one is
+    (out.view(B, N, -1) works): the kernels' (B, H, N, d) output copied once into that layout, the copy
+    that reshaping its transposed view would make.
     k, v may have another N than q (seqlen_k != seqlen_q: cross-attention, a chunk of queries against a
     longer context), in half precision: each entry of the batch then runs as one sequence of
     flash_attn_varlen_func, causal aligned at the bottom right and a window_size side of at least
@@ -274,7 +275,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                           deterministic=deterministic, dropout_p=dropout_p, score_mod=score_mod, mask_mod=mask_mod,
                           mod_tensors=mod_tensors, window_size=window_size, softcap=softcap,
                           alibi_slopes=alibi_slopes, return_lse=return_attn_probs)
-    return (out[0].transpose(1, 2), out[1], None) if return_attn_probs else out.transpose(1, 2)
+    if return_attn_probs:
+        return out[0].transpose(1, 2).contiguous(), out[1], None
+    return out.transpose(1, 2).contiguous()
 
 
 def _unequal_lengths(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,

@@ -42,6 +42,35 @@ def test_flash_attn_func_takes_batch_seqlen_heads_headdim(generator):
     assert_gradients(tuple(t.grad.transpose(1, 2) for t in (q, k, v)), *views, weights.transpose(1, 2), True, 0.2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_official_entry_points_return_contiguous_outputs(device, generator):
+    """The official package's functions return out contiguous, in their own layout (B, N, H, d), or (total, H,
+    d) packed, or the decode's (B, Nq, H, d): code written for them may view it, out.view(B, N, -1), which a
+    transposed view of a (B, H, N, d) output refuses. Each entry point, fp32 (flash_attn_func's versions 1
+    and 2) and bf16, equal and different lengths, packed forms, return_attn_probs; the values are checked
+    against float64 by the tests of each."""
+    B, N, H, d, bf16 = 2, 33, 4, 64, torch.bfloat16
+    q, k, v = (torch.randn(B, N, H, d, generator=generator, dtype=bf16).to(device) for _ in range(3))
+    cu = torch.tensor([0, 30, 66], dtype=torch.int32, device=device)
+    packed = [t.reshape(B * N, H, d) for t in (q, k, v)]
+    k_cache, v_cache = (torch.randn(B, 64, H, d, generator=generator, dtype=bf16).to(device) for _ in range(2))
+    outputs = {
+        "flash_attn_func fp32": mf.flash_attn_func(q.float(), k.float(), v.float(), causal=True),
+        "flash_attn_func": mf.flash_attn_func(q, k, v, causal=True),
+        "flash_attn_func return_attn_probs": mf.flash_attn_func(q, k, v, return_attn_probs=True)[0],
+        "flash_attn_func seqlen_q < seqlen_k": mf.flash_attn_func(q[:, :5], k, v, causal=True),
+        "flash_attn_qkvpacked_func": mf.flash_attn_qkvpacked_func(torch.stack((q, k, v), dim=2)),
+        "flash_attn_kvpacked_func": mf.flash_attn_kvpacked_func(q, torch.stack((k, v), dim=2)),
+        "flash_attn_varlen_func": mf.flash_attn_varlen_func(*packed, cu, cu, 36, 36, causal=True),
+        "flash_attn_varlen_qkvpacked_func": mf.flash_attn_varlen_qkvpacked_func(torch.stack(packed, dim=1), cu, 36),
+        "flash_attn_with_kvcache": mf.flash_attn_with_kvcache(
+            q[:, :3], k_cache, v_cache, cache_seqlens=torch.tensor([10, 64], dtype=torch.int32, device=device)),
+    }
+    for name, out in outputs.items():
+        assert out.is_contiguous(), name
+        assert out.view(*out.shape[:-2], -1).shape[-1] == H * d, name
+
+
 def test_flash_attn_qkvpacked_func(generator):
     qkv = torch.randn(2, 30, 3, 2, 16, generator=generator, requires_grad=True)  # (B, N, 3, H, d)
     out = mf.flash_attn_qkvpacked_func(qkv, causal=True)
