@@ -1518,7 +1518,8 @@ def mods_point(mod, names, inputs, args, progress):
     B, H, N, d = q.shape
     base = dict(mod=mod.name, B=B, H=H, N=N, d=d, dtype=str(q.dtype).removeprefix("torch."))
     timing = dict(seconds=args.seconds, min_repeats=args.min_repeats)
-    rows, references, timed = [], {}, {"fwd": {}, "fwd_bwd": {}}  # timed: each pass's calls of each method
+    rows, references, notes = {}, {}, {}  # by method
+    timed = {"fwd": {}, "fwd_bwd": {}}  # each pass's calls of each method
     for name, (fn, computes) in mods_methods(mod, N, args.device, args.version).items():
         if name not in names:
             continue
@@ -1526,8 +1527,9 @@ def mods_point(mod, names, inputs, args, progress):
             references[computes.name] = [mods_dense(q, k, v, dO, computes, t) for t in (torch.float64, q.dtype)]
         ref, plain = references[computes.name]
         pairs = int(computes.mask(0, 0, *positions(N, q.device)).sum())  # the (query, key) pairs it keeps
-        row, note = dict(base, method=name, pairs=pairs, plain_err_fwd=mf.relative_error(plain[0], ref[0]),
-                         plain_err_bwd=grads_err(plain[1], ref[1])), []
+        row = rows[name] = dict(base, method=name, pairs=pairs, plain_err_fwd=mf.relative_error(plain[0], ref[0]),
+                                plain_err_bwd=grads_err(plain[1], ref[1]))
+        note = notes[name] = []
         with_causal = lambda q, k, v, causal, fn=fn: fn(q, k, v)  # noqa: E731 (training_step's signature)
         calls = {"fwd": lambda q, k, v, dO, fn=fn: fn(q, k, v),
                  "fwd_bwd": lambda q, k, v, dO, fn=with_causal: training_step(fn, q, k, v, dO, None)}
@@ -1545,16 +1547,13 @@ def mods_point(mod, names, inputs, args, progress):
                 note.append(f"{pass_}: disagrees with float64, not timed")
                 continue
             timed[pass_][name] = [lambda s=s, call=call: call(*s) for s in inputs]
-        row["note"] = note
-        rows.append(row)
     for pass_, calls in timed.items():  # the methods timed in turn (interleaved_ms): their ratios hold
         if calls:
             for name, (ms, repeats) in interleaved_ms(calls, args.warmup, args.repeats, args.device,
                                                       **timing).items():
-                row = next(r for r in rows if r["method"] == name)
-                row[f"ms_{pass_}"], row[f"repeats_{pass_}"] = ms, repeats
-    for row in rows:
-        name, note = row["method"], row["note"]
+                rows[name][f"ms_{pass_}"], rows[name][f"repeats_{pass_}"] = ms, repeats
+    for name, row in rows.items():
+        note = notes[name]
         if "ms_fwd" in row:
             row["tflops_fwd"] = 4 * B * H * d * row["pairs"] / row["ms_fwd"] / 1e9
         if "ms_fwd" in row and "ms_fwd_bwd" in row:
@@ -1568,13 +1567,13 @@ def mods_point(mod, names, inputs, args, progress):
         row["note"] = "; ".join(note)
         progress(f"{mod.name}: {name} " + ", ".join(f"{key} {row[key]:.4f} ms" for key in ("ms_fwd", "ms_bwd")
                                                    if key in row) + (f" ({row['note']})" if note else ""))
-    for row in rows:  # the same mod's other methods' times over this one's
+    for row in rows.values():  # the same mod's other methods' times over this one's
         for other, key in zip(mods_method_names(args.version)[1:], ("x_no_mod", "x_flex")):
-            times = next((r for r in rows if r["method"] == other), {})
+            times = rows.get(other, {})
             for pass_ in ("fwd", "bwd"):
                 if f"ms_{pass_}" in row and f"ms_{pass_}" in times:
                     row[f"{key}_{pass_}"] = times[f"ms_{pass_}"] / row[f"ms_{pass_}"]
-    return rows
+    return list(rows.values())
 
 
 def mods_wrong(row):
