@@ -244,8 +244,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     version=None, score_mod=None, mask_mod=None, mod_tensors=None):
     """The flash-attn package's flash_attn_func, with its positional order, on our kernels: q, k, v are
     (B, N, H, d), batch, sequence, heads, head dim, and so is the result, contiguous as the official one is
-    (out.view(B, N, -1) works): the kernels' (B, H, N, d) output copied once into that layout, the copy
-    that reshaping its transposed view would make.
+    (out.view(B, N, -1) works): version 4 writes it so (_output_for), the others' (B, H, N, d) output is
+    copied once into that layout, the copy that reshaping its transposed view would make.
     k, v may have another N than q (seqlen_k != seqlen_q: cross-attention, a chunk of queries against a
     longer context), in half precision: each entry of the batch then runs as one sequence of
     flash_attn_varlen_func, causal aligned at the bottom right and a window_size side of at least
@@ -275,7 +275,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                           deterministic=deterministic, dropout_p=dropout_p, score_mod=score_mod, mask_mod=mask_mod,
                           mod_tensors=mod_tensors, window_size=window_size, softcap=softcap,
                           alibi_slopes=alibi_slopes, return_lse=return_attn_probs)
-    if return_attn_probs:
+    if return_attn_probs:  # (contiguous() copies nothing where the kernels wrote that layout)
         return out[0].transpose(1, 2).contiguous(), out[1], None
     return out.transpose(1, 2).contiguous()
 
@@ -492,16 +492,18 @@ def backward(dO, q, k, v, O, L, *, causal=False, softmax_scale=None, Br=None, Bc
     deterministic = _check_deterministic(deterministic, version)
     dO, O = (_check_like(name, t, q) for name, t in (("dO", dO), ("O", O)))
     L = _check_like("L", L, q[..., 0].float())
-    dO, O, L = _laid_out(dO, version), O.contiguous(), L.contiguous()  # dO as q, k, v; O, L as written
+    dO, O, L = _laid_out(dO, version), _laid_out(O, version), L.contiguous()  # dO, O as q, k, v; L as written
     if out is not None:
         out = _check_outputs(("dQ", "dK", "dV"), out, (q, k, v), (q, k, v, O, dO, L))
     return _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic, out, mods)
 
 
-def _attention(q, k, v, causal, scale, Br, Bc, version, out=None, mods=None):
-    """forward() on inputs already checked: what every call pays for, and no more."""
-    # O contiguous whatever q's strides (new_empty, not empty_like, which would copy a view's layout)
-    O, L = out if out is not None else (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32))
+def _attention(q, k, v, causal, scale, Br, Bc, version, out=None, mods=None, like_q=True):
+    """forward() on inputs already checked: what every call pays for, and no more. like_q: O laid out as
+    q is where the version can write it so (_output_for); else contiguous, as the custom operators'
+    register_fake promises."""
+    O, L = out if out is not None else (_output_for(q, version if like_q else None),
+                                        q.new_empty(q.shape[:-1], dtype=torch.float32))
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
         kernels = load_kernels(q.device.type, version, Br, Bc, _spec(mods))
         O_run = O  # what the kernel writes
@@ -514,6 +516,18 @@ def _attention(q, k, v, causal, scale, Br, Bc, version, out=None, mods=None):
         if O_run is not O:
             O.copy_(O_run[..., :O.shape[-1]])
     return O, L
+
+
+def _output_for(q, version):
+    """O for q: a contiguous (B, H, N, d) tensor; but where q is the transposed view of a (B, N, H, d)
+    layout (a model's heads split out of its rows: q's stride over heads below its stride over rows),
+    and the version writes O with its strides (version 4), laid out as q is, so that the model's
+    transpose back to (B, N, H d) is a view, not a copy of O, as with the official package and SDPA.
+    (new_empty, not empty_like, which would copy any view's strides, gaps and all.)"""
+    if version is not None and VERSIONS[version].strided and q.stride(1) < q.stride(2):
+        B, H, N, d = q.shape
+        return q.new_empty((B, N, H, d)).transpose(1, 2)
+    return q.new_empty(q.shape)
 
 
 def _padded(t, version):
@@ -629,7 +643,7 @@ def _without_derivative(grads):
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                   Br: Optional[int], Bc: Optional[int], version: int,
                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attention(q, k, v, causal, scale, Br, Bc, version)  # deterministic: for the backward
+    return _attention(q, k, v, causal, scale, Br, Bc, version, like_q=False)  # deterministic: for the backward
 
 
 @_attention_op.register_fake
@@ -702,7 +716,7 @@ def _attention_mods_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
                        dims: list[int], flags: list[int], tensors: list[torch.Tensor], ints: list[int],
                        floats: list[float], dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mods, seed = _drawn_mod_call(q, score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats, dropout_p)
-    return *_attention(q, k, v, causal, scale, None, None, version, mods=mods), seed
+    return *_attention(q, k, v, causal, scale, None, None, version, mods=mods, like_q=False), seed
 
 
 @_attention_mods_op.register_fake
@@ -2190,11 +2204,11 @@ def _use_this_pythons_ninja():
         os.environ["PATH"] = interpreter_bin + os.pathsep + path
 
 
-# mf_run's one argument (kernels/bindings.cu, struct RunArgs), 35 fields of 8 bytes: pass; the addresses of
+# mf_run's one argument (kernels/bindings.cu, struct RunArgs), 38 fields of 8 bytes: pass; the addresses of
 # q, k, v, O, dO, L, dQ, dK, dV, scratch (0: none); B, H, N, d, group; the (batch, head, row) strides of q,
-# k, v, dO; scale; causal, deterministic; the mods' address; dtype, device, stream. Packed into bytes,
+# k, v, dO, O; scale; causal, deterministic; the mods' address; dtype, device, stream. Packed into bytes,
 # whose address ctypes passes as it is.
-RUN_ARGS = struct.Struct("<q10Q5q12qdqqQqqQ")
+RUN_ARGS = struct.Struct("<q10Q5q15qdqqQqqQ")
 
 
 class Kernels:
@@ -2239,11 +2253,14 @@ class Kernels:
         """A pass on any tensors: the kernels index raw addresses, so this checks their layout first,
         the last line of defence for any caller (minimal_flash's functions have checked their inputs,
         and use `call`): q, k, v, dO in a layout the version reads as it lies (_reads_as_is: version 4
-        takes views), O, dQ, dK, dV, L contiguous. Returns an error message, "" on success."""
+        takes views), O contiguous or, in version 4, as _output_for lays it out (the transpose of a
+        contiguous (B, N, H, d) tensor), dQ, dK, dV, L contiguous. Returns an error message, "" on
+        success."""
         grads = (dO, dQ, dK, dV)
         if (pass_ == "forward") != all(t is None for t in grads) or pass_ not in PASSES:
             return f"internal error: pass {pass_!r} with{'out' if pass_ == 'backward' else ''} dO, dQ, dK, dV"
         inputs, outputs = [t for t in (q, k, v, dO) if t is not None], [t for t in (O, dQ, dK, dV) if t is not None]
+        O_laid_out = O.is_contiguous() or VERSIONS[self.version].strided and O.transpose(1, 2).is_contiguous()
 
         def bad(t, shape, dtype):
             return t.shape != shape or t.dtype != dtype or t.device != q.device
@@ -2253,7 +2270,7 @@ class Kernels:
         if (q.dtype not in DTYPES or kv_shape[1] == 0 or q.shape[1] % kv_shape[1] or _other_dims(q) != _other_dims(k)
                 or any(bad(t, shapes.get(id(t), q.shape), q.dtype) or t.data_ptr() % 16 for t in inputs + outputs)
                 or not all(_reads_as_is(t, self.version) for t in inputs)
-                or not all(t.is_contiguous() for t in outputs)):
+                or not (O_laid_out and all(t.is_contiguous() for t in outputs[1:]))):
             return ("internal error: the (B, H, N, d) tensors differ in shape, layout, dtype or device, or one "
                     "is not 16-byte aligned")
         if bad(L, q.shape[:-1], torch.float32) or not L.is_contiguous():
@@ -2275,7 +2292,8 @@ class Kernels:
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else 0  # as an address
         # The strides as torch has them (the forward's dO: 0s); mf_run takes a dim of size 1 as _strides does
         args = RUN_ARGS.pack(p, *addresses, B, H, N, d, group, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                             *(dO.stride()[:3] if dO is not None else (0, 0, 0)), scale, causal, deterministic,
+                             *(dO.stride()[:3] if dO is not None else (0, 0, 0)), *O.stride()[:3], scale, causal,
+                             deterministic,
                              0 if mod_args is None else ctypes.addressof(mod_args), DTYPES.index(q.dtype), device,
                              stream)
         return self._c.mf_run(args).decode()

@@ -11,7 +11,9 @@
 // Names as in the paper; "Alg. 1, line n" marks the FlashAttention-2 paper's Algorithm 1, as in chapter 3.
 // Q, K and V are read where the caller has them: each tensor map (version4.cuh) is 4-D, (column, row,
 // head, batch), with the tensor's own strides, so a model's permuted views need no copy; a box is
-// asked for at (column, row, h, b). O and L are written contiguous.
+// asked for at (column, row, h, b). O is written with its strides (q's layout, as minimal_flash.py
+// allocates it: a model's (B, N, H, d), whose transpose back to (B, N, H d) is then a view, not a
+// copy); L contiguous.
 //
 // Who owns what: a work tile is Br = 128 query rows of one (batch, head); a block of 3 warpgroups of
 // 128 threads takes one (steps 1-4), or, persistent (step 5), one block per multiprocessor takes work
@@ -213,7 +215,8 @@ template <class T, int d>
 __global__ void __launch_bounds__(THREADS, 1)
     forward(const __grid_constant__ CUtensorMap tmQ, const __grid_constant__ CUtensorMap tmK,
             const __grid_constant__ CUtensorMap tmV, int N, int H, int BH, int group, int section, float scale,
-            bool causal, unsigned short* O, float* L, int* taken, const __grid_constant__ mods::Args mod_args) {
+            bool causal, unsigned short* O, Strides O_strides, float* L, int* taken,
+            const __grid_constant__ mods::Args mod_args) {
     // smem: the block's shared memory (tiles.cuh); its start rounded up to 1024 bytes for the swizzle
     char* base = reinterpret_cast<char*>(smem);
     base += (1024 - shared_address(base) % 1024) % 1024;
@@ -435,7 +438,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         TIMELINE_MARK(loop_done);
 
         // Alg. 1, lines 12-15: a row's l is its 4 lanes' shares added up; O = O / l, L = m + log(l).
-        unsigned short* O_bh = O + size_t(bh) * N * d;
+        unsigned short* O_bh = O + O_strides.at(u.b, u.h, 0);
         float* L_bh = L + size_t(bh) * N;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -448,7 +451,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             const float inv_l = l_row > 0.0f ? 1.0f / l_row : 0.0f;
 #pragma unroll
             for (int n8 = 0; n8 < d / 8; ++n8)  // columns 8 n8 + 2q, 8 n8 + 2q + 1: one 4-byte store
-                *reinterpret_cast<unsigned*>(&O_bh[size_t(i) * d + 8 * n8 + 2 * q]) =
+                *reinterpret_cast<unsigned*>(&O_bh[i * O_strides.row + 8 * n8 + 2 * q]) =
                     pack<T>(o[n8][2 * r] * inv_l, o[n8][2 * r + 1] * inv_l);
             if (q == 0) L_bh[i] = m[r] * softmax_scale + logf(l_row);
         }

@@ -401,13 +401,13 @@ __global__ void __launch_bounds__(THREADS, 1)
 
 // Before the main kernel: D = rowsum(dO * O) (Alg. 2, line 14's D), and what the main kernel adds
 // into set to 0, in one pass. A warp per row of the slice padded to whole query tiles (Tr Br rows):
-// each lane d / 32 values of the row's dO and O (4-byte loads, a warp's side by side; dO's row where
-// its strides put it, O's in the contiguous output), the sum by shuffles; the row's d floats of dQ's
+// each lane d / 32 values of the row's dO and O (4-byte loads, a warp's side by side; each row where
+// its tensor's strides put it), the sum by shuffles; the row's d floats of dQ's
 // sums zeroed (rows past N too: their tile is added into whole) and, by a tile's first row, its
 // deterministic counters.
 template <class T, int d>
-__global__ void preprocess(const unsigned short* O, const unsigned short* dO, Strides dO_strides, int H,
-                           int N, int Tr, size_t rows, float* D, float* dQ_sum, int* turns) {
+__global__ void preprocess(const unsigned short* O, Strides O_strides, const unsigned short* dO, Strides dO_strides,
+                           int H, int N, int Tr, size_t rows, float* D, float* dQ_sum, int* turns) {
     const size_t row = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;  // of B * H * Tr * Br
     const int lane = threadIdx.x % 32;
     if (row >= rows) return;  // a whole warp: blockDim.x is a multiple of 32
@@ -416,7 +416,7 @@ __global__ void preprocess(const unsigned short* O, const unsigned short* dO, St
     constexpr int PER = d / 32;             // values a lane: 2 or 4
     float sum = 0.0f;
     if (r < N) {  // the lane's values, in pairs
-        const auto* o_pairs = reinterpret_cast<const unsigned*>(O + (bh * N + r) * d + lane * PER);
+        const auto* o_pairs = reinterpret_cast<const unsigned*>(O + O_strides.at(bh / H, bh % H, r) + lane * PER);
         const auto* g_pairs =
             reinterpret_cast<const unsigned*>(dO + dO_strides.at(bh / H, bh % H, r) + lane * PER);
 #pragma unroll

@@ -12,8 +12,10 @@
 // Layouts: q, k, v (and the backward's dO) are read by the copy engine through 4-D tensor maps,
 // (column, row, head, batch) with the tensors' own strides (tensor_map, below): any layout whose rows
 // are d contiguous values, 16-byte aligned, a multiple of 16 bytes apart, a model's permuted views
-// among them, runs uncopied (the pre-pass reads dO with the same strides). O, L, dQ, dK, dV are
-// contiguous (B, H, N, d) tensors (L: (B, H, N)), written by the kernels' own stores.
+// among them, runs uncopied (the pre-pass reads dO with the same strides). O is written by the
+// kernels' own stores in q's layout (minimal_flash.py allocates it so: a model's (B, N, H, d), whose
+// transpose back to (B, N, H d) is a view, not a copy), and read so by the pre-pass; L, dQ, dK, dV
+// are contiguous (B, H, N, d) tensors (L: (B, H, N)).
 // Block sizes: its own (Br and Bc do not apply). Head dims d = 64 and 128. softmax_scale > 0.
 // Scratch: the forward's counter of work tiles taken; the backward's dQ sums, D, the deterministic
 // counters (scratch_floats). bindings.cu includes this file in its middle: Call and launch are defined
@@ -134,6 +136,10 @@ struct Version {
              {std::pair{c.Q, c.Q_strides}, {c.K, c.K_strides}, {c.V, c.V_strides}, {c.dO, c.dO_strides}})
             if (p && (reinterpret_cast<uintptr_t>(p) % 16 != 0 || s.batch % 8 || s.head % 8 || s.row % 8))
                 return "version 4 needs q, k, v, dO 16-byte aligned, their strides multiples of 16 bytes";
+        // O, which minimal_flash.py allocates in q's layout, is written and read 4 bytes at a time.
+        const Strides& o = c.O_strides;
+        if (reinterpret_cast<uintptr_t>(c.O) % 16 != 0 || o.batch % 8 || o.head % 8 || o.row % 8)
+            return "internal error: version 4's O must be 16-byte aligned, its strides multiples of 16 bytes";
         return "";
     }
 
@@ -159,8 +165,8 @@ struct Version {
             return "zeroing the work counter failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
         const int blocks = fw::PERSISTENT ? int(std::min<long long>(tiles, multiprocessors(c.device))) : int(tiles);
         return launch("flash3_hopper::forward", fw::forward<T, d>, dim3(blocks), fw::THREADS, fw::shared_bytes(d),
-                      c, tmQ, tmK, tmV, c.N, c.H, int(c.BH), c.group, section, c.scale, c.causal, bits(c.O), c.L,
-                      taken, mods::of(c.mods));
+                      c, tmQ, tmK, tmV, c.N, c.H, int(c.BH), c.group, section, c.scale, c.causal, bits(c.O),
+                      c.O_strides, c.L, taken, mods::of(c.mods));
     }
 
     // D = rowsum(dO * O) with the fp32 sums of dQ and the counters set to 0, the pass, dQ converted.
@@ -179,8 +185,8 @@ struct Version {
             if (std::string err = tensor_map(map, data, strides, c.H, c, box_rows); !err.empty()) return err;
         const size_t padded_rows = tiles * bw::Br;  // a warp each, 8 to a block
         std::string err = launch("flash3_hopper_backward::preprocess", bw::preprocess<T, d>,
-                                 dim3((padded_rows + 7) / 8), 256, 0, c, bits(c.O), bits(c.dO), c.dO_strides,
-                                 c.H, c.N, int(ceil_div(c.N, bw::Br)), padded_rows, D, dQ_sum, turns);
+                                 dim3((padded_rows + 7) / 8), 256, 0, c, bits(c.O), c.O_strides, bits(c.dO),
+                                 c.dO_strides, c.H, c.N, int(ceil_div(c.N, bw::Br)), padded_rows, D, dQ_sum, turns);
         if (err.empty())
             err = launch("flash3_hopper_backward::backward", bw::backward<T, d>,
                          dim3(ceil_div(c.N, bw::Bc), c.BH), bw::THREADS, bw::shared_bytes(d), c, tmK, tmV,

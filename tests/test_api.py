@@ -47,8 +47,9 @@ def test_the_official_entry_points_return_contiguous_outputs(device, generator):
     """The official package's functions return out contiguous, in their own layout (B, N, H, d), or (total, H,
     d) packed, or the decode's (B, Nq, H, d): code written for them may view it, out.view(B, N, -1), which a
     transposed view of a (B, H, N, d) output refuses. Each entry point, fp32 (flash_attn_func's versions 1
-    and 2) and bf16, equal and different lengths, packed forms, return_attn_probs; the values are checked
-    against float64 by the tests of each."""
+    and 2) and bf16 (the default, and version 4, which writes O in that layout, where it runs), equal and
+    different lengths, packed forms, return_attn_probs; the values are checked against float64 by the tests
+    of each."""
     B, N, H, d, bf16 = 2, 33, 4, 64, torch.bfloat16
     q, k, v = (torch.randn(B, N, H, d, generator=generator, dtype=bf16).to(device) for _ in range(3))
     cu = torch.tensor([0, 30, 66], dtype=torch.int32, device=device)
@@ -66,6 +67,8 @@ def test_the_official_entry_points_return_contiguous_outputs(device, generator):
         "flash_attn_with_kvcache": mf.flash_attn_with_kvcache(
             q[:, :3], k_cache, v_cache, cache_seqlens=torch.tensor([10, 64], dtype=torch.int32, device=device)),
     }
+    if not mf.version_unavailable(4, device):
+        outputs["flash_attn_func version 4"] = mf.flash_attn_func(q, k, v, causal=True, version=4)
     for name, out in outputs.items():
         assert out.is_contiguous(), name
         assert out.view(*out.shape[:-2], -1).shape[-1] == H * d, name

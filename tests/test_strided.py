@@ -11,7 +11,10 @@ the default mode, its dQ then equal up to that order):
       viewed as (B, H, T, d); and nothing copied on the way to the kernels, eager or compiled;
   (b) grouped heads: q and k, v of fewer heads, all views of one fused (B, T, H + 2 Hk, d) projection;
   (c) layouts that must still be copied: rows 136 bytes apart, a start 2 bytes past a 16-byte
-      boundary, a last dim of stride 2, a batch of stride 0 (expand)."""
+      boundary, a last dim of stride 2, a batch of stride 0 (expand);
+  (d) O written in q's layout: for (a)'s views, (B, T, H, d) memory, so that the model's transpose
+      back to (B, T, C) is a view, not a copy; its values, and the backward's reading of it, bit for
+      bit those of a contiguous O."""
 import dataclasses
 import math
 
@@ -184,6 +187,40 @@ def test_gpt_views_reach_the_kernels_uncopied(device, compiled, generator, monke
 
 
 @DEVICE
+@CAUSAL
+def test_output_in_the_models_layout(device, causal, generator):
+    """(d) Through autograd, as the model runs it: O of the GPT's views is (B, T, H, d) memory viewed as
+    (B, H, T, d), and y = O.transpose(1, 2).reshape(B, T, C) a view of it (a contiguous O would make
+    reshape copy); O and the gradients, which the backward takes from that O (D = rowsum(dO * O) read
+    with O's strides), against float64. Behind it, Kernels.run: the forward into a NaN-poisoned O of
+    that layout gives a contiguous O's values bit for bit (every element written where its strides
+    put it), and the backward from each gives the same gradients bit for bit (deterministic)."""
+    (q, k, v, dO), _ = gpt_views(2, 130, 2, 64, device, generator)
+    B, H, T, d = q.shape
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    O = mf.flash_attention(q, k, v, causal=causal, version=4)
+    y = O.transpose(1, 2).reshape(B, T, H * d)
+    assert O.transpose(1, 2).is_contiguous() and y.data_ptr() == O.data_ptr() and y._base is not None
+    assert_close("O", O, reference(q, k, v, causal)[0], plain_attention(q, k, v, causal))
+    grads = torch.autograd.grad(y, (q, k, v), dO.transpose(1, 2).reshape(B, T, H * d))
+    refs, plains = reference_grads(q, k, v, dO, causal), half_precision_grads(q, k, v, dO, causal)
+    for name, g, ref, plain in zip(("dQ", "dK", "dV"), grads, refs, plains):
+        assert_close(name, g, ref, plain)
+
+    kernels, q, k, v = mf.load_kernels(device, 4), q.detach(), k.detach(), v.detach()
+    runs = []
+    for O in (poisoned(q), poisoned(q.transpose(1, 2)).transpose(1, 2)):  # contiguous; the model's layout
+        L = poisoned(q[..., 0].float())
+        assert kernels.run("forward", causal, d**-0.5, q, k, v, O, L) == ""
+        grads = [poisoned(q) for _ in range(3)]
+        assert kernels.run("backward", causal, d**-0.5, q, k, v, O, L, dO, *grads, deterministic=True) == ""
+        runs.append((O, L, *grads))
+    assert not runs[0][0].transpose(1, 2).is_contiguous() and runs[1][0].transpose(1, 2).is_contiguous()
+    for name, x, y in zip(("O", "L", "dQ", "dK", "dV"), *runs):
+        assert torch.equal(x, y), name
+
+
+@DEVICE
 def test_custom_operators_take_views(device, generator):
     """torch.library.opcheck of both operators on the GPT's views: their fake tensors (O, dQ, dK, dV
     contiguous, as the kernels write them) agree with what they return."""
@@ -195,10 +232,11 @@ def test_custom_operators_take_views(device, generator):
 
 
 def test_the_last_line_of_defence_takes_what_version_4_reads(monkeypatch):
-    """Kernels.run, past minimal_flash's checks: version 4 takes the GPT's views, and refuses a layout
-    no tensor map describes (rows 136 bytes apart) and an output that is a view, with its internal
-    error; version 3 refuses the views. And behind it, mf_run: version 3's build refuses strides that
-    are not contiguous's, were Python to hand it any."""
+    """Kernels.run, past minimal_flash's checks: version 4 takes the GPT's views, and O in their
+    (B, T, H, d) layout; it refuses a layout no tensor map describes (rows 136 bytes apart), an O in
+    any other layout than those two (a view of every other row) and a gradient that is a view, with its
+    internal error; version 3 refuses the views and that O. And behind it, mf_run: version 3's build
+    refuses strides that are not contiguous's, were Python to hand it any."""
     (q, k, v, dO), _ = gpt_views(1, 20, 2, 64, "cpu", torch.Generator().manual_seed(0))
     O, L = poisoned(q), poisoned(q[..., 0].float())
     assert mf.load_kernels("cpu", 4).run("forward", False, 0.125, q, k, v, O, L) == ""
@@ -209,9 +247,18 @@ def test_the_last_line_of_defence_takes_what_version_4_reads(monkeypatch):
     grads = [poisoned(q), poisoned(q), dO]  # dV: a view, where the kernel writes contiguous rows
     assert mf.load_kernels("cpu", 4).run("backward", False, 0.125, q, k, v, O, L, dO, *grads).startswith(layout)
     assert mf.load_kernels("cpu", 3).run("forward", False, 0.125, q, k, v, O, L).startswith(layout)
+    O_model = poisoned(dO.transpose(1, 2)).transpose(1, 2)  # (B, T, H, d) memory, as the model's views
+    assert mf.load_kernels("cpu", 4).run("forward", False, 0.125, q, k, v, O_model, L) == ""
+    assert torch.equal(O_model, O)
+    O_rows = torch.cat([O, O], dim=2)[:, :, ::2]  # every other row of a tensor twice as long
+    assert mf.load_kernels("cpu", 4).run("forward", False, 0.125, q, k, v, O_rows, L).startswith(layout)
+    contiguous = [t.contiguous() for t in (q, k, v)]
+    assert mf.load_kernels("cpu", 3).run("forward", False, 0.125, *contiguous, O_model, L).startswith(layout)
     monkeypatch.setitem(mf.VERSIONS, 3, dataclasses.replace(mf.VERSIONS[3], strided=True))  # pass the strides
     assert mf.load_kernels("cpu", 3).call("forward", False, 0.125, q, k, v, O, L) == \
-        "internal error: this version reads contiguous q, k, v, dO only"
+        "internal error: this version takes contiguous q, k, v, dO, O only"
+    assert mf.load_kernels("cpu", 3).call("forward", False, 0.125, *contiguous, O_model, L) == \
+        "internal error: this version takes contiguous q, k, v, dO, O only"
 
 
 def test_out_tensors_must_not_overlap_an_input_view(generator):
