@@ -519,11 +519,12 @@ def _attention(q, k, v, causal, scale, Br, Bc, version, out=None, mods=None, lik
 
 
 def _output_for(q, version):
-    """O for q: a contiguous (B, H, N, d) tensor; but where q is the transposed view of a (B, N, H, d)
-    layout (a model's heads split out of its rows: q's stride over heads below its stride over rows),
-    and the version writes O with its strides (version 4), laid out as q is, so that the model's
-    transpose back to (B, N, H d) is a view, not a copy of O, as with the official package and SDPA.
-    (new_empty, not empty_like, which would copy any view's strides, gaps and all.)"""
+    """O for q (or dQ, dK, dV for q, k, v): a contiguous (B, H, N, d) tensor; but where q is the
+    transposed view of a (B, N, H, d) layout (a model's heads split out of its rows: q's stride over
+    heads below its stride over rows), and the version writes with the outputs' strides (version 4),
+    laid out as q is, so that the model's transpose back to (B, N, H d) is a view, not a copy, as with
+    the official package and SDPA. (new_empty, not empty_like, which would copy any view's strides, gaps
+    and all.) version None: contiguous."""
     if version is not None and VERSIONS[version].strided and q.stride(1) < q.stride(2):
         B, H, N, d = q.shape
         return q.new_empty((B, N, H, d)).transpose(1, 2)
@@ -549,11 +550,16 @@ def _compiled_for(d, version):
     return dims is None or d in dims
 
 
-def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic=False, out=None, mods=None):
+def _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic=False, out=None, mods=None,
+                     like_inputs=True):
     """backward() on inputs already checked. Grouped-query heads (k, v with H / group heads): as the
     official package does, the kernels get k, v repeated to q's heads, and each head's dK, dV is the
-    sum (in fp32) of its group's."""
-    dQ, dK, dV = out if out is not None else (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+    sum (in fp32) of its group's. like_inputs: dQ, dK, dV laid out as q, k, v are where the version can
+    write them so (_output_for: a model's (B, N, H, d) layout, whose gradients then flow back through
+    its transposes without a copy, as the official package's do); else contiguous, as the custom
+    operators' register_fake promises."""
+    laid = version if like_inputs else None
+    dQ, dK, dV = out if out is not None else (_output_for(q, laid), _output_for(k, laid), _output_for(v, laid))
     if q.numel() == 0:  # no query (0 heads of q, or N = 0): no key is seen, and k, v get no gradient
         dK.zero_(), dV.zero_()
         return dQ, dK, dV
@@ -655,7 +661,8 @@ def _(q, k, v, causal, scale, Br, Bc, version, deterministic):
 def _attention_grads_op(dO: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, O: torch.Tensor,
                         L: torch.Tensor, causal: bool, scale: float, Br: Optional[int], Bc: Optional[int],
                         version: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_grads(_laid_out(dO, version), q, k, v, O, L, causal, scale, Br, Bc, version, deterministic)
+    return _attention_grads(_laid_out(dO, version), q, k, v, O, L, causal, scale, Br, Bc, version, deterministic,
+                            like_inputs=False)
 
 
 @_attention_grads_op.register_fake
@@ -733,7 +740,8 @@ def _attention_mods_grads_op(dO: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              floats: list[float], dropout_p: float,
                              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mods = _mod_call(score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats, dropout_p, int(seed))
-    return _attention_grads(_laid_out(dO, version), q, k, v, O, L, causal, scale, None, None, version, mods=mods)
+    return _attention_grads(_laid_out(dO, version), q, k, v, O, L, causal, scale, None, None, version, mods=mods,
+                            like_inputs=False)
 
 
 @_attention_mods_grads_op.register_fake
@@ -2204,11 +2212,11 @@ def _use_this_pythons_ninja():
         os.environ["PATH"] = interpreter_bin + os.pathsep + path
 
 
-# mf_run's one argument (kernels/bindings.cu, struct RunArgs), 38 fields of 8 bytes: pass; the addresses of
+# mf_run's one argument (kernels/bindings.cu, struct RunArgs), 47 fields of 8 bytes: pass; the addresses of
 # q, k, v, O, dO, L, dQ, dK, dV, scratch (0: none); B, H, N, d, group; the (batch, head, row) strides of q,
-# k, v, dO, O; scale; causal, deterministic; the mods' address; dtype, device, stream. Packed into bytes,
-# whose address ctypes passes as it is.
-RUN_ARGS = struct.Struct("<q10Q5q15qdqqQqqQ")
+# k, v, dO, O, dQ, dK, dV (0s for those the pass has not); scale; causal, deterministic; the mods' address;
+# dtype, device, stream. Packed into bytes, whose address ctypes passes as it is.
+RUN_ARGS = struct.Struct("<q10Q5q24qdqqQqqQ")
 
 
 class Kernels:
@@ -2253,14 +2261,14 @@ class Kernels:
         """A pass on any tensors: the kernels index raw addresses, so this checks their layout first,
         the last line of defence for any caller (minimal_flash's functions have checked their inputs,
         and use `call`): q, k, v, dO in a layout the version reads as it lies (_reads_as_is: version 4
-        takes views), O contiguous or, in version 4, as _output_for lays it out (the transpose of a
-        contiguous (B, N, H, d) tensor), dQ, dK, dV, L contiguous. Returns an error message, "" on
+        takes views), O, dQ, dK, dV contiguous or, in version 4, as _output_for lays them out (the
+        transpose of a contiguous (B, N, H, d) tensor), L contiguous. Returns an error message, "" on
         success."""
         grads = (dO, dQ, dK, dV)
         if (pass_ == "forward") != all(t is None for t in grads) or pass_ not in PASSES:
             return f"internal error: pass {pass_!r} with{'out' if pass_ == 'backward' else ''} dO, dQ, dK, dV"
         inputs, outputs = [t for t in (q, k, v, dO) if t is not None], [t for t in (O, dQ, dK, dV) if t is not None]
-        O_laid_out = O.is_contiguous() or VERSIONS[self.version].strided and O.transpose(1, 2).is_contiguous()
+        strided = VERSIONS[self.version].strided
 
         def bad(t, shape, dtype):
             return t.shape != shape or t.dtype != dtype or t.device != q.device
@@ -2270,7 +2278,7 @@ class Kernels:
         if (q.dtype not in DTYPES or kv_shape[1] == 0 or q.shape[1] % kv_shape[1] or _other_dims(q) != _other_dims(k)
                 or any(bad(t, shapes.get(id(t), q.shape), q.dtype) or t.data_ptr() % 16 for t in inputs + outputs)
                 or not all(_reads_as_is(t, self.version) for t in inputs)
-                or not (O_laid_out and all(t.is_contiguous() for t in outputs[1:]))):
+                or not all(t.is_contiguous() or strided and t.transpose(1, 2).is_contiguous() for t in outputs)):
             return ("internal error: the (B, H, N, d) tensors differ in shape, layout, dtype or device, or one "
                     "is not 16-byte aligned")
         if bad(L, q.shape[:-1], torch.float32) or not L.is_contiguous():
@@ -2290,10 +2298,10 @@ class Kernels:
         addresses = [t.data_ptr() if t is not None else 0 for t in (q, k, v, O, dO, L, dQ, dK, dV, scratch)]
         device = q.device.index if q.is_cuda else 0
         stream = torch._C._cuda_getCurrentRawStream(device) if q.is_cuda else 0  # as an address
-        # The strides as torch has them (the forward's dO: 0s); mf_run takes a dim of size 1 as _strides does
-        args = RUN_ARGS.pack(p, *addresses, B, H, N, d, group, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                             *(dO.stride()[:3] if dO is not None else (0, 0, 0)), *O.stride()[:3], scale, causal,
-                             deterministic,
+        # The strides as torch has them (the forward's dO, dQ, dK, dV: 0s); mf_run takes a dim of size 1 as
+        # _strides does
+        strides = [x for t in (q, k, v, dO, O, dQ, dK, dV) for x in (t.stride()[:3] if t is not None else (0, 0, 0))]
+        args = RUN_ARGS.pack(p, *addresses, B, H, N, d, group, *strides, scale, causal, deterministic,
                              0 if mod_args is None else ctypes.addressof(mod_args), DTYPES.index(q.dtype), device,
                              stream)
         return self._c.mf_run(args).decode()

@@ -62,10 +62,10 @@ static size_t max_shared_bytes(int device) {  // the most shared memory a block 
 // One call of a pass: the tensors' addresses (those the pass does not use are null), their sizes and
 // layouts, and the stream. O and L are written by the forward, read by the backward. The addresses are
 // typed float, the type of versions 1 and 2; versions 3 and 4 read them as 16-bit values (L stays float).
-// q, k, v, dO and O come with their strides: contiguous for versions 1-3 (run() below checks it); in
-// version 4 (Version::STRIDED), q, k, v, dO any that its tensor maps can describe, and O q's layout
-// (a model's (B, N, H, d), so that its transpose back is a view, not a copy). L, dQ, dK, dV are
-// contiguous always.
+// q, k, v, dO, O, dQ, dK and dV come with their strides: contiguous for versions 1-3 (run() below
+// checks it); in version 4 (Version::STRIDED), q, k, v, dO any that its tensor maps can describe, and
+// O, dQ, dK, dV those of q, k and v (a model's (B, N, H, d), so that transposing them back is a view,
+// not a copy). L is contiguous always.
 enum DType { FLOAT32, BFLOAT16, FLOAT16 };  // minimal_flash.DTYPES
 enum Pass { FORWARD, BACKWARD };            // minimal_flash.PASSES
 struct Call {
@@ -83,6 +83,7 @@ struct Call {
     cudaStream_t stream;
     int H = 0;  // q's heads: B = BH / H; k's and v's: H / group
     Strides Q_strides{}, K_strides{}, V_strides{}, dO_strides{}, O_strides{};  // in values (tiles.cuh)
+    Strides dQ_strides{}, dK_strides{}, dV_strides{};                          // (the backward's outputs)
     // Sequences packed without padding (version 3's mf_varlen; null: the layout above): q, O (total_q,
     // H, d), k, v (total_k, H / group, d), L (total_q, H); sequence b's rows cu_seqlens_q[b] ..
     // cu_seqlens_q[b + 1] - 1 of q (of k likewise). N and Nk are then the longest sequence's queries
@@ -203,14 +204,16 @@ static Strides contiguous_strides(long long heads, long long N, long long d) {
     return {heads * N * d, N * d, d};
 }
 
-// Are q, k, v, O (and, backward, dO) contiguous (B, H, N, d) tensors (k, v: of H / group heads)?
+// Are q, k, v, O (and, backward, dO, dQ, dK, dV) contiguous (B, H, N, d) tensors (k, v: of H / group
+// heads)?
 static bool contiguous(int pass, const Call& c) {
     const Strides q = contiguous_strides(c.H, c.N, c.d), kv = contiguous_strides(c.H / c.group, c.N, c.d);
     const auto is = [](const Strides& s, const Strides& t) {
         return s.batch == t.batch && s.head == t.head && s.row == t.row;
     };
     return is(c.Q_strides, q) && is(c.K_strides, kv) && is(c.V_strides, kv) && is(c.O_strides, q) &&
-           (pass == FORWARD || is(c.dO_strides, q));
+           (pass == FORWARD ||
+            (is(c.dO_strides, q) && is(c.dQ_strides, q) && is(c.dK_strides, kv) && is(c.dV_strides, kv)));
 }
 
 static const char* run(int pass, const Call& call) {
@@ -221,14 +224,14 @@ static const char* run(int pass, const Call& call) {
     const bool bad_group = call.group != 1 && (pass != FORWARD || !Version::GROUPED_HEADS || call.group < 1 ||
                                                call.H % call.group != 0);
     const bool bad_heads = call.H < 1 || call.BH % call.H != 0;
-    // Strided q, k, v, dO, O: the versions that read them through tensor maps (STRIDED); the others
+    // Strided q, k, v, dO, O, dQ, dK, dV: the versions that take them (STRIDED: tensor maps); the others
     // index rows with fixed strides, and minimal_flash.py hands them contiguous tensors.
     const bool bad_layout = !Version::STRIDED && !bad_group && !contiguous(pass, call);
     const bool bad_mods = (call.mods != nullptr) != Version::MODS;  // mods: a build with mods
     message = bad_heads    ? "internal error: " + std::to_string(call.BH) + " slices of " +
                                  std::to_string(call.H) + " heads"
               : bad_group  ? "internal error: " + std::to_string(call.group) + " query heads per head of k, v"
-              : bad_layout ? "internal error: this version takes contiguous q, k, v, dO, O only"
+              : bad_layout ? "internal error: this version takes contiguous q, k, v, dO, O, dQ, dK, dV only"
               : bad_mods   ? "internal error: mods for a build without them, or none for a build with them"
               : pass == FORWARD  ? Version::forward(call)
               : pass == BACKWARD ? Version::backward(call)
@@ -237,7 +240,7 @@ static const char* run(int pass, const Call& call) {
 }
 
 // mf_run's arguments, one record: minimal_flash.Kernels.call packs these fields in this order, 8 bytes
-// each (its RUN_ARGS), and passes their address. One argument, not 38: ctypes converts each argument of
+// each (its RUN_ARGS), and passes their address. One argument, not 47: ctypes converts each argument of
 // every call, host time that a small kernel's launch waits for.
 struct RunArgs {
     long long pass;  // a Pass
@@ -246,14 +249,15 @@ struct RunArgs {
     const float* dO;
     float *L, *dQ, *dK, *dV, *scratch;  // those the pass does not use: null
     long long B, H, N, d, group;        // q's batch and heads; k's and v's heads are H / group
-    long long strides[5][3];            // q's, k's, v's, dO's, O's (batch, head, row) strides as torch has them
+    long long strides[8][3];            // q's, k's, v's, dO's, O's, dQ's, dK's, dV's (batch, head, row)
+                                        // strides as torch has them (0s for a tensor the pass has not)
     double scale;
     long long causal, deterministic;
     const void* mods;         // a mods::Args (kernels/mods.cuh) for a build with mods, else null
     long long dtype, device;  // a DType; the GPU the tensors are on (0 on the CPU)
     void* stream;             // the stream to launch on (null on the CPU)
 };
-static_assert(sizeof(RunArgs) == 38 * 8, "38 fields of 8 bytes, as minimal_flash.RUN_ARGS packs them");
+static_assert(sizeof(RunArgs) == 47 * 8, "47 fields of 8 bytes, as minimal_flash.RUN_ARGS packs them");
 
 // A (B, heads, N, d) tensor's strides as the kernels take them: a dim of size 1 is never stepped along,
 // and torch may give it any stride (its is_contiguous ignores it too): here a contiguous tensor's.
@@ -275,8 +279,9 @@ long long mf_scratch_floats(int pass, int N, int d) { return Version::scratch_fl
 // Forward (pass 0): O = softmax(scale * Q K^T) V and L = the rows' log-sum-exp, into O and L.
 // Backward (pass 1): dQ, dK, dV of the loss, given dO and the forward's O and L; `deterministic`: dQ
 // the same bits run to run, where the version has such a mode (version 4).
-// Versions 1-3 take q, k, v, dO, O contiguous (run() checks it); version 4, q, k, v, dO with any strides
-// its tensor maps can describe, and O with q's layout (Python allocates it so).
+// Versions 1-3 take q, k, v, dO, O, dQ, dK, dV contiguous (run() checks it); version 4, q, k, v, dO with
+// any strides its tensor maps can describe, and O, dQ, dK, dV with q's, k's, v's layouts (Python
+// allocates them so).
 const char* mf_run(const RunArgs* a) {
     const long long B = a->B, H = a->H, N = a->N, d = a->d, heads_kv = a->group > 0 ? H / a->group : H;
     // clang-format off: one line per kind of field, as Call declares them
@@ -290,6 +295,9 @@ const char* mf_run(const RunArgs* a) {
     call.V_strides = kernel_strides(a->strides[2], B, heads_kv, N, d);
     call.dO_strides = kernel_strides(a->strides[3], B, H, N, d);
     call.O_strides = kernel_strides(a->strides[4], B, H, N, d);
+    call.dQ_strides = kernel_strides(a->strides[5], B, H, N, d);
+    call.dK_strides = kernel_strides(a->strides[6], B, heads_kv, N, d);
+    call.dV_strides = kernel_strides(a->strides[7], B, heads_kv, N, d);
     return run(int(a->pass), call);
 }
 }

@@ -19,8 +19,10 @@
 // Names as in the paper; "Alg. 2, line n" numbered as in flash2_backward.cu.
 // Q, K, V and dO are read where the caller has them: through 4-D tensor maps (column, row, head,
 // batch) with their own strides (version4.cuh), and dO by the pre-pass with the same strides, so a
-// model's permuted views and the gradient of its (B, T, H, d) output need no copy. O (the forward's),
-// L, dK, dV and dQ are contiguous.
+// model's permuted views and the gradient of its (B, T, H, d) output need no copy. O (the forward's) is
+// read, and dQ, dK, dV written, with their strides too, which minimal_flash.py makes those of O's q and
+// of q, k, v (a model's (B, T, H, d) layout: its gradients then flow back without a copy); L is
+// contiguous.
 //
 // Who owns what: one block per (batch, head, Bc = 128 keys), 3 warpgroups of 128 threads.
 //
@@ -143,7 +145,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     backward(const __grid_constant__ CUtensorMap tmK, const __grid_constant__ CUtensorMap tmV,
              const __grid_constant__ CUtensorMap tmQ, const __grid_constant__ CUtensorMap tmdO,
              const float* L, const float* D, int N, int H, float scale, bool causal, float* dQ_sum,
-             unsigned short* dK, unsigned short* dV, bool deterministic, int* turns,
+             unsigned short* dK, Strides dK_strides, unsigned short* dV, Strides dV_strides, bool deterministic,
+             int* turns,
              const __grid_constant__ mods::Args mod_args) {
     // smem: the block's shared memory (tiles.cuh); its start rounded up to 1024 bytes for the swizzle
     char* base = reinterpret_cast<char*>(smem);
@@ -389,13 +392,13 @@ __global__ void __launch_bounds__(THREADS, 1)
     }
     named_barrier_sync(bar, 128);  // the consumer's rows are staged
     constexpr int CHUNKS = d / 8;   // 16-byte pieces a row
-    const size_t out0 = (size_t(bh) * N + key0) * d;
 #pragma unroll
     for (int x = tid; x < 2 * 64 * CHUNKS; x += 128) {  // dK's 64 rows of the consumer, then dV's
         const int tensor = x / (64 * CHUNKS), row = 64 * consumer + x / CHUNKS % 64, chunk = x % CHUNKS;
         if (key0 + row >= N) continue;
         const float4 v = *reinterpret_cast<const float4*>(staged + (tensor * Bc + row) * ROW + chunk * 16);
-        *reinterpret_cast<float4*>((tensor ? dV : dK) + out0 + size_t(row) * d + chunk * 8) = v;
+        const long long at = (tensor ? dV_strides : dK_strides).at(b, h, key0 + row);
+        *reinterpret_cast<float4*>((tensor ? dV : dK) + at + chunk * 8) = v;
     }
 }
 
@@ -436,8 +439,8 @@ __global__ void preprocess(const unsigned short* O, Strides O_strides, const uns
 // After the main kernel: dQ from its fp32 sums, back in rows, times the scale left out there, rounded
 // to T. A thread takes one lane's 4 values of a tile (16 bytes): rows r and r + 8, 2 columns.
 template <class T, int d>
-__global__ void convert_dQ(const float* dQ_sum, size_t chunks, int N, int Tr, float scale,
-                           unsigned short* dQ) {
+__global__ void convert_dQ(const float* dQ_sum, size_t chunks, int H, int N, int Tr, float scale,
+                           unsigned short* dQ, Strides dQ_strides) {
     const size_t x = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (x >= chunks) return;
     constexpr int half = d / CONSUMERS;
@@ -446,9 +449,10 @@ __global__ void convert_dQ(const float* dQ_sum, size_t chunks, int N, int Tr, fl
     const int lane = x % 32, n8 = x / 32 % (half / 8), w = x / 32 / (half / 8) % 4,
               consumer = x / 32 / (half / 8) / 4 % CONSUMERS;
     const int row = int(bh_tile % Tr) * Br + 16 * w + lane / 4, col = half * consumer + 8 * n8 + lane % 4 * 2;
-    dQ += (bh_tile / Tr * N + row) * size_t(d) + col;
+    const size_t bh = bh_tile / Tr;
+    dQ += dQ_strides.at(bh / H, bh % H, row) + col;
     if (row < N) *reinterpret_cast<unsigned*>(dQ) = pack<T>(scale * v.x, scale * v.y);
-    if (row + 8 < N) *reinterpret_cast<unsigned*>(dQ + 8 * d) = pack<T>(scale * v.z, scale * v.w);
+    if (row + 8 < N) *reinterpret_cast<unsigned*>(dQ + 8 * dQ_strides.row) = pack<T>(scale * v.z, scale * v.w);
 }
 
 }  // namespace flash3_hopper_backward

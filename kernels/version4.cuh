@@ -14,8 +14,8 @@
 // are d contiguous values, 16-byte aligned, a multiple of 16 bytes apart, a model's permuted views
 // among them, runs uncopied (the pre-pass reads dO with the same strides). O is written by the
 // kernels' own stores in q's layout (minimal_flash.py allocates it so: a model's (B, N, H, d), whose
-// transpose back to (B, N, H d) is a view, not a copy), and read so by the pre-pass; L, dQ, dK, dV
-// are contiguous (B, H, N, d) tensors (L: (B, H, N)).
+// transpose back to (B, N, H d) is a view, not a copy), and read so by the pre-pass; dQ, dK, dV
+// likewise in q's, k's, v's; L is a contiguous (B, H, N) tensor.
 // Block sizes: its own (Br and Bc do not apply). Head dims d = 64 and 128. softmax_scale > 0.
 // Scratch: the forward's counter of work tiles taken; the backward's dQ sums, D, the deterministic
 // counters (scratch_floats). bindings.cu includes this file in its middle: Call and launch are defined
@@ -136,10 +136,13 @@ struct Version {
              {std::pair{c.Q, c.Q_strides}, {c.K, c.K_strides}, {c.V, c.V_strides}, {c.dO, c.dO_strides}})
             if (p && (reinterpret_cast<uintptr_t>(p) % 16 != 0 || s.batch % 8 || s.head % 8 || s.row % 8))
                 return "version 4 needs q, k, v, dO 16-byte aligned, their strides multiples of 16 bytes";
-        // O, which minimal_flash.py allocates in q's layout, is written and read 4 bytes at a time.
-        const Strides& o = c.O_strides;
-        if (reinterpret_cast<uintptr_t>(c.O) % 16 != 0 || o.batch % 8 || o.head % 8 || o.row % 8)
-            return "internal error: version 4's O must be 16-byte aligned, its strides multiples of 16 bytes";
+        // O, dQ, dK, dV, which minimal_flash.py allocates in q's, k's, v's layouts: stored (and O read)
+        // 4 and 16 bytes at a time.
+        for (auto [p, s] : {std::pair{c.O, c.O_strides}, {c.dQ, c.dQ_strides}, {c.dK, c.dK_strides},
+                            {c.dV, c.dV_strides}})
+            if (p && (reinterpret_cast<uintptr_t>(p) % 16 != 0 || s.batch % 8 || s.head % 8 || s.row % 8))
+                return "internal error: version 4's O, dQ, dK, dV must be 16-byte aligned, their strides "
+                       "multiples of 16 bytes";
         return "";
     }
 
@@ -190,13 +193,14 @@ struct Version {
         if (err.empty())
             err = launch("flash3_hopper_backward::backward", bw::backward<T, d>,
                          dim3(ceil_div(c.N, bw::Bc), c.BH), bw::THREADS, bw::shared_bytes(d), c, tmK, tmV,
-                         tmQ, tmdO, c.L, D, c.N, c.H, c.scale, c.causal, dQ_sum, bits(c.dK), bits(c.dV),
-                         c.deterministic, turns, mods::of(c.mods));
+                         tmQ, tmdO, c.L, D, c.N, c.H, c.scale, c.causal, dQ_sum, bits(c.dK), c.dK_strides,
+                         bits(c.dV), c.dV_strides, c.deterministic, turns, mods::of(c.mods));
         const size_t chunks = sums / 4;
         if (err.empty())
             err =
                 launch("flash3_hopper_backward::convert_dQ", bw::convert_dQ<T, d>, dim3((chunks + 255) / 256),
-                       256, 0, c, dQ_sum, chunks, c.N, int(ceil_div(c.N, bw::Br)), c.scale, bits(c.dQ));
+                       256, 0, c, dQ_sum, chunks, c.H, c.N, int(ceil_div(c.N, bw::Br)), c.scale, bits(c.dQ),
+                       c.dQ_strides);
         return err;
     }
 };

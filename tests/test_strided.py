@@ -12,9 +12,9 @@ the default mode, its dQ then equal up to that order):
   (b) grouped heads: q and k, v of fewer heads, all views of one fused (B, T, H + 2 Hk, d) projection;
   (c) layouts that must still be copied: rows 136 bytes apart, a start 2 bytes past a 16-byte
       boundary, a last dim of stride 2, a batch of stride 0 (expand);
-  (d) O written in q's layout: for (a)'s views, (B, T, H, d) memory, so that the model's transpose
-      back to (B, T, C) is a view, not a copy; its values, and the backward's reading of it, bit for
-      bit those of a contiguous O."""
+  (d) O, dQ, dK, dV written in q's, k's, v's layouts: for (a)'s views, (B, T, H, d) memory, so that
+      the model's transpose back to (B, T, C) is a view, not a copy (and gradients flow back likewise);
+      their values, and the backward's reading of O, bit for bit those of contiguous outputs."""
 import dataclasses
 import math
 
@@ -188,13 +188,14 @@ def test_gpt_views_reach_the_kernels_uncopied(device, compiled, generator, monke
 
 @DEVICE
 @CAUSAL
-def test_output_in_the_models_layout(device, causal, generator):
+def test_outputs_in_the_models_layout(device, causal, generator):
     """(d) Through autograd, as the model runs it: O of the GPT's views is (B, T, H, d) memory viewed as
     (B, H, T, d), and y = O.transpose(1, 2).reshape(B, T, C) a view of it (a contiguous O would make
-    reshape copy); O and the gradients, which the backward takes from that O (D = rowsum(dO * O) read
-    with O's strides), against float64. Behind it, Kernels.run: the forward into a NaN-poisoned O of
-    that layout gives a contiguous O's values bit for bit (every element written where its strides
-    put it), and the backward from each gives the same gradients bit for bit (deterministic)."""
+    reshape copy); dQ, dK, dV likewise in that layout; O and the gradients, which the backward takes
+    from that O (D = rowsum(dO * O) read with O's strides), against float64. Behind it, Kernels.run: the
+    forward into a NaN-poisoned O of that layout gives a contiguous O's values bit for bit (every
+    element written where its strides put it), and the backward from each, into poisoned gradients of
+    the same layout, the same gradients bit for bit (deterministic)."""
     (q, k, v, dO), _ = gpt_views(2, 130, 2, 64, device, generator)
     B, H, T, d = q.shape
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -205,14 +206,15 @@ def test_output_in_the_models_layout(device, causal, generator):
     grads = torch.autograd.grad(y, (q, k, v), dO.transpose(1, 2).reshape(B, T, H * d))
     refs, plains = reference_grads(q, k, v, dO, causal), half_precision_grads(q, k, v, dO, causal)
     for name, g, ref, plain in zip(("dQ", "dK", "dV"), grads, refs, plains):
+        assert g.transpose(1, 2).is_contiguous(), name
         assert_close(name, g, ref, plain)
 
     kernels, q, k, v = mf.load_kernels(device, 4), q.detach(), k.detach(), v.detach()
     runs = []
-    for O in (poisoned(q), poisoned(q.transpose(1, 2)).transpose(1, 2)):  # contiguous; the model's layout
-        L = poisoned(q[..., 0].float())
+    for laid in (poisoned, lambda t: poisoned(t.transpose(1, 2)).transpose(1, 2)):  # contiguous; the model's
+        O, L = laid(q), poisoned(q[..., 0].float())
         assert kernels.run("forward", causal, d**-0.5, q, k, v, O, L) == ""
-        grads = [poisoned(q) for _ in range(3)]
+        grads = [laid(q) for _ in range(3)]
         assert kernels.run("backward", causal, d**-0.5, q, k, v, O, L, dO, *grads, deterministic=True) == ""
         runs.append((O, L, *grads))
     assert not runs[0][0].transpose(1, 2).is_contiguous() and runs[1][0].transpose(1, 2).is_contiguous()
@@ -232,11 +234,11 @@ def test_custom_operators_take_views(device, generator):
 
 
 def test_the_last_line_of_defence_takes_what_version_4_reads(monkeypatch):
-    """Kernels.run, past minimal_flash's checks: version 4 takes the GPT's views, and O in their
-    (B, T, H, d) layout; it refuses a layout no tensor map describes (rows 136 bytes apart), an O in
-    any other layout than those two (a view of every other row) and a gradient that is a view, with its
-    internal error; version 3 refuses the views and that O. And behind it, mf_run: version 3's build
-    refuses strides that are not contiguous's, were Python to hand it any."""
+    """Kernels.run, past minimal_flash's checks: version 4 takes the GPT's views, and O, dQ, dK, dV in
+    their (B, T, H, d) layout; it refuses a layout no tensor map describes (rows 136 bytes apart), an O
+    or a gradient in any other layout than those two (a view of every other row), with its internal
+    error; version 3 refuses the views and that O. And behind it, mf_run: version 3's build refuses
+    strides that are not contiguous's, were Python to hand it any."""
     (q, k, v, dO), _ = gpt_views(1, 20, 2, 64, "cpu", torch.Generator().manual_seed(0))
     O, L = poisoned(q), poisoned(q[..., 0].float())
     assert mf.load_kernels("cpu", 4).run("forward", False, 0.125, q, k, v, O, L) == ""
@@ -244,21 +246,27 @@ def test_the_last_line_of_defence_takes_what_version_4_reads(monkeypatch):
     layout = "internal error: the (B, H, N, d) tensors differ in shape, layout, dtype or device"
     assert mf.load_kernels("cpu", 4).run("forward", False, 0.125, rows_136_bytes_apart(q), k, v, O, L) \
         .startswith(layout)
-    grads = [poisoned(q), poisoned(q), dO]  # dV: a view, where the kernel writes contiguous rows
-    assert mf.load_kernels("cpu", 4).run("backward", False, 0.125, q, k, v, O, L, dO, *grads).startswith(layout)
     assert mf.load_kernels("cpu", 3).run("forward", False, 0.125, q, k, v, O, L).startswith(layout)
     O_model = poisoned(dO.transpose(1, 2)).transpose(1, 2)  # (B, T, H, d) memory, as the model's views
     assert mf.load_kernels("cpu", 4).run("forward", False, 0.125, q, k, v, O_model, L) == ""
     assert torch.equal(O_model, O)
     O_rows = torch.cat([O, O], dim=2)[:, :, ::2]  # every other row of a tensor twice as long
     assert mf.load_kernels("cpu", 4).run("forward", False, 0.125, q, k, v, O_rows, L).startswith(layout)
+    grads = [poisoned(q), O_model, O_rows]  # dV: a view no output may be
+    assert mf.load_kernels("cpu", 4).run("backward", False, 0.125, q, k, v, O, L, dO, *grads).startswith(layout)
+    grads[2] = poisoned(q)
+    assert mf.load_kernels("cpu", 4).run("backward", False, 0.125, q, k, v, O, L, dO, *grads) == ""
+    assert torch.isfinite(grads[1]).all()
     contiguous = [t.contiguous() for t in (q, k, v)]
     assert mf.load_kernels("cpu", 3).run("forward", False, 0.125, *contiguous, O_model, L).startswith(layout)
     monkeypatch.setitem(mf.VERSIONS, 3, dataclasses.replace(mf.VERSIONS[3], strided=True))  # pass the strides
     assert mf.load_kernels("cpu", 3).call("forward", False, 0.125, q, k, v, O, L) == \
-        "internal error: this version takes contiguous q, k, v, dO, O only"
+        "internal error: this version takes contiguous q, k, v, dO, O, dQ, dK, dV only"
     assert mf.load_kernels("cpu", 3).call("forward", False, 0.125, *contiguous, O_model, L) == \
-        "internal error: this version takes contiguous q, k, v, dO, O only"
+        "internal error: this version takes contiguous q, k, v, dO, O, dQ, dK, dV only"
+    assert mf.load_kernels("cpu", 3).call("backward", False, 0.125, *contiguous, O, L, dO.contiguous(), O_model,
+                                          poisoned(q), poisoned(q)) == \
+        "internal error: this version takes contiguous q, k, v, dO, O, dQ, dK, dV only"
 
 
 def test_out_tensors_must_not_overlap_an_input_view(generator):

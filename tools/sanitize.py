@@ -123,20 +123,21 @@ def run_views(version, dtype, causal, N, d):
     """q, k, v as a model hands them over, views of one (B, N, 3, H, d) projection permuted to (B, H, N,
     d) (rows 3 H d values apart, heads d), and dO the gradient of its (B, N, H, d) output viewed as (B,
     H, N, d): version 4 reads them uncopied, through tensor maps of their strides (and the backward's
-    D pre-pass at dO's strides), forward and backward; it writes O in that (B, N, H, d) layout, as
-    minimal_flash lays it out for such a q (_output_for), and the pre-pass reads it so."""
+    D pre-pass at dO's strides), forward and backward; it writes O, dQ, dK, dV in that (B, N, H, d)
+    layout, as minimal_flash lays them out for such views (_output_for), and the pre-pass reads O so."""
     qkv = torch.randn(2, N, 3, 3, d, generator=generator).to("cuda", dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     dO = torch.randn(2, N, 3, d, generator=generator).to("cuda", dtype).transpose(1, 2)
     assert all(mf._reads_as_is(t, version) and not t.is_contiguous() for t in (q, k, v, dO))
-    O = torch.full(dO.transpose(1, 2).shape, math.nan, dtype=dtype, device="cuda").transpose(1, 2)
-    L = torch.full(q.shape[:-1], math.nan, device="cuda")
-    assert mf._output_for(q, version).stride() == O.stride()
-    mf._raise_if(mf.load_kernels("cuda", version).run("forward", causal, d**-0.5, q, k, v, O, L))
+    laid = [torch.full(dO.transpose(1, 2).shape, math.nan, dtype=dtype, device="cuda").transpose(1, 2)
+            for _ in range(4)]  # O, dQ, dK, dV
+    O, L = laid[0], torch.full(q.shape[:-1], math.nan, device="cuda")
+    assert all(mf._output_for(x, version).stride() == O.stride() for x in (q, k, v))
+    kernels = mf.load_kernels("cuda", version)
+    mf._raise_if(kernels.run("forward", causal, d**-0.5, q, k, v, O, L))
     assert_close("O", O, reference(q, k, v, causal)[0], mf.manual_attention(q, k, v, causal=causal))
-    grads = [torch.full(q.shape, math.nan, device="cuda", dtype=dtype) for _ in range(3)]
-    mf.backward(dO, q, k, v, O, L, out=grads, causal=causal, version=version)
-    assert_gradients(grads, q, k, v, dO, causal)
+    mf._raise_if(kernels.run("backward", causal, d**-0.5, q, k, v, O, L, dO, *laid[1:]))
+    assert_gradients(laid[1:], q, k, v, dO, causal)
     print(f"v{version} {str(dtype)[6:]} N={N} d={d} causal={causal}, q, k, v, dO strided views: forward and "
           "backward checked")
 
