@@ -523,12 +523,12 @@ def _output_for(q, version):
     transposed view of a (B, N, H, d) layout (a model's heads split out of its rows: q's stride over
     heads below its stride over rows), and the version writes with the outputs' strides (version 4),
     laid out as q is, so that the model's transpose back to (B, N, H d) is a view, not a copy, as with
-    the official package and SDPA. (new_empty, not empty_like, which would copy any view's strides, gaps
-    and all.) version None: contiguous."""
+    the official package and SDPA. (Strides given, not empty_like, which would copy any view's strides,
+    gaps and all; one operation, the cheapest way to allocate on the host.) version None: contiguous."""
+    B, H, N, d = q.shape
     if version is not None and VERSIONS[version].strided and q.stride(1) < q.stride(2):
-        B, H, N, d = q.shape
-        return q.new_empty((B, N, H, d)).transpose(1, 2)
-    return q.new_empty(q.shape)
+        return q.new_empty_strided(q.shape, (N * H * d, d, H * d, 1))  # (B, N, H, d) memory
+    return q.new_empty_strided(q.shape, (H * N * d, N * d, d, 1))
 
 
 def _padded(t, version):
