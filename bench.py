@@ -785,8 +785,8 @@ def sweep_point(N, B, H, methods, args, progress):
     return rows
 
 
-CSV_FIELDS = ["N", "B", "H", "d", "Br", "Bc", "causal", "dtype", "method", "pass", "ms", "repeats", "tflops", "x_manual",
-              "extra_mib", "checked_against", "rel_err", "note"]
+CSV_FIELDS = ["N", "B", "H", "d", "Br", "Bc", "causal", "dtype", "method", "pass", "ms", "repeats", "tflops",
+              "x_manual", "extra_mib", "checked_against", "rel_err", "note"]
 
 
 def write_csv(rows, path, fields=CSV_FIELDS):
@@ -1295,7 +1295,8 @@ def varlen_reference(q, k, v, dO, lengths):
                           for t, hs in ((q, heads), (k, kv_heads), (v, kv_heads)))
             O = mf.manual_attention(qs, ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0), causal=True)
             grads = torch.autograd.grad(O, (qs, ks, vs), dO[rows, heads].double().transpose(0, 1))
-            for to, hs, x in ((out, heads, O), (dQ, heads, grads[0]), (dK, kv_heads, grads[1]), (dV, kv_heads, grads[2])):
+            for to, hs, x in ((out, heads, O), (dQ, heads, grads[0]), (dK, kv_heads, grads[1]),
+                              (dV, kv_heads, grads[2])):
                 to[rows, hs] = x.detach().transpose(0, 1)
     return out, (dQ, dK, dV)
 

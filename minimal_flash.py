@@ -2134,8 +2134,8 @@ def _build(device_type, version, Br, Bc, sources, changed, mods=None):
         defines += [f"-I{folder}", "-DMODS_FILE=user_mods.cuh"]
     if device_type == "cuda":
         # A version's own target flags replace torch's (it adds its own only when none is given).
-        source, flags = KERNELS / "bindings.cu", {"extra_cuda_cflags": ["-O3", "-lineinfo", *VERSIONS[version].cuda_flags]
-                                                                         + defines}
+        cuda_flags = ["-O3", "-lineinfo", *VERSIONS[version].cuda_flags] + defines
+        source, flags = KERNELS / "bindings.cu", {"extra_cuda_cflags": cuda_flags}
     else:
         source, flags = KERNELS / "cpu.cpp", {"extra_cflags": ["-O3", "-fno-strict-aliasing",
                                                                     "-Wno-unknown-pragmas"] + defines}
@@ -2366,8 +2366,8 @@ def _check_call_mods(q, k, v, causal, softmax_scale, Br, Bc, version, mods):
     options["dropout_p"] = _check_dropout(options["dropout_p"])
     if options["dropout_p"] > 0 and (isinstance(options["dropout_seed"], bool)
                                      or not isinstance(options["dropout_seed"], int)):
-        raise TypeError(f"dropout_seed = {_short(options['dropout_seed'])}: forward() and backward() with dropout_p > 0 "
-                        "take the seed of the dropout mask, a whole number, the same in both")
+        raise TypeError(f"dropout_seed = {_short(options['dropout_seed'])}: forward() and backward() with "
+                        "dropout_p > 0 take the seed of the dropout mask, a whole number, the same in both")
     version = _mods_version(version, _wants_mods(**options), q)
     q, k, v, causal, scale, Br, Bc, version = _check_call(q, k, v, causal, softmax_scale, Br, Bc, version)
     return q, k, v, causal, scale, Br, Bc, version, _check_mods(q, **options)
@@ -2530,9 +2530,10 @@ def _check_tensor(name, t, version):
         by_dtypes = {}  # versions grouped by the dtypes they take
         for n, x in VERSIONS.items():
             by_dtypes.setdefault(x.dtypes, []).append(str(n))
+        takes = (f"{_dtype_names(dtypes)} (version{'s' * (len(ns) > 1)} {', '.join(ns)})"
+                 for dtypes, ns in by_dtypes.items())
         other = (f"{_dtype_names([t.dtype])} runs version {' or '.join(map(str, runs))}" if runs else
-                 "the kernels take " + ", ".join(f"{_dtype_names(dtypes)} (version{'s' * (len(ns) > 1)} {', '.join(ns)})"
-                                                 for dtypes, ns in by_dtypes.items()))
+                 "the kernels take " + ", ".join(takes))
         raise TypeError(f"{name} has dtype {t.dtype}; version {version}'s kernels take "
                         f"{_dtype_names(VERSIONS[version].dtypes)} only: {other}")
 

@@ -52,11 +52,11 @@ __host__ __device__ constexpr int halves(int d) { return d <= 128 ? 1 : 2; }   /
 // own instead, 9 KB more shared memory (within Hopper's 227 KB; an A100's 163 KB takes neither).
 __host__ __device__ constexpr int dS_copies(int d) { return d > 192 ? 2 : 1; }
 
-// Shared memory: two buffers each (the n-th query tile walked in buffer n % 2) of L_i and D_i (fp32)
-// and of the 16-bit tiles Q_i, dO_i (Br rows), then K_j, V_j (Bc rows each) and dS_ij^T (Bc rows of
-// Br queries; dS_copies(d) of them). Why K_j, V_j stay here, not in registers as the forward keeps Q_i: a warp's fragments
-// of both would take d / 2 registers per lane, on top of d for dK_j and dV_j and 64 for S_ij^T and
-// dP_ij^T; at d = 128 that is more than the 255 a thread may have. Each product re-reads them from
+// Shared memory: two buffers each (the n-th query tile walked in buffer n % 2) of L_i and D_i (fp32) and of
+// the 16-bit tiles Q_i, dO_i (Br rows), then K_j, V_j (Bc rows each) and dS_ij^T (Bc rows of Br queries;
+// dS_copies(d) of them). Why K_j, V_j stay here, not in registers as the forward keeps Q_i: a warp's
+// fragments of both would take d / 2 registers per lane, on top of d for dK_j and dV_j and 64 for S_ij^T
+// and dP_ij^T; at d = 128 that is more than the 255 a thread may have. Each product re-reads them from
 // shared memory with ldmatrix instead.
 __host__ __device__ inline int shared_bytes(int d) {
     return 2 * 2 * Br * 4 +
