@@ -498,11 +498,11 @@ def backward(dO, q, k, v, O, L, *, causal=False, softmax_scale=None, Br=None, Bc
     return _attention_grads(dO, q, k, v, O, L, causal, scale, Br, Bc, version, deterministic, out, mods)
 
 
-def _attention(q, k, v, causal, scale, Br, Bc, version, out=None, mods=None, like_q=True):
-    """forward() on inputs already checked: what every call pays for, and no more. like_q: O laid out as
+def _attention(q, k, v, causal, scale, Br, Bc, version, out=None, mods=None, like_inputs=True):
+    """forward() on inputs already checked: what every call pays for, and no more. like_inputs: O laid out as
     q is where the version can write it so (_output_for); else contiguous, as the custom operators'
     register_fake promises."""
-    O, L = out if out is not None else (_output_for(q, version if like_q else None),
+    O, L = out if out is not None else (_output_for(q, version if like_inputs else None),
                                         q.new_empty(q.shape[:-1], dtype=torch.float32))
     if q.numel() > 0:  # B, H or N is 0: nothing to compute, and a grid of 0 blocks is an error
         kernels = load_kernels(q.device.type, version, Br, Bc, _spec(mods))
@@ -649,7 +649,7 @@ def _without_derivative(grads):
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                   Br: Optional[int], Bc: Optional[int], version: int,
                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attention(q, k, v, causal, scale, Br, Bc, version, like_q=False)  # deterministic: for the backward
+    return _attention(q, k, v, causal, scale, Br, Bc, version, like_inputs=False)  # deterministic: for the backward
 
 
 @_attention_op.register_fake
@@ -723,7 +723,7 @@ def _attention_mods_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
                        dims: list[int], flags: list[int], tensors: list[torch.Tensor], ints: list[int],
                        floats: list[float], dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mods, seed = _drawn_mod_call(q, score_mod, mask_mod, names, dtypes, dims, flags, tensors, ints, floats, dropout_p)
-    return *_attention(q, k, v, causal, scale, None, None, version, mods=mods, like_q=False), seed
+    return *_attention(q, k, v, causal, scale, None, None, version, mods=mods, like_inputs=False), seed
 
 
 @_attention_mods_op.register_fake

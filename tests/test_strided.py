@@ -31,7 +31,8 @@ DEVICE = pytest.mark.parametrize("device", DEVICES)
 
 
 def poisoned(t):
-    """A contiguous tensor of t's shape and dtype, NaN: outputs are contiguous whatever the inputs' layout."""
+    """A contiguous tensor of t's shape and dtype, NaN: out= tensors are contiguous whatever the inputs' layout
+    (the kernels' own outputs may take q's: test_outputs_in_the_models_layout)."""
     return torch.full(t.shape, math.nan, dtype=t.dtype, device=t.device)
 
 
@@ -225,7 +226,7 @@ def test_outputs_in_the_models_layout(device, causal, generator):
 @DEVICE
 def test_custom_operators_take_views(device, generator):
     """torch.library.opcheck of both operators on the GPT's views: their fake tensors (O, dQ, dK, dV
-    contiguous, as the kernels write them) agree with what they return."""
+    contiguous, as the operators have the kernels write them) agree with what they return."""
     (q, k, v, dO), _ = gpt_views(1, 70, 2, 64, device, generator)
     options = (True, 0.125, None, None, 4, True)
     torch.library.opcheck(torch.ops.minimal_flash.attention.default, (q, k, v, *options))
