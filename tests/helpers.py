@@ -178,7 +178,9 @@ def cu_seqlens(lengths, device):
 
 def causal_hidden(Lq, Lk, causal):
     """(Lq, Lk) mask of the keys a query does not see: causal, aligned at the bottom right."""
-    return torch.arange(Lk)[None, :] > torch.arange(Lq)[:, None] + Lk - Lq if causal else torch.zeros(Lq, Lk, dtype=bool)
+    if not causal:
+        return torch.zeros(Lq, Lk, dtype=bool)
+    return torch.arange(Lk)[None, :] > torch.arange(Lq)[:, None] + Lk - Lq
 
 
 def split_options(options, device):

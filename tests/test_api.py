@@ -20,7 +20,8 @@ def test_sdpa_option_names(generator):
     O = mf.flash_attention(q, k, v, is_causal=True, scale=0.3)
     assert torch.equal(O, mf.flash_attention(q, k, v, causal=True, softmax_scale=0.3))
     assert rel_err(O, reference(q, k, v, True, 0.3)[0]) < TOL
-    assert torch.equal(mf.flash_attention(q, k, v, causal=True, is_causal=True), mf.flash_attention(q, k, v, causal=True))
+    assert torch.equal(mf.flash_attention(q, k, v, causal=True, is_causal=True),
+                       mf.flash_attention(q, k, v, causal=True))
 
 
 @pytest.mark.parametrize("options", [dict(causal=True, is_causal=False), dict(softmax_scale=0.5, scale=0.3)])

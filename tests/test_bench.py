@@ -487,9 +487,9 @@ def test_varlen_takes_version_3_in_half_precision():
             bench.parse_args(["--varlen", "--cpu", *bad])
 
 
-# --mods: chapter 6's mods on version 3's kernels (the CPU's default), against the same kernels without the mod and FlexAttention
-# (eager: on the CPU it is not compiled, and has no backward), on the CPU at B=1, H=2, N=128, d=64. Each mod is
-# a build of its own, compiled once (seconds, then cached).
+# --mods: chapter 6's mods on version 3's kernels (the CPU's default), against the same kernels without the mod
+# and FlexAttention (eager: on the CPU it is not compiled, and has no backward), on the CPU at B=1, H=2, N=128,
+# d=64. Each mod is a build of its own, compiled once (seconds, then cached).
 MODS = ["--mods", "--cpu", "--seconds", "0.05", "--warmup", "1", "--repeats", "2", "--min-repeats", "2"]
 MOD_NAMES = ["causal", "causal as mask_mod", "sliding window 32", "softcap 30", "alibi"]
 # The (query, key) pairs each keeps at N = 128: causal, 128 * 129 / 2; a window of 32 keys before each

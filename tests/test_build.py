@@ -62,7 +62,8 @@ def test_a_build_is_made_of_the_files_it_includes_only(checkouts, monkeypatch):
     monkeypatch.setattr(mf, "KERNELS", a)
     builds = lambda: {v: mf._build_sources(mf._Sources().current(), "cpu", v) for v in mf.VERSIONS}  # noqa: E731
     before = builds()
-    assert {"flash2.cu", "flash2_backward.cu", "version2.cuh", "tiles.cuh", "cpu_cuda.h"} <= {n for n, _ in before[2][1]}
+    assert {"flash2.cu", "flash2_backward.cu", "version2.cuh", "tiles.cuh", "cpu_cuda.h"} <= \
+        {n for n, _ in before[2][1]}
     assert "flash2.cu" not in {n for n, _ in before[1][1] + before[3][1]}
     (a / "flash2.cu").write_text((a / "flash2.cu").read_text() + "\n// an edit\n")
     after = builds()

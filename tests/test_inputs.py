@@ -51,7 +51,8 @@ def test_sdpa_options_these_kernels_lack_are_refused():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="attn_mask: these kernels take no mask tensor"):
         mf.flash_attention(q, k, v, attn_mask=torch.ones(20, 20, dtype=torch.bool))
-    with pytest.raises(TypeError, match="q is torch.float32: .* dropout_p are compiled into the kernels of versions 3 and 4"):
+    with pytest.raises(TypeError,
+                       match="q is torch.float32: .* dropout_p are compiled into the kernels of versions 3 and 4"):
         mf.flash_attention(q, k, v, dropout_p=0.1)  # qkv(): float32
     assert torch.equal(mf.flash_attention(q, k, v, attn_mask=None, dropout_p=0.0), mf.flash_attention(q, k, v))
 

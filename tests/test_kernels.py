@@ -43,7 +43,8 @@ def test_matches_float64(device, shape, causal, version, dtype, generator):
 # that is not (100), into poisoned outputs of the caller's d.
 PADDED = [(n, d, dtype) for n, v in mf.VERSIONS.items() if v.head_dims for d, dtype in (
     (8, torch.bfloat16), (40, torch.float16), (72, torch.bfloat16), (96, torch.float16), (100, torch.float16),
-    (120, torch.bfloat16), (136, torch.float16), (200, torch.bfloat16)) if d not in v.head_dims and d <= max(v.head_dims)]
+    (120, torch.bfloat16), (136, torch.float16), (200, torch.bfloat16))
+          if d not in v.head_dims and d <= max(v.head_dims)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -522,7 +522,8 @@ def test_out_of_range_seqlens_and_pages_are_refused():
            cache_seqlens=torch.tensor([29, 30], dtype=torch.int32))
     refuse(ValueError, r"cache_seqlens\[0\] = -1", q, k_cache, v_cache,
            cache_seqlens=torch.tensor([-1, 3], dtype=torch.int32))
-    refuse(ValueError, "with seqlen_new = 3 new keys, a sequence would have 35", q, k_cache, v_cache, *new)  # None: full
+    # None: full
+    refuse(ValueError, "with seqlen_new = 3 new keys, a sequence would have 35", q, k_cache, v_cache, *new)
     refuse(TypeError, "cache_seqlens has dtype torch.int64", q, k_cache, v_cache, cache_seqlens=torch.tensor([1, 2]))
     q, k_cache, v_cache, table = paged_inputs()
     table[1, 1] = 6  # a page past the pool's 6

@@ -223,7 +223,8 @@ def test_emulation_times_runs_each_version_in_a_dtype_it_takes(capsys):
     ("hopper_steps", ["--dims", "96"], "argument --dims: invalid choice: 96"),
     ("hopper_steps", ["--steps", "6"], "argument --steps: invalid choice: 6"),
     ("hopper_steps", ["--seq-len", "0"], "argument --seq-len: must be at least 1, not 0"),
-    ("block_timeline", ["--cases", "window:0"], "argument --cases: 'window:0' is not causal, full or window:W (W >= 1)"),
+    ("block_timeline", ["--cases", "window:0"],
+     "argument --cases: 'window:0' is not causal, full or window:W (W >= 1)"),
     ("block_timeline", ["--dim", "96"], "argument --dim: invalid choice: 96 (choose from 64, 128)"),
     ("block_timeline", ["--seq-len", "200"], "argument --seq-len: 200 is not a multiple of 128: each block's marks "
                                              "take whole tiles' rows"),

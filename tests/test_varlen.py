@@ -491,8 +491,10 @@ def test_bad_cu_seqlens_and_max_seqlen_are_refused():
     bad = torch.tensor([0, 6, 5, 8], dtype=torch.int32)
     refuse(ValueError, r"cu_seqlens_k decreases, cu_seqlens_k\[1\] = 6 > cu_seqlens_k\[2\] = 5: sequence 1 would have "
                        "a negative length", q, k, v, cu_seqlens([3, 0, 5], "cpu"), bad, max_q, max_k)
-    refuse(ValueError, r"cu_seqlens_q\[-1\] = 7, but q has 8 rows", q, k, v, cu_seqlens([3, 4], "cpu"), cu_k, max_q, max_k)
-    refuse(ValueError, r"cu_seqlens_k\[-1\] = 9, but k has 8 rows", q, k, v, cu_q, cu_seqlens([3, 6], "cpu"), max_q, max_k)
+    refuse(ValueError, r"cu_seqlens_q\[-1\] = 7, but q has 8 rows",
+           q, k, v, cu_seqlens([3, 4], "cpu"), cu_k, max_q, max_k)
+    refuse(ValueError, r"cu_seqlens_k\[-1\] = 9, but k has 8 rows",
+           q, k, v, cu_q, cu_seqlens([3, 6], "cpu"), max_q, max_k)
     refuse(ValueError, "sequence 1 has 5 queries, more than max_seqlen_q = 4", q, k, v, cu_q, cu_k, 4, max_k)
     refuse(ValueError, "sequence 1 has 5 keys, more than max_seqlen_k = 3", q, k, v, cu_q, cu_k, max_q, 3)
     refuse(TypeError, "max_seqlen_q = 4.5: it must be an int", q, k, v, cu_q, cu_k, 4.5, max_k)

@@ -70,7 +70,8 @@ def main(argv=None):
                 plain_err = (plain.double() - ref).abs().max().item()
                 line = f"d={d:>3} N={N:>5} causal={causal!s:<5}"
                 times, errors = {}, {}
-                for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+                for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                                      ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
                     with sdpa_kernel(backend):
                         fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
                         times[name] = time_ms(fn)

@@ -39,8 +39,8 @@ def cases(version):
     """(block sizes, N, d) to run: partial last tiles; d = 128 uses the >48 KB opt-in; N = 300 spans
     several version-2 blocks; d = 3 leaves most of a row of version 2's backward tiles to its zero
     padding; N = 130 spans two of version 3's blocks (in the backward, three at d = 192 and 256, where
-    its blocks are of 64 keys, two warps on each 16; its forward blocks are of 8 warps there); N = 300, three of version 4's key
-    tiles, so its 2-stage ring refills a stage."""
+    its blocks are of 64 keys, two warps on each 16; its forward blocks are of 8 warps there); N = 300, three
+    of version 4's key tiles, so its 2-stage ring refills a stage."""
     if mf.VERSIONS[version].head_dims is None:
         return [(sizes, N, d) for sizes in ((32, 32), (64, 16)) for N, d in ((100, 64), (17, 128), (300, 32), (77, 3))]
     cases = ((100, 64), (17, 128), (130, 64), (300, 128), (100, 32), (130, 96), (130, 192), (130, 256))

@@ -40,7 +40,8 @@ import bench  # noqa: E402
 import minimal_flash as mf  # noqa: E402
 
 RESULTS = ROOT / "notebooks" / "results" / "h200"
-SWEEPS = ("sweep.csv", "sweep_causal.csv", "sweep_bf16.csv", "sweep_hopper.csv")  # the present sweeps: a new chapter adds its own
+# the present sweeps: a new chapter adds its own
+SWEEPS = ("sweep.csv", "sweep_causal.csv", "sweep_bf16.csv", "sweep_hopper.csv")
 # What each version is measured against: chapter 1 against plain attention, which it set out to beat;
 # chapters 2 and 3 against what PyTorch itself runs for their dtype (SDPA's backend for fp32, and its
 # FlashAttention-2 for bf16); chapter 4, Hopper's instructions, against SDPA's backend that uses them,
@@ -182,7 +183,8 @@ def decode_table(name="decode.csv"):
         flash, cudnn = point["sdpa-flash"], point["sdpa-cudnn"]
         lines.append("| " + " | ".join([
             str(batch), str(context), f"{ours['graph_us']:.1f}", f"{cudnn['graph_us'] / ours['graph_us']:.2f}",
-            f"{ours['fraction_of_read']:.0%}", f"{paged['graph_us']:.1f}", f"{ours['graph_us'] / paged['graph_us']:.2f}",
+            f"{ours['fraction_of_read']:.0%}", f"{paged['graph_us']:.1f}",
+            f"{ours['graph_us'] / paged['graph_us']:.2f}",
             f"{flash['graph_us']:.1f}", f"{cudnn['graph_us']:.1f}", f"{cudnn['fraction_of_read']:.0%}"]) + " |")
     return "\n".join(lines)
 
