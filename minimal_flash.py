@@ -101,6 +101,17 @@ class Version:
         of its own, in a folder of its own (build_directory names the flags)."""
         return replace(self, cuda_flags=self.cuda_flags + flags)
 
+    def flagged_kernels(self, *flags):
+        """Its CUDA kernels built with more nvcc flags (with_cuda_flags), for the tools that call such a
+        build beside the one every other call loads (load_kernels keeps that one)."""
+        plain = VERSIONS[self.number]
+        VERSIONS[self.number] = self.with_cuda_flags(*flags)
+        try:
+            sources = _build_sources(_sources.current(), "cuda", self.number)
+            return Kernels(_build("cuda", self.number, None, None, sources, None), sources, self.number)
+        finally:
+            VERSIONS[self.number] = plain
+
 
 VERSIONS = {v.number: v for v in (
     Version(1, "Algorithms 1 and 4 (FlashAttention)", 1, ("flash.cu", "flash_backward.cu"), "version1.cuh",

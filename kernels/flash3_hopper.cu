@@ -5,9 +5,10 @@
 //     shared memory already swizzled, counted on an mbarrier; tiles wait in a ring of STAGES buffers;
 //   - the products: wgmma, 64 rows x 128 keys per instruction for a warpgroup of 128 threads, Q_i and
 //     K_j read straight from shared memory, P_ij from registers (no ldmatrix);
-//   - the schedule: a producer warpgroup only loads, two consumer warpgroups only compute
-//     (warp specialization, registers moved to them by setmaxnreg); the consumers take turns on the
-//     tensor cores (ping-pong), and each overlaps its own softmax with its next products.
+//   - the schedule: a producer warpgroup only loads, two consumer warpgroups (three, at d = 64 where
+//     the work is long) only compute (warp specialization, registers moved to them by setmaxnreg); the
+//     consumers take turns on the tensor cores (ping-pong), and each overlaps its own softmax with its
+//     next products.
 // Names as in the paper; "Alg. 1, line n" marks the FlashAttention-2 paper's Algorithm 1, as in chapter 3.
 // Q, K and V are read where the caller has them: each tensor map (version4.cuh) is 4-D, (column, row,
 // head, batch), with the tensor's own strides, so a model's permuted views need no copy; a box is
@@ -15,9 +16,10 @@
 // allocates it: a model's (B, N, H, d), whose transpose back to (B, N, H d) is then a view, not a
 // copy); L contiguous.
 //
-// Who owns what: a work tile is Br = 128 query rows of one (batch, head); a block of 3 warpgroups of
-// 128 threads takes one (steps 1-4), or, persistent (step 5), one block per multiprocessor takes work
-// tiles one after the other until none is left.
+// Who owns what: a work tile is Br = 64 C query rows of one (batch, head), C = 2 consumers (128 rows; 3
+// and 192 rows at d = 64 from step 6, where version4.cuh's three_consumers says); a block of 1 + C
+// warpgroups of 128 threads takes one (steps 1-4), or, persistent (from step 5), one block per
+// multiprocessor takes work tiles one after the other until none is left.
 //
 //   warpgroup 0, producer   thread 0 issues every copy: Q_i once per work tile, then K_j, V_j into stage
 //                           it % STAGES as soon as the consumers have released that stage; it takes
@@ -25,9 +27,10 @@
 //                           which with its Q_i; the rest idle
 //   warpgroup 1, consumer   query rows  0- 63: S = Q K_j^T (64 x 128) and O (64 x d) in registers
 //   warpgroup 2, consumer   query rows 64-127: the same, half a step behind warpgroup 1
+//  (warpgroup 3, consumer   query rows 128-191: the same; the three a third of a step apart)
 //
 //   shared memory (1024-byte aligned; every tile in sub-tiles of 64 columns, 128-byte swizzled)
-//     Q_i            Br x d                       written by TMA per work tile, read by both consumers' wgmma
+//     Q_i            Br x d                       written by TMA per work tile, read by the consumers' wgmma
 //     K_j, V_j       STAGES x (Bc x d) each       the ring: TMA writes, wgmma reads
 //     mbarriers      Q_full, K_full[s], V_full[s] (the copy's bytes have landed), Q_empty,
 //                    K_empty[s], V_empty[s] (every consumer thread, or warp, is done with the tile:
@@ -52,8 +55,10 @@
 //   4  + intra-warpgroup overlap: S_{j+1} = Q K_{j+1}^T and O += P_j V_j run under the softmax
 //   5  + persistent blocks: the producer loads the next work tile's Q_i and K_j while the consumers
 //        finish the last one's products and write its O
+//   6  + a third consumer at d = 64: work tiles of 192 rows, three warpgroups taking turns, where the
+//        work is long and the tiles many (version4.cuh's three_consumers; elsewhere two)
 #ifndef HOPPER_STEP
-#define HOPPER_STEP 5
+#define HOPPER_STEP 6
 #endif
 static_assert(HOPPER_STEP >= 4 || !mods::HOOKED, "chapter 6's mods hook into the last steps' kernel");
 
@@ -61,56 +66,72 @@ namespace flash3_hopper {
 
 constexpr bool SPECIALIZED = HOPPER_STEP >= 2, PINGPONG = HOPPER_STEP >= 3, OVERLAP = HOPPER_STEP >= 4,
                PERSISTENT = HOPPER_STEP >= 5;
-constexpr int CONSUMERS = 2;                              // warpgroups that compute, 64 query rows each
-constexpr int THREADS = 128 * (CONSUMERS + SPECIALIZED);  // (step 1: no producer warpgroup)
-constexpr int Br = 64 * CONSUMERS, Bc = 128;              // query rows per block, keys per tile
-constexpr int STAGES = 2;                                 // K_j, V_j buffers in the ring
-constexpr int SUB = 64;                                   // columns of a swizzled sub-tile: 128 bytes
-// setmaxnreg's split of the block's registers, 3 x 168 a thread (one block takes all 64K of the
-// multiprocessor's): the producer keeps few, the consumers get the rest, and no more than was given
-// back, or their setmaxnreg.inc waits for good. A mask's producer walks the block mask (mods::walk,
-// mods::tile) and would spill in 24; there it keeps 48 and the consumers take 224, which they fit in
-// (ptxas -v: no spill in either build).
-constexpr int PRODUCER_REGISTERS = mods::MASK ? 48 : 24, CONSUMER_REGISTERS = mods::MASK ? 224 : 240;
-static_assert(PRODUCER_REGISTERS + CONSUMERS * CONSUMER_REGISTERS <= (1 + CONSUMERS) * 168,
+// C, the consumers: warpgroups that compute, 64 query rows each. Two; three at d = 64 from step 6 (not
+// with chapter 6's mods, whose block mask is cut in tiles of 2 x 64 rows).
+constexpr bool THREE_AT_64 = HOPPER_STEP >= 6 && !mods::HOOKED;
+template <int C>
+constexpr int THREADS = 128 * (C + SPECIALIZED);  // (step 1: no producer warpgroup)
+template <int C>
+constexpr int Br = 64 * C;  // query rows per block
+constexpr int Bc = 128;     // keys per tile
+constexpr int STAGES = 2;   // K_j, V_j buffers in the ring
+constexpr int SUB = 64;     // columns of a swizzled sub-tile: 128 bytes
+// setmaxnreg's split of the block's registers (one block takes all 64K of the multiprocessor's: 3 x 168
+// a thread with two consumers, 4 x 128 with three): the producer keeps few, the consumers get the rest,
+// and no more than was given back, or their setmaxnreg.inc waits for good. A mask's producer walks the
+// block mask (mods::walk, mods::tile) and would spill in 24; there it keeps 48 and the consumers take
+// 224, which they fit in; three consumers fit in 160, their O being 64 x 64 (ptxas -v: no spill in any
+// build).
+constexpr int PRODUCER_REGISTERS = mods::MASK ? 48 : 24;
+template <int C>
+constexpr int CONSUMER_REGISTERS = C == 3 ? 160 : mods::MASK ? 224 : 240;
+template <int C>
+constexpr bool registers_fit =  // at most what the launch gives each thread (a multiple of 8), 1 + C times
+    PRODUCER_REGISTERS + C * CONSUMER_REGISTERS<C> <= 65536 / THREADS<C> / 8 * 8 * (1 + C);
+static_assert(registers_fit<2> && (!THREE_AT_64 || registers_fit<3>),
               "the consumers would wait for registers that no warpgroup gives back");
 
 // Chapter 6, a mask: what the producer's walk found for the tile in a stage, published beside it, so
 // that the consumers neither walk the block mask nor read it: the tile walked after this one (`end`
 // if none), and the block mask's two tiles under each consumer's 64 rows and this tile's 128 keys.
+template <int C>
 struct Step {
     int next;
-    mods::Tile state[CONSUMERS][2];
+    mods::Tile state[C][2];
 };
 
 // Shared memory, in bytes from the 1024-aligned start: Q_i, the ring of K_j and V_j, the barriers,
 // the ring's Steps, the work tile.
-template <int d>
+template <int d, int C>
 struct Shared {
-    static constexpr int Q = 0, K = Q + Br * d * 2, V = K + STAGES * Bc * d * 2,
+    static constexpr int Q = 0, K = Q + Br<C> * d * 2, V = K + STAGES * Bc * d * 2,
                          BARRIERS = V + STAGES * Bc * d * 2, STEPS = BARRIERS + (2 + 4 * STAGES) * 8,
-                         WORK = STEPS + STAGES * sizeof(Step);
+                         WORK = STEPS + STAGES * sizeof(Step<C>);
     static constexpr int bytes = WORK + 4 + 1024;  // + room to align the start
 };
-inline size_t shared_bytes(int d) { return d == 64 ? Shared<64>::bytes : Shared<128>::bytes; }
+// The most that this build's forwards take at head dim d (version4.cuh reserves it).
+inline size_t shared_bytes(int d) {
+    return d == 64 ? std::max<size_t>(Shared<64, 2>::bytes, THREE_AT_64 ? Shared<64, 3>::bytes : 0)
+                   : Shared<128, 2>::bytes;
+}
 
 // The block's tiles and barriers.
-template <int d>
+template <int d, int C>
 struct Tiles {
     unsigned short *Q, *K, *V;  // sub-tile c of K's stage s: K + (s * d / SUB + c) * Bc * SUB
     uint64_t *Q_full, *K_full, *V_full, *Q_empty, *K_empty, *V_empty;
-    Step* step;  // step[s]: the walk at stage s's tile (mods)
+    Step<C>* step;  // step[s]: the walk at stage s's tile (mods)
     int* work;   // the work tile whose Q_i is in Q (persistent)
 
     __device__ explicit Tiles(char* base) {
-        Q = reinterpret_cast<unsigned short*>(base + Shared<d>::Q);
-        K = reinterpret_cast<unsigned short*>(base + Shared<d>::K);
-        V = reinterpret_cast<unsigned short*>(base + Shared<d>::V);
-        Q_full = reinterpret_cast<uint64_t*>(base + Shared<d>::BARRIERS);
+        Q = reinterpret_cast<unsigned short*>(base + Shared<d, C>::Q);
+        K = reinterpret_cast<unsigned short*>(base + Shared<d, C>::K);
+        V = reinterpret_cast<unsigned short*>(base + Shared<d, C>::V);
+        Q_full = reinterpret_cast<uint64_t*>(base + Shared<d, C>::BARRIERS);
         K_full = Q_full + 1, V_full = K_full + STAGES, Q_empty = V_full + STAGES, K_empty = Q_empty + 1,
         V_empty = K_empty + STAGES;
-        step = reinterpret_cast<Step*>(base + Shared<d>::STEPS);
-        work = reinterpret_cast<int*>(base + Shared<d>::WORK);
+        step = reinterpret_cast<Step<C>*>(base + Shared<d, C>::STEPS);
+        work = reinterpret_cast<int*>(base + Shared<d, C>::WORK);
     }
     __device__ unsigned short* K_stage(int s) const { return K + s * Bc * d; }
     __device__ unsigned short* V_stage(int s) const { return V + s * Bc * d; }
@@ -119,10 +140,10 @@ struct Tiles {
 // ---- the producer's part ---------------------------------------------------------------------------
 // Alg. 1, line 4: Q_i, d / 64 boxes of Br rows x 64 columns of head h of batch b (rows past N arrive
 // as zeros).
-template <int d>
-__device__ void load_Q(const Tiles<d>& t, const CUtensorMap* tmQ, int row0, int h, int b) {
-    mbarrier_arrive_expect_tx(t.Q_full, Br * d * 2);
-    for (int c = 0; c < d / SUB; ++c) tma_load(t.Q + c * Br * SUB, tmQ, c * SUB, row0, h, b, t.Q_full);
+template <int d, int C>
+__device__ void load_Q(const Tiles<d, C>& t, const CUtensorMap* tmQ, int row0, int h, int b) {
+    mbarrier_arrive_expect_tx(t.Q_full, Br<C> * d * 2);
+    for (int c = 0; c < d / SUB; ++c) tma_load(t.Q + c * Br<C> * SUB, tmQ, c * SUB, row0, h, b, t.Q_full);
 }
 // Alg. 1, lines 6-7: K_j and V_j, the it-th tile walked, into stage s = it % STAGES, each once every
 // consumer warp has released what it held before (tile it - STAGES): K_j as soon as the products
@@ -131,9 +152,9 @@ __device__ void load_Q(const Tiles<d>& t, const CUtensorMap* tmQ, int row0, int 
 // once). (it = j, but where a block mask skips tiles.) With a mask, the walk's Step goes with K_j: the
 // consumers read it once K_full says K_j has landed (the arrival releases the store), and are done
 // with it when they release K_j.
-template <int d>
-__device__ void load_KV(const Tiles<d>& t, const CUtensorMap* tmK, const CUtensorMap* tmV, int it, int j,
-                        int h, int b, const Step& step = {}) {
+template <int d, int C>
+__device__ void load_KV(const Tiles<d, C>& t, const CUtensorMap* tmK, const CUtensorMap* tmV, int it, int j,
+                        int h, int b, const Step<C>& step = {}) {
     const int s = it % STAGES, parity = (it / STAGES + 1) % 2;
     mbarrier_wait(&t.K_empty[s], parity);
     if constexpr (mods::MASK) t.step[s] = step;
@@ -154,10 +175,10 @@ __device__ inline uint64_t k_major(const unsigned short* tile, int rows, int kk)
 }
 // Alg. 1, line 8: S = Q K_j^T for the warpgroup's 64 rows (q: its rows of Q_i), d / 16 wgmma of
 // 64 x 128 x 16, the first one overwriting S. Issued, not waited for.
-template <class T, int d>
+template <class T, int d, int C>
 __device__ void issue_S(float (&s)[Bc / 8][4], const unsigned short* q, const unsigned short* K_t) {
 #pragma unroll
-    for (int kk = 0; kk < d / 16; ++kk) wgmma_ss<T, Bc>(s, k_major(q, Br, kk), k_major(K_t, Bc, kk), kk > 0);
+    for (int kk = 0; kk < d / 16; ++kk) wgmma_ss<T, Bc>(s, k_major(q, Br<C>, kk), k_major(K_t, Bc, kk), kk > 0);
 }
 // Alg. 1, line 10: O += P V_j, Bc / 16 wgmma of 64 x d x 16: P from registers (p[kb]: keys 16 kb ..
 // 16 kb + 15), V_j as B read MN-major: 16 rows of keys (SBO: 1024 bytes from 8 rows to the next 8),
@@ -170,20 +191,23 @@ __device__ void issue_PV(float (&o)[d / 8][4], const unsigned (&p)[Bc / 16][4], 
                        true);
 }
 
-// Ping-pong: consumer k issues its products only after the other has issued its own (named barrier
-// 1 + k, met by its 128 threads and the other's 128 arrivals), and lets the other go once it has:
-// one's softmax then runs while the other's products occupy the tensor cores. Consumer 1 lets
-// consumer 0 go first, once per block; after its last turn consumer 0 takes the turn that consumer 1's
-// last products gave it (pingpong_end), so every barrier's arrivals are all met. Both consumers take
-// the same work tiles and tiles, so their turns alternate across work tiles too.
+// Ping-pong: consumer k issues its products only after the one before it (k - 1, or the last for 0) has
+// issued its own (named barrier 1 + k, met by its 128 threads and that one's 128 arrivals), and lets the
+// next go once it has: one's softmax then runs while the others' products occupy the tensor cores. The
+// turns go round: 0, 1, 0, 1, .. or 0, 1, 2, 0, ... The last consumer lets consumer 0 go first, once per
+// block; after its last turn consumer 0 takes the turn that the last consumer's last products gave it
+// (pingpong_end), so every barrier's arrivals are all met. The consumers take the same work tiles and
+// tiles, so their turns go round across work tiles too.
 __device__ inline void turn_begin(int consumer) {
     if (PINGPONG) named_barrier_sync(1 + consumer, 256);
 }
+template <int C>
 __device__ inline void turn_end(int consumer) {
-    if (PINGPONG) named_barrier_arrive(2 - consumer, 256);
+    if (PINGPONG) named_barrier_arrive(1 + (consumer + 1) % C, 256);
 }
+template <int C>
 __device__ inline void pingpong_begin(int consumer) {
-    if (PINGPONG && consumer == 1) named_barrier_arrive(1, 256);
+    if (PINGPONG && consumer == C - 1) named_barrier_arrive(1, 256);
 }
 __device__ inline void pingpong_end(int consumer) {
     if (PINGPONG && consumer == 0) named_barrier_sync(1, 256);
@@ -202,17 +226,18 @@ struct Work {
                                   // query row, the key tiles to visit (causal: up to the diagonal)
     int y0, y1;                   // chapter 6: its rows of the block mask's 64 x 64 tiles
 };
+template <int C>
 __device__ inline Work work_tile(int id, int N, int H, int BH, int group, int section, bool causal) {
-    const int Tr = ceil_div(N, Br), Tc = ceil_div(N, Bc);
+    const int Tr = ceil_div(N, Br<C>), Tc = ceil_div(N, Bc);
     const int first = id / (section * Tr) * section, slices = min(section, BH - first);  // the section's
     const int bh = first + (id - first * Tr) % slices, rank = (id - first * Tr) / slices;
-    const int row0 = (causal || mods::MASK ? Tr - 1 - rank : rank) * Br, rows_end = min(row0 + Br, N);
+    const int row0 = (causal || mods::MASK ? Tr - 1 - rank : rank) * Br<C>, rows_end = min(row0 + Br<C>, N);
     const int j_end = causal ? min(Tc, (rows_end - 1) / Bc + 1) : Tc;
     return {bh / H, bh % H, bh % H / group, row0, j_end, row0 / mods::TILE, ceil_div(rows_end, mods::TILE)};
 }
 
-template <class T, int d>
-__global__ void __launch_bounds__(THREADS, 1)
+template <class T, int d, int C>
+__global__ void __launch_bounds__(THREADS<C>, 1)
     forward(const __grid_constant__ CUtensorMap tmQ, const __grid_constant__ CUtensorMap tmK,
             const __grid_constant__ CUtensorMap tmV, int N, int H, int BH, int group, int section, float scale,
             bool causal, unsigned short* O, Strides O_strides, float* L, int* taken,
@@ -220,9 +245,10 @@ __global__ void __launch_bounds__(THREADS, 1)
     // smem: the block's shared memory (tiles.cuh); its start rounded up to 1024 bytes for the swizzle
     char* base = reinterpret_cast<char*>(smem);
     base += (1024 - shared_address(base) % 1024) % 1024;
-    const Tiles<d> t(base);
-    const int total = ceil_div(N, Br) * BH;  // work tiles
-    auto work = [&](int id) { return work_tile(id, N, H, BH, group, section, causal); };
+    static_assert(C == 2 || (C == 3 && THREE_AT_64 && d == 64), "three consumers: d = 64, step 6, no mods");
+    const Tiles<d, C> t(base);
+    const int total = ceil_div(N, Br<C>) * BH;  // work tiles
+    auto work = [&](int id) { return work_tile<C>(id, N, H, BH, group, section, causal); };
     // Chapter 6: with a mask_mod, the key tiles that the block mask marks EMPTY for the work tile's rows
     // are skipped (mods::Walk; without mods, the walk is j = 0, 1, ..): the producer walks, and tells
     // the consumers each next step (Step). A tile of 128 keys is two columns of the mask's 64 x 64
@@ -233,13 +259,14 @@ __global__ void __launch_bounds__(THREADS, 1)
                               return mods::tiles(mod_args, b, h, y0, y1, 2 * j, 2 * j + 2) == mods::EMPTY;
                           });
     };
-    static_assert(Bc == 2 * mods::TILE && Br == 2 * mods::TILE, "a tile is 2 x 2 of the block mask's");
+    static_assert(Bc == 2 * mods::TILE && (Br<C> == 2 * mods::TILE || !mods::HOOKED),
+                  "a tile is 2 x 2 of the block mask's");
 
     if (threadIdx.x == 0) {
-        mbarrier_init(t.Q_full, 1), mbarrier_init(t.Q_empty, CONSUMERS * 128);
+        mbarrier_init(t.Q_full, 1), mbarrier_init(t.Q_empty, C * 128);
         for (int s = 0; s < STAGES; ++s) {  // full: 1 arrival (expect_tx) and the bytes; empty: see release_K
             mbarrier_init(&t.K_full[s], 1), mbarrier_init(&t.V_full[s], 1);
-            mbarrier_init(&t.K_empty[s], CONSUMERS * 128), mbarrier_init(&t.V_empty[s], CONSUMERS * 4);
+            mbarrier_init(&t.K_empty[s], C * 128), mbarrier_init(&t.V_empty[s], C * 4);
         }
         fence_mbarrier_init();
     }
@@ -266,8 +293,8 @@ __global__ void __launch_bounds__(THREADS, 1)
                 const auto walk_u = walk(u);
                 load_Q(t, &tmQ, u.row0, u.h, u.b);
                 for (int j = walk_u.first(0); j < u.j_end; ++it) {
-                    Step step{walk_u.next(j)};
-                    for (int c = 0; mods::MASK && c < CONSUMERS; ++c)
+                    Step<C> step{walk_u.next(j)};
+                    for (int c = 0; mods::MASK && c < C; ++c)
                         for (int e = 0; e < 2; ++e)
                             step.state[c][e] = mods::tile(mod_args, u.b, u.h, u.y0 + c, 2 * j + e);
                     load_KV(t, &tmK, &tmV, it, j, u.h_kv, u.b, step);
@@ -279,7 +306,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
         return;
     }
-    if (SPECIALIZED) setmaxnreg_inc<CONSUMER_REGISTERS>();
+    if (SPECIALIZED) setmaxnreg_inc<CONSUMER_REGISTERS<C>>();
     if (!SPECIALIZED && threadIdx.x == 0) {  // step 1: thread 0 issues the first STAGES tiles now,
         const Work u = work(blockIdx.x);      // the others as its own loop frees their stages (no mods)
         load_Q(t, &tmQ, u.row0, u.h, u.b);
@@ -293,7 +320,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     const float softmax_scale = mods::softmax_scale(mod_args, scale), c = softmax_scale * LOG2E;
     const bool bounded = mods::bounded<T>(c);  // chapter 6, softcap alone: each row's max fixed at tanh's 1
     int it = 0;  // the ring's position: tiles walked, over all the block's work tiles
-    pingpong_begin(consumer);
+    pingpong_begin<C>(consumer);
 
     for (int n = 0; PERSISTENT || n == 0; ++n) {  // the block's work tiles
         TIMELINE_START();
@@ -318,7 +345,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             if constexpr (!mods::MASK) {
                 return j + 1;
             } else {
-                const Step& step = t.step[s];
+                const Step<C>& step = t.step[s];
                 state[0] = step.state[consumer][0], state[1] = step.state[consumer][1];
                 return step.next;
             }
@@ -364,9 +391,9 @@ __global__ void __launch_bounds__(THREADS, 1)
                 mbarrier_wait(&t.K_full[s_j], parity);  // K_j has landed
                 turn_begin(consumer);
                 wgmma_fence();  // S's registers were last written by ordinary instructions
-                issue_S<T, d>(s, Q_c, t.K_stage(s_j));
+                issue_S<T, d, C>(s, Q_c, t.K_stage(s_j));
                 wgmma_commit();
-                turn_end(consumer);
+                turn_end<C>(consumer);
                 after = read_step(s_j, j, state);  // (mods) under the product
                 wgmma_wait<0>(s);
                 release_K(it, after >= j_end);
@@ -378,7 +405,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                 wgmma_fence();  // O and P were written by ordinary instructions
                 issue_PV<T, d>(o, p, t.V_stage(s_j));
                 wgmma_commit();
-                turn_end(consumer);
+                turn_end<C>(consumer);
                 wgmma_wait<0>(o);
                 release_V(it);
             }
@@ -392,9 +419,9 @@ __global__ void __launch_bounds__(THREADS, 1)
                 mbarrier_wait(&t.K_full[it % STAGES], it / STAGES % 2);
                 turn_begin(consumer);
                 wgmma_fence();
-                issue_S<T, d>(s, Q_c, t.K_stage(it % STAGES));
+                issue_S<T, d, C>(s, Q_c, t.K_stage(it % STAGES));
                 wgmma_commit();
-                turn_end(consumer);
+                turn_end<C>(consumer);
                 next = read_step(it % STAGES, j, state);
                 wgmma_wait<0>(s);
                 release_K(it, next >= j_end);
@@ -407,14 +434,14 @@ __global__ void __launch_bounds__(THREADS, 1)
                 mbarrier_wait(&t.K_full[s_next], (it + 1) / STAGES % 2);
                 turn_begin(consumer);
                 wgmma_fence();
-                issue_S<T, d>(s, Q_c, t.K_stage(s_next));  // group 1: S_i,next
+                issue_S<T, d, C>(s, Q_c, t.K_stage(s_next));  // group 1: S_i,next
                 wgmma_commit();
                 if (!bounded) rescale(o, alpha);  // while S_i,next runs
                 mbarrier_wait(&t.V_full[s_prev], it / STAGES % 2);
                 wgmma_fence();                            // O was just rescaled
                 issue_PV<T, d>(o, p, t.V_stage(s_prev));  // group 2: O += P V of tile j
                 wgmma_commit();
-                turn_end(consumer);
+                turn_end<C>(consumer);
                 after = read_step(s_next, next, state);  // (mods) under the products
                 wgmma_wait<1>(s);  // S_i,next is in; the product into O may still run
                 release_K(it + 1, after >= j_end);
@@ -430,7 +457,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                 wgmma_fence();
                 issue_PV<T, d>(o, p, t.V_stage(it % STAGES));
                 wgmma_commit();
-                turn_end(consumer);
+                turn_end<C>(consumer);
                 wgmma_wait<0>(o);
                 release_V(it++);
             }
@@ -455,7 +482,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                     pack<T>(o[n8][2 * r] * inv_l, o[n8][2 * r + 1] * inv_l);
             if (q == 0) L_bh[i] = m[r] * softmax_scale + logf(l_row);
         }
-        TIMELINE_END(L_bh, u.row0 + 64 * consumer, N);
+        TIMELINE_END(L_bh, u.row0 + 64 * consumer, N, C);
     }
     pingpong_end(consumer);
 }

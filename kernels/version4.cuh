@@ -4,7 +4,8 @@
 //
 //   forward   flash3_hopper.cu         a block per multiprocessor, taking work tiles (batch, head, 128
 //                                      query rows) until none is left: a producer warpgroup (TMA)
-//                                      and two consumer warpgroups (wgmma) of 64 rows
+//                                      and two consumer warpgroups (wgmma) of 64 rows; three, and
+//                                      192 rows, at d = 64 where three_consumers says
 //   backward  flash3_hopper_backward.cu  one block per (batch, head, 128 keys): two warpgroups of 64 keys,
 //                                      all five products on wgmma, dQ added by the copy engine into
 //                                      fp32 sums, zeroed by a pre-pass that also takes D, then converted
@@ -113,8 +114,27 @@ struct Version {
 
     static std::string forward(const Call& c) {
         if (std::string err = error(c); !err.empty()) return err;
-        if (c.dtype == BFLOAT16) return c.d == 64 ? run<__nv_bfloat16, 64>(c) : run<__nv_bfloat16, 128>(c);
-        return c.d == 64 ? run<__half, 64>(c) : run<__half, 128>(c);
+        if (c.dtype == BFLOAT16) return c.d == 64 ? forward_64<__nv_bfloat16>(c) : run<__nv_bfloat16, 128, 2>(c);
+        return c.d == 64 ? forward_64<__half>(c) : run<__half, 128, 2>(c);
+    }
+    // At d = 64, three consumers of 64 rows (work tiles of 192) where the work is long and the tiles
+    // many: a third consumer hides more of each one's softmax under the others' products, but a
+    // 192-row tile computes more of the causal diagonal than a 128-row one, and where the tiles are
+    // few the last round of them leaves multiprocessors idle longer (notebook 8, step 6 measures
+    // both). Hence: N >= 4096, and at least 4 work tiles of 192 rows per multiprocessor.
+    // (tools/sanitize.py's build, -DTHREE_CONSUMERS_ALWAYS: three at every d = 64, so that launches small
+    // enough for racecheck run them.)
+    static bool three_consumers(const Call& c) {
+#ifdef THREE_CONSUMERS_ALWAYS
+        return true;
+#endif
+        return c.N >= 4096 && ceil_div(c.N, 192) * c.BH >= 4LL * multiprocessors(c.device);
+    }
+    template <class T>
+    static std::string forward_64(const Call& c) {
+        if constexpr (flash3_hopper::THREE_AT_64)
+            if (three_consumers(c)) return run<T, 64, 3>(c);
+        return run<T, 64, 2>(c);
     }
     static std::string backward(const Call& c) {
         if (std::string err = error(c); !err.empty()) return err;
@@ -131,27 +151,31 @@ struct Version {
                    std::to_string(cc / 10) + "." + std::to_string(cc % 10);
         if (std::string err = half_precision_error(c, 4, c.d == 64 || c.d == 128, "64 or 128"); !err.empty())
             return err;
+        // A tensor (if given) not 16-byte aligned, or its rows, heads or batches not a multiple of 16 bytes apart.
+        auto misaligned = [](const void* p, const Strides& s) {
+            return p && (reinterpret_cast<uintptr_t>(p) % 16 != 0 || s.batch % 8 || s.head % 8 || s.row % 8);
+        };
         // The copy engine reads from 16-byte aligned addresses only, rows a multiple of 16 bytes apart.
         for (auto [p, s] :
              {std::pair{c.Q, c.Q_strides}, {c.K, c.K_strides}, {c.V, c.V_strides}, {c.dO, c.dO_strides}})
-            if (p && (reinterpret_cast<uintptr_t>(p) % 16 != 0 || s.batch % 8 || s.head % 8 || s.row % 8))
+            if (misaligned(p, s))
                 return "version 4 needs q, k, v, dO 16-byte aligned, their strides multiples of 16 bytes";
         // O, dQ, dK, dV, which minimal_flash.py allocates in q's, k's, v's layouts: stored (and O read)
         // 4 and 16 bytes at a time.
         for (auto [p, s] : {std::pair{c.O, c.O_strides}, {c.dQ, c.dQ_strides}, {c.dK, c.dK_strides},
                             {c.dV, c.dV_strides}})
-            if (p && (reinterpret_cast<uintptr_t>(p) % 16 != 0 || s.batch % 8 || s.head % 8 || s.row % 8))
+            if (misaligned(p, s))
                 return "internal error: version 4's O, dQ, dK, dV must be 16-byte aligned, their strides "
                        "multiples of 16 bytes";
         return "";
     }
 
-    template <class T, int d>
+    template <class T, int d, int C>
     static std::string run(const Call& c) {
         namespace fw = flash3_hopper;
         CUtensorMap tmQ, tmK, tmV;
         const int kv_heads = c.H / c.group;
-        for (auto [map, data, strides, heads, rows] : {std::tuple{&tmQ, c.Q, c.Q_strides, c.H, fw::Br},
+        for (auto [map, data, strides, heads, rows] : {std::tuple{&tmQ, c.Q, c.Q_strides, c.H, fw::Br<C>},
                                                        {&tmK, c.K, c.K_strides, kv_heads, fw::Bc},
                                                        {&tmV, c.V, c.V_strides, kv_heads, fw::Bc}})
             if (std::string err = tensor_map(map, data, strides, heads, c, rows); !err.empty()) return err;
@@ -159,15 +183,18 @@ struct Version {
         // multiprocessor (only one fits: its registers) taking them one after the other. In sections of
         // slices whose K and V take at most SECTION_BYTES, a third of the L2 cache of an H100 or H200.
         constexpr long long SECTION_BYTES = 16 << 20;
-        const long long tiles = ceil_div(c.N, fw::Br) * c.BH, kv_bytes = 2LL * c.N * d * 2;
+        const long long tiles = ceil_div(c.N, fw::Br<C>) * c.BH, kv_bytes = 2LL * c.N * d * 2;
         const int section = int(std::clamp(SECTION_BYTES / kv_bytes * c.group, 1LL, c.BH));
-        if (tiles > INT_MAX) return "version 4: B * H * ceil(N / 128) = " + std::to_string(tiles) + " is too many";
+        if (tiles > INT_MAX)
+            return "version 4: B * H * ceil(N / " + std::to_string(fw::Br<C>) + ") = " + std::to_string(tiles) +
+                   " is too many";
         int* taken = reinterpret_cast<int*>(c.scratch);
         if (fw::PERSISTENT && !taken) return "internal error: version 4's forward needs its scratch";
         if (fw::PERSISTENT && cudaMemsetAsync(taken, 0, sizeof(int), c.stream) != cudaSuccess)
             return "zeroing the work counter failed: " + std::string(cudaGetErrorString(cudaGetLastError()));
         const int blocks = fw::PERSISTENT ? int(std::min<long long>(tiles, multiprocessors(c.device))) : int(tiles);
-        return launch("flash3_hopper::forward", fw::forward<T, d>, dim3(blocks), fw::THREADS, fw::shared_bytes(d),
+        return launch("flash3_hopper::forward", fw::forward<T, d, C>, dim3(blocks), fw::THREADS<C>,
+                      fw::Shared<d, C>::bytes,
                       c, tmQ, tmK, tmV, c.N, c.H, int(c.BH), c.group, section, c.scale, c.causal, bits(c.O),
                       c.O_strides, c.L, taken, mods::of(c.mods));
     }

@@ -12,7 +12,7 @@ import torch
 import minimal_flash as mf
 from helpers import (CASE_IDS, CASES, CAUSAL, DEVICES, MATRIX, OTHER_BLOCK_SIZES, OTHER_N, SIZED, assert_close,
                      assert_gradients, half_precision_grads, head_dim, plain_attention, poisoned_outputs, random_dO,
-                     random_qkv, reference, reference_grads, rel_err, shapes)
+                     random_qkv, reference, reference_grads, rel_err, shapes, three_consumer_slices)
 
 
 def check_passes(device, shape, causal, version, dtype, generator, scale=None, **block_sizes):
@@ -228,6 +228,33 @@ def test_version_4_persistent_blocks_take_every_work_tile(device, causal, genera
     O_ref, L_ref = reference(q, k, v, causal)
     assert_close("O", runs[0][0], O_ref, plain_attention(q, k, v, causal))
     assert_close("L", runs[0][1], L_ref)
+
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@CAUSAL
+def test_version_4_three_consumers_at_d_64(device, causal, dtype, generator, poisoned):
+    """At d = 64, long sequences and many work tiles, version 4's forward takes three consumer
+    warpgroups and work tiles of 192 rows (kernels/version4.cuh's three_consumers: N >= 4096 and 4 such
+    tiles per multiprocessor). N = 4100: 22 tiles a slice, the last one of 68 rows, past the end of the
+    sequence. On a GPU, as many slices as give every multiprocessor 4; on the CPU (a multiprocessor per
+    worker), 2 slices, 44 tiles, taken by three workers racing for them: every row right, as the
+    float64 reference's within the half-precision rule."""
+    N = 4100
+    workers = 3
+    if device == "cuda":
+        slices = three_consumer_slices(N, torch.cuda.get_device_properties(0).multi_processor_count)
+    else:
+        slices = 2
+        assert three_consumer_slices(N, workers) <= slices
+    q, k, v = random_qkv(1, slices, N, 64, device, generator, dtype)
+    O, L = poisoned_outputs(q)
+    with emulation_workers(4, workers) if device == "cpu" else contextlib.nullcontext():
+        mf.forward(q, k, v, causal=causal, out=(O, L), version=4)
+    O_ref, L_ref = reference(q, k, v, causal)
+    assert_close("O", O, O_ref, plain_attention(q, k, v, causal))
+    assert_close("L", L, L_ref)
 
 
 GROUPED = [n for n, x in mf.VERSIONS.items() if x.grouped_heads]

@@ -183,16 +183,31 @@ def test_block_timeline_summary_of_known_marks():
                        gap_ns=95)  # the median of SM 0's 3200 - 3000 and SM 1's 20 - 30
 
 
-def test_block_timeline_reads_each_blocks_marks_from_its_rows_of_L():
-    """Block (slice, tile)'s consumer c writes rows 128 tile + 64 c .. + 8 of its slice's L."""
+@pytest.mark.parametrize("consumers", [2, 3])
+def test_block_timeline_reads_each_blocks_marks_from_its_rows_of_L(consumers):
+    """Work tile (slice, tile)'s consumer c writes rows Br tile + 64 c .. + 8 of its slice's L, Br = 64 x
+    the consumers, which its marks say (their 7th). N = 2 Br + 64: two whole work tiles a slice, read, and
+    a last one of 64 rows (its first consumer's marks only), left out."""
     timeline = tool("block_timeline")
-    L = torch.full((2, 1, 256), float("nan"))
+    Br = 64 * consumers
+    N = 2 * Br + 64
+    L = torch.full((2, 1, N), float("nan"))
     bits = L.view(torch.int32)
-    for bh, tile, c in [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]:
-        bits[bh, 0, 128 * tile + 64 * c:128 * tile + 64 * c + 8] = torch.arange(8) + 100 * (2 * bh + tile) + 10 * c
-    records = timeline.records_of(L, 256)
-    assert records.shape == (4, 2, 8) and records.dtype == torch.int64
-    assert records[:, :, 0].tolist() == [[0, 10], [100, 110], [200, 210], [300, 310]]
+    for bh in range(2):
+        for tile in range(3):
+            for c in range(consumers if tile < 2 else 1):
+                marks = torch.arange(8) + 100 * (3 * bh + tile) + 10 * c
+                marks[6] = consumers
+                bits[bh, 0, Br * tile + 64 * c:Br * tile + 64 * c + 8] = marks
+    records, rows = timeline.records_of(L, N)
+    assert rows == Br and records.shape == (4, consumers, 8) and records.dtype == torch.int64
+    assert records[:, :, 0].tolist() == [[100 * t + 10 * c for c in range(consumers)] for t in (0, 1, 3, 4)]
+
+
+def test_block_timeline_refuses_an_L_without_marks():
+    """An L that no timeline build wrote (its 7th value no count of consumers): an error, not statistics."""
+    with pytest.raises(ValueError, match="L holds no block timeline"):
+        tool("block_timeline").records_of(torch.zeros(1, 1, 256), 256)
 
 
 def test_block_timeline_counts_the_tiles_the_kernel_walks():
@@ -203,6 +218,11 @@ def test_block_timeline_counts_the_tiles_the_kernel_walks():
     assert timeline.tiles_walked("causal", 512).tolist() == [1, 2, 3, 4]
     assert timeline.tiles_walked("window:128", 512).tolist() == [1, 2, 2, 2]
     assert timeline.tiles_walked("window:129", 512).tolist() == [1, 2, 3, 3]
+    # three consumers' tiles of 192 rows: the whole ones (rows 0-191, 192-383); causal, up to the key tile
+    # of each one's last row (191: tile 1; 383: tile 2); a window of 128, from the key tile of row - 128
+    assert timeline.tiles_walked("full", 512, 192).tolist() == [4, 4]
+    assert timeline.tiles_walked("causal", 512, 192).tolist() == [2, 3]
+    assert timeline.tiles_walked("window:128", 512, 192).tolist() == [2, 3]
 
 
 # tools/emulation_times.py
@@ -221,7 +241,7 @@ def test_emulation_times_runs_each_version_in_a_dtype_it_takes(capsys):
 @pytest.mark.parametrize("name, args, said", [
     ("hopper_steps", ["--dtype", "fp32"], "argument --dtype: invalid choice: 'fp32'"),
     ("hopper_steps", ["--dims", "96"], "argument --dims: invalid choice: 96"),
-    ("hopper_steps", ["--steps", "6"], "argument --steps: invalid choice: 6"),
+    ("hopper_steps", ["--steps", "7"], "argument --steps: invalid choice: 7"),
     ("hopper_steps", ["--seq-len", "0"], "argument --seq-len: must be at least 1, not 0"),
     ("block_timeline", ["--cases", "window:0"],
      "argument --cases: 'window:0' is not causal, full or window:W (W >= 1)"),

@@ -1,4 +1,5 @@
-"""Where version 4's forward spends a work tile's time (128 query rows of one head) besides its key tiles:
+"""Where version 4's forward spends a work tile's time (64 query rows per consumer of one head: 128, or 192
+with three consumers at d = 64) besides its key tiles:
 the work tile's timeline (kernels/timeline.cuh), from a build of its own (-DBLOCK_TIMELINE) whose L holds
 each work tile's marks. H200 only (sm_90a).
 
@@ -7,11 +8,13 @@ each work tile's marks. H200 only (sm_90a).
 Per case, over every work tile: the cycles from its start (the consumers' turn to it) until Q_i has
 landed; per key tile walked (the loop's cycles over its tiles: the first tile's products and softmax,
 before the loop proper, included); from the last product into O to the end of the epilogue (O = O / l and
-its stores, L); how much longer the second consumer takes than the first (each counts from its own
+its stores, L); how much longer the last consumer takes than the first (each counts from its own
 start); the rest, the work tile's cycles beyond its key tiles', in tiles' time; its wall time, the SM's
 clock (cycles per ns) and the gap from its end to the start of the SM's next work tile (negative where
 the next one starts first: a persistent block's consumer 0 starts the next while consumer 1 still
-writes this one's O). --csv writes one row per case with those columns.
+writes this one's O). --csv writes one row per case with those columns. The marks say how many consumers
+the launch ran (version4.cuh chooses); the statistics are over the work tiles of whole rows (with 192-row
+tiles, N = 4096 leaves a last one of 64 rows, left out).
 """
 import argparse
 import statistics
@@ -26,7 +29,7 @@ import bench  # noqa: E402
 import minimal_flash as mf  # noqa: E402
 
 B, H = 4, 16
-Br = Bc = 128  # version 4's forward tile (kernels/flash3_hopper.cu)
+Bc = 128  # version 4's forward key tile (kernels/flash3_hopper.cu); its query tile: 64 rows a consumer
 
 
 def case(text):
@@ -47,25 +50,25 @@ def options(name):
     return dict(causal=True, window_size=(int(name[7:]), 0))
 
 
-def tiles_walked(name, N):
-    """The key tiles each query tile walks (kernels/flash3_hopper.cu: causal stops at the diagonal; a
-    window skips the tiles that hold no pair 0 <= row - key <= W)."""
+def tiles_walked(name, N, Br=128):
+    """The key tiles each whole query tile of Br rows walks (kernels/flash3_hopper.cu: causal stops at the
+    diagonal, the tile's last row's; a window skips the tiles that hold no pair 0 <= row - key <= W)."""
     counts = []
-    for r0 in range(0, N, Br):
+    for r0 in range(0, N - Br + 1, Br):
         if name == "full":
             counts.append(N // Bc)
             continue
-        ends = range(0, r0 // Bc + 1)  # causal: key tiles up to the diagonal's
+        ends = range(0, (r0 + Br - 1) // Bc + 1)  # causal: key tiles up to the diagonal's
         W = int(name[7:]) if name.startswith("window:") else None
         counts.append(sum(1 for j in ends if W is None or r0 - (j * Bc + Bc - 1) <= W))
     return torch.tensor(counts)
 
 
 def summary(records, walked):
-    """records: int64 (work tiles, 2 consumers, 8), what each consumer's thread 0 wrote (timeline.cuh);
+    """records: int64 (work tiles, consumers, 8), what each consumer's thread 0 wrote (timeline.cuh);
     walked: (work tiles,) the key tiles each walked. The case's medians and means, as the module's docstring
     says them."""
-    first, second = records[:, 0], records[:, 1]
+    first, second = records[:, 0], records[:, -1]  # (second: the last consumer)
     sm, start_ns = first[:, 0], first[:, 1]
     later = (second[:, 2] - first[:, 2]) % 2**32 < 2**31  # which consumer ended last (the timer wraps)
     end_ns = torch.where(later, second[:, 2], first[:, 2])
@@ -89,20 +92,27 @@ def summary(records, walked):
 
 
 def records_of(L, N):
-    """Each work tile's marks out of L (B, H, N) as timeline.cuh wrote them: (B * H * N / Br, 2, 8) int64."""
-    return L.cpu().contiguous().view(torch.int32).reshape(-1, N // Br, 2, 64)[..., :8].reshape(-1, 2, 8).long()
+    """Each whole work tile's marks out of L (B, H, N) as timeline.cuh wrote them, and its rows Br (64 a
+    consumer, their count in the marks): ((B * H * (N // Br), consumers, 8) int64, Br)."""
+    bits = L.cpu().contiguous().view(torch.int32).reshape(-1, N)
+    consumers = int(bits[0, 6])
+    if consumers not in (2, 3):
+        raise ValueError(f"L holds no block timeline (its first marks say {consumers} consumers)")
+    Br = 64 * consumers
+    tiles = bits[:, :N // Br * Br].reshape(-1, N // Br, consumers, 64)[..., :8]
+    return tiles.reshape(-1, consumers, 8).long(), Br
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--cases", type=case, nargs="+", default=["causal", "full", "window:1024"])
-    p.add_argument("--seq-len", type=bench.at_least(Br), default=4096)
+    p.add_argument("--seq-len", type=bench.at_least(128), default=4096)
     p.add_argument("--dim", type=int, choices=mf.VERSIONS[4].head_dims, default=128)
     p.add_argument("--csv", type=Path, help="also write one row per case to this CSV")
     args = p.parse_args(argv)
     N = args.seq_len
-    if N % Br:
-        p.error(f"argument --seq-len: {N} is not a multiple of {Br}: each block's marks take whole tiles' rows")
+    if N % 128:
+        p.error(f"argument --seq-len: {N} is not a multiple of 128: each block's marks take whole tiles' rows")
     if not torch.cuda.is_available():
         sys.exit("block_timeline.py times version 4's CUDA kernels: it needs a Hopper GPU")
     refusal = mf.version_unavailable(4, "cuda")
@@ -120,10 +130,12 @@ def main(argv=None):
             mf.flash_attention(q, k, v, version=4, **options(name))
         _, L = mf.flash_attention(q, k, v, version=4, return_lse=True, **options(name))
         torch.cuda.synchronize()
-        row = dict(case=name, N=N, d=args.dim, **summary(records_of(L, N), tiles_walked(name, N).repeat(B * H)))
+        records, Br = records_of(L, N)
+        row = dict(case=name, N=N, d=args.dim, consumers=records.shape[1],
+                   **summary(records, tiles_walked(name, N, Br).repeat(B * H)))
         rows.append(row)
-        print(f"{name:>12}: {row['work_tiles']} work tiles of {row['tiles']:.2f} key tiles; Q landed at "
-              f"{row['q_landed']:.0f} cycles, {row['per_tile']:.0f} a tile, epilogue {row['epilogue']:.0f}, second "
+        print(f"{name:>12}: {row['work_tiles']} work tiles of {Br} rows, {row['tiles']:.2f} key tiles; Q landed at "
+              f"{row['q_landed']:.0f} cycles, {row['per_tile']:.0f} a tile, epilogue {row['epilogue']:.0f}, last "
               f"consumer {row['skew']:+.0f}; rest {row['rest_tiles']:.2f} tiles; a work tile "
               f"{row['work_tile_us']:.2f} us at {row['cycles_per_ns']:.2f} cycles/ns, the SM's next "
               f"{row['gap_ns']:+.0f} ns after it", flush=True)

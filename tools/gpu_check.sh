@@ -11,7 +11,7 @@
 #   combine    tools/combine_share.py: combine's share of a decode step, 32k  about 30 s
 #   timeline   tools/block_timeline.py: where version 4's forward blocks spend their time besides
 #              their tiles: FOLDER/block_timeline.csv, for notebooks/results/h200/   about 30 s
-#   steps      tools/hopper_steps.py, chapter 4's forward steps 1-5 at the N of the committed table:
+#   steps      tools/hopper_steps.py, chapter 4's forward steps 1-6 at the N of the committed table:
 #              FOLDER/flash3_hopper_forward_steps.csv, for notebooks/results/h200/  a few minutes
 #   notebook7  notebook 7 run as a program (tools/run_notebook.py: no jupyter needed); on an H200 it
 #              rewrites notebooks/results/h200/gpt.csv and gpt_losses.csv       a few minutes

@@ -2,7 +2,7 @@
 timed in one process beside SDPA's FlashAttention-2 and cuDNN backends; each output checked against
 float64 first. H200 only (sm_90a).
 
-    python tools/hopper_steps.py [--steps 1 2 3 4 5] [--dims 64 128] [--seq-len 1024 4096 16384] [--csv steps.csv]
+    python tools/hopper_steps.py [--steps 1 2 3 4 5 6] [--dims 64 128] [--seq-len 1024 4096 16384] [--csv steps.csv]
 
 Prints one line per point; --csv also writes them as rows: d, N, B, H, causal, dtype, method (sdpa-flash,
 sdpa-cudnn, step1 ..), ms, tflops, max_err (the largest error of O against float64 over two heads) and
@@ -32,18 +32,12 @@ def time_ms(fn):
 
 def step_kernels(step):
     """Version 4 built with -DHOPPER_STEP=step (a folder of its own)."""
-    version = mf.VERSIONS[4]
-    mf.VERSIONS[4] = version.with_cuda_flags(f"-DHOPPER_STEP={step}")
-    try:
-        sources = mf._build_sources(mf._sources.current(), "cuda", 4)
-        return mf.Kernels(mf._build("cuda", 4, None, None, sources, None), sources, 4)
-    finally:
-        mf.VERSIONS[4] = version
+    return mf.VERSIONS[4].flagged_kernels(f"-DHOPPER_STEP={step}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, nargs="+", choices=[1, 2, 3, 4, 5], default=[1, 2, 3, 4, 5])
+    p.add_argument("--steps", type=int, nargs="+", choices=[1, 2, 3, 4, 5, 6], default=[1, 2, 3, 4, 5, 6])
     p.add_argument("--dims", type=int, nargs="+", choices=mf.VERSIONS[4].head_dims, default=[64, 128])
     p.add_argument("--seq-len", type=bench.at_least(1), nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")  # version 4's, as bench.py names them

@@ -13,7 +13,8 @@ compute-sanitizer:
 Each run is also checked against float64 (tests/helpers.py's checks: fp32 within 1e-5, half precision
 within twice plain attention's error), so a clean sanitizer report on a wrong answer fails too. Versions
 that take grouped heads also run each forward with k, v of one head shared by q's three; versions that
-read strided inputs (version 4) run each forward and backward once more on a model's views, uncopied.
+read strided inputs (version 4) run each forward and backward once more on a model's views, uncopied;
+version 4's forward also with three consumers (d = 64), in a build that takes them at every size.
 With version 3 come chapter 5's decode kernels (flash_attn_with_kvcache: contiguous and paged caches,
 split keys, cache_leftpad), its kernels on packed sequences of different lengths (flash_attn_varlen_func), and chapter
 6's mods (tests/test_mods.py's cases: score_mod, mask_mod, the block mask, the official options; on
@@ -142,6 +143,28 @@ def run_views(version, dtype, causal, N, d):
           "backward checked")
 
 
+def run_three_consumers():
+    """Version 4's forward with three consumer warpgroups. The launch takes them at d = 64 where the work
+    is long and the tiles many (N >= 4096, 4 work tiles of 192 rows per multiprocessor: tests/test_kernels.py
+    runs that), too long for racecheck, so here a build that takes them at every d = 64 launch
+    (-DTHREE_CONSUMERS_ALWAYS): 2 x 3 heads of 300 rows (a last work tile of 108 rows), and 70 heads of
+    200 (140 work tiles: some blocks take two, so the ring and the turns run on from one to the next)."""
+    kernels = []
+
+    def three(dtype, causal, shape):
+        if not kernels:
+            kernels.append(mf.VERSIONS[4].flagged_kernels("-DTHREE_CONSUMERS_ALWAYS"))
+        q, k, v = [torch.randn(*shape, generator=generator).to("cuda", dtype) for _ in range(3)]
+        O, L = poisoned_outputs(q)
+        mf._raise_if(kernels[0].run("forward", causal, shape[-1] ** -0.5, q, k, v, O, L))
+        assert_close("O", O, reference(q, k, v, causal)[0], mf.manual_attention(q, k, v, causal=causal))
+        assert_close("L", L, reference(q, k, v, causal)[1])
+
+    return [check(three, dtype, causal, shape, said=f"v4 {str(dtype)[6:]} {shape} causal={causal}, three consumers: "
+                  "forward") for shape in ((2, 3, 300, 64), (1, 70, 200, 64)) for dtype in mf.VERSIONS[4].dtypes
+            for causal in (False, True)]
+
+
 def run_varlen(dtype, d, causal, lengths_q, lengths_k, H, Hk):
     """flash_attn_varlen_func (version 3's kernels on packed sequences), forward and backward: the
     sequences' rows end inside tiles, some sequence has no query or no key (its blocks return at once;
@@ -252,6 +275,8 @@ def checks(args):
                         out.append(check(run_grouped, version, dtype, causal, N, d))
                     if mf.VERSIONS[version].strided:
                         out.append(check(run_views, version, dtype, causal, N, d))
+    if 4 in chosen_versions:
+        out += run_three_consumers()
     if 3 in chosen_versions or decode:  # chapter 5's decode kernels build with version 3
         out += run_decodes()
     if 3 in chosen_versions:  # and flash_attn_varlen_func
