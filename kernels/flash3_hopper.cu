@@ -121,7 +121,7 @@ struct Tiles {
     unsigned short *Q, *K, *V;  // sub-tile c of K's stage s: K + (s * d / SUB + c) * Bc * SUB
     uint64_t *Q_full, *K_full, *V_full, *Q_empty, *K_empty, *V_empty;
     Step<C>* step;  // step[s]: the walk at stage s's tile (mods)
-    int* work;   // the work tile whose Q_i is in Q (persistent)
+    int* work;      // the work tile whose Q_i is in Q (persistent)
 
     __device__ explicit Tiles(char* base) {
         Q = reinterpret_cast<unsigned short*>(base + Shared<d, C>::Q);
