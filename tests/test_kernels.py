@@ -230,7 +230,6 @@ def test_version_4_persistent_blocks_take_every_work_tile(device, causal, genera
     assert_close("L", runs[0][1], L_ref)
 
 
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @CAUSAL
