@@ -127,8 +127,9 @@ struct Version {
     static bool three_consumers(const Call& c) {
 #ifdef THREE_CONSUMERS_ALWAYS
         return true;
+#else
+        return c.N >= 4096 && ceil_div(c.N, flash3_hopper::Br<3>) * c.BH >= 4LL * multiprocessors(c.device);
 #endif
-        return c.N >= 4096 && ceil_div(c.N, 192) * c.BH >= 4LL * multiprocessors(c.device);
     }
     template <class T>
     static std::string forward_64(const Call& c) {
