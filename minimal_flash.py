@@ -2248,6 +2248,8 @@ class Kernels:
         if hasattr(c, "mf_decode"):  # version 3's build: chapter 5's decode kernels (kernels/flash_decode.cu)
             c.mf_decode.restype, c.mf_decode.argtypes = (ctypes.c_char_p,
                                                          [P] * 10 + [i] * 10 + [i64, i64, i, i, f, b, i, i, P, P])
+        if hasattr(c, "mf_forward_consumers"):  # version 4's build: how many consumer warpgroups a forward takes
+            c.mf_forward_consumers.restype, c.mf_forward_consumers.argtypes = i, [i64, i, i, i]
         if hasattr(c, "mf_block_mask"):  # a build with mods: chapter 6's block mask (kernels/mods.cuh)
             c.mf_block_mask.restype, c.mf_block_mask.argtypes = ctypes.c_char_p, [P, i, i, i, i, P, i, P]
         self.library, self.sources, self.version, self.folder = library, sources, version, None
@@ -2316,6 +2318,12 @@ class Kernels:
                              0 if mod_args is None else ctypes.addressof(mod_args), DTYPES.index(q.dtype), device,
                              stream)
         return self._c.mf_run(args).decode()
+
+    def forward_consumers(self, BH, N, d, device):
+        """Version 4: the consumer warpgroups its forward takes for BH (batch, head) slices of N rows at
+        head dim d on this device (kernels/version4.cuh, Version::consumers: three at d = 64 where the
+        work is long and the tiles many, else two)."""
+        return self._c.mf_forward_consumers(BH, N, d, device)
 
     def block_mask(self, mod_args, N, shift, B_mask, H_mask, out, device, stream):
         """kernels/mods.cuh's block mask into out (uint8, (B_mask, H_mask, tiles, tiles)): "" on success."""

@@ -8,8 +8,8 @@
 //   versionN.cuh    struct Version { forward(Call), backward(Call), shared_bytes, scratch_floats,
 //                                    GROUPED_HEADS, STRIDED, MODS }
 //   mf_*            the C functions that minimal_flash.py calls through ctypes (a kernel file may add
-//                   its own: version 3's build has chapter 5's mf_decode, flash_decode.cu; a build
-//                   with mods, chapter 6's mf_block_mask, at the end)
+//                   its own: version 3's build has chapter 5's mf_decode, flash_decode.cu; version 4's,
+//                   mf_forward_consumers; a build with mods, chapter 6's mf_block_mask, at the end)
 //
 // Adding a version: its kernel files, its versionN.cuh, one row in minimal_flash.VERSIONS.
 //

@@ -131,10 +131,14 @@ struct Version {
         return c.N >= 4096 && ceil_div(c.N, flash3_hopper::Br<3>) * c.BH >= 4LL * multiprocessors(c.device);
 #endif
     }
+    // The consumer warpgroups of this call's forward (mf_forward_consumers asks it for the tests).
+    static int consumers(const Call& c) {
+        return flash3_hopper::THREE_AT_64 && c.d == 64 && three_consumers(c) ? 3 : 2;
+    }
     template <class T>
     static std::string forward_64(const Call& c) {
         if constexpr (flash3_hopper::THREE_AT_64)
-            if (three_consumers(c)) return run<T, 64, 3>(c);
+            if (consumers(c) == 3) return run<T, 64, 3>(c);
         return run<T, 64, 2>(c);
     }
     static std::string backward(const Call& c) {
@@ -232,3 +236,12 @@ struct Version {
         return err;
     }
 };
+
+// The consumer warpgroups of the forward for BH (batch, head) slices of N rows at head dim d on this
+// device (on the CPU: its workers), as Version::consumers chooses them: a test asks it, not a copy of
+// the rule, and so knows which kernel it ran.
+extern "C" int mf_forward_consumers(long long BH, int N, int d, int device) {
+    Call c{};
+    c.BH = BH, c.N = N, c.d = d, c.device = device;
+    return Version::consumers(c);
+}

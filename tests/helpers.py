@@ -68,12 +68,6 @@ def head_dim(version, d=32):
 CAUSAL = pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 
 
-def three_consumer_slices(N, multiprocessors):
-    """The (batch, head) slices that make version 4's forward at d = 64 take three consumers at this N:
-    4 work tiles of 192 rows per multiprocessor (kernels/version4.cuh's three_consumers; N >= 4096)."""
-    return math.ceil(4 * multiprocessors / math.ceil(N / 192))
-
-
 # Other block sizes, Br > Bc and Br < Bc: a causal row can then see no key of a tile at all.
 OTHER_N = pytest.mark.parametrize("N", [1, 15, 16, 64, 100])
 OTHER_BLOCK_SIZES = pytest.mark.parametrize("Br,Bc", [(16, 64), (64, 16)])

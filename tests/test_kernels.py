@@ -12,7 +12,7 @@ import torch
 import minimal_flash as mf
 from helpers import (CASE_IDS, CASES, CAUSAL, DEVICES, MATRIX, OTHER_BLOCK_SIZES, OTHER_N, SIZED, assert_close,
                      assert_gradients, half_precision_grads, head_dim, plain_attention, poisoned_outputs, random_dO,
-                     random_qkv, reference, reference_grads, rel_err, shapes, three_consumer_slices)
+                     random_qkv, reference, reference_grads, rel_err, shapes)
 
 
 def check_passes(device, shape, causal, version, dtype, generator, scale=None, **block_sizes):
@@ -235,21 +235,21 @@ def test_version_4_persistent_blocks_take_every_work_tile(device, causal, genera
 @CAUSAL
 def test_version_4_three_consumers_at_d_64(device, causal, dtype, generator, poisoned):
     """At d = 64, long sequences and many work tiles, version 4's forward takes three consumer
-    warpgroups and work tiles of 192 rows (kernels/version4.cuh's three_consumers: N >= 4096 and 4 such
-    tiles per multiprocessor). N = 4100: 22 tiles a slice, the last one of 68 rows, past the end of the
-    sequence. On a GPU, as many slices as give every multiprocessor 4; on the CPU (a multiprocessor per
-    worker), 2 slices, 44 tiles, taken by three workers racing for them: every row right, as the
-    float64 reference's within the half-precision rule."""
+    warpgroups and work tiles of 192 rows (kernels/version4.cuh's three_consumers). N = 4100: 22 tiles
+    a slice, the last one of 68 rows, past the end of the sequence; as many slices as the build says
+    make it take three (its mf_forward_consumers; on an H200's 132 multiprocessors, 24), at least 2. On
+    the CPU (a multiprocessor per worker) three workers race for the tiles of 2 slices. Every row
+    right, as the float64 reference's within the half-precision rule."""
     N = 4100
-    workers = 3
-    if device == "cuda":
-        slices = three_consumer_slices(N, torch.cuda.get_device_properties(0).multi_processor_count)
-    else:
-        slices = 2
-        assert three_consumer_slices(N, workers) <= slices
-    q, k, v = random_qkv(1, slices, N, 64, device, generator, dtype)
-    O, L = poisoned_outputs(q)
-    with emulation_workers(4, workers) if device == "cpu" else contextlib.nullcontext():
+    kernels = mf.load_kernels(device, 4)
+    index = torch.cuda.current_device() if device == "cuda" else 0
+    with emulation_workers(4, 3) if device == "cpu" else contextlib.nullcontext():
+        three = next((s for s in range(1, 4097) if kernels.forward_consumers(s, N, 64, index) == 3), None)
+        assert three is not None, f"version 4's forward takes no three consumers at N = {N} for up to 4096 slices"
+        assert kernels.forward_consumers(three, N, 128, index) == 2  # d = 128: two always
+        slices = max(2, three)
+        q, k, v = random_qkv(1, slices, N, 64, device, generator, dtype)
+        O, L = poisoned_outputs(q)
         mf.forward(q, k, v, causal=causal, out=(O, L), version=4)
     O_ref, L_ref = reference(q, k, v, causal)
     assert_close("O", O, O_ref, plain_attention(q, k, v, causal))
