@@ -17,7 +17,7 @@
 // copy); L contiguous.
 //
 // Who owns what: a work tile is Br = 64 C query rows of one (batch, head), C = 2 consumers (128 rows; 3
-// and 192 rows at d = 64 from step 6, where version4.cuh's three_consumers says); a block of 1 + C
+// and 192 rows at d = 64 from step 6, where version4.cuh's consumers() says); a block of 1 + C
 // warpgroups of 128 threads takes one (steps 1-4), or, persistent (from step 5), one block per
 // multiprocessor takes work tiles one after the other until none is left.
 //
@@ -56,7 +56,7 @@
 //   5  + persistent blocks: the producer loads the next work tile's Q_i and K_j while the consumers
 //        finish the last one's products and write its O
 //   6  + a third consumer at d = 64: work tiles of 192 rows, three warpgroups taking turns, where the
-//        work is long and the tiles many (version4.cuh's three_consumers; elsewhere two)
+//        work is long and the tiles many (version4.cuh's consumers(); elsewhere two)
 #ifndef HOPPER_STEP
 #define HOPPER_STEP 6
 #endif

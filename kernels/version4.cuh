@@ -5,7 +5,7 @@
 //   forward   flash3_hopper.cu         a block per multiprocessor, taking work tiles (batch, head, 128
 //                                      query rows) until none is left: a producer warpgroup (TMA)
 //                                      and two consumer warpgroups (wgmma) of 64 rows; three, and
-//                                      192 rows, at d = 64 where three_consumers says
+//                                      192 rows, at d = 64 where consumers() says
 //   backward  flash3_hopper_backward.cu  one block per (batch, head, 128 keys): two warpgroups of 64 keys,
 //                                      all five products on wgmma, dQ added by the copy engine into
 //                                      fp32 sums, zeroed by a pre-pass that also takes D, then converted
@@ -117,23 +117,22 @@ struct Version {
         if (c.dtype == BFLOAT16) return c.d == 64 ? forward_64<__nv_bfloat16>(c) : run<__nv_bfloat16, 128, 2>(c);
         return c.d == 64 ? forward_64<__half>(c) : run<__half, 128, 2>(c);
     }
-    // At d = 64, three consumers of 64 rows (work tiles of 192) where the work is long and the tiles
-    // many: a third consumer hides more of each one's softmax under the others' products, but a
-    // 192-row tile computes more of the causal diagonal than a 128-row one, and where the tiles are
-    // few the last round of them leaves multiprocessors idle longer (notebook 8, step 6 measures
-    // both). Hence: N >= 4096, and at least 4 work tiles of 192 rows per multiprocessor.
-    // (tools/sanitize.py's build, -DTHREE_CONSUMERS_ALWAYS: three at every d = 64, so that launches small
-    // enough for racecheck run them.)
-    static bool three_consumers(const Call& c) {
-#ifdef THREE_CONSUMERS_ALWAYS
-        return true;
-#else
-        return c.N >= 4096 && ceil_div(c.N, flash3_hopper::Br<3>) * c.BH >= 4LL * multiprocessors(c.device);
-#endif
-    }
-    // The consumer warpgroups of this call's forward (mf_forward_consumers asks it for the tests).
+    // The consumer warpgroups of a forward: two, or at d = 64 three of 64 rows (work tiles of 192) where
+    // the work is long and the tiles many: a third consumer hides more of each one's softmax under the
+    // others' products, but a 192-row tile computes more of the causal diagonal than a 128-row one, and
+    // where the tiles are few the last round of them leaves multiprocessors idle longer (notebook 8, step
+    // 6 measures both). Hence: N >= 4096, and at least 4 work tiles of 192 rows per multiprocessor.
+    // (mf_forward_consumers, below, asks it for the tests; tools/sanitize.py's build,
+    // -DTHREE_CONSUMERS_ALWAYS, takes three at every d = 64, so that launches small enough for racecheck
+    // run them.)
     static int consumers(const Call& c) {
-        return flash3_hopper::THREE_AT_64 && c.d == 64 && three_consumers(c) ? 3 : 2;
+        if (!flash3_hopper::THREE_AT_64 || c.d != 64) return 2;
+#ifdef THREE_CONSUMERS_ALWAYS
+        return 3;
+#else
+        const long long tiles = ceil_div(c.N, flash3_hopper::Br<3>) * c.BH;
+        return c.N >= 4096 && tiles >= 4LL * multiprocessors(c.device) ? 3 : 2;
+#endif
     }
     template <class T>
     static std::string forward_64(const Call& c) {

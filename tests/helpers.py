@@ -66,8 +66,6 @@ def head_dim(version, d=32):
 
 
 CAUSAL = pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-
-
 # Other block sizes, Br > Bc and Br < Bc: a causal row can then see no key of a tile at all.
 OTHER_N = pytest.mark.parametrize("N", [1, 15, 16, 64, 100])
 OTHER_BLOCK_SIZES = pytest.mark.parametrize("Br,Bc", [(16, 64), (64, 16)])

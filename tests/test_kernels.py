@@ -235,7 +235,7 @@ def test_version_4_persistent_blocks_take_every_work_tile(device, causal, genera
 @CAUSAL
 def test_version_4_three_consumers_at_d_64(device, causal, dtype, generator, poisoned):
     """At d = 64, long sequences and many work tiles, version 4's forward takes three consumer
-    warpgroups and work tiles of 192 rows (kernels/version4.cuh's three_consumers). N = 4100: 22 tiles
+    warpgroups and work tiles of 192 rows (kernels/version4.cuh's consumers()). N = 4100: 22 tiles
     a slice, the last one of 68 rows, past the end of the sequence; as many slices as the build says
     make it take three (its mf_forward_consumers; on an H200's 132 multiprocessors, 24), at least 2. On
     the CPU (a multiprocessor per worker) three workers race for the tiles of 2 slices. Every row
