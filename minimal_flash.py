@@ -820,6 +820,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     key gets 0, and lse -inf, the log of an empty sum.
     window_size, softcap, alibi_slopes ((nheads,) or (batch, nheads) float32) as the official package has
     them, measured from the same alignment (query i of sequence b against key j: i + L_b - seqlen_q - j),
+    a window side of at least the cache's rows per sequence (seqlen_cache; paged, max_blocks_per_seq x
+    page_block_size) no limit, as the official package has it (with more queries than the side, it
+    would otherwise hide keys from the first rows),
     chapter 6's mods compiled into the decode kernels (a window's splits cut only the keys it sees);
     score_mod, mask_mod, mod_tensors: your own, as flash_attention takes them, b the sequence, h q's
     head, q_idx = i and kv_idx = j (shift: L_b - seqlen_q).
@@ -844,8 +847,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     q, block_table = _check_kvcache(q, k_cache, v_cache, k, v, block_table, cache_batch_idx)
     scale = _check_scale(softmax_scale, q, 3)
     (B, Sq, H, d), (pages, page, Hk, _) = q.shape, k_cache.shape
-    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, batch_heads=(B, H))
     capacity = block_table.shape[1] * page if block_table is not None else page  # keys a sequence may have
+    # (a window side as long as the cache or longer is no side, -1: the official package's seqlen_k here)
+    mods = _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi_slopes, batch_heads=(B, H),
+                       no_limit=capacity)
     seqlen_new = 0 if k is None else k.shape[1]
     seqlens, known = _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new)
     leftpad = None if cache_leftpad is None else _check_per_sequence("cache_leftpad", cache_leftpad, q)
@@ -856,10 +861,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     keys = capacity if left < 0 or right < 0 else min(capacity, left + Sq + right)
     splits = _decode_splits(num_splits, q, Hk, keys)
     rotary = _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k)
-    # The queries' rotary positions step if causal or local, as the official package has it: a window side as
-    # long as the cache or longer is no side (it hides no key), and two such sides are no window.
-    window = mods.ints[:2] if mods is not None and mods.spec.window else (-1, -1)
-    q_steps = causal or any(0 <= side < capacity for side in window)
+    # The queries' rotary positions step if causal or local, as the official package has it (a side as long
+    # as the cache is none already, and two such sides no window: _check_mods)
+    q_steps = causal or (mods is not None and mods.spec.window)
     if not _capturing(q.device):  # a graph being captured cannot wait for a copy to the host
         if cache_batch_idx is not None:
             _check_cache_batch_idx(block_table, pages, k is not None)
@@ -1357,7 +1361,7 @@ def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         out, L = torch.compiler.disable(_varlen_eager)(q, k, v, *options)
     else:
         out, L = _varlen_eager(q, k, v, *options)
-    out = out[..., :d]
+    out = out[..., :d].contiguous()  # (a copy only where d was padded: out.view(total_q, -1) works)
     return (out, L.t().contiguous(), None) if return_attn_probs else out
 
 

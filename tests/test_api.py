@@ -50,11 +50,14 @@ def test_the_official_entry_points_return_contiguous_outputs(device, generator):
     transposed view of a (B, H, N, d) output refuses. Each entry point, fp32 (flash_attn_func's versions 1
     and 2) and bf16 (the default, and version 4, which writes O in that layout, where it runs), equal and
     different lengths, packed forms, return_attn_probs; the values are checked against float64 by the tests
-    of each."""
+    of each. Also at d = 40, which versions 3 and 4 run padded with zero columns up to 64: the output is
+    still d wide and contiguous (not a view of the padded one's first columns)."""
     B, N, H, d, bf16 = 2, 33, 4, 64, torch.bfloat16
     q, k, v = (torch.randn(B, N, H, d, generator=generator, dtype=bf16).to(device) for _ in range(3))
     cu = torch.tensor([0, 30, 66], dtype=torch.int32, device=device)
     packed = [t.reshape(B * N, H, d) for t in (q, k, v)]
+    q40, k40, v40 = (t[..., :40].contiguous() for t in (q, k, v))
+    packed40 = [t.reshape(B * N, H, 40) for t in (q40, k40, v40)]
     k_cache, v_cache = (torch.randn(B, 64, H, d, generator=generator, dtype=bf16).to(device) for _ in range(2))
     outputs = {
         "flash_attn_func fp32": mf.flash_attn_func(q.float(), k.float(), v.float(), causal=True),
@@ -67,12 +70,18 @@ def test_the_official_entry_points_return_contiguous_outputs(device, generator):
         "flash_attn_varlen_qkvpacked_func": mf.flash_attn_varlen_qkvpacked_func(torch.stack(packed, dim=1), cu, 36),
         "flash_attn_with_kvcache": mf.flash_attn_with_kvcache(
             q[:, :3], k_cache, v_cache, cache_seqlens=torch.tensor([10, 64], dtype=torch.int32, device=device)),
+        "flash_attn_func d = 40": mf.flash_attn_func(q40, k40, v40, causal=True),
+        "flash_attn_func seqlen_q < seqlen_k, d = 40": mf.flash_attn_func(q40[:, :5], k40, v40, causal=True),
+        "flash_attn_varlen_func d = 40": mf.flash_attn_varlen_func(*packed40, cu, cu, 36, 36, causal=True),
+        "flash_attn_with_kvcache d = 40": mf.flash_attn_with_kvcache(q40[:, :3], k_cache[..., :40].contiguous(),
+                                                                     v_cache[..., :40].contiguous(), cache_seqlens=10),
     }
     if not mf.version_unavailable(4, device):
         outputs["flash_attn_func version 4"] = mf.flash_attn_func(q, k, v, causal=True, version=4)
     for name, out in outputs.items():
         assert out.is_contiguous(), name
-        assert out.view(*out.shape[:-2], -1).shape[-1] == H * d, name
+        width = 40 if name.endswith("d = 40") else d
+        assert out.shape[-2:] == (H, width) and out.view(*out.shape[:-2], -1).shape[-1] == H * width, name
 
 
 def test_flash_attn_qkvpacked_func(generator):

@@ -284,6 +284,32 @@ def test_a_window_splits_its_band(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page", [None, 16])
+def test_a_window_side_as_long_as_the_cache_is_no_side(device, page, generator):
+    """As the official package has it, a window_size side of at least the cache's rows per sequence (its
+    seqlen_k: seqlen_cache, or max_blocks_per_seq x page_block_size paged; here 48) is no limit, -1. It
+    matters where there are more queries than the side: measured from the bottom right, a right side of
+    48 would hide from 64 queries' first rows the keys past i + L_b - 64 + 48, a sequence's last 16 from
+    row 0 (of 9 keys, all: its first rows would see none). So against float64 attention without that
+    side; and with a side of 47, which stays one and leaves those rows no key."""
+    Sq, H, Hk, d, cached, capacity = 64, 4, 2, 64, [30, 9], 48
+    sequences = dense_sequences(cached, Hk, d, torch.bfloat16, generator)
+    (k_cache, v_cache), block_table = build_cache(sequences, cached, capacity, page, torch.bfloat16, generator)
+    q = torch.randn(len(cached), Sq, H, d, generator=generator).bfloat16()
+    seqlens = torch.tensor(cached, dtype=torch.int32, device=device)
+    for window, meant in (((-1, 48), (-1, -1)), ((48, 1000), (-1, -1)), ((-1, 47), (-1, 47)), ((5, 48), (5, -1))):
+        out, lse = mf.flash_attn_with_kvcache(q.to(device), k_cache.to(device), v_cache.to(device),
+                                              cache_seqlens=seqlens, window_size=window, return_softmax_lse=True,
+                                              block_table=None if page is None else block_table.to(device))
+        out_ref, lse_ref, plain = reference(q, sequences, False, d ** -0.5, window_size=meant)
+        seen = torch.isfinite(lse_ref)
+        assert (window[1] == 47) == bool((~seen).any()), window
+        assert torch.equal(lse.cpu().isfinite(), seen), window
+        assert_close("out", out.cpu(), out_ref, plain)
+        assert_close("lse", lse.cpu()[seen], lse_ref[seen])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_no_new_keys_leave_the_cache_alone_and_seqlens_default_to_the_whole_cache(device, generator):
     """k = v = None: nothing is written; cache_seqlens None: every sequence has the whole cache; an int:
     each has that many keys."""
