@@ -1836,8 +1836,8 @@ def _check_mods(q, score_mod, mask_mod, mod_tensors, window_size, softcap, alibi
     """The mods of a call, checked: a ModCall, or None when there is none (the plain kernels run).
     dropout_p > 0 without a seed draws one from torch's generator. batch_heads: (B, H) where q is not
     (B, H, N, d) (flash_attn_varlen_func's sequences and heads). no_limit: a window side of at least this
-    many keys is no limit, -1 (flash_attn_varlen_func: max_seqlen_k, the official package's rule there;
-    at any rate 2**30)."""
+    many keys is no limit, -1 (the official package's rule: flash_attn_varlen_func's max_seqlen_k,
+    flash_attn_with_kvcache's rows per sequence; at any rate 2**30)."""
     if (score_mod is None and mask_mod is None and mod_tensors is None and alibi_slopes is None
             and _exactly(window_size, (-1, -1)) and _exactly(softcap, 0.0) and _exactly(dropout_p, 0.0)):
         return None  # every option at its default (the common call, at once)
